@@ -1,0 +1,121 @@
+"""Opening a ready-to-send connection to one MX host.
+
+Address lookup, TCP connect from the sending IP, banner, EHLO and STARTTLS by
+the TLS policy, each phase timed. A failure here is the connection's fault
+(`Blame.CONNECTION`): the caller moves on to the next MX host. A failed TLS
+handshake is retried once in plaintext on a fresh connection (the host is
+remembered as TLS-broken); a certificate that only fails verification is retried
+once without the check (remembered as unverifiable).
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+
+from engine.config import Timeouts
+from engine.metrics import Metrics
+from engine.mx import MxHost, Resolver
+from engine.reply import DeliveryError, Reply, TransientError, error_for
+from engine.smtp import Connection, Limits, TlsError
+from engine.tls import TlsPlan, TlsPolicy, is_verify_failure
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who we are on the wire: the sending IP and the EHLO name that goes with it."""
+
+    address: str
+    helo: str
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ipaddress.ip_address(self.address).version == 6 \
+            else socket.AF_INET
+
+
+class Connector:
+    def __init__(self, identity: Identity, resolver: Resolver, tls: TlsPolicy,
+                 timeouts: Timeouts, limits: Limits, metrics: Metrics) -> None:
+        self.identity = identity
+        self.resolver = resolver
+        self.tls = tls
+        self.timeouts = timeouts
+        self.limits = limits
+        self.metrics = metrics
+
+    def open(self, host: MxHost, provider: str) -> Connection:
+        """A connection to `host` ready for MAIL; tries each of its addresses in turn."""
+        last: DeliveryError | None = None
+        for address in self.resolver.addresses(host.name, self.identity.family)[:4]:
+            try:
+                return self._open_at(host, address, provider)
+            except DeliveryError as err:
+                self.metrics.incr("connections_failed", provider)
+                last = err
+        assert last is not None  # addresses() raises rather than return nothing
+        raise last
+
+    def _open_at(self, host: MxHost, address: str, provider: str) -> Connection:
+        plan = self.tls.plan(host.name)
+        conn = Connection(self.identity.helo, self.identity.address, self.timeouts, self.limits)
+        try:
+            self._greet(conn, address, host.port, provider)
+            if plan.attempt and conn.has_extn("starttls"):
+                self._starttls(conn, plan, host, provider)
+            elif plan.required:
+                raise TransientError(Reply(451, "4.7.4", f"TLS is required, but {host.name}"
+                                           " does not offer STARTTLS"), "EHLO")
+        except TlsError as err:
+            conn.close()
+            return self._after_tls_failure(err, plan, host, address, provider)
+        except BaseException:
+            conn.close()
+            raise
+        self.metrics.incr("connections_opened", provider)
+        if conn.tls_version is None:
+            self.metrics.incr("plaintext", provider)
+        return conn
+
+    def _greet(self, conn: Connection, address: str, port: int, provider: str) -> None:
+        started = time.monotonic()
+        banner = conn.open(address, port)
+        self.metrics.timing("connect", provider, _ms(started))
+        if not banner.ok:  # 421 or 554 at the banner: try the next MX host
+            raise error_for(banner, "BANNER")
+        started = time.monotonic()
+        ehlo = conn.hello()
+        self.metrics.timing("ehlo", provider, _ms(started))
+        if not ehlo.ok:
+            raise error_for(ehlo, "EHLO")
+
+    def _starttls(self, conn: Connection, plan: TlsPlan, host: MxHost, provider: str) -> None:
+        assert plan.context is not None
+        started = time.monotonic()
+        reply = conn.starttls_upgrade(plan.context, host.name if plan.context.check_hostname
+                                      else None)
+        if reply.code == 220:
+            self.metrics.timing("tls_handshake", provider, _ms(started))
+            self.metrics.incr("tls_negotiated", provider)
+            if not conn.tls_verified:
+                self.metrics.incr("tls_unverified", provider)
+        elif plan.required:  # 454 and friends: fine for opportunistic, not here
+            raise TransientError(Reply(451, "4.7.5", f"TLS is required, but {host.name}"
+                                       f" refused STARTTLS: {reply}"), "STARTTLS")
+
+    def _after_tls_failure(self, err: TlsError, plan: TlsPlan, host: MxHost, address: str,
+                           provider: str) -> Connection:
+        """Retry once on a fresh connection: without the check, or in plaintext."""
+        if plan.required:
+            raise err
+        if plan.checking and is_verify_failure(err):
+            self.tls.mark_unverifiable(host.name)
+        else:
+            self.metrics.incr("tls_failed", provider)
+            self.tls.mark_broken(host.name)
+        return self._open_at(host, address, provider)
+
+
+def _ms(started: float) -> float:
+    return (time.monotonic() - started) * 1000.0

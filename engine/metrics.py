@@ -1,0 +1,126 @@
+"""Every StatsD metric the engine emits, declared and documented in one place.
+
+Names are ``<prefix>.<ip>.<provider>.<name>``; the dots of an IP become ``_``
+(``127.0.0.2`` -> ``127_0_0_2``). Process-wide figures use the provider
+``all``; the supervisor uses ``supervisor`` in place of an IP. Timers are in
+milliseconds. StatsD is UDP, fire and forget: a StatsD host that is down or slow
+never slows delivery, and a send error is swallowed.
+
+`docs/METRICS.md` lists the same table for operators; `tests/test_metrics.py`
+keeps the two in step.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("mailengine.metrics")
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: str  # "timer" | "counter" | "gauge"
+    doc: str
+
+
+DECLARED: tuple[Metric, ...] = (
+    # timers
+    Metric("delivery_time", "timer", "from queued to the final reply, per recipient"),
+    Metric("pool_wait", "timer", "waiting for a pooled connection (cap reached)"),
+    Metric("dns", "timer", "MX lookup of the recipient domain (cache hits included)"),
+    Metric("connect", "timer", "TCP connect and banner of a new connection"),
+    Metric("tls_handshake", "timer", "STARTTLS and the TLS handshake"),
+    Metric("ehlo", "timer", "EHLO (both of them with STARTTLS)"),
+    Metric("transaction", "timer", "MAIL through the final reply, one message"),
+    # counters
+    Metric("delivered", "counter", "recipients delivered (2xx)"),
+    Metric("deferred", "counter", "recipients deferred (4xx or no answer)"),
+    Metric("bounced", "counter", "recipients bounced (5xx)"),
+    Metric("expired", "counter", "recipients expired after the maximum age"),
+    Metric("throttled", "counter", "replies that matched a throttle rule"),
+    Metric("ambiguous", "counter", "connections lost after the final dot (possible duplicates)"),
+    Metric("connections_opened", "counter", "new SMTP connections"),
+    Metric("connections_reused", "counter", "messages sent on an already used connection"),
+    Metric("connections_stale", "counter", "pooled connections found closed before reuse"),
+    Metric("connections_failed", "counter", "connection attempts that failed before EHLO"),
+    Metric("tls_negotiated", "counter", "connections upgraded with STARTTLS"),
+    Metric("tls_failed", "counter", "TLS handshakes that failed (host then sent plaintext)"),
+    Metric("tls_unverified", "counter", "TLS connections whose certificate did not verify"),
+    Metric("plaintext", "counter", "connections that stayed plaintext"),
+    Metric("rejected", "counter", "jobs refused at intake"),
+    Metric("queued", "counter", "jobs accepted into the spool"),
+    # gauges
+    Metric("connections_open", "gauge", "open SMTP connections"),
+    Metric("in_flight", "gauge", "messages being delivered"),
+    Metric("allowed_rate", "gauge", "messages per second allowed by shaping"),
+    Metric("spool_depth", "gauge", "recipients waiting in the spool"),
+    Metric("memory_rss", "gauge", "resident memory of the process, bytes"),
+)
+
+KINDS = {m.name: m.kind for m in DECLARED}
+
+
+def ip_segment(ip: str) -> str:
+    return ip.replace(".", "_").replace(":", "_")
+
+
+def provider_segment(provider: str) -> str:
+    return provider.replace(".", "_") or "unknown"
+
+
+class Metrics:
+    """A thin, failure-proof StatsD emitter for one process (one sending IP)."""
+
+    def __init__(self, client: Any | None, ip: str) -> None:
+        self._client = client
+        self._ip = ip_segment(ip)
+
+    @classmethod
+    def create(cls, host: str, port: int, prefix: str, ip: str, enabled: bool = True) -> Metrics:
+        if not enabled:
+            return cls(None, ip)
+        try:
+            import statsd  # imported here: only the processes that emit need it
+            client = statsd.StatsClient(host, port, prefix=prefix)
+        except Exception as exc:  # an unresolvable StatsD host must not stop delivery
+            log.warning("event=statsd_disabled host=%s reason=%r", host, str(exc)[:120])
+            client = None
+        return cls(client, ip)
+
+    def name(self, metric: str, provider: str) -> str:
+        if metric not in KINDS:
+            raise KeyError(f"undeclared metric {metric!r}")
+        return f"{self._ip}.{provider_segment(provider)}.{metric}"
+
+    def timing(self, metric: str, provider: str, ms: float) -> None:
+        self._send("timing", self.name(metric, provider), ms)
+
+    def incr(self, metric: str, provider: str, count: int = 1) -> None:
+        self._send("incr", self.name(metric, provider), count)
+
+    def gauge(self, metric: str, provider: str, value: float) -> None:
+        self._send("gauge", self.name(metric, provider), value)
+
+    def memory(self) -> None:
+        self.gauge("memory_rss", "all", rss_bytes())
+
+    def _send(self, method: str, name: str, value: float) -> None:
+        if self._client is None:
+            return
+        try:
+            getattr(self._client, method)(name, value)
+        except OSError:  # fire and forget
+            pass
+
+
+def rss_bytes() -> int:
+    """Current resident set size, from /proc (falls back to the peak)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            pages = int(f.read().split()[1])
+        return pages * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,332 @@
+"""Where a domain's mail goes: MX lookup (RFC 5321 5.1) with a TTL-honouring cache.
+
+`Resolver.destination(domain)` gives the hosts to try, in order: a configured
+route (a fixed next hop, no DNS), else the domain's MX hosts by preference
+(equal preferences shuffled on every call, so the load spreads), else the
+domain itself when it has no MX but has an address (the "implicit MX"). A null
+MX (RFC 7505) or a domain that does not exist is a permanent failure of the
+message; a DNS failure (SERVFAIL, timeout, no nameserver) a transient one.
+
+`Resolver.addresses(host)` resolves one MX host. Its failures blame the
+connection: the caller moves on to the next host.
+
+Both share one LRU cache keyed (name, rdtype). It keeps an answer for its TTL
+and a "no such name" or "no such record" for the SOA's negative TTL (RFC 2308),
+but never a failure: the next message asks again. The lookups are plain,
+blocking dnspython; in a worker, gevent's monkey patching makes them yield.
+"""
+from __future__ import annotations
+
+import ipaddress
+import random
+import re
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.rdata
+import dns.rdatatype
+import dns.rdtypes.ANY.SOA
+import dns.rdtypes.mxbase
+import dns.resolver
+
+from engine.config import Route
+from engine.reply import Blame, PermanentError, Reply, TransientError
+
+__all__ = ["Destination", "MxHost", "Resolver", "ResolverStats", "Route"]
+
+_MAX_TTL = 86400  # a day: a huge TTL must not pin a stale answer for weeks
+_MAX_NEGATIVE_TTL = 300
+_UNKNOWN_NEGATIVE_TTL = 60  # the answer carried no SOA
+_TRY_TIMEOUT = 2.0  # per nameserver, so a silent one leaves time to ask the next
+_ADDRESS_TYPES: dict[int, dns.rdatatype.RdataType] = {
+    socket.AF_INET: dns.rdatatype.A,
+    socket.AF_INET6: dns.rdatatype.AAAA,
+}
+_HOSTNAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class MxHost:
+    """One host to try: a host name (lowercase, no trailing dot) or, for routes, an IP."""
+
+    name: str
+    preference: int
+    port: int
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A domain's hosts in the order to try them."""
+
+    domain: str  # lowercase ASCII (IDNA), no trailing dot
+    hosts: tuple[MxHost, ...]
+    implicit: bool = False  # no MX records: the domain's own A/AAAA (RFC 5321 5.1)
+    routed: bool = False  # a configured fixed next hop, not DNS
+
+
+@dataclass
+class ResolverStats:
+    """Counters since the resolver was made, for the metrics module to report."""
+
+    queries: int = 0  # lookups sent to DNS
+    cache_hits: int = 0
+    failures: int = 0  # SERVFAIL, timeouts, network errors
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """One lookup's result as cached; no records is NXDOMAIN or "no such record"."""
+
+    records: tuple[dns.rdata.Rdata, ...]
+    nxdomain: bool
+    expires: float  # on the resolver's clock
+
+
+class Resolver:
+    """MX and address lookups through one cache; greenlet-safe, one per worker.
+
+    `nameservers` empty means the system resolver (/etc/resolv.conf); `timeout`
+    is the lifetime of one lookup; `routes` maps a domain (or "*", every
+    domain) to a fixed next hop; `clock` lets tests move time without sleeping.
+    """
+
+    def __init__(self, nameservers: Sequence[str] = (), port: int = 53, timeout: float = 5.0,
+                 routes: Mapping[str, Route] | None = None, smtp_port: int = 25,
+                 cache_size: int = 10000, clock: Callable[[], float] = time.monotonic) -> None:
+        self._dns = _stub_resolver(nameservers, port, timeout)
+        self._timeout = timeout
+        self._routes = {_route_key(key): route for key, route in (routes or {}).items()}
+        self._smtp_port = smtp_port
+        self._cache: OrderedDict[tuple[str, int], _Answer] = OrderedDict()
+        self._cache_size = cache_size
+        self._clock = clock
+        self.stats = ResolverStats()
+
+    def destination(self, domain: str) -> Destination:
+        """The hosts to try for mail to `domain`.
+
+        Raises PermanentError (bounce) or TransientError (try later), both
+        blaming the message: no other host would do better.
+        """
+        name = _normalize_domain(domain)
+        route = self._routes.get(name) or self._routes.get("*")
+        if route is not None:
+            port = route.port or self._smtp_port
+            return Destination(name, (MxHost(_host_name(route.host), 0, port),), routed=True)
+        literal = _domain_literal(name)
+        if literal is not None:  # user@[192.0.2.1]: the address is the host
+            return Destination(name, (MxHost(str(literal), 0, self._smtp_port),), implicit=True)
+        return self._mx(name)
+
+    def addresses(self, host: str, family: int = socket.AF_INET) -> list[str]:
+        """The addresses of MX host `host` in `family` (A or AAAA), shuffled; never empty.
+
+        An IP literal is its own address. Failures are TransientErrors that
+        blame the connection: the caller tries the next MX host.
+        """
+        rdtype = _ADDRESS_TYPES.get(family)
+        if rdtype is None:
+            raise ValueError(f"unsupported address family {family!r}")
+        name = _host_name(host)
+        literal = _ip_literal(name)
+        if literal is not None:
+            found = [name] if _family(literal) == family else []
+        else:
+            found = [rd.to_text() for rd in self._lookup(name, rdtype, Blame.CONNECTION).records]
+        if not found:
+            reply = Reply.local(451, "4.4.4", f"no address for MX host {name}")
+            raise TransientError(reply, blame=Blame.CONNECTION)
+        random.shuffle(found)  # else a cached answer sends every connection to one address
+        return found
+
+    def _mx(self, domain: str) -> Destination:
+        answer = self._lookup(domain, dns.rdatatype.MX, Blame.MESSAGE)
+        if answer.nxdomain:
+            raise _permanent(550, "5.1.2", f"domain {domain} does not exist")
+        if not answer.records:
+            return self._implicit(domain)
+        hosts = self._by_preference(answer.records)
+        if not hosts:
+            text = f"Recipient address rejected: {domain} does not accept mail (null MX)"
+            raise _permanent(556, "5.1.10", text)
+        return Destination(domain, hosts)
+
+    def _implicit(self, domain: str) -> Destination:
+        # RFC 5321 5.1: with no MX records the domain itself is the host, if it has an address.
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            if self._lookup(domain, rdtype, Blame.MESSAGE).records:
+                host = MxHost(domain, 0, self._smtp_port)
+                return Destination(domain, (host,), implicit=True)
+        raise _permanent(550, "5.1.2", f"domain {domain} has no MX or address records")
+
+    def _by_preference(self, records: Iterable[dns.rdata.Rdata]) -> tuple[MxHost, ...]:
+        """MX hosts by preference, shuffled within a preference, each host once.
+
+        A null MX (RFC 7505: one MX of exchange ".") gives no hosts; "." among
+        real hosts is skipped. Exchanges that are IP literals or "localhost" stay
+        as names here: refusing prohibited destinations is the caller's job.
+        """
+        best: dict[str, int] = {}
+        for rd in records:
+            if isinstance(rd, dns.rdtypes.mxbase.MXBase) and rd.exchange != dns.name.root:
+                name = rd.exchange.to_text(omit_final_dot=True).lower()
+                best[name] = min(rd.preference, best.get(name, rd.preference))
+        names = list(best)
+        random.shuffle(names)
+        names.sort(key=best.__getitem__)  # a stable sort keeps the shuffle within a preference
+        return tuple(MxHost(name, best[name], self._smtp_port) for name in names)
+
+    def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType, blame: Blame) -> _Answer:
+        key = (name, int(rdtype))
+        answer = self._cached(key)
+        if answer is not None:
+            self.stats.cache_hits += 1
+            return answer
+        answer = self._query(name, rdtype, blame)
+        self._remember(key, answer)
+        return answer
+
+    def _query(self, name: str, rdtype: dns.rdatatype.RdataType, blame: Blame) -> _Answer:
+        """Ask DNS; TransientError (not cached) when no nameserver gives an answer."""
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException:  # e.g. too long: no such name can exist
+            return _Answer((), True, 0.0)
+        self.stats.queries += 1
+        now = self._clock()
+        try:
+            answer = self._dns.resolve(qname, rdtype, search=False, lifetime=self._timeout)
+        except dns.resolver.NXDOMAIN as exc:
+            return _Answer((), True, now + _negative_ttl(exc.responses().values()))
+        except dns.resolver.NoAnswer as exc:
+            return _Answer((), False, now + _negative_ttl([exc.response()]))
+        except (dns.exception.DNSException, OSError) as exc:
+            self.stats.failures += 1
+            reply = Reply.local(451, "4.4.3", f"DNS lookup for {name} failed: {_why(exc)}")
+            raise TransientError(reply, blame=blame) from exc
+        # minimum_ttl covers the CNAME chain as well as the answer itself
+        ttl = min(answer.chaining_result.minimum_ttl, _MAX_TTL)
+        return _Answer(tuple(answer.rrset or ()), False, now + ttl)
+
+    def _cached(self, key: tuple[str, int]) -> _Answer | None:
+        answer = self._cache.get(key)
+        if answer is None:
+            return None
+        if answer.expires <= self._clock():
+            del self._cache[key]
+            return None
+        self._cache.move_to_end(key)
+        return answer
+
+    def _remember(self, key: tuple[str, int], answer: _Answer) -> None:
+        if answer.expires <= self._clock() or self._cache_size <= 0:
+            return
+        self._cache[key] = answer
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+
+def _stub_resolver(nameservers: Sequence[str], port: int, timeout: float) -> dns.resolver.Resolver:
+    """dnspython's resolver: `nameservers` on `port`, or the system's."""
+    resolver = dns.resolver.Resolver(configure=not nameservers)
+    resolver.port = port  # before the nameservers: some dnspython versions bind it then
+    if nameservers:
+        resolver.nameservers = list(nameservers)
+    resolver.timeout = min(timeout, _TRY_TIMEOUT)
+    resolver.lifetime = timeout
+    return resolver
+
+
+def _negative_ttl(responses: Iterable[dns.message.Message]) -> int:
+    """RFC 2308: the SOA's TTL or MINIMUM, whichever is less, capped."""
+    for response in responses:
+        for rrset in response.authority:
+            for rd in rrset:
+                if isinstance(rd, dns.rdtypes.ANY.SOA.SOA):
+                    return min(rrset.ttl, rd.minimum, _MAX_NEGATIVE_TTL)
+    return _UNKNOWN_NEGATIVE_TTL
+
+
+def _why(exc: Exception) -> str:
+    """A few words for the reply text: what the nameservers did."""
+    if isinstance(exc, dns.exception.Timeout):
+        return "timed out"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        # each error is (server, tcp, port, exception or rcode text, response)
+        answers = sorted({str(error[3]) for error in exc.kwargs.get("errors") or ()})
+        return "; ".join(answers)[:200] or "no nameserver answered"
+    return str(exc)[:200] or type(exc).__name__
+
+
+def _normalize_domain(domain: str) -> str:
+    """`domain` as DNS knows it: lowercase ASCII, no trailing dot.
+
+    Non-ASCII labels are encoded with Python's IDNA codec (IDNA 2003), as
+    engine.address does. An address literal ("[192.0.2.1]") is only lowercased.
+    """
+    if domain.startswith("["):
+        return domain.lower()
+    try:
+        name = domain.rstrip(".").encode("idna").decode("ascii").lower()
+    except UnicodeError as exc:
+        raise _invalid(domain) from exc
+    if len(name) > 253 or not _HOSTNAME.fullmatch(name):
+        raise _invalid(domain)
+    return name
+
+
+def _route_key(key: str) -> str:
+    if key == "*":
+        return key
+    try:
+        return _normalize_domain(key)
+    except PermanentError:
+        raise ValueError(f"routes: not a domain name: {key!r}") from None
+
+
+def _domain_literal(name: str) -> IPAddress | None:
+    """The address of an RFC 5321 address literal, None for a domain name."""
+    if not name.startswith("["):
+        return None
+    literal = _ip_literal(name)
+    if literal is None or not name.endswith("]"):
+        raise _invalid(name)
+    return literal
+
+
+def _ip_literal(text: str) -> IPAddress | None:
+    """The address in "192.0.2.1", "::1", "[192.0.2.1]" or "[IPv6:2001:db8::1]"; else None."""
+    inner = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+    try:
+        return ipaddress.ip_address(inner)
+    except ValueError:
+        return None
+
+
+def _host_name(host: str) -> str:
+    """A host as MxHost names it: an IP without brackets, or a lowercase name without the dot."""
+    literal = _ip_literal(host)
+    return str(literal) if literal is not None else host.rstrip(".").lower()
+
+
+def _family(address: IPAddress) -> int:
+    return socket.AF_INET if address.version == 4 else socket.AF_INET6
+
+
+def _invalid(domain: str) -> PermanentError:
+    return _permanent(550, "5.1.2", f"Recipient address rejected: invalid domain {domain[:100]!r}")
+
+
+def _permanent(code: int, enhanced: str, text: str) -> PermanentError:
+    return PermanentError(Reply.local(code, enhanced, text), blame=Blame.MESSAGE)

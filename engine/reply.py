@@ -1,0 +1,104 @@
+"""SMTP replies and the engine's delivery errors.
+
+Every outcome the engine reports carries a `Reply`: the server's code, its
+enhanced status (RFC 3463) and text, or a reply the engine made up for a
+failure that never reached a server (DNS, connect, timeout). Errors split into
+transient (try again later) and permanent (bounce); anything the engine does not
+understand counts as transient, so a bug never bounces mail.
+
+`DeliveryError.blame` says whether the connection or the message is at fault:
+a connection-level error sends the message to the next MX host, a
+message-level one is the message's outcome.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One SMTP reply: `code` 200-599, optional enhanced status, the text joined by newlines."""
+
+    code: int
+    enhanced: str | None
+    text: str
+
+    @classmethod
+    def parse(cls, code: int, text: str) -> Reply:
+        """Split a leading enhanced status code off `text`, if there is one."""
+        m = _ENHANCED.match(text)
+        if m:
+            return cls(code, m.group(0), text[m.end():].strip())
+        return cls(code, None, text.strip())
+
+    @classmethod
+    def local(cls, code: int, enhanced: str, text: str) -> Reply:
+        """A reply made up by the engine for a failure that no server answered."""
+        return cls(code, enhanced, text)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return not self.ok and not self.permanent
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    @property
+    def status(self) -> str:
+        """The enhanced status, or one derived from the code's class."""
+        return self.enhanced or f"{str(self.code)[0]}.0.0"
+
+    def __str__(self) -> str:
+        head = f"{self.code} {self.enhanced}" if self.enhanced else str(self.code)
+        return f"{head} {self.text}".strip()
+
+
+class Blame(Enum):
+    CONNECTION = "connection"  # try the next MX host / a fresh connection
+    MESSAGE = "message"  # this message's outcome, whatever host we try
+
+
+class DeliveryError(Exception):
+    """A failure with the reply that describes it and the command in flight."""
+
+    def __init__(self, reply: Reply, command: str = "", blame: Blame = Blame.CONNECTION,
+                 ambiguous: bool = False) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.command = command
+        self.blame = blame
+        # True when the server may have accepted the message although we saw no
+        # reply to the final dot: a retry may deliver a duplicate.
+        self.ambiguous = ambiguous
+
+    @property
+    def permanent(self) -> bool:
+        return self.reply.permanent
+
+    def __str__(self) -> str:
+        where = f" after {self.command}" if self.command else ""
+        return f"{self.reply}{where}"
+
+
+class TransientError(DeliveryError):
+    """Try again later."""
+
+
+class PermanentError(DeliveryError):
+    """Do not try again: bounce."""
+
+
+def error_for(reply: Reply, command: str = "", blame: Blame = Blame.CONNECTION,
+              ambiguous: bool = False) -> DeliveryError:
+    """The right error class for `reply`: permanent for 5xx, transient otherwise."""
+    cls = PermanentError if reply.permanent else TransientError
+    return cls(reply, command, blame, ambiguous)

@@ -1,0 +1,435 @@
+"""One outbound SMTP connection: `smtplib` with the parts a production MTA needs.
+
+`Connection` subclasses `smtplib.SMTP` (gevent-patched in the worker) and keeps
+its connect, EHLO parsing and command helpers, but replaces how replies are
+read, so that
+
+- a reply is bounded (line length, line count): a hostile server cannot make
+  the worker buffer without end;
+- commands can be pipelined (RFC 2920): several commands go out in one write
+  and their replies are read back in order;
+- STARTTLS refuses a server that sent bytes after its 220 (response injection:
+  those bytes would otherwise be read as if they came over TLS);
+- every phase has its own RFC 5321 timeout, and every failure becomes a
+  `DeliveryError` carrying a reply and the command in flight (`_translate`, the
+  one place that knows smtplib, socket and ssl exceptions).
+
+A message goes out in the fewest round trips the server allows: with
+PIPELINING and CHUNKING, MAIL, RCPT and `BDAT n LAST` with the message leave
+in a single write (one round trip per message on a warm connection); with
+PIPELINING alone, MAIL, RCPT and DATA share one write; otherwise one command at
+a time.
+"""
+from __future__ import annotations
+
+import select
+import smtplib
+import socket
+import ssl
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from engine.config import Timeouts
+from engine.reply import Blame, DeliveryError, Reply, TransientError, error_for
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on what a server may send us."""
+
+    max_line_length: int = 4096
+    max_reply_lines: int = 100
+
+
+# Replies to EHLO that mean "I only speak HELO" (RFC 5321 4.1.4); others are final.
+_EHLO_UNKNOWN = (500, 502, 504, 550)
+
+
+class ProtocolError(Exception):
+    """The server broke the protocol: garbage, an oversized reply, injected bytes."""
+
+
+class StaleConnection(TransientError):
+    """A reused connection turned out dead before the server answered anything of
+    this transaction: safe to send the message again on a fresh connection."""
+
+
+@dataclass(frozen=True)
+class RcptResult:
+    rcpt: str
+    reply: Reply
+    ambiguous: bool = False  # no reply to the final dot: the server may have the message
+
+
+class Connection(smtplib.SMTP):
+    """An SMTP client connection bound to one source address."""
+
+    def __init__(self, helo: str, source_ip: str, timeouts: Timeouts, limits: Limits) -> None:
+        super().__init__(host="", local_hostname=helo, timeout=timeouts.connect,
+                         source_address=(source_ip, 0))
+        self.timeouts = timeouts
+        self.limits = limits
+        self._rbuf = bytearray()
+        self.command = ""  # the command in flight, for error reports
+        self.peer: tuple[str, int] | None = None
+        self.tls_version: str | None = None
+        self.tls_verified: bool | None = None
+        self.messages_sent = 0
+        self.created = time.monotonic()
+        self.last_used = self.created
+
+    # -- reading replies -------------------------------------------------
+
+    def getreply(self) -> tuple[int, bytes]:
+        """Read one (possibly multi-line) reply, within the configured caps.
+
+        Same contract as smtplib's, so its `ehlo()`, `docmd()` and friends keep working.
+        """
+        lines: list[bytes] = []
+        while True:
+            line = self._readline()
+            code, more, text = _split_reply_line(line)
+            lines.append(text)
+            if len(lines) > self.limits.max_reply_lines:
+                raise ProtocolError(f"reply longer than {self.limits.max_reply_lines} lines")
+            if not more:
+                return code, b"\n".join(lines)
+
+    def reply(self) -> Reply:
+        code, text = self.getreply()
+        return Reply.parse(code, text.decode("utf-8", "replace"))
+
+    def _readline(self) -> bytes:
+        while True:
+            end = self._rbuf.find(b"\n")
+            if end >= 0:
+                line = bytes(self._rbuf[:end + 1])
+                del self._rbuf[:end + 1]
+                return line
+            if len(self._rbuf) > self.limits.max_line_length:
+                raise ProtocolError(f"reply line longer than {self.limits.max_line_length} bytes")
+            if self.sock is None:
+                raise smtplib.SMTPServerDisconnected("not connected")
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("connection closed by server")
+            self._rbuf += chunk
+
+    def close(self) -> None:
+        self._rbuf.clear()
+        super().close()
+
+    # -- phases ---------------------------------------------------------------
+
+    @contextmanager
+    def phase(self, command: str, timeout: float) -> Iterator[None]:
+        """Run one protocol step with its timeout; translate any failure."""
+        self.command = command
+        if self.sock is not None:
+            self.sock.settimeout(timeout)
+        try:
+            yield
+        except DeliveryError:
+            raise
+        except Exception as exc:  # the single translation point
+            raise _translate(exc, command, timeout) from exc
+
+    def open(self, address: str, port: int) -> Reply:
+        """TCP connect from the source address and read the banner."""
+        with self.phase("CONNECT", self.timeouts.connect):
+            self.sock = self._get_socket(address, port, self.timeouts.connect)
+            self.peer = (address, port)
+        with self.phase("BANNER", self.timeouts.banner):
+            return self.reply()
+
+    def hello(self) -> Reply:
+        """EHLO, falling back to HELO when the server does not speak ESMTP."""
+        with self.phase("EHLO", self.timeouts.ehlo):
+            code, text = self.ehlo()
+            if code not in _EHLO_UNKNOWN:
+                return Reply.parse(code, text.decode("utf-8", "replace"))
+            self.command = "HELO"
+            code, text = self.helo()
+            return Reply.parse(code, text.decode("utf-8", "replace"))
+
+    def starttls_upgrade(self, context: ssl.SSLContext, server_hostname: str | None) -> Reply:
+        """Send STARTTLS; on 220 do the handshake and EHLO again.
+
+        Returns the server's reply to STARTTLS; a non-220 reply leaves the
+        connection in plaintext and usable (RFC 3207: 454 means "continue").
+        """
+        with self.phase("STARTTLS", self.timeouts.starttls):
+            self.putcmd("STARTTLS")
+            reply = self.reply()
+            if reply.code != 220:
+                return reply
+            if self._rbuf or _readable(self.sock):
+                raise ProtocolError("server sent data after its 220 reply to STARTTLS"
+                                    " (response injection); connection aborted")
+        with self.phase("TLS", self.timeouts.tls_handshake):
+            self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+            self.tls_version = self.sock.version()
+            self.tls_verified = context.verify_mode == ssl.CERT_REQUIRED
+        self.helo_resp = self.ehlo_resp = None
+        self.esmtp_features = {}
+        self.does_esmtp = False
+        self.hello()
+        return reply
+
+    def is_alive(self) -> bool:
+        """Cheap check before reuse: an idle SMTP connection must have nothing to read.
+
+        Anything readable is EOF or an unsolicited reply (typically 421 on idle
+        timeout): either way the connection is finished. No round trip spent.
+        """
+        if self.sock is None:
+            return False
+        if self._rbuf:
+            return False
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return False
+        try:
+            return not _readable(self.sock)
+        except (OSError, ValueError):
+            return False
+
+    def quit_quietly(self) -> None:
+        """QUIT if possible, close in any case; never raises."""
+        try:
+            if self.sock is not None:
+                self.sock.settimeout(self.timeouts.quit)
+                self.putcmd("QUIT")
+                self.getreply()
+        except Exception:  # the connection is being dropped: nothing to report
+            pass
+        finally:
+            self.close()
+
+    # -- the transaction -----------------------------------------------------
+
+    def send_mail_tx(self, sender: str, rcpts: Sequence[str], message: bytes,
+                     smtputf8: bool = False, eightbit: bool = False) -> list[RcptResult]:
+        """Deliver one message to `rcpts`; one result per recipient.
+
+        Raises StaleConnection when a reused connection fails before the server
+        answered anything; any other connection failure becomes a transient
+        result for every recipient (ambiguous if the message may have been taken).
+        """
+        pipelining = self.has_extn("pipelining")
+        if pipelining and self.has_extn("chunking"):
+            mode = self._tx_pipelined_bdat
+        elif pipelining:
+            mode = self._tx_pipelined_data
+        else:
+            mode = self._tx_lockstep
+        state = _TxState(rcpts)
+        try:
+            mail_cmd = self._mail_command(sender, len(message), smtputf8, eightbit)
+            rcpt_cmds = [b"RCPT TO:<" + _wire(r) + b">" for r in rcpts]
+            results = mode(mail_cmd, rcpt_cmds, message, state)
+        except DeliveryError as err:
+            results = self._failed_tx(err, rcpts, state)
+        self.messages_sent += 1
+        self.last_used = time.monotonic()
+        return results
+
+    def _mail_command(self, sender: str, size: int, smtputf8: bool, eightbit: bool) -> bytes:
+        params = []
+        if self.has_extn("size"):
+            params.append(b"SIZE=%d" % size)
+        if eightbit and self.has_extn("8bitmime"):
+            params.append(b"BODY=8BITMIME")
+        if smtputf8:
+            if not self.has_extn("smtputf8"):
+                raise error_for(Reply(553, "5.6.7", "address needs SMTPUTF8, which the server"
+                                      " does not offer"), "MAIL", Blame.MESSAGE)
+            params.append(b"SMTPUTF8")
+        return b" ".join([b"MAIL FROM:<" + _wire(sender) + b">", *params])
+
+    def _send_lines(self, lines: Sequence[bytes], tail: bytes = b"") -> None:
+        self.sock.sendall(b"".join(line + b"\r\n" for line in lines) + tail)
+
+    def _read_envelope(self, rcpt_count: int, state: _TxState) -> tuple[Reply, list[Reply]]:
+        """Read the replies to MAIL and each RCPT, in order."""
+        with self.phase("MAIL", self.timeouts.mail):
+            mail = self.reply()
+            state.answered = True
+        rcpt_replies = []
+        for _ in range(rcpt_count):
+            with self.phase("RCPT", self.timeouts.rcpt):
+                rcpt_replies.append(self.reply())
+        return mail, rcpt_replies
+
+    def _tx_pipelined_bdat(self, mail_cmd: bytes, rcpt_cmds: list[bytes], message: bytes,
+                           state: _TxState) -> list[RcptResult]:
+        bdat = b"BDAT %d LAST\r\n" % len(message)
+        with self.phase("MAIL", self.timeouts.data_block):
+            self._send_lines([mail_cmd, *rcpt_cmds], bdat + message)
+            state.data_sent = True
+        mail, rcpt_replies = self._read_envelope(len(rcpt_cmds), state)
+        with self.phase("BDAT", self.timeouts.final_dot):
+            final = self.reply()
+        return self._results(mail, rcpt_replies, final, state)
+
+    def _tx_pipelined_data(self, mail_cmd: bytes, rcpt_cmds: list[bytes], message: bytes,
+                           state: _TxState) -> list[RcptResult]:
+        with self.phase("MAIL", self.timeouts.mail):
+            self._send_lines([mail_cmd, *rcpt_cmds, b"DATA"])
+        mail, rcpt_replies = self._read_envelope(len(rcpt_cmds), state)
+        with self.phase("DATA", self.timeouts.data):
+            data = self.reply()
+        final = self._send_body(data, state, message)
+        return self._results(mail, rcpt_replies, final, state)
+
+    def _tx_lockstep(self, mail_cmd: bytes, rcpt_cmds: list[bytes], message: bytes,
+                     state: _TxState) -> list[RcptResult]:
+        with self.phase("MAIL", self.timeouts.mail):
+            self._send_lines([mail_cmd])
+            mail = self.reply()
+            state.answered = True
+        if not mail.ok:
+            return self._results(mail, [], mail, state)
+        rcpt_replies = []
+        for cmd in rcpt_cmds:
+            with self.phase("RCPT", self.timeouts.rcpt):
+                self._send_lines([cmd])
+                rcpt_replies.append(self.reply())
+        if not any(r.ok for r in rcpt_replies):
+            return self._results(mail, rcpt_replies, rcpt_replies[0], state)
+        if self.has_extn("chunking"):
+            with self.phase("BDAT", self.timeouts.final_dot):
+                self.sock.sendall(b"BDAT %d LAST\r\n" % len(message) + message)
+                state.data_sent = True
+                final = self.reply()
+        else:
+            with self.phase("DATA", self.timeouts.data):
+                self._send_lines([b"DATA"])
+                data = self.reply()
+            final = self._send_body(data, state, message)
+        return self._results(mail, rcpt_replies, final, state)
+
+    def _send_body(self, data_reply: Reply, state: _TxState, message: bytes) -> Reply:
+        """After a reply to DATA: the dot-stuffed body and its final reply."""
+        if data_reply.code != 354:
+            return data_reply
+        with self.phase("DATA", self.timeouts.data_block):
+            self.sock.sendall(dot_stuff(message) + b".\r\n")
+            state.data_sent = True
+        with self.phase("DATA", self.timeouts.final_dot):
+            return self.reply()
+
+    def _results(self, mail: Reply, rcpt_replies: list[Reply], final: Reply,
+                 state: _TxState) -> list[RcptResult]:
+        """Per-recipient outcome: a refused MAIL or RCPT, else the final reply."""
+        results = []
+        for i, rcpt in enumerate(state.rcpts):
+            if not mail.ok:
+                reply = mail
+            elif not rcpt_replies[i].ok:
+                reply = rcpt_replies[i]
+            else:
+                reply = final
+            results.append(RcptResult(rcpt, reply))
+        if not final.ok or not mail.ok:
+            self._reset_quietly()
+        return results
+
+    def _failed_tx(self, err: DeliveryError, rcpts: Sequence[str],
+                   state: _TxState) -> list[RcptResult]:
+        """The transaction failed without replies to judge it by; say what that means."""
+        if err.blame is Blame.MESSAGE:  # refused before anything was sent
+            return [RcptResult(r, err.reply) for r in rcpts]
+        self.close()  # a connection-level failure leaves the session unusable
+        if self.messages_sent > 0 and not state.answered:
+            raise StaleConnection(err.reply, err.command, Blame.CONNECTION) from err
+        ambiguous = state.data_sent
+        reply = err.reply
+        if ambiguous:
+            reply = Reply(451, "4.4.2", f"{err.reply.text}; the message may have been"
+                                        " delivered (no reply to the final dot)")
+        return [RcptResult(r, reply, ambiguous) for r in rcpts]
+
+    def _reset_quietly(self) -> None:
+        """RSET after a failed transaction so the next one starts clean."""
+        try:
+            with self.phase("RSET", self.timeouts.rset):
+                self.putcmd("RSET")
+                if not self.reply().ok:
+                    self.close()
+        except DeliveryError:
+            self.close()
+
+
+class _TxState:
+    """How far a transaction got, to judge a failure."""
+
+    def __init__(self, rcpts: Sequence[str]) -> None:
+        self.rcpts = list(rcpts)
+        self.answered = False  # the server replied to MAIL
+        self.data_sent = False  # the whole message and its terminator are on the wire
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """RFC 5321 4.5.2: double a leading dot on every line. `message` ends with CRLF."""
+    stuffed = message.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed
+
+
+def _wire(value: str) -> bytes:
+    """An address or parameter as it goes on the wire; refuses what could inject commands."""
+    if any(c in value for c in "\r\n\0"):
+        raise error_for(Reply(501, "5.1.3", "CR, LF or NUL in an envelope field refused"),
+                        "MAIL", Blame.MESSAGE)
+    return value.encode("utf-8")
+
+
+def _split_reply_line(line: bytes) -> tuple[int, bool, bytes]:
+    """'250-text' -> (250, True, b'text'); anything else is a protocol error."""
+    code = line[:3]
+    sep = line[3:4]
+    if len(code) != 3 or not code.isdigit() or sep not in (b"-", b" ", b"\r", b"\n", b""):
+        raise ProtocolError(f"malformed reply line {line[:40]!r}")
+    value = int(code)
+    if not 200 <= value <= 599:
+        raise ProtocolError(f"reply code {value} out of range")
+    return value, sep == b"-", line[4:].strip()
+
+
+def _readable(sock: socket.socket | None) -> bool:
+    if sock is None:
+        return False
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+def _translate(exc: BaseException, command: str, timeout: float) -> DeliveryError:
+    """smtplib, socket, ssl and timeout errors -> the engine's errors (the only place)."""
+    if isinstance(exc, ssl.SSLError) or command == "TLS":  # any handshake failure
+        return TlsError(Reply(451, "4.7.5", f"TLS failure: {_short(exc)}"), command)
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return TransientError(Reply(451, "4.4.2", f"timeout after {timeout:g}s"), command)
+    if isinstance(exc, ConnectionRefusedError):
+        return TransientError(Reply(451, "4.4.1", "connection refused"), command)
+    if isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError, EOFError)):
+        return TransientError(Reply(451, "4.4.2", f"connection lost: {_short(exc)}"), command)
+    if isinstance(exc, ProtocolError):
+        return TransientError(Reply(451, "4.5.0", f"protocol error: {_short(exc)}"), command)
+    if isinstance(exc, OSError):
+        return TransientError(Reply(451, "4.4.1", f"network error: {_short(exc)}"), command)
+    # A bug of ours must never bounce mail: unknown means transient.
+    return TransientError(Reply(451, "4.3.0", f"internal error: {type(exc).__name__}: "
+                                              f"{_short(exc)}"), command)
+
+
+class TlsError(TransientError):
+    """The TLS handshake (or a TLS record) failed."""
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,468 @@
+"""The spool: every accepted job and each recipient's progress, on disk.
+
+One SQLite file, `<directory>/spool.db`, in WAL mode with `synchronous=FULL`:
+a commit returns only once the write-ahead log is fsynced, so whatever a
+method has committed survives kill -9 of any process and a power cut. Each
+public write method is one transaction over a whole batch (group commit), so
+one fsync covers a hundred jobs instead of one.
+
+The supervisor is the only writer, enforced by an exclusive lock on
+`<directory>/spool.lock`. Nothing on disk marks a job "in flight": after a
+crash every recipient that is not final is simply due again, and a recipient
+whose final result was recorded is never handed out again. See docs/SPOOL.md.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, Self
+
+from engine.job import Job, envelope_json, job_from_stored
+from engine.outcome import Status
+from engine.reply import Reply
+
+SCHEMA_VERSION = 1
+PENDING = "pending"  # a recipient not final yet (never tried, or deferred)
+_IN_CHUNK = 500  # ids per `IN (...)` query, far below SQLite's variable limit
+_REASON_MAX = 300
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    queued_ts REAL NOT NULL,
+    expires_ts REAL NOT NULL,
+    next_attempt REAL,           -- earliest next_attempt of its pending rcpts
+    envelope TEXT NOT NULL,      -- engine.job.envelope_json, as JSON
+    message BLOB NOT NULL        -- last, so reading the other columns skips it
+);
+-- Covering: `due` walks it in order without touching the rows (or the blobs).
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_attempt, id);
+CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (queued_ts);
+CREATE TABLE IF NOT EXISTS rcpts (
+    job_id TEXT NOT NULL,
+    rcpt TEXT NOT NULL,
+    status TEXT NOT NULL,        -- 'pending' or a final engine.outcome.Status
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL,           -- NULL once final
+    code INTEGER,                -- the last reply
+    enhanced TEXT,
+    reply TEXT,
+    PRIMARY KEY (job_id, rcpt)
+);
+CREATE INDEX IF NOT EXISTS rcpts_pending ON rcpts (job_id, next_attempt)
+    WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS finished (
+    id TEXT PRIMARY KEY,
+    ts REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS finished_ts ON finished (ts);
+CREATE TABLE IF NOT EXISTS corrupt (
+    id TEXT,
+    reason TEXT NOT NULL,
+    envelope BLOB,
+    message BLOB,
+    rcpts TEXT,                  -- a line per recipient: "rcpt status attempts"
+    ts REAL NOT NULL
+);
+"""
+
+
+class SpoolError(Exception):
+    """The spool cannot be opened or written: nothing in the failed call was accepted."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A job with recipients due now."""
+
+    job: Job  # job.rcpts = ALL original recipients
+    queued_ts: float  # Unix time accepted
+    expires_ts: float
+    rcpts: tuple[str, ...]  # recipients not final yet whose next_attempt <= now
+    attempts: Mapping[str, int]  # attempts made so far, per rcpt in `rcpts`
+
+
+@dataclass(frozen=True)
+class RcptUpdate:
+    """One recipient's new state, for `Spool.record`."""
+
+    job_id: str
+    rcpt: str
+    status: Status
+    next_attempt: float | None = None  # required for DEFERRED
+    reply: Reply | None = None
+    count_attempt: bool = True  # False: a throttled/suspended wait, no attempt burned
+
+    def __post_init__(self) -> None:
+        if self.status is Status.DEFERRED and self.next_attempt is None:
+            raise ValueError(f"DEFERRED update for {self.job_id}/{self.rcpt} needs next_attempt")
+
+
+@dataclass(frozen=True)
+class SpoolStats:
+    jobs: int
+    rcpts_pending: int
+    rcpts_deferred: int  # pending with attempts > 0
+    oldest_queued_ts: float | None
+
+
+class _Corrupt(Exception):
+    """A stored job that cannot be decoded."""
+
+
+class Spool:
+    """The durable queue. Not thread-safe: one owner, the supervisor."""
+
+    def __init__(self, directory: str, dedupe_window: float = 86400.0,
+                 on_corrupt: Callable[[str, str], None] | None = None) -> None:
+        self.directory = directory
+        self.path = os.path.join(directory, "spool.db")
+        self.dedupe_window = dedupe_window
+        self._on_corrupt = on_corrupt
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._lock_fd = _lock(os.path.join(directory, "spool.lock"))
+        try:
+            self._conn = self._open()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._closed = False
+
+    # -- opening ---------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        fresh = not os.path.exists(self.path)
+        if fresh:  # created 0600 by us, so the WAL and shm files inherit it
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None)
+        except sqlite3.Error as e:
+            raise SpoolError(f"cannot open {self.path}: {e}") from e
+        try:
+            _configure(conn, self.path)
+            _migrate(conn, self.path)
+        except BaseException:
+            conn.close()
+            raise
+        if fresh:
+            _fsync_dir(self.directory)
+        return conn
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._conn.close()
+        finally:
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, durable when the block exits; SpoolError if it could not commit."""
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            _rollback(conn)
+            raise SpoolError(f"spool write failed: {e}") from e
+        except BaseException:
+            _rollback(conn)
+            raise
+
+    # -- accepting -------------------------------------------------------
+
+    def accept(self, jobs: Sequence[Job], now: float, max_age: float) -> list[Job]:
+        """Spool the new jobs of a batch in one transaction; durable on return.
+
+        A job whose id is held, finished within the dedupe window, or repeated
+        within the batch is dropped. Returns the jobs newly accepted, in order.
+        """
+        for job in jobs:
+            if not job.rcpts:
+                raise ValueError(f"job {job.id} has no recipients")
+        with self._write() as conn:
+            fresh = self._new_jobs(conn, jobs, now)
+            conn.executemany(
+                "INSERT INTO jobs (id, queued_ts, expires_ts, next_attempt, envelope, message)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [_job_row(job, now, max_age) for job in fresh])
+            conn.executemany(
+                "INSERT OR IGNORE INTO rcpts (job_id, rcpt, status, next_attempt)"
+                " VALUES (?, ?, 'pending', ?)",
+                [(job.id, rcpt, now) for job in fresh for rcpt in job.rcpts])
+        return fresh
+
+    def _new_jobs(self, conn: sqlite3.Connection, jobs: Sequence[Job], now: float) -> list[Job]:
+        """The jobs of the batch that are not duplicates."""
+        ids = list({job.id: None for job in jobs})
+        seen = _existing(conn, "SELECT id FROM jobs WHERE id IN ({})", (), ids)
+        seen |= _existing(conn, "SELECT id FROM finished WHERE ts >= ? AND id IN ({})",
+                          (now - self.dedupe_window,), ids)
+        fresh = []
+        for job in jobs:
+            if job.id not in seen:
+                seen.add(job.id)
+                fresh.append(job)
+        return fresh
+
+    # -- handing out -----------------------------------------------------
+
+    def due(self, now: float, limit: int, skip: Container[str] = frozenset()) -> list[Pending]:
+        """Jobs with recipients due at `now`, oldest next_attempt first, at most `limit`.
+
+        Ids in `skip` (in flight) are left out. A job that cannot be decoded is
+        moved to the `corrupt` table, reported to `on_corrupt` and skipped.
+        """
+        out: list[Pending] = []
+        taken: set[str] = set()
+        while len(out) < limit:
+            ids = self._due_ids(now, limit - len(out), lambda i: i in skip or i in taken)
+            if not ids:
+                break
+            bad: list[tuple[str, str]] = []
+            stale: list[str] = []
+            for job_id in ids:
+                taken.add(job_id)
+                try:
+                    pending = self._load(job_id, now)
+                except _Corrupt as e:
+                    bad.append((job_id, str(e)[:_REASON_MAX]))
+                    continue
+                if pending.rcpts:
+                    out.append(pending)
+                else:
+                    stale.append(job_id)
+            self._repair(bad, stale, now)
+            if not bad and not stale:
+                break
+        return out
+
+    def _due_ids(self, now: float, limit: int, skipped: Callable[[str], bool]) -> list[str]:
+        cur = self._conn.execute(
+            "SELECT id FROM jobs WHERE next_attempt <= ? ORDER BY next_attempt, id", (now,))
+        ids: list[str] = []
+        try:
+            for (job_id,) in cur:
+                if not skipped(job_id):
+                    ids.append(job_id)
+                    if len(ids) >= limit:
+                        break
+        finally:
+            cur.close()
+        return ids
+
+    def _load(self, job_id: str, now: float) -> Pending:
+        """Decode one job; _Corrupt if any part of it is unreadable."""
+        try:
+            row = self._conn.execute(
+                "SELECT queued_ts, expires_ts, CAST(envelope AS BLOB), CAST(message AS BLOB)"
+                " FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            rows = self._conn.execute(
+                "SELECT rcpt, attempts FROM rcpts WHERE job_id = ? AND status = 'pending'"
+                " AND next_attempt <= ? ORDER BY rowid", (job_id, now)).fetchall()
+        except sqlite3.Error as e:  # e.g. text that is not UTF-8
+            raise _Corrupt(f"unreadable row: {e}") from e
+        if row is None:
+            raise _Corrupt("job row vanished")
+        queued_ts, expires_ts, envelope, message = row
+        job = _decode(envelope, message)
+        try:
+            attempts = {str(rcpt): int(n) for rcpt, n in rows}
+            return Pending(job, float(queued_ts), float(expires_ts), tuple(attempts), attempts)
+        except (TypeError, ValueError) as e:
+            raise _Corrupt(f"bad spool row: {e}") from e
+
+    def _repair(self, bad: list[tuple[str, str]], stale: list[str], now: float) -> None:
+        """Set corrupt jobs aside; re-derive the due time of jobs with nothing due."""
+        if not bad and not stale:
+            return
+        with self._write() as conn:
+            for job_id, reason in bad:
+                _set_aside(conn, job_id, reason, now)
+            self._settle(conn, stale, now)
+        for job_id, reason in bad:
+            if self._on_corrupt is not None:
+                self._on_corrupt(job_id, reason)
+
+    # -- recording -------------------------------------------------------
+
+    def record(self, updates: Sequence[RcptUpdate], now: float | None = None) -> list[str]:
+        """Record recipients' results in one transaction; durable on return.
+
+        Updates for unknown or already-final recipients are ignored: a final
+        status is never overwritten. Returns the ids of jobs that became fully
+        final; they are deleted and remembered in `finished` (at `now`,
+        default the wall clock) for duplicate detection.
+        """
+        now = time.time() if now is None else now
+        with self._write() as conn:
+            conn.executemany(
+                "UPDATE rcpts SET status = ?, next_attempt = ?, attempts = attempts + ?,"
+                " code = COALESCE(?, code), enhanced = COALESCE(?, enhanced),"
+                " reply = COALESCE(?, reply)"
+                " WHERE job_id = ? AND rcpt = ? AND status = 'pending'",
+                [_update_row(u) for u in updates])
+            return self._settle(conn, list({u.job_id: None for u in updates}), now)
+
+    def _settle(self, conn: sqlite3.Connection, job_ids: Iterable[str], now: float) -> list[str]:
+        """Refresh each job's next_attempt; delete those with nothing pending. Returns those."""
+        done = []
+        for job_id in job_ids:
+            left, first = conn.execute(
+                "SELECT COUNT(*), MIN(next_attempt) FROM rcpts"
+                " WHERE job_id = ? AND status = 'pending'", (job_id,)).fetchone()
+            if left:
+                conn.execute("UPDATE jobs SET next_attempt = ? WHERE id = ?", (first, job_id))
+            elif conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount:
+                conn.execute("DELETE FROM rcpts WHERE job_id = ?", (job_id,))
+                conn.execute("INSERT OR REPLACE INTO finished (id, ts) VALUES (?, ?)",
+                             (job_id, now))
+                done.append(job_id)
+        return done
+
+    # -- looking -----------------------------------------------------------
+
+    def next_due(self) -> float | None:
+        """The earliest next_attempt of any pending recipient (in flight included)."""
+        (first,) = self._conn.execute("SELECT MIN(next_attempt) FROM jobs").fetchone()
+        return None if first is None else float(first)
+
+    def stats(self) -> SpoolStats:
+        (jobs, oldest) = self._conn.execute(
+            "SELECT COUNT(*), MIN(queued_ts) FROM jobs").fetchone()
+        (pending, deferred) = self._conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0) FROM rcpts"
+            " WHERE status = 'pending'").fetchone()
+        return SpoolStats(jobs, pending, deferred, None if oldest is None else float(oldest))
+
+    def prune_finished(self, now: float) -> int:
+        """Forget finished ids older than the dedupe window; returns how many."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM finished WHERE ts < ?",
+                                (now - self.dedupe_window,)).rowcount
+
+
+# -- helpers ---------------------------------------------------------------
+
+def _lock(path: str) -> int:
+    """Hold `path` exclusively for this process's life: one supervisor per spool."""
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SpoolError(f"spool {os.path.dirname(path)} is in use by another process") from None
+    return fd
+
+
+def _configure(conn: sqlite3.Connection, path: str) -> None:
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")  # an operator's sqlite3 shell reading
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        conn.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
+        conn.execute("PRAGMA journal_size_limit = 67108864")  # shrink the WAL after a burst
+    except sqlite3.Error as e:
+        raise SpoolError(f"cannot open {path}: {e}") from e
+    if mode != "wal":
+        raise SpoolError(f"cannot put {path} in WAL mode (got {mode!r})")
+
+
+def _migrate(conn: sqlite3.Connection, path: str) -> None:
+    """Create the schema, or refuse a spool written by a newer engine."""
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise SpoolError(
+                f"{path} has schema version {version}, newer than this engine's "
+                f"{SCHEMA_VERSION}: run the mailengine version that wrote it")
+        if version < SCHEMA_VERSION:
+            # One script, one transaction (executescript would commit an open one first).
+            conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\n"
+                               f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
+    except sqlite3.Error as e:
+        _rollback(conn)
+        raise SpoolError(f"cannot open {path}: {e}") from e
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        with suppress(sqlite3.Error):  # the connection is gone too; the transaction dies with it
+            conn.execute("ROLLBACK")
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the new file's directory entry durable too."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _existing(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...],
+              ids: list[str]) -> set[str]:
+    """The ids among `ids` that `sql` (with an `IN ({})` slot) finds."""
+    found: set[str] = set()
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i:i + _IN_CHUNK]
+        query = sql.format(",".join("?" * len(chunk)))
+        found.update(row[0] for row in conn.execute(query, (*params, *chunk)))
+    return found
+
+
+def _job_row(job: Job, now: float, max_age: float) -> tuple[Any, ...]:
+    ttl = job.expires if job.expires is not None else max_age
+    envelope = json.dumps(envelope_json(job), separators=(",", ":"))
+    return (job.id, now, now + ttl, now, envelope, job.message)
+
+
+def _update_row(u: RcptUpdate) -> tuple[Any, ...]:
+    status = PENDING if u.status is Status.DEFERRED else u.status.value
+    next_attempt = u.next_attempt if u.status is Status.DEFERRED else None
+    code, enhanced, text = (u.reply.code, u.reply.enhanced, u.reply.text) if u.reply else (
+        None, None, None)
+    return (status, next_attempt, int(u.count_attempt), code, enhanced, text, u.job_id, u.rcpt)
+
+
+def _decode(envelope: Any, message: Any) -> Job:
+    """Rebuild the Job from its stored form; _Corrupt on any failure."""
+    if not isinstance(envelope, bytes) or not isinstance(message, bytes):
+        raise _Corrupt("envelope or message missing")
+    try:
+        data = json.loads(envelope.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _Corrupt(f"bad envelope JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise _Corrupt(f"envelope is a JSON {type(data).__name__}, not an object")
+    try:
+        return job_from_stored(data, message)
+    except Exception as e:  # whatever the decoder raises, this row is unusable
+        raise _Corrupt(f"bad envelope: {type(e).__name__}: {e}") from e
+
+
+def _set_aside(conn: sqlite3.Connection, job_id: str, reason: str, now: float) -> None:
+    """Move a job and its recipients' progress to `corrupt`, out of the queue."""
+    conn.execute(
+        "INSERT INTO corrupt (id, reason, envelope, message, rcpts, ts)"
+        " SELECT id, ?, CAST(envelope AS BLOB), CAST(message AS BLOB),"
+        # || cannot fail on any stored value, where json_object refuses blobs
+        " (SELECT group_concat(rcpt || ' ' || status || ' ' || attempts, char(10))"
+        "  FROM rcpts WHERE job_id = ?), ?"
+        " FROM jobs WHERE id = ?", (reason, job_id, now, job_id))
+    conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+    conn.execute("DELETE FROM rcpts WHERE job_id = ?", (job_id,))

@@ -1,0 +1,86 @@
+"""`mailengine status`: live figures from the running engine, over its control socket."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from engine import config as config_mod
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("status", help="show live figures of the running engine")
+    p.add_argument("-c", "--config", help="read the control endpoint from here")
+    p.add_argument("--control", help="control endpoint (default: the config's)")
+    p.add_argument("--json", action="store_true", help="print the raw figures as JSON")
+    p.add_argument("-w", "--watch", action="store_true", help="refresh every second")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.set_defaults(func=run)
+
+
+def query(endpoint: str, timeout: float = 3.0) -> dict[str, Any]:
+    """Ask the supervisor for its figures; raises TimeoutError if it does not answer."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_json({"command": "status"})
+        if not sock.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no answer from {endpoint} within {timeout:g}s")
+        answer: dict[str, Any] = sock.recv_json()
+        return answer
+    finally:
+        sock.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        endpoint = args.control or config_mod.load(args.config).control
+    except config_mod.ConfigError as err:
+        print(f"mailengine status: {err}", file=sys.stderr)
+        return 2
+    previous: dict[str, Any] | None = None
+    started = time.monotonic()
+    while True:
+        try:
+            figures = query(endpoint, args.timeout)
+        except TimeoutError as err:
+            print(f"mailengine status: {err}; is the engine running?", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(figures))
+        else:
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(render(figures, previous, time.monotonic() - started))
+        if not args.watch:
+            return 0
+        previous = figures
+        started = time.monotonic()
+        time.sleep(1.0)
+
+
+def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: float) -> str:
+    spool = figures["spool"]
+    counts = figures["events"]
+    lines = [f"mailengine (pid {figures['pid']})",
+             f"spool: {spool['jobs']} jobs, {spool['rcpts_pending']} recipients pending,"
+             f" {spool['rcpts_deferred']} deferred",
+             f"in flight: {figures['in_flight']} jobs", ""]
+    rates = ""
+    if previous is not None and elapsed > 0:
+        per_min = {k: (counts[k] - previous["events"].get(k, 0)) * 60 / elapsed for k in counts}
+        rates = "   per minute: " + ", ".join(f"{k} {v:.0f}" for k, v in per_min.items()
+                                              if k in ("delivered", "deferred", "bounced"))
+    lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + rates)
+    lines.append("")
+    lines.append(f"{'ip':<18}{'alive':<7}{'pid':<9}{'jobs':>6}{'conns':>7}{'restarts':>10}")
+    for ip, w in sorted(figures["workers"].items()):
+        lines.append(f"{ip:<18}{'yes' if w['alive'] else 'NO':<7}{w['pid']!s:<9}"
+                     f"{w['jobs']:>6}{w['connections_open']:>7}{w['restarts']:>10}")
+    return "\n".join(lines)

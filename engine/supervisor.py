@@ -1,0 +1,539 @@
+"""The supervisor: intake, the spool, one worker process per sending IP, events.
+
+One thread, one ZeroMQ poll loop (no gevent here: the work is small batches of
+SQLite writes and socket shuffling). Each turn it
+
+1. drains the ingest socket: validates each job, writes the valid ones to the
+   spool in one transaction (group commit) and only then publishes `queued`;
+   invalid ones get a `rejected` event and disturb nothing else;
+2. drains the results socket: records each recipient's outcome in the spool,
+   then publishes its event (deferred past the job's expiry become `expired`);
+3. hands due jobs to the worker of their IP (or the least busy live IP of their
+   pool), at most `limits.max_in_flight` each;
+4. restarts dead workers, with backoff; what they had in flight is simply due
+   again (the spool never marks anything in flight).
+
+SIGTERM drains: intake stops, in-flight transactions finish (up to
+`drain_timeout`), workers exit, the rest stays spooled. SIGHUP reloads the
+config: workers are replaced gracefully, IPs added or removed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Container
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from engine import config as config_mod
+from engine import events, logs, retry, wire
+from engine.config import Config
+from engine.delivery import Task
+from engine.job import Job, JobRejected, parse_job
+from engine.metrics import Metrics
+from engine.outcome import Attempt, Status
+from engine.reply import Reply
+from engine.spool import Pending, RcptUpdate, Spool
+
+log = logging.getLogger("mailengine.supervisor")
+
+TICK = 0.2  # seconds between housekeeping turns
+INTAKE_BATCH = 1000  # jobs per group commit at most
+RESULTS_BATCH = 2000
+RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+STABLE_AFTER = 60.0  # a worker up this long has its restart backoff reset
+PARK_TIME = 2.0  # seconds a job no worker could take is passed over
+EXPIRED_REPLY = Reply(451, "4.4.7", "message expired: not delivered within its time")
+
+
+@dataclass
+class InFlight:
+    """A job handed to a worker, until every recipient of the task has a result."""
+
+    ip: str
+    meta: dict[str, Any]
+    queued_ts: float
+    expires_ts: float
+    attempts: dict[str, int]  # attempts before this one, per rcpt still out
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class WorkerHandle:
+    ip: str
+    tasks: zmq.Socket | None = None
+    generation: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    jobs: set[str] = field(default_factory=set)
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+    retiring: bool = False  # being replaced (reload) or removed: no new tasks
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, config_path: str | None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.zctx = zmq.Context()
+        self.spool = Spool(cfg.spool, on_corrupt=self._on_corrupt)
+        self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
+                                      "supervisor", cfg.statsd.enabled)
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        self.ingest = self._bind(zmq.PULL, cfg.ingest)
+        self.ingest.setsockopt(zmq.RCVHWM, 10000)
+        self.pub = self._bind(zmq.PUB, cfg.events)
+        self.events = events.EventPublisher(self.pub, cfg.events_log)
+        self.results = self._bind(zmq.PULL, self._endpoint("results"))
+        self.control = self._bind(zmq.REP, cfg.control)
+        self.workers: dict[str, WorkerHandle] = {}
+        self.in_flight: dict[str, InFlight] = {}
+        self.counters: dict[str, int] = {name: 0 for name in events.EVENT_NAMES}
+        self._stopping = False
+        self._reload = False
+        self._last_due = 0.0
+        self._parked: dict[str, float] = {}  # job id -> until (monotonic)
+
+    # -- sockets ---------------------------------------------------------------
+
+    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self.zctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 1000)
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://"):]
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            if os.path.exists(path):
+                os.unlink(path)  # left by a process that died
+        sock.bind(endpoint)
+        return sock
+
+    def _endpoint(self, name: str) -> str:
+        return f"ipc://{os.path.join(self.cfg.run_dir, name)}.sock"
+
+    # -- life cycle ------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        for ip in self.cfg.ips:
+            self._add_worker(ip.address)
+        stats = self.spool.stats()
+        log.info(logs.kv("started", pid=os.getpid(), ips=len(self.cfg.ips),
+                         spooled_jobs=stats.jobs, ingest=self.cfg.ingest))
+        poller = zmq.Poller()
+        for sock in (self.ingest, self.results, self.control):
+            poller.register(sock, zmq.POLLIN)
+        last_tick = 0.0
+        while not self._stopping:
+            ready = dict(poller.poll(int(TICK * 1000)))
+            if self.ingest in ready:
+                self._intake()
+            if self.results in ready:
+                self._collect()
+            if self.control in ready:
+                self._answer_control()
+            if self._reload:
+                self._reload = False
+                self._reload_config()
+            if time.monotonic() - last_tick >= TICK:
+                last_tick = time.monotonic()
+                self._tick()
+            self.events.flush()
+        return self._shutdown()
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def _on_hup(self, signum: int, frame: object) -> None:
+        self._reload = True
+
+    def _shutdown(self) -> int:
+        """Drain: no more intake or dispatch; let in-flight finish; stop workers."""
+        log.info(logs.kv("draining", in_flight=len(self.in_flight)))
+        self.ingest.close(linger=0)
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        for handle in self.workers.values():
+            self._signal(handle, signal.SIGTERM)
+        while time.monotonic() < deadline and any(h.alive for h in self.workers.values()):
+            if self.results.poll(100):
+                self._collect()
+        self._collect()
+        for handle in self.workers.values():
+            if handle.alive and handle.proc is not None:
+                handle.proc.kill()
+                handle.proc.wait(5)
+        self.events.flush()
+        self.events.close()
+        left = self.spool.stats()
+        self.spool.close()
+        log.info(logs.kv("stopped", jobs_spooled=left.jobs, rcpts_pending=left.rcpts_pending))
+        self.zctx.destroy(linger=1000)
+        return 0
+
+    # -- intake ----------------------------------------------------------------
+
+    def _intake(self) -> None:
+        jobs: list[Job] = []
+        for _ in range(INTAKE_BATCH):
+            try:
+                frames = self.ingest.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            job = self._validate(frames)
+            if job is not None:
+                jobs.append(job)
+        if not jobs:
+            return
+        accepted = self.spool.accept(jobs, time.time(), self.cfg.retry.max_age)
+        fresh = {id(job) for job in accepted}
+        for job in jobs:
+            # A re-sent job the spool holds (or finished) is acknowledged again,
+            # so a producer that missed the first `queued` stops re-sending.
+            self._publish(events.queued(job, duplicate=id(job) not in fresh))
+        self.metrics.incr("queued", "all", len(accepted))
+        now = time.time()
+        for job in accepted:
+            self._dispatch_new(job, now)
+
+    def _validate(self, frames: list[bytes]) -> Job | None:
+        try:
+            job = parse_job(frames, self.cfg.limits.max_message_size,
+                            self.cfg.limits.max_recipients)
+            self._check_route(job)
+            return job
+        except JobRejected as err:
+            log.info(logs.kv("rejected", id=err.job_id, reason=err.reason))
+            self.metrics.incr("rejected", "all")
+            self._publish(events.rejected(err.job_id, err.meta, err.reason))
+            return None
+
+    def _check_route(self, job: Job) -> None:
+        if job.ip is not None and job.ip not in self._configured_ips():
+            raise JobRejected(f"ip {job.ip} is not one of this engine's sending IPs",
+                              job.id, dict(job.meta))
+        if job.pool is not None and job.pool not in self.cfg.pools:
+            raise JobRejected(f"unknown pool {job.pool!r} (configured: "
+                              f"{', '.join(sorted(self.cfg.pools))})", job.id, dict(job.meta))
+
+    def _configured_ips(self) -> set[str]:
+        return {ip.address for ip in self.cfg.ips}
+
+    # -- dispatch ----------------------------------------------------------------
+
+    def _dispatch_new(self, job: Job, queued_ts: float) -> None:
+        pending = Pending(job=job, queued_ts=queued_ts,
+                          expires_ts=queued_ts + (job.expires or self.cfg.retry.max_age),
+                          rcpts=job.rcpts, attempts={r: 0 for r in job.rcpts})
+        self._dispatch(pending)
+
+    def _dispatch_due(self) -> None:
+        room = sum(self._room(h) for h in self.workers.values() if h.alive and not h.retiring)
+        if room <= 0:
+            return
+        now = time.monotonic()
+        self._parked = {j: t for j, t in self._parked.items() if t > now}
+        skip = _Either(self.in_flight, self._parked)
+        for pending in self.spool.due(time.time(), room, skip):
+            if not self._dispatch(pending):
+                # Its IP is down or full: look past it next turn, so it cannot
+                # hold back the jobs of other IPs behind it.
+                self._parked[pending.job.id] = now + PARK_TIME
+
+    def _dispatch(self, pending: Pending) -> bool:
+        """Hand `pending` to a worker; False leaves it spooled for a later turn."""
+        if time.time() >= pending.expires_ts:
+            self._expire(pending)
+            return False
+        handle = self._choose_worker(pending.job)
+        if handle is None:
+            return False
+        task = Task(pending.job.id, pending.job.sender, pending.rcpts, pending.job.message,
+                    pending.queued_ts, pending.job.smtputf8, pending.job.eightbit)
+        try:
+            assert handle.tasks is not None
+            handle.tasks.send_multipart(wire.task_frames(task), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        handle.jobs.add(pending.job.id)
+        self.in_flight[pending.job.id] = InFlight(
+            handle.ip, dict(pending.job.meta), pending.queued_ts, pending.expires_ts,
+            dict(pending.attempts))
+        return True
+
+    def _choose_worker(self, job: Job) -> WorkerHandle | None:
+        if job.ip is not None:
+            candidates = [job.ip]
+        else:
+            candidates = list(self.cfg.pools.get(job.pool or "default", ()))
+        usable = [self.workers[ip] for ip in candidates
+                  if ip in self.workers and self.workers[ip].alive
+                  and not self.workers[ip].retiring and self._room(self.workers[ip]) > 0]
+        if not usable:
+            return None
+        return min(usable, key=lambda h: len(h.jobs))  # spread the load
+
+    def _room(self, handle: WorkerHandle) -> int:
+        return self.cfg.limits.max_in_flight - len(handle.jobs)
+
+    def _expire(self, pending: Pending) -> None:
+        now = time.time()
+        updates = [RcptUpdate(pending.job.id, r, Status.EXPIRED, reply=EXPIRED_REPLY)
+                   for r in pending.rcpts]
+        self.spool.record(updates)
+        for rcpt in pending.rcpts:
+            attempt = Attempt(pending.job.id, rcpt, Status.EXPIRED, EXPIRED_REPLY, "", None, "",
+                              None, False, False, now)
+            self._publish(events.attempt_event(attempt, Status.EXPIRED, pending.job.meta,
+                                               pending.attempts.get(rcpt, 0),
+                                               pending.queued_ts))
+
+    # -- results -------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        attempts: list[Attempt] = []
+        for _ in range(RESULTS_BATCH):
+            try:
+                frame = self.results.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                msg = wire.decode(frame)
+                if msg["type"] == "result":
+                    attempts.extend(wire.attempt_from_dict(a) for a in msg["attempts"])
+                elif msg["type"] == "stats" and msg.get("ip") in self.workers:
+                    self.workers[msg["ip"]].stats = msg
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error(logs.kv("bad_result", error=exc))
+        if attempts:
+            self._record(attempts)
+
+    def _record(self, attempts: list[Attempt]) -> None:
+        """Spool first, then events: an event never announces what could be lost."""
+        now = time.time()
+        planned = [self._plan(a, now) for a in attempts]
+        self.spool.record([update for update, _ in planned if update is not None])
+        for attempt, (update, event) in zip(attempts, planned):
+            if event is not None:
+                self._publish(event)
+            self._settle(attempt)
+
+    def _plan(self, attempt: Attempt,
+              now: float) -> tuple[RcptUpdate | None, dict[str, Any] | None]:
+        """The spool update and the event for one result."""
+        flight = self.in_flight.get(attempt.job_id)
+        if flight is None or attempt.rcpt not in flight.attempts:
+            # A late result (its worker was declared dead): keep a final outcome,
+            # so the recipient is not sent twice; a deferral changes nothing.
+            if attempt.status.final:
+                return RcptUpdate(attempt.job_id, attempt.rcpt, attempt.status,
+                                  reply=attempt.reply), None
+            return None, None
+        number = flight.attempts[attempt.rcpt] + 1
+        status, next_at = attempt.status, None
+        if status is Status.DEFERRED:
+            next_at = retry.next_attempt(self.cfg.retry.schedule, number, now, flight.expires_ts)
+            if next_at is None:
+                status = Status.EXPIRED
+        update = RcptUpdate(attempt.job_id, attempt.rcpt, status, next_attempt=next_at,
+                            reply=attempt.reply)
+        event = events.attempt_event(attempt, status, flight.meta, number, flight.queued_ts,
+                                     next_at)
+        return update, event
+
+    def _settle(self, attempt: Attempt) -> None:
+        flight = self.in_flight.get(attempt.job_id)
+        if flight is None:
+            return
+        flight.attempts.pop(attempt.rcpt, None)
+        if not flight.attempts:
+            del self.in_flight[attempt.job_id]
+            handle = self.workers.get(flight.ip)
+            if handle is not None:
+                handle.jobs.discard(attempt.job_id)
+
+    def _publish(self, event: dict[str, Any]) -> None:
+        if event["event"] in self.counters:
+            self.counters[event["event"]] += 1
+        self.events.publish(event)
+
+    def _on_corrupt(self, job_id: str, reason: str) -> None:
+        log.error(logs.kv("spool_corrupt", id=job_id, reason=reason))
+
+    # -- workers -------------------------------------------------------------------
+
+    def _add_worker(self, ip: str) -> None:
+        handle = WorkerHandle(ip)
+        self.workers[ip] = handle
+        self._start_worker(handle)
+
+    def _start_worker(self, handle: WorkerHandle) -> None:
+        """Spawn a worker with a task socket of its own: tasks queued for a dead
+        predecessor die with its socket (they are still due in the spool)."""
+        handle.generation += 1
+        endpoint = self._endpoint(f"worker-{handle.ip}-{handle.generation}")
+        handle.tasks = self._bind(zmq.PUSH, endpoint)
+        handle.tasks.setsockopt(zmq.SNDHWM, self.cfg.limits.max_in_flight * 2 + 100)
+        cmd = [sys.executable, "-m", "engine.workerproc", "--ip", handle.ip,
+               "--tasks", endpoint,
+               "--results", self._endpoint("results"), "--parent-pid", str(os.getpid())]
+        if self.config_path:
+            cmd += ["--config", self.config_path]
+        handle.proc = subprocess.Popen(cmd, env=self._worker_env())
+        handle.started = time.monotonic()
+        log.info(logs.kv("worker_spawned", ip=handle.ip, pid=handle.proc.pid))
+
+    def _worker_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The worker must import this very engine, wherever it was started from.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        return env
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        for handle in list(self.workers.values()):
+            if handle.proc is not None and handle.proc.poll() is not None:
+                self._worker_died(handle, now)
+            if handle.proc is None and not handle.retiring and now >= handle.restart_at:
+                self._start_worker(handle)
+            if handle.retiring and handle.proc is None:
+                del self.workers[handle.ip]
+
+    def _worker_died(self, handle: WorkerHandle, now: float) -> None:
+        assert handle.proc is not None
+        code = handle.proc.returncode
+        if now - handle.started >= STABLE_AFTER:
+            handle.failures = 0
+        delay = RESTART_BACKOFF[min(handle.failures, len(RESTART_BACKOFF) - 1)]
+        handle.failures += 1
+        handle.restart_at = now + delay
+        handle.proc = None
+        lost = list(handle.jobs)
+        for job_id in lost:  # still pending in the spool: due again at once
+            self.in_flight.pop(job_id, None)
+        handle.jobs.clear()
+        self._close_tasks(handle)
+        level = logging.INFO if handle.retiring else logging.ERROR
+        log.log(level, logs.kv("worker_exited", ip=handle.ip, code=code, requeued=len(lost),
+                               restart_in=None if handle.retiring else delay))
+
+    def _close_tasks(self, handle: WorkerHandle) -> None:
+        if handle.tasks is not None:
+            endpoint = handle.tasks.getsockopt_string(zmq.LAST_ENDPOINT)
+            handle.tasks.close(linger=0)
+            handle.tasks = None
+            path = endpoint[len("ipc://"):]
+            if endpoint.startswith("ipc://") and os.path.exists(path):
+                os.unlink(path)
+
+    def _signal(self, handle: WorkerHandle, signum: int) -> None:
+        if handle.alive and handle.proc is not None:
+            handle.proc.send_signal(signum)
+
+    # -- reload ----------------------------------------------------------------------
+
+    def _reload_config(self) -> None:
+        try:
+            new = config_mod.load(self.config_path)
+        except config_mod.ConfigError as err:
+            log.error(logs.kv("reload_refused", error=err))
+            return
+        for key in ("ingest", "events", "control", "spool", "run_dir", "events_log"):
+            if getattr(new, key) != getattr(self.cfg, key):
+                log.warning(logs.kv("reload_needs_restart", key=key))
+        old_ips = set(self.workers)
+        self.cfg = new
+        new_ips = self._configured_ips()
+        for ip in old_ips - new_ips:  # removed: drain and forget
+            self.workers[ip].retiring = True
+            self._signal(self.workers[ip], signal.SIGTERM)
+        for ip in old_ips & new_ips:  # kept: a fresh worker reads the new config
+            self._signal(self.workers[ip], signal.SIGTERM)
+            self.workers[ip].failures = 0
+            self.workers[ip].restart_at = 0.0
+        for ip in new_ips - old_ips:
+            self._add_worker(ip)
+        log.info(logs.kv("reloaded", ips=len(new_ips), added=len(new_ips - old_ips),
+                         removed=len(old_ips - new_ips)))
+
+    # -- housekeeping --------------------------------------------------------------
+
+    def _tick(self) -> None:
+        self._check_workers()
+        self._dispatch_due()
+        now = time.monotonic()
+        if now - self._last_due >= 10.0:
+            self._last_due = now
+            self.spool.prune_finished(time.time())
+            stats = self.spool.stats()
+            self.metrics.gauge("spool_depth", "all", stats.rcpts_pending)
+            self.metrics.memory()
+
+    # -- control -----------------------------------------------------------------------
+
+    def _answer_control(self) -> None:
+        try:
+            request = self.control.recv_json(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        except ValueError:
+            self.control.send_json({"error": "request is not JSON"})
+            return
+        if isinstance(request, dict) and request.get("command") == "status":
+            self.control.send_json(self.status())
+        else:
+            self.control.send_json({"error": "unknown command; try {\"command\": \"status\"}"})
+
+    def status(self) -> dict[str, Any]:
+        stats = self.spool.stats()
+        return {
+            "pid": os.getpid(),
+            "spool": {"jobs": stats.jobs, "rcpts_pending": stats.rcpts_pending,
+                      "rcpts_deferred": stats.rcpts_deferred,
+                      "oldest_queued_ts": stats.oldest_queued_ts},
+            "in_flight": len(self.in_flight),
+            "events": dict(self.counters),
+            "workers": {ip: {"alive": h.alive, "pid": h.proc.pid if h.proc else None,
+                             "jobs": len(h.jobs), "restarts": h.failures,
+                             "connections_open": h.stats.get("connections_open", 0),
+                             "in_flight": h.stats.get("in_flight", 0)}
+                        for ip, h in self.workers.items()},
+        }
+
+
+class _Either:
+    """`x in _Either(a, b)`: in a or in b, without building a union."""
+
+    def __init__(self, *containers: Container[str]) -> None:
+        self._containers = containers
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in c for c in self._containers)
+
+
+def main(config_path: str | None) -> int:
+    try:
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError as err:
+        print(f"mailengine: {err}", file=sys.stderr)
+        return 2
+    logs.setup(cfg.log_level, "supervisor")
+    try:
+        supervisor = Supervisor(cfg, config_path)
+    except (OSError, zmq.ZMQError) as err:
+        log.error(logs.kv("start_failed", error=err))
+        print(f"mailengine: cannot start: {err}", file=sys.stderr)
+        return 1
+    return supervisor.run()

@@ -1,0 +1,105 @@
+"""TLS policy for outbound connections (RFC 3207 STARTTLS, RFC 7435 opportunistic security).
+
+Modes:
+- ``none``: never STARTTLS.
+- ``opportunistic`` (default): STARTTLS whenever offered, and a certificate that
+  does not verify is still used (encryption beats plaintext). The certificate is
+  still checked, and the result recorded: the first connection to a host tries a
+  verifying handshake; if only verification fails, the host is remembered as
+  unverified and later connections skip the check. A host whose handshake fails
+  outright is remembered as TLS-broken for ``smtp.tls_broken_ttl`` and gets
+  plaintext meanwhile (else every message to it would fail).
+- ``required``: TLS must be negotiated (certificate not checked), or the host is
+  skipped and the mail deferred.
+- ``verify``: TLS with a certificate valid for the MX host name, or deferred.
+"""
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MODES = ("none", "opportunistic", "required", "verify")
+
+
+@dataclass(frozen=True)
+class TlsPlan:
+    """What to do on one new connection to one MX host."""
+
+    attempt: bool  # send STARTTLS if offered
+    context: ssl.SSLContext | None
+    required: bool  # no TLS -> give up on this host
+    checking: bool  # the context verifies; a verify-only failure falls back
+
+
+class TlsPolicy:
+    """Per-worker TLS decisions and what the worker learned about MX hosts."""
+
+    def __init__(self, mode: str, ca_file: str | None = None, broken_ttl: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown TLS mode {mode!r}")
+        self.mode = mode
+        self.broken_ttl = broken_ttl
+        self._clock = clock
+        self._verifying = _verifying_context(ca_file)
+        self._unverified = _unverified_context()
+        self._broken: dict[str, float] = {}  # host -> until
+        self._unverifiable: dict[str, float] = {}  # host -> until
+
+    def plan(self, host: str) -> TlsPlan:
+        if self.mode == "none":
+            return TlsPlan(False, None, False, False)
+        if self.mode == "verify":
+            return TlsPlan(True, self._verifying, True, False)
+        if self.mode == "required":
+            return TlsPlan(True, self._unverified, True, False)
+        if self._active(self._broken, host):
+            return TlsPlan(False, None, False, False)
+        if self._active(self._unverifiable, host):
+            return TlsPlan(True, self._unverified, False, False)
+        return TlsPlan(True, self._verifying, False, True)
+
+    def mark_broken(self, host: str) -> None:
+        """The handshake with `host` failed: plaintext for a while."""
+        self._broken[host] = self._clock() + self.broken_ttl
+
+    def mark_unverifiable(self, host: str) -> None:
+        """`host`'s certificate does not verify: skip the check for a while."""
+        self._unverifiable[host] = self._clock() + self.broken_ttl
+
+    def is_broken(self, host: str) -> bool:
+        return self._active(self._broken, host)
+
+    def _active(self, table: dict[str, float], host: str) -> bool:
+        until = table.get(host)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del table[host]
+            return False
+        return True
+
+
+def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _unverified_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def is_verify_failure(exc: BaseException | None) -> bool:
+    """True when a handshake failed only because the certificate did not verify."""
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return True
+        exc = exc.__cause__
+    return False

@@ -1,0 +1,60 @@
+"""The messages between the supervisor and its workers (ZeroMQ over ipc).
+
+Supervisor -> worker, a task: two frames, a JSON header and the raw message.
+Worker -> supervisor: one JSON frame, `{"type": "result", ...}` with the
+attempts of one recipient domain, or `{"type": "stats", ...}` once a second.
+Single frames, so greenlets of one worker can share the PUSH socket.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from engine.delivery import Task
+from engine.outcome import Attempt, Status
+from engine.reply import Reply
+
+
+def task_frames(task: Task) -> list[bytes]:
+    header = {"id": task.job_id, "from": task.sender, "to": list(task.rcpts),
+              "queued_ts": task.queued_ts, "smtputf8": task.smtputf8,
+              "eightbit": task.eightbit}
+    return [json.dumps(header).encode(), task.message]
+
+
+def task_from_frames(frames: list[bytes]) -> Task:
+    header = json.loads(frames[0])
+    return Task(job_id=header["id"], sender=header["from"], rcpts=tuple(header["to"]),
+                message=frames[1], queued_ts=float(header["queued_ts"]),
+                smtputf8=bool(header["smtputf8"]), eightbit=bool(header["eightbit"]))
+
+
+def attempt_to_dict(a: Attempt) -> dict[str, Any]:
+    return {"job": a.job_id, "rcpt": a.rcpt, "status": a.status.value, "code": a.reply.code,
+            "enhanced": a.reply.enhanced, "reply": a.reply.text, "ip": a.ip, "mx": a.mx,
+            "provider": a.provider, "tls": a.tls, "conn_reused": a.conn_reused,
+            "ambiguous": a.ambiguous, "ts": a.ts}
+
+
+def attempt_from_dict(d: dict[str, Any]) -> Attempt:
+    return Attempt(job_id=d["job"], rcpt=d["rcpt"], status=Status(d["status"]),
+                   reply=Reply(int(d["code"]), d["enhanced"], d["reply"]), ip=d["ip"],
+                   mx=d["mx"], provider=d["provider"], tls=d["tls"],
+                   conn_reused=bool(d["conn_reused"]), ambiguous=bool(d["ambiguous"]),
+                   ts=float(d["ts"]))
+
+
+def result_frame(attempts: list[Attempt]) -> bytes:
+    return json.dumps({"type": "result",
+                       "attempts": [attempt_to_dict(a) for a in attempts]}).encode()
+
+
+def stats_frame(ip: str, figures: dict[str, Any]) -> bytes:
+    return json.dumps({"type": "stats", "ip": ip, **figures}).encode()
+
+
+def decode(frame: bytes) -> dict[str, Any]:
+    msg = json.loads(frame)
+    if not isinstance(msg, dict) or "type" not in msg:
+        raise ValueError("worker message without a type")
+    return msg

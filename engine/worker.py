@@ -1,0 +1,179 @@
+"""A delivery worker: one gevent process per sending IP.
+
+The supervisor pushes tasks (a job's pending recipients and its message) to the
+worker over ZeroMQ; the worker delivers each in its own greenlet over pooled
+connections bound to its IP, and pushes every recipient's result back. The
+worker holds no durable state: whatever it has not reported when it dies is
+still pending in the supervisor's spool and is tried again.
+
+`engine.workerproc` is the process entry point; it monkey-patches first and then
+calls `main` here.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+
+import gevent
+import gevent.pool
+import zmq.green as zmq
+
+from engine import config as config_mod
+from engine import logs, wire
+from engine.config import Config, IpConfig
+from engine.connector import Connector, Identity
+from engine.delivery import Deliverer, Task
+from engine.metrics import Metrics
+from engine.mx import Resolver
+from engine.outcome import Attempt
+from engine.pool import Pools
+from engine.smtp import Limits
+from engine.tls import TlsPolicy
+
+log = logging.getLogger("mailengine.worker")
+
+STATS_INTERVAL = 1.0
+MEMORY_INTERVAL = 10.0
+
+
+class Worker:
+    def __init__(self, cfg: Config, ip: IpConfig, tasks_endpoint: str,
+                 results_endpoint: str, drain_timeout: float = 30.0) -> None:
+        self.cfg = cfg
+        self.ip = ip
+        self.drain_timeout = drain_timeout
+        self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
+                                      ip.address, cfg.statsd.enabled)
+        self.pools = Pools(cfg.pool)
+        self.deliverer = self._deliverer()
+        self.in_flight = gevent.pool.Group()
+        self.delivered = 0
+        self._stopping = False
+        self._zctx = zmq.Context()
+        self.tasks = self._zctx.socket(zmq.PULL)
+        self.tasks.connect(tasks_endpoint)
+        self.results = self._zctx.socket(zmq.PUSH)
+        self.results.setsockopt(zmq.LINGER, 5000)  # results still queued at exit get out
+        self.results.connect(results_endpoint)
+
+    def _deliverer(self) -> Deliverer:
+        cfg = self.cfg
+        resolver = Resolver(cfg.dns.nameservers, cfg.dns.port, cfg.dns.timeout, cfg.routes,
+                            cfg.smtp.port, cfg.dns.cache_size)
+        tls = TlsPolicy(cfg.smtp.tls, cfg.smtp.ca_file, cfg.smtp.tls_broken_ttl)
+        limits = Limits(cfg.smtp.max_line_length, cfg.smtp.max_reply_lines)
+        connector = Connector(Identity(self.ip.address, self.ip.helo), resolver, tls,
+                              cfg.smtp.timeouts, limits, self.metrics)
+        return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
+                         self.metrics)
+
+    def run(self) -> int:
+        log.info(logs.kv("worker_started", ip=self.ip.address, pid=os.getpid()))
+        housekeeping = [gevent.spawn(self._report_stats), gevent.spawn(self._reap_idle)]
+        self._send(wire.stats_frame(self.ip.address, self._figures()))
+        while not self._stopping:
+            if not self.tasks.poll(500):
+                continue
+            frames = self.tasks.recv_multipart()
+            try:
+                task = wire.task_from_frames(frames)
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                log.error(logs.kv("bad_task", ip=self.ip.address, error=exc))
+                continue
+            self.in_flight.spawn(self._deliver, task)
+        self._drain()
+        gevent.killall(housekeeping)
+        self._send(wire.stats_frame(self.ip.address, self._figures()))
+        self.results.close()
+        self.tasks.close(linger=0)
+        log.info(logs.kv("worker_stopped", ip=self.ip.address))
+        return 0
+
+    def stop(self) -> None:
+        """Take no more tasks; let the ones in flight finish (SIGTERM)."""
+        self._stopping = True
+
+    def _deliver(self, task: Task) -> None:
+        self.deliverer.deliver(task, self._report)
+
+    def _report(self, attempts: list[Attempt]) -> None:
+        self.delivered += sum(1 for a in attempts if a.status.value == "delivered")
+        self._send(wire.result_frame(attempts))
+
+    def _send(self, frame: bytes) -> None:
+        self.results.send(frame)
+
+    def _drain(self) -> None:
+        if len(self.in_flight):
+            log.info(logs.kv("worker_draining", ip=self.ip.address,
+                             in_flight=len(self.in_flight)))
+        self.in_flight.join(timeout=self.drain_timeout)
+        self.in_flight.kill(block=True, timeout=5)
+        self.pools.close_all()
+        gevent.sleep(0.1)  # let the QUITs go out
+
+    def _figures(self) -> dict[str, object]:
+        return {"in_flight": len(self.in_flight),
+                "connections_open": self.pools.open_connections,
+                "destinations": len(self.pools), "pid": os.getpid()}
+
+    def _report_stats(self) -> None:
+        last_memory = 0.0
+        while True:
+            gevent.sleep(STATS_INTERVAL)
+            figures = self._figures()
+            self._send(wire.stats_frame(self.ip.address, figures))
+            self.metrics.gauge("in_flight", "all", len(self.in_flight))
+            self.metrics.gauge("connections_open", "all", self.pools.open_connections)
+            if time.monotonic() - last_memory >= MEMORY_INTERVAL:
+                self.metrics.memory()
+                last_memory = time.monotonic()
+
+    def _reap_idle(self) -> None:
+        while True:
+            gevent.sleep(max(0.5, min(5.0, self.cfg.pool.idle_timeout / 2)))
+            self.pools.reap()
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill us when the supervisor dies, so no orphan keeps sending
+    mail whose results nobody records (PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mailengine worker",
+                                     description="one delivery worker (normally started by"
+                                                 " `mailengine run`)")
+    parser.add_argument("-c", "--config", default=None)
+    parser.add_argument("--ip", required=True, help="the sending IP, one of the config's ips")
+    parser.add_argument("--tasks", required=True, help="ZeroMQ endpoint to pull tasks from")
+    parser.add_argument("--results", required=True, help="ZeroMQ endpoint to push results to")
+    parser.add_argument("--parent-pid", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as err:
+        print(f"mailengine worker: {err}", file=sys.stderr)
+        return 2
+    logs.setup(cfg.log_level, f"worker/{args.ip}")
+    ip = next((i for i in cfg.ips if i.address == args.ip), None)
+    if ip is None:
+        print(f"mailengine worker: {args.ip} is not in the config's ips", file=sys.stderr)
+        return 2
+    die_with_parent()
+    if args.parent_pid and os.getppid() != args.parent_pid:
+        return 1  # the supervisor died before prctl took effect
+    worker = Worker(cfg, ip, args.tasks, args.results)
+    gevent.signal_handler(signal.SIGTERM, worker.stop)
+    gevent.signal_handler(signal.SIGINT, worker.stop)
+    return worker.run()

@@ -1,0 +1,25 @@
+"""mailengine: an outbound SMTP delivery engine (gevent workers, pooled smtplib, ZeroMQ intake)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mailengine",
+    version="0.1.0",
+    description="Outbound SMTP delivery engine: pooled, pipelined, opportunistic TLS, one worker per sending IP",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["engine", "engine.*"]),
+    package_data={"engine": ["py.typed"]},
+    install_requires=[
+        "gevent>=22.10",
+        "pyzmq>=24",
+        "dnspython>=2.3",
+        "statsd>=4.0",
+        "PyYAML>=6.0",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "aiosmtpd", "hypothesis", "mypy", "ruff"],
+    },
+    entry_points={"console_scripts": ["mailengine=engine.cli:main"]},
+)

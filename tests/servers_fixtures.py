@@ -1,0 +1,74 @@
+"""pytest fixtures for the SMTP test servers; conftest can take them all with
+``pytest_plugins = ["tests.servers_fixtures"]`` (or ``from tests.servers_fixtures import *``).
+
+Every server a fixture starts is stopped at teardown, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from tests.smtpserver import ScriptedServer, SinkServer, Step
+from tests.tlscert import CABundle, make_ca_and_cert, make_cert
+
+__all__ = [
+    "ca_bundle",
+    "plain_sink",
+    "scripted",
+    "sink",
+    "tls_files",
+    "unverified_client_context",
+]
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """``(certfile, keyfile)``: a self-signed certificate for localhost / 127.0.0.1."""
+    return make_cert(tmp_path_factory.mktemp("selfsigned"))
+
+
+@pytest.fixture(scope="session")
+def ca_bundle(tmp_path_factory: pytest.TempPathFactory) -> CABundle:
+    """A private CA (``cafile``) and a localhost certificate it signed (``certfile``, ``keyfile``)."""
+    return make_ca_and_cert(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture
+def sink() -> Iterator[SinkServer]:
+    """A recording sink offering STARTTLS, PIPELINING and CHUNKING."""
+    with SinkServer() as server:
+        yield server
+
+
+@pytest.fixture
+def plain_sink() -> Iterator[SinkServer]:
+    """A recording sink without STARTTLS."""
+    with SinkServer(tls=False) as server:
+        yield server
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[..., ScriptedServer]]:
+    """A factory: ``scripted([S(...), C(...), ...], **options)`` starts a ScriptedServer."""
+    servers: list[ScriptedServer] = []
+
+    def start(scripts: Sequence[Sequence[Step]] | Sequence[Step], **options: Any) -> ScriptedServer:
+        servers.append(ScriptedServer(scripts, **options))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def unverified_client_context() -> ssl.SSLContext:
+    """A client TLS context that accepts any certificate, as opportunistic STARTTLS does."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
