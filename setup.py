@@ -19,7 +19,8 @@ setup(
         "PyYAML>=6.0",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "aiosmtpd", "hypothesis", "mypy", "ruff"],
+        "test": ["pytest", "pytest-timeout", "aiosmtpd", "hypothesis", "mypy", "ruff", "types-PyYAML"],
+        "demo": ["aiosmtpd"],
     },
     entry_points={"console_scripts": ["mailengine=engine.cli:main"]},
 )

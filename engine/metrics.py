@@ -19,45 +19,84 @@ from typing import Any
 log = logging.getLogger("mailengine.metrics")
 
 
+# Where a metric is emitted, which fixes the two middle parts of its name.
+PER_PROVIDER = "ip_provider"  # a worker, per provider: <prefix>.<ip>.<provider>.<name>
+PER_IP = "ip"  # a worker, process-wide: <prefix>.<ip>.all.<name>
+SUPERVISOR = "supervisor"  # the supervisor: <prefix>.supervisor.all.<name>
+EVERY_PROCESS = "process"  # each worker and the supervisor: both of the above
+
+PATTERNS = {
+    PER_PROVIDER: ("<prefix>.<ip>.<provider>.{name}",),
+    PER_IP: ("<prefix>.<ip>.all.{name}",),
+    SUPERVISOR: ("<prefix>.supervisor.all.{name}",),
+    EVERY_PROCESS: ("<prefix>.<ip>.all.{name}", "<prefix>.supervisor.all.{name}"),
+}
+
+UNITS = {"timer": "ms", "counter": "count", "gauge": ""}
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
     kind: str  # "timer" | "counter" | "gauge"
     doc: str
+    scope: str = PER_PROVIDER  # one of the keys of PATTERNS
+    unit: str = ""  # "" -> UNITS[kind]
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        """The full names, e.g. ``<prefix>.<ip>.<provider>.delivered``."""
+        return tuple(p.format(name=self.name) for p in PATTERNS[self.scope])
+
+    @property
+    def units(self) -> str:
+        return self.unit or UNITS[self.kind]
 
 
 DECLARED: tuple[Metric, ...] = (
     # timers
-    Metric("delivery_time", "timer", "from queued to the final reply, per recipient"),
-    Metric("pool_wait", "timer", "waiting for a pooled connection (cap reached)"),
-    Metric("dns", "timer", "MX lookup of the recipient domain (cache hits included)"),
-    Metric("connect", "timer", "TCP connect and banner of a new connection"),
-    Metric("tls_handshake", "timer", "STARTTLS and the TLS handshake"),
-    Metric("ehlo", "timer", "EHLO (both of them with STARTTLS)"),
+    Metric("delivery_time", "timer", "from queued to the final reply (delivered or bounced),"
+           " per recipient; deferrals are not timed"),
+    Metric("pool_wait", "timer", "checking a connection out of the pool: includes opening a"
+           " new one, and waiting while max_connections are busy"),
+    Metric("dns", "timer", "resolving the recipient domain's destination (MX lookup or"
+           " route; cache hits included)"),
+    Metric("connect", "timer", "TCP connect and the banner, each connection that got a banner"
+           " (a retry after a TLS failure included)"),
+    Metric("tls_handshake", "timer", "STARTTLS, the TLS handshake and the EHLO after it"
+           " (successful upgrades only)"),
+    Metric("ehlo", "timer", "the first EHLO (or HELO) of a connection"),
     Metric("transaction", "timer", "MAIL through the final reply, one message"),
     # counters
     Metric("delivered", "counter", "recipients delivered (2xx)"),
-    Metric("deferred", "counter", "recipients deferred (4xx or no answer)"),
+    Metric("deferred", "counter", "recipient attempts deferred (4xx or no answer)"),
     Metric("bounced", "counter", "recipients bounced (5xx)"),
-    Metric("expired", "counter", "recipients expired after the maximum age"),
+    Metric("expired", "counter", "recipients expired: still undelivered when the job's time"
+           " ran out", SUPERVISOR),
     Metric("throttled", "counter", "replies that matched a throttle rule"),
     Metric("ambiguous", "counter", "connections lost after the final dot (possible duplicates)"),
-    Metric("connections_opened", "counter", "new SMTP connections"),
+    Metric("connections_opened", "counter", "new SMTP connections ready for MAIL (a TLS"
+           " attempt retried on a fresh connection counts once)"),
     Metric("connections_reused", "counter", "messages sent on an already used connection"),
-    Metric("connections_stale", "counter", "pooled connections found closed before reuse"),
-    Metric("connections_failed", "counter", "connection attempts that failed before EHLO"),
+    Metric("connections_stale", "counter", "reused connections found dead at the start of a"
+           " transaction (replaced; no attempt counted)"),
+    Metric("connections_failed", "counter", "connections to an MX address that could not be"
+           " made ready (connect, banner, EHLO or required TLS failed)"),
     Metric("tls_negotiated", "counter", "connections upgraded with STARTTLS"),
     Metric("tls_failed", "counter", "TLS handshakes that failed (host then sent plaintext)"),
     Metric("tls_unverified", "counter", "TLS connections whose certificate did not verify"),
     Metric("plaintext", "counter", "connections that stayed plaintext"),
-    Metric("rejected", "counter", "jobs refused at intake"),
-    Metric("queued", "counter", "jobs accepted into the spool"),
+    Metric("rejected", "counter", "jobs refused at intake", SUPERVISOR),
+    Metric("queued", "counter", "jobs accepted into the spool", SUPERVISOR),
     # gauges
-    Metric("connections_open", "gauge", "open SMTP connections"),
-    Metric("in_flight", "gauge", "messages being delivered"),
-    Metric("allowed_rate", "gauge", "messages per second allowed by shaping"),
-    Metric("spool_depth", "gauge", "recipients waiting in the spool"),
-    Metric("memory_rss", "gauge", "resident memory of the process, bytes"),
+    Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
+           "connections"),
+    Metric("in_flight", "gauge", "tasks (jobs) the worker is delivering", PER_IP, "jobs"),
+    Metric("allowed_rate", "gauge", "messages per second allowed by shaping", PER_PROVIDER,
+           "messages/s"),
+    Metric("spool_depth", "gauge", "recipients waiting in the spool", SUPERVISOR,
+           "recipients"),
+    Metric("memory_rss", "gauge", "resident memory of the process", EVERY_PROCESS, "bytes"),
 )
 
 KINDS = {m.name: m.kind for m in DECLARED}

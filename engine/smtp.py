@@ -141,6 +141,8 @@ class Connection(smtplib.SMTP):
         """TCP connect from the source address and read the banner."""
         with self.phase("CONNECT", self.timeouts.connect):
             self.sock = self._get_socket(address, port, self.timeouts.connect)
+            # Each transaction leaves in one write; never hold a tail back for an ACK.
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.peer = (address, port)
         with self.phase("BANNER", self.timeouts.banner):
             return self.reply()

@@ -366,6 +366,8 @@ class Supervisor:
     def _publish(self, event: dict[str, Any]) -> None:
         if event["event"] in self.counters:
             self.counters[event["event"]] += 1
+        if event["event"] == Status.EXPIRED.value:
+            self.metrics.incr("expired", "all")
         self.events.publish(event)
 
     def _on_corrupt(self, job_id: str, reason: str) -> None:

@@ -123,7 +123,8 @@ class Worker:
                 "destinations": len(self.pools), "pid": os.getpid()}
 
     def _report_stats(self) -> None:
-        last_memory = 0.0
+        self.metrics.memory()  # the first one at start-up, then every MEMORY_INTERVAL
+        last_memory = time.monotonic()
         while True:
             gevent.sleep(STATS_INTERVAL)
             figures = self._figures()

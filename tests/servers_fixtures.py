@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.smtpserver import ScriptedServer, SinkServer, Step
-from tests.tlscert import CABundle, make_ca_and_cert, make_cert
+from engine.testing.tlscert import CABundle, make_ca_and_cert, make_cert
+from engine.testing.sink import SinkServer
+from tests.smtpserver import ScriptedServer, Step
 
 __all__ = [
     "ca_bundle",
@@ -33,7 +34,8 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 @pytest.fixture(scope="session")
 def ca_bundle(tmp_path_factory: pytest.TempPathFactory) -> CABundle:
-    """A private CA (``cafile``) and a localhost certificate it signed (``certfile``, ``keyfile``)."""
+    """A private CA (``cafile``) and a localhost certificate it signed (``certfile``,
+    ``keyfile``)."""
     return make_ca_and_cert(tmp_path_factory.mktemp("ca"))
 
 

@@ -1,4 +1,8 @@
-"""The SMTP test servers themselves, driven by the stdlib smtplib over real loopback sockets."""
+"""The SMTP test servers themselves, driven by the stdlib smtplib over real loopback sockets.
+
+Fixtures (sink, plain_sink, scripted, unverified_client_context) come from tests.servers_fixtures
+through conftest.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.testing.tlscert import make_ca_and_cert, make_cert
 from tests.smtpserver import (
     BDAT,
     CLOSE,
@@ -31,9 +36,7 @@ from tests.smtpserver import (
     server_tls_context,
     steps_from_json,
 )
-from tests.tlscert import make_ca_and_cert, make_cert
 
-pytest_plugins = ["tests.servers_fixtures"]
 pytestmark = pytest.mark.timeout(30)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -306,6 +309,7 @@ def test_sink_starttls_records_envelope_tls_and_peer(
         assert not client.has_extn("starttls")
         client.sendmail("a@x.test", ["b@y.test", "c@y.test"], b"Subject: x\r\n\r\n..dot\r\n")
         client.sendmail("", ["b@y.test"], b"second\r\n")
+        assert client.sock is not None
         local = client.sock.getsockname()
     first, second = sink.wait_for(2)
     assert (first.mail_from, first.rcpt_tos) == ("a@x.test", ("b@y.test", "c@y.test"))
@@ -417,7 +421,7 @@ def test_sink_takes_hundreds_of_messages_over_twenty_connections(
                 start.wait()
                 for number in range(15):
                     client.sendmail("a@x.test", [f"r{worker}.{number}@y.test"], body * 30)
-        except Exception as error:  # noqa: BLE001 -- reported by the assertion below
+        except Exception as error:  # reported by the assertion below
             failures.append(error)
 
     threads = [threading.Thread(target=send_batch, args=(worker,)) for worker in range(20)]
@@ -488,9 +492,12 @@ def test_sink_as_a_process_reports_on_sigterm(
     report = stop()
     assert (report["server"], report["port"], report["connections"]) == ("sink", port, 1)
     [message] = report["messages"]
-    assert (message["mail_from"], message["rcpt_tos"], message["size"]) == ("a@x.test", ["b@y.test"], 7)
-    assert (message["tls"], message["peer"][0], message["content_b64"]) == ("TLSv1.3", "127.0.0.1", "aGVsbG8NCg==")
-    assert report["refused"] == [{"conn_id": 1, "rcpt": "defer@y.test", "reply": "451 4.3.0 try later"}]
+    assert (message["mail_from"], message["rcpt_tos"]) == ("a@x.test", ["b@y.test"])
+    assert (message["size"], message["content_b64"]) == (7, "aGVsbG8NCg==")  # b"hello\r\n"
+    assert (message["tls"], message["peer"][0]) == ("TLSv1.3", "127.0.0.1")
+    assert report["refused"] == [
+        {"conn_id": 1, "rcpt": "defer@y.test", "reply": "451 4.3.0 try later"}
+    ]
 
 
 def test_scripted_as_a_process_plays_a_json_script(

@@ -53,7 +53,7 @@ def server_names() -> tuple[str, str]:
 
 
 def make_cert(directory: str | os.PathLike[str]) -> tuple[str, str]:
-    """Return ``(certfile, keyfile)`` of a self-signed certificate for localhost in ``directory``."""
+    """Return ``(certfile, keyfile)``: a self-signed localhost certificate in ``directory``."""
     folder = Path(directory)
     cert, key = folder / "selfsigned.pem", folder / "selfsigned.key"
     with _lock:
@@ -70,7 +70,8 @@ def make_ca_and_cert(directory: str | os.PathLike[str]) -> CABundle:
     with _lock:
         if not all(Path(path).exists() for path in bundle):
             folder.mkdir(parents=True, exist_ok=True)
-            _in_place([Path(path) for path in bundle], lambda tmp: _ca_signed(tmp[0], tmp[1], tmp[2]))
+            targets = [Path(path) for path in bundle]
+            _in_place(targets, lambda tmp: _ca_signed(tmp[0], tmp[1], tmp[2]))
     return bundle
 
 
@@ -105,7 +106,7 @@ def _in_place(targets: list[Path], make: Callable[[list[Path]], None]) -> None:
     temporary = [path.with_name(path.name + tag) for path in targets]
     try:
         make(temporary)
-        for tmp, final in zip(temporary, targets):
+        for tmp, final in zip(temporary, targets, strict=True):
             os.replace(tmp, final)
     finally:
         for tmp in temporary:
