@@ -1,0 +1,266 @@
+"""engine.pool with a fake connection factory: the concurrency rules, with real greenlets.
+
+No network here: a `FakeConnection` has what the pool looks at (`sock`, `messages_sent`,
+`last_used`, `is_alive`, `quit_quietly`, `close`) and the factory yields with `gevent.sleep`,
+as a real connect would in a worker. Time that the pool measures (backoff, idle timeout) is a
+fake clock the tests move.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import gevent
+import pytest
+
+from engine.config import PoolConfig
+from engine.pool import DestinationPool, PoolKey, Pools
+from engine.reply import Reply, TransientError
+from engine.smtp import Connection
+
+pytestmark = pytest.mark.timeout(10)
+
+KEY = PoolKey("127.0.0.1", "mx.example.test", 25, "opportunistic")
+CONNECT_TIME = 0.01
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeConnection:
+    def __init__(self, number: int, clock: FakeClock) -> None:
+        self.number = number
+        self.sock: object | None = object()
+        self.messages_sent = 0
+        self.last_used = clock()
+        self.alive = True
+        self.quit = False
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def quit_quietly(self) -> None:
+        self.quit = True
+        self.sock = None
+
+    def close(self) -> None:
+        self.sock = None
+
+    def __repr__(self) -> str:
+        return f"FakeConnection({self.number})"
+
+
+class Factory:
+    """Opens FakeConnections, slowly, or fails; records how many were opening at once."""
+
+    def __init__(self, clock: FakeClock, delay: float = CONNECT_TIME) -> None:
+        self.clock = clock
+        self.delay = delay
+        self.failing = False
+        self.calls = 0
+        self.opening = 0
+        self.max_opening = 0
+        self.opening_at_call: list[int] = []  # how many were opening, this call included
+        self.made: list[FakeConnection] = []
+
+    def __call__(self) -> Connection:
+        self.calls += 1
+        self.opening += 1
+        self.max_opening = max(self.max_opening, self.opening)
+        self.opening_at_call.append(self.opening)
+        try:
+            gevent.sleep(self.delay)
+            if self.failing:
+                raise TransientError(Reply(421, "4.3.2", "go away"), "BANNER")
+            conn = FakeConnection(len(self.made) + 1, self.clock)
+            self.made.append(conn)
+            return cast(Connection, conn)
+        finally:
+            self.opening -= 1
+
+
+def make_pool(**settings: Any) -> tuple[DestinationPool, Factory, FakeClock]:
+    clock = FakeClock()
+    factory = Factory(clock)
+    config = PoolConfig(**{"max_connections": 3, "max_messages": 100, "idle_timeout": 60.0,
+                           "connect_backoff": 30.0, **settings})
+    return DestinationPool(KEY, config, factory, clock), factory, clock
+
+
+def use(pool: DestinationPool, hold: float = 0.02) -> tuple[FakeConnection, bool]:
+    """What a delivery does: check out, send (time passes), give back."""
+    with pool.connection() as (conn, reused):
+        gevent.sleep(hold)
+        conn.messages_sent += 1
+        return cast(FakeConnection, conn), reused
+
+
+def spawn_all(count: int, target: Callable[[], Any]) -> list[gevent.Greenlet]:
+    greenlets = [gevent.spawn(target) for _ in range(count)]
+    gevent.joinall(greenlets, timeout=5)
+    return greenlets
+
+
+def test_never_more_than_max_connections_open() -> None:
+    pool, factory, _ = make_pool(max_connections=3)
+    most_open = 0
+
+    def deliver() -> None:
+        nonlocal most_open
+        with pool.connection() as (conn, _reused):
+            most_open = max(most_open, pool.open)
+            gevent.sleep(0.02)
+            conn.messages_sent += 1
+
+    greenlets = spawn_all(12, deliver)
+    assert all(g.successful() for g in greenlets)
+    assert factory.calls == 3
+    assert most_open == 3
+    assert pool.open == pool.idle == 3
+
+
+def test_waiter_gets_the_connection_released_by_another() -> None:
+    pool, factory, _ = make_pool(max_connections=1)
+    first = gevent.spawn(use, pool, 0.05)
+    gevent.sleep(0)  # first is now connecting
+    second = gevent.spawn(use, pool, 0.0)
+    gevent.joinall([first, second], timeout=5)
+    (conn1, reused1), (conn2, reused2) = first.value, second.value
+    assert factory.calls == 1
+    assert conn2 is conn1
+    assert (reused1, reused2) == (False, True)
+
+
+def test_connect_failure_reaches_every_waiter_at_once_and_later_callers_fail_fast() -> None:
+    pool, factory, clock = make_pool(max_connections=1)
+    factory.failing = True
+    greenlets = [gevent.spawn(pool.acquire) for _ in range(4)]
+    gevent.joinall(greenlets, timeout=5)
+    assert factory.calls == 1  # one connect; the three waiters did not try again
+    for greenlet in greenlets:
+        assert isinstance(greenlet.exception, TransientError)
+        assert greenlet.exception.reply.code == 421
+    assert pool.open == 0 and pool.failing()
+    # during the backoff: the same error, at once, without connecting
+    clock.now += 29
+    with pytest.raises(TransientError, match="421"):
+        pool.acquire()
+    assert factory.calls == 1
+
+
+def test_after_the_backoff_one_probe_connects_at_a_time() -> None:
+    pool, factory, clock = make_pool(max_connections=5, connect_backoff=30.0)
+    factory.failing = True
+    with pytest.raises(TransientError):
+        pool.acquire()
+    clock.now += 30
+    # the destination is still down: one probe, and its failure reaches the callers waiting on it
+    greenlets = spawn_all(3, pool.acquire)
+    assert factory.calls == 2 and factory.max_opening == 1
+    assert all(isinstance(g.exception, TransientError) for g in greenlets)
+    # and it is back: one probe first, then the waiters connect alongside each other
+    clock.now += 30
+    factory.failing = False
+    factory.opening_at_call.clear()
+    greenlets = spawn_all(4, lambda: use(pool, 0.05))
+    assert all(g.successful() for g in greenlets)
+    assert factory.opening_at_call == [1, 1, 2, 3]  # the probe alone, then the others at once
+    assert not pool.failing() and pool.open == 4
+
+
+def test_connection_that_carried_max_messages_is_closed() -> None:
+    pool, factory, _ = make_pool(max_messages=2)
+    conn1, _ = use(pool)
+    conn2, reused = use(pool)
+    assert conn2 is conn1 and reused
+    assert pool.idle == 0 and pool.open == 0
+    gevent.sleep(0)  # the QUIT runs in a greenlet of its own
+    assert conn1.quit
+    conn3, reused = use(pool)
+    assert conn3 is not conn1 and not reused
+    assert factory.calls == 2
+
+
+def test_idle_connection_past_idle_timeout_is_not_reused() -> None:
+    pool, factory, clock = make_pool(idle_timeout=60.0)
+    conn1, _ = use(pool)
+    conn1.last_used = clock()
+    clock.now += 60
+    conn2, reused = use(pool)
+    assert conn2 is not conn1 and not reused
+    gevent.sleep(0)
+    assert conn1.quit
+    assert factory.calls == 2 and pool.open == 1
+
+
+def test_close_idle_reaps_only_expired_connections() -> None:
+    pool, _, clock = make_pool(idle_timeout=60.0)
+    greenlets = spawn_all(2, lambda: use(pool))
+    old, young = (g.value[0] for g in greenlets)
+    old.last_used = clock() - 61
+    young.last_used = clock()
+    assert pool.close_idle() == 1
+    assert pool.idle == 1 and pool.open == 1
+    assert pool.close_idle(force=True) == 1
+    assert pool.open == 0
+
+
+def test_idle_stack_is_lifo() -> None:
+    pool, _, _ = make_pool()
+    a, _ = pool.acquire()
+    b, _ = pool.acquire()
+    pool.release(a)
+    pool.release(b)
+    again, reused = pool.acquire()
+    assert again is b and reused
+    pool.release(again)
+    assert pool.acquire()[0] is b
+
+
+def test_dead_idle_connection_is_dropped_without_quit_and_replaced() -> None:
+    pool, factory, _ = make_pool()
+    conn1, _ = use(pool)
+    conn1.alive = False  # the server closed it, or sent 421, while it sat idle
+    conn2, reused = use(pool)
+    assert conn2 is not conn1 and not reused
+    assert pool.stale_dropped == 1
+    gevent.sleep(0)
+    assert conn1.sock is None and not conn1.quit  # no QUIT on a dead connection
+    assert factory.calls == 2 and pool.open == 1
+
+
+def test_broken_connection_given_back_is_discarded_and_wakes_a_waiter() -> None:
+    pool, factory, _ = make_pool(max_connections=1)
+    conn, _ = pool.acquire()
+    waiter = gevent.spawn(pool.acquire)
+    gevent.sleep(0)
+    conn.close()  # how a caller reports a broken connection
+    pool.release(conn)
+    waiter.join(timeout=5)
+    new, reused = waiter.value
+    assert new is not conn and not reused
+    assert factory.calls == 2 and pool.open == 1
+
+
+def test_pools_keep_one_pool_per_full_key_and_reap_empty_ones() -> None:
+    clock = FakeClock()
+    pools = Pools(PoolConfig(idle_timeout=60.0), clock)
+    factory = Factory(clock, delay=0)
+    other_tls = PoolKey(KEY.source_ip, KEY.host, KEY.port, "none")
+    other_ip = PoolKey("127.0.0.2", KEY.host, KEY.port, KEY.tls)
+    pool = pools.get(KEY, factory)
+    assert pools.get(KEY, factory) is pool
+    assert pools.get(other_tls, factory) is not pool
+    assert pools.get(other_ip, factory) is not pool
+    assert len(pools) == 3
+    conn, _ = pool.acquire()
+    pool.release(conn)
+    assert pools.open_connections == 1
+    assert pools.reap() == 0 and len(pools) == 1  # the two empty pools are gone
+    clock.now += 60
+    assert pools.reap() == 1 and len(pools) == 0
