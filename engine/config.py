@@ -17,6 +17,7 @@ shipped default.
 """
 from __future__ import annotations
 
+import datetime
 import difflib
 import ipaddress
 import math
@@ -152,6 +153,68 @@ class RetryConfig:
     max_age: float = 5 * 86400.0
 
 
+@dataclass(frozen=True)
+class ProviderLimits:
+    """Limits for one provider, or one sending IP x provider; None inherits."""
+
+    max_connections: int | None = None
+    max_messages: int | None = None
+    rate: float | None = None
+    hourly: int | None = None
+    connection_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    """Pacing per sending IP x provider. `pool` gives the connection defaults."""
+
+    rate: float = 0.0  # messages per second, 0 = unlimited
+    hourly: int = 0  # messages per hour, 0 = unlimited
+    connection_rate: float = 0.0  # new connections per second, 0 = unlimited
+    max_wait: float = 10.0  # longer waits for a turn go back to the spool
+    providers: Mapping[str, ProviderLimits] = field(default_factory=lambda: _frozen_mapping())
+    ips: Mapping[str, Mapping[str, ProviderLimits]] = field(
+        default_factory=lambda: _frozen_mapping())
+
+
+@dataclass(frozen=True)
+class ThrottleRuleConfig:
+    """A reply meaning "slow down": every field given must match."""
+
+    name: str = "custom"
+    provider: str | None = None
+    code: int | None = None
+    enhanced: str | None = None  # glob, e.g. "4.7.*"
+    text: str | None = None  # regular expression, case-insensitive
+    suspend: float = 0.0
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    """How the allowed rate adapts when providers push back."""
+
+    decrease: float = 0.5
+    increase: float = 0.5
+    min_rate: float = 0.05
+    start_rate: float = 10.0
+    holdoff: float = 2.0
+    retry_after: float = 60.0
+    default_rules: bool = True
+    rules: tuple[ThrottleRuleConfig, ...] = ()
+
+
+DEFAULT_WARMUP = (50, 100, 200, 400, 800, 1500, 2500, 4000, 6000, 9000, 13000, 18000, 25000,
+                  35000, 50000, 70000, 100000)
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Daily caps per provider for new sending IPs."""
+
+    schedule: tuple[int, ...] = DEFAULT_WARMUP
+    ips: Mapping[str, str] = field(default_factory=lambda: _frozen_mapping())
+
+
 def _frozen_mapping() -> Mapping[str, Any]:
     return MappingProxyType({})
 
@@ -182,6 +245,10 @@ class Config:
     statsd: StatsdConfig = field(default_factory=StatsdConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    providers: Mapping[str, str] = field(default_factory=_frozen_mapping)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
     def __post_init__(self) -> None:
         # Frozen all the way down: copy mappings into read-only proxies.
@@ -189,6 +256,7 @@ class Config:
         pools.setdefault("default", tuple(ip.address for ip in self.ips))
         object.__setattr__(self, "pools", MappingProxyType(pools))
         object.__setattr__(self, "routes", MappingProxyType(dict(self.routes)))
+        object.__setattr__(self, "providers", MappingProxyType(dict(self.providers)))
 
 
 # --- public entry points --------------------------------------------------
@@ -677,6 +745,121 @@ _RETRY = _section(RetryConfig, {
     "max_age": _duration(),
 })
 
+
+def _number(low: float, high: float | None = None, above: bool = False) -> Reader:
+    """A real number: `low` <= value (< if `above`) <= `high`."""
+    def read(value: Any, path: str) -> float:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise _error(path, f"must be a number (got {_show(value)})")
+        if value < low or (above and value == low) or (high is not None and value > high):
+            bounds = f"{'>' if above else '>='} {low}"
+            bounds += f" and <= {high}" if high is not None else ""
+            raise _error(path, f"must be {bounds} (got {value})")
+        return float(value)
+    return read
+
+
+_PROVIDER_LIMITS = _section(ProviderLimits, {
+    "max_connections": _optional(_integer(1)),
+    "max_messages": _optional(_integer(1)),
+    "rate": _optional(_number(0)),
+    "hourly": _optional(_integer(0)),
+    "connection_rate": _optional(_number(0)),
+})
+_PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+
+
+def _provider_name(name: str, path: str) -> str:
+    if not _PROVIDER_NAME.fullmatch(name):
+        raise _error(path, "provider names are lowercase letters, digits, '.', '_' and '-'")
+    return name
+
+
+def _per_provider(value: Any, path: str) -> Mapping[str, ProviderLimits]:
+    return MappingProxyType({
+        _provider_name(name, _join(path, name)): _PROVIDER_LIMITS(limits, _join(path, name))
+        for name, limits in _mapping(value, path).items()})
+
+
+def _per_ip(value: Any, path: str) -> Mapping[str, Mapping[str, ProviderLimits]]:
+    return MappingProxyType({_ip_address(ip, _join(path, ip)): _per_provider(v, _join(path, ip))
+                             for ip, v in _mapping(value, path).items()})
+
+
+_SHAPING = _section(ShapingConfig, {
+    "rate": _number(0),
+    "hourly": _integer(0),
+    "connection_rate": _number(0),
+    "max_wait": _duration(),
+    "providers": _per_provider,
+    "ips": _per_ip,
+})
+
+
+def _regex(value: Any, path: str) -> str:
+    text = _nonempty(value, path)
+    try:
+        re.compile(text)
+    except re.error as err:
+        raise _error(path, f"not a regular expression: {err}") from None
+    return text
+
+
+_RULE_FIELDS = _section(ThrottleRuleConfig, {
+    "name": _nonempty,
+    "provider": _optional(lambda v, p: _provider_name(_text(v, p), p)),
+    "code": _optional(_integer(400, 599)),
+    "enhanced": _optional(_matching(r"[245*?]\.[0-9*?]{1,3}\.[0-9*?]{1,3}",
+                                    'an enhanced status or glob, e.g. "4.7.*"')),
+    "text": _optional(_regex),
+    "suspend": _duration(),
+})
+
+
+def _rule(value: Any, path: str) -> ThrottleRuleConfig:
+    rule = _RULE_FIELDS(value, path)
+    if rule.code is None and rule.enhanced is None and rule.text is None:
+        raise _error(path, "a rule needs at least one of code, enhanced or text")
+    return rule
+
+
+_THROTTLE = _section(ThrottleConfig, {
+    "decrease": _number(0, 1, above=True),
+    "increase": _number(0),
+    "min_rate": _number(0, above=True),
+    "start_rate": _number(0, above=True),
+    "holdoff": _duration(),
+    "retry_after": _duration(),
+    "default_rules": _boolean,
+    "rules": _tuple_of(_rule),
+})
+
+
+def _iso_date(value: Any, path: str) -> str:
+    text = value.isoformat() if isinstance(value, datetime.date) else value
+    try:
+        return datetime.date.fromisoformat(_text(text, path)).isoformat()
+    except ValueError:
+        raise _error(path, f"must be a date like 2026-11-30 (got {_show(value)})") from None
+
+
+_WARMUP = _section(WarmupConfig, {
+    "schedule": _tuple_of(_integer(1), nonempty=True),
+    "ips": lambda v, p: MappingProxyType({_ip_address(ip, _join(p, ip)): _iso_date(d, _join(p, ip))
+                                          for ip, d in _mapping(v, p).items()}),
+})
+
+
+def _providers(value: Any, path: str) -> Mapping[str, str]:
+    table = {}
+    for suffix, name in _mapping(value, path).items():
+        where = _join(path, suffix)
+        if not _is_hostname(suffix):
+            raise _error(where, "must be an MX host name suffix, e.g. mx.example.net")
+        table[suffix.lower()] = _provider_name(_text(name, where), where)
+    return table
+
 _TOP_READERS: dict[str, Reader] = {
     "ingest": _endpoint,
     "events": _endpoint,
@@ -693,6 +876,10 @@ _TOP_READERS: dict[str, Reader] = {
     "statsd": _STATSD,
     "limits": _LIMITS,
     "retry": _RETRY,
+    "providers": _providers,
+    "shaping": _SHAPING,
+    "throttle": _THROTTLE,
+    "warmup": _WARMUP,
 }
 
 

@@ -1,0 +1,509 @@
+"""Traffic shaping: how fast one sending IP may send to one receiving provider.
+
+Each worker (one sending IP) keeps a `ProviderShaper` per provider (see
+`engine.provider`). A shaper holds
+
+- the **connection gate**: at most `max_connections` open connections to the
+  provider across all its MX hosts, and at most `connection_rate` new ones per
+  second;
+- the **message pace**: transactions are spaced `1 / allowed_rate` apart. The
+  allowed rate adapts (AIMD): a reply that matches a throttle rule multiplies it
+  by `throttle.decrease` and may suspend the provider for a while; clean
+  deliveries add it back step by step, never above the configured `rate`. The
+  rate at which the provider last pushed back is remembered as a ceiling: the
+  rate climbs quickly to just under it and then only creeps, so throttles
+  become rare instead of recurring on every sawtooth;
+- **caps**: messages per hour, and a warm-up schedule of messages per day for a
+  new IP.
+
+Waiting for a turn is never a delivery attempt. A wait longer than
+`shaping.max_wait` (a suspension, a cap reached, a long queue) is not waited out
+in the worker, where it would hold a slot that other providers' mail could use:
+the recipients go back to the spool, due when the turn comes (`Deferral`), and
+no attempt is counted.
+"""
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import gevent
+from gevent.event import AsyncResult
+
+from engine import logs
+from engine.config import Config, ProviderLimits
+from engine.reply import Reply
+
+log = logging.getLogger("mailengine.shaping")
+
+Clock = Callable[[], float]
+
+
+# -- configuration shapes (built and validated by engine.config) -----------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The effective limits of one sending IP x provider. 0 means unlimited."""
+
+    max_connections: int = 10
+    max_messages: int = 100  # per connection
+    rate: float = 0.0  # messages per second: the most the adaptive rate may reach
+    hourly: int = 0  # messages per hour
+    connection_rate: float = 0.0  # new connections per second
+
+
+@dataclass(frozen=True)
+class ThrottleRule:
+    """A reply that means "slow down". Every field given must match."""
+
+    name: str
+    provider: str | None = None
+    code: int | None = None
+    enhanced: str | None = None  # a glob: "4.7.*"
+    text: re.Pattern[str] | None = None  # searched, case-insensitive
+    suspend: float = 0.0  # seconds to stop sending to the provider; 0: only slow down
+
+    def matches(self, provider: str, reply: Reply) -> bool:
+        if reply.ok:
+            return False
+        if self.provider is not None and self.provider != provider:
+            return False
+        if self.code is not None and self.code != reply.code:
+            return False
+        if self.enhanced is not None and not fnmatch.fnmatchcase(reply.status, self.enhanced):
+            return False
+        return self.text is None or self.text.search(reply.text) is not None
+
+
+def _rule(name: str, suspend: float = 0.0, text: str | None = None,
+          **fields: Any) -> ThrottleRule:
+    pattern = re.compile(text, re.IGNORECASE) if text else None
+    return ThrottleRule(name=name, text=pattern, suspend=suspend, **fields)
+
+
+# The large providers' documented throttle replies first (they suspend), then
+# the generic ones (they only slow down). Checked in order; the first match wins.
+DEFAULT_RULES: tuple[ThrottleRule, ...] = (
+    _rule("gmail-unsolicited-rate", provider="google", enhanced="4.7.28", suspend=900),
+    _rule("gmail-rate", provider="google", enhanced="4.7.*", suspend=300,
+          text=r"unusual rate|rate limit|temporarily rate limited"),
+    _rule("microsoft-busy", provider="microsoft", suspend=300,
+          text=r"S3150|S775|server busy|throttl"),
+    _rule("yahoo-deferred", provider="yahoo", suspend=900,
+          text=r"TS0[1-4]|TSS0[1-9]|temporarily deferred"),
+    _rule("apple-rate", provider="apple", suspend=600, text=r"CS0[1-9]|rate limit"),
+    _rule("comcast-rate", provider="comcast", suspend=600, text=r"RL0{3,}\d|rate limit"),
+    _rule("mailru-ratelimit", provider="mailru", suspend=600, text=r"ratelimit|too many"),
+    _rule("yandex-ratelimit", provider="yandex", suspend=600, text=r"ratelimit|too many"),
+    # Not "try again later" alone: greylisting says that too, and is no throttle.
+    _rule("rate-text", text=r"rate.?limit|too many (messages|mails|connections|recipients"
+                            r" from)|throttl|slow down|(rate|limit) exceeded"),
+    _rule("421", code=421),
+    _rule("4.7.x-policy", enhanced="4.7.*", text=r"rate|limit|volume|busy|temporar"),
+)
+
+
+@dataclass(frozen=True)
+class Throttling:
+    """How the adaptive rate reacts (config `throttle`)."""
+
+    decrease: float = 0.5  # multiply the allowed rate by this on a throttle
+    increase: float = 0.5  # messages/s added back per second of clean sending at the rate
+    min_rate: float = 0.05  # never below this many messages per second
+    start_rate: float = 10.0  # the allowed rate of an unlimited provider after a first throttle
+    holdoff: float = 2.0  # throttles within this many seconds of a decrease count once
+    retry_after: float = 60.0  # a throttled recipient without suspension waits this long
+    rules: tuple[ThrottleRule, ...] = DEFAULT_RULES
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """Not now: come back at `retry_at`. Not an attempt."""
+
+    retry_at: float
+    reason: str
+
+
+# -- the connection gate --------------------------------------------------------------------
+
+
+class ConnectionGate:
+    """Open connections of one IP x provider across its MX hosts' pools."""
+
+    def __init__(self, max_connections: int, connection_rate: float,
+                 clock: Clock = time.monotonic) -> None:
+        self.max_connections = max_connections
+        self.connection_rate = connection_rate
+        self._clock = clock
+        self.open = 0
+        self._next_at = 0.0  # when the next new connection may start
+        self._waiters: deque[AsyncResult] = deque()
+        self._timer: Any = None
+        self._idle_closers: list[Callable[[], bool]] = []
+
+    def try_enter(self) -> bool:
+        """Take a connection slot if one is free now."""
+        if self.open >= self.max_connections:
+            self._close_someone_idle()
+            return False
+        now = self._clock()
+        if self.connection_rate > 0:
+            if now < self._next_at:
+                self._wake_at(self._next_at - now)
+                return False
+            self._next_at = max(now, self._next_at) + 1.0 / self.connection_rate
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
+        self.wake_one()
+
+    def add_waiter(self, waiter: AsyncResult) -> None:
+        self._waiters.append(waiter)
+
+    def remove_waiter(self, waiter: AsyncResult) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+
+    def on_idle(self, closer: Callable[[], bool]) -> None:
+        """Register a pool's "close one idle connection" hook."""
+        self._idle_closers.append(closer)
+
+    def wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.ready():
+                waiter.set(None)
+                return
+
+    def _wake_at(self, delay: float) -> None:
+        if self._timer is None or self._timer.dead:
+            self._timer = gevent.spawn_later(delay, self.wake_one)
+
+    def _close_someone_idle(self) -> None:
+        """All slots taken: an idle connection to another MX host of the provider
+        gives its slot up, rather than wait for its idle timeout."""
+        for closer in self._idle_closers:
+            if closer():
+                return
+
+
+# -- the per provider shaper ----------------------------------------------------------------
+
+
+@dataclass
+class _Window:
+    """Counts in one-minute buckets over the last hour."""
+
+    buckets: deque[tuple[int, int]] = field(default_factory=deque)  # (minute, count)
+
+    def add(self, now: float) -> None:
+        minute = int(now // 60)
+        if self.buckets and self.buckets[-1][0] == minute:
+            self.buckets[-1] = (minute, self.buckets[-1][1] + 1)
+        else:
+            self.buckets.append((minute, 1))
+
+    def total(self, now: float) -> int:
+        horizon = int(now // 60) - 59
+        while self.buckets and self.buckets[0][0] < horizon:
+            self.buckets.popleft()
+        return sum(count for _, count in self.buckets)
+
+    def frees_at(self) -> float:
+        """When the oldest minute leaves the hour."""
+        return (self.buckets[0][0] + 60) * 60.0 if self.buckets else 0.0
+
+
+class ProviderShaper:
+    """One sending IP x one provider."""
+
+    def __init__(self, provider: str, limits: Limits, throttling: Throttling,
+                 max_wait: float = 10.0, daily_cap: Callable[[], int | None] | None = None,
+                 clock: Clock = time.monotonic, wall: Clock = time.time,
+                 sleep: Callable[[float], Any] = gevent.sleep) -> None:
+        self.provider = provider
+        self._sleep = sleep
+        self.limits = limits
+        self.throttling = throttling
+        self.max_wait = max_wait
+        self._daily_cap = daily_cap or (lambda: None)
+        self._clock = clock
+        self._wall = wall
+        self.gate = ConnectionGate(limits.max_connections, limits.connection_rate, clock)
+        self.allowed_rate = limits.rate  # 0: unlimited until a throttle says otherwise
+        self.ceiling: float | None = None
+        self.suspended_until = 0.0  # monotonic
+        self.throttles = 0
+        self.sent_today = 0
+        self._day = self._today()
+        self._next_slot = 0.0
+        self._last_decrease = -1e9
+        self._hour = _Window()
+        self._recent: deque[float] = deque()  # send times of the last 10 s: the current rate
+
+    # -- taking a turn -----------------------------------------------------------
+
+    def turn(self) -> Deferral | None:
+        """Wait for this message's turn (up to max_wait), or say when to come back."""
+        now = self._clock()
+        deferral = self._blocked(now)
+        if deferral is not None:
+            return deferral
+        slot = max(now, self._next_slot)
+        if slot - now > self.max_wait:
+            return Deferral(self._wall() + (slot - now), "pace")
+        if self.allowed_rate > 0:
+            self._next_slot = slot + 1.0 / self.allowed_rate
+        self._count(slot)
+        if slot > now:
+            self._sleep(slot - now)
+        return None
+
+    def _blocked(self, now: float) -> Deferral | None:
+        if now < self.suspended_until:
+            return Deferral(self._wall() + (self.suspended_until - now), "suspended")
+        if self.limits.hourly and self._hour.total(self._wall()) >= self.limits.hourly:
+            return Deferral(max(self._hour.frees_at(), self._wall() + 1.0), "hourly limit")
+        cap = self._daily_cap()
+        self._roll_day()
+        if cap is not None and self.sent_today >= cap:
+            return Deferral(_next_midnight(self._wall()), "warm-up daily limit")
+        return None
+
+    def _count(self, at: float) -> None:
+        self._hour.add(self._wall())
+        self.sent_today += 1
+        self._recent.append(at)
+
+    # -- learning from replies -----------------------------------------------------
+
+    def observe(self, reply: Reply) -> ThrottleRule | None:
+        """Adapt to one reply; returns the throttle rule it matched, if any."""
+        rule = self.match(reply)
+        if rule is not None:
+            self._throttled(rule)
+        elif reply.ok:
+            self._clean()
+        return rule
+
+    def match(self, reply: Reply) -> ThrottleRule | None:
+        for rule in self.throttling.rules:
+            if rule.matches(self.provider, reply):
+                return rule
+        return None
+
+    def resume_at(self) -> float:
+        """When a throttled recipient should be tried again (Unix time)."""
+        now = self._clock()
+        wait = max(self.suspended_until - now, self.throttling.retry_after)
+        return self._wall() + wait
+
+    def _throttled(self, rule: ThrottleRule) -> None:
+        now = self._clock()
+        self.throttles += 1
+        if rule.suspend > 0:
+            until = now + rule.suspend
+            if until > self.suspended_until:
+                self.suspended_until = until
+                log.warning(logs.kv("provider_suspended", provider=self.provider,
+                                    rule=rule.name, seconds=rule.suspend))
+        if now - self._last_decrease < self.throttling.holdoff:
+            return  # the same burst, already answered
+        self._last_decrease = now
+        # The rate that drew the throttle: what we actually sent, when that was
+        # less than we were allowed to.
+        sent = self.current_rate()
+        allowed = self.allowed_rate or max(sent, self.throttling.start_rate)
+        current = min(allowed, sent) if sent > self.throttling.min_rate else allowed
+        self.ceiling = current
+        self.allowed_rate = max(self.throttling.min_rate, current * self.throttling.decrease)
+        log.info(logs.kv("rate_decreased", provider=self.provider, rule=rule.name,
+                         rate=f"{self.allowed_rate:.2f}", ceiling=f"{current:.2f}"))
+
+    def _clean(self) -> None:
+        """Additive increase: `increase` msg/s per second of sending at the allowed rate,
+        slowing as the rate nears the last ceiling, so it settles just under it."""
+        rate = self.allowed_rate
+        if rate <= 0:
+            return  # unlimited and never throttled
+        step = self.throttling.increase / rate  # per message, so per second it adds `increase`
+        if self.ceiling is not None:
+            target = self.ceiling * 0.95
+            room = (target - rate) / target if rate < target else 0.0
+            step *= max(room, 0.02)  # probe above the old ceiling, but slowly
+        maximum = self.limits.rate or float("inf")
+        if self.limits.rate == 0 and self.ceiling is not None and rate + step >= self.ceiling * 4:
+            # An unlimited provider that recovered well past its old ceiling: unlimited again.
+            self.allowed_rate, self.ceiling = 0.0, None
+            return
+        self.allowed_rate = min(maximum, rate + step)
+
+    # -- what it looks like ------------------------------------------------------------
+
+    def current_rate(self) -> float:
+        """Messages per second over the last 10 s."""
+        now = self._clock()
+        while self._recent and self._recent[0] < now - 10.0:
+            self._recent.popleft()
+        return len(self._recent) / 10.0
+
+    def state(self) -> dict[str, Any]:
+        now = self._clock()
+        return {
+            "allowed_rate": round(self.allowed_rate, 3),
+            "max_rate": self.limits.rate,
+            "current_rate": round(self.current_rate(), 3),
+            "suspended_for": round(max(0.0, self.suspended_until - now), 1),
+            "throttles": self.throttles,
+            "connections": self.gate.open,
+            "max_connections": self.limits.max_connections,
+            "sent_today": self.sent_today,
+            "daily_cap": self._daily_cap(),
+        }
+
+    def _today(self) -> str:
+        return datetime.datetime.fromtimestamp(self._wall(), datetime.UTC).strftime(
+            "%Y-%m-%d")
+
+    def _roll_day(self) -> None:
+        today = self._today()
+        if today != self._day:
+            self._day, self.sent_today = today, 0
+
+
+def _next_midnight(now: float) -> float:
+    day = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+    midnight = datetime.datetime.combine(day + datetime.timedelta(days=1), datetime.time(),
+                                         datetime.UTC)
+    return midnight.timestamp()
+
+
+# -- all providers of one sending IP --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShapingPlan:
+    """What config says for one sending IP: defaults, then per provider, then per IP x provider."""
+
+    defaults: Limits
+    providers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    for_ip: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    throttling: Throttling = field(default_factory=Throttling)
+    max_wait: float = 10.0
+    warmup_schedule: Sequence[int] = ()
+    warmup_start: datetime.date | None = None  # None: this IP is not warming up
+
+    def limits_for(self, provider: str) -> Limits:
+        limits = replace(self.defaults, **dict(self.providers.get(provider, {})))
+        return replace(limits, **dict(self.for_ip.get(provider, {})))
+
+    def daily_cap(self, today: datetime.date) -> int | None:
+        if self.warmup_start is None or not self.warmup_schedule:
+            return None
+        day = (today - self.warmup_start).days
+        if day < 0:
+            return self.warmup_schedule[0]
+        if day >= len(self.warmup_schedule):
+            return None  # warmed up
+        return self.warmup_schedule[day]
+
+
+class Shaping:
+    """The shapers of one sending IP, created on first use, with warm-up counts kept on disk."""
+
+    def __init__(self, plan: ShapingPlan, state_file: str | None = None,
+                 clock: Clock = time.monotonic, wall: Clock = time.time,
+                 sleep: Callable[[float], Any] = gevent.sleep) -> None:
+        self.plan = plan
+        self._sleep = sleep
+        self.state_file = state_file
+        self._clock = clock
+        self._wall = wall
+        self._shapers: dict[str, ProviderShaper] = {}
+        self._saved_counts = self._load_counts()
+
+    def get(self, provider: str) -> ProviderShaper:
+        shaper = self._shapers.get(provider)
+        if shaper is None:
+            shaper = ProviderShaper(provider, self.plan.limits_for(provider),
+                                    self.plan.throttling, self.plan.max_wait,
+                                    self._daily_cap, self._clock, self._wall, self._sleep)
+            if self._saved_counts.get("day") == shaper._day:
+                shaper.sent_today = int(self._saved_counts.get("sent", {}).get(provider, 0))
+            self._shapers[provider] = shaper
+        return shaper
+
+    def _daily_cap(self) -> int | None:
+        today = datetime.datetime.fromtimestamp(self._wall(), datetime.UTC).date()
+        return self.plan.daily_cap(today)
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        return {name: shaper.state() for name, shaper in self._shapers.items()}
+
+    def items(self) -> Iterable[tuple[str, ProviderShaper]]:
+        return self._shapers.items()
+
+    def save(self) -> None:
+        """Keep today's counts, so a restarted worker still honours the warm-up caps."""
+        if not self.state_file or self.plan.warmup_start is None:
+            return
+        day = next(iter(self._shapers.values()))._day if self._shapers else None
+        data = {"day": day, "sent": {n: s.sent_today for n, s in self._shapers.items()}}
+        tmp = self.state_file + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.state_file)
+        except OSError as err:
+            log.error(logs.kv("shaping_state_unsaved", file=self.state_file, error=err))
+
+    def _load_counts(self) -> dict[str, Any]:
+        if not self.state_file:
+            return {}
+        try:
+            with open(self.state_file, encoding="utf-8") as f:
+                data = json.load(f)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+
+def plan_for(cfg: Config, ip: str) -> ShapingPlan:
+    """The shaping plan of sending IP `ip` from the config."""
+    defaults = Limits(max_connections=cfg.pool.max_connections,
+                      max_messages=cfg.pool.max_messages, rate=cfg.shaping.rate,
+                      hourly=cfg.shaping.hourly, connection_rate=cfg.shaping.connection_rate)
+    rules = tuple(_rule(r.name, r.suspend, r.text, provider=r.provider, code=r.code,
+                        enhanced=r.enhanced) for r in cfg.throttle.rules)
+    if cfg.throttle.default_rules:
+        rules += DEFAULT_RULES
+    t = cfg.throttle
+    throttling = Throttling(decrease=t.decrease, increase=t.increase, min_rate=t.min_rate,
+                            start_rate=t.start_rate, holdoff=t.holdoff,
+                            retry_after=t.retry_after, rules=rules)
+    start = cfg.warmup.ips.get(ip)
+    return ShapingPlan(
+        defaults=defaults,
+        providers={name: _overrides(limits) for name, limits in cfg.shaping.providers.items()},
+        for_ip={name: _overrides(limits)
+                for name, limits in cfg.shaping.ips.get(ip, {}).items()},
+        throttling=throttling, max_wait=cfg.shaping.max_wait,
+        warmup_schedule=cfg.warmup.schedule,
+        warmup_start=datetime.date.fromisoformat(start) if start else None)
+
+
+def _overrides(limits: ProviderLimits) -> dict[str, Any]:
+    return {f.name: getattr(limits, f.name) for f in fields(limits)
+            if getattr(limits, f.name) is not None}
