@@ -81,6 +81,13 @@ class WorkerHandle:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def ready(self) -> bool:
+        """Alive, connected, and said hello: a task sent now reaches it. (A PUSH to a
+        socket nobody has connected to yet cannot send, and the job would wait.)"""
+        return (self.alive and not self.retiring and self.proc is not None
+                and self.stats.get("pid") == self.proc.pid)
+
 
 class Supervisor:
     def __init__(self, cfg: Config, config_path: str | None) -> None:
@@ -169,7 +176,13 @@ class Supervisor:
         while time.monotonic() < deadline and any(h.alive for h in self.workers.values()):
             if self.results.poll(100):
                 self._collect()
-        self._collect()
+        # Regression (a result sent just before its worker exited was not recorded,
+        # so that message went out again after the restart): a worker's last results
+        # can still be on their way through the socket when its exit is seen. Read
+        # until the socket stays quiet (a bounded wait).
+        quiet_by = time.monotonic() + 2.0
+        while time.monotonic() < quiet_by and self.results.poll(200):
+            self._collect()
         for handle in self.workers.values():
             if handle.alive and handle.proc is not None:
                 handle.proc.kill()
@@ -239,7 +252,7 @@ class Supervisor:
         self._dispatch(pending)
 
     def _dispatch_due(self) -> None:
-        room = sum(self._room(h) for h in self.workers.values() if h.alive and not h.retiring)
+        room = sum(self._room(h) for h in self.workers.values() if h.ready)
         if room <= 0:
             return
         now = time.monotonic()
@@ -278,8 +291,8 @@ class Supervisor:
         else:
             candidates = list(self.cfg.pools.get(job.pool or "default", ()))
         usable = [self.workers[ip] for ip in candidates
-                  if ip in self.workers and self.workers[ip].alive
-                  and not self.workers[ip].retiring and self._room(self.workers[ip]) > 0]
+                  if ip in self.workers and self.workers[ip].ready
+                  and self._room(self.workers[ip]) > 0]
         if not usable:
             return None
         return min(usable, key=lambda h: len(h.jobs))  # spread the load
@@ -313,7 +326,7 @@ class Supervisor:
                 if msg["type"] == "result":
                     attempts.extend(wire.attempt_from_dict(a) for a in msg["attempts"])
                 elif msg["type"] == "stats" and msg.get("ip") in self.workers:
-                    self.workers[msg["ip"]].stats = msg
+                    self._worker_stats(self.workers[msg["ip"]], msg)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error(logs.kv("bad_result", error=exc))
         if attempts:
@@ -369,6 +382,15 @@ class Supervisor:
         if event["event"] == Status.EXPIRED.value:
             self.metrics.incr("expired", "all")
         self.events.publish(event)
+
+    def _worker_stats(self, handle: WorkerHandle, stats: dict[str, Any]) -> None:
+        was_ready = handle.ready
+        handle.stats = stats
+        if handle.ready and not was_ready:
+            # A (re)started worker: what waited for it is dispatchable now.
+            log.info(logs.kv("worker_ready", ip=handle.ip, pid=stats.get("pid")))
+            self._parked.clear()
+            self._dispatch_due()
 
     def _on_corrupt(self, job_id: str, reason: str) -> None:
         log.error(logs.kv("spool_corrupt", id=job_id, reason=reason))
@@ -507,7 +529,7 @@ class Supervisor:
                       "oldest_queued_ts": stats.oldest_queued_ts},
             "in_flight": len(self.in_flight),
             "events": dict(self.counters),
-            "workers": {ip: {"alive": h.alive, "pid": h.proc.pid if h.proc else None,
+            "workers": {ip: {"alive": h.alive, "ready": h.ready, "pid": h.proc.pid if h.proc else None,
                              "jobs": len(h.jobs), "restarts": h.failures,
                              "connections_open": h.stats.get("connections_open", 0),
                              "in_flight": h.stats.get("in_flight", 0)}

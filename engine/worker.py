@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import gevent
 import gevent.pool
@@ -25,14 +26,14 @@ import zmq.green as zmq
 
 from engine import config as config_mod
 from engine import logs, wire
-from engine.config import Config, IpConfig
+from engine.config import Config, IpConfig, PoolConfig
 from engine.connector import Connector, Identity
 from engine.delivery import Deliverer, Task
 from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.outcome import Attempt
-from engine.pool import Pools
-from engine.smtp import Limits
+from engine.pool import DestinationPool, PoolKey, Pools
+from engine.smtp import Connection, Limits
 from engine.tls import TlsPolicy
 
 log = logging.getLogger("mailengine.worker")
@@ -41,15 +42,66 @@ STATS_INTERVAL = 1.0
 MEMORY_INTERVAL = 10.0
 
 
+class NotStarted(gevent.GreenletExit):
+    """A task that had no connection yet when the drain began: it ends quietly, reporting
+    nothing, so its recipients stay pending in the spool (a GreenletExit, so the delivery
+    code's `except Exception` cannot turn it into a deferral)."""
+
+
+class DrainingPool(DestinationPool):
+    """A destination pool that hands out no connection once its worker drains."""
+
+    def __init__(self, key: PoolKey, settings: PoolConfig,
+                 open_connection: Callable[[], Connection], clock: Callable[[], float],
+                 owner: DrainingPools) -> None:
+        super().__init__(key, settings, open_connection, clock)
+        self._owner = owner
+
+    def acquire(self) -> tuple[Connection, bool]:
+        if self._owner.draining:
+            raise NotStarted()
+        conn, reused = super().acquire()
+        if self._owner.draining:  # woke up after the drain began: give it back unused
+            self.release(conn)  # ...which wakes the next waiter, which does the same
+            raise NotStarted()
+        return conn, reused
+
+
+class DrainingPools(Pools):
+    """The worker's pools, with a drain switch for SIGTERM.
+
+    Regression (graceful restart sent mail twice): a worker holds up to
+    `limits.max_in_flight` tasks, most of them waiting for one of a few pooled
+    connections. Draining them all could outlast `drain_timeout`; the supervisor
+    then killed the worker mid-transaction, and those messages, taken by the
+    server but not recorded, went out again after the restart. Now only the
+    transactions in progress finish; the tasks still waiting stay spooled.
+    """
+
+    def __init__(self, settings: PoolConfig) -> None:
+        super().__init__(settings)
+        self.draining = False
+
+    def get(self, key: PoolKey, open_connection: Callable[[], Connection]) -> DestinationPool:
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = DrainingPool(key, self.settings, open_connection, self._clock, self)
+            self._pools[key] = pool
+        return pool
+
+
 class Worker:
     def __init__(self, cfg: Config, ip: IpConfig, tasks_endpoint: str,
-                 results_endpoint: str, drain_timeout: float = 30.0) -> None:
+                 results_endpoint: str, drain_timeout: float | None = None) -> None:
         self.cfg = cfg
         self.ip = ip
-        self.drain_timeout = drain_timeout
+        # The worker's own drain ends a second before the supervisor's deadline
+        # (cfg.drain_timeout, when it kills what is left), so its results get out.
+        self.drain_timeout = (max(cfg.drain_timeout - 1.0, cfg.drain_timeout / 2)
+                              if drain_timeout is None else drain_timeout)
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
                                       ip.address, cfg.statsd.enabled)
-        self.pools = Pools(cfg.pool)
+        self.pools = DrainingPools(cfg.pool)
         self.deliverer = self._deliverer()
         self.in_flight = gevent.pool.Group()
         self.delivered = 0
@@ -91,12 +143,18 @@ class Worker:
         self._send(wire.stats_frame(self.ip.address, self._figures()))
         self.results.close()
         self.tasks.close(linger=0)
+        # Regression (results lost at a graceful stop): pyzmq does not terminate a
+        # context at interpreter exit, so results still queued in it were dropped
+        # despite LINGER. term() waits for them (up to the linger time).
+        self._zctx.term()
         log.info(logs.kv("worker_stopped", ip=self.ip.address))
         return 0
 
     def stop(self) -> None:
-        """Take no more tasks; let the ones in flight finish (SIGTERM)."""
+        """Take no more tasks; let the transactions in progress finish (SIGTERM); tasks
+        still waiting for a connection end without a result and stay spooled."""
         self._stopping = True
+        self.pools.draining = True
 
     def _deliver(self, task: Task) -> None:
         self.deliverer.deliver(task, self._report)

@@ -72,11 +72,27 @@ def _parse_line(line: str) -> Iterator[Sample]:
     return iter(parsed)
 
 
+RECEIVE_BUFFER = 8 << 20  # bytes: a burst of metrics must not overflow while the thread waits
+
+
+def _enlarge_receive_buffer(sock: socket.socket, size: int) -> None:
+    """As large as allowed: SO_RCVBUFFORCE passes net.core.rmem_max when we may (root)."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        if force is not None:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            return
+    except OSError:
+        pass
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
 class StatsdCatcher:
     """A StatsD server that only listens: every sample it receives, in order."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        _enlarge_receive_buffer(self._sock, RECEIVE_BUFFER)
         self._sock.bind((host, 0))
         self._sock.settimeout(0.05)
         self.host, self.port = self._sock.getsockname()[:2]
@@ -129,6 +145,19 @@ class StatsdCatcher:
         """Lines that were not StatsD metrics (a test usually wants none)."""
         with self._lock:
             return list(self._bad)
+
+    @property
+    def dropped(self) -> int | None:
+        """Packets the kernel dropped for want of buffer space (Linux), None if unknown."""
+        try:
+            with open("/proc/net/udp", encoding="ascii") as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+        except OSError:
+            return None
+        for row in rows:
+            if row[1].endswith(f":{self.port:04X}") and row[1] != f"00000000:{self.port:04X}":
+                return int(row[-1])
+        return None
 
     def names(self, kind: str | None = None) -> set[str]:
         return {s.name for s in self.samples if kind is None or s.kind == kind}

@@ -86,13 +86,13 @@ class LocalEngine:
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
-        """Until the supervisor answers and every worker is alive."""
+        """Until the supervisor answers and every worker is ready for tasks."""
         deadline = time.monotonic() + timeout
         while True:
             self._check_running()
             try:
                 figures = self.status(timeout=0.5)
-                if figures["workers"] and all(w["alive"] for w in figures["workers"].values()):
+                if figures["workers"] and all(w["ready"] for w in figures["workers"].values()):
                     return figures
             except TimeoutError:
                 pass
