@@ -39,7 +39,7 @@ from engine.job import Job, JobRejected, parse_job
 from engine.metrics import Metrics
 from engine.outcome import Attempt, Status
 from engine.reply import Reply
-from engine.spool import Pending, RcptUpdate, Spool
+from engine.spool import Pending, RcptUpdate, Spool, SpoolError
 
 log = logging.getLogger("mailengine.supervisor")
 
@@ -74,7 +74,8 @@ class WorkerHandle:
     started: float = 0.0
     failures: int = 0
     restart_at: float = 0.0
-    retiring: bool = False  # being replaced (reload) or removed: no new tasks
+    retiring: bool = False  # removed from the config: drain, then forget it
+    replacing: bool = False  # draining for a reload: a fresh worker follows at once
     stats: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -85,7 +86,8 @@ class WorkerHandle:
     def ready(self) -> bool:
         """Alive, connected, and said hello: a task sent now reaches it. (A PUSH to a
         socket nobody has connected to yet cannot send, and the job would wait.)"""
-        return (self.alive and not self.retiring and self.proc is not None
+        return (self.alive and not self.retiring and not self.replacing
+                and self.proc is not None
                 and self.stats.get("pid") == self.proc.pid)
 
 
@@ -101,6 +103,7 @@ class Supervisor:
         self.ingest = self._bind(zmq.PULL, cfg.ingest)
         self.ingest.setsockopt(zmq.RCVHWM, 10000)
         self.pub = self._bind(zmq.PUB, cfg.events)
+        _end_torn_line(cfg.events_log)
         self.events = events.EventPublisher(self.pub, cfg.events_log)
         self.results = self._bind(zmq.PULL, self._endpoint("results"))
         self.control = self._bind(zmq.REP, cfg.control)
@@ -438,10 +441,14 @@ class Supervisor:
     def _worker_died(self, handle: WorkerHandle, now: float) -> None:
         assert handle.proc is not None
         code = handle.proc.returncode
-        if now - handle.started >= STABLE_AFTER:
+        expected = handle.retiring or handle.replacing
+        if now - handle.started >= STABLE_AFTER or handle.replacing:
             handle.failures = 0
-        delay = RESTART_BACKOFF[min(handle.failures, len(RESTART_BACKOFF) - 1)]
-        handle.failures += 1
+        delay = 0.0 if handle.replacing else \
+            RESTART_BACKOFF[min(handle.failures, len(RESTART_BACKOFF) - 1)]
+        if not expected:
+            handle.failures += 1
+        handle.replacing = False
         handle.restart_at = now + delay
         handle.proc = None
         lost = list(handle.jobs)
@@ -449,7 +456,7 @@ class Supervisor:
             self.in_flight.pop(job_id, None)
         handle.jobs.clear()
         self._close_tasks(handle)
-        level = logging.INFO if handle.retiring else logging.ERROR
+        level = logging.INFO if expected else logging.ERROR
         log.log(level, logs.kv("worker_exited", ip=handle.ip, code=code, requeued=len(lost),
                                restart_in=None if handle.retiring else delay))
 
@@ -484,9 +491,8 @@ class Supervisor:
             self.workers[ip].retiring = True
             self._signal(self.workers[ip], signal.SIGTERM)
         for ip in old_ips & new_ips:  # kept: a fresh worker reads the new config
+            self.workers[ip].replacing = True
             self._signal(self.workers[ip], signal.SIGTERM)
-            self.workers[ip].failures = 0
-            self.workers[ip].restart_at = 0.0
         for ip in new_ips - old_ips:
             self._add_worker(ip)
         log.info(logs.kv("reloaded", ips=len(new_ips), added=len(new_ips - old_ips),
@@ -537,6 +543,24 @@ class Supervisor:
         }
 
 
+def _end_torn_line(path: str) -> None:
+    """Regression (a kill -9 tore the events log): the supervisor may die halfway
+    through writing a line; appending after it glued the next run's first event
+    onto the fragment, and both were lost to every JSON-lines reader. Start the
+    new run on a line of its own (the fragment stays, alone on its line)."""
+    if not path:
+        return
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size > 0:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+    except FileNotFoundError:
+        pass
+
+
 class _Either:
     """`x in _Either(a, b)`: in a or in b, without building a union."""
 
@@ -556,7 +580,7 @@ def main(config_path: str | None) -> int:
     logs.setup(cfg.log_level, "supervisor")
     try:
         supervisor = Supervisor(cfg, config_path)
-    except (OSError, zmq.ZMQError) as err:
+    except (OSError, zmq.ZMQError, SpoolError) as err:
         log.error(logs.kv("start_failed", error=err))
         print(f"mailengine: cannot start: {err}", file=sys.stderr)
         return 1
