@@ -57,8 +57,9 @@ class Connector:
         assert last is not None  # addresses() raises rather than return nothing
         raise last
 
-    def _open_at(self, host: MxHost, address: str, provider: str) -> Connection:
-        plan = self.tls.plan(host.name)
+    def _open_at(self, host: MxHost, address: str, provider: str,
+                 plan: TlsPlan | None = None) -> Connection:
+        plan = plan or self.tls.plan(host.name)
         conn = Connection(self.identity.helo, self.identity.address, self.timeouts, self.limits)
         try:
             self._greet(conn, address, host.port, provider)
@@ -109,12 +110,15 @@ class Connector:
         """Retry once on a fresh connection: without the check, or in plaintext."""
         if plan.required:
             raise err
-        if plan.checking and is_verify_failure(err):
+        retry = self.tls.fallback(plan, is_verify_failure(err))
+        if retry.attempt:
             self.tls.mark_unverifiable(host.name)
         else:
             self.metrics.incr("tls_failed", provider)
             self.tls.mark_broken(host.name)
-        return self._open_at(host, address, provider)
+        # The retry follows `retry`, not the policy's memory: with smtp.tls_broken_ttl 0 the
+        # memory is gone at once and the retry would try the same handshake, for ever.
+        return self._open_at(host, address, provider, retry)
 
 
 def _ms(started: float) -> float:

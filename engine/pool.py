@@ -14,8 +14,9 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
   trip): one the server closed or 421'd while idle is dropped;
 - a failed connect puts the pool in backoff for `connect_backoff` seconds: the
   failure reaches every waiting caller at once, callers during the backoff fail
-  fast, and afterwards one probe connects at a time until one succeeds: a dead
-  destination never causes a reconnect storm.
+  fast (unless a healthy idle connection is there to take), and afterwards one
+  probe connects at a time until one succeeds: a dead destination never causes
+  a reconnect storm.
 
 Modelled on gevent's examples/psycopg2_pool.py.
 """
@@ -71,20 +72,28 @@ class DestinationPool:
     def connection(self) -> Iterator[tuple[Connection, bool]]:
         """Check out a connection as (connection, reused); give it back afterwards.
 
-        The caller reports a broken connection by closing it (sock is None).
+        The caller reports a broken connection by closing it (sock is None). A
+        connection left by an exception (a bug, a gevent Timeout, a kill) is closed:
+        it may be mid-transaction, and reusing it would pair the next message's
+        commands with this one's late replies.
         """
         conn, reused = self.acquire()
         try:
             yield conn, reused
+        except BaseException:
+            conn.close()
+            raise
         finally:
             self.release(conn)
 
     def acquire(self) -> tuple[Connection, bool]:
         while True:
-            self._raise_if_backing_off()
+            # A healthy idle connection first: a failed *new* connect (typically a 421
+            # "too many connections" at the banner) must not strand the ones already open.
             conn = self._take_idle()
             if conn is not None:
                 return conn, True
+            self._raise_if_backing_off()
             if self.open < self.settings.max_connections and not (
                     self._probing and self._connecting):
                 return self._connect(), False

@@ -104,12 +104,15 @@ class Connection(smtplib.SMTP):
     def _readline(self) -> bytes:
         while True:
             end = self._rbuf.find(b"\n")
+            # Measure a line that arrived whole in one read too, not only a partial one
+            # (a 64 KiB read could otherwise hand over a line 16 times the cap).
+            length = end if end >= 0 else len(self._rbuf)
+            if length > self.limits.max_line_length:
+                raise ProtocolError(f"reply line longer than {self.limits.max_line_length} bytes")
             if end >= 0:
                 line = bytes(self._rbuf[:end + 1])
                 del self._rbuf[:end + 1]
                 return line
-            if len(self._rbuf) > self.limits.max_line_length:
-                raise ProtocolError(f"reply line longer than {self.limits.max_line_length} bytes")
             if self.sock is None:
                 raise smtplib.SMTPServerDisconnected("not connected")
             chunk = self.sock.recv(65536)
@@ -168,7 +171,9 @@ class Connection(smtplib.SMTP):
             reply = self.reply()
             if reply.code != 220:
                 return reply
-            if self._rbuf or _readable(self.sock):
+            # Bytes, not a hang-up: a server that closes after its 220 has failed TLS (the
+            # handshake below says so and the host gets plaintext), it has not injected.
+            if self._rbuf or _has_data(self.sock):
                 raise ProtocolError("server sent data after its 220 reply to STARTTLS"
                                     " (response injection); connection aborted")
         with self.phase("TLS", self.timeouts.tls_handshake):
@@ -178,7 +183,9 @@ class Connection(smtplib.SMTP):
         self.helo_resp = self.ehlo_resp = None
         self.esmtp_features = {}
         self.does_esmtp = False
-        self.hello()
+        ehlo = self.hello()
+        if not ehlo.ok:  # refused after the upgrade: no session to send mail in
+            raise error_for(ehlo, "EHLO")
         return reply
 
     def is_alive(self) -> bool:
@@ -257,13 +264,26 @@ class Connection(smtplib.SMTP):
     def _read_envelope(self, rcpt_count: int, state: _TxState) -> tuple[Reply, list[Reply]]:
         """Read the replies to MAIL and each RCPT, in order."""
         with self.phase("MAIL", self.timeouts.mail):
-            mail = self.reply()
-            state.answered = True
+            mail = self._mail_reply(state)
         rcpt_replies = []
         for _ in range(rcpt_count):
             with self.phase("RCPT", self.timeouts.rcpt):
                 rcpt_replies.append(self.reply())
         return mail, rcpt_replies
+
+    def _mail_reply(self, state: _TxState) -> Reply:
+        """The reply to MAIL, the first of the transaction.
+
+        On a reused connection, a 421 here is almost always the server's idle-timeout
+        farewell crossing our MAIL on the wire (sent before it read MAIL): the connection
+        was stale, the message was not refused. Failing before `answered` is set makes
+        `_failed_tx` raise StaleConnection, so the message goes out on a fresh connection.
+        """
+        mail = self.reply()
+        if mail.code == 421 and self.messages_sent > 0:
+            raise TransientError(mail, "MAIL", Blame.CONNECTION)
+        state.answered = True
+        return mail
 
     def _tx_pipelined_bdat(self, mail_cmd: bytes, rcpt_cmds: list[bytes], message: bytes,
                            state: _TxState) -> list[RcptResult]:
@@ -290,8 +310,7 @@ class Connection(smtplib.SMTP):
                      state: _TxState) -> list[RcptResult]:
         with self.phase("MAIL", self.timeouts.mail):
             self._send_lines([mail_cmd])
-            mail = self.reply()
-            state.answered = True
+            mail = self._mail_reply(state)
         if not mail.ok:
             return self._results(mail, [], mail, state)
         rcpt_replies = []
@@ -409,16 +428,30 @@ def _readable(sock: socket.socket | None) -> bool:
     return bool(readable)
 
 
+def _has_data(sock: socket.socket | None) -> bool:
+    """Bytes are waiting to be read (end of file is not data); never blocks."""
+    if not _readable(sock):
+        return False
+    assert sock is not None
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except OSError:  # reset: not injected data; the TLS handshake will fail and say why
+        return False
+
+
 def _translate(exc: BaseException, command: str, timeout: float) -> DeliveryError:
     """smtplib, socket, ssl and timeout errors -> the engine's errors (the only place)."""
     if isinstance(exc, ssl.SSLError) or command == "TLS":  # any handshake failure
         return TlsError(Reply(451, "4.7.5", f"TLS failure: {_short(exc)}"), command)
+    # The reply text names the phase: it is all that reaches the recipient's event.
+    where = f" in {command}" if command else ""
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return TransientError(Reply(451, "4.4.2", f"timeout after {timeout:g}s"), command)
+        return TransientError(Reply(451, "4.4.2", f"timeout after {timeout:g}s{where}"), command)
     if isinstance(exc, ConnectionRefusedError):
         return TransientError(Reply(451, "4.4.1", "connection refused"), command)
     if isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError, EOFError)):
-        return TransientError(Reply(451, "4.4.2", f"connection lost: {_short(exc)}"), command)
+        return TransientError(Reply(451, "4.4.2", f"connection lost{where}: {_short(exc)}"),
+                              command)
     if isinstance(exc, ProtocolError):
         return TransientError(Reply(451, "4.5.0", f"protocol error: {_short(exc)}"), command)
     if isinstance(exc, OSError):

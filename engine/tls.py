@@ -61,6 +61,14 @@ class TlsPolicy:
             return TlsPlan(True, self._unverified, False, False)
         return TlsPlan(True, self._verifying, False, True)
 
+    def fallback(self, plan: TlsPlan, verify_failed: bool) -> TlsPlan:
+        """The plan for the one retry after `plan`'s handshake failed: without the check if
+        only verification failed, else plaintext. Explicit rather than read back from what
+        was just remembered: with `broken_ttl` 0 that memory is already gone."""
+        if plan.checking and verify_failed:
+            return TlsPlan(True, self._unverified, False, False)
+        return TlsPlan(False, None, False, False)
+
     def mark_broken(self, host: str) -> None:
         """The handshake with `host` failed: plaintext for a while."""
         self._broken[host] = self._clock() + self.broken_ttl

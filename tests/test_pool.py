@@ -153,6 +153,21 @@ def test_connect_failure_reaches_every_waiter_at_once_and_later_callers_fail_fas
     assert factory.calls == 1
 
 
+def test_idle_connection_is_still_used_during_a_connect_backoff() -> None:
+    # A second connect refused ("421 too many connections") while the first connection is
+    # busy: once that one is back, it carries mail, backoff or not.
+    pool, factory, _ = make_pool(max_connections=2)
+    conn, _ = pool.acquire()
+    factory.failing = True
+    with pytest.raises(TransientError):
+        pool.acquire()
+    pool.release(conn)
+    again, reused = pool.acquire()
+    assert again is conn and reused
+    pool.release(again)
+    assert factory.calls == 2
+
+
 def test_after_the_backoff_one_probe_connects_at_a_time() -> None:
     pool, factory, clock = make_pool(max_connections=5, connect_backoff=30.0)
     factory.failing = True
@@ -245,6 +260,19 @@ def test_broken_connection_given_back_is_discarded_and_wakes_a_waiter() -> None:
     new, reused = waiter.value
     assert new is not conn and not reused
     assert factory.calls == 2 and pool.open == 1
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError("a bug"), gevent.Timeout()],
+                         ids=["exception", "gevent-timeout"])
+def test_connection_left_by_an_exception_is_closed_not_pooled(
+        interruption: BaseException) -> None:
+    # Mid-transaction, its late replies would be read as the next message's.
+    pool, factory, _ = make_pool()
+    with pytest.raises(type(interruption)), pool.connection() as (conn, _reused):
+        raise interruption
+    assert conn.sock is None
+    assert pool.idle == 0 and pool.open == 0
+    assert use(pool)[0] is not conn and factory.calls == 2
 
 
 def test_pools_keep_one_pool_per_full_key_and_reap_empty_ones() -> None:

@@ -104,3 +104,13 @@ def test_is_verify_failure_follows_the_cause_chain() -> None:
         assert is_verify_failure(outer)
     assert not is_verify_failure(ssl.SSLError("wrong version number"))
     assert not is_verify_failure(None)
+
+
+def test_fallback_after_a_failed_handshake_is_unchecked_tls_then_plaintext() -> None:
+    tls = policy("opportunistic")
+    first = tls.plan(HOST)
+    unchecked = tls.fallback(first, verify_failed=True)
+    assert unchecked.attempt and not unchecked.checking and not unchecked.required
+    assert unchecked.context is not None and unchecked.context.verify_mode == ssl.CERT_NONE
+    assert not tls.fallback(unchecked, verify_failed=True).attempt  # bounded: then plaintext
+    assert not tls.fallback(first, verify_failed=False).attempt
