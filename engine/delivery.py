@@ -94,7 +94,12 @@ class Deliverer:
                                           host.name, provider, None, False)
                 last, last_host = err, host.name
         assert last is not None
-        return self._outcomes(task, [RcptResult(r, last.reply) for r in rcpts], last_host,
+        reply = last.reply
+        if reply.permanent:
+            # Every host refused us at the door (554 banner: often a blocklist of our IP).
+            # That says nothing final about the recipients: defer, never bounce.
+            reply = Reply(451, "4.4.0", f"no MX host would take the mail; last said: {reply}")
+        return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], last_host,
                               provider, None, False)
 
     def _via_host(self, task: Task, rcpts: list[str], host: MxHost,

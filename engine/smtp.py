@@ -303,6 +303,14 @@ class Connection(smtplib.SMTP):
         mail, rcpt_replies = self._read_envelope(len(rcpt_cmds), state)
         with self.phase("DATA", self.timeouts.data):
             data = self.reply()
+        if data.code == 354 and not (mail.ok and any(r.ok for r in rcpt_replies)):
+            # RFC 2920 3.1: a server that says 354 with no valid recipient gets an empty
+            # message (a lone dot), never the body.
+            with self.phase("DATA", self.timeouts.final_dot):
+                self._send_lines([b"."])
+                self.reply()
+            return self._results(mail, rcpt_replies, data if not mail.ok else rcpt_replies[0],
+                                 state)
         final = self._send_body(data, state, message)
         return self._results(mail, rcpt_replies, final, state)
 

@@ -269,6 +269,18 @@ def test_every_mx_refusing_at_the_banner_defers_with_the_last_reply(
     assert attempts[0].mx == "mx2.example.test" and "busy two" in attempts[0].reply.text
 
 
+def test_every_mx_refusing_with_554_at_the_banner_defers_never_bounces(
+        scripted: Scripted, engine: Callable[..., Engine]) -> None:
+    """A 554 banner (often a blocklist of our IP) says nothing final about the recipient."""
+    _, mx2 = two_mx(scripted, [S("554 5.7.1 no service one"), WAIT_CLOSE()],
+                      [S("554 5.7.1 blocked two"), WAIT_CLOSE()])
+    with DnsServer(MX_ZONE) as dns:
+        stack = engine(Resolver(nameservers=["127.0.0.1"], port=dns.port, smtp_port=mx2.port))
+        attempts = stack.deliver()
+    assert summary(attempts) == [(RCPT, Status.DEFERRED, 451, False)]
+    assert "blocked two" in attempts[0].reply.text
+
+
 # -- 3, 4. STARTTLS gone wrong --------------------------------------------------------------
 
 def test_failed_tls_handshake_delivers_in_plaintext_on_a_new_connection(

@@ -193,6 +193,21 @@ def test_all_recipients_refused_keeps_each_refusal_then_rset(scripted: Scripted,
         assert server.messages == []
 
 
+def test_354_after_every_recipient_was_refused_gets_a_lone_dot_not_the_body(
+        scripted: Scripted) -> None:
+    """RFC 2920 3.1: a (broken) server that accepts DATA with no valid recipient must not
+    be sent the message."""
+    server = scripted([*greet("PIPELINING"), mail(), rcpt(RCPTS[1]), C("DATA"),
+                       S("250 ok"), S("550 5.1.1 no such user"), S("354 go on"),
+                       DATA(), S("554 5.5.1 no valid recipients"), C("RSET"), S("250 ok")])
+    conn = connect(server)
+    results = conn.send_mail_tx(SENDER, RCPTS[1:2], MESSAGE)
+    assert outcome(results) == [(RCPTS[1], 550, "5.1.1", False)]
+    server.wait_finished()
+    assert server.errors == []
+    assert server.messages == [b""]  # an empty message: the body never left
+
+
 # -- connection lost in the middle ---------------------------------------------------------
 
 def test_drop_after_final_dot_is_deferred_and_ambiguous(scripted: Scripted) -> None:
