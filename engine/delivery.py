@@ -10,18 +10,19 @@ transaction is replaced by a fresh one without counting an attempt.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import gevent
 
 from engine.connector import Connector
 from engine.metrics import Metrics
-from engine.mx import Destination, MxHost, Resolver
+from engine.mx import MxHost, Resolver
 from engine.outcome import Attempt, Status
 from engine.pool import PoolKey, Pools
-from engine.provider import provider_of
+from engine.provider import DEFAULT_PROVIDERS, provider_of
 from engine.reply import Blame, DeliveryError, Reply
+from engine.shaping import Deferral, Limits, ProviderShaper, Shaping, ShapingPlan
 from engine.smtp import RcptResult, StaleConnection
 
 # How many pooled connections may turn out stale for one message before the
@@ -47,13 +48,20 @@ Report = Callable[[list[Attempt]], None]
 
 class Deliverer:
     def __init__(self, source_ip: str, tls_mode: str, resolver: Resolver,
-                 connector: Connector, pools: Pools, metrics: Metrics) -> None:
+                 connector: Connector, pools: Pools, metrics: Metrics,
+                 shaping: Shaping | None = None,
+                 providers: Mapping[str, str] = DEFAULT_PROVIDERS) -> None:
         self.source_ip = source_ip
         self.tls_mode = tls_mode
         self.resolver = resolver
         self.connector = connector
         self.pools = pools
         self.metrics = metrics
+        # Without a plan: the pool's connection limits per provider, no pace, no caps.
+        self.shaping = shaping or Shaping(ShapingPlan(Limits(
+            max_connections=pools.settings.max_connections,
+            max_messages=pools.settings.max_messages)))
+        self.providers = providers
 
     def deliver(self, task: Task, report: Report) -> None:
         """Deliver every recipient of `task`; `report` gets each domain's results."""
@@ -81,17 +89,24 @@ class Deliverer:
         except DeliveryError as err:
             return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts], None,
                                   domain, None, False)
-        provider = _provider(dest)
+        provider = provider_of(dest.hosts[0].name, self.providers) if dest.hosts \
+            else dest.domain
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
+        shaper = self.shaping.get(provider)
+        wait = shaper.turn()  # waiting for a turn is not an attempt
+        if wait is not None:
+            return self._not_now(task, rcpts, provider, wait)
         last: DeliveryError | None = None
         last_host: str | None = None
         for host in dest.hosts:
             try:
-                return self._via_host(task, rcpts, host, provider)
+                return self._via_host(task, rcpts, host, provider, shaper)
             except DeliveryError as err:
                 if err.blame is Blame.MESSAGE:  # the same at every host: it is the outcome
                     return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts],
-                                          host.name, provider, None, False)
+                                          host.name, provider, None, False, shaper)
+                if shaper.observe(err.reply) is not None:  # e.g. "421 4.7.0 too many"
+                    self.metrics.incr("throttled", provider)
                 last, last_host = err, host.name
         assert last is not None
         reply = last.reply
@@ -100,13 +115,16 @@ class Deliverer:
             # That says nothing final about the recipients: defer, never bounce.
             reply = Reply(451, "4.4.0", f"no MX host would take the mail; last said: {reply}")
         return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], last_host,
-                              provider, None, False)
+                              provider, None, False, shaper, observe=False)
 
-    def _via_host(self, task: Task, rcpts: list[str], host: MxHost,
-                  provider: str) -> list[Attempt]:
+    def _via_host(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
+                  shaper: ProviderShaper) -> list[Attempt]:
         """Send on a pooled connection to `host`; connection-level failures raise."""
         key = PoolKey(self.source_ip, host.name, host.port, self.tls_mode)
-        pool = self.pools.get(key, lambda: self.connector.open(host, provider))
+        settings = replace(self.pools.settings, max_connections=shaper.limits.max_connections,
+                           max_messages=shaper.limits.max_messages)
+        pool = self.pools.get(key, lambda: self.connector.open(host, provider), settings,
+                              shaper.gate)
         stale: StaleConnection | None = None
         for _ in range(MAX_STALE_RETRIES):
             waited = time.monotonic()
@@ -124,25 +142,56 @@ class Deliverer:
                     continue
                 self.metrics.timing("transaction", provider, (time.monotonic() - started) * 1000.0)
                 return self._outcomes(task, results, host.name, provider, conn.tls_version,
-                                      reused)
+                                      reused, shaper)
         assert stale is not None
         raise stale
 
     def _outcomes(self, task: Task, results: Sequence[RcptResult], mx: str | None,
-                  provider: str, tls: str | None, reused: bool) -> list[Attempt]:
+                  provider: str, tls: str | None, reused: bool,
+                  shaper: ProviderShaper | None = None, observe: bool = True) -> list[Attempt]:
+        """Attempts from replies. A reply matching a throttle rule defers its recipient
+        (never bounces it) until the provider's turn comes back, and slows the provider."""
+        throttled = self._throttled(results, shaper, provider, observe)
+        retry_at = shaper.resume_at() if shaper is not None and throttled else None
         now = time.time()
         attempts = []
         for result in results:
-            status = _status(result.reply)
+            hit = result.rcpt in throttled
+            status = Status.DEFERRED if hit else _status(result.reply)
             attempts.append(Attempt(task.job_id, result.rcpt, status, result.reply,
                                     self.source_ip, mx, provider, tls, reused,
-                                    result.ambiguous, now))
+                                    result.ambiguous, now, throttled=hit,
+                                    retry_at=retry_at if hit else None))
             self.metrics.incr(status.value, provider)
             if result.ambiguous:
                 self.metrics.incr("ambiguous", provider)
             if status is not Status.DEFERRED:
                 self.metrics.timing("delivery_time", provider, (now - task.queued_ts) * 1000.0)
         return attempts
+
+
+    def _throttled(self, results: Sequence[RcptResult], shaper: ProviderShaper | None,
+                   provider: str, observe: bool) -> set[str]:
+        """The recipients whose reply is a throttle; the shaper learns once per transaction."""
+        if shaper is None:
+            return set()
+        hits = [r for r in results if shaper.match(r.reply) is not None]
+        if observe:
+            if hits:
+                shaper.observe(hits[0].reply)
+                self.metrics.incr("throttled", provider)
+            elif any(r.reply.ok for r in results):
+                shaper.observe(next(r.reply for r in results if r.reply.ok))
+        return {r.rcpt for r in hits}
+
+    def _not_now(self, task: Task, rcpts: list[str], provider: str,
+                 wait: Deferral) -> list[Attempt]:
+        """Shaping says not yet: back to the spool, due at `wait.retry_at`; no attempt."""
+        reply = Reply(451, "4.4.5", f"not sent yet: {provider} {wait.reason} for this IP")
+        now = time.time()
+        return [Attempt(task.job_id, r, Status.DEFERRED, reply, self.source_ip, None,
+                        provider, None, False, False, now, attempted=False,
+                        retry_at=wait.retry_at) for r in rcpts]
 
 
 def _status(reply: Reply) -> Status:
@@ -156,6 +205,3 @@ def _status(reply: Reply) -> Status:
 def _domain(rcpt: str) -> str:
     return rcpt.rpartition("@")[2].lower()
 
-
-def _provider(dest: Destination) -> str:
-    return provider_of(dest.hosts[0].name) if dest.hosts else dest.domain

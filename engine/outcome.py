@@ -33,3 +33,6 @@ class Attempt:
     conn_reused: bool
     ambiguous: bool  # connection lost after the final dot: may be a duplicate
     ts: float  # when the final reply came (Unix seconds)
+    throttled: bool = False  # the reply matched a throttle rule: deferred, attempt not counted
+    attempted: bool = True  # False: shaping said "not now" before any try
+    retry_at: float | None = None  # when to try again, if shaping knows better than the schedule

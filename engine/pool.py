@@ -18,6 +18,10 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
   probe connects at a time until one succeeds: a dead destination never causes
   a reconnect storm.
 
+A pool may share a `ConnectionGate` (engine.shaping) with the pools of the
+other MX hosts of the same provider: a new connection then also needs one of
+the provider's connection slots for this sending IP.
+
 Modelled on gevent's examples/psycopg2_pool.py.
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import AsyncResult
@@ -34,6 +39,15 @@ from gevent.event import AsyncResult
 from engine.config import PoolConfig
 from engine.reply import DeliveryError
 from engine.smtp import Connection
+
+if TYPE_CHECKING:
+    from engine.shaping import ConnectionGate
+
+
+class Drained(gevent.GreenletExit):
+    """The worker is draining: no connection is handed out any more. A GreenletExit, so
+    the delivery code's `except Exception` cannot turn it into a deferral: the task ends
+    without a result and its recipients stay pending in the spool."""
 
 
 @dataclass(frozen=True)
@@ -52,9 +66,13 @@ class DestinationPool:
 
     def __init__(self, key: PoolKey, settings: PoolConfig,
                  open_connection: Callable[[], Connection],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 gate: ConnectionGate | None = None) -> None:
         self.key = key
         self.settings = settings
+        self.gate = gate
+        if gate is not None:
+            gate.on_idle(self.close_one_idle)
         self._open_connection = open_connection
         self._clock = clock
         self._idle: list[Connection] = []
@@ -65,6 +83,7 @@ class DestinationPool:
         self._failed_until = 0.0
         self._probing = False  # after a failure: one connect at a time until one works
         self.stale_dropped = 0
+        self.draining = False
 
     # -- checkout -------------------------------------------------------------
 
@@ -87,17 +106,31 @@ class DestinationPool:
             self.release(conn)
 
     def acquire(self) -> tuple[Connection, bool]:
+        if self.draining:
+            raise Drained()
+        conn, reused = self._acquire()
+        if self.draining:  # woke up after the drain began: give it back unused
+            self.release(conn)  # ...which wakes the next waiter, which does the same
+            raise Drained()
+        return conn, reused
+
+    def _acquire(self) -> tuple[Connection, bool]:
         while True:
+            if self.draining:  # woken by drain(): leave at once
+                raise Drained()
             # A healthy idle connection first: a failed *new* connect (typically a 421
             # "too many connections" at the banner) must not strand the ones already open.
             conn = self._take_idle()
             if conn is not None:
                 return conn, True
             self._raise_if_backing_off()
+            gated = False
             if self.open < self.settings.max_connections and not (
                     self._probing and self._connecting):
-                return self._connect(), False
-            self._wait()
+                if self.gate is None or self.gate.try_enter():
+                    return self._connect(), False
+                gated = True  # the provider's slots are taken: wait for one too
+            self._wait(self.gate if gated else None)
 
     def release(self, conn: Connection) -> None:
         usable = conn.sock is not None and conn.messages_sent < self.settings.max_messages
@@ -120,6 +153,13 @@ class DestinationPool:
         for conn in drop:
             self._discard(conn)
         return len(drop)
+
+    def close_one_idle(self) -> bool:
+        """Give up the oldest idle connection (another pool of the provider needs its slot)."""
+        if not self._idle:
+            return False
+        self._discard(self._idle.pop(0))
+        return True
 
     @property
     def idle(self) -> int:
@@ -157,11 +197,11 @@ class DestinationPool:
         try:
             conn = self._open_connection()
         except DeliveryError as err:
-            self.open -= 1
+            self._closed()
             self._fail(err)
             raise
         except BaseException:
-            self.open -= 1
+            self._closed()
             self._wake_one()
             raise
         finally:
@@ -169,7 +209,7 @@ class DestinationPool:
         if self._probing:  # the destination is back: let the waiters connect too
             self._probing = False
             self._failure = None
-            self._wake_all()
+            self.wake_all()
         return conn
 
     def _fail(self, err: DeliveryError) -> None:
@@ -181,14 +221,19 @@ class DestinationPool:
             if not waiter.ready():
                 waiter.set_exception(type(err)(err.reply, err.command, err.blame))
 
-    def _wait(self) -> None:
+    def _wait(self, gate: ConnectionGate | None = None) -> None:
+        """Until this pool gives a connection back, fails, or (`gate`) a slot frees."""
         waiter = AsyncResult()
         self._waiters.append(waiter)
+        if gate is not None:
+            gate.add_waiter(waiter)
         try:
             waiter.get()
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+            if gate is not None:
+                gate.remove_waiter(waiter)
 
     def _wake_one(self) -> None:
         while self._waiters:
@@ -197,14 +242,20 @@ class DestinationPool:
                 waiter.set(None)
                 return
 
-    def _wake_all(self) -> None:
+    def wake_all(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.ready():
                 waiter.set(None)
 
-    def _discard(self, conn: Connection, polite: bool = True) -> None:
+    def _closed(self) -> None:
+        """One connection fewer, here and in the provider's gate."""
         self.open -= 1
+        if self.gate is not None:
+            self.gate.leave()
+
+    def _discard(self, conn: Connection, polite: bool = True) -> None:
+        self._closed()
         if polite and conn.sock is not None:
             gevent.spawn(conn.quit_quietly)  # QUIT costs a round trip: not the caller's
         else:
@@ -219,13 +270,27 @@ class Pools:
         self.settings = settings
         self._clock = clock
         self._pools: dict[PoolKey, DestinationPool] = {}
+        self.draining = False
 
-    def get(self, key: PoolKey, open_connection: Callable[[], Connection]) -> DestinationPool:
+    def get(self, key: PoolKey, open_connection: Callable[[], Connection],
+            settings: PoolConfig | None = None,
+            gate: ConnectionGate | None = None) -> DestinationPool:
+        """The pool for `key`, made on first use with `settings` (default: the worker's)."""
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = DestinationPool(key, self.settings, open_connection,
-                                                      self._clock)
+            pool = self._pools[key] = DestinationPool(key, settings or self.settings,
+                                                      open_connection, self._clock, gate)
+            pool.draining = self.draining
         return pool
+
+    def drain(self) -> None:
+        """Hand out no more connections (graceful stop). Transactions already holding
+        one finish; callers still waiting end with `Drained`, reporting nothing, so
+        their recipients stay spooled instead of outlasting the drain deadline."""
+        self.draining = True
+        for pool in self._pools.values():
+            pool.draining = True
+            pool.wake_all()
 
     def reap(self) -> int:
         """Close expired idle connections and forget empty, healthy pools."""
@@ -234,6 +299,8 @@ class Pools:
             closed += pool.close_idle()
             if not pool.busy and not pool.idle and not pool.failing():
                 del self._pools[key]
+                if pool.gate is not None:
+                    pool.gate.forget(pool.close_one_idle)
         return closed
 
     def close_all(self) -> None:

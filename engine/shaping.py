@@ -154,8 +154,9 @@ class ConnectionGate:
     def try_enter(self) -> bool:
         """Take a connection slot if one is free now."""
         if self.open >= self.max_connections:
-            self._close_someone_idle()
-            return False
+            # Closing an idle connection elsewhere frees its slot for us right now.
+            if not self._close_someone_idle() or self.open >= self.max_connections:
+                return False
         now = self._clock()
         if self.connection_rate > 0:
             if now < self._next_at:
@@ -180,6 +181,10 @@ class ConnectionGate:
         """Register a pool's "close one idle connection" hook."""
         self._idle_closers.append(closer)
 
+    def forget(self, closer: Callable[[], bool]) -> None:
+        if closer in self._idle_closers:
+            self._idle_closers.remove(closer)
+
     def wake_one(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -191,12 +196,10 @@ class ConnectionGate:
         if self._timer is None or self._timer.dead:
             self._timer = gevent.spawn_later(delay, self.wake_one)
 
-    def _close_someone_idle(self) -> None:
+    def _close_someone_idle(self) -> bool:
         """All slots taken: an idle connection to another MX host of the provider
         gives its slot up, rather than wait for its idle timeout."""
-        for closer in self._idle_closers:
-            if closer():
-                return
+        return any(closer() for closer in self._idle_closers)
 
 
 # -- the per provider shaper ----------------------------------------------------------------

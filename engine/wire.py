@@ -33,7 +33,8 @@ def attempt_to_dict(a: Attempt) -> dict[str, Any]:
     return {"job": a.job_id, "rcpt": a.rcpt, "status": a.status.value, "code": a.reply.code,
             "enhanced": a.reply.enhanced, "reply": a.reply.text, "ip": a.ip, "mx": a.mx,
             "provider": a.provider, "tls": a.tls, "conn_reused": a.conn_reused,
-            "ambiguous": a.ambiguous, "ts": a.ts}
+            "ambiguous": a.ambiguous, "ts": a.ts, "throttled": a.throttled,
+            "attempted": a.attempted, "retry_at": a.retry_at}
 
 
 def attempt_from_dict(d: dict[str, Any]) -> Attempt:
@@ -41,7 +42,9 @@ def attempt_from_dict(d: dict[str, Any]) -> Attempt:
                    reply=Reply(int(d["code"]), d["enhanced"], d["reply"]), ip=d["ip"],
                    mx=d["mx"], provider=d["provider"], tls=d["tls"],
                    conn_reused=bool(d["conn_reused"]), ambiguous=bool(d["ambiguous"]),
-                   ts=float(d["ts"]))
+                   ts=float(d["ts"]), throttled=bool(d.get("throttled", False)),
+                   attempted=bool(d.get("attempted", True)),
+                   retry_at=None if d.get("retry_at") is None else float(d["retry_at"]))
 
 
 def result_frame(attempts: list[Attempt]) -> bytes:

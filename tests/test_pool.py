@@ -292,3 +292,37 @@ def test_pools_keep_one_pool_per_full_key_and_reap_empty_ones() -> None:
     assert pools.reap() == 0 and len(pools) == 1  # the two empty pools are gone
     clock.now += 60
     assert pools.reap() == 1 and len(pools) == 0
+
+
+def test_drain_ends_every_waiter_at_once_and_lets_the_holder_finish() -> None:
+    """Graceful stop: tasks waiting for a connection end with Drained (their recipients stay
+    spooled), the transaction holding the connection finishes, nothing new is handed out."""
+    from engine.pool import Drained
+
+    pools = Pools(PoolConfig(max_connections=1))
+    made: list[FakeConnection] = []
+
+    def opener() -> Connection:
+        made.append(FakeConnection(len(made) + 1, FakeClock()))
+        return cast(Connection, made[-1])
+
+    pool = pools.get(PoolKey("127.0.0.2", "mx.test", 25, "none"), opener)
+    holder_conn, _ = pool.acquire()
+    outcomes: list[str] = []
+
+    def waiter() -> None:
+        try:
+            pool.acquire()
+            outcomes.append("got one")
+        except Drained:
+            outcomes.append("drained")
+
+    waiters = [gevent.spawn(waiter) for _ in range(5)]
+    gevent.sleep(0.01)
+    pools.drain()
+    gevent.joinall(waiters, timeout=2)
+    assert outcomes == ["drained"] * 5
+    pool.release(holder_conn)  # the transaction in progress finished
+    with pytest.raises(Drained):
+        pool.acquire()
+    assert len(made) == 1
