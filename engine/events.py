@@ -79,6 +79,8 @@ def attempt_event(attempt: Attempt, status: Status, meta: Mapping[str, Any], num
         event["next_attempt"] = round(next_attempt, 3)
     if attempt.ambiguous:
         event["ambiguous"] = True
+    if attempt.throttled:
+        event["throttled"] = True  # the provider pushed back: this try is not counted
     return event
 
 

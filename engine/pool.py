@@ -286,7 +286,13 @@ class Pools:
     def drain(self) -> None:
         """Hand out no more connections (graceful stop). Transactions already holding
         one finish; callers still waiting end with `Drained`, reporting nothing, so
-        their recipients stay spooled instead of outlasting the drain deadline."""
+        their recipients stay spooled.
+
+        Regression (a graceful restart sent mail twice): a worker holds up to
+        `limits.max_in_flight` tasks, most waiting for one of a few connections.
+        Draining them all outlasted `drain_timeout`; the supervisor then killed the
+        worker mid-transaction, and messages the server had taken but nobody had
+        recorded went out again after the restart."""
         self.draining = True
         for pool in self._pools.values():
             pool.draining = True

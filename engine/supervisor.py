@@ -357,13 +357,22 @@ class Supervisor:
                                   reply=attempt.reply), None
             return None, None
         number = flight.attempts[attempt.rcpt] + 1
+        # Shaping's waits (not attempted) and throttles cost no attempt: they say
+        # nothing about the recipient, only about our pace.
+        counts = attempt.attempted and not attempt.throttled
         status, next_at = attempt.status, None
         if status is Status.DEFERRED:
-            next_at = retry.next_attempt(self.cfg.retry.schedule, number, now, flight.expires_ts)
+            if attempt.retry_at is not None:
+                next_at = attempt.retry_at if attempt.retry_at < flight.expires_ts else None
+            else:
+                next_at = retry.next_attempt(self.cfg.retry.schedule, number, now,
+                                             flight.expires_ts)
             if next_at is None:
                 status = Status.EXPIRED
         update = RcptUpdate(attempt.job_id, attempt.rcpt, status, next_attempt=next_at,
-                            reply=attempt.reply)
+                            reply=attempt.reply, count_attempt=counts)
+        if not attempt.attempted and status is Status.DEFERRED:
+            return update, None  # not tried: nothing happened that a subscriber must hear
         event = events.attempt_event(attempt, status, flight.meta, number, flight.queued_ts,
                                      next_at)
         return update, event

@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 
 import gevent
 import gevent.pool
@@ -26,68 +25,22 @@ import zmq.green as zmq
 
 from engine import config as config_mod
 from engine import logs, wire
-from engine.config import Config, IpConfig, PoolConfig
+from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
 from engine.delivery import Deliverer, Task
 from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.outcome import Attempt
-from engine.pool import DestinationPool, PoolKey, Pools
-from engine.smtp import Connection, Limits
+from engine.pool import Pools
+from engine.provider import DEFAULT_PROVIDERS
+from engine.shaping import Shaping, plan_for
+from engine.smtp import Limits
 from engine.tls import TlsPolicy
 
 log = logging.getLogger("mailengine.worker")
 
 STATS_INTERVAL = 1.0
 MEMORY_INTERVAL = 10.0
-
-
-class NotStarted(gevent.GreenletExit):
-    """A task that had no connection yet when the drain began: it ends quietly, reporting
-    nothing, so its recipients stay pending in the spool (a GreenletExit, so the delivery
-    code's `except Exception` cannot turn it into a deferral)."""
-
-
-class DrainingPool(DestinationPool):
-    """A destination pool that hands out no connection once its worker drains."""
-
-    def __init__(self, key: PoolKey, settings: PoolConfig,
-                 open_connection: Callable[[], Connection], clock: Callable[[], float],
-                 owner: DrainingPools) -> None:
-        super().__init__(key, settings, open_connection, clock)
-        self._owner = owner
-
-    def acquire(self) -> tuple[Connection, bool]:
-        if self._owner.draining:
-            raise NotStarted()
-        conn, reused = super().acquire()
-        if self._owner.draining:  # woke up after the drain began: give it back unused
-            self.release(conn)  # ...which wakes the next waiter, which does the same
-            raise NotStarted()
-        return conn, reused
-
-
-class DrainingPools(Pools):
-    """The worker's pools, with a drain switch for SIGTERM.
-
-    Regression (graceful restart sent mail twice): a worker holds up to
-    `limits.max_in_flight` tasks, most of them waiting for one of a few pooled
-    connections. Draining them all could outlast `drain_timeout`; the supervisor
-    then killed the worker mid-transaction, and those messages, taken by the
-    server but not recorded, went out again after the restart. Now only the
-    transactions in progress finish; the tasks still waiting stay spooled.
-    """
-
-    def __init__(self, settings: PoolConfig) -> None:
-        super().__init__(settings)
-        self.draining = False
-
-    def get(self, key: PoolKey, open_connection: Callable[[], Connection]) -> DestinationPool:
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = DrainingPool(key, self.settings, open_connection, self._clock, self)
-            self._pools[key] = pool
-        return pool
 
 
 class Worker:
@@ -101,7 +54,10 @@ class Worker:
                               if drain_timeout is None else drain_timeout)
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
                                       ip.address, cfg.statsd.enabled)
-        self.pools = DrainingPools(cfg.pool)
+        self.pools = Pools(cfg.pool)
+        # Warm-up counts survive a restart in the spool folder (writable under systemd).
+        state = os.path.join(cfg.spool, f"shaping-{ip.address}.json")
+        self.shaping = Shaping(plan_for(cfg, ip.address), state)
         self.deliverer = self._deliverer()
         self.in_flight = gevent.pool.Group()
         self.delivered = 0
@@ -122,7 +78,7 @@ class Worker:
         connector = Connector(Identity(self.ip.address, self.ip.helo), resolver, tls,
                               cfg.smtp.timeouts, limits, self.metrics)
         return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
-                         self.metrics)
+                         self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers})
 
     def run(self) -> int:
         log.info(logs.kv("worker_started", ip=self.ip.address, pid=os.getpid()))
@@ -154,7 +110,7 @@ class Worker:
         """Take no more tasks; let the transactions in progress finish (SIGTERM); tasks
         still waiting for a connection end without a result and stay spooled."""
         self._stopping = True
-        self.pools.draining = True
+        self.pools.drain()  # tasks still waiting for a connection stay spooled
 
     def _deliver(self, task: Task) -> None:
         self.deliverer.deliver(task, self._report)
@@ -173,12 +129,14 @@ class Worker:
         self.in_flight.join(timeout=self.drain_timeout)
         self.in_flight.kill(block=True, timeout=5)
         self.pools.close_all()
+        self.shaping.save()
         gevent.sleep(0.1)  # let the QUITs go out
 
     def _figures(self) -> dict[str, object]:
         return {"in_flight": len(self.in_flight),
                 "connections_open": self.pools.open_connections,
-                "destinations": len(self.pools), "pid": os.getpid()}
+                "destinations": len(self.pools), "pid": os.getpid(),
+                "shaping": self.shaping.state()}
 
     def _report_stats(self) -> None:
         self.metrics.memory()  # the first one at start-up, then every MEMORY_INTERVAL
@@ -189,8 +147,11 @@ class Worker:
             self._send(wire.stats_frame(self.ip.address, figures))
             self.metrics.gauge("in_flight", "all", len(self.in_flight))
             self.metrics.gauge("connections_open", "all", self.pools.open_connections)
+            for provider, shaper in self.shaping.items():
+                self.metrics.gauge("allowed_rate", provider, shaper.allowed_rate)
             if time.monotonic() - last_memory >= MEMORY_INTERVAL:
                 self.metrics.memory()
+                self.shaping.save()
                 last_memory = time.monotonic()
 
     def _reap_idle(self) -> None:
