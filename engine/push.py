@@ -4,7 +4,9 @@ A job counts as accepted only when the engine publishes `queued` for its id
 (it is then fsynced in the spool). Until then push re-sends it with the same id
 (the engine ignores a duplicate id, and acknowledges it again), so nothing is
 lost to a restart of the engine or a dropped connection. Exit status 0 means
-every job was accepted; 1 that some were rejected or never acknowledged.
+every job was accepted; 1 that some were rejected or never acknowledged. A job
+id given twice is sent again once the first is acknowledged; the engine
+acknowledges the copy as a duplicate and delivers the job once.
 
 Sources: a .eml file (or - for standard input) with --from/--to; a folder of
 .eml files (envelope from --from/--to, or else from each message's From and
@@ -14,6 +16,7 @@ To headers); a .jsonl file with one job per line: the envelope fields plus
 from __future__ import annotations
 
 import argparse
+import collections
 import email.parser
 import email.utils
 import json
@@ -95,14 +98,13 @@ class Pusher:
     def push(self, jobs: list[tuple[str, list[bytes]]]) -> bool:
         """Send every job until it is queued or rejected; True if all were queued."""
         time.sleep(0.2)  # let the subscription reach the engine before its replies do
-        waiting = list(jobs)
+        waiting = collections.deque(jobs)
+        held: list[tuple[str, list[bytes]]] = []
         out: dict[str, Outgoing] = {}
         accepted, rejected = 0, []
         last_progress = time.monotonic()
-        while waiting or out:
-            while waiting and len(out) < WINDOW:
-                job_id, frames = waiting.pop(0)
-                out[job_id] = Outgoing(frames)
+        while waiting or held or out:
+            self._fill(waiting, held, out)
             self._send_due(out)
             got = self._receive(out)
             for event in got:
@@ -115,9 +117,35 @@ class Pusher:
                 self._show(accepted + len(rejected), len(jobs))
             elif time.monotonic() - last_progress > self.timeout:
                 break
-        self._finish(accepted, rejected, out, len(jobs))
+        unanswered = [*out, *(job_id for job_id, _ in held), *(job_id for job_id, _ in waiting)]
+        self._finish(accepted, rejected, unanswered, len(jobs))
         self.ctx.destroy(linger=1000)
         return accepted == len(jobs)
+
+    @staticmethod
+    def _fill(waiting: collections.deque[tuple[str, list[bytes]]],
+              held: list[tuple[str, list[bytes]]], out: dict[str, Outgoing]) -> None:
+        """Move jobs into the window of unacknowledged ones.
+
+        Regression (a job id given twice made push exit 1 with "0 not acknowledged"):
+        the second copy replaced the first in the window, so one acknowledgement
+        answered both and the count fell short. A job whose id is out already is held
+        until that one is answered, then sent on its own; the engine acknowledges it
+        as a duplicate (and does not deliver it again).
+        """
+        still_held = []
+        for job_id, frames in held:
+            if job_id in out:
+                still_held.append((job_id, frames))
+            else:
+                out[job_id] = Outgoing(frames)
+        held[:] = still_held
+        while waiting and len(out) < WINDOW:
+            job_id, frames = waiting.popleft()  # a deque: list.pop(0) is quadratic
+            if job_id in out:
+                held.append((job_id, frames))
+            else:
+                out[job_id] = Outgoing(frames)
 
     def _send_due(self, out: dict[str, Outgoing]) -> None:
         now = time.monotonic()
@@ -130,7 +158,7 @@ class Pusher:
                 item.sent_at, item.sends = now, item.sends + 1
 
     def _receive(self, out: dict[str, Outgoing]) -> list[dict[str, Any]]:
-        got = []
+        got: list[dict[str, Any]] = []
         if not self.sub.poll(100):
             return got
         while True:
@@ -151,16 +179,18 @@ class Pusher:
         sys.stderr.flush()
 
     def _finish(self, accepted: int, rejected: list[dict[str, Any]],
-                out: dict[str, Outgoing], total: int) -> None:
+                unanswered: list[str], total: int) -> None:
+        """`unanswered`: every job not acknowledged, also those never sent (regression:
+        only the window's were counted, so a timeout on a big run under-reported)."""
         if self.progress and total >= 2:
             sys.stderr.write("\n")
         for event in rejected:
             print(f"rejected {event.get('id')}: {event.get('error')}", file=sys.stderr)
-        for job_id in out:
+        for job_id in unanswered:
             print(f"not acknowledged {job_id}: is the engine running?", file=sys.stderr)
         if self.progress:
             print(f"{accepted} of {total} accepted, {len(rejected)} rejected,"
-                  f" {len(out)} not acknowledged", file=sys.stderr)
+                  f" {len(unanswered)} not acknowledged", file=sys.stderr)
 
 
 # -- reading jobs ----------------------------------------------------------------

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -24,7 +24,7 @@ def add_parser(sub: Any) -> None:
 
 def query(endpoint: str, timeout: float = 3.0) -> dict[str, Any]:
     """Ask the supervisor for its figures; raises TimeoutError if it does not answer."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
@@ -32,8 +32,7 @@ def query(endpoint: str, timeout: float = 3.0) -> dict[str, Any]:
         sock.send_json({"command": "status"})
         if not sock.poll(int(timeout * 1000)):
             raise TimeoutError(f"no answer from {endpoint} within {timeout:g}s")
-        answer: dict[str, Any] = sock.recv_json()
-        return answer
+        return cast(dict[str, Any], sock.recv_json())  # the supervisor answers an object
     finally:
         sock.close()
 
