@@ -148,10 +148,12 @@ class Supervisor:
         last_tick = 0.0
         while not self._stopping:
             ready = dict(poller.poll(int(TICK * 1000)))
-            if self.ingest in ready:
-                self._intake()
+            # Results before intake: a result waiting in a socket is a delivered message
+            # nobody has recorded yet, which a crash would send again.
             if self.results in ready:
                 self._collect()
+            if self.ingest in ready:
+                self._intake()
             if self.control in ready:
                 self._answer_control()
             if self._reload:
