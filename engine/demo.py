@@ -44,7 +44,7 @@ def main(messages: int = 300, keep: bool = False) -> int:
     workdir = tempfile.mkdtemp(prefix="mailengine-demo-")
     print(f"mailengine demo: {messages} messages of ~5 KB to {len(DOMAINS)} domains, from"
           " 127.0.0.2 to a local SMTP server with STARTTLS on 127.0.0.1\n")
-    results = []
+    results: list[RunFigures] = []
     try:
         for label, pool in (("connect per message", {"max_messages": 1}),
                             ("pooled (default)", {})):
@@ -109,7 +109,7 @@ def _follow(engine: LocalEngine, count: int, timeout: float = 300.0) -> None:
 def _percentile(values: list[float], pct: float) -> float:
     if not values:
         return 0.0
-    index = min(len(values) - 1, int(round(pct / 100 * (len(values) - 1))))
+    index = min(len(values) - 1, round(pct / 100 * (len(values) - 1)))
     return float(values[index])
 
 

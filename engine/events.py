@@ -28,7 +28,7 @@ class EventPublisher:
         self._log: IO[str] | None = None
         if log_path:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-            self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (long-lived)
+            self._log = open(log_path, "a", encoding="utf-8")  # long-lived: closed in close()
 
     def publish(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, separators=(",", ":"), ensure_ascii=False)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from engine.reply import Reply
 
 
-class Status(str, Enum):
+class Status(StrEnum):
     DELIVERED = "delivered"  # 2xx to the final dot (or BDAT LAST)
     DEFERRED = "deferred"  # transient failure: tried again later
     BOUNCED = "bounced"  # permanent failure: never tried again

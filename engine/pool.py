@@ -145,7 +145,8 @@ class DestinationPool:
     def close_idle(self, force: bool = False) -> int:
         """Close idle connections older than idle_timeout (all of them if `force`)."""
         now = self._clock()
-        keep, drop = [], []
+        keep: list[Connection] = []
+        drop: list[Connection] = []
         for conn in self._idle:
             expired = now - conn.last_used >= self.settings.idle_timeout
             (drop if force or expired else keep).append(conn)

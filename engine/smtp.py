@@ -125,6 +125,12 @@ class Connection(smtplib.SMTP):
         self._rbuf.clear()
         super().close()
 
+    def _live(self) -> socket.socket:
+        """The socket, or the error smtplib raises for a closed connection."""
+        if self.sock is None:
+            raise smtplib.SMTPServerDisconnected("not connected")
+        return self.sock
+
     # -- phases ---------------------------------------------------------------
 
     @contextmanager
@@ -143,7 +149,8 @@ class Connection(smtplib.SMTP):
     def open(self, address: str, port: int) -> Reply:
         """TCP connect from the source address and read the banner."""
         with self.phase("CONNECT", self.timeouts.connect):
-            self.sock = self._get_socket(address, port, self.timeouts.connect)
+            self.sock = socket.create_connection((address, port), self.timeouts.connect,
+                                                 self.source_address)
             # Each transaction leaves in one write; never hold a tail back for an ACK.
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.peer = (address, port)
@@ -177,7 +184,7 @@ class Connection(smtplib.SMTP):
                 raise ProtocolError("server sent data after its 220 reply to STARTTLS"
                                     " (response injection); connection aborted")
         with self.phase("TLS", self.timeouts.tls_handshake):
-            self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+            self.sock = context.wrap_socket(self._live(), server_hostname=server_hostname)
             self.tls_version = self.sock.version()
             self.tls_verified = context.verify_mode == ssl.CERT_REQUIRED
         self.helo_resp = self.ehlo_resp = None
@@ -259,7 +266,7 @@ class Connection(smtplib.SMTP):
         return b" ".join([b"MAIL FROM:<" + _wire(sender) + b">", *params])
 
     def _send_lines(self, lines: Sequence[bytes], tail: bytes = b"") -> None:
-        self.sock.sendall(b"".join(line + b"\r\n" for line in lines) + tail)
+        self._live().sendall(b"".join(line + b"\r\n" for line in lines) + tail)
 
     def _read_envelope(self, rcpt_count: int, state: _TxState) -> tuple[Reply, list[Reply]]:
         """Read the replies to MAIL and each RCPT, in order."""
@@ -330,7 +337,7 @@ class Connection(smtplib.SMTP):
             return self._results(mail, rcpt_replies, rcpt_replies[0], state)
         if self.has_extn("chunking"):
             with self.phase("BDAT", self.timeouts.final_dot):
-                self.sock.sendall(b"BDAT %d LAST\r\n" % len(message) + message)
+                self._live().sendall(b"BDAT %d LAST\r\n" % len(message) + message)
                 state.data_sent = True
                 final = self.reply()
         else:
@@ -345,7 +352,7 @@ class Connection(smtplib.SMTP):
         if data_reply.code != 354:
             return data_reply
         with self.phase("DATA", self.timeouts.data_block):
-            self.sock.sendall(dot_stuff(message) + b".\r\n")
+            self._live().sendall(dot_stuff(message) + b".\r\n")
             state.data_sent = True
         with self.phase("DATA", self.timeouts.final_dot):
             return self.reply()

@@ -342,7 +342,7 @@ class Supervisor:
         now = time.time()
         planned = [self._plan(a, now) for a in attempts]
         self.spool.record([update for update, _ in planned if update is not None])
-        for attempt, (update, event) in zip(attempts, planned):
+        for attempt, (_, event) in zip(attempts, planned, strict=True):
             if event is not None:
                 self._publish(event)
             self._settle(attempt)

@@ -8,9 +8,9 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import sys
+import sys  # noqa: E402 (after patch_all, on purpose)
 
-from engine.worker import main
+from engine.worker import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

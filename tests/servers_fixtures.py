@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from engine.testing.tlscert import CABundle, make_ca_and_cert, make_cert
 from engine.testing.sink import SinkServer
+from engine.testing.tlscert import CABundle, make_ca_and_cert, make_cert
 from tests.smtpserver import ScriptedServer, Step
 
 __all__ = [

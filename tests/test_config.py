@@ -158,7 +158,8 @@ REFUSALS = [
     # (config, path, words in the message)
     (minimal(smtp={"tls": "maybe"}), "smtp.tls",
      "must be one of none, opportunistic, required, verify (got 'maybe')"),
-    (minimal(ips=["192.0.2.10", {"address": "1.2.3"}]), "ips[1].address", "not an IP address: '1.2.3'"),
+    (minimal(ips=["192.0.2.10", {"address": "1.2.3"}]), "ips[1].address",
+     "not an IP address: '1.2.3'"),
     (minimal(pool={"max_conections": 5}), "pool.max_conections",
      "unknown key (did you mean max_connections?)"),
     (minimal(pools={"blue": ["10.0.0.9"]}), "pools.blue[0]", "10.0.0.9 is not in ips"),
@@ -178,7 +179,8 @@ REFUSALS = [
     (minimal(ips=[4960]), "ips[0].address", "quote it"),
     (minimal(ips=[{"address": 4960}]), "ips[0].address", "quote it"),
     (minimal(ips=[["192.0.2.10"]]), "ips[0]", "must be a mapping"),
-    (minimal(ips=[{"address": "192.0.2.10", "helo": "bad_name"}]), "ips[0].helo", "not a host name"),
+    (minimal(ips=[{"address": "192.0.2.10", "helo": "bad_name"}]), "ips[0].helo",
+     "not a host name"),
     (minimal(ips=[{"address": "192.0.2.10", "helo": "[2001:db8::1]"}]), "ips[0].helo",
      "address literal"),
     (minimal(hostname="-bad.example.com"), "hostname", "not a host name"),
@@ -423,7 +425,7 @@ def test_python_tags_are_not_executed(tmp_path: Path) -> None:
 
 
 def test_empty_file_says_ips_is_required(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="^ips: required") as info:
+    with pytest.raises(ConfigError, match=r"^ips: required") as info:
         load(write(tmp_path, "# nothing yet\n"))
     assert info.value.file is not None
 

@@ -37,7 +37,7 @@ def test_500_jobs_to_three_domains_all_delivered_over_tls_within_the_pool_cap(si
     sent = {env["id"]: msg for env, msg in jobs}
     by_subject = {m.content.split(b"Subject: test message ", 1)[1].split(b"\r\n", 1)[0]: m
                   for m in received}
-    for env, msg in jobs:
+    for env, _msg in jobs:
         got = by_subject[env["id"].split("-")[1].encode()]
         assert got.content == sent[env["id"]]
         assert got.rcpt_tos == tuple(env["to"])

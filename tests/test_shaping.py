@@ -32,7 +32,11 @@ class FakeTime:
         self.now += seconds
 
 
-def shaper(limits: Limits = Limits(), throttling: Throttling = Throttling(),
+DEFAULT_LIMITS = Limits()
+DEFAULT_THROTTLING = Throttling()
+
+
+def shaper(limits: Limits = DEFAULT_LIMITS, throttling: Throttling = DEFAULT_THROTTLING,
            t: FakeTime | None = None, max_wait: float = 10.0, cap: int | None = None,
            provider: str = "example.net") -> tuple[ProviderShaper, FakeTime]:
     t = t or FakeTime()
@@ -128,7 +132,7 @@ def test_throttle_decreases_once_per_burst_and_a_suspension_defers_everything() 
 
 
 def test_rate_recovers_additively_never_above_the_maximum() -> None:
-    s, t = shaper(Limits(rate=10.0), Throttling(decrease=0.5, increase=1.0))
+    s, _t = shaper(Limits(rate=10.0), Throttling(decrease=0.5, increase=1.0))
     s.observe(Reply(421, None, "too busy"))
     assert s.allowed_rate == pytest.approx(5.0)
     ok = Reply(250, None, "ok")
@@ -176,7 +180,7 @@ def test_limits_resolve_defaults_then_provider_then_ip() -> None:
 
 
 def test_warmup_caps_each_provider_per_day_and_survives_a_restart(tmp_path) -> None:
-    t = FakeTime(datetime.datetime(2026, 12, 3, 12, tzinfo=datetime.timezone.utc).timestamp())
+    t = FakeTime(datetime.datetime(2026, 12, 3, 12, tzinfo=datetime.UTC).timestamp())
     plan = ShapingPlan(defaults=Limits(), warmup_schedule=(3, 5),
                        warmup_start=datetime.date(2026, 12, 2))  # today is day 2: cap 5
     state = str(tmp_path / "shaping.json")
@@ -190,7 +194,7 @@ def test_warmup_caps_each_provider_per_day_and_survives_a_restart(tmp_path) -> N
     assert again.turn() is None  # the 5th
     deferral = again.turn()
     assert isinstance(deferral, Deferral) and deferral.reason == "warm-up daily limit"
-    assert deferral.retry_at == datetime.datetime(2026, 12, 4, tzinfo=datetime.timezone.utc
+    assert deferral.retry_at == datetime.datetime(2026, 12, 4, tzinfo=datetime.UTC
                                                   ).timestamp()
     assert second.get("microsoft").turn() is None  # per provider
     t.now = deferral.retry_at + 10  # day 3: past the schedule, no cap
@@ -199,7 +203,7 @@ def test_warmup_caps_each_provider_per_day_and_survives_a_restart(tmp_path) -> N
 
 
 def test_connection_gate_caps_open_connections_and_paces_new_ones() -> None:
-    s, t = shaper(Limits(max_connections=2, connection_rate=0))
+    s, _t = shaper(Limits(max_connections=2, connection_rate=0))
     gate = s.gate
     assert gate.try_enter() and gate.try_enter()
     assert not gate.try_enter()
