@@ -1,4 +1,4 @@
-"""The `mailengine` command: run, push, status, check-config, demo."""
+"""The `mailengine` command: run, push, status, check-config, keygen, demo."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     from engine import status
     status.add_parser(sub)
 
+    keygen = sub.add_parser("keygen", help="make a CURVE key pair for the engine or a client",
+                            description="Write NAME.key (the public key: give it to the other"
+                                        " side) and NAME.key_secret (both keys: keep it, mode"
+                                        " 0600). See docs/SECURITY.md.")
+    keygen.add_argument("name", metavar="NAME", help="e.g. server, or the producer's name")
+    keygen.add_argument("--dir", default=".", help="where to write the files (default: here)")
+    keygen.set_defaults(func=_keygen)
+
     demo = sub.add_parser("demo", help="deliver a few hundred messages to a local SMTP server"
                                        " and show what happened")
     demo.add_argument("-n", "--messages", type=int, default=300)
@@ -72,6 +80,20 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     if not args.quiet:
         print(json.dumps(config_mod.to_dict(cfg), indent=2))
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from engine import auth
+    if not auth.available():
+        print("mailengine keygen: this libzmq has no CURVE support", file=sys.stderr)
+        return 1
+    try:
+        public, secret = auth.keygen(args.name, args.dir)
+    except (auth.KeyFileError, OSError) as err:
+        print(f"mailengine keygen: {err}", file=sys.stderr)
+        return 1
+    print(f"public key: {public}\nsecret key: {secret} (mode 0600: keep it private)")
     return 0
 
 

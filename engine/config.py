@@ -79,6 +79,9 @@ class Timeouts:
     final_dot: float = 600.0
     rset: float = 60.0
     quit: float = 10.0
+    # Deadlines over several steps, however the server paces its bytes:
+    setup: float = 600.0  # connect, banner, EHLO, STARTTLS, handshake, EHLO again
+    transaction: float = 1800.0  # MAIL FROM to the reply after the message (and RSET)
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,25 @@ class WarmupConfig:
     ips: Mapping[str, str] = field(default_factory=lambda: _frozen_mapping())
 
 
+@dataclass(frozen=True)
+class CurveConfig:
+    """ZeroMQ CURVE on `ingest` and `events`: encryption, and only listed clients get in."""
+
+    enabled: bool = False
+    server_secret_key: str = "/etc/mailengine/keys/server.key_secret"
+    allowed_clients: str = "/etc/mailengine/keys/clients"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may submit jobs, and where mail may not go. See docs/SECURITY.md."""
+
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    allow_plain_remote: bool = False  # non-loopback ingest/events/control without CURVE
+    allow_private_destinations: bool = False  # MX hosts at loopback, private... addresses
+    allowed_destinations: tuple[str, ...] = ()  # networks allowed although not public
+
+
 def _frozen_mapping() -> Mapping[str, Any]:
     return MappingProxyType({})
 
@@ -249,6 +271,7 @@ class Config:
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self) -> None:
         # Frozen all the way down: copy mappings into read-only proxies.
@@ -285,6 +308,7 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
     pools = _pools(raw.pop("pools", None), ips)
     values = {key: _TOP_READERS[key](value, key) for key, value in raw.items()}
     _refuse_shared_endpoints(values)
+    _refuse_plain_remote(values)
     return Config(hostname=hostname, ips=ips, pools=pools, **values)
 
 
@@ -589,6 +613,55 @@ def _refuse_shared_endpoints(values: Mapping[str, Any]) -> None:
         seen[endpoint] = key
 
 
+def _refuse_plain_remote(values: Mapping[str, Any]) -> None:
+    """A socket other machines can reach must be authenticated (docs/SECURITY.md).
+
+    Without CURVE, anyone who reaches `ingest` may submit mail (an open relay), and
+    anyone who reaches `events` reads every recipient. CURVE covers ingest and events;
+    `control` has no authentication, so it stays local unless allow_plain_remote.
+    """
+    security = values.get("security") or SecurityConfig()
+    if security.allow_plain_remote:
+        return
+    for key in ("ingest", "events", "control"):
+        if security.curve.enabled and key != "control":
+            continue
+        endpoint = values.get(key, getattr(Config, key))
+        host = endpoint_host(endpoint)
+        if host is None or is_loopback_host(host):
+            continue
+        fix = "bind it to 127.0.0.1 or an ipc:// path, "
+        fix += "" if key == "control" else "enable security.curve, "
+        raise _error(key, f"{endpoint} can be reached from other machines, and without "
+                          f"authentication anyone who reaches it {_EXPOSURE[key]}; {fix}"
+                          "or set security.allow_plain_remote: true (docs/SECURITY.md)")
+
+
+_EXPOSURE = {"ingest": "may submit mail", "events": "reads every event",
+             "control": "reads the engine's status"}
+
+
+def endpoint_host(endpoint: str) -> str | None:
+    """The host part of a tcp:// endpoint ("*", an address, a name or an interface);
+    None for ipc:// and inproc://, which only this machine can reach."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host = endpoint[len("tcp://"):].rpartition(":")[0] or endpoint[len("tcp://"):]
+    return host.split(";")[-1]  # "source;address" forms: the address binds
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for a host only this machine can reach: a loopback address, localhost, lo."""
+    if host.lower() in ("localhost", "lo"):
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False  # "*", another interface or a host name: assume reachable
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
+
+
 def _refuse_repeats(values: Sequence[str], path: str) -> None:
     """`path` has a `{}` where the index goes: "ips[{}].address"."""
     first: dict[str, int] = {}
@@ -860,6 +933,29 @@ def _providers(value: Any, path: str) -> Mapping[str, str]:
         table[suffix.lower()] = _provider_name(_text(name, where), where)
     return table
 
+def _network(value: Any, path: str) -> str:
+    """A network in CIDR form ("10.20.0.0/16"); a bare address is a /32 or /128."""
+    text = _text(value, path)
+    try:
+        return str(ipaddress.ip_network(text.strip()))
+    except ValueError as err:
+        raise _error(path, f"not a network like 10.20.0.0/16 or fd00::/8: {_show(value)}"
+                           f" ({err})") from None
+
+
+_CURVE = _section(CurveConfig, {
+    "enabled": _boolean,
+    "server_secret_key": _nonempty,
+    "allowed_clients": _nonempty,
+})
+
+_SECURITY = _section(SecurityConfig, {
+    "curve": _CURVE,
+    "allow_plain_remote": _boolean,
+    "allow_private_destinations": _boolean,
+    "allowed_destinations": _tuple_of(_network),
+})
+
 _TOP_READERS: dict[str, Reader] = {
     "ingest": _endpoint,
     "events": _endpoint,
@@ -880,6 +976,7 @@ _TOP_READERS: dict[str, Reader] = {
     "shaping": _SHAPING,
     "throttle": _THROTTLE,
     "warmup": _WARMUP,
+    "security": _SECURITY,
 }
 
 

@@ -5,21 +5,31 @@ the TLS policy, each phase timed. A failure here is the connection's fault
 (`Blame.CONNECTION`): the caller moves on to the next MX host. A failed TLS
 handshake is retried once in plaintext on a fresh connection (the host is
 remembered as TLS-broken); a certificate that only fails verification is retried
-once without the check (remembered as unverifiable).
+once without the check (remembered as unverifiable). Opening one connection, all
+phases together, takes at most `timeouts.setup`.
+
+Prohibited destinations: unless `host` is a configured route, every address of
+it must pass the `DestinationPolicy` (by default: a public unicast address, not
+loopback, private, link-local...). Refused addresses are skipped; a host left
+with none fails with 451 4.4.4 and is never connected to (docs/SECURITY.md).
 """
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import time
 from dataclasses import dataclass
 
+from engine import logs
 from engine.config import Timeouts
 from engine.metrics import Metrics
-from engine.mx import MxHost, Resolver
+from engine.mx import DestinationPolicy, MxHost, Resolver
 from engine.reply import DeliveryError, Reply, TransientError, error_for
 from engine.smtp import Connection, Limits, TlsError
 from engine.tls import TlsPlan, TlsPolicy, is_verify_failure
+
+log = logging.getLogger("mailengine.connector")
 
 
 @dataclass(frozen=True)
@@ -37,18 +47,26 @@ class Identity:
 
 class Connector:
     def __init__(self, identity: Identity, resolver: Resolver, tls: TlsPolicy,
-                 timeouts: Timeouts, limits: Limits, metrics: Metrics) -> None:
+                 timeouts: Timeouts, limits: Limits, metrics: Metrics,
+                 destinations: DestinationPolicy | None = None) -> None:
         self.identity = identity
         self.resolver = resolver
         self.tls = tls
         self.timeouts = timeouts
         self.limits = limits
         self.metrics = metrics
+        self.destinations = destinations or DestinationPolicy()  # strict unless told
 
-    def open(self, host: MxHost, provider: str) -> Connection:
-        """A connection to `host` ready for MAIL; tries each of its addresses in turn."""
+    def open(self, host: MxHost, provider: str, routed: bool = False) -> Connection:
+        """A connection to `host` ready for MAIL; tries each of its addresses in turn.
+
+        `routed`: `host` is a configured route, exempt from the destination policy.
+        """
         last: DeliveryError | None = None
-        for address in self.resolver.addresses(host.name, self.identity.family)[:4]:
+        addresses = self.resolver.addresses(host.name, self.identity.family)
+        if not routed:
+            addresses = self._permitted(host, addresses)
+        for address in addresses[:4]:
             try:
                 return self._open_at(host, address, provider)
             except DeliveryError as err:
@@ -57,17 +75,38 @@ class Connector:
         assert last is not None  # addresses() raises rather than return nothing
         raise last
 
+    def check_destination(self, host: MxHost) -> None:
+        """Refuse a prohibited MX host before any pool is involved (TransientError 4.4.4).
+
+        The caller's early check: a refusal inside a pool's connection factory would put
+        that pool in connect backoff, and a route to the same host and port shares it.
+        """
+        self._permitted(host, self.resolver.addresses(host.name, self.identity.family))
+
+    def _permitted(self, host: MxHost, addresses: list[str]) -> list[str]:
+        """The addresses mail may go to; TransientError (4.4.4) when none is left."""
+        refusals = {a: self.destinations.refusal(a) for a in addresses}
+        allowed = [a for a, why in refusals.items() if why is None]
+        if allowed:
+            return allowed
+        why = "; ".join(str(reason) for reason in refusals.values())
+        log.warning(logs.kv("prohibited_destination", mx=host.name, why=why))
+        reply = Reply.local(451, "4.4.4", f"MX host {host.name} is a prohibited destination:"
+                                          f" {why} (see security.allow_private_destinations)")
+        raise TransientError(reply, "CONNECT")
+
     def _open_at(self, host: MxHost, address: str, provider: str,
                  plan: TlsPlan | None = None) -> Connection:
         plan = plan or self.tls.plan(host.name)
         conn = Connection(self.identity.helo, self.identity.address, self.timeouts, self.limits)
         try:
-            self._greet(conn, address, host.port, provider)
-            if plan.attempt and conn.has_extn("starttls"):
-                self._starttls(conn, plan, host, provider)
-            elif plan.required:
-                raise TransientError(Reply(451, "4.7.4", f"TLS is required, but {host.name}"
-                                           " does not offer STARTTLS"), "EHLO")
+            with conn.deadline("setup", self.timeouts.setup):
+                self._greet(conn, address, host.port, provider)
+                if plan.attempt and conn.has_extn("starttls"):
+                    self._starttls(conn, plan, host, provider)
+                elif plan.required:
+                    raise TransientError(Reply(451, "4.7.4", f"TLS is required, but {host.name}"
+                                               " does not offer STARTTLS"), "EHLO")
         except TlsError as err:
             conn.close()
             return self._after_tls_failure(err, plan, host, address, provider)

@@ -93,6 +93,7 @@ class Deliverer:
             else dest.domain
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
         shaper = self.shaping.get(provider)
+        epoch = shaper.epoch  # see _via_host
         wait = shaper.turn()  # waiting for a turn is not an attempt
         if wait is not None:
             return self._not_now(task, rcpts, provider, wait)
@@ -100,7 +101,8 @@ class Deliverer:
         last_host: str | None = None
         for host in dest.hosts:
             try:
-                return self._via_host(task, rcpts, host, provider, shaper)
+                return self._via_host(task, rcpts, host, provider, shaper, dest.routed,
+                                      epoch)
             except DeliveryError as err:
                 if err.blame is Blame.MESSAGE:  # the same at every host: it is the outcome
                     return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts],
@@ -118,12 +120,18 @@ class Deliverer:
                               provider, None, False, shaper, observe=False)
 
     def _via_host(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
-                  shaper: ProviderShaper) -> list[Attempt]:
-        """Send on a pooled connection to `host`; connection-level failures raise."""
+                  shaper: ProviderShaper, routed: bool = False,
+                  epoch: int | None = None) -> list[Attempt]:
+        """Send on a pooled connection to `host`; connection-level failures raise.
+        `routed`: a configured route, exempt from the prohibited-destination check."""
+        if not routed:
+            # Before the pool: a refusal from inside the pool's factory would put the pool in
+            # connect backoff, and a route to the same host and port shares that pool.
+            self.connector.check_destination(host)
         key = PoolKey(self.source_ip, host.name, host.port, self.tls_mode)
         settings = replace(self.pools.settings, max_connections=shaper.limits.max_connections,
                            max_messages=shaper.limits.max_messages)
-        pool = self.pools.get(key, lambda: self.connector.open(host, provider), settings,
+        pool = self.pools.get(key, lambda: self.connector.open(host, provider, routed), settings,
                               shaper.gate)
         stale: StaleConnection | None = None
         for _ in range(MAX_STALE_RETRIES):
@@ -132,6 +140,15 @@ class Deliverer:
                 self.metrics.timing("pool_wait", provider, (time.monotonic() - waited) * 1000.0)
                 if reused:
                     self.metrics.incr("connections_reused", provider)
+                if epoch is not None and shaper.epoch != epoch:
+                    # Regression (throttle storm): every message that took its turn before
+                    # the provider pushed back, at the old or unlimited rate, and then
+                    # waited for a connection, still went out, drew its own throttle and
+                    # cut the rate again. A turn taken before a throttle is taken again.
+                    epoch = shaper.epoch
+                    wait = shaper.turn()
+                    if wait is not None:
+                        return self._not_now(task, rcpts, provider, wait)
                 started = time.monotonic()
                 try:
                     results = conn.send_mail_tx(task.sender, rcpts, task.message,

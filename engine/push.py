@@ -12,6 +12,11 @@ Sources: a .eml file (or - for standard input) with --from/--to; a folder of
 .eml files (envelope from --from/--to, or else from each message's From and
 To headers); a .jsonl file with one job per line: the envelope fields plus
 `message` (the raw message as text) or `message_file` (a path).
+
+An engine with `security.curve.enabled` admits only known clients: give this
+client's key pair (`--curve-client-key NAME.key_secret`, from `mailengine keygen`)
+and the engine's public key (`--curve-server-key server.key`, by default the
+`.key` next to the config's `server_secret_key`). See docs/SECURITY.md.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Any
 
 import zmq
 
+from engine import auth
 from engine import config as config_mod
 
 WINDOW = 2000  # unacknowledged jobs at once
@@ -60,13 +66,19 @@ def add_parser(sub: Any) -> None:
                    help="give up after this many seconds without progress (default 60)")
     p.add_argument("--resend", type=float, default=3.0,
                    help="re-send a job not acknowledged after this many seconds (default 3)")
+    p.add_argument("--curve-server-key", metavar="FILE",
+                   help="the engine's public key (server.key): talk CURVE to the engine")
+    p.add_argument("--curve-client-key", metavar="FILE",
+                   help="this client's key pair (NAME.key_secret, from mailengine keygen)")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        ingest, events = _endpoints(args)
+        cfg = _config(args)
+        ingest, events = _endpoints(args, cfg)
+        curve = _curve(args, cfg)
         jobs = list(_jobs(args))
     except (ValueError, OSError, config_mod.ConfigError) as err:
         print(f"mailengine push: {err}", file=sys.stderr)
@@ -74,20 +86,24 @@ def run(args: argparse.Namespace) -> int:
     if not jobs:
         print("mailengine push: no jobs found", file=sys.stderr)
         return 2
-    outcome = Pusher(ingest, events, args.resend, args.timeout, not args.quiet).push(jobs)
+    outcome = Pusher(ingest, events, args.resend, args.timeout, not args.quiet,
+                     curve).push(jobs)
     return 0 if outcome else 1
 
 
 class Pusher:
     def __init__(self, ingest: str, events: str, resend: float, timeout: float,
-                 progress: bool) -> None:
+                 progress: bool, curve: auth.CurveClient | None = None) -> None:
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 0)
         for topic in (b"queued", b"rejected"):
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self.sub.connect(events)
         self.push_sock = self.ctx.socket(zmq.PUSH)
+        if curve is not None:
+            curve.secure(self.sub)
+            curve.secure(self.push_sock)
+        self.sub.connect(events)
         self.push_sock.setsockopt(zmq.LINGER, 2000)
         self.push_sock.setsockopt(zmq.SNDTIMEO, 1000)
         self.push_sock.connect(ingest)
@@ -196,15 +212,36 @@ class Pusher:
 # -- reading jobs ----------------------------------------------------------------
 
 
-def _endpoints(args: argparse.Namespace) -> tuple[str, str]:
-    ingest, events = "tcp://127.0.0.1:5570", "tcp://127.0.0.1:5571"
+def _config(args: argparse.Namespace) -> config_mod.Config | None:
     path = args.config or os.environ.get(config_mod.ENV_VAR)
     if path is None and os.path.exists(config_mod.DEFAULT_PATH):
         path = config_mod.DEFAULT_PATH
-    if path:
-        cfg = config_mod.load(path)
+    return config_mod.load(path) if path else None
+
+
+def _endpoints(args: argparse.Namespace, cfg: config_mod.Config | None) -> tuple[str, str]:
+    ingest, events = "tcp://127.0.0.1:5570", "tcp://127.0.0.1:5571"
+    if cfg is not None:
         ingest, events = cfg.ingest, cfg.events
     return args.ingest or ingest, args.events or events
+
+
+def _curve(args: argparse.Namespace, cfg: config_mod.Config | None) -> auth.CurveClient | None:
+    """CURVE keys when the flags or the engine's config ask for them; ValueError if half-given."""
+    server_key = args.curve_server_key
+    if server_key is None and cfg is not None and cfg.security.curve.enabled:
+        server_key = auth.public_file_for(cfg.security.curve.server_secret_key)
+    if server_key is None and args.curve_client_key is None:
+        return None
+    if args.curve_client_key is None:
+        raise ValueError("the engine speaks CURVE: give --curve-client-key NAME.key_secret"
+                         " (make a pair with `mailengine keygen NAME`; the engine must list"
+                         " NAME.key in security.curve.allowed_clients)")
+    if server_key is None:
+        raise ValueError("--curve-client-key needs --curve-server-key (the engine's server.key)")
+    if not auth.available():
+        raise ValueError("this libzmq has no CURVE support (zmq.has('curve') is False)")
+    return auth.CurveClient.from_files(server_key, args.curve_client_key)
 
 
 def _jobs(args: argparse.Namespace) -> Iterator[tuple[str, list[bytes]]]:

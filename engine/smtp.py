@@ -10,9 +10,13 @@ read, so that
   and their replies are read back in order;
 - STARTTLS refuses a server that sent bytes after its 220 (response injection:
   those bytes would otherwise be read as if they came over TLS);
-- every phase has its own RFC 5321 timeout, and every failure becomes a
-  `DeliveryError` carrying a reply and the command in flight (`_translate`, the
-  one place that knows smtplib, socket and ssl exceptions).
+- every phase has its own RFC 5321 timeout, a deadline for the whole phase (a
+  server that drips one byte a second cannot stretch it), and `deadline()` bounds
+  several phases together (opening a connection, one transaction), so a server
+  that answers each step just in time cannot hold the connection for their sum;
+- every failure becomes a `DeliveryError` carrying a reply and the command in
+  flight (`_translate`, the one place that knows smtplib, socket and ssl
+  exceptions).
 
 A message goes out in the fewest round trips the server allows: with
 PIPELINING and CHUNKING, MAIL, RCPT and `BDAT n LAST` with the message leave
@@ -22,6 +26,7 @@ a time.
 """
 from __future__ import annotations
 
+import math
 import select
 import smtplib
 import socket
@@ -30,6 +35,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+import gevent
+from gevent import monkey
 
 from engine.config import Timeouts
 from engine.reply import Blame, DeliveryError, Reply, TransientError, error_for
@@ -45,6 +53,8 @@ class Limits:
 
 # Replies to EHLO that mean "I only speak HELO" (RFC 5321 4.1.4); others are final.
 _EHLO_UNKNOWN = (500, 502, 504, 550)
+# Characters of a reply's text that are kept: it travels into events, logs and the spool.
+MAX_REPLY_TEXT = 1000
 
 
 class ProtocolError(Exception):
@@ -67,8 +77,11 @@ class Connection(smtplib.SMTP):
     """An SMTP client connection bound to one source address."""
 
     def __init__(self, helo: str, source_ip: str, timeouts: Timeouts, limits: Limits) -> None:
+        _check_helo(helo)
         super().__init__(host="", local_hostname=helo, timeout=timeouts.connect,
                          source_address=(source_ip, 0))
+        self._phase_end = math.inf  # monotonic deadline of the phase in progress
+        self._span: _Span | None = None  # the deadline() in force, if any
         self.timeouts = timeouts
         self.limits = limits
         self._rbuf = bytearray()
@@ -99,7 +112,7 @@ class Connection(smtplib.SMTP):
 
     def reply(self) -> Reply:
         code, text = self.getreply()
-        return Reply.parse(code, text.decode("utf-8", "replace"))
+        return Reply.parse(code, _cut(text.decode("utf-8", "replace"), MAX_REPLY_TEXT))
 
     def _readline(self) -> bytes:
         while True:
@@ -115,6 +128,7 @@ class Connection(smtplib.SMTP):
                 return line
             if self.sock is None:
                 raise smtplib.SMTPServerDisconnected("not connected")
+            self._arm()  # each read gets only what is left of the phase, not a fresh timeout
             chunk = self.sock.recv(65536)
             if not chunk:
                 self.close()
@@ -135,21 +149,70 @@ class Connection(smtplib.SMTP):
 
     @contextmanager
     def phase(self, command: str, timeout: float) -> Iterator[None]:
-        """Run one protocol step with its timeout; translate any failure."""
+        """Run one protocol step within `timeout` seconds in all; translate any failure."""
         self.command = command
-        if self.sock is not None:
-            self.sock.settimeout(timeout)
+        self._phase_end = time.monotonic() + timeout
         try:
+            self._arm()
             yield
         except DeliveryError:
             raise
         except Exception as exc:  # the single translation point
+            if self._span is not None and self._span.expired(exc):
+                raise TransientError(self._span.reply(command), command) from exc
             raise _translate(exc, command, timeout) from exc
+        finally:
+            self._phase_end = math.inf
+
+    @contextmanager
+    def deadline(self, name: str, seconds: float) -> Iterator[None]:
+        """Bound every phase inside to `seconds` in all ("setup", "transaction").
+
+        Enforced through the socket timeouts (each read gets what is left), and in a
+        gevent worker also by a `gevent.Timeout`, which interrupts what socket timeouts
+        cannot (a TLS handshake fed one byte at a time). A nested deadline never
+        extends an outer one.
+        """
+        outer = self._span
+        span = _Span(name, seconds, time.monotonic() + seconds)
+        if outer is not None and outer.end < span.end:
+            span = outer
+        self._span = span
+        backstop = gevent.Timeout(seconds) if monkey.is_module_patched("socket") else None
+        if backstop is not None:
+            backstop.start()
+        try:
+            yield
+        except gevent.Timeout as fired:
+            if fired is not backstop:
+                raise
+            self.close()  # interrupted mid-step: the session is unusable
+            raise TransientError(span.reply(self.command), self.command) from None
+        finally:
+            if backstop is not None:
+                backstop.cancel()
+            self._span = outer
+
+    def _arm(self) -> None:
+        """Give the socket what is left of the phase and of the deadline in force."""
+        end = self._phase_end if self._span is None else min(self._phase_end, self._span.end)
+        left = end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("deadline passed")
+        if self.sock is not None and left != math.inf:
+            self.sock.settimeout(left)
+
+    def _left(self, timeout: float) -> float:
+        """`timeout`, or less if the deadline in force comes sooner."""
+        if self._span is None:
+            return timeout
+        return max(0.001, min(timeout, self._span.end - time.monotonic()))
 
     def open(self, address: str, port: int) -> Reply:
         """TCP connect from the source address and read the banner."""
         with self.phase("CONNECT", self.timeouts.connect):
-            self.sock = socket.create_connection((address, port), self.timeouts.connect,
+            self.sock = socket.create_connection((address, port),
+                                                 self._left(self.timeouts.connect),
                                                  self.source_address)
             # Each transaction leaves in one write; never hold a tail back for an ACK.
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -243,9 +306,10 @@ class Connection(smtplib.SMTP):
             mode = self._tx_lockstep
         state = _TxState(rcpts)
         try:
-            mail_cmd = self._mail_command(sender, len(message), smtputf8, eightbit)
-            rcpt_cmds = [b"RCPT TO:<" + _wire(r) + b">" for r in rcpts]
-            results = mode(mail_cmd, rcpt_cmds, message, state)
+            with self.deadline("transaction", self.timeouts.transaction):
+                mail_cmd = self._mail_command(sender, len(message), smtputf8, eightbit)
+                rcpt_cmds = [b"RCPT TO:<" + _wire(r) + b">" for r in rcpts]
+                results = mode(mail_cmd, rcpt_cmds, message, state)
         except DeliveryError as err:
             results = self._failed_tx(err, rcpts, state)
         self.messages_sent += 1
@@ -275,7 +339,7 @@ class Connection(smtplib.SMTP):
         rcpt_replies = []
         for _ in range(rcpt_count):
             with self.phase("RCPT", self.timeouts.rcpt):
-                rcpt_replies.append(self.reply())
+                rcpt_replies.append(self._answer("RCPT"))
         return mail, rcpt_replies
 
     def _mail_reply(self, state: _TxState) -> Reply:
@@ -286,10 +350,15 @@ class Connection(smtplib.SMTP):
         was stale, the message was not refused. Failing before `answered` is set makes
         `_failed_tx` raise StaleConnection, so the message goes out on a fresh connection.
         """
-        mail = self.reply()
-        if mail.code == 421 and self.messages_sent > 0:
+        mail = self._answer("MAIL")
+        # A 4.7.x 421 ("4.7.0 rate limited") is policy: the answer to this MAIL, never an
+        # idle farewell; retrying it at once on fresh connections would hammer a server
+        # that just told us to slow down, and hide the throttle from the shaper.
+        policy = (mail.enhanced or "").startswith("4.7.")
+        if mail.code == 421 and self.messages_sent > 0 and not policy:
             raise TransientError(mail, "MAIL", Blame.CONNECTION)
         state.answered = True
+        state.mail = mail
         return mail
 
     def _tx_pipelined_bdat(self, mail_cmd: bytes, rcpt_cmds: list[bytes], message: bytes,
@@ -300,7 +369,7 @@ class Connection(smtplib.SMTP):
             state.data_sent = True
         mail, rcpt_replies = self._read_envelope(len(rcpt_cmds), state)
         with self.phase("BDAT", self.timeouts.final_dot):
-            final = self.reply()
+            final = self._answer("BDAT")
         return self._results(mail, rcpt_replies, final, state)
 
     def _tx_pipelined_data(self, mail_cmd: bytes, rcpt_cmds: list[bytes], message: bytes,
@@ -310,12 +379,13 @@ class Connection(smtplib.SMTP):
         mail, rcpt_replies = self._read_envelope(len(rcpt_cmds), state)
         with self.phase("DATA", self.timeouts.data):
             data = self.reply()
-        if data.code == 354 and not (mail.ok and any(r.ok for r in rcpt_replies)):
-            # RFC 2920 3.1: a server that says 354 with no valid recipient gets an empty
-            # message (a lone dot), never the body.
-            with self.phase("DATA", self.timeouts.final_dot):
-                self._send_lines([b"."])
-                self.reply()
+        if not (mail.ok and any(r.ok for r in rcpt_replies)):
+            if data.code == 354:
+                # RFC 2920 3.1: a server that says 354 with no valid recipient gets an
+                # empty message (a lone dot), never the body.
+                with self.phase("DATA", self.timeouts.final_dot):
+                    self._send_lines([b"."])
+                    self.reply()
             return self._results(mail, rcpt_replies, data if not mail.ok else rcpt_replies[0],
                                  state)
         final = self._send_body(data, state, message)
@@ -332,14 +402,14 @@ class Connection(smtplib.SMTP):
         for cmd in rcpt_cmds:
             with self.phase("RCPT", self.timeouts.rcpt):
                 self._send_lines([cmd])
-                rcpt_replies.append(self.reply())
+                rcpt_replies.append(self._answer("RCPT"))
         if not any(r.ok for r in rcpt_replies):
             return self._results(mail, rcpt_replies, rcpt_replies[0], state)
         if self.has_extn("chunking"):
             with self.phase("BDAT", self.timeouts.final_dot):
                 self._live().sendall(b"BDAT %d LAST\r\n" % len(message) + message)
                 state.data_sent = True
-                final = self.reply()
+                final = self._answer("BDAT")
         else:
             with self.phase("DATA", self.timeouts.data):
                 self._send_lines([b"DATA"])
@@ -348,14 +418,31 @@ class Connection(smtplib.SMTP):
         return self._results(mail, rcpt_replies, final, state)
 
     def _send_body(self, data_reply: Reply, state: _TxState, message: bytes) -> Reply:
-        """After a reply to DATA: the dot-stuffed body and its final reply."""
+        """After a reply to DATA: the dot-stuffed body and its final reply.
+
+        Regression (fuzzing found it): a server answering 250 to DATA had the recipients
+        reported delivered, although the body was never sent. Only 354 opens the body;
+        another success code is a protocol error, a refusal is the outcome.
+        """
         if data_reply.code != 354:
+            if data_reply.ok:
+                raise TransientError(Reply(451, "4.5.0", f"protocol error: {data_reply.code}"
+                                           " reply to DATA, where 354 was expected"), "DATA")
             return data_reply
         with self.phase("DATA", self.timeouts.data_block):
             self._live().sendall(dot_stuff(message) + b".\r\n")
             state.data_sent = True
         with self.phase("DATA", self.timeouts.final_dot):
-            return self.reply()
+            return self._answer("DATA")
+
+    def _answer(self, command: str) -> Reply:
+        """The reply to MAIL, RCPT or the message, where success is 2xx only (RFC 5321
+        4.2.1, 4.3.2). Regression (fuzzing found it): a "354" after the message counted
+        as delivered; a 3xx here is a protocol error, never a success."""
+        reply = self.reply()
+        if 300 <= reply.code < 400:
+            raise ProtocolError(f"{reply.code} reply to {command}, where only 2xx is success")
+        return reply
 
     def _results(self, mail: Reply, rcpt_replies: list[Reply], final: Reply,
                  state: _TxState) -> list[RcptResult]:
@@ -381,6 +468,11 @@ class Connection(smtplib.SMTP):
         self.close()  # a connection-level failure leaves the session unusable
         if self.messages_sent > 0 and not state.answered:
             raise StaleConnection(err.reply, err.command, Blame.CONNECTION) from err
+        if state.mail is not None and not state.mail.ok:
+            # Regression (a pipelined MAIL answered "421 rate limited", then the server
+            # hung up, as servers do after a 421): the refusal is the outcome. The
+            # server took nothing, so the loss is neither ambiguous nor the reply.
+            return [RcptResult(r, state.mail) for r in rcpts]
         ambiguous = state.data_sent
         reply = err.reply
         if ambiguous:
@@ -399,12 +491,31 @@ class Connection(smtplib.SMTP):
             self.close()
 
 
+@dataclass(frozen=True)
+class _Span:
+    """A deadline over several phases: its name, length and end (monotonic)."""
+
+    name: str
+    seconds: float
+    end: float
+
+    def expired(self, exc: BaseException) -> bool:
+        """`exc` is a timeout that this deadline, not the phase's own, caused."""
+        return isinstance(exc, (socket.timeout, TimeoutError)) and \
+            time.monotonic() >= self.end - 0.01
+
+    def reply(self, command: str) -> Reply:
+        where = f" (in {command})" if command else ""
+        return Reply(451, "4.4.2", f"{self.name} took longer than {self.seconds:g}s{where}")
+
+
 class _TxState:
     """How far a transaction got, to judge a failure."""
 
     def __init__(self, rcpts: Sequence[str]) -> None:
         self.rcpts = list(rcpts)
         self.answered = False  # the server replied to MAIL
+        self.mail: Reply | None = None  # that reply
         self.data_sent = False  # the whole message and its terminator are on the wire
 
 
@@ -414,6 +525,17 @@ def dot_stuff(message: bytes) -> bytes:
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     return stuffed
+
+
+def _check_helo(helo: str) -> None:
+    """The EHLO name goes on the wire as is: config checks its syntax; this is the last
+    guard against a name that could end the command line early."""
+    if not helo or not helo.isascii() or not helo.isprintable() or " " in helo:
+        raise ValueError(f"EHLO name must be printable ASCII without spaces: {helo!r}")
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _wire(value: str) -> bytes:

@@ -31,11 +31,11 @@ from typing import Any
 
 import zmq
 
+from engine import auth, events, logs, retry, wire
 from engine import config as config_mod
-from engine import events, logs, retry, wire
 from engine.config import Config
 from engine.delivery import Task
-from engine.job import Job, JobRejected, parse_job
+from engine.job import MAX_ENVELOPE_SIZE, Job, JobRejected, parse_job
 from engine.metrics import Metrics
 from engine.outcome import Attempt, Status
 from engine.reply import Reply
@@ -50,6 +50,12 @@ RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 STABLE_AFTER = 60.0  # a worker up this long has its restart backoff reset
 PARK_TIME = 2.0  # seconds a job no worker could take is passed over
 EXPIRED_REPLY = Reply(451, "4.4.7", "message expired: not delivered within its time")
+# High-water marks, in messages: what a socket queues before it pushes back (PULL stops
+# reading, so TCP pushes back on the producer) or drops (PUB, per subscriber).
+INGEST_HWM = 10000  # jobs waiting in the ingest socket
+EVENTS_HWM = 10000  # events queued for one slow subscriber; the log still has them all
+RESULTS_HWM = 10000  # worker results waiting to be recorded
+CONTROL_MAX_REQUEST = 64 * 1024  # bytes: a status request is a few dozen
 
 
 @dataclass
@@ -95,18 +101,21 @@ class Supervisor:
     def __init__(self, cfg: Config, config_path: str | None) -> None:
         self.cfg = cfg
         self.config_path = config_path
+        # Keys first: a missing key is a config error, found before anything is touched.
+        self.curve = auth.CurveServer(cfg.security.curve) if cfg.security.curve.enabled else None
         self.zctx = zmq.Context()
         self.spool = Spool(cfg.spool, on_corrupt=self._on_corrupt)
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
                                       "supervisor", cfg.statsd.enabled)
         os.makedirs(cfg.run_dir, exist_ok=True)
-        self.ingest = self._bind(zmq.PULL, cfg.ingest)
-        self.ingest.setsockopt(zmq.RCVHWM, 10000)
-        self.pub = self._bind(zmq.PUB, cfg.events)
+        try:
+            self._bind_public(cfg)
+        except BaseException:
+            self._close_public()
+            raise
         _end_torn_line(cfg.events_log)
         self.events = events.EventPublisher(self.pub, cfg.events_log)
-        self.results = self._bind(zmq.PULL, self._endpoint("results"))
-        self.control = self._bind(zmq.REP, cfg.control)
+        self.results = self._bind(zmq.PULL, self._endpoint("results"), {zmq.RCVHWM: RESULTS_HWM})
         self.workers: dict[str, WorkerHandle] = {}
         self.in_flight: dict[str, InFlight] = {}
         self.counters: dict[str, int] = {name: 0 for name in events.EVENT_NAMES}
@@ -117,9 +126,37 @@ class Supervisor:
 
     # -- sockets ---------------------------------------------------------------
 
-    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+    def _bind_public(self, cfg: Config) -> None:
+        """The sockets producers and subscribers reach: bounded, and CURVE when configured.
+
+        The ZAP handler starts before the first bind: a CURVE handshake that found none
+        would be let in unchecked. A frame larger than any valid job (ZMQ_MAXMSGSIZE) makes
+        ZeroMQ drop that producer's connection instead of buffering it.
+        """
+        if self.curve is not None:
+            self.curve.start(self.zctx)
+            log.info(logs.kv("curve_enabled", clients=len(self.curve.clients),
+                             allowed_clients=cfg.security.curve.allowed_clients))
+        max_frame = cfg.limits.max_message_size + MAX_ENVELOPE_SIZE
+        self.ingest = self._bind(zmq.PULL, cfg.ingest,
+                                 {zmq.RCVHWM: INGEST_HWM, zmq.MAXMSGSIZE: max_frame}, curve=True)
+        self.pub = self._bind(zmq.PUB, cfg.events, {zmq.SNDHWM: EVENTS_HWM}, curve=True)
+        self.control = self._bind(zmq.REP, cfg.control,
+                                  {zmq.RCVHWM: 100, zmq.MAXMSGSIZE: CONTROL_MAX_REQUEST})
+
+    def _close_public(self) -> None:
+        if self.curve is not None:
+            self.curve.stop()
+        self.zctx.destroy(linger=0)
+
+    def _bind(self, kind: int, endpoint: str, options: dict[int, int] | None = None,
+              curve: bool = False) -> zmq.Socket:
         sock = self.zctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 1000)
+        for option, value in (options or {}).items():
+            sock.setsockopt(option, value)
+        if curve and self.curve is not None:
+            self.curve.secure(sock)
         if endpoint.startswith("ipc://"):
             path = endpoint[len("ipc://"):]
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -197,6 +234,8 @@ class Supervisor:
         left = self.spool.stats()
         self.spool.close()
         log.info(logs.kv("stopped", jobs_spooled=left.jobs, rcpts_pending=left.rcpts_pending))
+        if self.curve is not None:
+            self.curve.stop()
         self.zctx.destroy(linger=1000)
         return 0
 
@@ -495,6 +534,12 @@ class Supervisor:
         for key in ("ingest", "events", "control", "spool", "run_dir", "events_log"):
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning(logs.kv("reload_needs_restart", key=key))
+        if (new.security.curve.enabled, new.security.curve.server_secret_key,
+                new.security.allow_plain_remote) != (
+                self.cfg.security.curve.enabled, self.cfg.security.curve.server_secret_key,
+                self.cfg.security.allow_plain_remote):
+            log.warning(logs.kv("reload_needs_restart", key="security"))
+        self._reload_clients(new.security.curve.allowed_clients)
         old_ips = set(self.workers)
         self.cfg = new
         new_ips = self._configured_ips()
@@ -508,6 +553,17 @@ class Supervisor:
             self._add_worker(ip)
         log.info(logs.kv("reloaded", ips=len(new_ips), added=len(new_ips - old_ips),
                          removed=len(old_ips - new_ips)))
+
+    def _reload_clients(self, folder: str) -> None:
+        """A new allow-list of CURVE clients takes effect at once; a bad one is ignored."""
+        if self.curve is None:
+            return
+        try:
+            count = self.curve.reload_clients(folder)
+        except config_mod.ConfigError as err:
+            log.error(logs.kv("curve_clients_unchanged", error=err))
+            return
+        log.info(logs.kv("curve_clients_reloaded", clients=count))
 
     # -- housekeeping --------------------------------------------------------------
 
@@ -546,10 +602,12 @@ class Supervisor:
                       "oldest_queued_ts": stats.oldest_queued_ts},
             "in_flight": len(self.in_flight),
             "events": dict(self.counters),
-            "workers": {ip: {"alive": h.alive, "ready": h.ready, "pid": h.proc.pid if h.proc else None,
+            "workers": {ip: {"alive": h.alive, "ready": h.ready,
+                             "pid": h.proc.pid if h.proc else None,
                              "jobs": len(h.jobs), "restarts": h.failures,
                              "connections_open": h.stats.get("connections_open", 0),
-                             "in_flight": h.stats.get("in_flight", 0)}
+                             "in_flight": h.stats.get("in_flight", 0),
+                             "shaping": h.stats.get("shaping", {})}
                         for ip, h in self.workers.items()},
         }
 
@@ -591,6 +649,10 @@ def main(config_path: str | None) -> int:
     logs.setup(cfg.log_level, "supervisor")
     try:
         supervisor = Supervisor(cfg, config_path)
+    except config_mod.ConfigError as err:  # a key file or the clients' folder
+        log.error(logs.kv("start_failed", error=err))
+        print(f"mailengine: {err}", file=sys.stderr)
+        return 2
     except (OSError, zmq.ZMQError, SpoolError) as err:
         log.error(logs.kv("start_failed", error=err))
         print(f"mailengine: cannot start: {err}", file=sys.stderr)

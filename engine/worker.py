@@ -29,7 +29,7 @@ from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
 from engine.delivery import Deliverer, Task
 from engine.metrics import Metrics
-from engine.mx import Resolver
+from engine.mx import DestinationPolicy, Resolver
 from engine.outcome import Attempt
 from engine.pool import Pools
 from engine.provider import DEFAULT_PROVIDERS
@@ -76,7 +76,8 @@ class Worker:
         tls = TlsPolicy(cfg.smtp.tls, cfg.smtp.ca_file, cfg.smtp.tls_broken_ttl)
         limits = Limits(cfg.smtp.max_line_length, cfg.smtp.max_reply_lines)
         connector = Connector(Identity(self.ip.address, self.ip.helo), resolver, tls,
-                              cfg.smtp.timeouts, limits, self.metrics)
+                              cfg.smtp.timeouts, limits, self.metrics,
+                              DestinationPolicy.from_config(cfg.security))
         return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
                          self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers})
 

@@ -58,7 +58,7 @@ def test_minimal_config_takes_documented_defaults() -> None:
     assert cfg.smtp.tls_broken_ttl == 3600.0 and cfg.smtp.ca_file is None
     assert (cfg.smtp.max_reply_lines, cfg.smtp.max_line_length) == (100, 4096)
     assert dataclasses.astuple(cfg.smtp.timeouts) == (
-        30, 300, 300, 120, 60, 300, 300, 120, 180, 600, 60, 10)
+        30, 300, 300, 120, 60, 300, 300, 120, 180, 600, 60, 10, 600, 1800)
     assert dataclasses.astuple(cfg.pool) == (10, 100, 60.0, 30.0)
     assert dataclasses.astuple(cfg.dns) == ((), 53, 5.0, 10000)
     assert dict(cfg.routes) == {}

@@ -3,6 +3,7 @@ scripted servers on loopback, with real TLS handshakes and a real DNS server whe
 """
 from __future__ import annotations
 
+import ipaddress
 import socket
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import pytest
 
 from engine.connector import Connector, Identity
 from engine.metrics import Metrics
-from engine.mx import MxHost, Resolver
+from engine.mx import DestinationPolicy, MxHost, Resolver
 from engine.reply import Blame, DeliveryError, PermanentError, TransientError
 from engine.smtp import Limits, TlsError
 from engine.testing.tlscert import CABundle
@@ -24,6 +25,8 @@ from tests.test_smtp import CLIENT_IP, FAST, HELO, ehlo_reply, greet
 pytestmark = pytest.mark.timeout(30)
 
 Scripted = Callable[..., ScriptedServer]
+# The test servers are MX hosts on loopback, a prohibited destination unless allowed.
+LOOPBACK_ALLOWED = DestinationPolicy(allowed=(ipaddress.ip_network("127.0.0.0/8"),))
 
 QUIT = [C("QUIT"), S("221 2.0.0 bye")]
 
@@ -32,7 +35,7 @@ def make_connector(mode: str = "opportunistic", ca_file: str | None = None,
                    resolver: Resolver | None = None) -> tuple[Connector, TlsPolicy]:
     tls = TlsPolicy(mode, ca_file=ca_file)
     connector = Connector(Identity(CLIENT_IP, HELO), resolver or Resolver(), tls, FAST,
-                          Limits(), Metrics(None, CLIENT_IP))
+                          Limits(), Metrics(None, CLIENT_IP), LOOPBACK_ALLOWED)
     return connector, tls
 
 
@@ -84,7 +87,7 @@ def test_tls_broken_ttl_zero_retries_in_plaintext_once_not_in_circles(
     server = scripted([starttls_then(*BROKEN_TLS["garbage"]), plain])
     tls = TlsPolicy("opportunistic", broken_ttl=0)
     connector = Connector(Identity(CLIENT_IP, HELO), Resolver(), tls, FAST, Limits(),
-                          Metrics(None, CLIENT_IP))
+                          Metrics(None, CLIENT_IP), LOOPBACK_ALLOWED)
     conn = connector.open(mx(server), "test")
     assert conn.tls_version is None
     conn.quit_quietly()
@@ -99,7 +102,7 @@ def test_tls_broken_ttl_zero_unverifiable_certificate_retries_unchecked_once(
     server = scripted([starttls_then(TLS()), retry])
     tls = TlsPolicy("opportunistic", broken_ttl=0)
     connector = Connector(Identity(CLIENT_IP, HELO), Resolver(), tls, FAST, Limits(),
-                          Metrics(None, CLIENT_IP))
+                          Metrics(None, CLIENT_IP), LOOPBACK_ALLOWED)
     conn = connector.open(mx(server), "test")
     assert conn.tls_version is not None and conn.tls_verified is False
     conn.quit_quietly()

@@ -37,6 +37,7 @@ from tests.smtpserver import (
     Step,
 )
 from tests.statsd_catcher import StatsdCatcher
+from tests.test_connector import LOOPBACK_ALLOWED
 from tests.test_smtp import (
     CLIENT_IP,
     FAST,
@@ -99,7 +100,8 @@ def engine() -> Iterator[Callable[..., Engine]]:
         statsd = StatsdCatcher()
         metrics = Metrics.create("127.0.0.1", statsd.port, "test", ip)
         tls = TlsPolicy(tls_mode)
-        connector = Connector(Identity(ip, HELO), resolver, tls, FAST, Limits(), metrics)
+        connector = Connector(Identity(ip, HELO), resolver, tls, FAST, Limits(), metrics,
+                              LOOPBACK_ALLOWED)
         pools = Pools(PoolConfig(max_connections=2, max_messages=100, idle_timeout=60.0,
                                  connect_backoff=30.0))
         deliverer = Deliverer(ip, tls_mode, resolver, connector, pools, metrics)
