@@ -126,6 +126,16 @@ class Throttling:
     rules: tuple[ThrottleRule, ...] = DEFAULT_RULES
 
 
+# The adaptive rate's shape after a throttle (see ProviderShaper._increase):
+RECOVERY = 10.0  # s: after a decrease, back to just under the ceiling within this long
+PROBE_MIN = 0.02  # at the ceiling, probing starts at this fraction of `increase`...
+PROBE_RAMP = 10.0  # ...and reaches all of it this long after the last decrease;
+PROBE_RAMP_MAX = 3600.0  # doubled (up to this) each time the provider confirms its limit
+RATE_WINDOW = 10.0  # s: the window of the current rate
+ESTIMATE_WINDOW = 5.0  # s: the accepted rate a throttle is measured by (no older ramp in it)
+MIN_SPAN = 0.1  # s: a rate is measured over at least this long
+
+
 @dataclass(frozen=True)
 class Deferral:
     """Not now: come back at `retry_at`. Not an attempt."""
@@ -255,6 +265,13 @@ class ProviderShaper:
         self._last_decrease = -1e9
         self._hour = _Window()
         self._recent: deque[float] = deque()  # send times of the last 10 s: the current rate
+        self._accepted: deque[float] = deque()  # clean deliveries of the last 5 s
+        self._active_since: float | None = None  # sending without a 10 s pause since
+        self._probe_ramp = PROBE_RAMP
+        self._recover_from = 0.0  # the allowed rate just after the last decrease
+        # Bumped on every decrease and suspension: a turn taken before is stale (taken at a
+        # rate the provider refused) and must be taken again before sending (see delivery).
+        self.epoch = 0
 
     # -- taking a turn -----------------------------------------------------------
 
@@ -288,6 +305,8 @@ class ProviderShaper:
     def _count(self, at: float) -> None:
         self._hour.add(self._wall())
         self.sent_today += 1
+        if not self._recent or at - self._recent[-1] > RATE_WINDOW:
+            self._active_since = at
         self._recent.append(at)
 
     # -- learning from replies -----------------------------------------------------
@@ -319,39 +338,109 @@ class ProviderShaper:
         if rule.suspend > 0:
             until = now + rule.suspend
             if until > self.suspended_until:
+                if now >= self.suspended_until:
+                    self._new_epoch(now)
                 self.suspended_until = until
                 log.warning(logs.kv("provider_suspended", provider=self.provider,
                                     rule=rule.name, seconds=rule.suspend))
         if now - self._last_decrease < self.throttling.holdoff:
             return  # the same burst, already answered
         self._last_decrease = now
-        # The rate that drew the throttle: what we actually sent, when that was
-        # less than we were allowed to.
-        sent = self.current_rate()
-        allowed = self.allowed_rate or max(sent, self.throttling.start_rate)
-        current = min(allowed, sent) if sent > self.throttling.min_rate else allowed
+        self._new_epoch(now)
+        current = self._limit_estimate(now)
+        # Throttled while probing above the ceiling, at about the same rate: the provider
+        # confirmed its limit, so probe half as eagerly next time (throttles fall off).
+        probing = self.ceiling is not None and self.allowed_rate >= self.ceiling * 0.95
+        confirmed = probing and self.ceiling is not None \
+            and 0.8 < current / self.ceiling < 1.25
+        self._probe_ramp = min(PROBE_RAMP_MAX, self._probe_ramp * 2) if confirmed \
+            else PROBE_RAMP
+        rate = min(self.allowed_rate, current) if self.allowed_rate > 0 else current
         self.ceiling = current
-        self.allowed_rate = max(self.throttling.min_rate, current * self.throttling.decrease)
+        self.allowed_rate = max(self.throttling.min_rate, rate * self.throttling.decrease)
+        self._recover_from = self.allowed_rate
         log.info(logs.kv("rate_decreased", provider=self.provider, rule=rule.name,
                          rate=f"{self.allowed_rate:.2f}", ceiling=f"{current:.2f}"))
 
+    def _new_epoch(self, now: float) -> None:
+        """Turns taken so far are stale: their holders take them again (see `epoch`), so
+        the slots they reserved are free. (Kept, they were dead air: up to max_wait of
+        nothing sent, then the backlog in a burst that drew the next throttle.)"""
+        self.epoch += 1
+        self._next_slot = now
+
+    def _limit_estimate(self, now: float) -> float:
+        """The rate that drew the throttle: what the provider accepted just before it.
+
+        Regression (the rate collapsed to a fifth of the limit): this was the rate we
+        *sent*, throttled attempts included, averaged over 10 s even when sending had
+        begun a second before. Against a provider taking 20/s it read 60, 30, 15, 9...
+        as echoes of one overload came back. What the provider accepted, over the time
+        we have been sending, is its limit when it pushes back. Early on this errs high
+        (the provider's burst allowance counts too), and the next throttle, seconds
+        later, corrects it; a ceiling too low would only be found by slow probing.
+        """
+        accepted = self._rate(self._accepted, now, ESTIMATE_WINDOW)
+        if accepted > self.throttling.min_rate:
+            return accepted
+        # Nothing accepted lately (throttled from the first message): what we sent, or
+        # were allowed to send.
+        sent = self._rate(self._recent, now, ESTIMATE_WINDOW)
+        allowed = self.allowed_rate or max(sent, self.throttling.start_rate)
+        return min(allowed, sent) if sent > self.throttling.min_rate else allowed
+
+    def _rate(self, times: deque[float], now: float, window: float) -> float:
+        """Events per second in `times` (newest last) over the last `window` seconds, or
+        since sending began if that is later."""
+        count = 0
+        for t in reversed(times):
+            if t < now - window:
+                break
+            count += 1
+        began = self._active_since if self._active_since is not None else now
+        return count / min(window, max(MIN_SPAN, now - began))
+
     def _clean(self) -> None:
-        """Additive increase: `increase` msg/s per second of sending at the allowed rate,
-        slowing as the rate nears the last ceiling, so it settles just under it."""
+        """Increase per clean delivery, so that per second of sending at the allowed rate
+        it adds `_increase()`: back to just under the last ceiling within seconds, then
+        probing above it, slowly at first (see `_increase`)."""
+        now = self._clock()
+        self._accepted.append(now)
+        while self._accepted[0] < now - ESTIMATE_WINDOW:
+            self._accepted.popleft()
         rate = self.allowed_rate
         if rate <= 0:
             return  # unlimited and never throttled
-        step = self.throttling.increase / rate  # per message, so per second it adds `increase`
-        if self.ceiling is not None:
-            target = self.ceiling * 0.95
-            room = (target - rate) / target if rate < target else 0.0
-            step *= max(room, 0.02)  # probe above the old ceiling, but slowly
+        new = rate + self._increase(rate, now) / rate  # per message
+        if self.ceiling is not None and rate < self.ceiling * 0.95:
+            new = min(new, self.ceiling * 0.95)  # recovering: up to the target, not past it
         maximum = self.limits.rate or float("inf")
-        if self.limits.rate == 0 and self.ceiling is not None and rate + step >= self.ceiling * 4:
+        if self.limits.rate == 0 and self.ceiling is not None and new >= self.ceiling * 4:
             # An unlimited provider that recovered well past its old ceiling: unlimited again.
             self.allowed_rate, self.ceiling = 0.0, None
             return
-        self.allowed_rate = min(maximum, rate + step)
+        self.allowed_rate = min(maximum, new)
+
+    def _increase(self, rate: float, now: float) -> float:
+        """Messages per second added per second of clean sending at `rate`.
+
+        Below 95% of the ceiling: `increase`, less near the ceiling, but at least enough
+        to get back within RECOVERY seconds. Regression (never recovered): the step was
+        `increase` times the room left, so the rate only ever approached the target (a
+        20/s provider took minutes to get near it), and never probed above it. At the ceiling: a probe, PROBE_MIN of `increase` at
+        first, growing the longer the provider stays quiet, so a ceiling measured too low
+        (or a limit the provider raised) is found in bounded time. Regression (stuck): the
+        probe was PROBE_MIN for ever, 0.01 msg/s per second with the defaults.
+        """
+        increase = self.throttling.increase
+        if self.ceiling is None:
+            return increase
+        target = self.ceiling * 0.95
+        if rate < target:
+            return max(increase * (target - rate) / target,
+                       (target - self._recover_from) / RECOVERY)
+        quiet = now - self._last_decrease
+        return increase * min(1.0, max(PROBE_MIN, quiet / self._probe_ramp))
 
     # -- what it looks like ------------------------------------------------------------
 

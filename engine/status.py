@@ -82,4 +82,36 @@ def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: fl
     for ip, w in sorted(figures["workers"].items()):
         lines.append(f"{ip:<18}{'yes' if w['alive'] else 'NO':<7}{w['pid']!s:<9}"
                      f"{w['jobs']:>6}{w['connections_open']:>7}{w['restarts']:>10}")
+    shaping = render_shaping(figures["workers"])
+    if shaping:
+        lines += ["", *shaping]
     return "\n".join(lines)
+
+
+def render_shaping(workers: dict[str, Any]) -> list[str]:
+    """Traffic shaping per sending IP x provider (docs/SHAPING.md): the allowed rate
+    (adaptive), the rate actually sent over the last 10 s, the configured maximum, the
+    seconds left of a suspension, throttles received, connections open / allowed and,
+    for an IP warming up, messages sent today / today's cap."""
+    rows = [(ip, provider, state) for ip, w in sorted(workers.items())
+            for provider, state in sorted((w.get("shaping") or {}).items())]
+    if not rows:
+        return []
+    lines = ["shaping (per sending IP x provider):",
+             f"{'ip':<18}{'provider':<24}{'allowed':>10}{'current':>10}{'max':>10}"
+             f"{'suspended':>11}{'throttles':>11}{'conns':>8}{'today':>12}"]
+    for ip, provider, st in rows:
+        cap = st.get("daily_cap")
+        today = f"{st.get('sent_today', 0)}/{cap}" if cap is not None else "-"
+        suspended = st.get("suspended_for", 0)
+        conns = f"{st.get('connections', 0)}/{st.get('max_connections', '-')}"
+        lines.append(f"{ip:<18}{provider[:23]:<24}{_rate(st.get('allowed_rate', 0)):>10}"
+                     f"{st.get('current_rate', 0):>8.1f}/s{_rate(st.get('max_rate', 0)):>10}"
+                     f"{f'{suspended:.1f}s' if suspended else '-':>11}"
+                     f"{st.get('throttles', 0):>11}{conns:>8}{today:>12}")
+    return lines
+
+
+def _rate(value: float) -> str:
+    """Messages per second; 0 means no limit."""
+    return f"{value:.1f}/s" if value else "unlimited"

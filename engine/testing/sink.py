@@ -3,8 +3,10 @@
 It offers STARTTLS (a throwaway self-signed certificate), PIPELINING and CHUNKING
 (BDAT), answers recipients by local part (``reject...`` 550, ``defer...`` 451),
 and records every message with its envelope, the client's address, whether TLS
-was used and on which connection it came. It serves from a background thread of
-the calling process (no gevent), on an ephemeral port.
+was used and on which connection it came. It can rate-limit senders the way
+receiving providers do (a token bucket per client IP, checked at MAIL FROM),
+recording every throttle it sent and every MAIL it accepted. It serves from a
+background thread of the calling process (no gevent), on an ephemeral port.
 """
 from __future__ import annotations
 
@@ -78,6 +80,37 @@ def _body_summary(body: bytes, content: bool) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# Rate limiting
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved up; a MAIL FROM takes one.
+
+    Only accepted transactions take a token: a sender that keeps knocking while throttled
+    is not punished further, so the accepted rate converges on ``rate`` and never exceeds
+    ``rate`` (plus the initial ``burst``) over any window.
+    """
+
+    def __init__(self, rate: float, burst: float, clock: Any = time.monotonic) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._tokens = burst
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+# --------------------------------------------------------------------------------------------
 # The sink
 
 
@@ -124,6 +157,14 @@ class SinkServer:
     the test certificate; ``require_tls=True`` answers ``530`` to mail commands before STARTTLS.
     Recipients are accepted unless their local part starts with a key of ``RCPT_RULES``
     (``reject...`` -> 550, ``defer...`` -> 451; pass ``rcpt_rules`` to change the table).
+
+    ``rate_limit`` (messages per second) throttles senders as receiving providers do: a token
+    bucket of ``rate_burst`` tokens (default: one second's worth, at least 1) per client IP
+    (``per_ip=False``: one for everybody) is checked at MAIL FROM; past it the server answers
+    ``throttle_reply``. A ``421`` reply then closes the connection, as real servers do; any
+    other (``451 4.7.1 ...``) keeps it open for the next transaction. ``throttled`` counts the
+    throttles sent per client IP; ``throttle_times()`` and ``accept_times()`` give the moments
+    (Unix time) of each throttle and of each accepted MAIL FROM, to measure rates over windows.
     """
 
     RCPT_RULES: ClassVar[dict[str, str]] = {
@@ -145,6 +186,10 @@ class SinkServer:
         idle_timeout: float = 300.0,
         data_size_limit: int = 64 << 20,
         hostname: str = "sink.test",
+        rate_limit: float | None = None,
+        rate_burst: float | None = None,
+        per_ip: bool = True,
+        throttle_reply: str = "421 4.7.0 Rate limited, slow down",
     ) -> None:
         # aiosmtpd logs a traceback for every aborted handshake; the engine's
         # verify-first TLS probe aborts one per new host on purpose.
@@ -167,6 +212,15 @@ class SinkServer:
         self._active: dict[int, _SinkSMTP] = {}
         self._max_concurrent = 0
         self._stopped = False
+        self.rate_limit = rate_limit
+        self.rate_burst = rate_burst if rate_burst is not None else max(1.0, rate_limit or 1.0)
+        self.per_ip = per_ip
+        if not re.fullmatch(r"[45]\d\d [^\r\n]*", throttle_reply):
+            raise ValueError(f"throttle_reply must be a 4xx or 5xx reply line: {throttle_reply!r}")
+        self.throttle_reply = throttle_reply
+        self._buckets: dict[str, TokenBucket] = {}
+        self._throttles: list[tuple[float, str]] = []  # (when, client IP)
+        self._accepts: list[tuple[float, str]] = []  # MAIL FROMs accepted: (when, client IP)
         listener = socket.create_server((host, port), backlog=128)
         self.host, self.port = listener.getsockname()[:2]
         self._loop = asyncio.new_event_loop()
@@ -208,6 +262,29 @@ class SinkServer:
         with self._state:
             return list(self._refused)
 
+    @property
+    def throttled(self) -> dict[str, int]:
+        """Throttle replies sent, per client IP."""
+        with self._state:
+            return dict(collections.Counter(ip for _, ip in self._throttles))
+
+    def throttle_times(self, ip: str | None = None) -> list[float]:
+        """When each throttle reply went out (Unix time), for one client IP or all."""
+        with self._state:
+            return [t for t, peer in self._throttles if ip is None or peer == ip]
+
+    def accept_times(self, ip: str | None = None) -> list[float]:
+        """When each MAIL FROM was accepted (Unix time), for one client IP or all: what the
+        rate limit counts, and what ``rate`` measures."""
+        with self._state:
+            return [t for t, peer in self._accepts if ip is None or peer == ip]
+
+    def rate(self, start: float, end: float, ip: str | None = None) -> float:
+        """Accepted MAIL FROMs per second in [start, end) (Unix time)."""
+        if end <= start:
+            raise ValueError("an empty window has no rate")
+        return sum(1 for t in self.accept_times(ip) if start <= t < end) / (end - start)
+
     def wait_for(self, count: int, timeout: float = 5.0) -> list[SinkMessage]:
         """Block until at least ``count`` messages arrived; return them all."""
         with self._state:
@@ -226,6 +303,9 @@ class SinkServer:
         with self._state:
             self._messages.clear()
             self._refused.clear()
+            self._throttles.clear()
+            self._accepts.clear()
+            self._buckets.clear()
             self._connections = 0
             self._max_concurrent = len(self._active)
 
@@ -250,6 +330,8 @@ class SinkServer:
                     {"conn_id": conn, "rcpt": rcpt, "reply": reply}
                     for conn, rcpt, reply in self._refused
                 ],
+                "throttled": dict(collections.Counter(ip for _, ip in self._throttles)),
+                "accepted_mail_from": len(self._accepts),
             }
 
     # -- lifecycle --
@@ -322,6 +404,24 @@ class SinkServer:
         with self._state:
             self._refused.append((conn_id, address, reply))
 
+    def _admit(self, client_ip: str) -> bool:
+        """A MAIL FROM from ``client_ip``: within the rate limit (recorded either way)?"""
+        now = time.time()
+        with self._state:
+            if self.rate_limit is None:
+                self._accepts.append((now, client_ip))
+                return True
+            key = client_ip if self.per_ip else "*"
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(self.rate_limit, self.rate_burst)
+            if bucket.take():
+                self._accepts.append((now, client_ip))
+                return True
+            self._throttles.append((now, client_ip))
+            self._state.notify_all()
+            return False
+
 
 class _SinkEnvelope(Envelope):
     def __init__(self) -> None:
@@ -368,6 +468,18 @@ class _SinkSMTP(SMTP):
             if self._counted:
                 self._counted = False
                 self.sink._closed(self.conn_id)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """MAIL FROM, behind the sink's rate limit (a refused MAIL takes no token)."""
+        assert self.session is not None and self.envelope is not None
+        if self.session.host_name and arg is not None and not self.envelope.mail_from:
+            peer = cast(tuple[str, int], self.session.peer)
+            if not self.sink._admit(peer[0]):
+                await self.push(self.sink.throttle_reply)
+                if self.sink.throttle_reply.startswith("421"):
+                    self.hang_up()  # 421: the server closes the connection (RFC 5321 3.8)
+                return
+        await super().smtp_MAIL(arg)
 
     def hang_up(self, abort: bool = False) -> None:
         transport = self._original_transport or self.transport
