@@ -134,11 +134,18 @@ class DestinationPool:
 
     def release(self, conn: Connection) -> None:
         usable = conn.sock is not None and conn.messages_sent < self.settings.max_messages
-        if usable:
+        if usable and not self._slot_wanted_elsewhere():
             self._idle.append(conn)
         else:
             self._discard(conn)
         self._wake_one()
+
+    def _slot_wanted_elsewhere(self) -> bool:
+        """Nobody here needs the connection, but another MX host of the provider waits
+        for a slot: hand the slot over now rather than idle here until the idle timeout
+        (a waiter at the gate is only woken when a connection closes)."""
+        return (self.gate is not None and not any(not w.ready() for w in self._waiters)
+                and self.gate.has_waiters())
 
     # -- housekeeping ---------------------------------------------------------
 

@@ -183,6 +183,10 @@ class ConnectionGate:
     def add_waiter(self, waiter: AsyncResult) -> None:
         self._waiters.append(waiter)
 
+    def has_waiters(self) -> bool:
+        """Someone waits for a slot: a pool waiting at the gate, for another MX host."""
+        return any(not waiter.ready() for waiter in self._waiters)
+
     def remove_waiter(self, waiter: AsyncResult) -> None:
         if waiter in self._waiters:
             self._waiters.remove(waiter)

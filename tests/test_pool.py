@@ -326,3 +326,30 @@ def test_drain_ends_every_waiter_at_once_and_lets_the_holder_finish() -> None:
     with pytest.raises(Drained):
         pool.acquire()
     assert len(made) == 1
+
+
+def test_a_connection_going_idle_hands_its_slot_to_another_mx_host_waiting_at_the_gate() -> None:
+    """Two MX hosts of one provider share two connection slots. When host A's connection
+    comes back and nobody at A needs it, host B's waiter gets the slot at once, instead of
+    waiting for A's idle timeout."""
+    from engine.shaping import ConnectionGate
+
+    gate = ConnectionGate(max_connections=1, connection_rate=0)
+    made: list[FakeConnection] = []
+
+    def opener() -> Connection:
+        made.append(FakeConnection(len(made) + 1, FakeClock()))
+        return cast(Connection, made[-1])
+
+    pools = Pools(PoolConfig(max_connections=1, idle_timeout=3600))
+    pool_a = pools.get(PoolKey("127.0.0.2", "mx1.example", 25, "none"), opener, gate=gate)
+    pool_b = pools.get(PoolKey("127.0.0.2", "mx2.example", 25, "none"), opener, gate=gate)
+    conn_a, _ = pool_a.acquire()
+    got: list[tuple[Connection, bool]] = []
+    waiter = gevent.spawn(lambda: got.append(pool_b.acquire()))
+    gevent.sleep(0.01)
+    assert not got  # B waits at the gate: A holds the only slot
+    pool_a.release(conn_a)
+    waiter.join(timeout=1)
+    assert got and got[0][0] is made[1]  # B connected on the slot A gave up
+    assert pool_a.idle == 0 and gate.open == 1
