@@ -17,3 +17,7 @@ test: deps
 lint: deps
 	ruff check engine tests bench
 	mypy engine
+
+bench: deps
+	$(PIP) install -q -r bench/requirements.txt
+	$(PYTHON) -m bench.run

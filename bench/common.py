@@ -1,0 +1,291 @@
+"""What the benchmarks share: servers, a producer, a StatsD listener, percentiles, the machine."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import zmq
+
+from engine.testing.harness import FINAL, LocalEngine, make_message
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMTP_SINK = "/usr/sbin/smtp-sink"
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SENDER = "bench@mailengine.test"
+RCPT_DOMAIN = "example.test"
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# -- figures ----------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); nan if empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * pct / 100.0
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {"n": len(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
+            "p99": percentile(values, 99), "min": min(values) if values else float("nan"),
+            "max": max(values) if values else float("nan")}
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import ssl
+
+    import gevent
+    return {"cores": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+            "python": platform.python_version(), "gevent": gevent.__version__,
+            "pyzmq": zmq.__version__, "openssl": ssl.OPENSSL_VERSION}
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class PostfixSink:
+    """Postfix's `smtp-sink` (PIPELINING, no CHUNKING, no STARTTLS) on an ephemeral port."""
+
+    def __init__(self, backlog: int = 1000) -> None:
+        if not os.path.exists(SMTP_SINK):
+            raise RuntimeError(f"{SMTP_SINK} not found (apt-get install postfix)")
+        self.port = free_port()
+        cmd = [SMTP_SINK]
+        if os.geteuid() == 0:
+            cmd += ["-u", "nobody"]  # it refuses to run as root
+        cmd += [f"127.0.0.1:{self.port}", str(backlog)]
+        self.cmd = " ".join(cmd)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_listening(self.port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+    def __enter__(self) -> PostfixSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class StatsdCatcher:
+    """A UDP StatsD listener on loopback: keeps every timer value by metric name."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.samples: list[tuple[float, str, str, float]] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                return
+            now = time.time()
+            for line in data.decode("utf-8", "replace").splitlines():
+                name, _, rest = line.partition(":")
+                value, _, kind = rest.partition("|")
+                with contextlib.suppress(ValueError), self.lock:
+                    self.samples.append((now, name, kind.split("|")[0], float(value)))
+
+    def timers(self, suffix: str, since: float = 0.0) -> list[float]:
+        with self.lock:
+            return [v for t, n, k, v in self.samples
+                    if k == "ms" and n.endswith("." + suffix) and t >= since]
+
+    def last_gauge(self, suffix: str) -> float | None:
+        with self.lock:
+            values = [v for _, n, k, v in self.samples if k == "g" and n.endswith("." + suffix)]
+        return values[-1] if values else None
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# -- the engine ---------------------------------------------------------------------------------
+
+
+def engine_config(port: int, pool: dict[str, Any], statsd_port: int | None = None,
+                  smtp: dict[str, Any] | None = None) -> dict[str, Any]:
+    extra: dict[str, Any] = {"pool": pool, "log_level": "warning",
+                             "smtp": {"port": port, **(smtp or {})}}
+    if statsd_port is not None:
+        extra["statsd"] = {"enabled": True, "host": "127.0.0.1", "port": statsd_port,
+                           "prefix": "bench"}
+    return extra
+
+
+def job(index: int, tag: str, size: int = 5000) -> tuple[dict[str, Any], bytes]:
+    rcpt = f"user{index}@{RCPT_DOMAIN}"
+    return ({"id": f"{tag}-{index}", "from": SENDER, "to": [rcpt]},
+            make_message(index, size, SENDER, rcpt))
+
+
+class Producer:
+    """A producer that keeps its PUSH socket: sends jobs (paced or all at once) and follows
+    the engine's events log for `queued` and final outcomes; re-sends what was not queued."""
+
+    RESEND = 3.0
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self.engine = engine
+        self.ctx = zmq.Context()
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 1000)
+        self.push.setsockopt(zmq.SNDHWM, 0)
+        self.push.connect(str(engine.config["ingest"]))
+        self.frames: dict[str, list[bytes]] = {}
+        self.sent_at: dict[str, float] = {}
+        self.queued: dict[str, dict[str, Any]] = {}
+        self.final: dict[str, dict[str, Any]] = {}
+        self.deferred = 0
+        self._seen = 0
+
+    def send(self, envelope: dict[str, Any], message: bytes) -> None:
+        frames = [json.dumps(envelope).encode(), message]
+        self.frames[envelope["id"]] = frames
+        self.sent_at[envelope["id"]] = time.time()
+        self.push.send_multipart(frames)
+
+    def paced(self, jobs: Iterable[tuple[dict[str, Any], bytes]], rate: float) -> float:
+        """Send one job every 1/rate seconds (on a fixed schedule, not drifting); returns
+        the seconds it took."""
+        started = time.monotonic()
+        for i, (envelope, message) in enumerate(jobs):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.send(envelope, message)
+            if i % 20 == 0:
+                self.update()
+        return time.monotonic() - started
+
+    def update(self) -> None:
+        events = self.engine.events()
+        for event in events[self._seen:]:
+            name = event["event"]
+            if name == "queued":
+                self.queued.setdefault(event["id"], event)
+            elif name in FINAL:
+                self.final[event["id"]] = event
+            elif name == "deferred":
+                self.deferred += 1
+            elif name == "rejected":
+                raise RuntimeError(f"job rejected: {event}")
+        self._seen = len(events)
+
+    def wait_queued(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.update()
+            missing = [i for i in self.frames if i not in self.queued]
+            if not missing:
+                return
+            now = time.time()
+            for job_id in missing:
+                if now - self.sent_at[job_id] > self.RESEND:
+                    self.sent_at[job_id] = now
+                    self.push.send_multipart(self.frames[job_id])
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(missing)} jobs not queued; {self.engine.log_tail()}")
+            time.sleep(0.01)
+
+    def wait_final(self, ids: Iterable[str] | None = None, timeout: float = 120.0,
+                   poll: float = 0.005, strict: bool = True) -> bool:
+        wanted = set(self.frames if ids is None else ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            self.update()
+            if wanted <= self.final.keys():
+                return True
+            if time.monotonic() > deadline:
+                if strict:
+                    raise TimeoutError(f"{len(wanted - self.final.keys())} jobs not final"
+                                       f" after {timeout}s; {self.engine.log_tail()}")
+                return False
+            time.sleep(poll)
+
+    def close(self) -> None:
+        self.ctx.destroy(linger=1000)
+
+
+@contextlib.contextmanager
+def running_engine(workdir: str, port: int, extra: dict[str, Any]) -> Iterator[LocalEngine]:
+    shutil.rmtree(workdir, ignore_errors=True)
+    engine = LocalEngine(workdir, port, extra=extra)
+    try:
+        engine.start()
+        yield engine
+        engine.stop()
+    finally:
+        engine.cleanup()
+
+
+def run_child(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """Run a bench script in a child interpreter; its last stdout line is JSON."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def terminate(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
