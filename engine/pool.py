@@ -84,6 +84,8 @@ class DestinationPool:
         self._probing = False  # after a failure: one connect at a time until one works
         self.stale_dropped = 0
         self.draining = False
+        self._cap = settings.max_connections  # lowered while the server says "no more"
+        self._cap_until = 0.0
 
     # -- checkout -------------------------------------------------------------
 
@@ -125,10 +127,13 @@ class DestinationPool:
                 return conn, True
             self._raise_if_backing_off()
             gated = False
-            if self.open < self.settings.max_connections and not (
+            if self.open < self._max_connections() and not (
                     self._probing and self._connecting):
                 if self.gate is None or self.gate.try_enter():
-                    return self._connect(), False
+                    conn = self._connect()
+                    if conn is not None:
+                        return conn, False
+                    continue  # the server wants fewer connections: wait for one of them
                 gated = True  # the provider's slots are taken: wait for one too
             self._wait(self.gate if gated else None)
 
@@ -199,13 +204,26 @@ class DestinationPool:
                 self._discard(conn, polite=False)
         return None
 
-    def _connect(self) -> Connection:
+    def _max_connections(self) -> int:
+        if self._clock() < self._cap_until:
+            return min(self._cap, self.settings.max_connections)
+        return self.settings.max_connections
+
+    def _connect(self) -> Connection | None:
+        """A new connection; None when the server refused only this extra one."""
         self.open += 1
         self._connecting += 1
         try:
             conn = self._open_connection()
         except DeliveryError as err:
             self._closed()
+            if self.open > 0 and not err.permanent:
+                # Others are open and working: a 4xx now ("421 too many connections")
+                # is the server's capacity, not an outage. Use fewer connections for a
+                # while; failing every waiter would defer mail that the open ones carry.
+                self._cap = max(1, self.open)
+                self._cap_until = self._clock() + self.settings.connect_backoff
+                return None
             self._fail(err)
             raise
         except BaseException:

@@ -153,19 +153,40 @@ def test_connect_failure_reaches_every_waiter_at_once_and_later_callers_fail_fas
     assert factory.calls == 1
 
 
-def test_idle_connection_is_still_used_during_a_connect_backoff() -> None:
-    # A second connect refused ("421 too many connections") while the first connection is
-    # busy: once that one is back, it carries mail, backoff or not.
-    pool, factory, _ = make_pool(max_connections=2)
+def test_extra_connection_refused_while_another_works_waits_for_it_instead_of_failing() -> None:
+    """A second connect refused ("421 too many connections") while the first connection is
+    busy is the server's capacity, not an outage: the caller waits for the working
+    connection (no deferral), and the pool stays at one connection for connect_backoff."""
+    pool, factory, clock = make_pool(max_connections=2, connect_backoff=30.0)
     conn, _ = pool.acquire()
+    factory.failing = True
+    got: list[tuple[FakeConnection, bool]] = []
+    waiter = gevent.spawn(lambda: got.append(pool.acquire()))  # type: ignore[arg-type]
+    gevent.sleep(0.05)
+    assert factory.calls == 2 and not got and not waiter.dead  # refused, and waiting
+    pool.release(conn)
+    waiter.join(timeout=1)
+    assert got == [(conn, True)]
+    factory.failing = False
+    pool.release(got[0][0])
+    blocked = gevent.spawn(pool.acquire)
+    first, _ = pool.acquire()  # the idle one
+    gevent.sleep(0.05)
+    assert factory.calls == 2 and not blocked.dead  # capped at 1: no new connect yet
+    pool.release(first)
+    blocked.join(timeout=1)
+    clock.now += 31
+    assert factory.calls == 2
+
+
+def test_a_refused_connect_with_nothing_open_still_fails_fast() -> None:
+    pool, factory, _ = make_pool(max_connections=2)
     factory.failing = True
     with pytest.raises(TransientError):
         pool.acquire()
-    pool.release(conn)
-    again, reused = pool.acquire()
-    assert again is conn and reused
-    pool.release(again)
-    assert factory.calls == 2
+    with pytest.raises(TransientError):  # backing off: no second connect
+        pool.acquire()
+    assert factory.calls == 1
 
 
 def test_after_the_backoff_one_probe_connects_at_a_time() -> None:
