@@ -68,6 +68,13 @@ class Deliverer:
         by_domain: dict[str, list[str]] = {}
         for rcpt in task.rcpts:
             by_domain.setdefault(_domain(rcpt), []).append(rcpt)
+        if len(by_domain) == 1:
+            # The usual job, one domain: run it in the caller's greenlet (the worker gives
+            # each task its own); a greenlet of its own to join would cost a spawn and two
+            # switches per message for nothing.
+            ((domain, rcpts),) = by_domain.items()
+            self._deliver_domain(task, domain, rcpts, report)
+            return
         greenlets = [gevent.spawn(self._deliver_domain, task, domain, rcpts, report)
                      for domain, rcpts in by_domain.items()]
         gevent.joinall(greenlets)
@@ -134,21 +141,25 @@ class Deliverer:
         pool = self.pools.get(key, lambda: self.connector.open(host, provider, routed), settings,
                               shaper.gate)
         stale: StaleConnection | None = None
-        for _ in range(MAX_STALE_RETRIES):
+        tries = 0
+        while tries < MAX_STALE_RETRIES:
+            # Regression (throttle storm): every message that took its turn before the
+            # provider pushed back, at the old or unlimited rate, and then waited for a
+            # connection, still went out, drew its own throttle and cut the rate again. A
+            # turn taken before a throttle is taken again, never while holding a
+            # connection (five greenlets sleeping on theirs stalled everyone for seconds).
+            if epoch is not None and shaper.epoch != epoch:
+                epoch = shaper.epoch
+                wait = shaper.turn(again=True)
+                if wait is not None:
+                    return self._not_now(task, rcpts, provider, wait)
             waited = time.monotonic()
             with pool.connection() as (conn, reused):
+                if epoch is not None and shaper.epoch != epoch:
+                    continue  # throttled while we waited: give it back, take the turn again
                 self.metrics.timing("pool_wait", provider, (time.monotonic() - waited) * 1000.0)
                 if reused:
                     self.metrics.incr("connections_reused", provider)
-                if epoch is not None and shaper.epoch != epoch:
-                    # Regression (throttle storm): every message that took its turn before
-                    # the provider pushed back, at the old or unlimited rate, and then
-                    # waited for a connection, still went out, drew its own throttle and
-                    # cut the rate again. A turn taken before a throttle is taken again.
-                    epoch = shaper.epoch
-                    wait = shaper.turn()
-                    if wait is not None:
-                        return self._not_now(task, rcpts, provider, wait)
                 started = time.monotonic()
                 try:
                     results = conn.send_mail_tx(task.sender, rcpts, task.message,
@@ -156,6 +167,7 @@ class Deliverer:
                 except StaleConnection as err:
                     self.metrics.incr("connections_stale", provider)
                     stale = err
+                    tries += 1
                     continue
                 self.metrics.timing("transaction", provider, (time.monotonic() - started) * 1000.0)
                 return self._outcomes(task, results, host.name, provider, conn.tls_version,

@@ -91,8 +91,13 @@ def normalise_message(raw: bytes) -> bytes:
     nul = data.find(b"\0")
     if nul >= 0:
         raise JobRejected(f"message contains a NUL byte (at offset {nul})")
-    # CRLF first, so that "\r\r\n" is a bare CR and then a CRLF: two line endings.
-    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    # Fast path, the usual case (producers send CRLF): every CR starts a CRLF and every LF
+    # ends one, so the rewrite below would change nothing. Three scans and no copy,
+    # instead of three copies of the message.
+    crlf = data.count(b"\r\n")
+    if not (data.count(b"\r") == crlf and data.count(b"\n") == crlf):
+        # CRLF first, so that "\r\r\n" is a bare CR and then a CRLF: two line endings.
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     return data if data.endswith(b"\r\n") else data + b"\r\n"
 
 

@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import TracebackType
 
 import gevent
 from gevent import monkey
@@ -147,22 +148,16 @@ class Connection(smtplib.SMTP):
 
     # -- phases ---------------------------------------------------------------
 
-    @contextmanager
-    def phase(self, command: str, timeout: float) -> Iterator[None]:
-        """Run one protocol step within `timeout` seconds in all; translate any failure."""
-        self.command = command
-        self._phase_end = time.monotonic() + timeout
-        try:
-            self._arm()
-            yield
-        except DeliveryError:
-            raise
-        except Exception as exc:  # the single translation point
-            if self._span is not None and self._span.expired(exc):
-                raise TransientError(self._span.reply(command), command) from exc
-            raise _translate(exc, command, timeout) from exc
-        finally:
-            self._phase_end = math.inf
+    def phase(self, command: str, timeout: float) -> _Phase:
+        """Run one protocol step within `timeout` seconds in all; translate any failure
+        (`with conn.phase("MAIL", t): ...`; see `_Phase`)."""
+        return _Phase(self, command, timeout)
+
+    def _failed(self, exc: Exception, command: str, timeout: float) -> DeliveryError:
+        """The single translation point: what a failure inside a phase becomes."""
+        if self._span is not None and self._span.expired(exc):
+            return TransientError(self._span.reply(command), command)
+        return _translate(exc, command, timeout)
 
     @contextmanager
     def deadline(self, name: str, seconds: float) -> Iterator[None]:
@@ -489,6 +484,45 @@ class Connection(smtplib.SMTP):
                     self.close()
         except DeliveryError:
             self.close()
+
+
+class _Phase:
+    """The context manager behind `Connection.phase`.
+
+    A plain class rather than a generator-based `@contextmanager`: a phase is entered
+    4-5 times per message, and a generator, its wrapper object and the `throw()` into
+    it cost several times what these two methods do. Same semantics: entering sets
+    the command in flight and the phase's deadline and arms the socket (a deadline
+    already passed fails here, translated); leaving clears the deadline, lets a
+    `DeliveryError` and non-`Exception`s (`gevent.Timeout`, `GreenletExit`) through
+    as they are, and translates any other exception (`Connection._failed`).
+    """
+
+    __slots__ = ("command", "conn", "timeout")
+
+    def __init__(self, conn: Connection, command: str, timeout: float) -> None:
+        self.conn = conn
+        self.command = command
+        self.timeout = timeout
+
+    def __enter__(self) -> None:
+        conn = self.conn
+        conn.command = self.command
+        conn._phase_end = time.monotonic() + self.timeout
+        try:
+            conn._arm()
+        except BaseException as exc:
+            conn._phase_end = math.inf
+            if isinstance(exc, Exception) and not isinstance(exc, DeliveryError):
+                raise conn._failed(exc, self.command, self.timeout) from exc
+            raise
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.conn._phase_end = math.inf
+        if isinstance(exc, Exception) and not isinstance(exc, DeliveryError):
+            raise self.conn._failed(exc, self.command, self.timeout) from exc
+        # None: nothing to translate; a DeliveryError or a BaseException propagates as is
 
 
 @dataclass(frozen=True)

@@ -222,11 +222,14 @@ class Spool:
 
     # -- handing out -----------------------------------------------------
 
-    def due(self, now: float, limit: int, skip: Container[str] = frozenset()) -> list[Pending]:
+    def due(self, now: float, limit: int, skip: Container[str] = frozenset(),
+            known: Mapping[str, Pending] | None = None) -> list[Pending]:
         """Jobs with recipients due at `now`, oldest next_attempt first, at most `limit`.
 
         Ids in `skip` (in flight) are left out. A job that cannot be decoded is
-        moved to the `corrupt` table, reported to `on_corrupt` and skipped.
+        moved to the `corrupt` table, reported to `on_corrupt` and skipped. `known`:
+        jobs the caller holds exactly as stored (accepted, never handed out), taken
+        from there instead of being read back (message included) from the file.
         """
         out: list[Pending] = []
         taken: set[str] = set()
@@ -238,6 +241,10 @@ class Spool:
             stale: list[str] = []
             for job_id in ids:
                 taken.add(job_id)
+                cached = known.get(job_id) if known is not None else None
+                if cached is not None:
+                    out.append(cached)
+                    continue
                 try:
                     pending = self._load(job_id, now)
                 except _Corrupt as e:

@@ -49,6 +49,7 @@ RESULTS_BATCH = 2000
 RESTART_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 STABLE_AFTER = 60.0  # a worker up this long has its restart backoff reset
 PARK_TIME = 2.0  # seconds a job no worker could take is passed over
+UNSENT_MAX_BYTES = 64 * 1024 * 1024  # messages of never-dispatched jobs kept in memory
 EXPIRED_REPLY = Reply(451, "4.4.7", "message expired: not delivered within its time")
 # High-water marks, in messages: what a socket queues before it pushes back (PULL stops
 # reading, so TCP pushes back on the producer) or drops (PUB, per subscriber).
@@ -123,6 +124,10 @@ class Supervisor:
         self._reload = False
         self._last_due = 0.0
         self._parked: dict[str, float] = {}  # job id -> until (monotonic)
+        # Jobs accepted and not yet handed to a worker, as the spool holds them (see
+        # _remember_unsent): dispatched from here rather than read back from SQLite.
+        self._unsent: dict[str, Pending] = {}
+        self._unsent_bytes = 0
 
     # -- sockets ---------------------------------------------------------------
 
@@ -253,7 +258,8 @@ class Supervisor:
                 jobs.append(job)
         if not jobs:
             return
-        accepted = self.spool.accept(jobs, time.time(), self.cfg.retry.max_age)
+        accepted_at = time.time()
+        accepted = self.spool.accept(jobs, accepted_at, self.cfg.retry.max_age)
         fresh = {id(job) for job in accepted}
         for job in jobs:
             # A re-sent job the spool holds (or finished) is acknowledged again,
@@ -262,6 +268,7 @@ class Supervisor:
         self.metrics.incr("queued", "all", len(accepted))
         now = time.time()
         for job in accepted:
+            self._remember_unsent(job, accepted_at)
             self._dispatch_new(job, now)
 
     def _validate(self, frames: list[bytes]) -> Job | None:
@@ -295,6 +302,30 @@ class Supervisor:
                           rcpts=job.rcpts, attempts={r: 0 for r in job.rcpts})
         self._dispatch(pending)
 
+    def _remember_unsent(self, job: Job, accepted_at: float) -> None:
+        """Keep a just-accepted job in memory until it is handed out (or expires).
+
+        A job the worker had no room for at intake used to be read back from SQLite,
+        message included, when it came due. Until its first dispatch the spool's
+        record of it is exactly what was accepted (every recipient pending since
+        `accepted_at`, no attempt), so `Spool.due` takes it from here instead. The
+        spool stays the record: it still decides what is due and in what order, and
+        after a restart everything is read from it. Bounded by UNSENT_MAX_BYTES; a job
+        beyond that is simply read back as before.
+        """
+        if self._unsent_bytes + len(job.message) > UNSENT_MAX_BYTES:
+            return
+        expires = job.expires if job.expires is not None else self.cfg.retry.max_age
+        self._unsent[job.id] = Pending(job=job, queued_ts=accepted_at,
+                                       expires_ts=accepted_at + expires, rcpts=job.rcpts,
+                                       attempts={r: 0 for r in job.rcpts})
+        self._unsent_bytes += len(job.message)
+
+    def _forget_unsent(self, job_id: str) -> None:
+        pending = self._unsent.pop(job_id, None)
+        if pending is not None:
+            self._unsent_bytes -= len(pending.job.message)
+
     def _dispatch_due(self) -> None:
         room = sum(self._room(h) for h in self.workers.values() if h.ready)
         if room <= 0:
@@ -302,7 +333,7 @@ class Supervisor:
         now = time.monotonic()
         self._parked = {j: t for j, t in self._parked.items() if t > now}
         skip = _Either(self.in_flight, self._parked)
-        for pending in self.spool.due(time.time(), room, skip):
+        for pending in self.spool.due(time.time(), room, skip, self._unsent):
             if not self._dispatch(pending):
                 # Its IP is down or full: look past it next turn, so it cannot
                 # hold back the jobs of other IPs behind it.
@@ -323,6 +354,7 @@ class Supervisor:
             handle.tasks.send_multipart(wire.task_frames(task), flags=zmq.NOBLOCK)
         except zmq.Again:
             return False
+        self._forget_unsent(pending.job.id)  # from now on, the spool has its progress
         handle.jobs.add(pending.job.id)
         self.in_flight[pending.job.id] = InFlight(
             handle.ip, dict(pending.job.meta), pending.queued_ts, pending.expires_ts,
@@ -345,6 +377,7 @@ class Supervisor:
         return self.cfg.limits.max_in_flight - len(handle.jobs)
 
     def _expire(self, pending: Pending) -> None:
+        self._forget_unsent(pending.job.id)
         now = time.time()
         updates = [RcptUpdate(pending.job.id, r, Status.EXPIRED, reply=EXPIRED_REPLY)
                    for r in pending.rcpts]

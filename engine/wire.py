@@ -2,8 +2,9 @@
 
 Supervisor -> worker, a task: two frames, a JSON header and the raw message.
 Worker -> supervisor: one JSON frame, `{"type": "result", ...}` with the
-attempts of one recipient domain, or `{"type": "stats", ...}` once a second.
-Single frames, so greenlets of one worker can share the PUSH socket.
+attempts reported within one turn of the worker's event loop (one or more
+recipient domains, of one or more jobs), or `{"type": "stats", ...}` once a
+second. Single frames, so greenlets of one worker can share the PUSH socket.
 """
 from __future__ import annotations
 

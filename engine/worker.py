@@ -20,6 +20,7 @@ import sys
 import time
 
 import gevent
+import gevent.event
 import gevent.pool
 import zmq.green as zmq
 
@@ -41,6 +42,8 @@ log = logging.getLogger("mailengine.worker")
 
 STATS_INTERVAL = 1.0
 MEMORY_INTERVAL = 10.0
+TASK_BATCH = 100  # tasks taken off the socket per poll() at most, before polling again
+RESULTS_PER_FRAME = 500  # attempts per result frame at most (a frame stays small)
 
 
 class Worker:
@@ -62,6 +65,11 @@ class Worker:
         self.in_flight = gevent.pool.Group()
         self.delivered = 0
         self._stopping = False
+        # Results wait here for the flusher greenlet, which sends all of them in one frame
+        # per loop turn (see _report); `_results_ready` wakes it.
+        self._outbox: list[Attempt] = []
+        self._results_ready = gevent.event.Event()
+        self._flushing = True
         self._zctx = zmq.Context()
         self.tasks = self._zctx.socket(zmq.PULL)
         self.tasks.connect(tasks_endpoint)
@@ -84,19 +92,19 @@ class Worker:
     def run(self) -> int:
         log.info(logs.kv("worker_started", ip=self.ip.address, pid=os.getpid()))
         housekeeping = [gevent.spawn(self._report_stats), gevent.spawn(self._reap_idle)]
+        flusher = gevent.spawn(self._flush_results)
         self._send(wire.stats_frame(self.ip.address, self._figures()))
         while not self._stopping:
-            if not self.tasks.poll(500):
-                continue
-            frames = self.tasks.recv_multipart()
-            try:
-                task = wire.task_from_frames(frames)
-            except (ValueError, KeyError, IndexError, TypeError) as exc:
-                log.error(logs.kv("bad_task", ip=self.ip.address, error=exc))
-                continue
-            self.in_flight.spawn(self._deliver, task)
+            if self.tasks.poll(500):
+                self._take_tasks()
         self._drain()
         gevent.killall(housekeeping)
+        # Every result reported before the drain ended goes out before the socket closes:
+        # the flusher sends what is buffered, then returns (no kill: a kill could drop a
+        # batch it had taken but not yet sent).
+        self._flushing = False
+        self._results_ready.set()
+        flusher.join()
         self._send(wire.stats_frame(self.ip.address, self._figures()))
         self.results.close()
         self.tasks.close(linger=0)
@@ -113,12 +121,56 @@ class Worker:
         self._stopping = True
         self.pools.drain()  # tasks still waiting for a connection stay spooled
 
+    def _take_tasks(self) -> None:
+        """After a poll() said a task is there: take every task waiting (up to a batch)
+        without polling again for each, one greenlet per task."""
+        for _ in range(TASK_BATCH):
+            try:
+                frames = self.tasks.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                task = wire.task_from_frames(frames)
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                log.error(logs.kv("bad_task", ip=self.ip.address, error=exc))
+                continue
+            self.in_flight.spawn(self._deliver, task)
+
     def _deliver(self, task: Task) -> None:
         self.deliverer.deliver(task, self._report)
 
     def _report(self, attempts: list[Attempt]) -> None:
+        """Buffer a domain's results for the flusher; the first one wakes it.
+
+        One frame per result cost a ZeroMQ send and a supervisor read per recipient
+        domain; buffered, every result reported within one turn of the event loop
+        goes in one frame. No timer: the flusher runs as soon as the greenlets that
+        were ready in this turn have yielded, so a result waits less than a turn.
+        """
         self.delivered += sum(1 for a in attempts if a.status.value == "delivered")
-        self._send(wire.result_frame(attempts))
+        self._outbox.extend(attempts)
+        self._results_ready.set()
+
+    def _flush_results(self) -> None:
+        """The flusher greenlet: send what is buffered whenever woken; after the last
+        wake at a graceful stop (`_flushing` False), send what is left and return."""
+        while True:
+            self._results_ready.wait()
+            self._results_ready.clear()
+            while self._outbox:
+                # Take the batch first: results reported while a send blocks (high-water
+                # mark) go into a fresh list and the next frame.
+                batch = self._outbox[:RESULTS_PER_FRAME]
+                del self._outbox[:RESULTS_PER_FRAME]
+                try:
+                    self._send(wire.result_frame(batch))
+                except zmq.ZMQError as exc:  # as when each delivery sent its own: those
+                    # results are lost, the jobs stay pending in the spool; the flusher
+                    # lives on for the next ones
+                    log.error(logs.kv("results_lost", ip=self.ip.address,
+                                      attempts=len(batch), error=exc))
+            if not self._flushing:
+                return
 
     def _send(self, frame: bytes) -> None:
         self.results.send(frame)

@@ -282,6 +282,11 @@ def test_normalise_message(raw: bytes, expected: bytes) -> None:
     assert normalise_message(raw) == expected
 
 
+def test_normalise_message_leaves_a_crlf_message_uncopied() -> None:
+    raw = b"Subject: x\r\n\r\nbody\r\n"
+    assert normalise_message(raw) is raw  # the fast path: no rewrite, no copy
+
+
 def test_normalise_message_refuses_nul_and_empty() -> None:
     with pytest.raises(JobRejected, match="NUL"):
         normalise_message(b"a\0")

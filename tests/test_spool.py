@@ -259,6 +259,14 @@ def test_due_skips_in_flight_ids_and_still_fills_the_limit(spool: Spool) -> None
     assert spool.due(T0, 3, skip=frozenset(f"j{i}" for i in range(6))) == []
 
 
+def test_due_takes_known_jobs_from_the_caller_and_reads_the_others(spool: Spool) -> None:
+    spool.accept([job("a"), job("b"), job("c")], T0, DAY)
+    held = Pending(job("b"), T0, T0 + DAY, (A, B), {A: 0, B: 0})
+    got = spool.due(T0, 10, known={"b": held, "gone": held})
+    assert ids(got) == ["a", "b", "c"]  # the spool's order; unknown ids are ignored
+    assert got[1] is held and got[0] == spool.due(T0, 1)[0]
+
+
 def test_next_due_is_none_when_empty(spool: Spool) -> None:
     assert spool.next_due() is None
     assert spool.stats() == SpoolStats(0, 0, 0, None)
