@@ -279,10 +279,15 @@ class ProviderShaper:
 
     # -- taking a turn -----------------------------------------------------------
 
-    def turn(self) -> Deferral | None:
-        """Wait for this message's turn (up to max_wait), or say when to come back."""
+    def turn(self, again: bool = False) -> Deferral | None:
+        """Wait for this message's turn (up to max_wait), or say when to come back.
+
+        `again`: the message's turn went stale (a throttle since, see `epoch`) and is
+        taken again. The caps counted it the first time: only the pace and a
+        suspension apply, and it is not counted twice.
+        """
         now = self._clock()
-        deferral = self._blocked(now)
+        deferral = self._suspended(now) if again else self._blocked(now)
         if deferral is not None:
             return deferral
         slot = max(now, self._next_slot)
@@ -290,14 +295,21 @@ class ProviderShaper:
             return Deferral(self._wall() + (slot - now), "pace")
         if self.allowed_rate > 0:
             self._next_slot = slot + 1.0 / self.allowed_rate
-        self._count(slot)
+        if not again:
+            self._count(slot, now)
         if slot > now:
             self._sleep(slot - now)
         return None
 
-    def _blocked(self, now: float) -> Deferral | None:
+    def _suspended(self, now: float) -> Deferral | None:
         if now < self.suspended_until:
             return Deferral(self._wall() + (self.suspended_until - now), "suspended")
+        return None
+
+    def _blocked(self, now: float) -> Deferral | None:
+        suspended = self._suspended(now)
+        if suspended is not None:
+            return suspended
         if self.limits.hourly and self._hour.total(self._wall()) >= self.limits.hourly:
             return Deferral(max(self._hour.frees_at(), self._wall() + 1.0), "hourly limit")
         cap = self._daily_cap()
@@ -306,11 +318,13 @@ class ProviderShaper:
             return Deferral(_next_midnight(self._wall()), "warm-up daily limit")
         return None
 
-    def _count(self, at: float) -> None:
+    def _count(self, at: float, now: float) -> None:
         self._hour.add(self._wall())
         self.sent_today += 1
         if not self._recent or at - self._recent[-1] > RATE_WINDOW:
-            self._active_since = at
+            # Now, not `at`: a slot reserved seconds ahead, taken as the start, made a
+            # rate over a negative span, and a ceiling of 460/s (see _rate).
+            self._active_since = now
         self._recent.append(at)
 
     # -- learning from replies -----------------------------------------------------
@@ -352,16 +366,22 @@ class ProviderShaper:
         self._last_decrease = now
         self._new_epoch(now)
         current = self._limit_estimate(now)
-        # Throttled while probing above the ceiling, at about the same rate: the provider
-        # confirmed its limit, so probe half as eagerly next time (throttles fall off).
+        # Throttled at about the rate of the last throttle: the provider confirmed its
+        # limit. If that was a probe above it, probe half as eagerly next time (throttles
+        # fall off over time); a new limit starts over.
+        confirmed = self.ceiling is not None and 0.8 < current / self.ceiling < 1.25
         probing = self.ceiling is not None and self.allowed_rate >= self.ceiling * 0.95
-        confirmed = probing and self.ceiling is not None \
-            and 0.8 < current / self.ceiling < 1.25
-        self._probe_ramp = min(PROBE_RAMP_MAX, self._probe_ramp * 2) if confirmed \
-            else PROBE_RAMP
+        if not confirmed:
+            self._probe_ramp = PROBE_RAMP
+        elif probing:
+            self._probe_ramp = min(PROBE_RAMP_MAX, self._probe_ramp * 2)
         rate = min(self.allowed_rate, current) if self.allowed_rate > 0 else current
         self.ceiling = current
-        self.allowed_rate = max(self.throttling.min_rate, rate * self.throttling.decrease)
+        # The same limit again: back to just under it, not down by `decrease`; halving on
+        # every probe was the sawtooth the ceiling is there to avoid (it held a 20/s
+        # provider at 72% on average). A new limit, or the first, still gets `decrease`.
+        factor = max(self.throttling.decrease, 0.95) if confirmed else self.throttling.decrease
+        self.allowed_rate = max(self.throttling.min_rate, rate * factor)
         self._recover_from = self.allowed_rate
         log.info(logs.kv("rate_decreased", provider=self.provider, rule=rule.name,
                          rate=f"{self.allowed_rate:.2f}", ceiling=f"{current:.2f}"))
@@ -397,10 +417,10 @@ class ProviderShaper:
         """Events per second in `times` (newest last) over the last `window` seconds, or
         since sending began if that is later."""
         count = 0
-        for t in reversed(times):
+        for t in reversed(times):  # newest last (bar a few reserved before a throttle)
             if t < now - window:
                 break
-            count += 1
+            count += t <= now  # a turn reserved ahead is not sent yet
         began = self._active_since if self._active_since is not None else now
         return count / min(window, max(MIN_SPAN, now - began))
 
@@ -431,9 +451,10 @@ class ProviderShaper:
         Below 95% of the ceiling: `increase`, less near the ceiling, but at least enough
         to get back within RECOVERY seconds. Regression (never recovered): the step was
         `increase` times the room left, so the rate only ever approached the target (a
-        20/s provider took minutes to get near it), and never probed above it. At the ceiling: a probe, PROBE_MIN of `increase` at
-        first, growing the longer the provider stays quiet, so a ceiling measured too low
-        (or a limit the provider raised) is found in bounded time. Regression (stuck): the
+        20/s provider took minutes to get near it), and never probed above it. At the
+        ceiling: a probe, PROBE_MIN of `increase` at first, growing the longer the
+        provider stays quiet, so a ceiling measured too low (or a limit the provider
+        raised) is found in bounded time. Regression (stuck): the
         probe was PROBE_MIN for ever, 0.01 msg/s per second with the defaults.
         """
         increase = self.throttling.increase
@@ -449,11 +470,14 @@ class ProviderShaper:
     # -- what it looks like ------------------------------------------------------------
 
     def current_rate(self) -> float:
-        """Messages per second over the last 10 s."""
+        """Messages per second over the last 10 s.
+
+        Regression (status showed 43/s while 15/s went out): turns reserved up to
+        max_wait ahead were counted as sent already."""
         now = self._clock()
-        while self._recent and self._recent[0] < now - 10.0:
+        while self._recent and self._recent[0] < now - RATE_WINDOW:
             self._recent.popleft()
-        return len(self._recent) / 10.0
+        return sum(1 for t in self._recent if t <= now) / RATE_WINDOW
 
     def state(self) -> dict[str, Any]:
         now = self._clock()
