@@ -10,9 +10,11 @@ Each worker (one sending IP) keeps a `ProviderShaper` per provider (see
   allowed rate adapts (AIMD): a reply that matches a throttle rule multiplies it
   by `throttle.decrease` and may suspend the provider for a while; clean
   deliveries add it back step by step, never above the configured `rate`. The
-  rate at which the provider last pushed back is remembered as a ceiling: the
-  rate climbs quickly to just under it and then only creeps, so throttles
-  become rare instead of recurring on every sawtooth;
+  rate the provider accepted when it pushed back is remembered as a ceiling:
+  the rate climbs back to just under it within seconds, then probes above it,
+  more rarely each time the provider confirms the same limit, so throttles
+  become rare instead of recurring on every sawtooth. A throttle makes every
+  turn taken before it stale (`epoch`): taken again at the new rate;
 - **caps**: messages per hour, and a warm-up schedule of messages per day for a
   new IP.
 
@@ -131,6 +133,7 @@ RECOVERY = 10.0  # s: after a decrease, back to just under the ceiling within th
 PROBE_MIN = 0.02  # at the ceiling, probing starts at this fraction of `increase`...
 PROBE_RAMP = 10.0  # ...and reaches all of it this long after the last decrease;
 PROBE_RAMP_MAX = 3600.0  # doubled (up to this) each time the provider confirms its limit
+PACE_LEAD = 1.0  # s: a message deferred for the pace comes back this much before its turn
 RATE_WINDOW = 10.0  # s: the window of the current rate
 ESTIMATE_WINDOW = 5.0  # s: the accepted rate a throttle is measured by (no older ramp in it)
 MIN_SPAN = 0.1  # s: a rate is measured over at least this long
@@ -292,7 +295,11 @@ class ProviderShaper:
             return deferral
         slot = max(now, self._next_slot)
         if slot - now > self.max_wait:
-            return Deferral(self._wall() + (slot - now), "pace")
+            # Back from the spool a little before the turn: due exactly at it, the
+            # supervisor's tick and the hand-over made it late, and the pace lost a
+            # fifth of a second's mail every max_wait (a dip to 42 in a second at 50/s).
+            return Deferral(self._wall() + (slot - now) - min(PACE_LEAD, self.max_wait / 2),
+                            "pace")
         if self.allowed_rate > 0:
             self._next_slot = slot + 1.0 / self.allowed_rate
         if not again:
