@@ -39,6 +39,7 @@ from gevent.event import AsyncResult
 from engine.config import PoolConfig
 from engine.reply import DeliveryError
 from engine.smtp import Connection
+from engine.waiters import any_waiting, wake_first
 
 if TYPE_CHECKING:
     from engine.shaping import ConnectionGate
@@ -149,7 +150,7 @@ class DestinationPool:
         """Nobody here needs the connection, but another MX host of the provider waits
         for a slot: hand the slot over now rather than idle here until the idle timeout
         (a waiter at the gate is only woken when a connection closes)."""
-        return (self.gate is not None and not any(not w.ready() for w in self._waiters)
+        return (self.gate is not None and not any_waiting(self._waiters)
                 and self.gate.has_waiters())
 
     # -- housekeeping ---------------------------------------------------------
@@ -262,11 +263,7 @@ class DestinationPool:
                 gate.remove_waiter(waiter)
 
     def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.ready():
-                waiter.set(None)
-                return
+        wake_first(self._waiters)
 
     def wake_all(self) -> None:
         while self._waiters:

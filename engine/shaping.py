@@ -44,6 +44,7 @@ from gevent.event import AsyncResult
 from engine import logs
 from engine.config import Config, ProviderLimits
 from engine.reply import Reply
+from engine.waiters import any_waiting, wake_first
 
 log = logging.getLogger("mailengine.shaping")
 
@@ -188,7 +189,7 @@ class ConnectionGate:
 
     def has_waiters(self) -> bool:
         """Someone waits for a slot: a pool waiting at the gate, for another MX host."""
-        return any(not waiter.ready() for waiter in self._waiters)
+        return any_waiting(self._waiters)
 
     def remove_waiter(self, waiter: AsyncResult) -> None:
         if waiter in self._waiters:
@@ -203,11 +204,7 @@ class ConnectionGate:
             self._idle_closers.remove(closer)
 
     def wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.ready():
-                waiter.set(None)
-                return
+        wake_first(self._waiters)
 
     def _wake_at(self, delay: float) -> None:
         if self._timer is None or self._timer.dead:
