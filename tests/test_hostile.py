@@ -377,6 +377,18 @@ def tls_dripper(peer: Peer) -> None:
     peer.send(b"250-mx\r\n250 STARTTLS\r\n")
     peer.line()
     peer.send(b"220 2.0.0 go ahead\r\n")
+    # Answer the ClientHello, as a TLS server would: bytes sent before it arrives are
+    # (rightly) taken for injected plaintext, which made this test depend on timing.
+    while not peer.buffer:
+        peer.sock.settimeout(0.1)
+        try:
+            peer.buffer = peer.sock.recv(65536)
+        except TimeoutError:
+            if peer.stopping.is_set():
+                raise ConnectionError("server stopping") from None
+            continue
+        if not peer.buffer:
+            raise ConnectionError("client closed")
     peer.drip(b"\x16\x03\x03\x40\x00" + b"\x02" * 16000, 0.2)  # a ServerHello that never ends
 
 
