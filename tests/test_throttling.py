@@ -25,6 +25,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import smtplib
 import sqlite3
 import subprocess
@@ -380,7 +381,9 @@ def test_engine_settles_just_under_a_throttling_provider(
     assert "shaping (per sending IP x provider):" in text.stdout
     row = next(line for line in text.stdout.splitlines()
                if line.startswith("127.0.0.2") and "127.0.0.1" in line)
-    assert f"{state['allowed_rate']:.1f}/s" in row and "unlimited" in row
+    # The allowed rate keeps recovering between the two reads: the row shows a value in range.
+    allowed_in_row = float(re.search(r"(\d+\.\d)/s", row).group(1))
+    assert 0.5 * LIMIT <= allowed_in_row <= 1.3 * LIMIT and "unlimited" in row
     assert f" {len(throttled)} " in row and "/5" in row
     raw = json.loads(mailengine("status", "-c", engine.config_path, "--json").stdout)
     shaping = raw["workers"]["127.0.0.2"]["shaping"]["127.0.0.1"]
