@@ -94,6 +94,10 @@ class SmtpConfig:
     ca_file: str | None = None
     max_reply_lines: int = 100
     max_line_length: int = 4096
+    # EHLO keywords the engine acts as if the server had not offered (lower case), as
+    # Postfix's smtp_discard_ehlo_keywords: a workaround for a server whose PIPELINING or
+    # CHUNKING is broken, and how the benchmarks emulate a naive client.
+    discard_ehlo_keywords: tuple[str, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -768,6 +772,15 @@ def _route_port(text: str, path: str) -> int:
 
 _TIMEOUTS = _section(Timeouts, {f.name: _duration(positive=True) for f in fields(Timeouts)})
 
+
+def _ehlo_keywords(value: Any, path: str) -> tuple[str, ...]:
+    """EHLO keywords (RFC 5321 4.1.1.1: letters, digits and '-'), lower-cased."""
+    read = _matching(r"[A-Za-z0-9][A-Za-z0-9-]*", "an EHLO keyword such as PIPELINING")
+    keywords = tuple(k.lower() for k in _tuple_of(read)(value, path))
+    _refuse_repeats(keywords, path + "[{}]")
+    return keywords
+
+
 _SMTP = _section(SmtpConfig, {
     "port": _PORT,
     "tls": _choice(*TLS_MODES),
@@ -775,6 +788,7 @@ _SMTP = _section(SmtpConfig, {
     "ca_file": _optional(_nonempty),
     "max_reply_lines": _integer(1),
     "max_line_length": _integer(512),  # RFC 5321 4.5.3.1.5: replies may be 512 octets
+    "discard_ehlo_keywords": _ehlo_keywords,
     "timeouts": _TIMEOUTS,
 })
 

@@ -46,10 +46,11 @@ from engine.reply import Blame, DeliveryError, Reply, TransientError, error_for
 
 @dataclass(frozen=True)
 class Limits:
-    """Caps on what a server may send us."""
+    """Caps on what a server may send us, and what of it we ignore."""
 
     max_line_length: int = 4096
     max_reply_lines: int = 100
+    discard_ehlo_keywords: frozenset[str] = frozenset()  # lower case, as smtplib keys them
 
 
 # Replies to EHLO that mean "I only speak HELO" (RFC 5321 4.1.4); others are final.
@@ -220,6 +221,8 @@ class Connection(smtplib.SMTP):
         with self.phase("EHLO", self.timeouts.ehlo):
             code, text = self.ehlo()
             if code not in _EHLO_UNKNOWN:
+                for keyword in self.limits.discard_ehlo_keywords:
+                    self.esmtp_features.pop(keyword, None)
                 return Reply.parse(code, text.decode("utf-8", "replace"))
             self.command = "HELO"
             code, text = self.helo()

@@ -57,6 +57,7 @@ def test_minimal_config_takes_documented_defaults() -> None:
     assert cfg.smtp.port == 25 and cfg.smtp.tls == "opportunistic"
     assert cfg.smtp.tls_broken_ttl == 3600.0 and cfg.smtp.ca_file is None
     assert (cfg.smtp.max_reply_lines, cfg.smtp.max_line_length) == (100, 4096)
+    assert cfg.smtp.discard_ehlo_keywords == ()
     assert dataclasses.astuple(cfg.smtp.timeouts) == (
         30, 300, 300, 120, 60, 300, 300, 120, 180, 600, 60, 10, 600, 1800)
     assert dataclasses.astuple(cfg.pool) == (10, 100, 60.0, 30.0)
@@ -66,6 +67,11 @@ def test_minimal_config_takes_documented_defaults() -> None:
     assert dataclasses.astuple(cfg.limits) == (50 * 2**20, 1000, 1000)
     assert cfg.retry.schedule == (60, 300, 900, 1800, 3600, 7200, 14400)
     assert cfg.retry.max_age == 5 * 86400
+
+
+def test_discard_ehlo_keywords_are_lower_cased() -> None:
+    cfg = config.from_dict(minimal(smtp={"discard_ehlo_keywords": ["PIPELINING", "Chunking"]}))
+    assert cfg.smtp.discard_ehlo_keywords == ("pipelining", "chunking")
 
 
 def test_the_brief_example_works_without_hostname() -> None:
@@ -204,6 +210,10 @@ REFUSALS = [
     (minimal(smtp={"ca_file": ""}), "smtp.ca_file", "must not be empty"),
     (minimal(smtp={"max_reply_lines": 0}), "smtp.max_reply_lines", ">= 1"),
     (minimal(smtp={"max_line_length": 511}), "smtp.max_line_length", ">= 512"),
+    (minimal(smtp={"discard_ehlo_keywords": ["PIPE LINING"]}), "smtp.discard_ehlo_keywords[0]",
+     "must be an EHLO keyword"),
+    (minimal(smtp={"discard_ehlo_keywords": ["chunking", "CHUNKING"]}),
+     "smtp.discard_ehlo_keywords[1]", "listed twice"),
     (minimal(smtp={"timeouts": {"connect": 0}}), "smtp.timeouts.connect", "more than 0"),
     (minimal(smtp={"timeouts": {"final_dot": "10x"}}), "smtp.timeouts.final_dot", "not a duration"),
     (minimal(smtp={"timeouts": {"conect": "5s"}}), "smtp.timeouts.conect", "did you mean connect?"),

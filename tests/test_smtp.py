@@ -400,6 +400,20 @@ def test_no_parameters_when_not_offered(scripted: Scripted) -> None:
     assert server.errors == []
 
 
+def test_discarded_ehlo_keywords_are_not_used(scripted: Scripted) -> None:
+    """smtp.discard_ehlo_keywords: PIPELINING and CHUNKING offered, but discarded, so the
+    transaction goes in lock step (one command, one reply) with DATA, not BDAT."""
+    server = scripted([*greet("PIPELINING", "CHUNKING", "8BITMIME"), *delivered_once()])
+    conn = connect(server, limits=Limits(discard_ehlo_keywords=frozenset({"pipelining",
+                                                                           "chunking"})))
+    assert not conn.has_extn("pipelining") and not conn.has_extn("chunking")
+    assert conn.has_extn("8bitmime")
+    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)
+    assert outcome(results) == [(RCPTS[0], 250, None, False)]
+    server.wait_finished()
+    assert server.errors == []  # the script's lock-step order was kept: no pipelined flight
+
+
 def test_null_sender(scripted: Scripted) -> None:
     server = scripted([*greet(), C("MAIL FROM:<>"), S("250 ok"), rcpt(RCPTS[0]), S("250 ok"),
                        C("DATA"), S("354 go"), DATA(), S("250 queued")])
