@@ -2,8 +2,9 @@
 
 One command starts, all on loopback and in a temporary folder:
 
-- carbon-cache (Debian's `graphite-carbon`) with a throwaway config: one-second slots
-  (`retentions = 1s:6h`) and docs/MONITORING.md's aggregation rules;
+- carbon-cache (Debian's `graphite-carbon`, started by engine/testing/carbon.py) with a
+  throwaway config: one-second slots (`retentions = 1s:6h`) and docs/MONITORING.md's
+  aggregation rules;
 - the etsy StatsD daemon (npm `statsd`, installed once into ~/.cache/mailengine-tests like
   tests/test_metrics.py does), flushing every 2 s with percentThreshold [50, 95, 99] to that
   carbon-cache, legacy namespace (what conf/grafana-dashboard.json queries);
@@ -56,12 +57,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zmq
 
 from engine.testing import sink as sink_mod
+from engine.testing.carbon import CarbonCache
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from tests.dnsserver import DnsServer
@@ -113,6 +116,11 @@ class Processes:
 
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stops: list[Callable[[], None]] = []  # of launchers that own their process
+
+    def later(self, stop: Callable[[], None]) -> None:
+        """Call `stop` in stop_all, after the processes started here are stopped."""
+        self.stops.append(stop)
 
     def start(self, what: str, cmd: list[str], log_path: Path, **kwargs: Any
               ) -> subprocess.Popen[bytes]:
@@ -131,6 +139,8 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        for stop in reversed(self.stops):
+            stop()
 
 
 def wait_for_text(log_path: Path, text: str, proc: subprocess.Popen[bytes], what: str,
@@ -157,28 +167,6 @@ def check_tools() -> None:
 
 # -- carbon-cache -----------------------------------------------------------------------------
 
-CARBON_CONF = """[cache]
-STORAGE_DIR = {d}/storage
-LOCAL_DATA_DIR = {d}/storage/whisper
-WHITELISTS_DIR = {d}/storage/lists
-CONF_DIR = {d}
-LOG_DIR = {d}/log
-PID_DIR = {d}
-ENABLE_LOGROTATION = False
-ENABLE_TAGS = False
-USER =
-MAX_CACHE_SIZE = inf
-MAX_UPDATES_PER_SECOND = inf
-MAX_CREATES_PER_MINUTE = inf
-LINE_RECEIVER_INTERFACE = 127.0.0.1
-LINE_RECEIVER_PORT = {line}
-ENABLE_UDP_LISTENER = False
-PICKLE_RECEIVER_INTERFACE = 127.0.0.1
-PICKLE_RECEIVER_PORT = {pickle}
-CACHE_QUERY_INTERFACE = 127.0.0.1
-CACHE_QUERY_PORT = {query}
-LOG_UPDATES = False
-"""
 # StatsD flushes every 2 s into 1 s slots: no two flushes share a slot (a flush in a slot
 # already written would overwrite it), and every other slot is empty (the graphs connect
 # across them: lineMode=connected).
@@ -219,19 +207,9 @@ aggregationMethod = average
 
 def start_carbon(procs: Processes, home: Path) -> tuple[int, int, Path]:
     """(line receiver port, cache query port, whisper folder)."""
-    (home / "log").mkdir(parents=True)
-    line, query = free_port(), free_port()
-    (home / "carbon.conf").write_text(CARBON_CONF.format(d=home, line=line, pickle=free_port(),
-                                                         query=query), encoding="utf-8")
-    (home / "storage-schemas.conf").write_text(CARBON_SCHEMAS, encoding="utf-8")
-    (home / "storage-aggregation.conf").write_text(CARBON_AGGREGATION, encoding="utf-8")
-    console = home / "console.log"
-    proc = procs.start("carbon-cache", [
-        shutil.which("carbon-cache") or "carbon-cache", f"--config={home / 'carbon.conf'}",
-        f"--pidfile={home / 'carbon.pid'}", f"--logdir={home / 'log'}", "--nodaemon", "start"],
-        console)
-    wait_for_text(console, f"starting on {line}", proc, "carbon-cache")
-    return line, query, home / "storage" / "whisper"
+    carbon = CarbonCache(home, schemas=CARBON_SCHEMAS, aggregation=CARBON_AGGREGATION).start()
+    procs.later(carbon.stop)
+    return carbon.line_port, carbon.query_port, carbon.whisper
 
 
 # -- the StatsD daemon ------------------------------------------------------------------------

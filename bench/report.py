@@ -20,7 +20,8 @@ TARGETS = {
     "headline_ratio": "connect-per-message p50 >= 100 x pooled p50 (same run)",
     "warm_chunking": "warm p50 <= 1.2 RTT (60 ms) with PIPELINING + CHUNKING, STARTTLS",
     "warm_pipelining": "warm p50 <= 2.2 RTT (110 ms) with PIPELINING alone, STARTTLS",
-    "warm_ratio": "connect-per-message p50 >= 8 x warm CHUNKING p50, STARTTLS",
+    "warm_ratio": "connect-per-message (naive: no PIPELINING/CHUNKING) p50 >= 8 x warm"
+                  " CHUNKING p50, STARTTLS",
     "worker_share": "one worker >= 35% of smtp-source's messages/s (same sessions, same run)",
     "engine_share": "whole engine >= 25% of smtp-source's messages/s (same sessions, same run)",
     "memory": "one worker with 1,000 open TLS connections < 150 MB RSS",
@@ -44,8 +45,17 @@ def rtts(value: float) -> str:
 # -- evaluating the targets ------------------------------------------------------------------
 
 
+# The modes of bench/rtt.py (the names in the results).
+NAIVE = "connect per message, naive (no PIPELINING/CHUNKING)"
+CONNECT = "connect per message, engine (PIPELINING+CHUNKING)"
+LEGACY_CONNECT = "connect per message"  # results from before the naive row existed
+
+
 def _rtt_row(rows: list[dict[str, Any]], mode: str, tls: bool) -> dict[str, Any] | None:
-    return next((r for r in rows if r["mode"] == mode and r["tls"] == tls), None)
+    row = next((r for r in rows if r["mode"] == mode and r["tls"] == tls), None)
+    if row is None and mode == CONNECT:
+        return _rtt_row(rows, LEGACY_CONNECT, tls)
+    return row
 
 
 def evaluate(sections: dict[str, Any]) -> list[tuple[str, str, bool | None, str]]:
@@ -65,7 +75,8 @@ def evaluate(sections: dict[str, Any]) -> list[tuple[str, str, bool | None, str]
     if rows:
         chunk = _rtt_row(rows, "pooled + CHUNKING", True)
         pipe = _rtt_row(rows, "pooled + PIPELINING", True)
-        cpm_row = _rtt_row(rows, "connect per message", True)
+        naive = _rtt_row(rows, NAIVE, True)
+        own = _rtt_row(rows, CONNECT, True)
         if chunk:
             p = chunk["sequential"]["summary"]["p50"]
             out.append((TARGETS["warm_chunking"], f"{ms(p)} = {rtts(p)}", p <= 1.2 * RTT_MS,
@@ -74,11 +85,24 @@ def evaluate(sections: dict[str, Any]) -> list[tuple[str, str, bool | None, str]
             p = pipe["sequential"]["summary"]["p50"]
             out.append((TARGETS["warm_pipelining"], f"{ms(p)} = {rtts(p)}", p <= 2.2 * RTT_MS,
                         "rtt"))
-        if chunk and cpm_row:
-            a = cpm_row["sequential"]["summary"]["p50"]
+        if chunk and (naive or own):
+            # Judged on the naive client the target means (a connection per message in lock
+            # step); the engine's own connection per message is stated beside it, and judged
+            # only when there is no naive row (results from before it existed).
             b = chunk["sequential"]["summary"]["p50"]
-            out.append((TARGETS["warm_ratio"], f"{a / b:.1f}x ({ms(a)} against {ms(b)})",
-                        a / b >= 8, "rtt"))
+            measured = []
+            if naive:
+                a = naive["sequential"]["summary"]["p50"]
+                measured.append(f"naive {a / b:.1f}x ({ms(a)} = {rtts(a)} against {ms(b)})")
+            if own:
+                c = own["sequential"]["summary"]["p50"]
+                measured.append(f"the engine's own connection per message (PIPELINING,"
+                                f" CHUNKING) {c / b:.1f}x ({ms(c)} = {rtts(c)}), the TLS 1.3"
+                                " floor: [finding 9](#findings)")
+            judged = naive or own
+            assert judged is not None
+            ratio = judged["sequential"]["summary"]["p50"] / b
+            out.append((TARGETS["warm_ratio"], "; ".join(measured), ratio >= 8, "rtt"))
     loop = sections.get("loopback", {}).get("data")
     if loop:
         row = _loop_row(loop)
@@ -131,13 +155,18 @@ def _plt() -> Any:
     return plt
 
 
-COLORS = {"connect per message": "#c0392b", "pooled": "#e67e22",
+COLORS = {NAIVE: "#7b241c", CONNECT: "#c0392b", LEGACY_CONNECT: "#c0392b", "pooled": "#e67e22",
           "pooled + PIPELINING": "#2980b9", "pooled + CHUNKING": "#27ae60"}
+
+
+def _short(mode: str) -> str:
+    """A mode's name over two lines, for a plot's ticks."""
+    return mode.replace(", ", ",\n", 1).replace(" (", "\n(", 1) if len(mode) > 20 else mode
 
 
 def plot_warm(rows: list[dict[str, Any]]) -> str:
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     for ax, tls in zip(axes, (False, True), strict=True):
         for row in rows:
             if row["tls"] != tls:
@@ -146,11 +175,11 @@ def plot_warm(rows: list[dict[str, Any]]) -> str:
             ys = [(i + 1) / len(values) for i in range(len(values))]
             ax.step(values, ys, where="post", label=row["mode"], color=COLORS[row["mode"]],
                     linewidth=2)
-        for k in (1, 2, 4, 7):
+        for k in (1, 2, 4, 7, 10):
             ax.axvline(k * RTT_MS, color="#999", linestyle=":", linewidth=1)
             ax.text(k * RTT_MS * 1.02, 0.03, f"{k} RTT", fontsize=8, color="#666")
         ax.set_xscale("log")
-        ticks = [50, 100, 200, 350, 500]
+        ticks = [50, 100, 200, 350, 500, 700]
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.set_xlabel("delivery time, queued to final reply (ms, log)")
@@ -158,13 +187,16 @@ def plot_warm(rows: list[dict[str, Any]]) -> str:
                      fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("share of messages (CDF)")
-    axes[1].legend(loc="center right", fontsize=8)
-    return _save(fig, "latency-warm.png")
+    # Below the plots: inside, it would hide a curve (they span the whole height).
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return _save(fig, "latency-warm.png", layout=False)
 
 
 def plot_rtt_throughput(rows: list[dict[str, Any]]) -> str:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(10, 4.2))
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     width = 0.38
     for k, tls in enumerate((False, True)):
@@ -176,7 +208,7 @@ def plot_rtt_throughput(rows: list[dict[str, Any]]) -> str:
         for x, v in zip(xs, values, strict=True):
             ax.text(x, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
         del bars
-    ax.set_xticks(range(len(modes)), modes, fontsize=9)
+    ax.set_xticks(range(len(modes)), [_short(m) for m in modes], fontsize=8)
     ax.set_ylabel("messages per second")
     ax.set_title("burst throughput at 50 ms RTT, 2 connections", fontsize=10)
     ax.legend(fontsize=8)
@@ -236,9 +268,10 @@ def plot_loopback(loop: dict[str, Any]) -> str:
     return _save(fig, "throughput-loopback.png")
 
 
-def _save(fig: Any, name: str) -> str:
+def _save(fig: Any, name: str, layout: bool = True) -> str:
     os.makedirs(IMG, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(os.path.join(IMG, name), dpi=110)
     _plt().close(fig)
     return f"img/{name}"
@@ -321,7 +354,13 @@ def section_rtt(section: dict[str, Any], checks: Any) -> str:
         "The whole engine (`mailengine run`: supervisor, durable spool, one worker, events log)"
         " through the latency proxy to the aiosmtpd sink (`engine/testing/sink.py`), which offers"
         " PIPELINING and CHUNKING or not as the mode says; the destination takes 2 connections"
-        " (`pool: {max_connections: 2}`, the proxy holds a 3rd). *Warm*: after two warm-up"
+        " (`pool: {max_connections: 2}`, the proxy holds a 3rd). A connection per message"
+        " (`pool: {max_messages: 1}`) twice, against the same sink offering PIPELINING and"
+        " CHUNKING: *naive*, the engine told to ignore both"
+        " (`smtp: {discard_ehlo_keywords: [PIPELINING, CHUNKING]}`), so that it sends in lock"
+        " step as `smtplib.sendmail` per message does (the naive engine of the targets); and"
+        " *engine*, as the engine does it, pipelined."
+        " *Warm*: after two warm-up"
         f" messages, {n_seq} messages one at a time, each sent when the previous one is final,"
         " on the pool already open; *delivery* is the event's `delay_ms` (queued to final reply,"
         " through the supervisor and worker), *transaction* the worker's StatsD `transaction`"
@@ -340,7 +379,9 @@ def section_rtt(section: dict[str, Any], checks: Any) -> str:
         " time adds what the engine spends outside the transaction: spool commit, the"
         " supervisor-to-worker hop and the way back (the gap between the two columns). A"
         " connection per message adds the setup to every message: TCP and banner (2 RTT), EHLO,"
-        " STARTTLS, the TLS 1.3 handshake, EHLO again (1 RTT each): 7 RTT with TLS, 4 in plain.",
+        " STARTTLS, the TLS 1.3 handshake, EHLO again (1 RTT each): 7 RTT with TLS, 4 in plain;"
+        " in lock step (naive) the transaction takes 4 RTT instead of 1: 10 RTT with TLS, 7 in"
+        " plain.",
     ])
 
 

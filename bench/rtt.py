@@ -5,9 +5,12 @@ spool, one worker, events log) and a destination that takes at most 2
 connections at once (engine `pool.max_connections: 2`; the proxy refuses a 3rd
 with a 421 and counts it):
 
-- `modes`: for each way of sending (a connection per message; pooled against a
-  sink without PIPELINING or CHUNKING; with PIPELINING; with PIPELINING and
-  CHUNKING), plain and with STARTTLS:
+- `modes`: for each way of sending (a connection per message, as a naive client
+  does it, in lock step: the engine told to ignore the sink's PIPELINING and
+  CHUNKING with `smtp.discard_ehlo_keywords`, what `smtplib.sendmail` per message
+  does; a connection per message as the engine does it, with PIPELINING and
+  CHUNKING; pooled against a sink without PIPELINING or CHUNKING; with
+  PIPELINING; with PIPELINING and CHUNKING), plain and with STARTTLS:
   - warm latency: messages one at a time, each sent when the previous one is
     final, on a pool opened beforehand; delivery time from the events
     (`delay_ms`, queued to final reply) and the worker's StatsD `transaction`
@@ -44,27 +47,37 @@ CAP = 2  # the destination's connection limit
 # races with the engine's next connection (see "Findings" in docs/PERFORMANCE.md).
 OVER_LIMIT = "queue"
 
-# name -> (pool settings, sink PIPELINING, sink CHUNKING)
-MODES: dict[str, tuple[dict[str, Any], bool, bool]] = {
-    "connect per message": ({"max_connections": CAP, "max_messages": 1}, True, True),
-    "pooled": ({"max_connections": CAP}, False, False),
-    "pooled + PIPELINING": ({"max_connections": CAP}, True, False),
-    "pooled + CHUNKING": ({"max_connections": CAP}, True, True),
+NAIVE = "connect per message, naive (no PIPELINING/CHUNKING)"
+CONNECT = "connect per message, engine (PIPELINING+CHUNKING)"
+POOLED = "pooled + CHUNKING"
+
+# name -> (pool settings, engine `smtp` settings, sink PIPELINING, sink CHUNKING)
+MODES: dict[str, tuple[dict[str, Any], dict[str, Any], bool, bool]] = {
+    # The naive engine of the issue: a connection per message and lock step (banner, EHLO,
+    # STARTTLS, TLS, EHLO, MAIL, RCPT, DATA, message), against the same sink as the next row.
+    NAIVE: ({"max_connections": CAP, "max_messages": 1},
+            {"discard_ehlo_keywords": ["PIPELINING", "CHUNKING"]}, True, True),
+    CONNECT: ({"max_connections": CAP, "max_messages": 1}, {}, True, True),
+    "pooled": ({"max_connections": CAP}, {}, False, False),
+    "pooled + PIPELINING": ({"max_connections": CAP}, {}, True, False),
+    POOLED: ({"max_connections": CAP}, {}, True, True),
 }
+SLUGS = {NAIVE: "naive", CONNECT: "connect", "pooled": "pooled",
+         "pooled + PIPELINING": "pipelining", POOLED: "chunking"}
 
 
 def mode_run(workdir: str, mode: str, tls: bool, sequential: int, burst: int) -> dict[str, Any]:
-    pool, pipelining, chunking = MODES[mode]
+    pool, smtp, pipelining, chunking = MODES[mode]
     label = f"{mode}, {'STARTTLS' if tls else 'plain'}"
     log(f"rtt: {label}: {sequential} one at a time, then a burst of {burst}")
     stats = StatsdCatcher()
     with SinkServer(tls=tls, pipelining=pipelining, chunking=chunking) as sink, \
             ProxyProcess((sink.host, sink.port), RTT, max_connections=CAP,
                          over_limit=OVER_LIMIT) as proxy:
-        extra = engine_config(proxy.port, pool, stats.port)
+        extra = engine_config(proxy.port, pool, stats.port, smtp)
         with running_engine(workdir, proxy.port, extra) as engine:
             producer = Producer(engine)
-            tag = f"{mode.split()[0]}-{'tls' if tls else 'plain'}"
+            tag = f"{SLUGS[mode]}-{'tls' if tls else 'plain'}"
             # Warm up: the pool opens (and the TLS policy learns the sink's certificate).
             for i in range(2):
                 producer.send(*job(i, f"warm-{tag}"))
@@ -125,7 +138,7 @@ def modes(workdir: str, quick: bool) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     for tls in (False, True):
         for mode in MODES:
-            slug = f"{mode.split()[0]}-{int(tls)}-{len(results)}"
+            slug = f"{SLUGS[mode]}-{int(tls)}-{len(results)}"
             results.append(mode_run(os.path.join(workdir, slug), mode, tls, sequential, burst))
             r = results[-1]
             log(f"  p50 {r['sequential']['summary']['p50']:.0f} ms delivery,"
@@ -136,16 +149,17 @@ def modes(workdir: str, quick: bool) -> list[dict[str, Any]]:
 
 def headline_run(workdir: str, mode: str, seconds: float, rate: float,
                  drain: float) -> dict[str, Any]:
-    pool, pipelining, chunking = MODES[mode]
+    pool, smtp, pipelining, chunking = MODES[mode]
     count = int(seconds * rate)
     log(f"headline: {mode}: {count} messages at {rate:g}/s, STARTTLS, {RTT * 1000:.0f} ms RTT,"
         f" {CAP} connections")
     with SinkServer(tls=True, pipelining=pipelining, chunking=chunking) as sink, \
             ProxyProcess((sink.host, sink.port), RTT, max_connections=CAP,
                          over_limit=OVER_LIMIT) as proxy:
-        with running_engine(workdir, proxy.port, engine_config(proxy.port, pool)) as engine:
+        with running_engine(workdir, proxy.port,
+                            engine_config(proxy.port, pool, smtp=smtp)) as engine:
             producer = Producer(engine)
-            tag = f"head-{mode.split()[0]}"
+            tag = f"head-{SLUGS[mode]}"
             # One message first, so both runs start with what the engine has learned about
             # the host (its certificate does not verify): what a long-running engine knows.
             producer.send(*job(0, f"{tag}-warm"))
@@ -186,7 +200,7 @@ def headline_run(workdir: str, mode: str, seconds: float, rate: float,
 def headline(workdir: str, quick: bool) -> list[dict[str, Any]]:
     seconds = 20.0 if quick else 60.0
     results: list[dict[str, Any]] = []
-    for mode in ("connect per message", "pooled + CHUNKING"):
+    for mode in (CONNECT, POOLED):
         run = headline_run(os.path.join(workdir, f"head-{len(results)}"), mode, seconds, 10.0,
                            drain=seconds + 60.0)
         log(f"  p50 {run['delay']['p50']:.0f} ms, p99 {run['delay']['p99']:.0f} ms,"
@@ -197,14 +211,15 @@ def headline(workdir: str, quick: bool) -> list[dict[str, Any]]:
 
 def refusal_run(workdir: str, mode: str, count: int, wait: float) -> dict[str, Any]:
     """A burst against a destination that *refuses* a 3rd connection (421 at the banner)."""
-    pool, pipelining, chunking = MODES[mode]
+    pool, smtp, pipelining, chunking = MODES[mode]
     log(f"refusal: {mode}: {count} messages at once, the proxy answers a 3rd connection 421")
     with SinkServer(tls=True, pipelining=pipelining, chunking=chunking) as sink, \
             ProxyProcess((sink.host, sink.port), RTT, max_connections=CAP,
                          over_limit="refuse") as proxy:
-        with running_engine(workdir, proxy.port, engine_config(proxy.port, pool)) as engine:
+        with running_engine(workdir, proxy.port,
+                            engine_config(proxy.port, pool, smtp=smtp)) as engine:
             producer = Producer(engine)
-            tag = f"refuse-{mode.split()[0]}"
+            tag = f"refuse-{SLUGS[mode]}"
             producer.send(*job(0, f"{tag}-warm"))
             producer.wait_final([f"{tag}-warm-0"], 30)
             started = time.time()
@@ -233,7 +248,7 @@ def refusal_run(workdir: str, mode: str, count: int, wait: float) -> dict[str, A
 def refusal(workdir: str, quick: bool) -> list[dict[str, Any]]:
     count, wait = (30, 20.0) if quick else (40, 30.0)
     results: list[dict[str, Any]] = []
-    for mode in ("connect per message", "pooled + CHUNKING"):
+    for mode in (CONNECT, POOLED):
         run = refusal_run(os.path.join(workdir, f"refuse-{len(results)}"), mode, count, wait)
         log(f"  delivered {run['delivered']}/{count} within {wait:.0f} s, deferred"
             f" {run['deferred_jobs']} jobs, proxy {run['proxy']}")

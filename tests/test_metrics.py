@@ -29,6 +29,8 @@ from engine import metrics
 from engine.metrics import DECLARED, KINDS
 from engine.outcome import Status
 from engine.provider import provider_of
+from engine.testing.carbon import CarbonCache
+from engine.testing.carbon import available as carbon_available
 from engine.testing.harness import make_message
 from tests.statsd_catcher import StatsdCatcher
 
@@ -615,28 +617,6 @@ def test_the_statsd_daemon_turns_the_engine_metrics_into_what_the_dashboard_grap
 # --------------------------------------------------------------------------------------------
 # Integration: ... -> StatsD daemon -> carbon-cache (Debian's graphite-carbon) -> whisper files
 
-CARBON_CONF = """[cache]
-STORAGE_DIR = {d}/storage
-LOCAL_DATA_DIR = {d}/storage/whisper
-WHITELISTS_DIR = {d}/storage/lists
-CONF_DIR = {d}
-LOG_DIR = {d}/log
-PID_DIR = {d}
-ENABLE_LOGROTATION = False
-ENABLE_TAGS = False
-USER =
-MAX_CACHE_SIZE = inf
-MAX_UPDATES_PER_SECOND = inf
-MAX_CREATES_PER_MINUTE = inf
-LINE_RECEIVER_INTERFACE = 127.0.0.1
-LINE_RECEIVER_PORT = {line}
-ENABLE_UDP_LISTENER = False
-PICKLE_RECEIVER_INTERFACE = 127.0.0.1
-PICKLE_RECEIVER_PORT = {pickle}
-CACHE_QUERY_INTERFACE = 127.0.0.1
-CACHE_QUERY_PORT = {query}
-LOG_UPDATES = False
-"""
 # One-second slots for the test (production retentions: docs/MONITORING.md); StatsD flushes
 # every 2 s, so no two flushes share a slot.
 CARBON_SCHEMAS = "[stats]\npattern = ^stats\nretentions = 1s:1h\n"
@@ -645,27 +625,11 @@ CARBON_SCHEMAS = "[stats]\npattern = ^stats\nretentions = 1s:1h\n"
 @pytest.fixture
 def carbon_cache(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """carbon-cache on loopback with a throwaway config: (line receiver port, whisper dir)."""
-    carbon, fetch = shutil.which("carbon-cache"), shutil.which("whisper-fetch")
-    if not carbon or not fetch:
+    if not carbon_available() or not shutil.which("whisper-fetch"):
         pytest.skip("the Graphite test needs carbon-cache and whisper-fetch"
                     " (apt-get install graphite-carbon)")
-    home = tmp_path / "carbon"
-    (home / "log").mkdir(parents=True)
-    line = free_port(socket.SOCK_STREAM)
-    (home / "carbon.conf").write_text(CARBON_CONF.format(
-        d=home, line=line, pickle=free_port(socket.SOCK_STREAM),
-        query=free_port(socket.SOCK_STREAM)), encoding="utf-8")
-    (home / "storage-schemas.conf").write_text(CARBON_SCHEMAS, encoding="utf-8")
-    log = home / "console.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([carbon, f"--config={home / 'carbon.conf'}",
-                                 f"--pidfile={home / 'carbon.pid'}", f"--logdir={home / 'log'}",
-                                 "--nodaemon", "start"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_line(log, f"starting on {line}", proc, "carbon-cache")
-        yield line, home / "storage" / "whisper"
-    finally:
-        stop_process(proc)
+    with CarbonCache(tmp_path / "carbon", schemas=CARBON_SCHEMAS) as cache:
+        yield cache.line_port, cache.whisper
 
 
 def whisper_values(whisper_dir: Path, metric_path: str) -> list[float]:
