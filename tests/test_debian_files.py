@@ -254,6 +254,9 @@ def test_maintainer_scripts_create_and_purge_the_user_spool_and_logs() -> None:
     assert "adduser --quiet --system --group --no-create-home" in postinst
     assert "/var/spool/mailengine mailengine mailengine 0750" in postinst
     assert "/var/log/mailengine" in postinst
+    # CURVE keys: root writes, the engine's group reads, nobody else lists.
+    assert "/etc/mailengine/keys root mailengine 0750" in postinst
+    assert "/etc/mailengine/keys/clients root mailengine 0750" in postinst
     postrm = (DEBIAN / "mailengine.postrm").read_text(encoding="utf-8")
     purge = postrm[postrm.index('if [ "$1" = "purge" ]'):]
     for path in ("/var/spool/mailengine", "/var/log/mailengine", "/etc/mailengine"):
