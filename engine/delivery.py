@@ -28,6 +28,8 @@ from engine.smtp import RcptResult, StaleConnection
 # How many pooled connections may turn out stale for one message before the
 # host counts as failing (each costs no attempt, but must not loop for ever).
 MAX_STALE_RETRIES = 3
+# Entries of the per-MX-host caches (provider names, pool keys) before they are emptied.
+HOST_CACHE_SIZE = 10000
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class Deliverer:
             max_connections=pools.settings.max_connections,
             max_messages=pools.settings.max_messages)))
         self.providers = providers
+        # Per MX host, worked out once rather than per message (pure functions of the
+        # host; the caches are emptied when full).
+        self._provider_names: dict[str, str] = {}
+        self._pool_keys: dict[tuple[str, int], PoolKey] = {}
 
     def deliver(self, task: Task, report: Report) -> None:
         """Deliver every recipient of `task`; `report` gets each domain's results."""
@@ -96,8 +102,7 @@ class Deliverer:
         except DeliveryError as err:
             return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts], None,
                                   domain, None, False)
-        provider = provider_of(dest.hosts[0].name, self.providers) if dest.hosts \
-            else dest.domain
+        provider = self._provider(dest.hosts[0].name) if dest.hosts else dest.domain
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
         shaper = self.shaping.get(provider)
         epoch = shaper.epoch  # see _via_host
@@ -135,11 +140,14 @@ class Deliverer:
             # Before the pool: a refusal from inside the pool's factory would put the pool in
             # connect backoff, and a route to the same host and port shares that pool.
             self.connector.check_destination(host)
-        key = PoolKey(self.source_ip, host.name, host.port, self.tls_mode)
-        settings = replace(self.pools.settings, max_connections=shaper.limits.max_connections,
-                           max_messages=shaper.limits.max_messages)
-        pool = self.pools.get(key, lambda: self.connector.open(host, provider, routed), settings,
-                              shaper.gate)
+        key = self._pool_key(host)
+        pool = self.pools.find(key)
+        if pool is None:
+            settings = replace(self.pools.settings,
+                               max_connections=shaper.limits.max_connections,
+                               max_messages=shaper.limits.max_messages)
+            pool = self.pools.get(key, lambda: self.connector.open(host, provider, routed),
+                                  settings, shaper.gate)
         stale: StaleConnection | None = None
         tries = 0
         while tries < MAX_STALE_RETRIES:
@@ -174,6 +182,23 @@ class Deliverer:
                                       reused, shaper)
         assert stale is not None
         raise stale
+
+    def _provider(self, mx_host: str) -> str:
+        provider = self._provider_names.get(mx_host)
+        if provider is None:
+            if len(self._provider_names) >= HOST_CACHE_SIZE:
+                self._provider_names.clear()
+            provider = self._provider_names[mx_host] = provider_of(mx_host, self.providers)
+        return provider
+
+    def _pool_key(self, host: MxHost) -> PoolKey:
+        key = self._pool_keys.get((host.name, host.port))
+        if key is None:
+            if len(self._pool_keys) >= HOST_CACHE_SIZE:
+                self._pool_keys.clear()
+            key = PoolKey(self.source_ip, host.name, host.port, self.tls_mode)
+            self._pool_keys[(host.name, host.port)] = key
+        return key
 
     def _outcomes(self, task: Task, results: Sequence[RcptResult], mx: str | None,
                   provider: str, tls: str | None, reused: bool,

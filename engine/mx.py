@@ -22,6 +22,7 @@ blocking dnspython; in a worker, gevent's monkey patching makes them yield.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import re
@@ -29,7 +30,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dns.exception
 import dns.message
@@ -117,11 +118,23 @@ class DestinationPolicy:
 
     def refusal(self, address: str) -> str | None:
         """Why mail must not go to `address` ("127.0.0.1 is a loopback address"), or None."""
+        return _refusal(self, address)
+
+    def _judge(self, address: str) -> str | None:
         ip = ipaddress.ip_address(address)
         if self.allow_private or any(ip in net for net in self.allowed):
             return None
         what = _special(ip)
         return None if what is None else f"{address} is {what}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _refusal(policy: DestinationPolicy, address: str) -> str | None:
+    """`policy._judge(address)`, remembered: every message to a host that is not a route
+    asks it of the host's addresses (engine.connector), and parsing the address and
+    testing it against every prohibited network each time cost more than the rest of
+    the check. Both arguments are immutable; an invalid address raises, never cached."""
+    return policy._judge(address)
 
 
 def _special(ip: IPAddress) -> str | None:
@@ -176,6 +189,12 @@ class _Answer:
     records: tuple[dns.rdata.Rdata, ...]
     nxdomain: bool
     expires: float  # on the resolver's clock
+    # The records as text, made once: an address answer is read at every message to its
+    # host (engine.connector's destination check), and dnspython's to_text() is slow.
+    texts: tuple[str, ...] = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(rd.to_text() for rd in self.records))
 
 
 class Resolver:
@@ -197,6 +216,10 @@ class Resolver:
         self._cache_size = cache_size
         self._clock = clock
         self.stats = ResolverStats()
+        # A routed domain's Destination, by the domain as asked: routes are fixed config, so
+        # the answer never changes; built once rather than normalising the domain and
+        # parsing the route's host at every message. Emptied when full.
+        self._routed: dict[str, Destination] = {}
 
     def destination(self, domain: str) -> Destination:
         """The hosts to try for mail to `domain`.
@@ -204,11 +227,18 @@ class Resolver:
         Raises PermanentError (bounce) or TransientError (try later), both
         blaming the message: no other host would do better.
         """
+        dest = self._routed.get(domain)
+        if dest is not None:
+            return dest
         name = _normalize_domain(domain)
         route = self._routes.get(name) or self._routes.get("*")
         if route is not None:
             port = route.port or self._smtp_port
-            return Destination(name, (MxHost(_host_name(route.host), 0, port),), routed=True)
+            dest = Destination(name, (MxHost(_host_name(route.host), 0, port),), routed=True)
+            if len(self._routed) >= max(self._cache_size, 1):
+                self._routed.clear()
+            self._routed[domain] = dest
+            return dest
         literal = _domain_literal(name)
         if literal is not None:  # user@[192.0.2.1]: the address is the host
             return Destination(name, (MxHost(str(literal), 0, self._smtp_port),), implicit=True)
@@ -228,7 +258,7 @@ class Resolver:
         if literal is not None:
             found = [name] if _family(literal) == family else []
         else:
-            found = [rd.to_text() for rd in self._lookup(name, rdtype, Blame.CONNECTION).records]
+            found = list(self._lookup(name, rdtype, Blame.CONNECTION).texts)
         if not found:
             reply = Reply.local(451, "4.4.4", f"no address for MX host {name}")
             raise TransientError(reply, blame=Blame.CONNECTION)
@@ -355,6 +385,7 @@ def _why(exc: Exception) -> str:
     return str(exc)[:200] or type(exc).__name__
 
 
+@functools.lru_cache(maxsize=4096)
 def _normalize_domain(domain: str) -> str:
     """`domain` as DNS knows it: lowercase ASCII, no trailing dot.
 
@@ -402,6 +433,7 @@ def _ip_literal(text: str) -> IPAddress | None:
         return None
 
 
+@functools.lru_cache(maxsize=4096)
 def _host_name(host: str) -> str:
     """A host as MxHost names it: an IP without brackets, or a lowercase name without the dot."""
     literal = _ip_literal(host)

@@ -12,6 +12,8 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
   the rest age out after `idle_timeout`;
 - an idle connection is checked before reuse (`Connection.is_alive`, no round
   trip): one the server closed or 421'd while idle is dropped;
+- a connection given back while callers wait goes straight to the first of them
+  (checked with `Connection.reusable`, no syscall: it was in use a moment ago);
 - a failed connect puts the pool in backoff for `connect_backoff` seconds: the
   failure reaches every waiting caller at once, callers during the backoff fail
   fast (unless a healthy idle connection is there to take), and afterwards one
@@ -28,9 +30,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import gevent
@@ -90,23 +92,16 @@ class DestinationPool:
 
     # -- checkout -------------------------------------------------------------
 
-    @contextmanager
-    def connection(self) -> Iterator[tuple[Connection, bool]]:
-        """Check out a connection as (connection, reused); give it back afterwards.
+    def connection(self) -> _Checkout:
+        """Check out a connection as (connection, reused); give it back afterwards
+        (`with pool.connection() as (conn, reused): ...`).
 
         The caller reports a broken connection by closing it (sock is None). A
         connection left by an exception (a bug, a gevent Timeout, a kill) is closed:
         it may be mid-transaction, and reusing it would pair the next message's
         commands with this one's late replies.
         """
-        conn, reused = self.acquire()
-        try:
-            yield conn, reused
-        except BaseException:
-            conn.close()
-            raise
-        finally:
-            self.release(conn)
+        return _Checkout(self)
 
     def acquire(self) -> tuple[Connection, bool]:
         if self.draining:
@@ -136,15 +131,35 @@ class DestinationPool:
                         return conn, False
                     continue  # the server wants fewer connections: wait for one of them
                 gated = True  # the provider's slots are taken: wait for one too
-            self._wait(self.gate if gated else None)
+            conn = self._wait(self.gate if gated else None)
+            if conn is not None:  # handed over by release()
+                return conn, True
 
     def release(self, conn: Connection) -> None:
         usable = conn.sock is not None and conn.messages_sent < self.settings.max_messages
+        if usable and self._hand_over(conn):
+            return
         if usable and not self._slot_wanted_elsewhere():
             self._idle.append(conn)
         else:
             self._discard(conn)
         self._wake_one()
+
+    def _hand_over(self, conn: Connection) -> bool:
+        """Give `conn` straight to the longest waiting caller, if any.
+
+        Parked and the waiter woken instead, the waiter would run `_acquire` again:
+        `_take_idle`, the idle-timeout check and `is_alive()`'s select() on a connection
+        that finished a transaction microseconds ago. `reusable()` keeps the check that
+        costs no syscall (nothing unread: a 421 sent along with the last reply)."""
+        if self.draining or not self._waiters or not conn.reusable():
+            return False
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.ready():  # skip any answered already (by the gate, or failed)
+                waiter.set(conn)
+                return True
+        return False
 
     def _slot_wanted_elsewhere(self) -> bool:
         """Nobody here needs the connection, but another MX host of the provider waits
@@ -248,14 +263,22 @@ class DestinationPool:
             if not waiter.ready():
                 waiter.set_exception(type(err)(err.reply, err.command, err.blame))
 
-    def _wait(self, gate: ConnectionGate | None = None) -> None:
-        """Until this pool gives a connection back, fails, or (`gate`) a slot frees."""
+    def _wait(self, gate: ConnectionGate | None = None) -> Connection | None:
+        """Until this pool gives a connection back, fails, or (`gate`) a slot frees.
+        Returns the connection `release` handed over, if it did."""
         waiter = AsyncResult()
         self._waiters.append(waiter)
         if gate is not None:
             gate.add_waiter(waiter)
         try:
-            waiter.get()
+            conn: Connection | None = waiter.get()
+            return conn
+        except BaseException:
+            # Killed (or timed out) after a connection was handed over, before taking it:
+            # pass it on, or it would never come back to the pool.
+            if waiter.ready() and waiter.successful() and waiter.value is not None:
+                self.release(waiter.value)
+            raise
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
@@ -285,6 +308,28 @@ class DestinationPool:
             conn.close()
 
 
+class _Checkout:
+    """The context manager behind `DestinationPool.connection` (a class rather than a
+    generator-based `@contextmanager`: one per message, and the generator machinery
+    costs several times these two methods)."""
+
+    __slots__ = ("conn", "pool")
+
+    def __init__(self, pool: DestinationPool) -> None:
+        self.pool = pool
+
+    def __enter__(self) -> tuple[Connection, bool]:
+        conn, reused = self.pool.acquire()
+        self.conn = conn
+        return conn, reused
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None:
+            self.conn.close()
+        self.pool.release(self.conn)
+
+
 class Pools:
     """All destination pools of one worker."""
 
@@ -294,6 +339,10 @@ class Pools:
         self._clock = clock
         self._pools: dict[PoolKey, DestinationPool] = {}
         self.draining = False
+
+    def find(self, key: PoolKey) -> DestinationPool | None:
+        """The pool for `key` if it exists (no factory, no settings to build first)."""
+        return self._pools.get(key)
 
     def get(self, key: PoolKey, open_connection: Callable[[], Connection],
             settings: PoolConfig | None = None,

@@ -264,6 +264,8 @@ class ProviderShaper:
         self.suspended_until = 0.0  # monotonic
         self.throttles = 0
         self.sent_today = 0
+        self._day_start = self._day_end = 0.0  # the UTC day `_today()` last formatted
+        self._today_text = ""
         self._day = self._today()
         self._next_slot = 0.0
         self._last_decrease = -1e9
@@ -343,6 +345,8 @@ class ProviderShaper:
         return rule
 
     def match(self, reply: Reply) -> ThrottleRule | None:
+        if reply.ok:  # no rule matches a success (ThrottleRule.matches): skip asking each
+            return None
         for rule in self.throttling.rules:
             if rule.matches(self.provider, reply):
                 return rule
@@ -498,8 +502,15 @@ class ProviderShaper:
         }
 
     def _today(self) -> str:
-        return datetime.datetime.fromtimestamp(self._wall(), datetime.UTC).strftime(
-            "%Y-%m-%d")
+        """Today's UTC date, "2026-11-28". Asked at every turn: formatted only when the
+        wall clock leaves the day formatted last (a float comparison otherwise)."""
+        now = self._wall()
+        if not self._day_start <= now < self._day_end:
+            day = now // 86400  # Unix time has no leap seconds: a UTC day is 86400 s
+            self._day_start, self._day_end = day * 86400, (day + 1) * 86400
+            self._today_text = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime(
+                "%Y-%m-%d")
+        return self._today_text
 
     def _roll_day(self) -> None:
         today = self._today()
@@ -570,6 +581,8 @@ class Shaping:
         return shaper
 
     def _daily_cap(self) -> int | None:
+        if self.plan.warmup_start is None:  # not warming up: no date to work out per message
+            return None
         today = datetime.datetime.fromtimestamp(self._wall(), datetime.UTC).date()
         return self.plan.daily_cap(today)
 

@@ -32,16 +32,19 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import monkey
 
 from engine.config import Timeouts
 from engine.reply import Blame, DeliveryError, Reply, TransientError, error_for
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,12 @@ class Limits:
 _EHLO_UNKNOWN = (500, 502, 504, 550)
 # Characters of a reply's text that are kept: it travels into events, logs and the spool.
 MAX_REPLY_TEXT = 1000
+# One-line replies already parsed, by their raw line: a server says the same few ("250 2.1.0
+# Ok") message after message, so a dict lookup replaces splitting, decoding and parsing.
+# Reply is immutable, so sharing is safe; the dict is emptied when full (replies carrying a
+# queue id never repeat and must not make it grow).
+_REPLIES: dict[bytes, Reply] = {}
+_REPLIES_MAX = 256
 
 
 class ProtocolError(Exception):
@@ -94,6 +103,9 @@ class Connection(smtplib.SMTP):
         self.messages_sent = 0
         self.created = time.monotonic()
         self.last_used = self.created
+        self._backstop_timer: gevent.Timeout | None = None  # reused by deadline(), see there
+        # A flight was just sent: its reply cannot be there yet (see _wait_readable).
+        self._awaiting = False
 
     # -- reading replies -------------------------------------------------
 
@@ -102,19 +114,31 @@ class Connection(smtplib.SMTP):
 
         Same contract as smtplib's, so its `ehlo()`, `docmd()` and friends keep working.
         """
+        return self._collect(self._readline())
+
+    def _collect(self, line: bytes) -> tuple[int, bytes]:
+        """The reply that starts with `line`: its code and its lines' text."""
         lines: list[bytes] = []
         while True:
-            line = self._readline()
             code, more, text = _split_reply_line(line)
             lines.append(text)
             if len(lines) > self.limits.max_reply_lines:
                 raise ProtocolError(f"reply longer than {self.limits.max_reply_lines} lines")
             if not more:
                 return code, b"\n".join(lines)
+            line = self._readline()
 
     def reply(self) -> Reply:
-        code, text = self.getreply()
-        return Reply.parse(code, _cut(text.decode("utf-8", "replace"), MAX_REPLY_TEXT))
+        line = self._readline()
+        reply = _REPLIES.get(line)  # only one-line replies are there (see _REPLIES)
+        if reply is None:
+            code, text = self._collect(line)
+            reply = Reply.parse(code, _cut(text.decode("utf-8", "replace"), MAX_REPLY_TEXT))
+            if line[3:4] != b"-":  # the whole reply was this one line
+                if len(_REPLIES) >= _REPLIES_MAX:
+                    _REPLIES.clear()
+                _REPLIES[line] = reply
+        return reply
 
     def _readline(self) -> bytes:
         while True:
@@ -131,6 +155,9 @@ class Connection(smtplib.SMTP):
             if self.sock is None:
                 raise smtplib.SMTPServerDisconnected("not connected")
             self._arm()  # each read gets only what is left of the phase, not a fresh timeout
+            if self._awaiting:
+                self._awaiting = False
+                _wait_readable(self.sock)
             chunk = self.sock.recv(65536)
             if not chunk:
                 self.close()
@@ -140,6 +167,12 @@ class Connection(smtplib.SMTP):
     def close(self) -> None:
         self._rbuf.clear()
         super().close()
+
+    def send(self, s: ReadableBuffer | str) -> None:
+        """smtplib's writes (EHLO, STARTTLS, RSET, QUIT), within the phase's time."""
+        if self.sock is not None:
+            self._arm()  # here, not inside smtplib's send(): it reports any OSError as a hang-up
+        super().send(s)
 
     def _live(self) -> socket.socket:
         """The socket, or the error smtplib raises for a closed connection."""
@@ -160,37 +193,35 @@ class Connection(smtplib.SMTP):
             return TransientError(self._span.reply(command), command)
         return _translate(exc, command, timeout)
 
-    @contextmanager
-    def deadline(self, name: str, seconds: float) -> Iterator[None]:
+    def deadline(self, name: str, seconds: float) -> _Deadline:
         """Bound every phase inside to `seconds` in all ("setup", "transaction").
 
         Enforced through the socket timeouts (each read gets what is left), and in a
         gevent worker also by a `gevent.Timeout`, which interrupts what socket timeouts
         cannot (a TLS handshake fed one byte at a time). A nested deadline never
-        extends an outer one.
+        extends an outer one. (`with conn.deadline("transaction", t): ...`; see `_Deadline`.)
         """
-        outer = self._span
-        span = _Span(name, seconds, time.monotonic() + seconds)
-        if outer is not None and outer.end < span.end:
-            span = outer
-        self._span = span
-        backstop = gevent.Timeout(seconds) if monkey.is_module_patched("socket") else None
-        if backstop is not None:
-            backstop.start()
-        try:
-            yield
-        except gevent.Timeout as fired:
-            if fired is not backstop:
-                raise
-            self.close()  # interrupted mid-step: the session is unusable
-            raise TransientError(span.reply(self.command), self.command) from None
-        finally:
-            if backstop is not None:
-                backstop.cancel()
-            self._span = outer
+        return _Deadline(self, name, seconds)
+
+    def _backstop(self, seconds: float) -> gevent.Timeout | None:
+        """A stopped `gevent.Timeout` of `seconds` for a deadline, None without gevent.
+
+        The last one is kept and used again: a transaction's deadline has the same length
+        every time, and a new Timeout per message cost a timer allocation for nothing
+        (a cancelled Timeout can be started again)."""
+        if not monkey.is_module_patched("socket"):
+            return None
+        timer = self._backstop_timer
+        if timer is None or timer.seconds != seconds or timer.pending:
+            timer = self._backstop_timer = gevent.Timeout(seconds)
+        return timer
 
     def _arm(self) -> None:
-        """Give the socket what is left of the phase and of the deadline in force."""
+        """Give the socket what is left of the phase and of the deadline in force.
+
+        Called right before each read and write (`_readline`, `_send`, `send`, the TLS
+        handshake), not when a phase begins: most phases read a reply that came with
+        the previous one, and need no timeout at all."""
         end = self._phase_end if self._span is None else min(self._phase_end, self._span.end)
         left = end - time.monotonic()
         if left <= 0:
@@ -245,7 +276,9 @@ class Connection(smtplib.SMTP):
                 raise ProtocolError("server sent data after its 220 reply to STARTTLS"
                                     " (response injection); connection aborted")
         with self.phase("TLS", self.timeouts.tls_handshake):
-            self.sock = context.wrap_socket(self._live(), server_hostname=server_hostname)
+            sock = self._live()
+            self._arm()
+            self.sock = context.wrap_socket(sock, server_hostname=server_hostname)
             self.tls_version = self.sock.version()
             self.tls_verified = context.verify_mode == ssl.CERT_REQUIRED
         self.helo_resp = self.ehlo_resp = None
@@ -272,6 +305,15 @@ class Connection(smtplib.SMTP):
             return not _readable(self.sock)
         except (OSError, ValueError):
             return False
+
+    def reusable(self) -> bool:
+        """`is_alive` without its select(), for a connection handed straight from one
+        transaction to the next (engine.pool): open, and nothing unread after the last reply.
+        A server hanging up (or its 421) in those microseconds is seen at MAIL and retried
+        on a fresh connection like any stale one (StaleConnection)."""
+        if self.sock is None or self._rbuf:
+            return False
+        return not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending())
 
     def quit_quietly(self) -> None:
         """QUIT if possible, close in any case; never raises."""
@@ -328,7 +370,19 @@ class Connection(smtplib.SMTP):
         return b" ".join([b"MAIL FROM:<" + _wire(sender) + b">", *params])
 
     def _send_lines(self, lines: Sequence[bytes], tail: bytes = b"") -> None:
-        self._live().sendall(b"".join(line + b"\r\n" for line in lines) + tail)
+        """The command lines, then `tail` (a message), in one write."""
+        self._send(b"\r\n".join([*lines, tail]))  # "a\r\nb\r\n" + tail, a single copy
+
+    def _send(self, data: bytes) -> None:
+        """Write all of `data`. One `send()` first: on a live connection a flight nearly
+        always fits the socket buffer, and gevent's `sendall()` costs a getsockopt()
+        syscall and a deadline computation per call; the rest, if any, by `sendall()`."""
+        sock = self._live()
+        self._arm()
+        sent = sock.send(data)
+        if sent < len(data):
+            sock.sendall(memoryview(data)[sent:])
+        self._awaiting = True
 
     def _read_envelope(self, rcpt_count: int, state: _TxState) -> tuple[Reply, list[Reply]]:
         """Read the replies to MAIL and each RCPT, in order."""
@@ -405,7 +459,7 @@ class Connection(smtplib.SMTP):
             return self._results(mail, rcpt_replies, rcpt_replies[0], state)
         if self.has_extn("chunking"):
             with self.phase("BDAT", self.timeouts.final_dot):
-                self._live().sendall(b"BDAT %d LAST\r\n" % len(message) + message)
+                self._send(b"BDAT %d LAST\r\n" % len(message) + message)
                 state.data_sent = True
                 final = self._answer("BDAT")
         else:
@@ -428,7 +482,7 @@ class Connection(smtplib.SMTP):
                                            " reply to DATA, where 354 was expected"), "DATA")
             return data_reply
         with self.phase("DATA", self.timeouts.data_block):
-            self._live().sendall(dot_stuff(message) + b".\r\n")
+            self._send(dot_stuff(message) + b".\r\n")
             state.data_sent = True
         with self.phase("DATA", self.timeouts.final_dot):
             return self._answer("DATA")
@@ -495,10 +549,11 @@ class _Phase:
     A plain class rather than a generator-based `@contextmanager`: a phase is entered
     4-5 times per message, and a generator, its wrapper object and the `throw()` into
     it cost several times what these two methods do. Same semantics: entering sets
-    the command in flight and the phase's deadline and arms the socket (a deadline
-    already passed fails here, translated); leaving clears the deadline, lets a
-    `DeliveryError` and non-`Exception`s (`gevent.Timeout`, `GreenletExit`) through
-    as they are, and translates any other exception (`Connection._failed`).
+    the command in flight and the phase's deadline (a deadline already passed fails
+    here, translated; the socket is armed at each read and write); leaving clears the
+    deadline, lets a `DeliveryError` and non-`Exception`s (`gevent.Timeout`,
+    `GreenletExit`) through as they are, and translates any other exception
+    (`Connection._failed`).
     """
 
     __slots__ = ("command", "conn", "timeout")
@@ -511,14 +566,14 @@ class _Phase:
     def __enter__(self) -> None:
         conn = self.conn
         conn.command = self.command
-        conn._phase_end = time.monotonic() + self.timeout
-        try:
-            conn._arm()
-        except BaseException as exc:
+        now = time.monotonic()
+        conn._phase_end = now + self.timeout
+        span = conn._span
+        if self.timeout <= 0 or (span is not None and span.end <= now):
             conn._phase_end = math.inf
-            if isinstance(exc, Exception) and not isinstance(exc, DeliveryError):
-                raise conn._failed(exc, self.command, self.timeout) from exc
-            raise
+            passed = TimeoutError("deadline passed")
+            raise conn._failed(passed, self.command, self.timeout) from passed
+        # The socket is armed right before its I/O (`Connection._arm`), not here.
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -528,13 +583,53 @@ class _Phase:
         # None: nothing to translate; a DeliveryError or a BaseException propagates as is
 
 
-@dataclass(frozen=True)
+class _Deadline:
+    """The context manager behind `Connection.deadline` (a class, not a generator, for
+    the same reason as `_Phase`: one per message). Entering sets the span in force
+    (the outer one if it ends sooner) and starts the gevent backstop; leaving stops it,
+    restores the outer span, and turns the backstop's firing into a TransientError
+    naming the deadline, after closing the connection (interrupted mid-step, the session
+    is unusable)."""
+
+    __slots__ = ("backstop", "conn", "name", "outer", "seconds", "span")
+
+    def __init__(self, conn: Connection, name: str, seconds: float) -> None:
+        self.conn = conn
+        self.name = name
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        conn = self.conn
+        self.outer = outer = conn._span
+        span = _Span(self.name, self.seconds, time.monotonic() + self.seconds)
+        if outer is not None and outer.end < span.end:
+            span = outer
+        self.span = conn._span = span
+        self.backstop = backstop = conn._backstop(self.seconds)
+        if backstop is not None:
+            backstop.start()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        conn = self.conn
+        backstop = self.backstop
+        if backstop is not None:
+            backstop.cancel()
+        conn._span = self.outer
+        if exc is not None and exc is backstop:
+            conn.close()
+            raise TransientError(self.span.reply(conn.command), conn.command) from None
+
+
 class _Span:
     """A deadline over several phases: its name, length and end (monotonic)."""
 
-    name: str
-    seconds: float
-    end: float
+    __slots__ = ("end", "name", "seconds")
+
+    def __init__(self, name: str, seconds: float, end: float) -> None:
+        self.name = name
+        self.seconds = seconds
+        self.end = end
 
     def expired(self, exc: BaseException) -> bool:
         """`exc` is a timeout that this deadline, not the phase's own, caused."""
@@ -577,7 +672,7 @@ def _cut(text: str, limit: int) -> str:
 
 def _wire(value: str) -> bytes:
     """An address or parameter as it goes on the wire; refuses what could inject commands."""
-    if any(c in value for c in "\r\n\0"):
+    if "\r" in value or "\n" in value or "\0" in value:
         raise error_for(Reply(501, "5.1.3", "CR, LF or NUL in an envelope field refused"),
                         "MAIL", Blame.MESSAGE)
     return value.encode("utf-8")
@@ -600,6 +695,19 @@ def _readable(sock: socket.socket | None) -> bool:
         return False
     readable, _, _ = select.select([sock], [], [], 0)
     return bool(readable)
+
+
+def _wait_readable(sock: socket.socket) -> None:
+    """Before the first read after sending a flight: wait until the socket is readable.
+
+    The server cannot have answered yet, so a recv() now fails with EAGAIN, and gevent
+    then waits exactly so (same watcher, same timeout, same socket.timeout): twice per
+    message a syscall and an exception for nothing. A gevent plaintext socket only
+    (`_wait` and `_read_event` are gevent's, in every version we support); TLS keeps
+    its own buffering, and a blocking socket waits in recv() anyway."""
+    wait = getattr(sock, "_wait", None)
+    if wait is not None and not isinstance(sock, ssl.SSLSocket):
+        wait(sock._read_event)  # type: ignore[attr-defined]
 
 
 def _has_data(sock: socket.socket | None) -> bool:

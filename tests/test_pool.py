@@ -44,6 +44,9 @@ class FakeConnection:
     def is_alive(self) -> bool:
         return self.alive
 
+    def reusable(self) -> bool:  # no select(), as Connection.reusable: `alive` is not seen
+        return self.sock is not None
+
     def quit_quietly(self) -> None:
         self.quit = True
         self.sock = None
@@ -281,6 +284,46 @@ def test_broken_connection_given_back_is_discarded_and_wakes_a_waiter() -> None:
     new, reused = waiter.value
     assert new is not conn and not reused
     assert factory.calls == 2 and pool.open == 1
+
+
+def test_released_connection_goes_straight_to_the_first_waiter_without_a_liveness_check(
+        ) -> None:
+    pool, factory, _ = make_pool(max_connections=1)
+    conn, _ = pool.acquire()
+    waiters = [gevent.spawn(pool.acquire) for _ in range(2)]
+    gevent.sleep(0)
+    conn.alive = False  # is_alive() would say so: a hand-over does not ask (no select())
+    pool.release(conn)
+    assert pool.idle == 0  # never parked
+    first, _ = gevent.joinall(waiters[:1], timeout=5)[0].value
+    assert first is conn and pool.stale_dropped == 0
+    assert not waiters[1].ready()  # one connection, one waiter woken
+    pool.release(first)
+    assert waiters[1].join(timeout=5) is None and waiters[1].value == (conn, True)
+    assert factory.calls == 1
+
+
+def test_connection_handed_to_a_waiter_killed_before_it_ran_goes_to_the_next() -> None:
+    pool, factory, _ = make_pool(max_connections=1)
+    conn, _ = pool.acquire()
+    doomed, patient = gevent.spawn(pool.acquire), gevent.spawn(pool.acquire)
+    gevent.sleep(0)
+    doomed.kill(block=False)  # it dies at the next loop turn...
+    pool.release(conn)  # ...after the connection was handed to it, before it could take it
+    patient.join(timeout=5)
+    assert patient.value == (conn, True)
+    assert factory.calls == 1 and pool.open == 1
+
+
+def test_closed_connection_is_not_handed_over() -> None:
+    pool, factory, _ = make_pool(max_connections=1)
+    conn, _ = pool.acquire()
+    waiter = gevent.spawn(pool.acquire)
+    gevent.sleep(0)
+    conn.close()
+    pool.release(conn)
+    waiter.join(timeout=5)
+    assert waiter.value[0] is not conn and factory.calls == 2
 
 
 @pytest.mark.parametrize("interruption", [RuntimeError("a bug"), gevent.Timeout()],

@@ -209,3 +209,15 @@ def test_connection_gate_caps_open_connections_and_paces_new_ones() -> None:
     assert not gate.try_enter()
     gate.leave()
     assert gate.try_enter()
+
+
+def test_sent_today_starts_over_at_utc_midnight_and_not_before() -> None:
+    midnight = datetime.datetime(2026, 12, 4, tzinfo=datetime.UTC).timestamp()
+    s, t = shaper(t=FakeTime(midnight - 2.0))
+    assert s.turn() is None and s.turn() is None
+    t.now = midnight - 0.001  # the same day: still counted (the date is not formatted again)
+    assert s.turn() is None and s.sent_today == 3
+    t.now = midnight
+    assert s.turn() is None and s.sent_today == 1 and s._day == "2026-12-04"
+    t.now = midnight - 10  # a clock set back a day: that day's count starts over too
+    assert s.turn() is None and s._day == "2026-12-03" and s.sent_today == 1
