@@ -61,6 +61,8 @@ class Worker:
                               if drain_timeout is None else drain_timeout)
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
                                       ip.address, cfg.statsd.enabled)
+        # A message's stats (timers, counters) go out packed, at the end of the loop turn.
+        self.metrics.batched(gevent.get_hub().loop.run_callback)
         self.pools = Pools(cfg.pool)
         # Warm-up counts survive a restart in the spool folder (writable under systemd).
         state = os.path.join(cfg.spool, f"shaping-{ip.address}.json")
@@ -110,6 +112,7 @@ class Worker:
         self._flushing = False
         self._results_ready.set()
         flusher.join()
+        self.metrics.flush()
         self._send(wire.stats_frame(self.ip.address, self._figures()))
         self.results.close()
         self.tasks.close(linger=0)
