@@ -155,7 +155,7 @@ class Metrics:
 
     def flush(self) -> None:
         """Send the stats held by `batched()` mode, if any."""
-        if self._pending:
+        if self._pending and self._sink is not None:
             self._pending = 0
             try:
                 self._sink.send()
