@@ -7,14 +7,21 @@ part. A valid address comes back as given, with only its domain lowercased.
 
 Internationalised domains are converted with the standard library's IDNA codec,
 which implements IDNA 2003. The characters that IDNA 2003 and IDNA 2008 encode
-differently (ß, final sigma, ZWJ, ZWNJ) are refused rather than risk sending mail to
-a different domain; the producer can write such a domain in its `xn--` form.
+differently (ß, final sigma) are refused rather than risk sending mail to a different
+domain; the producer can write such a domain in its `xn--` form. Invisible formatting
+characters (Unicode category Cf: zero width space and joiners, soft hyphen, byte order
+mark, text-direction controls) are refused anywhere in an address: they make it look like
+another address, and IDNA 2003 silently drops them from a domain.
+
+The same senders and recipient domains come back job after job, so the checks of a whole
+address and of a domain are cached (bounded LRU caches; only successes are kept).
 
 An `AddressError` reads as a sentence about the address, e.g.
 "'bob@' has an empty domain"; callers prefix the role ("recipient 3 ...").
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -28,9 +35,15 @@ MAX_LABEL_OCTETS = 63
 _ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                    "!#$%&'*+-/=?^_`{|}~")
 _LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", re.ASCII | re.IGNORECASE)
+# An ASCII Dot-string (RFC 5321): atext runs separated by single dots. The usual local part
+# matches at once; anything else goes through the checks that say what is wrong.
+_ATEXT_RUN = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ASCII_DOT_ATOM = re.compile(rf"{_ATEXT_RUN}(?:\.{_ATEXT_RUN})*")
+_CACHE_SIZE = 4096  # addresses, and domains, whose checks are remembered
 # Characters that make an address look different from what is sent: bidi controls.
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-# Encoded differently by IDNA 2003 (mapped away) and IDNA 2008 (kept).
+# Encoded differently by IDNA 2003 (mapped away) and IDNA 2008 (kept). (ZWNJ and ZWJ too,
+# but they are format characters, refused before this.)
 _IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
 _SHOW_MAX = 80
 
@@ -44,10 +57,20 @@ class AddressError(ValueError):
         self.address = address
 
 
+class _DomainProblem(Exception):
+    """What is wrong with a domain, as the end of a sentence about the address."""
+
+
 def validate_mailbox(addr: str) -> str:
     """Return `addr` with its domain lowercased, or raise AddressError saying what is wrong."""
     if not isinstance(addr, str):
         raise AddressError(f"an address must be a string, not {type(addr).__name__}", addr)
+    return _validate(addr)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _validate(addr: str) -> str:
+    """validate_mailbox for a str (a success is cached: the same sender comes every job)."""
     if not addr:
         raise _bad(addr, "is empty")
     # Characters never outnumber octets: a cheap refusal before the per-character scan.
@@ -58,7 +81,10 @@ def validate_mailbox(addr: str) -> str:
         raise _bad(addr, f"is longer than {MAX_ADDRESS_OCTETS} octets")
     local, domain = split(addr)
     _check_local(addr, local)
-    domain = _check_domain(addr, domain)
+    try:
+        domain = _checked_domain(domain)
+    except _DomainProblem as exc:
+        raise _bad(addr, str(exc)) from exc
     return f"{local}@{domain}"
 
 
@@ -89,7 +115,15 @@ def domain_of(addr: str) -> str:
     domain = split(addr)[1]
     if domain.startswith("["):
         return domain
-    return ".".join(_label_to_ascii(addr, label) for label in domain.lower().split("."))
+    try:
+        return _ascii_domain(domain)
+    except _DomainProblem as exc:
+        raise _bad(addr, str(exc)) from exc
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _ascii_domain(domain: str) -> str:
+    return ".".join(_label_to_ascii(label) for label in domain.lower().split("."))
 
 
 def _bad(addr: object, problem: str) -> AddressError:
@@ -111,12 +145,15 @@ def _octets(text: str) -> int:
 
 def _check_characters(addr: str) -> None:
     """Refuse what could break the SMTP command line or hide what is sent."""
-    for ch in addr:
-        if ch == " ":
-            continue  # allowed in a quoted local part only; checked there
-        problem = _bad_character(ch)
-        if problem:
-            raise _bad(addr, f"contains {problem} (U+{ord(ch):04X})")
+    # Fast path: a printable string has no character _bad_character refuses (no Cc, Cf,
+    # Cs, and no separator but the ASCII space), so only the others are looked at.
+    if not addr.isprintable():
+        for ch in addr:
+            if ch == " ":
+                continue  # allowed in a quoted local part only; checked there
+            problem = _bad_character(ch)
+            if problem:
+                raise _bad(addr, f"contains {problem} (U+{ord(ch):04X})")
     if "<" in addr or ">" in addr:
         raise _bad(addr, "contains angle brackets; give the bare address")
 
@@ -134,6 +171,8 @@ def _bad_character(ch: str) -> str | None:
         return "a whitespace character"
     if ch in _BIDI:
         return "an invisible text-direction control"
+    if category == "Cf":  # zero width space, ZWJ/ZWNJ, soft hyphen, BOM, word joiner...
+        return "an invisible formatting character"
     return None
 
 
@@ -150,6 +189,8 @@ def _check_local(addr: str, local: str) -> None:
 
 def _check_dot_atom(addr: str, local: str) -> None:
     """RFC 5321 Dot-string: atext runs separated by single dots."""
+    if _ASCII_DOT_ATOM.fullmatch(local):
+        return
     if local.startswith(".") or local.endswith("."):
         raise _bad(addr, "has a local part that starts or ends with a dot")
     if ".." in local:
@@ -182,49 +223,53 @@ def _check_quoted(addr: str, local: str) -> None:
         raise _bad(addr, "has an empty quoted local part")
 
 
-def _check_domain(addr: str, domain: str) -> str:
-    """Validate the domain; return it in the form to send (lowercased)."""
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _checked_domain(domain: str) -> str:
+    """Validate the domain; return it in the form to send (lowercased). _DomainProblem if bad.
+    Cached: recipients' domains repeat (a failure is not cached, and costs the same again)."""
     if not domain:
-        raise _bad(addr, "has an empty domain")
+        raise _DomainProblem("has an empty domain")
     if domain.startswith("["):
-        return _check_literal(addr, domain)
+        return _check_literal(domain)
     if " " in domain:
-        raise _bad(addr, "contains a space in its domain")
+        raise _DomainProblem("contains a space in its domain")
     domain = domain.lower()
     labels = domain.split(".")
     if "" in labels:
-        raise _bad(addr, "has an empty label in its domain (a leading, trailing or double dot)")
+        raise _DomainProblem(
+            "has an empty label in its domain (a leading, trailing or double dot)")
     if len(labels) == 1:
-        raise _bad(addr, "has a domain without a dot; use a fully qualified domain")
-    ascii_labels = [_label_to_ascii(addr, label) for label in labels]
+        raise _DomainProblem("has a domain without a dot; use a fully qualified domain")
+    ascii_labels = [_label_to_ascii(label) for label in labels]
     if ascii_labels[-1].isdigit():
-        raise _bad(addr, "has a domain that looks like an IP address; write it as [192.0.2.1]")
+        raise _DomainProblem(
+            "has a domain that looks like an IP address; write it as [192.0.2.1]")
     if len(".".join(ascii_labels)) > MAX_DOMAIN_OCTETS:
-        raise _bad(addr, f"has a domain longer than {MAX_DOMAIN_OCTETS} octets")
+        raise _DomainProblem(f"has a domain longer than {MAX_DOMAIN_OCTETS} octets")
     return domain
 
 
-def _label_to_ascii(addr: str, label: str) -> str:
+def _label_to_ascii(label: str) -> str:
     """One domain label as a valid LDH label (an A-label when it is not ASCII)."""
-    ascii_label = label if label.isascii() else _idna_label(addr, label)
+    ascii_label = label if label.isascii() else _idna_label(label)
     if len(ascii_label) > MAX_LABEL_OCTETS:
-        raise _bad(addr, f"has a domain label longer than {MAX_LABEL_OCTETS} octets")
+        raise _DomainProblem(f"has a domain label longer than {MAX_LABEL_OCTETS} octets")
     if not _LDH_LABEL.fullmatch(ascii_label):
-        raise _bad(addr, f"has an invalid domain label {_show(label)}: "
-                                 "use letters, digits and inner hyphens")
+        raise _DomainProblem(f"has an invalid domain label {_show(label)}: "
+                             "use letters, digits and inner hyphens")
     return ascii_label.lower()
 
 
-def _idna_label(addr: str, label: str) -> str:
+def _idna_label(label: str) -> str:
     deviation = next((ch for ch in label if ch in _IDNA_DEVIATIONS), None)
     if deviation:
-        raise _bad(addr, f"has {deviation!r} (U+{ord(deviation):04X}) in its domain, which "
-                                 "IDNA versions encode differently; give the domain in xn-- form")
+        raise _DomainProblem(f"has {deviation!r} (U+{ord(deviation):04X}) in its domain, which "
+                             "IDNA versions encode differently; give the domain in xn-- form")
     try:
         return label.encode("idna").decode("ascii")
     except UnicodeError as exc:
-        raise _bad(addr, f"has a domain label {_show(label)} that is not a valid "
-                                 f"internationalised name ({_idna_reason(exc)})") from exc
+        raise _DomainProblem(f"has a domain label {_show(label)} that is not a valid "
+                             f"internationalised name ({_idna_reason(exc)})") from exc
 
 
 def _idna_reason(exc: UnicodeError) -> str:
@@ -233,21 +278,22 @@ def _idna_reason(exc: UnicodeError) -> str:
     return text.rsplit("UnicodeError: ", 1)[-1].rstrip(")") or "rejected by the IDNA codec"
 
 
-def _check_literal(addr: str, domain: str) -> str:
+def _check_literal(domain: str) -> str:
     """RFC 5321 address literal: [IPv4] or [IPv6:...]; general literals are not supported."""
     if not domain.endswith("]") or len(domain) < 3:
-        raise _bad(addr, "has an address literal without its closing ']'")
+        raise _DomainProblem("has an address literal without its closing ']'")
     inner = domain[1:-1]
     is_v6 = inner[:5].lower() == "ipv6:"
     text = inner[5:] if is_v6 else inner
     if not is_v6 and ":" in text:
-        raise _bad(addr, "has an unsupported address literal; "
-                         "use [192.0.2.1] or [IPv6:2001:db8::1]")
+        raise _DomainProblem("has an unsupported address literal; "
+                             "use [192.0.2.1] or [IPv6:2001:db8::1]")
     if "%" in text:  # ipaddress accepts zone ids ("fe80::1%eth0"); they mean nothing remotely
-        raise _bad(addr, "has an IPv6 zone id in its address literal")
+        raise _DomainProblem("has an IPv6 zone id in its address literal")
     try:
         (ipaddress.IPv6Address if is_v6 else ipaddress.IPv4Address)(text)
     except ValueError as exc:
         kind = "IPv6" if is_v6 else "IPv4"
-        raise _bad(addr, f"has an address literal that is not a valid {kind} address") from exc
+        raise _DomainProblem(
+            f"has an address literal that is not a valid {kind} address") from exc
     return f"[IPv6:{text.lower()}]" if is_v6 else domain

@@ -17,7 +17,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeGuard
 
 from engine.address import (
@@ -156,7 +156,7 @@ def _decode_envelope(envelope: bytes) -> dict[str, Any]:
 
 def _loads(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        return _DECODER.decode(text)
     except JobRejected:  # from the hooks below; a ValueError too, so let it through first
         raise
     except json.JSONDecodeError as exc:
@@ -183,6 +183,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+# One decoder for every envelope (json.loads with hooks would build one per call).
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+
+
 def _json_type(value: object) -> str:
     names = {list: "an array", str: "a string", bool: "a boolean", int: "a number",
              float: "a number", type(None): "null"}
@@ -200,18 +204,18 @@ def _cut(text: str, limit: int = 60) -> str:
 def _build(fields: dict[str, Any], message: Callable[[], bytes], max_recipients: int | None,
            new_id: Callable[[], str]) -> Job:
     """The job, envelope first (cheap), then the message; a rejection echoes the id and meta."""
-    job_id, meta = _id_or_none(fields.get("id")), _meta_or_none(fields)
     try:
-        job = _envelope(fields, max_recipients, new_id)
+        envelope = _envelope(fields, max_recipients, new_id)
         body = message()
-        return replace(job, message=body, eightbit=not body.isascii())
     except JobRejected as exc:
-        raise JobRejected(exc.reason, job_id, meta) from exc
+        raise JobRejected(exc.reason, _id_or_none(fields.get("id")),
+                          _meta_or_none(fields)) from exc
+    return Job(message=body, eightbit=not body.isascii(), **envelope)
 
 
 def _envelope(fields: dict[str, Any], max_recipients: int | None,
-              new_id: Callable[[], str]) -> Job:
-    """A job without its message yet; fields are checked in the order a person would fix them."""
+              new_id: Callable[[], str]) -> dict[str, Any]:
+    """The job's fields but the message; checked in the order a person would fix them."""
     _check_known(fields)
     job_id = _id(fields.get("id"), new_id)
     meta = _meta(fields.get("meta"))
@@ -220,9 +224,9 @@ def _envelope(fields: dict[str, Any], max_recipients: int | None,
     ip, pool = _ip(fields.get("ip")), _pool(fields.get("pool"))
     if ip is not None and pool is not None:
         raise JobRejected("'ip' and 'pool' are mutually exclusive")
-    return Job(id=job_id, sender=sender, rcpts=rcpts, message=b"", ip=ip, pool=pool,
-               meta=meta, expires=_expires(fields.get("expires")),
-               smtputf8=any(needs_smtputf8(a) for a in (sender, *rcpts)))
+    return {"id": job_id, "sender": sender, "rcpts": rcpts, "ip": ip, "pool": pool,
+            "meta": meta, "expires": _expires(fields.get("expires")),
+            "smtputf8": any(map(needs_smtputf8, (sender, *rcpts)))}
 
 
 def _check_known(fields: dict[str, Any]) -> None:
@@ -264,6 +268,8 @@ def _meta(value: object) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise JobRejected(f"'meta' must be a JSON object, got {_json_type(value)}")
+    if not value:
+        return value
     try:
         # JSON escapes may hold unpaired surrogates, which no UTF-8 event log can carry.
         json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any, Self
 
 from engine.job import Job, envelope_json, job_from_stored
@@ -31,6 +32,8 @@ SCHEMA_VERSION = 1
 PENDING = "pending"  # a recipient not final yet (never tried, or deferred)
 _IN_CHUNK = 500  # ids per `IN (...)` query, far below SQLite's variable limit
 _REASON_MAX = 300
+CACHE_KIB = 32 * 1024  # SQLite's page cache, at most
+WAL_CHECKPOINT_PAGES = 4000  # WAL pages (4 KiB) between automatic checkpoints
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -327,19 +330,27 @@ class Spool:
             return self._settle(conn, list({u.job_id: None for u in updates}), now)
 
     def _settle(self, conn: sqlite3.Connection, job_ids: Iterable[str], now: float) -> list[str]:
-        """Refresh each job's next_attempt; delete those with nothing pending. Returns those."""
-        done = []
-        for job_id in job_ids:
-            left, first = conn.execute(
-                "SELECT COUNT(*), MIN(next_attempt) FROM rcpts"
-                " WHERE job_id = ? AND status = 'pending'", (job_id,)).fetchone()
-            if left:
-                conn.execute("UPDATE jobs SET next_attempt = ? WHERE id = ?", (first, job_id))
-            elif conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,)).rowcount:
-                conn.execute("DELETE FROM rcpts WHERE job_id = ?", (job_id,))
-                conn.execute("INSERT OR REPLACE INTO finished (id, ts) VALUES (?, ?)",
-                             (job_id, now))
-                done.append(job_id)
+        """Refresh each job's next_attempt; delete those with nothing pending. Returns those.
+
+        Set-based, a few statements for the whole batch rather than several per job.
+        """
+        ids = list(dict.fromkeys(job_ids))
+        if not ids:
+            return []
+        finished = _existing(
+            conn, "SELECT id FROM jobs WHERE id IN ({}) AND NOT EXISTS (SELECT 1 FROM rcpts"
+            " WHERE rcpts.job_id = jobs.id AND rcpts.status = 'pending')", (), ids)
+        done = [job_id for job_id in ids if job_id in finished]
+        rest = [job_id for job_id in ids if job_id not in finished]
+        if done:
+            _each_chunk(conn, "DELETE FROM jobs WHERE id IN ({})", done)
+            _each_chunk(conn, "DELETE FROM rcpts WHERE job_id IN ({})", done)
+            conn.executemany("INSERT OR REPLACE INTO finished (id, ts) VALUES (?, ?)",
+                             [(job_id, now) for job_id in done])
+        if rest:  # still pending: due again at the earliest of its recipients' times
+            _each_chunk(conn, "UPDATE jobs SET next_attempt = (SELECT MIN(next_attempt)"
+                        " FROM rcpts WHERE rcpts.job_id = jobs.id AND rcpts.status = 'pending')"
+                        " WHERE id IN ({})", rest)
         return done
 
     # -- looking -----------------------------------------------------------
@@ -382,6 +393,13 @@ def _configure(conn: sqlite3.Connection, path: str) -> None:
         conn.execute("PRAGMA busy_timeout = 5000")  # an operator's sqlite3 shell reading
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         conn.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
+        # A page cache big enough for a burst's pages to be found again when its jobs
+        # finish (the 2 MB default read most of them back from the file), and a checkpoint
+        # every 16 MB of WAL rather than 4: the pages a burst rewrites over and over
+        # (indexes, leaves, freed and reused pages) are copied to the database once per
+        # checkpoint. Neither changes what a commit makes durable.
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
         conn.execute("PRAGMA journal_size_limit = 67108864")  # shrink the WAL after a burst
     except sqlite3.Error as e:
         raise SpoolError(f"cannot open {path}: {e}") from e
@@ -432,9 +450,29 @@ def _existing(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...],
     return found
 
 
+def _each_chunk(conn: sqlite3.Connection, sql: str, ids: list[str]) -> None:
+    """Run `sql` (with an `IN ({})` slot) over `ids`, a chunk at a time."""
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i:i + _IN_CHUNK]
+        conn.execute(sql.format(",".join("?" * len(chunk))), chunk)
+
+
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_quote = encode_basestring_ascii
+
+
+def _envelope_text(job: Job) -> str:
+    """json of envelope_json(job), compact; the usual envelope (no meta, ip, pool or
+    expires) formatted directly, the same text at a fraction of the cost."""
+    if job.meta or job.ip is not None or job.pool is not None or job.expires is not None:
+        return _ENCODE(envelope_json(job))
+    return (f'{{"id":{_quote(job.id)},"from":{_quote(job.sender)},'
+            f'"to":[{",".join(map(_quote, job.rcpts))}],"meta":{{}}}}')
+
+
 def _job_row(job: Job, now: float, max_age: float) -> tuple[Any, ...]:
     ttl = job.expires if job.expires is not None else max_age
-    envelope = json.dumps(envelope_json(job), separators=(",", ":"))
+    envelope = _envelope_text(job)
     return (job.id, now, now + ttl, now, envelope, job.message)
 
 

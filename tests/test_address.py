@@ -225,3 +225,30 @@ def test_validation_raises_only_address_error(addr: str) -> None:
         validate_reverse_path(addr)
     except AddressError as exc:
         assert str(exc)
+
+
+@pytest.mark.parametrize("ch", ["\u200b", "\ufeff", "\u00ad", "\u2060", "\u200c", "\u200d",
+                                "\u180e", "\U000e0001"])
+@pytest.mark.parametrize("template", ["a{}b@example.com", "{}ab@example.com", '"a{}b"@example.com',
+                                      "ab@exa{}mple.com", "ab@bücher{}.example"])
+def test_invisible_format_characters_are_refused(ch: str, template: str) -> None:
+    # Cf characters make two addresses look alike (and IDNA 2003 drops them from a domain).
+    addr = template.format(ch)
+    assert unicodedata.category(ch) == "Cf"
+    with pytest.raises(AddressError, match="invisible formatting character") as info:
+        validate_mailbox(addr)
+    assert f"U+{ord(ch):04X}" in str(info.value)
+    assert info.value.address == addr
+
+
+def test_cached_checks_still_name_the_address() -> None:
+    # The domain check is cached; each address must still get an error about itself.
+    for local in ("first", "second"):
+        with pytest.raises(AddressError) as info:
+            validate_mailbox(f"{local}@example..com")
+        assert info.value.address == f"{local}@example..com"
+        assert f"'{local}@example..com' has an empty label" in str(info.value)
+    assert validate_mailbox("A@Example.COM") == "A@example.com"
+    assert validate_mailbox("A@Example.COM") == "A@example.com"
+    assert domain_of("x@B\u00fccher.Example") == domain_of("y@b\u00fccher.example") \
+        == "xn--bcher-kva.example"

@@ -208,6 +208,47 @@ def test_job_moves_to_finished_when_every_rcpt_is_final(spool: Spool) -> None:
             ("x", T0 + 1), ("y", T0 + 1)]
 
 
+def test_a_large_mixed_batch_settles_each_job(spool: Spool, spool_dir: str) -> None:
+    # `record` settles a batch set-based, in chunks of ids: more jobs than one chunk, some
+    # finished, some deferred (due again at their earliest recipient), some untouched.
+    jobs = [job(f"m{i}", (A, B)) for i in range(1200)]
+    spool.accept(jobs, T0, DAY)
+    updates = []
+    for i in range(1200):
+        if i % 3 == 0:  # finished
+            updates += [RcptUpdate(f"m{i}", A, Status.DELIVERED, reply=OK),
+                        RcptUpdate(f"m{i}", B, Status.BOUNCED)]
+        elif i % 3 == 1:  # one final, one deferred
+            updates += [RcptUpdate(f"m{i}", A, Status.DELIVERED),
+                        RcptUpdate(f"m{i}", B, Status.DEFERRED, T0 + 100 + i, LATER)]
+    updates.append(RcptUpdate("nobody", A, Status.DELIVERED))
+    done = spool.record(updates, now=T0 + 1)
+    assert done == [f"m{i}" for i in range(0, 1200, 3)]
+    assert spool.stats() == SpoolStats(jobs=800, rcpts_pending=1200, rcpts_deferred=400,
+                                       oldest_queued_ts=T0)
+    due_times = dict(sql(spool_dir, "SELECT id, next_attempt FROM jobs"))  # type: ignore[arg-type]
+    assert all(due_times[f"m{i}"] == T0 + 100 + i for i in range(1, 1200, 3))
+    assert all(due_times[f"m{i}"] == T0 for i in range(2, 1200, 3))
+    assert len(sql(spool_dir, "SELECT id FROM finished")) == 400
+    assert [p.job.id for p in spool.due(T0 + 101, 1000)] == (  # by (next_attempt, id)
+        [*sorted(f"m{i}" for i in range(2, 1200, 3)), "m1"])
+
+
+@pytest.mark.parametrize("extra", [{}, {"meta": {"k": "v\u00e9"}}, {"ip": "203.0.113.10"},
+                                   {"pool": "bulk"}, {"expires": 60.0}])
+def test_stored_envelope_is_the_json_of_envelope_json(spool: Spool, spool_dir: str,
+                                                     extra: dict[str, object]) -> None:
+    import json
+
+    from engine.job import envelope_json
+    original = job('q"\\\u00e9', (A, "\u00fc@b\u00fccher.example"), smtputf8=True, **extra)
+    spool.accept([original], T0, DAY)
+    [(text,)] = sql(spool_dir, "SELECT envelope FROM jobs")
+    assert text == json.dumps(envelope_json(original), separators=(",", ":"))
+    [p] = spool.due(T0 + 1, 1)
+    assert p.job == original
+
+
 def test_attempts_count_unless_told_not_to(spool: Spool) -> None:
     spool.accept([job("x")], T0, DAY)
     spool.record([RcptUpdate("x", A, Status.DEFERRED, T0 + 10, LATER),

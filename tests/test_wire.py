@@ -1,0 +1,51 @@
+"""engine.wire: the frames between the supervisor and its workers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import wire
+from engine.delivery import Task
+from engine.outcome import Attempt, Status
+from engine.reply import Reply
+
+
+@pytest.mark.parametrize(("job_id", "sender", "rcpts", "queued_ts"), [
+    ("loop-1", "bench@mailengine.test", ("user1@example.test",), 1795849218.4142926),
+    ('a"b\\c\u00e9\u2028', "", ("ü@例.jp", '"x y"@example.com', "z@[IPv6:2001:db8::1]"), 12.5),
+    ("x", "s@x.y", ("r@x.y",), 0.0),
+])
+@pytest.mark.parametrize("smtputf8", [False, True])
+@pytest.mark.parametrize("eightbit", [False, True])
+def test_task_frames_round_trip_as_json(job_id: str, sender: str, rcpts: tuple[str, ...],
+                                        queued_ts: float, smtputf8: bool,
+                                        eightbit: bool) -> None:
+    task = Task(job_id, sender, rcpts, b"Subject: x\r\n\r\nbody\r\n", queued_ts, smtputf8,
+                eightbit)
+    frames = wire.task_frames(task)
+    # The header is plain JSON, exactly what json.dumps would give (spaces aside).
+    assert json.loads(frames[0]) == {"id": job_id, "from": sender, "to": list(rcpts),
+                                     "queued_ts": queued_ts, "smtputf8": smtputf8,
+                                     "eightbit": eightbit}
+    assert frames[0].isascii()
+    assert wire.task_from_frames(frames) == task
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_result_frame_round_trip(status: Status) -> None:
+    attempt = Attempt("job-1", "a@example.com", status, Reply(451, "4.7.1", "slow \"down\""),
+                      "192.0.2.1", None, "gmail", "TLSv1.3", True, False, 1795849218.25,
+                      throttled=True, attempted=False, retry_at=1795849300.0)
+    msg = wire.decode(wire.result_frame([attempt, attempt]))
+    assert msg["type"] == "result"
+    assert [wire.attempt_from_dict(a) for a in msg["attempts"]] == [attempt, attempt]
+
+
+def test_unknown_status_is_a_value_error() -> None:
+    d = wire.attempt_to_dict(Attempt("j", "a@example.com", Status.DELIVERED,
+                                     Reply(250, None, "ok"), "192.0.2.1", "mx", "other", None,
+                                     False, False, 1.0))
+    d["status"] = "lost"
+    with pytest.raises(ValueError):
+        wire.attempt_from_dict(d)
