@@ -41,6 +41,7 @@ import gevent
 from gevent import monkey
 
 from engine.config import Timeouts
+from engine.downgrade import CannotConvert, to_7bit
 from engine.reply import Blame, DeliveryError, Reply, TransientError, error_for
 
 if TYPE_CHECKING:
@@ -346,6 +347,10 @@ class Connection(smtplib.SMTP):
             mode = self._tx_lockstep
         state = _TxState(rcpts)
         try:
+            # RFC 6152 3. With SMTPUTF8 the message is not ours to convert: a server without
+            # SMTPUTF8 refuses it in _mail_command (5.6.7); one with it takes 8-bit anyway.
+            if eightbit and not smtputf8 and not self.has_extn("8bitmime"):
+                message = _seven_bit(message)
             with self.deadline("transaction", self.timeouts.transaction):
                 mail_cmd = self._mail_command(sender, len(message), smtputf8, eightbit)
                 rcpt_cmds = [b"RCPT TO:<" + _wire(r) + b">" for r in rcpts]
@@ -657,6 +662,17 @@ def dot_stuff(message: bytes) -> bytes:
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
     return stuffed
+
+
+def _seven_bit(message: bytes) -> bytes:
+    """The 8-bit message converted to 7-bit for a server without 8BITMIME (engine.downgrade),
+    or a refusal of the message: 554 5.6.3 for every recipient, before MAIL."""
+    try:
+        return to_7bit(message)
+    except CannotConvert as exc:
+        raise error_for(Reply(554, "5.6.3", "8-bit message, the server does not offer"
+                              f" 8BITMIME, and conversion to 7-bit is not possible: {exc}"),
+                        "MAIL", Blame.MESSAGE) from None
 
 
 def _check_helo(helo: str) -> None:
