@@ -18,7 +18,13 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
   failure reaches every waiting caller at once, callers during the backoff fail
   fast (unless a healthy idle connection is there to take), and afterwards one
   probe connects at a time until one succeeds: a dead destination never causes
-  a reconnect storm.
+  a reconnect storm;
+- a connection about to be retired (`max_messages`) in a busy pool gets its
+  replacement opened ahead, in the background, if the caps leave room: the next
+  message does not wait for a connection setup (`_open_ahead`);
+- at the cap, a retired connection keeps its slot until its QUIT is answered
+  (or times out): a server counting sessions until they close never sees one
+  more than the cap (`_discard`).
 
 A pool may share a `ConnectionGate` (engine.shaping) with the pools of the
 other MX hosts of the same provider: a new connection then also needs one of
@@ -28,6 +34,8 @@ Modelled on gevent's examples/psycopg2_pool.py.
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,6 +53,14 @@ from engine.waiters import any_waiting, wake_first
 
 if TYPE_CHECKING:
     from engine.shaping import ConnectionGate
+
+log = logging.getLogger("mailengine.pool")
+
+# Weight of the newest interval between checkouts in the pool's moving average.
+_INTERVAL_WEIGHT = 0.25
+# A pool is busy (worth opening a connection's replacement ahead) when its previous
+# checkout is less than this long ago (at most half the idle timeout) or callers wait.
+BUSY_WITHIN = 5.0
 
 
 class Drained(gevent.GreenletExit):
@@ -89,6 +105,15 @@ class DestinationPool:
         self.draining = False
         self._cap = settings.max_connections  # lowered while the server says "no more"
         self._cap_until = 0.0
+        # Opening replacements ahead (finding 3): connects running in the background,
+        # the connections they replace, and what decides how early they start.
+        self._ahead: set[gevent.Greenlet] = set()
+        self._replaced: set[int] = set()  # id() of connections whose replacement was opened
+        self._setup_time = 0.0  # how long the last connect took (the pool's clock)
+        self._interval = -1.0  # moving average of the time between checkouts (-1: none yet)
+        self._last_checkout = -1.0
+        self.opened_ahead = 0
+        self.ahead_failed = 0
 
     # -- checkout -------------------------------------------------------------
 
@@ -110,6 +135,7 @@ class DestinationPool:
         if self.draining:  # woke up after the drain began: give it back unused
             self.release(conn)  # ...which wakes the next waiter, which does the same
             raise Drained()
+        self._checked_out(conn)
         return conn, reused
 
     def _acquire(self) -> tuple[Connection, bool]:
@@ -120,10 +146,12 @@ class DestinationPool:
             # "too many connections" at the banner) must not strand the ones already open.
             conn = self._take_idle()
             if conn is not None:
-                return conn, True
+                return conn, conn.messages_sent > 0  # one opened ahead has carried nothing
             self._raise_if_backing_off()
             gated = False
-            if self.open < self._max_connections() and not (
+            if self._ahead and len(self._ahead) > _live(self._waiters):
+                pass  # a connection opened ahead is on its way and nobody else waits for it
+            elif self.open < self._max_connections() and not (
                     self._probing and self._connecting):
                 if self.gate is None or self.gate.try_enter():
                     conn = self._connect()
@@ -133,7 +161,7 @@ class DestinationPool:
                 gated = True  # the provider's slots are taken: wait for one too
             conn = self._wait(self.gate if gated else None)
             if conn is not None:  # handed over by release()
-                return conn, True
+                return conn, conn.messages_sent > 0
 
     def release(self, conn: Connection) -> None:
         usable = conn.sock is not None and conn.messages_sent < self.settings.max_messages
@@ -142,7 +170,15 @@ class DestinationPool:
         if usable and not self._slot_wanted_elsewhere():
             self._idle.append(conn)
         else:
+            replaced = id(conn) in self._replaced
             self._discard(conn)
+            if (not replaced and conn.messages_sent >= self.settings.max_messages
+                    and any_waiting(self._waiters)):
+                # Retired without a replacement opened ahead (no room then, or no sign
+                # of a busy pool), and callers wait: open one in the background if the
+                # slot is free now (below the cap; at the cap it is held until the
+                # QUIT's reply, and the woken caller connects once it comes free).
+                self._open_ahead()
         self._wake_one()
 
     def _hand_over(self, conn: Connection) -> bool:
@@ -169,6 +205,23 @@ class DestinationPool:
                 and self.gate.has_waiters())
 
     # -- housekeeping ---------------------------------------------------------
+
+    def drain(self) -> None:
+        """Hand out no more connections: waiting callers end with `Drained`, and
+        connects running ahead are stopped (the connector closes what they opened)."""
+        self.draining = True
+        self.wake_all()
+        self.stop_opening_ahead()
+
+    def stop_opening_ahead(self) -> None:
+        for greenlet in list(self._ahead):
+            greenlet.kill(block=False)  # started: GreenletExit inside the connect (_ahead_run)
+            if greenlet.dead and greenlet in self._ahead:
+                # It had not started: it never runs, so what its `except` would undo is
+                # undone here.
+                self._ahead.discard(greenlet)
+                self._connecting -= 1
+                self._closed()
 
     def close_idle(self, force: bool = False) -> int:
         """Close idle connections older than idle_timeout (all of them if `force`)."""
@@ -197,6 +250,11 @@ class DestinationPool:
     @property
     def busy(self) -> bool:
         return self.open > 0 or bool(self._waiters)
+
+    @property
+    def opening_ahead(self) -> int:
+        """Connects running in the background, opening a replacement ahead of time."""
+        return len(self._ahead)
 
     def failing(self) -> bool:
         return self._failure is not None and self._clock() < self._failed_until
@@ -229,6 +287,7 @@ class DestinationPool:
         """A new connection; None when the server refused only this extra one."""
         self.open += 1
         self._connecting += 1
+        started = self._clock()
         try:
             conn = self._open_connection()
         except DeliveryError as err:
@@ -248,11 +307,16 @@ class DestinationPool:
             raise
         finally:
             self._connecting -= 1
+        self._setup_time = self._clock() - started
+        self._back()
+        return conn
+
+    def _back(self) -> None:
+        """A connect worked."""
         if self._probing:  # the destination is back: let the waiters connect too
             self._probing = False
             self._failure = None
             self.wake_all()
-        return conn
 
     def _fail(self, err: DeliveryError) -> None:
         self._failure = err
@@ -301,11 +365,134 @@ class DestinationPool:
             self.gate.leave()
 
     def _discard(self, conn: Connection, polite: bool = True) -> None:
-        self._closed()
-        if polite and conn.sock is not None:
-            gevent.spawn(conn.quit_quietly)  # QUIT costs a round trip: not the caller's
-        else:
+        if self._replaced:
+            self._replaced.discard(id(conn))
+        if not polite or conn.sock is None:
             conn.close()
+            self._closed()
+        elif self._at_cap():
+            # Finding 2: freed now, the slot's next connection would leave with the QUIT,
+            # and a server counting sessions until they close would see one too many
+            # (the "421 too many connections" of a reconnect at the cap). Keep the slot
+            # until the QUIT is answered (or times out) and the socket is closed.
+            gevent.spawn(self._quit_then_free, conn)
+        else:  # below the cap, a new connection is within the limit anyway: free it now
+            self._closed()
+            gevent.spawn(conn.quit_quietly)  # QUIT costs a round trip: not the caller's
+
+    def _at_cap(self) -> bool:
+        """Would the slot of a connection closing now be taken again at once?"""
+        if self.open >= self._max_connections() or any_waiting(self._waiters):
+            return True
+        gate = self.gate
+        return gate is not None and (gate.open >= gate.max_connections or gate.has_waiters())
+
+    def _quit_then_free(self, conn: Connection) -> None:
+        try:
+            conn.quit_quietly()
+        finally:
+            self._closed()
+            self._wake_one()
+
+    # -- opening replacements ahead (finding 3) ------------------------------------
+
+    def _checked_out(self, conn: Connection) -> None:
+        """Bookkeeping of a checkout: the pool's pace, and whether `conn`, close to its
+        `max_messages`, should have its replacement opened now."""
+        now = self._clock()
+        gap = now - self._last_checkout if self._last_checkout >= 0 else -1.0
+        self._last_checkout = now
+        if gap >= 0:
+            self._interval = gap if self._interval < 0 else (
+                self._interval + (gap - self._interval) * _INTERVAL_WEIGHT)
+        most = self.settings.max_messages
+        left = most - conn.messages_sent  # this message included
+        if most < 2 or left > self._lead() or id(conn) in self._replaced:
+            return  # (max_messages 1 is a connection per message, on purpose)
+        # Only while the pool is busy: in a pool that carries a message now and then, the
+        # replacement might idle out (or the traffic stop) before it is used.
+        busy_within = min(BUSY_WITHIN, self.settings.idle_timeout / 2)
+        if not (0 <= gap < busy_within or any_waiting(self._waiters)):
+            return
+        # Another open connection will take over, not about to end itself: no need.
+        fresh = self.settings.idle_timeout / 2
+        if any(now - c.last_used < fresh and most - c.messages_sent > self._lead()
+               for c in self._idle):
+            return
+        if self._open_ahead():
+            self._replaced.add(id(conn))
+
+    def _lead(self) -> int:
+        """How many messages before its last one a connection's replacement starts: its
+        setup time (as the last connect took) at the pool's pace of checkouts, plus one,
+        and at most half of `max_messages`."""
+        most = max(1, self.settings.max_messages // 2)
+        if self._setup_time <= 0:
+            return 1
+        if self._interval <= 0:
+            return most
+        return min(most, 1 + math.ceil(self._setup_time / self._interval))
+
+    def _open_ahead(self) -> bool:
+        """Start a connect in the background whose connection goes to the first waiter
+        or the idle stack, if the caps leave room for it; True if it started.
+
+        The connection being opened counts as open, here and in the provider's gate,
+        from now on: the caps are never exceeded. At the cap nothing is opened ahead:
+        the destination's limit wins over the latency (finding 2's order: the old
+        connection's slot comes free after its QUIT, then the next one is opened)."""
+        if (self.draining or self._probing or self.failing()
+                or self.open >= self._max_connections()):
+            return False
+        gate = self.gate
+        if gate is not None:
+            # Never by closing another pool's idle connection (try_enter would): only a
+            # slot that is free now.
+            if gate.open >= gate.max_connections or not gate.try_enter():
+                return False
+        self.open += 1
+        self._connecting += 1
+        greenlet = gevent.spawn(self._ahead_run)
+        self._ahead.add(greenlet)
+        return True
+
+    def _ahead_run(self) -> None:
+        greenlet = gevent.getcurrent()
+        started = self._clock()
+        try:
+            conn = self._open_connection()
+        except BaseException as exc:
+            self._ahead.discard(greenlet)
+            self._connecting -= 1
+            self._closed()
+            if isinstance(exc, gevent.GreenletExit):  # stopped by drain(): nothing to say
+                return
+            if not isinstance(exc, Exception):  # a gevent.Timeout, SystemExit...: not ours
+                self._wake_one()
+                raise
+            # Nobody waits on this greenlet: the failure is logged and counted, no caller
+            # gets it and the pool does not back off (a caller's own connect decides that).
+            self.ahead_failed += 1
+            if isinstance(exc, DeliveryError):
+                log.info("connect ahead to %s failed: %s", self.key, exc)
+                if not exc.permanent and self.open > 0:  # as in _connect: the capacity
+                    self._cap = max(1, self.open)
+                    self._cap_until = self._clock() + self.settings.connect_backoff
+            else:
+                log.exception("connect ahead to %s failed", self.key)
+            # Whoever waited for it goes the usual way: connects itself, or waits.
+            self._wake_one()
+            return
+        self._ahead.discard(greenlet)
+        self._connecting -= 1
+        self._setup_time = self._clock() - started
+        self._back()
+        if self.draining:
+            self._discard(conn)
+            return
+        self.opened_ahead += 1
+        conn.last_used = self._clock()  # idle from now, for the idle timeout
+        self.release(conn)
 
 
 class _Checkout:
@@ -367,8 +554,7 @@ class Pools:
         recorded went out again after the restart."""
         self.draining = True
         for pool in self._pools.values():
-            pool.draining = True
-            pool.wake_all()
+            pool.drain()
 
     def reap(self) -> int:
         """Close expired idle connections and forget empty, healthy pools."""
@@ -383,6 +569,7 @@ class Pools:
 
     def close_all(self) -> None:
         for pool in self._pools.values():
+            pool.stop_opening_ahead()
             pool.close_idle(force=True)
 
     @property
@@ -391,3 +578,8 @@ class Pools:
 
     def __len__(self) -> int:
         return len(self._pools)
+
+
+def _live(waiters: deque[AsyncResult]) -> int:
+    """How many callers are still waiting (not answered yet)."""
+    return sum(1 for waiter in waiters if not waiter.ready())

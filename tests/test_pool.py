@@ -7,6 +7,7 @@ fake clock the tests move.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -15,7 +16,7 @@ import pytest
 
 from engine.config import PoolConfig
 from engine.pool import DestinationPool, PoolKey, Pools
-from engine.reply import Reply, TransientError
+from engine.reply import PermanentError, Reply, TransientError
 from engine.smtp import Connection
 
 pytestmark = pytest.mark.timeout(10)
@@ -33,8 +34,9 @@ class FakeClock:
 
 
 class FakeConnection:
-    def __init__(self, number: int, clock: FakeClock) -> None:
+    def __init__(self, number: int, clock: FakeClock, quit_delay: float = 0.0) -> None:
         self.number = number
+        self.quit_delay = quit_delay  # how long the server takes to answer QUIT
         self.sock: object | None = object()
         self.messages_sent = 0
         self.last_used = clock()
@@ -49,6 +51,8 @@ class FakeConnection:
 
     def quit_quietly(self) -> None:
         self.quit = True
+        if self.quit_delay:
+            gevent.sleep(self.quit_delay)
         self.sock = None
 
     def close(self) -> None:
@@ -65,26 +69,35 @@ class Factory:
         self.clock = clock
         self.delay = delay
         self.failing = False
+        self.fail_calls: set[int] = set()  # these calls fail (1 = the first)
+        self.quit_delay = 0.0
         self.calls = 0
         self.opening = 0
         self.max_opening = 0
         self.opening_at_call: list[int] = []  # how many were opening, this call included
         self.made: list[FakeConnection] = []
+        self.at_call: list[int] = []  # connections alive or opening, this one included
 
     def __call__(self) -> Connection:
         self.calls += 1
+        call = self.calls
         self.opening += 1
+        self.at_call.append(self.opening + self.alive())
         self.max_opening = max(self.max_opening, self.opening)
         self.opening_at_call.append(self.opening)
         try:
             gevent.sleep(self.delay)
-            if self.failing:
+            if self.failing or call in self.fail_calls:
                 raise TransientError(Reply(421, "4.3.2", "go away"), "BANNER")
-            conn = FakeConnection(len(self.made) + 1, self.clock)
+            conn = FakeConnection(len(self.made) + 1, self.clock, self.quit_delay)
             self.made.append(conn)
             return cast(Connection, conn)
         finally:
             self.opening -= 1
+
+    def alive(self) -> int:
+        """Connections the server still counts: not closed yet (a QUIT unanswered too)."""
+        return sum(1 for conn in self.made if conn.sock is not None)
 
 
 def make_pool(**settings: Any) -> tuple[DestinationPool, Factory, FakeClock]:
@@ -167,6 +180,7 @@ def test_extra_connection_refused_while_another_works_waits_for_it_instead_of_fa
     waiter = gevent.spawn(lambda: got.append(pool.acquire()))  # type: ignore[arg-type]
     gevent.sleep(0.05)
     assert factory.calls == 2 and not got and not waiter.dead  # refused, and waiting
+    conn.messages_sent += 1
     pool.release(conn)
     waiter.join(timeout=1)
     assert got == [(conn, True)]
@@ -213,11 +227,12 @@ def test_after_the_backoff_one_probe_connects_at_a_time() -> None:
 
 
 def test_connection_that_carried_max_messages_is_closed() -> None:
-    pool, factory, _ = make_pool(max_messages=2)
+    pool, factory, clock = make_pool(max_messages=2)
     conn1, _ = use(pool)
+    clock.now += 10  # a quiet pool: no replacement opened ahead (pool.BUSY_WITHIN)
     conn2, reused = use(pool)
     assert conn2 is conn1 and reused
-    assert pool.idle == 0 and pool.open == 0
+    assert pool.idle == 0 and pool.open == 0 and factory.calls == 1
     gevent.sleep(0)  # the QUIT runs in a greenlet of its own
     assert conn1.quit
     conn3, reused = use(pool)
@@ -253,6 +268,7 @@ def test_idle_stack_is_lifo() -> None:
     pool, _, _ = make_pool()
     a, _ = pool.acquire()
     b, _ = pool.acquire()
+    a.messages_sent = b.messages_sent = 1  # reused: they carried mail before
     pool.release(a)
     pool.release(b)
     again, reused = pool.acquire()
@@ -293,6 +309,7 @@ def test_released_connection_goes_straight_to_the_first_waiter_without_a_livenes
     waiters = [gevent.spawn(pool.acquire) for _ in range(2)]
     gevent.sleep(0)
     conn.alive = False  # is_alive() would say so: a hand-over does not ask (no select())
+    conn.messages_sent += 1
     pool.release(conn)
     assert pool.idle == 0  # never parked
     first, _ = gevent.joinall(waiters[:1], timeout=5)[0].value
@@ -309,6 +326,7 @@ def test_connection_handed_to_a_waiter_killed_before_it_ran_goes_to_the_next() -
     doomed, patient = gevent.spawn(pool.acquire), gevent.spawn(pool.acquire)
     gevent.sleep(0)
     doomed.kill(block=False)  # it dies at the next loop turn...
+    conn.messages_sent += 1
     pool.release(conn)  # ...after the connection was handed to it, before it could take it
     patient.join(timeout=5)
     assert patient.value == (conn, True)
@@ -417,3 +435,234 @@ def test_a_connection_going_idle_hands_its_slot_to_another_mx_host_waiting_at_th
     waiter.join(timeout=1)
     assert got and got[0][0] is made[1]  # B connected on the slot A gave up
     assert pool_a.idle == 0 and gate.open == 1
+
+
+# -- opening the replacement ahead (finding 3), freeing the slot after QUIT (finding 2) --------
+
+
+def stream(pool: DestinationPool, count: int, hold: float = 0.02,
+           gap: float = 0.005) -> list[tuple[FakeConnection, bool, float]]:
+    """Messages one after another, as a steady trickle: (connection, reused, seconds waited)."""
+    out = []
+    for _ in range(count):
+        started = time.monotonic()
+        with pool.connection() as (conn, reused):
+            waited = time.monotonic() - started
+            gevent.sleep(hold)
+            conn.messages_sent += 1
+        out.append((cast(FakeConnection, conn), reused, waited))
+        gevent.sleep(gap)
+    return out
+
+
+def test_the_replacement_is_open_before_the_retiring_connection_is_done() -> None:
+    """max_messages 2: each connection's replacement is opened while it carries its last
+    message (a connect takes half a transaction here), so after the first message no
+    message waits for a connect; and never more than the cap open, the one opening
+    included."""
+    pool, factory, _ = make_pool(max_connections=2, max_messages=2)
+    sent = stream(pool, 10)
+    assert sent[0][2] >= CONNECT_TIME * 0.9  # the first connects
+    assert max(waited for _, _, waited in sent[1:]) < CONNECT_TIME / 2
+    conns = [conn for conn, _, _ in sent]
+    assert [c.number for c in conns] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    # a connection opened ahead has carried nothing: its first message is not "reused"
+    assert [reused for _, reused, _ in sent] == [False, True] * 5
+    assert pool.opened_ahead == 5 and pool.ahead_failed == 0
+    assert max(factory.at_call) <= 2
+    assert pool.open == 1 and pool.idle == 1  # the 6th, opened ahead, waits in the idle stack
+
+
+def test_nothing_is_opened_ahead_at_the_cap_and_the_slot_waits_for_the_quit() -> None:
+    """max_connections 1: no room for a replacement while the old connection is open, and
+    the old one's slot is freed only once its QUIT is answered: the next connect starts
+    after that, never alongside."""
+    pool, factory, _ = make_pool(max_connections=1, max_messages=2)
+    factory.quit_delay = 0.05
+    sent = stream(pool, 4)
+    assert [c.number for c, _, _ in sent] == [1, 1, 2, 2]
+    assert pool.opened_ahead == 0
+    assert sent[2][2] > 0.04 + CONNECT_TIME * 0.9  # waited for the QUIT, then the connect
+    assert factory.at_call == [1, 1]  # the first was closed when the second was dialled
+    assert factory.made[0].quit
+
+
+def test_at_the_cap_a_waiter_connects_only_after_the_quit_is_answered() -> None:
+    pool, factory, _ = make_pool(max_connections=1, max_messages=1)
+    factory.quit_delay = 0.05
+    conn, _ = pool.acquire()
+    waiter = gevent.spawn(pool.acquire)
+    gevent.sleep(0.01)
+    conn.messages_sent += 1
+    pool.release(conn)  # retired, a caller waiting: at the cap
+    assert pool.open == 1  # the slot is still held...
+    gevent.sleep(0.03)
+    assert factory.calls == 1 and not waiter.ready()  # ...while the QUIT is unanswered
+    waiter.join(timeout=1)
+    new, reused = waiter.value
+    assert new is not conn and not reused and conn.sock is None
+    assert factory.at_call == [1, 1]
+
+
+def test_below_the_cap_a_retired_connection_frees_its_slot_at_once() -> None:
+    pool, factory, _ = make_pool(max_connections=3, max_messages=1)
+    factory.quit_delay = 0.05
+    conn, _ = pool.acquire()
+    conn.messages_sent += 1
+    pool.release(conn)
+    assert pool.open == 0  # not waiting for the QUIT's reply: a new one is within the cap
+    assert use(pool)[0] is not conn and factory.calls == 2
+
+
+def test_at_the_gates_cap_the_slot_also_waits_for_the_quit() -> None:
+    from engine.shaping import ConnectionGate
+
+    gate = ConnectionGate(max_connections=1, connection_rate=0)
+    clock = FakeClock()
+    factory = Factory(clock)
+    factory.quit_delay = 0.05
+    pool = DestinationPool(KEY, PoolConfig(max_connections=5, max_messages=2), factory,
+                           clock, gate)
+    sent = stream(pool, 4)
+    assert [c.number for c, _, _ in sent] == [1, 1, 2, 2]
+    assert pool.opened_ahead == 0  # the provider's one slot is taken: nothing ahead
+    assert factory.at_call == [1, 1]
+    gevent.sleep(0.1)
+    assert gate.open == pool.open == 0  # both retired, their QUITs answered
+
+
+def test_a_failed_connect_ahead_fails_nobody() -> None:
+    """The replacement's connect is refused: nobody sees the error, the next message goes
+    the usual way (it connects itself), and the pool is not put in backoff."""
+    pool, factory, _ = make_pool(max_connections=2, max_messages=2)
+    factory.fail_calls = {2}  # the connect ahead
+    sent = stream(pool, 4)
+    assert [c.number for c, _, _ in sent] == [1, 1, 2, 2]
+    # a 421 while a connection works: the pool keeps to the one it has for connect_backoff
+    # (finding 1), so nothing is opened ahead of the 3rd connection's end either
+    assert pool.ahead_failed == 1 and pool.opened_ahead == 0
+    assert not pool.failing()
+    assert factory.calls == 3
+
+
+def test_a_caller_waiting_for_a_connect_ahead_that_fails_connects_itself() -> None:
+    pool, factory, _ = make_pool(max_connections=2, max_messages=2)
+    use(pool)  # the first message
+    factory.fail_calls = {2}
+    factory.delay = 0.1
+    conn, _ = pool.acquire()  # its last message: the connect ahead starts
+    conn.messages_sent += 1
+    pool.release(conn)
+    got = gevent.spawn(pool.acquire)  # waits for the connect ahead, not a connect of its own
+    gevent.sleep(0.05)
+    assert factory.calls == 2 and not got.ready()
+    factory.delay = CONNECT_TIME
+    got.join(timeout=1)
+    _new, reused = got.value
+    assert not reused and factory.calls == 3 and pool.ahead_failed == 1
+
+
+def test_a_permanent_failure_ahead_does_not_back_the_pool_off_either() -> None:
+    pool, _factory, _ = make_pool(max_connections=2, max_messages=2)
+
+    def refuse() -> Connection:
+        raise PermanentError(Reply(554, "5.7.1", "no"), "BANNER")
+
+    use(pool)
+    pool._open_connection = refuse
+    _conn, _ = use(pool)
+    gevent.sleep(0.01)
+    assert pool.ahead_failed == 1 and not pool.failing() and pool.open == 0
+
+
+def test_drain_stops_a_connect_ahead_and_leaves_nothing_open() -> None:
+    from engine.shaping import ConnectionGate
+
+    gate = ConnectionGate(max_connections=3, connection_rate=0)
+    clock = FakeClock()
+    factory = Factory(clock)
+    pools = Pools(PoolConfig(max_connections=3, max_messages=2), clock)
+    pool = pools.get(KEY, factory, gate=gate)
+    use(pool)
+    factory.delay = 1.0
+    conn, _ = pool.acquire()  # its last message: the connect ahead starts...
+    gevent.sleep(0.01)
+    assert pool.opening_ahead == 1 and factory.opening == 1  # ...and is under way
+    pools.drain()
+    gevent.sleep(0.01)
+    assert pool.opening_ahead == 0 and factory.opening == 0 and not factory.made[1:]
+    conn.messages_sent += 1
+    pool.release(conn)  # the transaction in progress ends; its connection is retired
+    gevent.sleep(0.01)
+    pools.close_all()
+    gevent.sleep(0.01)
+    assert pool.open == 0 and gate.open == 0 and factory.alive() == 0
+
+
+def test_drain_right_after_a_connect_ahead_was_started_undoes_it() -> None:
+    """Killed before it ever ran, the connect ahead still gives its slots back."""
+    from engine.shaping import ConnectionGate
+
+    gate = ConnectionGate(max_connections=3, connection_rate=0)
+    clock = FakeClock()
+    factory = Factory(clock)
+    pools = Pools(PoolConfig(max_connections=3, max_messages=2), clock)
+    pool = pools.get(KEY, factory, gate=gate)
+    use(pool)
+    conn, _ = pool.acquire()
+    assert pool.opening_ahead == 1 and pool.open == 2 and gate.open == 2
+    pools.drain()  # no yield in between: the greenlet never started
+    assert pool.opening_ahead == 0 and pool.open == 1 and gate.open == 1
+    gevent.sleep(0.05)
+    assert factory.calls == 1
+    conn.close()
+    pool.release(conn)
+    assert pool.open == 0 and gate.open == 0
+
+
+def test_a_connection_opened_ahead_after_the_drain_began_is_closed() -> None:
+    pool, factory, _ = make_pool(max_connections=3, max_messages=2)
+    use(pool)
+    conn, _ = pool.acquire()
+    gevent.sleep(0.001)  # the connect ahead is under way
+    pool.draining = True  # as Pools.get does for a pool made during a drain; no kill
+    gevent.sleep(0.05)
+    assert factory.calls == 2 and factory.made[1].quit
+    conn.messages_sent += 1
+    pool.release(conn)
+    gevent.sleep(0.01)
+    assert pool.open == 0 and pool.idle == 0 and factory.alive() == 0
+
+
+def test_a_quiet_pool_opens_nothing_ahead() -> None:
+    pool, factory, clock = make_pool(max_connections=2, max_messages=2)
+    use(pool)
+    clock.now += 30  # the previous message half a minute ago
+    use(pool)
+    gevent.sleep(0.05)
+    assert factory.calls == 1 and pool.open == 0
+
+
+@pytest.mark.timeout(20)
+def test_under_load_the_caps_hold_with_connects_ahead_and_slow_quits() -> None:
+    """Many callers, short-lived connections, slow QUITs: the connections the server would
+    count (open, opening, or with a QUIT unanswered) never exceed the cap; every message
+    goes out."""
+    pool, factory, _ = make_pool(max_connections=3, max_messages=3)
+    factory.quit_delay = 0.02
+    most = 0
+
+    def deliver() -> None:
+        nonlocal most
+        for _ in range(6):
+            with pool.connection() as (conn, _reused):
+                most = max(most, factory.alive() + factory.opening)
+                gevent.sleep(0.005)
+                conn.messages_sent += 1
+            gevent.sleep(0.002)
+
+    greenlets = [gevent.spawn(deliver) for _ in range(5)]
+    gevent.joinall(greenlets, timeout=15)
+    assert all(g.successful() for g in greenlets)
+    assert max(factory.at_call) <= 3 and most <= 3
+    assert sum(c.messages_sent for c in factory.made) == 30
