@@ -575,14 +575,19 @@ def test_a_permanent_failure_ahead_does_not_back_the_pool_off_either() -> None:
     assert pool.ahead_failed == 1 and not pool.failing() and pool.open == 0
 
 
-def test_drain_stops_a_connect_ahead_and_leaves_nothing_open() -> None:
+def pool_behind_a_gate() -> tuple[Any, Factory, Pools, DestinationPool]:
+    """A pool of 3 connections, max_messages 2, behind a provider gate of 3."""
     from engine.shaping import ConnectionGate
 
     gate = ConnectionGate(max_connections=3, connection_rate=0)
     clock = FakeClock()
     factory = Factory(clock)
     pools = Pools(PoolConfig(max_connections=3, max_messages=2), clock)
-    pool = pools.get(KEY, factory, gate=gate)
+    return gate, factory, pools, pools.get(KEY, factory, gate=gate)
+
+
+def test_drain_stops_a_connect_ahead_and_leaves_nothing_open() -> None:
+    gate, factory, pools, pool = pool_behind_a_gate()
     use(pool)
     factory.delay = 1.0
     conn, _ = pool.acquire()  # its last message: the connect ahead starts...
@@ -601,13 +606,7 @@ def test_drain_stops_a_connect_ahead_and_leaves_nothing_open() -> None:
 
 def test_drain_right_after_a_connect_ahead_was_started_undoes_it() -> None:
     """Killed before it ever ran, the connect ahead still gives its slots back."""
-    from engine.shaping import ConnectionGate
-
-    gate = ConnectionGate(max_connections=3, connection_rate=0)
-    clock = FakeClock()
-    factory = Factory(clock)
-    pools = Pools(PoolConfig(max_connections=3, max_messages=2), clock)
-    pool = pools.get(KEY, factory, gate=gate)
+    gate, factory, pools, pool = pool_behind_a_gate()
     use(pool)
     conn, _ = pool.acquire()
     assert pool.opening_ahead == 1 and pool.open == 2 and gate.open == 2
