@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import AsyncResult
 
+from engine import logs
 from engine.config import PoolConfig
 from engine.reply import DeliveryError
 from engine.smtp import Connection
@@ -473,13 +474,14 @@ class DestinationPool:
             # Nobody waits on this greenlet: the failure is logged and counted, no caller
             # gets it and the pool does not back off (a caller's own connect decides that).
             self.ahead_failed += 1
-            if isinstance(exc, DeliveryError):
-                log.info("connect ahead to %s failed: %s", self.key, exc)
-                if not exc.permanent and self.open > 0:  # as in _connect: the capacity
-                    self._cap = max(1, self.open)
-                    self._cap_until = self._clock() + self.settings.connect_backoff
-            else:
-                log.exception("connect ahead to %s failed", self.key)
+            expected = isinstance(exc, DeliveryError)  # else a bug: its traceback too
+            log.log(logging.INFO if expected else logging.ERROR,
+                    logs.kv("connect_ahead_failed", ip=self.key.source_ip, mx=self.key.host,
+                            port=self.key.port, error=exc), exc_info=not expected)
+            if isinstance(exc, DeliveryError) and not exc.permanent and self.open > 0:
+                # As in _connect: a refusal while others are open is the capacity.
+                self._cap = max(1, self.open)
+                self._cap_until = self._clock() + self.settings.connect_backoff
             # Whoever waited for it goes the usual way: connects itself, or waits.
             self._wake_one()
             return
