@@ -296,11 +296,7 @@ class Connection(smtplib.SMTP):
         Anything readable is EOF or an unsolicited reply (typically 421 on idle
         timeout): either way the connection is finished. No round trip spent.
         """
-        if self.sock is None:
-            return False
-        if self._rbuf:
-            return False
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+        if not self.reusable():
             return False
         try:
             return not _readable(self.sock)
