@@ -218,11 +218,8 @@ class DestinationPool:
         for greenlet in list(self._ahead):
             greenlet.kill(block=False)  # started: GreenletExit inside the connect (_ahead_run)
             if greenlet.dead and greenlet in self._ahead:
-                # It had not started: it never runs, so what its `except` would undo is
-                # undone here.
-                self._ahead.discard(greenlet)
-                self._connecting -= 1
-                self._closed()
+                # It had not started: it never runs, so its slot is given back here.
+                self._ahead_ended(greenlet, opened=False)
 
     def close_idle(self, force: bool = False) -> int:
         """Close idle connections older than idle_timeout (all of them if `force`)."""
@@ -293,12 +290,7 @@ class DestinationPool:
             conn = self._open_connection()
         except DeliveryError as err:
             self._closed()
-            if self.open > 0 and not err.permanent:
-                # Others are open and working: a 4xx now ("421 too many connections")
-                # is the server's capacity, not an outage. Use fewer connections for a
-                # while; failing every waiter would defer mail that the open ones carry.
-                self._cap = max(1, self.open)
-                self._cap_until = self._clock() + self.settings.connect_backoff
+            if self._at_capacity(err):
                 return None
             self._fail(err)
             raise
@@ -311,6 +303,17 @@ class DestinationPool:
         self._setup_time = self._clock() - started
         self._back()
         return conn
+
+    def _at_capacity(self, err: DeliveryError) -> bool:
+        """Whether a failed connect is the server's capacity, not an outage: a 4xx ("421
+        too many connections") while others are open and working. If so, use fewer
+        connections for a while; failing every waiter would defer mail that the open
+        ones carry."""
+        if self.open <= 0 or err.permanent:
+            return False
+        self._cap = max(1, self.open)
+        self._cap_until = self._clock() + self.settings.connect_backoff
+        return True
 
     def _back(self) -> None:
         """A connect worked."""
@@ -463,9 +466,7 @@ class DestinationPool:
         try:
             conn = self._open_connection()
         except BaseException as exc:
-            self._ahead.discard(greenlet)
-            self._connecting -= 1
-            self._closed()
+            self._ahead_ended(greenlet, opened=False)
             if isinstance(exc, gevent.GreenletExit):  # stopped by drain(): nothing to say
                 return
             if not isinstance(exc, Exception):  # a gevent.Timeout, SystemExit...: not ours
@@ -478,15 +479,12 @@ class DestinationPool:
             log.log(logging.INFO if expected else logging.ERROR,
                     logs.kv("connect_ahead_failed", ip=self.key.source_ip, mx=self.key.host,
                             port=self.key.port, error=exc), exc_info=not expected)
-            if isinstance(exc, DeliveryError) and not exc.permanent and self.open > 0:
-                # As in _connect: a refusal while others are open is the capacity.
-                self._cap = max(1, self.open)
-                self._cap_until = self._clock() + self.settings.connect_backoff
+            if isinstance(exc, DeliveryError):
+                self._at_capacity(exc)
             # Whoever waited for it goes the usual way: connects itself, or waits.
             self._wake_one()
             return
-        self._ahead.discard(greenlet)
-        self._connecting -= 1
+        self._ahead_ended(greenlet, opened=True)
         self._setup_time = self._clock() - started
         self._back()
         if self.draining:
@@ -495,6 +493,15 @@ class DestinationPool:
         self.opened_ahead += 1
         conn.last_used = self._clock()  # idle from now, for the idle timeout
         self.release(conn)
+
+
+    def _ahead_ended(self, greenlet: gevent.Greenlet, opened: bool) -> None:
+        """A connect ahead is over; without a connection (`opened` False) its slot in
+        the pool and the gate, counted from `_open_ahead` on, is free again."""
+        self._ahead.discard(greenlet)
+        self._connecting -= 1
+        if not opened:
+            self._closed()
 
 
 class _Checkout:
