@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import gevent
 
 from engine.connector import Connector
+from engine.memo import Memo
 from engine.metrics import Metrics
 from engine.mx import MxHost, Resolver
 from engine.outcome import Attempt, Status
@@ -66,8 +67,8 @@ class Deliverer:
         self.providers = providers
         # Per MX host, worked out once rather than per message (pure functions of the
         # host; the caches are emptied when full).
-        self._provider_names: dict[str, str] = {}
-        self._pool_keys: dict[tuple[str, int], PoolKey] = {}
+        self._provider_names: Memo[str, str] = Memo(HOST_CACHE_SIZE)
+        self._pool_keys: Memo[tuple[str, int], PoolKey] = Memo(HOST_CACHE_SIZE)
 
     def deliver(self, task: Task, report: Report) -> None:
         """Deliver every recipient of `task`; `report` gets each domain's results."""
@@ -186,18 +187,15 @@ class Deliverer:
     def _provider(self, mx_host: str) -> str:
         provider = self._provider_names.get(mx_host)
         if provider is None:
-            if len(self._provider_names) >= HOST_CACHE_SIZE:
-                self._provider_names.clear()
-            provider = self._provider_names[mx_host] = provider_of(mx_host, self.providers)
+            provider = self._provider_names.keep(mx_host, provider_of(mx_host, self.providers))
         return provider
 
     def _pool_key(self, host: MxHost) -> PoolKey:
         key = self._pool_keys.get((host.name, host.port))
         if key is None:
-            if len(self._pool_keys) >= HOST_CACHE_SIZE:
-                self._pool_keys.clear()
-            key = PoolKey(self.source_ip, host.name, host.port, self.tls_mode)
-            self._pool_keys[(host.name, host.port)] = key
+            key = self._pool_keys.keep((host.name, host.port),
+                                       PoolKey(self.source_ip, host.name, host.port,
+                                               self.tls_mode))
         return key
 
     def _outcomes(self, task: Task, results: Sequence[RcptResult], mx: str | None,

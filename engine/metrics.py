@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.memo import Memo
+
 log = logging.getLogger("mailengine.metrics")
 
 
@@ -126,7 +128,7 @@ class Metrics:
         self._pending = 0  # stats in the pipeline not sent yet
         self._schedule: Callable[[Callable[[], None]], object] | None = None
         self._ip = ip_segment(ip)
-        self._names: dict[tuple[str, str], str] = {}
+        self._names: Memo[tuple[str, str], str] = Memo(self.MAX_NAMES)
 
     @classmethod
     def create(cls, host: str, port: int, prefix: str, ip: str, enabled: bool = True) -> Metrics:
@@ -167,10 +169,8 @@ class Metrics:
         if name is None:
             if metric not in KINDS:
                 raise KeyError(f"undeclared metric {metric!r}")
-            if len(self._names) >= self.MAX_NAMES:
-                self._names.clear()
-            name = self._names[metric, provider] = \
-                f"{self._ip}.{provider_segment(provider)}.{metric}"
+            name = self._names.keep((metric, provider),
+                                    f"{self._ip}.{provider_segment(provider)}.{metric}")
         return name
 
     def timing(self, metric: str, provider: str, ms: float) -> None:

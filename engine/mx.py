@@ -42,6 +42,7 @@ import dns.rdtypes.mxbase
 import dns.resolver
 
 from engine.config import Route, SecurityConfig
+from engine.memo import Memo
 from engine.reply import Blame, PermanentError, Reply, TransientError
 
 __all__ = ["Destination", "DestinationPolicy", "MxHost", "Resolver", "ResolverStats", "Route"]
@@ -219,7 +220,7 @@ class Resolver:
         # A routed domain's Destination, by the domain as asked: routes are fixed config, so
         # the answer never changes; built once rather than normalising the domain and
         # parsing the route's host at every message. Emptied when full.
-        self._routed: dict[str, Destination] = {}
+        self._routed: Memo[str, Destination] = Memo(cache_size)
 
     def destination(self, domain: str) -> Destination:
         """The hosts to try for mail to `domain`.
@@ -234,11 +235,8 @@ class Resolver:
         route = self._routes.get(name) or self._routes.get("*")
         if route is not None:
             port = route.port or self._smtp_port
-            dest = Destination(name, (MxHost(_host_name(route.host), 0, port),), routed=True)
-            if len(self._routed) >= max(self._cache_size, 1):
-                self._routed.clear()
-            self._routed[domain] = dest
-            return dest
+            return self._routed.keep(domain, Destination(
+                name, (MxHost(_host_name(route.host), 0, port),), routed=True))
         literal = _domain_literal(name)
         if literal is not None:  # user@[192.0.2.1]: the address is the host
             return Destination(name, (MxHost(str(literal), 0, self._smtp_port),), implicit=True)

@@ -42,6 +42,7 @@ from gevent import monkey
 
 from engine.config import Timeouts
 from engine.downgrade import CannotConvert, to_7bit
+from engine.memo import Memo
 from engine.reply import Blame, DeliveryError, Reply, TransientError, error_for
 
 if TYPE_CHECKING:
@@ -63,10 +64,9 @@ _EHLO_UNKNOWN = (500, 502, 504, 550)
 MAX_REPLY_TEXT = 1000
 # One-line replies already parsed, by their raw line: a server says the same few ("250 2.1.0
 # Ok") message after message, so a dict lookup replaces splitting, decoding and parsing.
-# Reply is immutable, so sharing is safe; the dict is emptied when full (replies carrying a
+# Reply is immutable, so sharing is safe; the memo is emptied when full (replies carrying a
 # queue id never repeat and must not make it grow).
-_REPLIES: dict[bytes, Reply] = {}
-_REPLIES_MAX = 256
+_REPLIES: Memo[bytes, Reply] = Memo(256)
 
 
 class ProtocolError(Exception):
@@ -136,9 +136,7 @@ class Connection(smtplib.SMTP):
             code, text = self._collect(line)
             reply = Reply.parse(code, _cut(text.decode("utf-8", "replace"), MAX_REPLY_TEXT))
             if line[3:4] != b"-":  # the whole reply was this one line
-                if len(_REPLIES) >= _REPLIES_MAX:
-                    _REPLIES.clear()
-                _REPLIES[line] = reply
+                _REPLIES.keep(line, reply)
         return reply
 
     def _readline(self) -> bytes:
