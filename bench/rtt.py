@@ -23,8 +23,10 @@ with a 421 and counts it):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from bench.common import (
@@ -38,6 +40,7 @@ from bench.common import (
     summary,
 )
 from bench.latency_proxy import ProxyProcess
+from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
 
 RTT = 0.050
@@ -147,30 +150,38 @@ def modes(workdir: str, quick: bool) -> list[dict[str, Any]]:
     return results
 
 
-def headline_run(workdir: str, mode: str, seconds: float, rate: float,
-                 drain: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def warmed_up(workdir: str, mode: str, tag: str, over_limit: str
+              ) -> Iterator[tuple[SinkServer, ProxyProcess, LocalEngine, Producer]]:
+    """The STARTTLS sink behind the proxy and the engine in `mode`, after one message
+    (`{tag}-warm-0`) went through, so that a run starts with what a long-running engine
+    knows about the host (its certificate does not verify)."""
     pool, smtp, pipelining, chunking = MODES[mode]
-    count = int(seconds * rate)
-    log(f"headline: {mode}: {count} messages at {rate:g}/s, STARTTLS, {RTT * 1000:.0f} ms RTT,"
-        f" {CAP} connections")
     with SinkServer(tls=True, pipelining=pipelining, chunking=chunking) as sink, \
             ProxyProcess((sink.host, sink.port), RTT, max_connections=CAP,
-                         over_limit=OVER_LIMIT) as proxy:
+                         over_limit=over_limit) as proxy:
         with running_engine(workdir, proxy.port,
                             engine_config(proxy.port, pool, smtp=smtp)) as engine:
             producer = Producer(engine)
-            tag = f"head-{SLUGS[mode]}"
-            # One message first, so both runs start with what the engine has learned about
-            # the host (its certificate does not verify): what a long-running engine knows.
             producer.send(*job(0, f"{tag}-warm"))
             producer.wait_final([f"{tag}-warm-0"], 30)
-            started = time.time()
-            offered = producer.paced((job(i, tag) for i in range(count)), rate)
-            producer.wait_queued()
-            ids = [f"{tag}-{i}" for i in range(count)]
-            complete = producer.wait_final(ids, drain, poll=0.05, strict=False)
-            ended = time.time()
-            producer.close()
+            yield sink, proxy, engine, producer
+
+
+def headline_run(workdir: str, mode: str, seconds: float, rate: float,
+                 drain: float) -> dict[str, Any]:
+    count = int(seconds * rate)
+    log(f"headline: {mode}: {count} messages at {rate:g}/s, STARTTLS, {RTT * 1000:.0f} ms RTT,"
+        f" {CAP} connections")
+    tag = f"head-{SLUGS[mode]}"
+    with warmed_up(workdir, mode, tag, OVER_LIMIT) as (sink, proxy, _engine, producer):
+        started = time.time()
+        offered = producer.paced((job(i, tag) for i in range(count)), rate)
+        producer.wait_queued()
+        ids = [f"{tag}-{i}" for i in range(count)]
+        complete = producer.wait_final(ids, drain, poll=0.05, strict=False)
+        ended = time.time()
+        producer.close()
     queued_ts = {i: producer.queued[i]["ts"] for i in ids if i in producer.queued}
     done = [producer.final[i] for i in ids if i in producer.final]
     # A message still waiting at the end counts with the time it has waited so far (a
@@ -211,27 +222,19 @@ def headline(workdir: str, quick: bool) -> list[dict[str, Any]]:
 
 def refusal_run(workdir: str, mode: str, count: int, wait: float) -> dict[str, Any]:
     """A burst against a destination that *refuses* a 3rd connection (421 at the banner)."""
-    pool, smtp, pipelining, chunking = MODES[mode]
     log(f"refusal: {mode}: {count} messages at once, the proxy answers a 3rd connection 421")
-    with SinkServer(tls=True, pipelining=pipelining, chunking=chunking) as sink, \
-            ProxyProcess((sink.host, sink.port), RTT, max_connections=CAP,
-                         over_limit="refuse") as proxy:
-        with running_engine(workdir, proxy.port,
-                            engine_config(proxy.port, pool, smtp=smtp)) as engine:
-            producer = Producer(engine)
-            tag = f"refuse-{SLUGS[mode]}"
-            producer.send(*job(0, f"{tag}-warm"))
-            producer.wait_final([f"{tag}-warm-0"], 30)
-            started = time.time()
-            ids = []
-            for i in range(count):
-                envelope, message = job(i, tag)
-                producer.send(envelope, message)
-                ids.append(envelope["id"])
-            producer.wait_queued()
-            producer.wait_final(ids, wait, poll=0.05, strict=False)
-            producer.close()
-            events = [e for e in engine.events() if e.get("id") in set(ids)]
+    tag = f"refuse-{SLUGS[mode]}"
+    with warmed_up(workdir, mode, tag, "refuse") as (_sink, proxy, engine, producer):
+        started = time.time()
+        ids = []
+        for i in range(count):
+            envelope, message = job(i, tag)
+            producer.send(envelope, message)
+            ids.append(envelope["id"])
+        producer.wait_queued()
+        producer.wait_final(ids, wait, poll=0.05, strict=False)
+        producer.close()
+        events = [e for e in engine.events() if e.get("id") in set(ids)]
     deferred = [e for e in events if e["event"] == "deferred"]
     return {
         "mode": mode, "messages": count, "waited": wait,
