@@ -21,8 +21,11 @@ read, so that
 A message goes out in the fewest round trips the server allows: with
 PIPELINING and CHUNKING, MAIL, RCPT and `BDAT n LAST` with the message leave
 in a single write (one round trip per message on a warm connection); with
-PIPELINING alone, MAIL, RCPT and DATA share one write; otherwise one command at
-a time.
+PIPELINING alone, MAIL, RCPT and DATA share one write, and under load the
+reply to the message's final dot is read by the connection's next holder, after
+its own MAIL, RCPT and DATA went out (RFC 2920 3.1: message content may lead a
+group), so a busy connection also carries one message per round trip; otherwise
+one command at a time.
 """
 from __future__ import annotations
 
@@ -32,13 +35,15 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 from gevent import monkey
+from gevent.event import AsyncResult
 
 from engine.config import Timeouts
 from engine.downgrade import CannotConvert, to_7bit
@@ -67,6 +72,14 @@ MAX_REPLY_TEXT = 1000
 # Reply is immutable, so sharing is safe; the memo is emptied when full (replies carrying a
 # queue id never repeat and must not make it grow).
 _REPLIES: Memo[bytes, Reply] = Memo(256)
+
+
+class Holder(Protocol):
+    """Whoever has the connection checked out (engine.pool's checkout)."""
+
+    def pass_on(self, conn: Connection) -> bool:
+        """Give `conn` to the next caller now, if one waits, although the reply to this
+        transaction's final dot is still on the way; True if it did (see `settle`)."""
 
 
 class ProtocolError(Exception):
@@ -107,6 +120,9 @@ class Connection(smtplib.SMTP):
         self._backstop_timer: gevent.Timeout | None = None  # reused by deadline(), see there
         # A flight was just sent: its reply cannot be there yet (see _wait_readable).
         self._awaiting = False
+        self.holder: Holder | None = None  # set by the pool while checked out
+        # Transactions handed on before their final reply: the next holder reads it.
+        self._owed: deque[_Owed] = deque()
 
     # -- reading replies -------------------------------------------------
 
@@ -166,6 +182,8 @@ class Connection(smtplib.SMTP):
     def close(self) -> None:
         self._rbuf.clear()
         super().close()
+        while self._owed:  # their replies will never be read
+            self._owed.popleft().lose()
 
     def send(self, s: ReadableBuffer | str) -> None:
         """smtplib's writes (EHLO, STARTTLS, RSET, QUIT), within the phase's time."""
@@ -310,10 +328,34 @@ class Connection(smtplib.SMTP):
             return False
         return not (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending())
 
+    @property
+    def owes(self) -> bool:
+        """An earlier transaction's final reply is still to be read (`settle`)."""
+        return bool(self._owed)
+
+    def settle(self) -> None:
+        """Read the final replies owed to the transactions that handed this connection on
+        (oldest first), and give each transaction its results.
+
+        The holder calls it once its own commands are on the wire (a pipelined group may
+        start with the message before it, RFC 2920 3.1), or before anything else it does
+        with the connection. A failed read closes the connection: each transaction still
+        owed then gets an ambiguous deferral (its message was sent, no reply came)."""
+        while self._owed:
+            debt = self._owed.popleft()
+            try:
+                results = debt.read()
+            except BaseException:  # killed while reading: the reply is lost to it
+                debt.lose()
+                raise
+            debt.settle(results)
+
     def quit_quietly(self) -> None:
         """QUIT if possible, close in any case; never raises."""
         try:
             if self.sock is not None:
+                if self._owed:
+                    self.settle()
                 self.sock.settimeout(self.timeouts.quit)
                 self.putcmd("QUIT")
                 self.getreply()
@@ -333,6 +375,7 @@ class Connection(smtplib.SMTP):
         result for every recipient (ambiguous if the message may have been taken).
         """
         pipelining = self.has_extn("pipelining")
+        mode: Callable[[bytes, list[bytes], bytes, _TxState], list[RcptResult] | _Owed]
         if pipelining and self.has_extn("chunking"):
             mode = self._tx_pipelined_bdat
         elif pipelining:
@@ -353,6 +396,8 @@ class Connection(smtplib.SMTP):
             results = self._failed_tx(err, rcpts, state)
         self.messages_sent += 1
         self.last_used = time.monotonic()
+        if isinstance(results, _Owed):  # handed on: the next holder reads our final reply
+            return results.wait(self.timeouts.transaction)
         return results
 
     def _mail_command(self, sender: str, size: int, smtputf8: bool, eightbit: bool) -> bytes:
@@ -424,9 +469,11 @@ class Connection(smtplib.SMTP):
         return self._results(mail, rcpt_replies, final, state)
 
     def _tx_pipelined_data(self, mail_cmd: bytes, rcpt_cmds: list[bytes], message: bytes,
-                           state: _TxState) -> list[RcptResult]:
+                           state: _TxState) -> list[RcptResult] | _Owed:
         with self.phase("MAIL", self.timeouts.mail):
             self._send_lines([mail_cmd, *rcpt_cmds, b"DATA"])
+        if self._owed:  # the previous transaction's final reply comes before ours
+            self.settle()
         mail, rcpt_replies = self._read_envelope(len(rcpt_cmds), state)
         with self.phase("DATA", self.timeouts.data):
             data = self.reply()
@@ -439,8 +486,46 @@ class Connection(smtplib.SMTP):
                     self.reply()
             return self._results(mail, rcpt_replies, data if not mail.ok else rcpt_replies[0],
                                  state)
-        final = self._send_body(data, state, message)
-        return self._results(mail, rcpt_replies, final, state)
+        refused = self._send_message(data, state, message)
+        if refused is not None:
+            return self._results(mail, rcpt_replies, refused, state)
+        debt = self._pass_on(mail, rcpt_replies, state)
+        if debt is not None:
+            return debt
+        return self._final_results(mail, rcpt_replies, state)
+
+    def _pass_on(self, mail: Reply, rcpt_replies: list[Reply],
+                 state: _TxState) -> _Owed | None:
+        """With the message and its dot on the wire: hand the connection to a caller
+        waiting for one, who sends its MAIL, RCPT and DATA at once and then reads our
+        final reply (`settle`); None if nobody waits (we read it ourselves).
+
+        Only here, after a 354: the reply to the dot ends the transaction whatever it
+        says (RFC 5321 4.1.1.4), so the next MAIL never lands in a half-open one. The
+        debt is recorded after the hand-over: the new holder runs only once this greenlet
+        yields, which it does not do before returning."""
+        holder = self.holder
+        if holder is None or not holder.pass_on(self):
+            return None
+        debt = _Owed(state.rcpts, lambda: self._owed_results(mail, rcpt_replies, state))
+        self._owed.append(debt)
+        return debt
+
+    def _final_results(self, mail: Reply, rcpt_replies: list[Reply],
+                       state: _TxState) -> list[RcptResult]:
+        """The reply to the final dot, for every accepted recipient. No RSET after a
+        refusal: the dot ended the transaction (RFC 5321 4.1.1.4)."""
+        with self.phase("DATA", self.timeouts.final_dot):
+            final = self._answer("DATA")
+        return self._results(mail, rcpt_replies, final, state, reset=False)
+
+    def _owed_results(self, mail: Reply, rcpt_replies: list[Reply],
+                      state: _TxState) -> list[RcptResult]:
+        """`_final_results`, read by the connection's next holder (`settle`)."""
+        try:
+            return self._final_results(mail, rcpt_replies, state)
+        except DeliveryError as err:  # never stale: the server answered MAIL
+            return self._failed_tx(err, state.rcpts, state)
 
     def _tx_lockstep(self, mail_cmd: bytes, rcpt_cmds: list[bytes], message: bytes,
                      state: _TxState) -> list[RcptResult]:
@@ -465,11 +550,15 @@ class Connection(smtplib.SMTP):
             with self.phase("DATA", self.timeouts.data):
                 self._send_lines([b"DATA"])
                 data = self.reply()
-            final = self._send_body(data, state, message)
+            refused = self._send_message(data, state, message)
+            if refused is None:
+                return self._final_results(mail, rcpt_replies, state)
+            final = refused
         return self._results(mail, rcpt_replies, final, state)
 
-    def _send_body(self, data_reply: Reply, state: _TxState, message: bytes) -> Reply:
-        """After a reply to DATA: the dot-stuffed body and its final reply.
+    def _send_message(self, data_reply: Reply, state: _TxState, message: bytes) -> Reply | None:
+        """After a reply to DATA: the dot-stuffed message and its dot; None when sent, else
+        the refusal of DATA (the outcome).
 
         Regression (fuzzing found it): a server answering 250 to DATA had the recipients
         reported delivered, although the body was never sent. Only 354 opens the body;
@@ -483,8 +572,7 @@ class Connection(smtplib.SMTP):
         with self.phase("DATA", self.timeouts.data_block):
             self._send(dot_stuff(message) + b".\r\n")
             state.data_sent = True
-        with self.phase("DATA", self.timeouts.final_dot):
-            return self._answer("DATA")
+        return None
 
     def _answer(self, command: str) -> Reply:
         """The reply to MAIL, RCPT or the message, where success is 2xx only (RFC 5321
@@ -496,8 +584,9 @@ class Connection(smtplib.SMTP):
         return reply
 
     def _results(self, mail: Reply, rcpt_replies: list[Reply], final: Reply,
-                 state: _TxState) -> list[RcptResult]:
-        """Per-recipient outcome: a refused MAIL or RCPT, else the final reply."""
+                 state: _TxState, reset: bool = True) -> list[RcptResult]:
+        """Per-recipient outcome: a refused MAIL or RCPT, else the final reply. After a
+        refusal, RSET (`reset`), unless the transaction is known to be over."""
         results = []
         for i, rcpt in enumerate(state.rcpts):
             if not mail.ok:
@@ -507,7 +596,7 @@ class Connection(smtplib.SMTP):
             else:
                 reply = final
             results.append(RcptResult(rcpt, reply))
-        if not final.ok or not mail.ok:
+        if reset and (not final.ok or not mail.ok):
             self._reset_quietly()
         return results
 
@@ -638,6 +727,41 @@ class _Span:
     def reply(self, command: str) -> Reply:
         where = f" (in {command})" if command else ""
         return Reply(451, "4.4.2", f"{self.name} took longer than {self.seconds:g}s{where}")
+
+
+class _Owed:
+    """A transaction that handed its connection on before its final reply: the next
+    holder reads that reply (`Connection.settle`) while the transaction's own greenlet
+    waits for the results."""
+
+    __slots__ = ("rcpts", "read", "results")
+
+    def __init__(self, rcpts: list[str], read: Callable[[], list[RcptResult]]) -> None:
+        self.rcpts = rcpts
+        self.read = read  # reads the reply; the results, or the failure turned into them
+        self.results: AsyncResult = AsyncResult()
+
+    def settle(self, results: list[RcptResult]) -> None:
+        self.results.set(results)
+
+    def lose(self) -> None:
+        """The reply will never be read: the message may or may not have been taken."""
+        self.results.set(_no_final_reply(self.rcpts))
+
+    def wait(self, timeout: float) -> list[RcptResult]:
+        """The results, or (the next holder never read the reply in `timeout`: a bug)
+        an ambiguous deferral."""
+        try:
+            results: list[RcptResult] = self.results.get(timeout=timeout)
+        except gevent.Timeout:
+            return _no_final_reply(self.rcpts)
+        return results
+
+
+def _no_final_reply(rcpts: list[str]) -> list[RcptResult]:
+    reply = Reply(451, "4.4.2", "connection lost before the reply to the final dot; the"
+                                " message may have been delivered")
+    return [RcptResult(r, reply, ambiguous=True) for r in rcpts]
 
 
 class _TxState:

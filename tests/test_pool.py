@@ -15,7 +15,7 @@ import gevent
 import pytest
 
 from engine.config import PoolConfig
-from engine.pool import DestinationPool, PoolKey, Pools
+from engine.pool import DestinationPool, Drained, PoolKey, Pools
 from engine.reply import PermanentError, Reply, TransientError
 from engine.smtp import Connection
 
@@ -42,12 +42,19 @@ class FakeConnection:
         self.last_used = clock()
         self.alive = True
         self.quit = False
+        self.holder: object | None = None
+        self.owes = False  # handed on with a final reply still to read (Connection.settle)
+        self.settled = 0
 
     def is_alive(self) -> bool:
         return self.alive
 
     def reusable(self) -> bool:  # no select(), as Connection.reusable: `alive` is not seen
         return self.sock is not None
+
+    def settle(self) -> None:
+        self.owes = False
+        self.settled += 1
 
     def quit_quietly(self) -> None:
         self.quit = True
@@ -665,3 +672,77 @@ def test_under_load_the_caps_hold_with_connects_ahead_and_slow_quits() -> None:
     assert all(g.successful() for g in greenlets)
     assert max(factory.at_call) <= 3 and most <= 3
     assert sum(c.messages_sent for c in factory.made) == 30
+
+
+# -- handing a connection on before the final reply (Connection._pass_on) ----------------------
+
+def hand_on_mid_transaction(pool: DestinationPool) -> tuple[FakeConnection, bool, list[Any]]:
+    """A checkout whose transaction tries to hand the connection on while a second caller
+    waits; the second caller records what it got. Returns (connection, handed on, got)."""
+    got: list[Any] = []
+    checkout = pool.connection()
+    conn, _ = checkout.__enter__()
+    conn.messages_sent += 1  # the transaction in flight (Connection counts it at the end)
+    waiter = gevent.spawn(lambda: got.append(pool.acquire()))
+    gevent.sleep(0)  # the waiter is waiting
+    handed = checkout.pass_on(conn)
+    if handed:
+        conn.owes = True  # (as Connection._pass_on records its debt)
+    checkout.__exit__(None, None, None)
+    waiter.join(timeout=1)
+    return cast(FakeConnection, conn), handed, got
+
+
+def test_a_connection_is_handed_on_to_the_waiter_and_the_checkout_lets_go_of_it() -> None:
+    pool, factory, _ = make_pool(max_connections=1)
+    conn, handed, got = hand_on_mid_transaction(pool)
+    assert handed and got == [(conn, True)]
+    assert conn.holder is None and conn.sock is not None  # leaving the `with` did not touch it
+    assert pool.open == 1 and pool.idle == 0 and factory.calls == 1
+    pool.release(got[0][0])  # the new holder used it for nothing: what is owed is read
+    assert conn.settled == 1 and not conn.owes and pool.idle == 1
+
+
+def test_nothing_is_handed_on_without_a_waiter() -> None:
+    pool, _, _ = make_pool(max_connections=1)
+    with pool.connection() as (conn, _):
+        assert not conn.holder.pass_on(conn)  # type: ignore[union-attr]
+        assert conn.holder is not None
+    assert pool.idle == 1
+
+
+def test_a_connections_last_message_does_not_hand_it_on() -> None:
+    pool, _, _ = make_pool(max_connections=1, max_messages=1)
+    conn, handed, got = hand_on_mid_transaction(pool)
+    assert not handed
+    assert conn.quit  # retired after its one message; the waiter connects anew
+    assert got and got[0][0] is not conn
+
+
+def test_nothing_is_handed_on_while_draining() -> None:
+    pool, _, _ = make_pool(max_connections=1)
+    checkout = pool.connection()
+    conn, _ = checkout.__enter__()
+    waiter = gevent.spawn(pool.acquire)
+    gevent.sleep(0)
+    pool.drain()
+    assert not checkout.pass_on(conn)
+    checkout.__exit__(None, None, None)
+    waiter.join(timeout=1)
+    assert isinstance(waiter.value, Drained)
+
+
+def test_a_waiter_drained_after_the_hand_on_reads_what_is_owed_before_giving_it_back() -> None:
+    pool, _, _ = make_pool(max_connections=1)
+    checkout = pool.connection()
+    conn, _ = checkout.__enter__()
+    conn.messages_sent += 1
+    waiter = gevent.spawn(pool.acquire)
+    gevent.sleep(0)
+    assert checkout.pass_on(conn)
+    conn.owes = True
+    pool.drain()  # before the waiter ran
+    waiter.join(timeout=1)
+    assert isinstance(waiter.value, Drained)
+    fake = cast(FakeConnection, conn)
+    assert fake.settled == 1 and not fake.owes
