@@ -33,7 +33,11 @@ PENDING = "pending"  # a recipient not final yet (never tried, or deferred)
 _IN_CHUNK = 500  # ids per `IN (...)` query, far below SQLite's variable limit
 _REASON_MAX = 300
 CACHE_KIB = 32 * 1024  # SQLite's page cache, at most
-WAL_CHECKPOINT_PAGES = 4000  # WAL pages (4 KiB) between automatic checkpoints
+# A new spool's page size. With SQLite's 4 KiB default a 5 KB message spills into an overflow
+# page, and a commit writes each page as a WAL frame of its own: 16 KiB pages hold a few
+# messages each, and accepting and recording a 5 KB job costs about a fifth less CPU.
+PAGE_BYTES = 16 * 1024
+WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024  # WAL written between automatic checkpoints
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -391,6 +395,9 @@ def _lock(path: str) -> int:
 def _configure(conn: sqlite3.Connection, path: str) -> None:
     try:
         conn.execute("PRAGMA busy_timeout = 5000")  # an operator's sqlite3 shell reading
+        # Before WAL mode, which writes the header: takes effect only on a new (empty)
+        # file; an existing spool keeps the page size it was created with.
+        conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
         (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         conn.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
         # A page cache big enough for a burst's pages to be found again when its jobs
@@ -399,7 +406,8 @@ def _configure(conn: sqlite3.Connection, path: str) -> None:
         # (indexes, leaves, freed and reused pages) are copied to the database once per
         # checkpoint. Neither changes what a commit makes durable.
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        (page_bytes,) = conn.execute("PRAGMA page_size").fetchone()
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_BYTES // page_bytes}")
         conn.execute("PRAGMA journal_size_limit = 67108864")  # shrink the WAL after a burst
     except sqlite3.Error as e:
         raise SpoolError(f"cannot open {path}: {e}") from e

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import spool as spool_mod
 from engine.job import Job
 from engine.outcome import Status
 from engine.reply import Reply
@@ -64,6 +65,27 @@ def test_directory_is_private_and_db_is_wal_full(spool: Spool, spool_dir: str) -
     assert stat.S_IMODE(os.stat(spool.path).st_mode) == 0o600
     assert sql(spool_dir, "PRAGMA journal_mode") == [("wal",)]
     assert spool._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+
+
+def test_a_new_spool_has_large_pages_and_checkpoints_by_bytes(spool: Spool) -> None:
+    conn = spool._conn
+    assert conn.execute("PRAGMA page_size").fetchone() == (spool_mod.PAGE_BYTES,)
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (
+        spool_mod.WAL_CHECKPOINT_BYTES // spool_mod.PAGE_BYTES,)
+
+
+def test_a_spool_made_with_small_pages_keeps_them_and_its_jobs(spool_dir: str) -> None:
+    os.makedirs(spool_dir, mode=0o700)
+    with closing(sqlite3.connect(os.path.join(spool_dir, "spool.db"))) as conn:
+        conn.execute("PRAGMA page_size = 4096")
+        conn.execute("PRAGMA journal_mode = WAL")
+    with Spool(spool_dir) as s:
+        s.accept([job("j1")], T0, DAY)
+    with Spool(spool_dir) as s:
+        assert s._conn.execute("PRAGMA page_size").fetchone() == (4096,)
+        assert s._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (
+            spool_mod.WAL_CHECKPOINT_BYTES // 4096,)
+        assert ids(s.due(T0, 10)) == ["j1"]
 
 
 def test_second_opener_is_refused_while_held(spool: Spool, spool_dir: str) -> None:
