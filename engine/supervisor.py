@@ -61,6 +61,7 @@ STABLE_AFTER = 60.0  # a worker up this long has its restart backoff reset
 PARK_TIME = 2.0  # seconds a job no worker could take is passed over
 UNSENT_MAX_BYTES = 64 * 1024 * 1024  # messages of never-dispatched jobs kept in memory
 EXPIRED_REPLY = Reply(451, "4.4.7", "message expired: not delivered within its time")
+_EXPIRED = Status.EXPIRED.value  # an enum's .value is a Python-level property
 # int flags: pyzmq's flag enums cost a Python-level `|` on every send.
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
@@ -316,14 +317,17 @@ class Supervisor:
             self._publish(events.queued(job, duplicate=id(job) not in fresh))
         self.metrics.incr("queued", "all", len(accepted))
         max_age = self.cfg.retry.max_age
+        room = self._free_room()  # once the workers are full, the rest is not even tried
         for job in accepted:
             # Every recipient pending since `accepted_at`, no attempt: the spool's record.
             pending = Pending(job, accepted_at,
                               accepted_at + (job.expires if job.expires is not None
                                              else max_age),
                               job.rcpts, dict.fromkeys(job.rcpts, 0))
-            if not self._dispatch(pending):
-                self._remember_unsent(pending)
+            # Remembered first: _dispatch forgets a job it hands out or expires.
+            self._remember_unsent(pending)
+            if room > 0 and self._dispatch(pending):
+                room -= 1
 
     def _validate(self, frames: list[bytes]) -> Job | None:
         try:
@@ -372,8 +376,12 @@ class Supervisor:
         if pending is not None:
             self._unsent_bytes -= len(pending.job.message)
 
+    def _free_room(self) -> int:
+        """Jobs the ready workers can take now, together."""
+        return sum(self._room(h) for h in self.workers.values() if h.ready)
+
     def _dispatch_due(self) -> None:
-        room = sum(self._room(h) for h in self.workers.values() if h.ready)
+        room = self._free_room()
         if room <= 0:
             return
         now = time.monotonic()
@@ -456,7 +464,7 @@ class Supervisor:
             try:
                 msg = wire.decode(frame)
                 if msg["type"] == "result":
-                    attempts.extend(wire.attempt_from_dict(a) for a in msg["attempts"])
+                    attempts.extend(map(wire.attempt_from_row, msg["attempts"]))
                 elif msg["type"] == "stats" and msg.get("ip") in self.workers:
                     self._worker_stats(self.workers[msg["ip"]], msg)
             except (ValueError, KeyError, TypeError) as exc:
@@ -481,8 +489,8 @@ class Supervisor:
         self._record(attempts)
         self._results_flushed = time.monotonic()
         # Room freed: refill now rather than at the next tick, once it is worth a query.
-        ready = [h for h in self.workers.values() if h.ready]
-        if sum(self._room(h) for h in ready) * 4 >= len(ready) * self.cfg.limits.max_in_flight:
+        ready = sum(1 for h in self.workers.values() if h.ready)
+        if self._free_room() * 4 >= ready * self.cfg.limits.max_in_flight:
             self._dispatch_due()
 
     def _record(self, attempts: list[Attempt]) -> None:
@@ -496,7 +504,7 @@ class Supervisor:
             self._settle(attempt)
 
     def _plan(self, attempt: Attempt,
-              now: float) -> tuple[RcptUpdate | None, dict[str, Any] | None]:
+              now: float) -> tuple[RcptUpdate | None, events.Event | None]:
         """The spool update and the event for one result."""
         flight = self.in_flight.get(attempt.job_id)
         if flight is None or attempt.rcpt not in flight.attempts:
@@ -538,10 +546,11 @@ class Supervisor:
             if handle is not None:
                 handle.jobs.discard(attempt.job_id)
 
-    def _publish(self, event: dict[str, Any]) -> None:
-        if event["event"] in self.counters:
-            self.counters[event["event"]] += 1
-        if event["event"] == Status.EXPIRED.value:
+    def _publish(self, event: events.Event) -> None:
+        name = event[0]
+        if name in self.counters:
+            self.counters[name] += 1
+        if name == _EXPIRED:
             self.metrics.incr("expired", "all")
         self.events.publish(event)
 

@@ -1,10 +1,11 @@
 """The messages between the supervisor and its workers (ZeroMQ over ipc).
 
 Supervisor -> worker, a task: two frames, a JSON header and the raw message.
-Worker -> supervisor: one JSON frame, `{"type": "result", ...}` with the
-attempts reported within one turn of the worker's event loop (one or more
-recipient domains, of one or more jobs), or `{"type": "stats", ...}` once a
-second. Single frames, so greenlets of one worker can share the PUSH socket.
+Worker -> supervisor: one JSON frame, `{"type": "result", "attempts": [...]}`
+with the attempts reported within one turn of the worker's event loop (one or more
+recipient domains, of one or more jobs), each an array in ATTEMPT_FIELDS order, or
+`{"type": "stats", ...}` once a second. Single frames, so greenlets of one worker can
+share the PUSH socket.
 """
 from __future__ import annotations
 
@@ -45,31 +46,39 @@ def task_from_frames(frames: list[bytes]) -> Task:
                 smtputf8=bool(header["smtputf8"]), eightbit=bool(header["eightbit"]))
 
 
-def attempt_to_dict(a: Attempt) -> dict[str, Any]:
-    return {"job": a.job_id, "rcpt": a.rcpt, "status": a.status.value, "code": a.reply.code,
-            "enhanced": a.reply.enhanced, "reply": a.reply.text, "ip": a.ip, "mx": a.mx,
-            "provider": a.provider, "tls": a.tls, "conn_reused": a.conn_reused,
-            "ambiguous": a.ambiguous, "ts": a.ts, "throttled": a.throttled,
-            "attempted": a.attempted, "retry_at": a.retry_at}
+# An attempt travels as a JSON array of its fields in this order, not as an object: no
+# key to write and read again per field, which made decoding results ~2.5x slower.
+ATTEMPT_FIELDS = ("job", "rcpt", "status", "code", "enhanced", "reply", "ip", "mx", "provider",
+                  "tls", "conn_reused", "ambiguous", "ts", "throttled", "attempted", "retry_at")
+
+
+def attempt_to_row(a: Attempt) -> list[Any]:
+    return [a.job_id, a.rcpt, a.status.value, a.reply.code, a.reply.enhanced, a.reply.text,
+            a.ip, a.mx, a.provider, a.tls, a.conn_reused, a.ambiguous, a.ts, a.throttled,
+            a.attempted, a.retry_at]
 
 
 _STATUS = {status.value: status for status in Status}
 
 
-def attempt_from_dict(d: dict[str, Any]) -> Attempt:
-    status = _STATUS.get(d["status"]) or Status(d["status"])  # ValueError if unknown
-    return Attempt(job_id=d["job"], rcpt=d["rcpt"], status=status,
-                   reply=Reply(int(d["code"]), d["enhanced"], d["reply"]), ip=d["ip"],
-                   mx=d["mx"], provider=d["provider"], tls=d["tls"],
-                   conn_reused=bool(d["conn_reused"]), ambiguous=bool(d["ambiguous"]),
-                   ts=float(d["ts"]), throttled=bool(d.get("throttled", False)),
-                   attempted=bool(d.get("attempted", True)),
-                   retry_at=None if d.get("retry_at") is None else float(d["retry_at"]))
+def attempt_from_row(row: Sequence[Any]) -> Attempt:
+    """The inverse of attempt_to_row; ValueError or TypeError when `row` is not one."""
+    (job_id, rcpt, status, code, enhanced, text, ip, mx, provider, tls, conn_reused, ambiguous,
+     ts, throttled, attempted, retry_at) = row  # ValueError if the length differs
+    return Attempt(job_id=job_id, rcpt=rcpt,
+                   status=_STATUS.get(status) or Status(status),  # ValueError if unknown
+                   reply=Reply(int(code), enhanced, text), ip=ip, mx=mx, provider=provider,
+                   tls=tls, conn_reused=bool(conn_reused), ambiguous=bool(ambiguous),
+                   ts=float(ts), throttled=bool(throttled), attempted=bool(attempted),
+                   retry_at=None if retry_at is None else float(retry_at))
+
+
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def result_frame(attempts: list[Attempt]) -> bytes:
-    return json.dumps({"type": "result",
-                       "attempts": [attempt_to_dict(a) for a in attempts]}).encode()
+    return _ENCODE({"type": "result",
+                    "attempts": [attempt_to_row(a) for a in attempts]}).encode()
 
 
 def stats_frame(ip: str, figures: dict[str, Any]) -> bytes:

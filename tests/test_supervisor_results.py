@@ -144,3 +144,51 @@ def test_results_wait_for_the_window_then_share_one_commit(
     assert [e["id"] for e in _events(sup)] == ["j0", "j1", "j2"]
     assert sup.in_flight == {} and handle.jobs == set()
     assert os.path.exists(sup.spool.path)
+
+
+def _push(sup: Supervisor, envelopes: list[dict[str, Any]]) -> None:
+    """Send jobs to the ingest socket and wait until the supervisor can read them."""
+    producer = sup.zctx.socket(zmq.PUSH)
+    producer.connect(sup.cfg.ingest)
+    _OPEN.append(producer)
+    for envelope in envelopes:
+        producer.send_multipart([json.dumps(envelope).encode(), b"Subject: x\r\n\r\nhi\r\n"])
+    deadline = time.monotonic() + 5
+    while not sup.ingest.poll(10) and time.monotonic() < deadline:
+        pass
+
+
+def _tasks(pull: zmq.Socket) -> list[str]:
+    ids = []
+    while pull.poll(200):
+        ids.append(json.loads(pull.recv())["id"])
+        pull.recv()
+    return ids
+
+
+@pytest.mark.timeout(30)
+def test_intake_hands_out_what_the_room_allows_and_keeps_the_rest_in_memory(
+        sup: Supervisor) -> None:
+    handle, pull = _worker(sup, IP2, returncode=None)
+    handle.jobs.update(f"busy-{i}" for i in range(sup.cfg.limits.max_in_flight - 2))
+    _push(sup, [{"id": f"j{i}", "from": "s@example.test", "to": [RCPT]} for i in range(5)])
+
+    sup._intake()
+
+    assert _tasks(pull) == ["j0", "j1"]
+    assert sorted(sup._unsent) == ["j2", "j3", "j4"]
+    assert set(sup.in_flight) == {"j0", "j1"}
+    assert [e["event"] for e in _events(sup)] == ["queued"] * 5
+
+
+@pytest.mark.timeout(30)
+def test_a_job_expired_by_its_first_dispatch_is_not_kept_in_memory(sup: Supervisor) -> None:
+    _, pull = _worker(sup, IP2, returncode=None)
+    _push(sup, [{"id": "brief", "from": "s@example.test", "to": [RCPT], "expires": 1e-9}])
+
+    sup._intake()
+
+    assert [e["event"] for e in _events(sup)] == ["queued", "expired"]
+    assert sup._unsent == {} and sup._unsent_bytes == 0
+    assert sup.spool.stats().jobs == 0
+    assert _tasks(pull) == []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -39,13 +40,24 @@ def test_result_frame_round_trip(status: Status) -> None:
                       throttled=True, attempted=False, retry_at=1795849300.0)
     msg = wire.decode(wire.result_frame([attempt, attempt]))
     assert msg["type"] == "result"
-    assert [wire.attempt_from_dict(a) for a in msg["attempts"]] == [attempt, attempt]
+    assert [wire.attempt_from_row(a) for a in msg["attempts"]] == [attempt, attempt]
+    assert len(msg["attempts"][0]) == len(wire.ATTEMPT_FIELDS)
+
+
+def _row() -> list[Any]:
+    return wire.attempt_to_row(Attempt("j", "a@example.com", Status.DELIVERED,
+                                       Reply(250, None, "ok"), "192.0.2.1", "mx", "other",
+                                       None, False, False, 1.0))
 
 
 def test_unknown_status_is_a_value_error() -> None:
-    d = wire.attempt_to_dict(Attempt("j", "a@example.com", Status.DELIVERED,
-                                     Reply(250, None, "ok"), "192.0.2.1", "mx", "other", None,
-                                     False, False, 1.0))
-    d["status"] = "lost"
+    row = _row()
+    row[wire.ATTEMPT_FIELDS.index("status")] = "lost"
     with pytest.raises(ValueError):
-        wire.attempt_from_dict(d)
+        wire.attempt_from_row(row)
+
+
+@pytest.mark.parametrize("row", [_row()[:-1], [*_row(), None], {"job": "j"}, "abc"])
+def test_a_row_of_the_wrong_shape_is_a_value_or_type_error(row: Any) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        wire.attempt_from_row(row)
