@@ -30,6 +30,7 @@ import gevent  # noqa: E402
 import gevent.pool  # noqa: E402
 
 from engine import config as config_mod  # noqa: E402
+from engine import gctune  # noqa: E402
 from engine.delivery import Task  # noqa: E402
 from engine.testing.harness import make_message  # noqa: E402
 from engine.worker import Worker  # noqa: E402
@@ -54,6 +55,7 @@ def build_worker(port: int, sessions: int, source_ip: str, tls: str) -> Worker:
 def run(port: int, sessions: int, count: int, size: int, source_ip: str, tls: str,
         in_flight: int) -> dict[str, object]:
     worker = build_worker(port, sessions, source_ip, tls)
+    gctune.settle_for_a_long_run()  # as Worker.run does before its loop
     deliverer = worker.deliverer
     outcomes: Counter[str] = Counter()
 

@@ -21,7 +21,6 @@ config: workers are replaced gracefully, IPs added or removed.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from typing import Any
 
 import zmq
 
-from engine import auth, events, logs, retry, wire
+from engine import auth, events, gctune, logs, retry, wire
 from engine import config as config_mod
 from engine.config import Config
 from engine.job import MAX_ENVELOPE_SIZE, Job, JobRejected, parse_job
@@ -220,8 +219,7 @@ class Supervisor:
         # The supervisor's objects are long-lived (jobs in memory, in flight) or die young
         # without cycles: the default thresholds made the collector rescan the first kind
         # over and over, a few per cent of the CPU at high rates.
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
+        gctune.settle_for_a_long_run()
         last_tick = 0.0
         while not self._stopping:
             if self._results:
