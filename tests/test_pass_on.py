@@ -40,6 +40,26 @@ def envelope(rcpt: str) -> list[Step]:
     return [C("MAIL FROM:<*>*"), C(f"RCPT TO:<{rcpt}>*"), C("DATA")]
 
 
+def handed_on(*then: Step) -> list[Step]:
+    """The first message up to its dot, the second's MAIL, RCPT and DATA right behind it,
+    then `then` (the server's answer to both, or its end)."""
+    return [*greet("PIPELINING"), *envelope(FIRST), S("250 ok", "250 ok", "354 go"), DATA(),
+            *envelope(SECOND), *then]
+
+
+def delivered_alone(rcpt: str) -> list[Step]:
+    """A connection of its own carrying one message."""
+    return [*greet("PIPELINING", late=0), *envelope(rcpt), S("250 ok", "250 ok", "354 go"),
+            DATA(), S("250 2.0.0 queued"), WAIT_CLOSE()]
+
+
+def stop(engine: LocalEngine, server: ScriptedServer, connections: int = 1) -> None:
+    """The engine stops cleanly and the server saw every conversation as scripted."""
+    assert engine.stop(timeout=20) == 0
+    server.wait_finished(connections)
+    assert server.errors == [] and server.connections == connections
+
+
 def job(number: int, rcpt: str) -> tuple[dict[str, Any], bytes]:
     message = (f"From: <sender@example.org>\r\nTo: <{rcpt}>\r\nSubject: {number}\r\n\r\n"
                f"Message {number}.\r\n").encode()
@@ -61,51 +81,31 @@ def by_job(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in events if e["event"] in ("delivered", "bounced", "deferred")}
 
 
+@pytest.mark.parametrize(("first_reply", "first_event"), [
+    ("250 2.0.0 first queued", "delivered"), ("554 5.7.1 first refused", "bounced")])
 def test_the_next_envelope_goes_out_before_the_reply_to_the_dot(
-        scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
-    server = scripted([*greet("PIPELINING"), *envelope(FIRST), S("250 ok", "250 ok", "354 go"),
-                       DATA(), *envelope(SECOND),
-                       S("250 2.0.0 first queued", "250 ok", "250 ok", "354 go"), DATA(),
-                       S("250 2.0.0 second queued"), WAIT_CLOSE()])
+        scripted: Scripted, local_engine: Callable[..., LocalEngine], first_reply: str,
+        first_event: str) -> None:
+    """Each reply reaches its own message: the first's dot is answered in the second's turn.
+    A refusal of the first harms nothing: the dot ended its transaction, so no RSET goes out
+    before the next MAIL (which is on the wire already)."""
+    server = scripted(handed_on(S(first_reply, "250 ok", "250 ok", "354 go"), DATA(),
+                                S("250 2.0.0 second queued"), WAIT_CLOSE()))
     engine, events = run(local_engine, server, [job(1, FIRST), job(2, SECOND)], 2)
     outcome = by_job(events)
-    # Each reply reaches its own message: the first's dot was answered in the second's turn.
-    assert outcome["job-1"]["event"] == "delivered"
-    assert "first queued" in outcome["job-1"]["reply"]
+    assert outcome["job-1"]["event"] == first_event
+    assert first_reply[10:] in outcome["job-1"]["reply"]
     assert outcome["job-2"]["event"] == "delivered"
     assert "second queued" in outcome["job-2"]["reply"]
     assert outcome["job-2"]["conn_reused"] is True
-    assert engine.stop(timeout=20) == 0
-    server.wait_finished()
-    assert server.errors == [] and server.connections == 1
+    stop(engine, server)
     assert len(server.messages) == 2
-
-
-def test_a_refused_message_does_not_harm_the_one_sent_behind_it(
-        scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
-    """The dot ends the transaction whatever its reply: no RSET before the next MAIL (which
-    is on the wire already)."""
-    server = scripted([*greet("PIPELINING"), *envelope(FIRST), S("250 ok", "250 ok", "354 go"),
-                       DATA(), *envelope(SECOND),
-                       S("554 5.7.1 content refused", "250 ok", "250 ok", "354 go"), DATA(),
-                       S("250 2.0.0 second queued"), WAIT_CLOSE()])
-    engine, events = run(local_engine, server, [job(1, FIRST), job(2, SECOND)], 2)
-    outcome = by_job(events)
-    assert outcome["job-1"]["event"] == "bounced"
-    assert "content refused" in outcome["job-1"]["reply"]
-    assert outcome["job-2"]["event"] == "delivered"
-    assert engine.stop(timeout=20) == 0
-    server.wait_finished()
-    assert server.errors == []
 
 
 def test_a_421_to_the_dot_defers_that_message_and_the_next_goes_on_a_fresh_connection(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
-    first = [*greet("PIPELINING"), *envelope(FIRST), S("250 ok", "250 ok", "354 go"), DATA(),
-             *envelope(SECOND), S("421 4.3.2 shutting down"), CLOSE()]
-    fresh = [*greet("PIPELINING", late=0), *envelope(SECOND), S("250 ok", "250 ok", "354 go"),
-             DATA(), S("250 2.0.0 second queued"), WAIT_CLOSE()]
-    server = scripted([first, fresh])
+    server = scripted([handed_on(S("421 4.3.2 shutting down"), CLOSE()),
+                       delivered_alone(SECOND)])
     engine, events = run(local_engine, server, [job(1, FIRST), job(2, SECOND)], 2)
     outcome = by_job(events)
     assert outcome["job-1"]["event"] == "deferred"
@@ -114,26 +114,18 @@ def test_a_421_to_the_dot_defers_that_message_and_the_next_goes_on_a_fresh_conne
     # The second never got an answer on the closing connection: sent again, not deferred.
     assert outcome["job-2"]["event"] == "delivered"
     assert outcome["job-2"]["conn_reused"] is False
-    assert engine.stop(timeout=20) == 0
-    server.wait_finished(2)
-    assert server.errors == []
+    stop(engine, server, 2)
 
 
 def test_a_connection_lost_before_the_reply_to_the_dot_makes_that_message_ambiguous(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
-    first = [*greet("PIPELINING"), *envelope(FIRST), S("250 ok", "250 ok", "354 go"), DATA(),
-             *envelope(SECOND), CLOSE()]
-    fresh = [*greet("PIPELINING", late=0), *envelope(SECOND), S("250 ok", "250 ok", "354 go"),
-             DATA(), S("250 2.0.0 second queued"), WAIT_CLOSE()]
-    server = scripted([first, fresh])
+    server = scripted([handed_on(CLOSE()), delivered_alone(SECOND)])
     engine, events = run(local_engine, server, [job(1, FIRST), job(2, SECOND)], 2)
     outcome = by_job(events)
     assert outcome["job-1"]["event"] == "deferred"
     assert outcome["job-1"]["ambiguous"] is True  # the server may have it
     assert outcome["job-2"]["event"] == "delivered"
-    assert engine.stop(timeout=20) == 0
-    server.wait_finished(2)
-    assert server.errors == []
+    stop(engine, server, 2)
 
 
 def test_a_connections_last_message_reads_its_own_reply_then_quits(
@@ -143,17 +135,13 @@ def test_a_connections_last_message_reads_its_own_reply_then_quits(
     first = [*greet("PIPELINING"), *envelope("*"), S("250 ok", "250 ok", "354 go"), DATA(),
              *envelope("*"), S("250 2.0.0 queued", "250 ok", "250 ok", "354 go"), DATA(),
              S("250 2.0.0 queued"), C("QUIT"), S("221 2.0.0 bye"), WAIT_CLOSE()]
-    second = [*greet("PIPELINING", late=0), *envelope("*"), S("250 ok", "250 ok", "354 go"),
-              DATA(), S("250 2.0.0 queued"), WAIT_CLOSE()]
-    server = scripted([first, second])
+    server = scripted([first, delivered_alone("*")])
     extra = {"pool": {"max_connections": 1, "max_messages": 2}}
     engine, events = run(local_engine, server,
                          [job(1, FIRST), job(2, SECOND), job(3, THIRD)], 3, extra)
     assert {e["event"] for e in final_outcomes(events).values()} == {"delivered"}
     assert len(final_outcomes(events)) == 3
-    assert engine.stop(timeout=20) == 0
-    server.wait_finished(2)
-    assert server.errors == [] and server.connections == 2
+    stop(engine, server, 2)
 
 
 def test_a_message_refused_before_sending_reads_the_reply_it_was_handed(
@@ -168,9 +156,7 @@ def test_a_message_refused_before_sending_reads_the_reply_it_was_handed(
     assert "first queued" in outcome["job-1"]["reply"]
     assert outcome["job-2"]["event"] == "bounced"
     assert outcome["job-2"]["enhanced"] == "5.6.7"
-    assert engine.stop(timeout=20) == 0
-    server.wait_finished()
-    assert server.errors == []
+    stop(engine, server)
 
 
 def test_a_final_reply_nobody_reads_ends_as_an_ambiguous_deferral_not_a_hang() -> None:
