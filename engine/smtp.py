@@ -63,6 +63,8 @@ class Limits:
     discard_ehlo_keywords: frozenset[str] = frozenset()  # lower case, as smtplib keys them
 
 
+# Linux's TCP_QUICKACK (None elsewhere: there the ACK is left to the system).
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 # Replies to EHLO that mean "I only speak HELO" (RFC 5321 4.1.4); others are final.
 _EHLO_UNKNOWN = (500, 502, 504, 550)
 # Characters of a reply's text that are kept: it travels into events, logs and the spool.
@@ -348,7 +350,22 @@ class Connection(smtplib.SMTP):
             except BaseException:  # killed while reading: the reply is lost to it
                 debt.lose()
                 raise
+            self._ack_now()
             debt.settle(results)
+
+    def _ack_now(self) -> None:
+        """Acknowledge what was read at once, not up to 40 ms later (delayed ACK).
+
+        A server answers the handed-on dot and the next MAIL, RCPT and DATA in two writes
+        when they reach it apart; with Nagle's algorithm on (the default, and smtp-sink's)
+        its second write waits for our ACK of the first, and a delayed ACK stalled every
+        message: one session to smtp-sink fell from ~3,300 to ~2,000 messages/s instead
+        of rising to ~4,300."""
+        if _QUICKACK is not None and self.sock is not None:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:  # closed meanwhile: the next read says so
+                pass
 
     def quit_quietly(self) -> None:
         """QUIT if possible, close in any case; never raises."""
