@@ -14,7 +14,8 @@ Rows, each with the same number of SMTP sessions to the same `smtp-sink` process
   whatever the row's count).
 
 smtp-sink offers PIPELINING but not CHUNKING, so the engine sends MAIL, RCPT and
-DATA in one write and the message after the 354: two round trips per message.
+DATA in one write and the message after the 354; under load the connection goes to the
+next message once the dot is sent (one round trip per message per session).
 """
 from __future__ import annotations
 
