@@ -125,6 +125,9 @@ class Connection(smtplib.SMTP):
         self.holder: Holder | None = None  # set by the pool while checked out
         # Transactions handed on before their final reply: the next holder reads it.
         self._owed: deque[_Owed] = deque()
+        # The last one's message and dot, which the next holder sends ahead of its own
+        # MAIL, RCPT and DATA, in the same write (see _pass_on).
+        self._unsent = b""
 
     # -- reading replies -------------------------------------------------
 
@@ -183,6 +186,7 @@ class Connection(smtplib.SMTP):
 
     def close(self) -> None:
         self._rbuf.clear()
+        self._unsent = b""
         super().close()
         while self._owed:  # their replies will never be read
             self._owed.popleft().lose()
@@ -340,9 +344,17 @@ class Connection(smtplib.SMTP):
         (oldest first), and give each transaction its results.
 
         The holder calls it once its own commands are on the wire (a pipelined group may
-        start with the message before it, RFC 2920 3.1), or before anything else it does
-        with the connection. A failed read closes the connection: each transaction still
-        owed then gets an ambiguous deferral (its message was sent, no reply came)."""
+        start with the message before it, RFC 2920 3.1: `_send` put it there), or before
+        anything else it does with the connection (the message then goes alone). A failed
+        read closes the connection: each transaction still owed then gets an ambiguous
+        deferral (its message may have left, no reply came)."""
+        if self._unsent:
+            try:
+                with self.phase("DATA", self.timeouts.data_block):
+                    self._send(b"")
+            except DeliveryError:
+                self.close()  # the owed transactions get their ambiguous deferral
+                return
         while self._owed:
             debt = self._owed.popleft()
             try:
@@ -356,11 +368,12 @@ class Connection(smtplib.SMTP):
     def _ack_now(self) -> None:
         """Acknowledge what was read at once, not up to 40 ms later (delayed ACK).
 
-        A server answers the handed-on dot and the next MAIL, RCPT and DATA in two writes
-        when they reach it apart; with Nagle's algorithm on (the default, and smtp-sink's)
-        its second write waits for our ACK of the first, and a delayed ACK stalled every
-        message: one session to smtp-sink fell from ~3,300 to ~2,000 messages/s instead
-        of rising to ~4,300."""
+        A server that answers the handed-on dot and the next MAIL, RCPT and DATA in two
+        writes (it read them apart, or it writes each reply as it goes), with Nagle's
+        algorithm on (the default, and smtp-sink's), holds its second write until our ACK
+        of the first. Measured while the two still left in separate writes, a delayed ACK
+        stalled every message: one session to smtp-sink fell from ~3,300 to ~2,000
+        messages/s instead of rising to ~4,600."""
         if _QUICKACK is not None and self.sock is not None:
             try:
                 self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
@@ -440,6 +453,9 @@ class Connection(smtplib.SMTP):
         syscall and a deadline computation per call; the rest, if any, by `sendall()`."""
         sock = self._live()
         self._arm()
+        if self._unsent:  # a message handed on with the connection leads the group
+            data = self._unsent + data
+            self._unsent = b""
         sent = sock.send(data)
         if sent < len(data):
             sock.sendall(memoryview(data)[sent:])
@@ -503,27 +519,35 @@ class Connection(smtplib.SMTP):
                     self.reply()
             return self._results(mail, rcpt_replies, data if not mail.ok else rcpt_replies[0],
                                  state)
-        refused = self._send_message(data, state, message)
+        refused = _refused_data(data)
         if refused is not None:
             return self._results(mail, rcpt_replies, refused, state)
-        debt = self._pass_on(mail, rcpt_replies, state)
+        payload = dot_stuff(message) + b".\r\n"
+        debt = self._pass_on(mail, rcpt_replies, state, payload)
         if debt is not None:
             return debt
+        self._send_message(payload, state)
         return self._final_results(mail, rcpt_replies, state)
 
-    def _pass_on(self, mail: Reply, rcpt_replies: list[Reply],
-                 state: _TxState) -> _Owed | None:
-        """With the message and its dot on the wire: hand the connection to a caller
-        waiting for one, who sends its MAIL, RCPT and DATA at once and then reads our
-        final reply (`settle`); None if nobody waits (we read it ourselves).
+    def _pass_on(self, mail: Reply, rcpt_replies: list[Reply], state: _TxState,
+                 payload: bytes) -> _Owed | None:
+        """After the 354: hand the connection to a caller waiting for one, with our
+        message and dot (`payload`) still to send; it sends them ahead of its own MAIL,
+        RCPT and DATA, in one write (`_send`), and then reads our final reply before its
+        own (`settle`). None if nobody waits (we send and read ourselves).
 
-        Only here, after a 354: the reply to the dot ends the transaction whatever it
-        says (RFC 5321 4.1.1.4), so the next MAIL never lands in a half-open one. The
-        debt is recorded after the hand-over: the new holder runs only once this greenlet
-        yields, which it does not do before returning."""
+        One write, so that the server reads the dot and the next envelope together and
+        answers them together: apart, a server with Nagle's algorithm on holds its second
+        answer until our ACK of the first (see `_ack_now`). Only here, after a 354: the
+        reply to the dot ends the transaction whatever it says (RFC 5321 4.1.1.4), so the
+        next MAIL never lands in a half-open one. The state is set after the hand-over:
+        the new holder runs only once this greenlet yields, which it does not do before
+        returning."""
         holder = self.holder
         if holder is None or not holder.pass_on(self):
             return None
+        self._unsent = payload
+        state.data_sent = True  # from now on the message may leave at any moment
         debt = _Owed(state.rcpts, lambda: self._owed_results(mail, rcpt_replies, state))
         self._owed.append(debt)
         return debt
@@ -567,29 +591,18 @@ class Connection(smtplib.SMTP):
             with self.phase("DATA", self.timeouts.data):
                 self._send_lines([b"DATA"])
                 data = self.reply()
-            refused = self._send_message(data, state, message)
-            if refused is None:
-                return self._final_results(mail, rcpt_replies, state)
-            final = refused
+            refused = _refused_data(data)
+            if refused is not None:
+                return self._results(mail, rcpt_replies, refused, state)
+            self._send_message(dot_stuff(message) + b".\r\n", state)
+            return self._final_results(mail, rcpt_replies, state)
         return self._results(mail, rcpt_replies, final, state)
 
-    def _send_message(self, data_reply: Reply, state: _TxState, message: bytes) -> Reply | None:
-        """After a reply to DATA: the dot-stuffed message and its dot; None when sent, else
-        the refusal of DATA (the outcome).
-
-        Regression (fuzzing found it): a server answering 250 to DATA had the recipients
-        reported delivered, although the body was never sent. Only 354 opens the body;
-        another success code is a protocol error, a refusal is the outcome.
-        """
-        if data_reply.code != 354:
-            if data_reply.ok:
-                raise TransientError(Reply(451, "4.5.0", f"protocol error: {data_reply.code}"
-                                           " reply to DATA, where 354 was expected"), "DATA")
-            return data_reply
+    def _send_message(self, payload: bytes, state: _TxState) -> None:
+        """After the 354: the dot-stuffed message and its dot."""
         with self.phase("DATA", self.timeouts.data_block):
-            self._send(dot_stuff(message) + b".\r\n")
+            self._send(payload)
             state.data_sent = True
-        return None
 
     def _answer(self, command: str) -> Reply:
         """The reply to MAIL, RCPT or the message, where success is 2xx only (RFC 5321
@@ -789,6 +802,20 @@ class _TxState:
         self.answered = False  # the server replied to MAIL
         self.mail: Reply | None = None  # that reply
         self.data_sent = False  # the whole message and its terminator are on the wire
+
+
+def _refused_data(reply: Reply) -> Reply | None:
+    """None if the reply to DATA opens the message (354), else the refusal (the outcome).
+
+    Regression (fuzzing found it): a server answering 250 to DATA had the recipients
+    reported delivered, although the body was never sent. Only 354 opens the body;
+    another success code is a protocol error, a refusal is the outcome."""
+    if reply.code == 354:
+        return None
+    if reply.ok:
+        raise TransientError(Reply(451, "4.5.0", f"protocol error: {reply.code} reply to"
+                                   " DATA, where 354 was expected"), "DATA")
+    return reply
 
 
 def dot_stuff(message: bytes) -> bytes:
