@@ -133,15 +133,23 @@ def close_pools(pools: Pools) -> None:
     gevent.sleep(0.3)
 
 
-def test_at_the_cap_the_next_connection_is_dialled_only_after_the_221(
-        scripted: Any, proxies: list[CountingProxy]) -> None:
-    """Finding 2: a connection per message, one allowed, a server slow to answer QUIT: the
-    next message's connection reaches the server only after the previous session's 221."""
+def slow_quit_behind_a_proxy(scripted: Any, proxies: list[CountingProxy]
+                             ) -> tuple[ScriptedServer, CountingProxy]:
+    """A server that takes one message per connection and answers QUIT 0.3 s late, behind
+    a proxy counting the sessions it holds."""
     script = [*greet(*PIPELINED), *delivered_once(*PIPELINED), C("QUIT"), SLEEP(0.3),
               S("221 2.0.0 bye"), WAIT_CLOSE()]
     server: ScriptedServer = scripted([script], extra="repeat_last")
     proxy = CountingProxy((server.host, server.port))
     proxies.append(proxy)
+    return server, proxy
+
+
+def test_at_the_cap_the_next_connection_is_dialled_only_after_the_221(
+        scripted: Any, proxies: list[CountingProxy]) -> None:
+    """Finding 2: a connection per message, one allowed, a server slow to answer QUIT: the
+    next message's connection reaches the server only after the previous session's 221."""
+    server, proxy = slow_quit_behind_a_proxy(scripted, proxies)
     deliverer, pools = stack(proxy.port, max_connections=1, max_messages=1)
     started = time.monotonic()
     for number in range(3):
@@ -156,11 +164,7 @@ def test_at_the_cap_the_next_connection_is_dialled_only_after_the_221(
 
 def test_below_the_cap_the_slot_is_not_held_for_the_quit(
         scripted: Any, proxies: list[CountingProxy]) -> None:
-    script = [*greet(*PIPELINED), *delivered_once(*PIPELINED), C("QUIT"), SLEEP(0.3),
-              S("221 2.0.0 bye"), WAIT_CLOSE()]
-    server: ScriptedServer = scripted([script], extra="repeat_last")
-    proxy = CountingProxy((server.host, server.port))
-    proxies.append(proxy)
+    server, proxy = slow_quit_behind_a_proxy(scripted, proxies)
     deliverer, pools = stack(proxy.port, max_connections=3, max_messages=1)
     for number in range(2):
         assert [a.status for a in deliver(deliverer, number)] == [Status.DELIVERED]
