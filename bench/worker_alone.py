@@ -31,7 +31,7 @@ import gevent.pool  # noqa: E402
 
 from engine import config as config_mod  # noqa: E402
 from engine import gctune  # noqa: E402
-from engine.delivery import Task  # noqa: E402
+from engine.protocol import Task  # noqa: E402
 from engine.testing.harness import make_message  # noqa: E402
 from engine.worker import Worker  # noqa: E402
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import gevent
 
@@ -19,8 +19,8 @@ from engine.connector import Connector
 from engine.memo import Memo
 from engine.metrics import Metrics
 from engine.mx import MxHost, Resolver
-from engine.outcome import Attempt, Status
 from engine.pool import PoolKey, Pools
+from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS, provider_of
 from engine.reply import Blame, DeliveryError, Reply
 from engine.shaping import Deferral, Limits, ProviderShaper, Shaping, ShapingPlan
@@ -31,19 +31,6 @@ from engine.smtp import RcptResult, StaleConnection
 MAX_STALE_RETRIES = 3
 # Entries of the per-MX-host caches (provider names, pool keys) before they are emptied.
 HOST_CACHE_SIZE = 10000
-
-
-@dataclass(frozen=True)
-class Task:
-    """One delivery attempt of a job, as the supervisor hands it to a worker."""
-
-    job_id: str
-    sender: str
-    rcpts: tuple[str, ...]
-    message: bytes
-    queued_ts: float
-    smtputf8: bool = False
-    eightbit: bool = False
 
 
 Report = Callable[[list[Attempt]], None]
@@ -210,9 +197,10 @@ class Deliverer:
         for result in results:
             hit = result.rcpt in throttled
             status = Status.DEFERRED if hit else _status(result.reply)
-            attempts.append(Attempt(task.job_id, result.rcpt, status, result.reply,
-                                    self.source_ip, mx, provider, tls, reused,
-                                    result.ambiguous, now, throttled=hit,
+            attempts.append(Attempt(job_id=task.job_id, rcpt=result.rcpt, status=status,
+                                    reply=result.reply, ip=self.source_ip, mx=mx,
+                                    provider=provider, tls=tls, conn_reused=reused,
+                                    ambiguous=result.ambiguous, ts=now, throttled=hit,
                                     retry_at=retry_at if hit else None))
             self.metrics.incr(status.value, provider)
             if result.ambiguous:
@@ -241,8 +229,8 @@ class Deliverer:
         """Shaping says not yet: back to the spool, due at `wait.retry_at`; no attempt."""
         reply = Reply(451, "4.4.5", f"not sent yet: {provider} {wait.reason} for this IP")
         now = time.time()
-        return [Attempt(task.job_id, r, Status.DEFERRED, reply, self.source_ip, None,
-                        provider, None, False, False, now, attempted=False,
+        return [Attempt(job_id=task.job_id, rcpt=r, status=Status.DEFERRED, reply=reply,
+                        ip=self.source_ip, provider=provider, ts=now, attempted=False,
                         retry_at=wait.retry_at) for r in rcpts]
 
 

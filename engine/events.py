@@ -18,7 +18,7 @@ from typing import IO, Any
 import zmq
 
 from engine.job import Job
-from engine.outcome import Attempt, Status
+from engine.protocol import Attempt, Status
 
 EVENT_NAMES = ("queued", "rejected", "delivered", "deferred", "bounced", "expired")
 # An event as published: its name (the PUB topic) and the JSON object, one line of text.

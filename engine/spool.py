@@ -25,7 +25,7 @@ from json.encoder import encode_basestring_ascii
 from typing import Any, Self
 
 from engine.job import Job, envelope_json, job_from_stored
-from engine.outcome import Status
+from engine.protocol import Status
 from engine.reply import Reply
 
 SCHEMA_VERSION = 1
@@ -54,7 +54,7 @@ CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (queued_ts);
 CREATE TABLE IF NOT EXISTS rcpts (
     job_id TEXT NOT NULL,
     rcpt TEXT NOT NULL,
-    status TEXT NOT NULL,        -- 'pending' or a final engine.outcome.Status
+    status TEXT NOT NULL,        -- 'pending' or a final engine.protocol.Status
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL,           -- NULL once final
     code INTEGER,                -- the last reply

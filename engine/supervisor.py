@@ -34,12 +34,12 @@ from typing import Any
 
 import zmq
 
-from engine import auth, events, gctune, logs, retry, wire
+from engine import auth, events, gctune, logs, protocol, retry
 from engine import config as config_mod
 from engine.config import Config
 from engine.job import MAX_ENVELOPE_SIZE, Job, JobRejected, parse_job
 from engine.metrics import Metrics
-from engine.outcome import Attempt, Status
+from engine.protocol import Attempt, Status
 from engine.reply import Reply
 from engine.spool import Pending, RcptUpdate, Spool, SpoolError
 
@@ -400,7 +400,7 @@ class Supervisor:
         handle = self._choose_worker(job)
         if handle is None:
             return False
-        header = wire.task_header(job.id, job.sender, pending.rcpts, pending.queued_ts,
+        header = protocol.task_header(job.id, job.sender, pending.rcpts, pending.queued_ts,
                                   job.smtputf8, job.eightbit)
         sock = handle.tasks
         assert sock is not None
@@ -440,8 +440,8 @@ class Supervisor:
                    for r in pending.rcpts]
         self.spool.record(updates)
         for rcpt in pending.rcpts:
-            attempt = Attempt(pending.job.id, rcpt, Status.EXPIRED, EXPIRED_REPLY, "", None, "",
-                              None, False, False, now)
+            attempt = Attempt(job_id=pending.job.id, rcpt=rcpt, status=Status.EXPIRED,
+                              reply=EXPIRED_REPLY, ip="", ts=now)
             self._publish(events.attempt_event(attempt, Status.EXPIRED, pending.job.meta,
                                                pending.attempts.get(rcpt, 0),
                                                pending.queued_ts))
@@ -460,9 +460,9 @@ class Supervisor:
             except zmq.Again:
                 break
             try:
-                msg = wire.decode(frame)
+                msg = protocol.decode(frame)
                 if msg["type"] == "result":
-                    attempts.extend(map(wire.attempt_from_row, msg["attempts"]))
+                    attempts.extend(map(protocol.attempt_from_row, msg["attempts"]))
                 elif msg["type"] == "stats" and msg.get("ip") in self.workers:
                     self._worker_stats(self.workers[msg["ip"]], msg)
             except (ValueError, KeyError, TypeError) as exc:

@@ -25,14 +25,14 @@ import gevent.pool
 import zmq.green as zmq
 
 from engine import config as config_mod
-from engine import gctune, logs, wire
+from engine import gctune, logs, protocol
 from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
-from engine.delivery import Deliverer, Task
+from engine.delivery import Deliverer
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, Resolver
-from engine.outcome import Attempt, Status
 from engine.pool import Pools
+from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS
 from engine.shaping import Shaping, plan_for
 from engine.smtp import Limits
@@ -104,7 +104,7 @@ class Worker:
         # per message: with the default thresholds the collector rescanned the first kind
         # over and over (the whole engine's loopback throughput gained ~10-20% without).
         gctune.settle_for_a_long_run()
-        self._send(wire.stats_frame(self.ip.address, self._figures()))
+        self._send(protocol.stats_frame(self.ip.address, self._figures()))
         while not self._stopping:
             if self.tasks.poll(500):
                 self._take_tasks()
@@ -117,7 +117,7 @@ class Worker:
         self._results_ready.set()
         flusher.join()
         self.metrics.flush()
-        self._send(wire.stats_frame(self.ip.address, self._figures()))
+        self._send(protocol.stats_frame(self.ip.address, self._figures()))
         self.results.close()
         self.tasks.close(linger=0)
         # Regression (results lost at a graceful stop): pyzmq does not terminate a
@@ -142,7 +142,7 @@ class Worker:
             except zmq.Again:
                 return
             try:
-                task = wire.task_from_frames(frames)
+                task = protocol.task_from_frames(frames)
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 log.error(logs.kv("bad_task", ip=self.ip.address, error=exc))
                 continue
@@ -176,7 +176,7 @@ class Worker:
                 batch = self._outbox[:RESULTS_PER_FRAME]
                 del self._outbox[:RESULTS_PER_FRAME]
                 try:
-                    self._send(wire.result_frame(batch))
+                    self._send(protocol.result_frame(batch))
                 except zmq.ZMQError as exc:  # as when each delivery sent its own: those
                     # results are lost, the jobs stay pending in the spool; the flusher
                     # lives on for the next ones
@@ -210,7 +210,7 @@ class Worker:
         while True:
             gevent.sleep(STATS_INTERVAL)
             figures = self._figures()
-            self._send(wire.stats_frame(self.ip.address, figures))
+            self._send(protocol.stats_frame(self.ip.address, figures))
             self.metrics.gauge("in_flight", "all", len(self.in_flight))
             self.metrics.gauge("connections_open", "all", self.pools.open_connections)
             for provider, shaper in self.shaping.items():

@@ -15,11 +15,11 @@ import pytest
 
 from engine.config import PoolConfig, Route
 from engine.connector import Connector, Identity
-from engine.delivery import Deliverer, Task
+from engine.delivery import Deliverer
 from engine.metrics import Metrics
 from engine.mx import Resolver
-from engine.outcome import Attempt, Status
 from engine.pool import DestinationPool, PoolKey, Pools
+from engine.protocol import Attempt, Status, Task
 from engine.smtp import Connection, Limits
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy

@@ -10,7 +10,7 @@ import pytest
 
 from engine import events
 from engine.job import Job
-from engine.outcome import Attempt, Status
+from engine.protocol import Attempt, Status
 from engine.reply import Reply
 
 pytestmark = pytest.mark.timeout(30)
@@ -60,10 +60,10 @@ def test_attempt_event_is_the_json_of_its_fields(
         frozen_clock: float, meta: Mapping[str, Any], text: str, status: Status,
         flags: tuple[str | None, str | None, bool, bool, float | None]) -> None:
     mx, tls, reused, odd, next_attempt = flags
-    attempt = Attempt(f"job-{text}", f"{text}@example.com", status,
-                      Reply(451 if odd else 250, "4.7.1" if odd else None, f"ok {text}"),
-                      "192.0.2.1", mx, text or "other", tls, reused, odd, TS + 1.5,
-                      throttled=odd)
+    attempt = Attempt(job_id=f"job-{text}", rcpt=f"{text}@example.com", status=status,
+                      reply=Reply(451 if odd else 250, "4.7.1" if odd else None, f"ok {text}"),
+                      ip="192.0.2.1", mx=mx, provider=text or "other", tls=tls,
+                      conn_reused=reused, ambiguous=odd, ts=TS + 1.5, throttled=odd)
     name, line = events.attempt_event(attempt, status, meta, 3, TS - 2.25, next_attempt)
     assert name == status.value
     assert line == _reference_attempt(attempt, status, meta, 3, TS - 2.25, next_attempt,

@@ -27,7 +27,7 @@ import pytest
 
 from engine import metrics
 from engine.metrics import DECLARED, KINDS
-from engine.outcome import Status
+from engine.protocol import Status
 from engine.provider import provider_of
 from engine.testing.carbon import CarbonCache
 from engine.testing.carbon import available as carbon_available

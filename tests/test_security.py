@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 from engine import auth
 from engine.config import ConfigError, PoolConfig, Route, SecurityConfig, from_dict
 from engine.connector import Connector, Identity
-from engine.delivery import Deliverer, Task
+from engine.delivery import Deliverer
 from engine.job import normalise_message, parse_job
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, MxHost, Resolver
-from engine.outcome import Attempt, Status
 from engine.pool import Pools
+from engine.protocol import Attempt, Status, Task
 from engine.reply import TransientError
 from engine.smtp import MAX_REPLY_TEXT, Connection, Limits, dot_stuff
 from engine.supervisor import EVENTS_HWM, INGEST_HWM, RESULTS_HWM, Supervisor

@@ -18,7 +18,7 @@ import pytest
 
 from engine import spool as spool_mod
 from engine.job import Job
-from engine.outcome import Status
+from engine.protocol import Status
 from engine.reply import Reply
 from engine.spool import Pending, RcptUpdate, Spool, SpoolError, SpoolStats
 
@@ -380,7 +380,7 @@ def test_job_due_with_nothing_due_is_repaired_not_looped(spool: Spool, spool_dir
 CHILD = """
 import sys, time
 from engine.job import Job
-from engine.outcome import Status
+from engine.protocol import Status
 from engine.spool import RcptUpdate, Spool
 
 spool = Spool(sys.argv[1])

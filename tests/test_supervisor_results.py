@@ -15,10 +15,10 @@ import pytest
 import zmq
 
 from engine import config as config_mod
+from engine import protocol
 from engine import supervisor as supervisor_mod
-from engine import wire
 from engine.job import Job
-from engine.outcome import Attempt, Status
+from engine.protocol import Attempt, Status
 from engine.reply import Reply
 from engine.supervisor import InFlight, Supervisor, WorkerHandle
 
@@ -96,8 +96,9 @@ def test_a_held_final_result_is_recorded_before_its_dead_workers_jobs_go_out_aga
     dead.jobs.add(job.id)
     sup.in_flight[job.id] = InFlight(IP2, {}, now, now + 3600.0, {RCPT: 0})
     # Collected, not recorded yet: waiting for the group commit.
-    sup._results.append(Attempt(job.id, RCPT, Status.DELIVERED, Reply(250, "2.0.0", "ok"),
-                                IP2, "mx.example.test", "other", None, False, False, now))
+    sup._results.append(Attempt(job_id=job.id, rcpt=RCPT, status=Status.DELIVERED,
+                                reply=Reply(250, "2.0.0", "ok"), ip=IP2,
+                                mx="mx.example.test", provider="other", ts=now))
     sup._results_since = time.monotonic()
 
     sup._tick()  # sees the dead worker, then hands out what is due
@@ -130,9 +131,10 @@ def test_results_wait_for_the_window_then_share_one_commit(
     for j in jobs:
         handle.jobs.add(j.id)
         sup.in_flight[j.id] = InFlight(IP2, {}, now, now + 3600.0, {RCPT: 0})
-        attempt = Attempt(j.id, RCPT, Status.DELIVERED, Reply(250, "2.0.0", "ok"), IP2,
-                          "mx.example.test", "other", None, False, False, now)
-        results.send(wire.result_frame([attempt]))
+        attempt = Attempt(job_id=j.id, rcpt=RCPT, status=Status.DELIVERED,
+                          reply=Reply(250, "2.0.0", "ok"), ip=IP2, mx="mx.example.test",
+                          provider="other", ts=now)
+        results.send(protocol.result_frame([attempt]))
         deadline = time.monotonic() + 5
         while not sup.results.poll(10) and time.monotonic() < deadline:
             pass

@@ -1,22 +1,74 @@
-"""The messages between the supervisor and its workers (ZeroMQ over ipc).
+"""What the supervisor and its workers say to each other (ZeroMQ over ipc).
 
-Supervisor -> worker, a task: two frames, a JSON header and the raw message.
+Both sides import this module and nothing of each other: the supervisor never
+loads the delivery code (smtplib, gevent), a worker never loads the spool.
+
+Supervisor -> worker, a `Task`: two frames, a JSON header and the raw message.
 Worker -> supervisor: one JSON frame, `{"type": "result", "attempts": [...]}`
-with the attempts reported within one turn of the worker's event loop (one or more
-recipient domains, of one or more jobs), each an array in ATTEMPT_FIELDS order, or
-`{"type": "stats", ...}` once a second. Single frames, so greenlets of one worker can
-share the PUSH socket.
+with the `Attempt`s reported within one turn of the worker's event loop (one or
+more recipient domains, of one or more jobs), each an array in ATTEMPT_FIELDS
+order, or `{"type": "stats", ...}` once a second. Single frames, so greenlets of
+one worker can share the PUSH socket.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from engine.delivery import Task
-from engine.outcome import Attempt, Status
 from engine.reply import Reply
+
+
+@dataclass(frozen=True)
+class Task:
+    """One delivery attempt of a job, as the supervisor hands it to a worker."""
+
+    job_id: str
+    sender: str
+    rcpts: tuple[str, ...]
+    message: bytes
+    queued_ts: float
+    smtputf8: bool = False
+    eightbit: bool = False
+
+
+class Status(StrEnum):
+    """What happened to one recipient: the vocabulary of workers, spool and events."""
+
+    DELIVERED = "delivered"  # 2xx to the final dot (or BDAT LAST)
+    DEFERRED = "deferred"  # transient failure: tried again later
+    BOUNCED = "bounced"  # permanent failure: never tried again
+    EXPIRED = "expired"  # still deferred when the job's time ran out
+
+    @property
+    def final(self) -> bool:
+        return self is not Status.DEFERRED
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attempt:
+    """One recipient's result of one delivery attempt, as the worker reports it."""
+
+    job_id: str
+    rcpt: str
+    status: Status
+    reply: Reply
+    ip: str
+    mx: str | None = None  # the MX host that answered, None when none was reached
+    provider: str = ""
+    tls: str | None = None  # e.g. "TLSv1.3"; None for plaintext or no connection
+    conn_reused: bool = False
+    ambiguous: bool = False  # connection lost after the final dot: may be a duplicate
+    ts: float  # when the final reply came (Unix seconds)
+    throttled: bool = False  # the reply matched a throttle rule: deferred, attempt not counted
+    attempted: bool = True  # False: shaping said "not now" before any try
+    retry_at: float | None = None  # when to try again, if shaping knows better than the schedule
+
+
+# -- tasks -------------------------------------------------------------------------------
 
 
 def task_frames(task: Task) -> list[bytes]:
@@ -40,11 +92,15 @@ _BOOL = {True: "true", False: "false"}
 
 
 def task_from_frames(frames: list[bytes]) -> Task:
+    """The inverse of task_frames; ValueError, KeyError, IndexError or TypeError when
+    `frames` are not a task."""
     header = json.loads(frames[0])
     return Task(job_id=header["id"], sender=header["from"], rcpts=tuple(header["to"]),
                 message=frames[1], queued_ts=float(header["queued_ts"]),
                 smtputf8=bool(header["smtputf8"]), eightbit=bool(header["eightbit"]))
 
+
+# -- results -----------------------------------------------------------------------------
 
 # An attempt travels as a JSON array of its fields in this order, not as an object: no
 # key to write and read again per field, which made decoding results ~2.5x slower.
@@ -86,6 +142,7 @@ def stats_frame(ip: str, figures: dict[str, Any]) -> bytes:
 
 
 def decode(frame: bytes) -> dict[str, Any]:
+    """A worker's frame; ValueError when it is not a JSON object with a type."""
     msg = json.loads(frame)
     if not isinstance(msg, dict) or "type" not in msg:
         raise ValueError("worker message without a type")

@@ -1,4 +1,4 @@
-"""engine.wire: the frames between the supervisor and its workers."""
+"""engine.protocol: the frames between the supervisor and its workers."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,8 @@ from typing import Any
 
 import pytest
 
-from engine import wire
-from engine.delivery import Task
-from engine.outcome import Attempt, Status
+from engine import protocol
+from engine.protocol import Attempt, Status, Task
 from engine.reply import Reply
 
 
@@ -24,40 +23,41 @@ def test_task_frames_round_trip_as_json(job_id: str, sender: str, rcpts: tuple[s
                                         eightbit: bool) -> None:
     task = Task(job_id, sender, rcpts, b"Subject: x\r\n\r\nbody\r\n", queued_ts, smtputf8,
                 eightbit)
-    frames = wire.task_frames(task)
+    frames = protocol.task_frames(task)
     # The header is plain JSON, exactly what json.dumps would give (spaces aside).
     assert json.loads(frames[0]) == {"id": job_id, "from": sender, "to": list(rcpts),
                                      "queued_ts": queued_ts, "smtputf8": smtputf8,
                                      "eightbit": eightbit}
     assert frames[0].isascii()
-    assert wire.task_from_frames(frames) == task
+    assert protocol.task_from_frames(frames) == task
 
 
 @pytest.mark.parametrize("status", list(Status))
 def test_result_frame_round_trip(status: Status) -> None:
-    attempt = Attempt("job-1", "a@example.com", status, Reply(451, "4.7.1", "slow \"down\""),
-                      "192.0.2.1", None, "gmail", "TLSv1.3", True, False, 1795849218.25,
+    attempt = Attempt(job_id="job-1", rcpt="a@example.com", status=status,
+                      reply=Reply(451, "4.7.1", "slow \"down\""), ip="192.0.2.1",
+                      provider="gmail", tls="TLSv1.3", conn_reused=True, ts=1795849218.25,
                       throttled=True, attempted=False, retry_at=1795849300.0)
-    msg = wire.decode(wire.result_frame([attempt, attempt]))
+    msg = protocol.decode(protocol.result_frame([attempt, attempt]))
     assert msg["type"] == "result"
-    assert [wire.attempt_from_row(a) for a in msg["attempts"]] == [attempt, attempt]
-    assert len(msg["attempts"][0]) == len(wire.ATTEMPT_FIELDS)
+    assert [protocol.attempt_from_row(a) for a in msg["attempts"]] == [attempt, attempt]
+    assert len(msg["attempts"][0]) == len(protocol.ATTEMPT_FIELDS)
 
 
 def _row() -> list[Any]:
-    return wire.attempt_to_row(Attempt("j", "a@example.com", Status.DELIVERED,
-                                       Reply(250, None, "ok"), "192.0.2.1", "mx", "other",
-                                       None, False, False, 1.0))
+    return protocol.attempt_to_row(Attempt(job_id="j", rcpt="a@example.com",
+                                           status=Status.DELIVERED, reply=Reply(250, None, "ok"),
+                                           ip="192.0.2.1", mx="mx", provider="other", ts=1.0))
 
 
 def test_unknown_status_is_a_value_error() -> None:
     row = _row()
-    row[wire.ATTEMPT_FIELDS.index("status")] = "lost"
+    row[protocol.ATTEMPT_FIELDS.index("status")] = "lost"
     with pytest.raises(ValueError):
-        wire.attempt_from_row(row)
+        protocol.attempt_from_row(row)
 
 
 @pytest.mark.parametrize("row", [_row()[:-1], [*_row(), None], {"job": "j"}, "abc"])
 def test_a_row_of_the_wrong_shape_is_a_value_or_type_error(row: Any) -> None:
     with pytest.raises((ValueError, TypeError)):
-        wire.attempt_from_row(row)
+        protocol.attempt_from_row(row)
