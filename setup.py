@@ -22,5 +22,6 @@ setup(
         "test": ["pytest", "pytest-timeout", "aiosmtpd", "hypothesis", "mypy", "ruff", "types-PyYAML"],
         "demo": ["aiosmtpd"],
     },
-    entry_points={"console_scripts": ["mailengine=engine.cli:main"]},
+    # The executables: the command, and the worker's entry (the one place that patches).
+    scripts=["bin/mailengine", "bin/mailengine-worker"],
 )

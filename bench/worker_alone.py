@@ -1,7 +1,7 @@
 """One worker's delivery path alone: no supervisor, no spool, no events, no ZeroMQ traffic.
 
 Run as its own process (`python -m bench.worker_alone --port P --sessions S --count N`):
-gevent patches the standard library first, exactly as `engine/workerproc.py` does,
+gevent patches the standard library first, exactly as `bin/mailengine-worker` does,
 then the script builds the engine's real `Worker` (its config, pools, connector,
 TLS policy and `Deliverer`, from `engine/worker.py`) and hands `Deliverer.deliver`
 N tasks at once, as the worker's task loop would (one greenlet per task). The

@@ -104,8 +104,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     import os
-    # A worker must patch before anything else imports socket: a fresh interpreter.
-    os.execv(sys.executable, [sys.executable, "-m", "engine.workerproc", *args.rest])
+
+    from engine.workers import worker_entry
+    # A worker must patch before anything else imports socket: a fresh interpreter, through
+    # the one entry point that patches (bin/mailengine-worker).
+    os.execv(sys.executable, [sys.executable, worker_entry(), *args.rest])
     return 1  # not reached
 
 

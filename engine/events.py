@@ -17,6 +17,7 @@ from typing import IO, Any
 
 import zmq
 
+from engine import sockets
 from engine.job import Job
 from engine.protocol import Attempt, Status
 
@@ -30,13 +31,14 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # per cent of the supervisor's CPU. Strings go through json's own C escaper.
 _quote = encode_basestring
 _TOPICS = {name: name.encode() for name in EVENT_NAMES}
-_NOBLOCK = int(zmq.NOBLOCK)
-_MORE_NOBLOCK = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 
 
 class EventPublisher:
+    """Publishes events on the PUB socket and appends them to the log; counts them."""
+
     def __init__(self, socket: zmq.Socket | None, log_path: str = "") -> None:
         self._socket = socket
+        self.counts: dict[str, int] = dict.fromkeys(EVENT_NAMES, 0)  # since start
         self._log: IO[str] | None = None
         if log_path:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
@@ -44,10 +46,12 @@ class EventPublisher:
 
     def publish(self, event: Event) -> None:
         name, line = event
+        if name in self.counts:
+            self.counts[name] += 1
         if self._socket is not None:
             try:  # two sends with int flags: cheaper than send_multipart with pyzmq's enums
-                self._socket.send(_TOPICS.get(name) or name.encode(), _MORE_NOBLOCK)
-                self._socket.send(line.encode(), _NOBLOCK)
+                self._socket.send(_TOPICS.get(name) or name.encode(), sockets.MORE_NOBLOCK)
+                self._socket.send(line.encode(), sockets.NOBLOCK)
             except zmq.Again:  # no subscriber keeps up: PUB drops, the log still has it
                 pass
         if self._log is not None:
@@ -61,6 +65,24 @@ class EventPublisher:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def end_torn_line(path: str) -> None:
+    """Regression (a kill -9 tore the events log): the supervisor may die halfway
+    through writing a line; appending after it glued the next run's first event
+    onto the fragment, and both were lost to every JSON-lines reader. Start the
+    new run on a line of its own (the fragment stays, alone on its line)."""
+    if not path:
+        return
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size > 0:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+    except FileNotFoundError:
+        pass
 
 
 def queued(job: Job, duplicate: bool = False) -> Event:

@@ -1,6 +1,7 @@
 """The spool: every accepted job and each recipient's progress, on disk.
 
-One SQLite file, `<directory>/spool.db`, in WAL mode with `synchronous=FULL`:
+One SQLite file, `<directory>/spool.db` (engine.spoolfile opens it), in WAL mode
+with `synchronous=FULL`:
 a commit returns only once the write-ahead log is fsynced, so whatever a
 method has committed survives kill -9 of any process and a power cut. Each
 public write method is one transaction over a whole batch (group commit), so
@@ -13,13 +14,12 @@ whose final result was recorded is never handed out again. See docs/SPOOL.md.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any, Self
@@ -27,61 +27,11 @@ from typing import Any, Self
 from engine.job import Job, envelope_json, job_from_stored
 from engine.protocol import Status
 from engine.reply import Reply
+from engine.spoolfile import SpoolError, open_db, rollback
 
-SCHEMA_VERSION = 1
 PENDING = "pending"  # a recipient not final yet (never tried, or deferred)
 _IN_CHUNK = 500  # ids per `IN (...)` query, far below SQLite's variable limit
 _REASON_MAX = 300
-CACHE_KIB = 32 * 1024  # SQLite's page cache, at most
-# A new spool's page size. With SQLite's 4 KiB default a 5 KB message spills into an overflow
-# page, and a commit writes each page as a WAL frame of its own: 16 KiB pages hold a few
-# messages each, and accepting and recording a 5 KB job costs about a fifth less CPU.
-PAGE_BYTES = 16 * 1024
-WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024  # WAL written between automatic checkpoints
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    queued_ts REAL NOT NULL,
-    expires_ts REAL NOT NULL,
-    next_attempt REAL,           -- earliest next_attempt of its pending rcpts
-    envelope TEXT NOT NULL,      -- engine.job.envelope_json, as JSON
-    message BLOB NOT NULL        -- last, so reading the other columns skips it
-);
--- Covering: `due` walks it in order without touching the rows (or the blobs).
-CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_attempt, id);
-CREATE INDEX IF NOT EXISTS jobs_queued ON jobs (queued_ts);
-CREATE TABLE IF NOT EXISTS rcpts (
-    job_id TEXT NOT NULL,
-    rcpt TEXT NOT NULL,
-    status TEXT NOT NULL,        -- 'pending' or a final engine.protocol.Status
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL,           -- NULL once final
-    code INTEGER,                -- the last reply
-    enhanced TEXT,
-    reply TEXT,
-    PRIMARY KEY (job_id, rcpt)
-);
-CREATE INDEX IF NOT EXISTS rcpts_pending ON rcpts (job_id, next_attempt)
-    WHERE status = 'pending';
-CREATE TABLE IF NOT EXISTS finished (
-    id TEXT PRIMARY KEY,
-    ts REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS finished_ts ON finished (ts);
-CREATE TABLE IF NOT EXISTS corrupt (
-    id TEXT,
-    reason TEXT NOT NULL,
-    envelope BLOB,
-    message BLOB,
-    rcpts TEXT,                  -- a line per recipient: "rcpt status attempts"
-    ts REAL NOT NULL
-);
-"""
-
-
-class SpoolError(Exception):
-    """The spool cannot be opened or written: nothing in the failed call was accepted."""
 
 
 @dataclass(frozen=True)
@@ -132,34 +82,8 @@ class Spool:
         self.path = os.path.join(directory, "spool.db")
         self.dedupe_window = dedupe_window
         self._on_corrupt = on_corrupt
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._lock_fd = _lock(os.path.join(directory, "spool.lock"))
-        try:
-            self._conn = self._open()
-        except BaseException:
-            os.close(self._lock_fd)
-            raise
+        self._conn, self._lock_fd = open_db(directory, self.path)
         self._closed = False
-
-    # -- opening ---------------------------------------------------------
-
-    def _open(self) -> sqlite3.Connection:
-        fresh = not os.path.exists(self.path)
-        if fresh:  # created 0600 by us, so the WAL and shm files inherit it
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None)
-        except sqlite3.Error as e:
-            raise SpoolError(f"cannot open {self.path}: {e}") from e
-        try:
-            _configure(conn, self.path)
-            _migrate(conn, self.path)
-        except BaseException:
-            conn.close()
-            raise
-        if fresh:
-            _fsync_dir(self.directory)
-        return conn
 
     def close(self) -> None:
         if self._closed:
@@ -185,10 +109,10 @@ class Spool:
             yield conn
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            _rollback(conn)
+            rollback(conn)
             raise SpoolError(f"spool write failed: {e}") from e
         except BaseException:
-            _rollback(conn)
+            rollback(conn)
             raise
 
     # -- accepting -------------------------------------------------------
@@ -380,72 +304,6 @@ class Spool:
 
 
 # -- helpers ---------------------------------------------------------------
-
-def _lock(path: str) -> int:
-    """Hold `path` exclusively for this process's life: one supervisor per spool."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SpoolError(f"spool {os.path.dirname(path)} is in use by another process") from None
-    return fd
-
-
-def _configure(conn: sqlite3.Connection, path: str) -> None:
-    try:
-        conn.execute("PRAGMA busy_timeout = 5000")  # an operator's sqlite3 shell reading
-        # Before WAL mode, which writes the header: takes effect only on a new (empty)
-        # file; an existing spool keeps the page size it was created with.
-        conn.execute(f"PRAGMA page_size = {PAGE_BYTES}")
-        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        conn.execute("PRAGMA synchronous = FULL")  # fsync the WAL at every commit
-        # A page cache big enough for a burst's pages to be found again when its jobs
-        # finish (the 2 MB default read most of them back from the file), and a checkpoint
-        # every 16 MB of WAL rather than 4: the pages a burst rewrites over and over
-        # (indexes, leaves, freed and reused pages) are copied to the database once per
-        # checkpoint. Neither changes what a commit makes durable.
-        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
-        (page_bytes,) = conn.execute("PRAGMA page_size").fetchone()
-        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_BYTES // page_bytes}")
-        conn.execute("PRAGMA journal_size_limit = 67108864")  # shrink the WAL after a burst
-    except sqlite3.Error as e:
-        raise SpoolError(f"cannot open {path}: {e}") from e
-    if mode != "wal":
-        raise SpoolError(f"cannot put {path} in WAL mode (got {mode!r})")
-
-
-def _migrate(conn: sqlite3.Connection, path: str) -> None:
-    """Create the schema, or refuse a spool written by a newer engine."""
-    try:
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise SpoolError(
-                f"{path} has schema version {version}, newer than this engine's "
-                f"{SCHEMA_VERSION}: run the mailengine version that wrote it")
-        if version < SCHEMA_VERSION:
-            # One script, one transaction (executescript would commit an open one first).
-            conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\n"
-                               f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
-    except sqlite3.Error as e:
-        _rollback(conn)
-        raise SpoolError(f"cannot open {path}: {e}") from e
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    if conn.in_transaction:
-        with suppress(sqlite3.Error):  # the connection is gone too; the transaction dies with it
-            conn.execute("ROLLBACK")
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the new file's directory entry durable too."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _existing(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...],
               ids: list[str]) -> set[str]:

@@ -6,8 +6,8 @@ connections bound to its IP, and pushes every recipient's result back. The
 worker holds no durable state: whatever it has not reported when it dies is
 still pending in the supervisor's spool and is tried again.
 
-`engine.workerproc` is the process entry point; it monkey-patches first and then
-calls `main` here.
+`bin/mailengine-worker` is the process entry point; it monkey-patches first and
+then calls `main` here. Nothing in this module patches.
 """
 from __future__ import annotations
 

@@ -7,8 +7,11 @@ setup.py, a default path that moved, a log event nobody documented).
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,13 +208,38 @@ def test_rules_build_with_pybuild_and_skip_tests_that_need_servers() -> None:
     assert (DEBIAN / "rules").stat().st_mode & 0o111
 
 
-def test_launcher_finds_the_engine_where_rules_install_it() -> None:
+def test_rules_put_the_executables_beside_the_engine_and_link_the_command() -> None:
     rules = (DEBIAN / "rules").read_text(encoding="utf-8")
     install_dir = re.search(r"PYBUILD_INSTALL_DIR\s*=\s*(\S+)", rules)
     assert install_dir
-    launcher = (DEBIAN / "mailengine.launcher").read_text(encoding="utf-8")
-    assert launcher.startswith("#!/usr/bin/python3\n")
-    assert f'LIBDIR = "{install_dir.group(1)}"' in launcher
+    assert re.search(rf"BIN = debian/mailengine{re.escape(install_dir.group(1))}/bin\b", rules)
+    assert "for exe in mailengine mailengine-worker" in rules
+    links = (DEBIAN / "mailengine.links").read_text(encoding="utf-8").split()
+    assert links == [f"{install_dir.group(1).lstrip('/')}/bin/mailengine", "usr/bin/mailengine"]
+
+
+@pytest.mark.timeout(60)
+def test_installed_layout_runs_the_command_and_finds_the_worker(tmp_path: Path) -> None:
+    """The layout the package installs (/usr/share/mailengine/{engine,bin}, /usr/bin a
+    symlink), rebuilt in a folder: the command runs from the symlink with no PYTHONPATH,
+    and the supervisor finds the worker's entry beside the engine."""
+    share = tmp_path / "share" / "mailengine"
+    shutil.copytree(ROOT / "engine", share / "engine",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "bin", share / "bin")
+    (tmp_path / "usr-bin").mkdir()
+    (tmp_path / "usr-bin" / "mailengine").symlink_to(share / "bin" / "mailengine")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    version = subprocess.run([sys.executable, str(tmp_path / "usr-bin" / "mailengine"),
+                              "--version"], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=30)
+    assert version.stdout.strip() == f"mailengine {engine.__version__}", version.stderr
+    found = subprocess.run([sys.executable, "-c", "import engine.workers as w;"
+                            " print(w.__file__); print(w.worker_entry())"],
+                           env={**env, "PYTHONPATH": str(share)}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=30)
+    assert found.stdout.split() == [str(share / "engine" / "workers.py"),
+                                    str(share / "bin" / "mailengine-worker")], found.stderr
 
 
 def test_package_version_is_the_engines() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import spool as spool_mod
+from engine import spoolfile
 from engine.job import Job
 from engine.protocol import Status
 from engine.reply import Reply
@@ -69,9 +69,9 @@ def test_directory_is_private_and_db_is_wal_full(spool: Spool, spool_dir: str) -
 
 def test_a_new_spool_has_large_pages_and_checkpoints_by_bytes(spool: Spool) -> None:
     conn = spool._conn
-    assert conn.execute("PRAGMA page_size").fetchone() == (spool_mod.PAGE_BYTES,)
+    assert conn.execute("PRAGMA page_size").fetchone() == (spoolfile.PAGE_BYTES,)
     assert conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (
-        spool_mod.WAL_CHECKPOINT_BYTES // spool_mod.PAGE_BYTES,)
+        spoolfile.WAL_CHECKPOINT_BYTES // spoolfile.PAGE_BYTES,)
 
 
 def test_a_spool_made_with_small_pages_keeps_them_and_its_jobs(spool_dir: str) -> None:
@@ -84,7 +84,7 @@ def test_a_spool_made_with_small_pages_keeps_them_and_its_jobs(spool_dir: str) -
     with Spool(spool_dir) as s:
         assert s._conn.execute("PRAGMA page_size").fetchone() == (4096,)
         assert s._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (
-            spool_mod.WAL_CHECKPOINT_BYTES // 4096,)
+            spoolfile.WAL_CHECKPOINT_BYTES // 4096,)
         assert ids(s.due(T0, 10)) == ["j1"]
 
 

@@ -1,0 +1,62 @@
+"""The control socket: the commands `mailengine status` (and operators' tools) send.
+
+A ZeroMQ REP socket on `control` (default an ipc path under /run/mailengine: it
+has no authentication, so config keeps it local). A request is a JSON object
+`{"command": ...}`; the answer is a JSON object, `{"error": ...}` for a request
+that is not understood. Commands: `status` (the live figures: spool, in flight,
+event counts, each worker and its shaping).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import zmq
+
+from engine.spool import Spool
+from engine.workers import Workers
+
+CONTROL_MAX_REQUEST = 64 * 1024  # bytes: a request is a few dozen
+UNKNOWN = {"error": "unknown command; try {\"command\": \"status\"}"}
+
+
+class Control:
+    """Answers the control socket's requests, one per call of `answer`."""
+
+    def __init__(self, sock: zmq.Socket, status: Callable[[], dict[str, Any]]) -> None:
+        self.sock = sock
+        self._commands: dict[str, Callable[[], dict[str, Any]]] = {"status": status}
+
+    def answer(self) -> None:
+        try:
+            request = self.sock.recv_json(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        except ValueError:
+            self.sock.send_json({"error": "request is not JSON"})
+            return
+        command = request.get("command") if isinstance(request, dict) else None
+        run = self._commands.get(command) if isinstance(command, str) else None
+        self.sock.send_json(run() if run is not None else UNKNOWN)
+
+
+def status(spool: Spool, in_flight: int, counters: Mapping[str, int],
+           workers: Workers) -> dict[str, Any]:
+    """The `status` answer: what `mailengine status` shows."""
+    stats = spool.stats()
+    return {
+        "pid": os.getpid(),
+        "spool": {"jobs": stats.jobs, "rcpts_pending": stats.rcpts_pending,
+                  "rcpts_deferred": stats.rcpts_deferred,
+                  "oldest_queued_ts": stats.oldest_queued_ts},
+        "in_flight": in_flight,
+        "events": dict(counters),
+        "workers": {h.ip: {"alive": h.alive, "ready": h.ready,
+                           "pid": h.proc.pid if h.proc else None,
+                           "jobs": len(h.jobs), "restarts": h.failures,
+                           "connections_open": h.stats.get("connections_open", 0),
+                           "in_flight": h.stats.get("in_flight", 0),
+                           "shaping": h.stats.get("shaping", {})}
+                    for h in workers},
+    }

@@ -1,0 +1,218 @@
+"""Handing due work to the workers: which job goes to which sending IP, and when.
+
+A job with an `ip` goes to that IP's worker; a job with a `pool` (or none: the
+`default` pool) goes to the least busy ready worker of the pool's IPs. Each
+worker holds at most `limits.max_in_flight` jobs; a job no worker can take now is
+*parked* for PARK_TIME, so it cannot hold back the jobs of other IPs behind it in
+the spool's order. A job whose time has run out is expired here instead of sent.
+
+The in-flight table (`InFlight` per job) is what the results are checked against:
+a job in it is never handed out again until every recipient sent has a result,
+or its worker died (then it is simply due again: the spool never marks anything
+in flight).
+
+Jobs just accepted are kept in memory until their first dispatch (`offer`), so a
+job the workers had no room for is not read back from SQLite, message included,
+when it comes due (bounded by UNSENT_MAX_BYTES).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Container, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from engine import events, sockets
+from engine.config import Config
+from engine.protocol import Attempt, Status, task_header
+from engine.reply import Reply
+from engine.spool import Pending, RcptUpdate, Spool
+from engine.workers import WorkerHandle, Workers
+
+PARK_TIME = 2.0  # seconds a job no worker could take is passed over
+UNSENT_MAX_BYTES = 64 * 1024 * 1024  # messages of never-dispatched jobs kept in memory
+EXPIRED_REPLY = Reply(451, "4.4.7", "message expired: not delivered within its time")
+
+Publish = Callable[[events.Event], None]
+
+
+@dataclass
+class InFlight:
+    """A job handed to a worker, until every recipient of the task has a result."""
+
+    ip: str
+    meta: Mapping[str, Any]  # the job's, shared (never changed)
+    queued_ts: float
+    expires_ts: float
+    attempts: dict[str, int]  # attempts before this one, per rcpt still out
+    started: float = field(default_factory=time.monotonic)
+
+
+class Dispatcher:
+    """Due jobs to the workers with room; the table of what is in flight."""
+
+    def __init__(self, cfg: Config, spool: Spool, workers: Workers, publish: Publish) -> None:
+        self.cfg = cfg
+        self._spool = spool
+        self._workers = workers
+        self._publish = publish
+        self.in_flight: dict[str, InFlight] = {}
+        self._parked: dict[str, float] = {}  # job id -> until (monotonic)
+        self._unsent: dict[str, Pending] = {}
+        self.unsent_bytes = 0
+
+    # -- what the supervisor calls ---------------------------------------------------
+
+    def offer(self, accepted: Iterable[Pending]) -> None:
+        """Jobs just accepted: remembered, and handed out while the workers have room
+        (once they are full, the rest is not even tried: it waits for `dispatch_due`)."""
+        room = self.free_room()
+        for pending in accepted:
+            self._remember_unsent(pending)  # first: _dispatch forgets a job it hands out
+            if room > 0 and self._dispatch(pending):
+                room -= 1
+
+    def dispatch_due(self) -> None:
+        """Hand out what the spool says is due, as far as the workers' room goes."""
+        room = self.free_room()
+        if room <= 0:
+            return
+        now = time.monotonic()
+        self._parked = {j: t for j, t in self._parked.items() if t > now}
+        skip = _Either(self.in_flight, self._parked)
+        for pending in self._spool.due(time.time(), room, skip, self._unsent):
+            if not self._dispatch(pending):
+                # Its IP is down or full: look past it next turn, so it cannot
+                # hold back the jobs of other IPs behind it.
+                self._parked[pending.job.id] = now + PARK_TIME
+
+    def refill(self) -> None:
+        """Results freed room: refill now rather than at the next tick, once a good share
+        of the room is free (each `dispatch_due` costs a spool query)."""
+        ready = sum(1 for handle in self._workers if handle.ready)
+        if self.free_room() * 4 >= ready * self.cfg.limits.max_in_flight:
+            self.dispatch_due()
+
+    def worker_ready(self) -> None:
+        """A (re)started worker: what waited for it is dispatchable now."""
+        self._parked.clear()
+        self.dispatch_due()
+
+    def settle(self, job_id: str, rcpt: str) -> None:
+        """`rcpt` of an in-flight job has its result recorded."""
+        flight = self.in_flight.get(job_id)
+        if flight is None:
+            return
+        flight.attempts.pop(rcpt, None)
+        if not flight.attempts:
+            del self.in_flight[job_id]
+            handle = self._workers.get(flight.ip)
+            if handle is not None:
+                handle.jobs.discard(job_id)
+
+    def forget(self, job_ids: Iterable[str]) -> None:
+        """Jobs whose worker died: no longer in flight, so due again at once."""
+        for job_id in job_ids:
+            self.in_flight.pop(job_id, None)
+
+    def free_room(self) -> int:
+        """Jobs the ready workers can take now, together."""
+        return sum(self._room(h) for h in self._workers if h.ready)
+
+    # -- one job -------------------------------------------------------------------
+
+    def _dispatch(self, pending: Pending) -> bool:
+        """Hand `pending` to a worker; False leaves it spooled for a later turn."""
+        if time.time() >= pending.expires_ts:
+            self._expire(pending)
+            return False
+        job = pending.job
+        handle = self._choose_worker(job.ip, job.pool)
+        if handle is None:
+            return False
+        header = task_header(job.id, job.sender, pending.rcpts, pending.queued_ts,
+                             job.smtputf8, job.eightbit)
+        sock = handle.tasks
+        assert sock is not None
+        try:  # a multipart message is queued whole or not at all: the first part decides
+            sock.send(header, sockets.MORE_NOBLOCK)
+        except zmq.Again:
+            return False
+        sock.send(job.message, sockets.NOBLOCK)
+        self._forget_unsent(job.id)  # from now on, the spool has its progress
+        handle.jobs.add(job.id)
+        # The job's meta is never changed (events copy it), so it is shared, not copied.
+        self.in_flight[job.id] = InFlight(handle.ip, job.meta, pending.queued_ts,
+                                          pending.expires_ts, dict(pending.attempts))
+        return True
+
+    def _choose_worker(self, ip: str | None, pool: str | None) -> WorkerHandle | None:
+        if ip is not None:
+            handle = self._workers.get(ip)
+            if handle is not None and handle.ready and self._room(handle) > 0:
+                return handle
+            return None
+        best: WorkerHandle | None = None
+        for member in self.cfg.pools.get(pool or "default", ()):
+            handle = self._workers.get(member)
+            if (handle is not None and handle.ready and self._room(handle) > 0
+                    and (best is None or len(handle.jobs) < len(best.jobs))):
+                best = handle  # the least busy: spread the load
+        return best
+
+    def _room(self, handle: WorkerHandle) -> int:
+        return self.cfg.limits.max_in_flight - len(handle.jobs)
+
+    def _expire(self, pending: Pending) -> None:
+        self._forget_unsent(pending.job.id)
+        now = time.time()
+        self._spool.record([RcptUpdate(pending.job.id, r, Status.EXPIRED, reply=EXPIRED_REPLY)
+                            for r in pending.rcpts])
+        for rcpt in pending.rcpts:
+            attempt = Attempt(job_id=pending.job.id, rcpt=rcpt, status=Status.EXPIRED,
+                              reply=EXPIRED_REPLY, ip="", ts=now)
+            self._publish(events.attempt_event(attempt, Status.EXPIRED, pending.job.meta,
+                                               pending.attempts.get(rcpt, 0),
+                                               pending.queued_ts))
+
+    # -- the jobs never handed out yet ------------------------------------------------
+
+    def _remember_unsent(self, pending: Pending) -> None:
+        """Keep a just-accepted job in memory until it is handed out (or expires).
+
+        A job the worker had no room for at intake used to be read back from SQLite,
+        message included, when it came due. Until its first dispatch the spool's
+        record of it is exactly what was accepted (every recipient pending since
+        `accepted_at`, no attempt), so `Spool.due` takes it from here instead. The
+        spool stays the record: it still decides what is due and in what order, and
+        after a restart everything is read from it. Bounded by UNSENT_MAX_BYTES; a job
+        beyond that is simply read back as before.
+        """
+        size = len(pending.job.message)
+        if self.unsent_bytes + size > UNSENT_MAX_BYTES:
+            return
+        self._unsent[pending.job.id] = pending
+        self.unsent_bytes += size
+
+    def _forget_unsent(self, job_id: str) -> None:
+        pending = self._unsent.pop(job_id, None)
+        if pending is not None:
+            self.unsent_bytes -= len(pending.job.message)
+
+    @property
+    def unsent(self) -> int:
+        """Jobs accepted and never handed out, held in memory."""
+        return len(self._unsent)
+
+
+class _Either:
+    """`x in _Either(a, b)`: in a or in b, without building a union."""
+
+    def __init__(self, first: Container[str], second: Container[str]) -> None:
+        self._first = first
+        self._second = second
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._first or item in self._second

@@ -1,0 +1,156 @@
+"""Results: every recipient's outcome recorded in the spool, then published.
+
+Workers push their results (engine.protocol) to one PULL socket. The supervisor
+collects them and records them in groups: under load a result waits at most
+RESULTS_WINDOW for others to share its spool transaction, unless RESULTS_GROUP of
+them are waiting (one commit, an fsync and every page it touched, per ~8 results
+was the supervisor's largest cost per message). A result that finds the spool
+idle for a window is recorded at once: no added latency at low rates.
+
+The spool is written before any event is published: an event never announces
+what a crash could lose. What a result means for its recipient (`plan`) is a pure
+function of the result, the job's in-flight record and the retry schedule:
+delivered and bounced are final; a deferral gets its next attempt, or expires
+when that would fall after the job's expiry; a throttle or a shaping wait costs
+no attempt.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+
+from engine import events, logs, protocol, retry, sockets
+from engine.dispatch import Dispatcher, InFlight
+from engine.protocol import Attempt, Status
+from engine.spool import RcptUpdate, Spool
+
+log = logging.getLogger("mailengine.supervisor")
+
+RESULTS_BATCH = 2000  # frames read per collect() at most
+RESULTS_WINDOW = 0.02  # seconds a result may wait for others to share its commit
+RESULTS_GROUP = 500  # ...unless this many wait
+RESULTS_HWM = 10000  # worker frames waiting in the socket
+
+Publish = Callable[[events.Event], None]
+
+
+def plan(attempt: Attempt, flight: InFlight | None, now: float,
+         schedule: Sequence[float]) -> tuple[RcptUpdate | None, events.Event | None]:
+    """The spool update and the event for one result (either may be None)."""
+    if flight is None or attempt.rcpt not in flight.attempts:
+        # A late result (its worker was declared dead): keep a final outcome,
+        # so the recipient is not sent twice; a deferral changes nothing.
+        if attempt.status.final:
+            return RcptUpdate(attempt.job_id, attempt.rcpt, attempt.status,
+                              reply=attempt.reply), None
+        return None, None
+    number = flight.attempts[attempt.rcpt] + 1
+    # Shaping's waits (not attempted) and throttles cost no attempt: they say
+    # nothing about the recipient, only about our pace.
+    counts = attempt.attempted and not attempt.throttled
+    status, next_at = attempt.status, None
+    if status is Status.DEFERRED:
+        next_at = _next_attempt(attempt, flight, number, now, schedule)
+        if next_at is None:
+            status = Status.EXPIRED
+    update = RcptUpdate(attempt.job_id, attempt.rcpt, status, next_attempt=next_at,
+                        reply=attempt.reply, count_attempt=counts)
+    if not attempt.attempted and status is Status.DEFERRED:
+        return update, None  # not tried: nothing happened that a subscriber must hear
+    event = events.attempt_event(attempt, status, flight.meta, number, flight.queued_ts,
+                                 next_at)
+    return update, event
+
+
+def _next_attempt(attempt: Attempt, flight: InFlight, number: int, now: float,
+                  schedule: Sequence[float]) -> float | None:
+    """When a deferred recipient is tried again: when shaping said (a throttle, a wait),
+    else by the retry schedule; None when that is past the job's expiry."""
+    if attempt.retry_at is not None:
+        return attempt.retry_at if attempt.retry_at < flight.expires_ts else None
+    return retry.next_attempt(schedule, number, now, flight.expires_ts)
+
+
+class Results:
+    """Collects the workers' frames; records results in groups (`flush`)."""
+
+    def __init__(self, sock: zmq.Socket, spool: Spool, dispatcher: Dispatcher,
+                 publish: Publish, on_stats: Callable[[dict[str, Any]], None],
+                 schedule: Sequence[float], window: float = RESULTS_WINDOW,
+                 group: int = RESULTS_GROUP) -> None:
+        self.sock = sock
+        self.schedule = schedule  # the retry schedule (config `retry.schedule`)
+        self.window = window
+        self.group = group
+        self._spool = spool
+        self._dispatcher = dispatcher
+        self._publish = publish
+        self._on_stats = on_stats
+        self._held: list[Attempt] = []
+        self._held_since = 0.0  # when the first result held now came (monotonic)
+        self._flushed = 0.0  # when results were last recorded (monotonic)
+
+    @property
+    def held(self) -> int:
+        """Results collected and not recorded yet."""
+        return len(self._held)
+
+    def wait_left(self) -> float:
+        """Seconds until the results held now are due (0 when they are)."""
+        return max(0.0, self._held_since + self.window - time.monotonic())
+
+    def collect(self) -> None:
+        """Read the frames waiting (up to a batch): results are held for `flush`, stats
+        go to `on_stats`. A frame that is not a worker's message is logged and dropped."""
+        if not self._held:
+            self._held_since = time.monotonic()
+        for _ in range(RESULTS_BATCH):
+            try:
+                frame = self.sock.recv(sockets.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                self._take(protocol.decode(frame))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error(logs.kv("bad_result", error=exc))
+
+    def _take(self, msg: dict[str, Any]) -> None:
+        if msg["type"] == "result":
+            self._held.extend(map(protocol.attempt_from_row, msg["attempts"]))
+        elif msg["type"] == "stats":
+            self._on_stats(msg)
+
+    def due(self) -> bool:
+        """Whether to record the results held now: enough of them, the window is over,
+        or the spool recorded nothing for a window (low rates wait for nothing)."""
+        now = time.monotonic()
+        return (len(self._held) >= self.group
+                or now - self._held_since >= self.window
+                or now - self._flushed >= self.window)
+
+    def flush(self) -> None:
+        """Record the results held, then hand out what their room allows.
+
+        Must run before anything that forgets a job in flight (a worker's death): a
+        final result held here for a job handed out again would send it twice."""
+        if not self._held:
+            return
+        attempts, self._held = self._held, []
+        self._record(attempts)
+        self._flushed = time.monotonic()
+        self._dispatcher.refill()
+
+    def _record(self, attempts: list[Attempt]) -> None:
+        """Spool first, then events: an event never announces what could be lost."""
+        now = time.time()
+        flights = self._dispatcher.in_flight
+        planned = [plan(a, flights.get(a.job_id), now, self.schedule) for a in attempts]
+        self._spool.record([update for update, _ in planned if update is not None])
+        for attempt, (_, event) in zip(attempts, planned, strict=True):
+            if event is not None:
+                self._publish(event)
+            self._dispatcher.settle(attempt.job_id, attempt.rcpt)
