@@ -1,12 +1,14 @@
-# The two set-up commands of the README. Each installs what it needs first.
-PYTHON ?= python3
-PIP ?= $(PYTHON) -m pip
+# The README's two set-up commands, `make demo` and `make test`: each installs what it
+# needs first. The Python packages (the latest from PyPI) go into a virtual environment,
+# .venv: Debian's own python3 refuses pip installs into the system (PEP 668).
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL = $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	apt-get install -y -qq --no-install-recommends
 
 .PHONY: demo test deps lint bench
-
-deps:
-	@command -v openssl >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl)
-	$(PIP) install -q -e '.[test]'
 
 demo: deps
 	$(PYTHON) -m engine.cli demo
@@ -15,9 +17,23 @@ test: deps
 	$(PYTHON) -m pytest -q
 
 lint: deps
-	ruff check engine tests bench
-	mypy engine
+	$(VENV)/bin/ruff check engine tests bench
+	$(VENV)/bin/mypy engine
 
 bench: deps
-	$(PIP) install -q -r bench/requirements.txt
+	$(PYTHON) -m pip install -q -r bench/requirements.txt
 	$(PYTHON) -m bench.run
+
+deps: $(VENV)/.installed
+
+# Debian's python3 makes a venv only with python3-venv installed.
+$(PYTHON):
+	$(SYSTEM_PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(APT_INSTALL) python3-venv \
+		&& $(SYSTEM_PYTHON) -m venv $(VENV); }
+
+# Again whenever setup.py changes.
+$(VENV)/.installed: setup.py | $(PYTHON)
+	@command -v openssl >/dev/null || { $(APT_INSTALL) openssl; }
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[test]'
+	touch $@

@@ -37,7 +37,7 @@ class EventPublisher:
     """Publishes events on the PUB socket and appends them to the log; counts them."""
 
     def __init__(self, socket: zmq.Socket | None, log_path: str = "") -> None:
-        self._socket = socket
+        self.socket = socket
         self.counts: dict[str, int] = dict.fromkeys(EVENT_NAMES, 0)  # since start
         self._log: IO[str] | None = None
         if log_path:
@@ -48,10 +48,10 @@ class EventPublisher:
         name, line = event
         if name in self.counts:
             self.counts[name] += 1
-        if self._socket is not None:
+        if self.socket is not None:
             try:  # two sends with int flags: cheaper than send_multipart with pyzmq's enums
-                self._socket.send(_TOPICS.get(name) or name.encode(), sockets.MORE_NOBLOCK)
-                self._socket.send(line.encode(), sockets.NOBLOCK)
+                self.socket.send(_TOPICS.get(name) or name.encode(), sockets.MORE_NOBLOCK)
+                self.socket.send(line.encode(), sockets.NOBLOCK)
             except zmq.Again:  # no subscriber keeps up: PUB drops, the log still has it
                 pass
         if self._log is not None:

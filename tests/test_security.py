@@ -27,14 +27,16 @@ from engine import auth
 from engine.config import ConfigError, PoolConfig, Route, SecurityConfig, from_dict
 from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
+from engine.intake import INGEST_HWM
 from engine.job import normalise_message, parse_job
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, MxHost, Resolver
 from engine.pool import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.reply import TransientError
+from engine.results import RESULTS_HWM
 from engine.smtp import MAX_REPLY_TEXT, Connection, Limits, dot_stuff
-from engine.supervisor import EVENTS_HWM, INGEST_HWM, RESULTS_HWM, Supervisor
+from engine.supervisor import EVENTS_HWM, Supervisor
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
@@ -591,12 +593,13 @@ def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
 
 
 def test_every_supervisor_socket_is_bounded(supervisor: Supervisor) -> None:
-    assert supervisor.ingest.getsockopt(zmq.RCVHWM) == INGEST_HWM
-    assert supervisor.ingest.getsockopt(zmq.MAXMSGSIZE) == 2**20 + 2**20  # message + envelope
-    assert supervisor.pub.getsockopt(zmq.SNDHWM) == EVENTS_HWM
-    assert supervisor.results.getsockopt(zmq.RCVHWM) == RESULTS_HWM
-    assert supervisor.control.getsockopt(zmq.MAXMSGSIZE) > 0
-    assert supervisor.control.getsockopt(zmq.RCVHWM) > 0
+    assert supervisor.intake.sock.getsockopt(zmq.RCVHWM) == INGEST_HWM
+    assert supervisor.intake.sock.getsockopt(zmq.MAXMSGSIZE) == 2**20 + 2**20  # message + envelope
+    assert supervisor.events.socket is not None
+    assert supervisor.events.socket.getsockopt(zmq.SNDHWM) == EVENTS_HWM
+    assert supervisor.results.sock.getsockopt(zmq.RCVHWM) == RESULTS_HWM
+    assert supervisor.control.sock.getsockopt(zmq.MAXMSGSIZE) > 0
+    assert supervisor.control.sock.getsockopt(zmq.RCVHWM) > 0
 
 
 @pytest.mark.integration
