@@ -26,15 +26,16 @@ import ipaddress
 import re
 import unicodedata
 
+from engine.config import names
+
 MAX_LOCAL_OCTETS = 64  # RFC 5321 4.5.3.1.1
 MAX_ADDRESS_OCTETS = 254  # a 256-octet path minus its angle brackets
-MAX_DOMAIN_OCTETS = 253  # RFC 1035 in text form, without the trailing dot
-MAX_LABEL_OCTETS = 63
+MAX_DOMAIN_OCTETS = names.MAX_NAME_OCTETS  # RFC 1035 in text form, without the trailing dot
+MAX_LABEL_OCTETS = names.MAX_LABEL_OCTETS
 
 # RFC 5321 atext; non-ASCII characters are allowed too (RFC 6531) and checked apart.
 _ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
                    "!#$%&'*+-/=?^_`{|}~")
-_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", re.ASCII | re.IGNORECASE)
 # An ASCII Dot-string (RFC 5321): atext runs separated by single dots. The usual local part
 # matches at once; anything else goes through the checks that say what is wrong.
 _ATEXT_RUN = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -254,7 +255,7 @@ def _label_to_ascii(label: str) -> str:
     ascii_label = label if label.isascii() else _idna_label(label)
     if len(ascii_label) > MAX_LABEL_OCTETS:
         raise _DomainProblem(f"has a domain label longer than {MAX_LABEL_OCTETS} octets")
-    if not _LDH_LABEL.fullmatch(ascii_label):
+    if not names.LABEL.fullmatch(ascii_label):  # the length is checked above
         raise _DomainProblem(f"has an invalid domain label {_show(label)}: "
                              "use letters, digits and inner hyphens")
     return ascii_label.lower()

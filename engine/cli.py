@@ -78,6 +78,8 @@ def _check_config(args: argparse.Namespace) -> int:
     except config_mod.ConfigError as err:
         print(f"mailengine: {err}", file=sys.stderr)
         return 2
+    for warning in cfg.warnings:  # it loads: still valid, exit 0
+        print(f"mailengine: warning: {warning}", file=sys.stderr)
     if not args.quiet:
         print(json.dumps(config_mod.to_dict(cfg), indent=2))
     return 0

@@ -23,7 +23,7 @@ from engine.pool import PoolKey, Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS, provider_of
 from engine.reply import Blame, DeliveryError, Reply
-from engine.shaping import Deferral, Limits, ProviderShaper, Shaping, ShapingPlan
+from engine.shaping import Deferral, ProviderShaper, Shaping, ShapingPlan
 from engine.smtp import RcptResult, StaleConnection
 
 # How many pooled connections may turn out stale for one message before the
@@ -48,9 +48,7 @@ class Deliverer:
         self.pools = pools
         self.metrics = metrics
         # Without a plan: the pool's connection limits per provider, no pace, no caps.
-        self.shaping = shaping or Shaping(ShapingPlan(Limits(
-            max_connections=pools.settings.max_connections,
-            max_messages=pools.settings.max_messages)))
+        self.shaping = shaping or Shaping(ShapingPlan(pool=pools.settings))
         self.providers = providers
         # Per MX host, worked out once rather than per message (pure functions of the
         # host; the caches are emptied when full).

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import random
-import re
 import socket
 import time
 from collections import OrderedDict
@@ -41,7 +40,7 @@ import dns.rdtypes.ANY.SOA
 import dns.rdtypes.mxbase
 import dns.resolver
 
-from engine.config import Route, SecurityConfig
+from engine.config import Route, SecurityConfig, names
 from engine.memo import Memo
 from engine.reply import Blame, PermanentError, Reply, TransientError
 
@@ -55,7 +54,6 @@ _ADDRESS_TYPES: dict[int, dns.rdatatype.RdataType] = {
     socket.AF_INET: dns.rdatatype.A,
     socket.AF_INET6: dns.rdatatype.AAAA,
 }
-_HOSTNAME = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -396,7 +394,7 @@ def _normalize_domain(domain: str) -> str:
         name = domain.rstrip(".").encode("idna").decode("ascii").lower()
     except UnicodeError as exc:
         raise _invalid(domain) from exc
-    if len(name) > 253 or not _HOSTNAME.fullmatch(name):
+    if len(name) > names.MAX_NAME_OCTETS or not names.DNS_NAME.fullmatch(name):
         raise _invalid(domain)
     return name
 

@@ -56,7 +56,7 @@ from engine.smtp import Connection
 from engine.waiters import any_waiting, wake_first
 
 if TYPE_CHECKING:
-    from engine.shaping import ConnectionGate
+    from engine.gate import ConnectionGate
 
 log = logging.getLogger("mailengine.pool")
 

@@ -1,20 +1,22 @@
 """Traffic shaping: how fast one sending IP may send to one receiving provider.
 
 Each worker (one sending IP) keeps a `ProviderShaper` per provider (see
-`engine.provider`). A shaper holds
+`engine.provider`), built from the config's `SendingLimits` and `ThrottleConfig`
+(engine.config; `ShapingPlan` says which apply to the IP). A shaper holds
 
-- the **connection gate**: at most `max_connections` open connections to the
-  provider across all its MX hosts, and at most `connection_rate` new ones per
-  second;
+- the **connection gate** (engine.gate): at most `max_connections` open
+  connections to the provider across all its MX hosts, and at most
+  `connection_rate` new ones per second;
 - the **message pace**: transactions are spaced `1 / allowed_rate` apart. The
-  allowed rate adapts (AIMD): a reply that matches a throttle rule multiplies it
-  by `throttle.decrease` and may suspend the provider for a while; clean
-  deliveries add it back step by step, never above the configured `rate`. The
-  rate the provider accepted when it pushed back is remembered as a ceiling:
-  the rate climbs back to just under it within seconds, then probes above it,
-  more rarely each time the provider confirms the same limit, so throttles
-  become rare instead of recurring on every sawtooth. A throttle makes every
-  turn taken before it stale (`epoch`): taken again at the new rate;
+  allowed rate adapts (AIMD): a reply that matches a throttle rule
+  (engine.classify.throttle_rule) multiplies it by `throttle.decrease` and may
+  suspend the provider for a while; clean deliveries add it back step by step,
+  never above the configured `rate`. The rate the provider accepted when it
+  pushed back is remembered as a ceiling: the rate climbs back to just under it
+  within seconds, then probes above it, more rarely each time the provider
+  confirms the same limit, so throttles become rare instead of recurring on
+  every sawtooth. A throttle makes every turn taken before it stale (`epoch`):
+  taken again at the new rate;
 - **caps**: messages per hour, and a warm-up schedule of messages per day for a
   new IP.
 
@@ -27,106 +29,31 @@ no attempt is counted.
 from __future__ import annotations
 
 import datetime
-import fnmatch
 import json
 import logging
 import os
-import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
-from gevent.event import AsyncResult
 
-from engine import logs
-from engine.config import Config, ProviderLimits
+from engine import classify, logs
+from engine.config import (
+    Config,
+    PoolConfig,
+    SendingLimits,
+    ShapingConfig,
+    ThrottleConfig,
+    ThrottleRule,
+    WarmupConfig,
+)
+from engine.gate import Clock, ConnectionGate
 from engine.reply import Reply
-from engine.waiters import any_waiting, wake_first
 
 log = logging.getLogger("mailengine.shaping")
-
-Clock = Callable[[], float]
-
-
-# -- configuration shapes (built and validated by engine.config) -----------------------
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The effective limits of one sending IP x provider. 0 means unlimited."""
-
-    max_connections: int = 10
-    max_messages: int = 100  # per connection
-    rate: float = 0.0  # messages per second: the most the adaptive rate may reach
-    hourly: int = 0  # messages per hour
-    connection_rate: float = 0.0  # new connections per second
-
-
-@dataclass(frozen=True)
-class ThrottleRule:
-    """A reply that means "slow down". Every field given must match."""
-
-    name: str
-    provider: str | None = None
-    code: int | None = None
-    enhanced: str | None = None  # a glob: "4.7.*"
-    text: re.Pattern[str] | None = None  # searched, case-insensitive
-    suspend: float = 0.0  # seconds to stop sending to the provider; 0: only slow down
-
-    def matches(self, provider: str, reply: Reply) -> bool:
-        if reply.ok:
-            return False
-        if self.provider is not None and self.provider != provider:
-            return False
-        if self.code is not None and self.code != reply.code:
-            return False
-        if self.enhanced is not None and not fnmatch.fnmatchcase(reply.status, self.enhanced):
-            return False
-        return self.text is None or self.text.search(reply.text) is not None
-
-
-def _rule(name: str, suspend: float = 0.0, text: str | None = None,
-          **fields: Any) -> ThrottleRule:
-    pattern = re.compile(text, re.IGNORECASE) if text else None
-    return ThrottleRule(name=name, text=pattern, suspend=suspend, **fields)
-
-
-# The large providers' documented throttle replies first (they suspend), then
-# the generic ones (they only slow down). Checked in order; the first match wins.
-DEFAULT_RULES: tuple[ThrottleRule, ...] = (
-    _rule("gmail-unsolicited-rate", provider="google", enhanced="4.7.28", suspend=900),
-    _rule("gmail-rate", provider="google", enhanced="4.7.*", suspend=300,
-          text=r"unusual rate|rate limit|temporarily rate limited"),
-    _rule("microsoft-busy", provider="microsoft", suspend=300,
-          text=r"S3150|S775|server busy|throttl"),
-    _rule("yahoo-deferred", provider="yahoo", suspend=900,
-          text=r"TS0[1-4]|TSS0[1-9]|temporarily deferred"),
-    _rule("apple-rate", provider="apple", suspend=600, text=r"CS0[1-9]|rate limit"),
-    _rule("comcast-rate", provider="comcast", suspend=600, text=r"RL0{3,}\d|rate limit"),
-    _rule("mailru-ratelimit", provider="mailru", suspend=600, text=r"ratelimit|too many"),
-    _rule("yandex-ratelimit", provider="yandex", suspend=600, text=r"ratelimit|too many"),
-    # Not "try again later" alone: greylisting says that too, and is no throttle.
-    _rule("rate-text", text=r"rate.?limit|too many (messages|mails|connections|recipients"
-                            r" from)|throttl|slow down|(rate|limit) exceeded"),
-    _rule("421", code=421),
-    _rule("4.7.x-policy", enhanced="4.7.*", text=r"rate|limit|volume|busy|temporar"),
-)
-
-
-@dataclass(frozen=True)
-class Throttling:
-    """How the adaptive rate reacts (config `throttle`)."""
-
-    decrease: float = 0.5  # multiply the allowed rate by this on a throttle
-    increase: float = 0.5  # messages/s added back per second of clean sending at the rate
-    min_rate: float = 0.05  # never below this many messages per second
-    start_rate: float = 10.0  # the allowed rate of an unlimited provider after a first throttle
-    holdoff: float = 2.0  # throttles within this many seconds of a decrease count once
-    retry_after: float = 60.0  # a throttled recipient without suspension waits this long
-    rules: tuple[ThrottleRule, ...] = DEFAULT_RULES
 
 
 # The adaptive rate's shape after a throttle (see ProviderShaper._increase):
@@ -146,74 +73,6 @@ class Deferral:
 
     retry_at: float
     reason: str
-
-
-# -- the connection gate --------------------------------------------------------------------
-
-
-class ConnectionGate:
-    """Open connections of one IP x provider across its MX hosts' pools."""
-
-    def __init__(self, max_connections: int, connection_rate: float,
-                 clock: Clock = time.monotonic) -> None:
-        self.max_connections = max_connections
-        self.connection_rate = connection_rate
-        self._clock = clock
-        self.open = 0
-        self._next_at = 0.0  # when the next new connection may start
-        self._waiters: deque[AsyncResult] = deque()
-        self._timer: Any = None
-        self._idle_closers: list[Callable[[], bool]] = []
-
-    def try_enter(self) -> bool:
-        """Take a connection slot if one is free now."""
-        if self.open >= self.max_connections:
-            # Closing an idle connection elsewhere frees its slot for us right now.
-            if not self._close_someone_idle() or self.open >= self.max_connections:
-                return False
-        now = self._clock()
-        if self.connection_rate > 0:
-            if now < self._next_at:
-                self._wake_at(self._next_at - now)
-                return False
-            self._next_at = max(now, self._next_at) + 1.0 / self.connection_rate
-        self.open += 1
-        return True
-
-    def leave(self) -> None:
-        self.open -= 1
-        self.wake_one()
-
-    def add_waiter(self, waiter: AsyncResult) -> None:
-        self._waiters.append(waiter)
-
-    def has_waiters(self) -> bool:
-        """Someone waits for a slot: a pool waiting at the gate, for another MX host."""
-        return any_waiting(self._waiters)
-
-    def remove_waiter(self, waiter: AsyncResult) -> None:
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
-
-    def on_idle(self, closer: Callable[[], bool]) -> None:
-        """Register a pool's "close one idle connection" hook."""
-        self._idle_closers.append(closer)
-
-    def forget(self, closer: Callable[[], bool]) -> None:
-        if closer in self._idle_closers:
-            self._idle_closers.remove(closer)
-
-    def wake_one(self) -> None:
-        wake_first(self._waiters)
-
-    def _wake_at(self, delay: float) -> None:
-        if self._timer is None or self._timer.dead:
-            self._timer = gevent.spawn_later(delay, self.wake_one)
-
-    def _close_someone_idle(self) -> bool:
-        """All slots taken: an idle connection to another MX host of the provider
-        gives its slot up, rather than wait for its idle timeout."""
-        return any(closer() for closer in self._idle_closers)
 
 
 # -- the per provider shaper ----------------------------------------------------------------
@@ -244,16 +103,17 @@ class _Window:
 
 
 class ProviderShaper:
-    """One sending IP x one provider."""
+    """One sending IP x one provider: its `limits`, and how its rate adapts (`throttle`)."""
 
-    def __init__(self, provider: str, limits: Limits, throttling: Throttling,
-                 max_wait: float = 10.0, daily_cap: Callable[[], int | None] | None = None,
+    def __init__(self, provider: str, limits: SendingLimits, throttle: ThrottleConfig,
+                 max_wait: float, daily_cap: Callable[[], int | None] | None = None,
                  clock: Clock = time.monotonic, wall: Clock = time.time,
                  sleep: Callable[[float], Any] = gevent.sleep) -> None:
         self.provider = provider
         self._sleep = sleep
         self.limits = limits
-        self.throttling = throttling
+        self.throttle = throttle
+        self._rules = classify.throttle_rules(throttle)
         self.max_wait = max_wait
         self._daily_cap = daily_cap or (lambda: None)
         self._clock = clock
@@ -345,17 +205,15 @@ class ProviderShaper:
         return rule
 
     def match(self, reply: Reply) -> ThrottleRule | None:
-        if reply.ok:  # no rule matches a success (ThrottleRule.matches): skip asking each
+        """The throttle rule `reply` matches (engine.classify.throttle_rule), if any."""
+        if reply.ok:  # a success is never a throttle: said here, without a call per delivery
             return None
-        for rule in self.throttling.rules:
-            if rule.matches(self.provider, reply):
-                return rule
-        return None
+        return classify.throttle_rule(self._rules, self.provider, reply)
 
     def resume_at(self) -> float:
         """When a throttled recipient should be tried again (Unix time)."""
         now = self._clock()
-        wait = max(self.suspended_until - now, self.throttling.retry_after)
+        wait = max(self.suspended_until - now, self.throttle.retry_after)
         return self._wall() + wait
 
     def _throttled(self, rule: ThrottleRule) -> None:
@@ -369,7 +227,7 @@ class ProviderShaper:
                 self.suspended_until = until
                 log.warning(logs.kv("provider_suspended", provider=self.provider,
                                     rule=rule.name, seconds=rule.suspend))
-        if now - self._last_decrease < self.throttling.holdoff:
+        if now - self._last_decrease < self.throttle.holdoff:
             return  # the same burst, already answered
         self._last_decrease = now
         self._new_epoch(now)
@@ -388,8 +246,8 @@ class ProviderShaper:
         # The same limit again: back to just under it, not down by `decrease`; halving on
         # every probe was the sawtooth the ceiling is there to avoid (it held a 20/s
         # provider at 72% on average). A new limit, or the first, still gets `decrease`.
-        factor = max(self.throttling.decrease, 0.95) if confirmed else self.throttling.decrease
-        self.allowed_rate = max(self.throttling.min_rate, rate * factor)
+        factor = max(self.throttle.decrease, 0.95) if confirmed else self.throttle.decrease
+        self.allowed_rate = max(self.throttle.min_rate, rate * factor)
         self._recover_from = self.allowed_rate
         log.info(logs.kv("rate_decreased", provider=self.provider, rule=rule.name,
                          rate=f"{self.allowed_rate:.2f}", ceiling=f"{current:.2f}"))
@@ -413,13 +271,13 @@ class ProviderShaper:
         later, corrects it; a ceiling too low would only be found by slow probing.
         """
         accepted = self._rate(self._accepted, now, ESTIMATE_WINDOW)
-        if accepted > self.throttling.min_rate:
+        if accepted > self.throttle.min_rate:
             return accepted
         # Nothing accepted lately (throttled from the first message): what we sent, or
         # were allowed to send.
         sent = self._rate(self._recent, now, ESTIMATE_WINDOW)
-        allowed = self.allowed_rate or max(sent, self.throttling.start_rate)
-        return min(allowed, sent) if sent > self.throttling.min_rate else allowed
+        allowed = self.allowed_rate or max(sent, self.throttle.start_rate)
+        return min(allowed, sent) if sent > self.throttle.min_rate else allowed
 
     def _rate(self, times: deque[float], now: float, window: float) -> float:
         """Events per second in `times` (newest last) over the last `window` seconds, or
@@ -465,7 +323,7 @@ class ProviderShaper:
         raised) is found in bounded time. Regression (stuck): the
         probe was PROBE_MIN for ever, 0.01 msg/s per second with the defaults.
         """
-        increase = self.throttling.increase
+        increase = self.throttle.increase
         if self.ceiling is None:
             return increase
         target = self.ceiling * 0.95
@@ -530,29 +388,35 @@ def _next_midnight(now: float) -> float:
 
 @dataclass(frozen=True)
 class ShapingPlan:
-    """What config says for one sending IP: defaults, then per provider, then per IP x provider."""
+    """What config says for one sending IP (`ip`): its limits per provider (`pool` and
+    `shaping`, see SendingLimits), how the rate adapts (`throttle`), and its warm-up."""
 
-    defaults: Limits
-    providers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    for_ip: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    throttling: Throttling = field(default_factory=Throttling)
-    max_wait: float = 10.0
-    warmup_schedule: Sequence[int] = ()
-    warmup_start: datetime.date | None = None  # None: this IP is not warming up
+    ip: str = ""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    # The first day of the IP's warm-up (`warmup.ips`); None: this IP is not warming up.
+    warmup_start: datetime.date | None = field(init=False)
 
-    def limits_for(self, provider: str) -> Limits:
-        limits = replace(self.defaults, **dict(self.providers.get(provider, {})))
-        return replace(limits, **dict(self.for_ip.get(provider, {})))
+    def __post_init__(self) -> None:
+        start = self.warmup.ips.get(self.ip)
+        object.__setattr__(self, "warmup_start",
+                           datetime.date.fromisoformat(start) if start else None)
+
+    def limits_for(self, provider: str) -> SendingLimits:
+        return SendingLimits.of(self.pool, self.shaping, self.ip, provider)
 
     def daily_cap(self, today: datetime.date) -> int | None:
-        if self.warmup_start is None or not self.warmup_schedule:
+        schedule = self.warmup.schedule
+        if self.warmup_start is None or not schedule:
             return None
         day = (today - self.warmup_start).days
         if day < 0:
-            return self.warmup_schedule[0]
-        if day >= len(self.warmup_schedule):
+            return schedule[0]
+        if day >= len(schedule):
             return None  # warmed up
-        return self.warmup_schedule[day]
+        return schedule[day]
 
 
 class Shaping:
@@ -573,7 +437,7 @@ class Shaping:
         shaper = self._shapers.get(provider)
         if shaper is None:
             shaper = ProviderShaper(provider, self.plan.limits_for(provider),
-                                    self.plan.throttling, self.plan.max_wait,
+                                    self.plan.throttle, self.plan.shaping.max_wait,
                                     self._daily_cap, self._clock, self._wall, self._sleep)
             if self._saved_counts.get("day") == shaper._day:
                 shaper.sent_today = int(self._saved_counts.get("sent", {}).get(provider, 0))
@@ -619,28 +483,5 @@ class Shaping:
 
 def plan_for(cfg: Config, ip: str) -> ShapingPlan:
     """The shaping plan of sending IP `ip` from the config."""
-    defaults = Limits(max_connections=cfg.pool.max_connections,
-                      max_messages=cfg.pool.max_messages, rate=cfg.shaping.rate,
-                      hourly=cfg.shaping.hourly, connection_rate=cfg.shaping.connection_rate)
-    rules = tuple(_rule(r.name, r.suspend, r.text, provider=r.provider, code=r.code,
-                        enhanced=r.enhanced) for r in cfg.throttle.rules)
-    if cfg.throttle.default_rules:
-        rules += DEFAULT_RULES
-    t = cfg.throttle
-    throttling = Throttling(decrease=t.decrease, increase=t.increase, min_rate=t.min_rate,
-                            start_rate=t.start_rate, holdoff=t.holdoff,
-                            retry_after=t.retry_after, rules=rules)
-    start = cfg.warmup.ips.get(ip)
-    return ShapingPlan(
-        defaults=defaults,
-        providers={name: _overrides(limits) for name, limits in cfg.shaping.providers.items()},
-        for_ip={name: _overrides(limits)
-                for name, limits in cfg.shaping.ips.get(ip, {}).items()},
-        throttling=throttling, max_wait=cfg.shaping.max_wait,
-        warmup_schedule=cfg.warmup.schedule,
-        warmup_start=datetime.date.fromisoformat(start) if start else None)
-
-
-def _overrides(limits: ProviderLimits) -> dict[str, Any]:
-    return {f.name: getattr(limits, f.name) for f in fields(limits)
-            if getattr(limits, f.name) is not None}
+    return ShapingPlan(ip=ip, pool=cfg.pool, shaping=cfg.shaping, throttle=cfg.throttle,
+                       warmup=cfg.warmup)

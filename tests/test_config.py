@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engine import config
+from engine import cli, config
 from engine.config import (
     ConfigError,
     from_dict,
@@ -96,29 +96,66 @@ def test_empty_section_takes_all_its_defaults() -> None:
     assert from_dict(minimal(smtp=None)).smtp == config.SmtpConfig()
 
 
-# --- ips and pools -----------------------------------------------------------
+# --- ips and ip_pools --------------------------------------------------------
 
 
-def test_pools_default_to_every_ip() -> None:
+def test_ip_pools_default_to_every_ip() -> None:
     cfg = from_dict(minimal(ips=["192.0.2.10", "192.0.2.11"]))
-    assert dict(cfg.pools) == {"default": ("192.0.2.10", "192.0.2.11")}
+    assert dict(cfg.ip_pools) == {"default": ("192.0.2.10", "192.0.2.11")}
+    assert cfg.warnings == ()
 
 
-def test_defined_pools_keep_a_default_pool_of_every_ip() -> None:
-    cfg = from_dict(minimal(ips=["192.0.2.10", "192.0.2.11"], pools={"blue": ["192.0.2.11"]}))
-    assert dict(cfg.pools) == {"blue": ("192.0.2.11",), "default": ("192.0.2.10", "192.0.2.11")}
+def test_defined_ip_pools_keep_a_default_pool_of_every_ip() -> None:
+    cfg = from_dict(minimal(ips=["192.0.2.10", "192.0.2.11"], ip_pools={"blue": ["192.0.2.11"]}))
+    assert dict(cfg.ip_pools) == {"blue": ("192.0.2.11",),
+                                  "default": ("192.0.2.10", "192.0.2.11")}
 
 
 def test_a_defined_default_pool_wins() -> None:
-    cfg = from_dict(minimal(ips=["192.0.2.10", "192.0.2.11"], pools={"default": ["192.0.2.10"]}))
-    assert cfg.pools["default"] == ("192.0.2.10",)
+    cfg = from_dict(minimal(ips=["192.0.2.10", "192.0.2.11"],
+                            ip_pools={"default": ["192.0.2.10"]}))
+    assert cfg.ip_pools["default"] == ("192.0.2.10",)
+
+
+def test_pools_the_old_name_of_ip_pools_still_loads_with_a_warning() -> None:
+    data = minimal(ips=["192.0.2.10", "192.0.2.11"])
+    old = from_dict({**data, "pools": {"blue": ["192.0.2.11"]}})
+    new = from_dict({**data, "ip_pools": {"blue": ["192.0.2.11"]}})
+    assert old == new and old.ip_pools["blue"] == ("192.0.2.11",)
+    assert old.warnings == ("pools: is now called ip_pools; rename the key "
+                            "(the old name is still accepted)",)
+    assert new.warnings == () and "warnings" not in to_dict(old)
+
+
+def test_pools_and_ip_pools_together_are_refused_naming_both() -> None:
+    err = refused(minimal(pools={"blue": ["192.0.2.10"]}, ip_pools={"red": ["192.0.2.10"]}))
+    assert str(err) == "pools: the old name of ip_pools; give one of them, not both"
+    assert err.key == "pools"
+
+
+def test_an_error_under_the_old_name_names_the_key_as_written() -> None:
+    err = refused(minimal(pools={"blue": ["10.0.0.9"]}))
+    assert str(err) == "pools.blue[0]: 10.0.0.9 is not in ips"
+
+
+def test_warnings_is_no_config_key() -> None:
+    assert str(refused(minimal(warnings=["x"]))).startswith("warnings: unknown key")
+
+
+def test_check_config_prints_warnings_and_exits_0(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, "hostname: mta.example.com\nips: [192.0.2.10]\n"
+                           "pools: {blue: [192.0.2.10]}\n")
+    assert cli.main(["check-config", "-q", "-c", path]) == 0
+    assert capsys.readouterr().err == ("mailengine: warning: pools: is now called ip_pools; "
+                                       "rename the key (the old name is still accepted)\n")
 
 
 def test_ip_addresses_are_normalised_everywhere() -> None:
-    cfg = from_dict(minimal(ips=["2001:DB8:0::0A"], pools={"v6": ["2001:db8::a"]},
+    cfg = from_dict(minimal(ips=["2001:DB8:0::0A"], ip_pools={"v6": ["2001:db8::a"]},
                             dns={"nameservers": ["2001:0db8::53"]}))
     assert cfg.ips[0].address == "2001:db8::a"
-    assert cfg.pools["v6"] == ("2001:db8::a",)
+    assert cfg.ip_pools["v6"] == ("2001:db8::a",)
     assert cfg.dns.nameservers == ("2001:db8::53",)
 
 
@@ -168,12 +205,13 @@ REFUSALS = [
      "not an IP address: '1.2.3'"),
     (minimal(pool={"max_conections": 5}), "pool.max_conections",
      "unknown key (did you mean max_connections?)"),
-    (minimal(pools={"blue": ["10.0.0.9"]}), "pools.blue[0]", "10.0.0.9 is not in ips"),
-    (minimal(pools={"blue": []}), "pools.blue", "at least one"),
-    (minimal(pools={"": ["192.0.2.10"]}), "pools", "pool names"),
-    (minimal(pools={"a b": ["192.0.2.10"]}), "pools.a b", "pool names"),
-    (minimal(pools={"blue": ["192.0.2.10", "192.0.2.10"]}), "pools.blue[1]", "listed twice"),
-    (minimal(pools=["192.0.2.10"]), "pools", "must be a mapping"),
+    (minimal(ip_pools={"blue": ["10.0.0.9"]}), "ip_pools.blue[0]", "10.0.0.9 is not in ips"),
+    (minimal(ip_pools={"blue": []}), "ip_pools.blue", "at least one"),
+    (minimal(ip_pools={"": ["192.0.2.10"]}), "ip_pools", "pool names"),
+    (minimal(ip_pools={"a b": ["192.0.2.10"]}), "ip_pools.a b", "pool names"),
+    (minimal(ip_pools={"blue": ["192.0.2.10", "192.0.2.10"]}), "ip_pools.blue[1]",
+     "listed twice"),
+    (minimal(ip_pools=["192.0.2.10"]), "ip_pools", "must be a mapping"),
     ({"hostname": "mta.example.com"}, "ips", "required"),
     (minimal(ips=[]), "ips", "required"),
     (minimal(ips="192.0.2.10"), "ips", "must be a list"),
@@ -339,7 +377,7 @@ def test_config_is_immutable_all_the_way_down() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.smtp.timeouts.connect = 1.0  # type: ignore[misc]
     with pytest.raises(TypeError):
-        cfg.pools["evil"] = ("192.0.2.10",)  # type: ignore[index]
+        cfg.ip_pools["evil"] = ("192.0.2.10",)  # type: ignore[index]
     with pytest.raises(TypeError):
         cfg.routes["example.org"] = config.Route("x")  # type: ignore[index]
     assert isinstance(cfg.ips, tuple) and isinstance(cfg.retry.schedule, tuple)
@@ -347,20 +385,20 @@ def test_config_is_immutable_all_the_way_down() -> None:
 
 def test_config_built_directly_gets_frozen_mappings_and_default_pool() -> None:
     cfg = config.Config(hostname="h.example.com", ips=(config.IpConfig("192.0.2.10", "h"),),
-                        pools={"blue": ("192.0.2.10",)})
+                        ip_pools={"blue": ("192.0.2.10",)})
     with pytest.raises(TypeError):
-        cfg.pools["x"] = ()  # type: ignore[index]
-    assert cfg.pools["default"] == ("192.0.2.10",)
+        cfg.ip_pools["x"] = ()  # type: ignore[index]
+    assert cfg.ip_pools["default"] == ("192.0.2.10",)
 
 
 def test_to_dict_is_plain_data_that_loads_back() -> None:
     cfg = from_dict(minimal(ips=["192.0.2.10", "2001:db8::1"],
-                            pools={"v6": ["2001:db8::1"]},
+                            ip_pools={"v6": ["2001:db8::1"]},
                             routes={"example.com": "[2001:db8::25]:2525", "*": "relay.example.net"},
                             retry={"schedule": ["30s", "2m"]}))
     plain = to_dict(cfg)
     assert plain["routes"] == {"example.com": "[2001:db8::25]:2525", "*": "relay.example.net"}
-    assert plain["pools"]["v6"] == ["2001:db8::1"]
+    assert plain["ip_pools"]["v6"] == ["2001:db8::1"]
     assert plain["retry"]["schedule"] == [30.0, 120.0]
     text = yaml.safe_dump(plain)  # only plain types: no tuples, proxies or dataclasses
     assert from_dict(yaml.safe_load(text)) == cfg
@@ -457,12 +495,13 @@ def test_yaml_yes_is_a_boolean(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", [SHIPPED, *EXAMPLES], ids=lambda p: p.name)
 def test_shipped_files_load(path: Path) -> None:
-    assert load(str(path)).ips
+    cfg = load(str(path))
+    assert cfg.ips and cfg.warnings == ()  # no old key names
 
 
 def test_two_ips_example_has_what_it_promises() -> None:
     cfg = load(str(ROOT / "conf" / "examples" / "two-ips.yaml"))
-    assert len(cfg.ips) == 2 and {"transactional", "bulk", "default"} <= set(cfg.pools)
+    assert len(cfg.ips) == 2 and {"transactional", "bulk", "default"} <= set(cfg.ip_pools)
     assert cfg.routes and cfg.smtp.timeouts != config.Timeouts()
 
 
@@ -485,7 +524,7 @@ def _leaf_paths(data: dict[str, Any], prefix: str = "") -> set[str]:
     paths = set()
     for key, value in data.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and key not in ("pools", "routes"):
+        if isinstance(value, dict) and key not in ("ip_pools", "routes"):
             paths |= _leaf_paths(value, path + ".")
         else:
             paths.add(path)

@@ -1,22 +1,23 @@
 """Traffic shaping: limits per IP x provider, pace, caps, throttle rules and the adaptive rate."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
+from typing import Any
 
 import pytest
 
-from engine import config
-from engine.reply import Reply
-from engine.shaping import (
-    DEFAULT_RULES,
-    Deferral,
-    Limits,
-    ProviderShaper,
-    Shaping,
-    ShapingPlan,
-    Throttling,
-    plan_for,
+from engine import classify, config
+from engine.config import (
+    PoolConfig,
+    SendingLimits,
+    ShapingConfig,
+    ThrottleConfig,
+    ThrottleRule,
+    WarmupConfig,
 )
+from engine.reply import Reply
+from engine.shaping import Deferral, ProviderShaper, Shaping, ShapingPlan, plan_for
 
 
 class FakeTime:
@@ -32,20 +33,25 @@ class FakeTime:
         self.now += seconds
 
 
-DEFAULT_LIMITS = Limits()
-DEFAULT_THROTTLING = Throttling()
+DEFAULT_LIMITS = SendingLimits.of(PoolConfig(), ShapingConfig(), "192.0.2.10", "example.net")
+DEFAULT_THROTTLE = ThrottleConfig()
 
 
-def shaper(limits: Limits = DEFAULT_LIMITS, throttling: Throttling = DEFAULT_THROTTLING,
+def limits(**changes: Any) -> SendingLimits:
+    """The config's default limits of an IP x provider, with `changes`."""
+    return dataclasses.replace(DEFAULT_LIMITS, **changes)
+
+
+def shaper(limits: SendingLimits = DEFAULT_LIMITS, throttle: ThrottleConfig = DEFAULT_THROTTLE,
            t: FakeTime | None = None, max_wait: float = 10.0, cap: int | None = None,
            provider: str = "example.net") -> tuple[ProviderShaper, FakeTime]:
     t = t or FakeTime()
-    return ProviderShaper(provider, limits, throttling, max_wait, lambda: cap, t.clock, t.clock,
+    return ProviderShaper(provider, limits, throttle, max_wait, lambda: cap, t.clock, t.clock,
                           t.sleep), t
 
 
 def test_pace_holds_the_configured_rate_exactly() -> None:
-    s, t = shaper(Limits(rate=20.0))
+    s, t = shaper(limits(rate=20.0))
     start = t.now
     for _ in range(600):
         assert s.turn() is None
@@ -54,7 +60,7 @@ def test_pace_holds_the_configured_rate_exactly() -> None:
 
 
 def test_unlimited_provider_never_waits() -> None:
-    s, t = shaper(Limits(rate=0))
+    s, t = shaper(limits(rate=0))
     start = t.now
     for _ in range(1000):
         assert s.turn() is None
@@ -63,7 +69,7 @@ def test_unlimited_provider_never_waits() -> None:
 
 def test_a_wait_longer_than_max_wait_goes_back_to_the_spool_without_waiting() -> None:
     t = FakeTime()
-    s = ProviderShaper("example.net", Limits(rate=1.0), Throttling(), 2.0, lambda: None,
+    s = ProviderShaper("example.net", limits(rate=1.0), ThrottleConfig(), 2.0, lambda: None,
                        t.clock, t.clock, lambda seconds: None)  # many greenlets queue at once
     for _ in range(3):  # they reserve slots at +0, +1, +2
         assert s.turn() is None
@@ -75,7 +81,7 @@ def test_a_wait_longer_than_max_wait_goes_back_to_the_spool_without_waiting() ->
 
 
 def test_hourly_cap_defers_until_the_oldest_minute_leaves_the_hour() -> None:
-    s, t = shaper(Limits(hourly=5))
+    s, t = shaper(limits(hourly=5))
     for _ in range(5):
         assert s.turn() is None
     deferral = s.turn()
@@ -115,9 +121,21 @@ def test_ordinary_failures_are_not_throttles(reply: Reply) -> None:
     assert s.match(reply) is None
 
 
+def test_operator_rules_come_first_and_the_shipped_ones_can_be_turned_off() -> None:
+    cfg = config.from_dict({"hostname": "mta.example.com", "ips": ["192.0.2.10"], "throttle": {
+        "rules": [{"name": "ours", "code": 421, "text": "SLOW DOWN"}]}})
+    rules = classify.throttle_rules(cfg.throttle)
+    assert [r.name for r in rules[:1]] == ["ours"] and rules[1:] == classify.DEFAULT_RULES
+    rule = classify.throttle_rule(rules, "example.net", Reply(421, "4.7.0", "please slow down"))
+    assert rule is not None and rule.name == "ours"  # the text is case-insensitive
+    assert classify.throttle_rule(rules, "example.net", Reply(421, None, "bye")) == \
+        ThrottleRule("421", code=421)
+    alone = classify.throttle_rules(dataclasses.replace(cfg.throttle, default_rules=False))
+    assert classify.throttle_rule(alone, "example.net", Reply(421, None, "bye")) is None
+
+
 def test_throttle_decreases_once_per_burst_and_a_suspension_defers_everything() -> None:
-    throttling = Throttling(rules=DEFAULT_RULES, holdoff=2.0)
-    s, t = shaper(Limits(rate=40.0), throttling, provider="google")
+    s, t = shaper(limits(rate=40.0), ThrottleConfig(holdoff=2.0), provider="google")
     gmail = Reply(421, "4.7.28", "unusual rate of unsolicited mail")
     s.observe(gmail)
     assert s.allowed_rate == pytest.approx(20.0)
@@ -132,7 +150,7 @@ def test_throttle_decreases_once_per_burst_and_a_suspension_defers_everything() 
 
 
 def test_rate_recovers_additively_never_above_the_maximum() -> None:
-    s, _t = shaper(Limits(rate=10.0), Throttling(decrease=0.5, increase=1.0))
+    s, _t = shaper(limits(rate=10.0), ThrottleConfig(decrease=0.5, increase=1.0))
     s.observe(Reply(421, None, "too busy"))
     assert s.allowed_rate == pytest.approx(5.0)
     ok = Reply(250, None, "ok")
@@ -148,7 +166,7 @@ def test_rate_recovers_additively_never_above_the_maximum() -> None:
 
 def test_after_a_throttle_the_rate_settles_just_under_the_ceiling() -> None:
     """Against a provider that pushes back above 8 msg/s, throttles die out."""
-    s, t = shaper(Limits(rate=50.0), Throttling(decrease=0.5, increase=1.0, holdoff=0.0))
+    s, t = shaper(limits(rate=50.0), ThrottleConfig(decrease=0.5, increase=1.0, holdoff=0.0))
     limit = 8.0
     throttle_times = []
     for _ in range(20000):
@@ -174,15 +192,15 @@ def test_limits_resolve_defaults_then_provider_then_ip() -> None:
                     "ips": {"127.0.0.2": {"google": {"rate": 2}}}},
     })
     two, three = plan_for(cfg, "127.0.0.2"), plan_for(cfg, "127.0.0.3")
-    assert two.limits_for("google") == Limits(max_connections=3, max_messages=100, rate=2.0)
+    assert two.limits_for("google") == limits(max_connections=3, max_messages=100, rate=2.0)
     assert three.limits_for("google").rate == 20.0
-    assert three.limits_for("example.net") == Limits(max_connections=7, rate=5.0)
+    assert three.limits_for("example.net") == limits(max_connections=7, rate=5.0)
 
 
 def test_warmup_caps_each_provider_per_day_and_survives_a_restart(tmp_path) -> None:
     t = FakeTime(datetime.datetime(2026, 12, 3, 12, tzinfo=datetime.UTC).timestamp())
-    plan = ShapingPlan(defaults=Limits(), warmup_schedule=(3, 5),
-                       warmup_start=datetime.date(2026, 12, 2))  # today is day 2: cap 5
+    plan = ShapingPlan(ip="192.0.2.10", warmup=WarmupConfig(
+        schedule=(3, 5), ips={"192.0.2.10": "2026-12-02"}))  # today is day 2: cap 5
     state = str(tmp_path / "shaping.json")
     first = Shaping(plan, state, t.clock, t.clock, t.sleep)
     google = first.get("google")
@@ -203,7 +221,7 @@ def test_warmup_caps_each_provider_per_day_and_survives_a_restart(tmp_path) -> N
 
 
 def test_connection_gate_caps_open_connections_and_paces_new_ones() -> None:
-    s, _t = shaper(Limits(max_connections=2, connection_rate=0))
+    s, _t = shaper(limits(max_connections=2, connection_rate=0))
     gate = s.gate
     assert gate.try_enter() and gate.try_enter()
     assert not gate.try_enter()

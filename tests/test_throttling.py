@@ -36,14 +36,14 @@ from typing import Any
 
 import pytest
 
-from engine.config import Timeouts
+from engine.config import ThrottleConfig, Timeouts
 from engine.reply import Reply
-from engine.shaping import RECOVERY, Limits, ProviderShaper, Throttling
+from engine.shaping import RECOVERY, ProviderShaper
 from engine.smtp import Connection
 from engine.smtp import Limits as WireLimits
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer, TokenBucket
-from tests.test_shaping import FakeTime, shaper
+from tests.test_shaping import FakeTime, limits, shaper
 
 LIMIT = 20.0  # msg/s per client IP at the throttling sink
 BURST = 5.0
@@ -266,7 +266,7 @@ def test_against_a_token_bucket_the_rate_settles_just_under_its_limit() -> None:
     """Regression (collapse): the ceiling was the rate *sent*, throttled attempts included,
     averaged over 10 s; each echo of one overload cut it again, and the step back up near
     the ceiling was so small that it never recovered."""
-    s, t = shaper(Limits(rate=0), Throttling(holdoff=2.0))
+    s, t = shaper(limits(rate=0), ThrottleConfig(holdoff=2.0))
     bucket = TokenBucket(LIMIT, BURST, t.clock)
     start = t.now
     throttles = _simulate(s, t, bucket, 120.0)
@@ -279,7 +279,7 @@ def test_against_a_token_bucket_the_rate_settles_just_under_its_limit() -> None:
 def test_recovery_reaches_just_under_the_ceiling_then_probes_above_it() -> None:
     """Regression (stuck): the step shrank with the room left, so the rate only approached
     95% of the ceiling and never got there, let alone probed above it."""
-    s, t = shaper(Limits(rate=1000.0), Throttling(decrease=0.5, increase=2.0))
+    s, t = shaper(limits(rate=1000.0), ThrottleConfig(decrease=0.5, increase=2.0))
     bucket = TokenBucket(5000, 5000, t.clock)  # accepts everything
     _simulate(s, t, bucket, 5.0)
     s.observe(Reply(421, "4.7.0", "Rate limited"))
@@ -299,7 +299,7 @@ def test_a_throttle_makes_turns_taken_before_it_stale_and_frees_their_slots() ->
     (see delivery) left their old slots reserved: up to max_wait of nothing sent, then
     the backlog in a burst that drew the next throttle."""
     t = FakeTime()
-    s = ProviderShaper("example.net", Limits(rate=10.0), Throttling(), 2.0, lambda: None,
+    s = ProviderShaper("example.net", limits(rate=10.0), ThrottleConfig(), 2.0, lambda: None,
                        t.clock, t.clock, lambda seconds: None)  # greenlets queue at once
     for _ in range(21):  # slots at +0.0 ... +2.0 s: max_wait
         assert s.turn() is None
@@ -311,7 +311,7 @@ def test_a_throttle_makes_turns_taken_before_it_stale_and_frees_their_slots() ->
 
 
 def test_a_stale_turn_taken_again_is_not_counted_twice() -> None:
-    s, _ = shaper(Limits(rate=10.0, hourly=3))
+    s, _ = shaper(limits(rate=10.0, hourly=3))
     for _ in range(3):
         assert s.turn() is None
     s.observe(Reply(451, "4.7.1", "Rate limited, slow down"))

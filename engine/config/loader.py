@@ -1,0 +1,201 @@
+"""From a file to a `Config` and back: `load`, `from_dict`, `to_dict`.
+
+The file is read with a safe YAML loader (PyYAML's `SafeLoader`, which builds
+only plain data, plus a check that refuses duplicate keys: YAML would let a
+second `smtp:` block silently replace the first). `from_dict` checks the keys
+that depend on each other (the IPs, their pools, the endpoints and who may
+reach them) and hands every other section to its reader.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+import yaml  # type: ignore[import-untyped, unused-ignore]
+
+from engine.config import sections
+from engine.config.schema import DEFAULT_PATH, ENV_VAR, Config, Route, SecurityConfig
+from engine.config.values import (
+    ConfigError,
+    ehlo_name,
+    endpoint_host,
+    error,
+    is_loopback_host,
+    known,
+    mapping,
+    show,
+)
+
+# Keys renamed, by their old name: still read, with a warning that names the new one.
+RENAMED = {"pools": "ip_pools"}
+
+# The top-level keys a file may hold: Config's fields, less what is not read from the file.
+_TOP_KEYS = [f.name for f in fields(Config) if f.name != "warnings"]
+
+
+def load(path: str | None = None) -> Config:
+    """Read and validate a config file: `path`, else $MAILENGINE_CONFIG, else DEFAULT_PATH."""
+    path = path or os.environ.get(ENV_VAR) or DEFAULT_PATH
+    data = _read_yaml(path)
+    try:
+        return from_dict(data)
+    except ConfigError as err:
+        err.file = path
+        raise
+
+
+def from_dict(data: Mapping[str, Any] | None) -> Config:
+    """Validate plain data (as YAML gives it) and build a `Config`; raises ConfigError."""
+    raw, warnings = _renamed(dict(mapping(data, "")))
+    raw = dict(known(raw, _TOP_KEYS, ""))
+    # hostname first: it is every IP's default helo; ips before ip_pools, which name them.
+    if "hostname" in raw:
+        hostname = ehlo_name(raw.pop("hostname"), "hostname")
+    else:
+        hostname = _default_hostname()
+    ips = sections.ips(raw.pop("ips", None), hostname)
+    ip_pools = sections.ip_pools(raw.pop("ip_pools", None), _given_as("ip_pools", data), ips)
+    values = {key: sections.TOP_READERS[key](value, key) for key, value in raw.items()}
+    _refuse_shared_endpoints(values)
+    _refuse_plain_remote(values)
+    return Config(hostname=hostname, ips=ips, ip_pools=ip_pools, warnings=warnings, **values)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The effective config as plain data (dict, list, str, numbers) that `from_dict` accepts."""
+    return _plain(cfg)
+
+
+def _renamed(raw: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """`raw` with old key names read as the new ones, and a warning for each."""
+    warnings = []
+    for old, new in RENAMED.items():
+        if old not in raw:
+            continue
+        if new in raw:
+            raise error(old, f"the old name of {new}; give one of them, not both")
+        raw[new] = raw.pop(old)
+        warnings.append(f"{old}: is now called {new}; rename the key "
+                        "(the old name is still accepted)")
+    return raw, tuple(warnings)
+
+
+def _given_as(key: str, data: Mapping[str, Any] | None) -> str:
+    """The name `key` has in the file: its old name if the file used that (for error paths)."""
+    old = next((o for o, new in RENAMED.items() if new == key), None)
+    return old if old is not None and data is not None and old in data else key
+
+
+def _default_hostname() -> str:
+    fqdn = socket.getfqdn()
+    try:
+        return ehlo_name(fqdn, "hostname")
+    except ConfigError:
+        raise error("hostname", f"this machine's name {fqdn!r} is not a valid EHLO name; "
+                                "set hostname") from None
+
+
+def _refuse_shared_endpoints(values: Mapping[str, Any]) -> None:
+    """Two sockets bound to one endpoint would fail at start with a vaguer error."""
+    seen: dict[str, str] = {}
+    for key in ("ingest", "events", "control"):
+        endpoint = values.get(key, getattr(Config, key))  # a class attribute holds the default
+        if endpoint in seen:
+            raise error(key, f"same endpoint as {seen[endpoint]}: {endpoint}")
+        seen[endpoint] = key
+
+
+_EXPOSURE = {"ingest": "may submit mail", "events": "reads every event",
+             "control": "reads the engine's status"}
+
+
+def _refuse_plain_remote(values: Mapping[str, Any]) -> None:
+    """A socket other machines can reach must be authenticated (docs/SECURITY.md).
+
+    Without CURVE, anyone who reaches `ingest` may submit mail (an open relay), and
+    anyone who reaches `events` reads every recipient. CURVE covers ingest and events;
+    `control` has no authentication, so it stays local unless allow_plain_remote.
+    """
+    security = values.get("security") or SecurityConfig()
+    if security.allow_plain_remote:
+        return
+    for key in ("ingest", "events", "control"):
+        if security.curve.enabled and key != "control":
+            continue
+        endpoint = values.get(key, getattr(Config, key))
+        host = endpoint_host(endpoint)
+        if host is None or is_loopback_host(host):
+            continue
+        fix = "bind it to 127.0.0.1 or an ipc:// path, "
+        fix += "" if key == "control" else "enable security.curve, "
+        raise error(key, f"{endpoint} can be reached from other machines, and without "
+                         f"authentication anyone who reaches it {_EXPOSURE[key]}; {fix}"
+                         "or set security.allow_plain_remote: true (docs/SECURITY.md)")
+
+
+# --- reading the file ------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc, unused-ignore]
+    """SafeLoader that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges may be overridden: that is their point
+            key = self.construct_object(key_node, deep=True)
+            if _hashable(key) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {show(key)}", key_node.start_mark)
+            if _hashable(key):
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _read_yaml(path: str) -> Any:
+    try:
+        with open(path, "rb") as stream:  # bytes: YAML detects the encoding itself
+            return yaml.load(stream, Loader=_StrictLoader)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}", file=path) from err
+    except yaml.MarkedYAMLError as err:
+        raise _yaml_error(path, err) from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: YAML error: {err}", file=path) from err
+
+
+def _yaml_error(path: str, err: yaml.MarkedYAMLError) -> ConfigError:
+    mark = err.problem_mark or err.context_mark
+    where = f"{path}:{mark.line + 1}" if mark else path
+    column = f" (column {mark.column + 1})" if mark else ""
+    problem = " ".join(p for p in (err.context, err.problem) if p)
+    return ConfigError(f"{where}: YAML syntax error: {problem}{column}", file=path)
+
+
+# --- back to plain data ------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Route):
+        return str(value)  # the same "host:port" form the file uses
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)
+                if f.metadata.get("plain", True)}
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value
+

@@ -1,0 +1,305 @@
+"""The schema: what a loaded config is, as frozen dataclasses with their defaults.
+
+Each default is written here once; docs/CONFIG.md documents it and
+conf/mailengine.yaml shows it. The readers (engine.config.sections) check the
+file against these classes; the engine reads them directly (`cfg.smtp.port`).
+"""
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any
+
+DEFAULT_PATH = "/etc/mailengine/mailengine.yaml"
+ENV_VAR = "MAILENGINE_CONFIG"
+
+TLS_MODES = ("none", "opportunistic", "required", "verify")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Field metadata of what is derived or said about the file rather than read from it:
+# left out of `to_dict`, whose output must load back.
+NOT_PLAIN: Mapping[str, Any] = MappingProxyType({"plain": False})
+
+
+def _frozen_mapping() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class IpConfig:
+    """One sending IP: the address outbound connections bind to, and its EHLO name."""
+
+    address: str
+    helo: str
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds to wait at each SMTP step; defaults from RFC 5321 section 4.5.3.2."""
+
+    connect: float = 30.0
+    banner: float = 300.0
+    ehlo: float = 300.0
+    starttls: float = 120.0
+    tls_handshake: float = 60.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data: float = 120.0
+    data_block: float = 180.0
+    final_dot: float = 600.0
+    rset: float = 60.0
+    quit: float = 10.0
+    # Deadlines over several steps, however the server paces its bytes:
+    setup: float = 600.0  # connect, banner, EHLO, STARTTLS, handshake, EHLO again
+    transaction: float = 1800.0  # MAIL FROM to the reply after the message (and RSET)
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """How to talk to destination servers."""
+
+    port: int = 25
+    tls: str = "opportunistic"
+    tls_broken_ttl: float = 3600.0
+    ca_file: str | None = None
+    max_reply_lines: int = 100
+    max_line_length: int = 4096
+    # EHLO keywords the engine acts as if the server had not offered (lower case), as
+    # Postfix's smtp_discard_ehlo_keywords: a workaround for a server whose PIPELINING or
+    # CHUNKING is broken, and how the benchmarks emulate a naive client.
+    discard_ehlo_keywords: tuple[str, ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Connection reuse, per destination (sending IP, MX host, port, TLS mode).
+
+    `max_connections` and `max_messages` are also every provider's defaults in
+    shaping (see `SendingLimits`)."""
+
+    max_connections: int = 10
+    max_messages: int = 100
+    idle_timeout: float = 60.0
+    connect_backoff: float = 30.0
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    """The resolver for MX lookups; no nameservers means the system resolver."""
+
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 5.0
+    cache_size: int = 10000
+
+
+@dataclass(frozen=True)
+class Route:
+    """A fixed next hop for a domain; `port` None means `smtp.port`."""
+
+    host: str
+    port: int | None = None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StatsdConfig:
+    """Where metrics go."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8125
+    prefix: str = "mailengine"
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """What intake accepts, and how much one worker holds at once."""
+
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 1000
+    max_in_flight: int = 1000
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Waits between attempts (the last repeats) and how long a recipient may wait in all."""
+
+    schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+    max_age: float = 5 * 86400.0
+
+
+@dataclass(frozen=True)
+class ProviderLimits:
+    """Limits for one provider, or one sending IP x provider; None inherits.
+
+    Its fields are `SendingLimits`' (by name): each one given overrides it."""
+
+    max_connections: int | None = None
+    max_messages: int | None = None
+    rate: float | None = None
+    hourly: int | None = None
+    connection_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    """Pacing per sending IP x provider. `pool` gives the connection defaults."""
+
+    rate: float = 0.0  # messages per second, 0 = unlimited
+    hourly: int = 0  # messages per hour, 0 = unlimited
+    connection_rate: float = 0.0  # new connections per second, 0 = unlimited
+    max_wait: float = 10.0  # longer waits for a turn go back to the spool
+    providers: Mapping[str, ProviderLimits] = field(default_factory=_frozen_mapping)
+    ips: Mapping[str, Mapping[str, ProviderLimits]] = field(default_factory=_frozen_mapping)
+
+
+@dataclass(frozen=True)
+class SendingLimits:
+    """The limits of one sending IP x one provider, resolved. 0 means unlimited.
+
+    Built by `of` from the config: `pool` and `shaping` give the defaults, then
+    `shaping.providers.<provider>`, then `shaping.ips.<ip>.<provider>`. Every
+    field is required: the defaults are those sections', written once there.
+    """
+
+    max_connections: int  # open connections across the provider's MX hosts
+    max_messages: int  # per connection
+    rate: float  # messages per second: the most the adaptive rate may reach
+    hourly: int  # messages per hour
+    connection_rate: float  # new connections per second
+
+    @classmethod
+    def of(cls, pool: PoolConfig, shaping: ShapingConfig, ip: str,
+           provider: str) -> SendingLimits:
+        """The limits of sending IP `ip` x `provider`."""
+        limits = cls(max_connections=pool.max_connections, max_messages=pool.max_messages,
+                     rate=shaping.rate, hourly=shaping.hourly,
+                     connection_rate=shaping.connection_rate)
+        for given in (shaping.providers.get(provider), shaping.ips.get(ip, {}).get(provider)):
+            if given is not None:
+                limits = replace(limits, **{f.name: getattr(given, f.name) for f in fields(given)
+                                            if getattr(given, f.name) is not None})
+        return limits
+
+
+@dataclass(frozen=True)
+class ThrottleRule:
+    """A reply that means "slow down": every field given must match.
+
+    engine.classify.throttle_rule does the matching; `pattern` is `text`
+    compiled (case-insensitive), once, when the rule is built.
+    """
+
+    name: str = "custom"
+    provider: str | None = None
+    code: int | None = None
+    enhanced: str | None = None  # glob, e.g. "4.7.*"
+    text: str | None = None  # regular expression, searched, case-insensitive
+    suspend: float = 0.0  # seconds to stop sending to the provider; 0: only slow down
+    pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False,
+                                            metadata=NOT_PLAIN)
+
+    def __post_init__(self) -> None:
+        pattern = re.compile(self.text, re.IGNORECASE) if self.text else None
+        object.__setattr__(self, "pattern", pattern)
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    """How the allowed rate adapts when providers push back."""
+
+    decrease: float = 0.5  # multiply the allowed rate by this on a throttle
+    increase: float = 0.5  # messages/s added back per second of clean sending at the rate
+    min_rate: float = 0.05  # never below this many messages per second
+    start_rate: float = 10.0  # the allowed rate of an unlimited provider after a first throttle
+    holdoff: float = 2.0  # throttles within this many seconds of a decrease count once
+    retry_after: float = 60.0  # a throttled recipient without suspension waits this long
+    default_rules: bool = True  # the shipped rules (engine.classify) after `rules`
+    rules: tuple[ThrottleRule, ...] = ()
+
+
+DEFAULT_WARMUP = (50, 100, 200, 400, 800, 1500, 2500, 4000, 6000, 9000, 13000, 18000, 25000,
+                  35000, 50000, 70000, 100000)
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Daily caps per provider for new sending IPs."""
+
+    schedule: tuple[int, ...] = DEFAULT_WARMUP
+    ips: Mapping[str, str] = field(default_factory=_frozen_mapping)
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """ZeroMQ CURVE on `ingest` and `events`: encryption, and only listed clients get in."""
+
+    enabled: bool = False
+    server_secret_key: str = "/etc/mailengine/keys/server.key_secret"
+    allowed_clients: str = "/etc/mailengine/keys/clients"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Who may submit jobs, and where mail may not go. See docs/SECURITY.md."""
+
+    curve: CurveConfig = field(default_factory=CurveConfig)
+    allow_plain_remote: bool = False  # non-loopback ingest/events/control without CURVE
+    allow_private_destinations: bool = False  # MX hosts at loopback, private... addresses
+    allowed_destinations: tuple[str, ...] = ()  # networks allowed although not public
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The whole configuration. Build it with `load` or `from_dict`, which validate.
+
+    `ip_pools` are the named groups of sending IPs a job may choose (`pool` is the
+    SMTP connection pool's settings): one named `default`, of every address in
+    `ips`, always exists unless the config defines its own `default`.
+
+    `warnings` are what the file should change although it loads (an old key
+    name), each starting with the key's dotted path as errors do; they are not
+    part of the config (not compared, not in `to_dict`).
+    """
+
+    ingest: str = "tcp://127.0.0.1:5570"
+    events: str = "tcp://127.0.0.1:5571"
+    control: str = "ipc:///run/mailengine/control.sock"
+    run_dir: str = "/run/mailengine"
+    events_log: str = "/var/log/mailengine/events.jsonl"
+    spool: str = "/var/spool/mailengine"
+    hostname: str = field(default_factory=socket.getfqdn)
+    log_level: str = "info"
+    drain_timeout: float = 60.0
+    ips: tuple[IpConfig, ...]
+    ip_pools: Mapping[str, tuple[str, ...]] = field(default_factory=_frozen_mapping)
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    routes: Mapping[str, Route] = field(default_factory=_frozen_mapping)
+    statsd: StatsdConfig = field(default_factory=StatsdConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    providers: Mapping[str, str] = field(default_factory=_frozen_mapping)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    warnings: tuple[str, ...] = field(default=(), compare=False, metadata=NOT_PLAIN)
+
+    def __post_init__(self) -> None:
+        # Frozen all the way down: copy mappings into read-only proxies.
+        ip_pools = dict(self.ip_pools)
+        ip_pools.setdefault("default", tuple(ip.address for ip in self.ips))
+        object.__setattr__(self, "ip_pools", MappingProxyType(ip_pools))
+        object.__setattr__(self, "routes", MappingProxyType(dict(self.routes)))
+        object.__setattr__(self, "providers", MappingProxyType(dict(self.providers)))
+        object.__setattr__(self, "warnings", tuple(self.warnings))

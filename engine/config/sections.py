@@ -1,0 +1,340 @@
+"""The readers of each section of the file, built from engine.config.values.
+
+`TOP_READERS` maps each top-level key to its reader, except the keys that need
+another one's value (`hostname`, `ips`, `ip_pools`: see engine.config.loader).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import fields
+from types import MappingProxyType
+from typing import Any
+
+from engine.config.names import is_hostname
+from engine.config.schema import (
+    LOG_LEVELS,
+    TLS_MODES,
+    CurveConfig,
+    DnsConfig,
+    IpConfig,
+    LimitsConfig,
+    PoolConfig,
+    ProviderLimits,
+    RetryConfig,
+    Route,
+    SecurityConfig,
+    ShapingConfig,
+    SmtpConfig,
+    StatsdConfig,
+    ThrottleConfig,
+    ThrottleRule,
+    Timeouts,
+    WarmupConfig,
+)
+from engine.config.values import (
+    PORT,
+    Reader,
+    boolean,
+    choice,
+    duration,
+    ehlo_name,
+    endpoint,
+    error,
+    host,
+    integer,
+    ip_address,
+    iso_date,
+    join,
+    known,
+    mapping,
+    matching,
+    network,
+    nonempty,
+    number,
+    optional,
+    refuse_repeats,
+    regex,
+    section,
+    sequence,
+    show,
+    size,
+    text,
+    tuple_of,
+)
+
+# --- sending IPs and their pools ---------------------------------------------------
+
+
+def ips(value: Any, hostname: str) -> tuple[IpConfig, ...]:
+    items = sequence(value, "ips")
+    if not items:
+        raise error("ips", "required: at least one sending IP, e.g. [{address: 203.0.113.10}]")
+    result = tuple(_ip(item, f"ips[{i}]", hostname) for i, item in enumerate(items))
+    refuse_repeats([ip.address for ip in result], "ips[{}].address")
+    return result
+
+
+def _ip(value: Any, path: str, hostname: str) -> IpConfig:
+    if isinstance(value, str | int):  # int: an unquoted IPv6 that YAML read as base 60
+        value = {"address": value}  # shorthand: `- 203.0.113.10`
+    data = dict(known(mapping(value, path), ("address", "helo"), path))
+    if "address" not in data:
+        raise error(f"{path}.address", "required")
+    address = ip_address(data["address"], f"{path}.address")
+    helo = ehlo_name(data["helo"], f"{path}.helo") if "helo" in data else hostname
+    return IpConfig(address=address, helo=helo)
+
+
+_POOL_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def ip_pools(value: Any, path: str, ips: tuple[IpConfig, ...]) -> dict[str, tuple[str, ...]]:
+    """`path`: the key the file used (`ip_pools`, or `pools`, its old name)."""
+    addresses = {ip.address for ip in ips}
+    pools = {}
+    for name, members in mapping(value, path).items():
+        if not _POOL_NAME.fullmatch(name):
+            raise error(join(path, name) if name else path,
+                        f"pool names are letters, digits, _ and - (got {show(name)})")
+        pools[name] = _ip_pool(members, join(path, name), addresses)
+    return pools
+
+
+def _ip_pool(value: Any, path: str, addresses: set[str]) -> tuple[str, ...]:
+    members = tuple_of(ip_address, nonempty=True)(value, path)
+    for i, address in enumerate(members):
+        if address not in addresses:
+            raise error(f"{path}[{i}]", f"{address} is not in ips")
+    refuse_repeats(members, path + "[{}]")
+    return tuple(members)
+
+
+# --- routes ----------------------------------------------------------------------
+
+_BRACKETED = re.compile(r"\[([^\]]+)\](?::(.*))?")
+_ROUTE_HINT = 'must be "host", "host:port" or "[IPv6]:port"'
+
+
+def _routes(value: Any, path: str) -> dict[str, Route]:
+    routes: dict[str, Route] = {}
+    for domain, target in mapping(value, path).items():
+        where = join(path, domain)
+        key = domain.lower()
+        if key != "*" and not is_hostname(key):
+            raise error(where, 'not a domain name (IDN in its xn-- form), nor "*"')
+        if key in routes:
+            raise error(where, f"{key} is listed twice")
+        routes[key] = _route(target, where)
+    return routes
+
+
+def _route(value: Any, path: str) -> Route:
+    if not isinstance(value, str) or not value:
+        raise error(path, f"{_ROUTE_HINT} (got {show(value)})")
+    bracketed = _BRACKETED.fullmatch(value)
+    if bracketed:
+        address, port = ip_address(bracketed.group(1), path), bracketed.group(2)
+    elif value.count(":") > 1:
+        raise error(path, f"IPv6 goes in brackets, e.g. [2001:db8::1]:25 (got {show(value)})")
+    else:
+        name, colon, port_text = value.partition(":")
+        address, port = host(name, path), (port_text if colon else None)
+    return Route(host=address, port=None if port is None else _route_port(port, path))
+
+
+def _route_port(digits: str, path: str) -> int:
+    if not digits.isdigit():
+        raise error(path, f"port must be a number (got {show(digits)})")
+    return int(PORT(int(digits), path))
+
+
+# --- smtp, pool, dns, statsd, limits, retry ------------------------------------------
+
+_TIMEOUTS = section(Timeouts, {f.name: duration(positive=True) for f in fields(Timeouts)})
+
+
+def _ehlo_keywords(value: Any, path: str) -> tuple[str, ...]:
+    """EHLO keywords (RFC 5321 4.1.1.1: letters, digits and '-'), lower-cased."""
+    read = matching(r"[A-Za-z0-9][A-Za-z0-9-]*", "an EHLO keyword such as PIPELINING")
+    keywords = tuple(k.lower() for k in tuple_of(read)(value, path))
+    refuse_repeats(keywords, path + "[{}]")
+    return keywords
+
+
+_SMTP = section(SmtpConfig, {
+    "port": PORT,
+    "tls": choice(*TLS_MODES),
+    "tls_broken_ttl": duration(),
+    "ca_file": optional(nonempty),
+    "max_reply_lines": integer(1),
+    "max_line_length": integer(512),  # RFC 5321 4.5.3.1.5: replies may be 512 octets
+    "discard_ehlo_keywords": _ehlo_keywords,
+    "timeouts": _TIMEOUTS,
+})
+
+_POOL = section(PoolConfig, {
+    "max_connections": integer(1),
+    "max_messages": integer(1),
+    "idle_timeout": duration(),
+    "connect_backoff": duration(),
+})
+
+
+def _nameservers(value: Any, path: str) -> tuple[str, ...]:
+    servers: tuple[str, ...] = tuple_of(ip_address)(value, path)
+    refuse_repeats(servers, path + "[{}]")
+    return servers
+
+
+_DNS = section(DnsConfig, {
+    "nameservers": _nameservers,
+    "port": PORT,
+    "timeout": duration(positive=True),
+    "cache_size": integer(0),
+})
+
+_STATSD = section(StatsdConfig, {
+    "enabled": boolean,
+    "host": host,
+    "port": PORT,
+    "prefix": matching(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*",
+                       "letters, digits, _ and - in dot-separated parts"),
+})
+
+_LIMITS = section(LimitsConfig, {
+    "max_message_size": size,
+    "max_recipients": integer(1),
+    "max_in_flight": integer(1),
+})
+
+_RETRY = section(RetryConfig, {
+    "schedule": tuple_of(duration(positive=True), nonempty=True),
+    "max_age": duration(),
+})
+
+
+# --- providers, shaping, throttle, warmup --------------------------------------------
+
+_PROVIDER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+
+
+def _provider_name(name: str, path: str) -> str:
+    if not _PROVIDER_NAME.fullmatch(name):
+        raise error(path, "provider names are lowercase letters, digits, '.', '_' and '-'")
+    return name
+
+
+def _providers(value: Any, path: str) -> Mapping[str, str]:
+    table = {}
+    for suffix, name in mapping(value, path).items():
+        where = join(path, suffix)
+        if not is_hostname(suffix):
+            raise error(where, "must be an MX host name suffix, e.g. mx.example.net")
+        table[suffix.lower()] = _provider_name(text(name, where), where)
+    return table
+
+
+_PROVIDER_LIMITS = section(ProviderLimits, {
+    "max_connections": optional(integer(1)),
+    "max_messages": optional(integer(1)),
+    "rate": optional(number(0)),
+    "hourly": optional(integer(0)),
+    "connection_rate": optional(number(0)),
+})
+
+
+def _per_provider(value: Any, path: str) -> Mapping[str, ProviderLimits]:
+    return MappingProxyType({
+        _provider_name(name, join(path, name)): _PROVIDER_LIMITS(limits, join(path, name))
+        for name, limits in mapping(value, path).items()})
+
+
+def _per_ip(value: Any, path: str) -> Mapping[str, Mapping[str, ProviderLimits]]:
+    return MappingProxyType({ip_address(ip, join(path, ip)): _per_provider(v, join(path, ip))
+                             for ip, v in mapping(value, path).items()})
+
+
+_SHAPING = section(ShapingConfig, {
+    "rate": number(0),
+    "hourly": integer(0),
+    "connection_rate": number(0),
+    "max_wait": duration(),
+    "providers": _per_provider,
+    "ips": _per_ip,
+})
+
+_RULE_FIELDS = section(ThrottleRule, {
+    "name": nonempty,
+    "provider": optional(lambda v, p: _provider_name(text(v, p), p)),
+    "code": optional(integer(400, 599)),
+    "enhanced": optional(matching(r"[245*?]\.[0-9*?]{1,3}\.[0-9*?]{1,3}",
+                                  'an enhanced status or glob, e.g. "4.7.*"')),
+    "text": optional(regex),
+    "suspend": duration(),
+})
+
+
+def _rule(value: Any, path: str) -> ThrottleRule:
+    rule = _RULE_FIELDS(value, path)
+    if rule.code is None and rule.enhanced is None and rule.text is None:
+        raise error(path, "a rule needs at least one of code, enhanced or text")
+    return rule
+
+
+_THROTTLE = section(ThrottleConfig, {
+    "decrease": number(0, 1, above=True),
+    "increase": number(0),
+    "min_rate": number(0, above=True),
+    "start_rate": number(0, above=True),
+    "holdoff": duration(),
+    "retry_after": duration(),
+    "default_rules": boolean,
+    "rules": tuple_of(_rule),
+})
+
+_WARMUP = section(WarmupConfig, {
+    "schedule": tuple_of(integer(1), nonempty=True),
+    "ips": lambda v, p: MappingProxyType({ip_address(ip, join(p, ip)): iso_date(d, join(p, ip))
+                                          for ip, d in mapping(v, p).items()}),
+})
+
+
+# --- security ------------------------------------------------------------------------
+
+_CURVE = section(CurveConfig, {
+    "enabled": boolean,
+    "server_secret_key": nonempty,
+    "allowed_clients": nonempty,
+})
+
+_SECURITY = section(SecurityConfig, {
+    "curve": _CURVE,
+    "allow_plain_remote": boolean,
+    "allow_private_destinations": boolean,
+    "allowed_destinations": tuple_of(network),
+})
+
+
+TOP_READERS: dict[str, Reader] = {
+    "ingest": endpoint,
+    "events": endpoint,
+    "control": endpoint,
+    "run_dir": nonempty,
+    "events_log": text,  # "" turns the file off
+    "spool": nonempty,
+    "log_level": choice(*LOG_LEVELS),
+    "drain_timeout": duration(),
+    "smtp": _SMTP,
+    "pool": _POOL,
+    "dns": _DNS,
+    "routes": _routes,
+    "statsd": _STATSD,
+    "limits": _LIMITS,
+    "retry": _RETRY,
+    "providers": _providers,
+    "shaping": _SHAPING,
+    "throttle": _THROTTLE,
+    "warmup": _WARMUP,
+    "security": _SECURITY,
+}
