@@ -155,7 +155,7 @@ class Dispatcher:
                 return handle
             return None
         best: WorkerHandle | None = None
-        for member in self.cfg.pools.get(pool or "default", ()):
+        for member in self.cfg.ip_pools.get(pool or "default", ()):
             handle = self._workers.get(member)
             if (handle is not None and handle.ready and self._room(handle) > 0
                     and (best is None or len(handle.jobs) < len(best.jobs))):

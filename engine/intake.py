@@ -94,6 +94,6 @@ class Intake:
         if job.ip is not None and job.ip not in {ip.address for ip in self.cfg.ips}:
             raise JobRejected(f"ip {job.ip} is not one of this engine's sending IPs",
                               job.id, dict(job.meta))
-        if job.pool is not None and job.pool not in self.cfg.pools:
+        if job.pool is not None and job.pool not in self.cfg.ip_pools:
             raise JobRejected(f"unknown pool {job.pool!r} (configured: "
-                              f"{', '.join(sorted(self.cfg.pools))})", job.id, dict(job.meta))
+                              f"{', '.join(sorted(self.cfg.ip_pools))})", job.id, dict(job.meta))

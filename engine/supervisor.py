@@ -212,6 +212,7 @@ class Supervisor:
                 != (old_sec.curve.enabled, old_sec.curve.server_secret_key,
                     old_sec.allow_plain_remote):
             log.warning(logs.kv("reload_needs_restart", key="security"))
+        _warn_about(new)
         self._reload_clients(new.security.curve.allowed_clients)
         self.cfg = self.intake.cfg = self.dispatcher.cfg = new
         self.results.schedule = new.retry.schedule
@@ -273,6 +274,12 @@ def _poller(*socks: zmq.Socket) -> zmq.Poller:
     return poller
 
 
+def _warn_about(cfg: Config) -> None:
+    """What the config file should change although it loads (an old key name...)."""
+    for warning in cfg.warnings:
+        log.warning(logs.kv("config_warning", warning=warning))
+
+
 def _on_corrupt(job_id: str, reason: str) -> None:
     log.error(logs.kv("spool_corrupt", id=job_id, reason=reason))
 
@@ -284,6 +291,7 @@ def main(config_path: str | None) -> int:
         print(f"mailengine: {err}", file=sys.stderr)
         return 2
     logs.setup(cfg.log_level, "supervisor")
+    _warn_about(cfg)
     try:
         supervisor = Supervisor(cfg, config_path)
     except config_mod.ConfigError as err:  # a key file or the clients' folder

@@ -35,7 +35,7 @@ def peers(sink: SinkServer) -> dict[str, str]:
 
 
 def two_ip_engine(local_engine: Callable[..., LocalEngine], sink: SinkServer) -> LocalEngine:
-    return local_engine(sink.port, ips=(IP2, IP3), extra={"pools": POOLS})
+    return local_engine(sink.port, ips=(IP2, IP3), extra={"ip_pools": POOLS})
 
 
 @contextlib.contextmanager

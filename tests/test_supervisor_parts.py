@@ -172,7 +172,7 @@ def _config(tmp: Path, sockdir: str) -> Config:
         "ingest": f"ipc://{sockdir}/ingest", "events": f"ipc://{sockdir}/events",
         "control": f"ipc://{sockdir}/control", "run_dir": sockdir,
         "events_log": str(tmp / "events.jsonl"), "spool": str(tmp / "spool"),
-        "ips": [{"address": IP2}, {"address": IP3}], "pools": {"default": [IP2, IP3]},
+        "ips": [{"address": IP2}, {"address": IP3}], "ip_pools": {"default": [IP2, IP3]},
         "statsd": {"enabled": False},
     })
 
