@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import AsyncResult
 
-from engine import logs
+from engine import classify, logs
 from engine.config import PoolConfig
 from engine.reply import DeliveryError
 from engine.smtp import Connection
@@ -319,11 +319,9 @@ class DestinationPool:
         return conn
 
     def _at_capacity(self, err: DeliveryError) -> bool:
-        """Whether a failed connect is the server's capacity, not an outage: a 4xx ("421
-        too many connections") while others are open and working. If so, use fewer
-        connections for a while; failing every waiter would defer mail that the open
-        ones carry."""
-        if self.open <= 0 or err.permanent:
+        """Whether a failed connect is the server's capacity, not an outage
+        (classify.at_capacity); if so, use fewer connections for a while."""
+        if not classify.at_capacity(err, self.open):
             return False
         self._cap = max(1, self.open)
         self._cap_until = self._clock() + self.settings.connect_backoff
