@@ -185,7 +185,7 @@ def test_a_refused_connect_ahead_defers_nothing(scripted: Any) -> None:
     assert [a.status for a in deliver(deliverer, 2)] == [Status.DELIVERED]
     gevent.sleep(0.2)  # the connect ahead runs (and is refused)
     pool = pools.find(PoolKey(CLIENT_IP, "127.0.0.1", server.port, "none"))
-    assert pool is not None and pool.ahead_failed == 1 and not pool.failing()
+    assert pool is not None and pool.ahead.failed == 1 and not pool.failing()
     assert [a.status for a in deliver(deliverer, 3)] == [Status.DELIVERED]
     assert [a.status for a in deliver(deliverer, 4)] == [Status.DELIVERED]
     close_pools(pools)
