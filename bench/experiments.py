@@ -58,6 +58,7 @@ def apply(variant: str) -> None:
 
 
 def _light_phase(smtp: Any) -> None:
+    from engine import classify
     from engine.reply import DeliveryError
 
     class Phase:
@@ -67,14 +68,14 @@ def _light_phase(smtp: Any) -> None:
             self.conn, self.command, self.timeout = conn, command, timeout
 
         def __enter__(self) -> None:
-            self.conn.command = self.command
+            self.conn._deadlines.command = self.command
             if self.conn.sock is not None:
                 self.conn.sock.settimeout(self.timeout)
 
         def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
             if exc is None or isinstance(exc, DeliveryError) or not isinstance(exc, Exception):
                 return  # propagate as it is
-            raise smtp._translate(exc, self.command, self.timeout) from exc
+            raise classify.translate(exc, self.command, self.timeout) from exc
 
     smtp.Connection.phase = lambda self, command, timeout: Phase(self, command, timeout)
 

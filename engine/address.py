@@ -27,6 +27,7 @@ import re
 import unicodedata
 
 from engine.config import names
+from engine.text import quoted
 
 MAX_LOCAL_OCTETS = 64  # RFC 5321 4.5.3.1.1
 MAX_ADDRESS_OCTETS = 254  # a 256-octet path minus its angle brackets
@@ -134,10 +135,7 @@ def _bad(addr: object, problem: str) -> AddressError:
 
 def _show(addr: object) -> str:
     """The address quoted for an error message: control characters escaped, cut short."""
-    text = addr if isinstance(addr, str) else type(addr).__name__
-    if len(text) > _SHOW_MAX:
-        return repr(text[:_SHOW_MAX]) + "..."
-    return repr(text)
+    return quoted(addr if isinstance(addr, str) else type(addr).__name__, _SHOW_MAX)
 
 
 def _octets(text: str) -> int:

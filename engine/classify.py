@@ -1,25 +1,82 @@
-"""Reply decisions: every decision the engine takes on an SMTP reply, in one place.
+"""Every reply decision in one module: why a recipient was delivered, deferred or bounced.
 
-Each decision is a named, documented function of the reply (and what it needs
-to know besides), so "why was this deferred?" is answered in this file. The
-data they work on lives elsewhere: `Reply` and the delivery errors in
-engine.reply, the operator's rules in engine.config.
+Start here to answer "why was this deferred?". Each function below is one decision the
+engine takes on a server's reply, or on a failure no server answered (DNS, connect,
+timeout, a broken protocol), named after the question it answers. The SMTP layer
+(engine.smtp), the connector, the pools, the MX lookup and delivery call these functions;
+they do the I/O and act on the answer, but do not decide on their own.
 
-Throttles: a reply that means "slow down" (`throttle_rule`) is matched against
-the operator's rules first, then the shipped `DEFAULT_RULES`; the provider's
-shaper (engine.shaping) then slows down or suspends sending, and the recipient
-is deferred, never bounced.
+The building blocks are engine.reply's: `Reply.ok`, `.transient` and `.permanent` are the
+RFC 5321 reply classes (2xx/3xx positive, 4xx transient, 5xx permanent), `error_for` picks
+the error for a reply (PermanentError for 5xx, TransientError otherwise), and an error's
+`Blame` says whether the connection (try the next MX host, or a fresh connection) or the
+message (the outcome, whatever host) is at fault. The decisions here build on them.
 
-This module imports only engine.reply, engine.protocol, engine.config and the
-standard library.
+One rule runs through all of them: what the engine does not understand is transient. A bug,
+an unknown exception, a server breaking the protocol, a lost connection: the recipient is
+deferred and tried again, never bounced.
+
+The decisions, by where they are taken:
+
+- the outcome of a reply: `status`;
+- a reply that means "slow down": `throttle_rule`, over `throttle_rules` (the operator's
+  rules, then the shipped `DEFAULT_RULES`); the provider's shaper (engine.shaping) then
+  slows down or suspends sending, and the recipient is deferred, never bounced;
+- inside a transaction (engine.smtp): `speaks_helo_only`, `completion`, `idle_farewell`,
+  `data_refusal`, `recipient_replies`, `failed_transaction`, `no_final_reply`,
+  `deadline_passed`, and the message's own faults: `cannot_convert`, `needs_smtputf8`,
+  `unsafe_envelope`;
+- opening a connection (engine.connector, engine.pool): `turned_away`, `tls_not_offered`,
+  `tls_refused`, `prohibited_destination`, `at_capacity`;
+- across a domain's MX hosts (engine.delivery): `refused_at_every_host`, `not_yet`,
+  `internal_error`;
+- the MX lookup (engine.mx): `no_such_domain`, `no_mx_or_address`, `null_mx`,
+  `invalid_domain`, `dns_failed`, `no_address`;
+- exceptions: `translate` (socket, ssl, smtplib and timeout errors), `short`.
 """
 from __future__ import annotations
 
 import fnmatch
+import smtplib
+import socket
+import ssl
 from collections.abc import Sequence
 
 from engine.config import ThrottleConfig, ThrottleRule
-from engine.reply import Reply
+from engine.protocol import Status
+from engine.reply import (
+    Blame,
+    DeliveryError,
+    PermanentError,
+    ProtocolError,
+    Reply,
+    StaleConnection,
+    TlsError,
+    TransientError,
+    error_for,
+)
+from engine.text import cut
+
+# Replies to EHLO that mean "I only speak HELO" (RFC 5321 4.1.4); others are final.
+_EHLO_UNKNOWN = (500, 502, 504, 550)
+# Characters of an exception's text kept in a reply.
+_SHORT = 200
+
+
+# -- the outcome ------------------------------------------------------------------------
+
+
+def status(reply: Reply) -> Status:
+    """A recipient's status from the reply that ends its attempt: a positive reply is
+    delivered (only a 2xx ever gets here: see `completion`), a 5xx bounced, anything else
+    deferred (tried again by the retry schedule). A throttle defers whatever its code
+    (engine.delivery, by the provider's throttle rules)."""
+    if reply.ok:
+        return Status.DELIVERED
+    if reply.permanent:
+        return Status.BOUNCED
+    return Status.DEFERRED
+
 
 # -- throttles: "slow down" ------------------------------------------------------------------
 
@@ -77,3 +134,268 @@ def _matches(rule: ThrottleRule, provider: str, reply: Reply) -> bool:
     if rule.enhanced is not None and not fnmatch.fnmatchcase(reply.status, rule.enhanced):
         return False
     return rule.pattern is None or rule.pattern.search(reply.text) is not None
+
+
+# -- inside a transaction ---------------------------------------------------------------
+
+
+def speaks_helo_only(code: int) -> bool:
+    """A reply to EHLO that means the server does not know it (RFC 5321 4.1.4): say HELO
+    instead. Any other refusal of EHLO is final (`turned_away`)."""
+    return code in _EHLO_UNKNOWN
+
+
+def completion(reply: Reply, command: str) -> Reply:
+    """`reply`, the answer to MAIL, RCPT or the message, where success is 2xx only (RFC 5321
+    4.2.1, 4.3.2); a 3xx there raises ProtocolError (translated: 451 4.5.0, deferred).
+
+    Regression (fuzzing found it): a "354" after the message counted as delivered; a 3xx
+    here is a protocol error, never a success."""
+    if 300 <= reply.code < 400:
+        raise ProtocolError(f"{reply.code} reply to {command}, where only 2xx is success")
+    return reply
+
+
+def idle_farewell(mail: Reply, reused: bool) -> bool:
+    """Whether the reply to MAIL, the first of a transaction, is a stale connection's
+    farewell rather than an answer to this message.
+
+    On a reused connection, a 421 there is almost always the server's idle-timeout farewell
+    crossing our MAIL on the wire (sent before it read MAIL): the connection was stale, the
+    message was not refused, and it goes out again on a fresh connection (StaleConnection,
+    no attempt counted). A 4.7.x 421 ("4.7.0 rate limited") is policy: the answer to this
+    MAIL, never an idle farewell; retrying it at once on fresh connections would hammer a
+    server that just told us to slow down, and hide the throttle from the shaper."""
+    return mail.code == 421 and reused and not (mail.enhanced or "").startswith("4.7.")
+
+
+def data_refusal(reply: Reply) -> Reply | None:
+    """None if the reply to DATA opens the message (354), else the refusal (the outcome).
+
+    Regression (fuzzing found it): a server answering 250 to DATA had the recipients
+    reported delivered, although the body was never sent. Only 354 opens the body;
+    another success code is a protocol error (TransientError 451 4.5.0), a refusal is the
+    outcome."""
+    if reply.code == 354:
+        return None
+    if reply.ok:
+        raise TransientError(Reply(451, "4.5.0", f"protocol error: {reply.code} reply to"
+                                   " DATA, where 354 was expected"), "DATA")
+    return reply
+
+
+def recipient_replies(mail: Reply, rcpt_replies: Sequence[Reply], final: Reply,
+                      count: int) -> list[Reply]:
+    """Each of `count` recipients' outcome (RFC 5321 results are per recipient): a refused
+    MAIL refuses them all, a refused RCPT its recipient; the others get `final` (the reply
+    to the final dot or BDAT LAST, or the refusal of DATA)."""
+    if not mail.ok:
+        return [mail] * count
+    return [final if rcpt.ok else rcpt for rcpt in rcpt_replies]
+
+
+def failed_transaction(err: DeliveryError, reused: bool, mail: Reply | None,
+                       data_sent: bool) -> tuple[Reply, bool]:
+    """What a transaction that failed before the replies that judge it (`err`) means for
+    each recipient: (the reply, ambiguous).
+
+    - the message is to blame (refused before anything was sent): `err`'s reply;
+    - a reused connection that failed before the server answered MAIL (`mail` None) was
+      stale: raises StaleConnection, and the message goes out again on a fresh connection;
+    - MAIL was refused: the refusal;
+    - the message was sent, the reply to its final dot never came: 451 4.4.2, ambiguous
+      (the server may have it; a retry may deliver it twice);
+    - else `err`'s reply (a connection failure: deferred)."""
+    if err.blame is Blame.MESSAGE:
+        return err.reply, False
+    if reused and mail is None:
+        raise StaleConnection(err.reply, err.command, Blame.CONNECTION) from err
+    if mail is not None and not mail.ok:
+        # Regression (a pipelined MAIL answered "421 rate limited", then the server
+        # hung up, as servers do after a 421): the refusal is the outcome. The
+        # server took nothing, so the loss is neither ambiguous nor the reply.
+        return mail, False
+    if data_sent:
+        return Reply(451, "4.4.2", f"{err.reply.text}; the message may have been"
+                                   " delivered (no reply to the final dot)"), True
+    return err.reply, False
+
+
+def no_final_reply() -> Reply:
+    """A message handed on with its connection whose final reply was never read (the
+    connection closed first): deferred, ambiguous."""
+    return Reply(451, "4.4.2", "connection lost before the reply to the final dot; the"
+                               " message may have been delivered")
+
+
+def deadline_passed(name: str, seconds: float, command: str) -> Reply:
+    """A deadline over several phases ("setup", "transaction") ran out in `command`:
+    deferred, like a timeout."""
+    where = f" (in {command})" if command else ""
+    return Reply(451, "4.4.2", f"{name} took longer than {seconds:g}s{where}")
+
+
+def cannot_convert(why: str) -> DeliveryError:
+    """An 8-bit message for a server without 8BITMIME that cannot be converted to 7-bit
+    (engine.downgrade): bounced, 554 5.6.3, before MAIL; the message is to blame, so no
+    other MX host is tried."""
+    return error_for(Reply(554, "5.6.3", "8-bit message, the server does not offer"
+                           f" 8BITMIME, and conversion to 7-bit is not possible: {why}"),
+                     "MAIL", Blame.MESSAGE)
+
+
+def needs_smtputf8() -> DeliveryError:
+    """Addresses that need SMTPUTF8, for a server that does not offer it (RFC 6531):
+    bounced, 553 5.6.7; the message is to blame."""
+    return error_for(Reply(553, "5.6.7", "address needs SMTPUTF8, which the server"
+                           " does not offer"), "MAIL", Blame.MESSAGE)
+
+
+def unsafe_envelope() -> DeliveryError:
+    """CR, LF or NUL in an envelope address or parameter (it could inject commands):
+    bounced, 501 5.1.3, nothing sent; the message is to blame."""
+    return error_for(Reply(501, "5.1.3", "CR, LF or NUL in an envelope field refused"),
+                     "MAIL", Blame.MESSAGE)
+
+
+# -- opening a connection ---------------------------------------------------------------
+
+
+def turned_away(reply: Reply, command: str) -> DeliveryError:
+    """A refusal at the door (a 421 or 554 banner, a refused EHLO): the connection is to
+    blame, the next MX host is tried. Only if every host refuses does it reach the
+    recipients (`refused_at_every_host`)."""
+    return error_for(reply, command)
+
+
+def tls_not_offered(host: str) -> TransientError:
+    """TLS is required (smtp.tls `required` or `verify`) and `host` does not offer
+    STARTTLS: deferred, the next MX host is tried."""
+    return TransientError(Reply(451, "4.7.4", f"TLS is required, but {host} does not offer"
+                                " STARTTLS"), "EHLO")
+
+
+def tls_refused(host: str, reply: Reply) -> TransientError:
+    """TLS is required and `host` refused STARTTLS (454 and friends, fine for opportunistic
+    TLS): deferred, the next MX host is tried."""
+    return TransientError(Reply(451, "4.7.5", f"TLS is required, but {host} refused"
+                                f" STARTTLS: {reply}"), "STARTTLS")
+
+
+def prohibited_destination(host: str, why: str) -> TransientError:
+    """Every address of MX host `host` is refused by the destination policy (`why`, e.g. a
+    private address; docs/SECURITY.md): deferred 451 4.4.4, never connected to."""
+    reply = Reply.local(451, "4.4.4", f"MX host {host} is a prohibited destination: {why}"
+                                      " (see security.allow_private_destinations)")
+    return TransientError(reply, "CONNECT")
+
+
+def at_capacity(err: DeliveryError, open_connections: int) -> bool:
+    """Whether a failed connect is the server's capacity, not an outage: a 4xx ("421 too
+    many connections") while other connections to it are open and working. The pool then
+    uses fewer connections for a while; failing every waiter would defer mail that the
+    open ones carry."""
+    return open_connections > 0 and not err.permanent
+
+
+# -- across a domain's MX hosts ---------------------------------------------------------
+
+
+def refused_at_every_host(reply: Reply) -> Reply:
+    """The outcome when no MX host of a domain would take the mail, `reply` the last
+    host's. A 5xx at every door (554 banner: often a blocklist of our IP) says nothing
+    final about the recipients: deferred 451 4.4.0, never bounced."""
+    if reply.permanent:
+        return Reply(451, "4.4.0", f"no MX host would take the mail; last said: {reply}")
+    return reply
+
+
+def not_yet(provider: str, reason: str) -> Reply:
+    """Shaping keeps the recipients waiting for the provider's turn (a pace, a cap, a
+    suspension: `reason`): deferred 451 4.4.5, not attempted."""
+    return Reply(451, "4.4.5", f"not sent yet: {provider} {reason} for this IP")
+
+
+def internal_error(exc: BaseException) -> Reply:
+    """A bug of ours while delivering a domain's recipients: deferred 451 4.3.0, never lost
+    or bounced."""
+    return Reply(451, "4.3.0", f"internal error: {type(exc).__name__}: {exc}"[:300])
+
+
+# -- the MX lookup ----------------------------------------------------------------------
+
+
+def no_such_domain(domain: str) -> PermanentError:
+    """DNS says the domain does not exist (NXDOMAIN): bounced 550 5.1.2."""
+    return _bad_domain(550, "5.1.2", f"domain {domain} does not exist")
+
+
+def no_mx_or_address(domain: str) -> PermanentError:
+    """Neither MX nor address records (RFC 5321 5.1): bounced 550 5.1.2."""
+    return _bad_domain(550, "5.1.2", f"domain {domain} has no MX or address records")
+
+
+def null_mx(domain: str) -> PermanentError:
+    """The domain says it takes no mail (RFC 7505 null MX): bounced 556 5.1.10."""
+    return _bad_domain(556, "5.1.10", "Recipient address rejected: "
+                                      f"{domain} does not accept mail (null MX)")
+
+
+def invalid_domain(domain: str) -> PermanentError:
+    """Not a domain name at all: bounced 550 5.1.2."""
+    return _bad_domain(550, "5.1.2",
+                       f"Recipient address rejected: invalid domain {domain[:100]!r}")
+
+
+def dns_failed(name: str, why: str, blame: Blame) -> TransientError:
+    """No nameserver answered (timeout, SERVFAIL...): deferred 451 4.4.3. `blame`: the
+    message for the domain's MX lookup (no other host would do better), the connection
+    for an MX host's address (the next host is tried)."""
+    reply = Reply.local(451, "4.4.3", f"DNS lookup for {name} failed: {why}")
+    return TransientError(reply, blame=blame)
+
+
+def no_address(host: str) -> TransientError:
+    """An MX host without an address of the sending IP's family: the next host is tried
+    (451 4.4.4 if none is left)."""
+    return TransientError(Reply.local(451, "4.4.4", f"no address for MX host {host}"),
+                          blame=Blame.CONNECTION)
+
+
+def _bad_domain(code: int, enhanced: str, text: str) -> PermanentError:
+    """The domain cannot take mail: the message is to blame, whatever host."""
+    return PermanentError(Reply.local(code, enhanced, text), blame=Blame.MESSAGE)
+
+
+# -- exceptions -------------------------------------------------------------------------
+
+
+def translate(exc: BaseException, command: str, timeout: float) -> DeliveryError:
+    """smtplib, socket, ssl and timeout errors -> the engine's errors (the only place).
+
+    Every one is transient and blames the connection; the reply text names the phase
+    (`command`), since it is all that reaches the recipient's event. A TLS failure is a
+    TlsError (engine.connector retries in plaintext or without the check); an exception
+    not known here is a bug of ours, which must never bounce mail."""
+    if isinstance(exc, ssl.SSLError) or command == "TLS":  # any handshake failure
+        return TlsError(Reply(451, "4.7.5", f"TLS failure: {short(exc)}"), command)
+    where = f" in {command}" if command else ""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return TransientError(Reply(451, "4.4.2", f"timeout after {timeout:g}s{where}"), command)
+    if isinstance(exc, ConnectionRefusedError):
+        return TransientError(Reply(451, "4.4.1", "connection refused"), command)
+    if isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError, EOFError)):
+        return TransientError(Reply(451, "4.4.2", f"connection lost{where}: {short(exc)}"),
+                              command)
+    if isinstance(exc, ProtocolError):
+        return TransientError(Reply(451, "4.5.0", f"protocol error: {short(exc)}"), command)
+    if isinstance(exc, OSError):
+        return TransientError(Reply(451, "4.4.1", f"network error: {short(exc)}"), command)
+    return TransientError(Reply(451, "4.3.0", f"internal error: {type(exc).__name__}: "
+                                              f"{short(exc)}"), command)
+
+
+def short(exc: BaseException, limit: int = _SHORT) -> str:
+    """An exception in a few words for a reply's text: its message (or its type's name),
+    cut short."""
+    return cut(str(exc) or type(exc).__name__, limit)

@@ -21,12 +21,12 @@ import socket
 import time
 from dataclasses import dataclass
 
-from engine import logs
+from engine import classify, logs
 from engine.config import Timeouts
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, MxHost, Resolver
-from engine.reply import DeliveryError, Reply, TransientError, error_for
-from engine.smtp import Connection, Limits, TlsError
+from engine.reply import DeliveryError, TlsError
+from engine.smtp import Connection, ReplyLimits
 from engine.tls import TlsPlan, TlsPolicy, is_verify_failure
 
 log = logging.getLogger("mailengine.connector")
@@ -47,7 +47,7 @@ class Identity:
 
 class Connector:
     def __init__(self, identity: Identity, resolver: Resolver, tls: TlsPolicy,
-                 timeouts: Timeouts, limits: Limits, metrics: Metrics,
+                 timeouts: Timeouts, limits: ReplyLimits, metrics: Metrics,
                  destinations: DestinationPolicy | None = None) -> None:
         self.identity = identity
         self.resolver = resolver
@@ -91,9 +91,7 @@ class Connector:
             return allowed
         why = "; ".join(str(reason) for reason in refusals.values())
         log.warning(logs.kv("prohibited_destination", mx=host.name, why=why))
-        reply = Reply.local(451, "4.4.4", f"MX host {host.name} is a prohibited destination:"
-                                          f" {why} (see security.allow_private_destinations)")
-        raise TransientError(reply, "CONNECT")
+        raise classify.prohibited_destination(host.name, why)
 
     def _open_at(self, host: MxHost, address: str, provider: str,
                  plan: TlsPlan | None = None) -> Connection:
@@ -105,8 +103,7 @@ class Connector:
                 if plan.attempt and conn.has_extn("starttls"):
                     self._starttls(conn, plan, host, provider)
                 elif plan.required:
-                    raise TransientError(Reply(451, "4.7.4", f"TLS is required, but {host.name}"
-                                               " does not offer STARTTLS"), "EHLO")
+                    raise classify.tls_not_offered(host.name)
         except TlsError as err:
             conn.close()
             return self._after_tls_failure(err, plan, host, address, provider)
@@ -123,12 +120,12 @@ class Connector:
         banner = conn.open(address, port)
         self.metrics.timing("connect", provider, _ms(started))
         if not banner.ok:  # 421 or 554 at the banner: try the next MX host
-            raise error_for(banner, "BANNER")
+            raise classify.turned_away(banner, "BANNER")
         started = time.monotonic()
         ehlo = conn.hello()
         self.metrics.timing("ehlo", provider, _ms(started))
         if not ehlo.ok:
-            raise error_for(ehlo, "EHLO")
+            raise classify.turned_away(ehlo, "EHLO")
 
     def _starttls(self, conn: Connection, plan: TlsPlan, host: MxHost, provider: str) -> None:
         assert plan.context is not None
@@ -141,8 +138,7 @@ class Connector:
             if not conn.tls_verified:
                 self.metrics.incr("tls_unverified", provider)
         elif plan.required:  # 454 and friends: fine for opportunistic, not here
-            raise TransientError(Reply(451, "4.7.5", f"TLS is required, but {host.name}"
-                                       f" refused STARTTLS: {reply}"), "STARTTLS")
+            raise classify.tls_refused(host.name, reply)
 
     def _after_tls_failure(self, err: TlsError, plan: TlsPlan, host: MxHost, address: str,
                            provider: str) -> Connection:

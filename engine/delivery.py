@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import gevent
 
+from engine import classify
 from engine.connector import Connector
 from engine.memo import Memo
 from engine.metrics import Metrics
@@ -22,7 +23,7 @@ from engine.mx import MxHost, Resolver
 from engine.pool import PoolKey, Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS, provider_of
-from engine.reply import Blame, DeliveryError, Reply
+from engine.reply import Blame, DeliveryError
 from engine.shaping import Deferral, ProviderShaper, Shaping, ShapingPlan
 from engine.smtp import RcptResult, StaleConnection
 
@@ -76,7 +77,7 @@ class Deliverer:
         try:
             attempts = self._attempt_domain(task, domain, rcpts)
         except Exception as exc:  # a bug of ours defers, it never loses or bounces mail
-            reply = Reply(451, "4.3.0", f"internal error: {type(exc).__name__}: {exc}"[:300])
+            reply = classify.internal_error(exc)
             attempts = self._outcomes(task, [RcptResult(r, reply) for r in rcpts], None,
                                       domain, None, False)
         report(attempts)
@@ -109,11 +110,7 @@ class Deliverer:
                     self.metrics.incr("throttled", provider)
                 last, last_host = err, host.name
         assert last is not None
-        reply = last.reply
-        if reply.permanent:
-            # Every host refused us at the door (554 banner: often a blocklist of our IP).
-            # That says nothing final about the recipients: defer, never bounce.
-            reply = Reply(451, "4.4.0", f"no MX host would take the mail; last said: {reply}")
+        reply = classify.refused_at_every_host(last.reply)  # a 5xx at every door defers
         return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], last_host,
                               provider, None, False, shaper, observe=False)
 
@@ -194,7 +191,7 @@ class Deliverer:
         attempts = []
         for result in results:
             hit = result.rcpt in throttled
-            status = Status.DEFERRED if hit else _status(result.reply)
+            status = Status.DEFERRED if hit else classify.status(result.reply)
             attempts.append(Attempt(job_id=task.job_id, rcpt=result.rcpt, status=status,
                                     reply=result.reply, ip=self.source_ip, mx=mx,
                                     provider=provider, tls=tls, conn_reused=reused,
@@ -225,19 +222,11 @@ class Deliverer:
     def _not_now(self, task: Task, rcpts: list[str], provider: str,
                  wait: Deferral) -> list[Attempt]:
         """Shaping says not yet: back to the spool, due at `wait.retry_at`; no attempt."""
-        reply = Reply(451, "4.4.5", f"not sent yet: {provider} {wait.reason} for this IP")
+        reply = classify.not_yet(provider, wait.reason)
         now = time.time()
         return [Attempt(job_id=task.job_id, rcpt=r, status=Status.DEFERRED, reply=reply,
                         ip=self.source_ip, provider=provider, ts=now, attempted=False,
                         retry_at=wait.retry_at) for r in rcpts]
-
-
-def _status(reply: Reply) -> Status:
-    if reply.ok:
-        return Status.DELIVERED
-    if reply.permanent:
-        return Status.BOUNCED
-    return Status.DEFERRED
 
 
 def _domain(rcpt: str) -> str:

@@ -28,6 +28,7 @@ from engine.address import (
     validate_mailbox,
     validate_reverse_path,
 )
+from engine.text import cut
 
 MAX_ID_LENGTH = 200
 # The envelope is parsed whole before any limit applies, so bound it: ample for
@@ -36,6 +37,7 @@ MAX_ENVELOPE_SIZE = 1024 * 1024
 FIELDS = ("id", "from", "to", "ip", "pool", "meta", "expires")
 _POOL_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_LENGTH}}}")
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+_QUOTED = 60  # characters of producer-supplied text quoted in a reason
 
 
 class JobRejected(ValueError):
@@ -165,7 +167,7 @@ def _loads(text: str) -> Any:
     except RecursionError as exc:
         raise JobRejected("envelope is not valid JSON: nested too deeply") from exc
     except ValueError as exc:  # e.g. an integer with more digits than Python converts
-        raise JobRejected(f"envelope is not valid JSON: {_cut(str(exc))}") from exc
+        raise JobRejected(f"envelope is not valid JSON: {cut(str(exc), _QUOTED)}") from exc
 
 
 def _refuse_constant(name: str) -> NoReturn:
@@ -180,7 +182,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for key, _ in pairs:
             if key in seen:
-                raise JobRejected(f"envelope has the key {_cut(key)!r} twice in one object")
+                raise JobRejected(f"envelope has the key {cut(key, _QUOTED)!r} twice in one"
+                                  " object")
             seen.add(key)
     return obj
 
@@ -193,11 +196,6 @@ def _json_type(value: object) -> str:
     names = {list: "an array", str: "a string", bool: "a boolean", int: "a number",
              float: "a number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-def _cut(text: str, limit: int = 60) -> str:
-    """Shorten producer-supplied text quoted in a reason."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --- envelope fields ---------------------------------------------------------------------
@@ -236,7 +234,7 @@ def _check_known(fields: dict[str, Any]) -> None:
         if key not in FIELDS:
             close = difflib.get_close_matches(key, FIELDS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise JobRejected(f"unknown envelope field {_cut(key)!r}{hint}; "
+            raise JobRejected(f"unknown envelope field {cut(key, _QUOTED)!r}{hint}; "
                               f"known fields: {', '.join(FIELDS)}")
 
 
@@ -366,7 +364,7 @@ def _finite_number(value: object) -> float | None:
 
 
 def _show(value: object) -> str:
-    return repr(_cut(value)) if isinstance(value, str) else _json_type(value)
+    return repr(cut(value, _QUOTED)) if isinstance(value, str) else _json_type(value)
 
 
 def _message(raw: bytes, max_message_size: int) -> bytes:

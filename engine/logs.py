@@ -11,6 +11,8 @@ import logging
 import sys
 from typing import Any
 
+from engine.text import cut
+
 MAX_VALUE = 200
 
 
@@ -33,8 +35,7 @@ def kv(event: str, **fields: Any) -> str:
 def _value(val: Any) -> str:
     text = "" if val is None else str(val)
     text = text.replace("\r", "\\r").replace("\n", "\\n")
-    if len(text) > MAX_VALUE:
-        text = text[:MAX_VALUE] + "..."
+    text = cut(text, MAX_VALUE)
     if not text or any(c in text for c in ' "='):
         text = '"' + text.replace('"', '\\"') + '"'
     return text

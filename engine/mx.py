@@ -40,9 +40,10 @@ import dns.rdtypes.ANY.SOA
 import dns.rdtypes.mxbase
 import dns.resolver
 
+from engine import classify
 from engine.config import Route, SecurityConfig, names
 from engine.memo import Memo
-from engine.reply import Blame, PermanentError, Reply, TransientError
+from engine.reply import Blame, PermanentError
 
 __all__ = ["Destination", "DestinationPolicy", "MxHost", "Resolver", "ResolverStats", "Route"]
 
@@ -256,21 +257,19 @@ class Resolver:
         else:
             found = list(self._lookup(name, rdtype, Blame.CONNECTION).texts)
         if not found:
-            reply = Reply.local(451, "4.4.4", f"no address for MX host {name}")
-            raise TransientError(reply, blame=Blame.CONNECTION)
+            raise classify.no_address(name)
         random.shuffle(found)  # else a cached answer sends every connection to one address
         return found
 
     def _mx(self, domain: str) -> Destination:
         answer = self._lookup(domain, dns.rdatatype.MX, Blame.MESSAGE)
         if answer.nxdomain:
-            raise _permanent(550, "5.1.2", f"domain {domain} does not exist")
+            raise classify.no_such_domain(domain)
         if not answer.records:
             return self._implicit(domain)
         hosts = self._by_preference(answer.records)
         if not hosts:
-            text = f"Recipient address rejected: {domain} does not accept mail (null MX)"
-            raise _permanent(556, "5.1.10", text)
+            raise classify.null_mx(domain)
         return Destination(domain, hosts)
 
     def _implicit(self, domain: str) -> Destination:
@@ -279,7 +278,7 @@ class Resolver:
             if self._lookup(domain, rdtype, Blame.MESSAGE).records:
                 host = MxHost(domain, 0, self._smtp_port)
                 return Destination(domain, (host,), implicit=True)
-        raise _permanent(550, "5.1.2", f"domain {domain} has no MX or address records")
+        raise classify.no_mx_or_address(domain)
 
     def _by_preference(self, records: Iterable[dns.rdata.Rdata]) -> tuple[MxHost, ...]:
         """MX hosts by preference, shuffled within a preference, each host once.
@@ -324,8 +323,7 @@ class Resolver:
             return _Answer((), False, now + _negative_ttl([exc.response()]))
         except (dns.exception.DNSException, OSError) as exc:
             self.stats.failures += 1
-            reply = Reply.local(451, "4.4.3", f"DNS lookup for {name} failed: {_why(exc)}")
-            raise TransientError(reply, blame=blame) from exc
+            raise classify.dns_failed(name, _why(exc), blame) from exc
         # minimum_ttl covers the CNAME chain as well as the answer itself
         ttl = min(answer.chaining_result.minimum_ttl, _MAX_TTL)
         return _Answer(tuple(answer.rrset or ()), False, now + ttl)
@@ -393,9 +391,9 @@ def _normalize_domain(domain: str) -> str:
     try:
         name = domain.rstrip(".").encode("idna").decode("ascii").lower()
     except UnicodeError as exc:
-        raise _invalid(domain) from exc
+        raise classify.invalid_domain(domain) from exc
     if len(name) > names.MAX_NAME_OCTETS or not names.DNS_NAME.fullmatch(name):
-        raise _invalid(domain)
+        raise classify.invalid_domain(domain)
     return name
 
 
@@ -414,7 +412,7 @@ def _domain_literal(name: str) -> IPAddress | None:
         return None
     literal = _ip_literal(name)
     if literal is None or not name.endswith("]"):
-        raise _invalid(name)
+        raise classify.invalid_domain(name)
     return literal
 
 
@@ -439,10 +437,3 @@ def _host_name(host: str) -> str:
 def _family(address: IPAddress) -> int:
     return socket.AF_INET if address.version == 4 else socket.AF_INET6
 
-
-def _invalid(domain: str) -> PermanentError:
-    return _permanent(550, "5.1.2", f"Recipient address rejected: invalid domain {domain[:100]!r}")
-
-
-def _permanent(code: int, enhanced: str, text: str) -> PermanentError:
-    return PermanentError(Reply.local(code, enhanced, text), blame=Blame.MESSAGE)

@@ -24,7 +24,7 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
   a reconnect storm;
 - a connection about to be retired (`max_messages`) in a busy pool gets its
   replacement opened ahead, in the background, if the caps leave room: the next
-  message does not wait for a connection setup (`_open_ahead`);
+  message does not wait for a connection setup (engine.pool_ahead);
 - at the cap, a retired connection keeps its slot until its QUIT is answered
   (or times out): a server counting sessions until they close never sees one
   more than the cap (`_discard`).
@@ -37,8 +37,6 @@ Modelled on gevent's examples/psycopg2_pool.py.
 """
 from __future__ import annotations
 
-import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -49,22 +47,15 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import AsyncResult
 
-from engine import logs
+from engine import classify
 from engine.config import PoolConfig
+from engine.pool_ahead import OpeningAhead
 from engine.reply import DeliveryError
 from engine.smtp import Connection
 from engine.waiters import any_waiting, wake_first
 
 if TYPE_CHECKING:
     from engine.gate import ConnectionGate
-
-log = logging.getLogger("mailengine.pool")
-
-# Weight of the newest interval between checkouts in the pool's moving average.
-_INTERVAL_WEIGHT = 0.25
-# A pool is busy (worth opening a connection's replacement ahead) when its previous
-# checkout is less than this long ago (at most half the idle timeout) or callers wait.
-BUSY_WITHIN = 5.0
 
 
 class Drained(gevent.GreenletExit):
@@ -109,15 +100,7 @@ class DestinationPool:
         self.draining = False
         self._cap = settings.max_connections  # lowered while the server says "no more"
         self._cap_until = 0.0
-        # Opening replacements ahead (finding 3): connects running in the background,
-        # the connections they replace, and what decides how early they start.
-        self._ahead: set[gevent.Greenlet] = set()
-        self._replaced: set[int] = set()  # id() of connections whose replacement was opened
-        self._setup_time = 0.0  # how long the last connect took (the pool's clock)
-        self._interval = -1.0  # moving average of the time between checkouts (-1: none yet)
-        self._last_checkout = -1.0
-        self.opened_ahead = 0
-        self.ahead_failed = 0
+        self.ahead = OpeningAhead()  # replacements opened ahead (engine.pool_ahead)
 
     # -- checkout -------------------------------------------------------------
 
@@ -139,7 +122,7 @@ class DestinationPool:
         if self.draining:  # woke up after the drain began: give it back unused
             self.release(conn)  # ...which wakes the next waiter, which does the same
             raise Drained()
-        self._checked_out(conn)
+        self.ahead.checked_out(self, conn)
         return conn, reused
 
     def _acquire(self) -> tuple[Connection, bool]:
@@ -153,7 +136,7 @@ class DestinationPool:
                 return conn, conn.messages_sent > 0  # one opened ahead has carried nothing
             self._raise_if_backing_off()
             gated = False
-            if self._ahead and len(self._ahead) > _live(self._waiters):
+            if self.ahead.on_its_way(self._waiters):
                 pass  # a connection opened ahead is on its way and nobody else waits for it
             elif self.open < self._max_connections() and not (
                     self._probing and self._connecting):
@@ -176,7 +159,7 @@ class DestinationPool:
         if usable and not self._slot_wanted_elsewhere():
             self._idle.append(conn)
         else:
-            replaced = id(conn) in self._replaced
+            replaced = id(conn) in self.ahead.replaced
             self._discard(conn)
             if (not replaced and conn.messages_sent >= self.settings.max_messages
                     and any_waiting(self._waiters)):
@@ -184,14 +167,15 @@ class DestinationPool:
                 # of a busy pool), and callers wait: open one in the background if the
                 # slot is free now (below the cap; at the cap it is held until the
                 # QUIT's reply, and the woken caller connects once it comes free).
-                self._open_ahead()
+                self.ahead.start(self)
         self._wake_one()
 
     def pass_on(self, conn: Connection) -> bool:
         """Hand `conn` to the longest waiting caller in the middle of a transaction whose
-        final reply is still to come (engine.smtp `Connection._pass_on`): the caller's
-        commands go out at once and it reads that reply first. Not when the transaction
-        is the connection's last (`max_messages`): it is retired after the reply."""
+        final reply is still to come (engine.smtp.transaction, `Transaction._pass_on`): the
+        caller's commands go out at once and it reads that reply first. Not when the
+        transaction is the connection's last (`max_messages`): it is retired after the
+        reply."""
         if conn.messages_sent + 1 >= self.settings.max_messages:
             return False
         return self._hand_over(conn)
@@ -229,11 +213,7 @@ class DestinationPool:
         self.stop_opening_ahead()
 
     def stop_opening_ahead(self) -> None:
-        for greenlet in list(self._ahead):
-            greenlet.kill(block=False)  # started: GreenletExit inside the connect (_ahead_run)
-            if greenlet.dead and greenlet in self._ahead:
-                # It had not started: it never runs, so its slot is given back here.
-                self._ahead_ended(greenlet, opened=False)
+        self.ahead.stop(self)
 
     def close_idle(self, force: bool = False) -> int:
         """Close idle connections older than idle_timeout (all of them if `force`)."""
@@ -266,7 +246,7 @@ class DestinationPool:
     @property
     def opening_ahead(self) -> int:
         """Connects running in the background, opening a replacement ahead of time."""
-        return len(self._ahead)
+        return len(self.ahead.running)
 
     def failing(self) -> bool:
         return self._failure is not None and self._clock() < self._failed_until
@@ -314,16 +294,14 @@ class DestinationPool:
             raise
         finally:
             self._connecting -= 1
-        self._setup_time = self._clock() - started
+        self.ahead.setup_time = self._clock() - started
         self._back()
         return conn
 
     def _at_capacity(self, err: DeliveryError) -> bool:
-        """Whether a failed connect is the server's capacity, not an outage: a 4xx ("421
-        too many connections") while others are open and working. If so, use fewer
-        connections for a while; failing every waiter would defer mail that the open
-        ones carry."""
-        if self.open <= 0 or err.permanent:
+        """Whether a failed connect is the server's capacity, not an outage
+        (classify.at_capacity); if so, use fewer connections for a while."""
+        if not classify.at_capacity(err, self.open):
             return False
         self._cap = max(1, self.open)
         self._cap_until = self._clock() + self.settings.connect_backoff
@@ -383,8 +361,9 @@ class DestinationPool:
             self.gate.leave()
 
     def _discard(self, conn: Connection, polite: bool = True) -> None:
-        if self._replaced:
-            self._replaced.discard(id(conn))
+        replaced = self.ahead.replaced
+        if replaced:
+            replaced.discard(id(conn))
         if not polite or conn.sock is None:
             conn.close()
             self._closed()
@@ -411,111 +390,6 @@ class DestinationPool:
         finally:
             self._closed()
             self._wake_one()
-
-    # -- opening replacements ahead (finding 3) ------------------------------------
-
-    def _checked_out(self, conn: Connection) -> None:
-        """Bookkeeping of a checkout: the pool's pace, and whether `conn`, close to its
-        `max_messages`, should have its replacement opened now."""
-        now = self._clock()
-        gap = now - self._last_checkout if self._last_checkout >= 0 else -1.0
-        self._last_checkout = now
-        if gap >= 0:
-            self._interval = gap if self._interval < 0 else (
-                self._interval + (gap - self._interval) * _INTERVAL_WEIGHT)
-        most = self.settings.max_messages
-        left = most - conn.messages_sent  # this message included
-        if most < 2 or left > self._lead() or id(conn) in self._replaced:
-            return  # (max_messages 1 is a connection per message, on purpose)
-        # Only while the pool is busy: in a pool that carries a message now and then, the
-        # replacement might idle out (or the traffic stop) before it is used.
-        busy_within = min(BUSY_WITHIN, self.settings.idle_timeout / 2)
-        if not (0 <= gap < busy_within or any_waiting(self._waiters)):
-            return
-        # Another open connection will take over, not about to end itself: no need.
-        fresh = self.settings.idle_timeout / 2
-        if any(now - c.last_used < fresh and most - c.messages_sent > self._lead()
-               for c in self._idle):
-            return
-        if self._open_ahead():
-            self._replaced.add(id(conn))
-
-    def _lead(self) -> int:
-        """How many messages before its last one a connection's replacement starts: its
-        setup time (as the last connect took) at the pool's pace of checkouts, plus one,
-        and at most half of `max_messages`."""
-        most = max(1, self.settings.max_messages // 2)
-        if self._setup_time <= 0:
-            return 1
-        if self._interval <= 0:
-            return most
-        return min(most, 1 + math.ceil(self._setup_time / self._interval))
-
-    def _open_ahead(self) -> bool:
-        """Start a connect in the background whose connection goes to the first waiter
-        or the idle stack, if the caps leave room for it; True if it started.
-
-        The connection being opened counts as open, here and in the provider's gate,
-        from now on: the caps are never exceeded. At the cap nothing is opened ahead:
-        the destination's limit wins over the latency (finding 2's order: the old
-        connection's slot comes free after its QUIT, then the next one is opened)."""
-        if (self.draining or self._probing or self.failing()
-                or self.open >= self._max_connections()):
-            return False
-        gate = self.gate
-        if gate is not None:
-            # Never by closing another pool's idle connection (try_enter would): only a
-            # slot that is free now.
-            if gate.open >= gate.max_connections or not gate.try_enter():
-                return False
-        self.open += 1
-        self._connecting += 1
-        greenlet = gevent.spawn(self._ahead_run)
-        self._ahead.add(greenlet)
-        return True
-
-    def _ahead_run(self) -> None:
-        greenlet = gevent.getcurrent()
-        started = self._clock()
-        try:
-            conn = self._open_connection()
-        except BaseException as exc:
-            self._ahead_ended(greenlet, opened=False)
-            if isinstance(exc, gevent.GreenletExit):  # stopped by drain(): nothing to say
-                return
-            if not isinstance(exc, Exception):  # a gevent.Timeout, SystemExit...: not ours
-                self._wake_one()
-                raise
-            # Nobody waits on this greenlet: the failure is logged and counted, no caller
-            # gets it and the pool does not back off (a caller's own connect decides that).
-            self.ahead_failed += 1
-            expected = isinstance(exc, DeliveryError)  # else a bug: its traceback too
-            log.log(logging.INFO if expected else logging.ERROR,
-                    logs.kv("connect_ahead_failed", ip=self.key.source_ip, mx=self.key.host,
-                            port=self.key.port, error=exc), exc_info=not expected)
-            if isinstance(exc, DeliveryError):
-                self._at_capacity(exc)
-            # Whoever waited for it goes the usual way: connects itself, or waits.
-            self._wake_one()
-            return
-        self._ahead_ended(greenlet, opened=True)
-        self._setup_time = self._clock() - started
-        self._back()
-        if self.draining:
-            self._discard(conn)
-            return
-        self.opened_ahead += 1
-        conn.last_used = self._clock()  # idle from now, for the idle timeout
-        self.release(conn)
-
-
-    def _ahead_ended(self, greenlet: gevent.Greenlet, opened: bool) -> None:
-        """A connect ahead is over; without a connection (`opened` False) its slot in
-        the pool and the gate, counted from `_open_ahead` on, is free again."""
-        self._ahead.discard(greenlet)
-        self._connecting -= 1
-        if not opened:
-            self._closed()
 
 
 class _Checkout:
@@ -614,7 +488,3 @@ class Pools:
     def __len__(self) -> int:
         return len(self._pools)
 
-
-def _live(waiters: deque[AsyncResult]) -> int:
-    """How many callers are still waiting (not answered yet)."""
-    return sum(1 for waiter in waiters if not waiter.ready())

@@ -9,6 +9,10 @@ understand counts as transient, so a bug never bounces mail.
 `DeliveryError.blame` says whether the connection or the message is at fault:
 a connection-level error sends the message to the next MX host, a
 message-level one is the message's outcome.
+
+These are the data and error types; the decisions taken on them (delivered,
+deferred or bounced, a throttle, a stale connection, what an exception means)
+are in engine.classify.
 """
 from __future__ import annotations
 
@@ -40,16 +44,21 @@ class Reply:
         """A reply made up by the engine for a failure that no server answered."""
         return cls(code, enhanced, text)
 
+    # The RFC 5321 reply classes (4.2.1); engine.classify builds its decisions on them.
+
     @property
     def ok(self) -> bool:
+        """Positive: 2xx (completed) or 3xx (go on, e.g. 354 to DATA)."""
         return 200 <= self.code < 400
 
     @property
     def transient(self) -> bool:
+        """Transient negative, 4xx: try again later."""
         return not self.ok and not self.permanent
 
     @property
     def permanent(self) -> bool:
+        """Permanent negative, 5xx: the same request will fail again."""
         return 500 <= self.code < 600
 
     @property
@@ -95,6 +104,20 @@ class TransientError(DeliveryError):
 
 class PermanentError(DeliveryError):
     """Do not try again: bounce."""
+
+
+class StaleConnection(TransientError):
+    """A reused connection turned out dead before the server answered anything of
+    this transaction: safe to send the message again on a fresh connection."""
+
+
+class TlsError(TransientError):
+    """The TLS handshake (or a TLS record) failed."""
+
+
+class ProtocolError(Exception):
+    """The server broke the protocol: garbage, an oversized reply, injected bytes. Raised
+    inside a phase and translated there (engine.classify.translate) into a TransientError."""
 
 
 def error_for(reply: Reply, command: str = "", blame: Blame = Blame.CONNECTION,

@@ -35,7 +35,7 @@ from engine.pool import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS
 from engine.shaping import Shaping, plan_for
-from engine.smtp import Limits
+from engine.smtp import ReplyLimits
 from engine.tls import TlsPolicy
 
 log = logging.getLogger("mailengine.worker")
@@ -88,8 +88,8 @@ class Worker:
         resolver = Resolver(cfg.dns.nameservers, cfg.dns.port, cfg.dns.timeout, cfg.routes,
                             cfg.smtp.port, cfg.dns.cache_size)
         tls = TlsPolicy(cfg.smtp.tls, cfg.smtp.ca_file, cfg.smtp.tls_broken_ttl)
-        limits = Limits(cfg.smtp.max_line_length, cfg.smtp.max_reply_lines,
-                        frozenset(cfg.smtp.discard_ehlo_keywords))
+        limits = ReplyLimits(cfg.smtp.max_line_length, cfg.smtp.max_reply_lines,
+                             frozenset(cfg.smtp.discard_ehlo_keywords))
         connector = Connector(Identity(self.ip.address, self.ip.helo), resolver, tls,
                               cfg.smtp.timeouts, limits, self.metrics,
                               DestinationPolicy.from_config(cfg.security))

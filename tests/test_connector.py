@@ -14,7 +14,7 @@ from engine.connector import Connector, Identity
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, MxHost, Resolver
 from engine.reply import Blame, DeliveryError, PermanentError, TransientError
-from engine.smtp import Limits, TlsError
+from engine.smtp import ReplyLimits, TlsError
 from engine.testing.tlscert import CABundle
 from engine.tls import TlsPolicy, is_verify_failure
 from tests.dnsserver import DnsServer
@@ -35,7 +35,7 @@ def make_connector(mode: str = "opportunistic", ca_file: str | None = None,
                    resolver: Resolver | None = None) -> tuple[Connector, TlsPolicy]:
     tls = TlsPolicy(mode, ca_file=ca_file)
     connector = Connector(Identity(CLIENT_IP, HELO), resolver or Resolver(), tls, FAST,
-                          Limits(), Metrics(None, CLIENT_IP), LOOPBACK_ALLOWED)
+                          ReplyLimits(), Metrics(None, CLIENT_IP), LOOPBACK_ALLOWED)
     return connector, tls
 
 
@@ -86,7 +86,7 @@ def test_tls_broken_ttl_zero_retries_in_plaintext_once_not_in_circles(
     plain = [*greet("STARTTLS"), *QUIT]
     server = scripted([starttls_then(*BROKEN_TLS["garbage"]), plain])
     tls = TlsPolicy("opportunistic", broken_ttl=0)
-    connector = Connector(Identity(CLIENT_IP, HELO), Resolver(), tls, FAST, Limits(),
+    connector = Connector(Identity(CLIENT_IP, HELO), Resolver(), tls, FAST, ReplyLimits(),
                           Metrics(None, CLIENT_IP), LOOPBACK_ALLOWED)
     conn = connector.open(mx(server), "test")
     assert conn.tls_version is None
@@ -101,7 +101,7 @@ def test_tls_broken_ttl_zero_unverifiable_certificate_retries_unchecked_once(
     retry = starttls_then(TLS(), C(f"EHLO {HELO}"), ehlo_reply("PIPELINING"), *QUIT)
     server = scripted([starttls_then(TLS()), retry])
     tls = TlsPolicy("opportunistic", broken_ttl=0)
-    connector = Connector(Identity(CLIENT_IP, HELO), Resolver(), tls, FAST, Limits(),
+    connector = Connector(Identity(CLIENT_IP, HELO), Resolver(), tls, FAST, ReplyLimits(),
                           Metrics(None, CLIENT_IP), LOOPBACK_ALLOWED)
     conn = connector.open(mx(server), "test")
     assert conn.tls_version is not None and conn.tls_verified is False

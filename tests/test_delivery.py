@@ -20,7 +20,7 @@ from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.pool import DestinationPool, PoolKey, Pools
 from engine.protocol import Attempt, Status, Task
-from engine.smtp import Connection, Limits
+from engine.smtp import Connection, ReplyLimits
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
 from tests.dnsserver import DnsServer
@@ -100,7 +100,7 @@ def engine() -> Iterator[Callable[..., Engine]]:
         statsd = StatsdCatcher()
         metrics = Metrics.create("127.0.0.1", statsd.port, "test", ip)
         tls = TlsPolicy(tls_mode)
-        connector = Connector(Identity(ip, HELO), resolver, tls, FAST, Limits(), metrics,
+        connector = Connector(Identity(ip, HELO), resolver, tls, FAST, ReplyLimits(), metrics,
                               LOOPBACK_ALLOWED)
         pools = Pools(PoolConfig(max_connections=2, max_messages=100, idle_timeout=60.0,
                                  connect_backoff=30.0))

@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from engine.config import Timeouts
 from engine.job import Job, JobRejected, normalise_message, parse_job
 from engine.reply import DeliveryError
-from engine.smtp import Connection, Limits, RcptResult, dot_stuff
+from engine.smtp import Connection, RcptResult, ReplyLimits, dot_stuff
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +47,7 @@ HELO = "client.test"
 MAX_SIZE = 4096
 MAX_RCPTS = 8
 FUZZ_TIMEOUTS = Timeouts(**{f.name: 1.0 for f in fields(Timeouts)})
-FUZZ_LIMITS = Limits(max_line_length=600, max_reply_lines=12)
+FUZZ_LIMITS = ReplyLimits(max_line_length=600, max_reply_lines=12)
 
 
 class RuleBroken(AssertionError):

@@ -28,7 +28,7 @@ from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.pool import Pools
 from engine.protocol import Attempt, Status, Task
-from engine.smtp import Limits
+from engine.smtp import ReplyLimits
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
@@ -260,7 +260,7 @@ def deliver(port: int, message: bytes = MESSAGE) -> tuple[list[Attempt], float]:
     resolver = Resolver(routes={"hostile.test": Route("127.0.0.1", port)})
     metrics = Metrics(None, "127.0.0.1")
     connector = Connector(Identity("127.0.0.1", HELO), resolver, TlsPolicy("none"), HOSTILE,
-                          Limits(), metrics)
+                          ReplyLimits(), metrics)
     pools = Pools(PoolConfig(max_connections=2, max_messages=10, idle_timeout=60.0,
                              connect_backoff=0.0))
     deliverer = Deliverer("127.0.0.1", "none", resolver, connector, pools, metrics)
@@ -310,7 +310,7 @@ def test_replies_each_just_in_time_end_at_the_transaction_deadline(
     many = tuple(f"r{i}@hostile.test" for i in range(6))  # 6 x 0.8 s > 2.5 s
     resolver = Resolver(routes={"hostile.test": Route("127.0.0.1", server.port)})
     connector = Connector(Identity("127.0.0.1", HELO), resolver, TlsPolicy("none"), HOSTILE,
-                          Limits(), Metrics(None, "127.0.0.1"))
+                          ReplyLimits(), Metrics(None, "127.0.0.1"))
     conn = connector.open(resolver.destination("hostile.test").hosts[0], "test", routed=True)
     started = time.monotonic()
     results = conn.send_mail_tx(SENDER, many, MESSAGE)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from engine.smtp import _Owed
+from engine.smtp.transaction import _Owed
 from engine.testing.harness import LocalEngine, final_outcomes
 from tests.smtpserver import CLOSE, DATA, SLEEP, WAIT_CLOSE, C, S, ScriptedServer, Step
 from tests.test_smtp import ehlo_reply

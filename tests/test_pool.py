@@ -475,7 +475,7 @@ def test_the_replacement_is_open_before_the_retiring_connection_is_done() -> Non
     assert [c.number for c in conns] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     # a connection opened ahead has carried nothing: its first message is not "reused"
     assert [reused for _, reused, _ in sent] == [False, True] * 5
-    assert pool.opened_ahead == 5 and pool.ahead_failed == 0
+    assert pool.ahead.opened == 5 and pool.ahead.failed == 0
     assert max(factory.at_call) <= 2
     assert pool.open == 1 and pool.idle == 1  # the 6th, opened ahead, waits in the idle stack
 
@@ -488,7 +488,7 @@ def test_nothing_is_opened_ahead_at_the_cap_and_the_slot_waits_for_the_quit() ->
     factory.quit_delay = 0.05
     sent = stream(pool, 4)
     assert [c.number for c, _, _ in sent] == [1, 1, 2, 2]
-    assert pool.opened_ahead == 0
+    assert pool.ahead.opened == 0
     assert sent[2][2] > 0.04 + CONNECT_TIME * 0.9  # waited for the QUIT, then the connect
     assert factory.at_call == [1, 1]  # the first was closed when the second was dialled
     assert factory.made[0].quit
@@ -532,7 +532,7 @@ def test_at_the_gates_cap_the_slot_also_waits_for_the_quit() -> None:
                            clock, gate)
     sent = stream(pool, 4)
     assert [c.number for c, _, _ in sent] == [1, 1, 2, 2]
-    assert pool.opened_ahead == 0  # the provider's one slot is taken: nothing ahead
+    assert pool.ahead.opened == 0  # the provider's one slot is taken: nothing ahead
     assert factory.at_call == [1, 1]
     gevent.sleep(0.1)
     assert gate.open == pool.open == 0  # both retired, their QUITs answered
@@ -547,7 +547,7 @@ def test_a_failed_connect_ahead_fails_nobody() -> None:
     assert [c.number for c, _, _ in sent] == [1, 1, 2, 2]
     # a 421 while a connection works: the pool keeps to the one it has for connect_backoff
     # (finding 1), so nothing is opened ahead of the 3rd connection's end either
-    assert pool.ahead_failed == 1 and pool.opened_ahead == 0
+    assert pool.ahead.failed == 1 and pool.ahead.opened == 0
     assert not pool.failing()
     assert factory.calls == 3
 
@@ -566,7 +566,7 @@ def test_a_caller_waiting_for_a_connect_ahead_that_fails_connects_itself() -> No
     factory.delay = CONNECT_TIME
     got.join(timeout=1)
     _new, reused = got.value
-    assert not reused and factory.calls == 3 and pool.ahead_failed == 1
+    assert not reused and factory.calls == 3 and pool.ahead.failed == 1
 
 
 def test_a_permanent_failure_ahead_does_not_back_the_pool_off_either() -> None:
@@ -579,7 +579,7 @@ def test_a_permanent_failure_ahead_does_not_back_the_pool_off_either() -> None:
     pool._open_connection = refuse
     _conn, _ = use(pool)
     gevent.sleep(0.01)
-    assert pool.ahead_failed == 1 and not pool.failing() and pool.open == 0
+    assert pool.ahead.failed == 1 and not pool.failing() and pool.open == 0
 
 
 def pool_behind_a_gate() -> tuple[Any, Factory, Pools, DestinationPool]:
@@ -674,7 +674,7 @@ def test_under_load_the_caps_hold_with_connects_ahead_and_slow_quits() -> None:
     assert sum(c.messages_sent for c in factory.made) == 30
 
 
-# -- handing a connection on before the final reply (Connection._pass_on) ----------------------
+# -- handing a connection on before the final reply (Transaction._pass_on) ---------------------
 
 def hand_on_mid_transaction(pool: DestinationPool) -> tuple[FakeConnection, bool, list[Any]]:
     """A checkout whose transaction tries to hand the connection on while a second caller
@@ -687,7 +687,7 @@ def hand_on_mid_transaction(pool: DestinationPool) -> tuple[FakeConnection, bool
     gevent.sleep(0)  # the waiter is waiting
     handed = checkout.pass_on(conn)
     if handed:
-        conn.owes = True  # (as Connection._pass_on records its debt)
+        conn.owes = True  # (as Transaction._pass_on records its debt)
     checkout.__exit__(None, None, None)
     waiter.join(timeout=1)
     return cast(FakeConnection, conn), handed, got

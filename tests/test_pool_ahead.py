@@ -23,7 +23,7 @@ from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.pool import PoolKey, Pools
 from engine.protocol import Attempt, Status, Task
-from engine.smtp import Limits
+from engine.smtp import ReplyLimits
 from engine.testing.harness import final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
@@ -113,7 +113,7 @@ def stack(port: int, max_connections: int, max_messages: int) -> tuple[Deliverer
     resolver = Resolver(routes={DOMAIN: Route("127.0.0.1", port)})
     metrics = Metrics.create("127.0.0.1", 9, "test", CLIENT_IP, enabled=False)
     tls = TlsPolicy("none")
-    connector = Connector(Identity(CLIENT_IP, HELO), resolver, tls, FAST, Limits(), metrics,
+    connector = Connector(Identity(CLIENT_IP, HELO), resolver, tls, FAST, ReplyLimits(), metrics,
                           LOOPBACK_ALLOWED)
     pools = Pools(PoolConfig(max_connections=max_connections, max_messages=max_messages,
                              idle_timeout=60.0, connect_backoff=30.0))
@@ -185,7 +185,7 @@ def test_a_refused_connect_ahead_defers_nothing(scripted: Any) -> None:
     assert [a.status for a in deliver(deliverer, 2)] == [Status.DELIVERED]
     gevent.sleep(0.2)  # the connect ahead runs (and is refused)
     pool = pools.find(PoolKey(CLIENT_IP, "127.0.0.1", server.port, "none"))
-    assert pool is not None and pool.ahead_failed == 1 and not pool.failing()
+    assert pool is not None and pool.ahead.failed == 1 and not pool.failing()
     assert [a.status for a in deliver(deliverer, 3)] == [Status.DELIVERED]
     assert [a.status for a in deliver(deliverer, 4)] == [Status.DELIVERED]
     close_pools(pools)

@@ -35,7 +35,7 @@ from engine.pool import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.reply import TransientError
 from engine.results import RESULTS_HWM
-from engine.smtp import MAX_REPLY_TEXT, Connection, Limits, dot_stuff
+from engine.smtp import MAX_REPLY_TEXT, Connection, ReplyLimits, dot_stuff
 from engine.supervisor import EVENTS_HWM, Supervisor
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
@@ -300,7 +300,7 @@ def test_engine_refuses_to_start_naming_the_key(
                                   "m\u00e9x.test", "mx\x7f"])
 def test_an_ehlo_name_that_could_inject_is_refused_before_any_connection(helo: str) -> None:
     with pytest.raises(ValueError, match="EHLO name"):
-        Connection(helo, "127.0.0.1", FAST, Limits())
+        Connection(helo, "127.0.0.1", FAST, ReplyLimits())
 
 
 @pytest.mark.parametrize("helo", ["mx.test\r\nRSET", "mx test", "[127.0.0.1]\n"])
@@ -395,7 +395,7 @@ def test_smuggling_attempts_arrive_as_one_message_intact(chunking: bool) -> None
     job = parse_job([json.dumps({"from": "s@example.test", "to": ["r@example.test"]}).encode(),
                      SMUGGLER], 10**6, 10)
     with SinkServer(tls=False, chunking=chunking) as sink:
-        conn = Connection(HELO, "127.0.0.1", FAST, Limits())
+        conn = Connection(HELO, "127.0.0.1", FAST, ReplyLimits())
         conn.open(sink.host, sink.port)
         conn.hello()
         results = conn.send_mail_tx(job.sender, job.rcpts, job.message)
@@ -462,7 +462,7 @@ def stack(resolver: Resolver, policy: DestinationPolicy | None = None,
           connect_backoff: float = 0.0) -> Deliverer:
     metrics = Metrics(None, "127.0.0.1")
     connector = Connector(Identity("127.0.0.1", HELO), resolver, TlsPolicy("none"), FAST,
-                          Limits(), metrics, policy)
+                          ReplyLimits(), metrics, policy)
     pools = Pools(PoolConfig(max_connections=2, max_messages=10, idle_timeout=60.0,
                              connect_backoff=connect_backoff))
     return Deliverer("127.0.0.1", "none", resolver, connector, pools, metrics)
@@ -540,7 +540,7 @@ def test_a_refused_mx_does_not_put_a_route_to_the_same_host_in_backoff(
 
 def test_the_connector_refuses_before_connecting() -> None:
     connector = Connector(Identity("127.0.0.1", HELO), Resolver(), TlsPolicy("none"), FAST,
-                          Limits(), Metrics(None, "127.0.0.1"))
+                          ReplyLimits(), Metrics(None, "127.0.0.1"))
     with pytest.raises(TransientError) as caught:
         connector.open(MxHost("10.9.8.7", 10, 25), "test")
     assert caught.value.reply.enhanced == "4.4.4" and caught.value.command == "CONNECT"

@@ -10,7 +10,10 @@ test_delivery.
 """
 from __future__ import annotations
 
+import gc
+import smtplib
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 
@@ -18,7 +21,7 @@ import pytest
 
 from engine.config import Timeouts
 from engine.reply import Blame, DeliveryError, TransientError
-from engine.smtp import Connection, Limits, RcptResult, StaleConnection, TlsError, dot_stuff
+from engine.smtp import Connection, RcptResult, ReplyLimits, StaleConnection, TlsError, dot_stuff
 from engine.tls import TlsPolicy
 from tests.smtpserver import (
     BDAT,
@@ -69,9 +72,9 @@ def rcpt(address: str) -> C:
 
 
 def connect(server: ScriptedServer, timeouts: Timeouts = FAST,
-            limits: Limits | None = None) -> Connection:
+            limits: ReplyLimits | None = None) -> Connection:
     """A Connection past banner and EHLO."""
-    conn = Connection(HELO, CLIENT_IP, timeouts, limits or Limits())
+    conn = Connection(HELO, CLIENT_IP, timeouts, limits or ReplyLimits())
     banner = conn.open(server.host, server.port)
     assert banner.code == 220
     assert conn.hello().code == 250
@@ -404,7 +407,7 @@ def test_discarded_ehlo_keywords_are_not_used(scripted: Scripted) -> None:
     """smtp.discard_ehlo_keywords: PIPELINING and CHUNKING offered, but discarded, so the
     transaction goes in lock step (one command, one reply) with DATA, not BDAT."""
     server = scripted([*greet("PIPELINING", "CHUNKING", "8BITMIME"), *delivered_once()])
-    conn = connect(server, limits=Limits(discard_ehlo_keywords=frozenset({"pipelining",
+    conn = connect(server, limits=ReplyLimits(discard_ehlo_keywords=frozenset({"pipelining",
                                                                            "chunking"})))
     assert not conn.has_extn("pipelining") and not conn.has_extn("chunking")
     assert conn.has_extn("8bitmime")
@@ -460,7 +463,7 @@ def expect_connection_error(action: Callable[[], object], command: str,
 def test_reply_with_more_than_max_reply_lines_is_a_protocol_error(scripted: Scripted) -> None:
     server = scripted([S("220 mx.test"), C(f"EHLO {HELO}"),
                        S(*["250-FEATURE"] * 10, "250 LAST"), WAIT_CLOSE()])
-    conn = Connection(HELO, CLIENT_IP, FAST, Limits(max_reply_lines=5))
+    conn = Connection(HELO, CLIENT_IP, FAST, ReplyLimits(max_reply_lines=5))
     conn.open(server.host, server.port)
     err = expect_connection_error(conn.hello, "EHLO", "4.5.0")
     assert "lines" in err.reply.text
@@ -470,7 +473,7 @@ def test_reply_with_more_than_max_reply_lines_is_a_protocol_error(scripted: Scri
 def test_reply_line_longer_than_max_line_length_is_a_protocol_error(scripted: Scripted) -> None:
     # The whole line, newline included, arrives in one read: it must still be measured.
     server = scripted([S("220 " + "x" * 1000), WAIT_CLOSE()])
-    conn = Connection(HELO, CLIENT_IP, FAST, Limits(max_line_length=200))
+    conn = Connection(HELO, CLIENT_IP, FAST, ReplyLimits(max_line_length=200))
     err = expect_connection_error(lambda: conn.open(server.host, server.port), "BANNER", "4.5.0")
     assert "longer than 200" in err.reply.text
     conn.close()
@@ -478,14 +481,14 @@ def test_reply_line_longer_than_max_line_length_is_a_protocol_error(scripted: Sc
 
 def test_endless_reply_line_is_a_protocol_error_not_a_hang(scripted: Scripted) -> None:
     server = scripted([INJECT(b"220 " + b"x" * 100_000), WAIT_CLOSE()])
-    conn = Connection(HELO, CLIENT_IP, FAST, Limits(max_line_length=4096))
+    conn = Connection(HELO, CLIENT_IP, FAST, ReplyLimits(max_line_length=4096))
     expect_connection_error(lambda: conn.open(server.host, server.port), "BANNER", "4.5.0")
     conn.close()
 
 
 def test_garbage_instead_of_a_reply_is_a_protocol_error(scripted: Scripted) -> None:
     server = scripted([INJECT(b"HTTP/1.1 400 Bad Request\r\n\r\n"), WAIT_CLOSE()])
-    conn = Connection(HELO, CLIENT_IP, FAST, Limits())
+    conn = Connection(HELO, CLIENT_IP, FAST, ReplyLimits())
     expect_connection_error(lambda: conn.open(server.host, server.port), "BANNER", "4.5.0")
     conn.close()
 
@@ -493,7 +496,7 @@ def test_garbage_instead_of_a_reply_is_a_protocol_error(scripted: Scripted) -> N
 def test_silent_banner_times_out_naming_the_phase(scripted: Scripted) -> None:
     server = scripted([WAIT_CLOSE()])
     timeouts = Timeouts(**{**{f.name: 2.0 for f in fields(Timeouts)}, "banner": 0.3})
-    conn = Connection(HELO, CLIENT_IP, timeouts, Limits())
+    conn = Connection(HELO, CLIENT_IP, timeouts, ReplyLimits())
     started = time.monotonic()
     with pytest.raises(TransientError) as caught:
         conn.open(server.host, server.port)
@@ -533,3 +536,39 @@ def test_bytes_injected_after_starttls_220_abort_before_the_handshake(scripted: 
     conn.close()
     server.wait_finished()
     assert not any(line.startswith("TLS") for who, line in server.transcript() if who == "*")
+
+
+# -- the connection is not an smtplib.SMTP ------------------------------------------------------
+
+# smtplib's ways around the phases, the deadlines and the one error translation.
+SMTPLIB_SHORTCUTS = ("sendmail", "send_message", "data", "starttls", "login", "auth", "mail",
+                     "rcpt", "docmd", "ehlo", "helo", "rset", "noop", "quit", "connect",
+                     "getreply", "send", "bdat")
+
+
+def test_no_smtplib_method_bypasses_the_phases() -> None:
+    """Regression (issue #12): Connection subclassed smtplib.SMTP, and its inherited
+    sendmail(), data(), starttls(), login()... ran outside every phase and deadline, their
+    failures untranslated. smtplib now serves it privately (EHLO, extensions, commands)."""
+    assert not issubclass(Connection, smtplib.SMTP)
+    conn = Connection(HELO, CLIENT_IP, FAST, ReplyLimits())
+    assert [name for name in SMTPLIB_SHORTCUTS if hasattr(conn, name)] == []
+
+
+def test_a_closed_connection_is_freed_without_the_cyclic_collector(scripted: Scripted) -> None:
+    """The parts of a connection hold no reference back to it: the worker runs the cyclic
+    collector seldom (engine.gctune), so a cycle would keep every retired connection (its
+    buffers, its smtplib object, its timer) in memory until a full collection."""
+    server = scripted([*greet("PIPELINING"), *delivered_once("PIPELINING"), C("QUIT"),
+                       S("221 bye")])
+    conn = connect(server)
+    assert outcome(conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
+    conn.quit_quietly()
+    server.wait_finished()
+    ref = weakref.ref(conn)
+    gc.disable()
+    try:
+        del conn
+        assert ref() is None
+    finally:
+        gc.enable()

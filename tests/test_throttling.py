@@ -40,7 +40,7 @@ from engine.config import ThrottleConfig, Timeouts
 from engine.reply import Reply
 from engine.shaping import RECOVERY, ProviderShaper
 from engine.smtp import Connection
-from engine.smtp import Limits as WireLimits
+from engine.smtp import ReplyLimits as WireLimits
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer, TokenBucket
 from tests.test_shaping import FakeTime, limits, shaper

@@ -1,0 +1,31 @@
+"""The SMTP layer: one outbound connection and the transactions it carries.
+
+Three parts, by composition:
+
+- engine.smtp.connection: `Connection`, the socket and its bounded replies, the session
+  (banner, EHLO or HELO, STARTTLS with its injection check, QUIT), the check before reuse;
+- engine.smtp.deadlines: each phase's timeout and the deadlines over several phases
+  (setup, transaction), with the gevent backstop;
+- engine.smtp.transaction: MAIL, RCPT, DATA or BDAT in the three modes (PIPELINING with
+  CHUNKING, PIPELINING, lock step), and the hand-over of a connection to the next message
+  before the reply to the final dot.
+
+What the replies mean (delivered, deferred, bounced; a stale connection; a protocol error)
+is decided in engine.classify, which also translates socket, ssl and smtplib errors. This
+layer imports no ZeroMQ, spool, shaping, pool or delivery.
+"""
+from engine.reply import ProtocolError, StaleConnection, TlsError
+from engine.smtp.connection import MAX_REPLY_TEXT, Connection, ReplyLimits
+from engine.smtp.transaction import Holder, RcptResult, dot_stuff
+
+__all__ = [
+    "MAX_REPLY_TEXT",
+    "Connection",
+    "Holder",
+    "ProtocolError",
+    "RcptResult",
+    "ReplyLimits",
+    "StaleConnection",
+    "TlsError",
+    "dot_stuff",
+]
