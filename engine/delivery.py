@@ -20,12 +20,13 @@ from engine.connector import Connector
 from engine.memo import Memo
 from engine.metrics import Metrics
 from engine.mx import MxHost, Resolver
-from engine.pool import PoolKey, Pools
+from engine.pool import PoolKey
+from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS, provider_of
 from engine.reply import Blame, DeliveryError
 from engine.shaping import Deferral, ProviderShaper, Shaping, ShapingPlan
-from engine.smtp import RcptResult, StaleConnection
+from engine.smtp import RcptResult, StaleConnection, send_mail
 
 # How many pooled connections may turn out stale for one message before the
 # host counts as failing (each costs no attempt, but must not loop for ever).
@@ -153,7 +154,7 @@ class Deliverer:
                     self.metrics.incr("connections_reused", provider)
                 started = time.monotonic()
                 try:
-                    results = conn.send_mail_tx(task.sender, rcpts, task.message,
+                    results = send_mail(conn, task.sender, rcpts, task.message,
                                                 task.smtputf8, task.eightbit)
                 except StaleConnection as err:
                     self.metrics.incr("connections_stale", provider)

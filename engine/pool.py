@@ -20,11 +20,10 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
 - a failed connect puts the pool in backoff for `connect_backoff` seconds: the
   failure reaches every waiting caller at once, callers during the backoff fail
   fast (unless a healthy idle connection is there to take), and afterwards one
-  probe connects at a time until one succeeds: a dead destination never causes
-  a reconnect storm;
+  probe connects at a time until one succeeds (engine.pool_health);
 - a connection about to be retired (`max_messages`) in a busy pool gets its
   replacement opened ahead, in the background, if the caps leave room: the next
-  message does not wait for a connection setup (engine.pool_ahead);
+  message does not wait for a connection setup (engine.pool_ahead says when);
 - at the cap, a retired connection keeps its slot until its QUIT is answered
   (or times out): a server counting sessions until they close never sees one
   more than the cap (`_discard`).
@@ -33,10 +32,12 @@ A pool may share a `ConnectionGate` (engine.shaping) with the pools of the
 other MX hosts of the same provider: a new connection then also needs one of
 the provider's connection slots for this sending IP.
 
-Modelled on gevent's examples/psycopg2_pool.py.
+A worker's pools, one per destination, are kept by engine.pools. Modelled on gevent's
+examples/psycopg2_pool.py.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,15 +48,18 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import AsyncResult
 
-from engine import classify
+from engine import logs
 from engine.config import PoolConfig
-from engine.pool_ahead import OpeningAhead
+from engine.pool_ahead import Ahead
+from engine.pool_health import Health
 from engine.reply import DeliveryError
 from engine.smtp import Connection
-from engine.waiters import any_waiting, wake_first
+from engine.waiters import any_waiting, count_waiting, wake_first
 
 if TYPE_CHECKING:
     from engine.gate import ConnectionGate
+
+log = logging.getLogger("mailengine.pool")
 
 
 class Drained(gevent.GreenletExit):
@@ -93,14 +97,10 @@ class DestinationPool:
         self._waiters: deque[AsyncResult] = deque()
         self.open = 0  # connections open or being opened
         self._connecting = 0
-        self._failure: DeliveryError | None = None
-        self._failed_until = 0.0
-        self._probing = False  # after a failure: one connect at a time until one works
+        self.health = Health(settings, clock)  # back-off and capacity (engine.pool_health)
         self.stale_dropped = 0
         self.draining = False
-        self._cap = settings.max_connections  # lowered while the server says "no more"
-        self._cap_until = 0.0
-        self.ahead = OpeningAhead()  # replacements opened ahead (engine.pool_ahead)
+        self.ahead = Ahead()  # replacements opened ahead (engine.pool_ahead)
 
     # -- checkout -------------------------------------------------------------
 
@@ -122,7 +122,10 @@ class DestinationPool:
         if self.draining:  # woke up after the drain began: give it back unused
             self.release(conn)  # ...which wakes the next waiter, which does the same
             raise Drained()
-        self.ahead.checked_out(self, conn)
+        if self.ahead.checked_out(self._clock(), conn, self.settings,
+                                  any_waiting(self._waiters), self._idle):
+            if self._open_ahead():
+                self.ahead.replaced.add(id(conn))
         return conn, reused
 
     def _acquire(self) -> tuple[Connection, bool]:
@@ -134,12 +137,12 @@ class DestinationPool:
             conn = self._take_idle()
             if conn is not None:
                 return conn, conn.messages_sent > 0  # one opened ahead has carried nothing
-            self._raise_if_backing_off()
+            self.health.raise_if_backing_off()
             gated = False
-            if self.ahead.on_its_way(self._waiters):
+            if self.ahead.on_its_way(count_waiting(self._waiters)):
                 pass  # a connection opened ahead is on its way and nobody else waits for it
-            elif self.open < self._max_connections() and not (
-                    self._probing and self._connecting):
+            elif self.open < self.health.max_connections() and not (
+                    self.health.probing and self._connecting):
                 if self.gate is None or self.gate.try_enter():
                     conn = self._connect()
                     if conn is not None:
@@ -167,7 +170,7 @@ class DestinationPool:
                 # of a busy pool), and callers wait: open one in the background if the
                 # slot is free now (below the cap; at the cap it is held until the
                 # QUIT's reply, and the woken caller connects once it comes free).
-                self.ahead.start(self)
+                self._open_ahead()
         self._wake_one()
 
     def pass_on(self, conn: Connection) -> bool:
@@ -213,7 +216,12 @@ class DestinationPool:
         self.stop_opening_ahead()
 
     def stop_opening_ahead(self) -> None:
-        self.ahead.stop(self)
+        """Stop every connect ahead (the connector closes what they opened)."""
+        for greenlet in list(self.ahead.running):
+            greenlet.kill(block=False)  # started: GreenletExit inside the connect
+            if greenlet.dead and greenlet in self.ahead.running:
+                # It had not started: it never runs, so its slot is given back here.
+                self._ahead_ended(greenlet, opened=False)
 
     def close_idle(self, force: bool = False) -> int:
         """Close idle connections older than idle_timeout (all of them if `force`)."""
@@ -249,14 +257,9 @@ class DestinationPool:
         return len(self.ahead.running)
 
     def failing(self) -> bool:
-        return self._failure is not None and self._clock() < self._failed_until
+        return self.health.failing()
 
     # -- internals --------------------------------------------------------------
-
-    def _raise_if_backing_off(self) -> None:
-        if self._failure is not None and self._clock() < self._failed_until:
-            err = self._failure
-            raise type(err)(err.reply, err.command, err.blame)
 
     def _take_idle(self) -> Connection | None:
         while self._idle:
@@ -270,11 +273,6 @@ class DestinationPool:
                 self._discard(conn, polite=False)
         return None
 
-    def _max_connections(self) -> int:
-        if self._clock() < self._cap_until:
-            return min(self._cap, self.settings.max_connections)
-        return self.settings.max_connections
-
     def _connect(self) -> Connection | None:
         """A new connection; None when the server refused only this extra one."""
         self.open += 1
@@ -284,7 +282,7 @@ class DestinationPool:
             conn = self._open_connection()
         except DeliveryError as err:
             self._closed()
-            if self._at_capacity(err):
+            if self.health.at_capacity(err, self.open):
                 return None
             self._fail(err)
             raise
@@ -298,26 +296,14 @@ class DestinationPool:
         self._back()
         return conn
 
-    def _at_capacity(self, err: DeliveryError) -> bool:
-        """Whether a failed connect is the server's capacity, not an outage
-        (classify.at_capacity); if so, use fewer connections for a while."""
-        if not classify.at_capacity(err, self.open):
-            return False
-        self._cap = max(1, self.open)
-        self._cap_until = self._clock() + self.settings.connect_backoff
-        return True
-
     def _back(self) -> None:
         """A connect worked."""
-        if self._probing:  # the destination is back: let the waiters connect too
-            self._probing = False
-            self._failure = None
+        if self.health.back():  # the destination is back: let the waiters connect too
             self.wake_all()
 
     def _fail(self, err: DeliveryError) -> None:
-        self._failure = err
-        self._failed_until = self._clock() + self.settings.connect_backoff
-        self._probing = True
+        """A connect failed: back off, and every caller waiting gets the error now."""
+        self.health.failed(err)
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.ready():
@@ -379,7 +365,7 @@ class DestinationPool:
 
     def _at_cap(self) -> bool:
         """Would the slot of a connection closing now be taken again at once?"""
-        if self.open >= self._max_connections() or any_waiting(self._waiters):
+        if self.open >= self.health.max_connections() or any_waiting(self._waiters):
             return True
         gate = self.gate
         return gate is not None and (gate.open >= gate.max_connections or gate.has_waiters())
@@ -390,6 +376,76 @@ class DestinationPool:
         finally:
             self._closed()
             self._wake_one()
+
+    # -- opening replacements ahead (engine.pool_ahead decides when) -----------------
+
+    def _open_ahead(self) -> bool:
+        """Start a connect in the background whose connection goes to the first waiter
+        or the idle stack, if the caps leave room for it; True if it started.
+
+        The connection being opened counts as open, here and in the provider's gate,
+        from now on: the caps are never exceeded. At the cap nothing is opened ahead:
+        the destination's limit wins over the latency (finding 2's order: the old
+        connection's slot comes free after its QUIT, then the next one is opened)."""
+        if (self.draining or self.health.probing or self.failing()
+                or self.open >= self.health.max_connections()):
+            return False
+        gate = self.gate
+        if gate is not None:
+            # Never by closing another pool's idle connection (try_enter would): only a
+            # slot that is free now.
+            if gate.open >= gate.max_connections or not gate.try_enter():
+                return False
+        self.open += 1
+        self._connecting += 1
+        self.ahead.running.add(gevent.spawn(self._ahead_run))
+        return True
+
+    def _ahead_run(self) -> None:
+        greenlet = gevent.getcurrent()
+        started = self._clock()
+        try:
+            conn = self._open_connection()
+        except BaseException as exc:
+            self._ahead_ended(greenlet, opened=False)
+            if isinstance(exc, gevent.GreenletExit):  # stopped by drain(): nothing to say
+                return
+            if not isinstance(exc, Exception):  # a gevent.Timeout, SystemExit...: not ours
+                self._wake_one()
+                raise
+            self._ahead_failed(exc)
+            return
+        self._ahead_ended(greenlet, opened=True)
+        self.ahead.setup_time = self._clock() - started
+        self._back()
+        if self.draining:
+            self._discard(conn)
+            return
+        self.ahead.opened += 1
+        conn.last_used = self._clock()  # idle from now, for the idle timeout
+        self.release(conn)
+
+    def _ahead_failed(self, exc: Exception) -> None:
+        """Nobody waits on a connect ahead: its failure is logged and counted, no caller
+        gets it and the pool does not back off (a caller's own connect decides that)."""
+        self.ahead.failed += 1
+        expected = isinstance(exc, DeliveryError)  # else a bug: its traceback too
+        log.log(logging.INFO if expected else logging.ERROR,
+                logs.kv("connect_ahead_failed", ip=self.key.source_ip, mx=self.key.host,
+                        port=self.key.port, error=exc), exc_info=not expected)
+        if isinstance(exc, DeliveryError):
+            self.health.at_capacity(exc, self.open)
+        # Whoever waited for it goes the usual way: connects itself, or waits.
+        self._wake_one()
+
+    def _ahead_ended(self, greenlet: gevent.Greenlet, opened: bool) -> None:
+        """A connect ahead is over; without a connection (`opened` False) its slot in
+        the pool and the gate, counted from `_open_ahead` on, is free again."""
+        self.ahead.running.discard(greenlet)
+        self._connecting -= 1
+        if not opened:
+            self._closed()
+
 
 
 class _Checkout:
@@ -408,8 +464,9 @@ class _Checkout:
         self.conn = conn
         return conn, reused
 
-    def pass_on(self, conn: Connection) -> bool:
+    def pass_on(self) -> bool:
         """engine.smtp's `Holder.pass_on`, answered by the pool."""
+        conn = self.conn
         if not self.pool.pass_on(conn):
             return False
         conn.holder = None  # the next caller's now: leaving the `with` must not touch it
@@ -425,66 +482,4 @@ class _Checkout:
             conn.close()
         self.pool.release(conn)
 
-
-class Pools:
-    """All destination pools of one worker."""
-
-    def __init__(self, settings: PoolConfig,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.settings = settings
-        self._clock = clock
-        self._pools: dict[PoolKey, DestinationPool] = {}
-        self.draining = False
-
-    def find(self, key: PoolKey) -> DestinationPool | None:
-        """The pool for `key` if it exists (no factory, no settings to build first)."""
-        return self._pools.get(key)
-
-    def get(self, key: PoolKey, open_connection: Callable[[], Connection],
-            settings: PoolConfig | None = None,
-            gate: ConnectionGate | None = None) -> DestinationPool:
-        """The pool for `key`, made on first use with `settings` (default: the worker's)."""
-        pool = self._pools.get(key)
-        if pool is None:
-            pool = self._pools[key] = DestinationPool(key, settings or self.settings,
-                                                      open_connection, self._clock, gate)
-            pool.draining = self.draining
-        return pool
-
-    def drain(self) -> None:
-        """Hand out no more connections (graceful stop). Transactions already holding
-        one finish; callers still waiting end with `Drained`, reporting nothing, so
-        their recipients stay spooled.
-
-        Regression (a graceful restart sent mail twice): a worker holds up to
-        `limits.max_in_flight` tasks, most waiting for one of a few connections.
-        Draining them all outlasted `drain_timeout`; the supervisor then killed the
-        worker mid-transaction, and messages the server had taken but nobody had
-        recorded went out again after the restart."""
-        self.draining = True
-        for pool in self._pools.values():
-            pool.drain()
-
-    def reap(self) -> int:
-        """Close expired idle connections and forget empty, healthy pools."""
-        closed = 0
-        for key, pool in list(self._pools.items()):
-            closed += pool.close_idle()
-            if not pool.busy and not pool.idle and not pool.failing():
-                del self._pools[key]
-                if pool.gate is not None:
-                    pool.gate.forget(pool.close_one_idle)
-        return closed
-
-    def close_all(self) -> None:
-        for pool in self._pools.values():
-            pool.stop_opening_ahead()
-            pool.close_idle(force=True)
-
-    @property
-    def open_connections(self) -> int:
-        return sum(p.open for p in self._pools.values())
-
-    def __len__(self) -> int:
-        return len(self._pools)
 

@@ -18,3 +18,8 @@ def wake_first(waiters: deque[AsyncResult]) -> None:
 
 def any_waiting(waiters: deque[AsyncResult]) -> bool:
     return any(not waiter.ready() for waiter in waiters)
+
+
+def count_waiting(waiters: deque[AsyncResult]) -> int:
+    """How many callers are still waiting (not answered yet)."""
+    return sum(1 for waiter in waiters if not waiter.ready())

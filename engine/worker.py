@@ -31,7 +31,7 @@ from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, Resolver
-from engine.pool import Pools
+from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS
 from engine.shaping import Shaping, plan_for

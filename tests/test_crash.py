@@ -152,7 +152,11 @@ def test_kill_9_of_a_worker_under_load_loses_nothing_and_repeats_at_most_its_tra
           f"lost={lost} duplicates={dups} restarts={after['restarts']} "
           f"took {time.monotonic() - started:.1f}s")
     assert lost == 0
-    assert dups <= CAP  # one destination: CAP transactions were open on the killed worker
+    # One destination, CAP connections. Per connection: the transaction open at the kill,
+    # and the one before it if its result had not left the worker yet (reported in the
+    # same loop turn, but ZeroMQ's I/O thread writes it to the socket a moment later, and
+    # SIGKILL drops what it has not written). Measured: 2 to 6 with CAP 4.
+    assert dups <= 2 * CAP
     assert after["restarts"] == 1
     # The supervisor lived on, so its events log is whole: each job ends delivered, once.
     finals = collections.Counter(e["id"] for e in engine.events() if e["event"] == "delivered")

@@ -18,7 +18,8 @@ from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
 from engine.metrics import Metrics
 from engine.mx import Resolver
-from engine.pool import DestinationPool, PoolKey, Pools
+from engine.pool import DestinationPool, PoolKey
+from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.smtp import Connection, ReplyLimits
 from engine.testing.sink import SinkServer

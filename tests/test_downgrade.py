@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.downgrade import MAX_DEPTH, CannotConvert, to_7bit
+from engine.smtp import send_mail
 from engine.testing.harness import LocalEngine, final_outcomes
 from tests.test_smtp import (
     BDAT,
@@ -333,7 +334,7 @@ def test_8bit_message_to_server_without_8bitmime_arrives_7bit(scripted: Scripted
     extensions = ("SIZE 10485760", *MODES[mode])
     server = scripted(one_message(extensions, f"MAIL FROM:<{SENDER}> SIZE={len(CONVERTED)}"))
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE_8BIT, eightbit=True)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE_8BIT, eightbit=True)
     assert outcome(results) == [(RCPTS[0], 250, None, False)]
     server.wait_finished()
     assert server.errors == []
@@ -349,7 +350,7 @@ def test_8bit_message_to_server_with_8bitmime_arrives_unchanged(scripted: Script
     server = scripted(one_message(extensions,
                                   f"MAIL FROM:<{SENDER}> SIZE={len(MESSAGE_8BIT)} BODY=8BITMIME"))
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE_8BIT, eightbit=True)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE_8BIT, eightbit=True)
     assert outcome(results) == [(RCPTS[0], 250, None, False)]
     server.wait_finished()
     assert server.errors == []
@@ -360,7 +361,7 @@ def test_unconvertible_message_bounces_5_6_3_without_mail(scripted: Scripted) ->
     server = scripted([*greet("PIPELINING", "CHUNKING", "SIZE 1000"), WAIT_CLOSE()])
     conn = connect(server)
     message = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nhello\r\n"
-    results = conn.send_mail_tx(SENDER, RCPTS[:2], message, eightbit=True)
+    results = send_mail(conn, SENDER, RCPTS[:2], message, eightbit=True)
     assert outcome(results) == [(r, 554, "5.6.3", False) for r in RCPTS[:2]]
     assert results[0].reply.permanent
     assert "8BITMIME" in results[0].reply.text and "Subject header" in results[0].reply.text
@@ -374,7 +375,7 @@ def test_smtputf8_message_is_not_converted(scripted: Scripted) -> None:
     """SMTPUTF8 is its own case: a server without it refuses the message 5.6.7, as before."""
     server = scripted([*greet("PIPELINING"), WAIT_CLOSE()])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, ("jos\u00e9@example.test",), MESSAGE_8BIT,
+    results = send_mail(conn, SENDER, ("jos\u00e9@example.test",), MESSAGE_8BIT,
                                 smtputf8=True, eightbit=True)
     assert outcome(results) == [("jos\u00e9@example.test", 553, "5.6.7", False)]
     conn.close()

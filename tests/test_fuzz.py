@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 from engine.config import Timeouts
 from engine.job import Job, JobRejected, normalise_message, parse_job
 from engine.reply import DeliveryError
-from engine.smtp import Connection, RcptResult, ReplyLimits, dot_stuff
+from engine.smtp import Connection, RcptResult, ReplyLimits, dot_stuff, send_mail
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -335,7 +335,7 @@ def run_session(server: bytes, sender: str, rcpts: Sequence[str], message: bytes
             with conn.phase("BANNER", FUZZ_TIMEOUTS.banner):
                 banner = conn.reply()
             if banner.ok and conn.hello().ok:
-                session.results = conn.send_mail_tx(sender, rcpts, message, smtputf8, eightbit)
+                session.results = send_mail(conn, sender, rcpts, message, smtputf8, eightbit)
         except DeliveryError as err:
             session.banner_or_ehlo_error = err
         conn.quit_quietly()

@@ -26,9 +26,9 @@ from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
 from engine.metrics import Metrics
 from engine.mx import Resolver
-from engine.pool import Pools
+from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
-from engine.smtp import ReplyLimits
+from engine.smtp import ReplyLimits, send_mail
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
@@ -313,7 +313,7 @@ def test_replies_each_just_in_time_end_at_the_transaction_deadline(
                           ReplyLimits(), Metrics(None, "127.0.0.1"))
     conn = connector.open(resolver.destination("hostile.test").hosts[0], "test", routed=True)
     started = time.monotonic()
-    results = conn.send_mail_tx(SENDER, many, MESSAGE)
+    results = send_mail(conn, SENDER, many, MESSAGE)
     elapsed = time.monotonic() - started
     assert 2.4 < elapsed < BOUND
     assert {r.reply.code for r in results} == {451}

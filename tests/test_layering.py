@@ -42,6 +42,8 @@ RULES = [
     (("engine.protocol",), (*WORKER_SIDE, *SUPERVISOR_SIDE, "zmq", "gevent"),
      "the protocol is shared by both sides and depends on neither"),
 ]
+# engine.classify, where every reply is judged: what it may import, nothing else of the engine.
+CLASSIFY_MAY_IMPORT = ("engine.reply", "engine.protocol", "engine.config", "engine.text")
 
 
 def module_name(path: Path) -> str:
@@ -79,6 +81,12 @@ def test_layering(subjects: tuple[str, ...], forbidden: tuple[str, ...], why: st
             if within(imported, forbidden) and not within(imported, subjects):
                 broken.append(f"{name} imports {imported}")
     assert not broken, f"{why}:\n" + "\n".join(broken)
+
+
+def test_classify_builds_only_on_replies_the_protocol_and_config() -> None:
+    engine_imports = {name for name in imports_of(SOURCES["engine.classify"])
+                      if within(name, ("engine",))}
+    assert {name for name in engine_imports if not within(name, CLASSIFY_MAY_IMPORT)} == set()
 
 
 def test_nothing_in_engine_monkey_patches() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from engine.smtp.transaction import _Owed
+from engine.smtp.handover import Owed
 from engine.testing.harness import LocalEngine, final_outcomes
 from tests.smtpserver import CLOSE, DATA, SLEEP, WAIT_CLOSE, C, S, ScriptedServer, Step
 from tests.test_smtp import ehlo_reply
@@ -162,7 +162,7 @@ def test_a_message_refused_before_sending_reads_the_reply_it_was_handed(
 def test_a_final_reply_nobody_reads_ends_as_an_ambiguous_deferral_not_a_hang() -> None:
     """The safety net of the waiting side: had the next holder never read the reply (a bug),
     the message would be deferred as possibly delivered, not stuck in flight."""
-    debt = _Owed(["a@example.test"], lambda: [])
+    debt = Owed(["a@example.test"], lambda: [])
     (result,) = debt.wait(0.05)
     assert result.rcpt == "a@example.test" and result.ambiguous
     assert result.reply.code == 451

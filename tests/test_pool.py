@@ -15,7 +15,8 @@ import gevent
 import pytest
 
 from engine.config import PoolConfig
-from engine.pool import DestinationPool, Drained, PoolKey, Pools
+from engine.pool import DestinationPool, Drained, PoolKey
+from engine.pools import Pools
 from engine.reply import PermanentError, Reply, TransientError
 from engine.smtp import Connection
 
@@ -236,7 +237,7 @@ def test_after_the_backoff_one_probe_connects_at_a_time() -> None:
 def test_connection_that_carried_max_messages_is_closed() -> None:
     pool, factory, clock = make_pool(max_messages=2)
     conn1, _ = use(pool)
-    clock.now += 10  # a quiet pool: no replacement opened ahead (pool.BUSY_WITHIN)
+    clock.now += 10  # a quiet pool: no replacement opened ahead (engine.pool_ahead.BUSY_WITHIN)
     conn2, reused = use(pool)
     assert conn2 is conn1 and reused
     assert pool.idle == 0 and pool.open == 0 and factory.calls == 1
@@ -685,7 +686,7 @@ def hand_on_mid_transaction(pool: DestinationPool) -> tuple[FakeConnection, bool
     conn.messages_sent += 1  # the transaction in flight (Connection counts it at the end)
     waiter = gevent.spawn(lambda: got.append(pool.acquire()))
     gevent.sleep(0)  # the waiter is waiting
-    handed = checkout.pass_on(conn)
+    handed = checkout.pass_on()
     if handed:
         conn.owes = True  # (as Transaction._pass_on records its debt)
     checkout.__exit__(None, None, None)
@@ -706,7 +707,7 @@ def test_a_connection_is_handed_on_to_the_waiter_and_the_checkout_lets_go_of_it(
 def test_nothing_is_handed_on_without_a_waiter() -> None:
     pool, _, _ = make_pool(max_connections=1)
     with pool.connection() as (conn, _):
-        assert not conn.holder.pass_on(conn)  # type: ignore[union-attr]
+        assert not conn.holder.pass_on()  # type: ignore[union-attr]
         assert conn.holder is not None
     assert pool.idle == 1
 
@@ -726,7 +727,7 @@ def test_nothing_is_handed_on_while_draining() -> None:
     waiter = gevent.spawn(pool.acquire)
     gevent.sleep(0)
     pool.drain()
-    assert not checkout.pass_on(conn)
+    assert not checkout.pass_on()
     checkout.__exit__(None, None, None)
     waiter.join(timeout=1)
     assert isinstance(waiter.value, Drained)
@@ -739,7 +740,7 @@ def test_a_waiter_drained_after_the_hand_on_reads_what_is_owed_before_giving_it_
     conn.messages_sent += 1
     waiter = gevent.spawn(pool.acquire)
     gevent.sleep(0)
-    assert checkout.pass_on(conn)
+    assert checkout.pass_on()
     conn.owes = True
     pool.drain()  # before the waiter ran
     waiter.join(timeout=1)

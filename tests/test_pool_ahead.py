@@ -21,7 +21,8 @@ from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
 from engine.metrics import Metrics
 from engine.mx import Resolver
-from engine.pool import PoolKey, Pools
+from engine.pool import PoolKey
+from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.smtp import ReplyLimits
 from engine.testing.harness import final_outcomes, make_message

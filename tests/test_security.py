@@ -31,11 +31,11 @@ from engine.intake import INGEST_HWM
 from engine.job import normalise_message, parse_job
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, MxHost, Resolver
-from engine.pool import Pools
+from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.reply import TransientError
 from engine.results import RESULTS_HWM
-from engine.smtp import MAX_REPLY_TEXT, Connection, ReplyLimits, dot_stuff
+from engine.smtp import MAX_REPLY_TEXT, Connection, ReplyLimits, dot_stuff, send_mail
 from engine.supervisor import EVENTS_HWM, Supervisor
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
@@ -315,7 +315,7 @@ def test_nul_in_an_envelope_address_is_refused_unsent(scripted: Scripted, field:
     conn = connect(server)
     evil = "a\0b@example.test"
     sender, rcpts = (evil, ("r@example.test",)) if field == "sender" else (SENDER, (evil,))
-    results = conn.send_mail_tx(sender, rcpts, MESSAGE)
+    results = send_mail(conn, sender, rcpts, MESSAGE)
     assert [r.reply.code for r in results] == [501]
     conn.close()
     server.wait_finished()
@@ -329,7 +329,7 @@ def test_mail_parameters_come_from_the_engine_not_the_data(scripted: Scripted) -
                        S("250 ok"), rcpt("j\u00f6@example.test"), S("250 ok"), C("DATA"),
                        S("354 go"), DATA(), S("250 queued")])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, ("j\u00f6@example.test",), MESSAGE, smtputf8=True,
+    results = send_mail(conn, SENDER, ("j\u00f6@example.test",), MESSAGE, smtputf8=True,
                                 eightbit=True)
     assert [r.reply.code for r in results] == [250]
     conn.close()
@@ -342,7 +342,7 @@ def test_a_hostile_reply_text_is_cut_before_it_reaches_events(scripted: Scripted
     server = scripted([*greet(), mail(), S(*long_lines, "550 5.7.1 no"), C("RSET"),
                        S("250 ok"), WAIT_CLOSE()])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, ("r@example.test",), MESSAGE)
+    results = send_mail(conn, SENDER, ("r@example.test",), MESSAGE)
     assert results[0].reply.code == 550
     assert len(results[0].reply.text) <= MAX_REPLY_TEXT + 3
     conn.close()
@@ -398,7 +398,7 @@ def test_smuggling_attempts_arrive_as_one_message_intact(chunking: bool) -> None
         conn = Connection(HELO, "127.0.0.1", FAST, ReplyLimits())
         conn.open(sink.host, sink.port)
         conn.hello()
-        results = conn.send_mail_tx(job.sender, job.rcpts, job.message)
+        results = send_mail(conn, job.sender, job.rcpts, job.message)
         assert [r.reply.code for r in results] == [250]
         conn.quit_quietly()
         sink.wait_idle()

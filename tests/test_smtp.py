@@ -21,7 +21,15 @@ import pytest
 
 from engine.config import Timeouts
 from engine.reply import Blame, DeliveryError, TransientError
-from engine.smtp import Connection, RcptResult, ReplyLimits, StaleConnection, TlsError, dot_stuff
+from engine.smtp import (
+    Connection,
+    RcptResult,
+    ReplyLimits,
+    StaleConnection,
+    TlsError,
+    dot_stuff,
+    send_mail,
+)
 from engine.tls import TlsPolicy
 from tests.smtpserver import (
     BDAT,
@@ -114,7 +122,7 @@ def test_some_recipients_refused_gives_per_recipient_results(scripted: Scripted,
                                                              mode: str) -> None:
     server = scripted(partial_refusal_script(mode))
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS, MESSAGE)
+    results = send_mail(conn, SENDER, RCPTS, MESSAGE)
     assert outcome(results) == [
         ("ok@example.test", 250, "2.0.0", False),  # the final reply is the accepted one's
         ("bad@example.test", 550, "5.1.1", False),
@@ -130,7 +138,7 @@ def test_some_recipients_refused_gives_per_recipient_results(scripted: Scripted,
 def test_bdat_goes_out_with_mail_and_rcpt_in_one_flight(scripted: Scripted) -> None:
     server = scripted(partial_refusal_script("pipelining+bdat"))
     conn = connect(server)
-    conn.send_mail_tx(SENDER, RCPTS, MESSAGE)
+    send_mail(conn, SENDER, RCPTS, MESSAGE)
     conn.close()
     server.wait_finished()
     lines = server.transcript()
@@ -159,7 +167,7 @@ def mail_refused_script(mode: str) -> list[Step]:
 def test_mail_refused_refuses_every_recipient_then_rset(scripted: Scripted, mode: str) -> None:
     server = scripted(mail_refused_script(mode))
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, (RCPTS[0], RCPTS[2]), MESSAGE)
+    results = send_mail(conn, SENDER, (RCPTS[0], RCPTS[2]), MESSAGE)
     assert outcome(results) == [(RCPTS[0], 550, "5.7.1", False), (RCPTS[2], 550, "5.7.1", False)]
     assert conn.sock is not None  # RSET worked: still usable
     conn.close()
@@ -186,7 +194,7 @@ def test_all_recipients_refused_keeps_each_refusal_then_rset(scripted: Scripted,
                                                              mode: str) -> None:
     server = scripted(all_refused_script(mode))
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[1:], MESSAGE)
+    results = send_mail(conn, SENDER, RCPTS[1:], MESSAGE)
     assert outcome(results) == [(RCPTS[1], 550, "5.1.1", False), (RCPTS[2], 451, "4.3.0", False)]
     assert conn.sock is not None
     conn.close()
@@ -204,7 +212,7 @@ def test_354_after_every_recipient_was_refused_gets_a_lone_dot_not_the_body(
                        S("250 ok"), S("550 5.1.1 no such user"), S("354 go on"),
                        DATA(), S("554 5.5.1 no valid recipients"), C("RSET"), S("250 ok")])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[1:2], MESSAGE)
+    results = send_mail(conn, SENDER, RCPTS[1:2], MESSAGE)
     assert outcome(results) == [(RCPTS[1], 550, "5.1.1", False)]
     server.wait_finished()
     assert server.errors == []
@@ -217,7 +225,7 @@ def test_drop_after_final_dot_is_deferred_and_ambiguous(scripted: Scripted) -> N
     server = scripted([*greet(), mail(), S("250 ok"), rcpt(RCPTS[0]), S("250 ok"), C("DATA"),
                        S("354 go on"), DATA(), CLOSE()])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)
     assert outcome(results) == [(RCPTS[0], 451, "4.4.2", True)]
     assert "may have been delivered" in results[0].reply.text
     assert server.messages == [MESSAGE]
@@ -232,7 +240,7 @@ def test_drop_after_bdat_last_is_deferred_and_ambiguous(scripted: Scripted,
     server = scripted([*greet("PIPELINING", "CHUNKING"), mail(), rcpt(RCPTS[0]),
                        BDAT(last=True), *answers, CLOSE()])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)
     assert outcome(results) == [(RCPTS[0], 451, "4.4.2", True)]
     assert server.messages == [MESSAGE]
     assert conn.sock is None
@@ -242,7 +250,7 @@ def test_drop_before_data_is_deferred_not_ambiguous(scripted: Scripted) -> None:
     server = scripted([*greet("PIPELINING"), mail(), rcpt(RCPTS[0]), C("DATA"),
                        S("250 ok", "250 ok"), CLOSE()])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)
     assert outcome(results) == [(RCPTS[0], 451, "4.4.2", False)]
     assert conn.sock is None
 
@@ -265,9 +273,9 @@ def test_reused_connection_closed_before_any_reply_is_stale(scripted: Scripted,
     # connection passed its check and died just after.
     server = scripted([*greet(*MODES[mode]), *delivered_once(*MODES[mode]), mail(), CLOSE()])
     conn = connect(server)
-    assert outcome(conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
+    assert outcome(send_mail(conn, SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
     with pytest.raises(StaleConnection) as caught:
-        conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)
+        send_mail(conn, SENDER, RCPTS[:1], MESSAGE)
     assert caught.value.blame is Blame.CONNECTION
     assert conn.sock is None
     assert server.messages == [MESSAGE]
@@ -289,9 +297,9 @@ def test_reused_connection_answering_421_to_mail_is_stale(scripted: Scripted,
     server = scripted([*greet(*MODES[mode]), *delivered_once(*MODES[mode]), *first_flight(mode),
                        S("421 4.4.2 idle timeout, closing"), WAIT_CLOSE()])
     conn = connect(server)
-    assert outcome(conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
+    assert outcome(send_mail(conn, SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
     with pytest.raises(StaleConnection) as caught:
-        conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)
+        send_mail(conn, SENDER, RCPTS[:1], MESSAGE)
     assert caught.value.reply.code == 421
     assert conn.sock is None
 
@@ -299,14 +307,14 @@ def test_reused_connection_answering_421_to_mail_is_stale(scripted: Scripted,
 def test_new_connection_answering_421_to_mail_defers(scripted: Scripted) -> None:
     server = scripted([*greet(), mail(), S("421 4.3.2 too many connections"), WAIT_CLOSE()])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)
     assert outcome(results) == [(RCPTS[0], 421, "4.3.2", False)]
 
 
 def test_new_connection_closed_before_any_reply_is_a_result_not_stale(scripted: Scripted) -> None:
     server = scripted([*greet(), mail(), CLOSE()])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)  # no StaleConnection raised
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)  # no StaleConnection raised
     assert outcome(results) == [(RCPTS[0], 451, "4.4.2", False)]
 
 
@@ -338,7 +346,7 @@ def test_dot_stuffing_on_the_wire(scripted: Scripted) -> None:
     # eat the leading dots: only a correctly stuffed body arrives intact.
     server = scripted([*greet(), *delivered_once()])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], DOTTY)
+    results = send_mail(conn, SENDER, RCPTS[:1], DOTTY)
     assert outcome(results) == [(RCPTS[0], 250, None, False)]
     assert server.messages == [DOTTY]
     assert dot_stuff(DOTTY) == (b"..first line starts with a dot\r\nthen\r\n..\r\n...two dots\r\n"
@@ -349,7 +357,7 @@ def test_bdat_sends_the_message_unstuffed(scripted: Scripted) -> None:
     server = scripted([*greet("PIPELINING", "CHUNKING"), *delivered_once("PIPELINING",
                                                                         "CHUNKING")])
     conn = connect(server)
-    assert outcome(conn.send_mail_tx(SENDER, RCPTS[:1], DOTTY))[0][1] == 250
+    assert outcome(send_mail(conn, SENDER, RCPTS[:1], DOTTY))[0][1] == 250
     assert server.messages == [DOTTY]
     server.wait_finished()
     assert f"BDAT {len(DOTTY)} LAST" in server.client_lines()
@@ -359,7 +367,7 @@ def test_smtputf8_address_to_server_without_smtputf8_bounces_5_6_7_unsent(
         scripted: Scripted) -> None:
     server = scripted([*greet("PIPELINING", "8BITMIME"), WAIT_CLOSE()])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, ("jos\u00e9@example.test",), MESSAGE, smtputf8=True)
+    results = send_mail(conn, SENDER, ("jos\u00e9@example.test",), MESSAGE, smtputf8=True)
     assert outcome(results) == [("jos\u00e9@example.test", 553, "5.6.7", False)]
     assert results[0].reply.permanent
     assert conn.sock is not None  # the connection is fine; only this message can't go here
@@ -373,7 +381,7 @@ def test_smtputf8_address_to_server_with_smtputf8(scripted: Scripted) -> None:
                        rcpt("jos\u00e9@example.test"), S("250 ok"), C("DATA"), S("354 go"),
                        DATA(), S("250 queued")])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, ("jos\u00e9@example.test",), MESSAGE, smtputf8=True)
+    results = send_mail(conn, SENDER, ("jos\u00e9@example.test",), MESSAGE, smtputf8=True)
     assert outcome(results)[0][1] == 250
     server.wait_finished()
     assert server.errors == []
@@ -388,7 +396,7 @@ def test_size_and_body_8bitmime_parameters_when_offered(scripted: Scripted,
                        rcpt(RCPTS[0]), S("250 ok"), C("DATA"), S("354 go"), DATA(),
                        S("250 queued")])
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE, eightbit=eightbit)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE, eightbit=eightbit)
     assert outcome(results)[0][1] == 250
     server.wait_finished()
     assert server.errors == []
@@ -397,7 +405,7 @@ def test_size_and_body_8bitmime_parameters_when_offered(scripted: Scripted,
 def test_no_parameters_when_not_offered(scripted: Scripted) -> None:
     server = scripted([*greet(), *delivered_once()])  # mail() matches MAIL FROM:<...> exactly
     conn = connect(server)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE, eightbit=True)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE, eightbit=True)
     assert outcome(results)[0][1] == 250
     server.wait_finished()
     assert server.errors == []
@@ -411,7 +419,7 @@ def test_discarded_ehlo_keywords_are_not_used(scripted: Scripted) -> None:
                                                                            "chunking"})))
     assert not conn.has_extn("pipelining") and not conn.has_extn("chunking")
     assert conn.has_extn("8bitmime")
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)
     assert outcome(results) == [(RCPTS[0], 250, None, False)]
     server.wait_finished()
     assert server.errors == []  # the script's lock-step order was kept: no pipelined flight
@@ -421,7 +429,7 @@ def test_null_sender(scripted: Scripted) -> None:
     server = scripted([*greet(), C("MAIL FROM:<>"), S("250 ok"), rcpt(RCPTS[0]), S("250 ok"),
                        C("DATA"), S("354 go"), DATA(), S("250 queued")])
     conn = connect(server)
-    assert outcome(conn.send_mail_tx("", RCPTS[:1], MESSAGE))[0][1] == 250
+    assert outcome(send_mail(conn, "", RCPTS[:1], MESSAGE))[0][1] == 250
 
 
 @pytest.mark.parametrize("field", ["sender", "rcpt"])
@@ -430,7 +438,7 @@ def test_cr_lf_in_an_envelope_address_is_refused_unsent(scripted: Scripted, fiel
     conn = connect(server)
     evil = "a@example.test>\r\nRCPT TO:<victim@example.test"
     sender, rcpts = (evil, RCPTS[:1]) if field == "sender" else (SENDER, (evil,))
-    results = conn.send_mail_tx(sender, rcpts, MESSAGE)
+    results = send_mail(conn, sender, rcpts, MESSAGE)
     assert [r.reply.code for r in results] == [501]
     conn.close()
     server.wait_finished()
@@ -442,7 +450,7 @@ def test_helo_when_the_server_does_not_speak_esmtp(scripted: Scripted) -> None:
                        C(f"HELO {HELO}"), S("250 old.test"), *delivered_once()])
     conn = connect(server)
     assert not conn.does_esmtp
-    assert outcome(conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
+    assert outcome(send_mail(conn, SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
     server.wait_finished()
     assert server.errors == []
 
@@ -513,7 +521,7 @@ def test_silence_after_the_final_dot_times_out_ambiguous(scripted: Scripted) -> 
                        S("354 go"), DATA(), WAIT_CLOSE()])
     timeouts = Timeouts(**{**{f.name: 2.0 for f in fields(Timeouts)}, "final_dot": 0.3})
     conn = connect(server, timeouts)
-    results = conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE)
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)
     assert outcome(results) == [(RCPTS[0], 451, "4.4.2", True)]
     assert "DATA" in results[0].reply.text and "timeout" in results[0].reply.text
 
@@ -562,7 +570,7 @@ def test_a_closed_connection_is_freed_without_the_cyclic_collector(scripted: Scr
     server = scripted([*greet("PIPELINING"), *delivered_once("PIPELINING"), C("QUIT"),
                        S("221 bye")])
     conn = connect(server)
-    assert outcome(conn.send_mail_tx(SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
+    assert outcome(send_mail(conn, SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
     conn.quit_quietly()
     server.wait_finished()
     ref = weakref.ref(conn)

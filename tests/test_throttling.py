@@ -39,7 +39,7 @@ import pytest
 from engine.config import ThrottleConfig, Timeouts
 from engine.reply import Reply
 from engine.shaping import RECOVERY, ProviderShaper
-from engine.smtp import Connection
+from engine.smtp import Connection, send_mail
 from engine.smtp import ReplyLimits as WireLimits
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer, TokenBucket
@@ -225,14 +225,14 @@ def test_pipelined_mail_answered_421_then_hangup_is_a_throttle_not_an_ambiguous_
                     throttle_reply=SLOW_DOWN_421) as sink:
         conn = _client(sink)
         if reused:
-            first = conn.send_mail_tx("s@example.test", ["r@example.test"], b"x\r\n")
+            first = send_mail(conn, "s@example.test", ["r@example.test"], b"x\r\n")
             assert first[0].reply.code == 250
         else:  # another client from the same IP takes the only token first
             other = smtplib.SMTP(sink.host, sink.port, source_address=("127.0.0.2", 0))
             other.ehlo("other.test")
             assert other.mail("o@example.test")[0] == 250
             other.quit()
-        results = conn.send_mail_tx("s@example.test", ["r@example.test", "q@example.test"],
+        results = send_mail(conn, "s@example.test", ["r@example.test", "q@example.test"],
                                     make_message(1, 3000))
         assert [(r.reply.code, r.reply.enhanced, r.ambiguous) for r in results] == \
             [(421, "4.7.0", False)] * 2

@@ -29,16 +29,15 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from engine import classify
 from engine.config import Timeouts
 from engine.memo import Memo
-from engine.reply import ProtocolError, Reply
+from engine.reply import DeliveryError, ProtocolError, Reply
 from engine.smtp.deadlines import Deadline, Deadlines, Phase
-from engine.smtp.transaction import Handover, Holder, RcptResult, Transaction, settle
+from engine.smtp.handover import Handover, Holder
 from engine.text import cut
 
 if TYPE_CHECKING:
@@ -315,17 +314,15 @@ class Connection:
         finally:
             self.close()
 
-    # -- transactions ----------------------------------------------------------
+    # -- what transactions leave behind (engine.smtp.handover) -------------------------
 
-    def send_mail_tx(self, sender: str, rcpts: Sequence[str], message: bytes,
-                     smtputf8: bool = False, eightbit: bool = False) -> list[RcptResult]:
-        """Deliver one message to `rcpts`; one result per recipient (engine.smtp.transaction).
-
-        Raises StaleConnection when a reused connection fails before the server
-        answered anything; any other connection failure becomes a transient
-        result for every recipient (ambiguous if the message may have been taken).
-        """
-        return Transaction(self, rcpts).run(sender, message, smtputf8, eightbit)
+    def send_flight(self, data: bytes) -> None:
+        """Write `data` in one flight, led by a handed-on message and its dot if one waits."""
+        handover = self.handover
+        if handover.unsent:  # a message handed on with the connection leads the group
+            data = handover.unsent + data
+            handover.unsent = b""
+        self.write(data)
 
     @property
     def owes(self) -> bool:
@@ -334,8 +331,30 @@ class Connection:
 
     def settle(self) -> None:
         """Read the final replies owed to the transactions that handed this connection on
-        (engine.smtp.transaction.settle)."""
-        settle(self)
+        (oldest first), and give each transaction its results.
+
+        The holder calls it once its own commands are on the wire (a pipelined group may
+        start with the message before it, RFC 2920 3.1: `send_flight` put it there), or
+        before anything else it does with the connection (the message then goes alone). A
+        failed read closes the connection: each transaction still owed then gets an
+        ambiguous deferral (its message may have left, no reply came)."""
+        handover = self.handover
+        if handover.unsent:
+            try:
+                with self.phase("DATA", self.timeouts.data_block):
+                    self.send_flight(b"")
+            except DeliveryError:
+                self.close()  # the owed transactions get their ambiguous deferral
+                return
+        while handover.owed:
+            debt = handover.owed.popleft()
+            try:
+                results = debt.read()
+            except BaseException:  # killed while reading: the reply is lost to it
+                debt.lose()
+                raise
+            self.ack_now()
+            debt.settle(results)
 
     def ack_now(self) -> None:
         """Acknowledge what was read at once, not up to 40 ms later (delayed ACK).

@@ -13,104 +13,37 @@ its `Deadlines` (engine.smtp.deadlines) the timing. Before MAIL, an 8-bit messag
 server without 8BITMIME is converted to 7-bit (engine.downgrade), and an address that needs
 SMTPUTF8 is refused by a server without it.
 
-The hand-over: after the 354, a transaction may give its connection to the next caller
-waiting for it (`Holder.pass_on`, the pool's checkout) with its message and dot still to
-send. They wait in the connection's `Handover`; the next holder sends them ahead of its own
-commands in one write, then reads the reply owed to the first transaction (`settle`) before
-its own, and hands the first its results (`_Owed`).
+The hand-over (engine.smtp.handover): after the 354, a transaction may give its connection
+to the next caller waiting for it (`Holder.pass_on`, the pool's checkout) with its message
+and dot still to send; the next holder sends them ahead of its own commands in one write,
+then reads the reply owed to the first transaction (`Connection.settle`) before its own.
+
+`send_mail` is the layer's entry point: engine.delivery calls it on a pooled connection.
 """
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
-
-import gevent
-from gevent.event import AsyncResult
 
 from engine import classify
 from engine.downgrade import CannotConvert, to_7bit
 from engine.reply import Blame, DeliveryError, Reply, TransientError
-
-if TYPE_CHECKING:
-    from engine.smtp.connection import Connection
+from engine.smtp.connection import Connection
+from engine.smtp.handover import Owed, RcptResult
 
 # What a transaction mode returns: the results, or (handed on) the results to wait for.
-_Mode = Callable[[bytes, list[bytes], bytes], "list[RcptResult] | _Owed"]
+_Mode = Callable[[bytes, list[bytes], bytes], "list[RcptResult] | Owed"]
 
 
-@dataclass(frozen=True)
-class RcptResult:
-    rcpt: str
-    reply: Reply
-    ambiguous: bool = False  # no reply to the final dot: the server may have the message
+def send_mail(conn: Connection, sender: str, rcpts: Sequence[str], message: bytes,
+              smtputf8: bool = False, eightbit: bool = False) -> list[RcptResult]:
+    """Deliver one message to `rcpts` on `conn`; one result per recipient.
 
-
-class Holder(Protocol):
-    """Whoever has the connection checked out (engine.pool's checkout)."""
-
-    def pass_on(self, conn: Connection) -> bool:
-        """Give `conn` to the next caller now, if one waits, although the reply to this
-        transaction's final dot is still on the way; True if it did (see `settle`)."""
-
-
-class Handover:
-    """What a connection carries from one transaction to the next: the transactions handed
-    on before their final reply (the next holder reads it), and the last one's message and
-    dot, which the next holder sends ahead of its own MAIL, RCPT and DATA, in the same write
-    (`send`). A connection holds one; it holds nothing of the connection."""
-
-    __slots__ = ("owed", "unsent")
-
-    def __init__(self) -> None:
-        self.owed: deque[_Owed] = deque()
-        self.unsent = b""
-
-    def drop(self) -> None:
-        """The connection closed: nothing more is sent, and the replies owed will never be
-        read (each transaction owed gets an ambiguous deferral)."""
-        self.unsent = b""
-        while self.owed:
-            self.owed.popleft().lose()
-
-
-def send(conn: Connection, data: bytes) -> None:
-    """Write `data` in one flight, led by a handed-on message and its dot if one waits."""
-    handover = conn.handover
-    if handover.unsent:  # a message handed on with the connection leads the group
-        data = handover.unsent + data
-        handover.unsent = b""
-    conn.write(data)
-
-
-def settle(conn: Connection) -> None:
-    """Read the final replies owed to the transactions that handed `conn` on (oldest
-    first), and give each transaction its results.
-
-    The holder calls it once its own commands are on the wire (a pipelined group may start
-    with the message before it, RFC 2920 3.1: `send` put it there), or before anything else
-    it does with the connection (the message then goes alone). A failed read closes the
-    connection: each transaction still owed then gets an ambiguous deferral (its message
-    may have left, no reply came)."""
-    handover = conn.handover
-    if handover.unsent:
-        try:
-            with conn.phase("DATA", conn.timeouts.data_block):
-                send(conn, b"")
-        except DeliveryError:
-            conn.close()  # the owed transactions get their ambiguous deferral
-            return
-    while handover.owed:
-        debt = handover.owed.popleft()
-        try:
-            results = debt.read()
-        except BaseException:  # killed while reading: the reply is lost to it
-            debt.lose()
-            raise
-        conn.ack_now()
-        debt.settle(results)
+    Raises StaleConnection when a reused connection fails before the server answered
+    anything; any other connection failure becomes a transient result for every
+    recipient (ambiguous if the message may have been taken).
+    """
+    return Transaction(conn, rcpts).run(sender, message, smtputf8, eightbit)
 
 
 class Transaction:
@@ -126,7 +59,7 @@ class Transaction:
 
     def run(self, sender: str, message: bytes, smtputf8: bool,
             eightbit: bool) -> list[RcptResult]:
-        """Deliver the message; one result per recipient (see `Connection.send_mail_tx`)."""
+        """Deliver the message; one result per recipient (see `send_mail`)."""
         conn = self.conn
         try:
             # RFC 6152 3. With SMTPUTF8 the message is not ours to convert: a server without
@@ -141,7 +74,7 @@ class Transaction:
             results = self._failed(err)
         conn.messages_sent += 1
         conn.last_used = time.monotonic()
-        if isinstance(results, _Owed):  # handed on: the next holder reads our final reply
+        if isinstance(results, Owed):  # handed on: the next holder reads our final reply
             return results.wait(conn.timeouts.transaction)
         return results
 
@@ -167,7 +100,7 @@ class Transaction:
 
     def _send_lines(self, lines: Sequence[bytes], tail: bytes = b"") -> None:
         """The command lines, then `tail` (a message), in one write."""
-        send(self.conn, b"\r\n".join([*lines, tail]))  # "a\r\nb\r\n" + tail, a single copy
+        self.conn.send_flight(b"\r\n".join([*lines, tail]))  # "a\r\nb\r\n" + tail, a single copy
 
     def _answer(self, command: str) -> Reply:
         """The reply to MAIL, RCPT or the message, where success is 2xx only."""
@@ -209,12 +142,12 @@ class Transaction:
         return self._results(mail, rcpt_replies, final)
 
     def _pipelined_data(self, mail_cmd: bytes, rcpt_cmds: list[bytes],
-                        message: bytes) -> list[RcptResult] | _Owed:
+                        message: bytes) -> list[RcptResult] | Owed:
         conn = self.conn
         with conn.phase("MAIL", conn.timeouts.mail):
             self._send_lines([mail_cmd, *rcpt_cmds, b"DATA"])
         if conn.handover.owed:  # the previous transaction's final reply comes before ours
-            settle(conn)
+            conn.settle()
         mail, rcpt_replies = self._read_envelope(len(rcpt_cmds))
         with conn.phase("DATA", conn.timeouts.data):
             data = conn.reply()
@@ -253,7 +186,7 @@ class Transaction:
             return self._results(mail, rcpt_replies, rcpt_replies[0])
         if conn.has_extn("chunking"):
             with conn.phase("BDAT", conn.timeouts.final_dot):
-                send(conn, b"BDAT %d LAST\r\n" % len(message) + message)
+                conn.send_flight(b"BDAT %d LAST\r\n" % len(message) + message)
                 self.data_sent = True
                 final = self._answer("BDAT")
             return self._results(mail, rcpt_replies, final)
@@ -272,15 +205,16 @@ class Transaction:
         """After the 354: the dot-stuffed message and its dot."""
         conn = self.conn
         with conn.phase("DATA", conn.timeouts.data_block):
-            send(conn, payload)
+            conn.send_flight(payload)
             self.data_sent = True
 
     def _pass_on(self, mail: Reply, rcpt_replies: list[Reply],
-                 payload: bytes) -> _Owed | None:
+                 payload: bytes) -> Owed | None:
         """After the 354: hand the connection to a caller waiting for one, with our
         message and dot (`payload`) still to send; it sends them ahead of its own MAIL,
-        RCPT and DATA, in one write (`send`), and then reads our final reply before its
-        own (`settle`). None if nobody waits (we send and read ourselves).
+        RCPT and DATA, in one write (`Connection.send_flight`), and then reads our final
+        reply before its own (`Connection.settle`). None if nobody waits (we send and read
+        ourselves).
 
         One write, so that the server reads the dot and the next envelope together and
         answers them together: apart, a server with Nagle's algorithm on holds its second
@@ -291,12 +225,12 @@ class Transaction:
         not do before returning."""
         conn = self.conn
         holder = conn.holder
-        if holder is None or not holder.pass_on(conn):
+        if holder is None or not holder.pass_on():
             return None
         handover = conn.handover
         handover.unsent = payload
         self.data_sent = True  # from now on the message may leave at any moment
-        debt = _Owed(self.rcpts, lambda: self._owed_results(mail, rcpt_replies))
+        debt = Owed(self.rcpts, lambda: self._owed_results(mail, rcpt_replies))
         handover.owed.append(debt)
         return debt
 
@@ -348,40 +282,6 @@ class Transaction:
                     conn.close()
         except DeliveryError:
             conn.close()
-
-
-class _Owed:
-    """A transaction that handed its connection on before its final reply: the next
-    holder reads that reply (`settle`) while the transaction's own greenlet waits for the
-    results."""
-
-    __slots__ = ("rcpts", "read", "results")
-
-    def __init__(self, rcpts: list[str], read: Callable[[], list[RcptResult]]) -> None:
-        self.rcpts = rcpts
-        self.read = read  # reads the reply; the results, or the failure turned into them
-        self.results: AsyncResult = AsyncResult()
-
-    def settle(self, results: list[RcptResult]) -> None:
-        self.results.set(results)
-
-    def lose(self) -> None:
-        """The reply will never be read: the message may or may not have been taken."""
-        self.results.set(_no_final_reply(self.rcpts))
-
-    def wait(self, timeout: float) -> list[RcptResult]:
-        """The results, or (the next holder never read the reply in `timeout`: a bug)
-        an ambiguous deferral."""
-        try:
-            results: list[RcptResult] = self.results.get(timeout=timeout)
-        except gevent.Timeout:
-            return _no_final_reply(self.rcpts)
-        return results
-
-
-def _no_final_reply(rcpts: list[str]) -> list[RcptResult]:
-    reply = classify.no_final_reply()
-    return [RcptResult(r, reply, ambiguous=True) for r in rcpts]
 
 
 def dot_stuff(message: bytes) -> bytes:

@@ -1,0 +1,82 @@
+"""All the destination pools of one worker (engine.pool), by destination.
+
+A pool is made on first use (`get`), with the settings of its provider (connection
+limits from shaping) and the provider's connection gate; `reap` closes idle connections
+past their time and forgets pools that are empty and healthy (a failing pool is kept, so
+its back-off is remembered); `drain` stops handing out connections at a graceful stop.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from engine.config import PoolConfig
+from engine.pool import DestinationPool, PoolKey
+from engine.smtp import Connection
+
+if TYPE_CHECKING:
+    from engine.gate import ConnectionGate
+
+
+class Pools:
+    """All destination pools of one worker."""
+
+    def __init__(self, settings: PoolConfig,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._pools: dict[PoolKey, DestinationPool] = {}
+        self.draining = False
+
+    def find(self, key: PoolKey) -> DestinationPool | None:
+        """The pool for `key` if it exists (no factory, no settings to build first)."""
+        return self._pools.get(key)
+
+    def get(self, key: PoolKey, open_connection: Callable[[], Connection],
+            settings: PoolConfig | None = None,
+            gate: ConnectionGate | None = None) -> DestinationPool:
+        """The pool for `key`, made on first use with `settings` (default: the worker's)."""
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = DestinationPool(key, settings or self.settings,
+                                                      open_connection, self._clock, gate)
+            pool.draining = self.draining
+        return pool
+
+    def drain(self) -> None:
+        """Hand out no more connections (graceful stop). Transactions already holding
+        one finish; callers still waiting end with `Drained`, reporting nothing, so
+        their recipients stay spooled.
+
+        Regression (a graceful restart sent mail twice): a worker holds up to
+        `limits.max_in_flight` tasks, most waiting for one of a few connections.
+        Draining them all outlasted `drain_timeout`; the supervisor then killed the
+        worker mid-transaction, and messages the server had taken but nobody had
+        recorded went out again after the restart."""
+        self.draining = True
+        for pool in self._pools.values():
+            pool.drain()
+
+    def reap(self) -> int:
+        """Close expired idle connections and forget empty, healthy pools."""
+        closed = 0
+        for key, pool in list(self._pools.items()):
+            closed += pool.close_idle()
+            if not pool.busy and not pool.idle and not pool.failing():
+                del self._pools[key]
+                if pool.gate is not None:
+                    pool.gate.forget(pool.close_one_idle)
+        return closed
+
+    def close_all(self) -> None:
+        for pool in self._pools.values():
+            pool.stop_opening_ahead()
+            pool.close_idle(force=True)
+
+    @property
+    def open_connections(self) -> int:
+        return sum(p.open for p in self._pools.values())
+
+    def __len__(self) -> int:
+        return len(self._pools)
