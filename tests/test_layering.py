@@ -9,6 +9,8 @@ docs/ARCHITECTURE.md draws the same picture.
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +116,35 @@ def test_importing_the_supervisor_loads_neither_smtplib_nor_gevent() -> None:
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                          text=True, timeout=50, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_architecture_page_names_only_what_exists() -> None:
+    """docs/ARCHITECTURE.md follows a job through modules and functions by name: each
+    `module.name` and `Class.method` it gives must exist, so the page stays true."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    classes = {node.name: name for name, path in SOURCES.items()
+               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+               if isinstance(node, ast.ClassDef)}
+    missing = []
+    for dotted in re.findall(r"`([A-Za-z_]+(?:\.[A-Za-z_]+)+)(?:\(\))?`", text):
+        first, *rest = dotted.split(".")
+        module = _longest_module([first, *rest]) if f"engine.{first}" in SOURCES else None
+        if module is not None:
+            target, rest = importlib.import_module(module[0]), module[1]
+        elif first in classes:
+            target = getattr(importlib.import_module(classes[first]), first)
+        else:
+            continue  # not a name of the engine (a config key, a file)
+        for part in rest:
+            target = getattr(target, part, None)
+        if target is None:
+            missing.append(dotted)
+    assert missing == []
+
+
+def _longest_module(parts: list[str]) -> tuple[str, list[str]] | None:
+    for i in range(len(parts), 0, -1):
+        name = "engine." + ".".join(parts[:i])
+        if name in SOURCES:
+            return name, parts[i:]
+    return None
