@@ -1,6 +1,8 @@
-"""Shared fixtures: the SMTP test servers, and a whole engine on loopback."""
+"""Shared fixtures: the SMTP test servers, a whole engine on loopback, and the gevent hub
+between tests."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +17,43 @@ from tests.servers_fixtures import (  # noqa: F401 (fixtures)
     tls_files,
     unverified_client_context,
 )
+
+pytest_plugins = ["pytester"]  # tests/test_gevent_clock.py replays an order dependence
+
+
+@pytest.fixture(autouse=True)
+def gevent_hub_between_tests() -> Iterator[None]:
+    """Each test starts with this thread's gevent clock at the real time, and ends with the
+    greenlets and timers it left on the hub run out.
+
+    The test process is not gevent-patched: its hub runs only while a test waits on a gevent
+    primitive. In between, for seconds while tests block on stdlib sockets and threads:
+    - libev's clock (`loop.now()`) stands still, and a timer started from it fires early by
+      as much: gevent.sleep() and gevent.Timeout bring the clock up to date first, but the
+      timeout of `gevent.joinall()` / `wait()` / `iwait()` does not.
+      Regression: after test_hostile's blocking servers had kept the hub idle for 5 s,
+      tests/test_pool.py's `joinall(timeout=5)` returned at once and
+      test_never_more_than_max_connections_open failed, only in that order.
+    - what a test spawned and never waited for (a pool's QUIT, say) sits on the hub and runs
+      inside whichever later test next lets the hub run, its blocking sockets stalling that
+      test. So the hub runs it now; a test whose leftovers still run after 5 s fails.
+    """
+    hub = _gevent_hub()
+    if hub is not None:
+        hub.loop.update_now()
+    yield
+    hub = _gevent_hub()
+    if hub is None or not getattr(hub.loop, "activecnt", 0):
+        return
+    hub.loop.update_now()  # gevent.wait()'s timeout is one of those that does not
+    if not sys.modules["gevent"].wait(timeout=5):
+        pytest.fail("greenlets or timers this test left on the gevent hub still run after 5 s")
+
+
+def _gevent_hub() -> Any:
+    """This thread's gevent hub, None in a test process that never loaded gevent."""
+    gevent = sys.modules.get("gevent")
+    return None if gevent is None else gevent.get_hub()
 
 
 @pytest.fixture
