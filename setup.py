@@ -19,7 +19,7 @@ setup(
         "PyYAML>=6.0",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "aiosmtpd", "hypothesis", "mypy", "ruff", "types-PyYAML"],
+        "test": ["pytest", "pytest-timeout", "pytest-randomly", "aiosmtpd", "hypothesis", "mypy", "ruff", "types-PyYAML"],
         "demo": ["aiosmtpd"],
     },
     entry_points={"console_scripts": ["mailengine=engine.cli:main"]},

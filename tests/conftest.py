@@ -1,5 +1,5 @@
-"""Shared fixtures: the SMTP test servers, a whole engine on loopback, and the gevent hub
-between tests."""
+"""Shared fixtures: the SMTP test servers, a whole engine on loopback, the gevent hub between
+tests; and the seed of a random order, printed at the end of the run."""
 from __future__ import annotations
 
 import sys
@@ -19,6 +19,39 @@ from tests.servers_fixtures import (  # noqa: F401 (fixtures)
 )
 
 pytest_plugins = ["pytester"]  # tests/test_gevent_clock.py replays an order dependence
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """With `-p no:cacheprovider`, an inert `--ff`: Debian's python3-pytest-random-order
+    (1.1.0) reads that option of the cache plugin in every run, and stops at once without it."""
+    if pluginmanager.is_blocked("cacheprovider") and pluginmanager.hasplugin("random_order"):
+        parser.addoption("--ff", action="store_true", dest="failedfirst", help="(no cache: inert)")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Name the seed of a random order, under -q too: the same option replays the order."""
+    replay = _random_order_replay(config)
+    if replay is not None:
+        terminalreporter.write_line(f"tests ran in random order; the same order again: {replay}")
+
+
+def _random_order_replay(config: pytest.Config) -> str | None:
+    """The options of this run's random order, None if it ran in file order.
+
+    pytest-randomly (PyPI, the `test` extra) shuffles unless `-p no:randomly`;
+    pytest-random-order (Debian's python3-pytest-random-order) only when asked to."""
+    if config.pluginmanager.hasplugin("randomly"):
+        if config.getoption("randomly_reorganize"):
+            return f"-p randomly --randomly-seed={config.getoption('randomly_seed')}"
+    if not config.pluginmanager.hasplugin("random_order"):
+        return None
+    bucket, seed = (str(config.getoption(name)) for name in ("random_order_bucket",
+                                                             "random_order_seed"))
+    if config.getoption("random_order_enabled") or not bucket.startswith("default:") \
+            or not seed.startswith("default:"):
+        return (f"--random-order-bucket={bucket.removeprefix('default:')}"
+                f" --random-order-seed={seed.removeprefix('default:')}")
+    return None
 
 
 @pytest.fixture(autouse=True)
