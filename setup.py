@@ -19,7 +19,7 @@ setup(
         "PyYAML>=6.0",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "aiosmtpd", "hypothesis", "mypy", "ruff", "types-PyYAML"],
+        "test": ["pytest", "pytest-timeout", "pytest-randomly", "aiosmtpd", "hypothesis", "mypy", "ruff", "types-PyYAML"],
         "demo": ["aiosmtpd"],
     },
     # The executables: the command, and the worker's entry (the one place that patches).

@@ -1,6 +1,8 @@
-"""Shared fixtures: the SMTP test servers, and a whole engine on loopback."""
+"""Shared fixtures: the SMTP test servers, a whole engine on loopback, the gevent hub between
+tests; and the seed of a random order, printed at the end of the run."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +17,76 @@ from tests.servers_fixtures import (  # noqa: F401 (fixtures)
     tls_files,
     unverified_client_context,
 )
+
+pytest_plugins = ["pytester"]  # tests/test_gevent_clock.py replays an order dependence
+
+
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    """With `-p no:cacheprovider`, an inert `--ff`: Debian's python3-pytest-random-order
+    (1.1.0) reads that option of the cache plugin in every run, and stops at once without it."""
+    if pluginmanager.is_blocked("cacheprovider") and pluginmanager.hasplugin("random_order"):
+        parser.addoption("--ff", action="store_true", dest="failedfirst", help="(no cache: inert)")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """Name the seed of a random order, under -q too: the same option replays the order."""
+    replay = _random_order_replay(config)
+    if replay is not None:
+        terminalreporter.write_line(f"tests ran in random order; the same order again: {replay}")
+
+
+def _random_order_replay(config: pytest.Config) -> str | None:
+    """The options of this run's random order, None if it ran in file order.
+
+    pytest-randomly (PyPI, the `test` extra) shuffles unless `-p no:randomly`;
+    pytest-random-order (Debian's python3-pytest-random-order) only when asked to."""
+    if config.pluginmanager.hasplugin("randomly"):
+        if config.getoption("randomly_reorganize"):
+            return f"-p randomly --randomly-seed={config.getoption('randomly_seed')}"
+    if not config.pluginmanager.hasplugin("random_order"):
+        return None
+    bucket, seed = (str(config.getoption(name)) for name in ("random_order_bucket",
+                                                             "random_order_seed"))
+    if config.getoption("random_order_enabled") or not bucket.startswith("default:") \
+            or not seed.startswith("default:"):
+        return (f"--random-order-bucket={bucket.removeprefix('default:')}"
+                f" --random-order-seed={seed.removeprefix('default:')}")
+    return None
+
+
+@pytest.fixture(autouse=True)
+def gevent_hub_between_tests() -> Iterator[None]:
+    """Each test starts with this thread's gevent clock at the real time, and ends with the
+    greenlets and timers it left on the hub run out.
+
+    The test process is not gevent-patched: its hub runs only while a test waits on a gevent
+    primitive. In between, for seconds while tests block on stdlib sockets and threads:
+    - libev's clock (`loop.now()`) stands still, and a timer started from it fires early by
+      as much: gevent.sleep() and gevent.Timeout bring the clock up to date first, but the
+      timeout of `gevent.joinall()` / `wait()` / `iwait()` does not.
+      Regression: after test_hostile's blocking servers had kept the hub idle for 5 s,
+      tests/test_pool.py's `joinall(timeout=5)` returned at once and
+      test_never_more_than_max_connections_open failed, only in that order.
+    - what a test spawned and never waited for (a pool's QUIT, say) sits on the hub and runs
+      inside whichever later test next lets the hub run, its blocking sockets stalling that
+      test. So the hub runs it now; a test whose leftovers still run after 5 s fails.
+    """
+    hub = _gevent_hub()
+    if hub is not None:
+        hub.loop.update_now()
+    yield
+    hub = _gevent_hub()
+    if hub is None or not getattr(hub.loop, "activecnt", 0):
+        return
+    hub.loop.update_now()  # gevent.wait()'s timeout is one of those that does not
+    if not sys.modules["gevent"].wait(timeout=5):
+        pytest.fail("greenlets or timers this test left on the gevent hub still run after 5 s")
+
+
+def _gevent_hub() -> Any:
+    """This thread's gevent hub, None in a test process that never loaded gevent."""
+    gevent = sys.modules.get("gevent")
+    return None if gevent is None else gevent.get_hub()
 
 
 @pytest.fixture

@@ -114,6 +114,7 @@ class RawServer:
         self.port = self.listener.getsockname()[1]
         self.stopping = threading.Event()
         self.connections = 0
+        self.accepted = threading.Event()  # set at the first connection
         self.ended: list[float] = []  # when each connection ended (monotonic)
         self._threads: list[threading.Thread] = []
         self._acceptor = threading.Thread(target=self._accept, daemon=True)
@@ -128,6 +129,7 @@ class RawServer:
             except OSError:
                 return
             self.connections += 1
+            self.accepted.set()
             thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -416,7 +418,8 @@ def test_engine_keeps_delivering_while_hostile_servers_hold_connections(
                     for name in servers]
     pushed = time.monotonic()
     assert engine.push(hostile_jobs)
-    time.sleep(0.5)  # the hostile connections are open and stuck by now
+    for server in servers.values():  # every hostile connection is open (and stuck)
+        assert server.accepted.wait(10)
     healthy = [({"id": f"ok-{i}", "from": "s@example.test", "to": [f"u{i}@ok.test"]},
                 make_message(i, 500)) for i in range(20)]
     assert engine.push(healthy)

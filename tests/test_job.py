@@ -344,11 +344,15 @@ def test_stored_job_never_raises_anything_else() -> None:
 
 # --- properties ----------------------------------------------------------------------------
 
+def _json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Lists and objects of `inner` values. A function, not a lambda: see json_containers in
+    tests/test_fuzz.py (Hypothesis parses a lambda's source, which CPython 3.11.7 failed)."""
+    return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+
+
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
-    max_leaves=12)
+    _json_containers, max_leaves=12)
 # Mostly valid pieces, so that many jobs are accepted, with hostile ones mixed in.
 _GOOD_LOCAL = st.one_of(
     st.sampled_from(["bob", "a.b", "Jürgen", '"x y"', '"a\\"b"', "o'neil", "用户"]),

@@ -723,7 +723,7 @@ def test_a_connections_last_message_does_not_hand_it_on() -> None:
 def test_nothing_is_handed_on_while_draining() -> None:
     pool, _, _ = make_pool(max_connections=1)
     checkout = pool.connection()
-    conn, _ = checkout.__enter__()
+    checkout.__enter__()
     waiter = gevent.spawn(pool.acquire)
     gevent.sleep(0)
     pool.drain()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gevent
@@ -131,7 +131,15 @@ def deliver(deliverer: Deliverer, number: int) -> list[Attempt]:
 def close_pools(pools: Pools) -> None:
     pools.drain()
     pools.close_all()
-    gevent.sleep(0.3)
+    assert gevent.wait(timeout=5)  # the greenlets of the QUITs ended: the loop is empty
+
+
+def until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Let the greenlets run until `condition` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        gevent.sleep(0.01)
 
 
 def slow_quit_behind_a_proxy(scripted: Any, proxies: list[CountingProxy]
@@ -184,9 +192,10 @@ def test_a_refused_connect_ahead_defers_nothing(scripted: Any) -> None:
     deliverer, pools = stack(server.port, max_connections=2, max_messages=2)
     assert [a.status for a in deliver(deliverer, 1)] == [Status.DELIVERED]
     assert [a.status for a in deliver(deliverer, 2)] == [Status.DELIVERED]
-    gevent.sleep(0.2)  # the connect ahead runs (and is refused)
     pool = pools.find(PoolKey(CLIENT_IP, "127.0.0.1", server.port, "none"))
-    assert pool is not None and pool.ahead.failed == 1 and not pool.failing()
+    assert pool is not None
+    until(lambda: pool.ahead.failed)  # the connect ahead ran and was refused
+    assert pool.ahead.failed == 1 and not pool.failing()
     assert [a.status for a in deliver(deliverer, 3)] == [Status.DELIVERED]
     assert [a.status for a in deliver(deliverer, 4)] == [Status.DELIVERED]
     close_pools(pools)
@@ -206,7 +215,7 @@ def test_drain_right_after_a_connect_ahead_leaves_no_connection(scripted: Any) -
     assert pool is not None and pool.opening_ahead == 1
     pools.drain()
     pools.close_all()
-    gevent.sleep(0.3)
+    assert gevent.wait(timeout=5)  # the stopped connect ahead and the QUIT ended
     assert pool.open == 0 and pool.opening_ahead == 0 and pools.open_connections == 0
     server.wait_finished(1)
     assert server.connections == 1 and not server.errors

@@ -171,7 +171,10 @@ def test_duplicate_ids_are_acknowledged_as_duplicates_and_delivered_once(
               if e["event"] == "queued"]
     assert collections.Counter(queued) == {("dup-a", False): 1, ("dup-b", False): 1,
                                            ("dup-a", True): 3, ("dup-b", True): 1}
-    time.sleep(0.5)  # anything sent twice would have arrived by now
+    # Nothing left to send, the engine stopped and the sink idle: a copy sent twice is there.
+    engine.wait_for(lambda _: engine.status()["spool"]["jobs"] == 0, 10, "an empty spool")
+    assert engine.stop(timeout=20) == 0
+    sink.wait_idle()
     assert by_rcpt(sink) == {"a@example.test": 1, "b@example.test": 1}
     delivered = [e["id"] for e in engine.events() if e["event"] == "delivered"]
     assert sorted(delivered) == ["dup-a", "dup-b"]

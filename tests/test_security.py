@@ -22,6 +22,7 @@ import pytest
 import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zmq.utils.monitor import recv_monitor_message
 
 from engine import auth
 from engine.config import ConfigError, PoolConfig, Route, SecurityConfig, from_dict
@@ -68,6 +69,19 @@ def mailengine(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[s
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+HANDSHAKE_ENDS = {zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                  zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+
+
+def socket_event(monitor: zmq.Socket, until: set[int]) -> int:
+    """The first of the events `until` on the ZeroMQ socket `monitor` watches (10 s at most)."""
+    while monitor.poll(10_000):
+        event: int = recv_monitor_message(monitor)["event"]
+        if event in until:
+            return event
+    raise AssertionError(f"no socket event {sorted(until)} within 10 s")
 
 
 def free_tcp_endpoint() -> str:
@@ -250,11 +264,15 @@ def test_curve_events_reach_listed_subscribers_only(
     try:
         listed, plain = ctx.socket(zmq.SUB), ctx.socket(zmq.SUB)
         auth.CurveClient.from_files(keys["server"], keys["producer"]).secure(listed)
+        monitors = [sub.get_monitor_socket() for sub in (listed, plain)]
         for sub in (listed, plain):
             sub.setsockopt(zmq.SUBSCRIBE, b"")
             sub.setsockopt(zmq.LINGER, 0)
             sub.connect(str(engine.config["events"]))
-        time.sleep(0.5)
+        # Each handshake is over: the listed subscriber's subscription (queued since connect)
+        # goes out right behind it, long before `push` starts; the plain one is turned away.
+        assert socket_event(monitors[0], HANDSHAKE_ENDS) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert socket_event(monitors[1], HANDSHAKE_ENDS) != zmq.EVENT_HANDSHAKE_SUCCEEDED
         done = push(engine, eml(tmp_path, "e"), "evt", "--curve-server-key", keys["server"],
                     "--curve-client-key", keys["producer"])
         assert done.returncode == 0, done.stderr
@@ -418,8 +436,8 @@ def test_smuggling_through_the_engine_arrives_as_one_message(
                          SMUGGLER)])
     finals = final_outcomes(engine.wait_final(1, timeout=20))
     assert [e["event"] for e in finals.values()] == ["delivered"]
-    sink.wait_for(1)
-    time.sleep(0.3)
+    assert engine.stop(timeout=20) == 0  # stopped: whatever it had to send, it has sent
+    sink.wait_idle()
     assert len(sink.messages) == 1
     assert sink.messages[0].content == normalise_message(SMUGGLER)
 
@@ -611,9 +629,10 @@ def test_a_frame_larger_than_any_job_drops_its_sender_not_the_engine(
     try:
         hostile = ctx.socket(zmq.PUSH)
         hostile.setsockopt(zmq.LINGER, 0)
+        monitor = hostile.get_monitor_socket()
         hostile.connect(str(engine.config["ingest"]))
         hostile.send_multipart([envelope.encode(), b"x" * (4 * 2**20)])  # over 10 KB + 1 MiB
-        time.sleep(0.5)
+        socket_event(monitor, {zmq.EVENT_DISCONNECTED})  # the engine dropped the sender
     finally:
         ctx.destroy(linger=0)
     jobs = [({"id": "over", "from": "s@example.test", "to": ["r@example.test"]},

@@ -7,6 +7,9 @@ Two kinds:
 * :func:`make_ca_and_cert` -- a private CA plus a leaf for the same names signed by it, for the
   engine's ``verify`` mode: trust ``cafile`` and the leaf verifies; trust nothing and it fails.
 
+:func:`server_tls_context` makes a server's TLS context from such a certificate (by default a
+self-signed one, made once per process).
+
 Both keys are P-256 and valid for two days. Files are cached per directory: a second call with
 the same directory returns the same files without running ``openssl``. Files are written under
 temporary names and renamed into place, so concurrent callers (threads or processes) sharing a
@@ -15,7 +18,10 @@ directory never see a half-written certificate.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -23,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["CABundle", "make_ca_and_cert", "make_cert", "server_names"]
+__all__ = ["CABundle", "make_ca_and_cert", "make_cert", "server_names", "server_tls_context"]
 
 _EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 _DAYS = "2"
@@ -37,6 +43,8 @@ authorityKeyIdentifier = keyid:always
 {_SAN}
 """
 _lock = threading.Lock()
+_cert_dir: str | None = None  # the default certificate's, made once per process
+_cert_dir_lock = threading.Lock()
 
 
 class CABundle(NamedTuple):
@@ -61,6 +69,27 @@ def make_cert(directory: str | os.PathLike[str]) -> tuple[str, str]:
             folder.mkdir(parents=True, exist_ok=True)
             _in_place([cert, key], lambda tmp: _self_signed(tmp[0], tmp[1]))
     return str(cert), str(key)
+
+
+def server_tls_context(certfile: str | None = None, keyfile: str | None = None) -> ssl.SSLContext:
+    """A server-side TLS context; by default with a self-signed localhost certificate.
+
+    The default certificate is made once per process in a temporary directory removed at exit.
+    """
+    if certfile is None:
+        certfile, keyfile = make_cert(_default_cert_dir())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+def _default_cert_dir() -> str:
+    global _cert_dir
+    with _cert_dir_lock:
+        if _cert_dir is None:
+            _cert_dir = tempfile.mkdtemp(prefix="mailengine-test-certs-")
+            atexit.register(shutil.rmtree, _cert_dir, ignore_errors=True)
+        return _cert_dir
 
 
 def make_ca_and_cert(directory: str | os.PathLike[str]) -> CABundle:
