@@ -8,7 +8,7 @@ One command starts, all on loopback and in a temporary folder:
 - the etsy StatsD daemon (npm `statsd`, installed once into ~/.cache/mailengine-tests like
   tests/test_metrics.py does), flushing every 2 s with percentThreshold [50, 95, 99] to that
   carbon-cache, legacy namespace (what conf/grafana-dashboard.json queries);
-- three receiving "providers": a DNS server (tests/dnsserver.py) answers MX records under
+- three receiving "providers": a DNS server (tests/support/dnsserver.py) answers MX records under
   `.test` whose hosts map, through the engine's `providers` table, to google, microsoft and
   yahoo; each provider is an SMTP sink (engine/testing/sink.py) on its own loopback address
   (127.0.0.11-13, one port) that answers the final dot after a per-provider delay (google
@@ -67,7 +67,7 @@ from engine.testing import sink as sink_mod
 from engine.testing.carbon import CarbonCache
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
-from tests.dnsserver import DnsServer
+from tests.support.dnsserver import DnsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "mailengine"

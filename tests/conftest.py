@@ -1,24 +1,16 @@
-"""Shared fixtures: the SMTP test servers, a whole engine on loopback, the gevent hub between
-tests; and the seed of a random order, printed at the end of the run."""
+"""The whole suite's conftest: the gevent hub between tests, the seed of a random order
+(printed at the end of the run); the shared fixtures come from tests/support/fixtures.py."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from engine.testing.harness import LocalEngine
-from tests.servers_fixtures import (  # noqa: F401 (fixtures)
-    ca_bundle,
-    plain_sink,
-    scripted,
-    sink,
-    tls_files,
-    unverified_client_context,
-)
-
-pytest_plugins = ["pytester"]  # tests/test_gevent_clock.py replays an order dependence
+# The fixtures every tier shares (servers, certificates, a whole engine); pytester for
+# tests/unit/test_gevent_hub.py, which replays an order dependence in a pytest of its own.
+pytest_plugins = ["tests.support.fixtures", "pytester"]
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -87,28 +79,3 @@ def _gevent_hub() -> Any:
     """This thread's gevent hub, None in a test process that never loaded gevent."""
     gevent = sys.modules.get("gevent")
     return None if gevent is None else gevent.get_hub()
-
-
-@pytest.fixture
-def local_engine(tmp_path: Any) -> Iterator[Callable[..., LocalEngine]]:
-    """A factory: `local_engine(smtp_port, ips=..., extra={...})` -> a started LocalEngine.
-
-    Every engine it started is stopped (SIGTERM, then SIGKILL) at teardown.
-    """
-    engines: list[LocalEngine] = []
-
-    def start(smtp_port: int, start: bool = True, **options: Any) -> LocalEngine:
-        engine = LocalEngine(str(tmp_path / f"engine{len(engines)}"), smtp_port, **options)
-        engines.append(engine)
-        if start:
-            engine.start()
-        return engine
-
-    yield start
-    for engine in engines:
-        try:
-            if engine.proc is not None:
-                engine.stop(timeout=20)
-        except Exception:
-            pass
-        engine.cleanup()

@@ -17,9 +17,9 @@ from engine.reply import Blame, DeliveryError, PermanentError, TransientError
 from engine.smtp import ReplyLimits, TlsError
 from engine.testing.tlscert import CABundle
 from engine.tls import TlsPolicy, is_verify_failure
-from tests.dnsserver import DnsServer
-from tests.smtpserver import CLOSE, INJECT, SLEEP, TLS, WAIT_CLOSE, C, S, ScriptedServer, Step
-from tests.smtpserver import server_tls_context as tls_context
+from tests.support.dnsserver import DnsServer
+from tests.support.smtpserver import CLOSE, INJECT, SLEEP, TLS, WAIT_CLOSE, C, S, ScriptedServer, Step
+from tests.support.smtpserver import server_tls_context as tls_context
 from tests.test_smtp import CLIENT_IP, FAST, HELO, ehlo_reply, greet
 
 pytestmark = pytest.mark.timeout(30)

@@ -25,8 +25,8 @@ from engine.protocol import Attempt, Status, Task
 from engine.smtp import Connection, ReplyLimits
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
-from tests.dnsserver import DnsServer
-from tests.smtpserver import (
+from tests.support.dnsserver import DnsServer
+from tests.support.smtpserver import (
     BDAT,
     CLOSE,
     DATA,
@@ -38,7 +38,7 @@ from tests.smtpserver import (
     ScriptedServer,
     Step,
 )
-from tests.statsd_catcher import StatsdCatcher
+from tests.support.statsd_catcher import StatsdCatcher
 from tests.test_connector import LOOPBACK_ALLOWED
 from tests.test_smtp import (
     CLIENT_IP,

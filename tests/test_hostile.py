@@ -32,7 +32,7 @@ from engine.smtp import ReplyLimits, send_mail
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
-from tests.smtpserver import BDAT, DATA, WAIT_CLOSE, C, S, ScriptedServer
+from tests.support.smtpserver import BDAT, DATA, WAIT_CLOSE, C, S, ScriptedServer
 from tests.test_smtp import HELO, MESSAGE, SENDER, greet, mail, rcpt
 
 pytestmark = pytest.mark.timeout(60)

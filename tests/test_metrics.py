@@ -32,7 +32,7 @@ from engine.provider import provider_of
 from engine.testing.carbon import CarbonCache
 from engine.testing.carbon import available as carbon_available
 from engine.testing.harness import make_message
-from tests.statsd_catcher import StatsdCatcher
+from tests.support.statsd_catcher import StatsdCatcher
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "engine"

@@ -1,4 +1,4 @@
-"""engine.mx against a real DNS server on loopback (tests.dnsserver)."""
+"""engine.mx against a real DNS server on loopback (tests.support.dnsserver)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ import pytest
 
 from engine.mx import Destination, MxHost, Resolver, Route
 from engine.reply import Blame, PermanentError, TransientError
-from tests.dnsserver import DnsServer
+from tests.support.dnsserver import DnsServer
 
 ZONE: dict[str, Any] = {
     "example.test": {"MX": [(10, "mx1.example.test"), (20, "mx2.example.test")]},
@@ -352,7 +352,7 @@ def test_addresses_servfail_is_transient_for_the_connection(resolver: Resolver) 
 def test_dnsserver_runs_as_a_process(tmp_path: Path) -> None:
     zone = tmp_path / "zone.json"
     zone.write_text(json.dumps({"example.test": {"MX": [[10, "mx1.example.test"]]}}))
-    with subprocess.Popen([sys.executable, "-m", "tests.dnsserver", str(zone)],
+    with subprocess.Popen([sys.executable, "-m", "tests.support.dnsserver", str(zone)],
                           stdout=subprocess.PIPE, text=True,
                           cwd=Path(__file__).parent.parent) as proc:
         try:

@@ -21,7 +21,7 @@ import pytest
 
 from engine.smtp.handover import Owed
 from engine.testing.harness import LocalEngine, final_outcomes
-from tests.smtpserver import CLOSE, DATA, SLEEP, WAIT_CLOSE, C, S, ScriptedServer, Step
+from tests.support.smtpserver import CLOSE, DATA, SLEEP, WAIT_CLOSE, C, S, ScriptedServer, Step
 from tests.test_smtp import ehlo_reply
 
 pytestmark = pytest.mark.timeout(60)

@@ -28,7 +28,7 @@ from engine.smtp import ReplyLimits
 from engine.testing.harness import final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
-from tests.smtpserver import CLOSE, SLEEP, WAIT_CLOSE, C, S, ScriptedServer
+from tests.support.smtpserver import CLOSE, SLEEP, WAIT_CLOSE, C, S, ScriptedServer
 from tests.test_connector import LOOPBACK_ALLOWED
 from tests.test_smtp import CLIENT_IP, FAST, HELO, MESSAGE, RCPTS, SENDER, delivered_once, greet
 

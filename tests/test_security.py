@@ -41,8 +41,8 @@ from engine.supervisor import EVENTS_HWM, Supervisor
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
-from tests.dnsserver import DnsServer
-from tests.smtpserver import DATA, WAIT_CLOSE, C, S, ScriptedServer, Step
+from tests.support.dnsserver import DnsServer
+from tests.support.smtpserver import DATA, WAIT_CLOSE, C, S, ScriptedServer, Step
 from tests.test_fuzz import check_client_bytes, check_data_encoding, run_session
 from tests.test_smtp import FAST, HELO, MESSAGE, SENDER, connect, greet, mail, rcpt
 

@@ -32,7 +32,7 @@ from engine.smtp import (
     send_mail,
 )
 from engine.tls import TlsPolicy
-from tests.smtpserver import (
+from tests.support.smtpserver import (
     BDAT,
     CLOSE,
     DATA,

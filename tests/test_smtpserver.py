@@ -1,6 +1,6 @@
 """The SMTP test servers themselves, driven by the stdlib smtplib over real loopback sockets.
 
-Fixtures (sink, plain_sink, scripted, unverified_client_context) come from tests.servers_fixtures
+Fixtures (sink, plain_sink, scripted, unverified_client_context) come from tests.support.fixtures
 through conftest.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from engine.testing.tlscert import make_ca_and_cert, make_cert
-from tests.smtpserver import (
+from tests.support.smtpserver import (
     BDAT,
     CLOSE,
     DATA,
@@ -456,13 +456,13 @@ def test_sink_stop_closes_open_sessions() -> None:
 
 @pytest.fixture
 def run_server(tmp_path: Path) -> Iterator[Callable[..., tuple[int, Callable[[], dict]]]]:
-    """Start ``python -m tests.smtpserver ARGS --report FILE``; return its port and a stopper."""
+    """Start ``python -m tests.support.smtpserver ARGS --report FILE``; return its port and a stopper."""
     processes: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> tuple[int, Callable[[], dict]]:
         report = tmp_path / f"report-{len(processes)}.json"
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.smtpserver", "--report", str(report), *args],
+            [sys.executable, "-m", "tests.support.smtpserver", "--report", str(report), *args],
             cwd=REPO, stdout=subprocess.PIPE, text=True,
         )
         processes.append(process)

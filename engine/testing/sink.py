@@ -25,7 +25,7 @@ import time
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-# Re-exported: tests/smtpserver.py and bench/monitoring_demo.py take them from here.
+# Re-exported: tests/support/smtpserver.py and bench/monitoring_demo.py take them from here.
 from engine.testing.sink_session import SinkMessage as SinkMessage
 from engine.testing.sink_session import _body_summary as _body_summary
 from engine.testing.sink_session import _SinkHandler as _SinkHandler

@@ -24,7 +24,7 @@ retry over TCP.
 (qname, rdtype) as received, e.g. ("example.test", "MX"), so tests can tell a
 cached answer from a fresh one.
 
-As a process: `python -m tests.dnsserver ZONE.json` takes the same dict as JSON
+As a process: `python -m tests.support.dnsserver ZONE.json` takes the same dict as JSON
 (MX as [preference, host]), prints the port as stdout's first line and serves
 until killed.
 """
@@ -275,7 +275,7 @@ def _serve_until_killed(server: DnsServer) -> None:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.dnsserver",
+    parser = argparse.ArgumentParser(prog="python -m tests.support.dnsserver",
                                      description="Serve a test DNS zone on loopback.")
     parser.add_argument("zone", help="JSON file: {name: {TYPE: [records]} | RCODE | \"TIMEOUT\"}")
     parser.add_argument("--ttl", type=int, default=300)

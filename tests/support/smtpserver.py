@@ -17,8 +17,8 @@ PIPELINING and CHUNKING (BDAT), per-recipient replies by local part (``reject...
 Either also runs as a process of its own, printing its port as the first line of stdout, serving
 until SIGTERM, then writing a JSON report::
 
-    python -m tests.smtpserver sink [--tls] [--port 0] [--report FILE]
-    python -m tests.smtpserver scripted --script SCRIPT.json [--report FILE]
+    python -m tests.support.smtpserver sink [--tls] [--port 0] [--report FILE]
+    python -m tests.support.smtpserver scripted --script SCRIPT.json [--report FILE]
 """
 
 from __future__ import annotations
@@ -638,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m tests.smtpserver", description="SMTP test servers on loopback"
+        prog="python -m tests.support.smtpserver", description="SMTP test servers on loopback"
     )
     parser.add_argument("--host", default=LOOPBACK)
     parser.add_argument("--report", metavar="FILE", help="write a JSON summary here on exit")

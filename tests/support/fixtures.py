@@ -1,7 +1,8 @@
-"""pytest fixtures for the SMTP test servers; conftest can take them all with
-``pytest_plugins = ["tests.servers_fixtures"]`` (or ``from tests.servers_fixtures import *``).
+"""The pytest fixtures every tier shares: the SMTP test servers, TLS certificates, a whole
+engine on loopback. tests/conftest.py takes them all with
+``pytest_plugins = ["tests.support.fixtures"]``.
 
-Every server a fixture starts is stopped at teardown, also when the test fails.
+Every server or engine a fixture starts is stopped at teardown, also when the test fails.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Any
 
 import pytest
 
+from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
 from engine.testing.tlscert import CABundle, make_ca_and_cert, make_cert
-from tests.smtpserver import ScriptedServer, Step
+from tests.support.smtpserver import ScriptedServer, Step
 
 __all__ = [
     "ca_bundle",
+    "local_engine",
     "plain_sink",
     "scripted",
     "sink",
@@ -74,3 +77,28 @@ def unverified_client_context() -> ssl.SSLContext:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
+
+
+@pytest.fixture
+def local_engine(tmp_path: Any) -> Iterator[Callable[..., LocalEngine]]:
+    """A factory: `local_engine(smtp_port, ips=..., extra={...})` -> a started LocalEngine.
+
+    Every engine it started is stopped (SIGTERM, then SIGKILL) at teardown.
+    """
+    engines: list[LocalEngine] = []
+
+    def start(smtp_port: int, start: bool = True, **options: Any) -> LocalEngine:
+        engine = LocalEngine(str(tmp_path / f"engine{len(engines)}"), smtp_port, **options)
+        engines.append(engine)
+        if start:
+            engine.start()
+        return engine
+
+    yield start
+    for engine in engines:
+        try:
+            if engine.proc is not None:
+                engine.stop(timeout=20)
+        except Exception:
+            pass
+        engine.cleanup()
