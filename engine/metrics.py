@@ -164,6 +164,13 @@ class Metrics:
             except OSError:  # fire and forget
                 pass
 
+    def close(self) -> None:
+        """Send what is held, then close the StatsD socket; stats after this are dropped."""
+        self.flush()
+        client, self._client, self._sink = self._client, None, None
+        if client is not None:
+            client.close()
+
     def name(self, metric: str, provider: str) -> str:
         name = self._names.get((metric, provider))
         if name is None:
