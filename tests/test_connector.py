@@ -3,30 +3,36 @@ scripted servers on loopback, with real TLS handshakes and a real DNS server whe
 """
 from __future__ import annotations
 
-import ipaddress
 import socket
 import time
-from collections.abc import Callable
 
 import pytest
 
 from engine.connector import Connector, Identity
 from engine.metrics import Metrics
-from engine.mx import DestinationPolicy, MxHost, Resolver
+from engine.mx import MxHost, Resolver
 from engine.reply import Blame, DeliveryError, PermanentError, TransientError
 from engine.smtp import ReplyLimits, TlsError
 from engine.testing.tlscert import CABundle
 from engine.tls import TlsPolicy, is_verify_failure
 from tests.support.dnsserver import DnsServer
-from tests.support.smtpserver import CLOSE, INJECT, SLEEP, TLS, WAIT_CLOSE, C, S, ScriptedServer, Step
+from tests.support.playbook import CLIENT_IP, FAST, HELO, Scripted, ehlo_reply, greet
+from tests.support.smtpserver import (
+    CLOSE,
+    INJECT,
+    SLEEP,
+    TLS,
+    WAIT_CLOSE,
+    C,
+    S,
+    ScriptedServer,
+    Step,
+)
 from tests.support.smtpserver import server_tls_context as tls_context
-from tests.test_smtp import CLIENT_IP, FAST, HELO, ehlo_reply, greet
+from tests.support.stack import LOOPBACK_ALLOWED
 
 pytestmark = pytest.mark.timeout(30)
 
-Scripted = Callable[..., ScriptedServer]
-# The test servers are MX hosts on loopback, a prohibited destination unless allowed.
-LOOPBACK_ALLOWED = DestinationPolicy(allowed=(ipaddress.ip_network("127.0.0.0/8"),))
 
 QUIT = [C("QUIT"), S("221 2.0.0 bye")]
 

@@ -1,31 +1,37 @@
-"""engine.delivery end to end in one process: Deliverer -> Pools -> Connector -> Connection ->
-scripted servers on loopback (and a real DNS server for MX fallback). Metrics go to a real
-StatsD catcher over UDP, so "no deferral was counted" is checked where operators would see it.
-
-The test process is not gevent-patched: the Deliverer's greenlets run blocking sockets, which
-is fine with one delivery at a time.
+"""engine.delivery end to end in one process: Deliverer -> Pools -> Connector -> Connection
+(tests/support/stack.py) -> scripted servers on loopback (and a real DNS server for MX
+fallback). Metrics go to a real StatsD catcher over UDP, so "no deferral was counted" is
+checked where operators would see it.
 """
 from __future__ import annotations
 
 import select
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
 
-from engine.config import PoolConfig, Route
-from engine.connector import Connector, Identity
-from engine.delivery import Deliverer
+from engine.config import Route
 from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.pool import DestinationPool, PoolKey
-from engine.pools import Pools
-from engine.protocol import Attempt, Status, Task
-from engine.smtp import Connection, ReplyLimits
+from engine.protocol import Attempt, Status
+from engine.smtp import Connection
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
 from tests.support.dnsserver import DnsServer
+from tests.support.playbook import (
+    CLIENT_IP,
+    HELO,
+    MESSAGE,
+    MODES,
+    RCPTS,
+    delivered_once,
+    greet,
+    mail,
+    partial_refusal_script,
+    rcpt,
+)
 from tests.support.smtpserver import (
     BDAT,
     CLOSE,
@@ -38,22 +44,8 @@ from tests.support.smtpserver import (
     ScriptedServer,
     Step,
 )
+from tests.support.stack import LOOPBACK_ALLOWED, Stack
 from tests.support.statsd_catcher import StatsdCatcher
-from tests.test_connector import LOOPBACK_ALLOWED
-from tests.test_smtp import (
-    CLIENT_IP,
-    FAST,
-    HELO,
-    MESSAGE,
-    MODES,
-    RCPTS,
-    SENDER,
-    delivered_once,
-    greet,
-    mail,
-    partial_refusal_script,
-    rcpt,
-)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -65,22 +57,21 @@ GARBAGE_TLS = [SLEEP(0.2), INJECT(b"this is not TLS at all\r\n"), CLOSE()]
 
 @dataclass
 class Engine:
-    """One worker's delivery stack, as engine.worker builds it."""
+    """One worker's delivery stack (tests/support/stack.py), its StatsD figures caught."""
 
-    deliverer: Deliverer
-    tls: TlsPolicy
-    pools: Pools
+    stack: Stack
     statsd: StatsdCatcher
+
+    @property
+    def tls(self) -> TlsPolicy:
+        return self.stack.tls
 
     def deliver(self, rcpts: Sequence[str] = (RCPT,), message: bytes = MESSAGE,
                 smtputf8: bool = False) -> list[Attempt]:
-        attempts: list[Attempt] = []
-        task = Task("job-1", SENDER, tuple(rcpts), message, time.time(), smtputf8=smtputf8)
-        self.deliverer.deliver(task, attempts.extend)
-        return attempts
+        return self.stack.deliver(rcpts, message, smtputf8=smtputf8)
 
     def pool(self, port: int, host: str = "127.0.0.1") -> DestinationPool:
-        return self.pools.get(PoolKey(CLIENT_IP, host, port, self.tls.mode), _no_factory)
+        return self.stack.pools.get(PoolKey(CLIENT_IP, host, port, self.tls.mode), _no_factory)
 
     def counter(self, metric: str) -> float:
         return sum(self.statsd.counter_sum(name) for name in self.statsd.names("counter")
@@ -95,27 +86,20 @@ def _no_factory() -> Connection:
 
 
 @pytest.fixture
-def engine() -> Iterator[Callable[..., Engine]]:
-    made: list[Engine] = []
+def engine(stack: Callable[..., Stack]) -> Iterator[Callable[..., Engine]]:
+    """A factory: `engine(resolver, tls_mode, ip)` -> a stack whose metrics go to a StatsD
+    catcher; the stack fixture closes the stacks, this one stops the catchers."""
+    catchers: list[StatsdCatcher] = []
 
     def make(resolver: Resolver, tls_mode: str = "none", ip: str = CLIENT_IP) -> Engine:
-        statsd = StatsdCatcher()
-        metrics = Metrics.create("127.0.0.1", statsd.port, "test", ip)
-        tls = TlsPolicy(tls_mode)
-        connector = Connector(Identity(ip, HELO), resolver, tls, FAST, ReplyLimits(), metrics,
-                              LOOPBACK_ALLOWED)
-        pools = Pools(PoolConfig(max_connections=2, max_messages=100, idle_timeout=60.0,
-                                 connect_backoff=30.0))
-        deliverer = Deliverer(ip, tls_mode, resolver, connector, pools, metrics)
-        made.append(Engine(deliverer, tls, pools, statsd))
-        return made[-1]
+        catchers.append(StatsdCatcher())
+        metrics = Metrics.create("127.0.0.1", catchers[-1].port, "test", ip)
+        return Engine(stack(resolver, ip=ip, tls=tls_mode, policy=LOOPBACK_ALLOWED,
+                            metrics=metrics), catchers[-1])
 
     yield make
-    for stack in made:
-        for pool in stack.pools._pools.values():
-            for conn in pool._idle:
-                conn.close()
-        stack.statsd.stop()
+    for statsd in catchers:
+        statsd.stop()
 
 
 def routed(server: ScriptedServer | SinkServer) -> Resolver:
@@ -128,7 +112,7 @@ def summary(attempts: Sequence[Attempt]) -> list[tuple[str, Status, int, bool]]:
 
 def wait_readable_while_idle(stack: Engine, port: int) -> None:
     """Until what the server said to the idle pooled connection is in the client's socket."""
-    (conn,) = stack.pool(port)._idle
+    (conn,) = stack.pool(port).idle_connections
     assert select.select([conn.sock], [], [], 3)[0], "the server said nothing while idle"
 
 

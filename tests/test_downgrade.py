@@ -25,23 +25,19 @@ from hypothesis import strategies as st
 from engine.downgrade import MAX_DEPTH, CannotConvert, to_7bit
 from engine.smtp import send_mail
 from engine.testing.harness import LocalEngine, final_outcomes
-from tests.test_smtp import (
-    BDAT,
-    DATA,
+from tests.support.playbook import (
     HELO,
     MODES,
     RCPTS,
     SENDER,
-    WAIT_CLOSE,
-    C,
-    S,
+    Connect,
     Scripted,
-    connect,
     greet,
     outcome,
     rcpt,
     sent_upper,
 )
+from tests.support.smtpserver import BDAT, DATA, WAIT_CLOSE, C, S
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -330,7 +326,7 @@ def one_message(extensions: tuple[str, ...], mail_cmd: str) -> list:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_8bit_message_to_server_without_8bitmime_arrives_7bit(scripted: Scripted,
-                                                              mode: str) -> None:
+                                                              mode: str, connect: Connect) -> None:
     extensions = ("SIZE 10485760", *MODES[mode])
     server = scripted(one_message(extensions, f"MAIL FROM:<{SENDER}> SIZE={len(CONVERTED)}"))
     conn = connect(server)
@@ -344,8 +340,8 @@ def test_8bit_message_to_server_without_8bitmime_arrives_7bit(scripted: Scripted
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_8bit_message_to_server_with_8bitmime_arrives_unchanged(scripted: Scripted,
-                                                                mode: str) -> None:
+def test_8bit_message_to_server_with_8bitmime_arrives_unchanged(
+        scripted: Scripted, mode: str, connect: Connect) -> None:
     extensions = ("SIZE 10485760", "8BITMIME", *MODES[mode])
     server = scripted(one_message(extensions,
                                   f"MAIL FROM:<{SENDER}> SIZE={len(MESSAGE_8BIT)} BODY=8BITMIME"))
@@ -357,7 +353,8 @@ def test_8bit_message_to_server_with_8bitmime_arrives_unchanged(scripted: Script
     assert server.messages == [MESSAGE_8BIT]
 
 
-def test_unconvertible_message_bounces_5_6_3_without_mail(scripted: Scripted) -> None:
+def test_unconvertible_message_bounces_5_6_3_without_mail(
+        scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet("PIPELINING", "CHUNKING", "SIZE 1000"), WAIT_CLOSE()])
     conn = connect(server)
     message = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nhello\r\n"
@@ -371,7 +368,7 @@ def test_unconvertible_message_bounces_5_6_3_without_mail(scripted: Scripted) ->
     assert sent_upper(server) == [f"EHLO {HELO}".upper()]  # not even MAIL
 
 
-def test_smtputf8_message_is_not_converted(scripted: Scripted) -> None:
+def test_smtputf8_message_is_not_converted(scripted: Scripted, connect: Connect) -> None:
     """SMTPUTF8 is its own case: a server without it refuses the message 5.6.7, as before."""
     server = scripted([*greet("PIPELINING"), WAIT_CLOSE()])
     conn = connect(server)

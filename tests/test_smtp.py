@@ -5,8 +5,7 @@ happens on the wire (`DATA`, `BDAT`, `CLOSE`, ...). A client line that does not 
 script is a recorded server error, so `server.errors == []` asserts the client's half of the
 conversation; the result asserts how the engine judged the server's half.
 
-The helpers at the top (timeouts, greetings, `connect`) are shared with test_connector and
-test_delivery.
+The client's side of the playbooks (timeouts, greetings, `connect`) is tests/support/playbook.py.
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import select
 import smtplib
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import fields
 
 import pytest
@@ -24,7 +23,6 @@ from engine.config import Timeouts
 from engine.reply import Blame, DeliveryError, TransientError
 from engine.smtp import (
     Connection,
-    RcptResult,
     ReplyLimits,
     StaleConnection,
     TlsError,
@@ -32,95 +30,36 @@ from engine.smtp import (
     send_mail,
 )
 from engine.tls import TlsPolicy
-from tests.support.smtpserver import (
-    BDAT,
-    CLOSE,
-    DATA,
-    INJECT,
-    WAIT_CLOSE,
-    C,
-    S,
-    ScriptedServer,
-    Step,
+from tests.support.playbook import (
+    CLIENT_IP,
+    FAST,
+    HELO,
+    MESSAGE,
+    MODES,
+    RCPT_REPLIES,
+    RCPTS,
+    SENDER,
+    Connect,
+    Scripted,
+    delivered_once,
+    greet,
+    mail,
+    open_connection,
+    outcome,
+    partial_refusal_script,
+    rcpt,
+    sent_upper,
 )
+from tests.support.smtpserver import BDAT, CLOSE, DATA, INJECT, WAIT_CLOSE, C, S, Step
 
 pytestmark = pytest.mark.timeout(30)
-
-Scripted = Callable[..., ScriptedServer]
-
-CLIENT_IP = "127.0.0.1"
-HELO = "client.test"
-SENDER = "sender@example.org"
-MESSAGE = b"From: sender@example.org\r\nTo: rcpt@example.test\r\nSubject: hi\r\n\r\nHello.\r\n"
-FAST = Timeouts(**{f.name: 2.0 for f in fields(Timeouts)})
-
-# The three ways a transaction goes out, by the extensions that choose them.
-MODES: dict[str, tuple[str, ...]] = {
-    "lockstep": (),
-    "pipelining+data": ("PIPELINING",),
-    "pipelining+bdat": ("PIPELINING", "CHUNKING"),
-}
-
-
-def ehlo_reply(*extensions: str) -> S:
-    lines = ["mx.test", *extensions]
-    return S(*(f"250-{line}" for line in lines[:-1]), f"250 {lines[-1]}")
-
-
-def greet(*extensions: str) -> list[Step]:
-    """Banner and EHLO, offering `extensions`."""
-    return [S("220 mx.test ESMTP"), C(f"EHLO {HELO}"), ehlo_reply(*extensions)]
-
-
-def mail(sender: str = SENDER) -> C:
-    return C(f"MAIL FROM:<{sender}>")
-
-
-def rcpt(address: str) -> C:
-    return C(f"RCPT TO:<{address}>")
-
-
-def connect(server: ScriptedServer, timeouts: Timeouts = FAST,
-            limits: ReplyLimits | None = None) -> Connection:
-    """A Connection past banner and EHLO."""
-    conn = Connection(HELO, CLIENT_IP, timeouts, limits or ReplyLimits())
-    banner = conn.open(server.host, server.port)
-    assert banner.code == 220
-    assert conn.hello().code == 250
-    return conn
-
-
-def outcome(results: Sequence[RcptResult]) -> list[tuple[str, int, str | None, bool]]:
-    return [(r.rcpt, r.reply.code, r.reply.enhanced, r.ambiguous) for r in results]
-
-
-def sent_upper(server: ScriptedServer, index: int = 0) -> list[str]:
-    return [line.upper() for line in server.client_lines(index)]
 
 
 # -- per-recipient outcomes in each transaction mode ---------------------------------------
 
-RCPTS = ("ok@example.test", "bad@example.test", "later@example.test")
-RCPT_REPLIES = ("250 2.1.5 ok", "550 5.1.1 no such user", "451 4.3.0 try later")
-
-
-def partial_refusal_script(mode: str) -> list[Step]:
-    ok, bad, later = (rcpt(r) for r in RCPTS)
-    if mode == "lockstep":
-        return [*greet(), mail(), S("250 2.1.0 ok"), ok, S(RCPT_REPLIES[0]), bad,
-                S(RCPT_REPLIES[1]), later, S(RCPT_REPLIES[2]), C("DATA"), S("354 go on"),
-                DATA(), S("250 2.0.0 queued")]
-    if mode == "pipelining+data":
-        # the server reads every command before it answers: they came in one flight
-        return [*greet(*MODES[mode]), mail(), ok, bad, later, C("DATA"),
-                S("250 2.1.0 ok", *RCPT_REPLIES, "354 go on"), DATA(), S("250 2.0.0 queued")]
-    return [*greet(*MODES[mode]), mail(), ok, bad, later, BDAT(last=True),
-            S("250 2.1.0 ok", *RCPT_REPLIES, "250 2.0.0 queued")]
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_some_recipients_refused_gives_per_recipient_results(scripted: Scripted,
-                                                             mode: str) -> None:
+                                                             mode: str, connect: Connect) -> None:
     server = scripted(partial_refusal_script(mode))
     conn = connect(server)
     results = send_mail(conn, SENDER, RCPTS, MESSAGE)
@@ -136,7 +75,8 @@ def test_some_recipients_refused_gives_per_recipient_results(scripted: Scripted,
     assert server.errors == []
 
 
-def test_bdat_goes_out_with_mail_and_rcpt_in_one_flight(scripted: Scripted) -> None:
+def test_bdat_goes_out_with_mail_and_rcpt_in_one_flight(
+        scripted: Scripted, connect: Connect) -> None:
     server = scripted(partial_refusal_script("pipelining+bdat"))
     conn = connect(server)
     send_mail(conn, SENDER, RCPTS, MESSAGE)
@@ -165,7 +105,8 @@ def mail_refused_script(mode: str) -> list[Step]:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_mail_refused_refuses_every_recipient_then_rset(scripted: Scripted, mode: str) -> None:
+def test_mail_refused_refuses_every_recipient_then_rset(
+        scripted: Scripted, mode: str, connect: Connect) -> None:
     server = scripted(mail_refused_script(mode))
     conn = connect(server)
     results = send_mail(conn, SENDER, (RCPTS[0], RCPTS[2]), MESSAGE)
@@ -192,7 +133,7 @@ def all_refused_script(mode: str) -> list[Step]:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_all_recipients_refused_keeps_each_refusal_then_rset(scripted: Scripted,
-                                                             mode: str) -> None:
+                                                             mode: str, connect: Connect) -> None:
     server = scripted(all_refused_script(mode))
     conn = connect(server)
     results = send_mail(conn, SENDER, RCPTS[1:], MESSAGE)
@@ -206,7 +147,7 @@ def test_all_recipients_refused_keeps_each_refusal_then_rset(scripted: Scripted,
 
 
 def test_354_after_every_recipient_was_refused_gets_a_lone_dot_not_the_body(
-        scripted: Scripted) -> None:
+        scripted: Scripted, connect: Connect) -> None:
     """RFC 2920 3.1: a (broken) server that accepts DATA with no valid recipient must not
     be sent the message."""
     server = scripted([*greet("PIPELINING"), mail(), rcpt(RCPTS[1]), C("DATA"),
@@ -222,7 +163,8 @@ def test_354_after_every_recipient_was_refused_gets_a_lone_dot_not_the_body(
 
 # -- connection lost in the middle ---------------------------------------------------------
 
-def test_drop_after_final_dot_is_deferred_and_ambiguous(scripted: Scripted) -> None:
+def test_drop_after_final_dot_is_deferred_and_ambiguous(
+        scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet(), mail(), S("250 ok"), rcpt(RCPTS[0]), S("250 ok"), C("DATA"),
                        S("354 go on"), DATA(), CLOSE()])
     conn = connect(server)
@@ -235,8 +177,8 @@ def test_drop_after_final_dot_is_deferred_and_ambiguous(scripted: Scripted) -> N
 
 @pytest.mark.parametrize("replies", [(), ("250 2.1.0 ok", "250 2.1.5 ok")],
                          ids=["no-reply-at-all", "envelope-answered"])
-def test_drop_after_bdat_last_is_deferred_and_ambiguous(scripted: Scripted,
-                                                        replies: tuple[str, ...]) -> None:
+def test_drop_after_bdat_last_is_deferred_and_ambiguous(
+        scripted: Scripted, replies: tuple[str, ...], connect: Connect) -> None:
     answers = [S(*replies)] if replies else []
     server = scripted([*greet("PIPELINING", "CHUNKING"), mail(), rcpt(RCPTS[0]),
                        BDAT(last=True), *answers, CLOSE()])
@@ -247,7 +189,7 @@ def test_drop_after_bdat_last_is_deferred_and_ambiguous(scripted: Scripted,
     assert conn.sock is None
 
 
-def test_drop_before_data_is_deferred_not_ambiguous(scripted: Scripted) -> None:
+def test_drop_before_data_is_deferred_not_ambiguous(scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet("PIPELINING"), mail(), rcpt(RCPTS[0]), C("DATA"),
                        S("250 ok", "250 ok"), CLOSE()])
     conn = connect(server)
@@ -256,20 +198,9 @@ def test_drop_before_data_is_deferred_not_ambiguous(scripted: Scripted) -> None:
     assert conn.sock is None
 
 
-def delivered_once(*extensions: str) -> list[Step]:
-    """One message delivered on the connection, in whatever mode `extensions` choose."""
-    if "CHUNKING" in extensions and "PIPELINING" in extensions:
-        return [mail(), rcpt(RCPTS[0]), BDAT(last=True), S("250 ok", "250 ok", "250 queued")]
-    if "PIPELINING" in extensions:
-        return [mail(), rcpt(RCPTS[0]), C("DATA"), S("250 ok", "250 ok", "354 go"), DATA(),
-                S("250 queued")]
-    return [mail(), S("250 ok"), rcpt(RCPTS[0]), S("250 ok"), C("DATA"), S("354 go"), DATA(),
-            S("250 queued")]
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_reused_connection_closed_before_any_reply_is_stale(scripted: Scripted,
-                                                            mode: str) -> None:
+                                                            mode: str, connect: Connect) -> None:
     # The server reads the next MAIL, then hangs up without a word: the race where the idle
     # connection passed its check and died just after.
     server = scripted([*greet(*MODES[mode]), *delivered_once(*MODES[mode]), mail(), CLOSE()])
@@ -293,7 +224,7 @@ def first_flight(mode: str) -> list[Step]:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_reused_connection_answering_421_to_mail_is_stale(scripted: Scripted,
-                                                          mode: str) -> None:
+                                                          mode: str, connect: Connect) -> None:
     # The server's idle-timeout 421 crossed our MAIL on the wire: not a reply to this message.
     server = scripted([*greet(*MODES[mode]), *delivered_once(*MODES[mode]), *first_flight(mode),
                        S("421 4.4.2 idle timeout, closing"), WAIT_CLOSE()])
@@ -305,21 +236,22 @@ def test_reused_connection_answering_421_to_mail_is_stale(scripted: Scripted,
     assert conn.sock is None
 
 
-def test_new_connection_answering_421_to_mail_defers(scripted: Scripted) -> None:
+def test_new_connection_answering_421_to_mail_defers(scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet(), mail(), S("421 4.3.2 too many connections"), WAIT_CLOSE()])
     conn = connect(server)
     results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)
     assert outcome(results) == [(RCPTS[0], 421, "4.3.2", False)]
 
 
-def test_new_connection_closed_before_any_reply_is_a_result_not_stale(scripted: Scripted) -> None:
+def test_new_connection_closed_before_any_reply_is_a_result_not_stale(
+        scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet(), mail(), CLOSE()])
     conn = connect(server)
     results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)  # no StaleConnection raised
     assert outcome(results) == [(RCPTS[0], 451, "4.4.2", False)]
 
 
-def test_is_alive_sees_a_close_or_a_421_while_idle(scripted: Scripted) -> None:
+def test_is_alive_sees_a_close_or_a_421_while_idle(scripted: Scripted, connect: Connect) -> None:
     server = scripted([[*greet(), WAIT_CLOSE()],
                        [*greet(), CLOSE()],
                        [*greet(), S("421 4.4.2 idle too long"), WAIT_CLOSE()]])
@@ -339,7 +271,7 @@ def test_is_alive_sees_a_close_or_a_421_while_idle(scripted: Scripted) -> None:
 DOTTY = b".first line starts with a dot\r\nthen\r\n.\r\n..two dots\r\n.\r\nend\r\n"
 
 
-def test_dot_stuffing_on_the_wire(scripted: Scripted) -> None:
+def test_dot_stuffing_on_the_wire(scripted: Scripted, connect: Connect) -> None:
     # Unstuffed, the lone "." would end the message early and the server's un-stuffing would
     # eat the leading dots: only a correctly stuffed body arrives intact.
     server = scripted([*greet(), *delivered_once()])
@@ -351,7 +283,7 @@ def test_dot_stuffing_on_the_wire(scripted: Scripted) -> None:
                                 b"..\r\nend\r\n")
 
 
-def test_bdat_sends_the_message_unstuffed(scripted: Scripted) -> None:
+def test_bdat_sends_the_message_unstuffed(scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet("PIPELINING", "CHUNKING"), *delivered_once("PIPELINING",
                                                                         "CHUNKING")])
     conn = connect(server)
@@ -362,7 +294,7 @@ def test_bdat_sends_the_message_unstuffed(scripted: Scripted) -> None:
 
 
 def test_smtputf8_address_to_server_without_smtputf8_bounces_5_6_7_unsent(
-        scripted: Scripted) -> None:
+        scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet("PIPELINING", "8BITMIME"), WAIT_CLOSE()])
     conn = connect(server)
     results = send_mail(conn, SENDER, ("jos\u00e9@example.test",), MESSAGE, smtputf8=True)
@@ -374,7 +306,7 @@ def test_smtputf8_address_to_server_without_smtputf8_bounces_5_6_7_unsent(
     assert sent_upper(server) == [f"EHLO {HELO}".upper()]  # not even MAIL
 
 
-def test_smtputf8_address_to_server_with_smtputf8(scripted: Scripted) -> None:
+def test_smtputf8_address_to_server_with_smtputf8(scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet("SMTPUTF8"), C(f"MAIL FROM:<{SENDER}> SMTPUTF8"), S("250 ok"),
                        rcpt("jos\u00e9@example.test"), S("250 ok"), C("DATA"), S("354 go"),
                        DATA(), S("250 queued")])
@@ -387,7 +319,7 @@ def test_smtputf8_address_to_server_with_smtputf8(scripted: Scripted) -> None:
 
 @pytest.mark.parametrize("eightbit", [True, False])
 def test_size_and_body_8bitmime_parameters_when_offered(scripted: Scripted,
-                                                        eightbit: bool) -> None:
+                                                        eightbit: bool, connect: Connect) -> None:
     body = " BODY=8BITMIME" if eightbit else ""
     server = scripted([*greet("SIZE 10485760", "8BITMIME"),
                        C(f"MAIL FROM:<{SENDER}> SIZE={len(MESSAGE)}{body}"), S("250 ok"),
@@ -400,7 +332,7 @@ def test_size_and_body_8bitmime_parameters_when_offered(scripted: Scripted,
     assert server.errors == []
 
 
-def test_no_parameters_when_not_offered(scripted: Scripted) -> None:
+def test_no_parameters_when_not_offered(scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet(), *delivered_once()])  # mail() matches MAIL FROM:<...> exactly
     conn = connect(server)
     results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE, eightbit=True)
@@ -409,7 +341,7 @@ def test_no_parameters_when_not_offered(scripted: Scripted) -> None:
     assert server.errors == []
 
 
-def test_discarded_ehlo_keywords_are_not_used(scripted: Scripted) -> None:
+def test_discarded_ehlo_keywords_are_not_used(scripted: Scripted, connect: Connect) -> None:
     """smtp.discard_ehlo_keywords: PIPELINING and CHUNKING offered, but discarded, so the
     transaction goes in lock step (one command, one reply) with DATA, not BDAT."""
     server = scripted([*greet("PIPELINING", "CHUNKING", "8BITMIME"), *delivered_once()])
@@ -423,7 +355,7 @@ def test_discarded_ehlo_keywords_are_not_used(scripted: Scripted) -> None:
     assert server.errors == []  # the script's lock-step order was kept: no pipelined flight
 
 
-def test_null_sender(scripted: Scripted) -> None:
+def test_null_sender(scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet(), C("MAIL FROM:<>"), S("250 ok"), rcpt(RCPTS[0]), S("250 ok"),
                        C("DATA"), S("354 go"), DATA(), S("250 queued")])
     conn = connect(server)
@@ -431,7 +363,8 @@ def test_null_sender(scripted: Scripted) -> None:
 
 
 @pytest.mark.parametrize("field", ["sender", "rcpt"])
-def test_cr_lf_in_an_envelope_address_is_refused_unsent(scripted: Scripted, field: str) -> None:
+def test_cr_lf_in_an_envelope_address_is_refused_unsent(
+        scripted: Scripted, field: str, connect: Connect) -> None:
     server = scripted([*greet(), WAIT_CLOSE()])
     conn = connect(server)
     evil = "a@example.test>\r\nRCPT TO:<victim@example.test"
@@ -443,7 +376,7 @@ def test_cr_lf_in_an_envelope_address_is_refused_unsent(scripted: Scripted, fiel
     assert sent_upper(server) == [f"EHLO {HELO}".upper()]
 
 
-def test_helo_when_the_server_does_not_speak_esmtp(scripted: Scripted) -> None:
+def test_helo_when_the_server_does_not_speak_esmtp(scripted: Scripted, connect: Connect) -> None:
     server = scripted([S("220 old.test"), C(f"EHLO {HELO}"), S("502 5.5.1 what?"),
                        C(f"HELO {HELO}"), S("250 old.test"), *delivered_once()])
     conn = connect(server)
@@ -514,7 +447,8 @@ def test_silent_banner_times_out_naming_the_phase(scripted: Scripted) -> None:
     conn.close()
 
 
-def test_silence_after_the_final_dot_times_out_ambiguous(scripted: Scripted) -> None:
+def test_silence_after_the_final_dot_times_out_ambiguous(
+        scripted: Scripted, connect: Connect) -> None:
     server = scripted([*greet(), mail(), S("250 ok"), rcpt(RCPTS[0]), S("250 ok"), C("DATA"),
                        S("354 go"), DATA(), WAIT_CLOSE()])
     timeouts = Timeouts(**{**{f.name: 2.0 for f in fields(Timeouts)}, "final_dot": 0.3})
@@ -524,8 +458,8 @@ def test_silence_after_the_final_dot_times_out_ambiguous(scripted: Scripted) -> 
     assert "DATA" in results[0].reply.text and "timeout" in results[0].reply.text
 
 
-def test_bytes_injected_after_starttls_220_abort_before_the_handshake(scripted: Scripted,
-                                                                     ) -> None:
+def test_bytes_injected_after_starttls_220_abort_before_the_handshake(
+        scripted: Scripted, connect: Connect) -> None:
     # "220" and the injected reply in one write: a man in the middle's classic.
     server = scripted([*greet("STARTTLS"), C("STARTTLS"),
                        INJECT(b"220 2.0.0 go ahead\r\n250 injected\r\n"), WAIT_CLOSE()])
@@ -567,7 +501,7 @@ def test_a_closed_connection_is_freed_without_the_cyclic_collector(scripted: Scr
     buffers, its smtplib object, its timer) in memory until a full collection."""
     server = scripted([*greet("PIPELINING"), *delivered_once("PIPELINING"), C("QUIT"),
                        S("221 bye")])
-    conn = connect(server)
+    conn = open_connection(server)
     assert outcome(send_mail(conn, SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
     conn.quit_quietly()
     server.wait_finished()

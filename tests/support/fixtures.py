@@ -1,8 +1,9 @@
 """The pytest fixtures every tier shares: the SMTP test servers, TLS certificates, a whole
-engine on loopback. tests/conftest.py takes them all with
-``pytest_plugins = ["tests.support.fixtures"]``.
+engine on loopback, connections to a playbook server, the delivery stack in this process.
+tests/conftest.py takes them all with ``pytest_plugins = ["tests.support.fixtures"]``.
 
-Every server or engine a fixture starts is stopped at teardown, also when the test fails.
+Every server, engine or connection a fixture starts is stopped or closed at teardown, also
+when the test fails.
 """
 
 from __future__ import annotations
@@ -13,17 +14,25 @@ from typing import Any
 
 import pytest
 
+from engine.mx import Resolver
+from engine.smtp import Connection
 from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
 from engine.testing.tlscert import CABundle, make_ca_and_cert, make_cert
+from tests.support.playbook import open_connection
+from tests.support.rawserver import Behaviour, RawServer
 from tests.support.smtpserver import ScriptedServer, Step
+from tests.support.stack import Stack, build
 
 __all__ = [
     "ca_bundle",
+    "connect",
     "local_engine",
     "plain_sink",
+    "raw",
     "scripted",
     "sink",
+    "stack",
     "tls_files",
     "unverified_client_context",
 ]
@@ -102,3 +111,48 @@ def local_engine(tmp_path: Any) -> Iterator[Callable[..., LocalEngine]]:
         except Exception:
             pass
         engine.cleanup()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., Connection]]:
+    """A factory: ``connect(server, timeouts=FAST, limits=None)`` -> a Connection past banner
+    and EHLO (tests/support/playbook.py's `open_connection`); each is closed at teardown."""
+    opened: list[Connection] = []
+
+    def open_one(server: ScriptedServer, *args: Any, **kwargs: Any) -> Connection:
+        opened.append(open_connection(server, *args, **kwargs))
+        return opened[-1]
+
+    yield open_one
+    for conn in opened:
+        conn.close()
+
+
+@pytest.fixture
+def stack() -> Iterator[Callable[..., Stack]]:
+    """A factory: ``stack(resolver, **options)`` -> tests/support/stack.py's `build`; every
+    stack it built is closed at teardown (its idle connections, its StatsD socket)."""
+    built: list[Stack] = []
+
+    def make(resolver: Resolver, **options: Any) -> Stack:
+        built.append(build(resolver, **options))
+        return built[-1]
+
+    yield make
+    for one in built:
+        one.close()
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[..., RawServer]]:
+    """A factory: ``raw(behaviour, rcvbuf=None)`` starts a tests/support/rawserver.py
+    RawServer playing `behaviour` on every connection."""
+    servers: list[RawServer] = []
+
+    def start(behaviour: Behaviour, **options: int) -> RawServer:
+        servers.append(RawServer(behaviour, **options))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -1,7 +1,7 @@
 """Fuzzing what strangers control: the producer's job frames and the SMTP server's replies.
 
 Two fuzzers, both seeded and deterministic, built to run as a long campaign once
-(`python -m tests.test_fuzz --count 100000`, results recorded in docs/SECURITY.md) and
+(`python -m tests.support.fuzz --count 100000`, results recorded in docs/SECURITY.md) and
 as a shorter run in the suite:
 
 - **jobs**: frames for `engine.job.parse_job`, from valid jobs mutated field by field,
@@ -17,7 +17,9 @@ as a shorter run in the suite:
   it should not, and never reports a recipient delivered unless the whole message went
   out.
 
-An input that breaks a rule is printed (repr) with its seed, so it can be replayed.
+An input that breaks a rule is printed (repr) with its seed, so it can be replayed. In the
+suite: tests/unit/test_fuzz_jobs.py (parse_job under Hypothesis) and
+tests/conversation/test_fuzz.py (a few thousand of each, and Hypothesis on top).
 """
 from __future__ import annotations
 
@@ -32,16 +34,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import pytest
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.config import Timeouts
 from engine.job import Job, JobRejected, normalise_message, parse_job
 from engine.reply import DeliveryError
 from engine.smtp import Connection, RcptResult, ReplyLimits, dot_stuff, send_mail
-
-pytestmark = pytest.mark.timeout(120)
 
 HELO = "client.test"
 MAX_SIZE = 4096
@@ -216,6 +214,18 @@ def check_data_encoding(message: bytes) -> None:
     unstuffed = b"\r\n".join(line[1:] if line.startswith(b".") else line for line in lines)
     if unstuffed != message:
         raise RuleBroken("un-stuffing the DATA encoding does not give the message back")
+
+
+# Message bodies of line-ending and dot tricks (and any bytes) for Hypothesis; SMUGGLER, a
+# body built to smuggle a second message in after a forged end of data.
+LINE_BITS = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"..", b"x", b" ",
+                                      b"\r\n.\r\n", b"\n.\n", b"\r.\r", b"MAIL FROM:<a@b.c>",
+                                      b"\xff"]), max_size=60).map(b"".join)
+BODIES = st.one_of(LINE_BITS, st.binary(max_size=2000)).filter(lambda b: b and b"\0" not in b)
+
+SMUGGLER = (b"Subject: one message\n\n"
+            b"first\n.\nMAIL FROM:<evil@example.test>\nRCPT TO:<victim@example.test>\nDATA\n"
+            b"\r.\rsecond\r\n.\r\nthird\r\n.\nfourth\n.\r\n..\r\n.\r\r\n. \r\nend")
 
 
 # ---------------------------------------------------------------------------------------
@@ -483,69 +493,11 @@ def fuzz_replies(count: int, seed: int) -> Tally:
 
 
 # ---------------------------------------------------------------------------------------
-# In the suite: a few thousand of each, and Hypothesis on top
-
-
-SUITE_COUNT = 5000
-
-
-def test_fuzz_job_parsing_accepts_only_wire_safe_jobs() -> None:
-    tally = fuzz_jobs(SUITE_COUNT, seed=1)
-    assert tally.failures == []
-    assert tally.accepted > SUITE_COUNT // 10 and tally.rejected > SUITE_COUNT // 3  # both paths
-    assert tally.sessions == tally.accepted
-
-
-def test_fuzz_reply_parsing_never_crashes_injects_or_claims_a_delivery() -> None:
-    tally = fuzz_replies(SUITE_COUNT, seed=2)
-    assert tally.failures == []
-    assert tally.accepted > 100 and tally.rejected > 100  # both paths
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.binary(max_size=300), min_size=0, max_size=4))
-def test_parse_job_on_arbitrary_frames_only_rejects(frames: list[bytes]) -> None:
-    check_job(frames)
-
-
-def json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    """Lists and objects of `inner` values.
-
-    Regression (failed in some test orders): a function, not a lambda. Hypothesis names a
-    lambda by parsing this file (ast.parse) when a draw first exceeds `max_leaves`. When the
-    garbage collector ran inside that parse and finalized a socket an earlier test had left
-    open, pytest's hook formatted the ResourceWarning's traceback, which parses source too;
-    CPython 3.11.7 does not survive an ast.parse inside an ast.parse ("SystemError: AST
-    constructor recursion depth mismatch")."""
-    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["id", "from", "to", "ip", "pool", "meta", "expires",
-                                        "x"]),
-                       st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
-                                    json_containers, max_leaves=8)),
-       st.binary(max_size=200))
-def test_parse_job_on_arbitrary_envelopes_accepts_only_wire_safe_jobs(
-        envelope: dict[str, Any], message: bytes) -> None:
-    check_job([json.dumps(envelope).encode("utf-8", "surrogatepass"), message])
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=2000))
-def test_arbitrary_server_bytes_end_in_an_outcome_without_injection(stream: bytes) -> None:
-    rcpts = ["a@example.test"]
-    session = run_session(b"220 mx\r\n250-mx\r\n250 PIPELINING\r\n" + stream, "s@example.test",
-                          rcpts, b"Subject: x\r\n\r\nhi\r\n")
-    check_session(session, "s@example.test", rcpts, b"Subject: x\r\n\r\nhi\r\n")
-
-
-# ---------------------------------------------------------------------------------------
 # As a script: the long campaign
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.test_fuzz", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tests.support.fuzz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=100_000, help="inputs per fuzzer")
     parser.add_argument("--seed", type=int, default=20261128)
