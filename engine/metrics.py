@@ -6,7 +6,7 @@ Names are ``<prefix>.<ip>.<provider>.<name>``; the dots of an IP become ``_``
 milliseconds. StatsD is UDP, fire and forget: a StatsD host that is down or slow
 never slows delivery, and a send error is swallowed.
 
-`docs/METRICS.md` lists the same table for operators; `tests/test_metrics.py`
+`docs/METRICS.md` lists the same table for operators; `tests/unit/test_metrics.py`
 keeps the two in step.
 """
 from __future__ import annotations

@@ -57,7 +57,7 @@ def gevent_hub_between_tests() -> Iterator[None]:
       as much: gevent.sleep() and gevent.Timeout bring the clock up to date first, but the
       timeout of `gevent.joinall()` / `wait()` / `iwait()` does not.
       Regression: after test_hostile's blocking servers had kept the hub idle for 5 s,
-      tests/test_pool.py's `joinall(timeout=5)` returned at once and
+      tests/unit/test_pool.py's `joinall(timeout=5)` returned at once and
       test_never_more_than_max_connections_open failed, only in that order.
     - what a test spawned and never waited for (a pool's QUIT, say) sits on the hub and runs
       inside whichever later test next lets the hub run, its blocking sockets stalling that

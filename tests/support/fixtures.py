@@ -8,7 +8,9 @@ when the test fails.
 
 from __future__ import annotations
 
+import shutil
 import ssl
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "raw",
     "scripted",
     "sink",
+    "sockdir",
     "stack",
     "tls_files",
     "unverified_client_context",
@@ -156,3 +159,11 @@ def raw() -> Iterator[Callable[..., RawServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A temporary folder for ipc sockets, with a short path: ipc paths have a length limit."""
+    path = tempfile.mkdtemp(prefix="me-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -9,7 +9,7 @@ while it happens: its RSS is sampled from /proc during the run.
 The suite runs 5,000 + 200; the full size runs once as a script, with the results
 recorded in docs/SECURITY.md:
 
-    python -m tests.test_flood --invalid 100000 --valid 1000
+    python -m tests.engine.test_flood --invalid 100000 --valid 1000
 """
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def test_flood_of_invalid_jobs_rejects_each_delivers_every_valid_one_memory_boun
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.test_flood", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tests.engine.test_flood", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--invalid", type=int, default=100_000)
     parser.add_argument("--valid", type=int, default=1_000)

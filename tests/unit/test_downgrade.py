@@ -1,70 +1,25 @@
 """engine.downgrade: 8-bit messages converted to 7-bit for a server without 8BITMIME (RFC 6152).
 
 The converter's output is judged by the stdlib parser (structure) and binascii/base64
-(decoding), never by the converter's own parsing: every leaf part must decode to what the
-original's did, and every byte outside the converted parts must be the original's. Then, on a
-scripted server on loopback, the transaction: converted bytes without 8BITMIME (SIZE, DATA and
-BDAT of the converted bytes), the original with BODY=8BITMIME, and a refusal (554 5.6.3)
-before any MAIL.
+(decoding), never by the converter's own parsing (tests/support/mime.py): every leaf part must
+decode to what the original's did, and every byte outside the converted parts must be the
+original's. The transaction on a scripted server is tests/conversation/test_downgrade.py, the
+whole engine tests/engine/test_downgrade.py.
 """
 from __future__ import annotations
 
-import base64
 import binascii
-import email.message
 import os
 import re
-from collections.abc import Callable
-from email import policy
-from email.parser import BytesParser
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.downgrade import MAX_DEPTH, CannotConvert, to_7bit
-from engine.smtp import send_mail
-from engine.testing.harness import LocalEngine, final_outcomes
-from tests.support.playbook import (
-    HELO,
-    MODES,
-    RCPTS,
-    SENDER,
-    Connect,
-    Scripted,
-    greet,
-    outcome,
-    rcpt,
-    sent_upper,
-)
-from tests.support.smtpserver import BDAT, DATA, WAIT_CLOSE, C, S
+from tests.support.mime import TOP, UTF8, leaves, multipart, part
 
 pytestmark = pytest.mark.timeout(60)
-
-UTF8 = "Grüße aus Köln — ça va très bien, merci.".encode()
-TOP = (b"From: sender@example.org\r\nTo: rcpt@example.test\r\nSubject: hi\r\n"
-       b"MIME-Version: 1.0\r\n")
-
-
-def leaves(message: bytes) -> list[tuple[str, bytes]]:
-    """(content type, decoded content) of every leaf part, as the stdlib parser sees them."""
-    parsed = BytesParser(policy=policy.compat32).parsebytes(message)
-    return [(part.get_content_type(), decoded(part)) for part in parsed.walk()
-            if not part.is_multipart()]
-
-
-def decoded(part: email.message.Message) -> bytes:
-    # The raw payload: get_payload() would decode 8-bit text with its charset, and the
-    # stdlib's quoted-printable decoding turns CRLF into LF.
-    payload = part._payload
-    assert isinstance(payload, str)
-    data = payload.encode("ascii", "surrogateescape")
-    cte = (part.get("Content-Transfer-Encoding") or "7bit").strip().lower()
-    if cte == "quoted-printable":
-        return binascii.a2b_qp(data)
-    if cte == "base64":
-        return base64.b64decode(data, validate=False)
-    return data
 
 
 def head_and_body(message: bytes) -> tuple[bytes, bytes]:
@@ -89,24 +44,6 @@ def check_lines(message: bytes) -> None:
     assert b"\n" not in message.replace(b"\r\n", b"") and b"\r" not in message.replace(b"\r\n",
                                                                                           b"")
     assert all(len(line) <= 998 for line in message.split(b"\r\n"))
-
-
-def multipart(*parts: bytes, boundary: bytes = b"=_b0und_=", head: bytes = TOP,
-              ctype: bytes = b"multipart/mixed") -> bytes:
-    body = b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts)
-    return (head + b"Content-Type: " + ctype + b"; boundary=\"" + boundary + b"\"\r\n\r\n"
-            + b"This is a multi-part message in MIME format.\r\n" + body + b"--" + boundary
-            + b"--\r\n")
-
-
-def part(content: bytes, ctype: bytes | None = b"text/plain; charset=utf-8",
-         cte: bytes | None = b"8bit") -> bytes:
-    head = b""
-    if ctype is not None:
-        head += b"Content-Type: " + ctype + b"\r\n"
-    if cte is not None:
-        head += b"Content-Transfer-Encoding: " + cte + b"\r\n"
-    return head + b"\r\n" + content
 
 
 # --- the converter ------------------------------------------------------------------------
@@ -304,82 +241,6 @@ def test_decoded_content_is_unchanged(parts: list[tuple[bytes | None, bytes | No
         assert out is original
 
 
-# --- the transaction, on a scripted server ------------------------------------------------
-
-# CRLF line endings only, as intake leaves every message (the whole-engine test pushes it).
-MESSAGE_8BIT = multipart(part(UTF8 + b"\r\n.leading dot\r\n"),
-                         part(b"\x89PNG\r\n\x1a\r\n\xff", b"image/png", b"binary"))
-CONVERTED = to_7bit(MESSAGE_8BIT)
-
-
-def one_message(extensions: tuple[str, ...], mail_cmd: str) -> list:
-    """Banner, EHLO with `extensions`, one delivered transaction whose MAIL is `mail_cmd`."""
-    if "CHUNKING" in extensions and "PIPELINING" in extensions:
-        return [*greet(*extensions), C(mail_cmd), rcpt(RCPTS[0]), BDAT(last=True),
-                S("250 ok", "250 ok", "250 queued")]
-    if "PIPELINING" in extensions:
-        return [*greet(*extensions), C(mail_cmd), rcpt(RCPTS[0]), C("DATA"),
-                S("250 ok", "250 ok", "354 go"), DATA(), S("250 queued")]
-    return [*greet(*extensions), C(mail_cmd), S("250 ok"), rcpt(RCPTS[0]), S("250 ok"),
-            C("DATA"), S("354 go"), DATA(), S("250 queued")]
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_8bit_message_to_server_without_8bitmime_arrives_7bit(scripted: Scripted,
-                                                              mode: str, connect: Connect) -> None:
-    extensions = ("SIZE 10485760", *MODES[mode])
-    server = scripted(one_message(extensions, f"MAIL FROM:<{SENDER}> SIZE={len(CONVERTED)}"))
-    conn = connect(server)
-    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE_8BIT, eightbit=True)
-    assert outcome(results) == [(RCPTS[0], 250, None, False)]
-    server.wait_finished()
-    assert server.errors == []
-    assert server.messages == [CONVERTED]  # DATA dot-stuffed (and unstuffed) or BDAT n
-    assert server.messages[0].isascii()
-    assert leaves(server.messages[0]) == leaves(MESSAGE_8BIT)
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_8bit_message_to_server_with_8bitmime_arrives_unchanged(
-        scripted: Scripted, mode: str, connect: Connect) -> None:
-    extensions = ("SIZE 10485760", "8BITMIME", *MODES[mode])
-    server = scripted(one_message(extensions,
-                                  f"MAIL FROM:<{SENDER}> SIZE={len(MESSAGE_8BIT)} BODY=8BITMIME"))
-    conn = connect(server)
-    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE_8BIT, eightbit=True)
-    assert outcome(results) == [(RCPTS[0], 250, None, False)]
-    server.wait_finished()
-    assert server.errors == []
-    assert server.messages == [MESSAGE_8BIT]
-
-
-def test_unconvertible_message_bounces_5_6_3_without_mail(
-        scripted: Scripted, connect: Connect) -> None:
-    server = scripted([*greet("PIPELINING", "CHUNKING", "SIZE 1000"), WAIT_CLOSE()])
-    conn = connect(server)
-    message = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nhello\r\n"
-    results = send_mail(conn, SENDER, RCPTS[:2], message, eightbit=True)
-    assert outcome(results) == [(r, 554, "5.6.3", False) for r in RCPTS[:2]]
-    assert results[0].reply.permanent
-    assert "8BITMIME" in results[0].reply.text and "Subject header" in results[0].reply.text
-    assert conn.sock is not None  # the connection is fine; only this message can't go here
-    conn.close()
-    server.wait_finished()
-    assert sent_upper(server) == [f"EHLO {HELO}".upper()]  # not even MAIL
-
-
-def test_smtputf8_message_is_not_converted(scripted: Scripted, connect: Connect) -> None:
-    """SMTPUTF8 is its own case: a server without it refuses the message 5.6.7, as before."""
-    server = scripted([*greet("PIPELINING"), WAIT_CLOSE()])
-    conn = connect(server)
-    results = send_mail(conn, SENDER, ("jos\u00e9@example.test",), MESSAGE_8BIT,
-                                smtputf8=True, eightbit=True)
-    assert outcome(results) == [("jos\u00e9@example.test", 553, "5.6.7", False)]
-    conn.close()
-    server.wait_finished()
-    assert sent_upper(server) == [f"EHLO {HELO}".upper()]
-
-
 _FRAGMENTS = [b"", b"MIME-Version: 1.0", b"Content-Type: multipart/mixed; boundary=b",
               b"Content-Type: message/rfc822", b"Content-Type: text/plain",
               b"Content-Type: multipart/digest; boundary=\"c\"", b"Content-Type: image/gif",
@@ -406,36 +267,3 @@ def test_any_input_converts_to_7bit_or_is_refused(lines: list[bytes]) -> None:
 def test_quoted_printable_part_whose_escaped_line_would_pass_998_is_refused() -> None:
     with pytest.raises(CannotConvert, match="too long"):
         to_7bit(multipart(part(b"\xc3\xa9" * 200, cte=b"quoted-printable")))
-
-
-# --- the whole engine ---------------------------------------------------------------------
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(120)
-def test_whole_engine_converts_for_a_server_without_8bitmime_or_bounces_5_6_3(
-        scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
-    """Intake flags the job 8-bit, the worker converts it for a server without 8BITMIME:
-    the server gets the 7-bit message (SIZE and BDAT of the converted bytes); a job that
-    cannot be converted bounces 5.6.3 without a MAIL command."""
-    sender, to = "sender@example.test", "rcpt@example.test"
-    server = scripted([S("220 mx.test ESMTP"), C("EHLO *"),
-                       S("250-mx.test", "250-PIPELINING", "250-CHUNKING", "250 SIZE 10485760"),
-                       C(f"MAIL FROM:<{sender}> SIZE={len(CONVERTED)}"), rcpt(to),
-                       BDAT(last=True), S("250 ok", "250 ok", "250 queued"), WAIT_CLOSE()],
-                      extra="repeat_last", timeout=30)
-    engine = local_engine(server.port)
-    refused = b"Subject: Gr\xc3\xbc\xc3\x9fe\r\n\r\nhello\r\n"
-    assert engine.push([({"id": "refused", "from": sender, "to": [to]}, refused)])
-    engine.wait_final(1)
-    assert engine.push([({"id": "converted", "from": sender, "to": [to]}, MESSAGE_8BIT)])
-    finals = final_outcomes(engine.wait_final(2))
-    bounce = finals[("refused", to)]
-    assert (bounce["event"], bounce["code"], bounce["enhanced"]) == ("bounced", 554, "5.6.3")
-    assert "8BITMIME" in bounce["reply"]
-    assert finals[("converted", to)]["event"] == "delivered"
-    assert server.messages == [CONVERTED]
-    assert server.errors == []
-    mails = [line for i in range(server.connections) for line in server.client_lines(i)
-             if line.upper().startswith("MAIL")]
-    assert len(mails) == 1  # the converted message's; none for the refused one

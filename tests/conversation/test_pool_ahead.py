@@ -3,7 +3,8 @@ the QUIT at the cap (finding 2), on the network: real connections, real servers.
 
 In this (unpatched) process a connection's socket blocks the whole process, so the tests here
 check order and counts. The test that needs connects running alongside transactions runs the
-whole engine (its worker is gevent-patched) behind the benchmarks' latency proxy.
+whole engine (its worker is gevent-patched) behind the benchmarks' latency proxy:
+tests/engine/test_pool_ahead.py.
 """
 from __future__ import annotations
 
@@ -17,20 +18,15 @@ import gevent
 import pytest
 
 from engine.config import PoolConfig, Route
-from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
 from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.pool import PoolKey
 from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
-from engine.smtp import ReplyLimits
-from engine.testing.harness import final_outcomes, make_message
-from engine.testing.sink import SinkServer
-from engine.tls import TlsPolicy
+from tests.support.playbook import CLIENT_IP, MESSAGE, RCPTS, SENDER, delivered_once, greet
 from tests.support.smtpserver import CLOSE, SLEEP, WAIT_CLOSE, C, S, ScriptedServer
-from tests.test_connector import LOOPBACK_ALLOWED
-from tests.test_smtp import CLIENT_IP, FAST, HELO, MESSAGE, RCPTS, SENDER, delivered_once, greet
+from tests.support.stack import LOOPBACK_ALLOWED, build
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -112,13 +108,11 @@ def proxies() -> Iterator[list[CountingProxy]]:
 
 def stack(port: int, max_connections: int, max_messages: int) -> tuple[Deliverer, Pools]:
     resolver = Resolver(routes={DOMAIN: Route("127.0.0.1", port)})
-    metrics = Metrics.create("127.0.0.1", 9, "test", CLIENT_IP, enabled=False)
-    tls = TlsPolicy("none")
-    connector = Connector(Identity(CLIENT_IP, HELO), resolver, tls, FAST, ReplyLimits(), metrics,
-                          LOOPBACK_ALLOWED)
-    pools = Pools(PoolConfig(max_connections=max_connections, max_messages=max_messages,
-                             idle_timeout=60.0, connect_backoff=30.0))
-    return Deliverer(CLIENT_IP, "none", resolver, connector, pools, metrics), pools
+    built = build(resolver, policy=LOOPBACK_ALLOWED,
+                  metrics=Metrics.create("127.0.0.1", 9, "test", CLIENT_IP, enabled=False),
+                  pool=PoolConfig(max_connections=max_connections, max_messages=max_messages,
+                                  idle_timeout=60.0, connect_backoff=30.0))
+    return built.deliverer, built.pools
 
 
 def deliver(deliverer: Deliverer, number: int) -> list[Attempt]:
@@ -219,43 +213,3 @@ def test_drain_right_after_a_connect_ahead_leaves_no_connection(scripted: Any) -
     assert pool.open == 0 and pool.opening_ahead == 0 and pools.open_connections == 0
     server.wait_finished(1)
     assert server.connections == 1 and not server.errors
-
-
-@pytest.mark.integration
-@pytest.mark.timeout(120)
-def test_whole_engine_at_50ms_rtt_no_message_waits_for_a_connect_after_the_first(
-        sink: SinkServer, local_engine: Any) -> None:
-    """The headline's case in small: 50 ms away, STARTTLS (~6 RTT to open a connection),
-    2 connections allowed, `max_messages` 2, a message every 0.6 s. Each connection's
-    replacement is opened while it carries its last message, so every message after the
-    first takes ~1 RTT, none the ~7 of a connect; the destination never sees more than 2
-    connections, and none has to wait for a free one (the proxy counts until the close
-    reaches the server)."""
-    from bench.latency_proxy import ProxyProcess
-
-    with ProxyProcess((sink.host, sink.port), 0.05, max_connections=2,
-                      over_limit="queue") as proxy:
-        engine = local_engine(proxy.port, extra={"pool": {"max_connections": 2,
-                                                          "max_messages": 2}})
-        count = 12
-        for i in range(count):
-            env = {"id": f"job-{i}", "from": "sender@example.test", "to": [f"u{i}@{DOMAIN}"]}
-            assert engine.push([(env, make_message(i, 2000, rcpt=env["to"][0]))])
-            if i == 0:  # the first connection is open before the stream begins
-                engine.wait_final(1, timeout=10)
-            time.sleep(0.6)  # > a connect (~6 RTT, 0.3-0.4 s) with room to spare
-        finals = final_outcomes(engine.wait_final(count, timeout=30))
-        assert engine.stop(timeout=30) == 0
-        stats = proxy.stop()
-    assert {e["event"] for e in finals.values()} == {"delivered"}
-    delays = [finals[(f"job-{i}", f"u{i}@{DOMAIN}")]["delay_ms"] for i in range(count)]
-    assert delays[0] >= 300  # the first message waits for the first connection
-    # ~55 ms each; a message that waited for a connect costs ~350 ms, and without opening
-    # ahead every other one does (5 of these 11). One slow message is let pass: a loaded
-    # machine can delay a message by itself, never half of them.
-    assert sum(d >= 250 for d in delays[1:]) <= 1, delays
-    assert len({m.conn_id for m in sink.messages}) == count // 2  # 2 messages each
-    assert stats["max_concurrent"] <= 2 and stats["queued"] == 0, stats
-    assert sink.max_concurrent <= 2
-    sink.wait_idle(timeout=5)
-    assert sink.active == 0  # the engine stopped: no connection left open

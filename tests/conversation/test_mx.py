@@ -1,17 +1,11 @@
 """engine.mx against a real DNS server on loopback (tests.support.dnsserver)."""
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import dns.message
-import dns.query
 import pytest
 
 from engine.mx import Destination, MxHost, Resolver, Route
@@ -345,22 +339,3 @@ def test_addresses_servfail_is_transient_for_the_connection(resolver: Resolver) 
         resolver.addresses("broken.test")
     assert (info.value.reply.code, info.value.reply.enhanced) == (451, "4.4.3")
     assert info.value.blame is Blame.CONNECTION
-
-
-# --- the test server as a process -----------------------------------------------
-
-def test_dnsserver_runs_as_a_process(tmp_path: Path) -> None:
-    zone = tmp_path / "zone.json"
-    zone.write_text(json.dumps({"example.test": {"MX": [[10, "mx1.example.test"]]}}))
-    with subprocess.Popen([sys.executable, "-m", "tests.support.dnsserver", str(zone)],
-                          stdout=subprocess.PIPE, text=True,
-                          cwd=Path(__file__).parent.parent) as proc:
-        try:
-            assert proc.stdout is not None
-            port = int(proc.stdout.readline())
-            query = dns.message.make_query("example.test", "MX")
-            response = dns.query.udp(query, "127.0.0.1", port=port, timeout=2)
-            assert [rd.to_text() for rd in response.answer[0]] == ["10 mx1.example.test."]
-        finally:
-            proc.terminate()
-            assert proc.wait(timeout=5) == 0

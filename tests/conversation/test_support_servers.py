@@ -1,7 +1,9 @@
-"""The SMTP test servers themselves, driven by the stdlib smtplib over real loopback sockets.
+"""The test servers themselves (tests/support/: the playbook server, the DNS server;
+engine/testing/: the sink, the certificates), driven by the stdlib smtplib, dnspython and
+ssl over real loopback sockets, in process and as processes of their own.
 
-Fixtures (sink, plain_sink, scripted, unverified_client_context) come from tests.support.fixtures
-through conftest.
+Fixtures (sink, plain_sink, scripted, unverified_client_context) come from
+tests/support/fixtures.py through conftest.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import dns.message
+import dns.query
 import pytest
 
-from engine.testing.tlscert import make_ca_and_cert, make_cert
+from engine.testing.tlscert import make_ca_and_cert
+from tests.support import ROOT
 from tests.support.smtpserver import (
     BDAT,
     CLOSE,
@@ -35,12 +40,11 @@ from tests.support.smtpserver import (
     ScriptedServer,
     SinkServer,
     server_tls_context,
-    steps_from_json,
 )
 
 pytestmark = pytest.mark.timeout(30)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 Scripted = Callable[..., ScriptedServer]
 
 GREETING = S("220 mx.test ESMTP")
@@ -65,11 +69,6 @@ def read_all(sock: socket.socket) -> bytes:
 # --- tlscert -----------------------------------------------------------------------------------
 
 
-def test_self_signed_cert_is_cached_per_directory(tmp_path: Path) -> None:
-    first = make_cert(tmp_path)
-    mtime = Path(first[0]).stat().st_mtime_ns
-    assert make_cert(tmp_path) == first
-    assert Path(first[0]).stat().st_mtime_ns == mtime
 
 
 def test_ca_signed_cert_verifies_strictly_for_localhost_and_ip(tmp_path: Path) -> None:
@@ -185,11 +184,6 @@ def test_scripted_mismatch_is_answered_500_recorded_and_closed(scripted: Scripte
     assert "'MAIL FROM:<someone@else.test>'" in error
 
 
-def test_scripted_patterns_are_literal_apart_from_star_and_question_mark() -> None:
-    assert C("EHLO [127.0.0.1]").matches("ehlo [127.0.0.1]")
-    assert not C("EHLO [127.0.0.1]").matches("EHLO 1")
-    assert C("RCPT TO:<?@y.test>*").matches("rcpt to:<b@Y.TEST> NOTIFY=NEVER")
-    assert not C("RCPT TO:<b@y.test>", case=True).matches("rcpt TO:<b@y.test>")
 
 
 def test_scripted_inject_sends_raw_bytes_then_close(scripted: Scripted) -> None:
@@ -286,16 +280,8 @@ def test_scripted_stop_cuts_a_waiting_conversation_short() -> None:
     assert server.errors == []
 
 
-def test_scripted_rejects_steps_after_close() -> None:
-    with pytest.raises(ValueError, match="must be the last step"):
-        ScriptedServer([GREETING, CLOSE(), S("250 too late")])
 
 
-def test_steps_from_json() -> None:
-    steps = steps_from_json([["S", "220 a", "220 b"], ["C", "EHLO *"], ["TLS"], ["BDAT", True]])
-    assert repr(steps) == "[S('220 a', '220 b'), C('EHLO *'), TLS(), BDAT(last=True)]"
-    with pytest.raises(ValueError, match="unknown playbook step 'SAY'"):
-        steps_from_json([["SAY", "hi"]])
 
 
 # --- SinkServer --------------------------------------------------------------------------------
@@ -456,7 +442,8 @@ def test_sink_stop_closes_open_sessions() -> None:
 
 @pytest.fixture
 def run_server(tmp_path: Path) -> Iterator[Callable[..., tuple[int, Callable[[], dict]]]]:
-    """Start ``python -m tests.support.smtpserver ARGS --report FILE``; return its port and a stopper."""
+    """Start ``python -m tests.support.smtpserver ARGS --report FILE``; return its port and a
+    stopper."""
     processes: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> tuple[int, Callable[[], dict]]:
@@ -516,3 +503,20 @@ def test_scripted_as_a_process_plays_a_json_script(
     report = stop()
     assert report["errors"] == []
     assert report["transcripts"][0][:2] == [["S", "220 mx.test"], ["C", "ehlo client.test"]]
+
+
+def test_dnsserver_runs_as_a_process(tmp_path: Path) -> None:
+    zone = tmp_path / "zone.json"
+    zone.write_text(json.dumps({"example.test": {"MX": [[10, "mx1.example.test"]]}}))
+    with subprocess.Popen([sys.executable, "-m", "tests.support.dnsserver", str(zone)],
+                          stdout=subprocess.PIPE, text=True,
+                          cwd=REPO) as proc:
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
+            query = dns.message.make_query("example.test", "MX")
+            response = dns.query.udp(query, "127.0.0.1", port=port, timeout=2)
+            assert [rd.to_text() for rd in response.answer[0]] == ["10 mx1.example.test."]
+        finally:
+            proc.terminate()
+            assert proc.wait(timeout=5) == 0

@@ -346,7 +346,8 @@ def test_stored_job_never_raises_anything_else() -> None:
 
 def _json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """Lists and objects of `inner` values. A function, not a lambda: see json_containers in
-    tests/test_fuzz.py (Hypothesis parses a lambda's source, which CPython 3.11.7 failed)."""
+    tests/unit/test_fuzz_jobs.py (Hypothesis parses a lambda's source, which CPython 3.11.7
+    failed)."""
     return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
 
 

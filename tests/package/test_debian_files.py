@@ -19,8 +19,8 @@ import pytest
 import engine
 from engine import cli
 from engine import config as config_mod
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DEBIAN = ROOT / "debian"
 UNIT = DEBIAN / "mailengine.service"
 

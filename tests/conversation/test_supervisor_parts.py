@@ -1,14 +1,13 @@
-"""The supervisor's parts at their own surfaces, in process: what a result means for its
-recipient (`results.plan`, a pure function), the group commit of results, intake into the
-spool, and dispatch to the workers with room. Real ZeroMQ sockets and a real spool; the
-workers are plain processes that stand in for them (nothing reads their tasks but the test).
+"""The supervisor's parts at their own surfaces, in process: the group commit of results,
+intake into the spool, and dispatch to the workers with room (what a result means for its
+recipient, `results.plan`, is tests/unit/test_results.py). Real ZeroMQ sockets and a real
+spool; the workers are plain processes that stand in for them (nothing reads their tasks but
+the test); real worker processes: tests/engine/test_workers.py.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,81 +16,17 @@ from typing import Any
 import pytest
 import zmq
 
-from engine import config as config_mod
-from engine import events, protocol, results, sockets
-from engine.config import Config
+from engine import events, protocol, sockets
 from engine.dispatch import Dispatcher, InFlight
 from engine.intake import Intake
 from engine.job import Job
 from engine.metrics import Metrics
-from engine.protocol import Attempt, Status
-from engine.reply import Reply
+from engine.protocol import Status
 from engine.results import Results
-from engine.spool import RcptUpdate, Spool
+from engine.spool import Spool
 from engine.supervisor import Supervisor
 from engine.workers import WorkerHandle, Workers
-
-IP2, IP3 = "127.0.0.2", "127.0.0.3"
-RCPT = "r@example.test"
-NOW = 1_800_000_000.0
-SCHEDULE = (60.0, 300.0)
-
-
-def attempt(status: Status, **fields: Any) -> Attempt:
-    code = {Status.DELIVERED: 250, Status.BOUNCED: 550}.get(status, 451)
-    return Attempt(**{"job_id": "j", "rcpt": RCPT, "status": status,
-                      "reply": Reply(code, None, "text"), "ip": IP2, "ts": NOW, **fields})
-
-
-def flight(attempts: int = 0, expires_in: float = 3600.0) -> InFlight:
-    return InFlight(IP2, {"k": "v"}, NOW - 10, NOW + expires_in, {RCPT: attempts})
-
-
-# -- plan: what one result means --------------------------------------------------------
-
-
-@pytest.mark.parametrize("status", [Status.DELIVERED, Status.BOUNCED])
-def test_a_final_result_is_recorded_and_published_as_it_is(status: Status) -> None:
-    update, event = results.plan(attempt(status), flight(attempts=2), NOW, SCHEDULE)
-    assert update == RcptUpdate("j", RCPT, status, reply=attempt(status).reply)
-    assert event is not None and event[0] == status.value
-    assert json.loads(event[1])["attempt"] == 3 and json.loads(event[1])["meta"] == {"k": "v"}
-
-
-def test_a_deferral_comes_back_by_the_retry_schedule() -> None:
-    update, event = results.plan(attempt(Status.DEFERRED), flight(attempts=1), NOW, SCHEDULE)
-    assert update is not None and update.status is Status.DEFERRED
-    assert update.next_attempt == NOW + 300.0 and update.count_attempt
-    assert event is not None and json.loads(event[1])["next_attempt"] == NOW + 300.0
-
-
-def test_a_deferral_whose_next_attempt_falls_after_the_expiry_expires() -> None:
-    update, event = results.plan(attempt(Status.DEFERRED), flight(expires_in=30), NOW,
-                                 SCHEDULE)
-    assert update is not None and update.status is Status.EXPIRED
-    assert event is not None and event[0] == "expired"
-
-
-def test_a_throttle_comes_back_when_shaping_says_and_costs_no_attempt() -> None:
-    update, event = results.plan(attempt(Status.DEFERRED, throttled=True, retry_at=NOW + 5),
-                                 flight(), NOW, SCHEDULE)
-    assert update is not None and update.next_attempt == NOW + 5
-    assert not update.count_attempt
-    assert event is not None and json.loads(event[1])["throttled"] is True
-
-
-def test_a_shaping_wait_is_spooled_but_not_published() -> None:
-    update, event = results.plan(attempt(Status.DEFERRED, attempted=False, retry_at=NOW + 2),
-                                 flight(), NOW, SCHEDULE)
-    assert update is not None and update.next_attempt == NOW + 2 and not update.count_attempt
-    assert event is None
-
-
-def test_a_late_result_keeps_a_final_outcome_and_forgets_a_deferral() -> None:
-    update, event = results.plan(attempt(Status.DELIVERED), None, NOW, SCHEDULE)
-    assert update is not None and update.status is Status.DELIVERED and event is None
-    assert results.plan(attempt(Status.DEFERRED), None, NOW, SCHEDULE) == (None, None)
-
+from tests.support.supervisor import IP2, IP3, NOW, RCPT, SCHEDULE, attempt, ipc_config
 
 # -- the parts wired together, in process ------------------------------------------------
 
@@ -100,7 +35,7 @@ class Parts:
     """A spool, the workers' table, intake, dispatch and results, on real sockets."""
 
     def __init__(self, tmp: Path, sockdir: str) -> None:
-        self.cfg = _config(tmp, sockdir)
+        self.cfg = ipc_config(tmp, sockdir)
         self.ctx = zmq.Context()
         self.spool = Spool(self.cfg.spool)
         self.published: list[events.Event] = []
@@ -165,23 +100,6 @@ def stand_in_worker(ctx: zmq.Context, workers: Workers, ip: str, alive: bool,
     pull.connect(endpoint)
     socks.append(pull)
     return handle, pull
-
-
-def _config(tmp: Path, sockdir: str) -> Config:
-    return config_mod.from_dict({
-        "ingest": f"ipc://{sockdir}/ingest", "events": f"ipc://{sockdir}/events",
-        "control": f"ipc://{sockdir}/control", "run_dir": sockdir,
-        "events_log": str(tmp / "events.jsonl"), "spool": str(tmp / "spool"),
-        "ips": [{"address": IP2}, {"address": IP3}], "ip_pools": {"default": [IP2, IP3]},
-        "statsd": {"enabled": False},
-    })
-
-
-@pytest.fixture
-def sockdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="me-")  # short: ipc paths have a length limit
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -316,7 +234,7 @@ def test_a_result_in_the_socket_is_recorded_before_its_dead_workers_jobs_go_out_
         tmp_path: Path, sockdir: str) -> None:
     """Regression: a worker reported a delivery and died before the supervisor read it;
     handing its jobs to another worker first sent the message twice."""
-    sup = Supervisor(_config(tmp_path, sockdir), None)
+    sup = Supervisor(ipc_config(tmp_path, sockdir), None)
     own: list[zmq.Socket] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -350,34 +268,3 @@ def test_a_result_in_the_socket_is_recorded_before_its_dead_workers_jobs_go_out_
         sup.zctx.destroy(linger=0)
 
 
-@pytest.mark.timeout(60)
-def test_a_worker_that_keeps_dying_is_restarted_with_growing_backoff(
-        tmp_path: Path, sockdir: str) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("ips: [\n")  # real workers start, refuse this config and exit
-    ctx = zmq.Context()
-    workers = Workers(ctx, _config(tmp_path, sockdir), str(bad))
-    try:
-        workers.add(IP2)
-        handle = workers.get(IP2)
-        assert handle is not None
-        handle.jobs.add("j1")
-        for number, backoff in enumerate((0.5, 1.0, 2.0)):
-            assert handle.proc is not None
-            assert handle.proc.wait(30) == 2  # a config error
-            now = time.monotonic()
-            lost = workers.check(now)
-            assert lost == (["j1"] if number == 0 else [])  # due again, once
-            assert handle.proc is None and handle.restart_at - now == backoff
-            assert handle.tasks is None  # what was queued for it died with its socket
-            workers.check(handle.restart_at)  # its time has come: started again
-            assert handle.proc is not None and handle.generation == number + 2
-        assert handle.failures == 3
-    finally:
-        for handle in workers:
-            if handle.proc is not None:
-                handle.proc.kill()
-                handle.proc.wait(10)
-            if handle.tasks is not None:
-                handle.tasks.close(linger=0)
-        ctx.term()

@@ -1,6 +1,6 @@
 """engine.tls: what each mode plans for a new connection, and what the policy remembers.
 
-The handshakes themselves run against real servers in tests/test_connector.py.
+The handshakes themselves run against real servers in tests/conversation/test_connector.py.
 """
 from __future__ import annotations
 

@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from engine.smtp.handover import Owed
 from engine.testing.harness import LocalEngine, final_outcomes
+from tests.support.playbook import ehlo_reply
 from tests.support.smtpserver import CLOSE, DATA, SLEEP, WAIT_CLOSE, C, S, ScriptedServer, Step
-from tests.test_smtp import ehlo_reply
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -102,8 +101,8 @@ def test_the_next_envelope_goes_out_before_the_reply_to_the_dot(
     stop(engine, server)
     assert len(server.messages) == 2
 
-@pytest.mark.integration
 
+@pytest.mark.integration
 def test_a_421_to_the_dot_defers_that_message_and_the_next_goes_on_a_fresh_connection(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
     server = scripted([handed_on(S("421 4.3.2 shutting down"), CLOSE()),
@@ -118,8 +117,8 @@ def test_a_421_to_the_dot_defers_that_message_and_the_next_goes_on_a_fresh_conne
     assert outcome["job-2"]["conn_reused"] is False
     stop(engine, server, 2)
 
-@pytest.mark.integration
 
+@pytest.mark.integration
 def test_a_connection_lost_before_the_reply_to_the_dot_makes_that_message_ambiguous(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
     server = scripted([handed_on(CLOSE()), delivered_alone(SECOND)])
@@ -130,8 +129,8 @@ def test_a_connection_lost_before_the_reply_to_the_dot_makes_that_message_ambigu
     assert outcome["job-2"]["event"] == "delivered"
     stop(engine, server, 2)
 
-@pytest.mark.integration
 
+@pytest.mark.integration
 def test_a_connections_last_message_reads_its_own_reply_then_quits(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
     """`max_messages` 2: the first message hands the connection on, the second (its last)
@@ -147,8 +146,8 @@ def test_a_connections_last_message_reads_its_own_reply_then_quits(
     assert len(final_outcomes(events)) == 3
     stop(engine, server, 2)
 
-@pytest.mark.integration
 
+@pytest.mark.integration
 def test_a_message_refused_before_sending_reads_the_reply_it_was_handed(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
     """The second message needs SMTPUTF8, which the server lacks: refused before MAIL.
@@ -162,12 +161,3 @@ def test_a_message_refused_before_sending_reads_the_reply_it_was_handed(
     assert outcome["job-2"]["event"] == "bounced"
     assert outcome["job-2"]["enhanced"] == "5.6.7"
     stop(engine, server)
-
-
-def test_a_final_reply_nobody_reads_ends_as_an_ambiguous_deferral_not_a_hang() -> None:
-    """The safety net of the waiting side: had the next holder never read the reply (a bug),
-    the message would be deferred as possibly delivered, not stuck in flight."""
-    debt = Owed(["a@example.test"], lambda: [])
-    (result,) = debt.wait(0.05)
-    assert result.rcpt == "a@example.test" and result.ambiguous
-    assert result.reply.code == 451

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,27 +14,9 @@ import zmq
 
 from engine.testing.harness import LocalEngine, final_outcomes
 from engine.testing.sink import SinkServer
+from tests.support.cli import mailengine, mailengine_bg
 
 pytestmark = pytest.mark.integration
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def mailengine(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def mailengine_bg(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
-
 
 def eml(rcpt: str, subject: str) -> str:
     return (f"From: Sender <sender@example.test>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n"

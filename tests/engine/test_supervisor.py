@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,6 +15,7 @@ import zmq
 
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
+from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -54,16 +54,6 @@ def raw_producer(engine: LocalEngine) -> Iterator[zmq.Socket]:
 
 def send(sock: zmq.Socket, env: dict[str, Any], message: bytes) -> None:
     sock.send_multipart([json.dumps(env).encode(), message])
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str,
-               engine: LocalEngine) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}; log tail:\n{engine.log_tail()}")
-        time.sleep(0.05)
-    return value
 
 
 @pytest.mark.timeout(60)
@@ -120,8 +110,8 @@ def test_pool_jobs_go_out_via_the_other_ip_while_a_worker_is_down(
         victim = engine.status()["workers"][IP2]["pid"]
         os.kill(victim, signal.SIGKILL)
         # The supervisor restarts it after a backoff (0.5 s the first time): push in between.
-        wait_until(lambda: not engine.status()["workers"][IP2]["alive"], 5, "the worker's death",
-                   engine)
+        until(lambda: not engine.status()["workers"][IP2]["alive"], 5, "the worker's death",
+              engine.log_tail)
         for i in range(10):
             send(producer, *job(f"down-{i}", pool="both"))
         send(producer, *job("wants-ip2", ip=IP2))  # waits for its own worker to come back
@@ -167,10 +157,10 @@ def test_sighup_reload_adds_a_sending_ip_and_a_bad_config_is_refused(
 
     engine.config["ips"].append({"address": IP3, "helo": "mta-127-0-0-3.test"})
     engine.reload()  # rewrites the config file, then SIGHUP
-    workers = wait_until(
+    workers = until(
         lambda: (w := engine.status()["workers"]).get(IP3, {}).get("alive")
         and w[IP2]["alive"] and w[IP2]["pid"] != old[IP2]["pid"] and w,
-        15, "a worker for the new IP (and a fresh one for the old)", engine)
+        15, "a worker for the new IP (and a fresh one for the old)", engine.log_tail)
     assert workers[IP3]["pid"] not in (old[IP2]["pid"], workers[IP2]["pid"])
     assert engine.push([job("via-new", ip=IP3), job("via-old", ip=IP2)])
     engine.wait_final(2, timeout=20)
@@ -178,8 +168,8 @@ def test_sighup_reload_adds_a_sending_ip_and_a_bad_config_is_refused(
 
     engine.config["ips"] = [{"address": IP2}, {"address": "not-an-ip"}]
     engine.reload()
-    wait_until(lambda: "event=reload_refused" in engine.log_tail(50), 10, "reload_refused",
-               engine)
+    until(lambda: "event=reload_refused" in engine.log_tail(50), 10, "reload_refused",
+          engine.log_tail)
     assert "ips[1].address" in engine.log_tail(50)  # the error names the key
     # Still running, with the config it had.
     assert engine.proc is not None and engine.proc.poll() is None

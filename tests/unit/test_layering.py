@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT
+
 ENGINE = ROOT / "engine"
 
 SUPERVISOR_SIDE = ("engine.supervisor", "engine.intake", "engine.results", "engine.dispatch",

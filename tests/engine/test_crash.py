@@ -37,6 +37,7 @@ import pytest
 from engine.spool import Spool
 from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
+from tests.support.wait import until
 
 pytestmark = pytest.mark.integration
 
@@ -86,17 +87,6 @@ def received(sink: SinkServer) -> collections.Counter[str]:
     return ids
 
 
-def wait_until(check: Callable[[], Any], timeout: float, what: str, engine: LocalEngine) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}; log tail:\n{engine.log_tail()}")
-        time.sleep(0.05)
-
-
 def wait_all_delivered(engine: LocalEngine, sink: SinkServer, ids: set[str],
                        timeout: float) -> collections.Counter[str]:
     """Until every id reached the sink and the spool is empty; the sink's counts."""
@@ -105,7 +95,7 @@ def wait_all_delivered(engine: LocalEngine, sink: SinkServer, ids: set[str],
             return False
         figures = engine.status()
         return figures["spool"]["jobs"] == 0 and figures["in_flight"] == 0
-    wait_until(done, timeout, f"{len(ids)} jobs delivered", engine)
+    until(done, timeout, f"{len(ids)} jobs delivered", engine.log_tail)
     return received(sink)
 
 
@@ -139,12 +129,13 @@ def test_kill_9_of_a_worker_under_load_loses_nothing_and_repeats_at_most_its_tra
     producer = Producer(engine, jobs)
     producer.start()
 
-    wait_until(lambda: len(sink.messages) >= strike_at, 90, "deliveries to flow", engine)
+    until(lambda: len(sink.messages) >= strike_at, 90, "deliveries to flow", engine.log_tail)
     before = engine.status()["workers"][IP]
     os.kill(before["pid"], signal.SIGKILL)
     at_kill = len(sink.messages)
-    after = wait_until(lambda: (w := engine.status()["workers"][IP])["alive"]
-                       and w["pid"] != before["pid"] and w, 10, "the worker's restart", engine)
+    after = until(lambda: (w := engine.status()["workers"][IP])["alive"]
+                  and w["pid"] != before["pid"] and w, 10, "the worker's restart",
+                  engine.log_tail)
 
     producer.join(90)
     assert producer.accepted is True  # every job was `queued`
@@ -175,14 +166,14 @@ def test_kill_9_of_the_supervisor_under_load_kills_its_workers_and_a_restart_los
     producer = Producer(engine, jobs)
     producer.start()
 
-    wait_until(lambda: len(sink.messages) >= strike_at, 90, "deliveries to flow", engine)
+    until(lambda: len(sink.messages) >= strike_at, 90, "deliveries to flow", engine.log_tail)
     figures = engine.status()
     worker_pids = [w["pid"] for w in figures["workers"].values()]
     engine.kill()  # SIGKILL the supervisor
     killed = time.monotonic()
     # PR_SET_PDEATHSIG: no orphan worker keeps sending mail nobody records.
-    wait_until(lambda: not any(running(pid) for pid in worker_pids), 5,
-               f"workers {worker_pids} to die with the supervisor", engine)
+    until(lambda: not any(running(pid) for pid in worker_pids), 5,
+               f"workers {worker_pids} to die with the supervisor", engine.log_tail)
     orphans_gone = time.monotonic() - killed
     sink.wait_idle(5)  # the dead workers' connections are closed: the sink has it all
     before_restart = received(sink)
@@ -226,7 +217,7 @@ def test_graceful_restart_under_load_loses_nothing_and_repeats_nothing(
     producer = Producer(engine, jobs)
     producer.start()
 
-    wait_until(lambda: len(sink.messages) >= strike_at, 90, "deliveries to flow", engine)
+    until(lambda: len(sink.messages) >= strike_at, 90, "deliveries to flow", engine.log_tail)
     assert engine.proc is not None
     term = time.monotonic()
     code = engine.stop(timeout=drain_timeout + 10)

@@ -19,8 +19,8 @@ from engine.config import (
     parse_size,
     to_dict,
 )
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "conf" / "mailengine.yaml"
 EXAMPLES = sorted((ROOT / "conf" / "examples").glob("*.yaml"))
 

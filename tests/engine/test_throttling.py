@@ -1,7 +1,8 @@
-"""Traffic shaping against a server that throttles: the sink's token bucket, the SMTP client's
-reading of a throttle, the adaptive rate, and the whole engine against throttling sinks.
+"""Traffic shaping of the whole engine against servers that throttle (the sink's token
+bucket, the client's reading of a throttle and the adaptive rate in simulated time are
+tests/conversation/test_throttling.py and tests/unit/test_throttling.py).
 
-The integration tests (real `mailengine run`, real sinks on loopback) check what an operator
+These tests (real `mailengine run`, real sinks on loopback) check what an operator
 relies on: the engine settles just under a provider's limit instead of hammering it or
 collapsing, throttles cost no attempt and are never bounced, limits are per sending IP x
 provider, suspensions, configured rates and caps hold, and `mailengine status` shows it all.
@@ -24,34 +25,21 @@ import collections
 import datetime
 import itertools
 import json
-import os
 import re
-import smtplib
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
-from engine.config import ThrottleConfig, Timeouts
-from engine.reply import Reply
-from engine.shaping import RECOVERY, ProviderShaper
-from engine.smtp import Connection, send_mail
-from engine.smtp import ReplyLimits as WireLimits
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
-from engine.testing.sink import SinkServer, TokenBucket
-from tests.test_shaping import FakeTime, limits, shaper
+from engine.testing.sink import SinkServer
+from tests.support.cli import mailengine
+from tests.support.shaping import BURST, LIMIT, SLOW_DOWN_421, SLOW_DOWN_451, halves
 
-LIMIT = 20.0  # msg/s per client IP at the throttling sink
-BURST = 5.0
-SLOW_DOWN_421 = "421 4.7.0 Rate limited, slow down"
-SLOW_DOWN_451 = "451 4.7.1 Rate limited, slow down"
 MESSAGE_SIZE = 2000
 CONVERGE = {"shaping": {"max_wait": "3s"}}  # see the module's docstring
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -86,18 +74,6 @@ def last_third_rate(times: Sequence[float]) -> tuple[float, float]:
     start, end = min(times), max(times)
     window = (end - start) / 3
     return rate(times, end - window, end), window
-
-
-def halves(times: Sequence[float], start: float, end: float) -> tuple[int, int]:
-    middle = (start + end) / 2
-    return (sum(1 for t in times if t < middle), sum(1 for t in times if t >= middle))
-
-
-def mailengine(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def report(name: str, **figures: Any) -> None:
@@ -138,187 +114,6 @@ def engine_for(local_engine: Callable[..., LocalEngine], port: int, extra: dict[
 
 def provider_state(engine: LocalEngine, ip: str, provider: str) -> dict[str, Any]:
     return dict(engine.status()["workers"][ip].get("shaping", {}).get(provider, {}))
-
-
-# -- the sink's rate limit -------------------------------------------------------------------
-
-
-@pytest.mark.timeout(20)
-def test_sink_token_bucket_421_closes_the_connection_451_keeps_it() -> None:
-    for reply, closes in ((SLOW_DOWN_421, True), (SLOW_DOWN_451, False)):
-        with SinkServer(tls=False, rate_limit=2, rate_burst=2, throttle_reply=reply) as sink:
-            client = smtplib.SMTP(sink.host, sink.port, source_address=("127.0.0.2", 0))
-            client.ehlo("client.test")
-            codes: list[int | str] = []
-            for _ in range(4):
-                try:
-                    codes.append(client.mail("a@example.test")[0])
-                    client.rset()
-                except smtplib.SMTPServerDisconnected:
-                    codes.append("closed")
-                    break
-            client.close()
-            if closes:
-                assert codes == [250, 250, 421, "closed"]
-                assert sink.throttled == {"127.0.0.2": 1}
-            else:
-                assert codes == [250, 250, 451, 451]
-                assert sink.throttled == {"127.0.0.2": 2}
-            assert len(sink.accept_times("127.0.0.2")) == 2
-            assert sink.summary()["throttled"] == sink.throttled
-
-
-@pytest.mark.timeout(20)
-@pytest.mark.parametrize("per_ip", [True, False])
-def test_sink_limits_each_client_ip_or_everyone_together(per_ip: bool) -> None:
-    with SinkServer(tls=False, rate_limit=1, rate_burst=3, per_ip=per_ip,
-                    throttle_reply=SLOW_DOWN_451) as sink:
-        for ip in ("127.0.0.2", "127.0.0.3"):
-            client = smtplib.SMTP(sink.host, sink.port, source_address=(ip, 0))
-            client.ehlo("client.test")
-            for _ in range(4):
-                client.mail("a@example.test")
-                client.rset()
-            client.quit()
-        if per_ip:
-            assert sink.throttled == {"127.0.0.2": 1, "127.0.0.3": 1}
-        else:
-            assert sink.throttled == {"127.0.0.2": 1, "127.0.0.3": 4}
-        accepted = sink.accept_times()
-        assert len(accepted) == (6 if per_ip else 3)
-        assert sink.rate(min(accepted), max(accepted) + 1, "127.0.0.2") > 0
-
-
-def test_token_bucket_refills_at_its_rate_up_to_its_burst() -> None:
-    t = FakeTime()
-    bucket = TokenBucket(10, 3, t.clock)
-    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
-    t.now += 0.25  # 2.5 tokens
-    assert [bucket.take() for _ in range(3)] == [True, True, False]
-    t.now += 100  # never more than the burst
-    assert sum(bucket.take() for _ in range(10)) == 3
-
-
-# -- the SMTP client reading a throttle ---------------------------------------------------
-
-
-def _client(sink: SinkServer) -> Connection:
-    conn = Connection("client.test", "127.0.0.2", Timeouts(connect=5, banner=5, ehlo=5,
-                                                            mail=5, rcpt=5, data=5,
-                                                            data_block=5, final_dot=5,
-                                                            rset=5, quit=5), WireLimits())
-    assert conn.open(sink.host, sink.port).code == 220
-    assert conn.hello().code == 250
-    return conn
-
-
-@pytest.mark.timeout(20)
-@pytest.mark.parametrize("reused", [False, True])
-def test_pipelined_mail_answered_421_then_hangup_is_a_throttle_not_an_ambiguous_loss(
-        reused: bool) -> None:
-    """Regression: MAIL, RCPT and BDAT leave in one write; the server answers MAIL with
-    "421 4.7.0 rate limited" and hangs up, as servers do. The client reported a lost
-    connection "after the final dot, may have been delivered" (451 4.4.2, ambiguous) for
-    a message the server never took, and no throttle rule could see the 421. On a reused
-    connection the 4.7.0 421 was taken for a stale connection and retried at once."""
-    with SinkServer(tls=False, rate_limit=0.01, rate_burst=1,
-                    throttle_reply=SLOW_DOWN_421) as sink:
-        conn = _client(sink)
-        if reused:
-            first = send_mail(conn, "s@example.test", ["r@example.test"], b"x\r\n")
-            assert first[0].reply.code == 250
-        else:  # another client from the same IP takes the only token first
-            other = smtplib.SMTP(sink.host, sink.port, source_address=("127.0.0.2", 0))
-            other.ehlo("other.test")
-            assert other.mail("o@example.test")[0] == 250
-            other.quit()
-        results = send_mail(conn, "s@example.test", ["r@example.test", "q@example.test"],
-                                    make_message(1, 3000))
-        assert [(r.reply.code, r.reply.enhanced, r.ambiguous) for r in results] == \
-            [(421, "4.7.0", False)] * 2
-        assert "Rate limited" in results[0].reply.text
-        assert sink.throttled == {"127.0.0.2": 1}
-        conn.close()
-
-
-# -- the adaptive rate against a token bucket (simulated time) ------------------------------
-
-
-def _simulate(s: ProviderShaper, t: FakeTime, bucket: TokenBucket, seconds: float,
-              send_interval: float = 0.0) -> list[float]:
-    """Send as fast as the shaper allows for `seconds`; returns throttle times."""
-    throttles = []
-    end = t.now + seconds
-    while t.now < end:
-        before = t.now
-        assert s.turn() is None
-        if t.now == before:  # unlimited: the transaction itself takes a little time
-            t.now += send_interval or 0.005
-        if bucket.take():
-            s.observe(Reply(250, "2.0.0", "ok"))
-        else:
-            s.observe(Reply(421, "4.7.0", "Rate limited, slow down"))
-            throttles.append(t.now)
-    return throttles
-
-
-def test_against_a_token_bucket_the_rate_settles_just_under_its_limit() -> None:
-    """Regression (collapse): the ceiling was the rate *sent*, throttled attempts included,
-    averaged over 10 s; each echo of one overload cut it again, and the step back up near
-    the ceiling was so small that it never recovered."""
-    s, t = shaper(limits(rate=0), ThrottleConfig(holdoff=2.0))
-    bucket = TokenBucket(LIMIT, BURST, t.clock)
-    start = t.now
-    throttles = _simulate(s, t, bucket, 120.0)
-    assert s.ceiling is not None and 0.8 * LIMIT <= s.ceiling <= 1.3 * LIMIT
-    assert 0.75 * LIMIT <= s.current_rate() <= LIMIT * 1.05
-    early, late = halves(throttles, start, t.now)
-    assert late < early
-
-
-def test_recovery_reaches_just_under_the_ceiling_then_probes_above_it() -> None:
-    """Regression (stuck): the step shrank with the room left, so the rate only approached
-    95% of the ceiling and never got there, let alone probed above it."""
-    s, t = shaper(limits(rate=1000.0), ThrottleConfig(decrease=0.5, increase=2.0))
-    bucket = TokenBucket(5000, 5000, t.clock)  # accepts everything
-    _simulate(s, t, bucket, 5.0)
-    s.observe(Reply(421, "4.7.0", "Rate limited"))
-    ceiling = s.ceiling
-    assert ceiling is not None and s.allowed_rate == pytest.approx(ceiling / 2, rel=0.01)
-    _simulate(s, t, bucket, RECOVERY * 0.8)
-    assert s.allowed_rate < 0.95 * ceiling
-    _simulate(s, t, bucket, RECOVERY * 0.3)
-    assert s.allowed_rate >= 0.95 * ceiling  # back within RECOVERY seconds
-    back = s.allowed_rate
-    _simulate(s, t, bucket, 20.0)
-    assert s.allowed_rate > back + 20 * 2.0 * 0.5  # probing, faster the longer it is quiet
-
-
-def test_a_throttle_makes_turns_taken_before_it_stale_and_frees_their_slots() -> None:
-    """Regression (dead air): the greenlets that take their turn again after a throttle
-    (see delivery) left their old slots reserved: up to max_wait of nothing sent, then
-    the backlog in a burst that drew the next throttle."""
-    t = FakeTime()
-    s = ProviderShaper("example.net", limits(rate=10.0), ThrottleConfig(), 2.0, lambda: None,
-                       t.clock, t.clock, lambda seconds: None)  # greenlets queue at once
-    for _ in range(21):  # slots at +0.0 ... +2.0 s: max_wait
-        assert s.turn() is None
-    assert s.turn() is not None  # +2.1 s: back to the spool
-    epoch = s.epoch
-    s.observe(Reply(451, "4.7.1", "Rate limited, slow down"))
-    assert s.epoch == epoch + 1  # the 21 turns are stale: their greenlets take them again
-    assert s.turn() is None  # and the slots are free for them
-
-
-def test_a_stale_turn_taken_again_is_not_counted_twice() -> None:
-    s, _ = shaper(limits(rate=10.0, hourly=3))
-    for _ in range(3):
-        assert s.turn() is None
-    s.observe(Reply(451, "4.7.1", "Rate limited, slow down"))
-    assert s.turn(again=True) is None  # one of the three: the cap counted it already
-    deferral = s.turn()  # a fourth message
-    assert deferral is not None and deferral.reason == "hourly limit"
-    assert s.current_rate() == pytest.approx(0.3) and s.sent_today == 3
 
 
 # -- the whole engine against throttling sinks --------------------------------------------

@@ -21,8 +21,9 @@ from engine.job import Job
 from engine.protocol import Status
 from engine.reply import Reply
 from engine.spool import Pending, RcptUpdate, Spool, SpoolError, SpoolStats
+from tests.support import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 A, B, C = "a@example.com", "b@example.net", "c@example.org"
 MSG = b"Subject: hello\r\n\r\nhi\r\n"
 T0 = 1_700_000_000.0

@@ -3,51 +3,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Any
 
 import pytest
 
 from engine import classify, config
 from engine.config import (
-    PoolConfig,
-    SendingLimits,
-    ShapingConfig,
     ThrottleConfig,
     ThrottleRule,
     WarmupConfig,
 )
 from engine.reply import Reply
 from engine.shaping import Deferral, ProviderShaper, Shaping, ShapingPlan, plan_for
-
-
-class FakeTime:
-    """A clock whose sleep advances it: pacing tests run instantly and exactly."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-DEFAULT_LIMITS = SendingLimits.of(PoolConfig(), ShapingConfig(), "192.0.2.10", "example.net")
-DEFAULT_THROTTLE = ThrottleConfig()
-
-
-def limits(**changes: Any) -> SendingLimits:
-    """The config's default limits of an IP x provider, with `changes`."""
-    return dataclasses.replace(DEFAULT_LIMITS, **changes)
-
-
-def shaper(limits: SendingLimits = DEFAULT_LIMITS, throttle: ThrottleConfig = DEFAULT_THROTTLE,
-           t: FakeTime | None = None, max_wait: float = 10.0, cap: int | None = None,
-           provider: str = "example.net") -> tuple[ProviderShaper, FakeTime]:
-    t = t or FakeTime()
-    return ProviderShaper(provider, limits, throttle, max_wait, lambda: cap, t.clock, t.clock,
-                          t.sleep), t
+from tests.support.shaping import FakeTime, limits, shaper
 
 
 def test_pace_holds_the_configured_rate_exactly() -> None:
