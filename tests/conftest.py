@@ -1,12 +1,24 @@
-"""The whole suite's conftest: the gevent hub between tests, the seed of a random order
-(printed at the end of the run); the shared fixtures come from tests/support/fixtures.py."""
+"""The whole suite's conftest: each test's tier (its folder) as a marker with the tier's
+default timeout, the gevent hub between tests, the seed of a random order (printed at the
+end of the run); the shared fixtures come from tests/support/fixtures.py."""
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+TESTS = Path(__file__).resolve().parent
+# The tiers, one folder each, by the boundary their tests need; each tier's default timeout
+# in seconds (a test's own `timeout` marker wins). README's Development section says the same.
+TIERS = {
+    "unit": 10,  # no sockets of any kind
+    "conversation": 30,  # the engine's classes against servers and peers on loopback
+    "engine": 120,  # the real engine processes end to end
+    "package": 10,  # the Debian packaging
+}
 
 # The fixtures every tier shares (servers, certificates, a whole engine); pytester for
 # tests/unit/test_gevent_hub.py, which replays an order dependence in a pytest of its own.
@@ -18,6 +30,30 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     (1.1.0) reads that option of the cache plugin in every run, and stops at once without it."""
     if pluginmanager.is_blocked("cacheprovider") and pluginmanager.hasplugin("random_order"):
         parser.addoption("--ff", action="store_true", dest="failedfirst", help="(no cache: inert)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its tier (its folder under tests/) and, unless it says otherwise,
+    that tier's timeout. `integration` stays as another name for the engine tier. A test
+    outside the tier folders gets neither: tests/unit/test_layout.py fails on its file."""
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is None:
+            continue
+        item.add_marker(tier)
+        if tier == "engine":
+            item.add_marker("integration")
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIERS[tier]))
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier of a test file: its first folder under tests/, if that is a tier."""
+    try:
+        folder = path.resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None  # not under tests/ (a pytester run's own files, say)
+    return folder if folder in TIERS else None
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -31,9 +31,6 @@ from tests.support.smtpserver import (
 from tests.support.smtpserver import server_tls_context as tls_context
 from tests.support.stack import LOOPBACK_ALLOWED
 
-pytestmark = pytest.mark.timeout(30)
-
-
 QUIT = [C("QUIT"), S("221 2.0.0 bye")]
 
 

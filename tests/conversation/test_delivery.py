@@ -47,8 +47,6 @@ from tests.support.smtpserver import (
 from tests.support.stack import LOOPBACK_ALLOWED, Stack
 from tests.support.statsd_catcher import StatsdCatcher
 
-pytestmark = pytest.mark.timeout(30)
-
 Scripted = Callable[..., ScriptedServer]
 DOMAIN = "example.test"
 RCPT = RCPTS[0]

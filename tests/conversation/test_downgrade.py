@@ -23,8 +23,6 @@ from tests.support.playbook import (
 )
 from tests.support.smtpserver import BDAT, DATA, WAIT_CLOSE, C, S
 
-pytestmark = pytest.mark.timeout(60)
-
 
 def one_message(extensions: tuple[str, ...], mail_cmd: str) -> list:
     """Banner, EHLO with `extensions`, one delivered transaction whose MAIL is `mail_cmd`."""

@@ -3,13 +3,10 @@ replies each, and Hypothesis on top; each session runs a real Connection over a 
 (`python -m tests.support.fuzz --count 100000` is the long campaign, docs/SECURITY.md)."""
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.fuzz import check_session, fuzz_jobs, fuzz_replies, run_session
-
-pytestmark = pytest.mark.timeout(120)
 
 SUITE_COUNT = 5000
 

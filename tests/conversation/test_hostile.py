@@ -39,8 +39,6 @@ from tests.support.rawserver import (
 from tests.support.smtpserver import BDAT, DATA, WAIT_CLOSE, C, S, ScriptedServer
 from tests.support.stack import build
 
-pytestmark = pytest.mark.timeout(60)
-
 PHASE = 1.0  # every per-step timeout in these tests
 HOSTILE = replace(Timeouts(**{f.name: PHASE for f in fields(Timeouts)}), setup=1.5,
                   transaction=2.5)

@@ -28,8 +28,6 @@ from tests.support.playbook import CLIENT_IP, MESSAGE, RCPTS, SENDER, delivered_
 from tests.support.smtpserver import CLOSE, SLEEP, WAIT_CLOSE, C, S, ScriptedServer
 from tests.support.stack import LOOPBACK_ALLOWED, build
 
-pytestmark = pytest.mark.timeout(30)
-
 DOMAIN = "example.test"
 PIPELINED = ("PIPELINING", "CHUNKING")
 

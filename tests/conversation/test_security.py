@@ -46,9 +46,6 @@ from tests.support.playbook import (
 from tests.support.smtpserver import DATA, WAIT_CLOSE, C, S, Step
 from tests.support.stack import build
 
-pytestmark = pytest.mark.timeout(60)
-
-
 # =======================================================================================
 # 2. Nothing from data reaches the wire unchecked
 # =======================================================================================

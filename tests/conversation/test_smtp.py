@@ -52,9 +52,6 @@ from tests.support.playbook import (
 )
 from tests.support.smtpserver import BDAT, CLOSE, DATA, INJECT, WAIT_CLOSE, C, S, Step
 
-pytestmark = pytest.mark.timeout(30)
-
-
 # -- per-recipient outcomes in each transaction mode ---------------------------------------
 
 @pytest.mark.parametrize("mode", MODES)

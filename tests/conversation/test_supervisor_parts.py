@@ -121,7 +121,6 @@ def job_envelope(job_id: str, **fields: Any) -> dict[str, Any]:
     return {"id": job_id, "from": "s@example.test", "to": [RCPT], **fields}
 
 
-@pytest.mark.timeout(30)
 def test_intake_hands_out_what_the_room_allows_and_keeps_the_rest_in_memory(
         parts: Parts) -> None:
     handle, pull = parts.worker(IP2, alive=True)
@@ -137,7 +136,6 @@ def test_intake_hands_out_what_the_room_allows_and_keeps_the_rest_in_memory(
     assert parts.spool.stats().jobs == 5
 
 
-@pytest.mark.timeout(30)
 def test_a_job_expired_by_its_first_dispatch_is_not_kept_in_memory(parts: Parts) -> None:
     _, pull = parts.worker(IP2, alive=True)
     parts.push([job_envelope("brief", expires=1e-9)])
@@ -150,7 +148,6 @@ def test_a_job_expired_by_its_first_dispatch_is_not_kept_in_memory(parts: Parts)
     assert tasks(pull) == []
 
 
-@pytest.mark.timeout(30)
 def test_a_job_for_an_ip_or_pool_the_engine_lacks_is_rejected_and_not_spooled(
         parts: Parts) -> None:
     parts.push([job_envelope("a", ip="127.0.0.9"), job_envelope("b", pool="nope"),
@@ -164,7 +161,6 @@ def test_a_job_for_an_ip_or_pool_the_engine_lacks_is_rejected_and_not_spooled(
                       "unknown pool 'nope' (configured: default)"]
 
 
-@pytest.mark.timeout(30)
 def test_a_job_goes_to_the_least_busy_ready_worker_of_its_pool(parts: Parts) -> None:
     busy, busy_tasks = parts.worker(IP2, alive=True)
     busy.jobs.update({"x", "y"})
@@ -176,7 +172,6 @@ def test_a_job_goes_to_the_least_busy_ready_worker_of_its_pool(parts: Parts) -> 
     assert tasks(idle_tasks) == ["j"] and tasks(busy_tasks) == []
 
 
-@pytest.mark.timeout(30)
 def test_collected_results_are_recorded_together_by_one_commit(
         parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
     handle, pull = parts.worker(IP2, alive=True)
@@ -204,7 +199,6 @@ def test_collected_results_are_recorded_together_by_one_commit(
     assert parts.dispatcher.in_flight == {} and handle.jobs == set()
 
 
-@pytest.mark.timeout(30)
 def test_results_are_due_after_the_window_or_once_a_group_waits(parts: Parts) -> None:
     parts.worker(IP2, alive=True)
     parts.push([job_envelope(f"j{i}") for i in range(3)])
@@ -229,7 +223,6 @@ def test_results_are_due_after_the_window_or_once_a_group_waits(parts: Parts) ->
     assert parts.names().count("delivered") == 3
 
 
-@pytest.mark.timeout(30)
 def test_a_result_in_the_socket_is_recorded_before_its_dead_workers_jobs_go_out_again(
         tmp_path: Path, sockdir: str) -> None:
     """Regression: a worker reported a delivery and died before the supervisor read it;

@@ -42,8 +42,6 @@ from tests.support.smtpserver import (
     server_tls_context,
 )
 
-pytestmark = pytest.mark.timeout(30)
-
 REPO = ROOT
 Scripted = Callable[..., ScriptedServer]
 
@@ -67,8 +65,6 @@ def read_all(sock: socket.socket) -> bytes:
 
 
 # --- tlscert -----------------------------------------------------------------------------------
-
-
 
 
 def test_ca_signed_cert_verifies_strictly_for_localhost_and_ip(tmp_path: Path) -> None:
@@ -184,8 +180,6 @@ def test_scripted_mismatch_is_answered_500_recorded_and_closed(scripted: Scripte
     assert "'MAIL FROM:<someone@else.test>'" in error
 
 
-
-
 def test_scripted_inject_sends_raw_bytes_then_close(scripted: Scripted) -> None:
     server = scripted([
         GREETING, C("EHLO *"), INJECT(b"250-first half"), SLEEP(0.05),
@@ -278,10 +272,6 @@ def test_scripted_stop_cuts_a_waiting_conversation_short() -> None:
         assert time.monotonic() - started < 1
         assert read_all(sock) == b""
     assert server.errors == []
-
-
-
-
 
 
 # --- SinkServer --------------------------------------------------------------------------------

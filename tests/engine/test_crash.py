@@ -39,8 +39,6 @@ from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
 from tests.support.wait import until
 
-pytestmark = pytest.mark.integration
-
 N = 5000
 CAP = 4  # pool.max_connections: connections open at once per destination
 OPEN_PER_CONNECTION = 2  # the transaction in progress, and the previous one's result in flight

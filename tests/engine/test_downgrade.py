@@ -13,7 +13,6 @@ from tests.support.playbook import Scripted, rcpt
 from tests.support.smtpserver import BDAT, WAIT_CLOSE, C, S
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_whole_engine_converts_for_a_server_without_8bitmime_or_bounces_5_6_3(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:

@@ -207,7 +207,6 @@ def _wait_outcomes(engine: LocalEngine, result: FloodResult, deadline: float) ->
         time.sleep(0.2)
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_flood_of_invalid_jobs_rejects_each_delivers_every_valid_one_memory_bounded(
         plain_sink: SinkServer, tmp_path: Any) -> None:

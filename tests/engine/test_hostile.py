@@ -32,7 +32,6 @@ ENGINE_HOSTILES: dict[str, Behaviour] = {
 }
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_engine_keeps_delivering_while_hostile_servers_hold_connections(
         raw: Callable[..., RawServer], sink: SinkServer,

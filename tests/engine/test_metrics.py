@@ -62,7 +62,6 @@ def statsd_config(port: int, host: str = "127.0.0.1") -> dict[str, Any]:
     return {"statsd": {"enabled": True, "host": host, "port": port, "prefix": "mailengine"}}
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_statsd_figures_of_100_messages_over_two_pooled_tls_connections(sink, local_engine):
     with StatsdCatcher() as catcher:
@@ -145,7 +144,6 @@ def free_port(kind: int = socket.SOCK_DGRAM) -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("where", ["down", "unresolvable"])
 def test_a_statsd_host_that_is_down_or_unresolvable_does_not_hold_up_delivery(
@@ -312,7 +310,6 @@ def glob_regex(path: str) -> re.Pattern[str]:
     return re.compile("".join("[^.]*" if c == "*" else re.escape(c) for c in path) + "$")
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_the_statsd_daemon_turns_the_engine_metrics_into_what_the_dashboard_graphs(
         sink, local_engine, statsd_daemon):
@@ -394,7 +391,6 @@ def whisper_values(whisper_dir: Path, metric_path: str) -> list[float]:
     return [v for v in json.loads(out.stdout)["values"] if v is not None]
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_figures_reach_graphite_through_the_statsd_daemon(sink, local_engine, carbon_cache,
                                                           tmp_path):

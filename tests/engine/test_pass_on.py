@@ -80,7 +80,6 @@ def by_job(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {e["id"]: e for e in events if e["event"] in ("delivered", "bounced", "deferred")}
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize(("first_reply", "first_event"), [
     ("250 2.0.0 first queued", "delivered"), ("554 5.7.1 first refused", "bounced")])
 def test_the_next_envelope_goes_out_before_the_reply_to_the_dot(
@@ -102,7 +101,6 @@ def test_the_next_envelope_goes_out_before_the_reply_to_the_dot(
     assert len(server.messages) == 2
 
 
-@pytest.mark.integration
 def test_a_421_to_the_dot_defers_that_message_and_the_next_goes_on_a_fresh_connection(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
     server = scripted([handed_on(S("421 4.3.2 shutting down"), CLOSE()),
@@ -118,7 +116,6 @@ def test_a_421_to_the_dot_defers_that_message_and_the_next_goes_on_a_fresh_conne
     stop(engine, server, 2)
 
 
-@pytest.mark.integration
 def test_a_connection_lost_before_the_reply_to_the_dot_makes_that_message_ambiguous(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
     server = scripted([handed_on(CLOSE()), delivered_alone(SECOND)])
@@ -130,7 +127,6 @@ def test_a_connection_lost_before_the_reply_to_the_dot_makes_that_message_ambigu
     stop(engine, server, 2)
 
 
-@pytest.mark.integration
 def test_a_connections_last_message_reads_its_own_reply_then_quits(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
     """`max_messages` 2: the first message hands the connection on, the second (its last)
@@ -147,7 +143,6 @@ def test_a_connections_last_message_reads_its_own_reply_then_quits(
     stop(engine, server, 2)
 
 
-@pytest.mark.integration
 def test_a_message_refused_before_sending_reads_the_reply_it_was_handed(
         scripted: Scripted, local_engine: Callable[..., LocalEngine]) -> None:
     """The second message needs SMTPUTF8, which the server lacks: refused before MAIL.

@@ -16,7 +16,6 @@ from engine.testing.sink import SinkServer
 DOMAIN = "example.test"
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_whole_engine_at_50ms_rtt_no_message_waits_for_a_connect_after_the_first(
         sink: SinkServer, local_engine: Any) -> None:

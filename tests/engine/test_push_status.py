@@ -16,7 +16,6 @@ from engine.testing.harness import LocalEngine, final_outcomes
 from engine.testing.sink import SinkServer
 from tests.support.cli import mailengine, mailengine_bg
 
-pytestmark = pytest.mark.integration
 
 def eml(rcpt: str, subject: str) -> str:
     return (f"From: Sender <sender@example.test>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n"

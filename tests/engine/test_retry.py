@@ -11,8 +11,6 @@ import pytest
 from engine.testing.harness import LocalEngine, make_message
 from engine.testing.sink import SinkServer
 
-pytestmark = pytest.mark.integration
-
 
 class FlakySink(SinkServer):
     """The sink, answering `451` to the first `failures` RCPTs of each recipient."""

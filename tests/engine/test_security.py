@@ -77,7 +77,6 @@ def push(engine: LocalEngine, eml_path: str, job_id: str, *flags: str,
                       eml_path, timeout=timeout)
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_curve_admits_listed_clients_only_and_reloads_the_list(
         keys: dict[str, str], sink: SinkServer, local_engine: Callable[..., LocalEngine],
@@ -117,7 +116,6 @@ def test_curve_admits_listed_clients_only_and_reloads_the_list(
     assert welcome.returncode == 0, welcome.stderr
 
 
-@pytest.mark.integration
 def test_curve_events_reach_listed_subscribers_only(
         keys: dict[str, str], sink: SinkServer, local_engine: Callable[..., LocalEngine],
         tmp_path: Path) -> None:
@@ -146,7 +144,6 @@ def test_curve_events_reach_listed_subscribers_only(
         ctx.destroy(linger=0)
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize(("case", "words"), [
     ("missing-key", "security.curve.server_secret_key: "),
     ("public-key-only", "holds only a public key"),
@@ -176,7 +173,6 @@ def test_engine_refuses_to_start_naming_the_key(
 # 3. The body cannot smuggle a second message
 # =======================================================================================
 
-@pytest.mark.integration
 def test_smuggling_through_the_engine_arrives_as_one_message(
         sink: SinkServer, local_engine: Callable[..., LocalEngine]) -> None:
     engine = local_engine(sink.port)
@@ -194,7 +190,6 @@ def test_smuggling_through_the_engine_arrives_as_one_message(
 # 4. Prohibited destinations
 # =======================================================================================
 
-@pytest.mark.integration
 @pytest.mark.parametrize("allowed", [False, True], ids=["default", "allow-listed"])
 def test_engine_defers_mail_whose_mx_is_loopback_unless_allowed(
         sink: SinkServer, local_engine: Callable[..., LocalEngine], allowed: bool) -> None:
@@ -224,7 +219,6 @@ def test_engine_defers_mail_whose_mx_is_loopback_unless_allowed(
 # 5. Bounded resources
 # =======================================================================================
 
-@pytest.mark.integration
 def test_a_frame_larger_than_any_job_drops_its_sender_not_the_engine(
         sink: SinkServer, local_engine: Callable[..., LocalEngine]) -> None:
     engine = local_engine(sink.port, extra={"limits": {"max_message_size": "10KB"}})

@@ -17,8 +17,6 @@ from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from tests.support.wait import until
 
-pytestmark = pytest.mark.integration
-
 IP2, IP3 = "127.0.0.2", "127.0.0.3"
 POOLS = {"both": [IP2, IP3], "only3": [IP3]}
 

@@ -119,7 +119,6 @@ def provider_state(engine: LocalEngine, ip: str, provider: str) -> dict[str, Any
 # -- the whole engine against throttling sinks --------------------------------------------
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(120)
 def test_engine_settles_just_under_a_throttling_provider(
         sinks: Callable[..., SinkServer], local_engine: Callable[..., LocalEngine]) -> None:
@@ -187,7 +186,6 @@ def test_engine_settles_just_under_a_throttling_provider(
     assert shaping["throttles"] == len(throttled)
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_a_recipient_throttled_again_and_again_is_delivered_at_its_first_attempt(
         sinks: Callable[..., SinkServer], local_engine: Callable[..., LocalEngine]) -> None:
@@ -223,7 +221,6 @@ def test_a_recipient_throttled_again_and_again_is_delivered_at_its_first_attempt
     assert max(e["delay_ms"] for e in finals.values()) < 40_000
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_two_sending_ips_each_get_their_own_limit(
         sinks: Callable[..., SinkServer], local_engine: Callable[..., LocalEngine]) -> None:
@@ -259,7 +256,6 @@ def test_two_sending_ips_each_get_their_own_limit(
     assert sink.connections <= 10
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_a_throttled_provider_does_not_slow_the_others(
         sinks: Callable[..., SinkServer], local_engine: Callable[..., LocalEngine]) -> None:
@@ -290,7 +286,6 @@ def test_a_throttled_provider_does_not_slow_the_others(
     assert state["127.0.0.1"]["throttles"] > 0
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_a_suspension_defers_the_provider_then_delivery_resumes(
         sinks: Callable[..., SinkServer], local_engine: Callable[..., LocalEngine]) -> None:
@@ -326,7 +321,6 @@ def test_a_suspension_defers_the_provider_then_delivery_resumes(
     assert seen_suspended > 0  # `mailengine status` showed the suspension
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(45)
 def test_configured_rate_is_honoured_when_the_server_does_not_push_back(
         sinks: Callable[..., SinkServer], local_engine: Callable[..., LocalEngine]) -> None:
@@ -345,7 +339,6 @@ def test_configured_rate_is_honoured_when_the_server_does_not_push_back(
     assert provider_state(engine, "127.0.0.2", "127.0.0.1")["max_rate"] == limit
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(45)
 def test_hourly_cap_and_warmup_cap_hold_and_the_rest_stays_queued_unattempted(
         sinks: Callable[..., SinkServer], local_engine: Callable[..., LocalEngine]) -> None:

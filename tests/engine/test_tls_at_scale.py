@@ -7,8 +7,6 @@ import pytest
 
 from engine.testing.harness import final_outcomes, make_message
 
-pytestmark = pytest.mark.integration
-
 DOMAINS = ("alpha.test", "beta.test", "gamma.test")
 
 

@@ -22,8 +22,6 @@ from engine.reply import (
     TransientError,
 )
 
-pytestmark = pytest.mark.timeout(10)
-
 
 def r(code: int, enhanced: str | None = None, text: str = "text") -> Reply:
     return Reply(code, enhanced, text)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from engine.downgrade import MAX_DEPTH, CannotConvert, to_7bit
 from tests.support.mime import TOP, UTF8, leaves, multipart, part
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(60)  # Hypothesis: DOWNGRADE_EXAMPLES can ask for many more
 
 
 def head_and_body(message: bytes) -> tuple[bytes, bytes]:

@@ -13,8 +13,6 @@ from engine.job import Job
 from engine.protocol import Attempt, Status
 from engine.reply import Reply
 
-pytestmark = pytest.mark.timeout(30)
-
 _REFERENCE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 TS = 1795849218.4142926
 

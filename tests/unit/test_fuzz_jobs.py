@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support.fuzz import check_job
-
-pytestmark = pytest.mark.timeout(120)
 
 
 @settings(max_examples=300, deadline=None)

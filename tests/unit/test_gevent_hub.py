@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.timeout(30)
-
 BLOCK_THEN_JOIN = """
 import time
 

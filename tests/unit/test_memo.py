@@ -1,11 +1,7 @@
 """engine.memo: bounded, emptied when full."""
 from __future__ import annotations
 
-import pytest
-
 from engine.memo import Memo
-
-pytestmark = pytest.mark.timeout(10)
 
 
 def test_a_memo_keeps_values_until_full_then_starts_over() -> None:

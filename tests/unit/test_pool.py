@@ -20,8 +20,6 @@ from engine.pools import Pools
 from engine.reply import PermanentError, Reply, TransientError
 from engine.smtp import Connection
 
-pytestmark = pytest.mark.timeout(10)
-
 KEY = PoolKey("127.0.0.1", "mx.example.test", 25, "opportunistic")
 CONNECT_TIME = 0.01
 

@@ -29,8 +29,6 @@ from tests.support.playbook import FAST, HELO
 needs_curve = pytest.mark.skipif(not zmq.has("curve"),
                                  reason="this libzmq has no CURVE (zmq.has('curve') is False)")
 
-pytestmark = pytest.mark.timeout(60)
-
 
 def minimal(**extra: Any) -> dict[str, Any]:
     return {"hostname": "mta.example.com", "ips": [{"address": "192.0.2.10"}], **extra}

@@ -5,8 +5,6 @@ import pytest
 
 from engine.text import cut, quoted
 
-pytestmark = pytest.mark.timeout(10)
-
 
 @pytest.mark.parametrize(("text", "limit", "expected"), [
     ("", 3, ""),

@@ -10,8 +10,6 @@ import pytest
 
 from engine.tls import MODES, TlsPolicy, is_verify_failure
 
-pytestmark = pytest.mark.timeout(10)
-
 HOST = "mx.example.test"
 
 
