@@ -268,6 +268,7 @@ def test_close_idle_reaps_only_expired_connections() -> None:
     assert pool.idle == 1 and pool.open == 1
     assert pool.close_idle(force=True) == 1
     assert pool.open == 0
+    assert gevent.wait(timeout=5)  # the QUITs of the closed connections ended
 
 
 def test_idle_stack_is_lifo() -> None:
@@ -380,6 +381,7 @@ def test_pools_keep_one_pool_per_full_key_and_reap_empty_ones() -> None:
     assert pools.reap() == 0 and len(pools) == 1  # the two empty pools are gone
     clock.now += 60
     assert pools.reap() == 1 and len(pools) == 0
+    assert gevent.wait(timeout=5)  # the QUIT of the reaped connection ended
 
 
 def test_drain_ends_every_waiter_at_once_and_lets_the_holder_finish() -> None:
@@ -491,6 +493,7 @@ def test_nothing_is_opened_ahead_at_the_cap_and_the_slot_waits_for_the_quit() ->
     assert sent[2][2] > 0.04 + CONNECT_TIME * 0.9  # waited for the QUIT, then the connect
     assert factory.at_call == [1, 1]  # the first was closed when the second was dialled
     assert factory.made[0].quit
+    assert gevent.wait(timeout=5)  # the second's QUIT (it retired at the end) ended
 
 
 def test_at_the_cap_a_waiter_connects_only_after_the_quit_is_answered() -> None:
@@ -518,6 +521,7 @@ def test_below_the_cap_a_retired_connection_frees_its_slot_at_once() -> None:
     pool.release(conn)
     assert pool.open == 0  # not waiting for the QUIT's reply: a new one is within the cap
     assert use(pool)[0] is not conn and factory.calls == 2
+    assert gevent.wait(timeout=5)  # the QUITs ended
 
 
 def test_at_the_gates_cap_the_slot_also_waits_for_the_quit() -> None:
