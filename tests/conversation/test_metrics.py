@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from contextlib import closing
 from typing import Any
 
 import pytest
@@ -16,15 +17,15 @@ from tests.support.statsd_catcher import StatsdCatcher
 def test_batched_stats_go_packed_into_few_packets_at_flush() -> None:
     """`Metrics.batched()`: stats are held, then sent several to a packet (<= 512 bytes);
     the scheduler is asked once per batch, and a full batch goes at once."""
-    with StatsdCatcher() as catcher:
-        emitter = metrics.Metrics.create(catcher.host, catcher.port, "t", "127.0.0.2")
+    with StatsdCatcher() as catcher, closing(
+            metrics.Metrics.create(catcher.host, catcher.port, "t", "127.0.0.2")) as emitter:
         scheduled: list[Any] = []
         emitter.batched(scheduled.append)
         for i in range(20):
             emitter.timing("delivery_time", "example.com", float(i))
             emitter.incr("delivered", "example.com")
         assert len(scheduled) == 1  # one flush asked for the whole batch
-        time.sleep(0.2)
+        catcher.sync()  # whatever the batch sent so far has arrived
         assert catcher.packets == 0  # held until the flush
         scheduled[0]()
         deadline = time.monotonic() + 5

@@ -37,6 +37,7 @@ from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from tests.support.cli import mailengine
 from tests.support.shaping import BURST, LIMIT, SLOW_DOWN_421, SLOW_DOWN_451, halves
+from tests.support.wait import until
 
 MESSAGE_SIZE = 2000
 CONVERGE = {"shaping": {"max_wait": "3s"}}  # see the module's docstring
@@ -110,6 +111,16 @@ def engine_for(local_engine: Callable[..., LocalEngine], port: int, extra: dict[
     for key, value in extra.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return local_engine(port, ips=ips, route=None, extra=base)
+
+
+def pending_rcpts(engine: LocalEngine) -> list[tuple[str, int, float]]:
+    """(job id, attempts, next attempt) of every recipient the spool holds pending."""
+    db = sqlite3.connect(f"file:{engine.config['spool']}/spool.db?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT job_id, attempts, next_attempt FROM rcpts"
+                          " WHERE status = 'pending'").fetchall()
+    finally:
+        db.close()
 
 
 def provider_state(engine: LocalEngine, ip: str, provider: str) -> dict[str, Any]:
@@ -352,7 +363,11 @@ def test_hourly_cap_and_warmup_cap_hold_and_the_rest_stays_queued_unattempted(
                                                                    ip="127.0.0.3"))
     engine.wait_for(lambda evs: sum(e["event"] == "delivered" for e in evs) >= 55, 30,
                     "55 deliveries")
-    time.sleep(2.0)  # long enough for any excess to show
+    # Every job the caps hold back is in the spool again, due when its cap frees up (up to
+    # the next UTC midnight, or an hour on): none is in flight, so no excess can still show.
+    until(lambda: len(rows := pending_rcpts(engine)) == 65
+          and all(next_attempt > time.time() + 30 for _, _, next_attempt in rows),
+          30, "the jobs over the caps back in the spool", engine.log_tail)
 
     assert collections.Counter(m.peer[0] for m in sink.messages) == \
         {"127.0.0.2": 25, "127.0.0.3": 30}
@@ -371,12 +386,7 @@ def test_hourly_cap_and_warmup_cap_hold_and_the_rest_stays_queued_unattempted(
     # minute leaves the hour.
     midnight = datetime.datetime.combine(today + datetime.timedelta(days=1), datetime.time(),
                                          datetime.UTC).timestamp()
-    db = sqlite3.connect(f"file:{engine.config['spool']}/spool.db?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT job_id, attempts, next_attempt FROM rcpts"
-                          " WHERE status = 'pending'").fetchall()
-    finally:
-        db.close()
+    rows = pending_rcpts(engine)
     assert len(rows) == 65 and all(attempts == 0 for _, attempts, _ in rows)
     now = time.time()
     for job_id, _, next_attempt in rows:

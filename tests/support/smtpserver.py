@@ -345,6 +345,11 @@ class ScriptedServer:
         """Only what the client sent on one connection."""
         return [line for who, line in self.transcript(conn_index) if who == "C"]
 
+    def pending(self) -> bool:
+        """Whether a connection waits in the listen queue, made but not accepted (nor counted
+        in `connections`) yet: a test that expects no connection checks both."""
+        return bool(select.select([self._listener], [], [], 0)[0])
+
     def wait_finished(self, count: int = 1, timeout: float = 5.0) -> None:
         """Block until ``count`` conversations have ended (their scripts played out)."""
         with self._state:

@@ -7,7 +7,8 @@ hold several lines (``\\n``-separated, as pipelining clients send them); each li
 more ``value|type`` parts after further colons (``name:1|c:5|ms``).
 
 Helpers read what arrived: ``counter_sum`` (sample rates undone), ``timers``, ``gauge`` (the last
-value, ``+n``/``-n`` deltas applied), ``names``, and ``wait_for`` to poll a condition.
+value, ``+n``/``-n`` deltas applied), ``names``, ``wait_for`` to poll a condition, and ``sync``
+to know that everything sent so far has arrived.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Self
 __all__ = ["Sample", "StatsdCatcher", "parse_packet"]
 
 KINDS = {"c": "counter", "ms": "timer", "h": "timer", "g": "gauge", "s": "set"}
+_MARK = b"\0statsd-catcher-mark "  # sync()'s datagram: no StatsD line starts with NUL
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class StatsdCatcher:
         self._samples: list[Sample] = []
         self._bad: list[str] = []
         self.packets = 0
+        self._marks_sent = 0
+        self._marks_read = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"statsd-{self.port}",
                                         daemon=True)
@@ -115,6 +119,10 @@ class StatsdCatcher:
                 continue
             except OSError:
                 return
+            if data.startswith(_MARK):
+                with self._lock:
+                    self._marks_read = int(data[len(_MARK):])
+                continue
             samples, bad = parse_packet(data)
             with self._lock:
                 self.packets += 1
@@ -132,6 +140,18 @@ class StatsdCatcher:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+    def sync(self, timeout: float = 5.0) -> None:
+        """Return once every datagram sent to the catcher before the call has been read: a
+        mark sent after them came in (UDP on loopback keeps the order of the datagrams
+        queued to one socket). The mark itself is not recorded."""
+        with self._lock:
+            self._marks_sent += 1
+            mark = self._marks_sent
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as out:
+            out.sendto(_MARK + b"%d" % mark, (self.host, self.port))
+        if not self.wait_for(lambda: self._marks_read >= mark, timeout):
+            raise TimeoutError(f"the catcher's mark {mark} did not come back in {timeout}s")
 
     # -- reading --
 
