@@ -27,7 +27,7 @@ def test_2_joinall_waits_its_timeout():
     finally:
         sleeper.kill()
 """
-IN_ORDER = ("-p", "no:randomly")
+IN_ORDER = ("-p", "no:randomly", "-p", "no:benchmark")  # (benchmark: forks git, hg... at start)
 
 
 def test_a_test_after_one_that_blocked_gets_its_whole_joinall_timeout(
