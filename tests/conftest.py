@@ -3,6 +3,7 @@ default timeout, the gevent hub between tests, the seed of a random order (print
 end of the run); the shared fixtures come from tests/support/fixtures.py."""
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,6 +110,18 @@ def gevent_hub_between_tests() -> Iterator[None]:
     hub.loop.update_now()  # gevent.wait()'s timeout is one of those that does not
     if not sys.modules["gevent"].wait(timeout=5):
         pytest.fail("greenlets or timers this test left on the gevent hub still run after 5 s")
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_engine_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test of the engine tier, a garbage collection: a socket or file the test
+    left open is finalized here, so its ResourceWarning (an error, pytest.ini) fails the test
+    that leaked it, not whichever later test the collector happens to run in. Cheap next to
+    the seconds an engine test takes; the faster tiers close what they open (their
+    fixtures see to it)."""
+    yield
+    if request.node.get_closest_marker("engine") is not None:
+        gc.collect()
 
 
 def _gevent_hub() -> Any:

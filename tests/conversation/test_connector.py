@@ -175,7 +175,9 @@ def test_opportunistic_unverifiable_certificate_is_used_without_the_check(
     assert conn.tls_version is not None and conn.tls_verified is False
     assert not tls.is_broken(server.host)
     conn.quit_quietly()
-    assert connector.open(mx(server), "test").tls_version is not None  # one connection now
+    again = connector.open(mx(server), "test")
+    assert again.tls_version is not None  # one connection now
+    again.quit_quietly()
     server.wait_finished(2)
     assert server.connections == 3
 

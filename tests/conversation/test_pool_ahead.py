@@ -46,6 +46,7 @@ class CountingProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.05)
         self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
         self._threads = [threading.Thread(target=self._accept, daemon=True)]
         self._threads[0].start()
 
@@ -60,6 +61,7 @@ class CountingProxy:
                 self.active += 1
                 self.most = max(self.most, self.active)
             upstream = socket.create_connection(self.target)
+            self._sockets += [client, upstream]  # closed by stop(), the pumps done
             ended = threading.Event()
             for src, dst, watch in ((client, upstream, False), (upstream, client, True)):
                 thread = threading.Thread(target=self._pump, args=(src, dst, watch, ended),
@@ -94,6 +96,15 @@ class CountingProxy:
         self._stop.set()
         self._threads[0].join()
         self._listener.close()
+        for sock in self._sockets:  # shut down (ending the pumps), then closed here
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self._threads[1:]:
+            thread.join(5)
+        for sock in self._sockets:
+            sock.close()
 
 
 @pytest.fixture
