@@ -363,11 +363,16 @@ def test_hourly_cap_and_warmup_cap_hold_and_the_rest_stays_queued_unattempted(
                                                                    ip="127.0.0.3"))
     engine.wait_for(lambda evs: sum(e["event"] == "delivered" for e in evs) >= 55, 30,
                     "55 deliveries")
-    # Every job the caps hold back is in the spool again, due when its cap frees up (up to
-    # the next UTC midnight, or an hour on): none is in flight, so no excess can still show.
-    until(lambda: len(rows := pending_rcpts(engine)) == 65
-          and all(next_attempt > time.time() + 30 for _, _, next_attempt in rows),
-          30, "the jobs over the caps back in the spool", engine.log_tail)
+
+    def held_back() -> bool:
+        """Every job over a cap is in the spool again, due when its cap frees up (the next
+        UTC midnight, or an hour on), and the workers' figures show the caps reached: none
+        is in flight, so no excess can still show."""
+        rows = pending_rcpts(engine)
+        return (len(rows) == 65 and all(due > time.time() + 30 for _, _, due in rows)
+                and provider_state(engine, "127.0.0.2", "127.0.0.1").get("sent_today") == 25
+                and provider_state(engine, "127.0.0.3", "127.0.0.1").get("sent_today") == 30)
+    until(held_back, 30, "the jobs over the caps held back", engine.log_tail)
 
     assert collections.Counter(m.peer[0] for m in sink.messages) == \
         {"127.0.0.2": 25, "127.0.0.3": 30}
