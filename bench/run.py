@@ -137,7 +137,9 @@ def reexec_at(rev: str, argv: list[str]) -> int:
         return 2
     snap = tempfile.mkdtemp(prefix="mailengine-bench-engine-")
     try:
-        archive = subprocess.run(["git", "-C", ROOT, "archive", full, "engine", "conf"],
+        # bin/ holds the worker's entry point (revisions before it ran engine/workerproc.py).
+        parts = [p for p in ("engine", "conf", "bin") if _git("ls-tree", full, p)]
+        archive = subprocess.run(["git", "-C", ROOT, "archive", full, *parts],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", snap], input=archive, check=True)
         env = dict(os.environ, BENCH_ENGINE_REV=full,
