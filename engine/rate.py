@@ -1,0 +1,177 @@
+"""The allowed rate of one sending IP x provider: found, lowered when pushed back, regained.
+
+A receiver's limit is found the way TCP finds a path's capacity, clocked by its replies:
+
+- **start** (slow start): nothing learned yet. The rate starts at `throttle.start_rate` and,
+  while the pace is what holds mail back (`binding`: turns had to wait), every clean reply
+  multiplies it by 1 + `throttle.growth`: a willing receiver is at full speed within a second
+  or two, a slow one is never flooded. The configured `rate` caps it.
+- **push-back** (a throttle rule, or refusals recognised by behaviour: engine.pushback),
+  answered once per episode (engine.shaping counts only refusals of mail sent since the last
+  answer). The receiver's limit is estimated as what it accepted since the last push-back,
+  per second: the last push-back found its bucket empty (or its window used up), so what it
+  let through since is what it refills, a token bucket's rate or a fixed window's average.
+  The allowed rate goes to 95% of that estimate. Too little accepted to tell (refused at
+  once): the rate is multiplied by `throttle.decrease` instead, and that is taken as the
+  limit until a probe says more.
+- **backoff**: after a push-back that found the limit lower (or none to go by), only probes
+  go out, one every `throttle.probe_interval`, until one is accepted: a window that is used up
+  is not knocked on at the full rate. A limit confirmed (within 20%) or found higher needs no
+  pause.
+- **steady**: at 95% of the limit, back within RECOVERY seconds after a decrease. After
+  `throttle.probe_every` seconds of clean sending there, a probe: growth as in slow start
+  until the provider pushes back and says where its limit is now (a second later when the
+  last probe found it higher: a raised limit is climbed quickly).
+
+Nothing here sleeps or knows gevent: engine.shaping asks and tells, with its clock's time.
+What is learned (the rate, the limit) is kept across restarts by engine.shaping.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from engine.config import ThrottleConfig
+
+START, STEADY, BACKOFF = "start", "steady", "backoff"
+RECOVERY = 10.0  # s: after a decrease, back to 95% of the limit within this long
+TARGET = 0.95  # of the estimated limit: where the rate settles
+CONFIRMED = (0.8, 1.25)  # an estimate within these of the last one confirms it
+MIN_SPAN = 0.5  # s: an estimate covers at least this long
+MIN_ACCEPTED = 3  # messages: fewer accepted since the anchor say nothing of a limit
+RISING_PROBE = 1.0  # s: the next probe after one that found the limit higher
+
+
+class AllowedRate:
+    """The allowed rate (messages per second, `math.inf`: no limit) and how it adapts."""
+
+    def __init__(self, configured: float, throttle: ThrottleConfig, now: float) -> None:
+        self.configured = configured or math.inf  # `rate` from config: the most, ever
+        self.throttle = throttle
+        self.limit: float | None = None  # the receiver's limit, as estimated
+        self.phase = START if throttle.slow_start else STEADY
+        self.rate = min(self.configured, throttle.start_rate) if throttle.slow_start \
+            else self.configured
+        self._initial = self.rate
+        self.pushbacks = 0
+        self._anchor = now  # accepted messages are counted from here for the estimate
+        self._accepted = 0
+        self._recover_from = 0.0  # the rate right after the last decrease
+        self._decreased_at = -math.inf
+        self._steady_since = now  # clean at the target since, for the next probe
+        self._rising = False  # the last probe found the limit higher: probe again soon
+
+    # -- what the shaper asks ------------------------------------------------------------
+
+    def spacing(self) -> float:
+        """Seconds between turns now: 0 without a limit; a probe at a time in backoff."""
+        if self.phase == BACKOFF:
+            return max(self.throttle.probe_interval, 1.0 / self.rate)
+        return 0.0 if self.rate == math.inf else 1.0 / self.rate
+
+    def time_for(self, turns: int) -> float:
+        """Seconds the next `turns` turns take at the rate, as it would grow in slow start
+        with every turn accepted (a projection: a push-back re-plans the line)."""
+        gap = self.spacing()
+        if turns <= 0 or gap == 0.0:
+            return 0.0
+        if self.phase == BACKOFF:  # a probe, then (once one is accepted) the lowered rate
+            return gap + (turns - 1) / self.rate
+        if self.phase != START or self.rate >= self.configured:
+            return turns * gap
+        q = 1.0 / (1.0 + self.throttle.growth)  # each turn's gap is this times the last's
+        growing = turns
+        if self.configured != math.inf:  # grows until the configured rate, then holds it
+            growing = min(turns, math.ceil(math.log(self.configured / self.rate)
+                                           / math.log(1.0 + self.throttle.growth)))
+        total = gap * (1.0 - q ** growing) / (1.0 - q)
+        return total + (turns - growing) / self.configured if turns > growing else total
+
+    # -- what the shaper tells -------------------------------------------------------------
+
+    def clean(self, now: float, binding: bool) -> None:
+        """A delivery accepted; `binding`: turns waited for the pace lately."""
+        self._accepted += 1
+        if self.phase == BACKOFF:  # the probe went through: send again
+            self.phase = STEADY
+            self._steady_since = now
+        if self.phase == START:
+            if binding:
+                self.rate = min(self.configured, self.rate * (1.0 + self.throttle.growth))
+            return
+        self._regain(now)
+
+    def pushback(self, now: float) -> None:
+        """The provider pushed back on mail sent since the last answer: estimate its limit,
+        lower the rate. In backoff already (only probes go), nothing more."""
+        if self.phase == BACKOFF:
+            return
+        self.pushbacks += 1
+        self._decreased_at = now
+        estimate, previous = self._estimate(now), self.limit
+        if estimate is None:  # refused at once: too little accepted to tell
+            base = self.throttle.start_rate if self.rate == math.inf else self.rate
+            rate = self.throttle.decrease * base
+            self.limit = rate / TARGET  # a guess: the next probe comes soon to correct it
+            self._rising = True
+            self._lower(rate, now, BACKOFF)
+            return
+        self.limit = estimate
+        lower = previous is not None and estimate <= CONFIRMED[0] * previous
+        self._rising = previous is not None and estimate >= CONFIRMED[1] * previous
+        self._lower(TARGET * estimate, now, BACKOFF if lower or previous is None else STEADY)
+
+    def _lower(self, rate: float, now: float, phase: str) -> None:
+        self.rate = max(self.throttle.min_rate, min(self.configured, rate))
+        self._recover_from = self.rate
+        self._anchor, self._accepted = now, 0
+        self.phase = phase
+        self._steady_since = now
+
+    # -- learning that survives a restart ---------------------------------------------------
+
+    @property
+    def learning(self) -> bool:
+        """Something was learned worth keeping: a limit, or a rate grown from the start."""
+        return self.limit is not None or self.rate != self._initial
+
+    def learned(self) -> dict[str, Any]:
+        rate = None if self.rate == math.inf else self.rate
+        return {"rate": rate, "limit": self.limit, "pushbacks": self.pushbacks}
+
+    def restore(self, learned: dict[str, Any], now: float) -> None:
+        """What an earlier worker learned: straight to that rate, not from the start."""
+        rate, limit = learned.get("rate"), learned.get("limit")
+        if not isinstance(rate, int | float) or not rate > 0:
+            return
+        self.rate = min(self.configured, float(rate))
+        if isinstance(limit, int | float) and limit > 0:
+            self.limit = float(limit)
+        self.phase = STEADY if self.limit is not None else START  # no limit yet: grow on
+        self._recover_from = self.rate
+        self._anchor, self._steady_since = now, now
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _estimate(self, now: float) -> float | None:
+        """Messages accepted per second since the anchor (the last push-back, or the start
+        of the growth that led here); None with fewer than MIN_ACCEPTED to go by."""
+        if self._accepted < MIN_ACCEPTED:
+            return None
+        return self._accepted / max(MIN_SPAN, now - self._anchor)
+
+    def _regain(self, now: float) -> None:
+        """Steady: recover towards the target, hold it, and probe above it now and then."""
+        if self.limit is None:
+            return
+        target = min(self.configured, TARGET * self.limit)
+        if self.rate < target:
+            step = max(self.throttle.increase,
+                       (target - self._recover_from) / RECOVERY) / self.rate  # per message
+            self.rate = min(target, self.rate + step)
+            self._steady_since = now
+        elif now - self._steady_since >= self._probe_after() and self.rate < self.configured:
+            self.phase = START  # probe: grow until the provider says where its limit is
+
+    def _probe_after(self) -> float:
+        return RISING_PROBE if self._rising else self.throttle.probe_every
