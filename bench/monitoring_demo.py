@@ -6,9 +6,9 @@ One command starts, all on loopback and in a temporary folder:
   throwaway config: one-second slots (`retentions = 1s:6h`) and docs/MONITORING.md's
   aggregation rules;
 - the etsy StatsD daemon (npm `statsd`, installed once into ~/.cache/mailengine-tests like
-  tests/test_metrics.py does), flushing every 2 s with percentThreshold [50, 95, 99] to that
+  tests/engine/test_metrics.py does), flushing every 2 s with percentThreshold [50, 95, 99] to that
   carbon-cache, legacy namespace (what conf/grafana-dashboard.json queries);
-- three receiving "providers": a DNS server (tests/dnsserver.py) answers MX records under
+- three receiving "providers": a DNS server (tests/support/dnsserver.py) answers MX records under
   `.test` whose hosts map, through the engine's `providers` table, to google, microsoft and
   yahoo; each provider is an SMTP sink (engine/testing/sink.py) on its own loopback address
   (127.0.0.11-13, one port) that answers the final dot after a per-provider delay (google
@@ -67,13 +67,13 @@ from engine.testing import sink as sink_mod
 from engine.testing.carbon import CarbonCache
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
-from tests.dnsserver import DnsServer
+from tests.support.dnsserver import DnsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "mailengine"
 IPS = ("127.0.0.2", "127.0.0.3")
 IP_SHARE = (0.6, 0.4)  # of the jobs, per sending IP
-STATSD_NPM_VERSION = "0.9.0"  # what tests/test_metrics.py runs
+STATSD_NPM_VERSION = "0.9.0"  # what tests/engine/test_metrics.py runs
 FLUSH_MS = 2000
 DEBIAN_PYTHON = "/usr/bin/python3"  # graphite-web is a Debian package of Debian's Python
 

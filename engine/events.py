@@ -27,7 +27,7 @@ Event = tuple[str, str]
 # One encoder for what is not formatted by hand (json.dumps with options builds one per call).
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 # The frequent events are formatted by hand, the text _ENCODE would write for the same dict
-# (tests/test_events.py checks it): a dict and a pass of the encoder per event were a few
+# (tests/unit/test_events.py checks it): a dict and a pass of the encoder per event were a few
 # per cent of the supervisor's CPU. Strings go through json's own C escaper.
 _quote = encode_basestring
 _TOPICS = {name: name.encode() for name in EVENT_NAMES}

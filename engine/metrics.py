@@ -6,7 +6,7 @@ Names are ``<prefix>.<ip>.<provider>.<name>``; the dots of an IP become ``_``
 milliseconds. StatsD is UDP, fire and forget: a StatsD host that is down or slow
 never slows delivery, and a send error is swallowed.
 
-`docs/METRICS.md` lists the same table for operators; `tests/test_metrics.py`
+`docs/METRICS.md` lists the same table for operators; `tests/unit/test_metrics.py`
 keeps the two in step.
 """
 from __future__ import annotations
@@ -166,6 +166,13 @@ class Metrics:
                 self._sink.send()
             except OSError:  # fire and forget
                 pass
+
+    def close(self) -> None:
+        """Send what is held, then close the StatsD socket; stats after this are dropped."""
+        self.flush()
+        client, self._client, self._sink = self._client, None, None
+        if client is not None:
+            client.close()
 
     def name(self, metric: str, provider: str) -> str:
         name = self._names.get((metric, provider))

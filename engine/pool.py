@@ -248,6 +248,11 @@ class DestinationPool:
         return len(self._idle)
 
     @property
+    def idle_connections(self) -> tuple[Connection, ...]:
+        """The idle connections, oldest first: the last is reused next (a view, for tests)."""
+        return tuple(self._idle)
+
+    @property
     def busy(self) -> bool:
         return self.open > 0 or bool(self._waiters)
 

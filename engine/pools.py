@@ -8,7 +8,7 @@ its back-off is remembered); `drain` stops handing out connections at a graceful
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from engine.config import PoolConfig
@@ -80,3 +80,7 @@ class Pools:
 
     def __len__(self) -> int:
         return len(self._pools)
+
+    def __iter__(self) -> Iterator[DestinationPool]:
+        """The pools there are (a view, for tests)."""
+        return iter(list(self._pools.values()))

@@ -1,24 +1,29 @@
-"""Shared fixtures: the SMTP test servers, a whole engine on loopback, the gevent hub between
-tests; and the seed of a random order, printed at the end of the run."""
+"""The whole suite's conftest: each test's tier (its folder) as a marker with the tier's
+default timeout, the gevent hub between tests, the seed of a random order (printed at the
+end of the run); the shared fixtures come from tests/support/fixtures.py."""
 from __future__ import annotations
 
+import gc
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine.testing.harness import LocalEngine
-from tests.servers_fixtures import (  # noqa: F401 (fixtures)
-    ca_bundle,
-    plain_sink,
-    scripted,
-    sink,
-    tls_files,
-    unverified_client_context,
-)
+TESTS = Path(__file__).resolve().parent
+# The tiers, one folder each, by the boundary their tests need; each tier's default timeout
+# in seconds (a test's own `timeout` marker wins). README's Development section says the same.
+TIERS = {
+    "unit": 10,  # no sockets of any kind
+    "conversation": 30,  # the engine's classes against servers and peers on loopback
+    "engine": 120,  # the real engine processes end to end
+    "package": 10,  # the Debian packaging
+}
 
-pytest_plugins = ["pytester"]  # tests/test_gevent_clock.py replays an order dependence
+# The fixtures every tier shares (servers, certificates, a whole engine); pytester for
+# tests/unit/test_gevent_hub.py, which replays an order dependence in a pytest of its own.
+pytest_plugins = ["tests.support.fixtures", "pytester"]
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -26,6 +31,30 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     (1.1.0) reads that option of the cache plugin in every run, and stops at once without it."""
     if pluginmanager.is_blocked("cacheprovider") and pluginmanager.hasplugin("random_order"):
         parser.addoption("--ff", action="store_true", dest="failedfirst", help="(no cache: inert)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its tier (its folder under tests/) and, unless it says otherwise,
+    that tier's timeout. `integration` stays as another name for the engine tier. A test
+    outside the tier folders gets neither: tests/unit/test_layout.py fails on its file."""
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is None:
+            continue
+        item.add_marker(tier)
+        if tier == "engine":
+            item.add_marker("integration")
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIERS[tier]))
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier of a test file: its first folder under tests/, if that is a tier."""
+    try:
+        folder = path.resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None  # not under tests/ (a pytester run's own files, say)
+    return folder if folder in TIERS else None
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -65,7 +94,7 @@ def gevent_hub_between_tests() -> Iterator[None]:
       as much: gevent.sleep() and gevent.Timeout bring the clock up to date first, but the
       timeout of `gevent.joinall()` / `wait()` / `iwait()` does not.
       Regression: after test_hostile's blocking servers had kept the hub idle for 5 s,
-      tests/test_pool.py's `joinall(timeout=5)` returned at once and
+      tests/unit/test_pool.py's `joinall(timeout=5)` returned at once and
       test_never_more_than_max_connections_open failed, only in that order.
     - what a test spawned and never waited for (a pool's QUIT, say) sits on the hub and runs
       inside whichever later test next lets the hub run, its blocking sockets stalling that
@@ -83,32 +112,19 @@ def gevent_hub_between_tests() -> Iterator[None]:
         pytest.fail("greenlets or timers this test left on the gevent hub still run after 5 s")
 
 
+@pytest.fixture(autouse=True)
+def collect_garbage_after_engine_tests(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test of the engine tier, a garbage collection: a socket or file the test
+    left open is finalized here, so its ResourceWarning (an error, pytest.ini) fails the test
+    that leaked it, not whichever later test the collector happens to run in. Cheap next to
+    the seconds an engine test takes; the faster tiers close what they open (their
+    fixtures see to it)."""
+    yield
+    if request.node.get_closest_marker("engine") is not None:
+        gc.collect()
+
+
 def _gevent_hub() -> Any:
     """This thread's gevent hub, None in a test process that never loaded gevent."""
     gevent = sys.modules.get("gevent")
     return None if gevent is None else gevent.get_hub()
-
-
-@pytest.fixture
-def local_engine(tmp_path: Any) -> Iterator[Callable[..., LocalEngine]]:
-    """A factory: `local_engine(smtp_port, ips=..., extra={...})` -> a started LocalEngine.
-
-    Every engine it started is stopped (SIGTERM, then SIGKILL) at teardown.
-    """
-    engines: list[LocalEngine] = []
-
-    def start(smtp_port: int, start: bool = True, **options: Any) -> LocalEngine:
-        engine = LocalEngine(str(tmp_path / f"engine{len(engines)}"), smtp_port, **options)
-        engines.append(engine)
-        if start:
-            engine.start()
-        return engine
-
-    yield start
-    for engine in engines:
-        try:
-            if engine.proc is not None:
-                engine.stop(timeout=20)
-        except Exception:
-            pass
-        engine.cleanup()

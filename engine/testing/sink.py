@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Self
 from engine.testing.limits import Policy, RateLimit
 from engine.testing.limits import TokenBucket as TokenBucket
 
-# Re-exported: tests/smtpserver.py and bench/monitoring_demo.py take them from here.
+# Re-exported: tests/support/smtpserver.py and bench/monitoring_demo.py take them from here.
 from engine.testing.sink_session import SinkMessage as SinkMessage
 from engine.testing.sink_session import _body_summary as _body_summary
 from engine.testing.sink_session import _SinkHandler as _SinkHandler

@@ -1,0 +1,263 @@
+"""The supervisor's parts at their own surfaces, in process: the group commit of results,
+intake into the spool, and dispatch to the workers with room (what a result means for its
+recipient, `results.plan`, is tests/unit/test_results.py). Real ZeroMQ sockets and a real
+spool; the workers are plain processes that stand in for them (nothing reads their tasks but
+the test); real worker processes: tests/engine/test_workers.py.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from engine import events, protocol, sockets
+from engine.dispatch import Dispatcher, InFlight
+from engine.intake import Intake
+from engine.job import Job
+from engine.metrics import Metrics
+from engine.protocol import Status
+from engine.results import Results
+from engine.spool import Spool
+from engine.supervisor import Supervisor
+from engine.workers import WorkerHandle, Workers
+from tests.support.supervisor import IP2, IP3, NOW, RCPT, SCHEDULE, attempt, ipc_config
+
+# -- the parts wired together, in process ------------------------------------------------
+
+
+class Parts:
+    """A spool, the workers' table, intake, dispatch and results, on real sockets."""
+
+    def __init__(self, tmp: Path, sockdir: str) -> None:
+        self.cfg = ipc_config(tmp, sockdir)
+        self.ctx = zmq.Context()
+        self.spool = Spool(self.cfg.spool)
+        self.published: list[events.Event] = []
+        self.workers = Workers(self.ctx, self.cfg, None)
+        self.dispatcher = Dispatcher(self.cfg, self.spool, self.workers, self.published.append)
+        self.ingest = sockets.bind(self.ctx, zmq.PULL, self.cfg.ingest)
+        self.intake = Intake(self.ingest, self.cfg, self.spool, self.published.append,
+                             Metrics.create("127.0.0.1", 8125, "t", "supervisor", False))
+        pull = sockets.bind(self.ctx, zmq.PULL, self.workers.results_endpoint)
+        self.results = Results(pull, self.spool, self.dispatcher, self.published.append,
+                               self.workers.on_stats, SCHEDULE)
+        self.socks: list[zmq.Socket] = [self.ingest, pull]
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def worker(self, ip: str, alive: bool) -> tuple[WorkerHandle, zmq.Socket]:
+        return stand_in_worker(self.ctx, self.workers, ip, alive, self.socks, self.procs)
+
+    def reporter(self) -> zmq.Socket:
+        """A worker's end of the results socket."""
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.connect(self.workers.results_endpoint)
+        self.socks.append(sock)
+        return sock
+
+    def push(self, envelopes: list[dict[str, Any]]) -> None:
+        """Jobs into the ingest socket; returns once the first can be read."""
+        producer = self.ctx.socket(zmq.PUSH)
+        producer.connect(self.cfg.ingest)
+        self.socks.append(producer)
+        for envelope in envelopes:
+            producer.send_multipart([json.dumps(envelope).encode(), b"Subject: x\r\n\r\nhi\r\n"])
+        assert self.ingest.poll(5000), "the jobs never reached the ingest socket"
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.published]
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(10)
+        for sock in [*self.socks, *(h.tasks for h in self.workers if h.tasks is not None)]:
+            sock.close(linger=0)
+        self.spool.close()
+        self.ctx.term()
+
+
+def stand_in_worker(ctx: zmq.Context, workers: Workers, ip: str, alive: bool,
+                    socks: list[zmq.Socket], procs: list[subprocess.Popen[bytes]],
+                    ) -> tuple[WorkerHandle, zmq.Socket]:
+    """A worker handle with a process behind it (alive, or exited) in `workers`, and the
+    other end of its task socket, which only the test reads."""
+    endpoint = sockets.ipc_endpoint(workers.cfg.run_dir, f"test-{ip}")
+    handle = WorkerHandle(ip, tasks=sockets.bind(ctx, zmq.PUSH, endpoint))
+    handle.proc = subprocess.Popen(["sleep", "60"] if alive else ["true"])
+    procs.append(handle.proc)
+    if not alive:
+        handle.proc.wait(10)
+    handle.stats = {"pid": handle.proc.pid}
+    handle.started = time.monotonic()
+    workers.handles[ip] = handle
+    pull = ctx.socket(zmq.PULL)
+    pull.connect(endpoint)
+    socks.append(pull)
+    return handle, pull
+
+
+@pytest.fixture
+def parts(tmp_path: Path, sockdir: str) -> Iterator[Parts]:
+    built = Parts(tmp_path, sockdir)
+    yield built
+    built.close()
+
+
+def tasks(pull: zmq.Socket) -> list[str]:
+    ids = []
+    while pull.poll(200):
+        ids.append(json.loads(pull.recv())["id"])
+        pull.recv()
+    return ids
+
+
+def job_envelope(job_id: str, **fields: Any) -> dict[str, Any]:
+    return {"id": job_id, "from": "s@example.test", "to": [RCPT], **fields}
+
+
+def test_intake_hands_out_what_the_room_allows_and_keeps_the_rest_in_memory(
+        parts: Parts) -> None:
+    handle, pull = parts.worker(IP2, alive=True)
+    handle.jobs.update(f"busy-{i}" for i in range(parts.cfg.limits.max_in_flight - 2))
+    parts.push([job_envelope(f"j{i}") for i in range(5)])
+
+    parts.dispatcher.offer(parts.intake.take())
+
+    assert tasks(pull) == ["j0", "j1"]
+    assert parts.dispatcher.unsent == 3 and parts.dispatcher.unsent_bytes > 0
+    assert set(parts.dispatcher.in_flight) == {"j0", "j1"}
+    assert parts.names() == ["queued"] * 5
+    assert parts.spool.stats().jobs == 5
+
+
+def test_a_job_expired_by_its_first_dispatch_is_not_kept_in_memory(parts: Parts) -> None:
+    _, pull = parts.worker(IP2, alive=True)
+    parts.push([job_envelope("brief", expires=1e-9)])
+
+    parts.dispatcher.offer(parts.intake.take())
+
+    assert parts.names() == ["queued", "expired"]
+    assert parts.dispatcher.unsent == 0 and parts.dispatcher.unsent_bytes == 0
+    assert parts.spool.stats().jobs == 0
+    assert tasks(pull) == []
+
+
+def test_a_job_for_an_ip_or_pool_the_engine_lacks_is_rejected_and_not_spooled(
+        parts: Parts) -> None:
+    parts.push([job_envelope("a", ip="127.0.0.9"), job_envelope("b", pool="nope"),
+                job_envelope("c")])
+
+    accepted = parts.intake.take()
+
+    assert [p.job.id for p in accepted] == ["c"]
+    errors = [json.loads(line)["error"] for name, line in parts.published if name == "rejected"]
+    assert errors == ["ip 127.0.0.9 is not one of this engine's sending IPs",
+                      "unknown pool 'nope' (configured: default)"]
+
+
+def test_a_job_goes_to_the_least_busy_ready_worker_of_its_pool(parts: Parts) -> None:
+    busy, busy_tasks = parts.worker(IP2, alive=True)
+    busy.jobs.update({"x", "y"})
+    _, idle_tasks = parts.worker(IP3, alive=True)
+    parts.push([job_envelope("j")])
+
+    parts.dispatcher.offer(parts.intake.take())
+
+    assert tasks(idle_tasks) == ["j"] and tasks(busy_tasks) == []
+
+
+def test_collected_results_are_recorded_together_by_one_commit(
+        parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    handle, pull = parts.worker(IP2, alive=True)
+    parts.push([job_envelope(f"j{i}") for i in range(3)])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(pull) == ["j0", "j1", "j2"]
+    commits: list[int] = []
+    record = parts.spool.record
+
+    def counting(updates: Any, now: float | None = None) -> list[str]:
+        commits.append(len(updates))
+        return record(updates, now)
+
+    monkeypatch.setattr(parts.spool, "record", counting)
+    reporter = parts.reporter()
+    for i in range(3):
+        reporter.send(protocol.result_frame([attempt(Status.DELIVERED, job_id=f"j{i}")]))
+        assert parts.results.sock.poll(5000)
+        parts.results.collect()
+
+    assert commits == [] and parts.results.held == 3  # collecting never records
+    parts.results.flush()
+    assert commits == [3] and parts.results.held == 0
+    assert parts.names()[3:] == ["delivered"] * 3
+    assert parts.dispatcher.in_flight == {} and handle.jobs == set()
+
+
+def test_results_are_due_after_the_window_or_once_a_group_waits(parts: Parts) -> None:
+    parts.worker(IP2, alive=True)
+    parts.push([job_envelope(f"j{i}") for i in range(3)])
+    parts.dispatcher.offer(parts.intake.take())
+    reporter = parts.reporter()
+    held = Results(parts.results.sock, parts.spool, parts.dispatcher, parts.published.append,
+                   parts.workers.on_stats, SCHEDULE, window=60.0, group=2)
+
+    def report(job_id: str) -> None:
+        reporter.send(protocol.result_frame([attempt(Status.DELIVERED, job_id=job_id)]))
+        assert held.sock.poll(5000)
+        held.collect()
+
+    report("j0")
+    assert held.due()  # nothing recorded for a window: a quiet spool waits for nothing
+    held.flush()
+    report("j1")
+    assert not held.due() and 0 < held.wait_left() <= 60.0  # busy: wait for company
+    report("j2")
+    assert held.due()  # a group is waiting
+    held.flush()
+    assert parts.names().count("delivered") == 3
+
+
+def test_a_result_in_the_socket_is_recorded_before_its_dead_workers_jobs_go_out_again(
+        tmp_path: Path, sockdir: str) -> None:
+    """Regression: a worker reported a delivery and died before the supervisor read it;
+    handing its jobs to another worker first sent the message twice."""
+    sup = Supervisor(ipc_config(tmp_path, sockdir), None)
+    own: list[zmq.Socket] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        dead, _ = stand_in_worker(sup.zctx, sup.workers, IP2, False, own, procs)
+        _, other = stand_in_worker(sup.zctx, sup.workers, IP3, True, own, procs)
+        sup.spool.accept([Job(id="j1", sender="s@example.test", rcpts=(RCPT,),
+                              message=b"x\r\n")], time.time(), 3600.0)
+        dead.jobs.add("j1")
+        sup.dispatcher.in_flight["j1"] = InFlight(IP2, {}, NOW, time.time() + 3600, {RCPT: 0})
+        reporter = sup.zctx.socket(zmq.PUSH)
+        own.append(reporter)
+        reporter.connect(sup.workers.results_endpoint)
+        reporter.send(protocol.result_frame([attempt(Status.DELIVERED, job_id="j1")]))
+        assert sup.results.sock.poll(5000)
+
+        sup.tick()  # the result in the socket, then the dead worker, then what is due
+
+        assert sup.events.counts["delivered"] == 1
+        assert sup.spool.stats().jobs == 0  # recorded, so not due again...
+        assert not other.poll(300)  # ...and not sent to the other worker
+        assert sup.dispatcher.in_flight == {}
+    finally:
+        for sock in own:
+            sock.close(linger=0)
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+        sup.workers.handles.clear()
+        sup.spool.close()
+        sup.events.close()
+        sup.zctx.destroy(linger=0)
+
+
