@@ -102,7 +102,10 @@ class Deliverer:
         again = False
         try:
             for _ in range(THROTTLED_TRIES):
-                attempts = self._attempt_domain(task, domain, rcpts, again)
+                attempts, retriable = self._attempt_domain(task, domain, rcpts, again)
+                if not retriable:
+                    report(attempts)
+                    return
                 retry = [replace(a, retried=True) for a in attempts if _again(a)]
                 report([a for a in attempts if not _again(a)] + retry)
                 if not retry:
@@ -115,21 +118,23 @@ class Deliverer:
                                   None, False))
 
     def _attempt_domain(self, task: Task, domain: str, rcpts: list[str],
-                        again: bool = False) -> list[Attempt]:
+                        again: bool = False) -> tuple[list[Attempt], bool]:
         """One try of `rcpts`, across the domain's MX hosts. `again`: the recipients were
-        throttled and go again, first in line."""
+        throttled and go again, first in line. Returns the attempts, and whether the
+        throttled among them may go again from here: those a transaction's replies
+        throttled, not those no host of the provider would let in (the pools back off)."""
         started = time.monotonic()
         try:
             dest = self.resolver.destination(domain)
         except DeliveryError as err:
             return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts], None,
-                                  domain, None, False)
+                                  domain, None, False), False
         provider = self._provider(dest.hosts[0].name) if dest.hosts else dest.domain
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
         shaper = self.shaping.get(provider)
         epoch = shaper.turn(again, first=again)  # waiting for a turn is not an attempt
         if isinstance(epoch, Deferral):
-            return self._not_now(task, rcpts, provider, epoch)
+            return self._not_now(task, rcpts, provider, epoch), False
         last: DeliveryError | None = None
         last_host: str | None = None
         verdict = CLEAN
@@ -139,22 +144,22 @@ class Deliverer:
             except DeliveryError as err:
                 if err.blame is Blame.MESSAGE:  # the same at every host: it is the outcome
                     return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts],
-                                          host.name, provider, None, False, shaper)
+                                          host.name, provider, None, False, shaper), False
                 last, last_host = err, host.name
                 verdict = self._judge(shaper, [err.reply], provider, epoch)  # "421 too many"
                 if shaper.suspended:
                     break  # a block, a rule that suspends: no other host of it either
                 continue
             if isinstance(sent, Deferral):
-                return self._not_now(task, rcpts, provider, sent)
+                return self._not_now(task, rcpts, provider, sent), False
             results, tls, reused, epoch = sent
             verdict = self._judge(shaper, [r.reply for r in results], provider, epoch)
             return self._outcomes(task, results, host.name, provider, tls, reused, shaper,
-                                  verdict)
+                                  verdict), True
         assert last is not None
         reply = classify.refused_at_every_host(last.reply)  # a 5xx at every door defers
         return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], last_host,
-                              provider, None, False, shaper, verdict)
+                              provider, None, False, shaper, verdict), False
 
     def _via_host(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
                   shaper: ProviderShaper, routed: bool, epoch: int) -> _Sent | Deferral:

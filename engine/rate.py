@@ -16,8 +16,9 @@ A receiver's limit is found the way TCP finds a path's capacity, clocked by its 
   limit until a probe says more.
 - **backoff**: after a push-back that found the limit lower (or none to go by), only probes
   go out, one every `throttle.probe_interval`, until one is accepted: a window that is used up
-  is not knocked on at the full rate. A limit confirmed (within 20%) or found higher needs no
-  pause.
+  is not knocked on at the full rate. A backoff that lasts probes more rarely (a fifth of the
+  time it has lasted, at most every PROBE_MAX). A limit confirmed (within 20%) or found
+  higher needs no pause.
 - **steady**: at 95% of the limit, back within RECOVERY seconds after a decrease. After
   `throttle.probe_every` seconds of clean sending there, a probe: growth as in slow start
   until the provider pushes back and says where its limit is now (a second later when the
@@ -40,6 +41,11 @@ CONFIRMED = (0.8, 1.25)  # an estimate within these of the last one confirms it
 MIN_SPAN = 0.5  # s: an estimate covers at least this long
 MIN_ACCEPTED = 3  # messages: fewer accepted since the anchor say nothing of a limit
 RISING_PROBE = 1.0  # s: the next probe after one that found the limit higher
+# A backoff that lasts: probes every probe_interval at first, then every PROBE_STRETCH of the
+# time it has lasted, at most PROBE_MAX apart: a provider that refuses for an hour is knocked
+# on every five minutes by then, not every second.
+PROBE_STRETCH = 0.2
+PROBE_MAX = 300.0
 
 
 class AllowedRate:
@@ -60,13 +66,15 @@ class AllowedRate:
         self._decreased_at = -math.inf
         self._steady_since = now  # clean at the target since, for the next probe
         self._rising = False  # the last probe found the limit higher: probe again soon
+        self._backoff_since = now
+        self._probe_gap = throttle.probe_interval  # between probes in backoff
 
     # -- what the shaper asks ------------------------------------------------------------
 
     def spacing(self) -> float:
         """Seconds between turns now: 0 without a limit; a probe at a time in backoff."""
         if self.phase == BACKOFF:
-            return max(self.throttle.probe_interval, 1.0 / self.rate)
+            return max(self._probe_gap, 1.0 / self.rate)
         return 0.0 if self.rate == math.inf else 1.0 / self.rate
 
     def time_for(self, turns: int) -> float:
@@ -104,7 +112,9 @@ class AllowedRate:
     def pushback(self, now: float) -> None:
         """The provider pushed back on mail sent since the last answer: estimate its limit,
         lower the rate. In backoff already (only probes go), nothing more."""
-        if self.phase == BACKOFF:
+        if self.phase == BACKOFF:  # a probe refused: the longer it lasts, the rarer they get
+            stretched = PROBE_STRETCH * (now - self._backoff_since)
+            self._probe_gap = max(self.throttle.probe_interval, min(PROBE_MAX, stretched))
             return
         self.pushbacks += 1
         self._decreased_at = now
@@ -122,6 +132,8 @@ class AllowedRate:
         self._lower(TARGET * estimate, now, BACKOFF if lower or previous is None else STEADY)
 
     def _lower(self, rate: float, now: float, phase: str) -> None:
+        if phase == BACKOFF:
+            self._backoff_since, self._probe_gap = now, self.throttle.probe_interval
         self.rate = max(self.throttle.min_rate, min(self.configured, rate))
         self._recover_from = self.rate
         self._anchor, self._accepted = now, 0
