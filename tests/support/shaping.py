@@ -34,7 +34,7 @@ from engine.reply import Reply
 from engine.shaping import ProviderShaper
 from engine.testing.limits import TokenBucket
 
-# -- a shaper on a fake clock ---------------------------------------------------------------
+# -- a shaper on a fake clock ------------------------------------------------------------------
 
 
 class FakeTime:
@@ -72,7 +72,7 @@ def shaper(limits: SendingLimits = DEFAULT_LIMITS, throttle: ThrottleConfig = UN
                           t.clock, on_learned), t
 
 
-# -- the throttling sink of the conversation and engine tiers ---------------------------------
+# -- the throttling sink of the conversation and engine tiers ----------------------------------
 
 LIMIT = 20.0  # msg/s per client IP at the throttling sink
 BURST = 5.0
@@ -86,7 +86,7 @@ def halves(times: Sequence[float], start: float, end: float) -> tuple[int, int]:
     return (sum(1 for t in times if t < middle), sum(1 for t in times if t >= middle))
 
 
-# -- a model of sending, on a fake clock ---------------------------------------------------------
+# -- a model of sending, on a fake clock -------------------------------------------------------
 
 IP = "192.0.2.10"
 PROVIDER = "example.net"

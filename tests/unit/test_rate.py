@@ -27,7 +27,7 @@ def pushed_back_once(configured: float = 0.0) -> AllowedRate:
     return rate
 
 
-# -- slow start ------------------------------------------------------------------------------
+# -- slow start --------------------------------------------------------------------------------
 
 
 def test_slow_start_begins_at_start_rate_and_grows_geometrically_per_clean_reply() -> None:
@@ -79,7 +79,7 @@ def test_time_for_grows_until_the_configured_rate_then_holds_it() -> None:
     assert rate.time_for(1000) == pytest.approx(growing + 992 / 20.0)
 
 
-# -- the first push-back ------------------------------------------------------------------------
+# -- the first push-back -----------------------------------------------------------------------
 
 
 def test_the_first_pushback_estimates_from_what_was_accepted_since_the_start() -> None:
@@ -124,7 +124,7 @@ def test_an_estimate_covers_at_least_half_a_second() -> None:
     assert rate.limit == pytest.approx(10 / 0.5)
 
 
-# -- later push-backs -----------------------------------------------------------------------------
+# -- later push-backs --------------------------------------------------------------------------
 
 
 def steady_at_19() -> AllowedRate:
@@ -198,7 +198,7 @@ def test_the_rate_never_falls_below_min_rate() -> None:
     assert rate.rate == 0.8
 
 
-# -- steady, probing, recovery --------------------------------------------------------------------
+# -- steady, probing, recovery -----------------------------------------------------------------
 
 
 def test_after_probe_every_of_clean_steady_sending_a_probe_starts() -> None:
@@ -236,7 +236,7 @@ def test_below_the_target_the_rate_recovers_to_it_within_recovery_seconds() -> N
     assert rate.rate == pytest.approx(TARGET * 20.0) and rate.phase == STEADY
 
 
-# -- what survives a restart ---------------------------------------------------------------------
+# -- what survives a restart -------------------------------------------------------------------
 
 
 def test_learned_is_the_rate_the_limit_and_the_pushbacks() -> None:
