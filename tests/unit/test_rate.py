@@ -256,6 +256,20 @@ def test_restore_goes_straight_to_the_learned_rate() -> None:
     assert rate.spacing() == pytest.approx(1 / 19.0)
 
 
+def test_restore_of_a_rate_saved_mid_probe_goes_on_at_the_target() -> None:
+    """Regression (found by tests/support/shaping.SendingModel killed mid-run): saved while
+    a probe had grown the rate 20-fold for a moment (the state is saved every 10 s), a
+    restarted worker went on at the probe's rate as if steady, with the limit known: a
+    flood of the receiver at every such restart, until it pushed back."""
+    probing = steady_at_19()
+    probing.clean(3.0 + DEFAULT.probe_every, True)
+    accept(probing, 30, 8.0, 8.3)
+    assert probing.phase == START and probing.rate > 300.0
+    rate = AllowedRate(0, DEFAULT, 100.0)
+    rate.restore(probing.learned(), 100.0)
+    assert (rate.phase, rate.rate) == (STEADY, pytest.approx(TARGET * 20.0))
+
+
 def test_restore_without_a_limit_resumes_slow_start_from_the_rate() -> None:
     rate = AllowedRate(0, DEFAULT, 0.0)
     rate.restore({"rate": 30.0, "limit": None}, 0.0)
