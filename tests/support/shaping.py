@@ -10,8 +10,8 @@
   fake clock (turns at the allowed rate's spacing, replies after a short round trip, a few
   transactions in flight) against a receiver's policy, driving the real `AllowedRate`
   (engine.rate) and `Pushback` (engine.pushback) the way engine.shaping and engine.delivery
-  do. The receivers: `Bucket` (a token bucket whose rate may change on a schedule) and
-  engine.testing.limits.FixedWindow.
+  do. The receivers: `Bucket` (a token bucket whose rate may change on a schedule), and
+  engine.testing.limits' FixedWindow and Open, which take the model's time as it is.
 - The throttling sink the conversation and engine tiers play (LIMIT, BURST, its replies) and
   `halves`.
 """
