@@ -110,8 +110,8 @@ class Receiver(Protocol):
 class Bucket:
     """A token bucket of `rate` per second (at most `burst` saved up) on the model's clock,
     answering `reply` past it; `schedule` changes the rate, `[(after_seconds, rate), ...]`
-    from the first MAIL FROM. engine.testing.limits.RateLimit on the real clock (its buckets
-    read time.monotonic, which stands still in a model)."""
+    from the first MAIL FROM. What engine.testing.limits.RateLimit is on the real clock (its
+    buckets read time.monotonic, which stands still in a model)."""
 
     def __init__(self, rate: float, burst: float, t: FakeTime, reply: str = SLOW_DOWN_421,
                  schedule: Sequence[tuple[float, float]] = ()) -> None:
@@ -142,7 +142,7 @@ class Run:
     delivered: list[float] = field(default_factory=list)  # when each was accepted
     refused: list[float] = field(default_factory=list)  # when each refusal came back
     refused_messages: set[int] = field(default_factory=set)  # messages that saw a refusal
-    pushbacks: list[float] = field(default_factory=list)  # when the rate was lowered
+    pushbacks: list[float] = field(default_factory=list)  # when a push-back was answered
     deferred: int = 0  # refusals taken for ordinary deferrals (retried after RETRY)
 
     @property
@@ -174,7 +174,9 @@ class SendingModel:
       `AllowedRate.pushback`, a new epoch, and the next turn a whole spacing from now;
     - a throttled message goes again first in line; an ordinary deferral goes back to the
       end of the line after `retry` seconds.
-    Connections, DNS, the spool and max_wait are left out.
+    Connections, DNS, the spool and max_wait are left out. `rate` is the configured rate
+    (0: none); a worker restart is a second model on the same receiver and clock whose
+    `rate.restore` gets the first one's `rate.learned()`.
     """
 
     def __init__(self, receiver: Receiver, t: FakeTime,
