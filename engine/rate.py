@@ -159,6 +159,9 @@ class AllowedRate:
         self.rate = min(self.configured, float(rate))
         if isinstance(limit, int | float) and limit > 0:
             self.limit = float(limit)
+            # Saved while probing, the rate is the probe's, grown for a moment far above
+            # the limit: go on where it settles, not at that.
+            self.rate = min(self.rate, TARGET * self.limit)
         self.phase = STEADY if self.limit is not None else START  # no limit yet: grow on
         self._recover_from = self.rate
         self._anchor, self._steady_since = now, now
