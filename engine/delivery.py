@@ -230,6 +230,8 @@ class Deliverer:
             self.metrics.incr("throttled", provider)
             if verdict.trigger == BLOCK:
                 self.metrics.incr("blocked", provider)
+            elif verdict.trigger == PUSHBACK:
+                self.metrics.incr("pushback", provider)
         return verdict
 
     def _provider(self, mx_host: str) -> str:

@@ -78,6 +78,8 @@ DECLARED: tuple[Metric, ...] = (
            " ran out", SUPERVISOR),
     Metric("throttled", "counter", "transactions the provider pushed back on: a throttle rule,"
            " refusals recognised as push-back by behaviour, or a block"),
+    Metric("pushback", "counter", "of the throttled: refusals in a row after accepted mail,"
+           " recognised as push-back by behaviour, whatever their words"),
     Metric("blocked", "counter", "refusals saying the sending IP is blocked or listed: the"
            " IP x provider is suspended for throttle.block_suspend"),
     Metric("ambiguous", "counter", "connections lost after the final dot (possible duplicates)"),

@@ -4,8 +4,12 @@ A receiver's limit is found the way TCP finds a path's capacity, clocked by its 
 
 - **start** (slow start): nothing learned yet. The rate starts at `throttle.start_rate` and,
   while the pace is what holds mail back (`binding`: turns had to wait), every clean reply
-  multiplies it by 1 + `throttle.growth`: a willing receiver is at full speed within a second
-  or two, a slow one is never flooded. The configured `rate` caps it.
+  adds `throttle.growth` messages/s to it, as TCP's window grows by a segment per
+  acknowledgement: the rate grows e-fold every 1/growth seconds of clean replies, so a willing
+  receiver is at full speed within a second or two and a slow one is never flooded. The
+  configured `rate` caps it. (Regression: growing by a fraction per reply, with replies
+  coming at the rate, blew up in finite time; at the first push-back the rate was a hundred
+  times the limit and every connection drew a refusal.)
 - **push-back** (a throttle rule, or refusals recognised by behaviour: engine.pushback),
   answered once per episode (engine.shaping counts only refusals of mail sent since the last
   answer). The receiver's limit is estimated as what it accepted since the last push-back,
@@ -20,9 +24,10 @@ A receiver's limit is found the way TCP finds a path's capacity, clocked by its 
   time it has lasted, at most every PROBE_MAX). A limit confirmed (within 20%) or found
   higher needs no pause.
 - **steady**: at 95% of the limit, back within RECOVERY seconds after a decrease. After
-  `throttle.probe_every` seconds of clean sending there, a probe: growth as in slow start
-  until the provider pushes back and says where its limit is now (a second later when the
-  last probe found it higher: a raised limit is climbed quickly).
+  `throttle.probe_every` seconds of clean sending there, a probe: growth as in slow start but
+  PROBE_SHARE as fast (the limit is near: what a probe sends past it is refused) until the
+  provider pushes back and says where its limit is now (a second later when the last probe
+  found it higher: a raised limit is climbed quickly).
 
 Nothing here sleeps or knows gevent: engine.shaping asks and tells, with its clock's time.
 What is learned (the rate, the limit) is kept across restarts by engine.shaping.
@@ -38,14 +43,18 @@ START, STEADY, BACKOFF = "start", "steady", "backoff"
 RECOVERY = 10.0  # s: after a decrease, back to 95% of the limit within this long
 TARGET = 0.95  # of the estimated limit: where the rate settles
 CONFIRMED = (0.8, 1.25)  # an estimate within these of the last one confirms it
-MIN_SPAN = 0.5  # s: an estimate covers at least this long
-MIN_ACCEPTED = 3  # messages: fewer accepted since the anchor say nothing of a limit
+# Too little to go by: an estimate needs MIN_ACCEPTED messages over MIN_SPAN at least.
+# Regression (a restart's first probe): three messages in a tenth of a second, padded to
+# half a second, made a limit of 6/s out of a bucket of 40/s.
+MIN_SPAN = 1.0  # s
+MIN_ACCEPTED = 3  # messages
 RISING_PROBE = 1.0  # s: the next probe after one that found the limit higher
 # A backoff that lasts: probes every probe_interval at first, then every PROBE_STRETCH of the
 # time it has lasted, at most PROBE_MAX apart: a provider that refuses for an hour is knocked
 # on every five minutes by then, not every second.
 PROBE_STRETCH = 0.2
 PROBE_MAX = 300.0
+PROBE_SHARE = 0.1  # a probe above a known limit grows this fraction as fast as slow start
 
 
 class AllowedRate:
@@ -87,13 +96,20 @@ class AllowedRate:
             return gap + (turns - 1) / self.rate
         if self.phase != START or self.rate >= self.configured:
             return turns * gap
-        q = 1.0 / (1.0 + self.throttle.growth)  # each turn's gap is this times the last's
+        # Turn k's gap is 1 / (rate + k * growth): their sum is at most the first gap plus
+        # the integral over the rest, ln((rate + (n - 1) * growth) / rate) / growth.
+        growth = self.growth
         growing = turns
         if self.configured != math.inf:  # grows until the configured rate, then holds it
-            growing = min(turns, math.ceil(math.log(self.configured / self.rate)
-                                           / math.log(1.0 + self.throttle.growth)))
-        total = gap * (1.0 - q ** growing) / (1.0 - q)
+            growing = min(turns, math.ceil((self.configured - self.rate) / growth))
+        total = gap + math.log((self.rate + (growing - 1) * growth) / self.rate) / growth
         return total + (turns - growing) / self.configured if turns > growing else total
+
+    @property
+    def growth(self) -> float:
+        """Messages/s a clean reply adds in the start phase: slow start's with nothing
+        learned, a probe's (PROBE_SHARE of it) above a known limit."""
+        return self.throttle.growth * (1.0 if self.limit is None else PROBE_SHARE)
 
     # -- what the shaper tells -------------------------------------------------------------
 
@@ -105,7 +121,7 @@ class AllowedRate:
             self._steady_since = now
         if self.phase == START:
             if binding:
-                self.rate = min(self.configured, self.rate * (1.0 + self.throttle.growth))
+                self.rate = min(self.configured, self.rate + self.growth)
             return
         self._regain(now)
 
@@ -170,10 +186,11 @@ class AllowedRate:
 
     def _estimate(self, now: float) -> float | None:
         """Messages accepted per second since the anchor (the last push-back, or the start
-        of the growth that led here); None with fewer than MIN_ACCEPTED to go by."""
-        if self._accepted < MIN_ACCEPTED:
+        of the growth that led here); None with too little to go by (MIN_ACCEPTED messages
+        over MIN_SPAN)."""
+        if self._accepted < MIN_ACCEPTED or now - self._anchor < MIN_SPAN:
             return None
-        return self._accepted / max(MIN_SPAN, now - self._anchor)
+        return self._accepted / (now - self._anchor)
 
     def _regain(self, now: float) -> None:
         """Steady: recover towards the target, hold it, and probe above it now and then."""

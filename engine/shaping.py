@@ -21,6 +21,7 @@ when the turn comes (`Deferral`). What was learned survives a restart (`Shaping.
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import logging
@@ -94,8 +95,7 @@ class ProviderShaper:
         self.pushback = Pushback(throttle.pushback_after)
         self.caps = Caps(limits.hourly, daily_cap or (lambda: None), wall)
         self.suspended_until = 0.0  # monotonic
-        self.throttles = 0  # replies that were throttles (any trigger)
-        self.blocks = 0
+        self.triggers: collections.Counter[str] = collections.Counter()  # throttles, by why
         self._recent: deque[float] = deque()  # send times of the last 10 s: the current rate
         # Bumped on every decrease and suspension: a turn taken before is stale (taken at a
         # rate the provider refused) and must be taken again before sending (see delivery).
@@ -151,25 +151,35 @@ class ProviderShaper:
         refused = [reply for reply in replies if not reply.ok]
         if any(classify.block(reply) for reply in refused):
             self._blocked(next(r for r in refused if classify.block(r)), now)
-            return Verdict(BLOCK)
+            return self._counted(Verdict(BLOCK))
         rule = next((r for reply in refused if (r := self.match(reply)) is not None), None)
         if rule is not None:
             self._throttled(rule, now, fresh)
-            return Verdict(f"rule:{rule.name}")
+            return self._counted(Verdict(f"rule:{rule.name}"))
         if len(refused) < len(replies):
             self._accepted(now, fresh)
             return CLEAN
         if refused and all(classify.refusal(reply) for reply in refused):
             if self.pushback.refusal(now):
                 self._pushed_back(now, PUSHBACK, fresh)
-                return Verdict(PUSHBACK)
+                return self._counted(Verdict(PUSHBACK))
             return Verdict(pending=self.pushback.refused > 0)
         return CLEAN
 
     def verdict(self) -> Verdict:
         """A pending verdict (a first refusal): waits for the next transaction's outcome
         (engine.pushback.HOLD at most); a throttle if the provider is pushing back."""
-        return Verdict(PUSHBACK) if self.pushback.verdict() else CLEAN
+        return self._counted(Verdict(PUSHBACK)) if self.pushback.verdict() else CLEAN
+
+    def _counted(self, verdict: Verdict) -> Verdict:
+        assert verdict.trigger is not None
+        self.triggers[verdict.trigger] += 1
+        return verdict
+
+    @property
+    def throttles(self) -> int:
+        """Transactions throttled, whatever the trigger."""
+        return sum(self.triggers.values())
 
     def match(self, reply: Reply) -> ThrottleRule | None:
         """The throttle rule `reply` matches (engine.classify.throttle_rule), if any."""
@@ -196,7 +206,6 @@ class ProviderShaper:
             self.pacer.changed(self.max_wait)
 
     def _throttled(self, rule: ThrottleRule, now: float, fresh: bool) -> None:
-        self.throttles += 1
         if rule.suspend > 0:
             self._suspend(now + rule.suspend, now)
             log.warning(logs.kv("provider_suspended", provider=self.provider,
@@ -206,8 +215,6 @@ class ProviderShaper:
     def _blocked(self, reply: Reply, now: float) -> None:
         """The receiver blocks this IP (a block list, a reputation block): stop sending to it
         for `throttle.block_suspend` instead of burning the recipients' retries."""
-        self.throttles += 1
-        self.blocks += 1
         self._suspend(now + self.throttle.block_suspend, now)
         log.warning(logs.kv("provider_blocked", provider=self.provider,
                             seconds=self.throttle.block_suspend, reply=reply))
@@ -223,8 +230,6 @@ class ProviderShaper:
         """Lower the rate, once per episode: a refusal of mail sent before the last answer
         (a stale turn: not `fresh`) is the same burst, already answered. Regression (the
         rate fell to a fifth of the limit): every echo of one overload cut it again."""
-        if trigger == PUSHBACK:
-            self.throttles += 1
         if not fresh:
             return
         self.epoch += 1
@@ -263,7 +268,8 @@ class ProviderShaper:
             "phase": "suspended" if now < self.suspended_until else self.rate.phase,
             "suspended_for": round(max(0.0, self.suspended_until - now), 1),
             "throttles": self.throttles,
-            "blocks": self.blocks,
+            "blocks": self.triggers[BLOCK],
+            "triggers": dict(self.triggers),
             "waiting": self.pacer.waiting,
             "connections": self.gate.open,
             "max_connections": self.limits.max_connections,

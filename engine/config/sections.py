@@ -285,7 +285,7 @@ def _rule(value: Any, path: str) -> ThrottleRule:
 _THROTTLE = section(ThrottleConfig, {
     "slow_start": boolean,
     "start_rate": number(0, above=True),
-    "growth": number(0, 1, above=True),
+    "growth": number(0, 1000, above=True),
     "decrease": number(0, 1, above=True),
     "increase": number(0),
     "min_rate": number(0, above=True),

@@ -99,7 +99,7 @@ def test_empty_section_takes_all_its_defaults() -> None:
 def test_throttle_takes_documented_defaults() -> None:
     throttle = from_dict(minimal()).throttle
     assert throttle == config.ThrottleConfig()
-    assert (throttle.slow_start, throttle.start_rate, throttle.growth) == (True, 10.0, 0.1)
+    assert (throttle.slow_start, throttle.start_rate, throttle.growth) == (True, 20.0, 5.0)
     assert (throttle.decrease, throttle.increase, throttle.min_rate) == (0.5, 0.5, 0.05)
     assert (throttle.probe_interval, throttle.probe_every, throttle.pushback_after) == (
         1.0, 5.0, 2)
@@ -331,8 +331,9 @@ REFUSALS = [
     (minimal(retry={"max_age": "5 days"}), "retry.max_age", "not a duration"),
     (minimal(throttle={"slow_start": "yes"}), "throttle.slow_start", "must be true or false"),
     (minimal(throttle={"start_rate": 0}), "throttle.start_rate", "must be > 0"),
-    (minimal(throttle={"growth": 0}), "throttle.growth", "must be > 0 and <= 1 (got 0)"),
-    (minimal(throttle={"growth": 1.5}), "throttle.growth", "must be > 0 and <= 1 (got 1.5)"),
+    (minimal(throttle={"growth": 0}), "throttle.growth", "must be > 0 and <= 1000 (got 0)"),
+    (minimal(throttle={"growth": 1500}), "throttle.growth",
+     "must be > 0 and <= 1000 (got 1500)"),
     (minimal(throttle={"decrease": 0}), "throttle.decrease", "must be > 0 and <= 1"),
     (minimal(throttle={"increase": -1}), "throttle.increase", "must be >= 0"),
     (minimal(throttle={"min_rate": 0}), "throttle.min_rate", "must be > 0"),

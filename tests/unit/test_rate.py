@@ -7,9 +7,20 @@ import math
 import pytest
 
 from engine.config import ThrottleConfig
-from engine.rate import BACKOFF, RECOVERY, START, STEADY, TARGET, AllowedRate
+from engine.rate import (
+    BACKOFF,
+    MIN_SPAN,
+    PROBE_SHARE,
+    RECOVERY,
+    START,
+    STEADY,
+    TARGET,
+    AllowedRate,
+)
 
-DEFAULT = ThrottleConfig()
+# Round numbers for the arithmetic below (the shipped defaults, 20/s and 5/s per reply, are
+# the config tests' business): slow start at 10/s, each clean binding reply adding 1/s.
+DEFAULT = ThrottleConfig(start_rate=10.0, growth=1.0)
 
 
 def accept(rate: AllowedRate, count: int, start: float, end: float,
@@ -30,14 +41,16 @@ def pushed_back_once(configured: float = 0.0) -> AllowedRate:
 # -- slow start --------------------------------------------------------------------------------
 
 
-def test_slow_start_begins_at_start_rate_and_grows_geometrically_per_clean_reply() -> None:
+def test_slow_start_begins_at_start_rate_and_each_clean_reply_adds_growth() -> None:
+    """As TCP's window grows a segment per acknowledgement: replies come at the rate, so the
+    rate grows geometrically in time (e-fold per 1/growth s), never without bound."""
     rate = AllowedRate(0, DEFAULT, 0.0)
     assert (rate.phase, rate.rate, rate.spacing()) == (START, 10.0, pytest.approx(0.1))
     accept(rate, 10, 0.0, 1.0)
-    assert rate.rate == pytest.approx(10.0 * 1.1 ** 10)
-    fast = AllowedRate(0, ThrottleConfig(growth=0.5, start_rate=2.0), 0.0)
+    assert rate.rate == pytest.approx(20.0)
+    fast = AllowedRate(0, ThrottleConfig(growth=5.0, start_rate=2.0), 0.0)
     accept(fast, 3, 0.0, 1.0)
-    assert fast.rate == pytest.approx(2.0 * 1.5 ** 3)
+    assert fast.rate == pytest.approx(17.0)
 
 
 def test_slow_start_grows_only_while_the_pace_binds() -> None:
@@ -63,20 +76,22 @@ def test_without_slow_start_the_configured_rate_or_none() -> None:
     assert unlimited.time_for(1000) == 0.0
 
 
-def test_time_for_a_long_line_in_slow_start_is_bounded() -> None:
-    """Each turn's gap is the last one's / (1 + growth): the line's time is a geometric
-    series, not 1000 turns at the starting rate (which would send them all to the spool)."""
+def test_time_for_a_long_line_in_slow_start_grows_only_logarithmically() -> None:
+    """Turn k's gap is 1 / (rate + k * growth): the line's time is at most the first gap and
+    ln((rate + (n - 1) * growth) / rate) / growth, not 10,000 turns at the starting rate
+    (which would send them all to the spool)."""
     rate = AllowedRate(0, DEFAULT, 0.0)
     assert rate.time_for(0) == 0.0
     assert rate.time_for(1) == pytest.approx(0.1)
-    assert rate.time_for(2) == pytest.approx(0.1 + 0.1 / 1.1)
-    assert 1.0 < rate.time_for(10_000) <= 0.1 / (1 - 1 / 1.1)  # 1.1 s at most
+    exact = sum(1.0 / (10.0 + k) for k in range(10_000))
+    assert exact <= rate.time_for(10_000) <= exact + 0.1
+    assert rate.time_for(10_000) < 7.5  # not 1,000 s
 
 
 def test_time_for_grows_until_the_configured_rate_then_holds_it() -> None:
-    rate = AllowedRate(20.0, DEFAULT, 0.0)  # 10 -> 20/s takes ceil(log 2 / log 1.1) = 8 turns
-    growing = sum(0.1 / 1.1 ** k for k in range(8))
-    assert rate.time_for(1000) == pytest.approx(growing + 992 / 20.0)
+    rate = AllowedRate(20.0, DEFAULT, 0.0)  # 10 -> 20/s takes 10 turns
+    growing = 0.1 + math.log(19.0 / 10.0)
+    assert rate.time_for(1000) == pytest.approx(growing + 990 / 20.0)
 
 
 # -- the first push-back -----------------------------------------------------------------------
@@ -117,11 +132,23 @@ def test_in_backoff_further_pushbacks_change_nothing() -> None:
     assert (rate.learned(), rate.phase, rate.spacing()) == before
 
 
-def test_an_estimate_covers_at_least_half_a_second() -> None:
+def test_an_estimate_needs_a_span_of_min_span() -> None:
+    """10 accepted in 0.1 s say nothing of a limit (not 100/s): the push-back is treated as
+    one at first contact, a decrease and a guess that the next probe soon corrects."""
     rate = AllowedRate(0, DEFAULT, 0.0)
-    accept(rate, 10, 0.0, 0.1)  # 10 accepted in 0.1 s: not 100/s
+    accept(rate, 10, 0.0, 0.1)
+    grown = rate.rate
     rate.pushback(0.1)
-    assert rate.limit == pytest.approx(10 / 0.5)
+    assert rate.phase == BACKOFF
+    assert rate.rate == pytest.approx(DEFAULT.decrease * grown)
+    assert rate.limit == pytest.approx(rate.rate / TARGET)
+
+
+def test_an_estimate_over_min_span_is_taken_as_the_limit() -> None:
+    rate = AllowedRate(0, DEFAULT, 0.0)
+    accept(rate, 30, 0.0, MIN_SPAN)
+    rate.pushback(MIN_SPAN)
+    assert rate.limit == pytest.approx(30 / MIN_SPAN)
 
 
 # -- later push-backs --------------------------------------------------------------------------
@@ -157,7 +184,7 @@ def test_a_higher_estimate_probes_again_a_second_later() -> None:
     assert rate.phase == START
     before = rate.rate
     rate.clean(5.05, True)
-    assert rate.rate == pytest.approx(before * 1.1)
+    assert rate.rate == pytest.approx(before + PROBE_SHARE * DEFAULT.growth)
 
 
 def test_a_lower_estimate_backs_off_again() -> None:
@@ -186,8 +213,8 @@ def test_refused_at_first_contact_halves_the_start_rate() -> None:
     rate = AllowedRate(0, DEFAULT, 0.0)
     rate.clean(0.1, True)
     rate.pushback(0.2)
-    assert rate.rate == pytest.approx(10.0 * 1.1 * 0.5) and rate.phase == BACKOFF
-    unlimited = AllowedRate(0, ThrottleConfig(slow_start=False), 0.0)
+    assert rate.rate == pytest.approx((10.0 + 1.0) * 0.5) and rate.phase == BACKOFF
+    unlimited = AllowedRate(0, ThrottleConfig(slow_start=False, start_rate=10.0), 0.0)
     unlimited.pushback(0.2)  # no rate to halve: start_rate is the base
     assert unlimited.rate == pytest.approx(5.0)
 
@@ -209,8 +236,8 @@ def test_after_probe_every_of_clean_steady_sending_a_probe_starts() -> None:
     assert rate.phase == START
     rate.clean(8.1, False)  # a probe grows only while the pace binds, as slow start
     assert rate.rate == pytest.approx(19.0)
-    accept(rate, 3, 8.1, 8.2)
-    assert rate.rate == pytest.approx(19.0 * 1.1 ** 3)
+    accept(rate, 3, 8.1, 8.2)  # a probe: a limit is known, growth is PROBE_SHARE as fast
+    assert rate.rate == pytest.approx(19.0 + 3 * PROBE_SHARE * DEFAULT.growth)
 
 
 def test_no_probe_at_the_configured_rate() -> None:
@@ -258,13 +285,13 @@ def test_restore_goes_straight_to_the_learned_rate() -> None:
 
 def test_restore_of_a_rate_saved_mid_probe_goes_on_at_the_target() -> None:
     """Regression (found by tests/support/shaping.SendingModel killed mid-run): saved while
-    a probe had grown the rate 20-fold for a moment (the state is saved every 10 s), a
+    a probe had grown the rate past the limit for a moment (the state is saved every 10 s), a
     restarted worker went on at the probe's rate as if steady, with the limit known: a
     flood of the receiver at every such restart, until it pushed back."""
     probing = steady_at_19()
     probing.clean(3.0 + DEFAULT.probe_every, True)
     accept(probing, 30, 8.0, 8.3)
-    assert probing.phase == START and probing.rate > 300.0
+    assert probing.phase == START and probing.rate > 20.0  # past the limit
     rate = AllowedRate(0, DEFAULT, 100.0)
     rate.restore(probing.learned(), 100.0)
     assert (rate.phase, rate.rate) == (STEADY, pytest.approx(TARGET * 20.0))
@@ -275,7 +302,7 @@ def test_restore_without_a_limit_resumes_slow_start_from_the_rate() -> None:
     rate.restore({"rate": 30.0, "limit": None}, 0.0)
     assert (rate.phase, rate.rate) == (START, 30.0)
     rate.clean(0.1, True)
-    assert rate.rate == pytest.approx(33.0)
+    assert rate.rate == pytest.approx(30.0 + DEFAULT.growth)
 
 
 def test_restore_is_capped_by_the_configured_rate() -> None:

@@ -20,6 +20,7 @@ from engine import classify, config
 from engine.config import ThrottleConfig, ThrottleRule, WarmupConfig
 from engine.reply import Reply
 from engine.shaping import (
+    BLOCK,
     CLEAN,
     PACE_LEAD,
     Deferral,
@@ -243,7 +244,7 @@ def test_a_block_suspends_the_provider_without_touching_the_rate(
     with caplog.at_level(logging.WARNING, logger="mailengine.shaping"):
         assert s.judge([SPAMHAUS], s.epoch) == Verdict("block")
     assert "event=provider_blocked" in caplog.text
-    assert (s.blocks, s.throttles) == (1, 1) and s.rate.learned() == before
+    assert (s.triggers[BLOCK], s.throttles) == (1, 1) and s.rate.learned() == before
     deferral = s.turn()
     assert isinstance(deferral, Deferral) and deferral.reason == "suspended"
     assert deferral.retry_at == pytest.approx(t.now + 600)
@@ -348,11 +349,13 @@ def test_state_shows_the_phase_the_limit_and_the_line() -> None:
         "phase": "steady", "allowed_rate": 0.0, "limit": None, "waiting": 0,
         "max_connections": 4}
     started, _ = shaper(throttle=ThrottleConfig())
-    assert started.state()["phase"] == "start" and started.state()["allowed_rate"] == 10.0
+    assert (started.state()["phase"], started.state()["allowed_rate"]) == (
+        "start", ThrottleConfig().start_rate)
     pushed_back(s, t)
     state = s.state()
     assert (state["phase"], state["limit"], state["allowed_rate"]) == ("backoff", 20.0, 19.0)
     assert state["throttles"] == 1 and state["blocks"] == 0
+    assert state["triggers"] == {"rule:rate-text": 1}  # pushed_back's reply matches that rule
 
 
 # -- what survives a restart -------------------------------------------------------------------
