@@ -44,7 +44,7 @@ class Pacer:
         """Once this message's turn has come (it may have waited up to `max_wait`): the
         stamp (an int) taken at that moment. Else the seconds it would wait (a float), and
         it is not in line. `first`: ahead of those waiting (a message sent again)."""
-        wait = self._free() if first else self.expected_wait()
+        wait = self.expected_wait(first)
         if wait > max_wait:
             return wait
         now = self._clock()
@@ -66,17 +66,14 @@ class Pacer:
             raise
         return answer
 
-    def _free(self) -> float:
-        """How long until the next turn is free, the line aside."""
-        return max(0.0, self._last + self._spacing() - self._clock())
-
-    def expected_wait(self) -> float:
-        """How long a turn asked for now would wait: the next free turn, after the line."""
+    def expected_wait(self, first: bool = False) -> float:
+        """How long a turn asked for now would wait: the next free turn, after the line
+        (`first`: ahead of it)."""
         gap = self._spacing()
-        if gap <= 0.0 and not self._line:
+        if gap <= 0.0 and (first or not self._line):
             return 0.0
         free = max(0.0, self._last + gap - self._clock())
-        return free + self._time_for(count_waiting(self._line))
+        return free if first else free + self._time_for(count_waiting(self._line))
 
     @property
     def binding(self) -> bool:

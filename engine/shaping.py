@@ -188,10 +188,11 @@ class ProviderShaper:
         return classify.throttle_rule(self._rules, self.provider, reply)
 
     def resume_at(self) -> float:
-        """When a throttled recipient should be tried again (Unix time): when its turn
-        would come, or the suspension ends (and after `throttle.retry_after` at least)."""
+        """When a throttled recipient should be tried again (Unix time): at the next turn
+        (it goes first in line), or when the suspension ends; after `throttle.retry_after`
+        at least."""
         now = self._clock()
-        wait = max(self.suspended_until - now, self.pacer.expected_wait())
+        wait = max(self.suspended_until - now, self.pacer.expected_wait(first=True))
         return self._wall() + max(wait, self.throttle.retry_after)
 
     def _accepted(self, now: float, fresh: bool) -> None:

@@ -147,6 +147,7 @@ def test_expected_wait_counts_the_line() -> None:
     assert pacer.expected_wait() == pytest.approx(0.02)
     line = in_line(pacer, 2)
     assert pacer.expected_wait() == pytest.approx(0.02 + 2 * 0.02)
+    assert pacer.expected_wait(first=True) == pytest.approx(0.02)  # ahead of the line
     gevent.joinall(line, timeout=5, raise_error=True)
 
 
