@@ -121,7 +121,9 @@ class ProviderShaper:
             # supervisor's tick and the hand-over made it late, and the pace lost a
             # fifth of a second's mail every max_wait (a dip to 42 in a second at 50/s).
             return Deferral(self._wall() + turn - min(PACE_LEAD, self.max_wait / 2), "pace")
-        deferral = self._suspended()  # suspended while this message waited in line
+        # Suspended, or a cap reached, while this message waited in line: with a paced
+        # line every message in it passed the cap's check before the first was counted.
+        deferral = self._suspended() or (None if again else self.caps.reached())
         if deferral is not None:
             return deferral
         if not again:

@@ -88,6 +88,20 @@ def test_hourly_cap_defers_until_the_oldest_minute_leaves_the_hour() -> None:
     assert took(s.turn())
 
 
+@pytest.mark.timeout(10)
+def test_a_cap_reached_while_messages_wait_in_line_holds_them_back() -> None:
+    """Regression: the cap was checked only on joining the paced line, so every message
+    already in it went out (60 sent against a warm-up cap of 25). Real clocks: the turns
+    wait on the gevent timer (5 ms apart)."""
+    s = ProviderShaper("example.net", limits(rate=200.0, hourly=3), UNPACED, 1.0)
+    turns = [gevent.spawn(s.turn) for _ in range(6)]
+    gevent.joinall(turns, timeout=5, raise_error=True)
+    taken = [g.value for g in turns if took(g.value)]
+    held = [g.value for g in turns if not took(g.value)]
+    assert len(taken) == 3 and s.sent_today == 3
+    assert len(held) == 3 and all(d.reason == "hourly limit" for d in held)
+
+
 def test_a_turn_taken_again_is_not_counted_twice() -> None:
     s, _ = shaper(limits(hourly=3))
     for _ in range(3):
