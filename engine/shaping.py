@@ -55,7 +55,6 @@ log = logging.getLogger("mailengine.shaping")
 __all__ = ["BLOCK", "CLEAN", "PUSHBACK", "Deferral", "ProviderShaper", "Shaping", "ShapingPlan",
            "Verdict", "plan_for"]
 
-PACE_LEAD = 1.0  # s: a message deferred for the pace comes back this much before its turn
 RATE_WINDOW = 10.0  # s: the window of the current rate
 
 
@@ -117,10 +116,7 @@ class ProviderShaper:
             return deferral
         turn = self.pacer.wait_for_turn(self.max_wait, first)
         if isinstance(turn, float):
-            # Back from the spool a little before the turn: due exactly at it, the
-            # supervisor's tick and the hand-over made it late, and the pace lost a
-            # fifth of a second's mail every max_wait (a dip to 42 in a second at 50/s).
-            return Deferral(self._wall() + turn - min(PACE_LEAD, self.max_wait / 2), "pace")
+            return Deferral(self._wall() + self._back_in(turn), "pace")
         # Suspended, or a cap reached, while this message waited in line: with a paced
         # line every message in it passed the cap's check before the first was counted.
         deferral = self._suspended() or (None if again else self.caps.reached())
@@ -130,6 +126,17 @@ class ProviderShaper:
             self.caps.count()
             self._recent.append(self._clock())
         return turn
+
+    def _back_in(self, turn: float) -> float:
+        """When a message whose turn is `turn` seconds away (more than max_wait) should be
+        back from the spool: max_wait/2 before its turn, to join the line while half of
+        it is still ahead. Those sent back together are all told the first turn past the
+        line and come back together: whatever the rate is by then, they fill the line
+        again. Regression: due a second before that turn, they came back too late for a
+        rate that rose meanwhile (a recovery after a push-back, a probe): the line ran dry
+        for a second after every push-back. (Due exactly at it, the supervisor's tick and
+        the hand-over made them late: a dip to 42 in a second at 50/s.)"""
+        return turn - self.max_wait / 2
 
     @property
     def suspended(self) -> bool:

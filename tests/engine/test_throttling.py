@@ -269,7 +269,10 @@ def test_two_sending_ips_each_get_their_own_limit(
     together = rate(both, *overlap)
     report("two-ips", limit_per_ip=LIMIT, **{f"last_third_{ip}": r for ip, r in figures.items()},
            together=together, throttles=sink.throttled)
-    assert together > 1.4 * LIMIT  # each IP its own limit: well above one IP's
+    # Each IP its own limit: both at once take more than one bucket could ever give
+    # (LIMIT + 2 bursts over the overlap, ~20.4/s); ~24/s measured, each IP ~12/s overall
+    # (the low first estimate of a bucket with so small a burst: the module's docstring).
+    assert together > 1.1 * (LIMIT + 2 * BURST / (overlap[1] - overlap[0]))
     # 451 keeps the connection: no reconnect per throttle (5 connections per IP at most).
     assert sink.connections <= 10
 

@@ -75,8 +75,9 @@ def test_against_a_fixed_window_in_words_no_rule_knows() -> None:
 def test_a_limit_that_halves_then_doubles_back_is_followed_within_10_s(change: float,
                                                                       limit: float) -> None:
     """40/s, halved after 20 s, doubled back after 40 s: within 10 s of each change the
-    delivered rate (over 3 s, as bench/shaping_sim.py measures it) is within 10% of the new
-    limit, and it stays there until the next change."""
+    delivered rate is within 10% of the new limit, over the next 10 s (as
+    bench/shaping_sim.py measures it: on the real clock a probe draining the bucket's burst
+    shows in a shorter window) and over the 3 s around the 10th second."""
     t = FakeTime(0.0)
     bucket = Bucket(40.0, 40.0, t, schedule=[(20.0, 20.0), (40.0, 40.0)])
     run = SendingModel(bucket, t).send(5000, horizon=60.0)
