@@ -92,8 +92,9 @@ IP = "192.0.2.10"
 PROVIDER = "example.net"
 # A transaction on loopback, and the pool's default connections (pool.max_connections). With
 # these the model draws refusals as the real engine does in bench/shaping_sim.py (token bucket:
-# 1.75% of the messages refused here, 1.4% there; fixed window: 4.3% both): what is in flight
-# when a receiver pushes back is refused with it, so the share grows with rtt x connections.
+# 0.5% of the messages refused here, 0.4% there; fixed window: 1.7% here, 1.3% there): what is
+# in flight when a receiver pushes back is refused with it, so the share grows with
+# rtt x connections.
 RTT = 0.002  # s: from a message's turn to its reply
 CONNECTIONS = 10  # transactions in flight at most
 RETRY = 60.0  # s: an ordinary deferral waits this long (the retry schedule's first step)
