@@ -137,7 +137,7 @@ def reexec_at(rev: str, argv: list[str]) -> int:
         return 2
     snap = tempfile.mkdtemp(prefix="mailengine-bench-engine-")
     try:
-        archive = subprocess.run(["git", "-C", ROOT, "archive", full, "engine", "conf"],
+        archive = subprocess.run(["git", "-C", ROOT, "archive", full, "engine", "bin", "conf"],
                                  capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", snap], input=archive, check=True)
         env = dict(os.environ, BENCH_ENGINE_REV=full,
