@@ -290,7 +290,7 @@ def test_restore_of_a_rate_saved_mid_probe_goes_on_at_the_target() -> None:
     flood of the receiver at every such restart, until it pushed back."""
     probing = steady_at_19()
     probing.clean(3.0 + DEFAULT.probe_every, True)
-    accept(probing, 30, 8.0, 8.3)
+    accept(probing, 300, 8.0, 8.3)
     assert probing.phase == START and probing.rate > 20.0  # past the limit
     rate = AllowedRate(0, DEFAULT, 100.0)
     rate.restore(probing.learned(), 100.0)
