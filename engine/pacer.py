@@ -25,6 +25,11 @@ from engine.waiters import count_waiting
 Clock = Callable[[], float]
 BINDING = 1.0  # s: the pace "binds" while a turn had to wait within this long
 CATCH_UP = 0.01  # s: turns a late timer may still give out at once (a few at a high rate)
+# s: a turn due this soon is given at once, with nobody in line: at thousands of turns a
+# second, a wait in line and a timer per message cost the worker a quarter of its rate
+# (4,400/s against 6,200/s unpaced, loopback, 10 sessions), for a shaping finer than the
+# event loop's own.
+SLACK = 0.001
 
 
 class Pacer:
@@ -51,6 +56,10 @@ class Pacer:
         now = self._clock()
         if wait <= 0.0 and (first or not self._line):
             self._last = now
+            return self._stamp()
+        if wait <= SLACK and not self._line:  # its turn, a moment early: keeps the grid
+            self._last += self._spacing()
+            self._waited_at = now  # the pace binds all the same
             return self._stamp()
         self._waited_at = now
         waiter = AsyncResult()

@@ -12,7 +12,7 @@ from typing import Any
 import gevent
 import pytest
 
-from engine.pacer import BINDING, Pacer
+from engine.pacer import BINDING, SLACK, Pacer
 from tests.support.shaping import FakeTime
 
 
@@ -79,6 +79,17 @@ def test_at_a_high_rate_a_timer_gives_out_every_turn_due_by_then() -> None:
     greenlets = [gevent.spawn(pacer.wait_for_turn, 5.0) for _ in range(1000)]
     gevent.joinall(greenlets, timeout=5, raise_error=True)
     assert 0.19 <= time.monotonic() - started < 0.35
+
+
+def test_a_turn_due_within_slack_is_given_at_once_on_its_grid() -> None:
+    """At thousands of turns a second, a turn less than SLACK away is given at once (no
+    line, no timer), counted as the turn it is: three turns 0.5 ms apart at one instant,
+    and the fourth is 1.5 ms away."""
+    t = FakeTime(0.0)
+    pacer = pacer_of(Gap(0.0005), clock=t.clock)
+    assert [pacer.wait_for_turn(5.0) for _ in range(3)] == [0, 0, 0]
+    assert pacer.waiting == 0 and pacer.binding
+    assert pacer.expected_wait() == pytest.approx(0.0015) and 0.0015 > SLACK
 
 
 def test_without_a_spacing_no_turn_waits() -> None:
