@@ -20,8 +20,6 @@ from typing import Any
 import gevent
 from gevent.event import AsyncResult
 
-from engine.waiters import count_waiting
-
 Clock = Callable[[], float]
 BINDING = 1.0  # s: the pace "binds" while a turn had to wait within this long
 CATCH_UP = 0.01  # s: turns a late timer may still give out at once (a few at a high rate)
@@ -42,6 +40,9 @@ class Pacer:
         self._clock = clock
         self._stamp = stamp  # what a turn is stamped with when given (engine.shaping: epoch)
         self._last = -1e18  # when the last turn was given
+        # Those waiting for a turn, in order. A waiter leaves the line before it is
+        # answered, so its length is how many wait (counting the unanswered ones at every
+        # turn cost O(line) per message).
         self._line: deque[AsyncResult] = deque()
         self._timer: Any = None
         self._waited_at = -1e18  # when a turn last had to wait
@@ -83,7 +84,7 @@ class Pacer:
         if gap <= 0.0 and (first or not self._line):
             return 0.0
         free = max(0.0, self._last + gap - self._clock())
-        return free if first else free + self._time_for(count_waiting(self._line))
+        return free if first else free + self._time_for(len(self._line))
 
     @property
     def binding(self) -> bool:
@@ -93,7 +94,7 @@ class Pacer:
 
     @property
     def waiting(self) -> int:
-        return count_waiting(self._line)
+        return len(self._line)
 
     def changed(self, max_wait: float, restart: bool = False) -> None:
         """The spacing changed: the first in line goes at its new time, and those whose
@@ -109,17 +110,16 @@ class Pacer:
         self._arm()
 
     def shed(self, max_wait: float) -> None:
+        """Those in line whose turn is now more than `max_wait` away leave it (the turns
+        only grow along the line: the tail leaves), told the first turn past the line."""
         free = max(0.0, self._last + self._spacing() - self._clock())
-        position = 0
-        for waiter in list(self._line):
-            if waiter.ready():
-                continue
-            wait = free + self._time_for(position)
-            if wait > max_wait:
-                self._line.remove(waiter)
-                waiter.set(float(wait))
-            else:
-                position += 1
+        keep = 0
+        while keep < len(self._line) and free + self._time_for(keep) <= max_wait:
+            keep += 1
+        wait = float(free + self._time_for(keep))
+        gone = [self._line.pop() for _ in range(len(self._line) - keep)]
+        for waiter in reversed(gone):
+            waiter.set(wait)
 
     def _arm(self) -> None:
         """A timer for the first in line's turn, unless one runs."""

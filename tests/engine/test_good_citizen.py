@@ -63,7 +63,8 @@ def test_slow_start_costs_a_willing_receiver_next_to_nothing(
         sink_with: Callable[[limits.Policy], SinkServer],
         local_engine: Callable[..., LocalEngine]) -> None:
     """The same 1,500 messages to the same receiver with and without slow start: the growth is
-    clocked by the replies, so the receiver is at full speed within a second or two."""
+    clocked by the replies (e-fold every 20 ms by default), so the receiver is at full speed
+    at once: ~0.1 s more here (it cost a second with growth 5 per reply)."""
     took = {}
     for slow_start in (False, True):
         sink = sink_with(limits.Open())
@@ -75,7 +76,7 @@ def test_slow_start_costs_a_willing_receiver_next_to_nothing(
             assert state(engine)["phase"] == "start" and state(engine)["throttles"] == 0
         engine.stop()
     print(f"\n[slow-start] without {took[False]:.2f} s, with {took[True]:.2f} s")
-    assert took[True] <= took[False] * 1.3 + 1.0
+    assert took[True] <= took[False] * 1.2 + 0.3
 
 
 def test_push_back_in_words_no_rule_knows_is_recognised_by_behaviour(
