@@ -49,9 +49,9 @@ HOST_CACHE_SIZE = 10000
 
 
 Report = Callable[[list[Attempt]], None]
-# One transaction's results, the connection's TLS version and whether it was reused, and
-# the epoch of the turn it went out on (engine.shaping).
-_Sent = tuple[list[RcptResult], str | None, bool, int]
+# One transaction's results, the connection's TLS version and whether it was reused, the
+# epoch of the turn it went out on (engine.shaping), and its time in seconds.
+_Sent = tuple[list[RcptResult], str | None, bool, int, float]
 
 
 class Deliverer:
@@ -152,8 +152,8 @@ class Deliverer:
                 continue
             if isinstance(sent, Deferral):
                 return self._not_now(task, rcpts, provider, sent), False
-            results, tls, reused, epoch = sent
-            verdict = self._judge(shaper, [r.reply for r in results], provider, epoch)
+            results, tls, reused, epoch, seconds = sent
+            verdict = self._judge(shaper, [r.reply for r in results], provider, epoch, seconds)
             return self._outcomes(task, results, host.name, provider, tls, reused, shaper,
                                   verdict), True
         assert last is not None
@@ -201,8 +201,9 @@ class Deliverer:
                     stale = err
                     tries += 1
                     continue
-                self.metrics.timing("transaction", provider, (time.monotonic() - started) * 1000.0)
-                return results, conn.tls_version, reused, epoch
+                seconds = time.monotonic() - started
+                self.metrics.timing("transaction", provider, seconds * 1000.0)
+                return results, conn.tls_version, reused, epoch, seconds
         assert stale is not None
         raise stale
 
@@ -220,10 +221,10 @@ class Deliverer:
         return pool
 
     def _judge(self, shaper: ProviderShaper, replies: list[Reply], provider: str,
-               epoch: int) -> Verdict:
+               epoch: int, seconds: float | None = None) -> Verdict:
         """What the replies say about the pace (engine.shaping.ProviderShaper.judge); a first
         refusal waits here, holding no connection, for the next transaction's verdict."""
-        verdict = shaper.judge(replies, epoch)
+        verdict = shaper.judge(replies, epoch, seconds)
         if verdict.pending:
             verdict = shaper.verdict()
         if verdict.trigger is not None:

@@ -4,21 +4,22 @@ A receiver's limit is found the way TCP finds a path's capacity, clocked by its 
 
 - **start** (slow start): nothing learned yet. The rate starts at `throttle.start_rate` and,
   while the pace is what holds mail back (`binding`: turns had to wait), every clean reply
-  adds `throttle.growth` messages/s to it, as TCP's window grows by a segment per
-  acknowledgement: the rate grows e-fold every 1/growth seconds of clean replies (20 ms by
-  default), so a willing receiver is at full speed at once (the loopback benchmarks keep
-  their figures), and what goes past a slow one's limit before it pushes back is what is in
-  flight then. The configured `rate` caps it. (Regressions: growing by a fraction per reply,
-  with replies coming at the rate, blew up in finite time; growing 5/s per reply cost the
-  loopback benchmarks 40%.)
+  raises it, as TCP's window grows by a segment per acknowledgement and so doubles every
+  round trip: replies come at the rate, so each adds ln 2 / the transaction time (smoothed),
+  and `throttle.growth` messages/s at least. A fast willing receiver is at full speed within
+  tens of milliseconds (the loopback benchmarks keep their figures), a slow one sees the rate
+  grow at its own pace, and what goes past a limit before the receiver pushes back is what
+  is in flight then. The configured `rate` caps it. (Regressions: growing by a fraction per
+  reply blew up in finite time; a fixed 5/s per reply cost the loopback benchmarks 40%.)
 - **push-back** (a throttle rule, or refusals recognised by behaviour: engine.pushback),
   answered once per episode (engine.shaping counts only refusals of mail sent since the last
   answer). The receiver's limit is estimated as what it accepted since the last push-back,
   per second: the last push-back found its bucket empty (or its window used up), so what it
   let through since is what it refills, a token bucket's rate or a fixed window's average.
-  The allowed rate goes to 95% of that estimate. Too little accepted to tell (refused at
-  once): the rate is multiplied by `throttle.decrease` instead, and that is taken as the
-  limit until a probe says more.
+  The allowed rate goes to 95% of that estimate (over a second at least: what a fast slow
+  start got through in a tenth of one is that many per second). Too little accepted to
+  tell (refused at once): the rate is multiplied by `throttle.decrease` instead, and that is
+  taken as the limit until a probe says more.
 - **backoff**: after a push-back that found the limit lower (or none to go by), only probes
   go out, one every `throttle.probe_interval`, until one is accepted: a window that is used up
   is not knocked on at the full rate. A backoff that lasts probes more rarely (a fifth of the
@@ -55,7 +56,11 @@ RISING_PROBE = 1.0  # s: the next probe after one that found the limit higher
 # on every five minutes by then, not every second.
 PROBE_STRETCH = 0.2
 PROBE_MAX = 300.0
-PROBE_SHARE = 0.01  # a probe above a known limit grows this fraction as fast as slow start
+PROBE_SHARE = 0.1  # a probe above a known limit grows this fraction of throttle.growth
+SMOOTHING = 0.125  # of a new transaction time in the smoothed one (TCP's SRTT gain)
+# Accepted in less than MIN_SPAN, this many messages say the limit is that many per MIN_SPAN
+# at least (what a fast slow start got through before the first push-back).
+PADDED = 10  # messages
 
 
 class AllowedRate:
@@ -78,6 +83,7 @@ class AllowedRate:
         self._rising = False  # the last probe found the limit higher: probe again soon
         self._backoff_since = now
         self._probe_gap = throttle.probe_interval  # between probes in backoff
+        self._transaction: float | None = None  # s: a transaction's time, smoothed
 
     # -- what the shaper asks ------------------------------------------------------------
 
@@ -108,15 +114,26 @@ class AllowedRate:
 
     @property
     def growth(self) -> float:
-        """Messages/s a clean reply adds in the start phase: slow start's with nothing
-        learned, a probe's (PROBE_SHARE of it) above a known limit."""
-        return self.throttle.growth * (1.0 if self.limit is None else PROBE_SHARE)
+        """Messages/s a clean reply adds in the start phase. Slow start's (nothing learned):
+        enough to double the rate every transaction time, as TCP's window doubles every
+        round trip (replies come at the rate: ln 2 / the transaction time per reply), and
+        `throttle.growth` at least; a probe's above a known limit: PROBE_SHARE of
+        `throttle.growth`."""
+        if self.limit is not None:
+            return self.throttle.growth * PROBE_SHARE
+        if self._transaction:
+            return max(self.throttle.growth, math.log(2) / self._transaction)
+        return self.throttle.growth
 
     # -- what the shaper tells -------------------------------------------------------------
 
-    def clean(self, now: float, binding: bool) -> None:
-        """A delivery accepted; `binding`: turns waited for the pace lately."""
+    def clean(self, now: float, binding: bool, seconds: float | None = None) -> None:
+        """A delivery accepted; `binding`: turns waited for the pace lately; `seconds`: the
+        transaction's time, turn to final reply."""
         self._accepted += 1
+        if seconds is not None and seconds > 0:
+            self._transaction = seconds if self._transaction is None else \
+                self._transaction + SMOOTHING * (seconds - self._transaction)
         if self.phase == BACKOFF:  # the probe went through: send again
             self.phase = STEADY
             self._steady_since = now
@@ -187,11 +204,12 @@ class AllowedRate:
 
     def _estimate(self, now: float) -> float | None:
         """Messages accepted per second since the anchor (the last push-back, or the start
-        of the growth that led here); None with too little to go by (MIN_ACCEPTED messages
-        over MIN_SPAN)."""
-        if self._accepted < MIN_ACCEPTED or now - self._anchor < MIN_SPAN:
+        of the growth that led here): over MIN_SPAN at least, with PADDED messages or more
+        in a shorter span; None with too little to go by."""
+        span = now - self._anchor
+        if self._accepted < MIN_ACCEPTED or (span < MIN_SPAN and self._accepted < PADDED):
             return None
-        return self._accepted / (now - self._anchor)
+        return self._accepted / max(span, MIN_SPAN)
 
     def _regain(self, now: float) -> None:
         """Steady: recover towards the target, hold it, and probe above it now and then."""

@@ -150,11 +150,13 @@ class ProviderShaper:
 
     # -- learning from replies -----------------------------------------------------
 
-    def judge(self, replies: Sequence[Reply], epoch: int) -> Verdict:
+    def judge(self, replies: Sequence[Reply], epoch: int,
+              seconds: float | None = None) -> Verdict:
         """What the replies to one transaction (or a connection's failure) say about the
         pace; the shaper adapts to them. `epoch`: the message's turn's (see `epoch`): the
-        refusal of mail sent before the last answer to a push-back says nothing new. Never
-        waits (see `Verdict.pending`)."""
+        refusal of mail sent before the last answer to a push-back says nothing new;
+        `seconds`: the transaction's time (slow start's clock). Never waits (see
+        `Verdict.pending`)."""
         now = self._clock()
         fresh = epoch == self.epoch
         refused = [reply for reply in replies if not reply.ok]
@@ -166,7 +168,7 @@ class ProviderShaper:
             self._throttled(rule, now, fresh)
             return self._counted(Verdict(f"rule:{rule.name}"))
         if len(refused) < len(replies):
-            self._accepted(now, fresh)
+            self._accepted(now, fresh, seconds)
             return CLEAN
         if refused and all(classify.refusal(reply) for reply in refused):
             if self.pushback.refusal(now):
@@ -204,14 +206,14 @@ class ProviderShaper:
         wait = max(self.suspended_until - now, self.pacer.expected_wait(first=True))
         return self._wall() + max(wait, self.throttle.retry_after)
 
-    def _accepted(self, now: float, fresh: bool) -> None:
+    def _accepted(self, now: float, fresh: bool, seconds: float | None) -> None:
         """A transaction accepted. Only mail sent since the last push-back tells the rate
         anything (a stale success must not end a backoff, nor count in the estimate)."""
         self.pushback.accepted(now)
         if not fresh:
             return
         before = self.rate.spacing()
-        self.rate.clean(now, self.pacer.binding)
+        self.rate.clean(now, self.pacer.binding, seconds)
         if self.rate.spacing() != before:  # faster (a probe accepted ends the backoff): now
             self.pacer.changed(self.max_wait)
 

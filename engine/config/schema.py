@@ -218,7 +218,7 @@ class ThrottleConfig:
 
     slow_start: bool = True  # a provider with no learned rate starts at start_rate and grows
     start_rate: float = 20.0  # messages/s where slow start begins
-    growth: float = 50.0  # slow start: messages/s each clean reply adds (e-fold per 1/growth s)
+    growth: float = 5.0  # slow start: messages/s each clean reply adds at least (see engine.rate)
     decrease: float = 0.5  # on push-back, the allowed rate drops to this times itself (at most)
     increase: float = 0.5  # messages/s added back per second of clean sending, at least
     min_rate: float = 0.05  # never below this many messages per second

@@ -266,7 +266,8 @@ class SendingModel:
             run.delivered.append(now)
             self.pushback.accepted(now)
             if fresh:
-                self.rate.clean(now, self._pace_waits or now - self._waited_at < BINDING)
+                self.rate.clean(now, self._pace_waits or now - self._waited_at < BINDING,
+                                self.rtt)
             self._verdicts(run)
             return
         run.refused.append(now)

@@ -99,7 +99,7 @@ def test_empty_section_takes_all_its_defaults() -> None:
 def test_throttle_takes_documented_defaults() -> None:
     throttle = from_dict(minimal()).throttle
     assert throttle == config.ThrottleConfig()
-    assert (throttle.slow_start, throttle.start_rate, throttle.growth) == (True, 20.0, 50.0)
+    assert (throttle.slow_start, throttle.start_rate, throttle.growth) == (True, 20.0, 5.0)
     assert (throttle.decrease, throttle.increase, throttle.min_rate) == (0.5, 0.5, 0.05)
     assert (throttle.probe_interval, throttle.probe_every, throttle.pushback_after) == (
         1.0, 5.0, 2)

@@ -10,6 +10,7 @@ from engine.config import ThrottleConfig
 from engine.rate import (
     BACKOFF,
     MIN_SPAN,
+    PADDED,
     PROBE_SHARE,
     RECOVERY,
     START,
@@ -132,16 +133,41 @@ def test_in_backoff_further_pushbacks_change_nothing() -> None:
     assert (rate.learned(), rate.phase, rate.spacing()) == before
 
 
-def test_an_estimate_needs_a_span_of_min_span() -> None:
-    """10 accepted in 0.1 s say nothing of a limit (not 100/s): the push-back is treated as
-    one at first contact, a decrease and a guess that the next probe soon corrects."""
+def test_slow_start_doubles_the_rate_every_transaction_time_on_a_fast_receiver() -> None:
+    """As TCP's window doubles every round trip: replies come at the rate, so each adds
+    ln 2 / the transaction time (smoothed), and throttle.growth at least. On loopback (2 ms)
+    that is 347/s per reply: 5,000/s within ~20 ms, where growth 1 would take 6 s."""
     rate = AllowedRate(0, DEFAULT, 0.0)
-    accept(rate, 10, 0.0, 0.1)
+    rate.clean(0.0, True, seconds=0.002)
+    assert rate.rate == pytest.approx(10.0 + math.log(2) / 0.002)
+    rate.clean(0.001, True, seconds=0.004)  # smoothed: 2 ms + 1/8 of the 2 ms more
+    assert rate.growth == pytest.approx(math.log(2) / 0.00225)
+    slow = AllowedRate(0, DEFAULT, 0.0)
+    slow.clean(0.0, True, seconds=2.0)  # a slow receiver: throttle.growth at least
+    assert slow.rate == pytest.approx(10.0 + DEFAULT.growth)
+
+
+def test_a_few_accepted_in_a_short_span_say_nothing_of_a_limit() -> None:
+    """5 accepted in 0.1 s (fewer than PADDED) say nothing of a limit (not 50/s): the
+    push-back is treated as one at first contact, a decrease and a guess that the next probe
+    soon corrects."""
+    rate = AllowedRate(0, DEFAULT, 0.0)
+    accept(rate, PADDED - 5, 0.0, 0.1)
     grown = rate.rate
     rate.pushback(0.1)
     assert rate.phase == BACKOFF
     assert rate.rate == pytest.approx(DEFAULT.decrease * grown)
     assert rate.limit == pytest.approx(rate.rate / TARGET)
+
+
+def test_many_accepted_in_a_short_span_are_counted_over_min_span() -> None:
+    """A fast slow start got 44 through in 0.1 s (a bucket of 40/s and its burst of 40): the
+    limit is 44 per MIN_SPAN at least, not 440/s, nor a decrease of the ramp's rate."""
+    rate = AllowedRate(0, DEFAULT, 0.0)
+    accept(rate, 44, 0.0, 0.1)
+    rate.pushback(0.1)
+    assert rate.limit == pytest.approx(44 / MIN_SPAN)
+    assert rate.rate == pytest.approx(TARGET * 44 / MIN_SPAN)
 
 
 def test_an_estimate_over_min_span_is_taken_as_the_limit() -> None:
