@@ -18,7 +18,8 @@ The targets (issue "A good citizen at any receiver") are checked and printed: to
 floor; fixed window 100 per 10 s answering 450 4.7.1 in words no rule knows, 300 messages: at
 most 8%, within 1.3x; a limit that halves and doubles back: within 10 s of each change the
 delivered rate within 10% of the new limit; a worker killed mid-run: refusals after the
-restart at most 1% of the messages; two providers, one throttling: the other's rate as alone.
+restart at most 1% of the messages; two providers, one throttling: the other's rate as when
+neither throttles (the same jobs, so the same work for the engine).
 """
 from __future__ import annotations
 
@@ -80,6 +81,8 @@ SCENARIOS = [
              lambda: limits.RateLimit(40.0, 40.0), 1200, 40.0, kill_worker_at=1 / 3),
     Scenario("two-providers", "token bucket 40/s at one provider, none at another",
              lambda: limits.RateLimit(40.0, 40.0), 600, 40.0, other_provider=1200),
+    Scenario("two-open", "the same two providers, neither throttling (two-providers' baseline)",
+             lambda: limits.Open(), 600, 0.0, other_provider=1200),
 ]
 
 
@@ -245,11 +248,12 @@ def checks(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
                     and "block" in bl["triggers"],
                     f"{bl['delivered']} delivered, {bl['bounced']} bounced, "
                     f"{bl['refusals']} refusals, triggers {bl['triggers']}"))
-    tp, op = results.get("two-providers"), results.get("open")
-    if tp and op:
-        out.append(("two providers: the other's rate as alone (within 20%)",
-                    tp["other_rate"] >= 0.8 * op["rate"],
-                    f"{tp['other_rate']:.0f}/s beside a throttling one, {op['rate']:.0f}/s alone"))
+    tp, base = results.get("two-providers"), results.get("two-open")
+    if tp and base:  # the same jobs, the same engine's work: only the throttling differs
+        out.append(("two providers: the other's rate unchanged by the throttling (within 20%)",
+                    tp["other_rate"] >= 0.8 * base["other_rate"],
+                    f"{tp['other_rate']:.0f}/s beside a throttling one, "
+                    f"{base['other_rate']:.0f}/s beside one that does not throttle"))
     return out
 
 

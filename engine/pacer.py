@@ -113,9 +113,15 @@ class Pacer:
         """Those in line whose turn is now more than `max_wait` away leave it (the turns
         only grow along the line: the tail leaves), told the first turn past the line."""
         free = max(0.0, self._last + self._spacing() - self._clock())
-        keep = 0
-        while keep < len(self._line) and free + self._time_for(keep) <= max_wait:
-            keep += 1
+        # How many keep their place: a binary search, since this runs at every change of
+        # the rate (every reply in slow start), and a scan of the line was O(line) a reply.
+        keep, beyond = 0, len(self._line)
+        while keep < beyond:
+            middle = (keep + beyond) // 2
+            if free + self._time_for(middle) <= max_wait:
+                keep = middle + 1
+            else:
+                beyond = middle
         wait = float(free + self._time_for(keep))
         gone = [self._line.pop() for _ in range(len(self._line) - keep)]
         for waiter in reversed(gone):
