@@ -139,7 +139,8 @@ class DestinationPool:
                 return conn, conn.messages_sent > 0  # one opened ahead has carried nothing
             self.health.raise_if_backing_off()
             gated = False
-            if self.ahead.on_its_way(count_waiting(self._waiters)):
+            # (count_waiting walks the line: only when a connect ahead runs at all)
+            if self.ahead.running and self.ahead.on_its_way(count_waiting(self._waiters)):
                 pass  # a connection opened ahead is on its way and nobody else waits for it
             elif self.open < self.health.max_connections() and not (
                     self.health.probing and self._connecting):
