@@ -120,9 +120,10 @@ finish a few milliseconds early or late around its edges.
 Found by this benchmark and fixed: mail queued beyond `shaping.max_wait` goes back to the spool,
 due when its turn comes; due exactly then, the supervisor's tick and the hand-over brought it
 back a fraction of a second late, and the pace lost that much mail every `max_wait` (the same
-run measured -0.53%, one second at 42 instead of 50). It now comes back a second early
-(`PACE_LEAD`). At `--rate 200 --seconds 20` the rate held exactly too (200.00 msg/s, every
-second 200).
+run measured -0.53%, one second at 42 instead of 50). It now comes back `max_wait`/2 before its
+turn (`ProviderShaper._back_in`; first a second early, which was too late for a rising
+rate). At `--rate 200 --seconds 20` the rate held exactly too (200.00 msg/s, every second
+200).
 """
 
 

@@ -665,10 +665,31 @@ def write(results: dict[str, Any]) -> str:
     if os.path.exists(FINDINGS):
         with open(FINDINGS, encoding="utf-8") as f:
             parts.append('<a id="findings"></a>\n\n' + f.read().strip())
+    parts += _kept_sections()
     text = "\n\n".join(p for p in parts if p) + "\n"
     with open(DOC, "w", encoding="utf-8") as f:
         f.write(text)
     return DOC
+
+
+# Sections other benchmarks write into the same page (bench/rate_accuracy.py --docs,
+# bench/shaping_sim.py --docs): kept as they are when this report is rendered again.
+OTHER_SECTIONS = ("## Rate accuracy (shaping)", "## Shaping simulator")
+
+
+def _kept_sections() -> list[str]:
+    try:
+        with open(DOC, encoding="utf-8") as f:
+            doc = f.read()
+    except OSError:
+        return []
+    kept = []
+    for heading in OTHER_SECTIONS:
+        start = doc.find(heading + "\n")
+        if start >= 0:
+            end = doc.find("\n## ", start + len(heading))
+            kept.append(doc[start:end if end >= 0 else len(doc)].strip())
+    return kept
 
 
 def _anchor(section: str) -> str:

@@ -37,6 +37,7 @@ The decisions, by where they are taken:
 from __future__ import annotations
 
 import fnmatch
+import re
 import smtplib
 import socket
 import ssl
@@ -136,6 +137,56 @@ def _matches(rule: ThrottleRule, provider: str, reply: Reply) -> bool:
     return rule.pattern is None or rule.pattern.search(reply.text) is not None
 
 
+# -- push-back by behaviour, and blocks -------------------------------------------------
+
+# Greylisting says "try again later" to a first contact: it is not about our pace.
+_GREYLISTING = re.compile(r"gr[ae]y[ -]?list", re.IGNORECASE)
+# How the engine words a connection the server closed (translate): a server that hangs up
+# on us is pushing back as surely as one that says so.
+HUNG_UP = "connection lost"
+
+
+def refusal(reply: Reply) -> bool:
+    """Whether a refused transaction (every recipient, or the connection) may be the
+    provider pushing back on our pace, whatever its words (engine.pushback decides, from
+    how many come in a row after mail was accepted).
+
+    Yes: a server's 4xx at the banner, EHLO, MAIL, RCPT or DATA, and a server closing the
+    connection on us. No: what is about the mailbox (4.2.x: full, busy, disabled) or the
+    address (4.1.x), greylisting, a 5xx (a refusal, not a pace), and the engine's own
+    failures (DNS, timeouts, TLS, its own deadlines and policies)."""
+    if not reply.transient:
+        return False
+    if reply.made_here:
+        return reply.text.startswith(HUNG_UP)
+    if reply.status.startswith(("4.1.", "4.2.")):
+        return False
+    return _GREYLISTING.search(reply.text) is None
+
+
+# A block of the sending IP, not of this message: a block list, a reputation block, a ban.
+_BLOCKED = re.compile(
+    r"blocked using|listed (at|in|on|by)|\b(spamhaus|spamcop|barracuda(central)?|sorbs|"
+    r"uceprotect|spamrats|blocklist\.de)\b|poor reputation|"
+    r"\b(client host|your (ip|host|server|network|mail server)|sending ip|ip address|\bip\b|"
+    r"\[\d{1,3}(\.\d{1,3}){3}\]).{0,60}\b(is |are |has been |was )?(blocked|blacklisted|"
+    r"blocklisted|denylisted|banned|listed)\b", re.IGNORECASE)
+
+
+def block(reply: Reply) -> bool:
+    """Whether a refusal says the sending IP is blocked or listed (`554 5.7.1 Service
+    unavailable; Client host [x] blocked using zen.spamhaus.org`, Microsoft's 5.7.606-649
+    "banned sending IP"): no recipient is at fault, and retrying at once only burns their
+    tries and the IP's standing. engine.shaping suspends the IP x provider instead
+    (`throttle.block_suspend`)."""
+    if reply.ok or reply.made_here:
+        return False
+    status = reply.status
+    if status.startswith("5.7.6") and status[6:].isdigit() and 606 <= int(status[4:]) <= 649:
+        return True
+    return _BLOCKED.search(reply.text) is not None
+
+
 # -- inside a transaction ---------------------------------------------------------------
 
 
@@ -179,7 +230,7 @@ def data_refusal(reply: Reply) -> Reply | None:
     if reply.code == 354:
         return None
     if reply.ok:
-        raise TransientError(Reply(451, "4.5.0", f"protocol error: {reply.code} reply to"
+        raise TransientError(Reply.local(451, "4.5.0", f"protocol error: {reply.code} reply to"
                                    " DATA, where 354 was expected"), "DATA")
     return reply
 
@@ -216,7 +267,7 @@ def failed_transaction(err: DeliveryError, reused: bool, mail: Reply | None,
         # server took nothing, so the loss is neither ambiguous nor the reply.
         return mail, False
     if data_sent:
-        return Reply(451, "4.4.2", f"{err.reply.text}; the message may have been"
+        return Reply.local(451, "4.4.2", f"{err.reply.text}; the message may have been"
                                    " delivered (no reply to the final dot)"), True
     return err.reply, False
 
@@ -224,7 +275,7 @@ def failed_transaction(err: DeliveryError, reused: bool, mail: Reply | None,
 def no_final_reply() -> Reply:
     """A message handed on with its connection whose final reply was never read (the
     connection closed first): deferred, ambiguous."""
-    return Reply(451, "4.4.2", "connection lost before the reply to the final dot; the"
+    return Reply.local(451, "4.4.2", "connection lost before the reply to the final dot; the"
                                " message may have been delivered")
 
 
@@ -232,14 +283,14 @@ def deadline_passed(name: str, seconds: float, command: str) -> Reply:
     """A deadline over several phases ("setup", "transaction") ran out in `command`:
     deferred, like a timeout."""
     where = f" (in {command})" if command else ""
-    return Reply(451, "4.4.2", f"{name} took longer than {seconds:g}s{where}")
+    return Reply.local(451, "4.4.2", f"{name} took longer than {seconds:g}s{where}")
 
 
 def cannot_convert(why: str) -> DeliveryError:
     """An 8-bit message for a server without 8BITMIME that cannot be converted to 7-bit
     (engine.downgrade): bounced, 554 5.6.3, before MAIL; the message is to blame, so no
     other MX host is tried."""
-    return error_for(Reply(554, "5.6.3", "8-bit message, the server does not offer"
+    return error_for(Reply.local(554, "5.6.3", "8-bit message, the server does not offer"
                            f" 8BITMIME, and conversion to 7-bit is not possible: {why}"),
                      "MAIL", Blame.MESSAGE)
 
@@ -247,14 +298,14 @@ def cannot_convert(why: str) -> DeliveryError:
 def needs_smtputf8() -> DeliveryError:
     """Addresses that need SMTPUTF8, for a server that does not offer it (RFC 6531):
     bounced, 553 5.6.7; the message is to blame."""
-    return error_for(Reply(553, "5.6.7", "address needs SMTPUTF8, which the server"
+    return error_for(Reply.local(553, "5.6.7", "address needs SMTPUTF8, which the server"
                            " does not offer"), "MAIL", Blame.MESSAGE)
 
 
 def unsafe_envelope() -> DeliveryError:
     """CR, LF or NUL in an envelope address or parameter (it could inject commands):
     bounced, 501 5.1.3, nothing sent; the message is to blame."""
-    return error_for(Reply(501, "5.1.3", "CR, LF or NUL in an envelope field refused"),
+    return error_for(Reply.local(501, "5.1.3", "CR, LF or NUL in an envelope field refused"),
                      "MAIL", Blame.MESSAGE)
 
 
@@ -271,14 +322,14 @@ def turned_away(reply: Reply, command: str) -> DeliveryError:
 def tls_not_offered(host: str) -> TransientError:
     """TLS is required (smtp.tls `required` or `verify`) and `host` does not offer
     STARTTLS: deferred, the next MX host is tried."""
-    return TransientError(Reply(451, "4.7.4", f"TLS is required, but {host} does not offer"
+    return TransientError(Reply.local(451, "4.7.4", f"TLS is required, but {host} does not offer"
                                 " STARTTLS"), "EHLO")
 
 
 def tls_refused(host: str, reply: Reply) -> TransientError:
     """TLS is required and `host` refused STARTTLS (454 and friends, fine for opportunistic
     TLS): deferred, the next MX host is tried."""
-    return TransientError(Reply(451, "4.7.5", f"TLS is required, but {host} refused"
+    return TransientError(Reply.local(451, "4.7.5", f"TLS is required, but {host} refused"
                                 f" STARTTLS: {reply}"), "STARTTLS")
 
 
@@ -306,20 +357,20 @@ def refused_at_every_host(reply: Reply) -> Reply:
     host's. A 5xx at every door (554 banner: often a blocklist of our IP) says nothing
     final about the recipients: deferred 451 4.4.0, never bounced."""
     if reply.permanent:
-        return Reply(451, "4.4.0", f"no MX host would take the mail; last said: {reply}")
+        return Reply.local(451, "4.4.0", f"no MX host would take the mail; last said: {reply}")
     return reply
 
 
 def not_yet(provider: str, reason: str) -> Reply:
     """Shaping keeps the recipients waiting for the provider's turn (a pace, a cap, a
     suspension: `reason`): deferred 451 4.4.5, not attempted."""
-    return Reply(451, "4.4.5", f"not sent yet: {provider} {reason} for this IP")
+    return Reply.local(451, "4.4.5", f"not sent yet: {provider} {reason} for this IP")
 
 
 def internal_error(exc: BaseException) -> Reply:
     """A bug of ours while delivering a domain's recipients: deferred 451 4.3.0, never lost
     or bounced."""
-    return Reply(451, "4.3.0", f"internal error: {type(exc).__name__}: {exc}"[:300])
+    return Reply.local(451, "4.3.0", f"internal error: {type(exc).__name__}: {exc}"[:300])
 
 
 # -- the MX lookup ----------------------------------------------------------------------
@@ -378,20 +429,21 @@ def translate(exc: BaseException, command: str, timeout: float) -> DeliveryError
     TlsError (engine.connector retries in plaintext or without the check); an exception
     not known here is a bug of ours, which must never bounce mail."""
     if isinstance(exc, ssl.SSLError) or command == "TLS":  # any handshake failure
-        return TlsError(Reply(451, "4.7.5", f"TLS failure: {short(exc)}"), command)
+        return TlsError(Reply.local(451, "4.7.5", f"TLS failure: {short(exc)}"), command)
     where = f" in {command}" if command else ""
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return TransientError(Reply(451, "4.4.2", f"timeout after {timeout:g}s{where}"), command)
+        return TransientError(Reply.local(451, "4.4.2", f"timeout after {timeout:g}s{where}"),
+                              command)
     if isinstance(exc, ConnectionRefusedError):
-        return TransientError(Reply(451, "4.4.1", "connection refused"), command)
+        return TransientError(Reply.local(451, "4.4.1", "connection refused"), command)
     if isinstance(exc, (smtplib.SMTPServerDisconnected, ConnectionError, EOFError)):
-        return TransientError(Reply(451, "4.4.2", f"connection lost{where}: {short(exc)}"),
+        return TransientError(Reply.local(451, "4.4.2", f"{HUNG_UP}{where}: {short(exc)}"),
                               command)
     if isinstance(exc, ProtocolError):
-        return TransientError(Reply(451, "4.5.0", f"protocol error: {short(exc)}"), command)
+        return TransientError(Reply.local(451, "4.5.0", f"protocol error: {short(exc)}"), command)
     if isinstance(exc, OSError):
-        return TransientError(Reply(451, "4.4.1", f"network error: {short(exc)}"), command)
-    return TransientError(Reply(451, "4.3.0", f"internal error: {type(exc).__name__}: "
+        return TransientError(Reply.local(451, "4.4.1", f"network error: {short(exc)}"), command)
+    return TransientError(Reply.local(451, "4.3.0", f"internal error: {type(exc).__name__}: "
                                               f"{short(exc)}"), command)
 
 

@@ -16,26 +16,42 @@ from dataclasses import replace
 import gevent
 
 from engine import classify
+from engine.config import ThrottleConfig
 from engine.connector import Connector
 from engine.memo import Memo
 from engine.metrics import Metrics
 from engine.mx import MxHost, Resolver
-from engine.pool import PoolKey
+from engine.pool import DestinationPool, PoolKey
 from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS, provider_of
-from engine.reply import Blame, DeliveryError
-from engine.shaping import Deferral, ProviderShaper, Shaping, ShapingPlan
+from engine.reply import Blame, DeliveryError, Reply
+from engine.shaping import (
+    BLOCK,
+    CLEAN,
+    PUSHBACK,
+    Deferral,
+    ProviderShaper,
+    Shaping,
+    ShapingPlan,
+    Verdict,
+)
 from engine.smtp import RcptResult, StaleConnection, send_mail
 
 # How many pooled connections may turn out stale for one message before the
 # host counts as failing (each costs no attempt, but must not loop for ever).
 MAX_STALE_RETRIES = 3
+# How many times a throttled recipient goes again from the worker, at its next turn, before
+# it goes back to the spool (see _deliver_domain).
+THROTTLED_TRIES = 30
 # Entries of the per-MX-host caches (provider names, pool keys) before they are emptied.
 HOST_CACHE_SIZE = 10000
 
 
 Report = Callable[[list[Attempt]], None]
+# One transaction's results, the connection's TLS version and whether it was reused, the
+# epoch of the turn it went out on (engine.shaping), and its time in seconds.
+_Sent = tuple[list[RcptResult], str | None, bool, int, float]
 
 
 class Deliverer:
@@ -50,7 +66,8 @@ class Deliverer:
         self.pools = pools
         self.metrics = metrics
         # Without a plan: the pool's connection limits per provider, no pace, no caps.
-        self.shaping = shaping or Shaping(ShapingPlan(pool=pools.settings))
+        self.shaping = shaping or Shaping(ShapingPlan(
+            pool=pools.settings, throttle=ThrottleConfig(slow_start=False)))
         self.providers = providers
         # Per MX host, worked out once rather than per message (pure functions of the
         # host; the caches are emptied when full).
@@ -75,63 +92,86 @@ class Deliverer:
 
     def _deliver_domain(self, task: Task, domain: str, rcpts: list[str],
                         report: Report) -> None:
+        """Deliver to one domain's recipients. A throttled recipient goes back into its
+        provider's line, first, and is sent again as soon as the allowed rate gives it a
+        turn (no attempt counted): after a push-back it is the probe, so one message knocks
+        while the provider refuses, not a new one each time. Each throttled try is reported
+        (its `deferred` event names the trigger) with `retried`: the worker keeps it. When
+        its next turn is not near (a suspension, a long wait), or after THROTTLED_TRIES
+        throttles in a row, it goes back to the spool, due at its turn."""
+        again = False
         try:
-            attempts = self._attempt_domain(task, domain, rcpts)
+            for _ in range(THROTTLED_TRIES):
+                attempts, retriable = self._attempt_domain(task, domain, rcpts, again)
+                if not retriable:
+                    report(attempts)
+                    return
+                retry = [replace(a, retried=True) for a in attempts if self._again(a)]
+                report([a for a in attempts if not self._again(a)] + retry)
+                if not retry:
+                    return
+                rcpts, again = [a.rcpt for a in retry], True
+            report([_back_to_spool(a) for a in retry])
         except Exception as exc:  # a bug of ours defers, it never loses or bounces mail
             reply = classify.internal_error(exc)
-            attempts = self._outcomes(task, [RcptResult(r, reply) for r in rcpts], None,
-                                      domain, None, False)
-        report(attempts)
+            report(self._outcomes(task, [RcptResult(r, reply) for r in rcpts], None, domain,
+                                  None, False))
 
-    def _attempt_domain(self, task: Task, domain: str, rcpts: list[str]) -> list[Attempt]:
+    def _attempt_domain(self, task: Task, domain: str, rcpts: list[str],
+                        again: bool = False) -> tuple[list[Attempt], bool]:
+        """One try of `rcpts`, across the domain's MX hosts. `again`: the recipients were
+        throttled and go again, first in line. Returns the attempts, and whether the
+        throttled among them may go again from here: those a transaction's replies
+        throttled, not those no host of the provider would let in (the pools back off)."""
         started = time.monotonic()
         try:
             dest = self.resolver.destination(domain)
         except DeliveryError as err:
             return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts], None,
-                                  domain, None, False)
+                                  domain, None, False), False
         provider = self._provider(dest.hosts[0].name) if dest.hosts else dest.domain
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
         shaper = self.shaping.get(provider)
-        epoch = shaper.epoch  # see _via_host
-        wait = shaper.turn()  # waiting for a turn is not an attempt
-        if wait is not None:
-            return self._not_now(task, rcpts, provider, wait)
+        epoch = shaper.turn(again, first=again)  # waiting for a turn is not an attempt
+        if isinstance(epoch, Deferral):
+            return self._not_now(task, rcpts, provider, epoch), False
         last: DeliveryError | None = None
         last_host: str | None = None
+        verdict = CLEAN
         for host in dest.hosts:
             try:
-                return self._via_host(task, rcpts, host, provider, shaper, dest.routed,
-                                      epoch)
+                sent = self._via_host(task, rcpts, host, provider, shaper, dest.routed, epoch)
             except DeliveryError as err:
                 if err.blame is Blame.MESSAGE:  # the same at every host: it is the outcome
                     return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts],
-                                          host.name, provider, None, False, shaper)
-                if shaper.observe(err.reply) is not None:  # e.g. "421 4.7.0 too many"
-                    self.metrics.incr("throttled", provider)
+                                          host.name, provider, None, False, shaper), False
                 last, last_host = err, host.name
+                verdict = self._judge(shaper, [err.reply], provider, epoch)  # "421 too many"
+                if shaper.suspended:
+                    break  # a block, a rule that suspends: no other host of it either
+                continue
+            if isinstance(sent, Deferral):
+                return self._not_now(task, rcpts, provider, sent), False
+            results, tls, reused, epoch, seconds = sent
+            verdict = self._judge(shaper, [r.reply for r in results], provider, epoch, seconds)
+            return self._outcomes(task, results, host.name, provider, tls, reused, shaper,
+                                  verdict), True
         assert last is not None
         reply = classify.refused_at_every_host(last.reply)  # a 5xx at every door defers
         return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], last_host,
-                              provider, None, False, shaper, observe=False)
+                              provider, None, False, shaper, verdict), False
 
     def _via_host(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
-                  shaper: ProviderShaper, routed: bool = False,
-                  epoch: int | None = None) -> list[Attempt]:
-        """Send on a pooled connection to `host`; connection-level failures raise.
-        `routed`: a configured route, exempt from the prohibited-destination check."""
+                  shaper: ProviderShaper, routed: bool, epoch: int) -> _Sent | Deferral:
+        """Send on a pooled connection to `host`: the results, or (the provider pushed back
+        meanwhile, and the turn taken again is not now) a Deferral; connection-level
+        failures raise. `routed`: a configured route, exempt from the prohibited-destination
+        check."""
         if not routed:
             # Before the pool: a refusal from inside the pool's factory would put the pool in
             # connect backoff, and a route to the same host and port shares that pool.
             self.connector.check_destination(host)
-        key = self._pool_key(host)
-        pool = self.pools.find(key)
-        if pool is None:
-            settings = replace(self.pools.settings,
-                               max_connections=shaper.limits.max_connections,
-                               max_messages=shaper.limits.max_messages)
-            pool = self.pools.get(key, lambda: self.connector.open(host, provider, routed),
-                                  settings, shaper.gate)
+        pool = self._pool(host, provider, shaper, routed)
         stale: StaleConnection | None = None
         tries = 0
         while tries < MAX_STALE_RETRIES:
@@ -140,14 +180,14 @@ class Deliverer:
             # connection, still went out, drew its own throttle and cut the rate again. A
             # turn taken before a throttle is taken again, never while holding a
             # connection (five greenlets sleeping on theirs stalled everyone for seconds).
-            if epoch is not None and shaper.epoch != epoch:
-                epoch = shaper.epoch
-                wait = shaper.turn(again=True)
-                if wait is not None:
-                    return self._not_now(task, rcpts, provider, wait)
+            if shaper.epoch != epoch:
+                turn = shaper.turn(again=True)
+                if isinstance(turn, Deferral):
+                    return turn
+                epoch = turn
             waited = time.monotonic()
             with pool.connection() as (conn, reused):
-                if epoch is not None and shaper.epoch != epoch:
+                if shaper.epoch != epoch:
                     continue  # throttled while we waited: give it back, take the turn again
                 self.metrics.timing("pool_wait", provider, (time.monotonic() - waited) * 1000.0)
                 if reused:
@@ -155,17 +195,51 @@ class Deliverer:
                 started = time.monotonic()
                 try:
                     results = send_mail(conn, task.sender, rcpts, task.message,
-                                                task.smtputf8, task.eightbit)
+                                        task.smtputf8, task.eightbit)
                 except StaleConnection as err:
                     self.metrics.incr("connections_stale", provider)
                     stale = err
                     tries += 1
                     continue
-                self.metrics.timing("transaction", provider, (time.monotonic() - started) * 1000.0)
-                return self._outcomes(task, results, host.name, provider, conn.tls_version,
-                                      reused, shaper)
+                seconds = time.monotonic() - started
+                self.metrics.timing("transaction", provider, seconds * 1000.0)
+                return results, conn.tls_version, reused, epoch, seconds
         assert stale is not None
         raise stale
+
+    def _pool(self, host: MxHost, provider: str, shaper: ProviderShaper,
+              routed: bool) -> DestinationPool:
+        """The pool of `host`'s connections, made on first use with the provider's limits."""
+        key = self._pool_key(host)
+        pool = self.pools.find(key)
+        if pool is None:
+            settings = replace(self.pools.settings,
+                               max_connections=shaper.limits.max_connections,
+                               max_messages=shaper.limits.max_messages)
+            pool = self.pools.get(key, lambda: self.connector.open(host, provider, routed),
+                                  settings, shaper.gate)
+        return pool
+
+    def _judge(self, shaper: ProviderShaper, replies: list[Reply], provider: str,
+               epoch: int, seconds: float | None = None) -> Verdict:
+        """What the replies say about the pace (engine.shaping.ProviderShaper.judge); a first
+        refusal waits here, holding no connection, for the next transaction's verdict."""
+        verdict = shaper.judge(replies, epoch, seconds)
+        if verdict.pending:
+            verdict = shaper.verdict()
+        if verdict.trigger is not None:
+            self.metrics.incr("throttled", provider)
+            if verdict.trigger == BLOCK:
+                self.metrics.incr("blocked", provider)
+            elif verdict.trigger == PUSHBACK:
+                self.metrics.incr("pushback", provider)
+        return verdict
+
+    def _again(self, attempt: Attempt) -> bool:
+        """Throttled, and sent again from here at its next turn: not a block (the IP is
+        suspended), nor when `throttle.retry_after` asks for a wait (the spool keeps it)."""
+        return (attempt.throttled and attempt.trigger != BLOCK
+                and self.shaping.plan.throttle.retry_after <= 0)
 
     def _provider(self, mx_host: str) -> str:
         provider = self._provider_names.get(mx_host)
@@ -183,10 +257,11 @@ class Deliverer:
 
     def _outcomes(self, task: Task, results: Sequence[RcptResult], mx: str | None,
                   provider: str, tls: str | None, reused: bool,
-                  shaper: ProviderShaper | None = None, observe: bool = True) -> list[Attempt]:
-        """Attempts from replies. A reply matching a throttle rule defers its recipient
-        (never bounces it) until the provider's turn comes back, and slows the provider."""
-        throttled = self._throttled(results, shaper, provider, observe)
+                  shaper: ProviderShaper | None = None,
+                  verdict: Verdict = CLEAN) -> list[Attempt]:
+        """Attempts from replies. A throttled recipient (`verdict`) is deferred, never
+        bounced, until the provider's turn comes back (no attempt counted)."""
+        throttled = _throttled(results, shaper, verdict)
         retry_at = shaper.resume_at() if shaper is not None and throttled else None
         now = time.time()
         attempts = []
@@ -197,6 +272,7 @@ class Deliverer:
                                     reply=result.reply, ip=self.source_ip, mx=mx,
                                     provider=provider, tls=tls, conn_reused=reused,
                                     ambiguous=result.ambiguous, ts=now, throttled=hit,
+                                    trigger=verdict.trigger if hit else None,
                                     retry_at=retry_at if hit else None))
             self.metrics.incr(status.value, provider)
             if result.ambiguous:
@@ -204,21 +280,6 @@ class Deliverer:
             if status is not Status.DEFERRED:
                 self.metrics.timing("delivery_time", provider, (now - task.queued_ts) * 1000.0)
         return attempts
-
-
-    def _throttled(self, results: Sequence[RcptResult], shaper: ProviderShaper | None,
-                   provider: str, observe: bool) -> set[str]:
-        """The recipients whose reply is a throttle; the shaper learns once per transaction."""
-        if shaper is None:
-            return set()
-        hits = [r for r in results if shaper.match(r.reply) is not None]
-        if observe:
-            if hits:
-                shaper.observe(hits[0].reply)
-                self.metrics.incr("throttled", provider)
-            elif any(r.reply.ok for r in results):
-                shaper.observe(next(r.reply for r in results if r.reply.ok))
-        return {r.rcpt for r in hits}
 
     def _not_now(self, task: Task, rcpts: list[str], provider: str,
                  wait: Deferral) -> list[Attempt]:
@@ -228,6 +289,27 @@ class Deliverer:
         return [Attempt(job_id=task.job_id, rcpt=r, status=Status.DEFERRED, reply=reply,
                         ip=self.source_ip, provider=provider, ts=now, attempted=False,
                         retry_at=wait.retry_at) for r in rcpts]
+
+
+def _back_to_spool(attempt: Attempt) -> Attempt:
+    """A recipient throttled again and again: the spool keeps it until its turn (its last
+    throttle was reported already: this is no new attempt, and no new event)."""
+    return replace(attempt, attempted=False, retried=False)
+
+
+
+def _throttled(results: Sequence[RcptResult], shaper: ProviderShaper | None,
+               verdict: Verdict) -> set[str]:
+    """The recipients a verdict throttles: every one for a block; for push-back, those
+    refused as engine.classify.refusal says; for a rule, those whose reply matches one."""
+    trigger = verdict.trigger
+    if trigger is None or shaper is None:
+        return set()
+    if trigger == BLOCK:
+        return {r.rcpt for r in results}
+    if trigger == PUSHBACK:
+        return {r.rcpt for r in results if classify.refusal(r.reply)}
+    return {r.rcpt for r in results if shaper.match(r.reply) is not None}
 
 
 def _domain(rcpt: str) -> str:

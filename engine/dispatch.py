@@ -33,7 +33,7 @@ from engine.workers import WorkerHandle, Workers
 
 PARK_TIME = 2.0  # seconds a job no worker could take is passed over
 UNSENT_MAX_BYTES = 64 * 1024 * 1024  # messages of never-dispatched jobs kept in memory
-EXPIRED_REPLY = Reply(451, "4.4.7", "message expired: not delivered within its time")
+EXPIRED_REPLY = Reply.local(451, "4.4.7", "message expired: not delivered within its time")
 
 Publish = Callable[[events.Event], None]
 

@@ -113,8 +113,8 @@ def attempt_event(attempt: Attempt, status: Status, meta: Mapping[str, Any], num
         text += f',"next_attempt":{round(next_attempt, 3)!r}'
     if attempt.ambiguous:
         text += ',"ambiguous":true'
-    if attempt.throttled:
-        text += ',"throttled":true'  # the provider pushed back: this try is not counted
+    if attempt.throttled:  # the provider pushed back: this try is not counted
+        text += f',"throttled":true,"trigger":{_optional(attempt.trigger)}'
     return name, text + "}"
 
 

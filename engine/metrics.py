@@ -76,7 +76,12 @@ DECLARED: tuple[Metric, ...] = (
     Metric("bounced", "counter", "recipients bounced (5xx)"),
     Metric("expired", "counter", "recipients expired: still undelivered when the job's time"
            " ran out", SUPERVISOR),
-    Metric("throttled", "counter", "replies that matched a throttle rule"),
+    Metric("throttled", "counter", "transactions the provider pushed back on: a throttle rule,"
+           " refusals recognised as push-back by behaviour, or a block"),
+    Metric("pushback", "counter", "of the throttled: refusals in a row after accepted mail,"
+           " recognised as push-back by behaviour, whatever their words"),
+    Metric("blocked", "counter", "refusals saying the sending IP is blocked or listed: the"
+           " IP x provider is suspended for throttle.block_suspend"),
     Metric("ambiguous", "counter", "connections lost after the final dot (possible duplicates)"),
     Metric("connections_opened", "counter", "new SMTP connections ready for MAIL (a TLS"
            " attempt retried on a fresh connection counts once)"),

@@ -63,9 +63,11 @@ class Attempt:
     conn_reused: bool = False
     ambiguous: bool = False  # connection lost after the final dot: may be a duplicate
     ts: float  # when the final reply came (Unix seconds)
-    throttled: bool = False  # the reply matched a throttle rule: deferred, attempt not counted
+    throttled: bool = False  # the provider pushed back: deferred, attempt not counted
+    trigger: str | None = None  # why it was throttled: "rule:<name>", "pushback", "block"
     attempted: bool = True  # False: shaping said "not now" before any try
     retry_at: float | None = None  # when to try again, if shaping knows better than the schedule
+    retried: bool = False  # throttled, and the worker sends it again itself: more results follow
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -105,13 +107,14 @@ def task_from_frames(frames: list[bytes]) -> Task:
 # An attempt travels as a JSON array of its fields in this order, not as an object: no
 # key to write and read again per field, which made decoding results ~2.5x slower.
 ATTEMPT_FIELDS = ("job", "rcpt", "status", "code", "enhanced", "reply", "ip", "mx", "provider",
-                  "tls", "conn_reused", "ambiguous", "ts", "throttled", "attempted", "retry_at")
+                  "tls", "conn_reused", "ambiguous", "ts", "throttled", "attempted", "retry_at",
+                  "trigger", "retried")
 
 
 def attempt_to_row(a: Attempt) -> list[Any]:
     return [a.job_id, a.rcpt, a.status.value, a.reply.code, a.reply.enhanced, a.reply.text,
             a.ip, a.mx, a.provider, a.tls, a.conn_reused, a.ambiguous, a.ts, a.throttled,
-            a.attempted, a.retry_at]
+            a.attempted, a.retry_at, a.trigger, a.retried]
 
 
 _STATUS = {status.value: status for status in Status}
@@ -120,13 +123,14 @@ _STATUS = {status.value: status for status in Status}
 def attempt_from_row(row: Sequence[Any]) -> Attempt:
     """The inverse of attempt_to_row; ValueError or TypeError when `row` is not one."""
     (job_id, rcpt, status, code, enhanced, text, ip, mx, provider, tls, conn_reused, ambiguous,
-     ts, throttled, attempted, retry_at) = row  # ValueError if the length differs
+     ts, throttled, attempted, retry_at, trigger, retried) = row  # ValueError: another length
     return Attempt(job_id=job_id, rcpt=rcpt,
                    status=_STATUS.get(status) or Status(status),  # ValueError if unknown
                    reply=Reply(int(code), enhanced, text), ip=ip, mx=mx, provider=provider,
                    tls=tls, conn_reused=bool(conn_reused), ambiguous=bool(ambiguous),
                    ts=float(ts), throttled=bool(throttled), attempted=bool(attempted),
-                   retry_at=None if retry_at is None else float(retry_at))
+                   retry_at=None if retry_at is None else float(retry_at),
+                   trigger=None if trigger is None else str(trigger), retried=bool(retried))
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode

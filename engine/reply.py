@@ -17,7 +17,7 @@ are in engine.classify.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
@@ -30,6 +30,9 @@ class Reply:
     code: int
     enhanced: str | None
     text: str
+    # Made up by the engine (a DNS failure, a timeout, a lost connection), not said by a
+    # server: not a receiver's word on our pace (engine.classify.refusal). Not compared.
+    made_here: bool = field(default=False, compare=False, repr=False)
 
     @classmethod
     def parse(cls, code: int, text: str) -> Reply:
@@ -42,7 +45,7 @@ class Reply:
     @classmethod
     def local(cls, code: int, enhanced: str, text: str) -> Reply:
         """A reply made up by the engine for a failure that no server answered."""
-        return cls(code, enhanced, text)
+        return cls(code, enhanced, text, made_here=True)
 
     # The RFC 5321 reply classes (4.2.1); engine.classify builds its decisions on them.
 

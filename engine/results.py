@@ -153,4 +153,5 @@ class Results:
         for attempt, (_, event) in zip(attempts, planned, strict=True):
             if event is not None:
                 self._publish(event)
-            self._dispatcher.settle(attempt.job_id, attempt.rcpt)
+            if not attempt.retried:  # a throttled try the worker sends again: still out
+                self._dispatcher.settle(attempt.job_id, attempt.rcpt)

@@ -89,29 +89,35 @@ def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: fl
 
 
 def render_shaping(workers: dict[str, Any]) -> list[str]:
-    """Traffic shaping per sending IP x provider (docs/SHAPING.md): the allowed rate
-    (adaptive), the rate actually sent over the last 10 s, the configured maximum, the
-    seconds left of a suspension, throttles received, connections open / allowed and,
-    for an IP warming up, messages sent today / today's cap."""
+    """Traffic shaping per sending IP x provider (docs/SHAPING.md): the phase, the allowed
+    rate and the limit learned, the rate actually sent over the last 10 s, the configured
+    maximum, messages waiting for a turn, the seconds left of a suspension, throttles (and
+    blocks) received, connections open / allowed and, for an IP warming up, messages sent
+    today / today's cap."""
     rows = [(ip, provider, state) for ip, w in sorted(workers.items())
             for provider, state in sorted((w.get("shaping") or {}).items())]
     if not rows:
         return []
     lines = ["shaping (per sending IP x provider):",
-             f"{'ip':<18}{'provider':<24}{'allowed':>10}{'current':>10}{'max':>10}"
-             f"{'suspended':>11}{'throttles':>11}{'conns':>8}{'today':>12}"]
-    for ip, provider, st in rows:
-        cap = st.get("daily_cap")
-        today = f"{st.get('sent_today', 0)}/{cap}" if cap is not None else "-"
-        suspended = st.get("suspended_for", 0)
-        conns = f"{st.get('connections', 0)}/{st.get('max_connections', '-')}"
-        lines.append(f"{ip:<18}{provider[:23]:<24}{_rate(st.get('allowed_rate', 0)):>10}"
-                     f"{st.get('current_rate', 0):>8.1f}/s{_rate(st.get('max_rate', 0)):>10}"
-                     f"{f'{suspended:.1f}s' if suspended else '-':>11}"
-                     f"{st.get('throttles', 0):>11}{conns:>8}{today:>12}")
-    return lines
+             f"{'ip':<18}{'provider':<24}{'phase':<10}{'allowed':>10}{'limit':>10}"
+             f"{'current':>10}{'max':>10}{'waiting':>9}{'suspended':>11}{'throttles':>11}"
+             f"{'conns':>8}{'today':>12}"]
+    return lines + [_shaping_row(ip, provider, st) for ip, provider, st in rows]
 
 
-def _rate(value: float) -> str:
-    """Messages per second; 0 means no limit."""
-    return f"{value:.1f}/s" if value else "unlimited"
+def _shaping_row(ip: str, provider: str, st: dict[str, Any]) -> str:
+    cap = st.get("daily_cap")
+    today = f"{st.get('sent_today', 0)}/{cap}" if cap is not None else "-"
+    suspended = st.get("suspended_for", 0)
+    conns = f"{st.get('connections', 0)}/{st.get('max_connections', '-')}"
+    throttles = f"{st.get('throttles', 0)}" + (f"/{st['blocks']}b" if st.get("blocks") else "")
+    return (f"{ip:<18}{provider[:23]:<24}{st.get('phase', '-')!s:<10}"
+            f"{_rate(st.get('allowed_rate', 0)):>10}{_rate(st.get('limit') or 0, '-'):>10}"
+            f"{st.get('current_rate', 0):>8.1f}/s{_rate(st.get('max_rate', 0)):>10}"
+            f"{st.get('waiting', 0):>9}{f'{suspended:.1f}s' if suspended else '-':>11}"
+            f"{throttles:>11}{conns:>8}{today:>12}")
+
+
+def _rate(value: float, none: str = "unlimited") -> str:
+    """Messages per second; 0 means no limit (shown as `none`)."""
+    return f"{value:.1f}/s" if value else none

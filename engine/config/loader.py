@@ -31,6 +31,9 @@ from engine.config.values import (
 
 # Keys renamed, by their old name: still read, with a warning that names the new one.
 RENAMED = {"pools": "ip_pools"}
+# Keys that no longer do anything (section, key): accepted, with a warning that says why.
+RETIRED = {("throttle", "holdoff"): "a push-back is now answered once for the mail sent"
+                                    " before it, whenever it comes (docs/SHAPING.md)"}
 
 # The top-level keys a file may hold: Config's fields, less what is not read from the file.
 _TOP_KEYS = [f.name for f in fields(Config) if f.name != "warnings"]
@@ -50,6 +53,8 @@ def load(path: str | None = None) -> Config:
 def from_dict(data: Mapping[str, Any] | None) -> Config:
     """Validate plain data (as YAML gives it) and build a `Config`; raises ConfigError."""
     raw, warnings = _renamed(dict(mapping(data, "")))
+    raw, retired = _retired(raw)
+    warnings += retired
     raw = dict(known(raw, _TOP_KEYS, ""))
     # hostname first: it is every IP's default helo; ips before ip_pools, which name them.
     if "hostname" in raw:
@@ -80,6 +85,17 @@ def _renamed(raw: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
         raw[new] = raw.pop(old)
         warnings.append(f"{old}: is now called {new}; rename the key "
                         "(the old name is still accepted)")
+    return raw, tuple(warnings)
+
+
+def _retired(raw: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """`raw` without the retired keys it holds, and a warning for each."""
+    warnings = []
+    for (section, key), why in RETIRED.items():
+        values = raw.get(section)
+        if isinstance(values, Mapping) and key in values:
+            raw[section] = {k: v for k, v in values.items() if k != key}
+            warnings.append(f"{section}.{key}: no longer used: {why}; remove the key")
     return raw, tuple(warnings)
 
 

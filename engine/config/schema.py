@@ -214,14 +214,20 @@ class ThrottleRule:
 
 @dataclass(frozen=True)
 class ThrottleConfig:
-    """How the allowed rate adapts when providers push back."""
+    """How the allowed rate is found and adapts when providers push back (engine.rate)."""
 
-    decrease: float = 0.5  # multiply the allowed rate by this on a throttle
-    increase: float = 0.5  # messages/s added back per second of clean sending at the rate
+    slow_start: bool = True  # a provider with no learned rate starts at start_rate and grows
+    start_rate: float = 20.0  # messages/s where slow start begins
+    growth: float = 5.0  # slow start: messages/s each clean reply adds at least (see engine.rate)
+    decrease: float = 0.5  # on push-back, the allowed rate drops to this times itself (at most)
+    increase: float = 0.5  # messages/s added back per second of clean sending, at least
     min_rate: float = 0.05  # never below this many messages per second
-    start_rate: float = 10.0  # the allowed rate of an unlimited provider after a first throttle
-    holdoff: float = 2.0  # throttles within this many seconds of a decrease count once
-    retry_after: float = 60.0  # a throttled recipient without suspension waits this long
+    probe_interval: float = 1.0  # after a push-back, one probe message every this long
+    probe_every: float = 5.0  # clean at the learned limit this long: probe above it
+    pushback_after: int = 2  # transactions refused in a row that are push-back (behaviour)
+    remember: float = 86400.0  # a learned rate survives a restart for this long
+    block_suspend: float = 3600.0  # a block of the sending IP stops sending for this long
+    retry_after: float = 0.0  # a throttled recipient waits at least this long (0: its turn)
     default_rules: bool = True  # the shipped rules (engine.classify) after `rules`
     rules: tuple[ThrottleRule, ...] = ()
 

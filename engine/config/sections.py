@@ -283,11 +283,17 @@ def _rule(value: Any, path: str) -> ThrottleRule:
 
 
 _THROTTLE = section(ThrottleConfig, {
+    "slow_start": boolean,
+    "start_rate": number(0, above=True),
+    "growth": number(0, 1000, above=True),
     "decrease": number(0, 1, above=True),
     "increase": number(0),
     "min_rate": number(0, above=True),
-    "start_rate": number(0, above=True),
-    "holdoff": duration(),
+    "probe_interval": duration(positive=True),
+    "probe_every": duration(positive=True),
+    "pushback_after": integer(1),
+    "remember": duration(),
+    "block_suspend": duration(),
     "retry_after": duration(),
     "default_rules": boolean,
     "rules": tuple_of(_rule),

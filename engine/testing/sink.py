@@ -25,6 +25,9 @@ import time
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+from engine.testing.limits import Policy, RateLimit
+from engine.testing.limits import TokenBucket as TokenBucket
+
 # Re-exported: tests/support/smtpserver.py and bench/monitoring_demo.py take them from here.
 from engine.testing.sink_session import SinkMessage as SinkMessage
 from engine.testing.sink_session import _body_summary as _body_summary
@@ -46,37 +49,6 @@ def _start_thread(target: Any, name: str) -> threading.Thread:
 
 
 # --------------------------------------------------------------------------------------------
-# Rate limiting
-
-
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up; a MAIL FROM takes one.
-
-    Only accepted transactions take a token: a sender that keeps knocking while throttled
-    is not punished further, so the accepted rate converges on ``rate`` and never exceeds
-    ``rate`` (plus the initial ``burst``) over any window.
-    """
-
-    def __init__(self, rate: float, burst: float, clock: Any = time.monotonic) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._clock = clock
-        self._tokens = burst
-        self._at = clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
-
-
-# --------------------------------------------------------------------------------------------
 # The sink
 
 
@@ -88,13 +60,15 @@ class SinkServer:
     Recipients are accepted unless their local part starts with a key of ``RCPT_RULES``
     (``reject...`` -> 550, ``defer...`` -> 451; pass ``rcpt_rules`` to change the table).
 
-    ``rate_limit`` (messages per second) throttles senders as receiving providers do: a token
-    bucket of ``rate_burst`` tokens (default: one second's worth, at least 1) per client IP
-    (``per_ip=False``: one for everybody) is checked at MAIL FROM; past it the server answers
-    ``throttle_reply``. A ``421`` reply then closes the connection, as real servers do; any
-    other (``451 4.7.1 ...``) keeps it open for the next transaction. ``throttled`` counts the
-    throttles sent per client IP; ``throttle_times()`` and ``accept_times()`` give the moments
-    (Unix time) of each throttle and of each accepted MAIL FROM, to measure rates over windows.
+    ``policy`` (engine.testing.limits) limits senders as receiving providers do: a token bucket,
+    a fixed window, a connection cap, greylisting, a block. ``rate_limit`` (messages per second)
+    is the usual one made simple: a token bucket of ``rate_burst`` tokens (default: one second's
+    worth, at least 1) per client IP (``per_ip=False``: one for everybody), checked at MAIL FROM;
+    past it the server answers ``throttle_reply``. A ``421`` reply then closes the connection, as
+    real servers do; any other (``451 4.7.1 ...``) keeps it open for the next transaction.
+    ``throttled`` counts the refusals the policy made per client IP; ``throttle_times()`` and
+    ``accept_times()`` give the moments (Unix time) of each refusal and of each accepted MAIL
+    FROM, to measure rates over windows.
     """
 
     RCPT_RULES: ClassVar[dict[str, str]] = {
@@ -120,6 +94,7 @@ class SinkServer:
         rate_burst: float | None = None,
         per_ip: bool = True,
         throttle_reply: str = "421 4.7.0 Rate limited, slow down",
+        policy: Policy | None = None,
     ) -> None:
         # aiosmtpd logs a traceback for every aborted handshake; the engine's
         # verify-first TLS probe aborts one per new host on purpose.
@@ -142,14 +117,12 @@ class SinkServer:
         self._active: dict[int, _SinkSMTP] = {}
         self._max_concurrent = 0
         self._stopped = False
-        self.rate_limit = rate_limit
-        self.rate_burst = rate_burst if rate_burst is not None else max(1.0, rate_limit or 1.0)
-        self.per_ip = per_ip
         if not re.fullmatch(r"[45]\d\d [^\r\n]*", throttle_reply):
             raise ValueError(f"throttle_reply must be a 4xx or 5xx reply line: {throttle_reply!r}")
-        self.throttle_reply = throttle_reply
-        self._buckets: dict[str, TokenBucket] = {}
-        self._throttles: list[tuple[float, str]] = []  # (when, client IP)
+        if rate_limit is not None:
+            policy = RateLimit(rate_limit, rate_burst, per_ip, throttle_reply)
+        self.policy = policy
+        self._throttles: list[tuple[float, str]] = []  # policy refusals: (when, client IP)
         self._accepts: list[tuple[float, str]] = []  # MAIL FROMs accepted: (when, client IP)
         listener = socket.create_server((host, port), backlog=128)
         self.host, self.port = listener.getsockname()[:2]
@@ -235,7 +208,8 @@ class SinkServer:
             self._refused.clear()
             self._throttles.clear()
             self._accepts.clear()
-            self._buckets.clear()
+            if isinstance(self.policy, RateLimit):
+                self.policy.reset()
             self._connections = 0
             self._max_concurrent = len(self._active)
 
@@ -334,21 +308,27 @@ class SinkServer:
         with self._state:
             self._refused.append((conn_id, address, reply))
 
-    def _admit(self, client_ip: str) -> bool:
-        """A MAIL FROM from ``client_ip``: within the rate limit (recorded either way)?"""
+    def _admit(self, stage: str, client_ip: str, sender: str = "", rcpt: str = "") -> str | None:
+        """Ask the policy about one step of a session (`stage`: "connect", "mail", "rcpt");
+        None to go on, else the refusing reply. Accepted MAIL FROMs and refusals are
+        recorded."""
         now = time.time()
         with self._state:
-            if self.rate_limit is None:
+            refusal = None
+            if self.policy is not None:
+                if stage == "connect":
+                    refusal = self.policy.on_connect(client_ip, self._open_from(client_ip), now)
+                elif stage == "mail":
+                    refusal = self.policy.on_mail(client_ip, now)
+                else:
+                    refusal = self.policy.on_rcpt(client_ip, sender, rcpt, now)
+            if refusal is not None:
+                self._throttles.append((now, client_ip))
+                self._state.notify_all()
+            elif stage == "mail":
                 self._accepts.append((now, client_ip))
-                return True
-            key = client_ip if self.per_ip else "*"
-            bucket = self._buckets.get(key)
-            if bucket is None:
-                bucket = self._buckets[key] = TokenBucket(self.rate_limit, self.rate_burst)
-            if bucket.take():
-                self._accepts.append((now, client_ip))
-                return True
-            self._throttles.append((now, client_ip))
-            self._state.notify_all()
-            return False
+            return refusal
 
+    def _open_from(self, client_ip: str) -> int:
+        """Connections open now from `client_ip` (the one asking included)."""
+        return sum(1 for session in self._active.values() if session.peer_ip == client_ip)

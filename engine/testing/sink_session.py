@@ -114,17 +114,32 @@ class _SinkSMTP(SMTP):
                 self._counted = False
                 self.sink._closed(self.conn_id)
 
+    async def _handle_client(self) -> None:
+        """The banner, unless the sink's policy refuses the connection (a connection cap, a
+        block): then its reply instead, and the connection closed."""
+        refusal = self.sink._admit("connect", self.peer_ip)
+        if refusal is not None:
+            await self.push(refusal)
+            self.hang_up()
+            return
+        await super()._handle_client()
+
     async def smtp_MAIL(self, arg: str | None) -> None:
-        """MAIL FROM, behind the sink's rate limit (a refused MAIL takes no token)."""
+        """MAIL FROM, behind the sink's policy (a refused MAIL takes no token)."""
         assert self.session is not None and self.envelope is not None
         if self.session.host_name and arg is not None and not self.envelope.mail_from:
-            peer = cast(tuple[str, int], self.session.peer)
-            if not self.sink._admit(peer[0]):
-                await self.push(self.sink.throttle_reply)
-                if self.sink.throttle_reply.startswith("421"):
+            refusal = self.sink._admit("mail", self.peer_ip)
+            if refusal is not None:
+                await self.push(refusal)
+                if refusal.startswith("421"):
                     self.hang_up()  # 421: the server closes the connection (RFC 5321 3.8)
                 return
         await super().smtp_MAIL(arg)
+
+    @property
+    def peer_ip(self) -> str:
+        peer = cast(tuple[str, int], self.session.peer) if self.session else ("", 0)
+        return peer[0]
 
     def hang_up(self, abort: bool = False) -> None:
         transport = self._original_transport or self.transport
@@ -188,6 +203,8 @@ class _SinkHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         refusal = self.sink.rcpt_reply(address)
+        if refusal is None and isinstance(server, _SinkSMTP):
+            refusal = self.sink._admit("rcpt", server.peer_ip, str(envelope.mail_from), address)
         if refusal is not None:
             assert isinstance(server, _SinkSMTP)
             self.sink._refuse(server.conn_id, address, refusal)

@@ -199,6 +199,36 @@ def test_collected_results_are_recorded_together_by_one_commit(
     assert parts.dispatcher.in_flight == {} and handle.jobs == set()
 
 
+def test_a_throttled_try_the_worker_sends_again_is_published_and_stays_in_flight(
+        parts: Parts) -> None:
+    """A recipient throttled and re-sent by the worker itself (engine.delivery) has two
+    results: the throttled try (`retried`) gets its deferred event naming the trigger and
+    keeps the job in flight; the delivery that follows ends it as usual."""
+    handle, pull = parts.worker(IP2, alive=True)
+    parts.push([job_envelope("j")])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(pull) == ["j"]
+    reporter = parts.reporter()
+
+    def report(result: Any) -> None:
+        reporter.send(protocol.result_frame([result]))
+        assert parts.results.sock.poll(5000)
+        parts.results.collect()
+        parts.results.flush()
+
+    report(attempt(Status.DEFERRED, throttled=True, trigger="pushback", retried=True,
+                   retry_at=time.time() + 0.5))
+    deferred = json.loads(parts.published[-1][1])
+    assert deferred["event"] == "deferred" and deferred["throttled"] is True
+    assert deferred["trigger"] == "pushback" and deferred["attempt"] == 1
+    assert "j" in parts.dispatcher.in_flight and handle.jobs == {"j"}  # not sent again
+    report(attempt(Status.DELIVERED))
+    delivered = json.loads(parts.published[-1][1])
+    assert delivered["event"] == "delivered" and delivered["attempt"] == 1  # the try was free
+    assert parts.dispatcher.in_flight == {} and handle.jobs == set()
+    assert parts.spool.stats().jobs == 0
+
+
 def test_results_are_due_after_the_window_or_once_a_group_waits(parts: Parts) -> None:
     parts.worker(IP2, alive=True)
     parts.push([job_envelope(f"j{i}") for i in range(3)])

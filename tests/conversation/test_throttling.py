@@ -5,15 +5,19 @@ whole engine against throttling sinks is tests/engine/test_throttling.py.
 from __future__ import annotations
 
 import smtplib
+import time
 
 import pytest
 
-from engine.config import Timeouts
+from engine.config import Route, Timeouts
+from engine.mx import Resolver
+from engine.protocol import Status
 from engine.smtp import Connection, send_mail
 from engine.smtp import ReplyLimits as WireLimits
 from engine.testing.harness import make_message
 from engine.testing.sink import SinkServer
 from tests.support.shaping import SLOW_DOWN_421, SLOW_DOWN_451
+from tests.support.stack import build
 
 # -- the sink's rate limit -------------------------------------------------------------------
 
@@ -104,3 +108,31 @@ def test_pipelined_mail_answered_421_then_hangup_is_a_throttle_not_an_ambiguous_
         assert "Rate limited" in results[0].reply.text
         assert sink.throttled == {"127.0.0.2": 1}
         conn.close()
+
+
+# -- the worker's answer: a throttled recipient goes again at its next turn ------------------
+
+
+@pytest.mark.timeout(20)
+def test_a_throttled_recipient_is_sent_again_at_its_next_turn_by_the_worker() -> None:
+    """The second message finds the bucket empty (421, a throttle rule); the provider backs
+    off and the recipient, first in line, is the probe a second later: its throttled try is
+    reported (`retried`, the trigger named, no attempt counted) and then its delivery, from
+    the same task, without a trip to the spool and the retry schedule."""
+    with SinkServer(tls=False, rate_limit=2.0, rate_burst=1,  # a token every 0.5 s
+                    throttle_reply=SLOW_DOWN_421) as sink:
+        stack = build(Resolver(routes={"example.test": Route("127.0.0.1", sink.port)}),
+                      policy=None)
+        try:
+            first = stack.deliver(["a@example.test"], job_id="one")
+            started = time.monotonic()
+            second = stack.deliver(["b@example.test"], job_id="two")
+            took = time.monotonic() - started
+        finally:
+            stack.close()
+    assert [(a.status, a.reply.code) for a in first] == [(Status.DELIVERED, 250)]
+    assert [(a.status, a.throttled, a.trigger, a.retried) for a in second] == [
+        (Status.DEFERRED, True, "rule:rate-text", True),
+        (Status.DELIVERED, False, None, False)]
+    assert sum(sink.throttled.values()) == 1  # one knock while the bucket was empty
+    assert took < 5.0  # the next turn (a probe after `probe_interval`), not the schedule

@@ -10,14 +10,15 @@ provider, suspensions, configured rates and caps hold, and `mailengine status` s
 Why the bounds are what they are (measured on a 2-core machine, engine + sink + test):
 - the sink takes 20 msg/s per client IP with a burst of 5; its bucket makes more than
   20/s + burst/window impossible, so that is the upper bound, not 100%;
-- the shaper reserves turns up to `shaping.max_wait` ahead at the rate of the moment, so a
-  rate recovering after a throttle shows up to max_wait late; with the default 10 s the
-  ~35 s run is mostly recovery (last third: 70-87% of the limit), so the tests that measure
-  convergence set 3 s: the engine is back within ~12 s and the last third runs at 90-97%
-  (it settles at 95% of the rate the server took); 70% is the floor, for a first estimate
-  of the limit that came out low on a busy machine;
-- the first throttles come in the first second (the engine starts unlimited); after that a
-  throttle is a rare probe, so the second half of the run has fewer than the first.
+- with so small a burst the engine's estimate of the limit (what was accepted since the last
+  push-back, per second) counts the pause after a push-back, when the bucket could not save
+  up: it comes out low (~10/s) and is raised by the probes, a few seconds apart; the tests
+  that measure convergence set `shaping.max_wait` 3 s (turns reserved at an old rate are
+  re-spaced, but a short line follows a change sooner); the last third of a ~40 s run is at
+  75-90% of the limit, 70% is the floor (docs/SHAPING.md; the simulator's 40/s bucket with
+  a second's burst settles at 95%);
+- slow start begins at 20/s and the first push-back comes within a second or two; after
+  that a throttle is a rare probe, so the second half of the run has fewer than the first.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from typing import Any
 import pytest
 
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
+from engine.testing.limits import Greylist
 from engine.testing.sink import SinkServer
 from tests.support.cli import mailengine
 from tests.support.shaping import BURST, LIMIT, SLOW_DOWN_421, SLOW_DOWN_451, halves
@@ -178,7 +180,9 @@ def test_engine_settles_just_under_a_throttling_provider(
     # `mailengine status`: the shaping of 127.0.0.2 x provider 127.0.0.1, as text and JSON.
     state = provider_state(engine, "127.0.0.2", "127.0.0.1")
     assert state["throttles"] == len(throttled)
-    assert 0.5 * LIMIT <= state["allowed_rate"] <= 1.3 * LIMIT
+    # The limit learned; the allowed rate may be a probe above it, or a backoff below.
+    assert 0.5 * LIMIT <= state["limit"] <= 1.3 * LIMIT
+    assert state["allowed_rate"] >= 0.4 * LIMIT
     assert state["max_rate"] == 0 and state["suspended_for"] == 0
     assert state["max_connections"] == 5 and 0 <= state["connections"] <= 5
     text = mailengine("status", "-c", engine.config_path)
@@ -186,9 +190,9 @@ def test_engine_settles_just_under_a_throttling_provider(
     assert "shaping (per sending IP x provider):" in text.stdout
     row = next(line for line in text.stdout.splitlines()
                if line.startswith("127.0.0.2") and "127.0.0.1" in line)
-    # The allowed rate keeps recovering between the two reads: the row shows a value in range.
-    allowed_in_row = float(re.search(r"(\d+\.\d)/s", row).group(1))
-    assert 0.5 * LIMIT <= allowed_in_row <= 1.3 * LIMIT and "unlimited" in row
+    # allowed, limit and current rate; the limit may move between the two reads: in range.
+    limit_in_row = float(re.findall(r"(\d+\.\d)/s", row)[1])
+    assert 0.5 * LIMIT <= limit_in_row <= 1.3 * LIMIT and "unlimited" in row
     assert f" {len(throttled)} " in row and "/5" in row
     raw = json.loads(mailengine("status", "-c", engine.config_path, "--json").stdout)
     shaping = raw["workers"]["127.0.0.2"]["shaping"]["127.0.0.1"]
@@ -200,14 +204,16 @@ def test_engine_settles_just_under_a_throttling_provider(
 @pytest.mark.timeout(60)
 def test_a_recipient_throttled_again_and_again_is_delivered_at_its_first_attempt(
         sinks: Callable[..., SinkServer], local_engine: Callable[..., LocalEngine]) -> None:
-    """A slow provider (2/s, no burst to speak of) throttles the same recipients again and
-    again (`decrease: 1`: the engine does not slow down, so only the accounting is tested);
-    none of that counts: each is delivered at attempt 1, seconds later, while the retry
-    schedule would have made a counted deferral wait 10 minutes."""
+    """A receiver that throttles each recipient for its first 1.5 s (a rule's wording, on
+    RCPT) throttles the same recipients again and again; `decrease: 1` keeps the pace (so
+    only the accounting is tested); `retry_after` 300 ms: the spool keeps each that long
+    between tries. None of that counts: each is delivered at attempt 1, seconds later, while
+    the retry schedule would have made a counted deferral wait 10 minutes. (With
+    retry_after 0 the worker sends it again itself: tests/engine/test_good_citizen.py.)"""
     count = 12
-    sink = sinks(rate_limit=2.0, rate_burst=1.0, throttle_reply=SLOW_DOWN_451)
+    sink = sinks(policy=Greylist(1.5, SLOW_DOWN_451))
     engine = engine_for(local_engine, sink.port,
-                        {"throttle": {"retry_after": "500ms", "decrease": 1.0}})
+                        {"throttle": {"retry_after": "300ms", "decrease": 1.0}})
     assert engine.push(jobs(count))
     counted = 0
     deadline = time.time() + 45
@@ -218,16 +224,17 @@ def test_a_recipient_throttled_again_and_again_is_delivered_at_its_first_attempt
     events = engine.events()
     finals = final_outcomes(events)
     assert collections.Counter(e["event"] for e in finals.values()) == {"delivered": count}
-    throttled = collections.Counter(e["rcpt"] for e in events if e["event"] == "deferred"
-                                    and e["throttled"])
+    deferred = [e for e in events if e["event"] == "deferred"]
+    assert all(e["throttled"] and e["trigger"] == "rule:rate-text" for e in deferred)
+    throttled = collections.Counter(e["rcpt"] for e in deferred)
     assert sum(throttled.values()) == sum(sink.throttled.values())
     report("throttled-again", throttles=sum(throttled.values()),
            most_for_one_rcpt=max(throttled.values()),
            rcpts_throttled_3_times_or_more=sum(1 for n in throttled.values() if n >= 3),
            slowest_delivery_s=max(e["delay_ms"] for e in finals.values()) / 1000)
-    assert max(throttled.values()) >= 2  # 3-4 in practice
+    assert len(throttled) == count and min(throttled.values()) >= 2
     assert all(e["attempt"] == 1 for e in finals.values())
-    assert all(e["attempt"] == 1 for e in events if e["event"] == "deferred")
+    assert all(e["attempt"] == 1 for e in deferred)
     assert counted == 0
     assert max(e["delay_ms"] for e in finals.values()) < 40_000
 
@@ -262,7 +269,10 @@ def test_two_sending_ips_each_get_their_own_limit(
     together = rate(both, *overlap)
     report("two-ips", limit_per_ip=LIMIT, **{f"last_third_{ip}": r for ip, r in figures.items()},
            together=together, throttles=sink.throttled)
-    assert together > 1.4 * LIMIT  # each IP its own limit: well above one IP's
+    # Each IP its own limit: both at once take more than one bucket could ever give
+    # (LIMIT + 2 bursts over the overlap, ~20.4/s); ~24/s measured, each IP ~12/s overall
+    # (the low first estimate of a bucket with so small a burst: the module's docstring).
+    assert together > 1.1 * (LIMIT + 2 * BURST / (overlap[1] - overlap[0]))
     # 451 keeps the connection: no reconnect per throttle (5 connections per IP at most).
     assert sink.connections <= 10
 
@@ -293,7 +303,7 @@ def test_a_throttled_provider_does_not_slow_the_others(
     assert fast_rate > 5 * LIMIT  # unthrottled: the shaping of 127.0.0.1 is not its own
     assert max(fast_times) < max(slow_times) - 3
     state = engine.status()["workers"]["127.0.0.2"]["shaping"]
-    assert state["127.0.0.4"]["throttles"] == 0 and state["127.0.0.4"]["allowed_rate"] == 0
+    assert state["127.0.0.4"]["throttles"] == 0 and state["127.0.0.4"]["limit"] is None
     assert state["127.0.0.1"]["throttles"] > 0
 
 

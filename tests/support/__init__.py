@@ -9,7 +9,8 @@ another test module (tests/unit/test_layout.py holds that rule).
 - stack.py: the worker's delivery stack in this process, closed when done;
 - fuzz.py: the fuzzers of job frames and server replies (and their campaign, `python -m`);
 - mime.py: 8-bit MIME messages for the downgrade tests;
-- shaping.py: a shaper on a clock whose sleep advances it;
+- shaping.py: a shaper on a fake clock, a model of sending against receivers that push
+  back, and the throttling sink's constants the other tiers use;
 - wait.py: waiting on a condition, with a deadline;
 - fixtures.py: the pytest fixtures (servers, certificates, a whole engine), a plugin of
   tests/conftest.py.

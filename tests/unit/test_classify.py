@@ -39,6 +39,87 @@ def test_status_of_a_reply(code: int, status: Status) -> None:
     assert classify.status(r(code)) is status
 
 
+# -- push-back by behaviour, and blocks -------------------------------------------------
+
+
+@pytest.mark.parametrize(("reply", "candidate"), [
+    # a server's 4xx at the banner, MAIL or RCPT: may be push-back, whatever its words
+    (r(421, None, "mx.example.net Service not available, closing transmission channel"), True),
+    (r(421, "4.7.0", "Rate limited, slow down"), True),
+    (r(450, "4.7.1", "Sender over quota for this period, try again later"), True),
+    (r(451, "4.3.0", "Temporary local problem, try again later"), True),
+    (r(450, None, "Try again later"), True),
+    (r(452, "4.5.3", "Too many recipients"), True),
+    # a server hanging up on us, as the engine words it
+    (classify.translate(smtplib.SMTPServerDisconnected("Connection unexpectedly closed"),
+                        "MAIL", 30.0).reply, True),
+    (classify.translate(ConnectionResetError(104, "reset by peer"), "RCPT", 30.0).reply,
+     True),
+    # about the mailbox (4.2.x) or the address (4.1.x), not the pace
+    (r(452, "4.2.2", "Mailbox full"), False),
+    (r(450, "4.2.1", "Mailbox busy, try again later"), False),
+    (r(450, "4.1.1", "Recipient address rejected: unverified address"), False),
+    (r(451, "4.1.8", "Sender address rejected: Domain not found"), False),
+    # greylisting, however it is worded or coded
+    (r(450, "4.2.0", "Greylisted, please try again later"), False),
+    (r(450, "4.7.1", "Recipient address rejected: Greylisted, see http://postgrey."
+                     "schweikert.ch/help/example.test.html"), False),
+    (r(451, None, "Greylisting in action, please come back later"), False),
+    (r(450, None, "grey-listed, try again in 5 minutes"), False),
+    (r(451, "4.7.1", "Please try again later (graylisted)"), False),
+    # a permanent refusal is not a pace; a success is no refusal
+    (r(550, "5.7.1", "Rate limited"), False),
+    (r(554, None, "Transaction failed"), False),
+    (r(250, "2.0.0", "ok"), False),
+    # the engine's own failures: nothing the receiver said about our pace
+    (classify.translate(TimeoutError("timed out"), "MAIL", 30.0).reply, False),
+    (classify.translate(ConnectionRefusedError(), "CONNECT", 30.0).reply, False),
+    (classify.translate(ssl.SSLError("bad record"), "TLS", 30.0).reply, False),
+    (classify.dns_failed("example.net", "timeout", Blame.MESSAGE).reply, False),
+    (classify.deadline_passed("transaction", 600.0, "DATA"), False),
+    (classify.not_yet("example.net", "pace"), False),
+    (classify.internal_error(ValueError("oops")), False),
+    (Reply.local(451, "4.7.0", "Rate limited"), False),  # made here, whatever it says
+])
+def test_which_refusals_may_be_pushback(reply: Reply, candidate: bool) -> None:
+    assert classify.refusal(reply) is candidate
+
+
+@pytest.mark.parametrize(("reply", "blocked"), [
+    (r(554, "5.7.1", "Service unavailable; Client host [192.0.2.10] blocked using "
+                     "zen.spamhaus.org"), True),
+    (r(554, None, "Service unavailable; Client host [192.0.2.10] blocked using Barracuda "
+                  "Reputation, http://www.barracudanetworks.com/reputation/?ip=192.0.2.10"),
+     True),
+    (r(550, "5.7.1", "Mail from 192.0.2.10 refused, see http://www.spamcop.net/bl.shtml?"
+                     "192.0.2.10 - listed at bl.spamcop.net"), True),
+    (r(421, "4.7.0", "[192.0.2.10] is listed by Spamhaus"), True),  # a 4xx block too
+    (r(550, "5.7.1", "Your IP address has been blocked"), True),
+    (r(554, None, "The IP address 192.0.2.10 has been blocked"), True),
+    (r(550, None, "Your mail server is blacklisted"), True),
+    (r(421, "4.7.0", "Connection refused due to poor reputation"), True),
+    # Microsoft's 5.7.606 to 5.7.649: a banned sending IP, whatever the text
+    (r(550, "5.7.606", "Access denied, banned sending IP [192.0.2.10]"), True),
+    (r(550, "5.7.649", "Access denied"), True),
+    (r(550, "5.7.605", "Access denied"), False),
+    (r(550, "5.7.650", "Access denied"), False),
+    (r(550, "5.7.60", "Access denied"), False),
+    # a block of the message, not of the IP
+    (r(554, "5.7.1", "Message blocked as spam content"), False),
+    (r(554, "5.7.1", "Message rejected: blocked because it contains a virus"), False),
+    (r(550, "5.7.1", "Your account has been blocked"), False),
+    # throttles and ordinary failures
+    (r(421, "4.7.0", "Rate limited, slow down"), False),
+    (r(421, None, "Too many connections from your IP"), False),
+    (r(550, "5.1.1", "User unknown"), False),
+    (r(250, "2.0.0", "ok"), False),
+    (Reply.local(451, "4.4.4", "MX host mx.example.net is a prohibited destination: its IP "
+                               "address is blocked"), False),  # made here: our own words
+])
+def test_which_refusals_say_the_sending_ip_is_blocked(reply: Reply, blocked: bool) -> None:
+    assert classify.block(reply) is blocked
+
+
 # -- inside a transaction ---------------------------------------------------------------
 
 

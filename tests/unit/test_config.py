@@ -96,6 +96,37 @@ def test_empty_section_takes_all_its_defaults() -> None:
     assert from_dict(minimal(smtp=None)).smtp == config.SmtpConfig()
 
 
+def test_throttle_takes_documented_defaults() -> None:
+    throttle = from_dict(minimal()).throttle
+    assert throttle == config.ThrottleConfig()
+    assert (throttle.slow_start, throttle.start_rate, throttle.growth) == (True, 20.0, 5.0)
+    assert (throttle.decrease, throttle.increase, throttle.min_rate) == (0.5, 0.5, 0.05)
+    assert (throttle.probe_interval, throttle.probe_every, throttle.pushback_after) == (
+        1.0, 5.0, 2)
+    assert (throttle.remember, throttle.block_suspend, throttle.retry_after) == (
+        86400.0, 3600.0, 0.0)
+    assert throttle.default_rules and throttle.rules == ()
+
+
+def test_throttle_durations_take_units() -> None:
+    throttle = from_dict(minimal(throttle={
+        "probe_interval": "500ms", "probe_every": "1m", "remember": "2h",
+        "block_suspend": "30m", "retry_after": "10s"})).throttle
+    assert (throttle.probe_interval, throttle.probe_every, throttle.remember,
+            throttle.block_suspend, throttle.retry_after) == (0.5, 60.0, 7200.0, 1800.0, 10.0)
+    assert from_dict(minimal(throttle={"growth": 1, "decrease": 1})).throttle.growth == 1.0
+
+
+def test_throttle_holdoff_still_loads_with_a_warning_naming_it() -> None:
+    """The key of the old design, retired: a file that has it still loads (a config must
+    not stop an upgraded engine from starting), and says what to do."""
+    cfg = from_dict(minimal(throttle={"holdoff": "2s", "decrease": 0.7}))
+    assert cfg.throttle == config.ThrottleConfig(decrease=0.7)
+    assert len(cfg.warnings) == 1
+    assert cfg.warnings[0].startswith("throttle.holdoff: no longer used: ")
+    assert cfg.warnings[0].endswith("; remove the key")
+
+
 # --- ips and ip_pools --------------------------------------------------------
 
 
@@ -298,6 +329,22 @@ REFUSALS = [
     (minimal(retry={"schedule": ["1m", "0s"]}), "retry.schedule[1]", "more than 0"),
     (minimal(retry={"schedule": ["1m", "soon"]}), "retry.schedule[1]", "not a duration"),
     (minimal(retry={"max_age": "5 days"}), "retry.max_age", "not a duration"),
+    (minimal(throttle={"slow_start": "yes"}), "throttle.slow_start", "must be true or false"),
+    (minimal(throttle={"start_rate": 0}), "throttle.start_rate", "must be > 0"),
+    (minimal(throttle={"growth": 0}), "throttle.growth", "must be > 0 and <= 1000 (got 0)"),
+    (minimal(throttle={"growth": 1500}), "throttle.growth",
+     "must be > 0 and <= 1000 (got 1500)"),
+    (minimal(throttle={"decrease": 0}), "throttle.decrease", "must be > 0 and <= 1"),
+    (minimal(throttle={"increase": -1}), "throttle.increase", "must be >= 0"),
+    (minimal(throttle={"min_rate": 0}), "throttle.min_rate", "must be > 0"),
+    (minimal(throttle={"probe_interval": 0}), "throttle.probe_interval", "more than 0"),
+    (minimal(throttle={"probe_every": "0s"}), "throttle.probe_every", "more than 0"),
+    (minimal(throttle={"pushback_after": 0}), "throttle.pushback_after", "must be >= 1"),
+    (minimal(throttle={"pushback_after": 1.5}), "throttle.pushback_after",
+     "must be an integer"),
+    (minimal(throttle={"remember": "1 day"}), "throttle.remember", "not a duration"),
+    (minimal(throttle={"block_suspend": -1}), "throttle.block_suspend", ">= 0 seconds"),
+    (minimal(throttle={"holdof": "2s"}), "throttle.holdof", "unknown key"),
     ({"ips": ["192.0.2.10"], 5: "x"}, "5", "keys must be strings"),
 ]
 

@@ -40,6 +40,7 @@ def _reference_attempt(attempt: Attempt, status: Status, meta: Mapping[str, Any]
         event["ambiguous"] = True
     if attempt.throttled:
         event["throttled"] = True
+        event["trigger"] = attempt.trigger
     return _REFERENCE(event)
 
 
@@ -61,7 +62,8 @@ def test_attempt_event_is_the_json_of_its_fields(
     attempt = Attempt(job_id=f"job-{text}", rcpt=f"{text}@example.com", status=status,
                       reply=Reply(451 if odd else 250, "4.7.1" if odd else None, f"ok {text}"),
                       ip="192.0.2.1", mx=mx, provider=text or "other", tls=tls,
-                      conn_reused=reused, ambiguous=odd, ts=TS + 1.5, throttled=odd)
+                      conn_reused=reused, ambiguous=odd, ts=TS + 1.5, throttled=odd,
+                      trigger=f"rule:{text}" if odd else None)
     name, line = events.attempt_event(attempt, status, meta, 3, TS - 2.25, next_attempt)
     assert name == status.value
     assert line == _reference_attempt(attempt, status, meta, 3, TS - 2.25, next_attempt,

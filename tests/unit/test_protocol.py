@@ -37,7 +37,8 @@ def test_result_frame_round_trip(status: Status) -> None:
     attempt = Attempt(job_id="job-1", rcpt="a@example.com", status=status,
                       reply=Reply(451, "4.7.1", "slow \"down\""), ip="192.0.2.1",
                       provider="gmail", tls="TLSv1.3", conn_reused=True, ts=1795849218.25,
-                      throttled=True, attempted=False, retry_at=1795849300.0)
+                      throttled=True, attempted=False, retry_at=1795849300.0,
+                      trigger="rule:421", retried=True)
     msg = protocol.decode(protocol.result_frame([attempt, attempt]))
     assert msg["type"] == "result"
     assert [protocol.attempt_from_row(a) for a in msg["attempts"]] == [attempt, attempt]

@@ -1,0 +1,105 @@
+"""Caps on what one sending IP may send to one provider: per hour, and per day while warming up.
+
+Both count turns taken (engine.shaping), in wall-clock time: messages per hour in one-minute
+buckets over the last hour; messages per UTC day against the warm-up schedule's cap for the
+IP's day of warm-up. A cap reached defers the message until the cap frees (the oldest minute
+leaves the hour, or the next UTC midnight): a `Deferral`, never an attempt.
+"""
+from __future__ import annotations
+
+import datetime
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """Not now: come back at `retry_at` (Unix time). Not an attempt."""
+
+    retry_at: float
+    reason: str
+
+
+@dataclass
+class _Window:
+    """Counts in one-minute buckets over the last hour."""
+
+    buckets: deque[tuple[int, int]] = field(default_factory=deque)  # (minute, count)
+
+    def add(self, now: float) -> None:
+        minute = int(now // 60)
+        if self.buckets and self.buckets[-1][0] == minute:
+            self.buckets[-1] = (minute, self.buckets[-1][1] + 1)
+        else:
+            self.buckets.append((minute, 1))
+
+    def total(self, now: float) -> int:
+        horizon = int(now // 60) - 59
+        while self.buckets and self.buckets[0][0] < horizon:
+            self.buckets.popleft()
+        return sum(count for _, count in self.buckets)
+
+    def frees_at(self) -> float:
+        """When the oldest minute leaves the hour."""
+        return (self.buckets[0][0] + 60) * 60.0 if self.buckets else 0.0
+
+
+class Caps:
+    """The hourly cap (`hourly`, 0: none) and the warm-up's daily cap (`daily_cap()`, None:
+    none) of one sending IP x provider, with what was sent against them."""
+
+    def __init__(self, hourly: int, daily_cap: Callable[[], int | None], wall: Clock) -> None:
+        self.hourly = hourly
+        self._daily_cap = daily_cap
+        self._wall = wall
+        self._hour = _Window()
+        self.sent_today = 0
+        self._day_start = self._day_end = 0.0  # the UTC day `today()` last formatted
+        self._today_text = ""
+        self.day = self.today()
+
+    def reached(self) -> Deferral | None:
+        """A Deferral if a cap is reached now, else None."""
+        now = self._wall()
+        if self.hourly and self._hour.total(now) >= self.hourly:
+            return Deferral(max(self._hour.frees_at(), now + 1.0), "hourly limit")
+        cap = self._daily_cap()
+        self._roll_day()
+        if cap is not None and self.sent_today >= cap:
+            return Deferral(_next_midnight(now), "warm-up daily limit")
+        return None
+
+    def count(self) -> None:
+        """One more message sent against both caps."""
+        self._hour.add(self._wall())
+        self.sent_today += 1
+
+    @property
+    def daily_cap(self) -> int | None:
+        return self._daily_cap()
+
+    def today(self) -> str:
+        """Today's UTC date, "2026-11-28". Asked at every turn: formatted only when the
+        wall clock leaves the day formatted last (a float comparison otherwise)."""
+        now = self._wall()
+        if not self._day_start <= now < self._day_end:
+            day = now // 86400  # Unix time has no leap seconds: a UTC day is 86400 s
+            self._day_start, self._day_end = day * 86400, (day + 1) * 86400
+            self._today_text = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime(
+                "%Y-%m-%d")
+        return self._today_text
+
+    def _roll_day(self) -> None:
+        today = self.today()
+        if today != self.day:
+            self.day, self.sent_today = today, 0
+
+
+def _next_midnight(now: float) -> float:
+    day = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+    midnight = datetime.datetime.combine(day + datetime.timedelta(days=1), datetime.time(),
+                                         datetime.UTC)
+    return midnight.timestamp()
