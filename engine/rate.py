@@ -129,7 +129,7 @@ class AllowedRate:
 
     def clean(self, now: float, binding: bool, seconds: float | None = None) -> None:
         """A delivery accepted; `binding`: turns waited for the pace lately; `seconds`: the
-        transaction's time, turn to final reply."""
+        transaction's time on its connection (MAIL to the final reply)."""
         self._accepted += 1
         if seconds is not None and seconds > 0:
             self._transaction = seconds if self._transaction is None else \
