@@ -217,18 +217,8 @@ def checks(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
         everything = figures["delivered"] == figures["messages"] and not figures["bounced"]
         out.append((f"{name}: all delivered, none bounced", everything,
                     f"{figures['delivered']}/{figures['messages']}, {figures['bounced']} bounced"))
-    tb = results.get("token-bucket")
-    if tb:
-        out.append(("token bucket: at most 2% see a refusal", tb["refused_share"] <= 0.02,
-                    f"{tb['refused_share']:.1%}"))
-        out.append(("token bucket: within 1.15x the floor", tb["of_floor"] <= 1.15,
-                    f"{tb['seconds']:.1f} s, {tb['of_floor']:.2f}x of {tb['floor']:.0f} s"))
-    fw = results.get("fixed-window")
-    if fw:
-        out.append(("fixed window: at most 8% see a refusal", fw["refused_share"] <= 0.08,
-                    f"{fw['refused_share']:.1%}"))
-        out.append(("fixed window: within 1.3x the floor", fw["of_floor"] <= 1.3,
-                    f"{fw['seconds']:.1f} s, {fw['of_floor']:.2f}x of {fw['floor']:.0f} s"))
+    out += _floor_checks("token bucket", results.get("token-bucket"), 0.02, 1.15)
+    out += _floor_checks("fixed window", results.get("fixed-window"), 0.08, 1.3)
     lc = results.get("limit-change")
     if lc:
         out.extend(_change_checks(lc["timeline"]))
@@ -255,6 +245,19 @@ def checks(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
                     f"{tp['other_rate']:.0f}/s beside a throttling one, "
                     f"{base['other_rate']:.0f}/s beside one that does not throttle"))
     return out
+
+
+def _floor_checks(what: str, figures: dict[str, Any] | None, share: float,
+                  of_floor: float) -> list[tuple[str, bool, str]]:
+    """At most `share` of the messages see a refusal, all delivered within `of_floor` times
+    the receiver's floor."""
+    if not figures:
+        return []
+    return [(f"{what}: at most {share:.0%} see a refusal", figures["refused_share"] <= share,
+             f"{figures['refused_share']:.1%}"),
+            (f"{what}: within {of_floor:g}x the floor", figures["of_floor"] <= of_floor,
+             f"{figures['seconds']:.1f} s, {figures['of_floor']:.2f}x of "
+             f"{figures['floor']:.0f} s")]
 
 
 def _change_checks(timeline: dict[str, list[Any]]) -> list[tuple[str, bool, str]]:
