@@ -20,6 +20,10 @@ TIERS = {
     "engine": 120,  # the real engine processes end to end
     "package": 10,  # the Debian packaging
 }
+# A property test (hypothesis's @given) runs its body hundreds of times: its time is the
+# examples times the machine's speed, and Debian's older hypothesis generates slower. 3 s
+# here for 300 examples ran over 10 s on a loaded CI machine, so it gets a budget of its own.
+PROPERTY_TIMEOUT = 60
 
 # The fixtures every tier shares (servers, certificates, a whole engine); pytester for
 # tests/unit/test_gevent_hub.py, which replays an order dependence in a pytest of its own.
@@ -45,7 +49,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier == "engine":
             item.add_marker("integration")
         if item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(TIERS[tier]))
+            item.add_marker(pytest.mark.timeout(max(TIERS[tier], _property_timeout(item))))
+
+
+def _property_timeout(item: pytest.Item) -> int:
+    """PROPERTY_TIMEOUT for a hypothesis test, else 0."""
+    test = getattr(item, "obj", None)
+    return PROPERTY_TIMEOUT if getattr(test, "is_hypothesis_test", False) else 0
 
 
 def tier_of(path: Path) -> str | None:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from tests.conftest import TIERS
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import PROPERTY_TIMEOUT, TIERS
 from tests.support import ROOT
 
 TESTS = ROOT / "tests"
@@ -31,6 +35,23 @@ def test_no_module_imports_a_test_module() -> None:
              for path in sorted(TESTS.rglob("*.py")) for name in imported(path)
              if name.rpartition(".")[2].startswith("test_")]
     assert found == [], "shared helpers belong in tests/support/"
+
+
+@settings(max_examples=1)
+@given(st.none())
+def test_a_property_test_is_collected(_: None) -> None:
+    """So that the session below always holds at least one property test."""
+
+
+def test_property_tests_get_the_property_timeout(request: pytest.FixtureRequest) -> None:
+    """Regression: a 300-example property test ran over the unit tier's 10 s on a loaded CI
+    machine with Debian's hypothesis."""
+    properties = [item for item in request.session.items
+                  if getattr(getattr(item, "obj", None), "is_hypothesis_test", False)]
+    assert properties
+    for item in properties:
+        marker = item.get_closest_marker("timeout")
+        assert marker is not None and marker.args[0] >= PROPERTY_TIMEOUT, item.nodeid
 
 
 def imported(path: Path) -> set[str]:
