@@ -8,8 +8,10 @@ the spool's order. A job whose time has run out is expired here instead of sent.
 
 The in-flight table (`InFlight` per job) is what the results are checked against:
 a job in it is never handed out again until every recipient sent has a result,
-or its worker died (then it is simply due again: the spool never marks anything
-in flight).
+its worker died or refused the task, or its hand-out is overdue (`handout_deadline`:
+longer than any delivery the phase timeouts allow); then it is simply due again (the
+spool never marks anything in flight). Each hand-out has a number of its own, and a
+result counts only for the hand-out it answers (engine.results).
 
 Jobs just accepted are kept in memory until their first dispatch (`offer`), so a
 job the workers had no room for is not read back from SQLite, message included,
@@ -17,6 +19,8 @@ when it comes due (bounded by UNSENT_MAX_BYTES).
 """
 from __future__ import annotations
 
+import itertools
+import logging
 import time
 from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,14 +28,19 @@ from typing import Any
 
 import zmq
 
-from engine import events, sockets
+from engine import events, logs, sockets
 from engine.config import Config
+from engine.metrics import Metrics
 from engine.protocol import Attempt, Status, task_header
 from engine.reply import Reply
 from engine.spool import Pending, RcptUpdate, Spool
 from engine.workers import WorkerHandle, Workers
 
+log = logging.getLogger("mailengine.supervisor")
+
 PARK_TIME = 2.0  # seconds a job no worker could take is passed over
+REFUSED_PARK = 60.0  # seconds a job whose task a worker could not read is passed over
+EARLIER_MAX = 100_000  # hand-outs taken back whose late results are still recognised
 UNSENT_MAX_BYTES = 64 * 1024 * 1024  # messages of never-dispatched jobs kept in memory
 EXPIRED_REPLY = Reply.local(451, "4.4.7", "message expired: not delivered within its time")
 
@@ -47,14 +56,34 @@ class InFlight:
     queued_ts: float
     expires_ts: float
     attempts: dict[str, int]  # attempts before this one, per rcpt still out
+    handout: int = 0  # this hand-out's number (protocol.Task.handout)
     started: float = field(default_factory=time.monotonic)
+    # Recipients a late result of an earlier hand-out made final while this one was out:
+    # a delivery this hand-out reports for one of them is a duplicate (engine.results).
+    final_meanwhile: set[str] = field(default_factory=set)
+
+
+def handout_deadline(cfg: Config) -> float:
+    """Seconds after which a job still in flight is taken back and handed out again.
+
+    Longer than any delivery of one task the phase timeouts allow: its DNS, its wait for
+    a turn, and two MX hosts' whole setup and transaction (a failover), plus the drain.
+    A task that outlives it (a worker that lost it, or a result that never came) would
+    otherwise be in flight until its worker exits. A worker still at work on it past the
+    deadline is the one case where both hand-outs send: the late result is then
+    recorded, and the second delivery counted as a duplicate (engine.results)."""
+    t = cfg.smtp.timeouts
+    return (cfg.dns.timeout + cfg.shaping.max_wait + 2 * (t.setup + t.transaction)
+            + cfg.drain_timeout)
 
 
 class Dispatcher:
     """Due jobs to the workers with room; the table of what is in flight."""
 
-    def __init__(self, cfg: Config, spool: Spool, workers: Workers, publish: Publish) -> None:
+    def __init__(self, cfg: Config, spool: Spool, workers: Workers, publish: Publish,
+                 metrics: Metrics | None = None) -> None:
         self.cfg = cfg
+        self._metrics = metrics or Metrics(None, "supervisor")
         self._spool = spool
         self._workers = workers
         self._publish = publish
@@ -62,6 +91,10 @@ class Dispatcher:
         self._parked: dict[str, float] = {}  # job id -> until (monotonic)
         self._unsent: dict[str, Pending] = {}
         self.unsent_bytes = 0
+        self._handouts = itertools.count(1)
+        # Hand-outs taken back before their results came (a dead worker's, an overdue one),
+        # by number: a late result is recorded against the hand-out it answers.
+        self.earlier: dict[int, InFlight] = {}
 
     # -- what the supervisor calls ---------------------------------------------------
 
@@ -100,22 +133,67 @@ class Dispatcher:
         self._parked.clear()
         self.dispatch_due()
 
-    def settle(self, job_id: str, rcpt: str) -> None:
-        """`rcpt` of an in-flight job has its result recorded."""
+    def settle(self, job_id: str, rcpt: str, handout: int) -> None:
+        """`rcpt` of the job's hand-out `handout` has its result recorded."""
         flight = self.in_flight.get(job_id)
-        if flight is None:
+        if flight is None or flight.handout != handout:
             return
         flight.attempts.pop(rcpt, None)
         if not flight.attempts:
-            del self.in_flight[job_id]
-            handle = self._workers.get(flight.ip)
-            if handle is not None:
-                handle.jobs.discard(job_id)
+            self._take_back(job_id)
 
     def forget(self, job_ids: Iterable[str]) -> None:
         """Jobs whose worker died: no longer in flight, so due again at once."""
         for job_id in job_ids:
-            self.in_flight.pop(job_id, None)
+            if job_id in self.in_flight:
+                self._take_back(job_id, counted=True)
+
+    def answered(self, job_id: str, handout: int) -> InFlight | None:
+        """The hand-out a result answers: the job's current one, or one taken back."""
+        flight = self.in_flight.get(job_id)
+        if flight is not None and flight.handout == handout:
+            return flight
+        return self.earlier.get(handout)
+
+    def refused(self, handouts: Iterable[int]) -> None:
+        """Tasks a worker could not read: their jobs are taken back, and passed over for
+        REFUSED_PARK (a task that cannot be read may not be readable the next time)."""
+        wanted = set(handouts)
+        for job_id, flight in list(self.in_flight.items()):
+            if flight.handout in wanted:
+                log.warning(logs.kv("task_refused", id=job_id, ip=flight.ip,
+                                    handout=flight.handout))
+                self._take_back(job_id, counted=True)
+                self._parked[job_id] = time.monotonic() + REFUSED_PARK
+
+    def take_back_overdue(self, now: float) -> list[str]:
+        """Jobs in flight for longer than the hand-out deadline: taken back, so due again.
+        Returns their ids."""
+        limit = handout_deadline(self.cfg)
+        overdue = [job_id for job_id, flight in self.in_flight.items()
+                   if now - flight.started > limit]
+        for job_id in overdue:
+            flight = self.in_flight[job_id]
+            log.warning(logs.kv("handout_overdue", id=job_id, ip=flight.ip,
+                                handout=flight.handout, seconds=round(now - flight.started),
+                                rcpts=len(flight.attempts)))
+            self._take_back(job_id, counted=True)
+        return overdue
+
+    def _take_back(self, job_id: str, counted: bool = False) -> None:
+        """No longer in flight (`counted`: taken back before its results came, the
+        `taken_back` metric). A hand-out with results still owed is remembered, so that
+        they count for it if they come after all."""
+        if counted:
+            self._metrics.incr("taken_back", "all")
+        flight = self.in_flight.pop(job_id)
+        handle = self._workers.get(flight.ip)
+        if handle is not None:
+            handle.jobs.discard(job_id)
+        if flight.attempts:
+            if len(self.earlier) >= EARLIER_MAX:
+                del self.earlier[next(iter(self.earlier))]  # the oldest
+            self.earlier[flight.handout] = flight
 
     def free_room(self) -> int:
         """Jobs the ready workers can take now, together."""
@@ -132,8 +210,9 @@ class Dispatcher:
         handle = self._choose_worker(job.ip, job.pool)
         if handle is None:
             return False
+        handout = next(self._handouts)
         header = task_header(job.id, job.sender, pending.rcpts, pending.queued_ts,
-                             job.smtputf8, job.eightbit)
+                             job.smtputf8, job.eightbit, handout)
         sock = handle.tasks
         assert sock is not None
         try:  # a multipart message is queued whole or not at all: the first part decides
@@ -145,7 +224,7 @@ class Dispatcher:
         handle.jobs.add(job.id)
         # The job's meta is never changed (events copy it), so it is shared, not copied.
         self.in_flight[job.id] = InFlight(handle.ip, job.meta, pending.queued_ts,
-                                          pending.expires_ts, dict(pending.attempts))
+                                          pending.expires_ts, dict(pending.attempts), handout)
         return True
 
     def _choose_worker(self, ip: str | None, pool: str | None) -> WorkerHandle | None:

@@ -96,6 +96,10 @@ DECLARED: tuple[Metric, ...] = (
     Metric("plaintext", "counter", "connections that stayed plaintext"),
     Metric("rejected", "counter", "jobs refused at intake", SUPERVISOR),
     Metric("queued", "counter", "jobs accepted into the spool", SUPERVISOR),
+    Metric("duplicates", "counter", "deliveries of a recipient an earlier hand-out of its job"
+           " had delivered already (each one a copy the receiver got twice)", SUPERVISOR),
+    Metric("taken_back", "counter", "hand-outs taken back from a worker: it died, could not"
+           " read the task, or the hand-out outlived its deadline", SUPERVISOR),
     # gauges
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),

@@ -4,11 +4,16 @@ Both sides import this module and nothing of each other: the supervisor never
 loads the delivery code (smtplib, gevent), a worker never loads the spool.
 
 Supervisor -> worker, a `Task`: two frames, a JSON header and the raw message.
+Each hand-out of a job has a number of its own (`handout`), which the worker echoes
+in every result of that task: the supervisor credits a result only to the hand-out
+it answers (a late result of an earlier hand-out of the same job is not mistaken
+for the current one's).
 Worker -> supervisor: one JSON frame, `{"type": "result", "attempts": [...]}`
 with the `Attempt`s reported within one turn of the worker's event loop (one or
 more recipient domains, of one or more jobs), each an array in ATTEMPT_FIELDS
-order, or `{"type": "stats", ...}` once a second. Single frames, so greenlets of
-one worker can share the PUSH socket.
+order; `{"type": "refused", "handouts": [...]}` for tasks the worker could not
+read (the supervisor takes them back at once); or `{"type": "stats", ...}` once a
+second. Single frames, so greenlets of one worker can share the PUSH socket.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ class Task:
     queued_ts: float
     smtputf8: bool = False
     eightbit: bool = False
+    handout: int = 0  # this hand-out's number (the supervisor's), echoed in its results
 
 
 class Status(StrEnum):
@@ -68,6 +74,7 @@ class Attempt:
     attempted: bool = True  # False: shaping said "not now" before any try
     retry_at: float | None = None  # when to try again, if shaping knows better than the schedule
     retried: bool = False  # throttled, and the worker sends it again itself: more results follow
+    handout: int = 0  # the hand-out (Task.handout) this result answers
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -75,18 +82,19 @@ class Attempt:
 
 def task_frames(task: Task) -> list[bytes]:
     return [task_header(task.job_id, task.sender, task.rcpts, task.queued_ts, task.smtputf8,
-                        task.eightbit), task.message]
+                        task.eightbit, task.handout), task.message]
 
 
 def task_header(job_id: str, sender: str, rcpts: Sequence[str], queued_ts: float,
-                smtputf8: bool, eightbit: bool) -> bytes:
+                smtputf8: bool, eightbit: bool, handout: int) -> bytes:
     """A task's first frame, without building a Task (the supervisor sends many).
 
     The JSON object json.dumps would write (without its spaces), formatted by hand: the
     strings escaped by json's own C escaper, the float written as json writes it."""
     return (f'{{"id":{_quote(job_id)},"from":{_quote(sender)},'
             f'"to":[{",".join(map(_quote, rcpts))}],"queued_ts":{float.__repr__(queued_ts)},'
-            f'"smtputf8":{_BOOL[smtputf8]},"eightbit":{_BOOL[eightbit]}}}').encode()
+            f'"smtputf8":{_BOOL[smtputf8]},"eightbit":{_BOOL[eightbit]},'
+            f'"handout":{handout}}}').encode()
 
 
 _quote = encode_basestring_ascii
@@ -99,7 +107,18 @@ def task_from_frames(frames: list[bytes]) -> Task:
     header = json.loads(frames[0])
     return Task(job_id=header["id"], sender=header["from"], rcpts=tuple(header["to"]),
                 message=frames[1], queued_ts=float(header["queued_ts"]),
-                smtputf8=bool(header["smtputf8"]), eightbit=bool(header["eightbit"]))
+                smtputf8=bool(header["smtputf8"]), eightbit=bool(header["eightbit"]),
+                handout=int(header["handout"]))
+
+
+def handout_of(frames: list[bytes]) -> int | None:
+    """The hand-out number of frames that are not a readable task, if it can be found
+    (so the supervisor can take that job back at once); None when it cannot."""
+    try:
+        header = json.loads(frames[0])
+        return int(header["handout"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 # -- results -----------------------------------------------------------------------------
@@ -108,13 +127,16 @@ def task_from_frames(frames: list[bytes]) -> Task:
 # key to write and read again per field, which made decoding results ~2.5x slower.
 ATTEMPT_FIELDS = ("job", "rcpt", "status", "code", "enhanced", "reply", "ip", "mx", "provider",
                   "tls", "conn_reused", "ambiguous", "ts", "throttled", "attempted", "retry_at",
-                  "trigger", "retried")
+                  "trigger", "retried", "handout")
 
 
-def attempt_to_row(a: Attempt) -> list[Any]:
+def attempt_to_row(a: Attempt, handout: int | None = None) -> list[Any]:
+    """`a` as a row; `handout`, when given, instead of a.handout (the worker's delivery
+    code does not know the hand-out: the worker adds it here)."""
     return [a.job_id, a.rcpt, a.status.value, a.reply.code, a.reply.enhanced, a.reply.text,
             a.ip, a.mx, a.provider, a.tls, a.conn_reused, a.ambiguous, a.ts, a.throttled,
-            a.attempted, a.retry_at, a.trigger, a.retried]
+            a.attempted, a.retry_at, a.trigger, a.retried,
+            a.handout if handout is None else handout]
 
 
 _STATUS = {status.value: status for status in Status}
@@ -123,22 +145,32 @@ _STATUS = {status.value: status for status in Status}
 def attempt_from_row(row: Sequence[Any]) -> Attempt:
     """The inverse of attempt_to_row; ValueError or TypeError when `row` is not one."""
     (job_id, rcpt, status, code, enhanced, text, ip, mx, provider, tls, conn_reused, ambiguous,
-     ts, throttled, attempted, retry_at, trigger, retried) = row  # ValueError: another length
+     ts, throttled, attempted, retry_at, trigger, retried, handout) = row  # ValueError: length
     return Attempt(job_id=job_id, rcpt=rcpt,
                    status=_STATUS.get(status) or Status(status),  # ValueError if unknown
                    reply=Reply(int(code), enhanced, text), ip=ip, mx=mx, provider=provider,
                    tls=tls, conn_reused=bool(conn_reused), ambiguous=bool(ambiguous),
                    ts=float(ts), throttled=bool(throttled), attempted=bool(attempted),
                    retry_at=None if retry_at is None else float(retry_at),
-                   trigger=None if trigger is None else str(trigger), retried=bool(retried))
+                   trigger=None if trigger is None else str(trigger), retried=bool(retried),
+                   handout=int(handout))
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def result_frame(attempts: list[Attempt]) -> bytes:
-    return _ENCODE({"type": "result",
-                    "attempts": [attempt_to_row(a) for a in attempts]}).encode()
+    return rows_frame([attempt_to_row(a) for a in attempts])
+
+
+def rows_frame(rows: list[list[Any]]) -> bytes:
+    """A result frame of attempts already made rows (attempt_to_row)."""
+    return _ENCODE({"type": "result", "attempts": rows}).encode()
+
+
+def refused_frame(handouts: list[int]) -> bytes:
+    """Tasks the worker could not read: the supervisor takes those jobs back."""
+    return _ENCODE({"type": "refused", "handouts": handouts}).encode()
 
 
 def stats_frame(ip: str, figures: dict[str, Any]) -> bytes:

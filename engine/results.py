@@ -25,6 +25,7 @@ import zmq
 
 from engine import events, logs, protocol, retry, sockets
 from engine.dispatch import Dispatcher, InFlight
+from engine.metrics import Metrics
 from engine.protocol import Attempt, Status
 from engine.spool import RcptUpdate, Spool
 
@@ -40,14 +41,10 @@ Publish = Callable[[events.Event], None]
 
 def plan(attempt: Attempt, flight: InFlight | None, now: float,
          schedule: Sequence[float]) -> tuple[RcptUpdate | None, events.Event | None]:
-    """The spool update and the event for one result (either may be None)."""
+    """The spool update and the event for one result (either may be None), `flight` the
+    job's current hand-out when the result answers it (else see `plan_late`)."""
     if flight is None or attempt.rcpt not in flight.attempts:
-        # A late result (its worker was declared dead): keep a final outcome,
-        # so the recipient is not sent twice; a deferral changes nothing.
-        if attempt.status.final:
-            return RcptUpdate(attempt.job_id, attempt.rcpt, attempt.status,
-                              reply=attempt.reply), None
-        return None, None
+        return plan_late(attempt, None)
     number = flight.attempts[attempt.rcpt] + 1
     # Shaping's waits (not attempted) and throttles cost no attempt: they say
     # nothing about the recipient, only about our pace.
@@ -66,6 +63,21 @@ def plan(attempt: Attempt, flight: InFlight | None, now: float,
     return update, event
 
 
+def plan_late(attempt: Attempt, earlier: InFlight | None
+              ) -> tuple[RcptUpdate | None, events.Event | None]:
+    """A result for a hand-out taken back (its worker was declared dead, it was overdue):
+    a final outcome is kept, so the recipient is not sent again, and published, so the
+    producer hears it (the event needs the hand-out's record, `earlier`); a deferral
+    changes nothing (the recipient is due again already)."""
+    if not attempt.status.final:
+        return None, None
+    update = RcptUpdate(attempt.job_id, attempt.rcpt, attempt.status, reply=attempt.reply)
+    if earlier is None or attempt.rcpt not in earlier.attempts:
+        return update, None
+    return update, events.attempt_event(attempt, attempt.status, earlier.meta,
+                                        earlier.attempts[attempt.rcpt] + 1, earlier.queued_ts)
+
+
 def _next_attempt(attempt: Attempt, flight: InFlight, number: int, now: float,
                   schedule: Sequence[float]) -> float | None:
     """When a deferred recipient is tried again: when shaping said (a throttle, a wait),
@@ -80,8 +92,8 @@ class Results:
 
     def __init__(self, sock: zmq.Socket, spool: Spool, dispatcher: Dispatcher,
                  publish: Publish, on_stats: Callable[[dict[str, Any]], None],
-                 schedule: Sequence[float], window: float = RESULTS_WINDOW,
-                 group: int = RESULTS_GROUP) -> None:
+                 schedule: Sequence[float], metrics: Metrics | None = None,
+                 window: float = RESULTS_WINDOW, group: int = RESULTS_GROUP) -> None:
         self.sock = sock
         self.schedule = schedule  # the retry schedule (config `retry.schedule`)
         self.window = window
@@ -90,6 +102,7 @@ class Results:
         self._dispatcher = dispatcher
         self._publish = publish
         self._on_stats = on_stats
+        self._metrics = metrics or Metrics(None, "supervisor")
         self._held: list[Attempt] = []
         self._held_since = 0.0  # when the first result held now came (monotonic)
         self._flushed = 0.0  # when results were last recorded (monotonic)
@@ -123,6 +136,8 @@ class Results:
             self._held.extend(map(protocol.attempt_from_row, msg["attempts"]))
         elif msg["type"] == "stats":
             self._on_stats(msg)
+        elif msg["type"] == "refused":
+            self._dispatcher.refused(map(int, msg["handouts"]))
 
     def due(self) -> bool:
         """Whether to record the results held now: enough of them, the window is over,
@@ -147,11 +162,38 @@ class Results:
     def _record(self, attempts: list[Attempt]) -> None:
         """Spool first, then events: an event never announces what could be lost."""
         now = time.time()
-        flights = self._dispatcher.in_flight
-        planned = [plan(a, flights.get(a.job_id), now, self.schedule) for a in attempts]
+        planned = [self._plan(a, now) for a in attempts]
         self._spool.record([update for update, _ in planned if update is not None])
         for attempt, (_, event) in zip(attempts, planned, strict=True):
             if event is not None:
                 self._publish(event)
             if not attempt.retried:  # a throttled try the worker sends again: still out
-                self._dispatcher.settle(attempt.job_id, attempt.rcpt)
+                self._dispatcher.settle(attempt.job_id, attempt.rcpt, attempt.handout)
+
+    def _plan(self, attempt: Attempt, now: float
+              ) -> tuple[RcptUpdate | None, events.Event | None]:
+        """`plan` for the hand-out the result answers; a result of a hand-out taken back
+        is late (`plan_late`), and may make a recipient final that the job's current
+        hand-out is sending too: that one's delivery, when it comes, is a duplicate."""
+        dispatcher = self._dispatcher
+        answered = dispatcher.answered(attempt.job_id, attempt.handout)
+        if answered is not None and attempt.rcpt in answered.final_meanwhile:
+            self._count_duplicate(attempt)
+            return None, None  # final already, its event published
+        current = dispatcher.in_flight.get(attempt.job_id)
+        if answered is not None and answered is current:
+            return plan(attempt, answered, now, self.schedule)
+        update, event = plan_late(attempt, answered)
+        if answered is not None:
+            answered.attempts.pop(attempt.rcpt, None)
+            if not answered.attempts:
+                dispatcher.earlier.pop(attempt.handout, None)
+        if update is not None and current is not None and attempt.rcpt in current.attempts:
+            current.final_meanwhile.add(attempt.rcpt)
+        return update, event
+
+    def _count_duplicate(self, attempt: Attempt) -> None:
+        if attempt.status is Status.DELIVERED:
+            self._metrics.incr("duplicates", "all")
+            log.warning(logs.kv("duplicate_delivery", id=attempt.job_id, rcpt=attempt.rcpt,
+                                ip=attempt.ip, handout=attempt.handout))

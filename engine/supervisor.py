@@ -75,12 +75,13 @@ class Supervisor:
         events.end_torn_line(cfg.events_log)
         self.events = events.EventPublisher(pub, cfg.events_log)
         self.workers = Workers(self.zctx, cfg, config_path)
-        self.dispatcher = Dispatcher(cfg, self.spool, self.workers, self._publish)
+        self.dispatcher = Dispatcher(cfg, self.spool, self.workers, self._publish,
+                                     self.metrics)
         self.intake = Intake(ingest, cfg, self.spool, self._publish, self.metrics)
         results_sock = sockets.bind(self.zctx, zmq.PULL, self.workers.results_endpoint,
                                     {zmq.RCVHWM: RESULTS_HWM})
         self.results = Results(results_sock, self.spool, self.dispatcher, self._publish,
-                               self._on_stats, cfg.retry.schedule)
+                               self._on_stats, cfg.retry.schedule, self.metrics)
         self.control = control.Control(control_sock, self.status)
         self._stopping = False
         self._reload = False
@@ -173,6 +174,7 @@ class Supervisor:
         now = time.monotonic()
         if now - self._last_housekeeping >= HOUSEKEEPING:
             self._last_housekeeping = now
+            self.dispatcher.take_back_overdue(now)
             self.spool.prune_finished(time.time())
             self.metrics.gauge("spool_depth", "all", self.spool.stats().rcpts_pending)
             self.metrics.memory()

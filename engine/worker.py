@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import logging
 import os
 import signal
 import sys
 import time
+from typing import Any
 
 import gevent
 import gevent.event
@@ -44,6 +46,7 @@ STATS_INTERVAL = 1.0
 MEMORY_INTERVAL = 10.0
 TASK_BATCH = 100  # tasks taken off the socket per poll() at most, before polling again
 RESULTS_PER_FRAME = 500  # attempts per result frame at most (a frame stays small)
+RESEND_AFTER = (0.1, 0.5, 1.0, 5.0)  # seconds before sending a result frame again
 
 
 class Worker:
@@ -71,9 +74,9 @@ class Worker:
         self.in_flight = gevent.pool.Group()
         self.delivered = 0
         self._stopping = False
-        # Results wait here for the flusher greenlet, which sends all of them in one frame
-        # per loop turn (see _report); `_results_ready` wakes it.
-        self._outbox: list[Attempt] = []
+        # Results (as rows, their hand-out added) wait here for the flusher greenlet, which
+        # sends all of them in one frame per loop turn (see _report); `_results_ready` wakes it.
+        self._outbox: list[list[Any]] = []
         self._results_ready = gevent.event.Event()
         self._flushing = True
         self._zctx = zmq.Context()
@@ -144,14 +147,23 @@ class Worker:
             try:
                 task = protocol.task_from_frames(frames)
             except (ValueError, KeyError, IndexError, TypeError) as exc:
-                log.error(logs.kv("bad_task", ip=self.ip.address, error=exc))
+                self._refuse(frames, exc)
                 continue
             self.in_flight.spawn(self._deliver, task)
 
-    def _deliver(self, task: Task) -> None:
-        self.deliverer.deliver(task, self._report)
+    def _refuse(self, frames: list[bytes], exc: Exception) -> None:
+        """A task that cannot be read: the supervisor takes its job back at once (it would
+        otherwise stay in flight until its deadline). Without even a hand-out number, only
+        the deadline can."""
+        handout = protocol.handout_of(frames)
+        log.error(logs.kv("bad_task", ip=self.ip.address, handout=handout, error=exc))
+        if handout is not None:
+            self._send(protocol.refused_frame([handout]))
 
-    def _report(self, attempts: list[Attempt]) -> None:
+    def _deliver(self, task: Task) -> None:
+        self.deliverer.deliver(task, functools.partial(self._report, task.handout))
+
+    def _report(self, handout: int, attempts: list[Attempt]) -> None:
         """Buffer a domain's results for the flusher; the first one wakes it.
 
         One frame per result cost a ZeroMQ send and a supervisor read per recipient
@@ -161,7 +173,7 @@ class Worker:
         worker killed meanwhile repeats little more than the transactions it had open).
         """
         self.delivered += sum(1 for a in attempts if a.status is Status.DELIVERED)
-        self._outbox.extend(attempts)
+        self._outbox.extend(protocol.attempt_to_row(a, handout) for a in attempts)
         self._results_ready.set()
 
     def _flush_results(self) -> None:
@@ -175,15 +187,29 @@ class Worker:
                 # mark) go into a fresh list and the next frame.
                 batch = self._outbox[:RESULTS_PER_FRAME]
                 del self._outbox[:RESULTS_PER_FRAME]
-                try:
-                    self._send(protocol.result_frame(batch))
-                except zmq.ZMQError as exc:  # as when each delivery sent its own: those
-                    # results are lost, the jobs stay pending in the spool; the flusher
-                    # lives on for the next ones
-                    log.error(logs.kv("results_lost", ip=self.ip.address,
-                                      attempts=len(batch), error=exc))
+                self._send_results(protocol.rows_frame(batch), len(batch))
             if not self._flushing:
                 return
+
+    def _send_results(self, frame: bytes, count: int) -> None:
+        """Send a result frame, again after a pause while the socket refuses it: a result
+        dropped here is a message delivered that the spool still holds as pending, sent
+        again after the next restart. Given up only at a stop, after the last pause."""
+        tries = 0
+        while True:
+            try:
+                self._send(frame)
+                return
+            except zmq.ZMQError as exc:
+                if not self._flushing and tries >= len(RESEND_AFTER):
+                    log.error(logs.kv("results_lost", ip=self.ip.address, attempts=count,
+                                      error=exc))
+                    return
+                pause = RESEND_AFTER[min(tries, len(RESEND_AFTER) - 1)]
+                tries += 1
+                log.warning(logs.kv("results_send_failed", ip=self.ip.address,
+                                    attempts=count, error=exc, again_in=pause))
+                gevent.sleep(pause)
 
     def _send(self, frame: bytes) -> None:
         self.results.send(frame)

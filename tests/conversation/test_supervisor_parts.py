@@ -26,6 +26,7 @@ from engine.results import Results
 from engine.spool import Spool
 from engine.supervisor import Supervisor
 from engine.workers import WorkerHandle, Workers
+from tests.support.statsd_catcher import StatsdCatcher
 from tests.support.supervisor import IP2, IP3, NOW, RCPT, SCHEDULE, attempt, ipc_config
 
 # -- the parts wired together, in process ------------------------------------------------
@@ -40,13 +41,16 @@ class Parts:
         self.spool = Spool(self.cfg.spool)
         self.published: list[events.Event] = []
         self.workers = Workers(self.ctx, self.cfg, None)
-        self.dispatcher = Dispatcher(self.cfg, self.spool, self.workers, self.published.append)
+        self.statsd = StatsdCatcher()
+        self.metrics = Metrics.create("127.0.0.1", self.statsd.port, "t", "supervisor")
+        self.dispatcher = Dispatcher(self.cfg, self.spool, self.workers, self.published.append,
+                                     self.metrics)
         self.ingest = sockets.bind(self.ctx, zmq.PULL, self.cfg.ingest)
         self.intake = Intake(self.ingest, self.cfg, self.spool, self.published.append,
                              Metrics.create("127.0.0.1", 8125, "t", "supervisor", False))
         pull = sockets.bind(self.ctx, zmq.PULL, self.workers.results_endpoint)
         self.results = Results(pull, self.spool, self.dispatcher, self.published.append,
-                               self.workers.on_stats, SCHEDULE)
+                               self.workers.on_stats, SCHEDULE, self.metrics)
         self.socks: list[zmq.Socket] = [self.ingest, pull]
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -69,6 +73,24 @@ class Parts:
             producer.send_multipart([json.dumps(envelope).encode(), b"Subject: x\r\n\r\nhi\r\n"])
         assert self.ingest.poll(5000), "the jobs never reached the ingest socket"
 
+    def answer(self, status: Status, job_id: str = "j", **fields: Any) -> Any:
+        """A worker's result for the job's current hand-out."""
+        return attempt(status, job_id=job_id,
+                       handout=self.dispatcher.in_flight[job_id].handout, **fields)
+
+    def report(self, *results: Any) -> None:
+        """Results through a worker's end of the results socket, collected and recorded."""
+        if not hasattr(self, "_reporter"):
+            self._reporter = self.reporter()
+        self._reporter.send(protocol.result_frame(list(results)))
+        assert self.results.sock.poll(5000)
+        self.results.collect()
+        self.results.flush()
+
+    def counted(self, metric: str) -> float:
+        self.statsd.sync()
+        return self.statsd.counter_sum(f"t.supervisor.all.{metric}")
+
     def names(self) -> list[str]:
         return [name for name, _ in self.published]
 
@@ -79,6 +101,8 @@ class Parts:
         for sock in [*self.socks, *(h.tasks for h in self.workers if h.tasks is not None)]:
             sock.close(linger=0)
         self.spool.close()
+        self.metrics.close()
+        self.statsd.stop()
         self.ctx.term()
 
 
@@ -188,7 +212,7 @@ def test_collected_results_are_recorded_together_by_one_commit(
     monkeypatch.setattr(parts.spool, "record", counting)
     reporter = parts.reporter()
     for i in range(3):
-        reporter.send(protocol.result_frame([attempt(Status.DELIVERED, job_id=f"j{i}")]))
+        reporter.send(protocol.result_frame([parts.answer(Status.DELIVERED, f"j{i}")]))
         assert parts.results.sock.poll(5000)
         parts.results.collect()
 
@@ -216,13 +240,13 @@ def test_a_throttled_try_the_worker_sends_again_is_published_and_stays_in_flight
         parts.results.collect()
         parts.results.flush()
 
-    report(attempt(Status.DEFERRED, throttled=True, trigger="pushback", retried=True,
-                   retry_at=time.time() + 0.5))
+    report(parts.answer(Status.DEFERRED, throttled=True, trigger="pushback", retried=True,
+                        retry_at=time.time() + 0.5))
     deferred = json.loads(parts.published[-1][1])
     assert deferred["event"] == "deferred" and deferred["throttled"] is True
     assert deferred["trigger"] == "pushback" and deferred["attempt"] == 1
     assert "j" in parts.dispatcher.in_flight and handle.jobs == {"j"}  # not sent again
-    report(attempt(Status.DELIVERED))
+    report(parts.answer(Status.DELIVERED))
     delivered = json.loads(parts.published[-1][1])
     assert delivered["event"] == "delivered" and delivered["attempt"] == 1  # the try was free
     assert parts.dispatcher.in_flight == {} and handle.jobs == set()
@@ -238,7 +262,7 @@ def test_results_are_due_after_the_window_or_once_a_group_waits(parts: Parts) ->
                    parts.workers.on_stats, SCHEDULE, window=60.0, group=2)
 
     def report(job_id: str) -> None:
-        reporter.send(protocol.result_frame([attempt(Status.DELIVERED, job_id=job_id)]))
+        reporter.send(protocol.result_frame([parts.answer(Status.DELIVERED, job_id)]))
         assert held.sock.poll(5000)
         held.collect()
 
@@ -291,3 +315,102 @@ def test_a_result_in_the_socket_is_recorded_before_its_dead_workers_jobs_go_out_
         sup.zctx.destroy(linger=0)
 
 
+
+
+# -- each hand-out has its own identity -------------------------------------------------
+
+
+def test_a_late_delivery_counts_for_its_own_hand_out_and_the_second_copy_is_counted(
+        parts: Parts) -> None:
+    """Issue #14 (c): a dead worker's result that comes after its job went to another IP
+    was credited to the new hand-out, whose message still went out, uncounted. Now the
+    late delivery is recorded and published for the hand-out it answers, and the new
+    hand-out's delivery of the same recipient is counted as a duplicate, not published
+    twice."""
+    first, first_tasks = parts.worker(IP2, alive=True)
+    parts.push([job_envelope("j")])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(first_tasks) == ["j"]
+    old = parts.answer(Status.DELIVERED)
+    first.proc.kill()  # type: ignore[union-attr]
+    first.proc.wait(10)  # type: ignore[union-attr]
+    parts.dispatcher.forget(parts.workers.check(time.monotonic()))
+    assert parts.counted("taken_back") == 1
+    _, second_tasks = parts.worker(IP3, alive=True)
+    parts.dispatcher.dispatch_due()
+    assert tasks(second_tasks) == ["j"]
+    new = parts.answer(Status.DELIVERED)
+    assert new.handout != old.handout
+
+    parts.report(old)  # late: the first worker's, read after the job went out again
+
+    assert parts.names() == ["queued", "delivered"]
+    assert "j" in parts.dispatcher.in_flight  # the second hand-out is still out
+    assert parts.spool.stats().jobs == 0  # final: never handed out a third time
+    parts.report(new)
+    assert parts.names() == ["queued", "delivered"]  # one event per recipient
+    assert parts.counted("duplicates") == 1
+    assert parts.dispatcher.in_flight == {}
+
+
+def test_a_late_deferral_of_a_hand_out_taken_back_changes_nothing(parts: Parts) -> None:
+    first, first_tasks = parts.worker(IP2, alive=True)
+    parts.push([job_envelope("j")])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(first_tasks) == ["j"]
+    old = parts.answer(Status.DEFERRED)
+    first.proc.kill()  # type: ignore[union-attr]
+    first.proc.wait(10)  # type: ignore[union-attr]
+    parts.dispatcher.forget(parts.workers.check(time.monotonic()))
+    _, second_tasks = parts.worker(IP3, alive=True)
+    parts.dispatcher.dispatch_due()
+    assert tasks(second_tasks) == ["j"]
+
+    parts.report(old)
+
+    assert parts.names() == ["queued"] and "j" in parts.dispatcher.in_flight
+    parts.report(parts.answer(Status.DELIVERED))
+    assert parts.names() == ["queued", "delivered"]
+    assert json.loads(parts.published[-1][1])["attempt"] == 1  # the old try never counted
+    assert parts.counted("duplicates") == 0
+
+
+def test_a_task_the_worker_cannot_read_is_taken_back_at_once(parts: Parts) -> None:
+    """Issue #14 (b): an unreadable task stayed in flight until its worker exited."""
+    handle, pull = parts.worker(IP2, alive=True)
+    parts.push([job_envelope("j")])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(pull) == ["j"]
+    handout = parts.dispatcher.in_flight["j"].handout
+    reporter = parts.reporter()
+
+    reporter.send(protocol.refused_frame([handout]))
+    assert parts.results.sock.poll(5000)
+    parts.results.collect()
+
+    assert parts.dispatcher.in_flight == {} and handle.jobs == set()
+    assert parts.counted("taken_back") == 1
+    parts.dispatcher.dispatch_due()
+    assert tasks(pull) == []  # passed over for a while, not handed out in a hot loop
+    assert parts.spool.stats().rcpts_pending == 1  # still spooled
+
+
+def test_a_hand_out_past_its_deadline_is_taken_back_and_goes_out_again(
+        parts: Parts) -> None:
+    """Issue #14 (b): a result the worker never sent left the job in flight for ever."""
+    from engine.dispatch import handout_deadline
+    handle, pull = parts.worker(IP2, alive=True)
+    parts.push([job_envelope("j")])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(pull) == ["j"]
+    first = parts.dispatcher.in_flight["j"].handout
+    deadline = handout_deadline(parts.cfg)
+    assert deadline > parts.cfg.smtp.timeouts.setup + parts.cfg.smtp.timeouts.transaction
+
+    assert parts.dispatcher.take_back_overdue(time.monotonic() + deadline - 1) == []
+    assert parts.dispatcher.take_back_overdue(time.monotonic() + deadline + 1) == ["j"]
+
+    assert handle.jobs == set() and parts.counted("taken_back") == 1
+    parts.dispatcher.dispatch_due()
+    assert tasks(pull) == ["j"]
+    assert parts.dispatcher.in_flight["j"].handout != first

@@ -22,12 +22,12 @@ def test_task_frames_round_trip_as_json(job_id: str, sender: str, rcpts: tuple[s
                                         queued_ts: float, smtputf8: bool,
                                         eightbit: bool) -> None:
     task = Task(job_id, sender, rcpts, b"Subject: x\r\n\r\nbody\r\n", queued_ts, smtputf8,
-                eightbit)
+                eightbit, handout=2**40 + 7)
     frames = protocol.task_frames(task)
     # The header is plain JSON, exactly what json.dumps would give (spaces aside).
     assert json.loads(frames[0]) == {"id": job_id, "from": sender, "to": list(rcpts),
                                      "queued_ts": queued_ts, "smtputf8": smtputf8,
-                                     "eightbit": eightbit}
+                                     "eightbit": eightbit, "handout": 2**40 + 7}
     assert frames[0].isascii()
     assert protocol.task_from_frames(frames) == task
 
@@ -38,11 +38,28 @@ def test_result_frame_round_trip(status: Status) -> None:
                       reply=Reply(451, "4.7.1", "slow \"down\""), ip="192.0.2.1",
                       provider="gmail", tls="TLSv1.3", conn_reused=True, ts=1795849218.25,
                       throttled=True, attempted=False, retry_at=1795849300.0,
-                      trigger="rule:421", retried=True)
+                      trigger="rule:421", retried=True, handout=12)
     msg = protocol.decode(protocol.result_frame([attempt, attempt]))
     assert msg["type"] == "result"
     assert [protocol.attempt_from_row(a) for a in msg["attempts"]] == [attempt, attempt]
     assert len(msg["attempts"][0]) == len(protocol.ATTEMPT_FIELDS)
+
+
+def test_the_worker_adds_the_handout_to_the_row() -> None:
+    """The delivery code does not know the hand-out; the worker adds it to each row."""
+    assert protocol.attempt_from_row(protocol.attempt_to_row(
+        Attempt(job_id="j", rcpt="a@example.com", status=Status.DELIVERED,
+                reply=Reply(250, None, "ok"), ip="192.0.2.1", ts=1.0), 99)).handout == 99
+
+
+@pytest.mark.parametrize(("frames", "handout"), [
+    ([b'{"id": "j", "handout": 5}', b"msg"], 5),  # readable number, unreadable task
+    ([b'{"id": "j"}'], None), ([b"\xff"], None), ([], None), ([b"[1]"], None),
+])
+def test_the_handout_of_an_unreadable_task(frames: list[bytes], handout: int | None) -> None:
+    with pytest.raises((ValueError, KeyError, IndexError, TypeError)):
+        protocol.task_from_frames(frames)
+    assert protocol.handout_of(frames) == handout
 
 
 def _row() -> list[Any]:
