@@ -42,14 +42,15 @@ class Control:
 
 
 def status(spool: Spool, in_flight: int, counters: Mapping[str, int],
-           workers: Workers) -> dict[str, Any]:
-    """The `status` answer: what `mailengine status` shows."""
+           workers: Workers, health: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `status` answer: what `mailengine status` shows. `health`: whether the spool
+    can be written (engine.spoolhealth), and what waits because it cannot."""
     stats = spool.stats()
     return {
         "pid": os.getpid(),
         "spool": {"jobs": stats.jobs, "rcpts_pending": stats.rcpts_pending,
                   "rcpts_deferred": stats.rcpts_deferred,
-                  "oldest_queued_ts": stats.oldest_queued_ts},
+                  "oldest_queued_ts": stats.oldest_queued_ts, **(health or {})},
         "in_flight": in_flight,
         "events": dict(counters),
         "workers": {h.ip: {"alive": h.alive, "ready": h.ready,

@@ -33,7 +33,7 @@ from engine.config import Config
 from engine.metrics import Metrics
 from engine.protocol import Attempt, Status, task_header
 from engine.reply import Reply
-from engine.spool import Pending, RcptUpdate, Spool
+from engine.spool import Pending, RcptUpdate, Spool, SpoolError
 from engine.workers import WorkerHandle, Workers
 
 log = logging.getLogger("mailengine.supervisor")
@@ -92,6 +92,9 @@ class Dispatcher:
         self._unsent: dict[str, Pending] = {}
         self.unsent_bytes = 0
         self._handouts = itertools.count(1)
+        # Set by the supervisor while results wait for an unwritable spool and there is no
+        # more room to hold them: nothing new goes out whose result could not be kept.
+        self.held_back = False
         # Hand-outs taken back before their results came (a dead worker's, an overdue one),
         # by number: a late result is recorded against the hand-out it answers.
         self.earlier: dict[int, InFlight] = {}
@@ -115,7 +118,12 @@ class Dispatcher:
         now = time.monotonic()
         self._parked = {j: t for j, t in self._parked.items() if t > now}
         skip = _Either(self.in_flight, self._parked)
-        for pending in self._spool.due(time.time(), room, skip, self._unsent):
+        try:
+            due = self._spool.due(time.time(), room, skip, self._unsent)
+        except SpoolError as err:  # setting a damaged row aside needs a write: next turn
+            log.warning(logs.kv("dispatch_skipped", error=err))
+            return
+        for pending in due:
             if not self._dispatch(pending):
                 # Its IP is down or full: look past it next turn, so it cannot
                 # hold back the jobs of other IPs behind it.
@@ -196,7 +204,9 @@ class Dispatcher:
             self.earlier[flight.handout] = flight
 
     def free_room(self) -> int:
-        """Jobs the ready workers can take now, together."""
+        """Jobs the ready workers can take now, together (none while `held_back`)."""
+        if self.held_back:
+            return 0
         return sum(self._room(h) for h in self._workers if h.ready)
 
     # -- one job -------------------------------------------------------------------
@@ -245,10 +255,16 @@ class Dispatcher:
         return self.cfg.limits.max_in_flight - len(handle.jobs)
 
     def _expire(self, pending: Pending) -> None:
-        self._forget_unsent(pending.job.id)
+        """Record the job's pending recipients as expired, then publish it; if the spool
+        cannot be written, the job stays as it is (due, so tried again next turn)."""
         now = time.time()
-        self._spool.record([RcptUpdate(pending.job.id, r, Status.EXPIRED, reply=EXPIRED_REPLY)
-                            for r in pending.rcpts])
+        try:
+            self._spool.record([RcptUpdate(pending.job.id, r, Status.EXPIRED,
+                                           reply=EXPIRED_REPLY) for r in pending.rcpts])
+        except SpoolError as err:
+            log.warning(logs.kv("expiry_not_recorded", id=pending.job.id, error=err))
+            return
+        self._forget_unsent(pending.job.id)
         for rcpt in pending.rcpts:
             attempt = Attempt(job_id=pending.job.id, rcpt=rcpt, status=Status.EXPIRED,
                               reply=EXPIRED_REPLY, ip="", ts=now)

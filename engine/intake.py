@@ -8,6 +8,10 @@ spool in one transaction (group commit); only once that has returned are they
 *accepted*, and `queued` is published for each. A job the spool already holds
 or finished recently (a producer re-sending one whose `queued` it missed) is
 acknowledged again with `queued` and `"duplicate": true`, and not spooled twice.
+
+A batch the spool cannot write (a full disk, an I/O error) is not acknowledged:
+no `queued`, so its producers send it again; the supervisor stops reading the
+ingest socket until the spool is tried again (engine.spoolhealth).
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from engine import events, logs, sockets
 from engine.config import Config
 from engine.job import Job, JobRejected, parse_job
 from engine.metrics import Metrics
-from engine.spool import Pending, Spool
+from engine.spool import Pending, Spool, SpoolError
+from engine.spoolhealth import SpoolHealth
 
 log = logging.getLogger("mailengine.supervisor")
 
@@ -35,12 +40,19 @@ class Intake:
     """Reads the ingest socket; `take()` accepts what is waiting there."""
 
     def __init__(self, sock: zmq.Socket, cfg: Config, spool: Spool, publish: Publish,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, health: SpoolHealth | None = None) -> None:
         self.sock = sock
         self.cfg = cfg
         self._spool = spool
         self._publish = publish
         self._metrics = metrics
+        self._health = health or SpoolHealth(metrics)
+
+    @property
+    def open(self) -> bool:
+        """Whether to read the ingest socket now (not while the spool cannot be written,
+        except to try it again)."""
+        return self._health.may_write("intake")
 
     def take(self) -> list[Pending]:
         """Accept the jobs waiting (up to a batch): durable, `queued` published. Returns
@@ -50,17 +62,45 @@ class Intake:
         if not jobs:
             return []
         accepted_at = time.time()
-        max_age = self.cfg.retry.max_age
-        accepted = self._spool.accept(jobs, accepted_at, max_age)
+        done, accepted = self._spool_what_fits(jobs, accepted_at)
         fresh = {id(job) for job in accepted}
-        for job in jobs:
+        for job in done:
             # A re-sent job the spool holds (or finished) is acknowledged again,
             # so a producer that missed the first `queued` stops re-sending.
             self._publish(events.queued(job, duplicate=id(job) not in fresh))
         self._metrics.incr("queued", "all", len(accepted))
+        max_age = self.cfg.retry.max_age
         return [Pending(job, accepted_at,
                         accepted_at + (job.expires if job.expires is not None else max_age),
                         job.rcpts, dict.fromkeys(job.rcpts, 0)) for job in accepted]
+
+    def _spool_what_fits(self, jobs: list[Job], now: float) -> tuple[list[Job], list[Job]]:
+        """Spool the batch in one transaction; when the spool cannot take it (a full disk,
+        an I/O error), as much of it as it can take, in halves, in order: a batch larger
+        than the space left would otherwise fail again at every try. Returns the jobs the
+        spool now has (acknowledge them) and those it took as new; the rest are not
+        acknowledged, and their producers send them again."""
+        done: list[Job] = []
+        fresh: list[Job] = []
+        chunks = [jobs]
+        while chunks:
+            chunk = chunks.pop()
+            try:
+                fresh += self._spool.accept(chunk, now, self.cfg.retry.max_age)
+            except SpoolError as err:
+                if len(chunk) > 1:
+                    half = len(chunk) // 2
+                    chunks += [chunk[half:], chunk[:half]]  # the first half first
+                    continue
+                self._health.failed("intake", err)
+                refused = len(jobs) - len(done)
+                self._metrics.incr("intake_refused", "all", refused)
+                log.info(logs.kv("intake_refused", jobs=refused, error=err))
+                break
+            done += chunk
+        else:
+            self._health.succeeded()
+        return done, fresh
 
     def _receive(self) -> list[list[bytes]]:
         """The multipart messages waiting, up to a batch (recv with int flags)."""

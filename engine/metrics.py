@@ -96,6 +96,10 @@ DECLARED: tuple[Metric, ...] = (
     Metric("plaintext", "counter", "connections that stayed plaintext"),
     Metric("rejected", "counter", "jobs refused at intake", SUPERVISOR),
     Metric("queued", "counter", "jobs accepted into the spool", SUPERVISOR),
+    Metric("intake_refused", "counter", "valid jobs read at intake and not acknowledged because"
+           " the spool could not be written (their producers send them again)", SUPERVISOR),
+    Metric("spool_write_errors", "counter", "spool writes that failed (a full disk, an I/O"
+           " error): intake pauses, results wait in memory", SUPERVISOR),
     Metric("duplicates", "counter", "deliveries of a recipient an earlier hand-out of its job"
            " had delivered already (each one a copy the receiver got twice)", SUPERVISOR),
     Metric("taken_back", "counter", "hand-outs taken back from a worker: it died, could not"
@@ -108,6 +112,10 @@ DECLARED: tuple[Metric, ...] = (
            "messages/s"),
     Metric("spool_depth", "gauge", "recipients waiting in the spool", SUPERVISOR,
            "recipients"),
+    Metric("spool_unwritable", "gauge", "1 while spool writes fail (a full disk, an I/O"
+           " error), else 0", SUPERVISOR, "flag"),
+    Metric("results_unrecorded", "gauge", "results waiting in memory for the spool to be"
+           " writable again", SUPERVISOR, "results"),
     Metric("memory_rss", "gauge", "resident memory of the process", EVERY_PROCESS, "bytes"),
 )
 

@@ -27,7 +27,8 @@ from engine import events, logs, protocol, retry, sockets
 from engine.dispatch import Dispatcher, InFlight
 from engine.metrics import Metrics
 from engine.protocol import Attempt, Status
-from engine.spool import RcptUpdate, Spool
+from engine.spool import RcptUpdate, Spool, SpoolError
+from engine.spoolhealth import SpoolHealth
 
 log = logging.getLogger("mailengine.supervisor")
 
@@ -35,6 +36,9 @@ RESULTS_BATCH = 2000  # frames read per collect() at most
 RESULTS_WINDOW = 0.02  # seconds a result may wait for others to share its commit
 RESULTS_GROUP = 500  # ...unless this many wait
 RESULTS_HWM = 10000  # worker frames waiting in the socket
+# Results kept in memory while the spool cannot be written; beyond this no more are read
+# (the workers' sends wait) and no new work is handed out, rather than a result lost.
+UNRECORDED_MAX = 50_000
 
 Publish = Callable[[events.Event], None]
 
@@ -93,7 +97,8 @@ class Results:
     def __init__(self, sock: zmq.Socket, spool: Spool, dispatcher: Dispatcher,
                  publish: Publish, on_stats: Callable[[dict[str, Any]], None],
                  schedule: Sequence[float], metrics: Metrics | None = None,
-                 window: float = RESULTS_WINDOW, group: int = RESULTS_GROUP) -> None:
+                 health: SpoolHealth | None = None, window: float = RESULTS_WINDOW,
+                 group: int = RESULTS_GROUP) -> None:
         self.sock = sock
         self.schedule = schedule  # the retry schedule (config `retry.schedule`)
         self.window = window
@@ -103,6 +108,7 @@ class Results:
         self._publish = publish
         self._on_stats = on_stats
         self._metrics = metrics or Metrics(None, "supervisor")
+        self._health = health or SpoolHealth(self._metrics)
         self._held: list[Attempt] = []
         self._held_since = 0.0  # when the first result held now came (monotonic)
         self._flushed = 0.0  # when results were last recorded (monotonic)
@@ -112,13 +118,25 @@ class Results:
         """Results collected and not recorded yet."""
         return len(self._held)
 
+    @property
+    def full(self) -> bool:
+        """So many results wait for an unwritable spool that no more are read, and no
+        new work is handed out."""
+        return len(self._held) >= UNRECORDED_MAX
+
     def wait_left(self) -> float:
-        """Seconds until the results held now are due (0 when they are)."""
+        """Seconds until the results held now are due (0 when they are); while the
+        spool cannot be written, until it is tried again."""
+        if not self._health.writable:
+            return self._health.wait_left("results")
         return max(0.0, self._held_since + self.window - time.monotonic())
 
     def collect(self) -> None:
         """Read the frames waiting (up to a batch): results are held for `flush`, stats
-        go to `on_stats`. A frame that is not a worker's message is logged and dropped."""
+        go to `on_stats`. A frame that is not a worker's message is logged and dropped.
+        Nothing is read while `full`."""
+        if self.full:
+            return
         if not self._held:
             self._held_since = time.monotonic()
         for _ in range(RESULTS_BATCH):
@@ -141,56 +159,86 @@ class Results:
 
     def due(self) -> bool:
         """Whether to record the results held now: enough of them, the window is over,
-        or the spool recorded nothing for a window (low rates wait for nothing)."""
+        or the spool recorded nothing for a window (low rates wait for nothing); while
+        the spool cannot be written, once it may be tried again."""
+        if not self._health.writable:
+            return self._health.may_write("results")
         now = time.monotonic()
         return (len(self._held) >= self.group
                 or now - self._held_since >= self.window
                 or now - self._flushed >= self.window)
 
     def flush(self) -> None:
-        """Record the results held, then hand out what their room allows.
+        """Record the results held, then hand out what their room allows. When the spool
+        cannot be written they stay held, in order, for the next try (nothing of them is
+        published or settled before it is recorded).
 
         Must run before anything that forgets a job in flight (a worker's death): a
         final result held here for a job handed out again would send it twice."""
-        if not self._held:
+        if not self._held or not self._health.may_write("results"):
             return
         attempts, self._held = self._held, []
-        self._record(attempts)
+        try:
+            self._record(attempts)
+        except SpoolError as err:
+            self._held = attempts + self._held
+            self._health.failed("results", err)
+            return
+        self._health.succeeded()
         self._flushed = time.monotonic()
         self._dispatcher.refill()
 
     def _record(self, attempts: list[Attempt]) -> None:
-        """Spool first, then events: an event never announces what could be lost."""
+        """Spool first, then events: an event never announces what could be lost. Nothing
+        changes before the spool has the batch (SpoolError: the batch can be tried again)."""
         now = time.time()
-        planned = [self._plan(a, now) for a in attempts]
-        self._spool.record([update for update, _ in planned if update is not None])
-        for attempt, (_, event) in zip(attempts, planned, strict=True):
+        finals: set[tuple[str, str]] = set()  # recipients this batch makes final
+        planned = [self._plan(a, now, finals) for a in attempts]
+        self._spool.record([update for update, _, _ in planned if update is not None])
+        for attempt, (update, event, kind) in zip(attempts, planned, strict=True):
             if event is not None:
                 self._publish(event)
-            if not attempt.retried:  # a throttled try the worker sends again: still out
-                self._dispatcher.settle(attempt.job_id, attempt.rcpt, attempt.handout)
+            self._account(attempt, update, kind)
 
-    def _plan(self, attempt: Attempt, now: float
-              ) -> tuple[RcptUpdate | None, events.Event | None]:
-        """`plan` for the hand-out the result answers; a result of a hand-out taken back
-        is late (`plan_late`), and may make a recipient final that the job's current
-        hand-out is sending too: that one's delivery, when it comes, is a duplicate."""
-        dispatcher = self._dispatcher
-        answered = dispatcher.answered(attempt.job_id, attempt.handout)
-        if answered is not None and attempt.rcpt in answered.final_meanwhile:
-            self._count_duplicate(attempt)
-            return None, None  # final already, its event published
-        current = dispatcher.in_flight.get(attempt.job_id)
+    def _plan(self, attempt: Attempt, now: float, finals: set[tuple[str, str]]
+              ) -> tuple[RcptUpdate | None, events.Event | None, str]:
+        """`plan` for the hand-out the result answers, and what kind of result it is for
+        `_account`. A result of a hand-out taken back is "late" (`plan_late`), and may
+        make final a recipient the job's current hand-out is sending too: the second
+        final result of a recipient, when it comes, is a "duplicate"."""
+        key = (attempt.job_id, attempt.rcpt)
+        answered = self._dispatcher.answered(attempt.job_id, attempt.handout)
+        if (answered is not None and attempt.rcpt in answered.final_meanwhile) \
+                or (attempt.status.final and key in finals):
+            return None, None, "duplicate"  # final already, its event published
+        current = self._dispatcher.in_flight.get(attempt.job_id)
         if answered is not None and answered is current:
-            return plan(attempt, answered, now, self.schedule)
-        update, event = plan_late(attempt, answered)
-        if answered is not None:
-            answered.attempts.pop(attempt.rcpt, None)
-            if not answered.attempts:
-                dispatcher.earlier.pop(attempt.handout, None)
-        if update is not None and current is not None and attempt.rcpt in current.attempts:
-            current.final_meanwhile.add(attempt.rcpt)
-        return update, event
+            update, event = plan(attempt, answered, now, self.schedule)
+            kind = "current"
+        else:
+            update, event = plan_late(attempt, answered)
+            kind = "late"
+        if update is not None and update.status.final:
+            finals.add(key)
+        return update, event, kind
+
+    def _account(self, attempt: Attempt, update: RcptUpdate | None, kind: str) -> None:
+        """The in-flight table after a recorded result (see `_plan` for the kinds)."""
+        dispatcher = self._dispatcher
+        if kind == "late":
+            answered = dispatcher.earlier.get(attempt.handout)
+            if answered is not None:
+                answered.attempts.pop(attempt.rcpt, None)
+                if not answered.attempts:
+                    del dispatcher.earlier[attempt.handout]
+            current = dispatcher.in_flight.get(attempt.job_id)
+            if update is not None and current is not None and attempt.rcpt in current.attempts:
+                current.final_meanwhile.add(attempt.rcpt)
+            return
+        if kind == "duplicate":
+            self._count_duplicate(attempt)
+        if not attempt.retried:  # a throttled try the worker sends again: still out
+            dispatcher.settle(attempt.job_id, attempt.rcpt, attempt.handout)
 
     def _count_duplicate(self, attempt: Attempt) -> None:
         if attempt.status is Status.DELIVERED:

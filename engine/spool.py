@@ -296,6 +296,14 @@ class Spool:
             " WHERE status = 'pending'").fetchone()
         return SpoolStats(jobs, pending, deferred, None if oldest is None else float(oldest))
 
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the file and truncate it, giving its space back:
+        tried while the filesystem is full (a partial checkpoint is harmless)."""
+        try:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
+
     def prune_finished(self, now: float) -> int:
         """Forget finished ids older than the dedupe window; returns how many."""
         with self._write() as conn:

@@ -70,6 +70,7 @@ def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: fl
     lines = [f"mailengine (pid {figures['pid']})",
              f"spool: {spool['jobs']} jobs, {spool['rcpts_pending']} recipients pending,"
              f" {spool['rcpts_deferred']} deferred",
+             *_unwritable(spool),
              f"in flight: {figures['in_flight']} jobs", ""]
     rates = ""
     if previous is not None and elapsed > 0:
@@ -86,6 +87,14 @@ def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: fl
     if shaping:
         lines += ["", *shaping]
     return "\n".join(lines)
+
+
+def _unwritable(spool: dict[str, Any]) -> list[str]:
+    """The warning line while spool writes fail (engine.spoolhealth); none otherwise."""
+    if spool.get("writable", True):
+        return []
+    return [f"SPOOL NOT WRITABLE for {spool.get('failing_for')}s ({spool.get('error')}):"
+            f" intake paused, {spool.get('results_unrecorded', 0)} results waiting in memory"]
 
 
 def render_shaping(workers: dict[str, Any]) -> list[str]:

@@ -15,6 +15,10 @@ SQLite writes and socket shuffling). Each turn it
    (engine.workers), hands out what is due, and every few seconds prunes the
    spool and reports its depth and the memory in use.
 
+A spool that cannot be written (a full disk, an I/O error) is no reason to exit:
+intake pauses, delivery goes on, results wait in memory, and everything resumes by
+itself when a write succeeds again (engine.spoolhealth).
+
 SIGTERM drains: intake stops, in-flight transactions finish (up to
 `drain_timeout`), workers exit, the rest stays spooled. SIGHUP reloads the
 config: workers are replaced gracefully, IPs added or removed.
@@ -42,6 +46,7 @@ from engine.metrics import Metrics
 from engine.protocol import Status
 from engine.results import RESULTS_HWM, Results
 from engine.spool import Spool, SpoolError
+from engine.spoolhealth import SpoolHealth
 from engine.workers import Workers
 
 log = logging.getLogger("mailengine.supervisor")
@@ -66,6 +71,7 @@ class Supervisor:
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
                                       "supervisor", cfg.statsd.enabled)
         self.metrics.batched()  # packed into few packets, sent at the end of each loop pass
+        self.health = SpoolHealth(self.metrics)
         os.makedirs(cfg.run_dir, exist_ok=True)
         try:
             ingest, pub, control_sock = self._bind_public(cfg)
@@ -77,15 +83,16 @@ class Supervisor:
         self.workers = Workers(self.zctx, cfg, config_path)
         self.dispatcher = Dispatcher(cfg, self.spool, self.workers, self._publish,
                                      self.metrics)
-        self.intake = Intake(ingest, cfg, self.spool, self._publish, self.metrics)
+        self.intake = Intake(ingest, cfg, self.spool, self._publish, self.metrics, self.health)
         results_sock = sockets.bind(self.zctx, zmq.PULL, self.workers.results_endpoint,
                                     {zmq.RCVHWM: RESULTS_HWM})
         self.results = Results(results_sock, self.spool, self.dispatcher, self._publish,
-                               self._on_stats, cfg.retry.schedule, self.metrics)
+                               self._on_stats, cfg.retry.schedule, self.metrics, self.health)
         self.control = control.Control(control_sock, self.status)
         self._stopping = False
         self._reload = False
         self._last_housekeeping = 0.0
+        self._orphans: set[str] = set()  # jobs of dead workers, taken back once results allow
 
     def _bind_public(self, cfg: Config) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
         """The sockets producers and subscribers reach: bounded, and CURVE when configured.
@@ -124,21 +131,25 @@ class Supervisor:
             self.workers.add(ip.address)
         log.info(logs.kv("started", pid=os.getpid(), ips=len(self.cfg.ips),
                          spooled_jobs=self.spool.stats().jobs, ingest=self.cfg.ingest))
-        watching = _poller(self.intake.sock, self.results.sock, self.control.sock)
         # While results are held for the group commit, the results socket is not watched:
         # what arrives meanwhile is read once, when the window closes, instead of waking the
         # loop for every frame (a wakeup per frame was a context switch per few messages).
-        holding = _poller(self.intake.sock, self.control.sock)
+        # While the spool cannot be written, neither is the ingest socket.
+        pollers = {(results, ingest): _poller(self.control.sock,
+                                              *([self.results.sock] if results else []),
+                                              *([self.intake.sock] if ingest else []))
+                   for results in (False, True) for ingest in (False, True)}
         # The supervisor's objects are long-lived (jobs in memory, in flight) or die young
         # without cycles: the default thresholds made the collector rescan the first kind
         # over and over, a few per cent of the CPU at high rates.
         gctune.settle_for_a_long_run()
         last_tick = 0.0
         while not self._stopping:
+            poller = pollers[not self.results.held, self.intake.open]
             if self.results.held:
-                ready = dict(holding.poll(math.ceil(self.results.wait_left() * 1000)))
+                ready = dict(poller.poll(math.ceil(min(self.results.wait_left(), TICK) * 1000)))
             else:
-                ready = dict(watching.poll(int(TICK * 1000)))
+                ready = dict(poller.poll(int(TICK * 1000)))
             self._turn(ready)
             if time.monotonic() - last_tick >= TICK:
                 last_tick = time.monotonic()
@@ -154,7 +165,7 @@ class Supervisor:
         if self.results.held and self.results.due():
             self.results.collect()  # what came during the window
             self.results.flush()
-        if self.intake.sock in ready:
+        if self.intake.sock in ready and self.intake.open:
             self.dispatcher.offer(self.intake.take())
         if self.control.sock in ready:
             self.control.answer()
@@ -169,15 +180,35 @@ class Supervisor:
         # those still in the socket (unwatched while results are held) included.
         self.results.collect()
         self.results.flush()
-        self.dispatcher.forget(self.workers.check(time.monotonic()))
+        # A dead worker's jobs go out again only once every result already here is
+        # recorded: while the spool cannot be written, one of them may be its delivery.
+        self._orphans.update(self.workers.check(time.monotonic()))
+        if self._orphans and not self.results.held:
+            self.dispatcher.forget(self._orphans)
+            self._orphans.clear()
+        self.dispatcher.held_back = self.results.full
         self.dispatcher.dispatch_due()
         now = time.monotonic()
-        if now - self._last_housekeeping >= HOUSEKEEPING:
-            self._last_housekeeping = now
-            self.dispatcher.take_back_overdue(now)
-            self.spool.prune_finished(time.time())
-            self.metrics.gauge("spool_depth", "all", self.spool.stats().rcpts_pending)
-            self.metrics.memory()
+        if now - self._last_housekeeping >= HOUSEKEEPING or not self.health.writable:
+            self._housekeeping(now)
+
+    def _housekeeping(self, now: float) -> None:
+        """Every HOUSEKEEPING (every tick while the spool cannot be written, for its
+        gauges): overdue hand-outs, old finished ids, the gauges."""
+        self._last_housekeeping = now
+        self.dispatcher.take_back_overdue(now)
+        if self.health.writable:
+            try:
+                self.spool.prune_finished(time.time())
+            except SpoolError as err:
+                self.health.failed("prune", err)
+        else:
+            self.spool.checkpoint()  # the WAL's space back, if the file can take its pages
+        self.metrics.gauge("spool_unwritable", "all", int(not self.health.writable))
+        self.metrics.gauge("results_unrecorded", "all",
+                           self.results.held if not self.health.writable else 0)
+        self.metrics.gauge("spool_depth", "all", self.spool.stats().rcpts_pending)
+        self.metrics.memory()
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
         if self.workers.on_stats(stats):  # a (re)started worker: its jobs may go now
@@ -190,7 +221,10 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         return control.status(self.spool, len(self.dispatcher.in_flight), self.events.counts,
-                              self.workers)
+                              self.workers, self.health.state() | {
+                                  "results_unrecorded": self.results.held
+                                  if not self.health.writable else 0,
+                                  "intake_paused": not self.health.writable})
 
     def _on_term(self, signum: int, frame: object) -> None:
         self._stopping = True

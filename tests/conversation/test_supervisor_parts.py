@@ -7,6 +7,7 @@ the test); real worker processes: tests/engine/test_workers.py.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from engine.metrics import Metrics
 from engine.protocol import Status
 from engine.results import Results
 from engine.spool import Spool
+from engine.spoolhealth import SpoolHealth
 from engine.supervisor import Supervisor
 from engine.workers import WorkerHandle, Workers
 from tests.support.statsd_catcher import StatsdCatcher
@@ -46,11 +48,12 @@ class Parts:
         self.dispatcher = Dispatcher(self.cfg, self.spool, self.workers, self.published.append,
                                      self.metrics)
         self.ingest = sockets.bind(self.ctx, zmq.PULL, self.cfg.ingest)
+        self.health = SpoolHealth(self.metrics)
         self.intake = Intake(self.ingest, self.cfg, self.spool, self.published.append,
-                             Metrics.create("127.0.0.1", 8125, "t", "supervisor", False))
+                             self.metrics, self.health)
         pull = sockets.bind(self.ctx, zmq.PULL, self.workers.results_endpoint)
         self.results = Results(pull, self.spool, self.dispatcher, self.published.append,
-                               self.workers.on_stats, SCHEDULE, self.metrics)
+                               self.workers.on_stats, SCHEDULE, self.metrics, self.health)
         self.socks: list[zmq.Socket] = [self.ingest, pull]
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -113,6 +116,9 @@ def stand_in_worker(ctx: zmq.Context, workers: Workers, ip: str, alive: bool,
     other end of its task socket, which only the test reads."""
     endpoint = sockets.ipc_endpoint(workers.cfg.run_dir, f"test-{ip}")
     handle = WorkerHandle(ip, tasks=sockets.bind(ctx, zmq.PUSH, endpoint))
+    # As a real worker is ready only once it said hello: a task sent before the other end
+    # has connected and finished ZeroMQ's handshake cannot go (the job would be parked).
+    accepted = handle.tasks.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     handle.proc = subprocess.Popen(["sleep", "60"] if alive else ["true"])
     procs.append(handle.proc)
     if not alive:
@@ -123,6 +129,9 @@ def stand_in_worker(ctx: zmq.Context, workers: Workers, ip: str, alive: bool,
     pull = ctx.socket(zmq.PULL)
     pull.connect(endpoint)
     socks.append(pull)
+    assert accepted.poll(5000), "the stand-in worker's task socket never connected"
+    handle.tasks.disable_monitor()
+    accepted.close(linger=0)
     return handle, pull
 
 
@@ -414,3 +423,80 @@ def test_a_hand_out_past_its_deadline_is_taken_back_and_goes_out_again(
     parts.dispatcher.dispatch_due()
     assert tasks(pull) == ["j"]
     assert parts.dispatcher.in_flight["j"].handout != first
+
+
+# -- a spool that cannot be written ----------------------------------------------------
+
+
+_WRITES = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE}
+
+
+def _fill(spool: Spool) -> None:
+    """Every write to the spool fails from now on (SQLite's authorizer refuses it), as on
+    a full filesystem, where any write that needs a page fails; a real full filesystem is
+    tests/engine/test_spool_faults.py."""
+    spool._conn.set_authorizer(
+        lambda action, *_: sqlite3.SQLITE_DENY if action in _WRITES else sqlite3.SQLITE_OK)
+
+
+def _free(spool: Spool) -> None:
+    spool._conn.set_authorizer(None)
+
+
+def test_a_full_spool_pauses_intake_keeps_results_and_resumes_by_itself(
+        parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #14 (1): a full disk made the supervisor exit, in a crash loop under systemd."""
+    monkeypatch.setattr("engine.spoolhealth.RETRY_AFTER", 0.0)
+    handle, pull = parts.worker(IP2, alive=True)
+    parts.push([job_envelope("sent")])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(pull) == ["sent"]
+    delivered = parts.answer(Status.DELIVERED, "sent")
+    _fill(parts.spool)
+    big = "x" * 200_000
+
+    parts.push([job_envelope("big", meta={"pad": big})])
+    assert parts.intake.take() == []  # not durable: not acknowledged
+    assert parts.names() == ["queued"]
+    assert parts.counted("intake_refused") == 1 and parts.counted("spool_write_errors") == 1
+    parts.report(delivered)  # the spool cannot record it: it waits, unpublished
+    assert parts.results.held == 1 and parts.names() == ["queued"]
+    assert "sent" in parts.dispatcher.in_flight  # not settled, so not handed out again
+    assert parts.spool.stats().rcpts_pending == 1
+
+    _free(parts.spool)
+    parts.results.flush()
+    assert parts.results.held == 0 and parts.names() == ["queued", "delivered"]
+    assert parts.dispatcher.in_flight == {} and handle.jobs == set()
+    parts.push([job_envelope("big", meta={"pad": big})])  # the producer sends it again
+    assert [p.job.id for p in parts.intake.take()] == ["big"]
+    assert parts.names() == ["queued", "delivered", "queued"]
+
+
+def test_results_that_cannot_be_recorded_hold_back_new_work_once_too_many_wait(
+        parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("engine.results.UNRECORDED_MAX", 2)
+    monkeypatch.setattr("engine.spoolhealth.RETRY_AFTER", 0.0)
+    _, pull = parts.worker(IP2, alive=True)
+    parts.push([job_envelope(f"j{i}") for i in range(2)])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(pull) == ["j0", "j1"]
+    _fill(parts.spool)
+    reporter = parts.reporter()
+    reporter.send(protocol.result_frame([parts.answer(Status.DELIVERED, "j0"),
+                                         parts.answer(Status.DELIVERED, "j1")]))
+    assert parts.results.sock.poll(5000)
+    parts.results.collect()
+    parts.results.flush()
+
+    assert parts.results.full
+    reporter.send(protocol.result_frame([parts.answer(Status.DEFERRED, "j0")]))
+    assert parts.results.sock.poll(5000)
+    parts.results.collect()
+    assert parts.results.held == 2  # nothing more is read while full
+    parts.dispatcher.held_back = parts.results.full
+    assert parts.dispatcher.free_room() == 0
+
+    _free(parts.spool)
+    parts.results.flush()
+    assert parts.names().count("delivered") == 2 and not parts.results.full
