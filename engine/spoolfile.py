@@ -147,11 +147,11 @@ def check_sound(path: str) -> None:
 
     quick_check reads every page, so its cost grows with the file: on a spool of 100,000
     jobs of 500 bytes (96 MB) it took 72 ms with the file in the page cache and 390 ms
-    without; 100,000 jobs of 5 KB (577 MB), 240 ms and 2.2 s. Paid once per start, it is
-    worth it: a cheaper check (the header, the schema, the first and last page of each
-    table) misses a damaged page in the middle, which `due` then finds at run time, the
-    engine exits, systemd starts it again, the cheap check passes again: the crash loop
-    this check is here to end. Read-only, so a damaged file is left as it was found.
+    without; 100,000 jobs of 5 KB (577 MB), 240 ms and 2.2 to 2.9 s. Paid once per start,
+    it is worth it: a cheaper check (the header, the schema, the first and last page of
+    each table) misses a damaged page in the middle, which `due` then finds at run time,
+    the engine exits, systemd starts it again, the cheap check passes again: the crash
+    loop this check is here to end. Read-only, so a damaged file is left as it was found.
     """
     if not os.path.exists(path):
         return
