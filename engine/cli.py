@@ -1,12 +1,14 @@
-"""The `mailengine` command: run, push, status, check-config, keygen, demo."""
+"""The `mailengine` command: run, push, status, check-config, spool, keygen, demo."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 from engine import __version__
 from engine import config as config_mod
+from engine.spoolfile import SpoolError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     from engine import push
     push.add_parser(sub)
 
+    _spool_parser(sub)
+
     from engine import status
     status.add_parser(sub)
 
@@ -59,6 +63,45 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("rest", nargs=argparse.REMAINDER)
     worker.set_defaults(func=_worker)
     return parser
+
+
+def _spool_parser(sub: Any) -> None:
+    spool = sub.add_parser("spool", help="check a spool, or salvage a damaged one",
+                           description="Check a spool, or move what is readable in a damaged"
+                                       " one into a new spool. See docs/SPOOL.md, \"A damaged"
+                                       " spool\".")
+    spool.set_defaults(func=lambda _: _usage(spool))
+    commands = spool.add_subparsers(metavar="COMMAND")
+    check = commands.add_parser(
+        "check", help="say what is readable in the spool (safe while the engine runs)",
+        description="Read the spool read-only, run SQLite's integrity check and count the"
+                    " jobs and recipients that can be read. Exit status: 0 healthy,"
+                    " 1 damaged, 2 no spool or a bad config.")
+    _spool_args(check)
+    check.set_defaults(func=_spool_check)
+    salvage = commands.add_parser(
+        "salvage", help="copy what is readable into a new spool (the engine stopped)",
+        description="Copy every readable job with its recipients' progress, the finished"
+                    " ids and the corrupt rows into a new spool, and put it in place; the"
+                    " damaged file is kept as spool.db.damaged-<UTC time>. Refused while"
+                    " an engine runs on the spool. Exit status: 0 all saved, 1 something"
+                    " lost (the readable rest is in place), 2 nothing done (no spool, in"
+                    " use, a bad config, the new spool could not be written).")
+    _spool_args(salvage)
+    salvage.add_argument("--dry-run", action="store_true",
+                         help="only say what would be saved and lost; change nothing")
+    salvage.set_defaults(func=_spool_salvage)
+
+
+def _spool_args(parser: argparse.ArgumentParser) -> None:
+    _config_arg(parser)
+    parser.add_argument("--spool", metavar="DIR", help="the spool folder (default: the"
+                                                       " config's `spool`)")
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +126,45 @@ def _check_config(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(json.dumps(config_mod.to_dict(cfg), indent=2))
     return 0
+
+
+def _spool_check(args: argparse.Namespace) -> int:
+    from engine import salvage
+    directory = _spool_dir(args, "check")
+    if directory is None:
+        return 2
+    try:
+        found = salvage.check(directory)
+    except (SpoolError, OSError) as err:
+        print(f"mailengine spool check: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(salvage.check_report(found, directory)))
+    return 0 if found.healthy else 1
+
+
+def _spool_salvage(args: argparse.Namespace) -> int:
+    from engine import salvage
+    directory = _spool_dir(args, "salvage")
+    if directory is None:
+        return 2
+    try:
+        found = salvage.salvage(directory, dry_run=args.dry_run)
+    except (SpoolError, OSError) as err:
+        print(f"mailengine spool salvage: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(salvage.salvage_report(found, directory, args.dry_run)))
+    return 1 if found.lost_anything else 0
+
+
+def _spool_dir(args: argparse.Namespace, command: str) -> str | None:
+    """--spool, else the config's `spool`; None (and the reason said) when neither."""
+    if args.spool:
+        return str(args.spool)
+    try:
+        return config_mod.load(args.config).spool
+    except config_mod.ConfigError as err:
+        print(f"mailengine spool {command}: {err}", file=sys.stderr)
+        return None
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -10,7 +10,9 @@ one fsync covers a hundred jobs instead of one.
 The supervisor is the only writer, enforced by an exclusive lock on
 `<directory>/spool.lock`. Nothing on disk marks a job "in flight": after a
 crash every recipient that is not final is simply due again, and a recipient
-whose final result was recorded is never handed out again. See docs/SPOOL.md.
+whose final result was recorded is never handed out again. A damaged file (SQLite's
+"database disk image is malformed") raises SpoolDamaged, at open or at run time; see
+engine/salvage.py. See docs/SPOOL.md.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Any, Self
 from engine.job import Job, envelope_json, job_from_stored
 from engine.protocol import Status
 from engine.reply import Reply
-from engine.spoolfile import SpoolError, open_db, rollback
+from engine.spoolfile import SpoolDamaged, SpoolError, is_damage, open_db, rollback
 
 PENDING = "pending"  # a recipient not final yet (never tried, or deferred)
 _IN_CHUNK = 500  # ids per `IN (...)` query, far below SQLite's variable limit
@@ -101,6 +103,17 @@ class Spool:
         self.close()
 
     @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """SpoolDamaged for a read that finds the file damaged: no caller may take that
+        for an empty spool, and retrying cannot help."""
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            if is_damage(e):
+                raise SpoolDamaged(self.path, str(e)) from e
+            raise
+
+    @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One transaction, durable when the block exits; SpoolError if it could not commit."""
         conn = self._conn
@@ -110,6 +123,8 @@ class Spool:
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             rollback(conn)
+            if is_damage(e):
+                raise SpoolDamaged(self.path, str(e)) from e
             raise SpoolError(f"spool write failed: {e}") from e
         except BaseException:
             rollback(conn)
@@ -162,6 +177,11 @@ class Spool:
         jobs the caller holds exactly as stored (accepted, never handed out), taken
         from there instead of being read back (message included) from the file.
         """
+        with self._reading():
+            return self._due(now, limit, skip, known)
+
+    def _due(self, now: float, limit: int, skip: Container[str],
+             known: Mapping[str, Pending] | None) -> list[Pending]:
         out: list[Pending] = []
         taken: set[str] = set()
         while len(out) < limit:
@@ -214,6 +234,8 @@ class Spool:
                 "SELECT rcpt, attempts FROM rcpts WHERE job_id = ? AND status = 'pending'"
                 " AND next_attempt <= ? ORDER BY rowid", (job_id, now)).fetchall()
         except sqlite3.Error as e:  # e.g. text that is not UTF-8
+            if is_damage(e):  # the file, not this row: setting it aside would fail too
+                raise
             raise _Corrupt(f"unreadable row: {e}") from e
         if row is None:
             raise _Corrupt("job row vanished")
@@ -285,15 +307,17 @@ class Spool:
 
     def next_due(self) -> float | None:
         """The earliest next_attempt of any pending recipient (in flight included)."""
-        (first,) = self._conn.execute("SELECT MIN(next_attempt) FROM jobs").fetchone()
+        with self._reading():
+            (first,) = self._conn.execute("SELECT MIN(next_attempt) FROM jobs").fetchone()
         return None if first is None else float(first)
 
     def stats(self) -> SpoolStats:
-        (jobs, oldest) = self._conn.execute(
-            "SELECT COUNT(*), MIN(queued_ts) FROM jobs").fetchone()
-        (pending, deferred) = self._conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0) FROM rcpts"
-            " WHERE status = 'pending'").fetchone()
+        with self._reading():
+            (jobs, oldest) = self._conn.execute(
+                "SELECT COUNT(*), MIN(queued_ts) FROM jobs").fetchone()
+            (pending, deferred) = self._conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0) FROM rcpts"
+                " WHERE status = 'pending'").fetchone()
         return SpoolStats(jobs, pending, deferred, None if oldest is None else float(oldest))
 
     def checkpoint(self) -> None:

@@ -3,8 +3,10 @@
 `<directory>/spool.db` in WAL mode with `synchronous = FULL` (a commit returns once
 the write-ahead log is fsynced), held by one process at a time through an exclusive
 lock on `<directory>/spool.lock`. A new file gets the current schema; a file written
-by a newer engine is refused rather than misread. engine.spool works on what `open_db`
-returns. See docs/SPOOL.md.
+by a newer engine is refused rather than misread, and a damaged one (SQLite's "database
+disk image is malformed") is refused with SpoolDamaged before anything writes to it.
+engine.spool works on what `open_db` returns; engine.salvage recovers a damaged file.
+See docs/SPOOL.md.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import fcntl
 import os
 import sqlite3
 from contextlib import suppress
+from urllib.parse import quote
 
 SCHEMA_VERSION = 1
 CACHE_KIB = 32 * 1024  # SQLite's page cache, at most
@@ -60,33 +63,61 @@ CREATE TABLE IF NOT EXISTS corrupt (
     ts REAL NOT NULL
 );
 """
-
+# SQLite's primary result codes for a file that is not a sound database: a malformed page
+# (a truncated file, a flipped byte) or no database at all.
+_DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
 class SpoolError(Exception):
     """The spool cannot be opened or written: nothing in the failed call was accepted."""
 
 
+class SpoolDamaged(SpoolError):
+    """The spool's file is damaged: retrying cannot help, `mailengine spool salvage` can.
+
+    `path` is the database file, `reason` what SQLite said."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"spool {path} is damaged ({reason})")
+        self.path = path
+        self.reason = reason
+
+
+def is_damage(err: BaseException) -> bool:
+    """Whether SQLite's error says the file itself is damaged (not locked, full or gone)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return isinstance(err, sqlite3.DatabaseError) and code is not None \
+        and code & 0xFF in _DAMAGE_CODES
+
+
+def readonly_uri(path: str) -> str:
+    """The URI that opens `path` read-only: no write, no checkpoint, no lock to take."""
+    return f"file:{quote(path)}?mode=ro"
+
+
 def open_db(directory: str, path: str) -> tuple[sqlite3.Connection, int]:
     """The spool's database at `path`, and the descriptor of the lock that keeps it
     ours (close both when done); SpoolError when either cannot be had."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    lock_fd = _lock(os.path.join(directory, "spool.lock"))
+    lock_fd = lock(directory)
     try:
-        return _connect(directory, path), lock_fd
+        check_sound(path)
+        return connect(directory, path), lock_fd
     except BaseException:
         os.close(lock_fd)
         raise
 
 
-def _connect(directory: str, path: str) -> sqlite3.Connection:
+def connect(directory: str, path: str) -> sqlite3.Connection:
+    """The database at `path`, configured, with the current schema; the caller holds the
+    lock. engine.salvage builds a new spool with it too."""
     fresh = not os.path.exists(path)
     if fresh:  # created 0600 by us, so the WAL and shm files inherit it
         os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
     try:
         conn = sqlite3.connect(path, isolation_level=None)
     except sqlite3.Error as e:
-        raise SpoolError(f"cannot open {path}: {e}") from e
+        raise _open_error(path, e) from e
     try:
         _configure(conn, path)
         _migrate(conn, path)
@@ -98,15 +129,56 @@ def _connect(directory: str, path: str) -> sqlite3.Connection:
     return conn
 
 
-def _lock(path: str) -> int:
-    """Hold `path` exclusively for this process's life: one supervisor per spool."""
-    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+def lock(directory: str) -> int:
+    """Hold `<directory>/spool.lock` exclusively for this process's life: one supervisor
+    per spool. Returns the descriptor that holds it."""
+    fd = os.open(os.path.join(directory, "spool.lock"), os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SpoolError(f"spool {os.path.dirname(path)} is in use by another process") from None
+        raise SpoolError(f"spool {directory} is in use by another process") from None
     return fd
+
+
+def check_sound(path: str) -> None:
+    """SpoolDamaged unless SQLite's quick_check finds `path` sound (a missing file, a new
+    spool, is).
+
+    quick_check reads every page, so its cost grows with the file: on a spool of 100,000
+    jobs of 500 bytes (96 MB) it took 72 ms with the file in the page cache and 390 ms
+    without; 100,000 jobs of 5 KB (577 MB), 240 ms and 2.2 to 2.9 s. Paid once per start,
+    it is worth it: a cheaper check (the header, the schema, the first and last page of
+    each table) misses a damaged page in the middle, which `due` then finds at run time,
+    the engine exits, systemd starts it again, the cheap check passes again: the crash
+    loop this check is here to end. Read-only, so a damaged file is left as it was found.
+    """
+    if not os.path.exists(path):
+        return
+    try:
+        conn = sqlite3.connect(readonly_uri(path), uri=True)
+    except sqlite3.Error as e:
+        raise _open_error(path, e) from e
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
+    except sqlite3.Error as e:
+        raise _open_error(path, e) from e
+    finally:
+        conn.close()
+    if problems != ["ok"]:
+        raise SpoolDamaged(path, first_problem(problems))
+
+
+def first_problem(problems: list[str]) -> str:
+    """The first line of an integrity check's report that names a problem."""
+    lines = [line for text in problems for line in text.splitlines()
+             if line and not line.startswith("*** in database")]
+    return lines[0] if lines else "integrity check failed"
+
+
+def _open_error(path: str, err: sqlite3.Error) -> SpoolError:
+    return SpoolDamaged(path, str(err)) if is_damage(err) else SpoolError(
+        f"cannot open {path}: {err}")
 
 
 def _configure(conn: sqlite3.Connection, path: str) -> None:
@@ -127,7 +199,7 @@ def _configure(conn: sqlite3.Connection, path: str) -> None:
         conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_BYTES // page_bytes}")
         conn.execute("PRAGMA journal_size_limit = 67108864")  # shrink the WAL after a burst
     except sqlite3.Error as e:
-        raise SpoolError(f"cannot open {path}: {e}") from e
+        raise _open_error(path, e) from e
     if mode != "wal":
         raise SpoolError(f"cannot put {path} in WAL mode (got {mode!r})")
 
@@ -146,7 +218,7 @@ def _migrate(conn: sqlite3.Connection, path: str) -> None:
                                f"PRAGMA user_version = {SCHEMA_VERSION};\nCOMMIT;")
     except sqlite3.Error as e:
         rollback(conn)
-        raise SpoolError(f"cannot open {path}: {e}") from e
+        raise _open_error(path, e) from e
 
 
 def rollback(conn: sqlite3.Connection) -> None:

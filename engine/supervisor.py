@@ -45,7 +45,8 @@ from engine.job import MAX_ENVELOPE_SIZE
 from engine.metrics import Metrics
 from engine.protocol import Status
 from engine.results import RESULTS_HWM, Results
-from engine.spool import Spool, SpoolError
+from engine.salvage import recovery_advice
+from engine.spool import Spool, SpoolDamaged, SpoolError
 from engine.spoolhealth import SpoolHealth
 from engine.workers import Workers
 
@@ -333,6 +334,11 @@ def main(config_path: str | None) -> int:
     except config_mod.ConfigError as err:  # a key file or the clients' folder
         log.error(logs.kv("start_failed", error=err))
         print(f"mailengine: {err}", file=sys.stderr)
+        return 2
+    except SpoolDamaged as err:  # a restart would find it damaged again: 2, never restarted
+        log.error(logs.kv("spool_damaged", path=err.path, error=err.reason))
+        print(f"mailengine: {err}: {recovery_advice(config_mod.file_of(config_path))}",
+              file=sys.stderr)
         return 2
     except (OSError, zmq.ZMQError, SpoolError) as err:
         log.error(logs.kv("start_failed", error=err))

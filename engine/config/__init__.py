@@ -18,12 +18,12 @@ shipped default.
 The parts: `schema` (the dataclasses and their defaults, each written once),
 `values` (reading one value: durations, sizes, numbers, addresses...), `names`
 (the DNS name grammar, shared with engine.address and engine.mx), `sections`
-(the reader of each section) and `loader` (`load`, `from_dict`, `to_dict`).
+(the reader of each section) and `loader` (`load`, `file_of`, `from_dict`, `to_dict`).
 This package imports no other engine module.
 """
 from __future__ import annotations
 
-from engine.config.loader import RENAMED, from_dict, load, to_dict
+from engine.config.loader import RENAMED, file_of, from_dict, load, to_dict
 from engine.config.schema import (
     DEFAULT_PATH,
     DEFAULT_WARMUP,
@@ -84,6 +84,7 @@ __all__ = [
     "Timeouts",
     "WarmupConfig",
     "endpoint_host",
+    "file_of",
     "from_dict",
     "is_loopback_host",
     "load",

@@ -39,9 +39,14 @@ RETIRED = {("throttle", "holdoff"): "a push-back is now answered once for the ma
 _TOP_KEYS = [f.name for f in fields(Config) if f.name != "warnings"]
 
 
+def file_of(path: str | None = None) -> str:
+    """The file `load(path)` reads: `path`, else $MAILENGINE_CONFIG, else DEFAULT_PATH."""
+    return path or os.environ.get(ENV_VAR) or DEFAULT_PATH
+
+
 def load(path: str | None = None) -> Config:
     """Read and validate a config file: `path`, else $MAILENGINE_CONFIG, else DEFAULT_PATH."""
-    path = path or os.environ.get(ENV_VAR) or DEFAULT_PATH
+    path = file_of(path)
     data = _read_yaml(path)
     try:
         return from_dict(data)

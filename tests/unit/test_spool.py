@@ -20,8 +20,9 @@ from engine import spoolfile
 from engine.job import Job
 from engine.protocol import Status
 from engine.reply import Reply
-from engine.spool import Pending, RcptUpdate, Spool, SpoolError, SpoolStats
+from engine.spool import Pending, RcptUpdate, Spool, SpoolDamaged, SpoolError, SpoolStats
 from tests.support import ROOT
+from tests.support.damage import checkpoint, flip_page_type, pages
 
 REPO = ROOT
 A, B, C = "a@example.com", "b@example.net", "c@example.org"
@@ -374,6 +375,48 @@ def test_job_due_with_nothing_due_is_repaired_not_looped(spool: Spool, spool_dir
     sql(spool_dir, "UPDATE jobs SET next_attempt = 0")  # out of step with its rcpts
     assert spool.due(T0, 10) == []
     assert spool.next_due() == T0 + 50
+
+
+# -- a damaged file -----------------------------------------------------------------------
+
+def hundred_jobs(spool_dir: str) -> str:
+    """A spool of 100 jobs, checkpointed (a page of the file is the only copy); its path."""
+    with Spool(spool_dir) as s:
+        s.accept([Job(id=f"j{i:03}", sender="s@example.com", rcpts=(A,), message=b"x" * 3000)
+                  for i in range(100)], T0, DAY)
+    path = os.path.join(spool_dir, "spool.db")
+    checkpoint(path)
+    return path
+
+
+def damage_a_jobs_page(path: str) -> None:
+    leaves = [n for n, kind in pages(path, "jobs") if kind == "leaf"]
+    flip_page_type(path, leaves[len(leaves) // 2])
+
+
+def test_a_damaged_file_is_refused_at_open_untouched_and_unlocked(spool_dir: str) -> None:
+    path = hundred_jobs(spool_dir)
+    damage_a_jobs_page(path)
+    before = Path(path).read_bytes()
+    with pytest.raises(SpoolDamaged, match="malformed") as raised:
+        Spool(spool_dir)
+    assert raised.value.path == path and "malformed" in raised.value.reason
+    assert isinstance(raised.value, SpoolError)  # callers that handle SpoolError still do
+    assert Path(path).read_bytes() == before  # checked read-only: left for salvage as found
+    os.close(spoolfile.lock(spool_dir))  # the refusal released the lock
+
+
+def test_a_page_damaged_under_an_open_spool_raises_spool_damaged_not_an_empty_due(
+        spool_dir: str) -> None:
+    path = hundred_jobs(spool_dir)
+    reported: list[str] = []
+    with Spool(spool_dir, on_corrupt=lambda i, r: reported.append(i)) as s:
+        damage_a_jobs_page(path)  # after the open-time check
+        with pytest.raises(SpoolDamaged, match="malformed") as raised:
+            s.due(T0, 1000)
+        assert raised.value.path == path
+    assert reported == []  # not taken for a corrupt row and set aside
+    assert sql(spool_dir, "SELECT COUNT(*) FROM corrupt") == [(0,)]
 
 
 # -- crash safety -------------------------------------------------------------------
