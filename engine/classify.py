@@ -36,6 +36,7 @@ The decisions, by where they are taken:
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
 import re
 import smtplib
@@ -48,6 +49,7 @@ from engine.protocol import Status
 from engine.reply import (
     Blame,
     DeliveryError,
+    DescriptorsExhausted,
     PermanentError,
     ProtocolError,
     Reply,
@@ -428,6 +430,8 @@ def translate(exc: BaseException, command: str, timeout: float) -> DeliveryError
     (`command`), since it is all that reaches the recipient's event. A TLS failure is a
     TlsError (engine.connector retries in plaintext or without the check); an exception
     not known here is a bug of ours, which must never bounce mail."""
+    if out_of_descriptors(exc):  # before TLS: not a handshake that failed
+        return descriptors_exhausted(exc, command)
     if isinstance(exc, ssl.SSLError) or command == "TLS":  # any handshake failure
         return TlsError(Reply.local(451, "4.7.5", f"TLS failure: {short(exc)}"), command)
     where = f" in {command}" if command else ""
@@ -445,6 +449,20 @@ def translate(exc: BaseException, command: str, timeout: float) -> DeliveryError
         return TransientError(Reply.local(451, "4.4.1", f"network error: {short(exc)}"), command)
     return TransientError(Reply.local(451, "4.3.0", f"internal error: {type(exc).__name__}: "
                                               f"{short(exc)}"), command)
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """An error that says the process (EMFILE) or the system (ENFILE) has no file descriptor
+    left: the machine's fault, not the destination's."""
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def descriptors_exhausted(exc: BaseException, command: str = "") -> DescriptorsExhausted:
+    """The worker ran out of file descriptors in `command` (or a DNS lookup): waited out and
+    tried again by the caller (engine.delivery), never an attempt."""
+    where = f" in {command}" if command else ""
+    return DescriptorsExhausted(Reply.local(451, "4.3.0", f"out of file descriptors{where}:"
+                                                  f" {short(exc)}"), command)
 
 
 def short(exc: BaseException, limit: int = _SHORT) -> str:

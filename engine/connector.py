@@ -2,7 +2,10 @@
 
 Address lookup, TCP connect from the sending IP, banner, EHLO and STARTTLS by
 the TLS policy, each phase timed. A failure here is the connection's fault
-(`Blame.CONNECTION`): the caller moves on to the next MX host. A failed TLS
+(`Blame.CONNECTION`): the caller moves on to the next MX host; but running out of file
+descriptors is the worker's (`DescriptorsExhausted`): no other address is tried, and the
+caller waits and tries again (engine.delivery). Every connection gets TCP keepalive
+(`pool.keepalive_*`). A failed TLS
 handshake is retried once in plaintext on a fresh connection (the host is
 remembered as TLS-broken); a certificate that only fails verification is retried
 once without the check (remembered as unverifiable). Opening one connection, all
@@ -25,8 +28,8 @@ from engine import classify, logs
 from engine.config import Timeouts
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, MxHost, Resolver
-from engine.reply import DeliveryError, TlsError
-from engine.smtp import Connection, ReplyLimits
+from engine.reply import DeliveryError, DescriptorsExhausted, TlsError
+from engine.smtp import Connection, Keepalive, ReplyLimits
 from engine.tls import TlsPlan, TlsPolicy, is_verify_failure
 
 log = logging.getLogger("mailengine.connector")
@@ -48,7 +51,8 @@ class Identity:
 class Connector:
     def __init__(self, identity: Identity, resolver: Resolver, tls: TlsPolicy,
                  timeouts: Timeouts, limits: ReplyLimits, metrics: Metrics,
-                 destinations: DestinationPolicy | None = None) -> None:
+                 destinations: DestinationPolicy | None = None,
+                 keepalive: Keepalive | None = None) -> None:
         self.identity = identity
         self.resolver = resolver
         self.tls = tls
@@ -56,6 +60,7 @@ class Connector:
         self.limits = limits
         self.metrics = metrics
         self.destinations = destinations or DestinationPolicy()  # strict unless told
+        self.keepalive = keepalive  # TCP keepalive on every connection (None: off)
 
     def open(self, host: MxHost, provider: str, routed: bool = False) -> Connection:
         """A connection to `host` ready for MAIL; tries each of its addresses in turn.
@@ -69,6 +74,8 @@ class Connector:
         for address in addresses[:4]:
             try:
                 return self._open_at(host, address, provider)
+            except DescriptorsExhausted:
+                raise  # the worker's: another address would fail the same
             except DeliveryError as err:
                 self.metrics.incr("connections_failed", provider)
                 last = err
@@ -95,8 +102,9 @@ class Connector:
 
     def _open_at(self, host: MxHost, address: str, provider: str,
                  plan: TlsPlan | None = None) -> Connection:
-        plan = plan or self.tls.plan(host.name)
-        conn = Connection(self.identity.helo, self.identity.address, self.timeouts, self.limits)
+        plan = plan or self._tls_plan(host)
+        conn = Connection(self.identity.helo, self.identity.address, self.timeouts, self.limits,
+                          self.keepalive)
         try:
             with conn.deadline("setup", self.timeouts.setup):
                 self._greet(conn, address, host.port, provider)
@@ -114,6 +122,16 @@ class Connector:
         if conn.tls_version is None:
             self.metrics.incr("plaintext", provider)
         return conn
+
+    def _tls_plan(self, host: MxHost) -> TlsPlan:
+        """The TLS plan for `host`; building its context reads the CA file, which needs a
+        file descriptor too."""
+        try:
+            return self.tls.plan(host.name)
+        except OSError as exc:
+            if classify.out_of_descriptors(exc):
+                raise classify.descriptors_exhausted(exc, "TLS") from exc
+            raise
 
     def _greet(self, conn: Connection, address: str, port: int, provider: str) -> None:
         started = time.monotonic()

@@ -5,27 +5,32 @@ then try its MX hosts in order. A host that cannot be reached (connect error,
 421 or 554 banner, TLS required but absent, pool in connect backoff) passes the
 recipients to the next host; once a transaction runs, its replies are the
 recipients' outcomes. A pooled connection found dead at the start of a
-transaction is replaced by a fresh one without counting an attempt.
+transaction (or failing its check before reuse, engine.pool) is replaced by a fresh
+one without counting an attempt. A connect or DNS lookup that fails because the worker
+is out of file descriptors is waited out and tried again (engine.descriptors), no
+attempt counted.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import gevent
 
-from engine import classify
+from engine import classify, logs
 from engine.config import ThrottleConfig
 from engine.connector import Connector
+from engine.descriptors import Descriptors
 from engine.memo import Memo
 from engine.metrics import Metrics
-from engine.mx import MxHost, Resolver
+from engine.mx import Destination, MxHost, Resolver
 from engine.pool import DestinationPool, PoolKey
 from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS, provider_of
-from engine.reply import Blame, DeliveryError, Reply
+from engine.reply import Blame, DeliveryError, DescriptorsExhausted, Reply
 from engine.shaping import (
     BLOCK,
     CLEAN,
@@ -36,7 +41,9 @@ from engine.shaping import (
     ShapingPlan,
     Verdict,
 )
-from engine.smtp import RcptResult, StaleConnection, send_mail
+from engine.smtp import Connection, RcptResult, StaleConnection, send_mail
+
+log = logging.getLogger("mailengine.delivery")
 
 # How many pooled connections may turn out stale for one message before the
 # host counts as failing (each costs no attempt, but must not loop for ever).
@@ -69,6 +76,7 @@ class Deliverer:
         self.shaping = shaping or Shaping(ShapingPlan(
             pool=pools.settings, throttle=ThrottleConfig(slow_start=False)))
         self.providers = providers
+        self.descriptors = Descriptors(metrics)  # waits for file descriptors
         # Per MX host, worked out once rather than per message (pure functions of the
         # host; the caches are emptied when full).
         self._provider_names: Memo[str, str] = Memo(HOST_CACHE_SIZE)
@@ -125,7 +133,7 @@ class Deliverer:
         throttled, not those no host of the provider would let in (the pools back off)."""
         started = time.monotonic()
         try:
-            dest = self.resolver.destination(domain)
+            dest = self._destination(domain)
         except DeliveryError as err:
             return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts], None,
                                   domain, None, False), False
@@ -140,7 +148,8 @@ class Deliverer:
         verdict = CLEAN
         for host in dest.hosts:
             try:
-                sent = self._via_host(task, rcpts, host, provider, shaper, dest.routed, epoch)
+                sent = self._via_host_in_time(task, rcpts, host, provider, shaper, dest.routed,
+                                              epoch)
             except DeliveryError as err:
                 if err.blame is Blame.MESSAGE:  # the same at every host: it is the outcome
                     return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts],
@@ -160,6 +169,24 @@ class Deliverer:
         reply = classify.refused_at_every_host(last.reply)  # a 5xx at every door defers
         return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], last_host,
                               provider, None, False, shaper, verdict), False
+
+    def _destination(self, domain: str) -> Destination:
+        """The domain's destination; a lookup short of file descriptors is tried again."""
+        while True:
+            try:
+                return self.resolver.destination(domain)
+            except DescriptorsExhausted as err:
+                self.descriptors.wait(domain, err)
+
+    def _via_host_in_time(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
+                          shaper: ProviderShaper, routed: bool, epoch: int) -> _Sent | Deferral:
+        """`_via_host`, tried again after a wait while the worker is out of file descriptors:
+        that is raised before any transaction (connect, DNS), so nothing was sent."""
+        while True:
+            try:
+                return self._via_host(task, rcpts, host, provider, shaper, routed, epoch)
+            except DescriptorsExhausted as err:
+                self.descriptors.wait(provider, err)
 
     def _via_host(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
                   shaper: ProviderShaper, routed: bool, epoch: int) -> _Sent | Deferral:
@@ -217,8 +244,17 @@ class Deliverer:
                                max_connections=shaper.limits.max_connections,
                                max_messages=shaper.limits.max_messages)
             pool = self.pools.get(key, lambda: self.connector.open(host, provider, routed),
-                                  settings, shaper.gate)
+                                  settings, shaper.gate,
+                                  lambda conn: self._check_failed(conn, provider))
         return pool
+
+    def _check_failed(self, conn: Connection, provider: str) -> None:
+        """An idle connection did not answer its check before reuse (engine.pool): it is
+        dropped, and the message takes another one; no attempt."""
+        self.metrics.incr("connections_check_failed", provider)
+        peer = conn.peer or ("", 0)
+        log.info(logs.kv("connection_check_failed", ip=self.source_ip, mx=peer[0],
+                         port=peer[1], provider=provider))
 
     def _judge(self, shaper: ProviderShaper, replies: list[Reply], provider: str,
                epoch: int, seconds: float | None = None) -> Verdict:

@@ -1,8 +1,9 @@
 """Intake: jobs from producers into the spool, where they become durable.
 
 The ingest socket (a ZeroMQ PULL) is drained in batches of up to INTAKE_BATCH
-jobs. Each job is parsed and checked (engine.job); one whose `ip` or `pool` this
-engine does not have is refused too. A refused job gets a `rejected` event that
+jobs. Each job is parsed and checked (engine.job: a line over 998 octets is refused, or
+re-encoded under `limits.long_lines: encode`); one whose `ip` or `pool` this engine does
+not have is refused too. A refused job gets a `rejected` event that
 says why, and disturbs nothing else. The valid ones of a batch are written to the
 spool in one transaction (group commit); only once that has returned are they
 *accepted*, and `queued` is published for each. A job the spool already holds
@@ -118,8 +119,9 @@ class Intake:
 
     def _validate(self, frames: list[bytes]) -> Job | None:
         try:
-            job = parse_job(frames, self.cfg.limits.max_message_size,
-                            self.cfg.limits.max_recipients)
+            limits = self.cfg.limits
+            job = parse_job(frames, limits.max_message_size, limits.max_recipients,
+                            long_lines=limits.long_lines)
             self._check_route(job)
             return job
         except JobRejected as err:

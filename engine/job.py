@@ -28,6 +28,8 @@ from engine.address import (
     validate_mailbox,
     validate_reverse_path,
 )
+from engine.config import LONG_LINES
+from engine.downgrade import MAX_LINE, CannotConvert, first_long_line, wrap_long_lines
 from engine.text import cut
 
 MAX_ID_LENGTH = 200
@@ -35,6 +37,8 @@ MAX_ID_LENGTH = 200
 # thousands of recipients and a generous meta.
 MAX_ENVELOPE_SIZE = 1024 * 1024
 FIELDS = ("id", "from", "to", "ip", "pool", "meta", "expires")
+# What intake does with a body line over MAX_LINE octets (config `limits.long_lines`).
+REJECT, ENCODE = LONG_LINES
 _POOL_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_LENGTH}}}")
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _QUOTED = 60  # characters of producer-supplied text quoted in a reason
@@ -73,12 +77,15 @@ def _new_id() -> str:
 
 
 def parse_job(frames: Sequence[bytes], max_message_size: int, max_recipients: int,
-              new_id: Callable[[], str] = _new_id) -> Job:
-    """Parse one job from its frames (envelope, message); raise JobRejected if unacceptable."""
+              new_id: Callable[[], str] = _new_id, long_lines: str = REJECT) -> Job:
+    """Parse one job from its frames (envelope, message); raise JobRejected if unacceptable.
+    `long_lines`: REJECT a message with a line over MAX_LINE octets, or ENCODE the parts
+    that have one (a long header line is refused either way)."""
     try:
         envelope, raw = _two_frames(frames)
         fields = _decode_envelope(envelope)
-        return _build(fields, lambda: _message(raw, max_message_size), max_recipients, new_id)
+        return _build(fields, lambda: _message(raw, max_message_size, long_lines),
+                      max_recipients, new_id)
     except JobRejected:
         raise
     except Exception as exc:  # a bug here must refuse the job, not kill intake
@@ -367,9 +374,42 @@ def _show(value: object) -> str:
     return repr(cut(value, _QUOTED)) if isinstance(value, str) else _json_type(value)
 
 
-def _message(raw: bytes, max_message_size: int) -> bytes:
+def _message(raw: bytes, max_message_size: int, long_lines: str) -> bytes:
     # Refuse by size before normalising: cheap, and what the producer sent is what counts.
     if len(raw) > max_message_size:
         raise JobRejected(f"message is {len(raw)} bytes, larger than the limit "
                           f"of {max_message_size}")
-    return normalise_message(raw)
+    return short_lines(normalise_message(raw), long_lines)
+
+
+def short_lines(message: bytes, long_lines: str = REJECT) -> bytes:
+    """`message` (normalised) if no line is over MAX_LINE octets (RFC 5322 2.1.1: servers may
+    cut or refuse such a line), or re-encoded (`long_lines` ENCODE), or JobRejected naming
+    the first long line. A header line cannot be re-encoded: refused whatever the setting."""
+    offset = first_long_line(message)
+    if offset < 0:
+        return message
+    line = _describe_line(message, offset)
+    if offset < _header_end(message):
+        raise JobRejected(f"{line}, in the header: a header line cannot be re-encoded (fold"
+                          " it, RFC 5322 2.2.3)")
+    if long_lines != ENCODE:
+        raise JobRejected(f"{line} (set limits.long_lines: encode to convert)")
+    try:
+        return wrap_long_lines(message)
+    except CannotConvert as exc:
+        raise JobRejected(f"{line}, and cannot be converted: {exc}") from None
+
+
+def _describe_line(message: bytes, offset: int) -> str:
+    number = message.count(b"\n", 0, offset) + 1
+    length = message.find(b"\r\n", offset) - offset
+    return f"line {number} is {length} octets long, over RFC 5322's {MAX_LINE}"
+
+
+def _header_end(message: bytes) -> int:
+    """Where the header block ends: after the empty line (the whole message without one)."""
+    if message.startswith(b"\r\n"):
+        return 0
+    blank = message.find(b"\r\n\r\n")
+    return len(message) if blank < 0 else blank + 2

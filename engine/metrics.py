@@ -88,6 +88,12 @@ DECLARED: tuple[Metric, ...] = (
     Metric("connections_reused", "counter", "messages sent on an already used connection"),
     Metric("connections_stale", "counter", "reused connections found dead at the start of a"
            " transaction (replaced; no attempt counted)"),
+    Metric("connections_check_failed", "counter", "idle connections that did not answer"
+           " RSET within pool.reuse_check_timeout before reuse (half-open, or closed by the"
+           " server): dropped, another one used; no attempt counted"),
+    Metric("fd_exhausted", "counter", "connects or DNS lookups that failed because the worker"
+           " is out of file descriptors (EMFILE, ENFILE): waited out and tried again; no"
+           " attempt counted"),
     Metric("connections_failed", "counter", "connections to an MX address that could not be"
            " made ready (connect, banner, EHLO or required TLS failed)"),
     Metric("tls_negotiated", "counter", "connections upgraded with STARTTLS"),

@@ -323,6 +323,9 @@ class Resolver:
             return _Answer((), False, now + _negative_ttl([exc.response()]))
         except (dns.exception.DNSException, OSError) as exc:
             self.stats.failures += 1
+            cause = _out_of_descriptors(exc)
+            if cause is not None:  # the worker's fault, not the nameservers'
+                raise classify.descriptors_exhausted(cause, "DNS") from exc
             raise classify.dns_failed(name, _why(exc), blame) from exc
         # minimum_ttl covers the CNAME chain as well as the answer itself
         ttl = min(answer.chaining_result.minimum_ttl, _MAX_TTL)
@@ -366,6 +369,18 @@ def _negative_ttl(responses: Iterable[dns.message.Message]) -> int:
                 if isinstance(rd, dns.rdtypes.ANY.SOA.SOA):
                     return min(rrset.ttl, rd.minimum, _MAX_NEGATIVE_TTL)
     return _UNKNOWN_NEGATIVE_TTL
+
+
+def _out_of_descriptors(exc: Exception) -> BaseException | None:
+    """The EMFILE or ENFILE behind a failed lookup: raised as is, or one of the errors
+    dnspython collected from each nameserver (it drops a server on an OSError)."""
+    if classify.out_of_descriptors(exc):
+        return exc
+    if isinstance(exc, dns.resolver.NoNameservers):
+        for error in exc.kwargs.get("errors") or ():
+            if isinstance(error[3], BaseException) and classify.out_of_descriptors(error[3]):
+                return error[3]
+    return None
 
 
 def _why(exc: Exception) -> str:

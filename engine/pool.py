@@ -11,7 +11,8 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
 - the idle stack is LIFO, so a trickle of mail keeps one connection warm and
   the rest age out after `idle_timeout`;
 - an idle connection is checked before reuse (`Connection.is_alive`, no round
-  trip): one the server closed or 421'd while idle is dropped;
+  trip; idle `reuse_check_after` or longer, an RSET too: `Connection.answers`): one
+  the server closed, 421'd or left half-open while idle is dropped;
 - a connection given back while callers wait goes straight to the first of them
   (checked with `Connection.reusable`, no syscall: it was in use a moment ago);
   with PIPELINING it goes to them even before the reply to the message's final
@@ -52,7 +53,7 @@ from engine import logs
 from engine.config import PoolConfig
 from engine.pool_ahead import Ahead
 from engine.pool_health import Health
-from engine.reply import DeliveryError
+from engine.reply import DeliveryError, DescriptorsExhausted
 from engine.smtp import Connection
 from engine.waiters import any_waiting, count_waiting, wake_first
 
@@ -85,7 +86,8 @@ class DestinationPool:
     def __init__(self, key: PoolKey, settings: PoolConfig,
                  open_connection: Callable[[], Connection],
                  clock: Callable[[], float] = time.monotonic,
-                 gate: ConnectionGate | None = None) -> None:
+                 gate: ConnectionGate | None = None,
+                 on_check_failed: Callable[[Connection], None] | None = None) -> None:
         self.key = key
         self.settings = settings
         self.gate = gate
@@ -99,6 +101,7 @@ class DestinationPool:
         self._connecting = 0
         self.health = Health(settings, clock)  # back-off and capacity (engine.pool_health)
         self.stale_dropped = 0
+        self._on_check_failed = on_check_failed or (lambda conn: None)  # metric and log
         self.draining = False
         self.ahead = Ahead()  # replacements opened ahead (engine.pool_ahead)
 
@@ -270,13 +273,18 @@ class DestinationPool:
     def _take_idle(self) -> Connection | None:
         while self._idle:
             conn = self._idle.pop()
-            if self._clock() - conn.last_used >= self.settings.idle_timeout:
+            idle_for = self._clock() - conn.last_used
+            if idle_for >= self.settings.idle_timeout:
                 self._discard(conn)
-            elif conn.is_alive():
-                return conn
-            else:
+            elif not conn.is_alive():
                 self.stale_dropped += 1
                 self._discard(conn, polite=False)
+            elif (idle_for >= self.settings.reuse_check_after
+                  and not conn.answers(self.settings.reuse_check_timeout)):
+                self._on_check_failed(conn)
+                self._discard(conn, polite=False)
+            else:
+                return conn
         return None
 
     def _connect(self) -> Connection | None:
@@ -288,9 +296,12 @@ class DestinationPool:
             conn = self._open_connection()
         except DeliveryError as err:
             self._closed()
-            if self.health.at_capacity(err, self.open):
+            if isinstance(err, DescriptorsExhausted):  # the worker's trouble, not the
+                self._wake_one()  # destination's: no back-off, no waiter fails with it
+            elif self.health.at_capacity(err, self.open):
                 return None
-            self._fail(err)
+            else:
+                self._fail(err)
             raise
         except BaseException:
             self._closed()
@@ -439,7 +450,7 @@ class DestinationPool:
         log.log(logging.INFO if expected else logging.ERROR,
                 logs.kv("connect_ahead_failed", ip=self.key.source_ip, mx=self.key.host,
                         port=self.key.port, error=exc), exc_info=not expected)
-        if isinstance(exc, DeliveryError):
+        if isinstance(exc, DeliveryError) and not isinstance(exc, DescriptorsExhausted):
             self.health.at_capacity(exc, self.open)
         # Whoever waited for it goes the usual way: connects itself, or waits.
         self._wake_one()
@@ -451,7 +462,6 @@ class DestinationPool:
         self._connecting -= 1
         if not opened:
             self._closed()
-
 
 
 class _Checkout:
@@ -487,5 +497,3 @@ class _Checkout:
         if exc is not None:
             conn.close()
         self.pool.release(conn)
-
-

@@ -35,12 +35,15 @@ class Pools:
 
     def get(self, key: PoolKey, open_connection: Callable[[], Connection],
             settings: PoolConfig | None = None,
-            gate: ConnectionGate | None = None) -> DestinationPool:
-        """The pool for `key`, made on first use with `settings` (default: the worker's)."""
+            gate: ConnectionGate | None = None,
+            on_check_failed: Callable[[Connection], None] | None = None) -> DestinationPool:
+        """The pool for `key`, made on first use with `settings` (default: the worker's);
+        `on_check_failed` is told of each idle connection that fails its check before reuse."""
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = DestinationPool(key, settings or self.settings,
-                                                      open_connection, self._clock, gate)
+                                                      open_connection, self._clock, gate,
+                                                      on_check_failed)
             pool.draining = self.draining
         return pool
 

@@ -114,6 +114,13 @@ class StaleConnection(TransientError):
     this transaction: safe to send the message again on a fresh connection."""
 
 
+class DescriptorsExhausted(TransientError):
+    """The worker could not open a socket or file: out of file descriptors (EMFILE, the
+    process's RLIMIT_NOFILE; ENFILE, the system's). No fault of the destination nor of the
+    message: the caller waits a moment and tries again, no attempt counted, no back-off of
+    the destination."""
+
+
 class TlsError(TransientError):
     """The TLS handshake (or a TLS record) failed."""
 

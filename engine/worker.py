@@ -37,7 +37,7 @@ from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS
 from engine.shaping import Shaping, plan_for
-from engine.smtp import ReplyLimits
+from engine.smtp import Keepalive, ReplyLimits
 from engine.tls import TlsPolicy
 
 log = logging.getLogger("mailengine.worker")
@@ -93,9 +93,11 @@ class Worker:
         tls = TlsPolicy(cfg.smtp.tls, cfg.smtp.ca_file, cfg.smtp.tls_broken_ttl)
         limits = ReplyLimits(cfg.smtp.max_line_length, cfg.smtp.max_reply_lines,
                              frozenset(cfg.smtp.discard_ehlo_keywords))
+        keepalive = Keepalive.of(cfg.pool.keepalive_idle, cfg.pool.keepalive_interval,
+                                 cfg.pool.keepalive_count)
         connector = Connector(Identity(self.ip.address, self.ip.helo), resolver, tls,
                               cfg.smtp.timeouts, limits, self.metrics,
-                              DestinationPolicy.from_config(cfg.security))
+                              DestinationPolicy.from_config(cfg.security), keepalive)
         return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
                          self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers})
 

@@ -18,6 +18,9 @@ ENV_VAR = "MAILENGINE_CONFIG"
 
 TLS_MODES = ("none", "opportunistic", "required", "verify")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# What intake does with a message line over 998 octets (limits.long_lines): refuse the job,
+# or re-encode the parts that have one (engine.job.short_lines).
+LONG_LINES = ("reject", "encode")
 
 # Field metadata of what is derived or said about the file rather than read from it:
 # left out of `to_dict`, whose output must load back.
@@ -85,6 +88,15 @@ class PoolConfig:
     max_messages: int = 100
     idle_timeout: float = 60.0
     connect_backoff: float = 30.0
+    # TCP keepalive on every SMTP connection: a peer gone without a FIN (host down, NAT
+    # state dropped) is found after idle + interval x count seconds of silence. 0 idle: off.
+    keepalive_idle: float = 15.0
+    keepalive_interval: float = 5.0
+    keepalive_count: int = 3
+    # A connection idle at least this long answers an RSET within reuse_check_timeout
+    # before it is reused (a half-open one would hold the next MAIL for timeouts.mail).
+    reuse_check_after: float = 2.0
+    reuse_check_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,7 @@ class LimitsConfig:
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 1000
     max_in_flight: int = 1000
+    long_lines: str = "reject"  # one of LONG_LINES
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 from engine.config.names import is_hostname
 from engine.config.schema import (
     LOG_LEVELS,
+    LONG_LINES,
     TLS_MODES,
     CurveConfig,
     DnsConfig,
@@ -178,6 +179,11 @@ _POOL = section(PoolConfig, {
     "max_messages": integer(1),
     "idle_timeout": duration(),
     "connect_backoff": duration(),
+    "keepalive_idle": duration(),
+    "keepalive_interval": duration(positive=True),
+    "keepalive_count": integer(1),
+    "reuse_check_after": duration(),
+    "reuse_check_timeout": duration(positive=True),
 })
 
 
@@ -206,6 +212,7 @@ _LIMITS = section(LimitsConfig, {
     "max_message_size": size,
     "max_recipients": integer(1),
     "max_in_flight": integer(1),
+    "long_lines": choice(*LONG_LINES),
 })
 
 _RETRY = section(RetryConfig, {

@@ -17,7 +17,7 @@ is decided in engine.classify, which also translates socket, ssl and smtplib err
 layer imports no ZeroMQ, spool, shaping, pool or delivery.
 """
 from engine.reply import ProtocolError, StaleConnection, TlsError
-from engine.smtp.connection import MAX_REPLY_TEXT, Connection, ReplyLimits
+from engine.smtp.connection import MAX_REPLY_TEXT, Connection, Keepalive, ReplyLimits
 from engine.smtp.handover import Holder, RcptResult
 from engine.smtp.transaction import dot_stuff, send_mail
 
@@ -25,6 +25,7 @@ __all__ = [
     "MAX_REPLY_TEXT",
     "Connection",
     "Holder",
+    "Keepalive",
     "ProtocolError",
     "RcptResult",
     "ReplyLimits",

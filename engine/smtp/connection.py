@@ -53,8 +53,30 @@ class ReplyLimits:
     discard_ehlo_keywords: frozenset[str] = frozenset()  # lower case, as smtplib keys them
 
 
+@dataclass(frozen=True)
+class Keepalive:
+    """TCP keepalive, in whole seconds: probes after `idle` seconds without traffic, one every
+    `interval`; `count` unanswered ones and the kernel drops the connection. A peer gone
+    without a FIN (host down, NAT state dropped) then shows as an error on the idle socket,
+    which `is_alive` sees, instead of holding the next MAIL for its whole timeout."""
+
+    idle: int
+    interval: int
+    count: int
+
+    @classmethod
+    def of(cls, idle: float, interval: float, count: int) -> Keepalive | None:
+        """From the config's durations (rounded up); None when `idle` is 0 (off)."""
+        if idle <= 0:
+            return None
+        return cls(max(1, math.ceil(idle)), max(1, math.ceil(interval)), count)
+
+
 # Linux's TCP_QUICKACK (None elsewhere: there the ACK is left to the system).
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
+# Linux's keepalive tuning (macOS has TCP_KEEPALIVE for the idle time: left at its default).
+_KEEPALIVE_OPTIONS = tuple(getattr(socket, name, None)
+                           for name in ("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"))
 # Characters of a reply's text that are kept: it travels into events, logs and the spool.
 MAX_REPLY_TEXT = 1000
 # One-line replies already parsed, by their raw line: a server says the same few ("250 2.1.0
@@ -68,8 +90,9 @@ class Connection:
     """An SMTP client connection bound to one source address."""
 
     def __init__(self, helo: str, source_ip: str, timeouts: Timeouts,
-                 limits: ReplyLimits) -> None:
+                 limits: ReplyLimits, keepalive: Keepalive | None = None) -> None:
         _check_helo(helo)
+        self.keepalive = keepalive
         self._smtp = _Commands(self, helo)
         self.source_address = (source_ip, 0)
         self.sock: socket.socket | None = None
@@ -225,6 +248,8 @@ class Connection:
                                                  self.source_address)
             # Each transaction leaves in one write; never hold a tail back for an ACK.
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.keepalive is not None:
+                _keep_alive(self.sock, self.keepalive)
             self.peer = (address, port)
         with self.phase("BANNER", self.timeouts.banner):
             return self.reply()
@@ -290,6 +315,23 @@ class Connection:
             return not _readable(self.sock)
         except (OSError, ValueError):
             return False
+
+    def answers(self, timeout: float) -> bool:
+        """Whether the server answers an RSET with 250 within `timeout` seconds: the bounded
+        check of a connection that has been idle a while, before reuse (engine.pool). A
+        half-open connection (the peer gone without a FIN) passes `is_alive`: the kernel
+        has nothing to report until keepalive gives up, and only a round trip tells. RSET,
+        as Postfix checks a cached session: harmless between transactions. A failure
+        leaves the connection closed."""
+        try:
+            with self.phase("RSET", timeout):
+                self.putcmd("RSET")
+                if self.reply().code == 250:
+                    return True
+        except DeliveryError:
+            pass
+        self.close()
+        return False
 
     def reusable(self) -> bool:
         """`is_alive` without its select(), for a connection handed straight from one
@@ -405,6 +447,14 @@ def _check_helo(helo: str) -> None:
     guard against a name that could end the command line early."""
     if not helo or not helo.isascii() or not helo.isprintable() or " " in helo:
         raise ValueError(f"EHLO name must be printable ASCII without spaces: {helo!r}")
+
+
+def _keep_alive(sock: socket.socket, keepalive: Keepalive) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    values = (keepalive.idle, keepalive.interval, keepalive.count)
+    for option, value in zip(_KEEPALIVE_OPTIONS, values, strict=True):
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _split_reply_line(line: bytes) -> tuple[int, bool, bytes]:

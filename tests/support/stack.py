@@ -20,7 +20,7 @@ from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, Resolver
 from engine.pools import Pools
 from engine.protocol import Attempt, Task
-from engine.smtp import ReplyLimits
+from engine.smtp import Keepalive, ReplyLimits
 from engine.tls import TlsPolicy
 from tests.support.playbook import CLIENT_IP, FAST, HELO, MESSAGE, SENDER
 
@@ -62,8 +62,9 @@ def build(resolver: Resolver, *, ip: str = CLIENT_IP, tls: str = "none",
     default destination policy (loopback prohibited, routes exempt); `metrics` None: none."""
     metrics = metrics or Metrics(None, ip)
     tls_policy = TlsPolicy(tls)
+    keepalive = Keepalive.of(pool.keepalive_idle, pool.keepalive_interval, pool.keepalive_count)
     connector = Connector(Identity(ip, HELO), resolver, tls_policy, timeouts, ReplyLimits(),
-                          metrics, policy)
+                          metrics, policy, keepalive)
     pools = Pools(pool)
     deliverer = Deliverer(ip, tls, resolver, connector, pools, metrics)
     return Stack(deliverer, connector, pools, tls_policy, metrics)

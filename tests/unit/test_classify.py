@@ -4,6 +4,7 @@ Read with the module: each test names the decision and the cases that make it.
 """
 from __future__ import annotations
 
+import errno
 import smtplib
 import ssl
 
@@ -14,6 +15,7 @@ from engine.protocol import Status
 from engine.reply import (
     Blame,
     DeliveryError,
+    DescriptorsExhausted,
     PermanentError,
     ProtocolError,
     Reply,
@@ -347,6 +349,11 @@ def test_an_mx_host_without_address_moves_on_to_the_next() -> None:
     (ProtocolError("garbage"), "BANNER", TransientError, "4.5.0", "protocol error: garbage"),
     (OSError("no route"), "CONNECT", TransientError, "4.4.1", "network error: no route"),
     (ValueError("oops"), "MAIL", TransientError, "4.3.0", "internal error: ValueError: oops"),
+    # The worker's descriptors, not the server: waited out, even in the TLS handshake.
+    (OSError(errno.EMFILE, "Too many open files"), "CONNECT", DescriptorsExhausted, "4.3.0",
+     "out of file descriptors in CONNECT: [Errno 24]"),
+    (OSError(errno.ENFILE, "File table overflow"), "TLS", DescriptorsExhausted, "4.3.0",
+     "out of file descriptors in TLS: [Errno 23]"),
 ])
 def test_translate_an_exception_into_a_deferral(exc: BaseException, command: str,
                                                 kind: type[DeliveryError], enhanced: str,

@@ -60,11 +60,11 @@ def test_minimal_config_takes_documented_defaults() -> None:
     assert cfg.smtp.discard_ehlo_keywords == ()
     assert dataclasses.astuple(cfg.smtp.timeouts) == (
         30, 300, 300, 120, 60, 300, 300, 120, 180, 600, 60, 10, 600, 1800)
-    assert dataclasses.astuple(cfg.pool) == (10, 100, 60.0, 30.0)
+    assert dataclasses.astuple(cfg.pool) == (10, 100, 60.0, 30.0, 15.0, 5.0, 3, 2.0, 10.0)
     assert dataclasses.astuple(cfg.dns) == ((), 53, 5.0, 10000)
     assert dict(cfg.routes) == {}
     assert dataclasses.astuple(cfg.statsd) == (True, "127.0.0.1", 8125, "mailengine")
-    assert dataclasses.astuple(cfg.limits) == (50 * 2**20, 1000, 1000)
+    assert dataclasses.astuple(cfg.limits) == (50 * 2**20, 1000, 1000, "reject")
     assert cfg.retry.schedule == (60, 300, 900, 1800, 3600, 7200, 14400)
     assert cfg.retry.max_age == 5 * 86400
 
@@ -324,6 +324,10 @@ REFUSALS = [
     (minimal(limits={"max_message_size": 0}), "limits.max_message_size", "more than 0"),
     (minimal(limits={"max_recipients": 0}), "limits.max_recipients", ">= 1"),
     (minimal(limits={"max_in_flight": None}), "limits.max_in_flight", "must be an integer"),
+    (minimal(limits={"long_lines": "wrap"}), "limits.long_lines", "must be one of reject, encode"),
+    (minimal(pool={"keepalive_interval": 0}), "pool.keepalive_interval", "more than 0"),
+    (minimal(pool={"keepalive_count": 0}), "pool.keepalive_count", ">= 1"),
+    (minimal(pool={"reuse_check_timeout": "0s"}), "pool.reuse_check_timeout", "more than 0"),
     (minimal(retry={"schedule": []}), "retry.schedule", "at least one"),
     (minimal(retry={"schedule": "1m"}), "retry.schedule", "must be a list"),
     (minimal(retry={"schedule": ["1m", "0s"]}), "retry.schedule[1]", "more than 0"),

@@ -1,4 +1,5 @@
-"""engine.downgrade: 8-bit messages converted to 7-bit for a server without 8BITMIME (RFC 6152).
+"""engine.downgrade: 8-bit messages converted to 7-bit for a server without 8BITMIME (RFC 6152),
+and lines over 998 octets re-encoded (intake's `limits.long_lines: encode`, RFC 5322 2.1.1).
 
 The converter's output is judged by the stdlib parser (structure) and binascii/base64
 (decoding), never by the converter's own parsing (tests/support/mime.py): every leaf part must
@@ -8,6 +9,7 @@ whole engine tests/engine/test_downgrade.py.
 """
 from __future__ import annotations
 
+import base64
 import binascii
 import os
 import re
@@ -16,7 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.downgrade import MAX_DEPTH, CannotConvert, to_7bit
+from engine.downgrade import (
+    MAX_DEPTH,
+    MAX_LINE,
+    CannotConvert,
+    first_long_line,
+    to_7bit,
+    wrap_long_lines,
+)
 from tests.support.mime import TOP, UTF8, leaves, multipart, part
 
 pytestmark = pytest.mark.timeout(60)  # Hypothesis: DOWNGRADE_EXAMPLES can ask for many more
@@ -267,3 +276,112 @@ def test_any_input_converts_to_7bit_or_is_refused(lines: list[bytes]) -> None:
 def test_quoted_printable_part_whose_escaped_line_would_pass_998_is_refused() -> None:
     with pytest.raises(CannotConvert, match="too long"):
         to_7bit(multipart(part(b"\xc3\xa9" * 200, cte=b"quoted-printable")))
+
+
+# --- lines over 998 octets ------------------------------------------------------------------
+
+
+def slow_first_long_line(data: bytes) -> int:
+    """The reference: every line measured."""
+    offset = 0
+    for line in data.split(b"\r\n"):
+        if len(line) > MAX_LINE:
+            return offset
+        offset += len(line) + 2
+    return -1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2100), max_size=12), st.booleans())
+def test_first_long_line_finds_what_measuring_every_line_finds(lengths: list[int],
+                                                               last_crlf: bool) -> None:
+    data = b"\r\n".join(b"q" * n for n in lengths) + (b"\r\n" if last_crlf else b"")
+    assert first_long_line(data) == slow_first_long_line(data)
+
+
+@pytest.mark.parametrize(("length", "found"), [(998, -1), (999, 0), (1000, 0), (5000, 0)])
+def test_first_long_line_at_the_limit(length: int, found: int) -> None:
+    assert first_long_line(b"a" * length + b"\r\n") == found
+    assert first_long_line(b"ok\r\n" + b"a" * length) == (found if found < 0 else 4)
+
+
+def test_short_lines_are_returned_as_is() -> None:
+    message = multipart(part(b"x" * 998, cte=b"7bit"))
+    assert wrap_long_lines(message) is message
+
+
+def test_long_lines_in_text_and_in_other_parts() -> None:
+    text = b"x" * 3000 + b"\r\nshort\r\n" + UTF8 * 40
+    blob = b"y" * 1500
+    short = part(b"fine\r\n", cte=b"7bit")
+    original = multipart(short, part(text), part(blob, b"application/octet-stream", None))
+    out = wrap_long_lines(original)
+    assert first_long_line(out) < 0
+    assert leaves(out) == leaves(original)
+    assert b"--=_b0und_=\r\n" + short + b"\r\n--=_b0und_=\r\n" in out  # untouched
+    assert out.count(b"Content-Transfer-Encoding: quoted-printable\r\n") == 1
+    assert b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64" in out
+
+
+def test_quoted_printable_and_base64_with_long_lines_are_encoded_again() -> None:
+    qp = part(b"a=3Db" * 400, cte=b"quoted-printable")
+    b64 = part(base64.b64encode(b"\x00\xff" * 1000), b"image/png", b"base64")
+    original = multipart(qp, b64)
+    out = wrap_long_lines(original)
+    assert first_long_line(out) < 0
+    assert leaves(out) == leaves(original)
+    assert leaves(out)[0] == ("text/plain", b"a=b" * 400)
+
+
+def test_a_binary_multipart_is_relabelled_once_its_long_lines_are_gone() -> None:
+    original = (TOP + b"Content-Type: multipart/mixed; boundary=b\r\n"
+                b"Content-Transfer-Encoding: binary\r\n\r\n--b\r\n\r\n" + b"z" * 1200
+                + b"\r\n--b--\r\n")
+    out = wrap_long_lines(original)
+    assert b"Content-Transfer-Encoding: 7bit\r\n" in out and b"binary" not in out
+    assert leaves(out) == leaves(original)
+
+
+@pytest.mark.parametrize(("message", "why"), [
+    (TOP + b"X-Long: " + b"h" * 1000 + b"\r\n\r\nbody\r\n",
+     "a line over 998 octets in the X-Long header of the message (a header cannot be"),
+    (multipart(part(b"ok")).replace(b"This is a multi-part", b"p" * 1000),
+     "a line over 998 octets in the preamble of the message"),
+    (multipart(part(b"m" * 1000, b"message/partial", None)),
+     "in part 1, a message/partial"),
+    (multipart(part(b"u" * 1000, cte=b"x-uuencode")),
+     "whose Content-Transfer-Encoding is x-uuencode"),
+    (multipart(part(b"A" * 1001, b"image/png", b"base64")), "base64 that does not decode"),
+])
+def test_long_lines_that_cannot_be_converted(message: bytes, why: str) -> None:
+    with pytest.raises(CannotConvert, match=re.escape(why)):
+        wrap_long_lines(message)
+
+
+_any_line = st.tuples(_line, st.integers(0, 2100), _line).map(
+    lambda t: t[0][:40] + b"L" * t[1] + t[2][:40])
+_long_part = st.tuples(
+    st.sampled_from([b"text/plain; charset=utf-8", b"text/html", b"application/octet-stream",
+                     None]),
+    st.sampled_from([b"8bit", b"7bit", b"binary", None]),
+    st.lists(_any_line, max_size=4).map(b"\r\n".join))
+
+
+@settings(max_examples=int(os.environ.get("DOWNGRADE_EXAMPLES", "200")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(parts=st.lists(_long_part, min_size=1, max_size=4), single=st.booleans())
+def test_wrapped_long_lines_decode_to_the_same_content(
+        parts: list[tuple[bytes | None, bytes | None, bytes]], single: bool) -> None:
+    """Every line of the result is at most 998 octets and every leaf decodes to what the
+    original's did; the top-level header block is the original's but for the labels."""
+    if single:
+        ctype, cte, content = parts[0]
+        original = TOP + part(content + b"\r\n", ctype, cte)
+    else:
+        original = multipart(*(part(content, ctype, cte) for ctype, cte, content in parts))
+        if any(b"=_b0und_=" in content for _, _, content in parts):
+            return
+    out = wrap_long_lines(original)
+    assert first_long_line(out) < 0 and slow_first_long_line(out) < 0
+    assert leaves(out) == leaves(original)
+    assert same_but_labels(head_and_body(out)[0], head_and_body(original)[0])

@@ -1,6 +1,7 @@
 """engine.job: a job's frames in, a validated Job or a reason a person understands out."""
 from __future__ import annotations
 
+import binascii
 import json
 import unicodedata
 from typing import Any
@@ -18,6 +19,7 @@ from engine.job import (
     job_from_stored,
     normalise_message,
     parse_job,
+    short_lines,
 )
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
@@ -43,6 +45,16 @@ def rejected(env: dict[str, Any] | bytes, message: bytes = MESSAGE, **limits: in
         parse(env, message, **limits)
     assert str(info.value) == info.value.reason
     return info.value
+
+
+def long_line_job(line: bytes, where: str = "body", long_lines: str = "reject") -> Job:
+    """A job whose message has `line` in its header or its body (line 3 either way)."""
+    if where == "header":
+        message = b"From: a@example.com\r\nSubject: hi\r\n" + line + b"\r\n\r\nhello\r\n"
+    else:
+        message = b"Subject: hi\r\n\r\n" + line + b"\r\nbye\r\n"
+    return parse_job([json.dumps(envelope()).encode(), message], 10**6, MAX_RCPTS,
+                     long_lines=long_lines)
 
 
 # --- accepted jobs -------------------------------------------------------------------------
@@ -426,3 +438,72 @@ def test_accepted_jobs_are_safe_on_the_wire(frames: tuple[bytes, bytes]) -> None
     assert job.rcpts and len(job.rcpts) <= 3
     assert job.message.endswith(b"\r\n") and b"\0" not in job.message
     assert job_from_stored(json.loads(json.dumps(envelope_json(job))), job.message) == job
+
+
+# --- lines over 998 octets (RFC 5322 2.1.1) -----------------------------------------------
+
+
+def test_a_line_of_998_octets_is_accepted_as_it_is() -> None:
+    assert b"x" * 998 + b"\r\n" in long_line_job(b"x" * 998).message
+
+
+def test_a_body_line_over_998_is_rejected_naming_the_line_and_the_setting() -> None:
+    with pytest.raises(JobRejected) as info:
+        long_line_job(b"x" * 1204)
+    assert info.value.reason == ("line 3 is 1204 octets long, over RFC 5322's 998 (set"
+                                 " limits.long_lines: encode to convert)")
+    assert info.value.job_id == "job-1"
+
+
+@pytest.mark.parametrize("long_lines", ["reject", "encode"])
+def test_a_header_line_over_998_is_rejected_whatever_the_setting(long_lines: str) -> None:
+    with pytest.raises(JobRejected, match=r"^line 3 is 1100 octets long, over RFC 5322's 998,"
+                                          r" in the header: a header line cannot be"):
+        long_line_job(b"X-Long: " + b"y" * 1092, "header", long_lines)
+
+
+def test_encode_turns_a_long_body_line_into_quoted_printable() -> None:
+    job = long_line_job(b"x" * 1204, long_lines="encode")
+    head, _, body = job.message.partition(b"\r\n\r\n")
+    assert b"Content-Transfer-Encoding: quoted-printable" in head.split(b"\r\n")
+    assert b"MIME-Version: 1.0" in head.split(b"\r\n")
+    assert max(map(len, job.message.split(b"\r\n"))) <= 76
+    assert binascii.a2b_qp(body) == b"x" * 1204 + b"\r\nbye\r\n"
+    assert not job.eightbit
+
+
+def test_encode_of_an_8bit_long_line_leaves_a_7bit_message() -> None:
+    job = long_line_job("é".encode() * 600, long_lines="encode")
+    assert job.message.isascii() and not job.eightbit
+    assert b"charset=utf-8" in job.message
+
+
+def test_encode_that_cannot_convert_says_why() -> None:
+    message = (b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding:"
+               b" x-uue\r\n\r\n" + b"z" * 1000 + b"\r\n")
+    with pytest.raises(JobRejected, match=r"^line 5 is 1000 octets long, over RFC 5322's 998,"
+                                          r" and cannot be converted: .*x-uue"):
+        short_lines(message, "encode")
+
+
+def test_a_message_without_an_empty_line_is_all_header() -> None:
+    with pytest.raises(JobRejected, match="in the header"):
+        short_lines(b"Subject: hi\r\n" + b"w" * 999 + b"\r\n", "encode")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 2500), min_size=1, max_size=8), st.booleans())
+def test_accepted_or_encoded_messages_have_no_line_over_998(lengths: list[int],
+                                                            encode: bool) -> None:
+    body = b"".join(b"a" * n + b"\r\n" for n in lengths)
+    message = b"Subject: hi\r\n\r\n" + body
+    try:
+        out = short_lines(message, "encode" if encode else "reject")
+    except JobRejected as exc:
+        assert not encode and max(lengths) > 998 and exc.reason.startswith("line ")
+        return
+    assert max(map(len, out.split(b"\r\n"))) <= 998
+    if max(lengths) <= 998:
+        assert out is message
+    else:
+        assert binascii.a2b_qp(out.partition(b"\r\n\r\n")[2]) == body

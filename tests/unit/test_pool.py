@@ -1,9 +1,9 @@
 """engine.pool with a fake connection factory: the concurrency rules, with real greenlets.
 
 No network here: a `FakeConnection` has what the pool looks at (`sock`, `messages_sent`,
-`last_used`, `is_alive`, `quit_quietly`, `close`) and the factory yields with `gevent.sleep`,
-as a real connect would in a worker. Time that the pool measures (backoff, idle timeout) is a
-fake clock the tests move.
+`last_used`, `is_alive`, `answers`, `quit_quietly`, `close`) and the factory yields with
+`gevent.sleep`, as a real connect would in a worker. Time that the pool measures (backoff,
+idle timeout) is a fake clock the tests move.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from engine.config import PoolConfig
 from engine.pool import DestinationPool, Drained, PoolKey
 from engine.pools import Pools
-from engine.reply import PermanentError, Reply, TransientError
+from engine.reply import DescriptorsExhausted, PermanentError, Reply, TransientError
 from engine.smtp import Connection
 
 KEY = PoolKey("127.0.0.1", "mx.example.test", 25, "opportunistic")
@@ -44,9 +44,17 @@ class FakeConnection:
         self.holder: object | None = None
         self.owes = False  # handed on with a final reply still to read (Connection.settle)
         self.settled = 0
+        self.answering = True  # answers the check before reuse (False: half-open)
+        self.checks = 0
 
     def is_alive(self) -> bool:
         return self.alive
+
+    def answers(self, timeout: float) -> bool:  # as Connection.answers: closed if not
+        self.checks += 1
+        if not self.answering:
+            self.sock = None
+        return self.answering
 
     def reusable(self) -> bool:  # no select(), as Connection.reusable: `alive` is not seen
         return self.sock is not None
@@ -294,6 +302,47 @@ def test_dead_idle_connection_is_dropped_without_quit_and_replaced() -> None:
     gevent.sleep(0)
     assert conn1.sock is None and not conn1.quit  # no QUIT on a dead connection
     assert factory.calls == 2 and pool.open == 1
+
+
+def test_connection_idle_past_reuse_check_after_is_checked_and_a_silent_one_replaced() -> None:
+    """Regression (#14, half-open connections): a connection whose peer vanished without a
+    FIN passed is_alive and held the next MAIL for its 300 s timeout."""
+    failed: list[object] = []
+    clock = FakeClock()
+    factory = Factory(clock)
+    pool = DestinationPool(KEY, PoolConfig(max_connections=3, reuse_check_after=2.0), factory,
+                           clock, on_check_failed=failed.append)
+    conn1, _ = use(pool)
+    clock.now += 1.9
+    assert use(pool) == (conn1, True) and conn1.checks == 0  # back to back: no round trip
+    clock.now += 2.0
+    assert use(pool) == (conn1, True) and conn1.checks == 1  # idle a while: checked
+    conn1.answering = False  # half-open: is_alive() still says yes
+    clock.now += 2.0
+    conn2, reused = use(pool)
+    assert conn2 is not conn1 and not reused
+    assert failed == [conn1] and conn1.sock is None and not conn1.quit
+    assert factory.calls == 2 and pool.open == 1 and pool.stale_dropped == 0
+
+
+def test_a_connect_short_of_file_descriptors_puts_no_back_off_on_the_destination() -> None:
+    """EMFILE is the worker's trouble: the caller gets it (and waits, engine.delivery), the
+    slot is free again, nobody else fails with it, and the next connect goes ahead."""
+    clock = FakeClock()
+    factory = Factory(clock)
+    emfile = DescriptorsExhausted(Reply(451, "4.3.0", "out of file descriptors"), "CONNECT")
+    short = [True]
+
+    def connect() -> Connection:
+        if short.pop() if short else False:
+            raise emfile
+        return factory()
+    pool = DestinationPool(KEY, PoolConfig(max_connections=1), connect, clock)
+    with pytest.raises(DescriptorsExhausted):
+        pool.acquire()
+    assert pool.open == 0 and not pool.failing()
+    _, reused = pool.acquire()
+    assert not reused and pool.open == 1 and factory.calls == 1
 
 
 def test_broken_connection_given_back_is_discarded_and_wakes_a_waiter() -> None:
