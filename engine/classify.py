@@ -248,18 +248,28 @@ def recipient_replies(mail: Reply, rcpt_replies: Sequence[Reply], final: Reply,
 def failed_transaction(err: DeliveryError, reused: bool, mail: Reply | None,
                        data_sent: bool) -> tuple[Reply, bool]:
     """What a transaction that failed before the replies that judge it (`err`) means for
-    each recipient: (the reply, ambiguous).
+    each recipient: (the reply, ambiguous). `data_sent`: the end of the message (its final
+    dot, or the BDAT LAST chunk) was handed to the socket.
 
     - the message is to blame (refused before anything was sent): `err`'s reply;
     - a reused connection that failed before the server answered MAIL (`mail` None) was
-      stale: raises StaleConnection, and the message goes out again on a fresh connection;
+      stale if the server cannot have the message: its end was never written, or the
+      first reply was the server's farewell (`idle_farewell`: it closed the session before
+      reading our commands). Raises StaleConnection, and the message goes out again at
+      once on a fresh connection (no attempt counted);
     - MAIL was refused: the refusal;
-    - the message was sent, the reply to its final dot never came: 451 4.4.2, ambiguous
-      (the server may have it; a retry may deliver it twice);
-    - else `err`'s reply (a connection failure: deferred)."""
+    - the end of the message was written, the reply to it never came: 451 4.4.2,
+      ambiguous (the server may have it; a retry may deliver it twice). Deferred by the
+      retry schedule, like any loss after the final dot (Postfix does the same);
+    - else `err`'s reply (a connection failure: deferred).
+
+    Regression (issue #14): with PIPELINING and CHUNKING the whole message leaves with
+    MAIL, before the first reply; a reused connection lost before that reply was taken for
+    stale and the message sent again at once, uncounted, although the server may have
+    taken it before it died."""
     if err.blame is Blame.MESSAGE:
         return err.reply, False
-    if reused and mail is None:
+    if reused and mail is None and (not data_sent or _farewell(err.reply)):
         raise StaleConnection(err.reply, err.command, Blame.CONNECTION) from err
     if mail is not None and not mail.ok:
         # Regression (a pipelined MAIL answered "421 rate limited", then the server
@@ -270,6 +280,12 @@ def failed_transaction(err: DeliveryError, reused: bool, mail: Reply | None,
         return Reply.local(451, "4.4.2", f"{err.reply.text}; the message may have been"
                                    " delivered (no reply to the final dot)"), True
     return err.reply, False
+
+
+def _farewell(reply: Reply) -> bool:
+    """The server's own reply to MAIL on a reused connection was its farewell (a 421 that
+    `idle_farewell` judged crossed our MAIL): it read none of our commands."""
+    return not reply.made_here and idle_farewell(reply, reused=True)
 
 
 def no_final_reply() -> Reply:
