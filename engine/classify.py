@@ -295,6 +295,20 @@ def no_final_reply() -> Reply:
                                " message may have been delivered")
 
 
+def never_sent() -> Reply:
+    """A message handed on with its connection that closed before the next holder began
+    writing it: deferred, not ambiguous (the server cannot have it)."""
+    return Reply.local(451, "4.4.2", "connection lost before the message was sent")
+
+
+def stopped_before_final_reply() -> Reply:
+    """The worker's drain deadline (SIGTERM) came while a transaction whose end of message
+    was written still waited for its final reply: deferred, ambiguous (the server may have
+    it; the retry after the restart may deliver it twice)."""
+    return Reply.local(451, "4.4.2", "engine stopping: final reply not received, may have"
+                               " been delivered")
+
+
 def deadline_passed(name: str, seconds: float, command: str) -> Reply:
     """A deadline over several phases ("setup", "transaction") ran out in `command`:
     deferred, like a timeout."""

@@ -6,6 +6,11 @@ then try its MX hosts in order. A host that cannot be reached (connect error,
 recipients to the next host; once a transaction runs, its replies are the
 recipients' outcomes. A pooled connection found dead at the start of a
 transaction is replaced by a fresh one without counting an attempt.
+
+At the worker's drain deadline (SIGTERM) its greenlets are killed with `Stopping`: what a
+transaction had to report by then (its outcome, or an ambiguous deferral once its end of
+message was written) is reported before the greenlet ends (`Unreported`); a recipient
+whose message the server cannot have is not reported, and stays pending in the spool.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from engine.shaping import (
     ShapingPlan,
     Verdict,
 )
-from engine.smtp import RcptResult, StaleConnection, send_mail
+from engine.smtp import RcptResult, StaleConnection, Stopping, send_mail
 
 # How many pooled connections may turn out stale for one message before the
 # host counts as failing (each costs no attempt, but must not loop for ever).
@@ -49,6 +54,15 @@ HOST_CACHE_SIZE = 10000
 
 
 Report = Callable[[list[Attempt]], None]
+
+
+class Unreported(Stopping):
+    """`Stopping`, carrying the attempts the greenlet owes the supervisor: its domain's
+    `_deliver_domain` reports them, and the greenlet ends."""
+
+    def __init__(self, attempts: list[Attempt]) -> None:
+        super().__init__()
+        self.attempts = attempts
 # One transaction's results, the connection's TLS version and whether it was reused, the
 # epoch of the turn it went out on (engine.shaping), and its time in seconds.
 _Sent = tuple[list[RcptResult], str | None, bool, int, float]
@@ -88,7 +102,11 @@ class Deliverer:
             return
         greenlets = [gevent.spawn(self._deliver_domain, task, domain, rcpts, report)
                      for domain, rcpts in by_domain.items()]
-        gevent.joinall(greenlets)
+        try:
+            gevent.joinall(greenlets)
+        except gevent.GreenletExit as stop:  # the task is killed (Stopping): its domains too,
+            gevent.killall(greenlets, type(stop))  # each reporting what it owes
+            raise
 
     def _deliver_domain(self, task: Task, domain: str, rcpts: list[str],
                         report: Report) -> None:
@@ -112,6 +130,9 @@ class Deliverer:
                     return
                 rcpts, again = [a.rcpt for a in retry], True
             report([_back_to_spool(a) for a in retry])
+        except Unreported as stop:  # the worker's drain deadline: report, then end
+            report(stop.attempts)
+            raise
         except Exception as exc:  # a bug of ours defers, it never loses or bounces mail
             reply = classify.internal_error(exc)
             report(self._outcomes(task, [RcptResult(r, reply) for r in rcpts], None, domain,
@@ -153,7 +174,12 @@ class Deliverer:
             if isinstance(sent, Deferral):
                 return self._not_now(task, rcpts, provider, sent), False
             results, tls, reused, epoch, seconds = sent
-            verdict = self._judge(shaper, [r.reply for r in results], provider, epoch, seconds)
+            try:
+                verdict = self._judge(shaper, [r.reply for r in results], provider, epoch,
+                                      seconds)
+            except Stopping:  # killed waiting for a verdict: the replies came, say them
+                raise Unreported(self._outcomes(task, results, host.name, provider, tls,
+                                                reused)) from None
             return self._outcomes(task, results, host.name, provider, tls, reused, shaper,
                                   verdict), True
         assert last is not None
@@ -201,6 +227,11 @@ class Deliverer:
                     stale = err
                     tries += 1
                     continue
+                except Stopping as stop:
+                    if stop.results is None:  # the server cannot have it: nothing to say
+                        raise
+                    raise Unreported(self._outcomes(task, stop.results, host.name, provider,
+                                                    conn.tls_version, reused)) from None
                 seconds = time.monotonic() - started
                 self.metrics.timing("transaction", provider, seconds * 1000.0)
                 return results, conn.tls_version, reused, epoch, seconds
