@@ -336,6 +336,11 @@ def _throttled(results: Sequence[RcptResult], shaper: ProviderShaper | None,
     trigger = verdict.trigger
     if trigger is None or shaper is None:
         return set()
+    # An ambiguous loss (the server may have the message) is never throttled: a throttled
+    # recipient goes again at its next turn, no attempt counted, and that would be a
+    # duplicate sent at once and counted nowhere. It is deferred by the retry schedule;
+    # the loss still counts for the provider's pace (`judge` saw it).
+    results = [r for r in results if not r.ambiguous]
     if trigger == BLOCK:
         return {r.rcpt for r in results}
     if trigger == PUSHBACK:

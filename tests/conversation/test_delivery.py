@@ -385,6 +385,27 @@ def test_drop_after_the_final_dot_defers_ambiguous(scripted: Scripted,
     stack.wait_counter("ambiguous", 1)
 
 
+def test_ambiguous_losses_that_make_push_back_are_deferred_not_throttled(
+        scripted: Scripted, engine: Callable[..., Engine]) -> None:
+    """Two hang-ups in a row after the whole message was sent, right after a delivery: the
+    provider is pushing back (engine.pushback), and the rate comes down. But the recipient
+    is not throttled: a throttled one goes again at its next turn with no attempt counted,
+    and this one the server may have taken. It is deferred by the retry schedule, counted."""
+    extensions = ("PIPELINING", "CHUNKING")
+    taken_then_lost = [mail(), rcpt(RCPT), BDAT(last=True), CLOSE()]
+    server = scripted([[*delivering(*extensions), *taken_then_lost],
+                       [*greet(*extensions), *taken_then_lost]])
+    stack = engine(routed(server))
+    assert summary(stack.deliver()) == [(RCPT, Status.DELIVERED, 250, False)]
+    for _ in range(2):  # the first loss waits for the next one's verdict (pushback.HOLD)
+        (lost,) = stack.deliver()
+        assert (lost.status, lost.ambiguous, lost.throttled, lost.retried) == \
+            (Status.DEFERRED, True, False, False)
+    stack.wait_counter("pushback", 1)  # the losses still slow the pace down
+    stack.wait_counter("ambiguous", 2)
+    assert server.connections == 2 and server.messages == [MESSAGE] * 3
+
+
 def test_smtputf8_recipient_to_a_server_without_smtputf8_bounces_5_6_7(
         scripted: Scripted, engine: Callable[..., Engine]) -> None:
     server = scripted([*greet(*PIPELINED), WAIT_CLOSE()])
