@@ -24,8 +24,8 @@ The decisions, by where they are taken:
   slows down or suspends sending, and the recipient is deferred, never bounced;
 - inside a transaction (engine.smtp): `speaks_helo_only`, `completion`, `idle_farewell`,
   `data_refusal`, `recipient_replies`, `failed_transaction`, `no_final_reply`,
-  `deadline_passed`, and the message's own faults: `cannot_convert`, `needs_smtputf8`,
-  `unsafe_envelope`;
+  `never_sent`, `stopped_before_final_reply`, `deadline_passed`, and the message's own
+  faults: `cannot_convert`, `needs_smtputf8`, `unsafe_envelope`;
 - opening a connection (engine.connector, engine.pool): `turned_away`, `tls_not_offered`,
   `tls_refused`, `prohibited_destination`, `at_capacity`;
 - across a domain's MX hosts (engine.delivery): `refused_at_every_host`, `not_yet`,

@@ -40,8 +40,10 @@ def send_mail(conn: Connection, sender: str, rcpts: Sequence[str], message: byte
     """Deliver one message to `rcpts` on `conn`; one result per recipient.
 
     Raises StaleConnection when a reused connection fails before the server answered
-    anything; any other connection failure becomes a transient result for every
-    recipient (ambiguous if the message may have been taken).
+    anything and before the end of the message was written (or with the server's 421
+    farewell); any other connection failure becomes a transient result for every
+    recipient (ambiguous once the end of the message was written: the server may have
+    it). Killed with `Stopping`, leaves on it what the recipients must still hear.
     """
     return Transaction(conn, rcpts).run(sender, message, smtputf8, eightbit)
 
