@@ -55,6 +55,10 @@ HOST_CACHE_SIZE = 10000
 
 Report = Callable[[list[Attempt]], None]
 
+# One transaction's results, the connection's TLS version and whether it was reused, the
+# epoch of the turn it went out on (engine.shaping), and its time in seconds.
+_Sent = tuple[list[RcptResult], str | None, bool, int, float]
+
 
 class Unreported(Stopping):
     """`Stopping`, carrying the attempts the greenlet owes the supervisor: its domain's
@@ -63,9 +67,6 @@ class Unreported(Stopping):
     def __init__(self, attempts: list[Attempt]) -> None:
         super().__init__()
         self.attempts = attempts
-# One transaction's results, the connection's TLS version and whether it was reused, the
-# epoch of the turn it went out on (engine.shaping), and its time in seconds.
-_Sent = tuple[list[RcptResult], str | None, bool, int, float]
 
 
 class Deliverer:
