@@ -24,8 +24,8 @@ The decisions, by where they are taken:
   slows down or suspends sending, and the recipient is deferred, never bounced;
 - inside a transaction (engine.smtp): `speaks_helo_only`, `completion`, `idle_farewell`,
   `data_refusal`, `recipient_replies`, `failed_transaction`, `no_final_reply`,
-  `deadline_passed`, and the message's own faults: `cannot_convert`, `needs_smtputf8`,
-  `unsafe_envelope`;
+  `never_sent`, `stopped_before_final_reply`, `deadline_passed`, and the message's own
+  faults: `cannot_convert`, `needs_smtputf8`, `unsafe_envelope`;
 - opening a connection (engine.connector, engine.pool): `turned_away`, `tls_not_offered`,
   `tls_refused`, `prohibited_destination`, `at_capacity`;
 - across a domain's MX hosts (engine.delivery): `refused_at_every_host`, `not_yet`,
@@ -250,18 +250,28 @@ def recipient_replies(mail: Reply, rcpt_replies: Sequence[Reply], final: Reply,
 def failed_transaction(err: DeliveryError, reused: bool, mail: Reply | None,
                        data_sent: bool) -> tuple[Reply, bool]:
     """What a transaction that failed before the replies that judge it (`err`) means for
-    each recipient: (the reply, ambiguous).
+    each recipient: (the reply, ambiguous). `data_sent`: the end of the message (its final
+    dot, or the BDAT LAST chunk) was handed to the socket.
 
     - the message is to blame (refused before anything was sent): `err`'s reply;
     - a reused connection that failed before the server answered MAIL (`mail` None) was
-      stale: raises StaleConnection, and the message goes out again on a fresh connection;
+      stale if the server cannot have the message: its end was never written, or the
+      first reply was the server's farewell (`idle_farewell`: it closed the session before
+      reading our commands). Raises StaleConnection, and the message goes out again at
+      once on a fresh connection (no attempt counted);
     - MAIL was refused: the refusal;
-    - the message was sent, the reply to its final dot never came: 451 4.4.2, ambiguous
-      (the server may have it; a retry may deliver it twice);
-    - else `err`'s reply (a connection failure: deferred)."""
+    - the end of the message was written, the reply to it never came: 451 4.4.2,
+      ambiguous (the server may have it; a retry may deliver it twice). Deferred by the
+      retry schedule, like any loss after the final dot (Postfix does the same);
+    - else `err`'s reply (a connection failure: deferred).
+
+    Regression (issue #14): with PIPELINING and CHUNKING the whole message leaves with
+    MAIL, before the first reply; a reused connection lost before that reply was taken for
+    stale and the message sent again at once, uncounted, although the server may have
+    taken it before it died."""
     if err.blame is Blame.MESSAGE:
         return err.reply, False
-    if reused and mail is None:
+    if reused and mail is None and (not data_sent or _farewell(err.reply)):
         raise StaleConnection(err.reply, err.command, Blame.CONNECTION) from err
     if mail is not None and not mail.ok:
         # Regression (a pipelined MAIL answered "421 rate limited", then the server
@@ -274,11 +284,31 @@ def failed_transaction(err: DeliveryError, reused: bool, mail: Reply | None,
     return err.reply, False
 
 
+def _farewell(reply: Reply) -> bool:
+    """The server's own reply to MAIL on a reused connection was its farewell (a 421 that
+    `idle_farewell` judged crossed our MAIL): it read none of our commands."""
+    return not reply.made_here and idle_farewell(reply, reused=True)
+
+
 def no_final_reply() -> Reply:
     """A message handed on with its connection whose final reply was never read (the
     connection closed first): deferred, ambiguous."""
     return Reply.local(451, "4.4.2", "connection lost before the reply to the final dot; the"
                                " message may have been delivered")
+
+
+def never_sent() -> Reply:
+    """A message handed on with its connection that closed before the next holder began
+    writing it: deferred, not ambiguous (the server cannot have it)."""
+    return Reply.local(451, "4.4.2", "connection lost before the message was sent")
+
+
+def stopped_before_final_reply() -> Reply:
+    """The worker's drain deadline (SIGTERM) came while a transaction whose end of message
+    was written still waited for its final reply: deferred, ambiguous (the server may have
+    it; the retry after the restart may deliver it twice)."""
+    return Reply.local(451, "4.4.2", "engine stopping: final reply not received, may have"
+                               " been delivered")
 
 
 def deadline_passed(name: str, seconds: float, command: str) -> Reply:

@@ -9,6 +9,11 @@ transaction (or failing its check before reuse, engine.pool) is replaced by a fr
 one without counting an attempt. A connect or DNS lookup that fails because the worker
 is out of file descriptors is waited out and tried again (engine.descriptors), no
 attempt counted.
+
+At the worker's drain deadline (SIGTERM) its greenlets are killed with `Stopping`: what a
+transaction had to report by then (its outcome, or an ambiguous deferral once its end of
+message was written) is reported before the greenlet ends (`Unreported`); a recipient
+whose message the server cannot have is not reported, and stays pending in the spool.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from engine.shaping import (
     ShapingPlan,
     Verdict,
 )
-from engine.smtp import Connection, RcptResult, StaleConnection, send_mail
+from engine.smtp import Connection, RcptResult, StaleConnection, Stopping, send_mail
 
 log = logging.getLogger("mailengine.delivery")
 
@@ -56,9 +61,19 @@ HOST_CACHE_SIZE = 10000
 
 
 Report = Callable[[list[Attempt]], None]
+
 # One transaction's results, the connection's TLS version and whether it was reused, the
 # epoch of the turn it went out on (engine.shaping), and its time in seconds.
 _Sent = tuple[list[RcptResult], str | None, bool, int, float]
+
+
+class Unreported(Stopping):
+    """`Stopping`, carrying the attempts the greenlet owes the supervisor: its domain's
+    `_deliver_domain` reports them, and the greenlet ends."""
+
+    def __init__(self, attempts: list[Attempt]) -> None:
+        super().__init__()
+        self.attempts = attempts
 
 
 class Deliverer:
@@ -96,7 +111,11 @@ class Deliverer:
             return
         greenlets = [gevent.spawn(self._deliver_domain, task, domain, rcpts, report)
                      for domain, rcpts in by_domain.items()]
-        gevent.joinall(greenlets)
+        try:
+            gevent.joinall(greenlets)
+        except gevent.GreenletExit as stop:  # the task is killed (Stopping): its domains too,
+            gevent.killall(greenlets, type(stop))  # each reporting what it owes
+            raise
 
     def _deliver_domain(self, task: Task, domain: str, rcpts: list[str],
                         report: Report) -> None:
@@ -120,6 +139,9 @@ class Deliverer:
                     return
                 rcpts, again = [a.rcpt for a in retry], True
             report([_back_to_spool(a) for a in retry])
+        except Unreported as stop:  # the worker's drain deadline: report, then end
+            report(stop.attempts)
+            raise
         except Exception as exc:  # a bug of ours defers, it never loses or bounces mail
             reply = classify.internal_error(exc)
             report(self._outcomes(task, [RcptResult(r, reply) for r in rcpts], None, domain,
@@ -162,7 +184,12 @@ class Deliverer:
             if isinstance(sent, Deferral):
                 return self._not_now(task, rcpts, provider, sent), False
             results, tls, reused, epoch, seconds = sent
-            verdict = self._judge(shaper, [r.reply for r in results], provider, epoch, seconds)
+            try:
+                verdict = self._judge(shaper, [r.reply for r in results], provider, epoch,
+                                      seconds)
+            except Stopping:  # killed waiting for a verdict: the replies came, say them
+                raise Unreported(self._outcomes(task, results, host.name, provider, tls,
+                                                reused)) from None
             return self._outcomes(task, results, host.name, provider, tls, reused, shaper,
                                   verdict), True
         assert last is not None
@@ -228,6 +255,11 @@ class Deliverer:
                     stale = err
                     tries += 1
                     continue
+                except Stopping as stop:
+                    if stop.results is None:  # the server cannot have it: nothing to say
+                        raise
+                    raise Unreported(self._outcomes(task, stop.results, host.name, provider,
+                                                    conn.tls_version, reused)) from None
                 seconds = time.monotonic() - started
                 self.metrics.timing("transaction", provider, seconds * 1000.0)
                 return results, conn.tls_version, reused, epoch, seconds
@@ -341,6 +373,11 @@ def _throttled(results: Sequence[RcptResult], shaper: ProviderShaper | None,
     trigger = verdict.trigger
     if trigger is None or shaper is None:
         return set()
+    # An ambiguous loss (the server may have the message) is never throttled: a throttled
+    # recipient goes again at its next turn, no attempt counted, and that would be a
+    # duplicate sent at once and counted nowhere. It is deferred by the retry schedule;
+    # the loss still counts for the provider's pace (`judge` saw it).
+    results = [r for r in results if not r.ambiguous]
     if trigger == BLOCK:
         return {r.rcpt for r in results}
     if trigger == PUSHBACK:

@@ -82,12 +82,15 @@ DECLARED: tuple[Metric, ...] = (
            " recognised as push-back by behaviour, whatever their words"),
     Metric("blocked", "counter", "refusals saying the sending IP is blocked or listed: the"
            " IP x provider is suspended for throttle.block_suspend"),
-    Metric("ambiguous", "counter", "connections lost after the final dot (possible duplicates)"),
+    Metric("ambiguous", "counter", "recipient attempts deferred as possible duplicates: the"
+           " end of the message was written and no reply to it came (connection lost or"
+           " timed out, reused or not; or the worker's drain deadline)"),
     Metric("connections_opened", "counter", "new SMTP connections ready for MAIL (a TLS"
            " attempt retried on a fresh connection counts once)"),
     Metric("connections_reused", "counter", "messages sent on an already used connection"),
     Metric("connections_stale", "counter", "reused connections found dead at the start of a"
-           " transaction (replaced; no attempt counted)"),
+           " transaction, before the end of the message was written or with the server's 421"
+           " farewell (replaced; no attempt counted)"),
     Metric("connections_check_failed", "counter", "idle connections that did not answer"
            " RSET within pool.reuse_check_timeout before reuse (half-open, or closed by the"
            " server): dropped, another one used; no attempt counted"),

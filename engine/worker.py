@@ -37,7 +37,7 @@ from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS
 from engine.shaping import Shaping, plan_for
-from engine.smtp import Keepalive, ReplyLimits
+from engine.smtp import Keepalive, ReplyLimits, Stopping
 from engine.tls import TlsPolicy
 
 log = logging.getLogger("mailengine.worker")
@@ -217,11 +217,20 @@ class Worker:
         self.results.send(frame)
 
     def _drain(self) -> None:
+        """Wait up to the drain deadline for the transactions in progress, above all the
+        replies owed to final dots already sent; then end what is left with `Stopping`.
+        A transaction stopped after its end of message was written reports an ambiguous
+        deferral (engine.smtp.Stopping): the server may have the message, and the retry
+        after the restart is counted and flagged, not a silent duplicate. The others
+        report nothing and stay pending. Results go out before the worker exits (`run`)."""
         if len(self.in_flight):
             log.info(logs.kv("worker_draining", ip=self.ip.address,
                              in_flight=len(self.in_flight)))
         self.in_flight.join(timeout=self.drain_timeout)
-        self.in_flight.kill(block=True, timeout=5)
+        if len(self.in_flight):
+            log.info(logs.kv("worker_drain_deadline", ip=self.ip.address,
+                             in_flight=len(self.in_flight)))
+        self.in_flight.kill(Stopping, block=True, timeout=5)
         self.pools.close_all()
         self.shaping.save()
         gevent.sleep(0.1)  # let the QUITs go out

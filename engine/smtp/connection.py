@@ -37,7 +37,7 @@ from engine.config import Timeouts
 from engine.memo import Memo
 from engine.reply import DeliveryError, ProtocolError, Reply
 from engine.smtp.deadlines import Deadline, Deadlines, Phase
-from engine.smtp.handover import Handover, Holder
+from engine.smtp.handover import Handover, Holder, Stopping
 from engine.text import cut
 
 if TYPE_CHECKING:
@@ -362,8 +362,7 @@ class Connection:
         """Write `data` in one flight, led by a handed-on message and its dot if one waits."""
         handover = self.handover
         if handover.unsent:  # a message handed on with the connection leads the group
-            data = handover.unsent + data
-            handover.unsent = b""
+            data = handover.take_unsent() + data
         self.write(data)
 
     @property
@@ -392,8 +391,9 @@ class Connection:
             debt = handover.owed.popleft()
             try:
                 results = debt.read()
-            except BaseException:  # killed while reading: the reply is lost to it
-                debt.lose()
+            except BaseException as exc:  # killed while reading: the reply is lost to it
+                debt.lose(classify.stopped_before_final_reply()
+                          if isinstance(exc, Stopping) else None)
                 raise
             self.ack_now()
             debt.settle(results)

@@ -29,7 +29,7 @@ from engine import classify
 from engine.downgrade import CannotConvert, to_7bit
 from engine.reply import Blame, DeliveryError, Reply, TransientError
 from engine.smtp.connection import Connection
-from engine.smtp.handover import Owed, RcptResult
+from engine.smtp.handover import Owed, RcptResult, Stopping
 
 # What a transaction mode returns: the results, or (handed on) the results to wait for.
 _Mode = Callable[[bytes, list[bytes], bytes], "list[RcptResult] | Owed"]
@@ -40,8 +40,10 @@ def send_mail(conn: Connection, sender: str, rcpts: Sequence[str], message: byte
     """Deliver one message to `rcpts` on `conn`; one result per recipient.
 
     Raises StaleConnection when a reused connection fails before the server answered
-    anything; any other connection failure becomes a transient result for every
-    recipient (ambiguous if the message may have been taken).
+    anything and before the end of the message was written (or with the server's 421
+    farewell); any other connection failure becomes a transient result for every
+    recipient (ambiguous once the end of the message was written: the server may have
+    it). Killed with `Stopping`, leaves on it what the recipients must still hear.
     """
     return Transaction(conn, rcpts).run(sender, message, smtputf8, eightbit)
 
@@ -49,17 +51,29 @@ def send_mail(conn: Connection, sender: str, rcpts: Sequence[str], message: byte
 class Transaction:
     """One message to its recipients on `conn`, and how far it got (to judge a failure)."""
 
-    __slots__ = ("conn", "data_sent", "mail", "rcpts")
+    __slots__ = ("conn", "data_sent", "debt", "mail", "outcome", "rcpts")
 
     def __init__(self, conn: Connection, rcpts: Sequence[str]) -> None:
         self.conn = conn
         self.rcpts = list(rcpts)
         self.mail: Reply | None = None  # the reply to MAIL, once the server gave it
-        self.data_sent = False  # the whole message and its terminator are on the wire
+        # The end of the message (its dot, the BDAT LAST chunk) was handed to the socket
+        # (the write returned), or (handed on: `debt`) to the next holder to send.
+        self.data_sent = False
+        self.debt: Owed | None = None  # handed on before the final reply (`_pass_on`)
+        self.outcome: list[RcptResult] | None = None  # the replies' results, once known
 
     def run(self, sender: str, message: bytes, smtputf8: bool,
             eightbit: bool) -> list[RcptResult]:
         """Deliver the message; one result per recipient (see `send_mail`)."""
+        try:
+            return self._run(sender, message, smtputf8, eightbit)
+        except Stopping as stop:
+            stop.results = self._left_unanswered()
+            raise
+
+    def _run(self, sender: str, message: bytes, smtputf8: bool,
+             eightbit: bool) -> list[RcptResult]:
         conn = self.conn
         try:
             # RFC 6152 3. With SMTPUTF8 the message is not ours to convert: a server without
@@ -77,6 +91,24 @@ class Transaction:
         if isinstance(results, Owed):  # handed on: the next holder reads our final reply
             return results.wait(conn.timeouts.transaction)
         return results
+
+    def _left_unanswered(self) -> list[RcptResult] | None:
+        """What the recipients must still hear when the worker stops this transaction
+        (`Stopping`): the outcome if known; an ambiguous deferral if the end of the message
+        was written (handed on: if the next holder began writing it) and no final reply
+        came; else None (the server cannot have the message)."""
+        if self.outcome is not None:
+            return self.outcome
+        debt = self.debt
+        if debt is not None:
+            if not debt.sending:  # still waiting in the hand-over: it never left
+                return None
+            return debt.settled() or self._stopped_unanswered()
+        return self._stopped_unanswered() if self.data_sent else None
+
+    def _stopped_unanswered(self) -> list[RcptResult]:
+        reply = classify.stopped_before_final_reply()
+        return [RcptResult(r, reply, ambiguous=True) for r in self.rcpts]
 
     def _mode(self) -> _Mode:
         """How the transaction goes out, by the extensions the server offers."""
@@ -227,11 +259,9 @@ class Transaction:
         holder = conn.holder
         if holder is None or not holder.pass_on():
             return None
-        handover = conn.handover
-        handover.unsent = payload
         self.data_sent = True  # from now on the message may leave at any moment
-        debt = Owed(self.rcpts, lambda: self._owed_results(mail, rcpt_replies))
-        handover.owed.append(debt)
+        self.debt = debt = Owed(self.rcpts, lambda: self._owed_results(mail, rcpt_replies))
+        conn.handover.hand_on(debt, payload)
         return debt
 
     def _final_results(self, mail: Reply, rcpt_replies: list[Reply]) -> list[RcptResult]:
@@ -256,7 +286,7 @@ class Transaction:
         """Per-recipient outcome (classify.recipient_replies). After a refusal, RSET
         (`reset`), unless the transaction is known to be over."""
         replies = classify.recipient_replies(mail, rcpt_replies, final, len(self.rcpts))
-        results = list(map(RcptResult, self.rcpts, replies))
+        self.outcome = results = list(map(RcptResult, self.rcpts, replies))
         if reset and (not final.ok or not mail.ok):
             self._reset_quietly()
         return results

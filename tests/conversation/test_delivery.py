@@ -24,9 +24,11 @@ from tests.support.playbook import (
     CLIENT_IP,
     HELO,
     MESSAGE,
+    MESSAGE_AFTER_A_REPLY,
     MODES,
     RCPTS,
     delivered_once,
+    first_flight,
     greet,
     mail,
     partial_refusal_script,
@@ -155,11 +157,12 @@ def test_pooled_connection_that_sent_421_while_idle_delivers_on_a_fresh_one(
     assert stack.counter("deferred") == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MESSAGE_AFTER_A_REPLY)
 def test_pooled_connection_closed_right_after_the_reuse_check_is_retried_on_a_fresh_one(
         scripted: Scripted, engine: Callable[..., Engine], mode: str) -> None:
     # The race: the idle connection passes is_alive(), then the server hangs up on the first
-    # command of the next transaction, before any reply. StaleConnection -> a fresh connection.
+    # command of the next transaction, before any reply and before the message left.
+    # StaleConnection -> a fresh connection at once, no attempt, nothing ambiguous.
     extensions = MODES[mode]
     server = scripted([[*delivering(*extensions), mail(), CLOSE()], delivering(*extensions)])
     stack = engine(routed(server))
@@ -171,21 +174,47 @@ def test_pooled_connection_closed_right_after_the_reuse_check_is_retried_on_a_fr
     assert stack.pool(server.port).stale_dropped == 0
     stack.wait_counter("connections_stale", 1)
     stack.wait_counter("delivered", 2)
-    assert stack.counter("deferred") == 0
+    assert stack.counter("deferred") == 0 and stack.counter("ambiguous") == 0
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_pooled_connection_whose_421_crossed_our_mail_is_retried_on_a_fresh_one(
-        scripted: Scripted, engine: Callable[..., Engine]) -> None:
-    # The 421 race: the idle-timeout farewell arrives just after the reuse check passed.
-    server = scripted([[*delivering(), mail(), S("421 4.4.2 idle timeout"), WAIT_CLOSE()],
-                       delivering()])
+        scripted: Scripted, engine: Callable[..., Engine], mode: str) -> None:
+    # The 421 race: the idle-timeout farewell arrives just after the reuse check passed. The
+    # server closed the session before it read our commands, the whole BDAT flight too.
+    extensions = MODES[mode]
+    server = scripted([[*delivering(*extensions), *first_flight(mode),
+                        S("421 4.4.2 idle timeout"), WAIT_CLOSE()], delivering(*extensions)])
     stack = engine(routed(server))
     assert summary(stack.deliver()) == [(RCPT, Status.DELIVERED, 250, False)]
     assert summary(stack.deliver()) == [(RCPT, Status.DELIVERED, 250, False)]
-    assert server.connections == 2 and server.messages == [MESSAGE, MESSAGE]
+    assert server.connections == 2
     stack.wait_counter("connections_stale", 1)
     stack.wait_counter("delivered", 2)
-    assert stack.counter("deferred") == 0
+    assert stack.counter("deferred") == 0 and stack.counter("ambiguous") == 0
+
+
+def test_pooled_connection_lost_after_the_whole_bdat_flight_defers_ambiguous_not_stale(
+        scripted: Scripted, engine: Callable[..., Engine]) -> None:
+    """Issue #14: on a reused connection with PIPELINING and CHUNKING the whole message
+    leaves with MAIL, before the first reply. A server that takes it and dies before
+    answering may have it: the attempt is ambiguous, counted and deferred by the retry
+    schedule, not sent again at once as if the connection had been stale (a duplicate
+    nobody counted). One connection only: no fresh one was opened for it."""
+    extensions = ("PIPELINING", "CHUNKING")
+    server = scripted([*delivering(*extensions), mail(), rcpt(RCPT), BDAT(last=True), CLOSE()])
+    stack = engine(routed(server))
+    assert summary(stack.deliver()) == [(RCPT, Status.DELIVERED, 250, False)]
+    second = stack.deliver()
+    assert summary(second) == [(RCPT, Status.DEFERRED, 451, True)]
+    assert second[0].conn_reused and not second[0].throttled
+    assert "may have been delivered" in second[0].reply.text
+    server.wait_finished(1)
+    assert server.messages == [MESSAGE, MESSAGE]  # it did arrive: the retry may duplicate it
+    assert server.connections == 1 and server.errors == []
+    stack.wait_counter("ambiguous", 1)
+    stack.wait_counter("deferred", 1)
+    assert stack.counter("connections_stale") == 0
 
 
 def test_healthy_pooled_connection_is_reused(scripted: Scripted,
@@ -354,6 +383,27 @@ def test_drop_after_the_final_dot_defers_ambiguous(scripted: Scripted,
     assert summary(attempts) == [(RCPT, Status.DEFERRED, 451, True)]
     assert server.messages == [MESSAGE]  # it did arrive: a retry may duplicate it
     stack.wait_counter("ambiguous", 1)
+
+
+def test_ambiguous_losses_that_make_push_back_are_deferred_not_throttled(
+        scripted: Scripted, engine: Callable[..., Engine]) -> None:
+    """Two hang-ups in a row after the whole message was sent, right after a delivery: the
+    provider is pushing back (engine.pushback), and the rate comes down. But the recipient
+    is not throttled: a throttled one goes again at its next turn with no attempt counted,
+    and this one the server may have taken. It is deferred by the retry schedule, counted."""
+    extensions = ("PIPELINING", "CHUNKING")
+    taken_then_lost = [mail(), rcpt(RCPT), BDAT(last=True), CLOSE()]
+    server = scripted([[*delivering(*extensions), *taken_then_lost],
+                       [*greet(*extensions), *taken_then_lost]])
+    stack = engine(routed(server))
+    assert summary(stack.deliver()) == [(RCPT, Status.DELIVERED, 250, False)]
+    for _ in range(2):  # the first loss waits for the next one's verdict (pushback.HOLD)
+        (lost,) = stack.deliver()
+        assert (lost.status, lost.ambiguous, lost.throttled, lost.retried) == \
+            (Status.DEFERRED, True, False, False)
+    stack.wait_counter("pushback", 1)  # the losses still slow the pace down
+    stack.wait_counter("ambiguous", 2)
+    assert server.connections == 2 and server.messages == [MESSAGE] * 3
 
 
 def test_smtputf8_recipient_to_a_server_without_smtputf8_bounces_5_6_7(

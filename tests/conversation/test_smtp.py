@@ -35,6 +35,7 @@ from tests.support.playbook import (
     FAST,
     HELO,
     MESSAGE,
+    MESSAGE_AFTER_A_REPLY,
     MODES,
     RCPT_REPLIES,
     RCPTS,
@@ -42,6 +43,7 @@ from tests.support.playbook import (
     Connect,
     Scripted,
     delivered_once,
+    first_flight,
     greet,
     mail,
     open_connection,
@@ -195,11 +197,11 @@ def test_drop_before_data_is_deferred_not_ambiguous(scripted: Scripted, connect:
     assert conn.sock is None
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MESSAGE_AFTER_A_REPLY)
 def test_reused_connection_closed_before_any_reply_is_stale(scripted: Scripted,
                                                             mode: str, connect: Connect) -> None:
     # The server reads the next MAIL, then hangs up without a word: the race where the idle
-    # connection passed its check and died just after.
+    # connection passed its check and died just after. The message never left: stale.
     server = scripted([*greet(*MODES[mode]), *delivered_once(*MODES[mode]), mail(), CLOSE()])
     conn = connect(server)
     assert outcome(send_mail(conn, SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
@@ -210,13 +212,21 @@ def test_reused_connection_closed_before_any_reply_is_stale(scripted: Scripted,
     assert server.messages == [MESSAGE]
 
 
-def first_flight(mode: str) -> list[Step]:
-    """What the client sends of a transaction before it waits for a reply."""
-    if mode == "lockstep":
-        return [mail()]
-    if mode == "pipelining+data":
-        return [mail(), rcpt(RCPTS[0]), C("DATA")]
-    return [mail(), rcpt(RCPTS[0]), BDAT(last=True)]
+def test_reused_connection_closed_after_the_whole_bdat_flight_is_ambiguous_not_stale(
+        scripted: Scripted, connect: Connect) -> None:
+    """Issue #14: with PIPELINING and CHUNKING, MAIL, RCPT and BDAT LAST with the message
+    leave in one write; a server that takes it all and dies before its first reply may have
+    the message. Sent again at once as "stale", it was a duplicate nobody counted."""
+    extensions = MODES["pipelining+bdat"]
+    server = scripted([*greet(*extensions), *delivered_once(*extensions), mail(),
+                       rcpt(RCPTS[0]), BDAT(last=True), CLOSE()])
+    conn = connect(server)
+    assert outcome(send_mail(conn, SENDER, RCPTS[:1], MESSAGE))[0][1] == 250
+    results = send_mail(conn, SENDER, RCPTS[:1], MESSAGE)  # no StaleConnection raised
+    assert outcome(results) == [(RCPTS[0], 451, "4.4.2", True)]
+    assert "may have been delivered" in results[0].reply.text
+    assert server.messages == [MESSAGE, MESSAGE]  # the server did take it
+    assert conn.sock is None
 
 
 @pytest.mark.parametrize("mode", MODES)

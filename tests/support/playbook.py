@@ -32,6 +32,11 @@ MODES: dict[str, tuple[str, ...]] = {
     "pipelining+bdat": ("PIPELINING", "CHUNKING"),
 }
 
+# The modes whose message leaves only after the server's first reply (MAIL's, or DATA's 354):
+# a reused connection lost before that reply was stale, whatever the server had read. With
+# PIPELINING and CHUNKING the whole message leaves with MAIL, and such a loss is ambiguous.
+MESSAGE_AFTER_A_REPLY = ("lockstep", "pipelining+data")
+
 RCPTS = ("ok@example.test", "bad@example.test", "later@example.test")
 RCPT_REPLIES = ("250 2.1.5 ok", "550 5.1.1 no such user", "451 4.3.0 try later")
 
@@ -96,3 +101,12 @@ def delivered_once(*extensions: str) -> list[Step]:
                 S("250 queued")]
     return [mail(), S("250 ok"), rcpt(RCPTS[0]), S("250 ok"), C("DATA"), S("354 go"), DATA(),
             S("250 queued")]
+
+
+def first_flight(mode: str) -> list[Step]:
+    """What the client sends of a transaction before it waits for a reply."""
+    if mode == "lockstep":
+        return [mail()]
+    if mode == "pipelining+data":
+        return [mail(), rcpt(RCPTS[0]), C("DATA")]
+    return [mail(), rcpt(RCPTS[0]), BDAT(last=True)]

@@ -199,6 +199,8 @@ LOST = TransientError(r(451, "4.4.2", "connection lost in DATA"), "DATA")
     (False, r(550, "5.7.1"), True, (550, "5.7.1", False)),
     (False, r(250), True, (451, "4.4.2", True)),  # no reply to the final dot: ambiguous
     (True, r(250), True, (451, "4.4.2", True)),
+    # Issue #14: reused, the whole BDAT flight written, lost before any reply: not stale
+    (True, None, True, (451, "4.4.2", True)),
 ])
 def test_what_a_failed_transaction_means(reused: bool, mail: Reply | None, data_sent: bool,
                                          expected: tuple[int, str, bool]) -> None:
@@ -212,6 +214,21 @@ def test_a_reused_connection_failing_before_mail_was_answered_is_stale() -> None
     with pytest.raises(StaleConnection) as caught:
         classify.failed_transaction(LOST, True, None, False)
     assert caught.value.blame is Blame.CONNECTION and caught.value.__cause__ is LOST
+
+
+def test_a_reused_connections_farewell_crossing_a_whole_bdat_flight_is_stale() -> None:
+    """The server's 421 (an idle farewell, judged by idle_farewell) came before it read our
+    commands: it cannot have the message, written or not."""
+    farewell = TransientError(r(421, "4.4.2", "idle timeout"), "MAIL")
+    with pytest.raises(StaleConnection):
+        classify.failed_transaction(farewell, True, None, True)
+
+
+def test_a_421_of_our_own_is_no_farewell_once_the_message_is_written() -> None:
+    """Only the server's own reply can say it read nothing; a loss the engine worded (a
+    hang-up, a timeout) after the message was written stays ambiguous."""
+    ours = TransientError(Reply.local(421, "4.4.2", "made here"), "MAIL")
+    assert classify.failed_transaction(ours, True, None, True)[1] is True
 
 
 def test_a_failure_the_message_is_to_blame_for_is_the_outcome_even_reused() -> None:
