@@ -109,6 +109,8 @@ DECLARED: tuple[Metric, ...] = (
            " the spool could not be written (their producers send them again)", SUPERVISOR),
     Metric("spool_write_errors", "counter", "spool writes that failed (a full disk, an I/O"
            " error): intake pauses, results wait in memory", SUPERVISOR),
+    Metric("set_aside", "counter", "spooled jobs that could not be decoded, set aside in the"
+           " spool's corrupt table; each recipient left gets a bounced event", SUPERVISOR),
     Metric("duplicates", "counter", "deliveries of a recipient an earlier hand-out of its job"
            " had delivered already (each one a copy the receiver got twice)", SUPERVISOR),
     Metric("taken_back", "counter", "hand-outs taken back from a worker: it died, could not"

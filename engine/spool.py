@@ -71,6 +71,18 @@ class SpoolStats:
     oldest_queued_ts: float | None
 
 
+@dataclass(frozen=True)
+class SetAside:
+    """A job that could not be decoded, moved to the `corrupt` table: what could still be
+    read of it, so its recipients get a final event (engine.supervisor)."""
+
+    job_id: str
+    reason: str
+    pending: tuple[tuple[str, int], ...]  # (rcpt, attempts) of the recipients not final
+    meta: Mapping[str, Any]  # the envelope's, when it could be read; else empty
+    queued_ts: float
+
+
 class _Corrupt(Exception):
     """A stored job that cannot be decoded."""
 
@@ -79,7 +91,7 @@ class Spool:
     """The durable queue. Not thread-safe: one owner, the supervisor."""
 
     def __init__(self, directory: str, dedupe_window: float = 86400.0,
-                 on_corrupt: Callable[[str, str], None] | None = None) -> None:
+                 on_corrupt: Callable[[SetAside], None] | None = None) -> None:
         self.directory = directory
         self.path = os.path.join(directory, "spool.db")
         self.dedupe_window = dedupe_window
@@ -252,12 +264,11 @@ class Spool:
         if not bad and not stale:
             return
         with self._write() as conn:
-            for job_id, reason in bad:
-                _set_aside(conn, job_id, reason, now)
+            aside = [_set_aside(conn, job_id, reason, now) for job_id, reason in bad]
             self._settle(conn, stale, now)
-        for job_id, reason in bad:
+        for job in aside:
             if self._on_corrupt is not None:
-                self._on_corrupt(job_id, reason)
+                self._on_corrupt(job)
 
     # -- recording -------------------------------------------------------
 
@@ -398,8 +409,10 @@ def _decode(envelope: Any, message: Any) -> Job:
         raise _Corrupt(f"bad envelope: {type(e).__name__}: {e}") from e
 
 
-def _set_aside(conn: sqlite3.Connection, job_id: str, reason: str, now: float) -> None:
-    """Move a job and its recipients' progress to `corrupt`, out of the queue."""
+def _set_aside(conn: sqlite3.Connection, job_id: str, reason: str, now: float) -> SetAside:
+    """Move a job and its recipients' progress to `corrupt`, out of the queue; what could
+    be read of it first."""
+    found = _readable_remains(conn, job_id, reason, now)
     conn.execute(
         "INSERT INTO corrupt (id, reason, envelope, message, rcpts, ts)"
         " SELECT id, ?, CAST(envelope AS BLOB), CAST(message AS BLOB),"
@@ -409,3 +422,28 @@ def _set_aside(conn: sqlite3.Connection, job_id: str, reason: str, now: float) -
         " FROM jobs WHERE id = ?", (reason, job_id, now, job_id))
     conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
     conn.execute("DELETE FROM rcpts WHERE job_id = ?", (job_id,))
+    return found
+
+
+def _readable_remains(conn: sqlite3.Connection, job_id: str, reason: str,
+                      now: float) -> SetAside:
+    """The pending recipients, the meta and the queue time of a job that cannot be decoded,
+    as far as they can be read (bytes, decoded leniently: nothing here may raise)."""
+    rows = conn.execute("SELECT CAST(rcpt AS BLOB), attempts FROM rcpts"
+                        " WHERE job_id = ? AND status = 'pending' ORDER BY rowid",
+                        (job_id,)).fetchall()
+    pending = tuple((bytes(r or b"").decode("utf-8", "replace"), _int(n)) for r, n in rows)
+    head = conn.execute("SELECT CAST(envelope AS BLOB), queued_ts FROM jobs WHERE id = ?",
+                        (job_id,)).fetchone()
+    envelope, queued_ts = head if head is not None else (None, None)
+    try:
+        data = json.loads(bytes(envelope or b"").decode("utf-8"))
+        meta = data.get("meta") if isinstance(data, dict) else None
+    except (UnicodeDecodeError, ValueError):
+        meta = None
+    queued = float(queued_ts) if isinstance(queued_ts, (int, float)) else now
+    return SetAside(job_id, reason, pending, meta if isinstance(meta, dict) else {}, queued)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else 0

@@ -43,10 +43,11 @@ from engine.dispatch import Dispatcher
 from engine.intake import INGEST_HWM, Intake
 from engine.job import MAX_ENVELOPE_SIZE
 from engine.metrics import Metrics
-from engine.protocol import Status
+from engine.protocol import Attempt, Status
+from engine.reply import Reply
 from engine.results import RESULTS_HWM, Results
 from engine.salvage import recovery_advice
-from engine.spool import Spool, SpoolDamaged, SpoolError
+from engine.spool import SetAside, Spool, SpoolDamaged, SpoolError
 from engine.spoolhealth import SpoolHealth
 from engine.workers import Workers
 
@@ -68,7 +69,7 @@ class Supervisor:
         # Keys first: a missing key is a config error, found before anything is touched.
         self.curve = auth.CurveServer(cfg.security.curve) if cfg.security.curve.enabled else None
         self.zctx = zmq.Context()
-        self.spool = Spool(cfg.spool, on_corrupt=_on_corrupt)
+        self.spool = Spool(cfg.spool, on_corrupt=self._set_aside)
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
                                       "supervisor", cfg.statsd.enabled)
         self.metrics.batched()  # packed into few packets, sent at the end of each loop pass
@@ -215,6 +216,21 @@ class Supervisor:
         if self.workers.on_stats(stats):  # a (re)started worker: its jobs may go now
             self.dispatcher.worker_ready()
 
+    def _set_aside(self, job: SetAside) -> None:
+        """A spooled job that cannot be decoded was set aside: each recipient it had left
+        ends with a `bounced` event saying why, so the producer's ledger closes (one event
+        with an empty `rcpt` when not even its recipients could be read)."""
+        log.error(logs.kv("spool_corrupt", id=job.job_id, reason=job.reason,
+                          rcpts=len(job.pending)))
+        self.metrics.incr("set_aside", "all")
+        reply = Reply.local(554, "5.3.0", f"not delivered: its spool record could not be"
+                                          f" read ({job.reason})")
+        for rcpt, attempts in job.pending or (("", 0),):
+            attempt = Attempt(job_id=job.job_id, rcpt=rcpt, status=Status.BOUNCED, reply=reply,
+                              ip="", ts=time.time())
+            self._publish(events.attempt_event(attempt, Status.BOUNCED, job.meta, attempts,
+                                               job.queued_ts))
+
     def _publish(self, event: events.Event) -> None:
         if event[0] == _EXPIRED:
             self.metrics.incr("expired", "all")
@@ -315,10 +331,6 @@ def _warn_about(cfg: Config) -> None:
     """What the config file should change although it loads (an old key name...)."""
     for warning in cfg.warnings:
         log.warning(logs.kv("config_warning", warning=warning))
-
-
-def _on_corrupt(job_id: str, reason: str) -> None:
-    log.error(logs.kv("spool_corrupt", id=job_id, reason=reason))
 
 
 def main(config_path: str | None) -> int:

@@ -24,7 +24,7 @@ from engine.job import Job
 from engine.metrics import Metrics
 from engine.protocol import Status
 from engine.results import Results
-from engine.spool import Spool
+from engine.spool import RcptUpdate, Spool
 from engine.spoolhealth import SpoolHealth
 from engine.supervisor import Supervisor
 from engine.workers import WorkerHandle, Workers
@@ -500,3 +500,41 @@ def test_results_that_cannot_be_recorded_hold_back_new_work_once_too_many_wait(
     _free(parts.spool)
     parts.results.flush()
     assert parts.names().count("delivered") == 2 and not parts.results.full
+
+
+def test_a_job_that_cannot_be_decoded_ends_with_a_final_event_per_recipient(
+        tmp_path: Path, sockdir: str) -> None:
+    """Issue #14 (3): a spooled row that could not be decoded was set aside and only
+    logged, so the producer never heard of its recipients again."""
+    sup = Supervisor(ipc_config(tmp_path, sockdir), None)
+    own: list[zmq.Socket] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        _, pull = stand_in_worker(sup.zctx, sup.workers, IP2, True, own, procs)
+        sup.spool.accept([Job(id="bad", sender="s@example.test", rcpts=(RCPT, "b@example.test"),
+                              message=b"x\r\n", meta={"k": "v"})], time.time(), 3600.0)
+        sup.spool.record([RcptUpdate("bad", "b@example.test", Status.DELIVERED)])
+        with sqlite3.connect(sup.spool.path) as conn:  # the envelope no longer decodes
+            conn.execute("UPDATE jobs SET envelope = json_set(envelope, '$.to', json('[1]'))")
+
+        sup.dispatcher.dispatch_due()
+        sup.events.flush()
+
+        assert tasks(pull) == []
+        finals = [json.loads(line) for line in
+                  (tmp_path / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert [(e["event"], e["rcpt"], e["code"], e["enhanced"]) for e in finals] == [
+            ("bounced", RCPT, 554, "5.3.0")]  # the one recipient not final yet
+        assert "spool record could not be read" in finals[0]["reply"]
+        assert finals[0]["meta"] == {"k": "v"}
+        assert sup.spool.stats().jobs == 0
+    finally:
+        for sock in own:
+            sock.close(linger=0)
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+        sup.workers.handles.clear()
+        sup.spool.close()
+        sup.events.close()
+        sup.zctx.destroy(linger=0)

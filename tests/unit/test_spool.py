@@ -20,7 +20,7 @@ from engine import spoolfile
 from engine.job import Job
 from engine.protocol import Status
 from engine.reply import Reply
-from engine.spool import Pending, RcptUpdate, Spool, SpoolDamaged, SpoolError, SpoolStats
+from engine.spool import Pending, RcptUpdate, SetAside, Spool, SpoolDamaged, SpoolError, SpoolStats
 from tests.support import ROOT
 from tests.support.damage import checkpoint, flip_page_type, pages
 
@@ -347,18 +347,30 @@ def test_next_due_is_none_when_empty(spool: Spool) -> None:
 ])
 def test_corrupt_row_is_set_aside_reported_and_skipped(spool_dir: str, envelope: str | bytes,
                                                        reason: str) -> None:
-    reported: list[tuple[str, str]] = []
-    with Spool(spool_dir, on_corrupt=lambda i, r: reported.append((i, r))) as s:
+    reported: list[SetAside] = []
+    with Spool(spool_dir, on_corrupt=reported.append) as s:
         s.accept([job("j0"), job("j1"), job("j2")], T0, DAY)
         s.record([RcptUpdate("j1", A, Status.DELIVERED)], now=T0)
         sql(spool_dir, "UPDATE jobs SET envelope = CAST(? AS TEXT) WHERE id = 'j1'", envelope)
         assert ids(s.due(T0, 10)) == ["j0", "j2"]
-        assert len(reported) == 1 and reported[0][0] == "j1" and reason in reported[0][1]
+        assert len(reported) == 1 and reported[0].job_id == "j1" and reason in reported[0].reason
+        assert reported[0].pending == ((B, 0),)  # what a final event is owed for
+        assert reported[0].queued_ts == T0
         assert ids(s.due(T0, 10)) == ["j0", "j2"]  # keeps working, reported once
         assert len(reported) == 1
         assert s.stats() == SpoolStats(2, 4, 0, T0)
     rows = sql(spool_dir, "SELECT id, reason, message, rcpts FROM corrupt")
-    assert rows == [("j1", reported[0][1], MSG, f"{A} delivered 1\n{B} pending 0")]
+    assert rows == [("j1", reported[0].reason, MSG, f"{A} delivered 1\n{B} pending 0")]
+
+
+def test_a_set_aside_job_keeps_the_meta_it_can_read(spool_dir: str) -> None:
+    reported: list[SetAside] = []
+    with Spool(spool_dir, on_corrupt=reported.append) as s:
+        s.accept([job("j1")], T0, DAY)
+        sql(spool_dir, "UPDATE jobs SET envelope = ? WHERE id = 'j1'",
+            '{"id": "j1", "from": "s@example.com", "to": ["bad"], "meta": {"k": 1}}')
+        assert s.due(T0, 10) == []
+    assert reported[0].meta == {"k": 1} and reported[0].pending == ((A, 0), (B, 0))
 
 
 def test_corrupt_row_does_not_shrink_the_batch(spool_dir: str) -> None:
@@ -409,8 +421,8 @@ def test_a_damaged_file_is_refused_at_open_untouched_and_unlocked(spool_dir: str
 def test_a_page_damaged_under_an_open_spool_raises_spool_damaged_not_an_empty_due(
         spool_dir: str) -> None:
     path = hundred_jobs(spool_dir)
-    reported: list[str] = []
-    with Spool(spool_dir, on_corrupt=lambda i, r: reported.append(i)) as s:
+    reported: list[SetAside] = []
+    with Spool(spool_dir, on_corrupt=reported.append) as s:
         damage_a_jobs_page(path)  # after the open-time check
         with pytest.raises(SpoolDamaged, match="malformed") as raised:
             s.due(T0, 1000)
