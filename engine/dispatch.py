@@ -33,7 +33,7 @@ from engine.config import Config
 from engine.metrics import Metrics
 from engine.protocol import Attempt, Status, task_header
 from engine.reply import Reply
-from engine.spool import Pending, RcptUpdate, Spool, SpoolError
+from engine.spool import Pending, RcptUpdate, Spool, SpoolDamaged, SpoolError
 from engine.workers import WorkerHandle, Workers
 
 log = logging.getLogger("mailengine.supervisor")
@@ -120,6 +120,8 @@ class Dispatcher:
         skip = _Either(self.in_flight, self._parked)
         try:
             due = self._spool.due(time.time(), room, skip, self._unsent)
+        except SpoolDamaged:
+            raise  # not a passing failure: the supervisor stops (engine.supervisor)
         except SpoolError as err:  # setting a damaged row aside needs a write: next turn
             log.warning(logs.kv("dispatch_skipped", error=err))
             return
@@ -261,6 +263,8 @@ class Dispatcher:
         try:
             self._spool.record([RcptUpdate(pending.job.id, r, Status.EXPIRED,
                                            reply=EXPIRED_REPLY) for r in pending.rcpts])
+        except SpoolDamaged:
+            raise
         except SpoolError as err:
             log.warning(logs.kv("expiry_not_recorded", id=pending.job.id, error=err))
             return

@@ -26,7 +26,7 @@ from engine import events, logs, sockets
 from engine.config import Config
 from engine.job import Job, JobRejected, parse_job
 from engine.metrics import Metrics
-from engine.spool import Pending, Spool, SpoolError
+from engine.spool import Pending, Spool, SpoolDamaged, SpoolError
 from engine.spoolhealth import SpoolHealth
 
 log = logging.getLogger("mailengine.supervisor")
@@ -88,6 +88,8 @@ class Intake:
             chunk = chunks.pop()
             try:
                 fresh += self._spool.accept(chunk, now, self.cfg.retry.max_age)
+            except SpoolDamaged:
+                raise  # not a passing failure: the supervisor stops (engine.supervisor)
             except SpoolError as err:
                 if len(chunk) > 1:
                     half = len(chunk) // 2

@@ -27,7 +27,7 @@ from engine import events, logs, protocol, retry, sockets
 from engine.dispatch import Dispatcher, InFlight
 from engine.metrics import Metrics
 from engine.protocol import Attempt, Status
-from engine.spool import RcptUpdate, Spool, SpoolError
+from engine.spool import RcptUpdate, Spool, SpoolDamaged, SpoolError
 from engine.spoolhealth import SpoolHealth
 
 log = logging.getLogger("mailengine.supervisor")
@@ -180,6 +180,9 @@ class Results:
         attempts, self._held = self._held, []
         try:
             self._record(attempts)
+        except SpoolDamaged:
+            self._held = attempts + self._held
+            raise  # not a passing failure: the supervisor stops (engine.supervisor)
         except SpoolError as err:
             self._held = attempts + self._held
             self._health.failed("results", err)

@@ -26,6 +26,7 @@ docs/ARCHITECTURE.md follows one job through these parts.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -146,19 +147,46 @@ class Supervisor:
         # over and over, a few per cent of the CPU at high rates.
         gctune.settle_for_a_long_run()
         last_tick = 0.0
-        while not self._stopping:
-            poller = pollers[not self.results.held, self.intake.open]
-            if self.results.held:
-                ready = dict(poller.poll(math.ceil(min(self.results.wait_left(), TICK) * 1000)))
-            else:
-                ready = dict(poller.poll(int(TICK * 1000)))
-            self._turn(ready)
-            if time.monotonic() - last_tick >= TICK:
-                last_tick = time.monotonic()
-                self.tick()
-            self.events.flush()
-            self.metrics.flush()
+        try:
+            while not self._stopping:
+                poller = pollers[not self.results.held, self.intake.open]
+                wait = min(self.results.wait_left(), TICK) if self.results.held else TICK
+                self._turn(dict(poller.poll(math.ceil(wait * 1000))))
+                if time.monotonic() - last_tick >= TICK:
+                    last_tick = time.monotonic()
+                    self.tick()
+                self.events.flush()
+                self.metrics.flush()
+        except SpoolDamaged as err:
+            return self._stop_damaged(err)
         return self._shutdown()
+
+    def _stop_damaged(self, err: SpoolDamaged) -> int:
+        """The spool's file went bad under the running engine: stop, and exit 2 (systemd
+        does not restart it; a restart would refuse the file anyway) with the commands that
+        recover it. The workers finish what they have open; their results cannot be
+        recorded, so those recipients are sent again after the salvage (counted in the
+        log line)."""
+        advice = recovery_advice(config_mod.file_of(self.config_path))
+        log.error(logs.kv("spool_damaged", path=err.path, error=err.reason,
+                          in_flight=len(self.dispatcher.in_flight),
+                          results_unrecorded=self.results.held, advice=advice))
+        print(f"mailengine: {err}: {advice}", file=sys.stderr)
+        self.intake.sock.close(linger=0)
+        self.workers.terminate()
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while time.monotonic() < deadline and self.workers.any_alive():
+            time.sleep(0.1)
+        self.workers.kill()
+        self.events.flush()
+        self.events.close()
+        self.metrics.flush()
+        with contextlib.suppress(SpoolError):
+            self.spool.close()
+        if self.curve is not None:
+            self.curve.stop()
+        self.zctx.destroy(linger=1000)
+        return 2
 
     def _turn(self, ready: dict[zmq.Socket, int]) -> None:
         """One pass over the sockets that have something (see the module's docstring)."""
@@ -202,6 +230,8 @@ class Supervisor:
         if self.health.writable:
             try:
                 self.spool.prune_finished(time.time())
+            except SpoolDamaged:
+                raise
             except SpoolError as err:
                 self.health.failed("prune", err)
         else:

@@ -538,3 +538,31 @@ def test_a_job_that_cannot_be_decoded_ends_with_a_final_event_per_recipient(
         sup.spool.close()
         sup.events.close()
         sup.zctx.destroy(linger=0)
+
+
+def test_a_spool_damaged_under_the_running_engine_stops_it_with_exit_2(
+        tmp_path: Path, sockdir: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page of the spool's file that goes bad while the engine runs: not a passing write
+    failure to wait out (engine.spoolhealth), but a stop, with the commands that recover it,
+    and exit status 2 (systemd does not restart it into the same failure)."""
+    from tests.support.damage import checkpoint, flip_page_type, pages
+    sup = Supervisor(ipc_config(tmp_path, sockdir), None)
+    sup.spool.accept([Job(id=f"j{i:03}", sender="s@example.test", rcpts=(RCPT,),
+                          message=b"x" * 3000) for i in range(100)], time.time(), 3600.0)
+    checkpoint(sup.spool.path)
+    leaves = [n for n, kind in pages(sup.spool.path, "jobs") if kind == "leaf"]
+    flip_page_type(sup.spool.path, leaves[len(leaves) // 2])
+    sup.spool._conn.execute("PRAGMA shrink_memory")  # its pages read from the file again
+    own: list[zmq.Socket] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    _, pull = stand_in_worker(sup.zctx, sup.workers, IP2, True, own, procs)
+    monkeypatch.setattr(sup.workers, "add", lambda ip: None)  # the stand-in is its worker
+    try:
+        assert sup.run() == 2  # the first `due` reads the damaged page
+    finally:
+        for sock in own:
+            sock.close(linger=0)
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "mailengine spool salvage" in err
+    assert procs[0].wait(10) is not None  # its worker was stopped
