@@ -63,7 +63,7 @@ def plan(attempt: Attempt, flight: InFlight | None, now: float,
     if not attempt.attempted and status is Status.DEFERRED:
         return update, None  # not tried: nothing happened that a subscriber must hear
     event = events.attempt_event(attempt, status, flight.meta, number, flight.queued_ts,
-                                 next_at)
+                                 next_at, attempt.rcpt in flight.resent)
     return update, event
 
 
