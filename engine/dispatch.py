@@ -61,6 +61,9 @@ class InFlight:
     # Recipients a late result of an earlier hand-out made final while this one was out:
     # a delivery this hand-out reports for one of them is a duplicate (engine.results).
     final_meanwhile: set[str] = field(default_factory=set)
+    # Recipients sent again because the worker of an earlier hand-out died without reporting
+    # them: it may have delivered them, so their events say `possible_duplicate`.
+    resent: frozenset[str] = frozenset()
 
 
 def handout_deadline(cfg: Config) -> float:
@@ -98,6 +101,9 @@ class Dispatcher:
         # Hand-outs taken back before their results came (a dead worker's, an overdue one),
         # by number: a late result is recorded against the hand-out it answers.
         self.earlier: dict[int, InFlight] = {}
+        # Recipients a worker died without reporting (killed, crashed), by job, until the
+        # job is handed out again: that hand-out may deliver a second copy (`forget`).
+        self._unreported: dict[str, frozenset[str]] = {}
 
     # -- what the supervisor calls ---------------------------------------------------
 
@@ -152,11 +158,21 @@ class Dispatcher:
         if not flight.attempts:
             self._take_back(job_id)
 
-    def forget(self, job_ids: Iterable[str]) -> None:
-        """Jobs whose worker died: no longer in flight, so due again at once."""
-        for job_id in job_ids:
-            if job_id in self.in_flight:
-                self._take_back(job_id, counted=True)
+    def forget(self, lost: Mapping[str, bool]) -> None:
+        """Jobs whose worker died: no longer in flight, so due again at once. `lost[id]`:
+        the worker did not exit cleanly, so it may have delivered recipients of the job
+        whose results died with it (a kill -9 after the server's 2xx). Nobody can know
+        which: each of them, when sent again, is counted (`resent_after_loss`) and its
+        events say `possible_duplicate`."""
+        for job_id, results_lost in lost.items():
+            flight = self.in_flight.get(job_id)
+            if flight is None:
+                continue
+            if results_lost and flight.attempts:
+                if len(self._unreported) >= EARLIER_MAX:
+                    del self._unreported[next(iter(self._unreported))]  # the oldest
+                self._unreported[job_id] = frozenset(flight.attempts)
+            self._take_back(job_id, counted=True)
 
     def answered(self, job_id: str, handout: int) -> InFlight | None:
         """The hand-out a result answers: the job's current one, or one taken back."""
@@ -235,9 +251,20 @@ class Dispatcher:
         self._forget_unsent(job.id)  # from now on, the spool has its progress
         handle.jobs.add(job.id)
         # The job's meta is never changed (events copy it), so it is shared, not copied.
-        self.in_flight[job.id] = InFlight(handle.ip, job.meta, pending.queued_ts,
-                                          pending.expires_ts, dict(pending.attempts), handout)
+        self.in_flight[job.id] = flight = InFlight(handle.ip, job.meta, pending.queued_ts,
+                                                   pending.expires_ts, dict(pending.attempts),
+                                                   handout)
+        if self._unreported:
+            flight.resent = self._resent(job.id, pending.rcpts)
         return True
+
+    def _resent(self, job_id: str, rcpts: Iterable[str]) -> frozenset[str]:
+        """The recipients of this hand-out a dead worker may have delivered already
+        (`forget`), counted: each may be a second copy at the receiver."""
+        resent = self._unreported.pop(job_id, frozenset()).intersection(rcpts)
+        if resent:
+            self._metrics.incr("resent_after_loss", "all", len(resent))
+        return resent
 
     def _choose_worker(self, ip: str | None, pool: str | None) -> WorkerHandle | None:
         if ip is not None:

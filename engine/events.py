@@ -98,8 +98,11 @@ def rejected(job_id: str | None, meta: Mapping[str, Any] | None, error: str) -> 
 
 
 def attempt_event(attempt: Attempt, status: Status, meta: Mapping[str, Any], number: int,
-                  queued_ts: float, next_attempt: float | None = None) -> Event:
-    """One recipient's attempt. `status` may differ from the worker's (deferred -> expired)."""
+                  queued_ts: float, next_attempt: float | None = None,
+                  possible_duplicate: bool = False) -> Event:
+    """One recipient's attempt. `status` may differ from the worker's (deferred -> expired).
+    `possible_duplicate`: sent again after a worker died without reporting it
+    (engine.dispatch, `Dispatcher.forget`)."""
     name = status.value
     reply = attempt.reply
     delay_ms = int(max(0.0, attempt.ts - queued_ts) * 1000)
@@ -113,6 +116,8 @@ def attempt_event(attempt: Attempt, status: Status, meta: Mapping[str, Any], num
         text += f',"next_attempt":{round(next_attempt, 3)!r}'
     if attempt.ambiguous:
         text += ',"ambiguous":true'
+    if possible_duplicate:
+        text += ',"possible_duplicate":true'
     if attempt.throttled:  # the provider pushed back: this try is not counted
         text += f',"throttled":true,"trigger":{_optional(attempt.trigger)}'
     return name, text + "}"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import zmq
 
-from engine import events, logs, sockets
+from engine import crash, events, logs, sockets
 from engine.config import Config
 from engine.job import Job, JobRejected, parse_job
 from engine.metrics import Metrics
@@ -64,6 +64,7 @@ class Intake:
             return []
         accepted_at = time.time()
         done, accepted = self._spool_what_fits(jobs, accepted_at)
+        crash.point("after_spool_commit", len(done))
         fresh = {id(job) for job in accepted}
         for job in done:
             # A re-sent job the spool holds (or finished) is acknowledged again,

@@ -115,6 +115,9 @@ DECLARED: tuple[Metric, ...] = (
            " had delivered already (each one a copy the receiver got twice)", SUPERVISOR),
     Metric("taken_back", "counter", "hand-outs taken back from a worker: it died, could not"
            " read the task, or the hand-out outlived its deadline", SUPERVISOR),
+    Metric("resent_after_loss", "counter", "recipients sent again after their worker died"
+           " (killed, crashed) without reporting them: each may be a second copy at the"
+           " receiver", SUPERVISOR),
     # gauges
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),

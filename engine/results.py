@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from engine import events, logs, protocol, retry, sockets
+from engine import crash, events, logs, protocol, retry, sockets
 from engine.dispatch import Dispatcher, InFlight
 from engine.metrics import Metrics
 from engine.protocol import Attempt, Status
@@ -63,7 +63,7 @@ def plan(attempt: Attempt, flight: InFlight | None, now: float,
     if not attempt.attempted and status is Status.DEFERRED:
         return update, None  # not tried: nothing happened that a subscriber must hear
     event = events.attempt_event(attempt, status, flight.meta, number, flight.queued_ts,
-                                 next_at)
+                                 next_at, attempt.rcpt in flight.resent)
     return update, event
 
 
@@ -178,6 +178,7 @@ class Results:
         if not self._held or not self._health.may_write("results"):
             return
         attempts, self._held = self._held, []
+        crash.point("after_result_read", len(attempts))
         try:
             self._record(attempts)
         except SpoolDamaged:

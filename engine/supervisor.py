@@ -95,7 +95,8 @@ class Supervisor:
         self._stopping = False
         self._reload = False
         self._last_housekeeping = 0.0
-        self._orphans: set[str] = set()  # jobs of dead workers, taken back once results allow
+        # Jobs of dead workers (-> whether results may be lost), taken back once results allow.
+        self._orphans: dict[str, bool] = {}
 
     def _bind_public(self, cfg: Config) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket]:
         """The sockets producers and subscribers reach: bounded, and CURVE when configured.

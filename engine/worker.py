@@ -27,7 +27,7 @@ import gevent.pool
 import zmq.green as zmq
 
 from engine import config as config_mod
-from engine import gctune, logs, protocol
+from engine import crash, gctune, logs, protocol
 from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
@@ -174,7 +174,9 @@ class Worker:
         were ready in this turn have yielded, so a result waits less than a turn (a
         worker killed meanwhile repeats little more than the transactions it had open).
         """
-        self.delivered += sum(1 for a in attempts if a.status is Status.DELIVERED)
+        delivered = sum(1 for a in attempts if a.status is Status.DELIVERED)
+        self.delivered += delivered
+        crash.point("after_final_reply", delivered)
         self._outbox.extend(protocol.attempt_to_row(a, handout) for a in attempts)
         self._results_ready.set()
 

@@ -105,13 +105,14 @@ class Workers:
             return True
         return False
 
-    def check(self, now: float) -> list[str]:
+    def check(self, now: float) -> dict[str, bool]:
         """See deaths, start what is due to start, forget retired workers that are gone.
-        Returns the ids of the jobs the dead workers had in flight."""
-        lost: list[str] = []
+        Returns the jobs the dead workers had in flight: id -> whether results may have
+        died with the worker (it did not exit cleanly, see `_died`)."""
+        lost: dict[str, bool] = {}
         for handle in list(self.handles.values()):
             if handle.proc is not None and handle.proc.poll() is not None:
-                lost += self._died(handle, now)
+                lost.update(self._died(handle, now))
             if handle.proc is None and not handle.retiring and now >= handle.restart_at:
                 self._start(handle)
             if handle.retiring and handle.proc is None:
@@ -169,8 +170,12 @@ class Workers:
         handle.started = time.monotonic()
         log.info(logs.kv("worker_spawned", ip=handle.ip, pid=handle.proc.pid))
 
-    def _died(self, handle: WorkerHandle, now: float) -> list[str]:
-        """Book a worker's exit and plan its restart; the jobs it had in flight."""
+    def _died(self, handle: WorkerHandle, now: float) -> dict[str, bool]:
+        """Book a worker's exit and plan its restart; the jobs it had in flight, each with
+        whether its results may be lost. A worker exits 0 only after its drain, having
+        reported every recipient whose message it wrote (engine.worker; save a frame it
+        could not send at all, logged `results_lost`); any other exit (killed, crashed) may
+        have taken deliveries it had not reported with it."""
         assert handle.proc is not None
         code = handle.proc.returncode
         expected = handle.retiring or handle.replacing
@@ -183,7 +188,7 @@ class Workers:
         handle.replacing = False
         handle.restart_at = now + delay
         handle.proc = None
-        lost = list(handle.jobs)
+        lost = dict.fromkeys(handle.jobs, code != 0)
         handle.jobs.clear()
         if handle.tasks is not None:
             sockets.close_and_unlink(handle.tasks)

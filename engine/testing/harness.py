@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -38,9 +38,14 @@ def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]
 
 
 class LocalEngine:
+    """`env`: variables added to the engine's environment (its workers inherit them), e.g.
+    engine.crash's MAILENGINE_CRASH_AT; `wrapper`: a command the engine runs under, e.g.
+    `strace -f -o FILE`. Both may be changed between a stop and the next `start`."""
+
     def __init__(self, workdir: str, smtp_port: int, ips: Iterable[str] = ("127.0.0.2",),
                  route: str | None = "127.0.0.1", extra: Mapping[str, Any] | None = None,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, env: Mapping[str, str] | None = None,
+                 wrapper: Sequence[str] = ()) -> None:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         # ipc paths are limited to ~107 bytes: keep the sockets in a short folder.
@@ -64,6 +69,8 @@ class LocalEngine:
             self.config = deep_merge(self.config, extra)
         self.config_path = os.path.join(self.workdir, "mailengine.yaml")
         self.python = python
+        self.env = dict(env or {})
+        self.wrapper = list(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
         self._events_offset = 0
         self._events: list[dict[str, Any]] = []
@@ -78,11 +85,11 @@ class LocalEngine:
 
     def start(self, timeout: float = 20.0) -> None:
         log = open(self.log_path, "ab")
-        env = dict(os.environ)
+        env = dict(os.environ) | self.env
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self.proc = subprocess.Popen([self.python, "-m", "engine.cli", "run", "-c",
-                                      self.config_path], stdout=log, stderr=log, env=env)
+        self.proc = subprocess.Popen([*self.wrapper, self.python, "-m", "engine.cli", "run",
+                                      "-c", self.config_path], stdout=log, stderr=log, env=env)
         log.close()
         self.wait_ready(timeout)
 

@@ -362,6 +362,55 @@ def test_a_late_delivery_counts_for_its_own_hand_out_and_the_second_copy_is_coun
     assert parts.dispatcher.in_flight == {}
 
 
+def test_what_a_killed_worker_had_not_reported_goes_again_flagged_and_counted(
+        parts: Parts) -> None:
+    """Issue #14, item 10: a worker killed after the server's 2xx takes the result with it.
+    Each recipient it had not reported is sent again, counted (`resent_after_loss`) and its
+    event flagged `possible_duplicate`: no one can tell which of them the server has. One it
+    reported is not sent again."""
+    other = "q@example.test"
+    first, first_tasks = parts.worker(IP2, alive=True)
+    parts.push([job_envelope("j", to=[RCPT, other])])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(first_tasks) == ["j"]
+    parts.report(parts.answer(Status.DELIVERED))  # RCPT reported; `other` not, then a kill
+    first.proc.kill()  # type: ignore[union-attr]
+    first.proc.wait(10)  # type: ignore[union-attr]
+    parts.dispatcher.forget(parts.workers.check(time.monotonic()))
+    _, second_tasks = parts.worker(IP3, alive=True)
+    parts.dispatcher.dispatch_due()
+    assert tasks(second_tasks) == ["j"]
+    assert parts.dispatcher.in_flight["j"].resent == {other}
+    parts.report(parts.answer(Status.DELIVERED, rcpt=other))
+
+    first_outcome, second_outcome = (json.loads(line) for _, line in parts.published[1:])
+    assert (first_outcome["rcpt"], "possible_duplicate" in first_outcome) == (RCPT, False)
+    assert (second_outcome["rcpt"], second_outcome["possible_duplicate"]) == (other, True)
+    assert parts.counted("resent_after_loss") == 1
+
+
+def test_the_jobs_of_a_worker_that_exited_0_go_again_unflagged(parts: Parts) -> None:
+    """A worker exits 0 only after its drain, having reported every recipient whose message
+    it wrote (the others were never sent): nothing of it is a possible duplicate. A reload
+    replaces every worker so: flagging their jobs would cry wolf."""
+    first, first_tasks = parts.worker(IP2, alive=True)
+    parts.push([job_envelope("j")])
+    parts.dispatcher.offer(parts.intake.take())
+    assert tasks(first_tasks) == ["j"]
+    first.proc.kill()  # type: ignore[union-attr]
+    first.proc.wait(10)  # type: ignore[union-attr]
+    first.proc = subprocess.Popen(["true"])  # stands in for the drained worker's exit 0
+    first.proc.wait(10)
+    parts.dispatcher.forget(parts.workers.check(time.monotonic()))
+    _, second_tasks = parts.worker(IP3, alive=True)
+    parts.dispatcher.dispatch_due()
+    assert tasks(second_tasks) == ["j"]
+    parts.report(parts.answer(Status.DELIVERED))
+
+    assert "possible_duplicate" not in json.loads(parts.published[-1][1])
+    assert parts.counted("resent_after_loss") == 0
+
+
 def test_a_late_deferral_of_a_hand_out_taken_back_changes_nothing(parts: Parts) -> None:
     first, first_tasks = parts.worker(IP2, alive=True)
     parts.push([job_envelope("j")])
@@ -556,7 +605,7 @@ def test_a_spool_damaged_under_the_running_engine_stops_it_with_exit_2(
     sup.spool._conn.execute("PRAGMA shrink_memory")  # its pages read from the file again
     own: list[zmq.Socket] = []
     procs: list[subprocess.Popen[bytes]] = []
-    _, pull = stand_in_worker(sup.zctx, sup.workers, IP2, True, own, procs)
+    stand_in_worker(sup.zctx, sup.workers, IP2, True, own, procs)
     monkeypatch.setattr(sup.workers, "add", lambda ip: None)  # the stand-in is its worker
     try:
         assert sup.run() == 2  # the first `due` reads the damaged page

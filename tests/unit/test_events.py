@@ -24,7 +24,8 @@ TRICKY_TEXT = ["loop-1", 'a"b\\c\u00e9\u2028\x7f\x01', "ü@例.jp", ""]
 
 
 def _reference_attempt(attempt: Attempt, status: Status, meta: Mapping[str, Any], number: int,
-                       queued_ts: float, next_attempt: float | None, ts: float) -> str:
+                       queued_ts: float, next_attempt: float | None, ts: float,
+                       possible_duplicate: bool = False) -> str:
     """The event as a dict through json, as the engine wrote it before formatting by hand."""
     event: dict[str, Any] = {"event": status.value, "id": attempt.job_id, "ts": ts,
                              "meta": dict(meta)}
@@ -38,6 +39,8 @@ def _reference_attempt(attempt: Attempt, status: Status, meta: Mapping[str, Any]
         event["next_attempt"] = round(next_attempt, 3)
     if attempt.ambiguous:
         event["ambiguous"] = True
+    if possible_duplicate:
+        event["possible_duplicate"] = True
     if attempt.throttled:
         event["throttled"] = True
         event["trigger"] = attempt.trigger
@@ -64,10 +67,10 @@ def test_attempt_event_is_the_json_of_its_fields(
                       ip="192.0.2.1", mx=mx, provider=text or "other", tls=tls,
                       conn_reused=reused, ambiguous=odd, ts=TS + 1.5, throttled=odd,
                       trigger=f"rule:{text}" if odd else None)
-    name, line = events.attempt_event(attempt, status, meta, 3, TS - 2.25, next_attempt)
+    name, line = events.attempt_event(attempt, status, meta, 3, TS - 2.25, next_attempt, odd)
     assert name == status.value
     assert line == _reference_attempt(attempt, status, meta, 3, TS - 2.25, next_attempt,
-                                      frozen_clock)
+                                      frozen_clock, odd)
     assert json.loads(line)["event"] == status.value
 
 

@@ -43,6 +43,8 @@ RULES = [
     (WORKER_SIDE, SUPERVISOR_SIDE, "a worker talks to the supervisor only through engine.protocol"),
     (("engine.protocol",), (*WORKER_SIDE, *SUPERVISOR_SIDE, "zmq", "gevent"),
      "the protocol is shared by both sides and depends on neither"),
+    (("engine.crash",), ("engine", "zmq", "gevent"),
+     "crash points are shared by both sides and depend on nothing"),
 ]
 # engine.classify, where every reply is judged: what it may import, nothing else of the engine.
 CLASSIFY_MAY_IMPORT = ("engine.reply", "engine.protocol", "engine.config", "engine.text")
