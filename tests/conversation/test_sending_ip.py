@@ -8,25 +8,32 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import logging
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
 
 from engine import hostcheck
 from engine.config import IpConfig, Route
+from engine.dispatch import Dispatcher
+from engine.job import parse_job
 from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.protocol import Status
 from engine.sendingip import RETRY_AFTER, SendingIp
+from engine.spool import Pending, Spool
 from engine.testing.sink import SinkServer
-from tests.conversation.test_supervisor_parts import Parts, job_envelope, tasks
+from engine.workers import Workers
 from tests.support.playbook import RCPTS
 from tests.support.stack import Stack
 from tests.support.statsd_catcher import StatsdCatcher
-from tests.support.supervisor import IP2, IP3
+from tests.support.supervisor import IP2, IP3, ipc_config, job_envelope, stand_in_worker, tasks
 
 NOT_HELD = "192.0.2.7"
 GONE = OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
@@ -129,54 +136,86 @@ def test_idle_connections_are_dropped_at_once_when_the_ip_goes(
 
 # -- the supervisor: no new jobs for that worker, its pools' mail to the other IPs ---------
 
+class Table:
+    """The workers' table and dispatch on a real spool, with stand-in workers (their task
+    sockets read by the test); jobs go in as intake would hand them over."""
+
+    def __init__(self, tmp: Path, sockdir: str) -> None:
+        self.cfg = ipc_config(tmp, sockdir)
+        self.ctx = zmq.Context()
+        self.spool = Spool(self.cfg.spool)
+        self.workers = Workers(self.ctx, self.cfg, None)
+        self.dispatcher = Dispatcher(self.cfg, self.spool, self.workers, lambda event: None)
+        self.socks: list[zmq.Socket] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def worker(self, ip: str) -> zmq.Socket:
+        return stand_in_worker(self.ctx, self.workers, ip, True, self.socks, self.procs)[1]
+
+    def stats(self, ip: str, **figures: object) -> bool:
+        """A stats frame from the worker of `ip`; whether it made the worker take jobs."""
+        handle = self.workers.get(ip)
+        assert handle is not None and handle.proc is not None
+        return self.workers.on_stats({"type": "stats", "ip": ip, "pid": handle.proc.pid,
+                                      **figures})
+
+    def offer(self, *envelopes: dict[str, Any]) -> None:
+        jobs = [parse_job([json.dumps(e).encode(), b"Subject: x\r\n\r\nhi\r\n"], 10**6, 10)
+                for e in envelopes]
+        now = time.time()
+        self.spool.accept(jobs, now, 3600.0)
+        self.dispatcher.offer([Pending(job, now, now + 3600.0, job.rcpts,
+                                       dict.fromkeys(job.rcpts, 0)) for job in jobs])
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(10)
+        for sock in [*self.socks, *(h.tasks for h in self.workers if h.tasks is not None)]:
+            sock.close(linger=0)
+        self.spool.close()
+        self.ctx.term()
+
+
 @pytest.fixture
-def parts(tmp_path: Path, sockdir: str) -> Iterator[Parts]:
-    built = Parts(tmp_path, sockdir)
+def table(tmp_path: Path, sockdir: str) -> Iterator[Table]:
+    built = Table(tmp_path, sockdir)
     yield built
     built.close()
 
 
-def stats(parts: Parts, ip: str, **figures: object) -> bool:
-    handle = parts.workers.get(ip)
-    assert handle is not None and handle.proc is not None
-    return parts.workers.on_stats({"type": "stats", "ip": ip, "pid": handle.proc.pid,
-                                   **figures})
-
-
 def test_a_worker_whose_ip_is_down_gets_no_jobs_and_its_pools_mail_goes_elsewhere(
-        parts: Parts, caplog: pytest.LogCaptureFixture) -> None:
-    _, down_tasks = parts.worker(IP2, alive=True)
-    _, other_tasks = parts.worker(IP3, alive=True)
+        table: Table, caplog: pytest.LogCaptureFixture) -> None:
+    down_tasks, other_tasks = table.worker(IP2), table.worker(IP3)
     caplog.set_level(logging.INFO, logger="mailengine.supervisor")
 
-    assert not stats(parts, IP2, ip_down=True, ip_error="sending IP 127.0.0.2 is gone")
-    parts.push([job_envelope("pooled"), job_envelope("pinned", ip=IP2)])
-    parts.dispatcher.offer(parts.intake.take())
+    assert not table.stats(IP2, ip_down=True, ip_error="sending IP 127.0.0.2 is gone")
+    table.offer(job_envelope("pooled"), job_envelope("pinned", ip=IP2))
 
     assert tasks(other_tasks) == ["pooled"] and tasks(down_tasks) == []
-    assert parts.dispatcher.free_room() == parts.cfg.limits.max_in_flight - 1
+    assert table.dispatcher.free_room() == table.cfg.limits.max_in_flight - 1
     assert "event=sending_ip_down ip=127.0.0.2" in caplog.text
     assert "error=\"sending IP 127.0.0.2 is gone\"" in caplog.text
 
-    assert stats(parts, IP2, ip_down=False)  # back: it takes jobs again
-    parts.dispatcher.worker_ready()
+    assert table.stats(IP2, ip_down=False)  # back: it takes jobs again
+    table.dispatcher.worker_ready()
 
     assert tasks(down_tasks) == ["pinned"]
     up = [r for r in caplog.records if "event=sending_ip_up" in r.getMessage()]
     assert [r.levelno for r in up] == [logging.WARNING]
-    assert not stats(parts, IP2, ip_down=False)  # said once
+    assert not table.stats(IP2, ip_down=False)  # said once
 
 
 def test_a_reload_refuses_a_new_ip_the_host_does_not_hold_and_keeps_the_rest(
-        parts: Parts, caplog: pytest.LogCaptureFixture) -> None:
-    parts.worker(IP2, alive=True)
-    parts.worker(IP3, alive=True)
-    new = dataclasses.replace(parts.cfg, ips=(*parts.cfg.ips, IpConfig(NOT_HELD, "x.test")))
+        table: Table, caplog: pytest.LogCaptureFixture) -> None:
+    table.worker(IP2)
+    table.worker(IP3)
+    new = dataclasses.replace(table.cfg, ips=(*table.cfg.ips, IpConfig(NOT_HELD, "x.test")))
     caplog.set_level(logging.ERROR, logger="mailengine.supervisor")
 
-    added, removed = parts.workers.reconfigure(new)
+    added, removed = table.workers.reconfigure(new)
 
     assert (added, removed) == (set(), set())
-    assert sorted(h.ip for h in parts.workers) == [IP2, IP3]
-    assert parts.workers.cfg is new
+    assert sorted(h.ip for h in table.workers) == [IP2, IP3]
+    assert table.workers.cfg is new
     assert f"event=reload_ip_refused ip={NOT_HELD}" in caplog.text
