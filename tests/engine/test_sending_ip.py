@@ -61,12 +61,13 @@ def test_check_config_and_run_refuse_an_ip_this_host_does_not_hold(
 def test_a_reload_refuses_a_new_ip_this_host_does_not_hold_and_applies_the_rest(
         sink: SinkServer, local_engine: Callable[..., LocalEngine]) -> None:
     engine = local_engine(sink.port, ips=(IP2,))
-    engine.config["ips"] += [{"address": IP3}, {"address": NOT_HELD}]
+    engine.config["ips"] += [{"address": IP3, "helo": "mta-127-0-0-3.test"},
+                             {"address": NOT_HELD, "helo": "mta-192-0-2-7.test"}]
 
     engine.reload()
 
-    until(lambda: "event=reloaded" in engine.log_tail(), 20, "the reload", engine.log_tail)
-    assert "event=reload_ip_refused ip=192.0.2.7" in engine.log_tail()
+    until(lambda: "event=reloaded" in engine.log_tail(200), 20, "the reload", engine.log_tail)
+    assert "event=reload_ip_refused ip=192.0.2.7" in engine.log_tail(200)
     figures = engine.wait_ready()
     assert set(figures["workers"]) == {IP2, IP3}
     assert engine.push([job("via-3", ip=IP3)])
