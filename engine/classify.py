@@ -53,6 +53,7 @@ from engine.reply import (
     PermanentError,
     ProtocolError,
     Reply,
+    SendingIpGone,
     StaleConnection,
     TlsError,
     TransientError,
@@ -462,6 +463,8 @@ def translate(exc: BaseException, command: str, timeout: float) -> DeliveryError
     not known here is a bug of ours, which must never bounce mail."""
     if out_of_descriptors(exc):  # before TLS: not a handshake that failed
         return descriptors_exhausted(exc, command)
+    if command == "CONNECT" and not_held(exc):  # the bind to the sending IP failed
+        return sending_ip_gone(exc, command)
     if isinstance(exc, ssl.SSLError) or command == "TLS":  # any handshake failure
         return TlsError(Reply.local(451, "4.7.5", f"TLS failure: {short(exc)}"), command)
     where = f" in {command}" if command else ""
@@ -492,6 +495,20 @@ def descriptors_exhausted(exc: BaseException, command: str = "") -> DescriptorsE
     tried again by the caller (engine.delivery), never an attempt."""
     where = f" in {command}" if command else ""
     return DescriptorsExhausted(Reply.local(451, "4.3.0", f"out of file descriptors{where}:"
+                                                  f" {short(exc)}"), command)
+
+
+def not_held(exc: BaseException) -> bool:
+    """An error that says the host does not hold the address a socket was bound to
+    (EADDRNOTAVAIL: the sending IP is no address of any interface, or no longer)."""
+    return isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL
+
+
+def sending_ip_gone(exc: BaseException, command: str = "CONNECT") -> SendingIpGone:
+    """The connect could not bind to the sending IP: the worker's trouble, never an attempt
+    (engine.connector confirms it with a bind test, engine.delivery sends the recipients
+    back to the spool)."""
+    return SendingIpGone(Reply.local(451, "4.4.1", f"sending IP not held by this host:"
                                                   f" {short(exc)}"), command)
 
 

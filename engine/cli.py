@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and print it in full")
     _config_arg(check)
     check.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
+    check.add_argument("--no-host-check", action="store_true",
+                       help="do not check that this host holds the sending IPs (to check a"
+                            " file meant for another machine)")
     check.set_defaults(func=_check_config)
 
     from engine import push
@@ -123,9 +126,20 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     for warning in cfg.warnings:  # it loads: still valid, exit 0
         print(f"mailengine: warning: {warning}", file=sys.stderr)
+    if not args.no_host_check and _sending_ips_missing(cfg):
+        return 2
     if not args.quiet:
         print(json.dumps(config_mod.to_dict(cfg), indent=2))
     return 0
+
+
+def _sending_ips_missing(cfg: config_mod.Config) -> bool:
+    """Say which sending IPs this host does not hold (engine.hostcheck); True if any."""
+    from engine import hostcheck
+    problems = hostcheck.problems(cfg.ips)
+    for problem in problems:
+        print(f"mailengine: {problem}", file=sys.stderr)
+    return bool(problems)
 
 
 def _spool_check(args: argparse.Namespace) -> int:

@@ -4,7 +4,10 @@ Address lookup, TCP connect from the sending IP, banner, EHLO and STARTTLS by
 the TLS policy, each phase timed. A failure here is the connection's fault
 (`Blame.CONNECTION`): the caller moves on to the next MX host; but running out of file
 descriptors is the worker's (`DescriptorsExhausted`): no other address is tried, and the
-caller waits and tries again (engine.delivery). Every connection gets TCP keepalive
+caller waits and tries again (engine.delivery). So is a sending IP the host does not hold
+(any more): a bind that fails with EADDRNOTAVAIL, confirmed by a bind test, is
+`SendingIpGone` and marks the IP down (engine.sendingip); without the confirmation it is an
+ordinary connection failure. Every connection gets TCP keepalive
 (`pool.keepalive_*`). A failed TLS
 handshake is retried once in plaintext on a fresh connection (the host is
 remembered as TLS-broken); a certificate that only fails verification is retried
@@ -28,7 +31,8 @@ from engine import classify, logs
 from engine.config import Timeouts
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, MxHost, Resolver
-from engine.reply import DeliveryError, DescriptorsExhausted, TlsError
+from engine.reply import DeliveryError, SendingIpGone, TlsError, TransientError, WorkerFault
+from engine.sendingip import SendingIp
 from engine.smtp import Connection, Keepalive, ReplyLimits
 from engine.tls import TlsPlan, TlsPolicy, is_verify_failure
 
@@ -52,8 +56,11 @@ class Connector:
     def __init__(self, identity: Identity, resolver: Resolver, tls: TlsPolicy,
                  timeouts: Timeouts, limits: ReplyLimits, metrics: Metrics,
                  destinations: DestinationPolicy | None = None,
-                 keepalive: Keepalive | None = None) -> None:
+                 keepalive: Keepalive | None = None,
+                 sending_ip: SendingIp | None = None) -> None:
         self.identity = identity
+        # Whether the host holds identity.address (the worker's, which reports it).
+        self.sending_ip = sending_ip or SendingIp(identity.address)
         self.resolver = resolver
         self.tls = tls
         self.timeouts = timeouts
@@ -74,7 +81,12 @@ class Connector:
         for address in addresses[:4]:
             try:
                 return self._open_at(host, address, provider)
-            except DescriptorsExhausted:
+            except SendingIpGone as err:
+                if self.sending_ip.check():
+                    raise  # the worker's: another address would fail the same
+                last = TransientError(err.reply, err.command)  # held: not the IP after all
+                self.metrics.incr("connections_failed", provider)
+            except WorkerFault:
                 raise  # the worker's: another address would fail the same
             except DeliveryError as err:
                 self.metrics.incr("connections_failed", provider)

@@ -9,6 +9,7 @@ event counts, each worker and its shaping).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,6 +59,10 @@ def status(spool: Spool, in_flight: int, counters: Mapping[str, int],
                            "jobs": len(h.jobs), "restarts": h.failures,
                            "connections_open": h.stats.get("connections_open", 0),
                            "in_flight": h.stats.get("in_flight", 0),
+                           "ip_down": h.ip_down,
+                           **({"ip_error": h.stats.get("ip_error"),
+                               "ip_down_for": round(time.monotonic() - h.ip_down_since, 1)}
+                              if h.ip_down_since is not None else {}),
                            "shaping": h.stats.get("shaping", {})}
                     for h in workers},
     }

@@ -8,7 +8,9 @@ recipients' outcomes. A pooled connection found dead at the start of a
 transaction (or failing its check before reuse, engine.pool) is replaced by a fresh
 one without counting an attempt. A connect or DNS lookup that fails because the worker
 is out of file descriptors is waited out and tried again (engine.descriptors), no
-attempt counted.
+attempt counted. While the host does not hold the sending IP (engine.sendingip), nothing is
+tried: the recipients go back to the spool, no attempt counted, and the supervisor hands
+them to another IP of their pool.
 
 At the worker's drain deadline (SIGTERM) its greenlets are killed with `Stopping`: what a
 transaction had to report by then (its outcome, or an ambiguous deferral once its end of
@@ -35,7 +37,8 @@ from engine.pool import DestinationPool, PoolKey
 from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS, provider_of
-from engine.reply import Blame, DeliveryError, DescriptorsExhausted, Reply
+from engine.reply import Blame, DeliveryError, DescriptorsExhausted, Reply, SendingIpGone
+from engine.sendingip import RETRY_AFTER
 from engine.shaping import (
     BLOCK,
     CLEAN,
@@ -153,6 +156,10 @@ class Deliverer:
         throttled and go again, first in line. Returns the attempts, and whether the
         throttled among them may go again from here: those a transaction's replies
         throttled, not those no host of the provider would let in (the pools back off)."""
+        sending_ip = self.connector.sending_ip
+        if sending_ip.error is not None:  # known gone: not even a lookup
+            return self._not_held(task, rcpts, domain, Reply.local(451, "4.4.1",
+                                                                   sending_ip.error)), False
         started = time.monotonic()
         try:
             dest = self._destination(domain)
@@ -172,6 +179,8 @@ class Deliverer:
             try:
                 sent = self._via_host_in_time(task, rcpts, host, provider, shaper, dest.routed,
                                               epoch)
+            except SendingIpGone as err:  # no other host would do better: nothing can leave
+                return self._not_held(task, rcpts, provider, err.reply), False
             except DeliveryError as err:
                 if err.blame is Blame.MESSAGE:  # the same at every host: it is the outcome
                     return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts],
@@ -357,6 +366,16 @@ class Deliverer:
         return [Attempt(job_id=task.job_id, rcpt=r, status=Status.DEFERRED, reply=reply,
                         ip=self.source_ip, provider=provider, ts=now, attempted=False,
                         retry_at=wait.retry_at) for r in rcpts]
+
+    def _not_held(self, task: Task, rcpts: list[str], provider: str,
+                  reply: Reply) -> list[Attempt]:
+        """The host does not hold the sending IP: back to the spool, due again in
+        RETRY_AFTER seconds, no attempt; by then the supervisor knows, and hands them to
+        another IP of their pool (or keeps them for this one)."""
+        now = time.time()
+        return [Attempt(job_id=task.job_id, rcpt=r, status=Status.DEFERRED, reply=reply,
+                        ip=self.source_ip, provider=provider, ts=now, attempted=False,
+                        retry_at=now + RETRY_AFTER) for r in rcpts]
 
 
 def _back_to_spool(attempt: Attempt) -> Attempt:

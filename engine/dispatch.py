@@ -1,7 +1,9 @@
 """Handing due work to the workers: which job goes to which sending IP, and when.
 
 A job with an `ip` goes to that IP's worker; a job with a `pool` (or none: the
-`default` pool) goes to the least busy ready worker of the pool's IPs. Each
+`default` pool) goes to the least busy ready worker of the pool's IPs. A worker whose
+IP the host does not hold takes no jobs (`WorkerHandle.takes_jobs`): a pool's mail goes
+to its other IPs, and a job for that IP alone waits in the spool. Each
 worker holds at most `limits.max_in_flight` jobs; a job no worker can take now is
 *parked* for PARK_TIME, so it cannot hold back the jobs of other IPs behind it in
 the spool's order. A job whose time has run out is expired here instead of sent.
@@ -140,7 +142,7 @@ class Dispatcher:
     def refill(self) -> None:
         """Results freed room: refill now rather than at the next tick, once a good share
         of the room is free (each `dispatch_due` costs a spool query)."""
-        ready = sum(1 for handle in self._workers if handle.ready)
+        ready = sum(1 for handle in self._workers if handle.takes_jobs)
         if self.free_room() * 4 >= ready * self.cfg.limits.max_in_flight:
             self.dispatch_due()
 
@@ -225,7 +227,7 @@ class Dispatcher:
         """Jobs the ready workers can take now, together (none while `held_back`)."""
         if self.held_back:
             return 0
-        return sum(self._room(h) for h in self._workers if h.ready)
+        return sum(self._room(h) for h in self._workers if h.takes_jobs)
 
     # -- one job -------------------------------------------------------------------
 
@@ -269,13 +271,13 @@ class Dispatcher:
     def _choose_worker(self, ip: str | None, pool: str | None) -> WorkerHandle | None:
         if ip is not None:
             handle = self._workers.get(ip)
-            if handle is not None and handle.ready and self._room(handle) > 0:
+            if handle is not None and handle.takes_jobs and self._room(handle) > 0:
                 return handle
             return None
         best: WorkerHandle | None = None
         for member in self.cfg.ip_pools.get(pool or "default", ()):
             handle = self._workers.get(member)
-            if (handle is not None and handle.ready and self._room(handle) > 0
+            if (handle is not None and handle.takes_jobs and self._room(handle) > 0
                     and (best is None or len(handle.jobs) < len(best.jobs))):
                 best = handle  # the least busy: spread the load
         return best

@@ -122,6 +122,8 @@ DECLARED: tuple[Metric, ...] = (
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),
     Metric("in_flight", "gauge", "tasks (jobs) the worker is delivering", PER_IP, "jobs"),
+    Metric("ip_down", "gauge", "1 while the host does not hold the worker's sending IP (a"
+           " bind to it fails): the worker takes no jobs; else 0", PER_IP, "flag"),
     Metric("allowed_rate", "gauge", "messages per second allowed by shaping", PER_PROVIDER,
            "messages/s"),
     Metric("spool_depth", "gauge", "recipients waiting in the spool", SUPERVISOR,

@@ -53,7 +53,7 @@ from engine import logs
 from engine.config import PoolConfig
 from engine.pool_ahead import Ahead
 from engine.pool_health import Health
-from engine.reply import DeliveryError, DescriptorsExhausted
+from engine.reply import DeliveryError, WorkerFault
 from engine.smtp import Connection
 from engine.waiters import any_waiting, count_waiting, wake_first
 
@@ -227,8 +227,9 @@ class DestinationPool:
                 # It had not started: it never runs, so its slot is given back here.
                 self._ahead_ended(greenlet, opened=False)
 
-    def close_idle(self, force: bool = False) -> int:
-        """Close idle connections older than idle_timeout (all of them if `force`)."""
+    def close_idle(self, force: bool = False, polite: bool = True) -> int:
+        """Close idle connections older than idle_timeout (all of them if `force`); with a
+        QUIT first unless not `polite`."""
         now = self._clock()
         keep: list[Connection] = []
         drop: list[Connection] = []
@@ -237,7 +238,7 @@ class DestinationPool:
             (drop if force or expired else keep).append(conn)
         self._idle = keep
         for conn in drop:
-            self._discard(conn)
+            self._discard(conn, polite)
         return len(drop)
 
     def close_one_idle(self) -> bool:
@@ -296,8 +297,8 @@ class DestinationPool:
             conn = self._open_connection()
         except DeliveryError as err:
             self._closed()
-            if isinstance(err, DescriptorsExhausted):  # the worker's trouble, not the
-                self._wake_one()  # destination's: no back-off, no waiter fails with it
+            if isinstance(err, WorkerFault):  # the worker's trouble (descriptors, its IP),
+                self._wake_one()  # not the destination's: no back-off, no waiter fails with it
             elif self.health.at_capacity(err, self.open):
                 return None
             else:
@@ -450,7 +451,7 @@ class DestinationPool:
         log.log(logging.INFO if expected else logging.ERROR,
                 logs.kv("connect_ahead_failed", ip=self.key.source_ip, mx=self.key.host,
                         port=self.key.port, error=exc), exc_info=not expected)
-        if isinstance(exc, DeliveryError) and not isinstance(exc, DescriptorsExhausted):
+        if isinstance(exc, DeliveryError) and not isinstance(exc, WorkerFault):
             self.health.at_capacity(exc, self.open)
         # Whoever waited for it goes the usual way: connects itself, or waits.
         self._wake_one()

@@ -77,6 +77,13 @@ class Pools:
             pool.stop_opening_ahead()
             pool.close_idle(force=True)
 
+    def drop_idle(self) -> int:
+        """Close every idle connection at once, without QUIT: the sending IP is gone, what
+        they would send goes nowhere and a QUIT would only wait for its timeout. (A
+        connection whose source address was removed is not closed by the kernel: reused, its
+        transaction would time out, a counted and perhaps ambiguous attempt.)"""
+        return sum(pool.close_idle(force=True, polite=False) for pool in self._pools.values())
+
     @property
     def open_connections(self) -> int:
         return sum(p.open for p in self._pools.values())

@@ -114,11 +114,22 @@ class StaleConnection(TransientError):
     this transaction: safe to send the message again on a fresh connection."""
 
 
-class DescriptorsExhausted(TransientError):
+class WorkerFault(TransientError):
+    """The worker's own trouble, no fault of the destination nor of the message: no other
+    address of the host is tried, the destination's pool does not back off, and no attempt
+    is counted (engine.delivery says what the recipients do meanwhile)."""
+
+
+class DescriptorsExhausted(WorkerFault):
     """The worker could not open a socket or file: out of file descriptors (EMFILE, the
-    process's RLIMIT_NOFILE; ENFILE, the system's). No fault of the destination nor of the
-    message: the caller waits a moment and tries again, no attempt counted, no back-off of
-    the destination."""
+    process's RLIMIT_NOFILE; ENFILE, the system's). The caller waits a moment and tries
+    again."""
+
+
+class SendingIpGone(WorkerFault):
+    """A connect could not bind to the worker's sending IP: the host does not hold it (any
+    more: EADDRNOTAVAIL). The recipients go back to the spool, and the supervisor hands
+    the worker no work until the IP is back (engine.sendingip)."""
 
 
 class TlsError(TransientError):

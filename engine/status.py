@@ -71,6 +71,7 @@ def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: fl
              f"spool: {spool['jobs']} jobs, {spool['rcpts_pending']} recipients pending,"
              f" {spool['rcpts_deferred']} deferred",
              *_unwritable(spool),
+             *_ips_down(figures["workers"]),
              f"in flight: {figures['in_flight']} jobs", ""]
     rates = ""
     if previous is not None and elapsed > 0:
@@ -79,9 +80,11 @@ def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: fl
                                               if k in ("delivered", "deferred", "bounced"))
     lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + rates)
     lines.append("")
-    lines.append(f"{'ip':<18}{'alive':<7}{'pid':<9}{'jobs':>6}{'conns':>7}{'restarts':>10}")
+    lines.append(f"{'ip':<18}{'alive':<7}{'held':<6}{'pid':<9}{'jobs':>6}{'conns':>7}"
+                 f"{'restarts':>10}")
     for ip, w in sorted(figures["workers"].items()):
-        lines.append(f"{ip:<18}{'yes' if w['alive'] else 'NO':<7}{w['pid']!s:<9}"
+        lines.append(f"{ip:<18}{'yes' if w['alive'] else 'NO':<7}"
+                     f"{'NO' if w.get('ip_down') else 'yes':<6}{w['pid']!s:<9}"
                      f"{w['jobs']:>6}{w['connections_open']:>7}{w['restarts']:>10}")
     shaping = render_shaping(figures["workers"])
     if shaping:
@@ -95,6 +98,13 @@ def _unwritable(spool: dict[str, Any]) -> list[str]:
         return []
     return [f"SPOOL NOT WRITABLE for {spool.get('failing_for')}s ({spool.get('error')}):"
             f" intake paused, {spool.get('results_unrecorded', 0)} results waiting in memory"]
+
+
+def _ips_down(workers: dict[str, Any]) -> list[str]:
+    """A warning line per sending IP the host does not hold (engine.sendingip)."""
+    return [f"SENDING IP {ip} DOWN for {w.get('ip_down_for')}s ({w.get('ip_error')}):"
+            f" no new jobs for it; its pools' mail goes to their other IPs"
+            for ip, w in sorted(workers.items()) if w.get("ip_down")]
 
 
 def render_shaping(workers: dict[str, Any]) -> list[str]:

@@ -36,6 +36,7 @@ from engine.mx import DestinationPolicy, Resolver
 from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS
+from engine.sendingip import SendingIp
 from engine.shaping import Shaping, plan_for
 from engine.smtp import Keepalive, ReplyLimits, Stopping
 from engine.tls import TlsPolicy
@@ -67,6 +68,10 @@ class Worker:
         # A message's stats (timers, counters) go out packed, at the end of the loop turn.
         self.metrics.batched(gevent.get_hub().loop.run_callback)
         self.pools = Pools(cfg.pool)
+        # Whether the host holds ip.address: told to the supervisor, which hands the worker
+        # no work while it does not (engine.sendingip).
+        self.sending_ip = SendingIp(ip.address)
+        self.sending_ip.on_change = self._sending_ip_changed
         # Warm-up counts survive a restart in the spool folder (writable under systemd).
         state = os.path.join(cfg.spool, f"shaping-{ip.address}.json")
         self.shaping = Shaping(plan_for(cfg, ip.address), state)
@@ -97,7 +102,8 @@ class Worker:
                                  cfg.pool.keepalive_count)
         connector = Connector(Identity(self.ip.address, self.ip.helo), resolver, tls,
                               cfg.smtp.timeouts, limits, self.metrics,
-                              DestinationPolicy.from_config(cfg.security), keepalive)
+                              DestinationPolicy.from_config(cfg.security), keepalive,
+                              self.sending_ip)
         return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
                          self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers})
 
@@ -109,6 +115,7 @@ class Worker:
         # per message: with the default thresholds the collector rescanned the first kind
         # over and over (the whole engine's loopback throughput gained ~10-20% without).
         gctune.settle_for_a_long_run()
+        self.sending_ip.check()  # a restart while the IP is gone says so in its hello
         self._send(protocol.stats_frame(self.ip.address, self._figures()))
         while not self._stopping:
             if self.tasks.poll(500):
@@ -241,15 +248,25 @@ class Worker:
         return {"in_flight": len(self.in_flight),
                 "connections_open": self.pools.open_connections,
                 "destinations": len(self.pools), "pid": os.getpid(),
-                "shaping": self.shaping.state()}
+                "shaping": self.shaping.state(), **self.sending_ip.figures()}
+
+    def _sending_ip_changed(self, sending_ip: SendingIp) -> None:
+        """The IP went down or came back: the supervisor hears it now, not at the next
+        second's stats, so that no more work comes meanwhile (down) or none waits (up).
+        Down, the idle connections go: the kernel keeps them, but they lead nowhere."""
+        if sending_ip.down:
+            self.pools.drop_idle()
+        self._send(protocol.stats_frame(self.ip.address, self._figures()))
 
     def _report_stats(self) -> None:
         self.metrics.memory()  # the first one at start-up, then every MEMORY_INTERVAL
         last_memory = time.monotonic()
         while True:
             gevent.sleep(STATS_INTERVAL)
+            self.sending_ip.check_due()
             figures = self._figures()
             self._send(protocol.stats_frame(self.ip.address, figures))
+            self.metrics.gauge("ip_down", "all", int(self.sending_ip.down))
             self.metrics.gauge("in_flight", "all", len(self.in_flight))
             self.metrics.gauge("connections_open", "all", self.pools.open_connections)
             for provider, shaper in self.shaping.items():

@@ -7,7 +7,11 @@ worker counts as `ready` once its first stats frame arrives: a task sent earlier
 could wait in a socket nobody reads. A worker that dies is restarted with
 back-off (RESTART_BACKOFF, reset after STABLE_AFTER seconds up); what it had in
 flight is simply due again. A reload retires the removed IPs' workers (drain,
-then forget) and replaces the others (drain, then a fresh worker at once).
+then forget) and replaces the others (drain, then a fresh worker at once); a new IP
+the host does not hold gets no worker (engine.hostcheck).
+
+A worker whose sending IP the host no longer holds says so in its stats frames
+(`ip_down`, engine.sendingip): it takes no new jobs until it reports the IP back.
 
 The worker's entry point is `bin/mailengine-worker` (it monkey-patches before
 anything else): beside the engine package in a checkout and in the Debian
@@ -29,7 +33,7 @@ from typing import Any
 import zmq
 
 import engine
-from engine import logs, sockets
+from engine import hostcheck, logs, sockets
 from engine.config import Config
 
 log = logging.getLogger("mailengine.supervisor")
@@ -54,6 +58,16 @@ class WorkerHandle:
     retiring: bool = False  # removed from the config: drain, then forget it
     replacing: bool = False  # draining for a reload: a fresh worker follows at once
     stats: dict[str, Any] = field(default_factory=dict)
+    ip_down_since: float | None = None  # the host does not hold the IP, says the worker
+
+    @property
+    def ip_down(self) -> bool:
+        return self.ip_down_since is not None
+
+    @property
+    def takes_jobs(self) -> bool:
+        """Ready, and its IP is an address of the host: a job sent now can leave."""
+        return self.ready and self.ip_down_since is None
 
     @property
     def alive(self) -> bool:
@@ -94,16 +108,19 @@ class Workers:
         self._start(handle)
 
     def on_stats(self, stats: dict[str, Any]) -> bool:
-        """A worker's stats frame; True when it made that worker ready (a fresh start)."""
+        """A worker's stats frame; True when it made that worker take jobs (a fresh start,
+        or its IP back)."""
         handle = self.handles.get(stats.get("ip"))  # type: ignore[arg-type]
         if handle is None:
             return False
+        took_jobs = handle.takes_jobs
         was_ready = handle.ready
         handle.stats = stats
         if handle.ready and not was_ready:
             log.info(logs.kv("worker_ready", ip=handle.ip, pid=stats.get("pid")))
-            return True
-        return False
+        if handle.ready:
+            _ip_held(handle, not stats.get("ip_down"), stats.get("ip_error"))
+        return handle.takes_jobs and not took_jobs
 
     def check(self, now: float) -> dict[str, bool]:
         """See deaths, start what is due to start, forget retired workers that are gone.
@@ -131,9 +148,10 @@ class Workers:
         for ip in old & new:
             self.handles[ip].replacing = True
             self._signal(self.handles[ip], signal.SIGTERM)
-        for ip in new - old:
+        added = {ip for ip in new - old if _may_add(ip)}
+        for ip in added:
             self.add(ip)
-        return new - old, old - new
+        return added, old - new
 
     # -- stopping ------------------------------------------------------------------
 
@@ -202,6 +220,30 @@ class Workers:
     def _signal(handle: WorkerHandle, signum: int) -> None:
         if handle.alive and handle.proc is not None:
             handle.proc.send_signal(signum)
+
+
+def _ip_held(handle: WorkerHandle, held: bool, error: object) -> None:
+    """What the worker's frame says of its IP: a change is logged (a warning when it goes)."""
+    if held == (handle.ip_down_since is None):
+        return
+    if held:
+        assert handle.ip_down_since is not None
+        down_for = round(time.monotonic() - handle.ip_down_since, 1)
+        handle.ip_down_since = None
+        log.warning(logs.kv("sending_ip_up", ip=handle.ip, down_for=down_for))
+    else:
+        handle.ip_down_since = time.monotonic()
+        log.warning(logs.kv("sending_ip_down", ip=handle.ip, error=error,
+                            in_flight=len(handle.jobs)))
+
+
+def _may_add(ip: str) -> bool:
+    """A reload's new IP, if the host holds it; else refused (an error line), no worker."""
+    err = hostcheck.bind_error(ip)
+    if err is None:
+        return True
+    log.error(logs.kv("reload_ip_refused", ip=ip, error=hostcheck.describe(ip, err)))
+    return False
 
 
 def worker_entry() -> str:

@@ -29,7 +29,18 @@ from engine.spoolhealth import SpoolHealth
 from engine.supervisor import Supervisor
 from engine.workers import WorkerHandle, Workers
 from tests.support.statsd_catcher import StatsdCatcher
-from tests.support.supervisor import IP2, IP3, NOW, RCPT, SCHEDULE, attempt, ipc_config
+from tests.support.supervisor import (
+    IP2,
+    IP3,
+    NOW,
+    RCPT,
+    SCHEDULE,
+    attempt,
+    ipc_config,
+    job_envelope,
+    stand_in_worker,
+    tasks,
+)
 
 # -- the parts wired together, in process ------------------------------------------------
 
@@ -109,49 +120,11 @@ class Parts:
         self.ctx.term()
 
 
-def stand_in_worker(ctx: zmq.Context, workers: Workers, ip: str, alive: bool,
-                    socks: list[zmq.Socket], procs: list[subprocess.Popen[bytes]],
-                    ) -> tuple[WorkerHandle, zmq.Socket]:
-    """A worker handle with a process behind it (alive, or exited) in `workers`, and the
-    other end of its task socket, which only the test reads."""
-    endpoint = sockets.ipc_endpoint(workers.cfg.run_dir, f"test-{ip}")
-    handle = WorkerHandle(ip, tasks=sockets.bind(ctx, zmq.PUSH, endpoint))
-    # As a real worker is ready only once it said hello: a task sent before the other end
-    # has connected and finished ZeroMQ's handshake cannot go (the job would be parked).
-    accepted = handle.tasks.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    handle.proc = subprocess.Popen(["sleep", "60"] if alive else ["true"])
-    procs.append(handle.proc)
-    if not alive:
-        handle.proc.wait(10)
-    handle.stats = {"pid": handle.proc.pid}
-    handle.started = time.monotonic()
-    workers.handles[ip] = handle
-    pull = ctx.socket(zmq.PULL)
-    pull.connect(endpoint)
-    socks.append(pull)
-    assert accepted.poll(5000), "the stand-in worker's task socket never connected"
-    handle.tasks.disable_monitor()
-    accepted.close(linger=0)
-    return handle, pull
-
-
 @pytest.fixture
 def parts(tmp_path: Path, sockdir: str) -> Iterator[Parts]:
     built = Parts(tmp_path, sockdir)
     yield built
     built.close()
-
-
-def tasks(pull: zmq.Socket) -> list[str]:
-    ids = []
-    while pull.poll(200):
-        ids.append(json.loads(pull.recv())["id"])
-        pull.recv()
-    return ids
-
-
-def job_envelope(job_id: str, **fields: Any) -> dict[str, Any]:
-    return {"id": job_id, "from": "s@example.test", "to": [RCPT], **fields}
 
 
 def test_intake_hands_out_what_the_room_allows_and_keeps_the_rest_in_memory(

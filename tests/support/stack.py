@@ -20,6 +20,7 @@ from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, Resolver
 from engine.pools import Pools
 from engine.protocol import Attempt, Task
+from engine.sendingip import SendingIp
 from engine.smtp import Keepalive, ReplyLimits
 from engine.tls import TlsPolicy
 from tests.support.playbook import CLIENT_IP, FAST, HELO, MESSAGE, SENDER
@@ -57,14 +58,16 @@ class Stack:
 
 def build(resolver: Resolver, *, ip: str = CLIENT_IP, tls: str = "none",
           timeouts: Timeouts = FAST, pool: PoolConfig = POOL,
-          policy: DestinationPolicy | None = None, metrics: Metrics | None = None) -> Stack:
+          policy: DestinationPolicy | None = None, metrics: Metrics | None = None,
+          sending_ip: SendingIp | None = None) -> Stack:
     """A stack sending from `ip`, its MX hosts found by `resolver`. `policy` None: the
-    default destination policy (loopback prohibited, routes exempt); `metrics` None: none."""
+    default destination policy (loopback prohibited, routes exempt); `metrics` None: none;
+    `sending_ip` None: the host's addresses as they are (bind tests of `ip`)."""
     metrics = metrics or Metrics(None, ip)
     tls_policy = TlsPolicy(tls)
     keepalive = Keepalive.of(pool.keepalive_idle, pool.keepalive_interval, pool.keepalive_count)
     connector = Connector(Identity(ip, HELO), resolver, tls_policy, timeouts, ReplyLimits(),
-                          metrics, policy, keepalive)
+                          metrics, policy, keepalive, sending_ip)
     pools = Pools(pool)
     deliverer = Deliverer(ip, tls, resolver, connector, pools, metrics)
     return Stack(deliverer, connector, pools, tls_policy, metrics)

@@ -177,7 +177,7 @@ def test_check_config_prints_warnings_and_exits_0(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path, "hostname: mta.example.com\nips: [192.0.2.10]\n"
                            "pools: {blue: [192.0.2.10]}\n")
-    assert cli.main(["check-config", "-q", "-c", path]) == 0
+    assert cli.main(["check-config", "-q", "--no-host-check", "-c", path]) == 0
     assert capsys.readouterr().err == ("mailengine: warning: pools: is now called ip_pools; "
                                        "rename the key (the old name is still accepted)\n")
 
