@@ -67,9 +67,12 @@ def stand_in_worker(ctx: zmq.Context, workers: Workers, ip: str, alive: bool,
 
 
 def tasks(pull: zmq.Socket) -> list[str]:
-    """The ids of the tasks waiting at a stand-in worker's end of its task socket."""
+    """The ids of the tasks waiting at a stand-in worker's end of its task socket: those
+    that arrive until none has for half a second (on a loaded machine ZeroMQ's I/O thread
+    can hold the rest of a batch longer than 200 ms; with a shorter quiet the last tasks
+    of a batch were missed now and then)."""
     ids = []
-    while pull.poll(200):
+    while pull.poll(500):
         ids.append(json.loads(pull.recv())["id"])
         pull.recv()
     return ids
