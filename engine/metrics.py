@@ -113,6 +113,9 @@ DECLARED: tuple[Metric, ...] = (
            " had delivered already (each one a copy the receiver got twice)", SUPERVISOR),
     Metric("taken_back", "counter", "hand-outs taken back from a worker: it died, could not"
            " read the task, or the hand-out outlived its deadline", SUPERVISOR),
+    Metric("clock_steps", "counter", "steps of the wall clock the supervisor noticed (more"
+           " than 5 s either way, or a start below the spool's latest time): logged, never"
+           " followed (engine.clock)", SUPERVISOR),
     # gauges
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),

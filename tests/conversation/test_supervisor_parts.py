@@ -18,6 +18,7 @@ import pytest
 import zmq
 
 from engine import events, protocol, sockets
+from engine.clock import EngineClock
 from engine.dispatch import Dispatcher, InFlight
 from engine.intake import Intake
 from engine.job import Job
@@ -37,7 +38,7 @@ from tests.support.supervisor import IP2, IP3, NOW, RCPT, SCHEDULE, attempt, ipc
 class Parts:
     """A spool, the workers' table, intake, dispatch and results, on real sockets."""
 
-    def __init__(self, tmp: Path, sockdir: str) -> None:
+    def __init__(self, tmp: Path, sockdir: str, clock: EngineClock | None = None) -> None:
         self.cfg = ipc_config(tmp, sockdir)
         self.ctx = zmq.Context()
         self.spool = Spool(self.cfg.spool)
@@ -46,14 +47,15 @@ class Parts:
         self.statsd = StatsdCatcher()
         self.metrics = Metrics.create("127.0.0.1", self.statsd.port, "t", "supervisor")
         self.dispatcher = Dispatcher(self.cfg, self.spool, self.workers, self.published.append,
-                                     self.metrics)
+                                     self.metrics, clock=clock)
         self.ingest = sockets.bind(self.ctx, zmq.PULL, self.cfg.ingest)
         self.health = SpoolHealth(self.metrics)
         self.intake = Intake(self.ingest, self.cfg, self.spool, self.published.append,
-                             self.metrics, self.health)
+                             self.metrics, self.health, clock=clock)
         pull = sockets.bind(self.ctx, zmq.PULL, self.workers.results_endpoint)
         self.results = Results(pull, self.spool, self.dispatcher, self.published.append,
-                               self.workers.on_stats, SCHEDULE, self.metrics, self.health)
+                               self.workers.on_stats, SCHEDULE, self.metrics, self.health,
+                               clock=clock)
         self.socks: list[zmq.Socket] = [self.ingest, pull]
         self.procs: list[subprocess.Popen[bytes]] = []
 
