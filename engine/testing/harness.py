@@ -40,7 +40,7 @@ def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]
 class LocalEngine:
     def __init__(self, workdir: str, smtp_port: int, ips: Iterable[str] = ("127.0.0.2",),
                  route: str | None = "127.0.0.1", extra: Mapping[str, Any] | None = None,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, env: Mapping[str, str] | None = None) -> None:
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         # ipc paths are limited to ~107 bytes: keep the sockets in a short folder.
@@ -64,6 +64,7 @@ class LocalEngine:
             self.config = deep_merge(self.config, extra)
         self.config_path = os.path.join(self.workdir, "mailengine.yaml")
         self.python = python
+        self.env = dict(env or {})  # added to the engine's environment (e.g. LD_PRELOAD)
         self.proc: subprocess.Popen[bytes] | None = None
         self._events_offset = 0
         self._events: list[dict[str, Any]] = []
@@ -81,6 +82,7 @@ class LocalEngine:
         env = dict(os.environ)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env.update(self.env)
         self.proc = subprocess.Popen([self.python, "-m", "engine.cli", "run", "-c",
                                       self.config_path], stdout=log, stderr=log, env=env)
         log.close()
