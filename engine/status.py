@@ -10,6 +10,7 @@ from typing import Any, cast
 import zmq
 
 from engine import config as config_mod
+from engine.clock import STEP_TOLERANCE
 
 
 def add_parser(sub: Any) -> None:
@@ -71,6 +72,7 @@ def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: fl
              f"spool: {spool['jobs']} jobs, {spool['rcpts_pending']} recipients pending,"
              f" {spool['rcpts_deferred']} deferred",
              *_unwritable(spool),
+             *_clock_stepped(spool),
              f"in flight: {figures['in_flight']} jobs", ""]
     rates = ""
     if previous is not None and elapsed > 0:
@@ -95,6 +97,16 @@ def _unwritable(spool: dict[str, Any]) -> list[str]:
         return []
     return [f"SPOOL NOT WRITABLE for {spool.get('failing_for')}s ({spool.get('error')}):"
             f" intake paused, {spool.get('results_unrecorded', 0)} results waiting in memory"]
+
+
+def _clock_stepped(spool: dict[str, Any]) -> list[str]:
+    """The line after a step of the wall clock (engine.clock); none otherwise."""
+    apart = float(spool.get("clock_apart", 0.0))
+    if abs(apart) <= STEP_TOLERANCE:
+        return []
+    return [f"CLOCK STEPPED: the wall clock is {abs(apart):.0f}s"
+            f" {'ahead of' if apart > 0 else 'behind'} the engine's time (due times and"
+            " expiry keep to the engine's; the spool rejoins the wall clock at a stop)"]
 
 
 def render_shaping(workers: dict[str, Any]) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from engine.spool import Spool
+from engine.status import render
 from engine.testing.harness import LocalEngine, make_message
 from engine.testing.sink import SinkServer
 from tests.support.wait import until
@@ -112,12 +113,14 @@ def test_an_hour_forward_then_back_neither_expires_mail_nor_stalls_its_retries(
     seen = [(e["event"], e["attempt"]) for e in events if e["id"] == "a" and "attempt" in e]
     assert seen == [*(("deferred", n) for n in range(1, 6)), ("delivered", 6)]
     gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
-    assert all(SCHEDULE - 0.1 <= gap <= SCHEDULE + 2.0 for gap in gaps), gaps
+    assert all(SCHEDULE - 0.1 <= gap <= SCHEDULE + 8.0 for gap in gaps), gaps  # not an hour
     assert not [e for e in engine.events() if e["event"] == "expired"]
     steps = re.findall(r"clock_step seconds=(\S+) direction=(\w+)",
                        Path(engine.log_path).read_text())
     assert [(round(float(s)), d) for s, d in steps] == [(3600, "forward"), (-7200, "back")]
-    assert engine.status()["spool"]["clock_apart"] == pytest.approx(-3600, abs=5)
+    figures = engine.status()
+    assert figures["spool"]["clock_apart"] == pytest.approx(-3600, abs=5)
+    assert "CLOCK STEPPED: the wall clock is 3600s behind" in render(figures, None, 0.0)
 
     assert engine.stop() == 0
     rejoined = re.findall(r"clock_rejoined seconds=(\S+)", Path(engine.log_path).read_text())
