@@ -1,6 +1,7 @@
 """Issue #14 (7): the whole engine's wall clock steps an hour forward, then back, while mail
 waits for its retries: nothing expires early, the retries keep their interval, the steps
-are logged, and at the stop the spool's times are moved onto the wall clock.
+are logged, and at the stop the spool's times are moved onto the wall clock; a step back
+while the engine is down stalls nothing either.
 
 The engine runs under libfaketime (Debian's `faketime`), its wall clock offset by what the
 test writes to FAKETIME_TIMESTAMP_FILE, read at every call; its monotonic clock stays real
@@ -127,3 +128,15 @@ def test_an_hour_forward_then_back_neither_expires_mail_nor_stalls_its_retries(
     assert [round(float(s)) for s in rejoined] == [-3600]
     with Spool(engine.config["spool"]) as spool:  # b, still deferred: on the wall clock's time
         assert spool.stats().oldest_queued_ts == pytest.approx(pushed - 3600, abs=5)
+
+    # A step back of an hour while the engine is down: it takes up where the spool left off.
+    offset.set(-7200)
+    retried = greylisting.tries["defer-me@example.test"]
+    before = len(retried)
+    engine.start()
+    until(lambda: len(retried) > before, 20, "b tried again after a step back while down",
+          engine.log_tail)
+    steps = re.findall(r"clock_step seconds=(\S+) direction=back",
+                       Path(engine.log_path).read_text())
+    # The floor is the spool's latest "now": the last result, a little before the stop.
+    assert len(steps) == 2 and float(steps[-1]) == pytest.approx(-3600, abs=10)
