@@ -1,9 +1,11 @@
 """Caps on what one sending IP may send to one provider: per hour, and per day while warming up.
 
-Both count turns taken (engine.shaping), in wall-clock time: messages per hour in one-minute
-buckets over the last hour; messages per UTC day against the warm-up schedule's cap for the
-IP's day of warm-up. A cap reached defers the message until the cap frees (the oldest minute
-leaves the hour, or the next UTC midnight): a `Deferral`, never an attempt.
+Both count turns taken (engine.shaping): messages per hour in one-minute buckets over the
+last hour, on the monotonic clock (an interval: a step of the wall clock neither empties the
+hour nor holds it shut for an hour more); messages per UTC day, a date of the wall clock,
+against the warm-up schedule's cap for the IP's day of warm-up. A cap reached defers the
+message until the cap frees (the oldest minute leaves the hour, or the next UTC midnight): a
+`Deferral`, never an attempt.
 """
 from __future__ import annotations
 
@@ -51,10 +53,12 @@ class Caps:
     """The hourly cap (`hourly`, 0: none) and the warm-up's daily cap (`daily_cap()`, None:
     none) of one sending IP x provider, with what was sent against them."""
 
-    def __init__(self, hourly: int, daily_cap: Callable[[], int | None], wall: Clock) -> None:
+    def __init__(self, hourly: int, daily_cap: Callable[[], int | None], wall: Clock,
+                 clock: Clock) -> None:
         self.hourly = hourly
         self._daily_cap = daily_cap
-        self._wall = wall
+        self._wall = wall  # the UTC day
+        self._clock = clock  # the hour (monotonic)
         self._hour = _Window()
         self.sent_today = 0
         self._day_start = self._day_end = 0.0  # the UTC day `today()` last formatted
@@ -64,8 +68,9 @@ class Caps:
     def reached(self) -> Deferral | None:
         """A Deferral if a cap is reached now, else None."""
         now = self._wall()
-        if self.hourly and self._hour.total(now) >= self.hourly:
-            return Deferral(max(self._hour.frees_at(), now + 1.0), "hourly limit")
+        if self.hourly and self._hour.total(self._clock()) >= self.hourly:
+            frees_in = self._hour.frees_at() - self._clock()
+            return Deferral(now + max(frees_in, 1.0), "hourly limit")
         cap = self._daily_cap()
         self._roll_day()
         if cap is not None and self.sent_today >= cap:
@@ -74,7 +79,7 @@ class Caps:
 
     def count(self) -> None:
         """One more message sent against both caps."""
-        self._hour.add(self._wall())
+        self._hour.add(self._clock())
         self.sent_today += 1
 
     @property

@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from engine import events, logs, sockets
+from engine.clock import EngineClock
 from engine.config import Config
 from engine.metrics import Metrics
 from engine.protocol import Attempt, Status, task_header
@@ -86,8 +87,9 @@ class Dispatcher:
     """Due jobs to the workers with room; the table of what is in flight."""
 
     def __init__(self, cfg: Config, spool: Spool, workers: Workers, publish: Publish,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, clock: EngineClock | None = None) -> None:
         self.cfg = cfg
+        self._clock = clock or EngineClock()  # the time the spool is written in
         self._metrics = metrics or Metrics(None, "supervisor")
         self._spool = spool
         self._workers = workers
@@ -127,7 +129,7 @@ class Dispatcher:
         self._parked = {j: t for j, t in self._parked.items() if t > now}
         skip = _Either(self.in_flight, self._parked)
         try:
-            due = self._spool.due(time.time(), room, skip, self._unsent)
+            due = self._spool.due(self._clock.now(), room, skip, self._unsent)
         except SpoolDamaged:
             raise  # not a passing failure: the supervisor stops (engine.supervisor)
         except SpoolError as err:  # setting a damaged row aside needs a write: next turn
@@ -233,7 +235,7 @@ class Dispatcher:
 
     def _dispatch(self, pending: Pending) -> bool:
         """Hand `pending` to a worker; False leaves it spooled for a later turn."""
-        if time.time() >= pending.expires_ts:
+        if self._clock.now() >= pending.expires_ts:
             self._expire(pending)
             return False
         job = pending.job
@@ -241,7 +243,10 @@ class Dispatcher:
         if handle is None:
             return False
         handout = next(self._handouts)
-        header = task_header(job.id, job.sender, pending.rcpts, pending.queued_ts,
+        # The worker times the delivery on its wall clock (engine.clock: after a step,
+        # the engine's time is not the wall clock's).
+        queued_on_wall = pending.queued_ts + self._clock.apart()
+        header = task_header(job.id, job.sender, pending.rcpts, queued_on_wall,
                              job.smtputf8, job.eightbit, handout)
         sock = handle.tasks
         assert sock is not None
@@ -288,10 +293,10 @@ class Dispatcher:
     def _expire(self, pending: Pending) -> None:
         """Record the job's pending recipients as expired, then publish it; if the spool
         cannot be written, the job stays as it is (due, so tried again next turn)."""
-        now = time.time()
+        now = self._clock.now()
         try:
             self._spool.record([RcptUpdate(pending.job.id, r, Status.EXPIRED,
-                                           reply=EXPIRED_REPLY) for r in pending.rcpts])
+                                           reply=EXPIRED_REPLY) for r in pending.rcpts], now)
         except SpoolDamaged:
             raise
         except SpoolError as err:

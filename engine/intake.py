@@ -17,12 +17,12 @@ ingest socket until the spool is tried again (engine.spoolhealth).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import zmq
 
 from engine import crash, events, logs, sockets
+from engine.clock import EngineClock
 from engine.config import Config
 from engine.job import Job, JobRejected, parse_job
 from engine.metrics import Metrics
@@ -41,8 +41,10 @@ class Intake:
     """Reads the ingest socket; `take()` accepts what is waiting there."""
 
     def __init__(self, sock: zmq.Socket, cfg: Config, spool: Spool, publish: Publish,
-                 metrics: Metrics, health: SpoolHealth | None = None) -> None:
+                 metrics: Metrics, health: SpoolHealth | None = None,
+                 clock: EngineClock | None = None) -> None:
         self.sock = sock
+        self._clock = clock or EngineClock()  # the time the spool is written in
         self.cfg = cfg
         self._spool = spool
         self._publish = publish
@@ -62,7 +64,7 @@ class Intake:
                 if (job := self._validate(frames)) is not None]
         if not jobs:
             return []
-        accepted_at = time.time()
+        accepted_at = self._clock.now()
         done, accepted = self._spool_what_fits(jobs, accepted_at)
         crash.point("after_spool_commit", len(done))
         fresh = {id(job) for job in accepted}

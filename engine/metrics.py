@@ -118,6 +118,9 @@ DECLARED: tuple[Metric, ...] = (
     Metric("resent_after_loss", "counter", "recipients sent again after their worker died"
            " (killed, crashed) without reporting them: each may be a second copy at the"
            " receiver", SUPERVISOR),
+    Metric("clock_steps", "counter", "steps of the wall clock the supervisor noticed (more"
+           " than 5 s either way, or a start below the spool's latest time): logged, never"
+           " followed (engine.clock)", SUPERVISOR),
     # gauges
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),

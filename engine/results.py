@@ -16,6 +16,7 @@ no attempt.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import zmq
 
 from engine import crash, events, logs, protocol, retry, sockets
+from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.dispatch import Dispatcher, InFlight
 from engine.metrics import Metrics
 from engine.protocol import Attempt, Status
@@ -85,10 +87,26 @@ def plan_late(attempt: Attempt, earlier: InFlight | None
 def _next_attempt(attempt: Attempt, flight: InFlight, number: int, now: float,
                   schedule: Sequence[float]) -> float | None:
     """When a deferred recipient is tried again: when shaping said (a throttle, a wait),
-    else by the retry schedule; None when that is past the job's expiry."""
+    else by the retry schedule; None when that is past the job's expiry.
+
+    Shaping's time is the worker's wall clock, the attempt's `ts` too: only the wait
+    between them is taken, from `now` (the engine's time), so that a step of the wall
+    clock, which the engine's time does not follow (engine.clock), moves no retry."""
     if attempt.retry_at is not None:
-        return attempt.retry_at if attempt.retry_at < flight.expires_ts else None
+        at = now + max(0.0, attempt.retry_at - attempt.ts)
+        return at if at < flight.expires_ts else None
     return retry.next_attempt(schedule, number, now, flight.expires_ts)
+
+
+def _on_engine_time(attempts: list[Attempt], apart: float) -> list[Attempt]:
+    """The attempts with their times (`ts`, `retry_at`: the worker's wall clock) on the
+    engine's, `apart` (the wall clock minus the engine's time) from it: after a step of the
+    wall clock (engine.clock), an event's `delay_ms` is the delay, not the step."""
+    if abs(apart) <= STEP_TOLERANCE:
+        return attempts
+    return [dataclasses.replace(a, ts=a.ts - apart,
+                                retry_at=None if a.retry_at is None else a.retry_at - apart)
+            for a in attempts]
 
 
 class Results:
@@ -98,8 +116,9 @@ class Results:
                  publish: Publish, on_stats: Callable[[dict[str, Any]], None],
                  schedule: Sequence[float], metrics: Metrics | None = None,
                  health: SpoolHealth | None = None, window: float = RESULTS_WINDOW,
-                 group: int = RESULTS_GROUP) -> None:
+                 group: int = RESULTS_GROUP, clock: EngineClock | None = None) -> None:
         self.sock = sock
+        self._clock = clock or EngineClock()  # the time the spool is written in
         self.schedule = schedule  # the retry schedule (config `retry.schedule`)
         self.window = window
         self.group = group
@@ -195,10 +214,11 @@ class Results:
     def _record(self, attempts: list[Attempt]) -> None:
         """Spool first, then events: an event never announces what could be lost. Nothing
         changes before the spool has the batch (SpoolError: the batch can be tried again)."""
-        now = time.time()
+        now = self._clock.now()
+        attempts = _on_engine_time(attempts, self._clock.apart())
         finals: set[tuple[str, str]] = set()  # recipients this batch makes final
         planned = [self._plan(a, now, finals) for a in attempts]
-        self._spool.record([update for update, _, _ in planned if update is not None])
+        self._spool.record([update for update, _, _ in planned if update is not None], now)
         for attempt, (update, event, kind) in zip(attempts, planned, strict=True):
             if event is not None:
                 self._publish(event)

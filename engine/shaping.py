@@ -92,7 +92,7 @@ class ProviderShaper:
         self.rate = AllowedRate(limits.rate, throttle, clock())
         self.pacer = Pacer(self.rate.spacing, self.rate.time_for, clock, lambda: self.epoch)
         self.pushback = Pushback(throttle.pushback_after)
-        self.caps = Caps(limits.hourly, daily_cap or (lambda: None), wall)
+        self.caps = Caps(limits.hourly, daily_cap or (lambda: None), wall, clock)
         self.suspended_until = 0.0  # monotonic
         self.triggers: collections.Counter[str] = collections.Counter()  # throttles, by why
         self._recent: deque[float] = deque()  # send times of the last 10 s: the current rate

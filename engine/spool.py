@@ -339,6 +339,26 @@ class Spool:
         except sqlite3.Error:
             pass
 
+    def latest_now(self) -> float:
+        """The latest "now" the spool holds (a job's acceptance, a job's end), 0.0 if none:
+        the engine's clock never starts below it (engine.clock)."""
+        with self._reading():
+            (queued,) = self._conn.execute("SELECT MAX(queued_ts) FROM jobs").fetchone()
+            (finished,) = self._conn.execute("SELECT MAX(ts) FROM finished").fetchone()
+        return max(float(queued or 0.0), float(finished or 0.0))
+
+    def shift(self, seconds: float) -> None:
+        """Move every time the spool holds by `seconds`, in one transaction: the spool's
+        times re-expressed on a clock that is `seconds` ahead of the one that wrote them
+        (engine.clock: the wall clock, at a stop after a step)."""
+        with self._write() as conn:
+            conn.execute("UPDATE jobs SET queued_ts = queued_ts + ?1,"
+                         " expires_ts = expires_ts + ?1, next_attempt = next_attempt + ?1",
+                         (seconds,))
+            conn.execute("UPDATE rcpts SET next_attempt = next_attempt + ? WHERE"
+                         " status = 'pending'", (seconds,))
+            conn.execute("UPDATE finished SET ts = ts + ?", (seconds,))
+
     def prune_finished(self, now: float) -> int:
         """Forget finished ids older than the dedupe window; returns how many."""
         with self._write() as conn:

@@ -10,6 +10,7 @@ from typing import Any, cast
 import zmq
 
 from engine import config as config_mod
+from engine.clock import STEP_TOLERANCE
 
 
 def add_parser(sub: Any) -> None:
@@ -72,6 +73,7 @@ def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: fl
              f" {spool['rcpts_deferred']} deferred",
              *_unwritable(spool),
              *_ips_down(figures["workers"]),
+             *_clock_stepped(spool),
              f"in flight: {figures['in_flight']} jobs", ""]
     rates = ""
     if previous is not None and elapsed > 0:
@@ -105,6 +107,16 @@ def _ips_down(workers: dict[str, Any]) -> list[str]:
     return [f"SENDING IP {ip} DOWN for {w.get('ip_down_for')}s ({w.get('ip_error')}):"
             f" no new jobs for it; its pools' mail goes to their other IPs"
             for ip, w in sorted(workers.items()) if w.get("ip_down")]
+
+
+def _clock_stepped(spool: dict[str, Any]) -> list[str]:
+    """The line after a step of the wall clock (engine.clock); none otherwise."""
+    apart = float(spool.get("clock_apart", 0.0))
+    if abs(apart) <= STEP_TOLERANCE:
+        return []
+    return [f"CLOCK STEPPED: the wall clock is {abs(apart):.0f}s"
+            f" {'ahead of' if apart > 0 else 'behind'} the engine's time (due times and"
+            " expiry keep to the engine's; the spool rejoins the wall clock at a stop)"]
 
 
 def render_shaping(workers: dict[str, Any]) -> list[str]:

@@ -39,6 +39,7 @@ import zmq
 
 from engine import auth, control, events, gctune, hostcheck, logs, sockets
 from engine import config as config_mod
+from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.config import Config
 from engine.dispatch import Dispatcher
 from engine.intake import INGEST_HWM, Intake
@@ -71,6 +72,8 @@ class Supervisor:
         self.curve = auth.CurveServer(cfg.security.curve) if cfg.security.curve.enabled else None
         self.zctx = zmq.Context()
         self.spool = Spool(cfg.spool, on_corrupt=self._set_aside)
+        # Every time the spool holds is the engine's (engine.clock), never below its latest.
+        self.clock = EngineClock(floor=self.spool.latest_now())
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
                                       "supervisor", cfg.statsd.enabled)
         self.metrics.batched()  # packed into few packets, sent at the end of each loop pass
@@ -85,12 +88,14 @@ class Supervisor:
         self.events = events.EventPublisher(pub, cfg.events_log)
         self.workers = Workers(self.zctx, cfg, config_path)
         self.dispatcher = Dispatcher(cfg, self.spool, self.workers, self._publish,
-                                     self.metrics)
-        self.intake = Intake(ingest, cfg, self.spool, self._publish, self.metrics, self.health)
+                                     self.metrics, self.clock)
+        self.intake = Intake(ingest, cfg, self.spool, self._publish, self.metrics, self.health,
+                             self.clock)
         results_sock = sockets.bind(self.zctx, zmq.PULL, self.workers.results_endpoint,
                                     {zmq.RCVHWM: RESULTS_HWM})
         self.results = Results(results_sock, self.spool, self.dispatcher, self._publish,
-                               self._on_stats, cfg.retry.schedule, self.metrics, self.health)
+                               self._on_stats, cfg.retry.schedule, self.metrics, self.health,
+                               clock=self.clock)
         self.control = control.Control(control_sock, self.status)
         self._stopping = False
         self._reload = False
@@ -209,6 +214,7 @@ class Supervisor:
         that came, see dead workers and restart them, hand out what is due."""
         # Every result already here is recorded before a death is seen (Results.flush),
         # those still in the socket (unwatched while results are held) included.
+        self._notice_clock_step()
         self.results.collect()
         self.results.flush()
         # A dead worker's jobs go out again only once every result already here is
@@ -230,7 +236,7 @@ class Supervisor:
         self.dispatcher.take_back_overdue(now)
         if self.health.writable:
             try:
-                self.spool.prune_finished(time.time())
+                self.spool.prune_finished(self.clock.now())
             except SpoolDamaged:
                 raise
             except SpoolError as err:
@@ -242,6 +248,15 @@ class Supervisor:
                            self.results.held if not self.health.writable else 0)
         self.metrics.gauge("spool_depth", "all", self.spool.stats().rcpts_pending)
         self.metrics.memory()
+
+    def _notice_clock_step(self) -> None:
+        """A step of the wall clock is logged and counted, never followed (engine.clock)."""
+        step = self.clock.step()
+        if step is not None:
+            self.metrics.incr("clock_steps", "all")
+            log.warning(logs.kv("clock_step", seconds=round(step, 1),
+                                direction="forward" if step > 0 else "back",
+                                apart=round(self.clock.apart(), 1)))
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
         if self.workers.on_stats(stats):  # a (re)started worker: its jobs may go now
@@ -258,7 +273,7 @@ class Supervisor:
                                           f" read ({job.reason})")
         for rcpt, attempts in job.pending or (("", 0),):
             attempt = Attempt(job_id=job.job_id, rcpt=rcpt, status=Status.BOUNCED, reply=reply,
-                              ip="", ts=time.time())
+                              ip="", ts=self.clock.now())
             self._publish(events.attempt_event(attempt, Status.BOUNCED, job.meta, attempts,
                                                job.queued_ts))
 
@@ -272,7 +287,8 @@ class Supervisor:
                               self.workers, self.health.state() | {
                                   "results_unrecorded": self.results.held
                                   if not self.health.writable else 0,
-                                  "intake_paused": not self.health.writable})
+                                  "intake_paused": not self.health.writable,
+                                  "clock_apart": round(self.clock.apart(), 1)})
 
     def _on_term(self, signum: int, frame: object) -> None:
         self._stopping = True
@@ -334,6 +350,7 @@ class Supervisor:
         self.events.flush()
         self.events.close()
         self.metrics.flush()
+        self._rejoin_wall_clock()
         left = self.spool.stats()
         self.spool.close()
         log.info(logs.kv("stopped", jobs_spooled=left.jobs, rcpts_pending=left.rcpts_pending))
@@ -341,6 +358,20 @@ class Supervisor:
             self.curve.stop()
         self.zctx.destroy(linger=1000)
         return 0
+
+    def _rejoin_wall_clock(self) -> None:
+        """After a step, the spool's times moved onto the wall clock's, where the next run
+        (anchored to it) expects them; if they cannot be, that run finds them as they are
+        (a step back: its floor; a step forward: queued mail older by the step)."""
+        apart = self.clock.apart()
+        if abs(apart) <= STEP_TOLERANCE:
+            return
+        try:
+            self.spool.shift(apart)
+        except SpoolError as err:
+            log.warning(logs.kv("clock_not_rejoined", seconds=round(apart, 1), error=err))
+            return
+        log.info(logs.kv("clock_rejoined", seconds=round(apart, 1)))
 
     def _record_results_within(self, seconds: float) -> bool:
         """Record the results that arrive within `seconds`; False if none came."""

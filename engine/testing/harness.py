@@ -69,8 +69,8 @@ class LocalEngine:
             self.config = deep_merge(self.config, extra)
         self.config_path = os.path.join(self.workdir, "mailengine.yaml")
         self.python = python
-        self.env = dict(env or {})
-        self.wrapper = list(wrapper)
+        self.env = dict(env or {})  # added to the engine's environment (e.g. LD_PRELOAD)
+        self.wrapper = list(wrapper)  # a command to run the engine under (strace)
         self.proc: subprocess.Popen[bytes] | None = None
         self._events_offset = 0
         self._events: list[dict[str, Any]] = []

@@ -17,107 +17,26 @@ from typing import Any
 import pytest
 import zmq
 
-from engine import events, protocol, sockets
-from engine.dispatch import Dispatcher, InFlight
-from engine.intake import Intake
+from engine import protocol
+from engine.dispatch import InFlight
 from engine.job import Job
-from engine.metrics import Metrics
 from engine.protocol import Status
 from engine.results import Results
 from engine.spool import RcptUpdate, Spool
-from engine.spoolhealth import SpoolHealth
 from engine.supervisor import Supervisor
-from engine.workers import WorkerHandle, Workers
-from tests.support.statsd_catcher import StatsdCatcher
 from tests.support.supervisor import (
     IP2,
     IP3,
     NOW,
     RCPT,
     SCHEDULE,
+    Parts,
     attempt,
     ipc_config,
     job_envelope,
     stand_in_worker,
     tasks,
 )
-
-# -- the parts wired together, in process ------------------------------------------------
-
-
-class Parts:
-    """A spool, the workers' table, intake, dispatch and results, on real sockets."""
-
-    def __init__(self, tmp: Path, sockdir: str) -> None:
-        self.cfg = ipc_config(tmp, sockdir)
-        self.ctx = zmq.Context()
-        self.spool = Spool(self.cfg.spool)
-        self.published: list[events.Event] = []
-        self.workers = Workers(self.ctx, self.cfg, None)
-        self.statsd = StatsdCatcher()
-        self.metrics = Metrics.create("127.0.0.1", self.statsd.port, "t", "supervisor")
-        self.dispatcher = Dispatcher(self.cfg, self.spool, self.workers, self.published.append,
-                                     self.metrics)
-        self.ingest = sockets.bind(self.ctx, zmq.PULL, self.cfg.ingest)
-        self.health = SpoolHealth(self.metrics)
-        self.intake = Intake(self.ingest, self.cfg, self.spool, self.published.append,
-                             self.metrics, self.health)
-        pull = sockets.bind(self.ctx, zmq.PULL, self.workers.results_endpoint)
-        self.results = Results(pull, self.spool, self.dispatcher, self.published.append,
-                               self.workers.on_stats, SCHEDULE, self.metrics, self.health)
-        self.socks: list[zmq.Socket] = [self.ingest, pull]
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def worker(self, ip: str, alive: bool) -> tuple[WorkerHandle, zmq.Socket]:
-        return stand_in_worker(self.ctx, self.workers, ip, alive, self.socks, self.procs)
-
-    def reporter(self) -> zmq.Socket:
-        """A worker's end of the results socket."""
-        sock = self.ctx.socket(zmq.PUSH)
-        sock.connect(self.workers.results_endpoint)
-        self.socks.append(sock)
-        return sock
-
-    def push(self, envelopes: list[dict[str, Any]]) -> None:
-        """Jobs into the ingest socket; returns once the first can be read."""
-        producer = self.ctx.socket(zmq.PUSH)
-        producer.connect(self.cfg.ingest)
-        self.socks.append(producer)
-        for envelope in envelopes:
-            producer.send_multipart([json.dumps(envelope).encode(), b"Subject: x\r\n\r\nhi\r\n"])
-        assert self.ingest.poll(5000), "the jobs never reached the ingest socket"
-
-    def answer(self, status: Status, job_id: str = "j", **fields: Any) -> Any:
-        """A worker's result for the job's current hand-out."""
-        return attempt(status, job_id=job_id,
-                       handout=self.dispatcher.in_flight[job_id].handout, **fields)
-
-    def report(self, *results: Any) -> None:
-        """Results through a worker's end of the results socket, collected and recorded."""
-        if not hasattr(self, "_reporter"):
-            self._reporter = self.reporter()
-        self._reporter.send(protocol.result_frame(list(results)))
-        assert self.results.sock.poll(5000)
-        self.results.collect()
-        self.results.flush()
-
-    def counted(self, metric: str) -> float:
-        self.statsd.sync()
-        return self.statsd.counter_sum(f"t.supervisor.all.{metric}")
-
-    def names(self) -> list[str]:
-        return [name for name, _ in self.published]
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-            proc.wait(10)
-        for sock in [*self.socks, *(h.tasks for h in self.workers if h.tasks is not None)]:
-            sock.close(linger=0)
-        self.spool.close()
-        self.metrics.close()
-        self.statsd.stop()
-        self.ctx.term()
 
 
 @pytest.fixture

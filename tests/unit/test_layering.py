@@ -24,7 +24,7 @@ ENGINE = ROOT / "engine"
 SUPERVISOR_SIDE = ("engine.supervisor", "engine.intake", "engine.results", "engine.dispatch",
                    "engine.workers", "engine.control", "engine.spool", "engine.events",
                    "engine.job", "engine.address", "engine.sockets", "engine.retry",
-                   "engine.auth", "engine.salvage")
+                   "engine.auth", "engine.salvage", "engine.clock")
 WORKER_SIDE = ("engine.worker", "engine.delivery", "engine.connector", "engine.pool",
                "engine.shaping", "engine.smtp", "engine.mx", "engine.tls", "engine.waiters")
 SMTP_LAYER = ("engine.smtp",)

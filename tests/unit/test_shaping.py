@@ -29,6 +29,7 @@ from engine.shaping import (
     Verdict,
     plan_for,
 )
+from tests.support.clocks import Clocks
 from tests.support.shaping import UNPACED, FakeTime, limits, shaper
 
 OK = Reply(250, "2.0.0", "ok")
@@ -85,6 +86,24 @@ def test_hourly_cap_defers_until_the_oldest_minute_leaves_the_hour() -> None:
     assert isinstance(deferral, Deferral) and deferral.reason == "hourly limit"
     assert t.now < deferral.retry_at <= t.now + 3600
     t.now = deferral.retry_at + 1
+    assert took(s.turn())
+
+
+@pytest.mark.parametrize("step", [3600.0, -3600.0], ids=["forward", "back"])
+def test_a_step_of_the_wall_clock_neither_opens_nor_shuts_the_hourly_cap(step: float) -> None:
+    """Issue #14 (7): the hour is an interval, on the monotonic clock; the Deferral's
+    retry_at is on the wall clock, the time the worker's results carry."""
+    clocks = Clocks(1_800_000_000.0 + 1800)  # half past: the UTC day is the same after a step
+    s = ProviderShaper("example.net", limits(hourly=5), UNPACED, 0.0, lambda: None,
+                       clocks.monotonic, clocks.wall)
+    for _ in range(5):
+        assert took(s.turn())
+    clocks.advance(600)
+    clocks.step(step)
+    deferral = s.turn()
+    assert isinstance(deferral, Deferral) and deferral.reason == "hourly limit"
+    assert clocks.wall_now + 2900 <= deferral.retry_at <= clocks.wall_now + 3000
+    clocks.advance(deferral.retry_at - clocks.wall_now)
     assert took(s.turn())
 
 

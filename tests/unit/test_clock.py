@@ -1,0 +1,84 @@
+"""engine.clock: the engine's time follows the monotonic clock, notices a step of the wall
+clock and never follows it. A pair of hand-moved clocks (`Clocks`) stands in for the
+system's; the supervisor's parts on this clock are tests/conversation/test_clock_steps.py,
+the whole engine under libfaketime tests/engine/test_clock_steps.py."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.clock import STEP_TOLERANCE, EngineClock
+from engine.job import Job
+from engine.spool import Spool
+from tests.support.clocks import Clocks
+
+NOW = 1_800_000_000.0
+
+
+def test_the_engines_time_starts_at_the_wall_clock_and_advances_with_the_monotonic_one(
+        ) -> None:
+    clocks = Clocks(NOW)
+    clock = clocks.engine_clock()
+    assert clock.now() == NOW
+    clocks.advance(42.5)
+    assert clock.now() == NOW + 42.5
+    assert clock.apart() == 0.0 and clock.step() is None
+
+
+@pytest.mark.parametrize("seconds", [3600.0, -3600.0])
+def test_a_step_of_the_wall_clock_is_noticed_once_and_not_followed(seconds: float) -> None:
+    clocks = Clocks(NOW)
+    clock = clocks.engine_clock()
+    clocks.advance(10)
+    clocks.step(seconds)
+    assert clock.now() == NOW + 10  # not followed
+    assert clock.apart() == seconds
+    assert clock.step() == seconds  # noticed, with its direction
+    clocks.advance(60)
+    assert clock.step() is None  # once
+    assert clock.now() == NOW + 70
+    clocks.step(-seconds)  # and back again: a step of its own
+    assert clock.step() == -seconds and clock.apart() == 0.0
+
+
+def test_a_drift_within_the_tolerance_is_no_step() -> None:
+    clocks = Clocks(NOW)
+    clock = clocks.engine_clock()
+    clocks.step(STEP_TOLERANCE)
+    assert clock.step() is None
+    clocks.step(STEP_TOLERANCE / 2)  # added up since the last step noticed, not per call
+    assert clock.step() == pytest.approx(1.5 * STEP_TOLERANCE)
+
+
+def test_the_engines_time_never_starts_below_the_floor_and_says_so() -> None:
+    """A step back while the engine was down: its time takes up where the spool left it,
+    and the first check reports the step."""
+    clocks = Clocks(NOW - 3600)
+    clock = clocks.engine_clock(floor=NOW)
+    assert clock.now() == NOW
+    assert clock.step() == -3600.0
+    assert clock.step() is None
+    assert clocks.engine_clock(floor=NOW - 7200).now() == NOW - 3600  # below: the wall clock
+
+
+def test_the_spools_latest_now_and_a_shift_of_its_times(tmp_path: Path) -> None:
+    with Spool(str(tmp_path)) as spool:
+        assert spool.latest_now() == 0.0
+        jobs = [Job(id=f"j{i}", sender="s@example.test", rcpts=("r@example.test",),
+                    message=b"x\r\n") for i in range(2)]
+        spool.accept(jobs[:1], NOW, 600.0)
+        spool.accept(jobs[1:], NOW + 5, 600.0)
+        assert spool.latest_now() == NOW + 5
+        spool.shift(-100.0)
+        assert spool.latest_now() == NOW - 95
+        assert [p.job.id for p in spool.due(NOW - 95, 10)] == ["j0", "j1"]
+        assert [p.expires_ts for p in spool.due(NOW - 95, 10)] == [NOW + 500, NOW + 505]
+        assert spool.due(NOW - 101, 10) == []
+
+
+def test_an_engine_clock_over_the_real_clocks_reads_them() -> None:
+    before = time.time()
+    now = EngineClock().now()
+    assert before - 1 <= now <= time.time() + 1
