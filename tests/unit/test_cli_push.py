@@ -94,3 +94,19 @@ def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch: pytest.MonkeyP
         " tcp://127.0.0.1:5570",
         "mailengine push: 4 of 10 answered (4 accepted, 0 rejected)"]
     assert terminal.getvalue().count("\r") == 2 and terminal.getvalue().endswith("\n")
+
+
+@pytest.mark.timeout(30)
+def test_a_source_that_fails_while_sending_stops_reading_and_says_why() -> None:
+    """The file changed between the count and the send: what was read is finished, the
+    rest is counted not acknowledged, and the exit status is 2."""
+    def jobs(engine: StandinEngine) -> Iterator[Job]:
+        yield from tiny_jobs(5, engine, [])
+        raise ValueError("jobs.jsonl:6: not a job (Expecting value)")
+
+    with StandinEngine() as engine:
+        pusher = push.Pusher(engine.ingest, engine.events, resend=3.0, timeout=20)
+        tally = pusher.push(jobs(engine), 8)
+    assert (tally.accepted, tally.unacknowledged.count, tally.exit_status()) == (5, 3, 2)
+    assert tally.lines("tcp://x:1")[-1] == (
+        "  stopped reading: jobs.jsonl:6: not a job (Expecting value)")
