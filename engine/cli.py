@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import __version__, cliargs
 from engine import config as config_mod
 from engine.spoolfile import SpoolError
+
+if TYPE_CHECKING:
+    from engine.startcheck import Busy
 
 RUNNING_ENGINE_WAIT = 2.0  # seconds for a running engine to answer check-config's `status`
 
@@ -167,19 +171,20 @@ def _host_lacks(cfg: config_mod.Config) -> bool:
     return bool(problems)
 
 
-def _running_engine(control: str) -> Callable[[Any], bool]:
+def _running_engine(control: str) -> Callable[[Busy], bool]:
     """Whether a busy endpoint is held by the engine answering on `control` (asked once,
     and only if an endpoint is busy)."""
     from engine import startcheck, status
-    answer: list[int | None] = []
 
-    def is_ours(busy: startcheck.Busy) -> bool:
-        if not answer:
-            try:
-                answer.append(int(status.query(control, RUNNING_ENGINE_WAIT)["pid"]))
-            except (TimeoutError, ValueError, KeyError, TypeError):
-                answer.append(None)
-        pid = answer[0]
+    @functools.cache
+    def engine_pid() -> int | None:
+        try:
+            return int(status.query(control, RUNNING_ENGINE_WAIT)["pid"])
+        except (TimeoutError, ValueError, KeyError, TypeError):  # none, or not an engine
+            return None
+
+    def is_ours(busy: Busy) -> bool:
+        pid = engine_pid()
         return pid is not None and startcheck.held_by(busy, pid)
     return is_ours
 
