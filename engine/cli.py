@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from engine import __version__
+from engine import __version__, cliargs
 from engine import config as config_mod
 from engine.spoolfile import SpoolError
+
+if TYPE_CHECKING:
+    from engine.startcheck import Busy
+
+RUNNING_ENGINE_WAIT = 2.0  # seconds for a running engine to answer check-config's `status`
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,20 +31,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailengine", description=__doc__)
+    parser = cliargs.Parser(prog="mailengine", description=__doc__)
     parser.add_argument("--version", action="version", version=f"mailengine {__version__}")
     sub = parser.add_subparsers(metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the engine (supervisor and workers) in the foreground")
+    run = sub.add_parser("run", help="run the engine (supervisor and workers) in the foreground",
+                         description="Run the engine in the foreground: the supervisor and one"
+                                     " worker per sending IP, until SIGTERM or SIGINT, which"
+                                     " drain it; SIGHUP reloads the config. The start-up checks"
+                                     " of check-config come first. Exit status: 0 stopped,"
+                                     " 1 could not start, 2 a bad config, a host that lacks"
+                                     " what it needs, or a damaged spool (not worth a restart).")
     _config_arg(run)
     run.set_defaults(func=_run)
 
-    check = sub.add_parser("check-config", help="validate a config file and print it in full")
+    check = sub.add_parser("check-config", help="validate a config file and print it in full",
+                           description="Validate a config file and print the effective"
+                                       " config; then check this host: the sending IPs are"
+                                       " its own, smtp.ca_file loads, the spool, run_dir and"
+                                       " events_log can be written, the endpoints are free"
+                                       " (or held by the engine running this config). Exit"
+                                       " status 2 with one line per problem.")
     _config_arg(check)
     check.add_argument("-q", "--quiet", action="store_true", help="print nothing when valid")
     check.add_argument("--no-host-check", action="store_true",
-                       help="do not check that this host holds the sending IPs (to check a"
-                            " file meant for another machine)")
+                       help="check the file only, not this host (for a file meant for"
+                            " another machine)")
     check.set_defaults(func=_check_config)
 
     from engine import push
@@ -57,12 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     keygen.set_defaults(func=_keygen)
 
     demo = sub.add_parser("demo", help="deliver a few hundred messages to a local SMTP server"
-                                       " and show what happened")
-    demo.add_argument("-n", "--messages", type=int, default=300)
+                                       " and show what happened",
+                          description="Start an engine and a local SMTP sink in a temporary"
+                                      " folder, deliver messages through them and show the"
+                                      " events and figures.")
+    demo.add_argument("-n", "--messages", type=int, default=300,
+                      help="how many messages (default 300)")
     demo.add_argument("--keep", action="store_true", help="keep the demo's folder")
     demo.set_defaults(func=_demo)
 
-    worker = sub.add_parser("worker", help="one delivery worker (normally started by `run`)")
+    # Internal (bin/mailengine-worker runs it; `run` starts workers): with no `help`,
+    # argparse leaves it out of the list (help=SUPPRESS shows "==SUPPRESS==" before 3.13).
+    worker = sub.add_parser("worker", description="One delivery worker, started by `run`.")
     worker.add_argument("rest", nargs=argparse.REMAINDER)
     worker.set_defaults(func=_worker)
     return parser
@@ -126,20 +151,42 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     for warning in cfg.warnings:  # it loads: still valid, exit 0
         print(f"mailengine: warning: {warning}", file=sys.stderr)
-    if not args.no_host_check and _sending_ips_missing(cfg):
+    if not args.no_host_check and _host_lacks(cfg):
         return 2
     if not args.quiet:
         print(json.dumps(config_mod.to_dict(cfg), indent=2))
     return 0
 
 
-def _sending_ips_missing(cfg: config_mod.Config) -> bool:
-    """Say which sending IPs this host does not hold (engine.hostcheck); True if any."""
-    from engine import hostcheck
-    problems = hostcheck.problems(cfg.ips)
+def _host_lacks(cfg: config_mod.Config) -> bool:
+    """Say what this host lacks for `cfg` (engine.startcheck); True if anything.
+
+    An endpoint in use is fine when the engine running this config holds it (a
+    `systemctl reload` checks the file while it runs): the engine that answers `status`
+    on the config's `control`, its pid's sockets matched in /proc."""
+    from engine import startcheck
+    problems = startcheck.problems(cfg, is_ours=_running_engine(cfg.control))
     for problem in problems:
         print(f"mailengine: {problem}", file=sys.stderr)
     return bool(problems)
+
+
+def _running_engine(control: str) -> Callable[[Busy], bool]:
+    """Whether a busy endpoint is held by the engine answering on `control` (asked once,
+    and only if an endpoint is busy)."""
+    from engine import startcheck, status
+
+    @functools.cache
+    def engine_pid() -> int | None:
+        try:
+            return int(status.query(control, RUNNING_ENGINE_WAIT)["pid"])
+        except (TimeoutError, ValueError, KeyError, TypeError):  # none, or not an engine
+            return None
+
+    def is_ours(busy: Busy) -> bool:
+        pid = engine_pid()
+        return pid is not None and startcheck.held_by(busy, pid)
+    return is_ours
 
 
 def _spool_check(args: argparse.Namespace) -> int:

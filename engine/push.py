@@ -4,9 +4,17 @@ A job counts as accepted only when the engine publishes `queued` for its id
 (it is then fsynced in the spool). Until then push re-sends it with the same id
 (the engine ignores a duplicate id, and acknowledges it again), so nothing is
 lost to a restart of the engine or a dropped connection. Exit status 0 means
-every job was accepted; 1 that some were rejected or never acknowledged. A job
-id given twice is sent again once the first is acknowledged; the engine
+every job was accepted; 1 that some were rejected or never acknowledged; 2 a bad
+option, file or endpoint (nothing sent, or reading stopped: see below). A job id
+given twice is sent again once the first is acknowledged; the engine
 acknowledges the copy as a duplicate and delivers the job once.
+
+Jobs stream: push reads its sources once to check and count them (a bad line
+stops it before anything is sent: jobs without an `id` get a new one each run,
+so a half-sent file pushed again would be sent twice), then again as it sends,
+holding at most WINDOW unacknowledged jobs in memory, whatever the number of
+jobs. It ends with one summary: accepted, rejected (counted by reason, with the
+first few ids) and not acknowledged (a count, and the first few ids).
 
 Sources: a .eml file (or - for standard input) with --from/--to; a folder of
 .eml files (envelope from --from/--to, or else from each message's From and
@@ -21,24 +29,23 @@ and the engine's public key (`--curve-server-key server.key`, by default the
 from __future__ import annotations
 
 import argparse
-import collections
-import email.parser
-import email.utils
+import contextlib
 import json
 import os
 import sys
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from engine import auth
+from engine import auth, cliargs
 from engine import config as config_mod
+from engine.pushjobs import Job, Sources
+from engine.pushreport import Progress, Tally
 
-WINDOW = 2000  # unacknowledged jobs at once
+WINDOW = 2000  # jobs read and not yet answered, at most
 
 
 @dataclass
@@ -49,7 +56,12 @@ class Outgoing:
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("push", help="submit jobs and wait until the engine has them")
+    p = sub.add_parser("push", help="submit jobs and wait until the engine has them",
+                       description="Send jobs to the running engine and wait until it has"
+                                   " spooled each one (its `queued` event), re-sending the"
+                                   " unacknowledged with the same id. Exit status: 0 all"
+                                   " accepted, 1 some rejected or not acknowledged, 2 a bad"
+                                   " option, file or endpoint. See docs/OPERATIONS.md.")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help=".eml file, - (stdin), folder of .eml files, or .jsonl file")
     p.add_argument("-c", "--config", help="read the ingest and events endpoints from here")
@@ -61,16 +73,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ip", help="send from this IP")
     p.add_argument("--pool", help="send from this pool's IPs")
     p.add_argument("--meta", help="JSON object echoed on every event of the job")
-    p.add_argument("--expires", type=float, help="seconds the engine may keep trying")
-    p.add_argument("--timeout", type=float, default=60.0,
-                   help="give up after this many seconds without progress (default 60)")
-    p.add_argument("--resend", type=float, default=3.0,
-                   help="re-send a job not acknowledged after this many seconds (default 3)")
+    p.add_argument("--expires", type=cliargs.duration(),
+                   help="how long the engine may keep trying (e.g. 3600, 90m, 2d)")
+    p.add_argument("--timeout", type=cliargs.duration(), default=60.0,
+                   help="give up after this long without an answer (default 60s)")
+    p.add_argument("--resend", type=cliargs.duration(), default=3.0,
+                   help="re-send a job not acknowledged after this long (default 3s)")
     p.add_argument("--curve-server-key", metavar="FILE",
                    help="the engine's public key (server.key): talk CURVE to the engine")
     p.add_argument("--curve-client-key", metavar="FILE",
                    help="this client's key pair (NAME.key_secret, from mailengine keygen)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress, and no summary when every job was accepted")
     p.set_defaults(func=run)
 
 
@@ -79,89 +93,113 @@ def run(args: argparse.Namespace) -> int:
         cfg = _config(args)
         ingest, events = _endpoints(args, cfg)
         curve = _curve(args, cfg)
-        jobs = list(_jobs(args))
+        sources = Sources(args)
+        total = sources.count()  # every job read once: a bad one stops us before sending
     except (ValueError, OSError, config_mod.ConfigError) as err:
-        print(f"mailengine push: {err}", file=sys.stderr)
-        return 2
-    if not jobs:
-        print("mailengine push: no jobs found", file=sys.stderr)
-        return 2
-    outcome = Pusher(ingest, events, args.resend, args.timeout, not args.quiet,
-                     curve).push(jobs)
-    return 0 if outcome else 1
+        return cliargs.fail("push", err)
+    if not total:
+        return cliargs.fail("push", "no jobs found")
+    names = ("--ingest" if args.ingest else "ingest", "--events" if args.events else "events")
+    try:
+        pusher = Pusher(ingest, events, args.resend, args.timeout, curve, names)
+    except cliargs.UsageError as err:
+        return cliargs.fail("push", err)
+    progress = Progress(sys.stderr, not args.quiet, ingest)
+    tally = pusher.push(sources.jobs(), total, progress)
+    if not args.quiet or tally.exit_status():
+        first, *details = tally.lines(ingest)
+        print("\n".join([f"mailengine push: {first}", *details]), file=sys.stderr)
+    return tally.exit_status()
 
 
 class Pusher:
     def __init__(self, ingest: str, events: str, resend: float, timeout: float,
-                 progress: bool, curve: auth.CurveClient | None = None) -> None:
+                 curve: auth.CurveClient | None = None,
+                 names: tuple[str, str] = ("ingest", "events")) -> None:
+        """`names`: how the user gave the endpoints (an option, or the config's key),
+        to name the one libzmq refuses (a cliargs.UsageError)."""
         self.ctx = zmq.Context()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.RCVHWM, 0)
-        for topic in (b"queued", b"rejected"):
-            self.sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self.push_sock = self.ctx.socket(zmq.PUSH)
-        if curve is not None:
-            curve.secure(self.sub)
-            curve.secure(self.push_sock)
-        self.sub.connect(events)
-        self.push_sock.setsockopt(zmq.LINGER, 2000)
-        self.push_sock.setsockopt(zmq.SNDTIMEO, 1000)
-        self.push_sock.connect(ingest)
+        try:
+            self.sub = self._subscriber(events, curve, names[1])
+            self.push_sock = self.ctx.socket(zmq.PUSH)
+            if curve is not None:
+                curve.secure(self.push_sock)
+            self.push_sock.setsockopt(zmq.LINGER, 2000)
+            self.push_sock.setsockopt(zmq.SNDTIMEO, 1000)
+            cliargs.connect(self.push_sock, ingest, names[0])
+        except BaseException:
+            self.ctx.destroy(linger=0)
+            raise
         self.resend = resend
         self.timeout = timeout
-        self.progress = progress
+        self.most_outstanding = 0  # the most jobs held at once: never above WINDOW
 
-    def push(self, jobs: list[tuple[str, list[bytes]]]) -> bool:
-        """Send every job until it is queued or rejected; True if all were queued."""
+    def _subscriber(self, events: str, curve: auth.CurveClient | None,
+                    name: str) -> zmq.Socket:
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 0)
+        for topic in (b"queued", b"rejected"):
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+        if curve is not None:
+            curve.secure(sub)
+        cliargs.connect(sub, events, name)
+        return sub
+
+    def push(self, jobs: Iterable[Job], total: int | None = None,
+             progress: Progress | None = None) -> Tally:
+        """Send every job until it is queued or rejected, reading `jobs` as the window
+        has room: at most WINDOW jobs are held (sent and unanswered, or waiting for an
+        earlier job of the same id). `total`: the number of jobs, when known."""
         time.sleep(0.2)  # let the subscription reach the engine before its replies do
-        waiting = collections.deque(jobs)
-        held: list[tuple[str, list[bytes]]] = []
-        out: dict[str, Outgoing] = {}
-        accepted, rejected = 0, []
-        last_progress = time.monotonic()
-        while waiting or held or out:
-            self._fill(waiting, held, out)
-            self._send_due(out)
-            got = self._receive(out)
+        source = iter(jobs)
+        window = Window()
+        tally = Tally(total or 0)
+        last_answer = time.monotonic()
+        while True:
+            self._fill(window, source, tally)
+            if window.empty():
+                break
+            self._send_due(window.out)
+            got = self._receive(window.out)
             for event in got:
                 if event["event"] == "queued":
-                    accepted += 1
+                    tally.accepted += 1
                 else:
-                    rejected.append(event)
+                    tally.reject(str(event.get("error")), str(event.get("id")))
             if got:
-                last_progress = time.monotonic()
-                self._show(accepted + len(rejected), len(jobs))
-            elif time.monotonic() - last_progress > self.timeout:
+                last_answer = time.monotonic()
+            elif time.monotonic() - last_answer > self.timeout:
                 break
-        unanswered = [*out, *(job_id for job_id, _ in held), *(job_id for job_id, _ in waiting)]
-        self._finish(accepted, rejected, unanswered, len(jobs))
+            if progress is not None:
+                progress.show(tally)
+        self._end(window, source, tally, total)
+        if progress is not None:
+            progress.end(tally)
         self.ctx.destroy(linger=1000)
-        return accepted == len(jobs)
+        return tally
 
-    @staticmethod
-    def _fill(waiting: collections.deque[tuple[str, list[bytes]]],
-              held: list[tuple[str, list[bytes]]], out: dict[str, Outgoing]) -> None:
-        """Move jobs into the window of unacknowledged ones.
+    def _fill(self, window: Window, source: Iterator[Job], tally: Tally) -> None:
+        window.release_held()
+        while tally.stopped is None and window.size() < WINDOW:
+            try:
+                job = next(source, None)
+            except (ValueError, OSError) as err:  # the file changed since it was counted
+                tally.stopped = str(err)
+                return
+            if job is None:
+                return
+            window.add(*job)
+            self.most_outstanding = max(self.most_outstanding, window.size())
 
-        Regression (a job id given twice made push exit 1 with "0 not acknowledged"):
-        the second copy replaced the first in the window, so one acknowledgement
-        answered both and the count fell short. A job whose id is out already is held
-        until that one is answered, then sent on its own; the engine acknowledges it
-        as a duplicate (and does not deliver it again).
-        """
-        still_held = []
-        for job_id, frames in held:
-            if job_id in out:
-                still_held.append((job_id, frames))
-            else:
-                out[job_id] = Outgoing(frames)
-        held[:] = still_held
-        while waiting and len(out) < WINDOW:
-            job_id, frames = waiting.popleft()  # a deque: list.pop(0) is quadratic
-            if job_id in out:
-                held.append((job_id, frames))
-            else:
-                out[job_id] = Outgoing(frames)
+    def _end(self, window: Window, source: Iterator[Job], tally: Tally,
+             total: int | None) -> None:
+        """Count what was never answered: the window's, and those never read."""
+        if total is None:  # unknown: read the rest to count it
+            never_read = 0
+            with contextlib.suppress(ValueError, OSError):
+                never_read = sum(1 for _ in source)
+            tally.total = tally.answered + window.size() + never_read
+        tally.unanswered(window.ids(), tally.total - tally.answered)
 
     def _send_due(self, out: dict[str, Outgoing]) -> None:
         now = time.monotonic()
@@ -186,30 +224,46 @@ class Pusher:
             if out.pop(event.get("id"), None) is not None:
                 got.append(event)
 
-    def _show(self, done: int, total: int) -> None:
-        if not self.progress or total < 2:
-            return
-        width = 40
-        filled = int(width * done / total)
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} ")
-        sys.stderr.flush()
 
-    def _finish(self, accepted: int, rejected: list[dict[str, Any]],
-                unanswered: list[str], total: int) -> None:
-        """`unanswered`: every job not acknowledged, also those never sent (regression:
-        only the window's were counted, so a timeout on a big run under-reported)."""
-        if self.progress and total >= 2:
-            sys.stderr.write("\n")
-        for event in rejected:
-            print(f"rejected {event.get('id')}: {event.get('error')}", file=sys.stderr)
-        for job_id in unanswered:
-            print(f"not acknowledged {job_id}: is the engine running?", file=sys.stderr)
-        if self.progress:
-            print(f"{accepted} of {total} accepted, {len(rejected)} rejected,"
-                  f" {len(unanswered)} not acknowledged", file=sys.stderr)
+class Window:
+    """The jobs read and not yet answered: `out`, sent (or about to be) and waiting for
+    their answer, and `held`, those whose id is out already.
+
+    Regression (a job id given twice made push exit 1 with "0 not acknowledged"): the
+    second copy replaced the first in the window, so one acknowledgement answered both
+    and the count fell short. A job whose id is out already is held until that one is
+    answered, then sent on its own; the engine acknowledges it as a duplicate (and does
+    not deliver it again).
+    """
+
+    def __init__(self) -> None:
+        self.out: dict[str, Outgoing] = {}
+        self.held: list[Job] = []
+
+    def size(self) -> int:
+        return len(self.out) + len(self.held)
+
+    def empty(self) -> bool:
+        return not self.out and not self.held
+
+    def add(self, job_id: str, frames: list[bytes]) -> None:
+        if job_id in self.out:
+            self.held.append((job_id, frames))
+        else:
+            self.out[job_id] = Outgoing(frames)
+
+    def release_held(self) -> None:
+        """Send on the held jobs whose earlier copy has been answered."""
+        held, self.held = self.held, []
+        for job_id, frames in held:
+            self.add(job_id, frames)
+
+    def ids(self) -> Iterator[str]:
+        yield from self.out
+        yield from (job_id for job_id, _ in self.held)
 
 
-# -- reading jobs ----------------------------------------------------------------
+# -- endpoints and keys ----------------------------------------------------------
 
 
 def _config(args: argparse.Namespace) -> config_mod.Config | None:
@@ -242,58 +296,3 @@ def _curve(args: argparse.Namespace, cfg: config_mod.Config | None) -> auth.Curv
     if not auth.available():
         raise ValueError("this libzmq has no CURVE support (zmq.has('curve') is False)")
     return auth.CurveClient.from_files(server_key, args.curve_client_key)
-
-
-def _jobs(args: argparse.Namespace) -> Iterator[tuple[str, list[bytes]]]:
-    for source in args.sources:
-        if source.endswith(".jsonl"):
-            yield from _jsonl(source)
-        elif os.path.isdir(source):
-            for name in sorted(os.listdir(source)):
-                if name.endswith(".eml"):
-                    yield _eml(args, os.path.join(source, name), single=False)
-        else:
-            yield _eml(args, source, single=len(args.sources) == 1)
-
-
-def _eml(args: argparse.Namespace, path: str, single: bool) -> tuple[str, list[bytes]]:
-    message = sys.stdin.buffer.read() if path == "-" else _read(path)
-    sender, rcpts = args.sender, args.to
-    if sender is None or not rcpts:
-        headers = email.parser.BytesHeaderParser().parsebytes(message)
-        if sender is None:
-            sender = email.utils.parseaddr(headers.get("From", ""))[1]
-        if not rcpts:
-            rcpts = [a for _, a in email.utils.getaddresses(headers.get_all("To", [])) if a]
-    if not rcpts:
-        raise ValueError(f"{path}: no recipients (give --to, or a To header)")
-    envelope: dict[str, Any] = {"id": (args.id if single and args.id else uuid.uuid4().hex),
-                                "from": sender, "to": rcpts}
-    for key in ("ip", "pool", "expires"):
-        if getattr(args, key) is not None:
-            envelope[key] = getattr(args, key)
-    if args.meta:
-        envelope["meta"] = json.loads(args.meta)
-    return envelope["id"], [json.dumps(envelope).encode(), message]
-
-
-def _jsonl(path: str) -> Iterator[tuple[str, list[bytes]]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                job = json.loads(line)
-                if "message_file" in job:
-                    message = _read(job.pop("message_file"))
-                else:
-                    message = job.pop("message").encode("utf-8")
-            except (ValueError, KeyError, AttributeError, TypeError) as err:
-                raise ValueError(f"{path}:{number}: not a job ({err})") from err
-            job.setdefault("id", uuid.uuid4().hex)
-            yield job["id"], [json.dumps(job).encode(), message]
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()

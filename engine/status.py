@@ -9,27 +9,35 @@ from typing import Any, cast
 
 import zmq
 
+from engine import cliargs
 from engine import config as config_mod
 from engine.clock import STEP_TOLERANCE
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("status", help="show live figures of the running engine")
+    p = sub.add_parser("status", help="show live figures of the running engine",
+                       description="Ask the running engine, over its control socket, for"
+                                   " its live figures: the spool's depth, jobs in flight,"
+                                   " events so far, each worker and its traffic shaping."
+                                   " Exit status: 0 answered, 1 no answer (is the engine"
+                                   " running?), 2 a bad option, config or endpoint.")
     p.add_argument("-c", "--config", help="read the control endpoint from here")
     p.add_argument("--control", help="control endpoint (default: the config's)")
     p.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     p.add_argument("-w", "--watch", action="store_true", help="refresh every second")
-    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--timeout", type=cliargs.duration(), default=3.0,
+                   help="give up on an answer after this long (default 3s; e.g. 500ms, 10s)")
     p.set_defaults(func=run)
 
 
-def query(endpoint: str, timeout: float = 3.0) -> dict[str, Any]:
-    """Ask the supervisor for its figures; raises TimeoutError if it does not answer."""
+def query(endpoint: str, timeout: float = 3.0, option: str = "control") -> dict[str, Any]:
+    """Ask the supervisor for its figures; raises TimeoutError if it does not answer,
+    cliargs.UsageError (naming `option`) for an endpoint libzmq refuses."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(endpoint)
+        cliargs.connect(sock, endpoint, option)
         sock.send_json({"command": "status"})
         if not sock.poll(int(timeout * 1000)):
             raise TimeoutError(f"no answer from {endpoint} within {timeout:g}s")
@@ -42,13 +50,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         endpoint = args.control or config_mod.load(args.config).control
     except config_mod.ConfigError as err:
-        print(f"mailengine status: {err}", file=sys.stderr)
-        return 2
+        return cliargs.fail("status", err)
+    option = "--control" if args.control else "control"
     previous: dict[str, Any] | None = None
     started = time.monotonic()
     while True:
         try:
-            figures = query(endpoint, args.timeout)
+            figures = query(endpoint, args.timeout, option)
+        except cliargs.UsageError as err:
+            return cliargs.fail("status", err)
         except TimeoutError as err:
             print(f"mailengine status: {err}; is the engine running?", file=sys.stderr)
             return 1

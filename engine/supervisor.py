@@ -37,7 +37,7 @@ from typing import Any
 
 import zmq
 
-from engine import auth, control, events, gctune, hostcheck, logs, sockets
+from engine import auth, control, events, gctune, logs, sockets, startcheck
 from engine import config as config_mod
 from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.config import Config
@@ -403,11 +403,13 @@ def main(config_path: str | None) -> int:
         return 2
     logs.setup(cfg.log_level, "supervisor")
     _warn_about(cfg)
-    missing = hostcheck.problems(cfg.ips)
-    for problem in missing:  # nothing could leave from it: refused, like a config error
+    # What the host lacks (a sending IP, the CA file, a writable spool, a free endpoint)
+    # a restart would not bring: refused like a config error, one line each.
+    lacking = startcheck.problems(cfg)
+    for problem in lacking:
         log.error(logs.kv("start_failed", error=problem))
         print(f"mailengine: {problem}", file=sys.stderr)
-    if missing:
+    if lacking:
         return 2
     try:
         supervisor = Supervisor(cfg, config_path)

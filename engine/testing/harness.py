@@ -23,6 +23,7 @@ import yaml
 
 from engine import status as status_mod
 from engine.push import Pusher
+from engine.pushreport import Progress
 
 FINAL = ("delivered", "bounced", "expired")
 
@@ -162,9 +163,10 @@ class LocalEngine:
              progress: bool = False) -> bool:
         """Push jobs (envelope, message) until each is acknowledged; True if all queued."""
         frames = [(env["id"], [json.dumps(env).encode(), msg]) for env, msg in jobs]
-        pusher = Pusher(str(self.config["ingest"]), str(self.config["events"]), resend=3.0,
-                        timeout=timeout, progress=progress)
-        return pusher.push(frames)
+        ingest = str(self.config["ingest"])
+        pusher = Pusher(ingest, str(self.config["events"]), resend=3.0, timeout=timeout)
+        shown = Progress(sys.stderr, progress, ingest)
+        return pusher.push(frames, len(frames), shown).exit_status() == 0
 
     def events(self) -> list[dict[str, Any]]:
         """Every event logged so far (read incrementally)."""

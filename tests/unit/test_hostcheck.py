@@ -59,8 +59,13 @@ def test_another_bind_failure_is_said_as_it_is() -> None:
 
 def _config(tmp_path: Path, *ips: str) -> str:
     path = tmp_path / "mailengine.yaml"
-    path.write_text("hostname: mta.example.com\nips: [" + ", ".join(ips) + "]\n",
-                    encoding="utf-8")
+    # Folders and endpoints of the test's own: only the IPs are in question here
+    # (engine.startcheck checks the rest: tests/unit/test_cli_startcheck.py).
+    path.write_text("hostname: mta.example.com\nips: [" + ", ".join(ips) + "]\n"
+                    f"spool: {tmp_path}/spool\nrun_dir: {tmp_path}/run\n"
+                    f"events_log: {tmp_path}/events.jsonl\n"
+                    "ingest: inproc://ingest\nevents: inproc://events\n"
+                    "control: inproc://control\n", encoding="utf-8")
     return str(path)
 
 

@@ -1,0 +1,118 @@
+"""Every bad endpoint, file or option of `mailengine` is one line naming it and exit status 2,
+never a traceback: each through the real command (a subprocess). Also what `--help` lists,
+and durations written as the config writes them."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import mailengine
+from tests.support.standin_engine import StandinEngine
+
+pytestmark = pytest.mark.timeout(40)  # each command runs as a subprocess, a fresh interpreter
+
+
+def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
+    """The single line a refused command says; fails on anything more (a traceback, usage)."""
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def message(tmp_path: Path) -> Path:
+    path = tmp_path / "m.eml"
+    path.write_text("From: <s@example.test>\r\nTo: <r@example.test>\r\nSubject: x\r\n\r\nx\r\n")
+    return path
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (("status", "--control", "foo"),
+     "mailengine status: --control foo: not an endpoint to connect to (Invalid argument;"
+     " give tcp://HOST:PORT or ipc:///PATH)"),
+    (("status", "--control", "tcp://127.0.0.1:99999"),
+     "mailengine status: --control tcp://127.0.0.1:99999: not tcp://HOST:PORT"),
+    (("status", "--control", "ipc:///tmp/x", "--timeout", "soon"),
+     "mailengine status: argument --timeout: not a duration: 'soon' (use seconds, or a number"
+     " with a unit ms, s, m, h or d, e.g. \"30s\") (see mailengine status --help)"),
+], ids=["status-control", "status-port", "status-timeout"])
+def test_status_refuses_in_one_line(args: tuple[str, ...], line: str) -> None:
+    assert one_line_error(mailengine(*args, timeout=20)) == line
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (("--ingest", "foo"), "mailengine push: --ingest foo: not an endpoint to connect to"
+                          " (Invalid argument; give tcp://HOST:PORT or ipc:///PATH)"),
+    (("--events", "tcp://nohost"), "mailengine push: --events tcp://nohost: not tcp://HOST:PORT"),
+    (("--meta", "{bad"), "mailengine push: --meta: not JSON (Expecting property name enclosed"
+                         " in double quotes: line 1 column 2 (char 1))"),
+    (("--meta", "[1]"), "mailengine push: --meta: must be a JSON object, like"
+                        " '{\"campaign\": \"spring\"}'"),
+    (("--expires", "0"), "mailengine push: argument --expires: must be more than 0 seconds"
+                         " (got '0') (see mailengine push --help)"),
+    (("--timeout", "5 minutes"), "mailengine push: argument --timeout: not a duration:"
+                                 " '5 minutes' (use seconds, or a number with a unit ms, s, m,"
+                                 " h or d, e.g. \"30s\") (see mailengine push --help)"),
+    (("--bogus",), "mailengine: unrecognized arguments: --bogus (see mailengine --help)"),
+], ids=["ingest", "events", "meta-json", "meta-object", "expires", "timeout", "unknown"])
+def test_push_refuses_a_bad_option_in_one_line(args: tuple[str, ...], line: str,
+                                               message: Path) -> None:
+    done = mailengine("push", "--ingest", "tcp://127.0.0.1:9", *args, str(message), timeout=20)
+    assert one_line_error(done) == line
+
+
+def test_push_refuses_a_missing_file_and_a_bad_line_before_sending_anything(
+        tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.eml"
+    assert one_line_error(mailengine("push", str(missing), timeout=20)) == (
+        f"mailengine push: {missing}: No such file or directory")
+
+    jobs = tmp_path / "jobs.jsonl"
+    good = {"from": "s@example.test", "to": ["r@example.test"], "message": "x"}
+    jobs.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n{not json\n")
+    with StandinEngine() as engine:
+        done = mailengine("push", "--ingest", engine.ingest, "--events", engine.events,
+                          str(jobs), timeout=20)
+        assert one_line_error(done).startswith(
+            f"mailengine push: {jobs}:3: not a job (Expecting property name")
+        assert engine.received == 0  # the two good lines were not sent either
+
+
+def test_check_config_names_a_missing_config_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "none.yaml"
+    line = one_line_error(mailengine("check-config", "-c", str(missing), timeout=20))
+    assert line.startswith("mailengine: ") and str(missing) in line
+
+
+def test_durations_are_written_as_in_the_config(message: Path) -> None:
+    with StandinEngine() as engine:
+        done = mailengine("push", "--ingest", engine.ingest, "--events", engine.events,
+                          "--expires", "5m", "--resend", "500ms", "--timeout", "1m", "-q",
+                          str(message), timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert engine.envelopes[0]["expires"] == 300.0
+
+
+def test_help_describes_every_command_and_hides_the_internal_one() -> None:
+    listed = mailengine("--help", timeout=20)
+    assert listed.returncode == 0
+    commands = [line.split()[0] for line in listed.stdout.splitlines()
+                if line.startswith("    ") and not line.startswith("      ")]
+    assert commands == ["run", "check-config", "push", "spool", "status", "keygen", "demo"]
+    assert not re.search(r"\bworker\b", listed.stdout) and "SUPPRESS" not in listed.stdout
+    for command in commands:
+        own = mailengine(command, "--help", timeout=20)
+        assert own.returncode == 0
+        _, _, rest = own.stdout.partition("\n\n")
+        description = rest.partition("\n\n")[0]
+        assert not description.startswith(("positional arguments", "options")), \
+            f"`mailengine {command}` has no description"
+    # Hidden, not gone: bin/mailengine-worker's way in still answers.
+    worker = mailengine("worker", "--help", timeout=20)
+    assert worker.returncode == 0 and "mailengine worker" in worker.stdout

@@ -1,0 +1,112 @@
+"""engine.push.Pusher streams its jobs: it reads one only when fewer than WINDOW are
+unanswered, against a stand-in engine (real ZeroMQ sockets on loopback), and ends with one
+summary (engine.pushreport.Tally) whatever the number of jobs."""
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from engine import push, pushreport
+from engine.pushjobs import Job
+from tests.support.standin_engine import StandinEngine
+
+
+def tiny_jobs(n: int, engine: StandinEngine, ahead: list[int]) -> Iterator[Job]:
+    """`n` small jobs; records, as each is read, how many the engine has not yet received."""
+    for i in range(n):
+        ahead.append(i - engine.received)
+        envelope = {"id": f"j{i}", "from": "s@example.test", "to": ["r@example.test"]}
+        yield f"j{i}", [json.dumps(envelope).encode(), b"Subject: hi\r\n\r\nhi\r\n"]
+
+
+@pytest.mark.timeout(60)
+def test_jobs_are_read_as_the_window_has_room_never_all_at_once() -> None:
+    n = 3 * push.WINDOW + 17
+    ahead: list[int] = []
+    with StandinEngine() as engine:
+        pusher = push.Pusher(engine.ingest, engine.events, resend=3.0, timeout=20)
+        tally = pusher.push(tiny_jobs(n, engine, ahead), n)
+    assert (tally.accepted, tally.total, tally.exit_status()) == (n, n, 0)
+    assert pusher.most_outstanding == push.WINDOW  # the window was used, and never exceeded
+    # A job is read only once fewer than WINDOW are unanswered, and an answered job was
+    # received: the reader is never more than WINDOW ahead of the engine. (Reading the
+    # whole list first would put the last job n - 1 ahead.)
+    assert len(ahead) == n and max(ahead) <= push.WINDOW
+
+
+@pytest.mark.timeout(30)
+def test_rejections_are_counted_by_reason_with_the_first_ids() -> None:
+    def reject(envelope: dict[str, object]) -> str | None:
+        number = int(str(envelope["id"])[1:])
+        return None if number % 3 else f"reason {number % 2}"
+
+    with StandinEngine(reject) as engine:
+        pusher = push.Pusher(engine.ingest, engine.events, resend=3.0, timeout=20)
+        tally = pusher.push(tiny_jobs(30, engine, []), 30)
+    assert tally.exit_status() == 1
+    assert tally.lines("tcp://x:1") == [
+        "20 of 30 accepted, 10 rejected, 0 not acknowledged",
+        "  rejected 5: reason 0 (j0, j6, j12, j18, j24)",
+        "  rejected 5: reason 1 (j3, j9, j15, j21, j27)"]
+
+
+def test_the_summary_stays_short_whatever_the_number_of_jobs_and_reasons() -> None:
+    tally = pushreport.Tally(100_000, accepted=10)
+    for i in range(pushreport.MAX_REASONS + 5):
+        tally.reject(f"reason {i}", f"r{i}")
+    tally.unanswered((f"u{i}" for i in range(10**9)), 100_000 - tally.answered)
+    lines = tally.lines("tcp://127.0.0.1:5570")
+    assert lines[0] == "10 of 100000 accepted, 25 rejected, 99965 not acknowledged"
+    assert lines[1] == "  rejected 5: other reasons (r20, r21, r22, r23, r24)"  # the most first
+    assert lines[2] == "  rejected 1: reason 0 (r0)"
+    assert lines[-1] == ("  not acknowledged 99965: is the engine running, at"
+                         " tcp://127.0.0.1:5570? (u0, u1, u2, u3, u4 and 99960 more)")
+    assert len(lines) == 1 + (pushreport.MAX_REASONS + 1) + 1
+
+
+class _Pipe(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pushreport, "PLAIN_EVERY", 0.0)
+    tally = pushreport.Tally(10)
+    pipe, terminal = _Pipe(), _Terminal()
+    for stream in (pipe, terminal):
+        progress = pushreport.Progress(stream, True, "tcp://127.0.0.1:5570")
+        progress.show(tally)
+        tally.accepted = 4
+        progress.show(tally)
+        progress.end(tally)
+        tally.accepted = 0
+    assert "\r" not in pipe.getvalue()
+    assert pipe.getvalue().splitlines() == [
+        "mailengine push: 0 of 10 answered so far; waiting for the engine at"
+        " tcp://127.0.0.1:5570",
+        "mailengine push: 4 of 10 answered (4 accepted, 0 rejected)"]
+    assert terminal.getvalue().count("\r") == 2 and terminal.getvalue().endswith("\n")
+
+
+@pytest.mark.timeout(30)
+def test_a_source_that_fails_while_sending_stops_reading_and_says_why() -> None:
+    """The file changed between the count and the send: what was read is finished, the
+    rest is counted not acknowledged, and the exit status is 2."""
+    def jobs(engine: StandinEngine) -> Iterator[Job]:
+        yield from tiny_jobs(5, engine, [])
+        raise ValueError("jobs.jsonl:6: not a job (Expecting value)")
+
+    with StandinEngine() as engine:
+        pusher = push.Pusher(engine.ingest, engine.events, resend=3.0, timeout=20)
+        tally = pusher.push(jobs(engine), 8)
+    assert (tally.accepted, tally.unacknowledged.count, tally.exit_status()) == (5, 3, 2)
+    assert tally.lines("tcp://x:1")[-1] == (
+        "  stopped reading: jobs.jsonl:6: not a job (Expecting value)")
