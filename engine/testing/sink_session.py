@@ -17,7 +17,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
@@ -143,7 +143,7 @@ class _SinkSMTP(SMTP):
                 return
         await super().smtp_MAIL(arg)
 
-    async def push(self, status: str | bytes) -> None:
+    async def push(self, status: AnyStr) -> None:
         """A reply, unless the session dropped the connection: then no reply ever leaves
         (what the client already sent behind it, pipelined, is read into nothing)."""
         if not self.dropped:
