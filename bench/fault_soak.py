@@ -156,6 +156,8 @@ class SoakProducer(Producer):
             if i % 20 == 0:
                 self.update()
                 self.resend_stale()
+            if i and i % 2000 == 0:
+                log(f"{i} jobs pushed, {len(self.queued)} queued, {len(self.final)} final")
 
     def resend_stale(self) -> None:
         now = time.time()
@@ -200,7 +202,9 @@ def run(soak: Soak, workdir: str) -> dict[str, Any]:
                          len(engine.unparsable), sink.messages,
                          [rcpt for _, rcpt, _ in sink.refused], _read(engine.log_path),
                          injector.strikes)
-        return report(soak, ledger, injector.strikes, engine, statsd, dns, sink, faults)
+        result = report(soak, ledger, injector.strikes, engine, statsd, dns, sink, faults)
+        result["injector_error"] = repr(injector.error) if injector.error else None
+        return result
 
 
 def wait_final(engine: LocalEngine, producer: Producer, wanted: set[tuple[str, str]],
@@ -333,6 +337,9 @@ def table(result: dict[str, Any]) -> str:
         ("duplicates the engine did not count", f"{sum(uncounted.values())}"
          + (" (" + ", ".join(f"{c}: {n}" for c, n in sorted(uncounted.items())) + ")"
             if uncounted else "")),
+        ("ambiguous flags on a message the sink dropped unanswered",
+         f"{led['ambiguous_on_dropped']} (the others: messages the sink never read,"
+         " pipelined behind a dropped one)"),
         ("ambiguous flags with no duplicate", f"{led['ambiguous_without_duplicate']}"),
         ("hand-outs taken back (metric `taken_back`)", f"{met['taken_back']}"),
         ("events log lines torn by a kill -9", f"{led['torn_lines']}"),
@@ -445,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"seed {seed}")
     workdir = tempfile.mkdtemp(prefix="soak-")
     try:
-        with hard_timeout(window + DRAIN + 300):
+        with hard_timeout(window + DRAIN + 180):
             result = run(Soak(args.jobs, seed, window), workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -55,6 +55,7 @@ class Ledger:
     duplicates: int = 0  # copies beyond the first, at the receiver
     ambiguous_flags: int = 0  # deferred events flagged ambiguous
     ambiguous_without_duplicate: int = 0  # flags whose recipient the receiver has once (or not)
+    ambiguous_on_dropped: int = 0  # flags on a copy the sink took and dropped unanswered
     dropped_by_sink: int = 0  # copies the sink took and never answered
     counted_lines: int = 0  # duplicate_delivery lines in the engine's log
     torn_lines: int = 0  # events log lines that were not JSON (a kill -9 mid-write)
@@ -105,7 +106,9 @@ def account(jobs: Mapping[str, Sequence[str]], events: Iterable[Mapping[str, Any
     ledger.final_twice = sum(1 for n in finals.values() if n > 1)
     copies, answered_at = _copies(messages)
     ledger.receiver_copies = sum(copies.values())
-    ledger.dropped_by_sink = sum(1 for m in messages if m.unanswered)
+    dropped = collections.Counter(key for m in messages if m.unanswered
+                                  for key in message_keys(m))
+    ledger.dropped_by_sink = sum(dropped.values())
     refused_set = set(refused)
     for key in accepted:
         if key in finals:
@@ -120,6 +123,8 @@ def account(jobs: Mapping[str, Sequence[str]], events: Iterable[Mapping[str, Any
     ledger.ambiguous_flags = sum(flagged.values())
     ledger.ambiguous_without_duplicate = sum(
         max(0, n - max(0, copies[key] - 1)) for key, n in flagged.items())
+    # The rest were never read by the sink: pipelined behind a dropped one, on its connection.
+    ledger.ambiguous_on_dropped = sum(min(n, dropped[key]) for key, n in flagged.items())
     counted = {(m[1], m[2]) for m in _DUPLICATE_LINE.finditer(engine_log)}
     ledger.counted_lines = len(_DUPLICATE_LINE.findall(engine_log))
     _explain(ledger, copies, answered_at, flagged, counted, strikes)

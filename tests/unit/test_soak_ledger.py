@@ -91,6 +91,7 @@ def test_each_duplicate_is_explained_by_a_flag_a_count_or_the_kill_that_made_it(
     assert ledger.counted_by_engine == 2
     assert ledger.unexplained == [("odd", rcpt)]
     assert (ledger.ambiguous_flags, ledger.ambiguous_without_duplicate) == (2, 1)
+    assert ledger.ambiguous_on_dropped == 1  # the other flag's message never reached the sink
     assert ledger.dropped_by_sink == 1 and ledger.counted_lines == 1
 
 
