@@ -268,7 +268,9 @@ def _strike_row(strike: Strike, ordinal: int, ledger: Ledger, events: list[dict[
     """One fault as it happened, in words, and the duplicates the engine did not count that
     its window produced."""
     fault, details = strike.fault, dict(strike.details)
-    if fault.kind == WORKER:
+    if "error" in details:
+        seen = f"**the fault failed**: {details['error']}"
+    elif fault.kind == WORKER:
         seen = (f"worker {details['ip']} ({details['in_flight']} tasks in flight,"
                 f" {details['connections_open']} connections) back in"
                 f" {details['back_after_s']} s")
@@ -279,7 +281,8 @@ def _strike_row(strike: Strike, ordinal: int, ledger: Ledger, events: list[dict[
                 f" answered by the sink (results read, not recorded); back in"
                 f" {details['back_after_s']} s")
     elif fault.kind == DISK:
-        seen = (f"{details['ballast_bytes'] >> 20} MiB of ballast;"
+        seen = (f"write-ahead log truncated ({details['wal_freed_bytes'] >> 20} MiB freed),"
+                f" {details['ballast_bytes'] >> 20} MiB of ballast;"
                 f" {details['unwritable_lines']} `spool_unwritable` line(s),"
                 f" intake paused {details['paused_s']} s")
     else:
@@ -442,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=None,
                         help=f"seconds of production (default: jobs / {RATE:g}, within"
                              f" {WINDOW[0]:g}-{WINDOW[1]:g})")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (events log, engine log, config) and say where")
     parser.add_argument("--docs", action="store_true", help=f"write the section {SECTION!r}"
                         f" of {os.path.relpath(DOCS, ROOT)}")
     args = parser.parse_args(argv)
@@ -455,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         with hard_timeout(window + DRAIN + 180):
             result = run(Soak(args.jobs, seed, window), workdir)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     command = "python3 -m bench.fault_soak " + " ".join(sys.argv[1:] if argv is None else argv)
     if "--seed" not in command:
         command += f" --seed {seed}"

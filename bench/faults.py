@@ -15,6 +15,7 @@ import errno
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -99,20 +100,21 @@ class SmallFilesystem:
         self.ballast = os.path.join(path, "ballast")
 
     def fill(self) -> int:
-        """Write the ballast until the filesystem refuses a single block; bytes written."""
+        """Write the ballast until the filesystem refuses a single block; bytes written.
+        Unbuffered: what a buffer held back would fail again at close."""
         written = 0
-        with open(self.ballast, "ab") as f:
-            for chunk in (1 << 20, 1 << 12):
-                block = b"\0" * chunk
+        fd = os.open(self.ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for chunk in (b"\0" * (1 << 20), b"\0" * (1 << 12)):
                 while True:
                     try:
-                        f.write(block)
-                        f.flush()
+                        written += os.write(fd, chunk)
                     except OSError as err:
                         if err.errno != errno.ENOSPC:
                             raise
                         break
-                    written += chunk
+        finally:
+            os.close(fd)
         return written
 
     def free(self) -> None:
@@ -141,22 +143,26 @@ class Injector(threading.Thread):
         self.log = log
         self.strikes: list[Strike] = []
         self.error: BaseException | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
         try:
             for fault in self.faults:
-                if self._stop.wait(max(0.0, self.started + fault.at - time.time())):
+                if self._halt.wait(max(0.0, self.started + fault.at - time.time())):
                     return
                 strike = Strike(fault, started=time.time())
                 self.strikes.append(strike)
                 self.log(f"fault at {fault.at:.0f}s: {fault.kind}")
-                self._strike(strike)
+                try:
+                    self._strike(strike)
+                except Exception as exc:  # reported with the strike; the script goes on
+                    strike.details["error"] = repr(exc)
+                    self.log(f"fault {fault.kind} failed: {exc!r}")
                 strike.ended = time.time()
-        except BaseException as exc:  # reported by the soak, which then stops
+        except BaseException as exc:  # reported by the soak
             self.error = exc
             self.log(f"fault injector failed: {exc!r}")
 
@@ -175,12 +181,19 @@ class Injector(threading.Thread):
 
     def _disk_full(self, seconds: float) -> dict[str, Any]:
         """Fill the spool's filesystem for `seconds`; what the engine said meanwhile: the
-        seconds its status called the spool unwritable, its `spool_unwritable` lines."""
+        seconds its status called the spool unwritable, its `spool_unwritable` lines.
+
+        The spool's write-ahead log is truncated first: grown once to its checkpoint size,
+        it is written over in place from then on, and a filesystem full around it goes
+        unnoticed (measured: no `spool_unwritable` in two 10 s windows). Truncated, the
+        engine's next commits need new blocks, as after a checkpoint that shrank the log,
+        or with a spool that grows."""
         offset = _size(self.engine.log_path)
+        wal = truncate_wal(os.path.join(str(self.engine.config["spool"]), "spool.db"))
         ballast = self.disk.fill()
         until = time.monotonic() + seconds
         paused = 0.0
-        while not self._stop.wait(0.25) and time.monotonic() < until:
+        while not self._halt.wait(0.25) and time.monotonic() < until:
             paused += 0.25 * (not _spool_writable(self.engine))
         self.disk.free()
         back = time.monotonic()
@@ -188,7 +201,7 @@ class Injector(threading.Thread):
             time.sleep(0.1)
             paused += 0.1
         said = _read_from(self.engine.log_path, offset)
-        return {"ballast_bytes": ballast, "paused_s": round(paused, 1),
+        return {"ballast_bytes": ballast, "wal_freed_bytes": wal, "paused_s": round(paused, 1),
                 "unwritable_lines": said.count("event=spool_unwritable "),
                 "writable_lines": said.count("event=spool_writable ")}
 
@@ -196,7 +209,7 @@ class Injector(threading.Thread):
         before = self.dns.dropped
         self.dns.down = True
         try:
-            self._stop.wait(seconds)
+            self._halt.wait(seconds)
         finally:
             self.dns.down = False
         return {"queries_dropped": self.dns.dropped - before}
@@ -259,6 +272,18 @@ def message_keys(message: Any) -> list[tuple[str, str]]:
             job_id = line[12:].strip(b"<> ").split(b"@", 1)[0].decode()
             return [(job_id, rcpt) for rcpt in message.rcpt_tos]
     return []
+
+
+def truncate_wal(database: str) -> int:
+    """Checkpoint the SQLite database's write-ahead log into it and truncate the log, from a
+    connection of our own (SQLite lets any connection do it); the bytes the log gave back."""
+    before = _size(database + "-wal")
+    conn = sqlite3.connect(database, timeout=5)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        conn.close()
+    return before - _size(database + "-wal")
 
 
 def _spool_writable(engine: LocalEngine) -> bool:

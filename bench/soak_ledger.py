@@ -11,8 +11,9 @@ explained by the first of:
    final dot; here, the sink dropped it), so the engine said it might go out twice;
 2. `counted`: the supervisor logged `duplicate_delivery` for it (a late result of a hand-out
    taken back);
-3. a worker kill -9: its first answered copy came from the killed worker's IP, in the seconds
-   before the kill (the worker read the 250, the result died with it);
+3. a worker kill -9: a copy came from the killed worker's IP in the seconds before the kill
+   (the worker read the 250, or lost the connection after the dot, and its result died with
+   it);
 4. a supervisor kill -9: it was among the recipients the sink had answered and the dead
    supervisor's spool still held pending (results read, not recorded);
 5. unexplained.
@@ -104,7 +105,7 @@ def account(jobs: Mapping[str, Sequence[str]], events: Iterable[Mapping[str, Any
     ledger.accepted_rcpts = len(accepted)
     ledger.final = dict(collections.Counter(final_kind.values()))
     ledger.final_twice = sum(1 for n in finals.values() if n > 1)
-    copies, answered_at = _copies(messages)
+    copies, seen_at = _copies(messages)
     ledger.receiver_copies = sum(copies.values())
     dropped = collections.Counter(key for m in messages if m.unanswered
                                   for key in message_keys(m))
@@ -127,25 +128,24 @@ def account(jobs: Mapping[str, Sequence[str]], events: Iterable[Mapping[str, Any
     ledger.ambiguous_on_dropped = sum(min(n, dropped[key]) for key, n in flagged.items())
     counted = {(m[1], m[2]) for m in _DUPLICATE_LINE.finditer(engine_log)}
     ledger.counted_lines = len(_DUPLICATE_LINE.findall(engine_log))
-    _explain(ledger, copies, answered_at, flagged, counted, strikes)
+    _explain(ledger, copies, seen_at, flagged, counted, strikes)
     return ledger
 
 
 def _copies(messages: Sequence[Any]) -> tuple[collections.Counter[Key],
                                               dict[Key, list[tuple[float, str]]]]:
-    """Copies per recipient at the receiver, and the (time, client IP) of the answered ones."""
+    """Copies per recipient at the receiver, and when each came from which client IP."""
     copies: collections.Counter[Key] = collections.Counter()
-    answered_at: dict[Key, list[tuple[float, str]]] = collections.defaultdict(list)
+    seen_at: dict[Key, list[tuple[float, str]]] = collections.defaultdict(list)
     for message in messages:
         for key in message_keys(message):
             copies[key] += 1
-            if not message.unanswered:
-                answered_at[key].append((message.received, message.peer[0]))
-    return copies, answered_at
+            seen_at[key].append((message.received, message.peer[0]))
+    return copies, seen_at
 
 
 def _explain(ledger: Ledger, copies: Mapping[Key, int],
-             answered_at: Mapping[Key, list[tuple[float, str]]],
+             seen_at: Mapping[Key, list[tuple[float, str]]],
              flagged: Mapping[Key, int], counted: set[Key], strikes: Sequence[Strike]) -> None:
     windows = _Windows(strikes)
     causes: collections.Counter[str] = collections.Counter()
@@ -161,13 +161,13 @@ def _explain(ledger: Ledger, copies: Mapping[Key, int],
             causes[COUNTED] += 1
             explained += 1
         if explained < extra:
-            cause = windows.duplicate(key, answered_at.get(key, []))
+            cause = windows.duplicate(key, seen_at.get(key, []))
             causes[cause] += extra - explained
             if cause == UNEXPLAINED:
                 ledger.unexplained.append(key)
     ledger.by_cause = dict(causes)
     ledger.no_final_by_cause = dict(collections.Counter(
-        windows.missing_event(answered_at.get(key, [])) for key in ledger.no_final_event))
+        windows.missing_event(seen_at.get(key, [])) for key in ledger.no_final_event))
 
 
 class _Windows:
@@ -181,6 +181,8 @@ class _Windows:
             kind, details = strike.fault.kind, strike.details
             ordinals[kind] += 1
             label = f"{kind} #{ordinals[kind]}"
+            if "killed" not in details:  # the kill itself failed
+                continue
             if kind == WORKER:
                 self.workers.append((label, details["ip"], details["killed"]))
             elif kind == SUPERVISOR:
@@ -188,24 +190,23 @@ class _Windows:
                 self.supervisors.append((label, details["killed"],
                                          {(j, r) for j, r in at_sink}))
 
-    def duplicate(self, key: Key, answered: list[tuple[float, str]]) -> str:
-        """A worker kill, if the first answered copy came from its IP just before it; a
+    def duplicate(self, key: Key, seen: list[tuple[float, str]]) -> str:
+        """A worker kill, if a copy but the last came from its IP just before it; a
         supervisor kill, if the dead supervisor's spool held the recipient pending although
         the sink had it."""
-        first = min(answered, default=None)
-        if first is not None:
-            for label, ip, killed in self.workers:
-                if first[1] == ip and killed - WORKER_WINDOW <= first[0] <= killed + 0.5:
-                    return label
+        for label, ip, killed in self.workers:
+            if any(peer == ip and killed - WORKER_WINDOW <= at <= killed + 0.5
+                   for at, peer in sorted(seen)[:-1]):
+                return label
         for label, _, pending in self.supervisors:
             if key in pending:
                 return label
         return UNEXPLAINED
 
-    def missing_event(self, answered: list[tuple[float, str]]) -> str:
-        """A supervisor kill, if the last answered copy came in the seconds before it (the
-        result recorded, its event still in the dead process's buffer)."""
-        last = max(answered, default=None)
+    def missing_event(self, seen: list[tuple[float, str]]) -> str:
+        """A supervisor kill, if the last copy came in the seconds before it (the result
+        recorded, its event still in the dead process's buffer)."""
+        last = max(seen, default=None)
         if last is not None:
             for label, killed, _ in self.supervisors:
                 if killed - WORKER_WINDOW <= last[0] <= killed + 0.5:

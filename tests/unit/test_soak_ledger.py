@@ -68,15 +68,19 @@ def test_an_accepted_recipient_nowhere_is_lost_and_one_at_the_receiver_is_not() 
 
 def test_each_duplicate_is_explained_by_a_flag_a_count_or_the_kill_that_made_it() -> None:
     rcpt = "r@d.test"
-    jobs = {name: [rcpt] for name in ("flag", "counted", "worker", "super", "odd", "flag-only")}
+    jobs = {name: [rcpt] for name in ("flag", "counted", "worker", "worker-drop", "super",
+                                      "odd", "flag-only")}
     events = [event("queued", j) for j in jobs] + [event("delivered", j, rcpt) for j in jobs]
     events += [event("deferred", "flag", rcpt, ambiguous=True),
                event("deferred", "flag-only", rcpt, ambiguous=True)]
     messages = [
         copy("flag", rcpt, 10, unanswered=True), copy("flag", rcpt, 12),
         copy("counted", rcpt, 10), copy("counted", rcpt, 11),
-        # the first answered copy from the killed worker's IP, a second before its kill
+        # a copy from the killed worker's IP, a second before its kill: answered, or dropped
+        # (its ambiguous deferral died with the worker)
         copy("worker", rcpt, KILLED - 1, ip="127.0.0.3"), copy("worker", rcpt, KILLED + 9),
+        copy("worker-drop", rcpt, KILLED - 1, ip="127.0.0.3", unanswered=True),
+        copy("worker-drop", rcpt, KILLED + 9),
         copy("super", rcpt, KILLED - 1), copy("super", rcpt, KILLED + 9),
         copy("odd", rcpt, 10), copy("odd", rcpt, 20),
         copy("flag-only", rcpt, 10),  # flagged, but the sink never had it twice
@@ -85,14 +89,14 @@ def test_each_duplicate_is_explained_by_a_flag_a_count_or_the_kill_that_made_it(
     strikes = [strike(WORKER, ip="127.0.0.3", killed=KILLED),
                strike(SUPERVISOR, killed=KILLED + 5, unrecorded=[["super", rcpt]])]
     ledger = account(jobs, events, 0, messages, [], log, strikes)
-    assert ledger.duplicates == 5
-    assert ledger.by_cause == {AMBIGUOUS: 1, COUNTED: 1, f"{WORKER} #1": 1,
+    assert ledger.duplicates == 6
+    assert ledger.by_cause == {AMBIGUOUS: 1, COUNTED: 1, f"{WORKER} #1": 2,
                                f"{SUPERVISOR} #1": 1, UNEXPLAINED: 1}
     assert ledger.counted_by_engine == 2
     assert ledger.unexplained == [("odd", rcpt)]
     assert (ledger.ambiguous_flags, ledger.ambiguous_without_duplicate) == (2, 1)
     assert ledger.ambiguous_on_dropped == 1  # the other flag's message never reached the sink
-    assert ledger.dropped_by_sink == 1 and ledger.counted_lines == 1
+    assert ledger.dropped_by_sink == 2 and ledger.counted_lines == 1
 
 
 def test_a_final_event_missing_after_a_supervisor_kill_is_put_to_that_kill() -> None:
