@@ -55,6 +55,8 @@ from bench.faults import (
     SwitchableDns,
     plan,
 )
+from bench.run import _cpu_now as cpu_now
+from bench.run import other_load
 from bench.soak_ledger import AMBIGUOUS, COUNTED, UNEXPLAINED, Ledger, account
 from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
@@ -284,7 +286,9 @@ def report(soak: Soak, ledger: Ledger, strikes: list[Strike], rig: Rig,
         "log_lines": lines, "dns_queries": len(dns.queries), "dns_dropped": dns.dropped,
         "sink_connections": sink.connections, "faults": rows,
         "planned": [vars(f) for f in faults],
-        "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M %Z",
+                                                    time.localtime(soak.started)),
+        "took_s": round(time.time() - soak.started, 1),
         "loadavg_1m": round(os.getloadavg()[0], 2),
     }
 
@@ -409,8 +413,8 @@ def section(result: dict[str, Any], command: str) -> str:
     return f"""{SECTION}
 
 *Measured {result['when']} on {m['cores']} cores ({m['cpu']}), Linux {m['kernel']}, Python
-{m['python']}, gevent {m['gevent']}; 1-minute load at the end {result['loadavg_1m']}, other
-sessions included. Seed {result['seed']}.*
+{m['python']}, gevent {m['gevent']}; other processes kept {result['other_load']:.0%} of the
+cores busy meanwhile. Seed {result['seed']}; took {result['took_s']:.0f} s.*
 
 {result['jobs']:,} jobs through the whole engine (a supervisor, workers for 127.0.0.2 and
 127.0.0.3) over {result['window_s']:.0f} s, to a recording sink on loopback (STARTTLS,
@@ -427,7 +431,40 @@ producer re-sends each job until it sees `queued`, while the fault script
 ```
 
 {table(result)}
+
+{reading(result)}
 """
+
+
+def reading(result: dict[str, Any]) -> str:
+    """What the figures say, in words: where each kind of duplicate comes from."""
+    led = result["ledger"]
+    causes = {c: n for c, n in led["by_cause"].items() if c not in (AMBIGUOUS, COUNTED)}
+    kills = ", ".join(f"{n} after {c}" for c, n in sorted(causes.items())) or "none"
+    return f"""**Reading it.** Every duplicate the receiver got has one of three sources here.
+(1) The sink's drops: a message taken, then no reply to its final dot. The engine flags each
+such deferral `ambiguous` and retries it, so each is a duplicate it counted; with CHUNKING a
+transaction reads its own final reply, so the flags and the drops match one for one
+({led['ambiguous_on_dropped']} of {led['ambiguous_flags']} flags on a dropped copy). (2) A
+kill -9 of a worker after it read a transaction's reply (a 250, or the drop that makes it
+ambiguous) but before that result left the process (the results flusher's batch, ZeroMQ's
+queue): the supervisor takes the job back and hands it out again, and no event says the
+receiver may have it. (3) A kill -9 of the supervisor after it read results and before it
+committed them: the restarted engine finds the recipients pending and sends them again (the
+soak reads the dead engine's spool at each kill: "answered by the sink but unrecorded").
+Uncounted duplicates in this run: {kills}. Those windows are what the `duplicates == ambiguous`
+target needs closed (branch crashpoints is counting them). The drops themselves:
+{led['dropped_by_sink']} copies dropped, {led['ambiguous_flags']} ambiguous flags,
+{led['by_cause'].get(AMBIGUOUS, 0)} duplicates explained by a flag.
+
+The spool's disk full is felt only when SQLite needs a new block: its write-ahead log, once
+grown to the checkpoint size (16 MiB), is written over in place, and a filesystem full around
+it goes unnoticed (a first run logged no `spool_unwritable` in either 10 s window). The soak
+therefore checkpoints and truncates the log from its own connection before filling the disk,
+as after a checkpoint that shrank the log; the engine then pauses intake (the producer's
+re-sends wait) and records results once space returns. DNS down defers the recipients whose
+domains' answers expired (`4.4.3`, no duplicates: nothing was sent); they go out at the next
+retry."""
 
 
 def write_docs(text: str) -> None:
@@ -493,9 +530,11 @@ def main(argv: list[str] | None = None) -> int:
     window = args.window or min(WINDOW[1], max(WINDOW[0], args.jobs / RATE))
     log(f"seed {seed}")
     workdir = tempfile.mkdtemp(prefix="soak-")
+    cpu_before = cpu_now()
     try:
         with hard_timeout(window + DRAIN + 180):
             result = run(Soak(args.jobs, seed, window), workdir)
+        result["other_load"] = round(other_load(cpu_before), 3)
     finally:
         if args.keep:
             log(f"kept {workdir}")
