@@ -444,8 +444,9 @@ def reading(result: dict[str, Any]) -> str:
     return f"""**Reading it.** Every duplicate the receiver got has one of three sources here.
 (1) The sink's drops: a message taken, then no reply to its final dot. The engine flags each
 such deferral `ambiguous` and retries it, so each is a duplicate it counted; with CHUNKING a
-transaction reads its own final reply, so the flags and the drops match one for one
-({led['ambiguous_on_dropped']} of {led['ambiguous_flags']} flags on a dropped copy). (2) A
+transaction reads its own final reply, so a flag goes with a drop one for one
+({led['ambiguous_on_dropped']} of {led['ambiguous_flags']} flags on a dropped copy), unless
+the worker that saw the drop was killed before its result left (2). (2) A
 kill -9 of a worker after it read a transaction's reply (a 250, or the drop that makes it
 ambiguous) but before that result left the process (the results flusher's batch, ZeroMQ's
 queue): the supervisor takes the job back and hands it out again, and no event says the
