@@ -541,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    command = "python3 -m bench.fault_soak " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    command = "python3 -m bench.fault_soak " + " ".join(a for a in given if a != "--keep")
     if "--seed" not in command:
         command += f" --seed {seed}"
     print(json.dumps(result, indent=1, default=str))
