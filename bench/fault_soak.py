@@ -46,6 +46,7 @@ from typing import Any
 from bench.common import Producer, log, machine
 from bench.faults import (
     DISK,
+    DNS,
     SUPERVISOR,
     WORKER,
     Fault,
@@ -306,36 +307,45 @@ def counters(statsd: StatsdCatcher, names: tuple[str, ...]) -> dict[str, int]:
 
 def _strike_row(strike: Strike, ordinal: int, ledger: Ledger, events: list[dict[str, Any]]
                 ) -> dict[str, Any]:
-    """One fault as it happened, in words, and the duplicates the engine did not count that
-    its window produced."""
+    """One fault as it happened, and the duplicates the engine did not count, and the final
+    events it lost, that its window produced."""
     fault, details = strike.fault, dict(strike.details)
-    if "error" in details:
-        seen = f"**the fault failed**: {details['error']}"
-    elif fault.kind == WORKER:
-        seen = (f"worker {details['ip']} (last reported {details['in_flight']} tasks in flight,"
-                f" {details['connections_open']} connections) back in"
-                f" {details['back_after_s']} s")
-    elif fault.kind == SUPERVISOR:
-        details["unrecorded"] = len(details["unrecorded"])
-        seen = (f"{details['in_flight']} jobs in flight; {details['pending_in_spool']}"
-                f" recipients pending in the spool, {details['unrecorded']} of them already"
-                f" answered by the sink (results read, not recorded); back in"
-                f" {details['back_after_s']} s")
-    elif fault.kind == DISK:
-        seen = (f"write-ahead log truncated ({details['wal_freed_bytes'] >> 20} MiB freed),"
-                f" {details['ballast_bytes'] >> 20} MiB of ballast;"
-                f" {details['unwritable_lines']} `spool_unwritable` line(s),"
-                f" intake paused {details['paused_s']} s")
-    else:
-        dns_deferred = sum(1 for e in events if e["event"] == "deferred"
-                           and e.get("enhanced") == "4.4.3"
-                           and strike.started <= e["ts"] <= strike.ended + 3)
-        seen = (f"{details['queries_dropped']} queries dropped; {dns_deferred} recipient"
-                " attempts deferred 4.4.3")
     label = f"{fault.kind} #{ordinal}"
+    if fault.kind == SUPERVISOR and "killed" in details:
+        details["unrecorded"] = len(details["unrecorded"])
+        details["pending_dropped"] = len(details["pending_dropped"])
+        details["flags_lost"] = ledger.flags_lost.get(label, 0)
+    if fault.kind == DNS:
+        details["dns_deferred"] = sum(1 for e in events if e["event"] == "deferred"
+                                      and e.get("enhanced") == "4.4.3"
+                                      and strike.started <= e["ts"] <= strike.ended + 3)
     return {"at": fault.at, "kind": fault.kind, "seconds": fault.seconds, "label": label,
-            "seen": seen, "uncounted_duplicates": ledger.by_cause.get(label, 0),
+            "seen": describe(fault.kind, details),
+            "uncounted_duplicates": ledger.by_cause.get(label, 0),
             "final_events_lost": ledger.no_final_by_cause.get(label, 0), "details": details}
+
+
+def describe(kind: str, details: dict[str, Any]) -> str:
+    """What a fault did and what the engine showed, in words, from its details."""
+    if "error" in details:
+        return f"**the fault failed**: {details['error']}"
+    if kind == WORKER:
+        return (f"worker {details['ip']} killed (its last report: {details['in_flight']} tasks"
+                f" in flight, {details['connections_open']} connections); back in"
+                f" {details['back_after_s']} s")
+    if kind == SUPERVISOR:
+        return (f"{details['in_flight']} jobs in flight; in the spool it left,"
+                f" {details['pending_in_spool']} recipients pending, of which the sink had"
+                f" answered {details['unrecorded']} (the 250 read, not recorded) and dropped"
+                f" {details['flags_lost']} more whose ambiguous deferral was never recorded;"
+                f" back in {details['back_after_s']} s")
+    if kind == DISK:
+        return (f"write-ahead log truncated ({details['wal_freed_bytes'] >> 20} MiB freed),"
+                f" {details['ballast_bytes'] >> 20} MiB of ballast;"
+                f" {details['unwritable_lines']} `spool_unwritable` line(s), intake paused"
+                f" {details['paused_s']} s")
+    return (f"{details['queries_dropped']} queries dropped; {details['dns_deferred']}"
+            " recipient attempts deferred 4.4.3")
 
 
 def verdicts(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
@@ -446,17 +456,18 @@ def reading(result: dict[str, Any]) -> str:
 such deferral `ambiguous` and retries it, so each is a duplicate it counted; with CHUNKING a
 transaction reads its own final reply, so a flag goes with a drop one for one
 ({led['ambiguous_on_dropped']} of {led['ambiguous_flags']} flags on a dropped copy), unless
-the worker that saw the drop was killed before its result left (2). (2) A
-kill -9 of a worker after it read a transaction's reply (a 250, or the drop that makes it
-ambiguous) but before that result left the process (the results flusher's batch, ZeroMQ's
+the process holding the deferral is killed before it is recorded ((2) and (3)): this run
+dropped {led['dropped_by_sink']} copies and raised {led['ambiguous_flags']} flags. (2) A kill -9
+of a worker after it read a transaction's outcome (a 250, or the drop that makes it
+ambiguous) and before that result left the process (the results flusher's batch, ZeroMQ's
 queue): the supervisor takes the job back and hands it out again, and no event says the
-receiver may have it. (3) A kill -9 of the supervisor after it read results and before it
-committed them: the restarted engine finds the recipients pending and sends them again (the
-soak reads the dead engine's spool at each kill: "answered by the sink but unrecorded").
-Uncounted duplicates in this run: {kills}. Those windows are what the `duplicates == ambiguous`
-target needs closed (branch crashpoints is counting them). The drops themselves:
-{led['dropped_by_sink']} copies dropped, {led['ambiguous_flags']} ambiguous flags,
-{led['by_cause'].get(AMBIGUOUS, 0)} duplicates explained by a flag.
+receiver may have it. (3) A kill -9 of the supervisor (its workers die with it) after a
+transaction's outcome was read, by a worker or by the supervisor, and before it was
+committed: the restarted engine finds the recipient pending and sends it again. At each kill
+the soak reads the spool the dead engine left: the recipients pending there that the sink
+had answered, or dropped without a recorded ambiguous deferral, are the duplicates to come.
+Uncounted duplicates in this run: {kills}. Those windows are what the
+`duplicates == ambiguous` target needs closed (branch crashpoints is counting them).
 
 The spool's disk full is felt only when SQLite needs a new block: its write-ahead log, once
 grown to the checkpoint size (16 MiB), is written over in place, and a filesystem full around

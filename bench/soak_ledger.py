@@ -63,6 +63,9 @@ class Ledger:
     by_cause: dict[str, int] = field(default_factory=dict)  # duplicates per explanation
     unexplained: list[Key] = field(default_factory=list)
     no_final_by_cause: dict[str, int] = field(default_factory=dict)  # missing events per kill
+    # Per supervisor kill: recipients pending at the kill whose only copies the sink had
+    # dropped, and which never got an ambiguous flag (the deferral died with the supervisor).
+    flags_lost: dict[str, int] = field(default_factory=dict)
 
     @property
     def counted_by_engine(self) -> int:
@@ -166,6 +169,8 @@ def _explain(ledger: Ledger, copies: Mapping[Key, int],
             if cause == UNEXPLAINED:
                 ledger.unexplained.append(key)
     ledger.by_cause = dict(causes)
+    ledger.flags_lost = {label: len(dropped - flagged.keys())
+                         for label, dropped in windows.dropped_pending.items()}
     ledger.no_final_by_cause = dict(collections.Counter(
         windows.missing_event(seen_at.get(key, [])) for key in ledger.no_final_event))
 
@@ -176,6 +181,7 @@ class _Windows:
     def __init__(self, strikes: Sequence[Strike]) -> None:
         self.workers: list[tuple[str, str, float]] = []  # (label, ip, killed)
         self.supervisors: list[tuple[str, float, set[Key]]] = []  # (label, killed, pending)
+        self.dropped_pending: dict[str, set[Key]] = {}  # per supervisor kill
         ordinals: collections.Counter[str] = collections.Counter()
         for strike in strikes:
             kind, details = strike.fault.kind, strike.details
@@ -189,6 +195,8 @@ class _Windows:
                 at_sink = details.get("unrecorded", []) + details.get("pending_dropped", [])
                 self.supervisors.append((label, details["killed"],
                                          {(j, r) for j, r in at_sink}))
+                self.dropped_pending[label] = {
+                    (j, r) for j, r in details.get("pending_dropped", [])}
 
     def duplicate(self, key: Key, seen: list[tuple[float, str]]) -> str:
         """A worker kill, if a copy but the last came from its IP just before it; a

@@ -69,7 +69,7 @@ def test_an_accepted_recipient_nowhere_is_lost_and_one_at_the_receiver_is_not() 
 def test_each_duplicate_is_explained_by_a_flag_a_count_or_the_kill_that_made_it() -> None:
     rcpt = "r@d.test"
     jobs = {name: [rcpt] for name in ("flag", "counted", "worker", "worker-drop", "super",
-                                      "odd", "flag-only")}
+                                      "super-drop", "odd", "flag-only")}
     events = [event("queued", j) for j in jobs] + [event("delivered", j, rcpt) for j in jobs]
     events += [event("deferred", "flag", rcpt, ambiguous=True),
                event("deferred", "flag-only", rcpt, ambiguous=True)]
@@ -82,21 +82,25 @@ def test_each_duplicate_is_explained_by_a_flag_a_count_or_the_kill_that_made_it(
         copy("worker-drop", rcpt, KILLED - 1, ip="127.0.0.3", unanswered=True),
         copy("worker-drop", rcpt, KILLED + 9),
         copy("super", rcpt, KILLED - 1), copy("super", rcpt, KILLED + 9),
+        # dropped just before the supervisor's kill, its ambiguous deferral never recorded
+        copy("super-drop", rcpt, KILLED + 4, unanswered=True), copy("super-drop", rcpt, 1020),
         copy("odd", rcpt, 10), copy("odd", rcpt, 20),
         copy("flag-only", rcpt, 10),  # flagged, but the sink never had it twice
     ]
     log = "2026 WARNING mailengine[1] event=duplicate_delivery id=counted rcpt=r@d.test ip=x\n"
     strikes = [strike(WORKER, ip="127.0.0.3", killed=KILLED),
-               strike(SUPERVISOR, killed=KILLED + 5, unrecorded=[["super", rcpt]])]
+               strike(SUPERVISOR, killed=KILLED + 5, unrecorded=[["super", rcpt]],
+                      pending_dropped=[["super-drop", rcpt], ["flag", rcpt]])]
     ledger = account(jobs, events, 0, messages, [], log, strikes)
-    assert ledger.duplicates == 6
+    assert ledger.duplicates == 7
     assert ledger.by_cause == {AMBIGUOUS: 1, COUNTED: 1, f"{WORKER} #1": 2,
-                               f"{SUPERVISOR} #1": 1, UNEXPLAINED: 1}
+                               f"{SUPERVISOR} #1": 2, UNEXPLAINED: 1}
+    assert ledger.flags_lost == {f"{SUPERVISOR} #1": 1}  # "flag" has its flag: not lost
     assert ledger.counted_by_engine == 2
     assert ledger.unexplained == [("odd", rcpt)]
     assert (ledger.ambiguous_flags, ledger.ambiguous_without_duplicate) == (2, 1)
     assert ledger.ambiguous_on_dropped == 1  # the other flag's message never reached the sink
-    assert ledger.dropped_by_sink == 2 and ledger.counted_lines == 1
+    assert ledger.dropped_by_sink == 3 and ledger.counted_lines == 1
 
 
 def test_a_final_event_missing_after_a_supervisor_kill_is_put_to_that_kill() -> None:
