@@ -673,8 +673,9 @@ def write(results: dict[str, Any]) -> str:
 
 
 # Sections other benchmarks write into the same page (bench/rate_accuracy.py --docs,
-# bench/shaping_sim.py --docs): kept as they are when this report is rendered again.
-OTHER_SECTIONS = ("## Rate accuracy (shaping)", "## Shaping simulator")
+# bench/shaping_sim.py --docs, bench/fault_soak.py --docs): kept as they are when this report
+# is rendered again.
+OTHER_SECTIONS = ("## Rate accuracy (shaping)", "## Shaping simulator", "## Fault soak")
 
 
 def _kept_sections() -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import random
 import re
 import socket
 import ssl
@@ -69,6 +70,14 @@ class SinkServer:
     ``throttled`` counts the refusals the policy made per client IP; ``throttle_times()`` and
     ``accept_times()`` give the moments (Unix time) of each refusal and of each accepted MAIL
     FROM, to measure rates over windows.
+
+    ``drop_after_dot`` (a fraction, default 0: never) makes the sink take a message and then
+    drop the connection instead of replying to its final dot (or ``BDAT ... LAST``): the
+    message is recorded (``SinkMessage.unanswered``), the client never hears it was delivered,
+    and whatever it pipelined behind it is read into nothing. It is the ambiguous case of
+    RFC 5321 section 4.1.1.4 (a client that retries delivers a duplicate). Which messages are
+    dropped is drawn from ``random.Random(drop_seed)``, one draw per message in arrival order:
+    the same seed gives the same sequence of decisions.
     """
 
     RCPT_RULES: ClassVar[dict[str, str]] = {
@@ -95,6 +104,8 @@ class SinkServer:
         per_ip: bool = True,
         throttle_reply: str = "421 4.7.0 Rate limited, slow down",
         policy: Policy | None = None,
+        drop_after_dot: float = 0.0,
+        drop_seed: int | None = None,
     ) -> None:
         # aiosmtpd logs a traceback for every aborted handshake; the engine's
         # verify-first TLS probe aborts one per new host on purpose.
@@ -122,6 +133,10 @@ class SinkServer:
         if rate_limit is not None:
             policy = RateLimit(rate_limit, rate_burst, per_ip, throttle_reply)
         self.policy = policy
+        if not 0.0 <= drop_after_dot <= 1.0:
+            raise ValueError(f"drop_after_dot is a fraction in [0, 1]: {drop_after_dot!r}")
+        self.drop_after_dot = drop_after_dot
+        self._drops = random.Random(drop_seed)
         self._throttles: list[tuple[float, str]] = []  # policy refusals: (when, client IP)
         self._accepts: list[tuple[float, str]] = []  # MAIL FROMs accepted: (when, client IP)
         listener = socket.create_server((host, port), backlog=128)
@@ -158,6 +173,12 @@ class SinkServer:
     def max_concurrent(self) -> int:
         with self._state:
             return self._max_concurrent
+
+    @property
+    def unanswered(self) -> list[SinkMessage]:
+        """Messages kept but never answered: their connection was dropped (``drop_after_dot``)."""
+        with self._state:
+            return [m for m in self._messages if m.unanswered]
 
     @property
     def refused(self) -> list[tuple[int, str, str]]:
@@ -303,6 +324,13 @@ class SinkServer:
         with self._state:
             self._messages.append(message)
             self._state.notify_all()
+
+    def _drop_now(self) -> bool:
+        """Whether the message just read is to be kept without a reply (``drop_after_dot``)."""
+        if self.drop_after_dot <= 0.0:
+            return False
+        with self._state:
+            return self._drops.random() < self.drop_after_dot
 
     def _refuse(self, conn_id: int, address: str, reply: str) -> None:
         with self._state:

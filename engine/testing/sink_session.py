@@ -17,7 +17,7 @@ import re
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
@@ -47,6 +47,9 @@ class SinkMessage:
     via: str  # "DATA" or "BDAT"
     mail_options: tuple[str, ...] = ()
     received: float = field(default_factory=time.time)
+    # The sink kept the message and dropped the connection instead of replying (SinkServer's
+    # `drop_after_dot`): the client cannot know it was delivered.
+    unanswered: bool = False
 
     @property
     def size(self) -> int:
@@ -64,6 +67,7 @@ class SinkMessage:
             "via": self.via,
             "mail_options": list(self.mail_options),
             "received": self.received,
+            "unanswered": self.unanswered,
         }
         return data | _body_summary(self.content, content)
 
@@ -88,6 +92,7 @@ class _SinkSMTP(SMTP):
         self.sink = sink
         self.conn_id = 0
         self.delivered = 0
+        self.dropped = False  # hung up instead of a reply: nothing more is read or answered
         self._counted = False
 
     def _create_envelope(self) -> _SinkEnvelope:
@@ -127,6 +132,8 @@ class _SinkSMTP(SMTP):
     async def smtp_MAIL(self, arg: str | None) -> None:
         """MAIL FROM, behind the sink's policy (a refused MAIL takes no token)."""
         assert self.session is not None and self.envelope is not None
+        if self.dropped:
+            return
         if self.session.host_name and arg is not None and not self.envelope.mail_from:
             refusal = self.sink._admit("mail", self.peer_ip)
             if refusal is not None:
@@ -135,6 +142,18 @@ class _SinkSMTP(SMTP):
                     self.hang_up()  # 421: the server closes the connection (RFC 5321 3.8)
                 return
         await super().smtp_MAIL(arg)
+
+    async def push(self, status: AnyStr) -> None:
+        """A reply, unless the session dropped the connection: then no reply ever leaves
+        (what the client already sent behind it, pipelined, is read into nothing)."""
+        if not self.dropped:
+            await super().push(status)
+
+    def drop(self) -> None:
+        """Hang up without a reply to what was just read: a server that crashed, or a
+        connection that broke, after it took the message."""
+        self.dropped = True
+        self.hang_up(abort=True)
 
     @property
     def peer_ip(self) -> str:
@@ -217,6 +236,9 @@ class _SinkHandler:
         self, server: SMTP, session: Session, envelope: Envelope
     ) -> str:
         assert isinstance(server, _SinkSMTP) and isinstance(envelope, _SinkEnvelope)
+        if server.dropped:
+            return "451 4.3.0 connection dropped"  # never sent: the session is over
+        unanswered = self.sink._drop_now()
         server.delivered += 1
         peer = cast(tuple[str, int], session.peer)  # aiosmtpd annotates it as str
         message = SinkMessage(
@@ -230,6 +252,9 @@ class _SinkHandler:
             helo=session.host_name,
             via=envelope.via,
             mail_options=tuple(envelope.mail_options),
+            unanswered=unanswered,
         )
         self.sink._received(message)
+        if unanswered:
+            server.drop()  # kept, and no reply: the client cannot tell it was delivered
         return f"250 2.0.0 OK queued as {message.conn_id}.{message.seq}"

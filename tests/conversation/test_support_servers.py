@@ -8,6 +8,7 @@ tests/support/fixtures.py through conftest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import signal
@@ -418,6 +419,53 @@ def test_sink_takes_hundreds_of_messages_over_twenty_connections(
     assert len({message.rcpt_tos for message in messages}) == 300
     assert (sink.connections, sink.max_concurrent) == (20, 20)
     assert {message.tls for message in messages} == {"TLSv1.3"}
+
+
+def test_sink_drop_after_dot_keeps_the_message_and_hangs_up_without_a_reply() -> None:
+    with SinkServer(tls=False, drop_after_dot=1.0) as sink, raw_connect(sink.port) as sock:
+        assert sock.recv(100).startswith(b"220 ")
+        sock.sendall(b"EHLO client.test\r\n")
+        while not sock.recv(4096).endswith(b"250 HELP\r\n"):
+            pass
+        # The message and, pipelined behind it, a second transaction the server never reads.
+        sock.sendall(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nBDAT 5 LAST\r\nfirst"
+                     b"MAIL FROM:<a@x.test>\r\nRCPT TO:<c@y.test>\r\nBDAT 6 LAST\r\nsecond")
+        replies = b""
+        with contextlib.suppress(ConnectionResetError):  # a hang-up (FIN or RST), no reply
+            while chunk := sock.recv(4096):
+                replies += chunk
+    assert replies == b"250 OK\r\n250 2.1.5 OK\r\n"  # MAIL and RCPT, nothing after
+    [kept] = sink.messages
+    assert (kept.content, kept.rcpt_tos, kept.unanswered) == (b"first", ("b@y.test",), True)
+    assert sink.unanswered == [kept]
+
+
+def test_sink_drop_after_dot_is_a_fraction_drawn_from_its_seed() -> None:
+    def unanswered_pattern(seed: int) -> list[bool]:
+        with SinkServer(tls=False, drop_after_dot=0.3, drop_seed=seed) as sink:
+            for number in range(40):
+                try:
+                    with connect(sink.port) as client:
+                        client.sendmail("a@x.test", [f"r{number}@y.test"], b"x\r\n")
+                except smtplib.SMTPServerDisconnected:
+                    pass  # dropped after the dot: expected now and then
+            messages = sink.wait_for(40)
+        assert [m.rcpt_tos for m in messages] == [(f"r{n}@y.test",) for n in range(40)]
+        return [m.unanswered for m in messages]
+
+    first = unanswered_pattern(7)
+    assert first == unanswered_pattern(7)
+    assert first != unanswered_pattern(8)
+    assert 4 <= sum(first) <= 20  # about 30% of 40
+
+
+def test_sink_never_drops_by_default(plain_sink: SinkServer) -> None:
+    with connect(plain_sink.port) as client:
+        for number in range(20):
+            client.sendmail("a@x.test", [f"r{number}@y.test"], b"x\r\n")
+    assert not any(m.unanswered for m in plain_sink.wait_for(20))
+    with pytest.raises(ValueError, match="fraction"):
+        SinkServer(tls=False, drop_after_dot=1.5)
 
 
 def test_sink_stop_closes_open_sessions() -> None:
