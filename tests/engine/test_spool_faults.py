@@ -89,6 +89,7 @@ def test_a_full_spool_filesystem_pauses_intake_and_loses_nothing(
         f"queued {len({e['id'] for e in engine.events() if e['event'] == 'queued'})}"
         f" of {JOBS}; {producer.error!r}\n{engine.log_tail(40)}")
     until(lambda: len(_received(sink)) == JOBS, 90, "every job delivered", engine.log_tail)
+    engine.wait_final(JOBS, 30)  # the sink has them: their results are recorded just after
     counts = _received(sink)
     assert max(counts.values()) == 1  # nothing sent twice
     assert "event=spool_writable" in _log(engine)
