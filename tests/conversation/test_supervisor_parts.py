@@ -24,6 +24,7 @@ from engine.protocol import Status
 from engine.results import Results
 from engine.spool import RcptUpdate, Spool
 from engine.supervisor import Supervisor
+from engine.workers import WorkerHandle
 from tests.support.supervisor import (
     IP2,
     IP3,
@@ -42,6 +43,37 @@ from tests.support.supervisor import (
 @pytest.fixture
 def parts(tmp_path: Path, sockdir: str) -> Iterator[Parts]:
     built = Parts(tmp_path, sockdir)
+    yield built
+    built.close()
+
+
+class InProcess:
+    """A whole Supervisor in the test process, its workers stood in for (`worker`)."""
+
+    def __init__(self, tmp: Path, sockdir: str) -> None:
+        self.sup = Supervisor(ipc_config(tmp, sockdir), None)
+        self.socks: list[zmq.Socket] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def worker(self, ip: str, alive: bool) -> tuple[WorkerHandle, zmq.Socket]:
+        return stand_in_worker(self.sup.zctx, self.sup.workers, ip, alive, self.socks,
+                               self.procs)
+
+    def close(self) -> None:
+        for sock in [*self.socks, *(h.tasks for h in self.sup.workers if h.tasks is not None)]:
+            sock.close(linger=0)
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(10)
+        self.sup.workers.handles.clear()
+        self.sup.spool.close()
+        self.sup.events.close()
+        self.sup.zctx.destroy(linger=0)
+
+
+@pytest.fixture
+def in_process(tmp_path: Path, sockdir: str) -> Iterator[InProcess]:
+    built = InProcess(tmp_path, sockdir)
     yield built
     built.close()
 
@@ -179,41 +211,28 @@ def test_results_are_due_after_the_window_or_once_a_group_waits(parts: Parts) ->
 
 
 def test_a_result_in_the_socket_is_recorded_before_its_dead_workers_jobs_go_out_again(
-        tmp_path: Path, sockdir: str) -> None:
+        in_process: InProcess) -> None:
     """Regression: a worker reported a delivery and died before the supervisor read it;
     handing its jobs to another worker first sent the message twice."""
-    sup = Supervisor(ipc_config(tmp_path, sockdir), None)
-    own: list[zmq.Socket] = []
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        dead, _ = stand_in_worker(sup.zctx, sup.workers, IP2, False, own, procs)
-        _, other = stand_in_worker(sup.zctx, sup.workers, IP3, True, own, procs)
-        sup.spool.accept([Job(id="j1", sender="s@example.test", rcpts=(RCPT,),
-                              message=b"x\r\n")], time.time(), 3600.0)
-        dead.jobs.add("j1")
-        sup.dispatcher.in_flight["j1"] = InFlight(IP2, {}, NOW, time.time() + 3600, {RCPT: 0})
-        reporter = sup.zctx.socket(zmq.PUSH)
-        own.append(reporter)
-        reporter.connect(sup.workers.results_endpoint)
-        reporter.send(protocol.result_frame([attempt(Status.DELIVERED, job_id="j1")]))
-        assert sup.results.sock.poll(5000)
+    sup = in_process.sup
+    dead, _ = in_process.worker(IP2, False)
+    _, other = in_process.worker(IP3, True)
+    sup.spool.accept([Job(id="j1", sender="s@example.test", rcpts=(RCPT,),
+                          message=b"x\r\n")], time.time(), 3600.0)
+    dead.jobs.add("j1")
+    sup.dispatcher.in_flight["j1"] = InFlight(IP2, {}, NOW, time.time() + 3600, {RCPT: 0})
+    reporter = sup.zctx.socket(zmq.PUSH)
+    in_process.socks.append(reporter)
+    reporter.connect(sup.workers.results_endpoint)
+    reporter.send(protocol.result_frame([attempt(Status.DELIVERED, job_id="j1")]))
+    assert sup.results.sock.poll(5000)
 
-        sup.tick()  # the result in the socket, then the dead worker, then what is due
+    sup.tick()  # the result in the socket, then the dead worker, then what is due
 
-        assert sup.events.counts["delivered"] == 1
-        assert sup.spool.stats().jobs == 0  # recorded, so not due again...
-        assert not other.poll(300)  # ...and not sent to the other worker
-        assert sup.dispatcher.in_flight == {}
-    finally:
-        for sock in own:
-            sock.close(linger=0)
-        for proc in procs:
-            proc.kill()
-            proc.wait(10)
-        sup.workers.handles.clear()
-        sup.spool.close()
-        sup.events.close()
-        sup.zctx.destroy(linger=0)
+    assert sup.events.counts["delivered"] == 1
+    assert sup.spool.stats().jobs == 0  # recorded, so not due again...
+    assert not other.poll(300)  # ...and not sent to the other worker
+    assert sup.dispatcher.in_flight == {}
 
 
 
@@ -444,41 +463,28 @@ def test_results_that_cannot_be_recorded_hold_back_new_work_once_too_many_wait(
 
 
 def test_a_job_that_cannot_be_decoded_ends_with_a_final_event_per_recipient(
-        tmp_path: Path, sockdir: str) -> None:
+        in_process: InProcess, tmp_path: Path) -> None:
     """Issue #14 (3): a spooled row that could not be decoded was set aside and only
     logged, so the producer never heard of its recipients again."""
-    sup = Supervisor(ipc_config(tmp_path, sockdir), None)
-    own: list[zmq.Socket] = []
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        _, pull = stand_in_worker(sup.zctx, sup.workers, IP2, True, own, procs)
-        sup.spool.accept([Job(id="bad", sender="s@example.test", rcpts=(RCPT, "b@example.test"),
-                              message=b"x\r\n", meta={"k": "v"})], time.time(), 3600.0)
-        sup.spool.record([RcptUpdate("bad", "b@example.test", Status.DELIVERED)])
-        with sqlite3.connect(sup.spool.path) as conn:  # the envelope no longer decodes
-            conn.execute("UPDATE jobs SET envelope = json_set(envelope, '$.to', json('[1]'))")
+    sup = in_process.sup
+    _, pull = in_process.worker(IP2, True)
+    sup.spool.accept([Job(id="bad", sender="s@example.test", rcpts=(RCPT, "b@example.test"),
+                          message=b"x\r\n", meta={"k": "v"})], time.time(), 3600.0)
+    sup.spool.record([RcptUpdate("bad", "b@example.test", Status.DELIVERED)])
+    with sqlite3.connect(sup.spool.path) as conn:  # the envelope no longer decodes
+        conn.execute("UPDATE jobs SET envelope = json_set(envelope, '$.to', json('[1]'))")
 
-        sup.dispatcher.dispatch_due()
-        sup.events.flush()
+    sup.dispatcher.dispatch_due()
+    sup.events.flush()
 
-        assert tasks(pull) == []
-        finals = [json.loads(line) for line in
-                  (tmp_path / "events.jsonl").read_text(encoding="utf-8").splitlines()]
-        assert [(e["event"], e["rcpt"], e["code"], e["enhanced"]) for e in finals] == [
-            ("bounced", RCPT, 554, "5.3.0")]  # the one recipient not final yet
-        assert "spool record could not be read" in finals[0]["reply"]
-        assert finals[0]["meta"] == {"k": "v"}
-        assert sup.spool.stats().jobs == 0
-    finally:
-        for sock in own:
-            sock.close(linger=0)
-        for proc in procs:
-            proc.kill()
-            proc.wait(10)
-        sup.workers.handles.clear()
-        sup.spool.close()
-        sup.events.close()
-        sup.zctx.destroy(linger=0)
+    assert tasks(pull) == []
+    finals = [json.loads(line) for line in
+              (tmp_path / "events.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(e["event"], e["rcpt"], e["code"], e["enhanced"]) for e in finals] == [
+        ("bounced", RCPT, 554, "5.3.0")]  # the one recipient not final yet
+    assert "spool record could not be read" in finals[0]["reply"]
+    assert finals[0]["meta"] == {"k": "v"}
+    assert sup.spool.stats().jobs == 0
 
 
 def test_a_spool_damaged_under_the_running_engine_stops_it_with_exit_2(
