@@ -58,7 +58,15 @@ from bench.faults import (
 )
 from bench.run import _cpu_now as cpu_now
 from bench.run import other_load
-from bench.soak_ledger import AMBIGUOUS, COUNTED, UNEXPLAINED, Ledger, account
+from bench.soak_ledger import (
+    AMBIGUOUS,
+    COUNTED,
+    ENGINE_COUNTED,
+    RESENT,
+    UNEXPLAINED,
+    Ledger,
+    account,
+)
 from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
 from tests.support.statsd_catcher import StatsdCatcher
@@ -269,7 +277,8 @@ def report(soak: Soak, ledger: Ledger, strikes: list[Strike], rig: Rig,
            faults: list[Fault]) -> dict[str, Any]:
     engine, dns, sink = rig.engine, rig.dns, rig.sink
     engine_log = _read(engine.log_path)
-    metrics = counters(rig.statsd, ("ambiguous", "duplicates", "taken_back", "delivered",
+    metrics = counters(rig.statsd, ("ambiguous", "duplicates", "taken_back", "resent_after_loss",
+                                    "delivered",
                                     "deferred"))
     lines = {name: engine_log.count(f"event={name} ") for name in
              ("started", "worker_exited", "spool_unwritable", "spool_writable",
@@ -359,7 +368,7 @@ def verdicts(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
         ("duplicates at the receiver = the ambiguous count",
          f"{led['duplicates']} duplicates, {led['ambiguous_flags']} ambiguous",
          led["duplicates"] == led["ambiguous_flags"]),
-        ("every duplicate counted by the engine (ambiguous, or `duplicates`)",
+        ("every duplicate counted by the engine (ambiguous, `duplicates`, or `possible_duplicate`)",
          f"{uncounted} not counted", uncounted == 0),
     ]
 
@@ -368,7 +377,7 @@ def table(result: dict[str, Any]) -> str:
     led, met = result["ledger"], result["metrics"]
     final = led["final"]
     causes = led["by_cause"]
-    uncounted = {c: n for c, n in causes.items() if c not in (AMBIGUOUS, COUNTED)}
+    uncounted = {c: n for c, n in causes.items() if c not in ENGINE_COUNTED}
     rows = [
         ("jobs pushed", f"{led['pushed_jobs']}"),
         ("jobs accepted (`queued`)", f"{led['accepted_jobs']} ({led['accepted_rcpts']}"
@@ -388,6 +397,9 @@ def table(result: dict[str, Any]) -> str:
         ("duplicates counted by the supervisor (`duplicate_delivery`)",
          f"{causes.get(COUNTED, 0)} (lines: {led['counted_lines']}, metric `duplicates`:"
          f" {met['duplicates']})"),
+        ("duplicates flagged `possible_duplicate` (sent again after a worker's death)",
+         f"{causes.get(RESENT, 0)} (metric `resent_after_loss`: {met['resent_after_loss']}"
+         " recipients flagged)"),
         ("duplicates the engine did not count", f"{sum(uncounted.values())}"
          + (" (" + ", ".join(f"{c}: {n}" for c, n in sorted(uncounted.items())) + ")"
             if uncounted else "")),
@@ -449,7 +461,7 @@ producer re-sends each job until it sees `queued`, while the fault script
 def reading(result: dict[str, Any]) -> str:
     """What the figures say, in words: where each kind of duplicate comes from."""
     led = result["ledger"]
-    causes = {c: n for c, n in led["by_cause"].items() if c not in (AMBIGUOUS, COUNTED)}
+    causes = {c: n for c, n in led["by_cause"].items() if c not in ENGINE_COUNTED}
     kills = ", ".join(f"{n} after {c}" for c, n in sorted(causes.items())) or "none"
     return f"""**Reading it.** Every duplicate the receiver got has one of three sources here.
 (1) The sink's drops: a message taken, then no reply to its final dot. The engine flags each

@@ -37,6 +37,10 @@ _DUPLICATE_LINE = re.compile(r"event=duplicate_delivery id=(\S+) rcpt=(\S+)")
 
 AMBIGUOUS, COUNTED, UNEXPLAINED = "flagged ambiguous", "counted (duplicates metric)", \
     "unexplained"
+# A delivery flagged `possible_duplicate`: sent again after its worker died without reporting
+# it (counted by the engine in `resent_after_loss`).
+RESENT = "flagged possible_duplicate"
+ENGINE_COUNTED = (AMBIGUOUS, COUNTED, RESENT)
 
 
 @dataclass
@@ -69,7 +73,7 @@ class Ledger:
 
     @property
     def counted_by_engine(self) -> int:
-        return self.by_cause.get(AMBIGUOUS, 0) + self.by_cause.get(COUNTED, 0)
+        return sum(self.by_cause.get(cause, 0) for cause in ENGINE_COUNTED)
 
     def as_dict(self) -> dict[str, Any]:
         data = dict(vars(self))
@@ -93,6 +97,7 @@ def account(jobs: Mapping[str, Sequence[str]], events: Iterable[Mapping[str, Any
     finals: collections.Counter[Key] = collections.Counter()
     final_kind: dict[Key, str] = {}
     flagged: collections.Counter[Key] = collections.Counter()
+    resent: set[Key] = set()
     for event in events:
         name = event["event"]
         if name == "queued":
@@ -101,6 +106,8 @@ def account(jobs: Mapping[str, Sequence[str]], events: Iterable[Mapping[str, Any
             key = (event["id"], event["rcpt"])
             finals[key] += 1
             final_kind.setdefault(key, name)
+            if event.get("possible_duplicate"):
+                resent.add(key)
         elif name == "deferred" and event.get("ambiguous"):
             flagged[(event["id"], event["rcpt"])] += 1
     accepted = [(job_id, rcpt) for job_id in jobs if job_id in queued for rcpt in jobs[job_id]]
@@ -131,7 +138,7 @@ def account(jobs: Mapping[str, Sequence[str]], events: Iterable[Mapping[str, Any
     ledger.ambiguous_on_dropped = sum(min(n, dropped[key]) for key, n in flagged.items())
     counted = {(m[1], m[2]) for m in _DUPLICATE_LINE.finditer(engine_log)}
     ledger.counted_lines = len(_DUPLICATE_LINE.findall(engine_log))
-    _explain(ledger, copies, seen_at, flagged, counted, strikes)
+    _explain(ledger, copies, seen_at, flagged, counted | resent, strikes, resent)
     return ledger
 
 
@@ -149,7 +156,8 @@ def _copies(messages: Sequence[Any]) -> tuple[collections.Counter[Key],
 
 def _explain(ledger: Ledger, copies: Mapping[Key, int],
              seen_at: Mapping[Key, list[tuple[float, str]]],
-             flagged: Mapping[Key, int], counted: set[Key], strikes: Sequence[Strike]) -> None:
+             flagged: Mapping[Key, int], counted: set[Key], strikes: Sequence[Strike],
+             resent: set[Key] = frozenset()) -> None:
     windows = _Windows(strikes)
     causes: collections.Counter[str] = collections.Counter()
     for key, n in copies.items():
@@ -161,7 +169,7 @@ def _explain(ledger: Ledger, copies: Mapping[Key, int],
         explained = min(extra, flagged.get(key, 0))
         causes[AMBIGUOUS] += explained
         if explained < extra and key in counted:
-            causes[COUNTED] += 1
+            causes[RESENT if key in resent else COUNTED] += 1
             explained += 1
         if explained < extra:
             cause = windows.duplicate(key, seen_at.get(key, []))
