@@ -33,6 +33,26 @@ def log(text: str) -> None:
 # -- figures ----------------------------------------------------------------------------------
 
 
+def write_section(path: str, heading: str, text: str, separator: str = "\n\n---\n\n") -> None:
+    """Replace the section of the Markdown file at `path` that starts with the `heading`
+    line (up to the next `## `), or append it after `separator`. The file is re-read just
+    before writing (other benchmarks write their sections too), nothing outside the section
+    changes, and the new file replaces the old one whole (a new file, renamed)."""
+    with open(path, encoding="utf-8") as f:
+        current = f.read()
+    at = current.find(heading + "\n")
+    if at >= 0:
+        following = current.find("\n## ", at + len(heading))
+        rest = current[following + 1:] if following >= 0 else ""
+        updated = current[:at] + text + ("\n" + rest if rest else "")
+    else:
+        updated = current.rstrip("\n") + separator + text
+    tmp = path + ".section.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(updated)
+    os.replace(tmp, path)
+
+
 def percentile(values: Sequence[float], pct: float) -> float:
     """Linear interpolation between closest ranks (numpy's default); nan if empty."""
     if not values:

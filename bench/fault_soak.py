@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from bench.common import Producer, log, machine
+from bench.common import Producer, log, machine, write_section
 from bench.faults import (
     DISK,
     DNS,
@@ -492,21 +492,7 @@ retry."""
 
 
 def write_docs(text: str) -> None:
-    """Replace the section, or append it; the file is re-read just before writing (other
-    benchmarks write their sections too), and nothing outside the section changes."""
-    with open(DOCS, encoding="utf-8") as f:
-        current = f.read()
-    at = current.find(SECTION + "\n")
-    if at >= 0:
-        following = current.find("\n## ", at + len(SECTION))
-        rest = current[following + 1:] if following >= 0 else ""
-        updated = current[:at] + text + ("\n" + rest if rest else "")
-    else:
-        updated = current.rstrip("\n") + "\n\n---\n\n" + text
-    tmp = DOCS + ".fault-soak.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(updated)
-    os.replace(tmp, DOCS)
+    write_section(DOCS, SECTION, text)
 
 
 @contextlib.contextmanager

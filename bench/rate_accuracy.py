@@ -24,6 +24,7 @@ import tempfile
 import time
 from typing import Any
 
+from bench.common import write_section
 from engine.testing.harness import LocalEngine, make_message
 from engine.testing.sink import SinkServer
 
@@ -128,21 +129,7 @@ rate). At `--rate 200 --seconds 20` the rate held exactly too (200.00 msg/s, eve
 
 
 def write_docs(text: str) -> None:
-    """Append the section, or refresh it in place; the file is re-read just before writing
-    (another session edits it too), and nothing outside the section changes."""
-    with open(DOCS, encoding="utf-8") as f:
-        current = f.read()
-    at = current.find(SECTION)
-    if at >= 0:
-        following = current.find("\n## ", at + len(SECTION))
-        rest = current[following + 1:] if following >= 0 else ""
-        updated = current[:at] + text + ("\n" + rest if rest else "")
-    else:
-        updated = current.rstrip("\n") + "\n\n---\n\n" + text
-    tmp = DOCS + ".rate-accuracy.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(updated)
-    os.replace(tmp, DOCS)
+    write_section(DOCS, SECTION, text)
 
 
 def main(argv: list[str] | None = None) -> int:

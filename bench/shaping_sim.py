@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import ROOT, log, machine
+from bench.common import ROOT, log, machine, write_section
 from engine.testing import limits
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
@@ -353,16 +353,7 @@ def _machine_line() -> str:
 
 
 def write_docs(text: str) -> None:
-    with open(DOCS, encoding="utf-8") as f:
-        doc = f.read()
-    if SECTION in doc:
-        head, _, tail = doc.partition(SECTION)
-        rest = tail.split("\n## ", 1)
-        doc = head + text + ("\n## " + rest[1] if len(rest) > 1 else "")
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    with open(DOCS, "w", encoding="utf-8") as f:
-        f.write(doc)
+    write_section(DOCS, SECTION, text, "\n\n")
 
 
 def main(argv: list[str] | None = None) -> int:
