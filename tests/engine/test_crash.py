@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import os
 import random
-import re
 import signal
 import threading
 import time
@@ -37,6 +36,7 @@ import pytest
 from engine.spool import Spool
 from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
+from tests.support.copies import received
 from tests.support.wait import until
 
 N = 5000
@@ -44,7 +44,6 @@ CAP = 4  # pool.max_connections: connections open at once per destination
 OPEN_PER_CONNECTION = 2  # the transaction in progress, and the previous one's result in flight
 MAX_IN_FLIGHT = 1000  # limits.max_in_flight (the default): jobs handed to a worker at once
 IP = "127.0.0.2"
-MESSAGE_ID = re.compile(rb"^Message-ID: <([^>@]+)@", re.MULTILINE)
 
 
 def message(job_id: str, rcpt: str, size: int = 1000) -> bytes:
@@ -73,16 +72,6 @@ class Producer(threading.Thread):
 
     def run(self) -> None:
         self.accepted = self.engine.push(self.jobs, timeout=60)
-
-
-def received(sink: SinkServer) -> collections.Counter[str]:
-    """Message-ID -> how many times the sink got it."""
-    ids: collections.Counter[str] = collections.Counter()
-    for m in sink.messages:
-        found = MESSAGE_ID.search(m.content)
-        assert found is not None
-        ids[found[1].decode()] += 1
-    return ids
 
 
 def wait_all_delivered(engine: LocalEngine, sink: SinkServer, ids: set[str],

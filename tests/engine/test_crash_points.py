@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import random
-import re
 import signal
 import threading
 import time
@@ -24,12 +23,12 @@ import pytest
 from engine.spool import Spool
 from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
+from tests.support.copies import received
 from tests.support.statsd_catcher import StatsdCatcher
 from tests.support.wait import until
 
 IP = "127.0.0.2"
 CAP = 4  # pool.max_connections for the test under load
-MESSAGE_ID = re.compile(rb"^Message-ID: <([^>@]+)@", re.MULTILINE)
 PREFIX = "mailengine.supervisor.all."
 
 Job = tuple[dict[str, Any], bytes]
@@ -45,16 +44,6 @@ def job(job_id: str) -> Job:
 def crash_env(once: Path, at: str) -> dict[str, str]:
     once.mkdir(exist_ok=True)
     return {"MAILENGINE_CRASH_AT": at, "MAILENGINE_CRASH_ONCE": str(once)}
-
-
-def received(sink: SinkServer) -> collections.Counter[str]:
-    """Message-ID -> how many times the sink got it."""
-    ids: collections.Counter[str] = collections.Counter()
-    for m in sink.messages:
-        found = MESSAGE_ID.search(m.content)
-        assert found is not None
-        ids[found[1].decode()] += 1
-    return ids
 
 
 def settled(engine: LocalEngine, sink: SinkServer, ids: set[str]) -> collections.Counter[str]:
