@@ -10,7 +10,6 @@ import dataclasses
 import errno
 import json
 import logging
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,19 +20,17 @@ import zmq
 
 from engine import hostcheck
 from engine.config import IpConfig, Route
-from engine.dispatch import Dispatcher
 from engine.job import parse_job
 from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.protocol import Status
 from engine.sendingip import RETRY_AFTER, SendingIp
-from engine.spool import Pending, Spool
+from engine.spool import Pending
 from engine.testing.sink import SinkServer
-from engine.workers import Workers
 from tests.support.playbook import RCPTS
 from tests.support.stack import Stack
 from tests.support.statsd_catcher import StatsdCatcher
-from tests.support.supervisor import IP2, IP3, ipc_config, job_envelope, stand_in_worker, tasks
+from tests.support.supervisor import IP2, IP3, Parts, job_envelope, tasks
 
 NOT_HELD = "192.0.2.7"
 GONE = OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
@@ -136,21 +133,13 @@ def test_idle_connections_are_dropped_at_once_when_the_ip_goes(
 
 # -- the supervisor: no new jobs for that worker, its pools' mail to the other IPs ---------
 
-class Table:
-    """The workers' table and dispatch on a real spool, with stand-in workers (their task
-    sockets read by the test); jobs go in as intake would hand them over."""
+class Table(Parts):
+    """The supervisor's parts (tests/support/supervisor.py) with stand-in workers whose
+    stats the test sends; jobs go in as intake would hand them over."""
 
-    def __init__(self, tmp: Path, sockdir: str) -> None:
-        self.cfg = ipc_config(tmp, sockdir)
-        self.ctx = zmq.Context()
-        self.spool = Spool(self.cfg.spool)
-        self.workers = Workers(self.ctx, self.cfg, None)
-        self.dispatcher = Dispatcher(self.cfg, self.spool, self.workers, lambda event: None)
-        self.socks: list[zmq.Socket] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def worker(self, ip: str) -> zmq.Socket:
-        return stand_in_worker(self.ctx, self.workers, ip, True, self.socks, self.procs)[1]
+    def task_socket(self, ip: str) -> zmq.Socket:
+        """A ready stand-in worker for `ip`: the test's end of its task socket."""
+        return self.worker(ip, alive=True)[1]
 
     def stats(self, ip: str, **figures: object) -> bool:
         """A stats frame from the worker of `ip`; whether it made the worker take jobs."""
@@ -167,15 +156,6 @@ class Table:
         self.dispatcher.offer([Pending(job, now, now + 3600.0, job.rcpts,
                                        dict.fromkeys(job.rcpts, 0)) for job in jobs])
 
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-            proc.wait(10)
-        for sock in [*self.socks, *(h.tasks for h in self.workers if h.tasks is not None)]:
-            sock.close(linger=0)
-        self.spool.close()
-        self.ctx.term()
-
 
 @pytest.fixture
 def table(tmp_path: Path, sockdir: str) -> Iterator[Table]:
@@ -186,7 +166,7 @@ def table(tmp_path: Path, sockdir: str) -> Iterator[Table]:
 
 def test_a_worker_whose_ip_is_down_gets_no_jobs_and_its_pools_mail_goes_elsewhere(
         table: Table, caplog: pytest.LogCaptureFixture) -> None:
-    down_tasks, other_tasks = table.worker(IP2), table.worker(IP3)
+    down_tasks, other_tasks = table.task_socket(IP2), table.task_socket(IP3)
     caplog.set_level(logging.INFO, logger="mailengine.supervisor")
 
     assert not table.stats(IP2, ip_down=True, ip_error="sending IP 127.0.0.2 is gone")
@@ -208,8 +188,8 @@ def test_a_worker_whose_ip_is_down_gets_no_jobs_and_its_pools_mail_goes_elsewher
 
 def test_a_reload_refuses_a_new_ip_the_host_does_not_hold_and_keeps_the_rest(
         table: Table, caplog: pytest.LogCaptureFixture) -> None:
-    table.worker(IP2)
-    table.worker(IP3)
+    table.task_socket(IP2)
+    table.task_socket(IP3)
     new = dataclasses.replace(table.cfg, ips=(*table.cfg.ips, IpConfig(NOT_HELD, "x.test")))
     caplog.set_level(logging.ERROR, logger="mailengine.supervisor")
 
