@@ -247,14 +247,9 @@ def test_a_late_delivery_counts_for_its_own_hand_out_and_the_second_copy_is_coun
     late delivery is recorded and published for the hand-out it answers, and the new
     hand-out's delivery of the same recipient is counted as a duplicate, not published
     twice."""
-    first, first_tasks = parts.worker(IP2, alive=True)
-    parts.push([job_envelope("j")])
-    parts.dispatcher.offer(parts.intake.take())
-    assert tasks(first_tasks) == ["j"]
+    first = parts.hand_out(IP2, job_envelope("j"))
     old = parts.answer(Status.DELIVERED)
-    first.proc.kill()  # type: ignore[union-attr]
-    first.proc.wait(10)  # type: ignore[union-attr]
-    parts.dispatcher.forget(parts.workers.check(time.monotonic()))
+    parts.kill(first)
     assert parts.counted("taken_back") == 1
     _, second_tasks = parts.worker(IP3, alive=True)
     parts.dispatcher.dispatch_due()
@@ -280,14 +275,9 @@ def test_what_a_killed_worker_had_not_reported_goes_again_flagged_and_counted(
     event flagged `possible_duplicate`: no one can tell which of them the server has. One it
     reported is not sent again."""
     other = "q@example.test"
-    first, first_tasks = parts.worker(IP2, alive=True)
-    parts.push([job_envelope("j", to=[RCPT, other])])
-    parts.dispatcher.offer(parts.intake.take())
-    assert tasks(first_tasks) == ["j"]
+    first = parts.hand_out(IP2, job_envelope("j", to=[RCPT, other]))
     parts.report(parts.answer(Status.DELIVERED))  # RCPT reported; `other` not, then a kill
-    first.proc.kill()  # type: ignore[union-attr]
-    first.proc.wait(10)  # type: ignore[union-attr]
-    parts.dispatcher.forget(parts.workers.check(time.monotonic()))
+    parts.kill(first)
     _, second_tasks = parts.worker(IP3, alive=True)
     parts.dispatcher.dispatch_due()
     assert tasks(second_tasks) == ["j"]
@@ -304,10 +294,7 @@ def test_the_jobs_of_a_worker_that_exited_0_go_again_unflagged(parts: Parts) -> 
     """A worker exits 0 only after its drain, having reported every recipient whose message
     it wrote (the others were never sent): nothing of it is a possible duplicate. A reload
     replaces every worker so: flagging their jobs would cry wolf."""
-    first, first_tasks = parts.worker(IP2, alive=True)
-    parts.push([job_envelope("j")])
-    parts.dispatcher.offer(parts.intake.take())
-    assert tasks(first_tasks) == ["j"]
+    first = parts.hand_out(IP2, job_envelope("j"))
     first.proc.kill()  # type: ignore[union-attr]
     first.proc.wait(10)  # type: ignore[union-attr]
     first.proc = subprocess.Popen(["true"])  # stands in for the drained worker's exit 0
@@ -323,14 +310,9 @@ def test_the_jobs_of_a_worker_that_exited_0_go_again_unflagged(parts: Parts) -> 
 
 
 def test_a_late_deferral_of_a_hand_out_taken_back_changes_nothing(parts: Parts) -> None:
-    first, first_tasks = parts.worker(IP2, alive=True)
-    parts.push([job_envelope("j")])
-    parts.dispatcher.offer(parts.intake.take())
-    assert tasks(first_tasks) == ["j"]
+    first = parts.hand_out(IP2, job_envelope("j"))
     old = parts.answer(Status.DEFERRED)
-    first.proc.kill()  # type: ignore[union-attr]
-    first.proc.wait(10)  # type: ignore[union-attr]
-    parts.dispatcher.forget(parts.workers.check(time.monotonic()))
+    parts.kill(first)
     _, second_tasks = parts.worker(IP3, alive=True)
     parts.dispatcher.dispatch_due()
     assert tasks(second_tasks) == ["j"]

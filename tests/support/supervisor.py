@@ -138,6 +138,23 @@ class Parts:
             producer.send_multipart([json.dumps(envelope).encode(), b"Subject: x\r\n\r\nhi\r\n"])
         assert self.ingest.poll(5000), "the jobs never reached the ingest socket"
 
+    def hand_out(self, ip: str, envelope: dict[str, Any]) -> WorkerHandle:
+        """A ready stand-in worker for `ip`, and the job of `envelope` accepted and handed
+        to it (the test checks the hand-out)."""
+        handle, pull = self.worker(ip, alive=True)
+        self.push([envelope])
+        self.dispatcher.offer(self.intake.take())
+        assert tasks(pull) == [envelope["id"]]
+        return handle
+
+    def kill(self, handle: WorkerHandle) -> None:
+        """The stand-in worker dies (kill -9); the supervisor sees it and takes its jobs
+        back, as its housekeeping tick would."""
+        assert handle.proc is not None
+        handle.proc.kill()
+        handle.proc.wait(10)
+        self.dispatcher.forget(self.workers.check(time.monotonic()))
+
     def answer(self, status: Status, job_id: str = "j", **fields: Any) -> Any:
         """A worker's result for the job's current hand-out."""
         return attempt(status, job_id=job_id,
