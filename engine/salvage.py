@@ -207,7 +207,7 @@ def _salvage_locked(directory: str, path: str, now: float) -> Findings:
     try:
         found = _copy_into(directory, path, new_path)
         _same_owner(new_path, path)
-        _fsync(new_path)
+        spoolfile.fsync_path(new_path)
     except (SpoolError, sqlite3.Error, OSError) as e:
         _remove_database(new_path)
         raise SpoolError(f"cannot write the new spool {new_path}: {e}") from e
@@ -244,12 +244,12 @@ def _swap(directory: str, path: str, new_path: str, stamp: str) -> str:
         for suffix in ("", "-wal", "-shm"):
             if os.path.exists(path + suffix):
                 os.link(path + suffix, kept + suffix)
-        _fsync(directory)
+        spoolfile.fsync_path(directory)
         for suffix in ("-wal", "-shm"):
             with suppress(FileNotFoundError):
                 os.unlink(path + suffix)
         os.replace(new_path, path)
-        _fsync(directory)
+        spoolfile.fsync_path(directory)
     except OSError as e:
         raise SpoolError(f"cannot swap in the new spool {new_path}: {e}") from e
     return kept
@@ -266,14 +266,6 @@ def _same_owner(new_path: str, path: str) -> None:
     if os.geteuid() == 0:
         st = os.stat(path)
         os.chown(new_path, st.st_uid, st.st_gid)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- reading, row by row ------------------------------------------------------------------

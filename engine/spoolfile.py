@@ -125,7 +125,7 @@ def connect(directory: str, path: str) -> sqlite3.Connection:
         conn.close()
         raise
     if fresh:
-        _fsync_dir(directory)
+        fsync_path(directory)  # the new file's directory entry durable too
     return conn
 
 
@@ -227,9 +227,9 @@ def rollback(conn: sqlite3.Connection) -> None:
             conn.execute("ROLLBACK")
 
 
-def _fsync_dir(directory: str) -> None:
-    """Make the new file's directory entry durable too."""
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (a directory: the names it holds) by its path."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
