@@ -26,7 +26,9 @@ def run(at: str, once: Path | None = None,
     env.update({crash.AT_ENV: at, "PYTHONPATH": str(ROOT)})
     if once is not None:
         env[crash.ONCE_ENV] = str(once)
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+    # -u: the child is killed with SIGKILL, so what it printed must not wait in a buffer
+    # (with output to a pipe it would, unless PYTHONUNBUFFERED happens to be set).
+    return subprocess.run([sys.executable, "-u", "-c", script], env=env, capture_output=True,
                           text=True, timeout=8)
 
 
