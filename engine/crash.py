@@ -26,6 +26,7 @@ POINTS = (
     "after_spool_commit",  # supervisor: jobs durable in the spool, `queued` not yet published
     "after_final_reply",  # worker: a 2xx to the final dot read, its result not yet sent
     "after_result_read",  # supervisor: results read from the workers, not yet recorded
+    "after_results_recorded",  # supervisor: results and their final events spooled, not out
 )
 
 

@@ -163,6 +163,8 @@ class Deliverer:
         started = time.monotonic()
         try:
             dest = self._destination(domain)
+        except DescriptorsExhausted as err:  # waited WAIT_MAX: back to the spool
+            return self._not_held(task, rcpts, domain, err.reply), False
         except DeliveryError as err:
             return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts], None,
                                   domain, None, False), False
@@ -179,7 +181,8 @@ class Deliverer:
             try:
                 sent = self._via_host_in_time(task, rcpts, host, provider, shaper, dest.routed,
                                               epoch)
-            except SendingIpGone as err:  # no other host would do better: nothing can leave
+            except (SendingIpGone, DescriptorsExhausted) as err:  # the worker's own trouble:
+                # no other host would do better, nothing can leave now
                 return self._not_held(task, rcpts, provider, err.reply), False
             except DeliveryError as err:
                 if err.blame is Blame.MESSAGE:  # the same at every host: it is the outcome
@@ -207,22 +210,26 @@ class Deliverer:
                               provider, None, False, shaper, verdict), False
 
     def _destination(self, domain: str) -> Destination:
-        """The domain's destination; a lookup short of file descriptors is tried again."""
+        """The domain's destination; a lookup short of file descriptors is tried again
+        (up to descriptors.WAIT_MAX)."""
+        since = self.descriptors.now()
         while True:
             try:
                 return self.resolver.destination(domain)
             except DescriptorsExhausted as err:
-                self.descriptors.wait(domain, err)
+                self.descriptors.wait(domain, err, since)
 
     def _via_host_in_time(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
                           shaper: ProviderShaper, routed: bool, epoch: int) -> _Sent | Deferral:
         """`_via_host`, tried again after a wait while the worker is out of file descriptors:
-        that is raised before any transaction (connect, DNS), so nothing was sent."""
+        that is raised before any transaction (connect, DNS), so nothing was sent. After
+        descriptors.WAIT_MAX, DescriptorsExhausted."""
+        since = self.descriptors.now()
         while True:
             try:
                 return self._via_host(task, rcpts, host, provider, shaper, routed, epoch)
             except DescriptorsExhausted as err:
-                self.descriptors.wait(provider, err)
+                self.descriptors.wait(provider, err, since)
 
     def _via_host(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
                   shaper: ProviderShaper, routed: bool, epoch: int) -> _Sent | Deferral:
@@ -369,9 +376,10 @@ class Deliverer:
 
     def _not_held(self, task: Task, rcpts: list[str], provider: str,
                   reply: Reply) -> list[Attempt]:
-        """The host does not hold the sending IP: back to the spool, due again in
-        RETRY_AFTER seconds, no attempt; by then the supervisor knows, and hands them to
-        another IP of their pool (or keeps them for this one)."""
+        """The worker's own trouble (`reply`): the host does not hold the sending IP, or
+        descriptors stayed short for descriptors.WAIT_MAX. Back to the spool, due again in
+        RETRY_AFTER seconds, no attempt; for the IP, by then the supervisor knows, and hands
+        them to another IP of their pool (or keeps them for this one)."""
         now = time.time()
         return [Attempt(job_id=task.job_id, rcpt=r, status=Status.DEFERRED, reply=reply,
                         ip=self.source_ip, provider=provider, ts=now, attempted=False,

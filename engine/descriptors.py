@@ -7,7 +7,9 @@ lookup that fails so (`reply.DescriptorsExhausted`, made by engine.classify) is 
 attempt: the delivery waits `BACKOFF` seconds or so and tries again (engine.delivery), taking
 an idle connection if one came back meanwhile. Each wait counts the `fd_exhausted` metric;
 the warning log line says so at most once every `WARN_EVERY` seconds, with how many waits
-there were since.
+there were since. A delivery waits so for at most `WAIT_MAX` seconds: then its recipients go
+back to the spool without an attempt (engine.delivery), rather than hold their task past the
+supervisor's hand-out deadline, which would hand the job out again while it still waits here.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ log = logging.getLogger("mailengine.worker")
 # by a random half, so that a thousand waiting greenlets do not retry in one loop turn.
 BACKOFF = 0.2
 WARN_EVERY = 10.0
+WAIT_MAX = 30.0  # seconds one delivery waits for descriptors before it gives its task back
 
 
 class Descriptors:
@@ -42,8 +45,18 @@ class Descriptors:
         self._unlogged = 0  # since the last warning
         self._warned_at = -WARN_EVERY
 
-    def wait(self, provider: str, err: DescriptorsExhausted) -> None:
-        """After `err`: count it, warn now and then, and sleep a short while."""
+    def now(self) -> float:
+        """This clock's time: where a delivery's wait starts (`wait`'s `since`)."""
+        return self._clock()
+
+    def wait(self, provider: str, err: DescriptorsExhausted, since: float) -> None:
+        """After `err`: count it, warn now and then, and sleep a short while; `err` again
+        when the delivery has waited since `since` (this clock) for WAIT_MAX already."""
+        if self._clock() - since >= WAIT_MAX:
+            log.warning(logs.kv("fd_wait_gave_up", provider=provider,
+                                seconds=round(self._clock() - since, 1),
+                                effect="recipients back to the spool, no attempt"))
+            raise err
         self.waits += 1
         self._unlogged += 1
         self._metrics.incr("fd_exhausted", provider)

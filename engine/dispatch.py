@@ -106,19 +106,26 @@ class Dispatcher:
         # by number: a late result is recorded against the hand-out it answers.
         self.earlier: dict[int, InFlight] = {}
         # Recipients a worker died without reporting (killed, crashed), by job, until the
-        # job is handed out again: that hand-out may deliver a second copy (`forget`).
-        self._unreported: dict[str, frozenset[str]] = {}
+        # job is handed out again: that hand-out may deliver a second copy (`forget`). At
+        # start, those of the jobs the spool has marked handed out (`Spool.handed_out`):
+        # the supervisor before this one died with them out.
+        self._unreported: dict[str, frozenset[str]] = spool.handed_out()
+        if self._unreported:
+            log.warning(logs.kv("handed_out_at_start", jobs=len(self._unreported),
+                                rcpts=sum(map(len, self._unreported.values())),
+                                effect="their re-sends are flagged possible_duplicate"))
+        # Jobs whose hand-out has every result recorded, to be unmarked in the spool.
+        self._answered_in_full: list[str] = []
 
     # -- what the supervisor calls ---------------------------------------------------
 
     def offer(self, accepted: Iterable[Pending]) -> None:
         """Jobs just accepted: remembered, and handed out while the workers have room
         (once they are full, the rest is not even tried: it waits for `dispatch_due`)."""
-        room = self.free_room()
+        accepted = list(accepted)
         for pending in accepted:
-            self._remember_unsent(pending)  # first: _dispatch forgets a job it hands out
-            if room > 0 and self._dispatch(pending):
-                room -= 1
+            self._remember_unsent(pending)  # first: a job handed out is forgotten
+        self._hand_out(accepted, self.free_room())
 
     def dispatch_due(self) -> None:
         """Hand out what the spool says is due, as far as the workers' room goes."""
@@ -135,11 +142,10 @@ class Dispatcher:
         except SpoolError as err:  # setting a damaged row aside needs a write: next turn
             log.warning(logs.kv("dispatch_skipped", error=err))
             return
-        for pending in due:
-            if not self._dispatch(pending):
-                # Its IP is down or full: look past it next turn, so it cannot
-                # hold back the jobs of other IPs behind it.
-                self._parked[pending.job.id] = now + PARK_TIME
+        for pending in self._hand_out(due, room):
+            # Its IP is down or full: look past it next turn, so it cannot
+            # hold back the jobs of other IPs behind it.
+            self._parked[pending.job.id] = now + PARK_TIME
 
     def refill(self) -> None:
         """Results freed room: refill now rather than at the next tick, once a good share
@@ -161,6 +167,7 @@ class Dispatcher:
         flight.attempts.pop(rcpt, None)
         if not flight.attempts:
             self._take_back(job_id)
+            self._answered_in_full.append(job_id)
 
     def forget(self, lost: Mapping[str, bool]) -> None:
         """Jobs whose worker died: no longer in flight, so due again at once. `lost[id]`:
@@ -231,17 +238,58 @@ class Dispatcher:
             return 0
         return sum(self._room(h) for h in self._workers if h.takes_jobs)
 
-    # -- one job -------------------------------------------------------------------
+    # -- handing out ------------------------------------------------------------------
 
-    def _dispatch(self, pending: Pending) -> bool:
-        """Hand `pending` to a worker; False leaves it spooled for a later turn."""
-        if self._clock.now() >= pending.expires_ts:
-            self._expire(pending)
-            return False
+    def _hand_out(self, jobs: Iterable[Pending], room: int) -> list[Pending]:
+        """Hand out up to `room` of `jobs`; returns those left spooled for a later turn.
+
+        Each job's worker is chosen first, then the chosen jobs are marked handed out in
+        the spool (`Spool.mark_handed_out`, with the hand-outs answered in full since the
+        last time: unmarked), and only then do their tasks leave: a crash of the supervisor
+        at any point leaves a mark on every job a worker may have sent."""
+        chosen: list[tuple[Pending, WorkerHandle]] = []
+        left: list[Pending] = []
+        for pending in jobs:
+            handle = None
+            if len(chosen) < room:
+                if self._clock.now() >= pending.expires_ts:
+                    self._expire(pending)
+                    continue
+                handle = self._choose_worker(pending.job.ip, pending.job.pool)
+            if handle is None:
+                left.append(pending)
+                continue
+            handle.jobs.add(pending.job.id)  # its room taken while the others are chosen
+            chosen.append((pending, handle))
+        self._mark([pending.job.id for pending, _ in chosen])
+        for pending, handle in chosen:
+            if not self._send(pending, handle):
+                handle.jobs.discard(pending.job.id)
+                self._answered_in_full.append(pending.job.id)  # never out: unmarked
+                left.append(pending)
+        return left
+
+    def _mark(self, job_ids: list[str]) -> None:
+        """The spool's hand-out marks (`_hand_out`). A spool that cannot be written does not
+        stop delivery: the marks are then missing, and a crash of the supervisor meanwhile
+        may re-send a delivered recipient without counting it."""
+        done, self._answered_in_full = self._answered_in_full, []
+        try:
+            self._spool.mark_handed_out(job_ids, done)
+        except SpoolDamaged:
+            raise
+        except SpoolError as err:
+            self._answered_in_full = done + self._answered_in_full
+            self._metrics.incr("handouts_unmarked", "all", len(job_ids))
+            log.debug(logs.kv("handouts_unmarked", jobs=len(job_ids), error=err))
+
+    def unmark_answered(self) -> None:
+        """Unmark the hand-outs answered in full (at the stop: no hand-out comes next)."""
+        self._mark([])
+
+    def _send(self, pending: Pending, handle: WorkerHandle) -> bool:
+        """Send `pending`'s task to `handle`'s worker; False if its socket is full."""
         job = pending.job
-        handle = self._choose_worker(job.ip, job.pool)
-        if handle is None:
-            return False
         handout = next(self._handouts)
         # The worker times the delivery on its wall clock (engine.clock: after a step,
         # the engine's time is not the wall clock's).
@@ -256,7 +304,6 @@ class Dispatcher:
             return False
         sock.send(job.message, sockets.NOBLOCK)
         self._forget_unsent(job.id)  # from now on, the spool has its progress
-        handle.jobs.add(job.id)
         # The job's meta is never changed (events copy it), so it is shared, not copied.
         self.in_flight[job.id] = flight = InFlight(handle.ip, job.meta, pending.queued_ts,
                                                    pending.expires_ts, dict(pending.attempts),
@@ -294,21 +341,23 @@ class Dispatcher:
         """Record the job's pending recipients as expired, then publish it; if the spool
         cannot be written, the job stays as it is (due, so tried again next turn)."""
         now = self._clock.now()
-        try:
+        expired = [events.attempt_event(
+            Attempt(job_id=pending.job.id, rcpt=rcpt, status=Status.EXPIRED,
+                    reply=EXPIRED_REPLY, ip="", ts=now),
+            Status.EXPIRED, pending.job.meta, pending.attempts.get(rcpt, 0), pending.queued_ts)
+            for rcpt in pending.rcpts]
+        try:  # the events with the outcome (engine.outbox)
             self._spool.record([RcptUpdate(pending.job.id, r, Status.EXPIRED,
-                                           reply=EXPIRED_REPLY) for r in pending.rcpts], now)
+                                           reply=EXPIRED_REPLY) for r in pending.rcpts], now,
+                               expired)
         except SpoolDamaged:
             raise
         except SpoolError as err:
             log.warning(logs.kv("expiry_not_recorded", id=pending.job.id, error=err))
             return
         self._forget_unsent(pending.job.id)
-        for rcpt in pending.rcpts:
-            attempt = Attempt(job_id=pending.job.id, rcpt=rcpt, status=Status.EXPIRED,
-                              reply=EXPIRED_REPLY, ip="", ts=now)
-            self._publish(events.attempt_event(attempt, Status.EXPIRED, pending.job.meta,
-                                               pending.attempts.get(rcpt, 0),
-                                               pending.queued_ts))
+        for event in expired:
+            self._publish(event)
 
     # -- the jobs never handed out yet ------------------------------------------------
 

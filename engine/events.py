@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from json.encoder import encode_basestring
 from typing import IO, Any
 
@@ -20,8 +20,11 @@ import zmq
 from engine import sockets
 from engine.job import Job
 from engine.protocol import Attempt, Status
+from engine.reply import Reply
 
 EVENT_NAMES = ("queued", "rejected", "delivered", "deferred", "bounced", "expired")
+# The events that close a recipient: written to the spool with its outcome (engine.outbox).
+FINAL_NAMES = frozenset(("delivered", "bounced", "expired"))
 # An event as published: its name (the PUB topic) and the JSON object, one line of text.
 Event = tuple[str, str]
 # One encoder for what is not formatted by hand (json.dumps with options builds one per call).
@@ -44,7 +47,9 @@ class EventPublisher:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
             self._log = open(log_path, "a", encoding="utf-8")  # long-lived: closed in close()
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: Event, to_log: bool = True) -> None:
+        """Send `event` to the subscribers and (unless `to_log` is False: it is there
+        already) append it to the log."""
         name, line = event
         if name in self.counts:
             self.counts[name] += 1
@@ -54,12 +59,27 @@ class EventPublisher:
                 self.socket.send(line.encode(), sockets.NOBLOCK)
             except zmq.Again:  # no subscriber keeps up: PUB drops, the log still has it
                 pass
-        if self._log is not None:
+        if self._log is not None and to_log:
             self._log.write(line + "\n")
 
     def flush(self) -> None:
         if self._log is not None:
             self._log.flush()
+
+    @property
+    def log_path(self) -> str | None:
+        return None if self._log is None else self._log.name
+
+    def sync(self) -> tuple[int, int] | None:
+        """Flush the log and fsync it: what it holds survives a power cut. Returns where it
+        stands, (inode, size), or None without a log."""
+        if self._log is None:
+            return None
+        self._log.flush()
+        fd = self._log.fileno()
+        os.fsync(fd)
+        info = os.fstat(fd)
+        return info.st_ino, info.st_size
 
     def close(self) -> None:
         if self._log is not None:
@@ -121,6 +141,19 @@ def attempt_event(attempt: Attempt, status: Status, meta: Mapping[str, Any], num
     if attempt.throttled:  # the provider pushed back: this try is not counted
         text += f',"throttled":true,"trigger":{_optional(attempt.trigger)}'
     return name, text + "}"
+
+
+def set_aside(job_id: str, pending: Sequence[tuple[str, int]], meta: Mapping[str, Any],
+              queued_ts: float, reason: str, now: float) -> list[Event]:
+    """The final events of a spooled job that could not be decoded (engine.spool): a
+    `bounced` per recipient it had left, saying why, so the producer's ledger closes; one
+    with an empty `rcpt` when not even its recipients could be read. `pending`: (rcpt,
+    attempts made)."""
+    reply = Reply.local(554, "5.3.0", f"not delivered: its spool record could not be read"
+                                      f" ({reason})")
+    return [attempt_event(Attempt(job_id=job_id, rcpt=rcpt, status=Status.BOUNCED, reply=reply,
+                                  ip="", ts=now), Status.BOUNCED, meta, attempts, queued_ts)
+            for rcpt, attempts in pending or (("", 0),)]
 
 
 def _head(name: str, job_id: str, meta: Mapping[str, Any]) -> str:

@@ -115,9 +115,14 @@ DECLARED: tuple[Metric, ...] = (
            " had delivered already (each one a copy the receiver got twice)", SUPERVISOR),
     Metric("taken_back", "counter", "hand-outs taken back from a worker: it died, could not"
            " read the task, or the hand-out outlived its deadline", SUPERVISOR),
-    Metric("resent_after_loss", "counter", "recipients sent again after their worker died"
-           " (killed, crashed) without reporting them: each may be a second copy at the"
+    Metric("resent_after_loss", "counter", "recipients sent again after their worker (or the"
+           " supervisor) died without reporting them: each may be a second copy at the"
            " receiver", SUPERVISOR),
+    Metric("events_replayed", "counter", "final events published again at start: a crash had"
+           " left them in the spool's outbox, unconfirmed (engine.outbox)", SUPERVISOR),
+    Metric("handouts_unmarked", "counter", "jobs handed out without their mark in the spool (it"
+           " could not be written): a crash of the supervisor meanwhile could re-send one"
+           " uncounted", SUPERVISOR),
     Metric("clock_steps", "counter", "steps of the wall clock the supervisor noticed (more"
            " than 5 s either way, or a start below the spool's latest time): logged, never"
            " followed (engine.clock)", SUPERVISOR),

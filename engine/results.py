@@ -8,7 +8,8 @@ was the supervisor's largest cost per message). A result that finds the spool
 idle for a window is recorded at once: no added latency at low rates.
 
 The spool is written before any event is published: an event never announces
-what a crash could lose. What a result means for its recipient (`plan`) is a pure
+what a crash could lose; and a final event is written with its outcome, so a crash
+cannot lose it either (engine.outbox). What a result means for its recipient (`plan`) is a pure
 function of the result, the job's in-flight record and the retry schedule:
 delivered and bounced are final; a deferral gets its next attempt, or expires
 when that would fall after the job's expiry; a throttle or a shaping wait costs
@@ -218,7 +219,12 @@ class Results:
         attempts = _on_engine_time(attempts, self._clock.apart())
         finals: set[tuple[str, str]] = set()  # recipients this batch makes final
         planned = [self._plan(a, now, finals) for a in attempts]
-        self._spool.record([update for update, _, _ in planned if update is not None], now)
+        # The final events go into the spool with their outcomes (engine.outbox): a crash
+        # after the commit and before they are out leaves them there, published at the start.
+        self._spool.record([update for update, _, _ in planned if update is not None], now,
+                           [event for _, event, _ in planned
+                            if event is not None and event[0] in events.FINAL_NAMES])
+        crash.point("after_results_recorded", len(attempts))
         for attempt, (update, event, kind) in zip(attempts, planned, strict=True):
             if event is not None:
                 self._publish(event)

@@ -74,6 +74,7 @@ class Findings:
     rcpts_final: int = 0
     finished: int = 0  # ids of finished jobs, for duplicate detection
     corrupt: int = 0  # rows of the `corrupt` table
+    events_unpublished: int = 0  # final events of the outbox (engine.outbox)
     jobs_lost: list[str] = field(default_factory=list)
     rcpts_lost: list[tuple[str, str]] = field(default_factory=list)  # (job id, rcpt)
     unreadable: dict[str, list[RowidRange]] = field(default_factory=dict)  # by table
@@ -157,7 +158,8 @@ def salvage_report(found: Findings, directory: str, dry_run: bool) -> list[str]:
 def _contents(found: Findings) -> str:
     return (f"{found.jobs_saved} jobs, with {found.rcpts_pending} recipients pending and"
             f" {found.rcpts_final} final; {found.finished} finished job ids (duplicate"
-            f" detection); {found.corrupt} corrupt rows")
+            f" detection); {found.corrupt} corrupt rows; {found.events_unpublished} final"
+            f" events not yet published")
 
 
 def _losses(found: Findings) -> list[str]:
@@ -288,6 +290,13 @@ class _Salvager:
         self._count_lost_jobs(self._known_job_ids())
         self._table("finished", "id, ts", self._take_finished)
         self._table("corrupt", _CORRUPT_COLUMNS, self._take_corrupt)
+        if _has_table(self.src, "outbox"):  # a spool of schema 2 on (engine.outbox)
+            self._table("outbox", "name, line", self._take_event)
+        if _has_table(self.src, "handed_out"):  # no rowid: read as far as it reads
+            for (job_id,) in _readable_prefix(self.src, "SELECT job_id FROM handed_out"):
+                if job_id in self.saved and self.out is not None:
+                    self.out.execute("INSERT OR IGNORE INTO handed_out (job_id) VALUES (?)",
+                                     (job_id,))
         return self.found
 
     def _table(self, table: str, columns: str, take: Callable[[Row], None]) -> None:
@@ -357,6 +366,15 @@ class _Salvager:
             self.out.execute(f"INSERT INTO corrupt ({_CORRUPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
                              row[1:])
 
+    def _take_event(self, row: Row) -> None:
+        """A final event the engine had not confirmed out: the next start publishes it."""
+        if isinstance(row[1], str) and isinstance(row[2], str):
+            self.found.events_unpublished += 1
+            if self.out is not None:
+                self.out.execute("INSERT INTO outbox (name, line) VALUES (?, ?)", row[1:])
+        else:
+            self.found.unreadable.setdefault("outbox", []).append(RowidRange(row[0], row[0]))
+
     def _write_job(self, row: Row, rcpts: list[Row], next_attempt: float) -> None:
         if self.out is None:
             return
@@ -385,6 +403,12 @@ def _decoded(row: Row) -> Job | None:
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float)
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    rows = _readable_prefix(conn, "SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                                  " AND name = ?", name)
+    return bool(rows)
 
 
 def _readable_prefix(conn: sqlite3.Connection, sql: str, *params: object) -> list[Row]:

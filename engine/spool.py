@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any, Self
 
+from engine import events
+from engine.events import Event
 from engine.job import Job, envelope_json, job_from_stored
 from engine.protocol import Status
 from engine.reply import Reply
@@ -91,13 +93,16 @@ class Spool:
     """The durable queue. Not thread-safe: one owner, the supervisor."""
 
     def __init__(self, directory: str, dedupe_window: float = 86400.0,
-                 on_corrupt: Callable[[SetAside], None] | None = None) -> None:
+                 on_corrupt: Callable[[SetAside, list[Event]], None] | None = None) -> None:
         self.directory = directory
         self.path = os.path.join(directory, "spool.db")
         self.dedupe_window = dedupe_window
-        self._on_corrupt = on_corrupt
+        self._on_corrupt = on_corrupt  # told of each job set aside, with its final events
         self._conn, self._lock_fd = open_db(directory, self.path)
         self._closed = False
+        with self._reading():
+            (last,) = self._conn.execute("SELECT MAX(seq) FROM outbox").fetchone()
+        self.last_event_seq = int(last or 0)  # the newest event stored in the outbox
 
     def close(self) -> None:
         if self._closed:
@@ -129,18 +134,43 @@ class Spool:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One transaction, durable when the block exits; SpoolError if it could not commit."""
         conn = self._conn
+        seq = self.last_event_seq
         try:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             rollback(conn)
+            self.last_event_seq = seq  # the events the block stored are not there
             if is_damage(e):
                 raise SpoolDamaged(self.path, str(e)) from e
             raise SpoolError(f"spool write failed: {e}") from e
         except BaseException:
             rollback(conn)
+            self.last_event_seq = seq
             raise
+
+    @contextmanager
+    def _write_unsynced(self) -> Iterator[sqlite3.Connection]:
+        """`_write` without the fsync: what it commits survives the death of this process
+        (the page cache keeps it) and is made durable by the next `_write`'s fsync, but a
+        power cut before that may lose it. For marks that only make counts more exact."""
+        conn = self._conn
+        conn.execute("PRAGMA synchronous = OFF")  # not inside a transaction: SQLite's rule
+        try:
+            with self._write() as written:
+                yield written
+        finally:
+            conn.execute("PRAGMA synchronous = FULL")
+
+    def _store_events(self, conn: sqlite3.Connection, stored: Sequence[Event]) -> None:
+        """Put events in the outbox, in the transaction of the outcome they announce."""
+        if not stored:
+            return
+        first = self.last_event_seq + 1
+        conn.executemany("INSERT INTO outbox (seq, name, line) VALUES (?, ?, ?)",
+                         [(seq, name, line) for seq, (name, line) in enumerate(stored, first)])
+        self.last_event_seq = first + len(stored) - 1
 
     # -- accepting -------------------------------------------------------
 
@@ -260,28 +290,36 @@ class Spool:
             raise _Corrupt(f"bad spool row: {e}") from e
 
     def _repair(self, bad: list[tuple[str, str]], stale: list[str], now: float) -> None:
-        """Set corrupt jobs aside; re-derive the due time of jobs with nothing due."""
+        """Set corrupt jobs aside, each with the final events of what it had left (in the
+        outbox, in the same transaction); re-derive the due time of jobs with nothing due."""
         if not bad and not stale:
             return
         with self._write() as conn:
             aside = [_set_aside(conn, job_id, reason, now) for job_id, reason in bad]
+            finals = [events.set_aside(job.job_id, job.pending, job.meta, job.queued_ts,
+                                       job.reason, now) for job in aside]
+            for stored in finals:
+                self._store_events(conn, stored)
             self._settle(conn, stale, now)
-        for job in aside:
+        for job, stored in zip(aside, finals, strict=True):
             if self._on_corrupt is not None:
-                self._on_corrupt(job)
+                self._on_corrupt(job, stored)
 
     # -- recording -------------------------------------------------------
 
-    def record(self, updates: Sequence[RcptUpdate], now: float | None = None) -> list[str]:
+    def record(self, updates: Sequence[RcptUpdate], now: float | None = None,
+               finals: Sequence[Event] = ()) -> list[str]:
         """Record recipients' results in one transaction; durable on return.
 
         Updates for unknown or already-final recipients are ignored: a final
         status is never overwritten. Returns the ids of jobs that became fully
         final; they are deleted and remembered in `finished` (at `now`,
-        default the wall clock) for duplicate detection.
+        default the wall clock) for duplicate detection. `finals`: the events that
+        announce the final outcomes, stored in the outbox with them (engine.outbox).
         """
         now = time.time() if now is None else now
         with self._write() as conn:
+            self._store_events(conn, finals)
             conn.executemany(
                 "UPDATE rcpts SET status = ?, next_attempt = ?, attempts = attempts + ?,"
                 " code = COALESCE(?, code), enhanced = COALESCE(?, enhanced),"
@@ -306,6 +344,7 @@ class Spool:
         if done:
             _each_chunk(conn, "DELETE FROM jobs WHERE id IN ({})", done)
             _each_chunk(conn, "DELETE FROM rcpts WHERE job_id IN ({})", done)
+            _each_chunk(conn, "DELETE FROM handed_out WHERE job_id IN ({})", done)
             conn.executemany("INSERT OR REPLACE INTO finished (id, ts) VALUES (?, ?)",
                              [(job_id, now) for job_id in done])
         if rest:  # still pending: due again at the earliest of its recipients' times
@@ -313,6 +352,56 @@ class Spool:
                         " FROM rcpts WHERE rcpts.job_id = jobs.id AND rcpts.status = 'pending')"
                         " WHERE id IN ({})", rest)
         return done
+
+    # -- hand-outs -----------------------------------------------------------
+
+    def mark_handed_out(self, job_ids: Sequence[str], done: Sequence[str] = ()) -> None:
+        """Mark jobs handed to a worker, and unmark `done` ones (their hand-out's results are
+        all recorded): one transaction without fsync (`_write_unsynced`), before the tasks
+        leave. After a kill -9 of the supervisor, the marked jobs' pending recipients
+        (`handed_out`) may have been delivered: engine.dispatch counts their re-sends."""
+        if not job_ids and not done:
+            return
+        with self._write_unsynced() as conn:
+            if done:
+                _each_chunk(conn, "DELETE FROM handed_out WHERE job_id IN ({})", list(done))
+            conn.executemany("INSERT OR IGNORE INTO handed_out (job_id) VALUES (?)",
+                             [(job_id,) for job_id in job_ids])
+
+    def handed_out(self) -> dict[str, frozenset[str]]:
+        """The pending recipients of every job marked handed out, by job id."""
+        with self._reading():
+            rows = self._conn.execute(
+                "SELECT rcpts.job_id, rcpts.rcpt FROM handed_out JOIN rcpts"
+                " ON rcpts.job_id = handed_out.job_id WHERE rcpts.status = 'pending'"
+            ).fetchall()
+        found: dict[str, set[str]] = {}
+        for job_id, rcpt in rows:
+            found.setdefault(job_id, set()).add(rcpt)
+        return {job_id: frozenset(rcpts) for job_id, rcpts in found.items()}
+
+    # -- the outbox ------------------------------------------------------------
+
+    def unpublished(self) -> list[Event]:
+        """The events in the outbox, oldest first (engine.outbox)."""
+        with self._reading():
+            rows = self._conn.execute("SELECT name, line FROM outbox ORDER BY seq").fetchall()
+        return [(str(name), str(line)) for name, line in rows]
+
+    def forget_published(self, upto: int, log_at: tuple[int, int] | None) -> None:
+        """Empty the outbox up to event `upto` (each of them published, and in the synced
+        events log), and remember where that log stood: `log_at`, (inode, size)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM outbox WHERE seq <= ?", (upto,))
+            if log_at is not None:
+                conn.execute("INSERT OR REPLACE INTO outbox_mark (id, inode, offset)"
+                             " VALUES (1, ?, ?)", log_at)
+
+    def log_mark(self) -> tuple[int, int] | None:
+        """Where the events log stood when the outbox was last emptied: (inode, size)."""
+        with self._reading():
+            row = self._conn.execute("SELECT inode, offset FROM outbox_mark").fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
 
     # -- looking -----------------------------------------------------------
 
@@ -442,6 +531,7 @@ def _set_aside(conn: sqlite3.Connection, job_id: str, reason: str, now: float) -
         " FROM jobs WHERE id = ?", (reason, job_id, now, job_id))
     conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
     conn.execute("DELETE FROM rcpts WHERE job_id = ?", (job_id,))
+    conn.execute("DELETE FROM handed_out WHERE job_id = ?", (job_id,))
     return found
 
 

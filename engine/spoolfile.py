@@ -16,7 +16,7 @@ import sqlite3
 from contextlib import suppress
 from urllib.parse import quote
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the outbox and the hand-out marks (a version-1 file gains them)
 CACHE_KIB = 32 * 1024  # SQLite's page cache, at most
 # A new spool's page size. With SQLite's 4 KiB default a 5 KB message spills into an overflow
 # page, and a commit writes each page as a WAL frame of its own: 16 KiB pages hold a few
@@ -62,6 +62,23 @@ CREATE TABLE IF NOT EXISTS corrupt (
     rcpts TEXT,                  -- a line per recipient: "rcpt status attempts"
     ts REAL NOT NULL
 );
+-- Final events written with the outcome they announce, until they are out (engine.outbox).
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,          -- the event's name (its PUB topic)
+    line TEXT NOT NULL           -- the event, exactly as published
+);
+-- Where the events log stood when the outbox was last emptied (one row, id 1).
+CREATE TABLE IF NOT EXISTS outbox_mark (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    inode INTEGER NOT NULL,
+    offset INTEGER NOT NULL
+);
+-- Jobs handed to a worker whose results are not all recorded (engine.dispatch): after a
+-- crash of the supervisor, what they had out may have been delivered.
+CREATE TABLE IF NOT EXISTS handed_out (
+    job_id TEXT PRIMARY KEY
+) WITHOUT ROWID;
 """
 # SQLite's primary result codes for a file that is not a sound database: a malformed page
 # (a truncated file, a flipped byte) or no database at all.

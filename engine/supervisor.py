@@ -45,8 +45,8 @@ from engine.dispatch import Dispatcher
 from engine.intake import INGEST_HWM, Intake
 from engine.job import MAX_ENVELOPE_SIZE
 from engine.metrics import Metrics
-from engine.protocol import Attempt, Status
-from engine.reply import Reply
+from engine.outbox import Outbox
+from engine.protocol import Status
 from engine.results import RESULTS_HWM, Results
 from engine.salvage import recovery_advice
 from engine.spool import SetAside, Spool, SpoolDamaged, SpoolError
@@ -86,6 +86,7 @@ class Supervisor:
             raise
         events.end_torn_line(cfg.events_log)
         self.events = events.EventPublisher(pub, cfg.events_log)
+        self.outbox = Outbox(self.spool, self.events, self.metrics)
         self.workers = Workers(self.zctx, cfg, config_path)
         self.dispatcher = Dispatcher(cfg, self.spool, self.workers, self._publish,
                                      self.metrics, self.clock)
@@ -140,6 +141,7 @@ class Supervisor:
             self.workers.add(ip.address)
         log.info(logs.kv("started", pid=os.getpid(), ips=len(self.cfg.ips),
                          spooled_jobs=self.spool.stats().jobs, ingest=self.cfg.ingest))
+        self._replay_events()
         # While results are held for the group commit, the results socket is not watched:
         # what arrives meanwhile is read once, when the window closes, instead of waking the
         # loop for every frame (a wakeup per frame was a context switch per few messages).
@@ -166,6 +168,15 @@ class Supervisor:
         except SpoolDamaged as err:
             return self._stop_damaged(err)
         return self._shutdown()
+
+    def _replay_events(self) -> None:
+        """The final events a crash left in the outbox go out first (engine.outbox)."""
+        try:
+            self.outbox.replay()
+        except SpoolDamaged:
+            raise
+        except SpoolError as err:  # published again, once the spool can be written
+            self.health.failed("outbox", err)
 
     def _stop_damaged(self, err: SpoolDamaged) -> int:
         """The spool's file went bad under the running engine: stop, and exit 2 (systemd
@@ -236,6 +247,7 @@ class Supervisor:
         self.dispatcher.take_back_overdue(now)
         if self.health.writable:
             try:
+                self.outbox.confirm()
                 self.spool.prune_finished(self.clock.now())
             except SpoolDamaged:
                 raise
@@ -262,20 +274,15 @@ class Supervisor:
         if self.workers.on_stats(stats):  # a (re)started worker: its jobs may go now
             self.dispatcher.worker_ready()
 
-    def _set_aside(self, job: SetAside) -> None:
+    def _set_aside(self, job: SetAside, finals: list[events.Event]) -> None:
         """A spooled job that cannot be decoded was set aside: each recipient it had left
-        ends with a `bounced` event saying why, so the producer's ledger closes (one event
-        with an empty `rcpt` when not even its recipients could be read)."""
+        ends with a `bounced` event saying why (events.set_aside, spooled with it), so the
+        producer's ledger closes."""
         log.error(logs.kv("spool_corrupt", id=job.job_id, reason=job.reason,
                           rcpts=len(job.pending)))
         self.metrics.incr("set_aside", "all")
-        reply = Reply.local(554, "5.3.0", f"not delivered: its spool record could not be"
-                                          f" read ({job.reason})")
-        for rcpt, attempts in job.pending or (("", 0),):
-            attempt = Attempt(job_id=job.job_id, rcpt=rcpt, status=Status.BOUNCED, reply=reply,
-                              ip="", ts=self.clock.now())
-            self._publish(events.attempt_event(attempt, Status.BOUNCED, job.meta, attempts,
-                                               job.queued_ts))
+        for event in finals:
+            self._publish(event)
 
     def _publish(self, event: events.Event) -> None:
         if event[0] == _EXPIRED:
@@ -347,7 +354,9 @@ class Supervisor:
         while time.monotonic() < quiet_by and self._record_results_within(0.2):
             pass
         self.workers.kill()
-        self.events.flush()
+        with contextlib.suppress(SpoolError):  # else published again at the next start
+            self.outbox.confirm()
+            self.dispatcher.unmark_answered()  # what is marked still may have been sent
         self.events.close()
         self.metrics.flush()
         self._rejoin_wall_clock()

@@ -138,9 +138,9 @@ def test_collected_results_are_recorded_together_by_one_commit(
     commits: list[int] = []
     record = parts.spool.record
 
-    def counting(updates: Any, now: float | None = None) -> list[str]:
+    def counting(updates: Any, now: float | None = None, finals: Any = ()) -> list[str]:
         commits.append(len(updates))
-        return record(updates, now)
+        return record(updates, now, finals)
 
     monkeypatch.setattr(parts.spool, "record", counting)
     reporter = parts.reporter()

@@ -175,25 +175,62 @@ def test_a_worker_killed_after_a_2xx_under_load_repeats_only_recipients_it_flagg
     assert collections.Counter(e["id"] for e in finals) == dict.fromkeys(counts, 1)
 
 
-def test_a_supervisor_killed_between_reading_a_delivery_and_recording_it_sends_it_again_once(
+def test_a_supervisor_killed_between_reading_a_delivery_and_recording_it_flags_the_resend(
         sink: SinkServer, local_engine: Callable[..., LocalEngine], tmp_path: Path) -> None:
     """The supervisor read the worker's `delivered` and dies before the spool has it: after
-    the restart the recipient is pending and goes out again. One duplicate, which the engine
-    cannot count (nothing marks a job in flight on disk, by design): it is bounded by the jobs
-    in flight at the kill, here the one. docs/SPOOL.md, "What a kill -9 does"."""
-    engine = local_engine(sink.port, ips=(IP,),
-                          env=crash_env(tmp_path / "once", "after_result_read"))
-    assert engine.push([job("result-1")], timeout=30)
+    the restart the recipient is pending and goes out again. The spool had marked the job
+    handed out (Spool.mark_handed_out, before its task left): the re-send is counted in
+    `resent_after_loss` and its event says `possible_duplicate`. docs/SPOOL.md, "What a
+    kill -9 does"."""
+    with StatsdCatcher() as catcher:
+        engine = local_engine(sink.port, ips=(IP,), extra=statsd(catcher),
+                              env=crash_env(tmp_path / "once", "after_result_read"))
+        assert engine.push([job("result-1")], timeout=30)
 
-    assert died(engine) == -signal.SIGKILL
-    assert received(sink) == {"result-1": 1}  # the server has it
-    assert not delivered(engine, "result-1")  # never recorded, never announced
+        assert died(engine) == -signal.SIGKILL
+        assert received(sink) == {"result-1": 1}  # the server has it
+        assert not delivered(engine, "result-1")  # never recorded, never announced
+        with Spool(engine.config["spool"]) as spool:
+            [pending] = spool.due(time.time() + 1, 10)
+            assert spool.handed_out() == {"result-1": frozenset({"result-1@example.test"})}
+        assert pending.job.id == "result-1" and pending.attempts == {"result-1@example.test": 0}
+
+        engine.start()
+        counts = settled(engine, sink, {"result-1"})
+        assert counts == {"result-1": 2}  # exactly one duplicate: the one job in flight
+        [event] = delivered(engine, "result-1")
+        assert event["attempt"] == 1 and event["possible_duplicate"] is True
+        assert counter(catcher, "resent_after_loss") == 1
+    assert "event=handed_out_at_start jobs=1 rcpts=1" in engine.log_tail(100_000)
+    engine.stop()
     with Spool(engine.config["spool"]) as spool:
-        [pending] = spool.due(time.time() + 1, 10)
-    assert pending.job.id == "result-1" and pending.attempts == {"result-1@example.test": 0}
+        assert spool.handed_out() == {}  # recorded: the mark went with the job
 
-    engine.start()
-    counts = settled(engine, sink, {"result-1"})
-    assert counts == {"result-1": 2}  # exactly one duplicate: the one job in flight
-    [event] = delivered(engine, "result-1")
-    assert event["attempt"] == 1 and "possible_duplicate" not in event  # not counted
+
+def test_a_supervisor_killed_after_recording_a_delivery_publishes_its_event_at_the_restart(
+        sink: SinkServer, local_engine: Callable[..., LocalEngine], tmp_path: Path) -> None:
+    """The spool has the delivery and its event (the outbox), and the supervisor dies before
+    publishing it: the restart publishes it, from the spool, and sends nothing again."""
+    with StatsdCatcher() as catcher:
+        engine = local_engine(sink.port, ips=(IP,), extra=statsd(catcher),
+                              env=crash_env(tmp_path / "once", "after_results_recorded"))
+        assert engine.push([job("outbox-1")], timeout=30)
+
+        assert died(engine) == -signal.SIGKILL
+        assert not delivered(engine, "outbox-1")  # recorded, never announced
+        with Spool(engine.config["spool"]) as spool:
+            assert spool.due(time.time() + 1, 10) == []  # final: nothing to send again
+            [(name, line)] = spool.unpublished()
+        assert name == "delivered" and '"outbox-1"' in line
+
+        engine.start()
+        until(lambda: delivered(engine, "outbox-1"), 30, "the delivered event, replayed",
+              engine.log_tail)
+        [event] = delivered(engine, "outbox-1")
+        assert event["code"] == 250 and event["rcpt"] == "outbox-1@example.test"
+        assert counter(catcher, "events_replayed") == 1
+    assert received(sink) == {"outbox-1": 1}  # sent once
+    assert "event=events_replayed events=1 already_logged=0" in engine.log_tail(100_000)
+    engine.stop()
+    with Spool(engine.config["spool"]) as spool:
+        assert spool.unpublished() == []  # confirmed out

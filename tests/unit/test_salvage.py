@@ -276,7 +276,7 @@ def test_the_report_names_what_is_lost(spool_dir: str, path: str) -> None:
         f"spool {path}: damaged",
         "integrity check: Page 4: btreeInitPage() returns error code 11 (and 1 more problems)",
         "readable: 3 jobs, with 4 recipients pending and 1 final; 0 finished job ids"
-        " (duplicate detection); 0 corrupt rows",
+        " (duplicate detection); 0 corrupt rows; 0 final events not yet published",
         "lost: 1 jobs, 1 recipients (pending, or in an unknown state)",
         "unreadable 5 rows of jobs: rowids 5-9",
         "lost job: j7",

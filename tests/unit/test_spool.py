@@ -1,6 +1,7 @@
 """engine.spool: durability, duplicates, per-recipient progress, corrupt rows."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine import spoolfile
+from engine.events import Event
 from engine.job import Job
 from engine.protocol import Status
 from engine.reply import Reply
@@ -348,7 +350,9 @@ def test_next_due_is_none_when_empty(spool: Spool) -> None:
 def test_corrupt_row_is_set_aside_reported_and_skipped(spool_dir: str, envelope: str | bytes,
                                                        reason: str) -> None:
     reported: list[SetAside] = []
-    with Spool(spool_dir, on_corrupt=reported.append) as s:
+    told: list[list[Event]] = []
+    with Spool(spool_dir, on_corrupt=lambda job, finals: (reported.append(job),
+                                                          told.append(finals))) as s:
         s.accept([job("j0"), job("j1"), job("j2")], T0, DAY)
         s.record([RcptUpdate("j1", A, Status.DELIVERED)], now=T0)
         sql(spool_dir, "UPDATE jobs SET envelope = CAST(? AS TEXT) WHERE id = 'j1'", envelope)
@@ -359,13 +363,19 @@ def test_corrupt_row_is_set_aside_reported_and_skipped(spool_dir: str, envelope:
         assert ids(s.due(T0, 10)) == ["j0", "j2"]  # keeps working, reported once
         assert len(reported) == 1
         assert s.stats() == SpoolStats(2, 4, 0, T0)
+        # Its final event, in the outbox with the setting aside, and told to the caller.
+        [[(name, line)]] = told
+        assert s.unpublished() == [(name, line)]
+        event = json.loads(line)
+        assert (name, event["id"], event["rcpt"], event["code"]) == ("bounced", "j1", B, 554)
+        assert reported[0].reason in event["reply"]
     rows = sql(spool_dir, "SELECT id, reason, message, rcpts FROM corrupt")
     assert rows == [("j1", reported[0].reason, MSG, f"{A} delivered 1\n{B} pending 0")]
 
 
 def test_a_set_aside_job_keeps_the_meta_it_can_read(spool_dir: str) -> None:
     reported: list[SetAside] = []
-    with Spool(spool_dir, on_corrupt=reported.append) as s:
+    with Spool(spool_dir, on_corrupt=lambda job, _: reported.append(job)) as s:
         s.accept([job("j1")], T0, DAY)
         sql(spool_dir, "UPDATE jobs SET envelope = ? WHERE id = 'j1'",
             '{"id": "j1", "from": "s@example.com", "to": ["bad"], "meta": {"k": 1}}')
@@ -422,7 +432,7 @@ def test_a_page_damaged_under_an_open_spool_raises_spool_damaged_not_an_empty_du
         spool_dir: str) -> None:
     path = hundred_jobs(spool_dir)
     reported: list[SetAside] = []
-    with Spool(spool_dir, on_corrupt=reported.append) as s:
+    with Spool(spool_dir, on_corrupt=lambda job, _: reported.append(job)) as s:
         damage_a_jobs_page(path)  # after the open-time check
         with pytest.raises(SpoolDamaged, match="malformed") as raised:
             s.due(T0, 1000)
