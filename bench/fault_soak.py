@@ -278,11 +278,11 @@ def report(soak: Soak, ledger: Ledger, strikes: list[Strike], rig: Rig,
     engine, dns, sink = rig.engine, rig.dns, rig.sink
     engine_log = _read(engine.log_path)
     metrics = counters(rig.statsd, ("ambiguous", "duplicates", "taken_back", "resent_after_loss",
-                                    "delivered",
-                                    "deferred"))
+                                    "events_replayed", "delivered", "deferred"))
     lines = {name: engine_log.count(f"event={name} ") for name in
              ("started", "worker_exited", "spool_unwritable", "spool_writable",
-              "handout_overdue", "task_refused", "duplicate_delivery")}
+              "handout_overdue", "task_refused", "duplicate_delivery", "events_replayed",
+              "handed_out_at_start")}
     events = engine.events()
     ordinals: collections.Counter[str] = collections.Counter()
     rows = []
@@ -410,6 +410,8 @@ def table(result: dict[str, Any]) -> str:
          " pipelined behind a dropped one)"),
         ("ambiguous flags with no duplicate", f"{led['ambiguous_without_duplicate']}"),
         ("hand-outs taken back (metric `taken_back`)", f"{met['taken_back']}"),
+        ("final events published again at a restart, from the spool's outbox (metric"
+         " `events_replayed`)", f"{met.get('events_replayed', 0)}"),
         ("events log lines torn by a kill -9", f"{led['torn_lines']}"),
         ("how the run ended", f"{result['finished']}; production {result['production_s']} s,"
          f" then {result['drained_s']} s"),
