@@ -137,6 +137,8 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
+        self._reopen = False  # SIGUSR1: logrotate renamed the events log
+        signal.signal(signal.SIGUSR1, self._on_usr1)
         for ip in self.cfg.ips:
             self.workers.add(ip.address)
         log.info(logs.kv("started", pid=os.getpid(), ips=len(self.cfg.ips),
@@ -219,6 +221,9 @@ class Supervisor:
         if self._reload:
             self._reload = False
             self._reload_config()
+        if self._reopen:
+            self._reopen = False
+            self.events.reopen()
 
     def tick(self) -> None:
         """One housekeeping turn (the loop runs one every TICK): record the results
@@ -302,6 +307,9 @@ class Supervisor:
 
     def _on_hup(self, signum: int, frame: object) -> None:
         self._reload = True
+
+    def _on_usr1(self, signum: int, frame: object) -> None:
+        self._reopen = True
 
     # -- reload and stop ---------------------------------------------------------------
 

@@ -268,13 +268,26 @@ def test_shipped_config_becomes_the_conffile_the_engine_reads() -> None:
     assert config_mod.DEFAULT_PATH == "/etc/mailengine/mailengine.yaml"
 
 
-def test_logrotate_rotates_the_events_log_without_reopening_it() -> None:
+def test_logrotate_renames_the_events_log_and_signals_the_supervisor_to_reopen_it() -> None:
+    """Regression (issue #15): copytruncate lost the lines written between its copy and
+    its truncation. Renamed, then SIGUSR1 to the supervisor alone (its workers exit on
+    SIGUSR1: `systemctl kill` would signal them too); the renamed file is compressed only
+    at the next rotation, the lines written before the signal are in it."""
     text = (DEBIAN / "mailengine.logrotate").read_text(encoding="utf-8")
     assert f"{shipped_config().events_log} {{" in text
-    words = {line.strip() for line in text.splitlines()}
-    for directive in ("copytruncate", "daily", "rotate 14", "compress", "delaycompress",
-                      "missingok", "notifempty"):
+    words = {line.strip() for line in text.splitlines() if not line.strip().startswith("#")}
+    for directive in ("daily", "rotate 14", "compress", "delaycompress", "missingok",
+                      "notifempty", "postrotate", "endscript"):
         assert directive in words
+    assert "copytruncate" not in words
+    script = text[text.index("postrotate"):text.index("endscript")]
+    commands = "\n".join(line for line in script.splitlines()
+                         if not line.strip().startswith("#"))
+    assert 'kill -USR1 "$pid"' in commands
+    assert "systemctl show --property=MainPID --value mailengine.service" in commands
+    assert "systemctl kill" not in commands
+    subprocess.run(["sh", "-n", "-c", "\n".join(commands.splitlines()[1:])], check=True,
+                   timeout=10)
 
 
 def test_maintainer_scripts_create_and_purge_the_user_spool_and_logs() -> None:
