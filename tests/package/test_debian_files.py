@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import engine
-from engine import cli
+from engine import cli, supervisor
 from engine import config as config_mod
 from tests.support import ROOT
 
@@ -93,9 +93,28 @@ def shipped_config() -> config_mod.Config:
 
 def test_unit_runs_the_engine_in_the_foreground_with_the_packaged_config() -> None:
     assert one("ExecStart") == f"/usr/bin/mailengine run -c {config_mod.DEFAULT_PATH}"
-    assert one("Type") in ("exec", "simple")  # the supervisor does not fork away
+    # The supervisor does not fork away, and says when it is up (engine.sdnotify).
+    assert one("Type") == "notify"
     assert one("User") == "mailengine"
     assert one("Group") == "mailengine"
+
+
+def test_unit_watches_the_supervisor_loop_and_hears_only_the_supervisor() -> None:
+    """The watchdog: pings come every half of WatchdogSec from a loop that turns every
+    TICK, so one step may block for half of it; a minute at least (spool writes with an
+    fsync on a busy disk take seconds), and far from the drain (not watched: STOPPING=1)."""
+    assert one("NotifyAccess") == "main"  # the workers do not speak for the service
+    watchdog = seconds(one("WatchdogSec"))
+    assert watchdog / 2 >= max(60.0, 100 * supervisor.TICK)
+    assert one("Restart") == "on-failure"  # which a watchdog timeout is
+    assert seconds(one("TimeoutStartSec")) >= 300  # the spool's check before READY=1
+
+
+def seconds(value: str) -> float:
+    """A systemd time span of the forms the unit uses: 90, 5s, 2min, 10min."""
+    match = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert match, f"unexpected time span {value!r}"
+    return float(match.group(1)) * (60 if match.group(2) == "min" else 1)
 
 
 def test_unit_stops_by_draining_the_supervisor_only() -> None:
@@ -103,7 +122,7 @@ def test_unit_stops_by_draining_the_supervisor_only() -> None:
     assert one("KillMode") == "mixed"
     assert service().get("KillSignal", ["SIGTERM"]) == ["SIGTERM"]
     # systemd's SIGKILL must not cut the drain short.
-    assert float(one("TimeoutStopSec")) > shipped_config().drain_timeout
+    assert seconds(one("TimeoutStopSec")) > shipped_config().drain_timeout
     assert one("Restart") == "on-failure"
 
 
