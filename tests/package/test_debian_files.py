@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import engine
-from engine import cli, supervisor
+from engine import cli, demo, supervisor
 from engine import config as config_mod
 from tests.support import ROOT
 
@@ -276,6 +276,21 @@ def test_copyright_is_machine_readable_mit() -> None:
     text = (DEBIAN / "copyright").read_text(encoding="utf-8")
     assert text.startswith("Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/")
     assert "License: MIT" in text
+
+
+def test_what_the_demo_needs_is_suggested_and_its_message_names_the_package(
+        tmp_path: Path) -> None:
+    """`mailengine demo` from the .deb told the user to `pip install aiosmtpd`, which
+    Debian's python3 refuses (PEP 668)."""
+    suggests = relations("Suggests")
+    testing = ROOT / "engine" / "testing"
+    assert "from aiosmtpd" in (testing / "sink_session.py").read_text(encoding="utf-8")
+    assert "python3-aiosmtpd" in suggests
+    assert '"openssl"' in (testing / "tlscert.py").read_text(encoding="utf-8")
+    assert "openssl" in suggests
+    (tmp_path / "EXTERNALLY-MANAGED").touch()  # what Debian's python3 has beside its stdlib
+    command = demo.install_aiosmtpd(prefix="/usr", base_prefix="/usr", stdlib=str(tmp_path))
+    assert command == "sudo apt install python3-aiosmtpd"
 
 
 # --- config, logs, users -----------------------------------------------------------------
