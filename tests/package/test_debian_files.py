@@ -293,6 +293,27 @@ def test_what_the_demo_needs_is_suggested_and_its_message_names_the_package(
     assert command == "sudo apt install python3-aiosmtpd"
 
 
+def test_autopkgtest_runs_the_delivery_smoke_test_with_only_what_the_demo_needs() -> None:
+    """debian/tests: `mailengine demo` on the installed package; the test adds nothing to
+    the testbed but the package and what it Suggests for the demo."""
+    tests = DEBIAN / "tests"
+    stanzas = [dict(re.findall(r"^(\S+):\s*((?:.*)(?:\n[ \t]+.*)*)", block, re.MULTILINE))
+               for block in (tests / "control").read_text(encoding="utf-8").split("\n\n")]
+    (smoke,) = [s for s in stanzas if s.get("Tests") == "smoke"]
+    depends = {d.strip() for d in smoke["Depends"].split(",") if d.strip()}
+    assert depends == {"mailengine"} | set(relations("Suggests"))
+    assert "needs-root" not in smoke.get("Restrictions", "")
+    script = tests / "smoke"
+    assert script.stat().st_mode & 0o111
+    subprocess.run(["sh", "-n", str(script)], check=True, timeout=10)
+    text = script.read_text(encoding="utf-8")
+    assert "mailengine demo" in text
+    assert not re.search(r"\b(apt-get|apt|pip3?) install\b", text)
+    # and .ci/debian-test runs it against the .deb it built
+    assert 'autopkgtest "$DEB" "$SRC" -- null' in (ROOT / ".ci" / "debian-test").read_text(
+        encoding="utf-8")
+
+
 # --- config, logs, users -----------------------------------------------------------------
 
 
