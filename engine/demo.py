@@ -9,8 +9,10 @@ delivery time p50/p95 from queued to the server's reply.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,7 +41,11 @@ def main(messages: int = 300, keep: bool = False) -> int:
         from engine.testing.sink import SinkServer
     except ImportError as err:
         print(f"mailengine demo needs aiosmtpd for its local SMTP server ({err});"
-              " install it with: pip install aiosmtpd", file=sys.stderr)
+              f" install it with: {install_aiosmtpd()}", file=sys.stderr)
+        return 2
+    if shutil.which("openssl") is None:  # engine.testing.tlscert makes the certificate with it
+        print("mailengine demo needs the openssl command for its server's TLS certificate;"
+              " install it with: sudo apt install openssl", file=sys.stderr)
         return 2
     workdir = tempfile.mkdtemp(prefix="mailengine-demo-")
     print(f"mailengine demo: {messages} messages of ~5 KB to {len(DOMAINS)} domains, from"
@@ -56,6 +62,17 @@ def main(messages: int = 300, keep: bool = False) -> int:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0 if all(r.delivered == r.messages for r in results) else 1
+
+
+def install_aiosmtpd(prefix: str | None = None, base_prefix: str | None = None,
+                     stdlib: str | None = None) -> str:
+    """The command that installs aiosmtpd for this Python (or the one described): Debian's
+    package where the distribution manages it (PEP 668's EXTERNALLY-MANAGED: pip refuses
+    there; the Debian package suggests python3-aiosmtpd), else pip (a virtual environment)."""
+    managed = os.path.join(stdlib or sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
+    if (prefix or sys.prefix) == (base_prefix or sys.base_prefix) and os.path.exists(managed):
+        return "sudo apt install python3-aiosmtpd"
+    return "pip install aiosmtpd"
 
 
 def _run(label: str, pool: dict[str, Any], sink: Any, count: int, workdir: str) -> RunFigures:

@@ -9,6 +9,7 @@ published only after the spool has the outcome.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -17,10 +18,12 @@ from typing import IO, Any
 
 import zmq
 
-from engine import sockets
+from engine import logs, sockets
 from engine.job import Job
 from engine.protocol import Attempt, Status
 from engine.reply import Reply
+
+log = logging.getLogger("mailengine.events")
 
 EVENT_NAMES = ("queued", "rejected", "delivered", "deferred", "bounced", "expired")
 # The events that close a recipient: written to the spool with its outcome (engine.outbox).
@@ -42,10 +45,11 @@ class EventPublisher:
     def __init__(self, socket: zmq.Socket | None, log_path: str = "") -> None:
         self.socket = socket
         self.counts: dict[str, int] = dict.fromkeys(EVENT_NAMES, 0)  # since start
+        self._path = log_path
         self._log: IO[str] | None = None
         if log_path:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-            self._log = open(log_path, "a", encoding="utf-8")  # long-lived: closed in close()
+            self._log = _open_log(log_path)
 
     def publish(self, event: Event, to_log: bool = True) -> None:
         """Send `event` to the subscribers and (unless `to_log` is False: it is there
@@ -85,6 +89,41 @@ class EventPublisher:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def reopen(self) -> None:
+        """Go on in a new file at the log's path (logrotate renamed the file and sent
+        SIGUSR1): events up to now are in the renamed file, the next in the new one.
+
+        The old file is synced before it is closed, as `sync` would have (the outbox
+        forgets events once the log holding them is synced, engine.outbox), and closed
+        only once the new one is open: if either fails, events go on into the old file,
+        under its new name, and nothing is lost."""
+        if not self._path:
+            return
+        try:
+            new = _open_log(self._path)
+        except OSError as err:
+            log.error(logs.kv("events_log_reopen_failed", path=self._path, error=err))
+            return
+        old = self._log
+        if old is not None:
+            try:
+                old.flush()
+                os.fsync(old.fileno())
+            except OSError as err:
+                new.close()
+                log.error(logs.kv("events_log_reopen_failed", path=self._path, error=err))
+                return
+        self._log = new
+        if old is not None:
+            old.close()
+        log.info(logs.kv("events_log_reopened", path=self._path))
+
+
+def _open_log(path: str) -> IO[str]:
+    """For appending (O_APPEND: every write at the end); long-lived, closed by the
+    publisher."""
+    return open(path, "a", encoding="utf-8")
 
 
 def end_torn_line(path: str) -> None:

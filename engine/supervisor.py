@@ -37,7 +37,7 @@ from typing import Any
 
 import zmq
 
-from engine import auth, control, events, gctune, logs, sockets, startcheck
+from engine import auth, control, events, gctune, logs, sdnotify, sockets, startcheck
 from engine import config as config_mod
 from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.config import Config
@@ -137,11 +137,17 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
         signal.signal(signal.SIGHUP, self._on_hup)
+        self._reopen = False  # SIGUSR1: logrotate renamed the events log
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        # systemd (Type=notify): taken from the environment before the workers inherit it.
+        self.notifier = sdnotify.Notifier.from_env(
+            status=lambda: sdnotify.status_line(self.status()))
         for ip in self.cfg.ips:
             self.workers.add(ip.address)
         log.info(logs.kv("started", pid=os.getpid(), ips=len(self.cfg.ips),
                          spooled_jobs=self.spool.stats().jobs, ingest=self.cfg.ingest))
         self._replay_events()
+        self.notifier.ready()  # sockets bound, workers started: jobs are taken
         # While results are held for the group commit, the results socket is not watched:
         # what arrives meanwhile is read once, when the window closes, instead of waking the
         # loop for every frame (a wakeup per frame was a context switch per few messages).
@@ -165,8 +171,11 @@ class Supervisor:
                     self.tick()
                 self.events.flush()
                 self.metrics.flush()
+                self.notifier.tick()  # the watchdog's ping: only while the loop turns
         except SpoolDamaged as err:
+            self.notifier.stopping(f"stopping: spool damaged ({err.reason})")
             return self._stop_damaged(err)
+        self.notifier.stopping(f"draining: {len(self.dispatcher.in_flight)} jobs in flight")
         return self._shutdown()
 
     def _replay_events(self) -> None:
@@ -219,6 +228,9 @@ class Supervisor:
         if self._reload:
             self._reload = False
             self._reload_config()
+        if self._reopen:
+            self._reopen = False
+            self.events.reopen()
 
     def tick(self) -> None:
         """One housekeeping turn (the loop runs one every TICK): record the results
@@ -302,6 +314,9 @@ class Supervisor:
 
     def _on_hup(self, signum: int, frame: object) -> None:
         self._reload = True
+
+    def _on_usr1(self, signum: int, frame: object) -> None:
+        self._reopen = True
 
     # -- reload and stop ---------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import engine
-from engine import cli
+from engine import cli, demo, supervisor
 from engine import config as config_mod
 from tests.support import ROOT
 
@@ -93,9 +93,28 @@ def shipped_config() -> config_mod.Config:
 
 def test_unit_runs_the_engine_in_the_foreground_with_the_packaged_config() -> None:
     assert one("ExecStart") == f"/usr/bin/mailengine run -c {config_mod.DEFAULT_PATH}"
-    assert one("Type") in ("exec", "simple")  # the supervisor does not fork away
+    # The supervisor does not fork away, and says when it is up (engine.sdnotify).
+    assert one("Type") == "notify"
     assert one("User") == "mailengine"
     assert one("Group") == "mailengine"
+
+
+def test_unit_watches_the_supervisor_loop_and_hears_only_the_supervisor() -> None:
+    """The watchdog: pings come every half of WatchdogSec from a loop that turns every
+    TICK, so one step may block for half of it; a minute at least (spool writes with an
+    fsync on a busy disk take seconds), and far from the drain (not watched: STOPPING=1)."""
+    assert one("NotifyAccess") == "main"  # the workers do not speak for the service
+    watchdog = seconds(one("WatchdogSec"))
+    assert watchdog / 2 >= max(60.0, 100 * supervisor.TICK)
+    assert one("Restart") == "on-failure"  # which a watchdog timeout is
+    assert seconds(one("TimeoutStartSec")) >= 300  # the spool's check before READY=1
+
+
+def seconds(value: str) -> float:
+    """A systemd time span of the forms the unit uses: 90, 5s, 2min, 10min."""
+    match = re.fullmatch(r"(\d+)(s|min)?", value)
+    assert match, f"unexpected time span {value!r}"
+    return float(match.group(1)) * (60 if match.group(2) == "min" else 1)
 
 
 def test_unit_stops_by_draining_the_supervisor_only() -> None:
@@ -103,7 +122,7 @@ def test_unit_stops_by_draining_the_supervisor_only() -> None:
     assert one("KillMode") == "mixed"
     assert service().get("KillSignal", ["SIGTERM"]) == ["SIGTERM"]
     # systemd's SIGKILL must not cut the drain short.
-    assert float(one("TimeoutStopSec")) > shipped_config().drain_timeout
+    assert seconds(one("TimeoutStopSec")) > shipped_config().drain_timeout
     assert one("Restart") == "on-failure"
 
 
@@ -259,6 +278,42 @@ def test_copyright_is_machine_readable_mit() -> None:
     assert "License: MIT" in text
 
 
+def test_what_the_demo_needs_is_suggested_and_its_message_names_the_package(
+        tmp_path: Path) -> None:
+    """`mailengine demo` from the .deb told the user to `pip install aiosmtpd`, which
+    Debian's python3 refuses (PEP 668)."""
+    suggests = relations("Suggests")
+    testing = ROOT / "engine" / "testing"
+    assert "from aiosmtpd" in (testing / "sink_session.py").read_text(encoding="utf-8")
+    assert "python3-aiosmtpd" in suggests
+    assert '"openssl"' in (testing / "tlscert.py").read_text(encoding="utf-8")
+    assert "openssl" in suggests
+    (tmp_path / "EXTERNALLY-MANAGED").touch()  # what Debian's python3 has beside its stdlib
+    command = demo.install_aiosmtpd(prefix="/usr", base_prefix="/usr", stdlib=str(tmp_path))
+    assert command == "sudo apt install python3-aiosmtpd"
+
+
+def test_autopkgtest_runs_the_delivery_smoke_test_with_only_what_the_demo_needs() -> None:
+    """debian/tests: `mailengine demo` on the installed package; the test adds nothing to
+    the testbed but the package and what it Suggests for the demo."""
+    tests = DEBIAN / "tests"
+    stanzas = [dict(re.findall(r"^(\S+):\s*((?:.*)(?:\n[ \t]+.*)*)", block, re.MULTILINE))
+               for block in (tests / "control").read_text(encoding="utf-8").split("\n\n")]
+    (smoke,) = [s for s in stanzas if s.get("Tests") == "smoke"]
+    depends = {d.strip() for d in smoke["Depends"].split(",") if d.strip()}
+    assert depends == {"mailengine"} | set(relations("Suggests"))
+    assert "needs-root" not in smoke.get("Restrictions", "")
+    script = tests / "smoke"
+    assert script.stat().st_mode & 0o111
+    subprocess.run(["sh", "-n", str(script)], check=True, timeout=10)
+    text = script.read_text(encoding="utf-8")
+    assert "mailengine demo" in text
+    assert not re.search(r"\b(apt-get|apt|pip3?) install\b", text)
+    # and .ci/debian-test runs it against the .deb it built
+    assert 'autopkgtest "$DEB" "$SRC" -- null' in (ROOT / ".ci" / "debian-test").read_text(
+        encoding="utf-8")
+
+
 # --- config, logs, users -----------------------------------------------------------------
 
 
@@ -268,13 +323,26 @@ def test_shipped_config_becomes_the_conffile_the_engine_reads() -> None:
     assert config_mod.DEFAULT_PATH == "/etc/mailengine/mailengine.yaml"
 
 
-def test_logrotate_rotates_the_events_log_without_reopening_it() -> None:
+def test_logrotate_renames_the_events_log_and_signals_the_supervisor_to_reopen_it() -> None:
+    """Regression (issue #15): copytruncate lost the lines written between its copy and
+    its truncation. Renamed, then SIGUSR1 to the supervisor alone (its workers exit on
+    SIGUSR1: `systemctl kill` would signal them too); the renamed file is compressed only
+    at the next rotation, the lines written before the signal are in it."""
     text = (DEBIAN / "mailengine.logrotate").read_text(encoding="utf-8")
     assert f"{shipped_config().events_log} {{" in text
-    words = {line.strip() for line in text.splitlines()}
-    for directive in ("copytruncate", "daily", "rotate 14", "compress", "delaycompress",
-                      "missingok", "notifempty"):
+    words = {line.strip() for line in text.splitlines() if not line.strip().startswith("#")}
+    for directive in ("daily", "rotate 14", "compress", "delaycompress", "missingok",
+                      "notifempty", "postrotate", "endscript"):
         assert directive in words
+    assert "copytruncate" not in words
+    script = text[text.index("postrotate"):text.index("endscript")]
+    commands = "\n".join(line for line in script.splitlines()
+                         if not line.strip().startswith("#"))
+    assert 'kill -USR1 "$pid"' in commands
+    assert "systemctl show --property=MainPID --value mailengine.service" in commands
+    assert "systemctl kill" not in commands
+    subprocess.run(["sh", "-n", "-c", "\n".join(commands.splitlines()[1:])], check=True,
+                   timeout=10)
 
 
 def test_maintainer_scripts_create_and_purge_the_user_spool_and_logs() -> None:
