@@ -33,7 +33,6 @@ $(PYTHON):
 
 # Again whenever setup.py changes.
 $(VENV)/.installed: setup.py | $(PYTHON)
-	@command -v openssl >/dev/null || { $(APT_INSTALL) openssl; }
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[test]'
 	touch $@

@@ -19,8 +19,10 @@ setup(
         "PyYAML>=6.0",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "pytest-randomly", "aiosmtpd", "hypothesis", "mypy", "ruff", "types-PyYAML"],
-        "demo": ["aiosmtpd"],
+        "test": ["pytest", "pytest-timeout", "pytest-randomly", "aiosmtpd", "trustme", "hypothesis",
+                 "mypy", "ruff", "types-PyYAML"],
+        # the demo's local SMTP server (engine/testing/sink.py) and its certificate
+        "demo": ["aiosmtpd", "trustme"],
     },
     # The executables: the command, and the worker's entry (the one place that patches).
     scripts=["bin/mailengine", "bin/mailengine-worker"],

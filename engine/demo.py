@@ -38,8 +38,8 @@ def main(messages: int = 300, keep: bool = False) -> int:
     try:
         from engine.testing.sink import SinkServer
     except ImportError as err:
-        print(f"mailengine demo needs aiosmtpd for its local SMTP server ({err});"
-              " install it with: pip install aiosmtpd", file=sys.stderr)
+        print(f"mailengine demo needs aiosmtpd and trustme for its local SMTP server ({err});"
+              " install them with: pip install aiosmtpd trustme", file=sys.stderr)
         return 2
     workdir = tempfile.mkdtemp(prefix="mailengine-demo-")
     print(f"mailengine demo: {messages} messages of ~5 KB to {len(DOMAINS)} domains, from"
