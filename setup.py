@@ -17,6 +17,9 @@ setup(
         "dnspython>=2.3",
         "statsd>=4.0",
         "PyYAML>=6.0",
+        # the Public Suffix List: engine/provider.py reads its data file (the Debian
+        # package depends on the copy Debian ships, package publicsuffix, instead)
+        "publicsuffixlist",
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-randomly", "aiosmtpd", "trustme", "hypothesis",
