@@ -31,6 +31,7 @@ DEBIAN_PACKAGE_OF = {
     "dnspython": "python3-dnspython",
     "statsd": "python3-statsd",
     "pyyaml": "python3-yaml",
+    "tqdm": "python3-tqdm",
     # engine/provider.py reads only the list's data file: Debian has it, not the module
     "publicsuffixlist": "publicsuffix",
 }
