@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL = $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
 	apt-get install -y -qq --no-install-recommends
 
-.PHONY: demo test deps lint bench
+.PHONY: demo test deps lint bench node-example
 
 demo: deps
 	$(PYTHON) -m engine.cli demo
@@ -17,7 +17,7 @@ test: deps
 	$(PYTHON) -m pytest -q
 
 lint: deps
-	$(VENV)/bin/ruff check engine tests bench
+	$(VENV)/bin/ruff check engine tests bench conf/examples
 	$(VENV)/bin/mypy engine
 
 bench: deps
@@ -26,6 +26,13 @@ bench: deps
 
 deps: $(VENV)/.installed
 
+# The Node.js producer example's one package, zeromq (prebuilt binaries inside), from its
+# package-lock.json into conf/examples/node/node_modules (not committed);
+# tests/engine/test_examples.py runs the example when it is there.
+node-example:
+	@command -v npm >/dev/null || { $(APT_INSTALL) nodejs npm; }
+	cd conf/examples/node && npm ci --ignore-scripts --no-audit --no-fund
+
 # Debian's python3 makes a venv only with python3-venv installed.
 $(PYTHON):
 	$(SYSTEM_PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(APT_INSTALL) python3-venv \
@@ -33,7 +40,6 @@ $(PYTHON):
 
 # Again whenever setup.py changes.
 $(VENV)/.installed: setup.py | $(PYTHON)
-	@command -v openssl >/dev/null || { $(APT_INSTALL) openssl; }
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[test]'
 	touch $@

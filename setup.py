@@ -17,10 +17,16 @@ setup(
         "dnspython>=2.3",
         "statsd>=4.0",
         "PyYAML>=6.0",
+        "tqdm>=4.64",  # the progress bar of mailengine push
+        # the Public Suffix List: engine/provider.py reads its data file (the Debian
+        # package depends on the copy Debian ships, package publicsuffix, instead)
+        "publicsuffixlist",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "pytest-randomly", "aiosmtpd", "hypothesis", "mypy", "ruff", "types-PyYAML"],
-        "demo": ["aiosmtpd"],
+        "test": ["pytest", "pytest-timeout", "pytest-randomly", "aiosmtpd", "trustme", "hypothesis",
+                 "mypy", "ruff", "types-PyYAML", "types-tqdm"],
+        # the demo's local SMTP server (engine/testing/sink.py) and its certificate
+        "demo": ["aiosmtpd", "trustme"],
     },
     # The executables: the command, and the worker's entry (the one place that patches).
     scripts=["bin/mailengine", "bin/mailengine-worker"],

@@ -40,12 +40,8 @@ def main(messages: int = 300, keep: bool = False) -> int:
     try:
         from engine.testing.sink import SinkServer
     except ImportError as err:
-        print(f"mailengine demo needs aiosmtpd for its local SMTP server ({err});"
-              f" install it with: {install_aiosmtpd()}", file=sys.stderr)
-        return 2
-    if shutil.which("openssl") is None:  # engine.testing.tlscert makes the certificate with it
-        print("mailengine demo needs the openssl command for its server's TLS certificate;"
-              " install it with: sudo apt install openssl", file=sys.stderr)
+        print(f"mailengine demo needs aiosmtpd and trustme for its local SMTP server ({err});"
+              f" install them with: {install_aiosmtpd()}", file=sys.stderr)
         return 2
     workdir = tempfile.mkdtemp(prefix="mailengine-demo-")
     print(f"mailengine demo: {messages} messages of ~5 KB to {len(DOMAINS)} domains, from"
@@ -68,11 +64,12 @@ def install_aiosmtpd(prefix: str | None = None, base_prefix: str | None = None,
                      stdlib: str | None = None) -> str:
     """The command that installs aiosmtpd for this Python (or the one described): Debian's
     package where the distribution manages it (PEP 668's EXTERNALLY-MANAGED: pip refuses
-    there; the Debian package suggests python3-aiosmtpd), else pip (a virtual environment)."""
+    there; the Debian package suggests python3-aiosmtpd and python3-trustme), else pip (a
+    virtual environment). trustme makes the sink's TLS certificate."""
     managed = os.path.join(stdlib or sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")
     if (prefix or sys.prefix) == (base_prefix or sys.base_prefix) and os.path.exists(managed):
-        return "sudo apt install python3-aiosmtpd"
-    return "pip install aiosmtpd"
+        return "sudo apt install python3-aiosmtpd python3-trustme"
+    return "pip install aiosmtpd trustme"
 
 
 def _run(label: str, pool: dict[str, Any], sink: Any, count: int, workdir: str) -> RunFigures:

@@ -2,8 +2,9 @@
 
 The summary stays a few lines whatever the number of jobs: accepted; rejected, counted
 by reason with the first few ids of each; not acknowledged, a count and the first few
-ids. Progress is a bar redrawn in place on a terminal, and a plain line every
-PLAIN_EVERY seconds otherwise (a log, a pipe: no carriage returns).
+ids. Progress is a tqdm bar on a terminal (answered of total, the rate, the time left, and
+the counts accepted and rejected), and a plain line every PLAIN_EVERY seconds otherwise (a
+log, a pipe: no carriage returns).
 """
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
+
+from tqdm import tqdm
 
 FIRST_IDS = 5  # ids shown per reason, and of the jobs not acknowledged
 MAX_REASONS = 20  # distinct rejection reasons kept; the rest are counted together
 PLAIN_EVERY = 5.0  # seconds between progress lines when standard error is not a terminal
+BAR_EVERY = 0.2  # seconds between redraws of the bar, at most
 OTHER = "other reasons"
 
 
@@ -89,27 +93,32 @@ class Progress:
         self.terminal = stream.isatty()
         self.waiting_for = waiting_for
         self._last_line = time.monotonic()
-        self._drawn = -1  # the count the bar shows
+        self._bar: tqdm[Any] | None = None
 
     def show(self, tally: Tally) -> None:
         if not self.enabled or tally.total < 2:
             return
         if self.terminal:
-            self._bar(tally)
+            self._draw(tally)
         elif time.monotonic() - self._last_line >= PLAIN_EVERY:
             self._last_line = time.monotonic()
             self.stream.write(f"mailengine push: {self._line(tally)}\n")
             self.stream.flush()
 
-    def _bar(self, tally: Tally) -> None:
-        if tally.answered == self._drawn:
-            return
-        self._drawn = tally.answered
-        width = 40
-        filled = int(width * tally.answered / tally.total)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}]"
-                          f" {tally.answered}/{tally.total} ")
-        self.stream.flush()
+    def _draw(self, tally: Tally) -> None:
+        """The bar, made at the first call; tqdm redraws it at most every BAR_EVERY s."""
+        bar = self._bar
+        if bar is None:
+            bar = self._bar = self._new_bar(tally.total)
+        if tally.answered > bar.n:
+            bar.set_postfix(accepted=tally.accepted, rejected=tally.rejected_count,
+                            refresh=False)
+            bar.update(tally.answered - bar.n)
+
+    def _new_bar(self, total: int) -> tqdm[Any]:
+        return tqdm(total=total, file=self.stream, unit="job", desc="mailengine push",
+                    postfix=f"waiting for the engine at {self.waiting_for}",
+                    mininterval=BAR_EVERY, dynamic_ncols=True, leave=True)
 
     def _line(self, tally: Tally) -> str:
         if tally.answered == 0:
@@ -119,5 +128,8 @@ class Progress:
                 f" {tally.rejected_count} rejected)")
 
     def end(self, tally: Tally) -> None:
-        if self.enabled and self.terminal and tally.total >= 2:
-            self.stream.write("\n")
+        """The bar's last state, left on its line."""
+        if self._bar is not None:
+            self._draw(tally)
+            self._bar.close()
+            self._bar = None

@@ -1,6 +1,6 @@
 """A recording SMTP sink on loopback, built on aiosmtpd: for the demo, tests and benchmarks.
 
-It offers STARTTLS (a throwaway self-signed certificate), PIPELINING and CHUNKING
+It offers STARTTLS (a throwaway certificate nobody trusts, trustme's), PIPELINING and CHUNKING
 (BDAT), answers recipients by local part (``reject...`` 550, ``defer...`` 451),
 and records every message with its envelope, the client's address, whether TLS
 was used and on which connection it came. It can rate-limit senders the way

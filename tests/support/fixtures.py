@@ -43,8 +43,8 @@ __all__ = [
 
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """``(certfile, keyfile)``: a self-signed certificate for localhost / 127.0.0.1."""
-    return make_cert(tmp_path_factory.mktemp("selfsigned"))
+    """``(certfile, keyfile)``: a certificate for localhost / 127.0.0.1 that nobody trusts."""
+    return make_cert(tmp_path_factory.mktemp("untrusted"))
 
 
 @pytest.fixture(scope="session")

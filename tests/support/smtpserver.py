@@ -653,7 +653,7 @@ def _arguments() -> argparse.ArgumentParser:
     sink.add_argument("--port", type=int, default=0, help="0 (default): an ephemeral port")
     sink.add_argument("--tls", action="store_true", help="offer STARTTLS")
     sink.add_argument("--require-tls", action="store_true", help="refuse mail before STARTTLS")
-    sink.add_argument("--certfile", help="server certificate (default: self-signed localhost)")
+    sink.add_argument("--certfile", help="server certificate (default: an untrusted localhost one)")
     sink.add_argument("--keyfile")
     sink.add_argument("--no-pipelining", action="store_true")
     sink.add_argument("--no-chunking", action="store_true")

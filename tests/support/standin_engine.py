@@ -3,10 +3,13 @@ that takes jobs and a PUB socket that answers each with `queued` (or `rejected`,
 `reject` says why), on ephemeral loopback ports, served by a thread.
 
 It counts what it received, so a test can see how far a pusher has read ahead of the
-answers it got: `received` only grows, and a job is answered once received.
+answers it got: `received` only grows, and a job is answered once received. With
+`answer_from` N, the first N - 1 copies of each job id are taken and not answered (an
+engine that died before its commit), so a producer is seen to send a job again.
 """
 from __future__ import annotations
 
+import collections
 import json
 import threading
 from collections.abc import Callable
@@ -17,7 +20,8 @@ import zmq
 
 
 class StandinEngine:
-    def __init__(self, reject: Callable[[dict[str, Any]], str | None] = lambda _: None) -> None:
+    def __init__(self, reject: Callable[[dict[str, Any]], str | None] = lambda _: None,
+                 answer_from: int = 1) -> None:
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind("tcp://127.0.0.1:*")
@@ -27,7 +31,9 @@ class StandinEngine:
         self.ingest = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.reject = reject
+        self.answer_from = answer_from
         self.received = 0
+        self.copies: collections.Counter[str] = collections.Counter()  # by job id
         self.envelopes: list[dict[str, Any]] = []  # the first few, as sent
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -48,8 +54,11 @@ class StandinEngine:
                 continue
             envelope = json.loads(self.pull.recv_multipart()[0])
             self.received += 1
+            self.copies[envelope["id"]] += 1
             if len(self.envelopes) < 100:
                 self.envelopes.append(envelope)
+            if self.copies[envelope["id"]] < self.answer_from:
+                continue
             why = self.reject(envelope)
             event = ({"event": "queued", "id": envelope["id"]} if why is None else
                      {"event": "rejected", "id": envelope["id"], "error": why})

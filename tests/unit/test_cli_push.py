@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -77,23 +78,35 @@ class _Terminal(io.StringIO):
         return True
 
 
+def shown(stream: io.StringIO) -> str:
+    """What `Progress` writes to `stream` for a push of 10 jobs: nothing answered, then 4."""
+    tally = pushreport.Tally(10)
+    progress = pushreport.Progress(stream, True, "tcp://127.0.0.1:5570")
+    progress.show(tally)
+    tally.accepted, tally.rejected = 3, {"bad address": pushreport.Reason(1, ["x"])}
+    progress.show(tally)
+    progress.end(tally)
+    return stream.getvalue()
+
+
 def test_progress_is_plain_lines_when_not_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pushreport, "PLAIN_EVERY", 0.0)
-    tally = pushreport.Tally(10)
-    pipe, terminal = _Pipe(), _Terminal()
-    for stream in (pipe, terminal):
-        progress = pushreport.Progress(stream, True, "tcp://127.0.0.1:5570")
-        progress.show(tally)
-        tally.accepted = 4
-        progress.show(tally)
-        progress.end(tally)
-        tally.accepted = 0
-    assert "\r" not in pipe.getvalue()
-    assert pipe.getvalue().splitlines() == [
+    assert shown(_Pipe()).splitlines() == [
         "mailengine push: 0 of 10 answered so far; waiting for the engine at"
         " tcp://127.0.0.1:5570",
-        "mailengine push: 4 of 10 answered (4 accepted, 0 rejected)"]
-    assert terminal.getvalue().count("\r") == 2 and terminal.getvalue().endswith("\n")
+        "mailengine push: 4 of 10 answered (3 accepted, 1 rejected)"]
+
+
+def test_progress_on_a_terminal_is_a_bar_with_the_rate_and_the_time_left(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pushreport, "BAR_EVERY", 0.0)
+    drawn = [line.strip() for line in shown(_Terminal()).split("\r") if line.strip()]
+    assert drawn[0].startswith("mailengine push:   0%")
+    assert drawn[0].endswith("0/10 [00:00<?, ?job/s, waiting for the engine at"
+                             " tcp://127.0.0.1:5570]")
+    assert re.fullmatch(r"mailengine push:  40%.*\| 4/10 \[00:00<00:00, *[\d.]+job/s,"
+                        r" accepted=3, rejected=1\]", drawn[-1]), drawn[-1]
+    assert shown(_Terminal()).endswith("\n")  # the bar stays, the summary goes below it
 
 
 @pytest.mark.timeout(30)

@@ -12,20 +12,20 @@ from tests.support import ROOT
 
 def test_a_python_the_distribution_manages_gets_the_debian_package(tmp_path: Path) -> None:
     (tmp_path / "EXTERNALLY-MANAGED").touch()
-    assert demo.install_aiosmtpd(prefix="/usr", base_prefix="/usr",
-                                 stdlib=str(tmp_path)) == "sudo apt install python3-aiosmtpd"
+    command = demo.install_aiosmtpd(prefix="/usr", base_prefix="/usr", stdlib=str(tmp_path))
+    assert command == "sudo apt install python3-aiosmtpd python3-trustme"
 
 
 def test_a_virtual_environment_gets_pip(tmp_path: Path) -> None:
     """A venv of Debian's python3 (make demo's .venv): pip installs into it."""
     (tmp_path / "EXTERNALLY-MANAGED").touch()
     assert demo.install_aiosmtpd(prefix="/src/.venv", base_prefix="/usr",
-                                 stdlib=str(tmp_path)) == "pip install aiosmtpd"
+                                 stdlib=str(tmp_path)) == "pip install aiosmtpd trustme"
 
 
 def test_a_python_of_ones_own_gets_pip(tmp_path: Path) -> None:
     assert demo.install_aiosmtpd(prefix="/opt/py", base_prefix="/opt/py",
-                                 stdlib=str(tmp_path)) == "pip install aiosmtpd"
+                                 stdlib=str(tmp_path)) == "pip install aiosmtpd trustme"
 
 
 def test_without_aiosmtpd_the_demo_stops_with_one_line_naming_the_command() -> None:
@@ -37,5 +37,5 @@ def test_without_aiosmtpd_the_demo_stops_with_one_line_naming_the_command() -> N
     assert run.returncode == 2, run.stderr
     assert run.stdout == ""
     (line,) = run.stderr.splitlines()
-    assert line.startswith("mailengine demo needs aiosmtpd for its local SMTP server")
-    assert line.endswith(f"install it with: {demo.install_aiosmtpd()}")
+    assert line.startswith("mailengine demo needs aiosmtpd and trustme for its local SMTP server")
+    assert line.endswith(f"install them with: {demo.install_aiosmtpd()}")
