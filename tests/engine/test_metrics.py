@@ -79,7 +79,8 @@ def test_statsd_figures_of_100_messages_over_two_pooled_tls_connections(sink, lo
                     and catcher.gauge(name("memory_rss", "all")) is not None
                     and catcher.gauge(name("connections_open", "all")) == 2
                     and catcher.gauge(name("in_flight", "all")) == 0
-                    and catcher.gauge(name("spool_depth", "all", "supervisor")) is not None)
+                    and catcher.gauge(name("spool_depth", "all", "supervisor")) is not None
+                    and catcher.gauge(name("suspended")) is not None)
         assert catcher.wait_for(settled, timeout=5), sorted(catcher.names())
 
         assert catcher.bad_lines == []
@@ -130,6 +131,11 @@ def test_statsd_figures_of_100_messages_over_two_pooled_tls_connections(sink, lo
         assert catcher.gauge(name("spool_depth", "all", "supervisor")) >= 0
         assert catcher.counter_sum(name("queued", "all", "supervisor")) == 100
         assert catcher.counter_sum(name("rejected", "all", "supervisor")) == 0
+        # Sent at every housekeeping pass, start-up included: 0 restarts, a fresh spool.
+        assert catcher.counter_sum(name("worker_restarts", "all", "supervisor")) == 0
+        assert name("worker_restarts", "all", "supervisor") in catcher.names()
+        assert catcher.gauge(name("oldest_queued_age", "all", "supervisor")) is not None
+        assert catcher.gauge(name("suspended")) == 0
 
         # Nothing undeclared, nothing of the wrong kind, nothing mis-named.
         for sample in catcher.samples:
