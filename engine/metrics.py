@@ -123,6 +123,9 @@ DECLARED: tuple[Metric, ...] = (
     Metric("handouts_unmarked", "counter", "jobs handed out without their mark in the spool (it"
            " could not be written): a crash of the supervisor meanwhile could re-send one"
            " uncounted", SUPERVISOR),
+    Metric("worker_restarts", "counter", "workers that exited without being asked to"
+           " (crashed, killed, out of memory): each is restarted after a back-off;"
+           " 0 is sent at every housekeeping pass", SUPERVISOR),
     Metric("clock_steps", "counter", "steps of the wall clock the supervisor noticed (more"
            " than 5 s either way, or a start below the spool's latest time): logged, never"
            " followed (engine.clock)", SUPERVISOR),
@@ -134,8 +137,13 @@ DECLARED: tuple[Metric, ...] = (
            " bind to it fails): the worker takes no jobs; else 0", PER_IP, "flag"),
     Metric("allowed_rate", "gauge", "messages per second allowed by shaping", PER_PROVIDER,
            "messages/s"),
+    Metric("suspended", "gauge", "1 while sending from this IP to this provider is"
+           " suspended (a block, a throttle rule that suspends), else 0", PER_PROVIDER,
+           "flag"),
     Metric("spool_depth", "gauge", "recipients waiting in the spool", SUPERVISOR,
            "recipients"),
+    Metric("oldest_queued_age", "gauge", "age of the oldest job in the spool (from its"
+           " acceptance to now), 0 when the spool is empty", SUPERVISOR, "seconds"),
     Metric("spool_unwritable", "gauge", "1 while spool writes fail (a full disk, an I/O"
            " error), else 0", SUPERVISOR, "flag"),
     Metric("results_unrecorded", "gauge", "results waiting in memory for the spool to be"

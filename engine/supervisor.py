@@ -270,7 +270,12 @@ class Supervisor:
         self.metrics.gauge("spool_unwritable", "all", int(not self.health.writable))
         self.metrics.gauge("results_unrecorded", "all",
                            self.results.held if not self.health.writable else 0)
-        self.metrics.gauge("spool_depth", "all", self.spool.stats().rcpts_pending)
+        stats = self.spool.stats()
+        self.metrics.gauge("spool_depth", "all", stats.rcpts_pending)
+        oldest = stats.oldest_queued_ts  # a negative gauge would be a StatsD delta: >= 0
+        self.metrics.gauge("oldest_queued_age", "all",
+                           0 if oldest is None else round(max(0.0, self.clock.now() - oldest), 1))
+        self.metrics.incr("worker_restarts", "all", self.workers.take_restarts())
         self.metrics.memory()
 
     def _notice_clock_step(self) -> None:

@@ -271,6 +271,7 @@ class Worker:
             self.metrics.gauge("connections_open", "all", self.pools.open_connections)
             for provider, shaper in self.shaping.items():
                 self.metrics.gauge("allowed_rate", provider, shaper.allowed_rate)
+                self.metrics.gauge("suspended", provider, int(shaper.suspended))
             if time.monotonic() - last_memory >= MEMORY_INTERVAL:
                 self.metrics.memory()
                 self.shaping.save()

@@ -95,6 +95,7 @@ class Workers:
         self._config_path = config_path
         self.results_endpoint = sockets.ipc_endpoint(cfg.run_dir, "results")
         self.handles: dict[str, WorkerHandle] = {}
+        self._restarts = 0  # unasked exits not yet counted in the worker_restarts metric
 
     def __iter__(self) -> Iterator[WorkerHandle]:
         return iter(self.handles.values())
@@ -153,6 +154,11 @@ class Workers:
             self.add(ip)
         return added, old - new
 
+    def take_restarts(self) -> int:
+        """Workers that exited unasked (each restarted) since the last call."""
+        count, self._restarts = self._restarts, 0
+        return count
+
     # -- stopping ------------------------------------------------------------------
 
     def terminate(self) -> None:
@@ -203,6 +209,7 @@ class Workers:
             RESTART_BACKOFF[min(handle.failures, len(RESTART_BACKOFF) - 1)]
         if not expected:
             handle.failures += 1
+            self._restarts += 1
         handle.replacing = False
         handle.restart_at = now + delay
         handle.proc = None

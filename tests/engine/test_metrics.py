@@ -6,13 +6,8 @@ StatsD daemon (npm `statsd`) turns them into what the dashboard graphs, and Grap
 from __future__ import annotations
 
 import collections
-import contextlib
-import json
-import os
-import re
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,8 +22,14 @@ from engine.provider import provider_of
 from engine.testing.carbon import CarbonCache
 from engine.testing.carbon import available as carbon_available
 from engine.testing.harness import make_message
-from tests.support.dashboard import classify, dashboard_paths, expand
+from tests.support.dashboard import classify, dashboard_paths, expand, glob_regex
 from tests.support.statsd_catcher import StatsdCatcher
+from tests.support.statsd_daemon import (
+    free_port,
+    running_statsd,
+    statsd_daemon_dir,
+    whisper_values,
+)
 
 IP = "127.0.0.2"
 IP_SEG = metrics.ip_segment(IP)
@@ -78,7 +79,8 @@ def test_statsd_figures_of_100_messages_over_two_pooled_tls_connections(sink, lo
                     and catcher.gauge(name("memory_rss", "all")) is not None
                     and catcher.gauge(name("connections_open", "all")) == 2
                     and catcher.gauge(name("in_flight", "all")) == 0
-                    and catcher.gauge(name("spool_depth", "all", "supervisor")) is not None)
+                    and catcher.gauge(name("spool_depth", "all", "supervisor")) is not None
+                    and catcher.gauge(name("suspended")) is not None)
         assert catcher.wait_for(settled, timeout=5), sorted(catcher.names())
 
         assert catcher.bad_lines == []
@@ -129,6 +131,11 @@ def test_statsd_figures_of_100_messages_over_two_pooled_tls_connections(sink, lo
         assert catcher.gauge(name("spool_depth", "all", "supervisor")) >= 0
         assert catcher.counter_sum(name("queued", "all", "supervisor")) == 100
         assert catcher.counter_sum(name("rejected", "all", "supervisor")) == 0
+        # Sent at every housekeeping pass, start-up included: 0 restarts, a fresh spool.
+        assert catcher.counter_sum(name("worker_restarts", "all", "supervisor")) == 0
+        assert name("worker_restarts", "all", "supervisor") in catcher.names()
+        assert catcher.gauge(name("oldest_queued_age", "all", "supervisor")) is not None
+        assert catcher.gauge(name("suspended")) == 0
 
         # Nothing undeclared, nothing of the wrong kind, nothing mis-named.
         for sample in catcher.samples:
@@ -136,12 +143,6 @@ def test_statsd_figures_of_100_messages_over_two_pooled_tls_connections(sink, lo
             assert prefix == "mailengine" and ip in (IP_SEG, "supervisor"), sample
             assert provider in (PROVIDER, "all"), sample
             assert KINDS.get(metric) == sample.kind, sample
-
-
-def free_port(kind: int = socket.SOCK_DGRAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.timeout(60)
@@ -166,32 +167,6 @@ def test_a_statsd_host_that_is_down_or_unresolvable_does_not_hold_up_delivery(
 
 # --------------------------------------------------------------------------------------------
 # The etsy StatsD daemon (npm `statsd`) flushing to Graphite's plaintext protocol
-
-
-STATSD_NPM_VERSION = "0.9.0"
-
-
-def statsd_daemon_dir() -> Path:
-    """node_modules/statsd, installed once into a cache folder; skips if it cannot be."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if not node or not npm:
-        pytest.skip("the StatsD daemon test needs node and npm (apt-get install nodejs npm)")
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    prefix = cache / "mailengine-tests" / f"statsd-{STATSD_NPM_VERSION}"
-    stats_js = prefix / "node_modules" / "statsd" / "stats.js"
-    if not stats_js.exists():
-        prefix.mkdir(parents=True, exist_ok=True)
-        try:
-            done = subprocess.run(
-                [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
-                 "--ignore-scripts", f"statsd@{STATSD_NPM_VERSION}"],
-                capture_output=True, text=True, timeout=180, check=False)
-        except subprocess.TimeoutExpired:
-            pytest.skip("npm install statsd took more than 180 s")
-        if done.returncode != 0 or not stats_js.exists():
-            pytest.skip(f"npm install statsd@{STATSD_NPM_VERSION} failed: "
-                        f"{(done.stderr or done.stdout).strip()[-300:]}")
-    return stats_js.parent
 
 
 class CarbonCatcher:
@@ -251,49 +226,6 @@ class CarbonCatcher:
         self._listener.close()
 
 
-@contextlib.contextmanager
-def running_statsd(workdir: Path, graphite_port: int,
-                   flush_ms: int = 1000) -> Iterator[tuple[int, Path]]:
-    """The etsy StatsD daemon on a loopback UDP port, flushing to Graphite at `graphite_port`
-    with the settings docs/MONITORING.md asks for; yields (its UDP port, its log)."""
-    package = statsd_daemon_dir()
-    port = free_port()
-    config = {"port": port, "address": "127.0.0.1", "mgmt_address": "127.0.0.1",
-              "mgmt_port": free_port(socket.SOCK_STREAM), "flushInterval": flush_ms,
-              "percentThreshold": [50, 95, 99], "dumpMessages": True,
-              "backends": ["./backends/graphite"], "graphiteHost": "127.0.0.1",
-              "graphitePort": graphite_port, "graphite": {"legacyNamespace": True}}
-    config_js = workdir / "statsd-config.js"
-    config_js.write_text(f"({json.dumps(config)})\n", encoding="utf-8")
-    log = workdir / "statsd.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([shutil.which("node") or "node", "stats.js", str(config_js)],
-                                cwd=package, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for_line(log, "server is up", proc, "statsd")
-        yield port, log
-    finally:
-        stop_process(proc)
-
-
-def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], what: str,
-                  timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in log.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"{what} did not start:\n{log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.1)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 @pytest.fixture
 def statsd_daemon(tmp_path: Path) -> Iterator[tuple[int, CarbonCatcher, Path]]:
     """(UDP port, the Graphite receiver it flushes to every second, its log)."""
@@ -304,10 +236,6 @@ def statsd_daemon(tmp_path: Path) -> Iterator[tuple[int, CarbonCatcher, Path]]:
             yield port, carbon, log
     finally:
         carbon.stop()
-
-
-def glob_regex(path: str) -> re.Pattern[str]:
-    return re.compile("".join("[^.]*" if c == "*" else re.escape(c) for c in path) + "$")
 
 
 @pytest.mark.timeout(90)
@@ -378,17 +306,6 @@ def carbon_cache(tmp_path: Path) -> Iterator[tuple[int, Path]]:
                     " (apt-get install graphite-carbon)")
     with CarbonCache(tmp_path / "carbon", schemas=CARBON_SCHEMAS) as cache:
         yield cache.line_port, cache.whisper
-
-
-def whisper_values(whisper_dir: Path, metric_path: str) -> list[float]:
-    """The non-null values of the last 10 minutes of one series, read with whisper-fetch."""
-    wsp = whisper_dir.joinpath(*metric_path.split(".")).with_suffix(".wsp")
-    if not wsp.exists():
-        return []
-    out = subprocess.run([shutil.which("whisper-fetch") or "whisper-fetch", "--json",
-                          f"--from={int(time.time()) - 600}", str(wsp)],
-                         capture_output=True, text=True, timeout=10, check=True)
-    return [v for v in json.loads(out.stdout)["values"] if v is not None]
 
 
 @pytest.mark.timeout(90)

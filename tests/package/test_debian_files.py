@@ -320,10 +320,36 @@ def test_autopkgtest_runs_the_delivery_smoke_test_with_only_what_the_demo_needs(
 # --- config, logs, users -----------------------------------------------------------------
 
 
+def installed() -> list[tuple[str, str]]:
+    """(source in the repo, destination folder) of each line of debian/mailengine.install."""
+    lines = (DEBIAN / "mailengine.install").read_text(encoding="utf-8").splitlines()
+    pairs = [tuple(line.split()) for line in lines if line.strip()]
+    assert all(len(pair) == 2 for pair in pairs), pairs
+    return [(source, dest) for source, dest in pairs]
+
+
 def test_shipped_config_becomes_the_conffile_the_engine_reads() -> None:
-    install = (DEBIAN / "mailengine.install").read_text(encoding="utf-8").split()
-    assert install == ["conf/mailengine.yaml", "etc/mailengine/"]
+    assert [pair for pair in installed() if pair[1].startswith("etc/")] == [
+        ("conf/mailengine.yaml", "etc/mailengine/")]
     assert config_mod.DEFAULT_PATH == "/etc/mailengine/mailengine.yaml"
+
+
+MONITORING_FILES = ("conf/grafana-dashboard.json", "conf/grafana-alerts.yaml",
+                    "conf/statsd-config.js", "conf/statsd-exporter-mapping.yaml")
+
+
+def test_dashboard_alert_rules_and_statsd_configs_are_installed_under_usr_share() -> None:
+    """docs/MONITORING.md points operators at /usr/share/mailengine/monitoring/."""
+    monitoring = [source for source, dest in installed()
+                  if dest == "usr/share/mailengine/monitoring/"]
+    assert sorted(monitoring) == sorted(MONITORING_FILES)
+    for source in MONITORING_FILES:
+        assert (ROOT / source).is_file(), source
+    for source, _dest in installed():
+        assert list(ROOT.glob(source)), f"{source} matches no file"
+    docs = (ROOT / "docs" / "MONITORING.md").read_text(encoding="utf-8")
+    for source in MONITORING_FILES:
+        assert f"/usr/share/mailengine/monitoring/{Path(source).name}" in docs, source
 
 
 def test_logrotate_renames_the_events_log_and_signals_the_supervisor_to_reopen_it() -> None:
