@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     if ip is None:
         print(f"mailengine worker: {args.ip} is not in the config's ips", file=sys.stderr)
         return 2
+    # SIGUSR1 asks the supervisor to reopen the events log; a `systemctl kill -s USR1` reaches
+    # the workers too, whose default action for it is to exit.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the supervisor died before prctl took effect

@@ -114,3 +114,19 @@ def test_a_new_file_that_cannot_be_opened_leaves_the_events_in_the_renamed_one(
           engine.log_tail)
     assert engine.stop() == 0
     assert {e["id"] for e in read(current)} == {f"then-{i}" for i in range(5)}
+
+
+def test_a_sigusr1_that_reaches_the_workers_too_leaves_them_running(
+        local_engine: Engine, plain_sink: SinkServer) -> None:
+    """`systemctl kill -s USR1` signals every process of the service: the workers ignore it
+    (its default action would end them, cutting their transactions short)."""
+    engine = local_engine(plain_sink.port)
+    worker = engine.status()["workers"]["127.0.0.2"]
+    os.kill(worker["pid"], signal.SIGUSR1)
+    reopen(engine)  # the supervisor's own SIGUSR1, sent after the worker's, acted on
+    assert engine.push(jobs("after", 5))
+    until(lambda: finals(read(Path(engine.events_log))) >= 5, 30, "the deliveries",
+          engine.log_tail)
+    now = engine.status()["workers"]["127.0.0.2"]
+    assert (now["pid"], now["restarts"]) == (worker["pid"], 0)
+    assert logged(engine, "worker_exited") == 0

@@ -354,8 +354,8 @@ def test_dashboard_alert_rules_and_statsd_configs_are_installed_under_usr_share(
 
 def test_logrotate_renames_the_events_log_and_signals_the_supervisor_to_reopen_it() -> None:
     """Regression (issue #15): copytruncate lost the lines written between its copy and
-    its truncation. Renamed, then SIGUSR1 to the supervisor alone (its workers exit on
-    SIGUSR1: `systemctl kill` would signal them too); the renamed file is compressed only
+    its truncation. Renamed, then SIGUSR1 to the supervisor alone (the one process that acts
+    on it); the renamed file is compressed only
     at the next rotation, the lines written before the signal are in it."""
     text = (DEBIAN / "mailengine.logrotate").read_text(encoding="utf-8")
     assert f"{shipped_config().events_log} {{" in text
