@@ -271,6 +271,7 @@ class Supervisor:
         else:
             self.spool.checkpoint()  # the WAL's space back, if the file can take its pages
         self.metrics.gauge("spool_unwritable", "all", int(not self.health.writable))
+        self.metrics.gauge("events_log_unwritable", "all", int(self.events.failing))
         self.metrics.gauge("results_unrecorded", "all",
                            self.results.held if not self.health.writable else 0)
         stats = self.spool.stats()
@@ -315,6 +316,7 @@ class Supervisor:
                                   "results_unrecorded": self.results.held
                                   if not self.health.writable else 0,
                                   "intake_paused": not self.health.writable,
+                                  "events_log_writable": not self.events.failing,
                                   "clock_apart": round(self.clock.apart(), 1)})
 
     def _on_term(self, signum: int, frame: object) -> None:
