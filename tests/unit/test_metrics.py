@@ -196,7 +196,7 @@ def test_every_metric_the_dashboard_queries_is_declared_with_its_kind_and_scope(
             seen.add(metric)
     wanted = {"delivery_time", "delivered", "deferred", "bounced", "connections_reused",
               "connections_opened", "tls_negotiated", "throttled", "allowed_rate", "pool_wait",
-              "spool_depth", "memory_rss"}
+              "spool_depth", "memory_rss", "bounced_category"}
     assert wanted <= seen
 
 
