@@ -96,7 +96,9 @@ PROVIDER_RULES: tuple[CategoryRule, ...] = (
     _rule("invalid-sender", r"unregistered domains?"),
     _rule("policy-related", r"SenderNotAuthenticatedForGroup|RESOLVER\.RST\.|external forwarding"),
     _rule("spam-related", r"detected as spam|rejected as spam"),
-    _rule("quota-issues", r"QuotaExceededException"),
+    _rule("quota-issues", r"QuotaExceededException|recipient thread limit|recipient's per-hour"
+                          r" message limit"),
+    _rule("blocklisted", r"spam abuse detected|request removal from this list"),
     # Yahoo and AOL (Yahoo Sender Hub "SMTP error codes")
     _rule("blocklisted", r"\[TSS09\]|permanently deferred|\[BL2[0-9]\]|\[BL\d\d\]"),
     _rule("policy-related", r"\[TSS11\]|excessive unknown recipients"),
@@ -186,11 +188,11 @@ TEXT_RULES: tuple[CategoryRule, ...] = (
     _rule("bad-mailbox",
           r"user unknown|unknown user|no such (user|mailbox|recipient|address|account|person)"
           r"|(user|mailbox|recipient|address|account)\b.{0,50}\b(does not|doesn't|doesnt|not)"
-          r" exist|invalid (recipient|mailbox|address|user)|recipient (address )?(rejected"
-          r"|unknown|not found|invalid)|mailbox (not found|unavailable|does not exist)"
+          r" exist|invalid (recipient|mailbox|address|user)|recipient (address )?(unknown"
+          r"|not found|invalid)|mailbox (not found|unavailable|does not exist)"
           r"|unknown (recipient|mailbox|local.?part)|(user|recipient|mailbox|address) not"
           r" found|unrouteable address|no mailbox|bad destination mailbox|not a valid"
-          r" (mailbox|recipient|rfc ?5321 address)|address rejected|not (a )?known user"
+          r" (mailbox|recipient|rfc ?5321 address)|not (a )?known user"
           r"|mailbox name (not allowed|invalid)"),
     _rule("relaying-issues",
           r"relay(ing)? (access )?(denied|not (permitted|allowed)|prohibited)|not (permitted|"
@@ -258,8 +260,8 @@ SUBJECTS: dict[str, str] = {
 
 # -- 5. weak wording: refused, without saying why ---------------------------------------
 WEAK_RULES: tuple[CategoryRule, ...] = (
-    _rule(OTHER, r"system problem|internal (server )?error|local error|temporary (failure"
-                 r"|error)|not accepting (network )?messages"),
+    _rule(OTHER, r"system problem|internal (server )?error|local error|temporary (server )?"
+                 r"(failure|error)|not accepting (network )?messages"),
     _rule("policy-related", r"polic(y|ies)|not authori[sz]ed|prohibited|administrative"
                             r"|denied|refused|not (allowed|permitted)|spoof|blocked"),
 )
