@@ -30,7 +30,7 @@ from typing import Any
 
 import zmq
 
-from engine import events, logs, sockets
+from engine import categories, events, logs, sockets
 from engine.clock import EngineClock
 from engine.config import Config
 from engine.metrics import Metrics
@@ -89,6 +89,8 @@ class Dispatcher:
     def __init__(self, cfg: Config, spool: Spool, workers: Workers, publish: Publish,
                  metrics: Metrics | None = None, clock: EngineClock | None = None) -> None:
         self.cfg = cfg
+        # The category of a refusal (engine.categories): the config's; a reload replaces it.
+        self.classifier = categories.classifier(cfg.categories)
         self._clock = clock or EngineClock()  # the time the spool is written in
         self._metrics = metrics or Metrics(None, "supervisor")
         self._spool = spool
@@ -344,7 +346,8 @@ class Dispatcher:
         expired = [events.attempt_event(
             Attempt(job_id=pending.job.id, rcpt=rcpt, status=Status.EXPIRED,
                     reply=EXPIRED_REPLY, ip="", ts=now),
-            Status.EXPIRED, pending.job.meta, pending.attempts.get(rcpt, 0), pending.queued_ts)
+            Status.EXPIRED, pending.job.meta, pending.attempts.get(rcpt, 0), pending.queued_ts,
+            classifier=self.classifier)
             for rcpt in pending.rcpts]
         try:  # the events with the outcome (engine.outbox)
             self._spool.record([RcptUpdate(pending.job.id, r, Status.EXPIRED,

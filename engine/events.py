@@ -19,7 +19,8 @@ from typing import IO, Any
 
 import zmq
 
-from engine import logs, sockets
+from engine import categories, logs, sockets
+from engine.categories import Classifier
 from engine.job import Job
 from engine.protocol import Attempt, Status
 from engine.reply import Reply
@@ -29,6 +30,8 @@ log = logging.getLogger("mailengine.events")
 EVENT_NAMES = ("queued", "rejected", "delivered", "deferred", "bounced", "expired")
 # The events that close a recipient: written to the spool with its outcome (engine.outbox).
 FINAL_NAMES = frozenset(("delivered", "bounced", "expired"))
+# The events of a refusal: they carry a `category` (engine.categories).
+REFUSAL_NAMES = frozenset(("deferred", "bounced", "expired"))
 # An event as published: its name (the PUB topic) and the JSON object, one line of text.
 Event = tuple[str, str]
 # One encoder for what is not formatted by hand (json.dumps with options builds one per call).
@@ -209,17 +212,22 @@ def rejected(job_id: str | None, meta: Mapping[str, Any] | None, error: str) -> 
 
 def attempt_event(attempt: Attempt, status: Status, meta: Mapping[str, Any], number: int,
                   queued_ts: float, next_attempt: float | None = None,
-                  possible_duplicate: bool = False) -> Event:
+                  possible_duplicate: bool = False,
+                  classifier: Classifier = categories.SHIPPED) -> Event:
     """One recipient's attempt. `status` may differ from the worker's (deferred -> expired).
     `possible_duplicate`: sent again after a worker died without reporting it
-    (engine.dispatch, `Dispatcher.forget`)."""
+    (engine.dispatch, `Dispatcher.forget`). A refusal (deferred, bounced, expired) gets the
+    `category` `classifier` gives its reply (the config's: engine.categories)."""
     name = status.value
     reply = attempt.reply
     delay_ms = int(max(0.0, attempt.ts - queued_ts) * 1000)
+    # One of a fixed list of plain words (engine.categories): no escaping needed.
+    category = (f',"category":"{classifier.classify(reply, attempt.provider)}"'
+                if name in REFUSAL_NAMES else "")
     text = (f'{_head(name, attempt.job_id, meta)},"rcpt":{_quote(attempt.rcpt)},'
             f'"ip":{_quote(attempt.ip)},"mx":{_optional(attempt.mx)},'
             f'"provider":{_quote(attempt.provider)},"code":{int(reply.code)},'
-            f'"enhanced":{_quote(reply.status)},"reply":{_quote(reply.text)},'
+            f'"enhanced":{_quote(reply.status)},"reply":{_quote(reply.text)}{category},'
             f'"tls":{_optional(attempt.tls)},"conn_reused":{_bool(attempt.conn_reused)},'
             f'"attempt":{int(number)},"delay_ms":{delay_ms}')
     if next_attempt is not None:
@@ -231,6 +239,27 @@ def attempt_event(attempt: Attempt, status: Status, meta: Mapping[str, Any], num
     if attempt.throttled:  # the provider pushed back: this try is not counted
         text += f',"throttled":true,"trigger":{_optional(attempt.trigger)}'
     return name, text + "}"
+
+
+_CATEGORY_FIELD = ',"category":"'
+
+
+def category_of(event: Event) -> str | None:
+    """The `category` of a refusal's event (None for another event, or one written before
+    events had categories), read from its text without decoding it: the supervisor counts
+    them (metrics `*_category`) as it publishes.
+
+    The field is the last of that name in the line: only `meta`, which comes first, may
+    hold another, and no string value can hold `,"category":"` unescaped."""
+    name, line = event
+    if name not in REFUSAL_NAMES:
+        return None
+    at = line.rfind(_CATEGORY_FIELD)
+    if at < 0:
+        return None
+    start = at + len(_CATEGORY_FIELD)
+    found = line[start:line.find('"', start)]
+    return found if found in categories.CATEGORIES else None
 
 
 def set_aside(job_id: str, pending: Sequence[tuple[str, int]], meta: Mapping[str, Any],

@@ -2,7 +2,9 @@
 
 Names are ``<prefix>.<ip>.<provider>.<name>``; the dots of an IP become ``_``
 (``127.0.0.2`` -> ``127_0_0_2``). Process-wide figures use the provider
-``all``; the supervisor uses ``supervisor`` in place of an IP. Timers are in
+``all``; the supervisor uses ``supervisor`` in place of an IP, and its counts of
+refusals by category (engine.categories) the category in place of the provider
+(``<prefix>.supervisor.bad-mailbox.bounced_category``). Timers are in
 milliseconds. StatsD is UDP, fire and forget: a StatsD host that is down or slow
 never slows delivery, and a send error is swallowed.
 
@@ -27,12 +29,15 @@ PER_PROVIDER = "ip_provider"  # a worker, per provider: <prefix>.<ip>.<provider>
 PER_IP = "ip"  # a worker, process-wide: <prefix>.<ip>.all.<name>
 SUPERVISOR = "supervisor"  # the supervisor: <prefix>.supervisor.all.<name>
 EVERY_PROCESS = "process"  # each worker and the supervisor: both of the above
+# The supervisor, per refusal category: <prefix>.supervisor.<category>.<name>
+PER_CATEGORY = "category"
 
 PATTERNS = {
     PER_PROVIDER: ("<prefix>.<ip>.<provider>.{name}",),
     PER_IP: ("<prefix>.<ip>.all.{name}",),
     SUPERVISOR: ("<prefix>.supervisor.all.{name}",),
     EVERY_PROCESS: ("<prefix>.<ip>.all.{name}", "<prefix>.supervisor.all.{name}"),
+    PER_CATEGORY: ("<prefix>.supervisor.<category>.{name}",),
 }
 
 UNITS = {"timer": "ms", "counter": "count", "gauge": ""}
@@ -76,6 +81,12 @@ DECLARED: tuple[Metric, ...] = (
     Metric("bounced", "counter", "recipients bounced (5xx)"),
     Metric("expired", "counter", "recipients expired: still undelivered when the job's time"
            " ran out", SUPERVISOR),
+    Metric("bounced_category", "counter", "bounced recipients by the category of their refusal"
+           " (engine.categories: bad-mailbox, blocklisted, ...)", PER_CATEGORY),
+    Metric("deferred_category", "counter", "deferred recipient attempts by the category of"
+           " their refusal", PER_CATEGORY),
+    Metric("expired_category", "counter", "expired recipients by the category of their last"
+           " refusal (message-expired when none was)", PER_CATEGORY),
     Metric("throttled", "counter", "transactions the provider pushed back on: a throttle rule,"
            " refusals recognised as push-back by behaviour, or a block"),
     Metric("pushback", "counter", "of the throttled: refusals in a row after accepted mail,"

@@ -25,7 +25,8 @@ from typing import Any
 
 import zmq
 
-from engine import crash, events, logs, protocol, retry, sockets
+from engine import categories, crash, events, logs, protocol, retry, sockets
+from engine.categories import Classifier
 from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.dispatch import Dispatcher, InFlight
 from engine.metrics import Metrics
@@ -46,12 +47,14 @@ UNRECORDED_MAX = 50_000
 Publish = Callable[[events.Event], None]
 
 
-def plan(attempt: Attempt, flight: InFlight | None, now: float,
-         schedule: Sequence[float]) -> tuple[RcptUpdate | None, events.Event | None]:
+def plan(attempt: Attempt, flight: InFlight | None, now: float, schedule: Sequence[float],
+         classifier: Classifier = categories.SHIPPED
+         ) -> tuple[RcptUpdate | None, events.Event | None]:
     """The spool update and the event for one result (either may be None), `flight` the
-    job's current hand-out when the result answers it (else see `plan_late`)."""
+    job's current hand-out when the result answers it (else see `plan_late`). A refusal's
+    event gets its category from `classifier` (engine.categories)."""
     if flight is None or attempt.rcpt not in flight.attempts:
-        return plan_late(attempt, None)
+        return plan_late(attempt, None, classifier)
     number = flight.attempts[attempt.rcpt] + 1
     # Shaping's waits (not attempted) and throttles cost no attempt: they say
     # nothing about the recipient, only about our pace.
@@ -66,11 +69,12 @@ def plan(attempt: Attempt, flight: InFlight | None, now: float,
     if not attempt.attempted and status is Status.DEFERRED:
         return update, None  # not tried: nothing happened that a subscriber must hear
     event = events.attempt_event(attempt, status, flight.meta, number, flight.queued_ts,
-                                 next_at, attempt.rcpt in flight.resent)
+                                 next_at, attempt.rcpt in flight.resent, classifier)
     return update, event
 
 
-def plan_late(attempt: Attempt, earlier: InFlight | None
+def plan_late(attempt: Attempt, earlier: InFlight | None,
+              classifier: Classifier = categories.SHIPPED
               ) -> tuple[RcptUpdate | None, events.Event | None]:
     """A result for a hand-out taken back (its worker was declared dead, it was overdue):
     a final outcome is kept, so the recipient is not sent again, and published, so the
@@ -82,7 +86,8 @@ def plan_late(attempt: Attempt, earlier: InFlight | None
     if earlier is None or attempt.rcpt not in earlier.attempts:
         return update, None
     return update, events.attempt_event(attempt, attempt.status, earlier.meta,
-                                        earlier.attempts[attempt.rcpt] + 1, earlier.queued_ts)
+                                        earlier.attempts[attempt.rcpt] + 1, earlier.queued_ts,
+                                        classifier=classifier)
 
 
 def _next_attempt(attempt: Attempt, flight: InFlight, number: int, now: float,
@@ -117,8 +122,10 @@ class Results:
                  publish: Publish, on_stats: Callable[[dict[str, Any]], None],
                  schedule: Sequence[float], metrics: Metrics | None = None,
                  health: SpoolHealth | None = None, window: float = RESULTS_WINDOW,
-                 group: int = RESULTS_GROUP, clock: EngineClock | None = None) -> None:
+                 group: int = RESULTS_GROUP, clock: EngineClock | None = None,
+                 classifier: Classifier = categories.SHIPPED) -> None:
         self.sock = sock
+        self.classifier = classifier  # the config's `categories` (a reload replaces it)
         self._clock = clock or EngineClock()  # the time the spool is written in
         self.schedule = schedule  # the retry schedule (config `retry.schedule`)
         self.window = window
@@ -243,10 +250,10 @@ class Results:
             return None, None, "duplicate"  # final already, its event published
         current = self._dispatcher.in_flight.get(attempt.job_id)
         if answered is not None and answered is current:
-            update, event = plan(attempt, answered, now, self.schedule)
+            update, event = plan(attempt, answered, now, self.schedule, self.classifier)
             kind = "current"
         else:
-            update, event = plan_late(attempt, answered)
+            update, event = plan_late(attempt, answered, self.classifier)
             kind = "late"
         if update is not None and update.status.final:
             finals.add(key)

@@ -37,7 +37,7 @@ from typing import Any
 
 import zmq
 
-from engine import auth, control, events, gctune, logs, sdnotify, sockets, startcheck
+from engine import auth, categories, control, events, gctune, logs, sdnotify, sockets, startcheck
 from engine import config as config_mod
 from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.config import Config
@@ -62,6 +62,9 @@ EVENTS_HWM = 10000  # events queued for one slow subscriber; the log still has t
 # Changing these needs a restart: a reload only warns.
 RESTART_KEYS = ("ingest", "events", "control", "spool", "run_dir", "events_log")
 _EXPIRED = Status.EXPIRED.value  # an enum's .value is a Python-level property
+# Refusals counted per category (engine.categories), by event.
+_CATEGORY_METRICS = {"bounced": "bounced_category", "deferred": "deferred_category",
+                     "expired": "expired_category"}
 
 
 class Supervisor:
@@ -99,7 +102,7 @@ class Supervisor:
                                     {zmq.RCVHWM: RESULTS_HWM})
         self.results = Results(results_sock, self.spool, self.dispatcher, self._publish,
                                self._on_stats, cfg.retry.schedule, self.metrics, self.health,
-                               clock=self.clock)
+                               clock=self.clock, classifier=self.dispatcher.classifier)
         self.control = control.Control(control_sock, self.status)
         self._stopping = False
         self._reload = False
@@ -306,8 +309,13 @@ class Supervisor:
             self._publish(event)
 
     def _publish(self, event: events.Event) -> None:
-        if event[0] == _EXPIRED:
-            self.metrics.incr("expired", "all")
+        name = event[0]
+        if name in _CATEGORY_METRICS:
+            if name == _EXPIRED:
+                self.metrics.incr("expired", "all")
+            category = events.category_of(event)
+            if category is not None:
+                self.metrics.incr(_CATEGORY_METRICS[name], category)
         self.events.publish(event)
 
     def status(self) -> dict[str, Any]:
@@ -348,6 +356,8 @@ class Supervisor:
         self._reload_clients(new.security.curve.allowed_clients)
         self.cfg = self.intake.cfg = self.dispatcher.cfg = new
         self.results.schedule = new.retry.schedule
+        self.results.classifier = self.dispatcher.classifier = \
+            categories.classifier(new.categories)
         added, removed = self.workers.reconfigure(new)
         log.info(logs.kv("reloaded", ips=len(new.ips), added=len(added), removed=len(removed)))
 

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 from engine.config.loader import RENAMED, file_of, from_dict, load, to_dict
 from engine.config.schema import (
+    CATEGORIES,
     DEFAULT_PATH,
     DEFAULT_WARMUP,
     ENV_VAR,
     LOG_LEVELS,
     LONG_LINES,
     TLS_MODES,
+    CategoriesConfig,
+    CategoryRule,
     Config,
     CurveConfig,
     DnsConfig,
@@ -59,6 +62,7 @@ from engine.config.values import (
 )
 
 __all__ = [
+    "CATEGORIES",
     "DEFAULT_PATH",
     "DEFAULT_WARMUP",
     "ENV_VAR",
@@ -66,6 +70,8 @@ __all__ = [
     "LONG_LINES",
     "RENAMED",
     "TLS_MODES",
+    "CategoriesConfig",
+    "CategoryRule",
     "Config",
     "ConfigError",
     "CurveConfig",

@@ -21,6 +21,15 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 # What intake does with a message line over 998 octets (limits.long_lines): refuse the job,
 # or re-encode the parts that have one (engine.job.short_lines).
 LONG_LINES = ("reject", "encode")
+# The class of a refusal, on every `bounced`, `deferred` and `expired` event: a fixed list, close
+# to PowerMTA's bounce categories and KumoMTA's bounce classes so that operators can map theirs
+# (docs/EVENTS.md has the table; engine.categories decides). Here, not there, because the
+# operator's rules (`categories.rules`) name them and config imports no engine module.
+CATEGORIES = ("bad-mailbox", "inactive-mailbox", "bad-domain", "quota-issues", "invalid-sender",
+              "authentication-failed", "spam-related", "blocklisted", "content-related",
+              "virus-related", "policy-related", "rate-limited", "greylisted", "relaying-issues",
+              "routing-errors", "no-answer-from-host", "bad-connection", "protocol-errors",
+              "bad-configuration", "message-expired", "other")
 
 # Field metadata of what is derived or said about the file rather than read from it:
 # left out of `to_dict`, whose output must load back.
@@ -245,6 +254,35 @@ class ThrottleConfig:
     rules: tuple[ThrottleRule, ...] = ()
 
 
+@dataclass(frozen=True)
+class CategoryRule:
+    """A refusal's category (one of CATEGORIES) when every field given matches.
+
+    engine.categories does the matching; `pattern` is `text` compiled
+    (case-insensitive), once, when the rule is built.
+    """
+
+    category: str
+    provider: str | None = None
+    code: int | None = None
+    enhanced: str | None = None  # glob, e.g. "5.7.*"
+    text: str | None = None  # regular expression, searched, case-insensitive
+    pattern: re.Pattern[str] | None = field(init=False, repr=False, compare=False,
+                                            metadata=NOT_PLAIN)
+
+    def __post_init__(self) -> None:
+        pattern = re.compile(self.text, re.IGNORECASE) if self.text else None
+        object.__setattr__(self, "pattern", pattern)
+
+
+@dataclass(frozen=True)
+class CategoriesConfig:
+    """How refusals are classed (engine.categories): the operator's rules first."""
+
+    default_rules: bool = True  # the shipped rules (engine.categories) after `rules`
+    rules: tuple[CategoryRule, ...] = ()
+
+
 DEFAULT_WARMUP = (50, 100, 200, 400, 800, 1500, 2500, 4000, 6000, 9000, 13000, 18000, 25000,
                   35000, 50000, 70000, 100000)
 
@@ -310,6 +348,7 @@ class Config:
     providers: Mapping[str, str] = field(default_factory=_frozen_mapping)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    categories: CategoriesConfig = field(default_factory=CategoriesConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata=NOT_PLAIN)

@@ -13,9 +13,12 @@ from typing import Any
 
 from engine.config.names import is_hostname
 from engine.config.schema import (
+    CATEGORIES,
     LOG_LEVELS,
     LONG_LINES,
     TLS_MODES,
+    CategoriesConfig,
+    CategoryRule,
     CurveConfig,
     DnsConfig,
     IpConfig,
@@ -306,6 +309,30 @@ _THROTTLE = section(ThrottleConfig, {
     "rules": tuple_of(_rule),
 })
 
+_CATEGORY_RULE_FIELDS = section(CategoryRule, {
+    "category": choice(*CATEGORIES),
+    "provider": optional(lambda v, p: _provider_name(text(v, p), p)),
+    "code": optional(integer(200, 599)),
+    "enhanced": optional(matching(r"[245*?]\.[0-9*?]{1,3}\.[0-9*?]{1,3}",
+                                  'an enhanced status or glob, e.g. "5.7.*"')),
+    "text": optional(regex),
+})
+
+
+def _category_rule(value: Any, path: str) -> CategoryRule:
+    if isinstance(value, Mapping) and "category" not in value:
+        raise error(f"{path}.category", f"required: one of {', '.join(CATEGORIES)}")
+    rule = _CATEGORY_RULE_FIELDS(value, path)
+    if rule.code is None and rule.enhanced is None and rule.text is None:
+        raise error(path, "a rule needs at least one of code, enhanced or text")
+    return rule
+
+
+_CATEGORIES = section(CategoriesConfig, {
+    "default_rules": boolean,
+    "rules": tuple_of(_category_rule),
+})
+
 _WARMUP = section(WarmupConfig, {
     "schedule": tuple_of(integer(1), nonempty=True),
     "ips": lambda v, p: MappingProxyType({ip_address(ip, join(p, ip)): iso_date(d, join(p, ip))
@@ -348,6 +375,7 @@ TOP_READERS: dict[str, Reader] = {
     "providers": _providers,
     "shaping": _SHAPING,
     "throttle": _THROTTLE,
+    "categories": _CATEGORIES,
     "warmup": _WARMUP,
     "security": _SECURITY,
 }

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 import zmq
 
-from engine import metrics
+from engine import categories, metrics
 from engine.testing.carbon import CarbonCache
 from engine.testing.carbon import available as carbon_available
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
@@ -168,7 +168,8 @@ def run_the_engine(local_engine: Any, statsd_port: int, carbon: CarbonCache,
 def allowed_words(query: str) -> set[str]:
     """The parts a series of `query` may be named from: the engine's name parts, and the words
     of the query's own quoted strings (its aliases)."""
-    words = {IP_SEG, MAIN, BLOCKING, "supervisor", "all", *metrics.KINDS, *TIMER_STATS}
+    words = {IP_SEG, MAIN, BLOCKING, "supervisor", "all", *metrics.KINDS, *TIMER_STATS,
+             *categories.CATEGORIES}
     for literal in re.findall(r"'([^']*)'", query):
         words.update(re.split(r"[\s.]+", literal))
     return words
@@ -254,7 +255,8 @@ def test_every_panel_and_alert_rule_reads_what_the_engine_emits_with_a_dotted_pr
                            "throttled", "blocked", "suspended", "allowed_rate", "spool_depth",
                            "oldest_queued_age", "worker_restarts", "delivery_time",
                            "queued", "rejected", "plaintext", "tls_negotiated", "ip_down",
-                           "memory_rss"}, checked
+                           "memory_rss", "bounced_category", "deferred_category",
+                           "expired_category"}, checked
 
         # Every alert rule's query, over its own time range, evaluated as Grafana would.
         results = {}

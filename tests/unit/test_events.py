@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine import events
+from engine import categories, events
 from engine.job import Job
 from engine.protocol import Attempt, Status
 from engine.reply import Reply
@@ -32,7 +32,11 @@ def _reference_attempt(attempt: Attempt, status: Status, meta: Mapping[str, Any]
     event.update({
         "rcpt": attempt.rcpt, "ip": attempt.ip, "mx": attempt.mx, "provider": attempt.provider,
         "code": attempt.reply.code, "enhanced": attempt.reply.status,
-        "reply": attempt.reply.text, "tls": attempt.tls, "conn_reused": attempt.conn_reused,
+        "reply": attempt.reply.text})
+    if status.value in ("deferred", "bounced", "expired"):
+        event["category"] = categories.SHIPPED.classify(attempt.reply, attempt.provider)
+    event.update({
+        "tls": attempt.tls, "conn_reused": attempt.conn_reused,
         "attempt": number, "delay_ms": int(max(0.0, attempt.ts - queued_ts) * 1000),
     })
     if next_attempt is not None:
@@ -72,6 +76,33 @@ def test_attempt_event_is_the_json_of_its_fields(
     assert line == _reference_attempt(attempt, status, meta, 3, TS - 2.25, next_attempt,
                                       frozen_clock, odd)
     assert json.loads(line)["event"] == status.value
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_a_refusal_carries_its_category_and_the_supervisor_reads_it_back(
+        frozen_clock: float, status: Status) -> None:
+    """`category_of` finds the event's own category, not one the producer's meta holds."""
+    reply = Reply(550, "5.1.1", 'no such user, "category":"other"')
+    attempt = Attempt(job_id="j", rcpt="a@example.com", status=status, reply=reply,
+                      ip="192.0.2.1", provider="google", ts=TS)
+    meta = {"x": 1, "category": "blocklisted"}
+    event = events.attempt_event(attempt, status, meta, 1, TS)
+    decoded = json.loads(event[1])
+    if status.value in events.REFUSAL_NAMES:
+        assert decoded["category"] == "bad-mailbox"
+        assert events.category_of(event) == "bad-mailbox"
+    else:
+        assert "category" not in decoded
+        assert events.category_of(event) is None
+    assert decoded["meta"] == meta
+    # An event spooled before events had categories (replayed from the outbox): none.
+    assert events.category_of(("bounced", '{"event":"bounced","meta":{},"code":550}')) is None
+
+
+def test_the_expired_and_set_aside_events_have_their_categories(frozen_clock: float) -> None:
+    (aside,) = events.set_aside("j", [("a@example.com", 2)], {}, TS, "bad json", TS)
+    assert json.loads(aside[1])["category"] == "other"
+    assert events.category_of(aside) == "other"
 
 
 @pytest.mark.parametrize("meta", TRICKY_META)

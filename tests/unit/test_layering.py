@@ -22,6 +22,7 @@ from tests.support import ROOT
 ENGINE = ROOT / "engine"
 
 SUPERVISOR_SIDE = ("engine.supervisor", "engine.intake", "engine.results", "engine.dispatch",
+                   "engine.categories",
                    "engine.workers", "engine.control", "engine.spool", "engine.events",
                    "engine.job", "engine.address", "engine.sockets", "engine.retry",
                    "engine.auth", "engine.salvage", "engine.clock")

@@ -25,7 +25,10 @@ METRICS_DOC = ROOT / "docs" / "METRICS.md"
 METHOD_KIND = {"timing": "timer", "incr": "counter", "gauge": "gauge"}
 # Call sites whose metric name is not a literal: the expression -> the names it can take.
 # (delivery.py counts each recipient's outcome; only the supervisor decides expiry.)
-DYNAMIC_NAMES = {"status.value": {s.value for s in Status if s is not Status.EXPIRED}}
+DYNAMIC_NAMES = {"status.value": {s.value for s in Status if s is not Status.EXPIRED},
+                 # the supervisor counts refusals per category, by event
+                 "_CATEGORY_METRICS[name]": {"bounced_category", "deferred_category",
+                                             "expired_category"}}
 # Declared for traffic shaping, which has not landed yet; docs/METRICS.md says so. When shaping
 # emits them, remove them here and the note in the docs.
 NOT_EMITTED_YET: set[str] = set()
@@ -93,11 +96,13 @@ def test_every_emission_uses_the_provider_its_scope_promises():
             scope = scopes[metric]
             where = f"{file}:{line}: {metric} ({scope})"
             if file in SUPERVISOR_FILES:
-                assert scope in (metrics.SUPERVISOR, metrics.EVERY_PROCESS), where
+                assert scope in (metrics.SUPERVISOR, metrics.EVERY_PROCESS,
+                                 metrics.PER_CATEGORY), where
             elif file != "metrics.py":
-                assert scope != metrics.SUPERVISOR, where
+                assert scope not in (metrics.SUPERVISOR, metrics.PER_CATEGORY), where
             literal_all = isinstance(provider, ast.Constant) and provider.value == "all"
-            assert literal_all == (scope != metrics.PER_PROVIDER), where
+            assert literal_all == (scope not in (metrics.PER_PROVIDER, metrics.PER_CATEGORY)), \
+                where
 
 
 def test_every_declared_metric_is_emitted_except_those_awaiting_shaping():
@@ -185,12 +190,13 @@ def test_every_metric_the_dashboard_queries_is_declared_with_its_kind_and_scope(
             expected = {metrics.PER_PROVIDER: {("$ip", "$provider")},
                         metrics.PER_IP: {("$ip", "all")},
                         metrics.SUPERVISOR: {("supervisor", "all")},
+                        metrics.PER_CATEGORY: {("supervisor", "*")},
                         metrics.EVERY_PROCESS: {("$ip", "all"), ("supervisor", "all")}}
             assert (ip, provider) in expected[scopes[metric]], where
             seen.add(metric)
     wanted = {"delivery_time", "delivered", "deferred", "bounced", "connections_reused",
               "connections_opened", "tls_negotiated", "throttled", "allowed_rate", "pool_wait",
-              "spool_depth", "memory_rss"}
+              "spool_depth", "memory_rss", "bounced_category"}
     assert wanted <= seen
 
 

@@ -226,6 +226,8 @@ def examples(metric: metrics.Metric, prefix: str) -> list[tuple[str, dict[str, s
         return [(f"{prefix}.{ip}.all.{metric.name}", {"ip": ip})]
     if scope == metrics.SUPERVISOR:
         return [(f"{prefix}.supervisor.all.{metric.name}", {})]
+    if scope == metrics.PER_CATEGORY:
+        return [(f"{prefix}.supervisor.bad-mailbox.{metric.name}", {"category": "bad-mailbox"})]
     return [(f"{prefix}.{ip}.all.{metric.name}", {"process": ip}),
             (f"{prefix}.supervisor.all.{metric.name}", {"process": "supervisor"})]
 
