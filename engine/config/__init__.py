@@ -48,6 +48,7 @@ from engine.config.schema import (
     ThrottleConfig,
     ThrottleRule,
     Timeouts,
+    TlsPolicyConfig,
     WarmupConfig,
 )
 from engine.config.values import (
@@ -84,6 +85,7 @@ __all__ = [
     "ThrottleConfig",
     "ThrottleRule",
     "Timeouts",
+    "TlsPolicyConfig",
     "WarmupConfig",
     "endpoint_host",
     "file_of",
