@@ -219,7 +219,11 @@ def fetch(domain: str, address: str, settings: FetchSettings) -> bytes:
             raise
         conn.request("GET", POLICY_PATH, headers={"Connection": "close",
                                                   "User-Agent": "mailengine"})
-        return _body(conn.getresponse(), deadline)
+        response = conn.getresponse()
+        try:
+            return _body(response, deadline)
+        finally:
+            response.close()
     except (OSError, http.client.HTTPException) as exc:
         raise PolicyError(f"fetching https://{host}{POLICY_PATH} failed: {exc}") from exc
     finally:
