@@ -389,10 +389,10 @@ def sts_no_mx(domain: str, hosts: Sequence[str]) -> TransientError:
 
 
 def sts_refused(domain: str, reply: Reply) -> Reply:
-    """No MX host of `domain` could be reached as its MTA-STS policy (mode enforce) demands:
-    deferred, the last host's reason given; never sent in plaintext."""
-    return Reply.local(451, reply.status if reply.status.startswith("4.7.") else "4.7.5",
-                       f"MTA-STS policy of {domain}: {reply.text}")
+    """No MX host of `domain` took the mail under its MTA-STS policy (mode enforce),
+    `reply` the outcome of the last (deferred: refused_at_every_host): the same, said to be
+    under the policy (a TLS failure 4.7.4 or 4.7.5; never sent in plaintext)."""
+    return Reply.local(reply.code, reply.status, f"MTA-STS policy of {domain}: {reply.text}")
 
 
 def prohibited_destination(host: str, why: str) -> TransientError:
