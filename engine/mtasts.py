@@ -343,12 +343,19 @@ class MtaSts:
             return cached  # RFC 8461 5.1: the TXT record gone or failing: still applies
         if ident is None or self._failed.get(domain, 0.0) > now:
             return cached
+        self._failed.pop(domain, None)
         lock = self._locks.setdefault(domain, threading.Lock())
-        with lock:  # a greenlet that waited finds the policy its neighbour fetched
-            again = self._valid(domain, self._clock())
-            if again is not None and again.id == ident:
-                return again
-            return self._refresh(domain, ident) or cached
+        try:
+            with lock:  # a greenlet that waited finds the policy its neighbour fetched
+                again = self._valid(domain, self._clock())
+                if again is not None and again.id == ident:
+                    return again
+                return self._refresh(domain, ident) or cached
+        finally:
+            # Only while a fetch is on: those waiting hold the lock itself, later callers
+            # find the policy (or the failure) and need none.
+            if not lock.locked():
+                self._locks.pop(domain, None)
 
     def known(self, domain: str) -> Policy | None:
         """The cached policy of `domain`, if still valid (no lookup)."""

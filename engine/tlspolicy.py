@@ -86,6 +86,10 @@ class TlsPolicies:
         self.providers = dict(providers or {})
         self.mta_sts = mta_sts
         self.sts_default = sts_default
+        self._default = Decision(default, default)  # the usual answer, made once
+        self._forced = {policy: Decision(policy, policy)
+                        for policy in {*self.domains.values(), *self.providers.values()}
+                        if policy != MTA_STS}
 
     def decide(self, domain: str, provider: str, requiretls: bool = False,
                routed: bool = False) -> Decision:
@@ -99,7 +103,7 @@ class TlsPolicies:
     def _receiver_policy(self, domain: str, provider: str, routed: bool) -> Decision:
         forced = self.domains.get(domain) or self.providers.get(provider)
         if forced is not None and forced != MTA_STS:
-            return Decision(forced, forced)
+            return self._forced[forced]
         # (DANE's decision goes here, before MTA-STS: RFC 8461 2.)
         if self.mta_sts is not None and not routed and (forced == MTA_STS or self.sts_default):
             sts = self.mta_sts.policy(domain)
@@ -107,4 +111,4 @@ class TlsPolicies:
                 return Decision(MTA_STS, "verify", sts)
             if sts is not None and sts.mode == "testing":
                 return Decision(MTA_STS_TESTING, self.default, sts)
-        return Decision(self.default, self.default)
+        return self._default
