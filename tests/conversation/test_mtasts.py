@@ -77,10 +77,11 @@ class World:
         return self.opened[-1]
 
     def engine(self, sink: SinkServer, mta_sts: MtaSts | None = None,
-               sts: bool = True) -> Stack:
-        """A delivery stack (smtp.tls opportunistic) whose MX hosts are on `sink`'s port."""
-        policies = TlsPolicies("opportunistic", mta_sts=(mta_sts or self.mta_sts()) if sts
-                               else None)
+               sts: bool = True, domains: dict[str, str] | None = None) -> Stack:
+        """A delivery stack (smtp.tls opportunistic) whose MX hosts are on `sink`'s port;
+        `domains`: the config's tls_policy.domains."""
+        policies = TlsPolicies("opportunistic", domains,
+                               mta_sts=(mta_sts or self.mta_sts()) if sts else None)
         return self.make_stack(self.resolver(sink.port), tls="opportunistic",
                                policy=LOOPBACK_ALLOWED, metrics=self.metrics(),
                                policies=policies, ca_file=self.ca.ca_file)
@@ -241,12 +242,50 @@ def test_a_cached_policy_survives_a_restart_and_a_failed_fetch(world: World) -> 
     assert world.counter("mta_sts_fetch_failed") == 1
 
 
+def test_a_cached_policy_applies_when_the_txt_record_disappears(world: World) -> None:
+    engine = world.engine(world.sink())
+    assert only(engine.deliver([RCPT])).tls_policy == "mta-sts"
+    world.dns.set(f"_mta-sts.{DOMAIN}", "SERVFAIL")
+    world.dns.set(DOMAIN, {"MX": [(10, "rogue.sts.test")]})
+    world.dns.set("rogue.sts.test", {"A": [MX_IP]})
+    attempt = only(engine.deliver([RCPT], job_id="job-2"))
+    assert (attempt.tls_policy, attempt.status) == ("mta-sts", Status.DEFERRED)
+    assert "allows none of its MX hosts" in attempt.reply.text
+    assert world.policy.requests == 1
+
+
 def test_no_txt_record_and_no_cache_means_no_policy(world: World) -> None:
     world.dns.set(f"_mta-sts.{DOMAIN}", {"A": ["127.0.0.1"]})  # the name, no TXT
     sink = world.sink(tls=False)
     attempt = only(world.engine(sink).deliver([RCPT]))
     assert (attempt.tls_policy, attempt.status) == ("opportunistic", Status.DELIVERED)
     assert world.policy.requests == 0
+
+
+# -- the config's exceptions ---------------------------------------------------------------
+
+
+def test_an_exception_for_the_domain_overrides_its_policy(world: World) -> None:
+    sink = world.sink(tls=False)  # the receiver's policy cannot be met...
+    attempt = only(world.engine(sink, domains={DOMAIN: "opportunistic"}).deliver([RCPT]))
+    assert (attempt.tls_policy, attempt.status) == ("opportunistic", Status.DELIVERED)
+    assert world.policy.requests == 0  # ...and is not even looked up
+
+
+def test_verify_for_a_domain_defers_a_certificate_for_another_name(world: World) -> None:
+    sink = world.sink("mx.elsewhere.test")
+    engine = world.engine(sink, domains={PLAIN: "verify"})
+    attempt = only(engine.deliver([f"a@{PLAIN}"]))
+    assert (attempt.tls_policy, attempt.status, attempt.reply.status) == (
+        "verify", Status.DEFERRED, "4.7.5")
+    assert sink.messages == []
+    assert world.counter("tls_verify_refused") == 1
+    # Another domain on the same host, without the exception: opportunistic, delivered.
+    other = only(engine.deliver([f"b@{DOMAIN}"], job_id="job-2"))
+    assert other.tls_policy == "mta-sts" and other.status is Status.DEFERRED  # its policy
+    world.policy.policy = policy_text("none")
+    world.dns.set(f"_mta-sts.{DOMAIN}", txt("2"))
+    assert only(engine.deliver([f"b@{DOMAIN}"], job_id="job-3")).status is Status.DELIVERED
 
 
 # -- the fetch's rules --------------------------------------------------------------------
@@ -270,6 +309,13 @@ def test_a_policy_is_fetched_strictly(world: World, answer: tuple[int, dict[str,
     world.policy.answer = answer
     with pytest.raises(PolicyError, match=words):
         fetch(world)
+
+
+def test_a_slow_policy_server_is_given_up(world: World) -> None:
+    world.policy.delay = 5.0
+    settings = FetchSettings(https_context(world.ca.ca_file), CLIENT_IP, world.policy.port, 0.5)
+    with pytest.raises(PolicyError, match="timed out"):
+        mtasts.fetch(DOMAIN, POLICY_IP, settings)
 
 
 def test_a_policy_server_certificate_for_another_name_is_refused(world: World) -> None:

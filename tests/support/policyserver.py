@@ -62,12 +62,14 @@ class PolicyServer:
         self.policy = ""
         self.answer: tuple[int, dict[str, str], bytes] | None = None
         self.requests = 0
+        self.delay = 0.0  # seconds to wait before answering (a slow server)
         self._lock = threading.Lock()
         self._context = ca.server_context(f"mta-sts.{domain}")
         self._httpd = _Server((host, 0), self._handler())
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def __enter__(self) -> Self:
         self.start()
@@ -86,6 +88,7 @@ class PolicyServer:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
@@ -94,6 +97,8 @@ class PolicyServer:
     def _respond(self, path: str) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
             self.requests += 1
+        if self.delay:
+            self._stopping.wait(self.delay)
         if self.answer is not None:
             return self.answer
         if path != POLICY_PATH or not self.policy:
