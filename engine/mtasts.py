@@ -48,6 +48,7 @@ from engine.config import names
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, Resolver
 from engine.reply import DeliveryError
+from engine.tls import CaFileError
 
 log = logging.getLogger("mailengine.mtasts")
 
@@ -192,7 +193,10 @@ class FetchSettings:
 def https_context(ca_file: str | None) -> ssl.SSLContext:
     """A context that verifies the server's certificate and name (`ca_file`, else the
     system's CAs)."""
-    context = ssl.create_default_context(cafile=ca_file)
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, OSError) as err:  # as engine.tls says it (the worker names it)
+        raise CaFileError(f"smtp.ca_file {ca_file}: cannot be loaded ({err})") from err
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     return context
