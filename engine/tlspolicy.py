@@ -94,7 +94,8 @@ class TlsPolicies:
     def decide(self, domain: str, provider: str, requiretls: bool = False,
                routed: bool = False) -> Decision:
         """The decision for mail to `domain` (its MX hosts' `provider`). `routed`: a
-        configured next hop, not the domain's MX hosts: MTA-STS does not apply."""
+        configured next hop, not the domain's MX hosts: MTA-STS does not apply (nor to an
+        address literal)."""
         decision = self._receiver_policy(domain, provider, routed)
         if requiretls:
             return Decision(REQUIRETLS, "verify", decision.sts, True)
@@ -105,7 +106,8 @@ class TlsPolicies:
         if forced is not None and forced != MTA_STS:
             return self._forced[forced]
         # (DANE's decision goes here, before MTA-STS: RFC 8461 2.)
-        if self.mta_sts is not None and not routed and (forced == MTA_STS or self.sts_default):
+        if (self.mta_sts is not None and not routed and not domain.startswith("[")
+                and (forced == MTA_STS or self.sts_default)):  # "[192.0.2.1]": no DNS name
             sts = self.mta_sts.policy(domain)
             if sts is not None and sts.mode == "enforce":
                 return Decision(MTA_STS, "verify", sts)

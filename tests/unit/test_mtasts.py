@@ -111,17 +111,22 @@ def test_an_unwritable_store_keeps_policies_in_memory(tmp_path: Path) -> None:
 # -- engine.tlspolicy --------------------------------------------------------------------
 
 
-def sts_with(mode: str, tmp_path: Path) -> MtaSts:
+def sts_with(mode: str, tmp_path: Path, asked: list[str] | None = None) -> MtaSts:
     """An MtaSts with one policy for example.com in its store, whose TXT record names it
-    (the lookups answer from here: the decision's order is under test, not DNS)."""
+    (the lookups answer from here: the decision's order is under test, not DNS); the names
+    looked up go to `asked`."""
     store = PolicyStore(str(tmp_path / "sts.db"))
     store.save(Policy("example.com", mode, ("mx.example.com",), 3600, "a", NOW))
 
     def fetch(domain: str, address: str) -> bytes:
         raise PolicyError("no fetch expected")
 
-    return MtaSts(lambda name: ["v=STSv1; id=a;"], lambda host: ["192.0.2.1"], fetch, store,
-                  clock=lambda: NOW)
+    def txt(name: str) -> list[str]:
+        if asked is not None:
+            asked.append(name)
+        return ["v=STSv1; id=a;"]
+
+    return MtaSts(txt, lambda host: ["192.0.2.1"], fetch, store, clock=lambda: NOW)
 
 
 def test_the_default_applies_without_any_policy() -> None:
@@ -166,9 +171,14 @@ def test_mta_sts_off_by_default_applies_where_the_config_says_so(tmp_path: Path)
     assert policies.decide("example.org", "other").policy == "opportunistic"
 
 
-def test_routes_are_not_under_mta_sts(tmp_path: Path) -> None:
-    policies = TlsPolicies("opportunistic", mta_sts=sts_with("enforce", tmp_path))
+def test_routes_and_address_literals_are_not_under_mta_sts(tmp_path: Path) -> None:
+    asked: list[str] = []
+    policies = TlsPolicies("opportunistic", mta_sts=sts_with("enforce", tmp_path, asked))
     assert policies.decide("example.com", "other", routed=True).policy == "opportunistic"
+    assert policies.decide("[192.0.2.1]", "other").policy == "opportunistic"
+    assert asked == []  # not even looked up
+    assert policies.decide("example.com", "other").policy == "mta-sts"
+    assert asked == ["_mta-sts.example.com"]
 
 
 def test_requiretls_raises_the_floor_whatever_else_applies(tmp_path: Path) -> None:
