@@ -350,20 +350,18 @@ class MtaSts:
         self._failed.pop(domain, None)
         lock = self._locks.setdefault(domain, threading.Lock())
         try:
-            with lock:  # a greenlet that waited finds the policy its neighbour fetched
+            with lock:  # one that waited finds what its neighbour's fetch found
                 again = self._valid(domain, self._clock())
                 if again is not None and again.id == ident:
                     return again
+                if self._failed.get(domain, 0.0) > self._clock():
+                    return cached
                 return self._refresh(domain, ident) or cached
         finally:
             # Only while a fetch is on: those waiting hold the lock itself, later callers
             # find the policy (or the failure) and need none.
             if not lock.locked():
                 self._locks.pop(domain, None)
-
-    def known(self, domain: str) -> Policy | None:
-        """The cached policy of `domain`, if still valid (no lookup)."""
-        return self._valid(domain, self._clock())
 
     def close(self) -> None:
         self._store.close()

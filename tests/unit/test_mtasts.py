@@ -3,6 +3,7 @@ file) and engine.tlspolicy's order of decisions. The fetch, the cache across res
 delivery under a policy run against real servers: tests/conversation/test_mtasts.py."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from engine.mtasts import MtaSts, Policy, PolicyError, PolicyStore, mx_matches, parse_policy
 from engine.mtasts import parse_txt as txt_id
 from engine.tlspolicy import TlsPolicies
+from tests.support.wait import until
 
 NOW = 1_800_000_000.0
 
@@ -190,3 +192,33 @@ def test_requiretls_raises_the_floor_whatever_else_applies(tmp_path: Path) -> No
             "requiretls", "verify", True)
         assert decision.pool_mode == "verify+requiretls"  # never a connection of another
     assert not policies.decide("example.com", "other", True).allows("mx.evil.example")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_callers_at_once_share_one_fetch(tmp_path: Path, fails: bool) -> None:
+    """Many deliveries to a domain start together: one fetch, whose result (or failure)
+    every caller waiting for it takes."""
+    calls: list[str] = []
+    release = threading.Event()
+
+    def fetch(domain: str, address: str) -> bytes:
+        calls.append(domain)
+        release.wait(5)
+        if fails:
+            raise PolicyError("down")
+        return b"version: STSv1\r\nmode: enforce\r\nmx: mx.example.com\r\nmax_age: 60\r\n"
+
+    sts = MtaSts(lambda name: ["v=STSv1; id=a;"], lambda host: ["192.0.2.1"], fetch,
+                 PolicyStore(None))
+    found: list[Policy | None] = []
+    callers = [threading.Thread(target=lambda: found.append(sts.policy("example.com")))
+               for _ in range(5)]
+    for caller in callers:
+        caller.start()
+    until(lambda: len(calls) == 1, 5, "the first fetch")
+    release.set()
+    for caller in callers:
+        caller.join(5)
+    assert calls == ["example.com"]
+    assert len(found) == 5
+    assert {p.mode if p else None for p in found} == ({None} if fails else {"enforce"})
