@@ -366,6 +366,35 @@ def tls_refused(host: str, reply: Reply) -> TransientError:
                                 f" STARTTLS: {reply}"), "STARTTLS")
 
 
+def requiretls_not_offered(host: str) -> PermanentError:
+    """The job requires TLS end to end (RFC 8689) and `host`, over verified TLS, does not
+    offer REQUIRETLS: 550 5.7.30 at this host, the next MX host is tried (engine.delivery
+    bounces the recipients when no host offers it)."""
+    return PermanentError(Reply.local(550, "5.7.30", f"REQUIRETLS support required, but {host}"
+                                      " does not offer it"), "EHLO", Blame.CONNECTION)
+
+
+def requiretls_unverified(host: str) -> TransientError:
+    """The job requires TLS end to end (RFC 8689) and the session with `host` is not TLS with
+    a verified certificate: deferred 451 4.7.30, the next MX host is tried."""
+    return TransientError(Reply.local(451, "4.7.30", f"REQUIRETLS: no TLS with a certificate"
+                                      f" valid for {host}"), "STARTTLS")
+
+
+def sts_no_mx(domain: str, hosts: Sequence[str]) -> TransientError:
+    """The MTA-STS policy of `domain` (mode enforce) matches none of its MX hosts: deferred
+    451 4.7.5, nothing connected to (RFC 8461 4.1)."""
+    return TransientError(Reply.local(451, "4.7.5", f"MTA-STS policy of {domain} allows none"
+                                      f" of its MX hosts ({', '.join(hosts)[:200]})"), "CONNECT")
+
+
+def sts_refused(domain: str, reply: Reply) -> Reply:
+    """No MX host of `domain` took the mail under its MTA-STS policy (mode enforce),
+    `reply` the outcome of the last (deferred: refused_at_every_host): the same, said to be
+    under the policy (a TLS failure 4.7.4 or 4.7.5; never sent in plaintext)."""
+    return Reply.local(reply.code, reply.status, f"MTA-STS policy of {domain}: {reply.text}")
+
+
 def prohibited_destination(host: str, why: str) -> TransientError:
     """Every address of MX host `host` is refused by the destination policy (`why`, e.g. a
     private address; docs/SECURITY.md): deferred 451 4.4.4, never connected to."""

@@ -69,10 +69,14 @@ class Connector:
         self.destinations = destinations or DestinationPolicy()  # strict unless told
         self.keepalive = keepalive  # TCP keepalive on every connection (None: off)
 
-    def open(self, host: MxHost, provider: str, routed: bool = False) -> Connection:
+    def open(self, host: MxHost, provider: str, routed: bool = False, mode: str | None = None,
+             requiretls: bool = False) -> Connection:
         """A connection to `host` ready for MAIL; tries each of its addresses in turn.
 
-        `routed`: `host` is a configured route, exempt from the destination policy.
+        `routed`: `host` is a configured route, exempt from the destination policy. `mode`:
+        the TLS mode the domain's policy asks for (engine.tlspolicy; None: smtp.tls).
+        `requiretls`: the connection is for jobs that require TLS end to end (RFC 8689):
+        TLS with a verified certificate and REQUIRETLS offered, else the host fails.
         """
         last: DeliveryError | None = None
         addresses = self.resolver.addresses(host.name, self.identity.family)
@@ -80,7 +84,8 @@ class Connector:
             addresses = self._permitted(host, addresses)
         for address in addresses[:4]:
             try:
-                return self._open_at(host, address, provider)
+                return self._open_at(host, address, provider, mode=mode,
+                                     requiretls=requiretls)
             except SendingIpGone as err:
                 if self.sending_ip.check():
                     raise  # the worker's: another address would fail the same
@@ -113,8 +118,9 @@ class Connector:
         raise classify.prohibited_destination(host.name, why)
 
     def _open_at(self, host: MxHost, address: str, provider: str,
-                 plan: TlsPlan | None = None) -> Connection:
-        plan = plan or self._tls_plan(host)
+                 plan: TlsPlan | None = None, mode: str | None = None,
+                 requiretls: bool = False) -> Connection:
+        plan = plan or self._tls_plan(host, mode)
         conn = Connection(self.identity.helo, self.identity.address, self.timeouts, self.limits,
                           self.keepalive)
         try:
@@ -124,6 +130,8 @@ class Connector:
                     self._starttls(conn, plan, host, provider)
                 elif plan.required:
                     raise classify.tls_not_offered(host.name)
+                if requiretls:
+                    _check_requiretls(conn, host)
         except TlsError as err:
             conn.close()
             return self._after_tls_failure(err, plan, host, address, provider)
@@ -135,11 +143,11 @@ class Connector:
             self.metrics.incr("plaintext", provider)
         return conn
 
-    def _tls_plan(self, host: MxHost) -> TlsPlan:
+    def _tls_plan(self, host: MxHost, mode: str | None = None) -> TlsPlan:
         """The TLS plan for `host`; building its context reads the CA file, which needs a
         file descriptor too."""
         try:
-            return self.tls.plan(host.name)
+            return self.tls.plan(host.name, mode)
         except OSError as exc:
             if classify.out_of_descriptors(exc):
                 raise classify.descriptors_exhausted(exc, "TLS") from exc
@@ -184,6 +192,15 @@ class Connector:
         # The retry follows `retry`, not the policy's memory: with smtp.tls_broken_ttl 0 the
         # memory is gone at once and the retry would try the same handshake, for ever.
         return self._open_at(host, address, provider, retry)
+
+
+def _check_requiretls(conn: Connection, host: MxHost) -> None:
+    """RFC 8689 4.2.1: a REQUIRETLS message goes only over TLS with a verified certificate,
+    to a server that offers REQUIRETLS (after STARTTLS: the EHLO that counts)."""
+    if conn.tls_version is None or not conn.tls_verified:
+        raise classify.requiretls_unverified(host.name)
+    if not conn.has_extn("requiretls"):
+        raise classify.requiretls_not_offered(host.name)
 
 
 def _ms(started: float) -> float:

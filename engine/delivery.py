@@ -16,6 +16,11 @@ At the worker's drain deadline (SIGTERM) its greenlets are killed with `Stopping
 transaction had to report by then (its outcome, or an ambiguous deferral once its end of
 message was written) is reported before the greenlet ends (`Unreported`); a recipient
 whose message the server cannot have is not reported, and stays pending in the spool.
+
+The TLS policy of each domain's delivery is decided once per try (engine.tlspolicy: the
+config's exceptions, MTA-STS, the job's REQUIRETLS, smtp.tls): it says which MX hosts mail
+may go to and the connections' TLS mode (part of the pool key); each attempt reports the
+policy and whether the session's certificate verified (`tls_policy`, `tls_verified`).
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ from engine.shaping import (
     Verdict,
 )
 from engine.smtp import Connection, RcptResult, StaleConnection, Stopping, send_mail
+from engine.tlspolicy import MTA_STS, REQUIRETLS, Decision, TlsPolicies
 
 log = logging.getLogger("mailengine.delivery")
 
@@ -66,8 +72,10 @@ HOST_CACHE_SIZE = 10000
 Report = Callable[[list[Attempt]], None]
 
 # One transaction's results, the connection's TLS version and whether it was reused, the
-# epoch of the turn it went out on (engine.shaping), and its time in seconds.
-_Sent = tuple[list[RcptResult], str | None, bool, int, float]
+# epoch of the turn it went out on (engine.shaping), its time in seconds, and whether the
+# connection's certificate verified.
+_Sent = tuple[list[RcptResult], str | None, bool, int, float, bool | None]
+
 
 
 class Unreported(Stopping):
@@ -83,7 +91,8 @@ class Deliverer:
     def __init__(self, source_ip: str, tls_mode: str, resolver: Resolver,
                  connector: Connector, pools: Pools, metrics: Metrics,
                  shaping: Shaping | None = None,
-                 providers: Mapping[str, str] = DEFAULT_PROVIDERS) -> None:
+                 providers: Mapping[str, str] = DEFAULT_PROVIDERS,
+                 policies: TlsPolicies | None = None) -> None:
         self.source_ip = source_ip
         self.tls_mode = tls_mode
         self.resolver = resolver
@@ -94,11 +103,13 @@ class Deliverer:
         self.shaping = shaping or Shaping(ShapingPlan(
             pool=pools.settings, throttle=ThrottleConfig(slow_start=False)))
         self.providers = providers
+        # Without: smtp.tls for every domain, no MTA-STS.
+        self.policies = policies or TlsPolicies(tls_mode, mta_sts=None)
         self.descriptors = Descriptors(metrics)  # waits for file descriptors
         # Per MX host, worked out once rather than per message (pure functions of the
         # host; the caches are emptied when full).
         self._provider_names: Memo[str, str] = Memo(HOST_CACHE_SIZE)
-        self._pool_keys: Memo[tuple[str, int], PoolKey] = Memo(HOST_CACHE_SIZE)
+        self._pool_keys: Memo[tuple[str, int, str], PoolKey] = Memo(HOST_CACHE_SIZE)
 
     def deliver(self, task: Task, report: Report) -> None:
         """Deliver every recipient of `task`; `report` gets each domain's results."""
@@ -170,17 +181,25 @@ class Deliverer:
                                   domain, None, False), False
         provider = self._provider(dest.hosts[0].name) if dest.hosts else dest.domain
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
+        decision = self.policies.decide(dest.domain, provider, task.requiretls, dest.routed)
+        hosts = [host for host in dest.hosts if decision.allows(host.name)]
+        if not hosts:  # MTA-STS enforce: not one MX host the policy names
+            self.metrics.incr("mta_sts_refused", provider)
+            reply = classify.sts_no_mx(dest.domain, [h.name for h in dest.hosts]).reply
+            return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], None, provider,
+                                  None, False, decision=decision), False
         shaper = self.shaping.get(provider)
         epoch = shaper.turn(again, first=again)  # waiting for a turn is not an attempt
         if isinstance(epoch, Deferral):
             return self._not_now(task, rcpts, provider, epoch), False
         last: DeliveryError | None = None
         last_host: str | None = None
+        refusals: list[Reply] = []
         verdict = CLEAN
-        for host in dest.hosts:
+        for host in hosts:
             try:
                 sent = self._via_host_in_time(task, rcpts, host, provider, shaper, dest.routed,
-                                              epoch)
+                                              epoch, decision)
             except (SendingIpGone, DescriptorsExhausted) as err:  # the worker's own trouble:
                 # no other host would do better, nothing can leave now
                 return self._not_held(task, rcpts, provider, err.reply), False
@@ -189,25 +208,64 @@ class Deliverer:
                     return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts],
                                           host.name, provider, None, False, shaper), False
                 last, last_host = err, host.name
+                refusals.append(err.reply)
                 verdict = self._judge(shaper, [err.reply], provider, epoch)  # "421 too many"
                 if shaper.suspended:
                     break  # a block, a rule that suspends: no other host of it either
                 continue
             if isinstance(sent, Deferral):
                 return self._not_now(task, rcpts, provider, sent), False
-            results, tls, reused, epoch, seconds = sent
+            results, tls, reused, epoch, seconds, verified = sent
+            self._policy_kept(decision, host, provider, verified)
             try:
                 verdict = self._judge(shaper, [r.reply for r in results], provider, epoch,
                                       seconds)
             except Stopping:  # killed waiting for a verdict: the replies came, say them
                 raise Unreported(self._outcomes(task, results, host.name, provider, tls,
-                                                reused)) from None
+                                                reused, decision=decision,
+                                                verified=verified)) from None
             return self._outcomes(task, results, host.name, provider, tls, reused, shaper,
-                                  verdict), True
+                                  verdict, decision, verified), True
         assert last is not None
-        reply = classify.refused_at_every_host(last.reply)  # a 5xx at every door defers
+        reply = self._refused(decision, dest.domain, provider, refusals)
         return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], last_host,
-                              provider, None, False, shaper, verdict), False
+                              provider, None, False, shaper, verdict, decision), False
+
+    def _refused(self, decision: Decision, domain: str, provider: str,
+                 refusals: list[Reply]) -> Reply:
+        """The outcome when no MX host took the mail, `refusals` each host's reason. A 5xx at
+        every door defers (classify.refused_at_every_host), but for REQUIRETLS: when every
+        host said it does not offer it, the recipients bounce 5.7.30 (RFC 8689 5). Under an
+        MTA-STS policy the reason says so."""
+        if decision.policy == MTA_STS:
+            self.metrics.incr("mta_sts_refused", provider)
+        elif decision.policy == REQUIRETLS:
+            self.metrics.incr("requiretls_refused", provider)
+        elif decision.policy == "verify":
+            self.metrics.incr("tls_verify_refused", provider)
+        last = refusals[-1]
+        if decision.requiretls and all(r.status == "5.7.30" for r in refusals):
+            return last
+        if decision.policy == MTA_STS:
+            return classify.sts_refused(domain, classify.refused_at_every_host(last))
+        return classify.refused_at_every_host(last)  # a 5xx at every door defers
+
+    def _policy_kept(self, decision: Decision, host: MxHost, provider: str,
+                     verified: bool | None) -> None:
+        """Count a session under an enforcing policy; for an MTA-STS policy in testing
+        mode, report what enforcing it would have refused (delivered all the same)."""
+        if decision.policy == MTA_STS:
+            self.metrics.incr("mta_sts_ok", provider)
+        elif decision.policy == REQUIRETLS:
+            self.metrics.incr("requiretls_ok", provider)
+        elif decision.policy == "verify":
+            self.metrics.incr("tls_verify_ok", provider)
+        shortfall = decision.shortfall(host.name, verified)
+        if shortfall is not None:
+            self.metrics.incr("mta_sts_testing_failed", provider)
+            sts = decision.sts
+            log.warning(logs.kv("mta_sts_testing_failure", ip=self.source_ip, mx=host.name,
+                                domain=sts.domain if sts else None, why=shortfall))
 
     def _destination(self, domain: str) -> Destination:
         """The domain's destination; a lookup short of file descriptors is tried again
@@ -220,19 +278,22 @@ class Deliverer:
                 self.descriptors.wait(domain, err, since)
 
     def _via_host_in_time(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
-                          shaper: ProviderShaper, routed: bool, epoch: int) -> _Sent | Deferral:
+                          shaper: ProviderShaper, routed: bool, epoch: int,
+                          decision: Decision) -> _Sent | Deferral:
         """`_via_host`, tried again after a wait while the worker is out of file descriptors:
         that is raised before any transaction (connect, DNS), so nothing was sent. After
         descriptors.WAIT_MAX, DescriptorsExhausted."""
         since = self.descriptors.now()
         while True:
             try:
-                return self._via_host(task, rcpts, host, provider, shaper, routed, epoch)
+                return self._via_host(task, rcpts, host, provider, shaper, routed, epoch,
+                                      decision)
             except DescriptorsExhausted as err:
                 self.descriptors.wait(provider, err, since)
 
     def _via_host(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
-                  shaper: ProviderShaper, routed: bool, epoch: int) -> _Sent | Deferral:
+                  shaper: ProviderShaper, routed: bool, epoch: int,
+                  decision: Decision) -> _Sent | Deferral:
         """Send on a pooled connection to `host`: the results, or (the provider pushed back
         meanwhile, and the turn taken again is not now) a Deferral; connection-level
         failures raise. `routed`: a configured route, exempt from the prohibited-destination
@@ -241,7 +302,7 @@ class Deliverer:
             # Before the pool: a refusal from inside the pool's factory would put the pool in
             # connect backoff, and a route to the same host and port shares that pool.
             self.connector.check_destination(host)
-        pool = self._pool(host, provider, shaper, routed)
+        pool = self._pool(host, provider, shaper, routed, decision)
         stale: StaleConnection | None = None
         tries = 0
         while tries < MAX_STALE_RETRIES:
@@ -265,7 +326,7 @@ class Deliverer:
                 started = time.monotonic()
                 try:
                     results = send_mail(conn, task.sender, rcpts, task.message,
-                                        task.smtputf8, task.eightbit)
+                                        task.smtputf8, task.eightbit, task.requiretls)
                 except StaleConnection as err:
                     self.metrics.incr("connections_stale", provider)
                     stale = err
@@ -275,23 +336,29 @@ class Deliverer:
                     if stop.results is None:  # the server cannot have it: nothing to say
                         raise
                     raise Unreported(self._outcomes(task, stop.results, host.name, provider,
-                                                    conn.tls_version, reused)) from None
+                                                    conn.tls_version, reused,
+                                                    decision=decision,
+                                                    verified=bool(conn.tls_verified))) from None
                 seconds = time.monotonic() - started
                 self.metrics.timing("transaction", provider, seconds * 1000.0)
-                return results, conn.tls_version, reused, epoch, seconds
+                return (results, conn.tls_version, reused, epoch, seconds,
+                        bool(conn.tls_verified))
         assert stale is not None
         raise stale
 
     def _pool(self, host: MxHost, provider: str, shaper: ProviderShaper,
-              routed: bool) -> DestinationPool:
-        """The pool of `host`'s connections, made on first use with the provider's limits."""
-        key = self._pool_key(host)
+              routed: bool, decision: Decision) -> DestinationPool:
+        """The pool of `host`'s connections in the decision's TLS mode, made on first use
+        with the provider's limits."""
+        key = self._pool_key(host, decision.pool_mode)
         pool = self.pools.find(key)
         if pool is None:
             settings = replace(self.pools.settings,
                                max_connections=shaper.limits.max_connections,
                                max_messages=shaper.limits.max_messages)
-            pool = self.pools.get(key, lambda: self.connector.open(host, provider, routed),
+            pool = self.pools.get(key, lambda: self.connector.open(host, provider, routed,
+                                                                   decision.mode,
+                                                                   decision.requiretls),
                                   settings, shaper.gate,
                                   lambda conn: self._check_failed(conn, provider))
         return pool
@@ -331,20 +398,23 @@ class Deliverer:
             provider = self._provider_names.keep(mx_host, provider_of(mx_host, self.providers))
         return provider
 
-    def _pool_key(self, host: MxHost) -> PoolKey:
-        key = self._pool_keys.get((host.name, host.port))
+    def _pool_key(self, host: MxHost, mode: str) -> PoolKey:
+        key = self._pool_keys.get((host.name, host.port, mode))
         if key is None:
-            key = self._pool_keys.keep((host.name, host.port),
-                                       PoolKey(self.source_ip, host.name, host.port,
-                                               self.tls_mode))
+            key = self._pool_keys.keep((host.name, host.port, mode),
+                                       PoolKey(self.source_ip, host.name, host.port, mode))
         return key
 
     def _outcomes(self, task: Task, results: Sequence[RcptResult], mx: str | None,
                   provider: str, tls: str | None, reused: bool,
                   shaper: ProviderShaper | None = None,
-                  verdict: Verdict = CLEAN) -> list[Attempt]:
+                  verdict: Verdict = CLEAN, decision: Decision | None = None,
+                  verified: bool | None = None) -> list[Attempt]:
         """Attempts from replies. A throttled recipient (`verdict`) is deferred, never
-        bounced, until the provider's turn comes back (no attempt counted)."""
+        bounced, until the provider's turn comes back (no attempt counted). `decision`: the
+        TLS policy that applied; `verified`: the session's certificate verified (None: no
+        session)."""
+        policy = None if decision is None else decision.policy
         throttled = _throttled(results, shaper, verdict)
         retry_at = shaper.resume_at() if shaper is not None and throttled else None
         now = time.time()
@@ -357,7 +427,8 @@ class Deliverer:
                                     provider=provider, tls=tls, conn_reused=reused,
                                     ambiguous=result.ambiguous, ts=now, throttled=hit,
                                     trigger=verdict.trigger if hit else None,
-                                    retry_at=retry_at if hit else None))
+                                    retry_at=retry_at if hit else None,
+                                    tls_policy=policy, tls_verified=verified))
             self.metrics.incr(status.value, provider)
             if result.ambiguous:
                 self.metrics.incr("ambiguous", provider)

@@ -297,7 +297,8 @@ class Dispatcher:
         # the engine's time is not the wall clock's).
         queued_on_wall = pending.queued_ts + self._clock.apart()
         header = task_header(job.id, job.sender, pending.rcpts, queued_on_wall,
-                             job.smtputf8, job.eightbit, handout)
+                             job.smtputf8, job.eightbit, handout,
+                             job.requiretls)
         sock = handle.tasks
         assert sock is not None
         try:  # a multipart message is queued whole or not at all: the first part decides

@@ -232,6 +232,9 @@ def attempt_event(attempt: Attempt, status: Status, meta: Mapping[str, Any], num
             f'"attempt":{int(number)},"delay_ms":{delay_ms}')
     if next_attempt is not None:
         text += f',"next_attempt":{round(next_attempt, 3)!r}'
+    if attempt.tls_policy is not None:  # the TLS policy that applied (engine.tlspolicy)
+        verified = "null" if attempt.tls_verified is None else _bool(attempt.tls_verified)
+        text += f',"tls_policy":{_quote(attempt.tls_policy)},"tls_verified":{verified}'
     if attempt.ambiguous:
         text += ',"ambiguous":true'
     if possible_duplicate:

@@ -1,8 +1,8 @@
 """One job: its envelope and message, parsed and validated from the producer's ZeroMQ frames.
 
 A producer sends two frames: a UTF-8 JSON envelope (`id`, `from`, `to`, and optionally
-`ip` or `pool`, `meta`, `expires`) and the raw RFC 5322 message. `parse_job` turns them
-into a `Job` or raises `JobRejected`, and nothing else, whatever the input: intake
+`ip` or `pool`, `meta`, `expires`, `requiretls`) and the raw RFC 5322 message. `parse_job`
+turns them into a `Job` or raises `JobRejected`, and nothing else, whatever the input: intake
 publishes the reason as the `rejected` event's `error`, so it is written for people.
 
 The id and meta are read before anything else is checked, so a rejection can echo
@@ -36,7 +36,7 @@ MAX_ID_LENGTH = 200
 # The envelope is parsed whole before any limit applies, so bound it: ample for
 # thousands of recipients and a generous meta.
 MAX_ENVELOPE_SIZE = 1024 * 1024
-FIELDS = ("id", "from", "to", "ip", "pool", "meta", "expires")
+FIELDS = ("id", "from", "to", "ip", "pool", "meta", "expires", "requiretls")
 # What intake does with a body line over MAX_LINE octets (config `limits.long_lines`).
 REJECT, ENCODE = LONG_LINES
 _POOL_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_LENGTH}}}")
@@ -70,6 +70,8 @@ class Job:
     expires: float | None = None  # seconds the engine may keep trying
     smtputf8: bool = False  # some address needs SMTPUTF8
     eightbit: bool = False  # the message has bytes >= 0x80: needs 8BITMIME
+    # TLS end to end (RFC 8689): only over verified TLS to servers offering REQUIRETLS.
+    requiretls: bool = False
 
 
 def _new_id() -> str:
@@ -114,7 +116,8 @@ def envelope_json(job: Job) -> dict[str, Any]:
     """The envelope as a producer would send it (optional fields only when set), for the spool."""
     envelope: dict[str, Any] = {"id": job.id, "from": job.sender, "to": list(job.rcpts),
                                 "meta": dict(job.meta)}
-    optional = {"ip": job.ip, "pool": job.pool, "expires": job.expires}
+    optional = {"ip": job.ip, "pool": job.pool, "expires": job.expires,
+                "requiretls": job.requiretls or None}
     envelope.update((key, value) for key, value in optional.items() if value is not None)
     return envelope
 
@@ -233,6 +236,7 @@ def _envelope(fields: dict[str, Any], max_recipients: int | None,
         raise JobRejected("'ip' and 'pool' are mutually exclusive")
     return {"id": job_id, "sender": sender, "rcpts": rcpts, "ip": ip, "pool": pool,
             "meta": meta, "expires": _expires(fields.get("expires")),
+            "requiretls": _requiretls(fields.get("requiretls")),
             "smtputf8": any(map(needs_smtputf8, (sender, *rcpts)))}
 
 
@@ -358,6 +362,14 @@ def _expires(value: object) -> float | None:
     if seconds is None or seconds <= 0:
         raise JobRejected("'expires' must be a positive number of seconds")
     return seconds
+
+
+def _requiretls(value: object) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise JobRejected(f"'requiretls' must be true or false, got {_show(value)}")
+    return value
 
 
 def _finite_number(value: object) -> float | None:

@@ -114,6 +114,27 @@ DECLARED: tuple[Metric, ...] = (
     Metric("tls_failed", "counter", "TLS handshakes that failed (host then sent plaintext)"),
     Metric("tls_unverified", "counter", "TLS connections whose certificate did not verify"),
     Metric("plaintext", "counter", "connections that stayed plaintext"),
+    Metric("mta_sts_ok", "counter", "transactions sent under an enforced MTA-STS policy (to an"
+           " MX host it names, over TLS with a certificate valid for that host)"),
+    Metric("mta_sts_refused", "counter", "deliveries an enforced MTA-STS policy stopped: no MX"
+           " host it names, or none reachable over TLS with a valid certificate (deferred"
+           " 4.7.x, never sent in plaintext)"),
+    Metric("mta_sts_testing_failed", "counter", "transactions sent under an MTA-STS policy in"
+           " testing mode that enforcing it would have refused (MX host not named, or no"
+           " verified TLS): delivered all the same, logged as mta_sts_testing_failure"),
+    Metric("mta_sts_fetched", "counter", "MTA-STS policies fetched over HTTPS (new, changed"
+           " id, or expired)", PER_IP),
+    Metric("mta_sts_fetch_failed", "counter", "MTA-STS policy fetches that failed (HTTPS, a"
+           " redirect, not text/plain, too large, too slow, not a valid policy): a cached"
+           " policy keeps applying; without one the domain has none", PER_IP),
+    Metric("tls_verify_ok", "counter", "transactions sent under a `verify` policy (smtp.tls or"
+           " a tls_policy exception) over TLS with a valid certificate"),
+    Metric("tls_verify_refused", "counter", "deliveries a `verify` policy stopped: no MX host"
+           " reachable over TLS with a valid certificate (deferred)"),
+    Metric("requiretls_ok", "counter", "transactions of REQUIRETLS jobs sent (verified TLS,"
+           " MAIL with REQUIRETLS)"),
+    Metric("requiretls_refused", "counter", "deliveries of REQUIRETLS jobs no MX host could"
+           " take: bounced 5.7.30 when every host lacks REQUIRETLS, else deferred"),
     Metric("rejected", "counter", "jobs refused at intake", SUPERVISOR),
     Metric("queued", "counter", "jobs accepted into the spool", SUPERVISOR),
     Metric("intake_refused", "counter", "valid jobs read at intake and not acknowledged because"

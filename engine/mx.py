@@ -261,6 +261,13 @@ class Resolver:
         random.shuffle(found)  # else a cached answer sends every connection to one address
         return found
 
+    def txt(self, name: str) -> list[str]:
+        """The TXT records of `name` (each record's strings joined, as ASCII text), through
+        the same cache; [] for none. A DNS failure is a TransientError (engine.mtasts)."""
+        answer = self._lookup(name.rstrip(".").lower(), dns.rdatatype.TXT, Blame.MESSAGE)
+        return [b"".join(getattr(rd, "strings", ())).decode("ascii", "replace")
+                for rd in answer.records]
+
     def _mx(self, domain: str) -> Destination:
         answer = self._lookup(domain, dns.rdatatype.MX, Blame.MESSAGE)
         if answer.nxdomain:

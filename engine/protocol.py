@@ -39,6 +39,7 @@ class Task:
     smtputf8: bool = False
     eightbit: bool = False
     handout: int = 0  # this hand-out's number (the supervisor's), echoed in its results
+    requiretls: bool = False  # the job requires TLS end to end (RFC 8689)
 
 
 class Status(StrEnum):
@@ -75,6 +76,8 @@ class Attempt:
     retry_at: float | None = None  # when to try again, if shaping knows better than the schedule
     retried: bool = False  # throttled, and the worker sends it again itself: more results follow
     handout: int = 0  # the hand-out (Task.handout) this result answers
+    tls_policy: str | None = None  # the TLS policy that applied (engine.tlspolicy)
+    tls_verified: bool | None = None  # the session's certificate verified; None: no session
 
 
 # -- tasks -------------------------------------------------------------------------------
@@ -82,23 +85,25 @@ class Attempt:
 
 def task_frames(task: Task) -> list[bytes]:
     return [task_header(task.job_id, task.sender, task.rcpts, task.queued_ts, task.smtputf8,
-                        task.eightbit, task.handout), task.message]
+                        task.eightbit, task.handout, task.requiretls), task.message]
 
 
 def task_header(job_id: str, sender: str, rcpts: Sequence[str], queued_ts: float,
-                smtputf8: bool, eightbit: bool, handout: int) -> bytes:
+                smtputf8: bool, eightbit: bool, handout: int, requiretls: bool = False) -> bytes:
     """A task's first frame, without building a Task (the supervisor sends many).
 
     The JSON object json.dumps would write (without its spaces), formatted by hand: the
-    strings escaped by json's own C escaper, the float written as json writes it."""
+    strings escaped by json's own C escaper, the float written as json writes it.
+    `requiretls` is written only when set."""
     return (f'{{"id":{_quote(job_id)},"from":{_quote(sender)},'
             f'"to":[{",".join(map(_quote, rcpts))}],"queued_ts":{float.__repr__(queued_ts)},'
             f'"smtputf8":{_BOOL[smtputf8]},"eightbit":{_BOOL[eightbit]},'
-            f'"handout":{handout}}}').encode()
+            f'"handout":{handout}{_REQUIRETLS[requiretls]}}}').encode()
 
 
 _quote = encode_basestring_ascii
 _BOOL = {True: "true", False: "false"}
+_REQUIRETLS = {True: ',"requiretls":true', False: ""}
 
 
 def task_from_frames(frames: list[bytes]) -> Task:
@@ -108,7 +113,7 @@ def task_from_frames(frames: list[bytes]) -> Task:
     return Task(job_id=header["id"], sender=header["from"], rcpts=tuple(header["to"]),
                 message=frames[1], queued_ts=float(header["queued_ts"]),
                 smtputf8=bool(header["smtputf8"]), eightbit=bool(header["eightbit"]),
-                handout=int(header["handout"]))
+                handout=int(header["handout"]), requiretls=bool(header.get("requiretls")))
 
 
 def handout_of(frames: list[bytes]) -> int | None:
@@ -127,7 +132,7 @@ def handout_of(frames: list[bytes]) -> int | None:
 # key to write and read again per field, which made decoding results ~2.5x slower.
 ATTEMPT_FIELDS = ("job", "rcpt", "status", "code", "enhanced", "reply", "ip", "mx", "provider",
                   "tls", "conn_reused", "ambiguous", "ts", "throttled", "attempted", "retry_at",
-                  "trigger", "retried", "handout")
+                  "trigger", "retried", "handout", "tls_policy", "tls_verified")
 
 
 def attempt_to_row(a: Attempt, handout: int | None = None) -> list[Any]:
@@ -136,7 +141,7 @@ def attempt_to_row(a: Attempt, handout: int | None = None) -> list[Any]:
     return [a.job_id, a.rcpt, a.status.value, a.reply.code, a.reply.enhanced, a.reply.text,
             a.ip, a.mx, a.provider, a.tls, a.conn_reused, a.ambiguous, a.ts, a.throttled,
             a.attempted, a.retry_at, a.trigger, a.retried,
-            a.handout if handout is None else handout]
+            a.handout if handout is None else handout, a.tls_policy, a.tls_verified]
 
 
 _STATUS = {status.value: status for status in Status}
@@ -145,7 +150,8 @@ _STATUS = {status.value: status for status in Status}
 def attempt_from_row(row: Sequence[Any]) -> Attempt:
     """The inverse of attempt_to_row; ValueError or TypeError when `row` is not one."""
     (job_id, rcpt, status, code, enhanced, text, ip, mx, provider, tls, conn_reused, ambiguous,
-     ts, throttled, attempted, retry_at, trigger, retried, handout) = row  # ValueError: length
+     ts, throttled, attempted, retry_at, trigger, retried, handout, tls_policy,
+     tls_verified) = row  # ValueError: length
     return Attempt(job_id=job_id, rcpt=rcpt,
                    status=_STATUS.get(status) or Status(status),  # ValueError if unknown
                    reply=Reply(int(code), enhanced, text), ip=ip, mx=mx, provider=provider,
@@ -153,7 +159,9 @@ def attempt_from_row(row: Sequence[Any]) -> Attempt:
                    ts=float(ts), throttled=bool(throttled), attempted=bool(attempted),
                    retry_at=None if retry_at is None else float(retry_at),
                    trigger=None if trigger is None else str(trigger), retried=bool(retried),
-                   handout=int(handout))
+                   handout=int(handout),
+                   tls_policy=None if tls_policy is None else str(tls_policy),
+                   tls_verified=None if tls_verified is None else bool(tls_verified))
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode

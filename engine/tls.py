@@ -48,12 +48,15 @@ class TlsPolicy:
         self._broken: dict[str, float] = {}  # host -> until
         self._unverifiable: dict[str, float] = {}  # host -> until
 
-    def plan(self, host: str) -> TlsPlan:
-        if self.mode == "none":
+    def plan(self, host: str, mode: str | None = None) -> TlsPlan:
+        """The plan for a new connection to `host` in `mode` (None: the policy's own; a
+        domain's TLS policy may ask for another, engine.tlspolicy)."""
+        mode = mode or self.mode
+        if mode == "none":
             return TlsPlan(False, None, False, False)
-        if self.mode == "verify":
+        if mode == "verify":
             return TlsPlan(True, self._verifying, True, False)
-        if self.mode == "required":
+        if mode == "required":
             return TlsPlan(True, self._unverified, True, False)
         if self._active(self._broken, host):
             return TlsPlan(False, None, False, False)

@@ -32,6 +32,8 @@ from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
 from engine.metrics import Metrics
+from engine.mtasts import FetchSettings, MtaSts, https_context
+from engine.mtasts import create as mta_sts_for
 from engine.mx import DestinationPolicy, Resolver
 from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
@@ -40,6 +42,7 @@ from engine.sendingip import SendingIp
 from engine.shaping import Shaping, plan_for
 from engine.smtp import Keepalive, ReplyLimits, Stopping
 from engine.tls import CaFileError, TlsPolicy
+from engine.tlspolicy import TlsPolicies
 
 log = logging.getLogger("mailengine.worker")
 
@@ -100,12 +103,28 @@ class Worker:
                              frozenset(cfg.smtp.discard_ehlo_keywords))
         keepalive = Keepalive.of(cfg.pool.keepalive_idle, cfg.pool.keepalive_interval,
                                  cfg.pool.keepalive_count)
-        connector = Connector(Identity(self.ip.address, self.ip.helo), resolver, tls,
-                              cfg.smtp.timeouts, limits, self.metrics,
-                              DestinationPolicy.from_config(cfg.security), keepalive,
-                              self.sending_ip)
+        identity = Identity(self.ip.address, self.ip.helo)
+        destinations = DestinationPolicy.from_config(cfg.security)
+        connector = Connector(identity, resolver, tls, cfg.smtp.timeouts, limits, self.metrics,
+                              destinations, keepalive, self.sending_ip)
+        policies = TlsPolicies(cfg.smtp.tls, cfg.tls_policy.domains, cfg.tls_policy.providers,
+                               self._mta_sts(resolver, destinations, identity),
+                               cfg.tls_policy.mta_sts)
         return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
-                         self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers})
+                         self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers},
+                         policies)
+
+    def _mta_sts(self, resolver: Resolver, destinations: DestinationPolicy,
+                 identity: Identity) -> MtaSts:
+        """MTA-STS policies, fetched from the sending IP (docs/SECURITY.md), kept across
+        restarts next to the shaping state."""
+        cfg = self.cfg
+        settings = FetchSettings(https_context(cfg.smtp.ca_file),
+                                 port=cfg.tls_policy.mta_sts_https_port,
+                                 timeout=cfg.tls_policy.mta_sts_fetch_timeout)
+        state = os.path.join(cfg.spool, f"mta-sts-{self.ip.address}.db")
+        return mta_sts_for(resolver, destinations, identity.address, identity.family,
+                           settings, state, self.metrics)
 
     def run(self) -> int:
         log.info(logs.kv("worker_started", ip=self.ip.address, pid=os.getpid()))

@@ -51,6 +51,7 @@ from engine.config.schema import (
     ThrottleConfig,
     ThrottleRule,
     Timeouts,
+    TlsPolicyConfig,
     WarmupConfig,
 )
 from engine.config.values import (
@@ -90,6 +91,7 @@ __all__ = [
     "ThrottleConfig",
     "ThrottleRule",
     "Timeouts",
+    "TlsPolicyConfig",
     "WarmupConfig",
     "endpoint_host",
     "file_of",

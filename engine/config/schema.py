@@ -17,6 +17,9 @@ DEFAULT_PATH = "/etc/mailengine/mailengine.yaml"
 ENV_VAR = "MAILENGINE_CONFIG"
 
 TLS_MODES = ("none", "opportunistic", "required", "verify")
+# What tls_policy.domains and tls_policy.providers may force: a TLS mode, or MTA-STS
+# (engine.tlspolicy). "dane" is reserved for DANE (RFC 7672), refused until it lands.
+FORCED_TLS_POLICIES = (*TLS_MODES, "mta-sts")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # What intake does with a message line over 998 octets (limits.long_lines): refuse the job,
 # or re-encode the parts that have one (engine.job.short_lines).
@@ -84,6 +87,23 @@ class SmtpConfig:
     # CHUNKING is broken, and how the benchmarks emulate a naive client.
     discard_ehlo_keywords: tuple[str, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass(frozen=True)
+class TlsPolicyConfig:
+    """Receivers' TLS policies (MTA-STS) and the operator's exceptions per destination.
+    See docs/SECURITY.md, "TLS policies"."""
+
+    mta_sts: bool = True  # look up and apply every domain's MTA-STS policy (RFC 8461)
+    mta_sts_fetch_timeout: float = 10.0  # the policy's HTTPS fetch, in all
+    # The policy servers' port: 443 by RFC 8461; another only for tests and labs.
+    mta_sts_https_port: int = 443
+    domains: Mapping[str, str] = field(default_factory=_frozen_mapping)  # domain -> policy
+    providers: Mapping[str, str] = field(default_factory=_frozen_mapping)  # provider -> policy
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domains", MappingProxyType(dict(self.domains)))
+        object.__setattr__(self, "providers", MappingProxyType(dict(self.providers)))
 
 
 @dataclass(frozen=True)
@@ -339,6 +359,7 @@ class Config:
     ips: tuple[IpConfig, ...]
     ip_pools: Mapping[str, tuple[str, ...]] = field(default_factory=_frozen_mapping)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    tls_policy: TlsPolicyConfig = field(default_factory=TlsPolicyConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     routes: Mapping[str, Route] = field(default_factory=_frozen_mapping)

@@ -14,6 +14,7 @@ from typing import Any
 from engine.config.names import is_hostname
 from engine.config.schema import (
     CATEGORIES,
+    FORCED_TLS_POLICIES,
     LOG_LEVELS,
     LONG_LINES,
     TLS_MODES,
@@ -34,6 +35,7 @@ from engine.config.schema import (
     ThrottleConfig,
     ThrottleRule,
     Timeouts,
+    TlsPolicyConfig,
     WarmupConfig,
 )
 from engine.config.values import (
@@ -175,6 +177,40 @@ _SMTP = section(SmtpConfig, {
     "max_line_length": integer(512),  # RFC 5321 4.5.3.1.5: replies may be 512 octets
     "discard_ehlo_keywords": _ehlo_keywords,
     "timeouts": _TIMEOUTS,
+})
+
+def _forced_policy(value: Any, path: str) -> str:
+    if value == "dane":
+        raise error(path, "'dane' is reserved for DANE (RFC 7672), which this version does"
+                          f" not support yet; use one of {', '.join(FORCED_TLS_POLICIES)}")
+    read: str = choice(*FORCED_TLS_POLICIES)(value, path)
+    return read
+
+
+def _policy_domains(value: Any, path: str) -> Mapping[str, str]:
+    table = {}
+    for domain, policy in mapping(value, path).items():
+        where = join(path, domain)
+        name = domain.rstrip(".").lower()
+        if not is_hostname(name) or "." not in name:
+            raise error(where, "must be a domain name, e.g. example.com")
+        if name in table:
+            raise error(where, f"{name} is listed twice")
+        table[name] = _forced_policy(policy, where)
+    return table
+
+
+def _policy_providers(value: Any, path: str) -> Mapping[str, str]:
+    return {_provider_name(name, join(path, name)): _forced_policy(policy, join(path, name))
+            for name, policy in mapping(value, path).items()}
+
+
+_TLS_POLICY = section(TlsPolicyConfig, {
+    "mta_sts": boolean,
+    "mta_sts_fetch_timeout": duration(positive=True),
+    "mta_sts_https_port": PORT,
+    "domains": _policy_domains,
+    "providers": _policy_providers,
 })
 
 _POOL = section(PoolConfig, {
@@ -366,6 +402,7 @@ TOP_READERS: dict[str, Reader] = {
     "log_level": choice(*LOG_LEVELS),
     "drain_timeout": duration(),
     "smtp": _SMTP,
+    "tls_policy": _TLS_POLICY,
     "pool": _POOL,
     "dns": _DNS,
     "routes": _routes,

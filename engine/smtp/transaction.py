@@ -36,8 +36,10 @@ _Mode = Callable[[bytes, list[bytes], bytes], "list[RcptResult] | Owed"]
 
 
 def send_mail(conn: Connection, sender: str, rcpts: Sequence[str], message: bytes,
-              smtputf8: bool = False, eightbit: bool = False) -> list[RcptResult]:
-    """Deliver one message to `rcpts` on `conn`; one result per recipient.
+              smtputf8: bool = False, eightbit: bool = False,
+              requiretls: bool = False) -> list[RcptResult]:
+    """Deliver one message to `rcpts` on `conn`; one result per recipient. `requiretls`:
+    MAIL carries REQUIRETLS (RFC 8689; engine.connector made sure the server offers it).
 
     Raises StaleConnection when a reused connection fails before the server answered
     anything and before the end of the message was written (or with the server's 421
@@ -45,7 +47,7 @@ def send_mail(conn: Connection, sender: str, rcpts: Sequence[str], message: byte
     recipient (ambiguous once the end of the message was written: the server may have
     it). Killed with `Stopping`, leaves on it what the recipients must still hear.
     """
-    return Transaction(conn, rcpts).run(sender, message, smtputf8, eightbit)
+    return Transaction(conn, rcpts).run(sender, message, smtputf8, eightbit, requiretls)
 
 
 class Transaction:
@@ -64,16 +66,16 @@ class Transaction:
         self.outcome: list[RcptResult] | None = None  # the replies' results, once known
 
     def run(self, sender: str, message: bytes, smtputf8: bool,
-            eightbit: bool) -> list[RcptResult]:
+            eightbit: bool, requiretls: bool = False) -> list[RcptResult]:
         """Deliver the message; one result per recipient (see `send_mail`)."""
         try:
-            return self._run(sender, message, smtputf8, eightbit)
+            return self._run(sender, message, smtputf8, eightbit, requiretls)
         except Stopping as stop:
             stop.results = self._left_unanswered()
             raise
 
     def _run(self, sender: str, message: bytes, smtputf8: bool,
-             eightbit: bool) -> list[RcptResult]:
+             eightbit: bool, requiretls: bool) -> list[RcptResult]:
         conn = self.conn
         try:
             # RFC 6152 3. With SMTPUTF8 the message is not ours to convert: a server without
@@ -81,7 +83,8 @@ class Transaction:
             if eightbit and not smtputf8 and not conn.has_extn("8bitmime"):
                 message = _seven_bit(message)
             with conn.deadline("transaction", conn.timeouts.transaction):
-                mail_cmd = self._mail_command(sender, len(message), smtputf8, eightbit)
+                mail_cmd = self._mail_command(sender, len(message), smtputf8, eightbit,
+                                              requiretls)
                 rcpt_cmds = [b"RCPT TO:<" + _wire(r) + b">" for r in self.rcpts]
                 results = self._mode()(mail_cmd, rcpt_cmds, message)
         except DeliveryError as err:
@@ -117,7 +120,8 @@ class Transaction:
             return self._pipelined_bdat if conn.has_extn("chunking") else self._pipelined_data
         return self._lockstep
 
-    def _mail_command(self, sender: str, size: int, smtputf8: bool, eightbit: bool) -> bytes:
+    def _mail_command(self, sender: str, size: int, smtputf8: bool, eightbit: bool,
+                      requiretls: bool = False) -> bytes:
         conn = self.conn
         params = []
         if conn.has_extn("size"):
@@ -128,6 +132,12 @@ class Transaction:
             if not conn.has_extn("smtputf8"):
                 raise classify.needs_smtputf8()
             params.append(b"SMTPUTF8")
+        if requiretls:
+            # Never without: the connector checked it, and a message that requires TLS
+            # must not go to a server that would not pass the requirement on (RFC 8689 4.2.1).
+            if not (conn.tls_verified and conn.has_extn("requiretls")):
+                raise classify.requiretls_not_offered("the server")
+            params.append(b"REQUIRETLS")
         return b" ".join([b"MAIL FROM:<" + _wire(sender) + b">", *params])
 
     def _send_lines(self, lines: Sequence[bytes], tail: bytes = b"") -> None:

@@ -78,6 +78,9 @@ class SinkServer:
     RFC 5321 section 4.1.1.4 (a client that retries delivers a duplicate). Which messages are
     dropped is drawn from ``random.Random(drop_seed)``, one draw per message in arrival order:
     the same seed gives the same sequence of decisions.
+
+    ``requiretls=True`` offers REQUIRETLS (RFC 8689) in the EHLO after STARTTLS and takes
+    MAIL's ``REQUIRETLS`` parameter (recorded in ``SinkMessage.mail_options``).
     """
 
     RCPT_RULES: ClassVar[dict[str, str]] = {
@@ -106,6 +109,7 @@ class SinkServer:
         policy: Policy | None = None,
         drop_after_dot: float = 0.0,
         drop_seed: int | None = None,
+        requiretls: bool = False,
     ) -> None:
         # aiosmtpd logs a traceback for every aborted handshake; the engine's
         # verify-first TLS probe aborts one per new host on purpose.
@@ -113,6 +117,9 @@ class SinkServer:
         self.rcpt_rules = dict(self.RCPT_RULES if rcpt_rules is None else rcpt_rules)
         offered = (("PIPELINING", pipelining), ("CHUNKING", chunking))
         self.extensions = [name for name, on in offered if on]
+        # REQUIRETLS (RFC 8689): offered after STARTTLS only; MAIL's REQUIRETLS parameter is
+        # then taken and recorded in the message's mail_options.
+        self.requiretls = requiretls
         self._smtp_options: dict[str, Any] = {
             "hostname": hostname,
             "tls_context": (tls_context or server_tls_context()) if tls else None,

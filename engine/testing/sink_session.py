@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from engine.testing.sink import SinkServer
 
 
+_REQUIRETLS = re.compile(r"\s+REQUIRETLS(?=\s|$)", re.IGNORECASE)
+
+
 def _body_summary(body: bytes, content: bool) -> dict[str, Any]:
     summary: dict[str, Any] = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     if content:
@@ -141,7 +144,12 @@ class _SinkSMTP(SMTP):
                 if refusal.startswith("421"):
                     self.hang_up()  # 421: the server closes the connection (RFC 5321 3.8)
                 return
+        requiretls = 0
+        if arg is not None and self.sink.requiretls and self.session.ssl:
+            arg, requiretls = _REQUIRETLS.subn("", arg)
         await super().smtp_MAIL(arg)
+        if requiretls and self.envelope.mail_from:  # aiosmtpd knows no REQUIRETLS: ours
+            self.envelope.mail_options.append("REQUIRETLS")
 
     async def push(self, status: AnyStr) -> None:
         """A reply, unless the session dropped the connection: then no reply ever leaves
@@ -216,6 +224,8 @@ class _SinkHandler:
     ) -> list[str]:
         session.host_name = hostname
         extensions = [f"250-{name}" for name in self.sink.extensions]
+        if self.sink.requiretls and session.ssl:
+            extensions.append("250-REQUIRETLS")
         return responses[:-1] + extensions + responses[-1:]
 
     async def handle_RCPT(

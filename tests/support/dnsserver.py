@@ -122,6 +122,13 @@ class DnsServer:
         self._answer(response, name, question.rdtype)
         return _to_wire(response, query, tcp)
 
+    def set(self, name: str, entry: Any, ttl: int = 300) -> None:
+        """Replace `name`'s records (or way to fail) while serving: a zone change."""
+        key = _key(name)
+        self._rcodes.pop(key, None)
+        self._rrsets.pop(key, None)
+        self._load(key, entry, ttl)
+
     def wait_stopped(self) -> None:
         """Block until stop(): how a TCP handler stays silent without hanging up."""
         self._stopped.wait()

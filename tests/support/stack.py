@@ -23,6 +23,7 @@ from engine.protocol import Attempt, Task
 from engine.sendingip import SendingIp
 from engine.smtp import Keepalive, ReplyLimits
 from engine.tls import TlsPolicy
+from engine.tlspolicy import TlsPolicies
 from tests.support.playbook import CLIENT_IP, FAST, HELO, MESSAGE, SENDER
 
 # The test servers are MX hosts on loopback, a prohibited destination unless allowed.
@@ -41,10 +42,11 @@ class Stack:
     metrics: Metrics
 
     def deliver(self, rcpts: Sequence[str], message: bytes = MESSAGE, job_id: str = "job-1",
-                smtputf8: bool = False) -> list[Attempt]:
+                smtputf8: bool = False, requiretls: bool = False) -> list[Attempt]:
         """One task from SENDER to `rcpts`; the attempts it reported."""
         attempts: list[Attempt] = []
-        task = Task(job_id, SENDER, tuple(rcpts), message, time.time(), smtputf8=smtputf8)
+        task = Task(job_id, SENDER, tuple(rcpts), message, time.time(), smtputf8=smtputf8,
+                    requiretls=requiretls)
         self.deliverer.deliver(task, attempts.extend)
         return attempts
 
@@ -59,15 +61,17 @@ class Stack:
 def build(resolver: Resolver, *, ip: str = CLIENT_IP, tls: str = "none",
           timeouts: Timeouts = FAST, pool: PoolConfig = POOL,
           policy: DestinationPolicy | None = None, metrics: Metrics | None = None,
-          sending_ip: SendingIp | None = None) -> Stack:
+          sending_ip: SendingIp | None = None, policies: TlsPolicies | None = None,
+          ca_file: str | None = None) -> Stack:
     """A stack sending from `ip`, its MX hosts found by `resolver`. `policy` None: the
     default destination policy (loopback prohibited, routes exempt); `metrics` None: none;
-    `sending_ip` None: the host's addresses as they are (bind tests of `ip`)."""
+    `sending_ip` None: the host's addresses as they are (bind tests of `ip`); `policies`
+    None: `tls` for every domain (engine.tlspolicy); `ca_file`: the CAs that verify."""
     metrics = metrics or Metrics(None, ip)
-    tls_policy = TlsPolicy(tls)
+    tls_policy = TlsPolicy(tls, ca_file)
     keepalive = Keepalive.of(pool.keepalive_idle, pool.keepalive_interval, pool.keepalive_count)
     connector = Connector(Identity(ip, HELO), resolver, tls_policy, timeouts, ReplyLimits(),
                           metrics, policy, keepalive, sending_ip)
     pools = Pools(pool)
-    deliverer = Deliverer(ip, tls, resolver, connector, pools, metrics)
+    deliverer = Deliverer(ip, tls, resolver, connector, pools, metrics, policies=policies)
     return Stack(deliverer, connector, pools, tls_policy, metrics)

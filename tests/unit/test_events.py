@@ -41,6 +41,9 @@ def _reference_attempt(attempt: Attempt, status: Status, meta: Mapping[str, Any]
     })
     if next_attempt is not None:
         event["next_attempt"] = round(next_attempt, 3)
+    if attempt.tls_policy is not None:
+        event["tls_policy"] = attempt.tls_policy
+        event["tls_verified"] = attempt.tls_verified
     if attempt.ambiguous:
         event["ambiguous"] = True
     if possible_duplicate:
@@ -60,17 +63,23 @@ def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> float:
 @pytest.mark.parametrize("meta", TRICKY_META)
 @pytest.mark.parametrize("text", TRICKY_TEXT)
 @pytest.mark.parametrize("status", list(Status))
-@pytest.mark.parametrize("flags", [(None, None, False, False, None),
-                                   ("mx.example.net", "TLSv1.3", True, True, 1795849300.12345)])
+@pytest.mark.parametrize("flags", [(None, None, False, False, None, None, None),
+                                   ("mx.example.net", "TLSv1.3", True, True, 1795849300.12345,
+                                    "mta-sts", True),
+                                   ("mx.example.net", None, True, False, None, "opportunistic",
+                                    False),
+                                   (None, None, False, True, None, "requiretls", None)])
 def test_attempt_event_is_the_json_of_its_fields(
         frozen_clock: float, meta: Mapping[str, Any], text: str, status: Status,
-        flags: tuple[str | None, str | None, bool, bool, float | None]) -> None:
-    mx, tls, reused, odd, next_attempt = flags
+        flags: tuple[str | None, str | None, bool, bool, float | None, str | None,
+                     bool | None]) -> None:
+    mx, tls, reused, odd, next_attempt, tls_policy, tls_verified = flags
     attempt = Attempt(job_id=f"job-{text}", rcpt=f"{text}@example.com", status=status,
                       reply=Reply(451 if odd else 250, "4.7.1" if odd else None, f"ok {text}"),
                       ip="192.0.2.1", mx=mx, provider=text or "other", tls=tls,
                       conn_reused=reused, ambiguous=odd, ts=TS + 1.5, throttled=odd,
-                      trigger=f"rule:{text}" if odd else None)
+                      trigger=f"rule:{text}" if odd else None, tls_policy=tls_policy,
+                      tls_verified=tls_verified)
     name, line = events.attempt_event(attempt, status, meta, 3, TS - 2.25, next_attempt, odd)
     assert name == status.value
     assert line == _reference_attempt(attempt, status, meta, 3, TS - 2.25, next_attempt,

@@ -324,8 +324,19 @@ def test_envelope_json_omits_unset_optionals() -> None:
     assert stored == {"id": "job-1", "from": "", "to": ["rcpt@example.org"], "meta": {}}
 
 
+def test_requiretls_is_a_boolean_kept_in_the_spool() -> None:
+    assert parse(envelope(requiretls=True)).requiretls is True
+    assert parse(envelope(requiretls=False)).requiretls is False
+    assert parse(envelope()).requiretls is False
+    assert envelope_json(parse(envelope(requiretls=True)))["requiretls"] is True
+    assert "requiretls" not in envelope_json(parse(envelope(requiretls=False)))
+    for bad in ("yes", 1, [True]):
+        assert "'requiretls' must be true or false" in rejected(envelope(requiretls=bad)).reason
+
+
 @pytest.mark.parametrize("fields", [
     {}, {"ip": "192.0.2.7", "meta": {"a": [1, {"b": None}]}, "expires": 90.5},
+    {"requiretls": True},
     {"pool": "bulk", "from": "", "to": ["x@bücher.example", '"a b"@[192.0.2.1]']},
 ])
 def test_round_trip_through_the_spool(fields: dict[str, Any]) -> None:

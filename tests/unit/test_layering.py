@@ -27,7 +27,8 @@ SUPERVISOR_SIDE = ("engine.supervisor", "engine.intake", "engine.results", "engi
                    "engine.job", "engine.address", "engine.sockets", "engine.retry",
                    "engine.auth", "engine.salvage", "engine.clock")
 WORKER_SIDE = ("engine.worker", "engine.delivery", "engine.connector", "engine.pool",
-               "engine.shaping", "engine.smtp", "engine.mx", "engine.tls", "engine.waiters")
+               "engine.shaping", "engine.smtp", "engine.mx", "engine.tls", "engine.waiters",
+               "engine.mtasts", "engine.tlspolicy")
 SMTP_LAYER = ("engine.smtp",)
 
 # (modules the rule is about, what they must not import, why)

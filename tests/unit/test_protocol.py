@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -32,6 +33,14 @@ def test_task_frames_round_trip_as_json(job_id: str, sender: str, rcpts: tuple[s
     assert protocol.task_from_frames(frames) == task
 
 
+def test_a_task_that_requires_tls_says_so_and_only_then() -> None:
+    task = Task("j", "s@x.y", ("r@x.y",), b"x\r\n", 1.5, requiretls=True)
+    frames = protocol.task_frames(task)
+    assert json.loads(frames[0])["requiretls"] is True
+    assert protocol.task_from_frames(frames) == task
+    assert "requiretls" not in json.loads(protocol.task_frames(replace(task, requiretls=False))[0])
+
+
 @pytest.mark.parametrize("status", list(Status))
 def test_result_frame_round_trip(status: Status) -> None:
     attempt = Attempt(job_id="job-1", rcpt="a@example.com", status=status,
@@ -39,9 +48,11 @@ def test_result_frame_round_trip(status: Status) -> None:
                       provider="gmail", tls="TLSv1.3", conn_reused=True, ts=1795849218.25,
                       throttled=True, attempted=False, retry_at=1795849300.0,
                       trigger="rule:421", retried=True, handout=12)
-    msg = protocol.decode(protocol.result_frame([attempt, attempt]))
+    tls_policy = replace(attempt, tls_policy="mta-sts", tls_verified=True)
+    msg = protocol.decode(protocol.result_frame([attempt, attempt, tls_policy]))
     assert msg["type"] == "result"
-    assert [protocol.attempt_from_row(a) for a in msg["attempts"]] == [attempt, attempt]
+    assert [protocol.attempt_from_row(a) for a in msg["attempts"]] == [attempt, attempt,
+                                                                         tls_policy]
     assert len(msg["attempts"][0]) == len(protocol.ATTEMPT_FIELDS)
 
 

@@ -1,0 +1,116 @@
+"""Which TLS policy applies to one domain's mail: decided in one place, per delivery.
+
+In order, the first that has something to say wins (docs/SECURITY.md, "TLS policies"):
+
+1. the config's exception for the domain (`tls_policy.domains`) or its provider
+   (`tls_policy.providers`): `none`, `opportunistic`, `required`, `verify` or `mta-sts`;
+2. DANE (RFC 7672), reserved here: RFC 8461 2 gives it precedence over MTA-STS, so its
+   decision will come before step 3 (not implemented yet: `dane` is refused in the config);
+3. MTA-STS (RFC 8461, engine.mtasts) when `tls_policy.mta_sts` is on (or the exception
+   says `mta-sts`): `enforce` allows only the policy's MX hosts and needs TLS with a
+   certificate valid for the MX host's name; `testing` delivers as the default would, and
+   reports what enforcing would have refused;
+4. the default, `smtp.tls`.
+
+A job with REQUIRETLS (RFC 8689, the envelope's `requiretls`) then raises the floor whatever
+the above said: TLS with a verified certificate, and an MX host that offers REQUIRETLS
+(checked by engine.connector; the flag goes on MAIL: engine.smtp.transaction).
+
+The `Decision` is what the delivery needs: the MX hosts allowed, the connection's TLS mode
+(engine.tls; it is part of the pool key, so a connection opened under a weaker policy is
+never reused under a stricter one), and the name events and metrics report (`policy`). It
+is also where a later TLS-RPT (RFC 8460) will count each session's outcome per policy.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from engine.mtasts import MtaSts, Policy
+
+# The names events report in `tls_policy`.
+MTA_STS = "mta-sts"
+MTA_STS_TESTING = "mta-sts-testing"
+REQUIRETLS = "requiretls"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The TLS policy for one domain's delivery."""
+
+    policy: str  # what events report: mta-sts, mta-sts-testing, requiretls, verify, ...
+    mode: str  # the connections' TLS mode (engine.tls): none, opportunistic, required, verify
+    sts: Policy | None = None  # the MTA-STS policy, enforce or testing
+    requiretls: bool = False  # the job requires TLS end to end (RFC 8689)
+
+    @property
+    def pool_mode(self) -> str:
+        """The TLS part of the pool key: connections differ by it."""
+        return self.mode + "+requiretls" if self.requiretls else self.mode
+
+    @property
+    def enforced_sts(self) -> Policy | None:
+        """The MTA-STS policy whose MX patterns must be obeyed (mode enforce), if any."""
+        sts = self.sts
+        return sts if sts is not None and sts.mode == "enforce" else None
+
+    def allows(self, host: str) -> bool:
+        """Whether mail may go to MX host `host` under this decision."""
+        sts = self.enforced_sts
+        return sts is None or sts.allows(host)
+
+    def shortfall(self, host: str, verified: bool | None) -> str | None:
+        """For a policy in `testing` mode: what enforcing it would have refused about a
+        session with `host` (`verified`: its certificate verified), or None."""
+        sts = self.sts
+        if sts is None or sts.mode != "testing":
+            return None
+        if not sts.allows(host):
+            return f"MX host {host} matches no mx of the policy"
+        if not verified:
+            return f"no TLS with a certificate valid for {host}"
+        return None
+
+
+class TlsPolicies:
+    """Decides per delivery (see the module's docstring). `default`: smtp.tls; `domains` and
+    `providers`: the config's exceptions; `mta_sts`: the policies (None: never looked up);
+    `sts_default`: whether MTA-STS is looked up for every domain, or only where an
+    exception says `mta-sts`."""
+
+    def __init__(self, default: str, domains: Mapping[str, str] | None = None,
+                 providers: Mapping[str, str] | None = None, mta_sts: MtaSts | None = None,
+                 sts_default: bool = True) -> None:
+        self.default = default
+        self.domains = dict(domains or {})
+        self.providers = dict(providers or {})
+        self.mta_sts = mta_sts
+        self.sts_default = sts_default
+        self._default = Decision(default, default)  # the usual answer, made once
+        self._forced = {policy: Decision(policy, policy)
+                        for policy in {*self.domains.values(), *self.providers.values()}
+                        if policy != MTA_STS}
+
+    def decide(self, domain: str, provider: str, requiretls: bool = False,
+               routed: bool = False) -> Decision:
+        """The decision for mail to `domain` (its MX hosts' `provider`). `routed`: a
+        configured next hop, not the domain's MX hosts: MTA-STS does not apply (nor to an
+        address literal)."""
+        decision = self._receiver_policy(domain, provider, routed)
+        if requiretls:
+            return Decision(REQUIRETLS, "verify", decision.sts, True)
+        return decision
+
+    def _receiver_policy(self, domain: str, provider: str, routed: bool) -> Decision:
+        forced = self.domains.get(domain) or self.providers.get(provider)
+        if forced is not None and forced != MTA_STS:
+            return self._forced[forced]
+        # (DANE's decision goes here, before MTA-STS: RFC 8461 2.)
+        if (self.mta_sts is not None and not routed and not domain.startswith("[")
+                and (forced == MTA_STS or self.sts_default)):  # "[192.0.2.1]": no DNS name
+            sts = self.mta_sts.policy(domain)
+            if sts is not None and sts.mode == "enforce":
+                return Decision(MTA_STS, "verify", sts)
+            if sts is not None and sts.mode == "testing":
+                return Decision(MTA_STS_TESTING, self.default, sts)
+        return self._default
