@@ -103,6 +103,11 @@ DECLARED: tuple[Metric, ...] = (
     Metric("tls_failed", "counter", "TLS handshakes that failed (host then sent plaintext)"),
     Metric("tls_unverified", "counter", "TLS connections whose certificate did not verify"),
     Metric("plaintext", "counter", "connections that stayed plaintext"),
+    Metric("dkim_signed", "counter", "messages signed with DKIM as they went out (once per"
+           " hand-out and form, 7-bit or not; a dual-signed message counts once)"),
+    Metric("dkim_failed", "counter", "messages of a DKIM signing domain with no key valid"
+           " that day: deferred (451 4.7.0), or sent unsigned where the domain's"
+           " unsigned_ok allows it"),
     Metric("rejected", "counter", "jobs refused at intake", SUPERVISOR),
     Metric("queued", "counter", "jobs accepted into the spool", SUPERVISOR),
     Metric("intake_refused", "counter", "valid jobs read at intake and not acknowledged because"

@@ -31,6 +31,7 @@ from engine import crash, gctune, logs, protocol
 from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
+from engine.dkim import Signer, WireSigner
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, Resolver
 from engine.pools import Pools
@@ -104,8 +105,10 @@ class Worker:
                               cfg.smtp.timeouts, limits, self.metrics,
                               DestinationPolicy.from_config(cfg.security), keepalive,
                               self.sending_ip)
+        signer = Signer.create(cfg.dkim)  # the keys, read once (engine.startcheck checked them)
         return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
-                         self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers})
+                         self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers},
+                         None if signer is None else WireSigner(signer, self.metrics))
 
     def run(self) -> int:
         log.info(logs.kv("worker_started", ip=self.ip.address, pid=os.getpid()))
