@@ -244,10 +244,11 @@ def relaxed_header(field: bytes) -> bytes:
 
 
 def relaxed_body(body: bytes) -> bytes:
+    """The engine's messages end with CRLF (engine.job); a last line without one keeps its
+    trailing space, as dkimpy's verifier hashes it."""
     body = _TRAILING_WSP.sub(b"\r\n", _WSP_RUN.sub(b" ", body))
     while body.endswith(b"\r\n\r\n"):
         body = body[:-2]
-    body = body.rstrip(b" ")
     if body == b"\r\n":
         return b""
     if body and not body.endswith(b"\r\n"):
@@ -272,7 +273,7 @@ def signature_field(key: SigningKey, fields: Sequence[tuple[bytes, bytes]], body
     """One DKIM-Signature field, CRLF-ended, over `fields` (the message's, in order)."""
     chosen = list(names)
     signed = _signed_fields(fields, chosen)
-    tags = (f"v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain}; s={key.selector};"
+    tags = (f"v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};\r\n\ts={key.selector};"
             f" t={now};" + (f" x={now + int(expiry)};" if expiry else ""))
     head = (b"DKIM-Signature: " + tags.encode() + b"\r\n\th=" + _fold_names(chosen) + b";\r\n\tbh="
             + base64.b64encode(body_hash) + b";\r\n\tb=")
