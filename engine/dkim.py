@@ -246,7 +246,8 @@ def relaxed_header(field: bytes) -> bytes:
 def relaxed_body(body: bytes) -> bytes:
     """The engine's messages end with CRLF (engine.job); a last line without one keeps its
     trailing space, as dkimpy's verifier hashes it."""
-    body = _TRAILING_WSP.sub(b"\r\n", _WSP_RUN.sub(b" ", body))
+    if b"\t" in body or b"  " in body or b" \r\n" in body:  # else only the end changes
+        body = _TRAILING_WSP.sub(b"\r\n", _WSP_RUN.sub(b" ", body))
     while body.endswith(b"\r\n\r\n"):
         body = body[:-2]
     if body == b"\r\n":
@@ -330,10 +331,15 @@ def from_domain(fields: Sequence[tuple[bytes, bytes]]) -> str | None:
     if field is None:
         return None
     value = field.partition(b":")[2].decode("utf-8", "replace")
-    addresses = [a for _, a in getaddresses([_FOLD_TEXT.sub("", value)]) if "@" in a]
-    if not addresses:
-        return None
-    domain = addresses[0].rpartition("@")[2].strip().rstrip(".").lower()
+    simple = _SIMPLE_FROM.fullmatch(value)  # "a@b", "Name <a@b>": no parser needed
+    if simple is not None:
+        domain = simple.group(1)
+    else:
+        addresses = [a for _, a in getaddresses([_FOLD_TEXT.sub("", value)]) if "@" in a]
+        if not addresses:
+            return None
+        domain = addresses[0].rpartition("@")[2]
+    domain = domain.strip().rstrip(".").lower()
     try:
         return domain.encode("idna").decode("ascii") if not domain.isascii() else domain
     except UnicodeError:
@@ -341,6 +347,10 @@ def from_domain(fields: Sequence[tuple[bytes, bytes]]) -> str | None:
 
 
 _FOLD_TEXT = re.compile(r"\r\n(?=[ \t])")
+# One plain address, bare or in angle brackets after a display name without quotes, '@',
+# comments or groups; anything else goes to the stdlib's parser.
+_SIMPLE_FROM = re.compile(r"[ \t]*(?:[^<>@\"(),;:\\\r\n]*<)?"
+                          r"[^<>@\"(),;:\\\s]+@([A-Za-z0-9.-]+)>?[ \t]*")
 
 
 class Signer:

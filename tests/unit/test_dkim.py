@@ -224,3 +224,16 @@ def test_keygen_writes_a_private_key_and_prints_its_record(
         f"mailengine dkim keygen: {path} exists; not overwritten")
     bad = mailengine("dkim", "keygen", "example.org", "bad_selector", timeout=60)
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("value", "domain"), [
+    (b"a@Example.org", "example.org"),
+    (b"Name <a@b.example.org>", "b.example.org"),
+    (b'"x@y.test" <a@c.org>', "c.org"),
+    (b"a@d.org (comment)", "d.org"),
+    (b"=?utf-8?q?J=C3=B6rg?= <j@news.EXAMPLE.org>", "news.example.org"),
+    (b"Name\r\n <a@h.org>", "h.org"),
+    (b"undisclosed", None),
+])
+def test_from_domain_fast_path_and_parser_agree(value: bytes, domain: str | None) -> None:
+    assert dkim.from_domain([(b"from", b"From: " + value)]) == domain
