@@ -539,7 +539,42 @@ def section_dkim(section: dict[str, Any], checks: Any) -> str:
         "Signing alone, CPU µs per message in one process (best of 3 passes): "
         + ", ".join(f"{name} {us:.0f}" for name, us in alone.items()) + ".",
         _targets_for(checks, "dkim"),
+        _dkim_bound(data),
     ])
+
+
+def _dkim_bound(data: dict[str, Any]) -> str:
+    """Why the ratio is what it is: the worker is one process, so one core, and signing adds
+    its CPU to every message the worker sends."""
+    off = data["variants"]["off"].get("cpu_us_per_message_by_process", {})
+    worker = next((v for k, v in off.items() if k.startswith("worker")), 0.0)
+    sign = data.get("sign_us", {}).get("rsa")
+    if not worker or not sign:
+        return ""
+    bound = worker / (worker + sign)
+    shares = {name: next((v for k, v in cell.get("cpu_share", {}).items()
+                          if k.startswith("worker")), 0.0)
+              for name, cell in data["variants"].items()}
+    return (
+        "**Why.** One sending IP is one worker process, so one core, and it signs every"
+        f" message it sends. Unsigned, the worker spent {worker:.0f} µs of CPU per message in"
+        f" this run; an RSA-2048 signature with its canonicalization and hashing costs"
+        f" {sign:.0f} µs on its own, of which the RSA operation is ~250 µs: OpenSSL's floor on"
+        " this CPU (`openssl speed rsa2048`: 249 µs per signature), which the `cryptography`"
+        " library reaches (dkimpy's pure-Python RSA is the last figure above). A worker that"
+        " is CPU-bound unsigned can therefore reach at most"
+        f" {worker:.0f} / ({worker:.0f} + {sign:.0f}) = **{100 * bound:.0f}%** of its rate"
+        " signed, whatever the implementation. (In this run the worker used"
+        f" {100 * shares.get('off', 0):.0f}% of a core unsigned and"
+        f" {100 * shares.get('rsa', 0):.0f}% signed: with the machine shared, the unsigned"
+        " runs were not CPU-bound in the worker, so the ratio measured can exceed that"
+        " bound.) The 70% target needs the RSA work off the"
+        " worker's core (more sending IPs are more workers, each on its own core; a pool of"
+        " signing processes per worker would be the next step on a machine with cores to"
+        " spare; this one has 2, already busy with the supervisor, smtp-sink and the"
+        " producer). Ed25519 (~40 µs) is cheap but cannot replace RSA: receivers that do not"
+        " verify it (most, today) need the RSA signature. Below the CPU limit (real"
+        " destinations: round trips, provider rate limits) signing costs CPU, not rate.")
 
 
 def section_memory(section: dict[str, Any], checks: Any) -> str:

@@ -1,9 +1,10 @@
 """DKIM signing (RFC 6376, RFC 8463): the signatures a message carries as it goes on the wire.
 
 The worker signs a message right before it goes out, after any 7-bit conversion
-(engine.downgrade, done per connection in engine.smtp.transaction), so the signature
-covers the bytes the receiver gets. `WireSigner.wire` caches per (job hand-out,
-conversion): a message tried at several MX hosts is signed once per form.
+(engine.downgrade, done per connection in engine.smtp.transaction, which calls the signing
+hook `WireSigner.for_task` gives it), so the signature covers the bytes the receiver gets.
+A message tried at several MX hosts, or again after a stale connection, is signed once per
+hand-out and form (7-bit or not) while its task is in flight.
 
 Which key: the domain of the message's From header (or its nearest configured parent,
 `dkim.subdomains`) picks a `dkim.domains` entry; of its keys valid today (`not_before`,
@@ -15,13 +16,14 @@ names a domain whose keys also sign every message (the ESP's feedback-loop ident
 Canonicalization is relaxed/relaxed; the header set is `dkim.headers` (each instance
 present), plus one empty instance of each `dkim.oversign` name so no such header can be
 added after signing. The hashing and signing are done here with the `cryptography` library
-(RSA PKCS#1 v1.5 with SHA-256, Ed25519 over the SHA-256 hash): dkimpy, the reference, took
-7 ms per 2048-bit RSA signature against 0.3 ms here (docs/PERFORMANCE.md); the tests check
-every form against dkimpy's verifier.
+(RSA PKCS#1 v1.5 with SHA-256, Ed25519 over the SHA-256 hash): dkimpy, the reference, takes
+about 7 ms per 2048-bit RSA signature (pure-Python arithmetic) against 0.26 ms here, the
+OpenSSL floor (docs/PERFORMANCE.md, "DKIM signing cost"); the tests check every form
+against dkimpy's verifier.
 
-Keys are read once, at start (engine.startcheck refuses a missing, unreadable, group- or
-world-readable key, or one that is neither RSA of 1024 bits or more nor Ed25519); no key
-material and no message content is ever logged.
+Keys are read once, at a worker's start (engine.startcheck, at `run`, `check-config` and
+reload, refuses a missing, unreadable, group- or world-readable key, or one that is neither
+RSA of 1024 bits or more nor Ed25519); no key material and no message content is logged.
 """
 from __future__ import annotations
 

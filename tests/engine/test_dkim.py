@@ -18,6 +18,7 @@ from tests.support.cli import mailengine
 from tests.support.dkimkeys import DkimKey, Verifier, make_key, unsigned, zone
 from tests.support.dnsserver import DnsServer
 from tests.support.mime import CONVERTED, MESSAGE_8BIT
+from tests.support.wait import until
 
 RSA, ED = "rsa-sha256", "ed25519-sha256"
 
@@ -174,3 +175,36 @@ def test_unsigned_ok_lets_a_domain_without_a_valid_key_send_unsigned(
                          PLAIN)])
     assert final_outcomes(engine.wait_final(1))[("u", "r@example.test")]["event"] == "delivered"
     assert plain_sink.messages[0].content == PLAIN
+
+
+@pytest.mark.timeout(90)
+def test_reload_with_a_key_that_cannot_sign_is_refused_and_a_good_one_is_taken(
+        plain_sink: SinkServer, tmp_path: Path, keys: dict[str, DkimKey], verifier: Verifier,
+        local_engine: Callable[..., LocalEngine]) -> None:
+    """SIGHUP: a config naming a missing key is refused (the workers keep signing with the
+    keys they have); then a config adding the ESP's key is taken by the fresh workers."""
+    engine = local_engine(plain_sink.port, extra={"dkim": {"domains": {
+        "example.org": {"keys": [keys["rsa"].config()]}}}})
+    engine.config["dkim"]["domains"]["example.org"]["keys"].append(
+        {"selector": "gone", "key_file": str(tmp_path / "gone.pem")})
+    engine.reload()
+    until(lambda: "event=reload_refused" in engine.log_tail(50), 10, "reload_refused",
+          engine.log_tail)
+    assert "gone.pem: no such file" in engine.log_tail(50)
+    assert engine.push([({"id": "a", "from": "s@example.org", "to": ["r@example.test"]},
+                         PLAIN)])
+    engine.wait_final(1)
+    assert verifier.signatures(plain_sink.messages[0].content) == [
+        ("example.org", "r2026", RSA, True)]
+
+    before = {ip: w["pid"] for ip, w in engine.status()["workers"].items()}
+    engine.config["dkim"] = dkim_section(keys)
+    engine.reload()
+    until(lambda: all(w["alive"] and w["pid"] != before[ip]
+                      for ip, w in engine.status()["workers"].items()), 20,
+          "fresh workers", engine.log_tail)
+    assert engine.push([({"id": "b", "from": "s@example.org", "to": ["r@example.test"]},
+                         PLAIN)])
+    engine.wait_final(2)
+    assert [s[:2] for s in verifier.signatures(plain_sink.messages[1].content)] == [
+        ("example.org", "r2026"), ("example.org", "e2026"), ("esp.test", "fbl")]
