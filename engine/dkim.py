@@ -419,8 +419,10 @@ def _start(key: SigningKey) -> datetime.date:
 
 def signing_refused(why: str) -> TransientError:
     """A message of a signing domain that may not go unsigned and cannot be signed now:
-    deferred (451 4.7.0) before MAIL; the message is to blame, so no other host is tried."""
-    return TransientError(Reply.local(451, "4.7.0", f"DKIM signing failed: {why}"), "MAIL",
+    deferred (451 4.3.5, RFC 3463: system incorrectly configured; not 4.7.x, which throttle
+    rules read as the provider's policy) before MAIL; the message is to blame, so no other
+    host is tried, and being made here, it is never taken for the provider's push-back."""
+    return TransientError(Reply.local(451, "4.3.5", f"DKIM signing failed: {why}"), "MAIL",
                           Blame.MESSAGE)
 
 

@@ -106,7 +106,7 @@ DECLARED: tuple[Metric, ...] = (
     Metric("dkim_signed", "counter", "messages signed with DKIM as they went out (once per"
            " hand-out and form, 7-bit or not; a dual-signed message counts once)"),
     Metric("dkim_failed", "counter", "messages of a DKIM signing domain with no key valid"
-           " that day: deferred (451 4.7.0), or sent unsigned where the domain's"
+           " that day: deferred (451 4.3.5), or sent unsigned where the domain's"
            " unsigned_ok allows it"),
     Metric("rejected", "counter", "jobs refused at intake", SUPERVISOR),
     Metric("queued", "counter", "jobs accepted into the spool", SUPERVISOR),

@@ -166,7 +166,7 @@ def test_wire_signer_signs_once_per_form_and_defers_what_cannot_be_signed(
         with pytest.raises(TransientError) as refused:
             expired.for_task("job2", 1, message, "gmail")(message, False)
         reply = refused.value.reply
-        assert (reply.code, reply.enhanced, refused.value.blame) == (451, "4.7.0", Blame.MESSAGE)
+        assert (reply.code, reply.enhanced, refused.value.blame) == (451, "4.3.5", Blame.MESSAGE)
         assert "DKIM signing failed" in reply.text
         catcher.sync()
         assert catcher.counter_sum("me.127_0_0_2.gmail.dkim_signed") == 3
