@@ -307,7 +307,7 @@ def _dkim_records(args: argparse.Namespace) -> int:
     try:
         cfg = config_mod.load(args.config)
         keys = dkim.load_keys(cfg.dkim)
-    except (config_mod.ConfigError, dkim.KeyError_) as err:
+    except (config_mod.ConfigError, dkim.DkimKeyError) as err:
         return cliargs.fail("dkim records", err)
     signing = dkim.signing_today(keys)
     for domain_keys in keys.values():

@@ -52,7 +52,7 @@ MIN_RSA_BITS = 1024  # RFC 8301 3.2: verifiers refuse less
 _PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
-class KeyError_(Exception):
+class DkimKeyError(Exception):
     """A key file that cannot sign: its message names the file and why, never its content."""
 
 
@@ -86,34 +86,34 @@ class SigningKey:
 
 
 def load_private_key(path: str) -> _PrivateKey:
-    """The private key in PEM file `path`; KeyError_ says what is wrong with it."""
+    """The private key in PEM file `path`; DkimKeyError says what is wrong with it."""
     try:
         info = os.stat(path)
     except OSError as err:
-        raise KeyError_(f"{path}: {err.strerror.lower() if err.strerror else err}") from None
+        raise DkimKeyError(f"{path}: {err.strerror.lower() if err.strerror else err}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise KeyError_(f"{path}: not a regular file")
+        raise DkimKeyError(f"{path}: not a regular file")
     if info.st_mode & 0o077:
-        raise KeyError_(f"{path}: readable or writable by group or others (mode "
+        raise DkimKeyError(f"{path}: readable or writable by group or others (mode "
                         f"{stat.S_IMODE(info.st_mode):04o}); chmod 600 it, owned by the"
                         " engine's user")
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
-        raise KeyError_(f"{path}: cannot be read ({err.strerror or err})") from None
+        raise DkimKeyError(f"{path}: cannot be read ({err.strerror or err})") from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):  # their text is not shown: it may quote the file
-        raise KeyError_(f"{path}: not an unencrypted PEM private key") from None
+        raise DkimKeyError(f"{path}: not an unencrypted PEM private key") from None
     if isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < MIN_RSA_BITS:
-            raise KeyError_(f"{path}: an RSA key of {key.key_size} bits; DKIM needs at"
+            raise DkimKeyError(f"{path}: an RSA key of {key.key_size} bits; DKIM needs at"
                             f" least {MIN_RSA_BITS} (2048 advised)")
         return key
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key
-    raise KeyError_(f"{path}: neither an RSA nor an Ed25519 key")
+    raise DkimKeyError(f"{path}: neither an RSA nor an Ed25519 key")
 
 
 def algorithm_of(key: _PrivateKey) -> str:
@@ -153,7 +153,7 @@ def write_key(key: _PrivateKey, path: str) -> None:
 
 
 def load_keys(cfg: DkimConfig) -> dict[str, tuple[SigningKey, ...]]:
-    """Every configured key, loaded, per domain; KeyError_ names the first bad one."""
+    """Every configured key, loaded, per domain; DkimKeyError names the first bad one."""
     return {domain: tuple(_signing_key(domain, k) for k in entry.keys)
             for domain, entry in cfg.domains.items()}
 
@@ -208,7 +208,7 @@ def problems(cfg: DkimConfig, today: datetime.date | None = None) -> list[str]:
         for i, k in enumerate(entry.keys):
             try:
                 keys.append(_signing_key(domain, k))
-            except KeyError_ as err:
+            except DkimKeyError as err:
                 found.append(f"dkim.domains.{domain}.keys[{i}].key_file {err}")
         if len(keys) == len(entry.keys) and not entry.unsigned_ok \
                 and not any(k.valid_on(today) for k in keys):
@@ -368,7 +368,7 @@ class Signer:
 
     @classmethod
     def create(cls, cfg: DkimConfig) -> Signer | None:
-        """A signer, or None when there is nothing to sign with; KeyError_ on a bad key."""
+        """A signer, or None when there is nothing to sign with; DkimKeyError on a bad key."""
         if not cfg.enabled or not cfg.domains:
             return None
         return cls(cfg, load_keys(cfg))

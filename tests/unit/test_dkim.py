@@ -177,18 +177,18 @@ def test_wire_signer_signs_once_per_form_and_defers_what_cannot_be_signed(
 def test_key_files_are_refused_with_the_reason_and_never_their_content(
         tmp_path: Path, keys: dict[str, DkimKey]) -> None:
     missing = str(tmp_path / "none.pem")
-    with pytest.raises(dkim.KeyError_, match=r"none\.pem: no such file"):
+    with pytest.raises(dkim.DkimKeyError, match=r"none\.pem: no such file"):
         dkim.load_private_key(missing)
     loose = tmp_path / "loose.pem"
     loose.write_bytes(Path(keys["rsa"].path).read_bytes())
     for mode in (0o640, 0o604, 0o660):
         os.chmod(loose, mode)
-        with pytest.raises(dkim.KeyError_, match=f"group or others \\(mode {mode:04o}\\)"):
+        with pytest.raises(dkim.DkimKeyError, match=f"group or others \\(mode {mode:04o}\\)"):
             dkim.load_private_key(str(loose))
     junk = tmp_path / "junk.pem"
     junk.write_text("-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
     os.chmod(junk, 0o600)
-    with pytest.raises(dkim.KeyError_) as err:
+    with pytest.raises(dkim.DkimKeyError) as err:
         dkim.load_private_key(str(junk))
     assert "not an unencrypted PEM private key" in str(err.value)
     assert "c2VjcmV0" not in str(err.value)
@@ -197,7 +197,7 @@ def test_key_files_are_refused_with_the_reason_and_never_their_content(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
     os.chmod(other, 0o600)
-    with pytest.raises(dkim.KeyError_, match="neither an RSA nor an Ed25519 key"):
+    with pytest.raises(dkim.DkimKeyError, match="neither an RSA nor an Ed25519 key"):
         dkim.load_private_key(str(other))
     cfg = DkimConfig(domains={"example.org": DkimDomainConfig((DkimKeyConfig("s", missing),))})
     assert dkim.problems(cfg) == [
