@@ -31,7 +31,7 @@ from engine import crash, gctune, logs, protocol
 from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
-from engine.dkim import Signer, WireSigner
+from engine.dkim import DkimKeyError, Signer, WireSigner
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, Resolver
 from engine.pools import Pools
@@ -40,7 +40,7 @@ from engine.provider import DEFAULT_PROVIDERS
 from engine.sendingip import SendingIp
 from engine.shaping import Shaping, plan_for
 from engine.smtp import Keepalive, ReplyLimits, Stopping
-from engine.tls import TlsPolicy
+from engine.tls import CaFileError, TlsPolicy
 
 log = logging.getLogger("mailengine.worker")
 
@@ -322,7 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the supervisor died before prctl took effect
-    worker = Worker(cfg, ip, args.tasks, args.results)
+    try:
+        worker = Worker(cfg, ip, args.tasks, args.results)
+    except (CaFileError, DkimKeyError) as err:  # broken since the start's check: named
+        log.error(logs.kv("worker_start_failed", ip=args.ip, error=err))
+        return 2
     gevent.signal_handler(signal.SIGTERM, worker.stop)
     gevent.signal_handler(signal.SIGINT, worker.stop)
     return worker.run()
