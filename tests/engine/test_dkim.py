@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -208,3 +209,24 @@ def test_reload_with_a_key_that_cannot_sign_is_refused_and_a_good_one_is_taken(
     engine.wait_final(2)
     assert [s[:2] for s in verifier.signatures(plain_sink.messages[1].content)] == [
         ("example.org", "r2026"), ("example.org", "e2026"), ("esp.test", "fbl")]
+
+
+@pytest.mark.timeout(60)
+def test_a_key_broken_after_the_start_is_named_by_the_restarted_worker(
+        plain_sink: SinkServer, keys: dict[str, DkimKey],
+        local_engine: Callable[..., LocalEngine]) -> None:
+    """Made group-readable since the start, the key stops a worker started again (after a
+    crash): one line naming the file, exit 2 (restarted with back-off), no traceback, and
+    nothing sent unsigned meanwhile."""
+    engine = local_engine(plain_sink.port, extra={"dkim": dkim_section(keys)})
+    worker = engine.status()["workers"]["127.0.0.2"]
+    os.chmod(keys["ed"].path, 0o640)
+    os.kill(worker["pid"], signal.SIGKILL)
+    wanted = (f'event=worker_start_failed ip=127.0.0.2 error="{keys["ed"].path}: readable'
+              " or writable by group or others")
+    until(lambda: wanted in engine.log_tail(2000), 30, "the restarted worker's error line",
+          engine.log_tail)
+    until(lambda: "event=worker_exited ip=127.0.0.2 code=2" in engine.log_tail(2000), 30,
+          "the supervisor's worker_exited line with status 2", engine.log_tail)
+    assert "Traceback" not in engine.log_tail(2000)
+    assert "PRIVATE KEY" not in engine.log_tail(2000)
