@@ -8,6 +8,7 @@ Sections (all by default, or `--only a,b`):
 - `refusal`: a burst against a destination that answers a 3rd connection with 421;
 - `loopback`: messages per second against Postfix's smtp-sink, with smtp-source in
   the same run (bench/loopback.py);
+- `dkim`: the whole engine on loopback with DKIM signing off and on (bench/loopback.py);
 - `memory`: one worker holding 1,000 open TLS connections (bench/memory.py);
 - `profile`: py-spy during the loopback throughput runs (bench/resources.py);
 - `experiments`: candidate optimisations of the worker, patched in at run time, against
@@ -38,7 +39,7 @@ from typing import Any
 from bench.common import ROOT, log, machine
 
 RESULTS = os.path.join(ROOT, "bench", "results", "latest.json")
-SECTIONS = ("proxy", "rtt", "headline", "refusal", "loopback", "memory", "profile",
+SECTIONS = ("proxy", "rtt", "headline", "refusal", "loopback", "dkim", "memory", "profile",
             "experiments")
 
 
@@ -84,6 +85,9 @@ def run_section(name: str, quick: bool, workdir: str) -> Any:
     if name == "loopback":
         from bench import loopback
         return loopback.throughput(workdir, quick)
+    if name == "dkim":
+        from bench import loopback
+        return loopback.dkim_cost(workdir, quick)
     if name == "memory":
         from bench import resources
         return resources.memory(1000, 4)

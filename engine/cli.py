@@ -1,4 +1,4 @@
-"""The `mailengine` command: run, push, status, check-config, spool, keygen, demo."""
+"""The `mailengine` command: run, push, status, check-config, spool, keygen, dkim, demo."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--dir", default=".", help="where to write the files (default: here)")
     keygen.set_defaults(func=_keygen)
 
+    _dkim_parser(sub)
+
     demo = sub.add_parser("demo", help="deliver a few hundred messages to a local SMTP server"
                                        " and show what happened",
                           description="Start an engine and a local SMTP sink in a temporary"
@@ -119,6 +121,35 @@ def _spool_parser(sub: Any) -> None:
     salvage.add_argument("--dry-run", action="store_true",
                          help="only say what would be saved and lost; change nothing")
     salvage.set_defaults(func=_spool_salvage)
+
+
+def _dkim_parser(sub: Any) -> None:
+    dkim = sub.add_parser("dkim", help="make a DKIM key, or print the DNS records of the"
+                                       " configured ones",
+                          description="DKIM keys: see docs/CONFIG.md (dkim) and"
+                                      " docs/SECURITY.md.")
+    dkim.set_defaults(func=lambda _: _usage(dkim))
+    commands = dkim.add_subparsers(metavar="COMMAND")
+    keygen = commands.add_parser(
+        "keygen", help="write a new private key (mode 0600) and print its DNS TXT record",
+        description="Write DOMAIN.SELECTOR.pem (the private key, mode 0600, never"
+                    " overwritten) and print the TXT record to publish at"
+                    " SELECTOR._domainkey.DOMAIN, and the lines to add to dkim.domains.")
+    keygen.add_argument("domain", metavar="DOMAIN", help="the signing domain (d=)")
+    keygen.add_argument("selector", metavar="SELECTOR", help="the selector (s=), e.g. s2026a")
+    keygen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa (rsa-sha256, the default) or ed25519 (ed25519-sha256, to"
+                             " dual-sign beside an RSA key)")
+    keygen.add_argument("--bits", type=int, choices=(1024, 2048, 3072, 4096), default=2048,
+                        help="RSA key size (default 2048)")
+    keygen.add_argument("--dir", default=".", help="where to write the key (default: here)")
+    keygen.set_defaults(func=_dkim_keygen)
+    records = commands.add_parser(
+        "records", help="print the TXT record of every configured key (all must be published)",
+        description="Load every key of the config's dkim section and print its TXT record,"
+                    " saying which sign today. Exit status 2 if a key cannot be loaded.")
+    _config_arg(records)
+    records.set_defaults(func=_dkim_records)
 
 
 def _spool_args(parser: argparse.ArgumentParser) -> None:
@@ -239,6 +270,51 @@ def _keygen(args: argparse.Namespace) -> int:
         print(f"mailengine keygen: {err}", file=sys.stderr)
         return 2
     print(f"public key: {public}\nsecret key: {secret} (mode 0600: keep it private)")
+    return 0
+
+
+def _dkim_keygen(args: argparse.Namespace) -> int:
+    import os
+
+    from engine import dkim
+    from engine.config.names import is_hostname
+    domain = args.domain.lower().rstrip(".")
+    if not is_hostname(domain) or "." not in domain:
+        return cliargs.fail("dkim keygen", f"{args.domain!r} is not a domain name (IDN in its"
+                                           " xn-- form)")
+    if not dkim.is_selector(args.selector):
+        return cliargs.fail("dkim keygen", f"{args.selector!r} is not a selector (DNS labels:"
+                                           " letters, digits and -)")
+    path = os.path.join(args.dir, f"{domain}.{args.selector}.pem")
+    key = dkim.generate(args.algorithm, args.bits)
+    try:
+        dkim.write_key(key, path)
+    except FileExistsError:
+        return cliargs.fail("dkim keygen", f"{path} exists; not overwritten")
+    except OSError as err:
+        return cliargs.fail("dkim keygen", f"{path}: {err.strerror or err}")
+    print(f"private key: {path} (mode 0600: keep it private, owned by the engine's user)")
+    print("publish in DNS:")
+    print(dkim.zone_line(domain, args.selector, dkim.dns_record(key)))
+    print("then add to the config (dkim.domains):")
+    print(f"  {domain}:\n    keys:\n      - {{selector: {args.selector},"
+          f" key_file: {os.path.abspath(path)}}}")
+    return 0
+
+
+def _dkim_records(args: argparse.Namespace) -> int:
+    from engine import dkim
+    try:
+        cfg = config_mod.load(args.config)
+        keys = dkim.load_keys(cfg.dkim)
+    except (config_mod.ConfigError, dkim.DkimKeyError) as err:
+        return cliargs.fail("dkim records", err)
+    signing = dkim.signing_today(keys)
+    for domain_keys in keys.values():
+        for key in domain_keys:
+            state = "signs today" if key in signing else "published, not signing today"
+            print(f"; {key.domain} {key.selector} {key.algorithm}: {state}")
+            print(dkim.zone_line(key.domain, key.selector, dkim.dns_record(key.key)))
     return 0
 
 

@@ -35,6 +35,7 @@ from engine import classify, logs
 from engine.config import ThrottleConfig
 from engine.connector import Connector
 from engine.descriptors import Descriptors
+from engine.dkim import WireSigner
 from engine.memo import Memo
 from engine.metrics import Metrics
 from engine.mx import Destination, MxHost, Resolver
@@ -55,6 +56,7 @@ from engine.shaping import (
     Verdict,
 )
 from engine.smtp import Connection, RcptResult, StaleConnection, Stopping, send_mail
+from engine.smtp.transaction import Sign
 from engine.tlspolicy import MTA_STS, REQUIRETLS, Decision, TlsPolicies
 
 log = logging.getLogger("mailengine.delivery")
@@ -92,7 +94,8 @@ class Deliverer:
                  connector: Connector, pools: Pools, metrics: Metrics,
                  shaping: Shaping | None = None,
                  providers: Mapping[str, str] = DEFAULT_PROVIDERS,
-                 policies: TlsPolicies | None = None) -> None:
+                 policies: TlsPolicies | None = None,
+                 dkim: WireSigner | None = None) -> None:
         self.source_ip = source_ip
         self.tls_mode = tls_mode
         self.resolver = resolver
@@ -105,6 +108,7 @@ class Deliverer:
         self.providers = providers
         # Without: smtp.tls for every domain, no MTA-STS.
         self.policies = policies or TlsPolicies(tls_mode, mta_sts=None)
+        self.dkim = dkim  # signs each message as it goes out (engine.dkim), if configured
         self.descriptors = Descriptors(metrics)  # waits for file descriptors
         # Per MX host, worked out once rather than per message (pure functions of the
         # host; the caches are emptied when full).
@@ -113,6 +117,13 @@ class Deliverer:
 
     def deliver(self, task: Task, report: Report) -> None:
         """Deliver every recipient of `task`; `report` gets each domain's results."""
+        try:
+            self._deliver(task, report)
+        finally:
+            if self.dkim is not None:  # its signed forms are kept while it is in flight
+                self.dkim.forget(task.job_id, task.handout, task.message)
+
+    def _deliver(self, task: Task, report: Report) -> None:
         by_domain: dict[str, list[str]] = {}
         for rcpt in task.rcpts:
             by_domain.setdefault(_domain(rcpt), []).append(rcpt)
@@ -326,7 +337,8 @@ class Deliverer:
                 started = time.monotonic()
                 try:
                     results = send_mail(conn, task.sender, rcpts, task.message,
-                                        task.smtputf8, task.eightbit, task.requiretls)
+                                        task.smtputf8, task.eightbit, task.requiretls,
+                                        self._signing(task, provider))
                 except StaleConnection as err:
                     self.metrics.incr("connections_stale", provider)
                     stale = err
@@ -345,6 +357,12 @@ class Deliverer:
                         bool(conn.tls_verified))
         assert stale is not None
         raise stale
+
+    def _signing(self, task: Task, provider: str) -> Sign | None:
+        """What signs the message once send_mail has converted it, if it must be."""
+        if self.dkim is None:
+            return None
+        return self.dkim.for_task(task.job_id, task.handout, task.message, provider)
 
     def _pool(self, host: MxHost, provider: str, shaper: ProviderShaper,
               routed: bool, decision: Decision) -> DestinationPool:

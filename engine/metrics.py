@@ -135,6 +135,11 @@ DECLARED: tuple[Metric, ...] = (
            " MAIL with REQUIRETLS)"),
     Metric("requiretls_refused", "counter", "deliveries of REQUIRETLS jobs no MX host could"
            " take: bounced 5.7.30 when every host lacks REQUIRETLS, else deferred"),
+    Metric("dkim_signed", "counter", "messages signed with DKIM as they went out (once per"
+           " hand-out and form, 7-bit or not; a dual-signed message counts once)"),
+    Metric("dkim_failed", "counter", "messages of a DKIM signing domain with no key valid"
+           " that day: deferred (451 4.3.5), or sent unsigned where the domain's"
+           " unsigned_ok allows it"),
     Metric("rejected", "counter", "jobs refused at intake", SUPERVISOR),
     Metric("queued", "counter", "jobs accepted into the spool", SUPERVISOR),
     Metric("intake_refused", "counter", "valid jobs read at intake and not acknowledged because"

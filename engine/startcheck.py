@@ -7,6 +7,9 @@ exits 2 (a restart would not fix it, so systemd does not loop on it):
 - the sending IPs are held by the host (engine.hostcheck);
 - `smtp.ca_file` loads as the workers load it (missing, unreadable, not PEM: the
   workers used to crash-loop on a FileNotFoundError that named no file);
+- every `dkim` key loads (missing, unreadable, readable by group or others, not a
+  private key DKIM can use) and each signing domain has a key valid today, unless
+  it may send unsigned (engine.dkim.problems): never an unsigned send by surprise;
 - `spool`, `run_dir` and the folder of `events_log` are writable folders, or can be
   created; an existing spool file and events log are writable;
 - `ingest`, `events`, `control` and the workers' results socket in `run_dir` are free:
@@ -33,7 +36,7 @@ import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from engine import hostcheck
+from engine import dkim, hostcheck
 from engine.config import Config, ConfigError
 
 IPC_PATH_MAX = 107  # bytes: sockaddr_un.sun_path, less its terminating NUL
@@ -55,7 +58,8 @@ def problems(cfg: Config, is_ours: Callable[[Busy], bool] | None = None) -> list
     """One line per thing this host lacks for `cfg` (empty: it can start). `is_ours`
     says whether a busy endpoint is the running engine's own (check-config); None
     (run) counts every busy endpoint."""
-    found = [*hostcheck.problems(cfg.ips), *ca_file(cfg), *curve_keys(cfg), *folders(cfg)]
+    found = [*hostcheck.problems(cfg.ips), *ca_file(cfg), *curve_keys(cfg),
+             *dkim.problems(cfg.dkim), *folders(cfg)]
     bad, busy = endpoints(cfg)
     return found + bad + [b.line() for b in busy if is_ours is None or not is_ours(b)]
 

@@ -37,7 +37,18 @@ from typing import Any
 
 import zmq
 
-from engine import auth, categories, control, events, gctune, logs, sdnotify, sockets, startcheck
+from engine import (
+    auth,
+    categories,
+    control,
+    dkim,
+    events,
+    gctune,
+    logs,
+    sdnotify,
+    sockets,
+    startcheck,
+)
 from engine import config as config_mod
 from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.config import Config
@@ -343,6 +354,10 @@ class Supervisor:
             new = config_mod.load(self.config_path)
         except config_mod.ConfigError as err:
             log.error(logs.kv("reload_refused", error=err))
+            return
+        unusable = dkim.problems(new.dkim)  # the fresh workers would fail on these keys
+        if unusable:
+            log.error(logs.kv("reload_refused", error="; ".join(unusable)))
             return
         for key in RESTART_KEYS:
             if getattr(new, key) != getattr(self.cfg, key):

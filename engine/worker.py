@@ -31,6 +31,7 @@ from engine import crash, gctune, logs, protocol
 from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
 from engine.delivery import Deliverer
+from engine.dkim import DkimKeyError, Signer, WireSigner
 from engine.metrics import Metrics
 from engine.mtasts import FetchSettings, MtaSts, https_context
 from engine.mtasts import create as mta_sts_for
@@ -110,9 +111,10 @@ class Worker:
         policies = TlsPolicies(cfg.smtp.tls, cfg.tls_policy.domains, cfg.tls_policy.providers,
                                self._mta_sts(resolver, destinations, identity),
                                cfg.tls_policy.mta_sts)
+        signer = Signer.create(cfg.dkim)  # the keys, read once (engine.startcheck checked them)
         return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
                          self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers},
-                         policies)
+                         policies, None if signer is None else WireSigner(signer, self.metrics))
 
     def _mta_sts(self, resolver: Resolver, destinations: DestinationPolicy,
                  identity: Identity) -> MtaSts:
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1  # the supervisor died before prctl took effect
     try:
         worker = Worker(cfg, ip, args.tasks, args.results)
-    except CaFileError as err:  # removed or broken since the start's check: named, not a trace
+    except (CaFileError, DkimKeyError) as err:  # broken since the start's check: named
         log.error(logs.kv("worker_start_failed", ip=args.ip, error=err))
         return 2
     gevent.signal_handler(signal.SIGTERM, worker.stop)

@@ -334,6 +334,49 @@ class SecurityConfig:
     allowed_destinations: tuple[str, ...] = ()  # networks allowed although not public
 
 
+# The header fields DKIM signs by default (each instance present; engine.dkim), and those
+# signed once more than present so none can be added in transit (RFC 6376 8.15).
+DKIM_HEADERS = (
+    "from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
+    "mime-version", "content-type", "content-transfer-encoding", "content-id",
+    "content-description", "in-reply-to", "references", "list-id", "list-help",
+    "list-unsubscribe", "list-unsubscribe-post", "list-subscribe", "list-post", "list-owner",
+    "list-archive", "feedback-id",
+)
+DKIM_OVERSIGN = ("from", "to", "subject")
+
+
+@dataclass(frozen=True)
+class DkimKeyConfig:
+    """One private key of a signing domain, and the UTC dates (inclusive) it signs."""
+
+    selector: str
+    key_file: str
+    not_before: str | None = None  # "2026-11-30"
+    not_after: str | None = None
+
+
+@dataclass(frozen=True)
+class DkimDomainConfig:
+    """A signing domain: its keys (the newest valid one of each algorithm signs)."""
+
+    keys: tuple[DkimKeyConfig, ...]
+    unsigned_ok: bool = False  # no key valid: send unsigned rather than defer
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    """DKIM signing (engine.dkim), by the domain of the From header."""
+
+    enabled: bool = True
+    domains: Mapping[str, DkimDomainConfig] = field(default_factory=_frozen_mapping)
+    subdomains: bool = True  # a domain's keys also sign for its subdomains
+    esp: str | None = None  # a domain of `domains` whose keys also sign every message
+    headers: tuple[str, ...] = DKIM_HEADERS
+    oversign: tuple[str, ...] = DKIM_OVERSIGN
+    expiry: float = 0.0  # x= this long after t= (0: no x= tag)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole configuration. Build it with `load` or `from_dict`, which validate.
@@ -372,6 +415,7 @@ class Config:
     categories: CategoriesConfig = field(default_factory=CategoriesConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata=NOT_PLAIN)
 
     def __post_init__(self) -> None:

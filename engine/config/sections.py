@@ -21,6 +21,9 @@ from engine.config.schema import (
     CategoriesConfig,
     CategoryRule,
     CurveConfig,
+    DkimConfig,
+    DkimDomainConfig,
+    DkimKeyConfig,
     DnsConfig,
     IpConfig,
     LimitsConfig,
@@ -392,6 +395,95 @@ _SECURITY = section(SecurityConfig, {
 })
 
 
+# --- dkim ----------------------------------------------------------------------------
+
+_HEADER_NAME = matching(r"[!-9;-~]+", "a header field name such as List-Unsubscribe")
+# RFC 6376 3.1: a selector is DNS labels (engine.dkim.is_selector: this package imports
+# no other engine module).
+_SELECTOR = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+                       r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
+
+
+def _selector(value: Any, path: str) -> str:
+    name = text(value, path)
+    if not _SELECTOR.fullmatch(name) or len(name) > 63:
+        raise error(path, f"a selector is DNS labels: letters, digits and - (got {show(value)})")
+    return name
+
+
+_DKIM_KEY = section(DkimKeyConfig, {
+    "selector": _selector,
+    "key_file": nonempty,
+    "not_before": optional(iso_date),
+    "not_after": optional(iso_date),
+})
+
+
+def _dkim_key(value: Any, path: str) -> DkimKeyConfig:
+    data = mapping(value, path)
+    for required in ("selector", "key_file"):
+        if required not in data:
+            raise error(join(path, required), "required")
+    key = _DKIM_KEY(data, path)
+    if key.not_before and key.not_after and key.not_after < key.not_before:
+        raise error(join(path, "not_after"), f"before not_before ({key.not_before})")
+    return key
+
+
+def _dkim_keys(value: Any, path: str) -> tuple[DkimKeyConfig, ...]:
+    keys: tuple[DkimKeyConfig, ...] = tuple_of(_dkim_key, nonempty=True)(value, path)
+    refuse_repeats([k.selector for k in keys], path + "[{}].selector")
+    return keys
+
+
+_DKIM_DOMAIN_FIELDS = section(DkimDomainConfig, {"keys": _dkim_keys, "unsigned_ok": boolean})
+
+
+def _dkim_domains(value: Any, path: str) -> Mapping[str, DkimDomainConfig]:
+    domains: dict[str, DkimDomainConfig] = {}
+    for domain, entry in mapping(value, path).items():
+        where = join(path, domain)
+        key = domain.lower().rstrip(".")
+        if not is_hostname(key) or "." not in key:
+            raise error(where, "not a domain name (IDN in its xn-- form)")
+        if key in domains:
+            raise error(where, f"{key} is listed twice")
+        if "keys" not in mapping(entry, where):
+            raise error(join(where, "keys"), "required: at least one {selector, key_file}")
+        domains[key] = _DKIM_DOMAIN_FIELDS(entry, where)
+    return MappingProxyType(domains)
+
+
+def _header_names(value: Any, path: str) -> tuple[str, ...]:
+    names = tuple(n.lower() for n in tuple_of(_HEADER_NAME)(value, path))
+    refuse_repeats(names, path + "[{}]")
+    return names
+
+
+_DKIM_FIELDS = section(DkimConfig, {
+    "enabled": boolean,
+    "domains": _dkim_domains,
+    "subdomains": boolean,
+    "esp": optional(lambda v, p: text(v, p).lower().rstrip(".")),
+    "headers": _header_names,
+    "oversign": _header_names,
+    "expiry": duration(),
+})
+
+
+def _dkim(value: Any, path: str) -> DkimConfig:
+    cfg = _DKIM_FIELDS(value, path)
+    if cfg.esp is not None and cfg.esp not in cfg.domains:
+        raise error(join(path, "esp"), f"{cfg.esp} is not in dkim.domains (its keys sign)")
+    if "from" not in cfg.headers:
+        raise error(join(path, "headers"), "must include from (RFC 6376 5.4)")
+    for i, name in enumerate(cfg.oversign):
+        if name not in cfg.headers:
+            raise error(f"{path}.oversign[{i}]", f"{name} is not in dkim.headers")
+    return cfg
+
+
+
 TOP_READERS: dict[str, Reader] = {
     "ingest": endpoint,
     "events": endpoint,
@@ -415,4 +507,5 @@ TOP_READERS: dict[str, Reader] = {
     "categories": _CATEGORIES,
     "warmup": _WARMUP,
     "security": _SECURITY,
+    "dkim": _dkim,
 }

@@ -33,13 +33,18 @@ from engine.smtp.handover import Owed, RcptResult, Stopping
 
 # What a transaction mode returns: the results, or (handed on) the results to wait for.
 _Mode = Callable[[bytes, list[bytes], bytes], "list[RcptResult] | Owed"]
+# The message as it goes out and whether it was converted to 7-bit -> the message signed.
+Sign = Callable[[bytes, bool], bytes]
 
 
 def send_mail(conn: Connection, sender: str, rcpts: Sequence[str], message: bytes,
               smtputf8: bool = False, eightbit: bool = False,
-              requiretls: bool = False) -> list[RcptResult]:
+              requiretls: bool = False, sign: Sign | None = None) -> list[RcptResult]:
     """Deliver one message to `rcpts` on `conn`; one result per recipient. `requiretls`:
     MAIL carries REQUIRETLS (RFC 8689; engine.connector made sure the server offers it).
+    `sign`, if given, gets the message as it is about to go out (after any 7-bit
+    conversion) and whether it was converted, and returns it signed (engine.dkim), or
+    raises the DeliveryError that is the recipients' outcome.
 
     Raises StaleConnection when a reused connection fails before the server answered
     anything and before the end of the message was written (or with the server's 421
@@ -47,7 +52,7 @@ def send_mail(conn: Connection, sender: str, rcpts: Sequence[str], message: byte
     recipient (ambiguous once the end of the message was written: the server may have
     it). Killed with `Stopping`, leaves on it what the recipients must still hear.
     """
-    return Transaction(conn, rcpts).run(sender, message, smtputf8, eightbit, requiretls)
+    return Transaction(conn, rcpts).run(sender, message, smtputf8, eightbit, requiretls, sign)
 
 
 class Transaction:
@@ -66,22 +71,26 @@ class Transaction:
         self.outcome: list[RcptResult] | None = None  # the replies' results, once known
 
     def run(self, sender: str, message: bytes, smtputf8: bool,
-            eightbit: bool, requiretls: bool = False) -> list[RcptResult]:
+            eightbit: bool, requiretls: bool = False,
+            sign: Sign | None = None) -> list[RcptResult]:
         """Deliver the message; one result per recipient (see `send_mail`)."""
         try:
-            return self._run(sender, message, smtputf8, eightbit, requiretls)
+            return self._run(sender, message, smtputf8, eightbit, requiretls, sign)
         except Stopping as stop:
             stop.results = self._left_unanswered()
             raise
 
     def _run(self, sender: str, message: bytes, smtputf8: bool,
-             eightbit: bool, requiretls: bool) -> list[RcptResult]:
+             eightbit: bool, requiretls: bool, sign: Sign | None) -> list[RcptResult]:
         conn = self.conn
         try:
             # RFC 6152 3. With SMTPUTF8 the message is not ours to convert: a server without
             # SMTPUTF8 refuses it in _mail_command (5.6.7); one with it takes 8-bit anyway.
-            if eightbit and not smtputf8 and not conn.has_extn("8bitmime"):
+            converted = eightbit and not smtputf8 and not conn.has_extn("8bitmime")
+            if converted:
                 message = _seven_bit(message)
+            if sign is not None:  # after the conversion: the signature covers what is sent
+                message = sign(message, converted)
             with conn.deadline("transaction", conn.timeouts.transaction):
                 mail_cmd = self._mail_command(sender, len(message), smtputf8, eightbit,
                                               requiretls)

@@ -32,6 +32,7 @@ DEBIAN_PACKAGE_OF = {
     "statsd": "python3-statsd",
     "pyyaml": "python3-yaml",
     "tqdm": "python3-tqdm",
+    "cryptography": "python3-cryptography",
     # engine/provider.py reads only the list's data file: Debian has it, not the module
     "publicsuffixlist": "publicsuffix",
 }
