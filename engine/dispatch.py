@@ -185,6 +185,14 @@ class Dispatcher:
                 self._unreported[job_id] = frozenset(flight.attempts)
             self._take_back(job_id, counted=True)
 
+    def changed_by_operator(self, job_ids: Iterable[str]) -> None:
+        """Jobs the operator changed in the spool (engine.queue_admin: retried, bounced,
+        deleted): the copy kept of one never handed out is dropped (the spool's record is
+        read again), and one passed over is due at once."""
+        for job_id in job_ids:
+            self._forget_unsent(job_id)
+            self._parked.pop(job_id, None)
+
     def answered(self, job_id: str, handout: int) -> InFlight | None:
         """The hand-out a result answers: the job's current one, or one taken back."""
         flight = self.in_flight.get(job_id)
