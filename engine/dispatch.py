@@ -67,6 +67,7 @@ class InFlight:
     # Recipients sent again because the worker of an earlier hand-out died without reporting
     # them: it may have delivered them, so their events say `possible_duplicate`.
     resent: frozenset[str] = frozenset()
+    job_id: str = ""  # whose hand-out (a taken-back one is kept by number, `earlier`)
 
 
 def handout_deadline(cfg: Config) -> float:
@@ -315,7 +316,7 @@ class Dispatcher:
         # The job's meta is never changed (events copy it), so it is shared, not copied.
         self.in_flight[job.id] = flight = InFlight(handle.ip, job.meta, pending.queued_ts,
                                                    pending.expires_ts, dict(pending.attempts),
-                                                   handout)
+                                                   handout, job_id=job.id)
         if self._unreported:
             flight.resent = self._resent(job.id, pending.rcpts)
         return True

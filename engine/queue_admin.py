@@ -14,9 +14,11 @@ supervisor's loop:
 - `queue_bounce`, `queue_delete`: recipients ended by the operator, by job or domain:
   each gets its final event, `bounced` (550 5.0.0) or `expired` (451 4.0.0) with a reply
   that says the operator did it, stored with the outcome in the spool's outbox
-  (engine.outbox) and then published, as `Dispatcher._expire` does. A job in flight (a
-  worker has it now) is left alone: refused by id, skipped by domain and counted in the
-  answer (`in_flight`), to be run again once its results are in.
+  (engine.outbox) and then published, as `Dispatcher._expire` does. A job a worker may be
+  delivering now (in flight, or a hand-out taken back whose results may still come) is left
+  alone: refused by id, skipped by domain and counted in the answer (`in_flight`), to be
+  run again once its results are in. (Ending it under the worker's feet could give one
+  recipient two final events: the operator's and a late `delivered`.)
 - `queue_suspend`, `queue_resume`: a provider at one sending IP, told to that IP's worker
   (engine.protocol.Hold, over its task channel), whose shaper holds it
   (engine.shaping.ProviderShaper.hold). Remembered here, and told again to a restarted
@@ -171,7 +173,7 @@ class QueueAdmin:
             ip = self._ip(request) if "ip" in request else None
             return self._retry_domains(self.routes.domains(_name(request, "provider"), ip))
         job_id, domain = _target(request)
-        if job_id is not None and job_id in self._dispatcher.in_flight:
+        if job_id is not None and job_id in self._out():
             raise BadRequest(f"job {job_id} is in flight (a worker is delivering it now)")
         found, more, skipped = self._waiting(job_id, domain)
         self._retry(found)
@@ -209,8 +211,7 @@ class QueueAdmin:
              logged: str) -> dict[str, Any]:
         """Recipients ended by the operator, each with its final event (see the module)."""
         job_id, domain = _target(request)
-        in_flight = self._dispatcher.in_flight
-        if job_id is not None and job_id in in_flight:
+        if job_id is not None and job_id in self._out():
             raise BadRequest(f"job {job_id} is in flight (a worker is delivering it now);"
                              " try again in a moment")
         if request.get("dry_run") is True:
@@ -231,16 +232,22 @@ class QueueAdmin:
                                 **({"id": job_id} if job_id else {"domain": domain})))
         return _changed(found, more, skipped)
 
+    def _out(self) -> set[str]:
+        """The jobs a worker may be delivering now: in flight, or with a hand-out taken
+        back (overdue, its worker declared dead) whose results may still come."""
+        dispatcher = self._dispatcher
+        return {*dispatcher.in_flight, *(f.job_id for f in dispatcher.earlier.values())}
+
     def _waiting(self, job_id: str | None, domain: str | None, limit: int = MATCH_MAX
                  ) -> tuple[list[Waiting], bool, int]:
-        """The recipients of a job or a domain not in flight, at most `limit`; whether more
-        match; how many jobs were skipped, in flight."""
-        in_flight = self._dispatcher.in_flight
+        """The recipients of a job or a domain not out (`_out`), at most `limit`; whether
+        more match; how many jobs were skipped, out."""
+        out = self._out()
         skipped: set[str] = set()
 
         class _Skip:
             def __contains__(self, job: object) -> bool:
-                if job in in_flight:
+                if job in out:
                     skipped.add(str(job))
                     return True
                 return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -235,3 +236,22 @@ def test_the_control_socket_is_0660_and_bad_requests_are_one_line(engine: LocalE
         1, f"mailengine queue: ip '127.0.0.9' is not one of this engine's sending IPs ({IP})\n")
     bad = queue(engine, "suspend", IP, "google", "--for", "soon")
     assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_restarted_worker_is_told_the_suspension_again(engine: LocalEngine) -> None:
+    done = queue(engine, "suspend", IP, PROVIDER, "--for", "20m")
+    assert done.returncode == 0, done.stderr
+
+    def worker() -> dict[str, Any]:
+        return engine.status()["workers"][IP]  # type: ignore[no-any-return]
+
+    def held() -> bool:
+        return (worker()["shaping"].get(PROVIDER) or {}).get("held") is True
+    engine.wait_for(lambda _: held(), 10, "the worker's hold")
+    first = worker()["pid"]
+    os.kill(first, signal.SIGKILL)
+    engine.wait_for(lambda _: worker()["pid"] not in (first, None) and worker()["ready"], 30,
+                    "the worker restarted and said hello")
+    engine.wait_for(lambda _: held(), 10, "the hold told to the new worker")
+    assert 1100 < worker()["shaping"][PROVIDER]["suspended_for"] <= 1200

@@ -94,6 +94,19 @@ def test_bounce_stores_each_final_event_with_its_outcome_and_leaves_jobs_in_flig
     assert spool.count_waiting(domain="one.test") == (1, 1)  # j2's, in flight
 
 
+def test_a_job_whose_taken_back_hand_out_may_still_report_is_left_alone_too(
+        parts: tuple[QueueAdmin, Spool, Dispatcher, list[Event]]) -> None:
+    admin, spool, dispatcher, published = parts
+    deferred(spool, "j1", "a@one.test")
+    deferred(spool, "j2", "b@one.test")
+    dispatcher.earlier[7] = InFlight("127.0.0.2", {}, T0, T0 + 86400, {"a@one.test": 0},
+                                     handout=7, job_id="j1")
+    with pytest.raises(BadRequest, match="job j1 is in flight"):
+        admin.delete({"id": "j1"})
+    assert admin.delete({"domain": "one.test"})["in_flight"] == 1
+    assert [json.loads(line)["id"] for _, line in published] == ["j2"]
+
+
 def test_delete_ends_with_expired_events_and_the_job_is_finished(
         parts: tuple[QueueAdmin, Spool, Dispatcher, list[Event]]) -> None:
     admin, spool, _, published = parts
