@@ -175,7 +175,7 @@ class QueueAdmin:
         job_id, domain = _target(request)
         if job_id is not None and job_id in self._out():
             raise BadRequest(f"job {job_id} is in flight (a worker is delivering it now)")
-        found, more, skipped = self._waiting(job_id, domain)
+        found, more, skipped = self._waiting(job_id, domain, due_after=self._clock.now())
         self._retry(found)
         return _changed(found, more, skipped)
 
@@ -183,7 +183,8 @@ class QueueAdmin:
         found: list[Waiting] = []
         more, skipped = False, 0
         for domain in domains:
-            some, more, passed = self._waiting(None, domain, MATCH_MAX - len(found))
+            some, more, passed = self._waiting(None, domain, MATCH_MAX - len(found),
+                                               due_after=self._clock.now())
             found += some
             skipped += passed
             if more:
@@ -238,10 +239,11 @@ class QueueAdmin:
         dispatcher = self._dispatcher
         return {*dispatcher.in_flight, *(f.job_id for f in dispatcher.earlier.values())}
 
-    def _waiting(self, job_id: str | None, domain: str | None, limit: int = MATCH_MAX
-                 ) -> tuple[list[Waiting], bool, int]:
-        """The recipients of a job or a domain not out (`_out`), at most `limit`; whether
-        more match; how many jobs were skipped, out."""
+    def _waiting(self, job_id: str | None, domain: str | None, limit: int = MATCH_MAX,
+                 due_after: float | None = None) -> tuple[list[Waiting], bool, int]:
+        """The recipients of a job or a domain not out (`_out`), at most `limit` (and, for a
+        retry, only those not due yet: what one request retried is not found again by the
+        next); whether more match; how many jobs were skipped, out."""
         out = self._out()
         skipped: set[str] = set()
 
@@ -252,7 +254,7 @@ class QueueAdmin:
                     return True
                 return False
 
-        found, more = self._spool.waiting(job_id, domain, _Skip(), limit)
+        found, more = self._spool.waiting(job_id, domain, _Skip(), limit, due_after)
         return found, more, len(skipped)
 
     # -- suspending --------------------------------------------------------------------

@@ -232,9 +232,9 @@ def _where(target: dict[str, Any]) -> str:
     if "id" in target:
         return f"job {target['id']}"
     if "domain" in target:
-        return f"at {target['domain']}"
-    return f"at provider {target['provider']}" + (f" via {target['ip']}" if "ip" in target
-                                                  else "")
+        return f"domain {target['domain']}"
+    return f"provider {target['provider']}" + (f" via {target['ip']}" if "ip" in target
+                                               else "")
 
 
 def _retry(args: argparse.Namespace) -> int:
@@ -244,7 +244,7 @@ def _retry(args: argparse.Namespace) -> int:
     done = _repeat(args, {"command": "queue_retry", **target})
     if isinstance(done, int):
         return done
-    return _report(args, done, "due now", target)
+    return _report(args, done, "due now", target, "nothing waits there for a later try")
 
 
 def _end(args: argparse.Namespace) -> int:
@@ -257,7 +257,7 @@ def _end(args: argparse.Namespace) -> int:
         if isinstance(count, int):
             return count
         if count["jobs"] == 0:
-            print(f"mailengine queue: nothing waits {_where(target)}", file=sys.stderr)
+            print(f"mailengine queue: {_where(target)}: nothing waits there", file=sys.stderr)
             return EXIT_NOT_DONE
         if count["jobs"] > 1 and not _confirmed(args.verb, count, target):
             return EXIT_NOT_DONE if sys.stdin.isatty() else EXIT_USAGE
@@ -266,11 +266,11 @@ def _end(args: argparse.Namespace) -> int:
         return done
     return _report(args, done, f"{args.verb}d, each with its `{args.event}` event"
                    if args.verb == "delete" else f"bounced, each with its `{args.event}`"
-                                                 " event", target)
+                                                 " event", target, "nothing waits there")
 
 
 def _confirmed(verb: str, count: dict[str, Any], target: dict[str, Any]) -> bool:
-    what = f"{count['jobs']} jobs ({count['rcpts']} recipients) {_where(target)}"
+    what = f"{count['jobs']} jobs ({_n(count['rcpts'], 'recipient')}) at {_where(target)}"
     if not sys.stdin.isatty():
         print(f"mailengine queue: {what} match; add --yes to {verb} them all",
               file=sys.stderr)
@@ -302,15 +302,16 @@ def _partial(total: dict[str, int], status: int) -> int:
 
 
 def _report(args: argparse.Namespace, done: dict[str, Any], what: str,
-            target: dict[str, Any]) -> int:
+            target: dict[str, Any], none: str) -> int:
     if not _print_json(args, done):
-        print(f"{done['rcpts']} recipients of {done['jobs']} jobs {_where(target)} {what}")
+        print(f"{_where(target)}: {_n(done['rcpts'], 'recipient')} of"
+              f" {_n(done['jobs'], 'job')} {what}")
     if done["in_flight"]:
         print(f"mailengine queue: {done['in_flight']} jobs in flight (a worker has them"
               " now) were left alone; run it again in a moment", file=sys.stderr)
         return EXIT_NOT_DONE
     if done["rcpts"] == 0:
-        print(f"mailengine queue: nothing waits {_where(target)}", file=sys.stderr)
+        print(f"mailengine queue: {_where(target)}: {none}", file=sys.stderr)
         return EXIT_NOT_DONE
     return EXIT_OK
 
@@ -328,8 +329,8 @@ def _hold(args: argparse.Namespace) -> int:
         print(f"{args.ip} x {answer['provider']} suspended for {_age(answer['seconds'])}"
               " (`mailengine queue resume` lifts it)")
     else:
-        print(f"{args.ip} x {answer['provider']} resumed; {answer['rcpts']} recipients of"
-              f" {answer['jobs']} jobs due now")
+        print(f"{args.ip} x {answer['provider']} resumed; {_n(answer['rcpts'], 'recipient')}"
+              f" of {_n(answer['jobs'], 'job')} due now")
     return EXIT_OK
 
 

@@ -479,12 +479,15 @@ class Spool:
         return list(found.values()), len(rows)
 
     def waiting(self, job_id: str | None = None, domain: str | None = None,
-                skip: Container[str] = frozenset(), limit: int = 10_000
-                ) -> tuple[list[Waiting], bool]:
+                skip: Container[str] = frozenset(), limit: int = 10_000,
+                due_after: float | None = None) -> tuple[list[Waiting], bool]:
         """The recipients not final yet of job `job_id`, or at `domain` (any case), but
-        not of the jobs in `skip` (in flight), at most `limit`; and whether more match.
-        A domain is found by a scan of the recipients not final (no index holds it)."""
+        not of the jobs in `skip` (in flight), and (`due_after`) only those whose next try
+        is later than that; at most `limit`; and whether more match. A domain is found by
+        a scan of the recipients not final (no index holds it)."""
         where, params = _waiting_filter(job_id, domain)
+        if due_after is not None:
+            where, params = f"{where} AND r.next_attempt > ?", (*params, due_after)
         found: list[Waiting] = []
         metas: dict[str, Mapping[str, Any]] = {}
         with self._reading():

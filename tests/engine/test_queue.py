@@ -115,7 +115,7 @@ def test_retry_by_id_domain_and_provider_tries_again_now(engine: LocalEngine,
 
     done = queue(engine, "retry", "r1")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "1 recipients of 1 jobs job r1 due now"
+    assert done.stdout.strip() == "job r1: 1 recipient of 1 job due now"
     assert final_of(engine, "r1", "defer@one.test")["event"] == "delivered"
     assert not {("r2", "defer@two.test"), ("r3", "defer@three.test")} & set(
         final_outcomes(engine.events()))
@@ -133,7 +133,8 @@ def test_retry_by_id_domain_and_provider_tries_again_now(engine: LocalEngine,
 
     nothing = queue(engine, "retry", "--domain", "one.test")
     assert nothing.returncode == 1
-    assert "nothing waits at one.test" in nothing.stderr
+    assert nothing.stderr == ("mailengine queue: domain one.test: nothing waits there for a"
+                              " later try\n")
 
 
 @pytest.mark.timeout(90)
@@ -152,13 +153,13 @@ def test_bounce_ends_a_job_and_a_domain_each_with_its_bounced_event(
 
     asked = queue(engine, "bounce", "--domain", "two.test")  # two jobs, no terminal: refused
     assert asked.returncode == 2
-    assert asked.stderr.strip() == ("mailengine queue: 2 jobs (2 recipients) at two.test"
-                                    " match; add --yes to bounce them all")
+    assert asked.stderr.strip() == ("mailengine queue: 2 jobs (2 recipients) at domain"
+                                    " two.test match; add --yes to bounce them all")
     assert summary(engine)["rows"][0]["domain"] == "two.test"
 
     done = queue(engine, "bounce", "--domain", "two.test", "--yes")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("2 recipients of 2 jobs at two.test bounced")
+    assert done.stdout.startswith("domain two.test: 2 recipients of 2 jobs bounced")
     finals = final_outcomes(engine.wait_final(4, timeout=30))
     assert finals[("b2", "defer1@two.test")]["event"] == "bounced"
     assert finals[("b3", "defer2@two.test")]["reply"] == "bounced by the operator: not delivered"
@@ -183,7 +184,7 @@ def test_delete_ends_a_job_with_its_expired_event_and_empties_the_spool(
     assert engine.status()["spool"]["jobs"] == 0
     again = queue(engine, "delete", "d1")
     assert again.returncode == 1
-    assert again.stderr.strip() == "mailengine queue: nothing waits job d1"
+    assert again.stderr.strip() == "mailengine queue: job d1: nothing waits there"
 
 
 @pytest.mark.timeout(90)
@@ -214,7 +215,7 @@ def test_suspend_holds_a_provider_until_resume_which_sends_at_once(
 
     done = queue(engine, "resume", IP, PROVIDER)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == f"{IP} x {PROVIDER} resumed; 1 recipients of 1 jobs due now"
+    assert done.stdout.strip() == f"{IP} x {PROVIDER} resumed; 1 recipient of 1 job due now"
     assert final_of(engine, "s1", "someone@one.test")["event"] == "delivered"
     assert held().get("held") is False and held()["suspended_for"] == 0
     with open(engine.log_path, encoding="utf-8") as f:

@@ -130,6 +130,7 @@ def test_retry_makes_recipients_due_now_and_keeps_their_attempts(
     assert [(p.job.id, p.rcpts, dict(p.attempts)) for p in due] == [
         ("j1", ("b@two.test",), {"b@two.test": 1})]
     assert published == []  # nothing ended, nothing to say
+    assert admin.retry({"domain": "two.test"})["rcpts"] == 0  # due already: not found again
     record = spool.job_record("j1")
     assert record is not None and record["rcpts"][1]["reply"] == "mailbox full"
 
