@@ -6,8 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pty
 import signal
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,7 +20,7 @@ import pytest
 from engine.queue_cli import ask
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
-from tests.support.cli import mailengine
+from tests.support.cli import cli_env, mailengine
 
 IP = "127.0.0.2"
 PROVIDER = "127.0.0.1"  # the sink's host: the MX of every domain here (routes "*")
@@ -256,3 +259,39 @@ def test_a_restarted_worker_is_told_the_suspension_again(engine: LocalEngine) ->
                     "the worker restarted and said hello")
     engine.wait_for(lambda _: held(), 10, "the hold told to the new worker")
     assert 1100 < worker()["shaping"][PROVIDER]["suspended_for"] <= 1200
+
+
+def answered(engine: LocalEngine, answer: bytes, *args: str) -> tuple[int, str]:
+    """`mailengine queue ARGS` on a terminal (a pty) that answers its question with `answer`:
+    (exit status, what it said on standard error)."""
+    main, terminal = pty.openpty()
+    try:
+        done = subprocess.Popen([sys.executable, "-m", "engine.cli", "queue", "-c",
+                                 engine.config_path, *args], stdin=terminal,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+        os.write(main, answer)
+        _, stderr = done.communicate(timeout=30)
+    finally:
+        os.close(main)
+        os.close(terminal)
+    return done.returncode, stderr.decode()
+
+
+@pytest.mark.timeout(90)
+def test_a_delete_of_several_jobs_asks_on_a_terminal_and_does_only_what_is_confirmed(
+        engine: LocalEngine) -> None:
+    engine.push([job("t1", "defer1@one.test"), job("t2", "defer2@one.test")])
+    settled(engine, 2)
+
+    status, said = answered(engine, b"n\n", "delete", "--domain", "one.test")
+    assert status == 1
+    assert said == ("delete 2 jobs (2 recipients) at domain one.test? [y/N] "
+                    "mailengine queue: nothing done\n")
+    assert not final_outcomes(engine.events())
+    assert settled(engine, 2)["rows"][0]["rcpts"] == 2
+
+    status, said = answered(engine, b"y\n", "delete", "--domain", "one.test")
+    assert status == 0, said
+    finals = final_outcomes(engine.wait_final(2, timeout=30))
+    assert {key: e["event"] for key, e in finals.items()} == {
+        ("t1", "defer1@one.test"): "expired", ("t2", "defer2@one.test"): "expired"}
