@@ -238,9 +238,9 @@ def _keygen(args: argparse.Namespace) -> int:
         return 1
     try:
         public, secret = auth.keygen(args.name, args.dir)
-    except (auth.KeyFileError, OSError) as err:
+    except (auth.KeyFileError, OSError) as err:  # a folder or file it cannot use
         print(f"mailengine keygen: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"public key: {public}\nsecret key: {secret} (mode 0600: keep it private)")
     return 0
 

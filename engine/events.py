@@ -8,11 +8,12 @@ published only after the spool has the outcome.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from json.encoder import encode_basestring
 from typing import IO, Any
 
@@ -40,13 +41,19 @@ _TOPICS = {name: name.encode() for name in EVENT_NAMES}
 
 
 class EventPublisher:
-    """Publishes events on the PUB socket and appends them to the log; counts them."""
+    """Publishes events on the PUB socket and appends them to the log; counts them.
+
+    A log that cannot be written (a full disk, an I/O error) is no reason to stop: the file is
+    let go, events go on to the subscribers, and `failing` stays set until engine.outbox puts
+    the final events the log missed back into it (`repair`); the others are missing from the
+    log (their subscribers had them)."""
 
     def __init__(self, socket: zmq.Socket | None, log_path: str = "") -> None:
         self.socket = socket
         self.counts: dict[str, int] = dict.fromkeys(EVENT_NAMES, 0)  # since start
         self._path = log_path
         self._log: IO[str] | None = None
+        self.failing = False  # a write to the log failed, not yet repaired
         if log_path:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
             self._log = _open_log(log_path)
@@ -64,30 +71,74 @@ class EventPublisher:
             except zmq.Again:  # no subscriber keeps up: PUB drops, the log still has it
                 pass
         if self._log is not None and to_log:
-            self._log.write(line + "\n")
+            try:
+                self._log.write(line + "\n")
+            except OSError as err:
+                self._fail(err)
 
     def flush(self) -> None:
         if self._log is not None:
-            self._log.flush()
+            try:
+                self._log.flush()
+            except OSError as err:
+                self._fail(err)
 
     @property
     def log_path(self) -> str | None:
-        return None if self._log is None else self._log.name
+        return self._path or None
+
+    def _fail(self, err: OSError) -> None:
+        """The log could not be written: let the file go (what its buffer held is lost to
+        it), warn once, and write nothing more until `repair`."""
+        if not self.failing:
+            log.warning(logs.kv("events_log_unwritable", path=self._path, error=err,
+                                effect="events go on to subscribers; final events are put"
+                                       " back into the log once it can be written"))
+        self.failing = True
+        old, self._log = self._log, None
+        if old is not None:
+            with contextlib.suppress(OSError):
+                old.close()  # flushes again, and fails again: the descriptor is closed anyway
+
+    def repair(self, missing: Callable[[], list[str]]) -> int:
+        """After `failing`: open the log again (its torn last line ended), append the lines
+        `missing` says it lacks (the final events it missed, engine.outbox), and go on;
+        returns how many. OSError if the log still cannot be written."""
+        end_torn_line(self._path)
+        self._log = _open_log(self._path)
+        try:
+            lines = missing()
+            for line in lines:
+                self._log.write(line + "\n")
+            self._log.flush()
+        except OSError as err:
+            self._fail(err)
+            raise
+        self.failing = False
+        log.warning(logs.kv("events_log_writable", path=self._path, restored=len(lines)))
+        return len(lines)
 
     def sync(self) -> tuple[int, int] | None:
         """Flush the log and fsync it: what it holds survives a power cut. Returns where it
         stands, (inode, size), or None without a log."""
+        if self.failing:  # lines went missing since: not a log to vouch for
+            raise OSError(f"events log {self._path} failed and is not repaired yet")
         if self._log is None:
             return None
-        self._log.flush()
-        fd = self._log.fileno()
-        os.fsync(fd)
-        info = os.fstat(fd)
+        try:
+            self._log.flush()
+            fd = self._log.fileno()
+            os.fsync(fd)
+            info = os.fstat(fd)
+        except OSError as err:
+            self._fail(err)
+            raise
         return info.st_ino, info.st_size
 
     def close(self) -> None:
         if self._log is not None:
-            self._log.close()
+            with contextlib.suppress(OSError):  # a full disk: what the buffer held is lost to it
+                self._log.close()
             self._log = None
 
     def reopen(self) -> None:
@@ -98,7 +149,7 @@ class EventPublisher:
         forgets events once the log holding them is synced, engine.outbox), and closed
         only once the new one is open: if either fails, events go on into the old file,
         under its new name, and nothing is lost."""
-        if not self._path:
+        if not self._path or self.failing:  # a failed log is opened again by `repair`
             return
         try:
             new = _open_log(self._path)

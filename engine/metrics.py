@@ -146,6 +146,9 @@ DECLARED: tuple[Metric, ...] = (
            " acceptance to now), 0 when the spool is empty", SUPERVISOR, "seconds"),
     Metric("spool_unwritable", "gauge", "1 while spool writes fail (a full disk, an I/O"
            " error), else 0", SUPERVISOR, "flag"),
+    Metric("events_log_unwritable", "gauge", "1 while the events log cannot be written (a full"
+           " disk, an I/O error): events go on to subscribers, final events wait in the"
+           " spool's outbox for the log; else 0", SUPERVISOR, "flag"),
     Metric("results_unrecorded", "gauge", "results waiting in memory for the spool to be"
            " writable again", SUPERVISOR, "results"),
     Metric("memory_rss", "gauge", "resident memory of the process", EVERY_PROCESS, "bytes"),

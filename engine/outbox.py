@@ -56,15 +56,24 @@ class Outbox:
         return len(left)
 
     def confirm(self) -> None:
-        """The events published so far are in the synced log: their rows go (a failed write
-        or sync leaves them for the next turn; at worst they are published again)."""
+        """The events published so far are in the synced log: their rows go. A log that
+        failed meanwhile (a full disk) first gets back the final events it missed (from
+        the rows); while it cannot be written, or synced, the rows stay for the next turn."""
         upto = self._spool.last_event_seq
         try:
+            if self._publisher.failing:
+                self._publisher.repair(self._missing_from_log)
             log_at = self._publisher.sync()
         except OSError as err:
-            log.warning(logs.kv("events_log_sync_failed", error=err))
+            if not self._publisher.failing:  # else said once already (events_log_unwritable)
+                log.warning(logs.kv("events_log_sync_failed", error=err))
             return
         self._spool.forget_published(upto, log_at)
+
+    def _missing_from_log(self) -> list[str]:
+        """The outbox's events the log does not hold after the last confirm's mark."""
+        logged = _lines_since(self._publisher.log_path, self._spool.log_mark())
+        return [line for _, line in self._spool.unpublished() if line not in logged]
 
 
 def _lines_since(path: str | None, mark: tuple[int, int] | None) -> set[str]:
@@ -80,7 +89,7 @@ def _lines_since(path: str | None, mark: tuple[int, int] | None) -> set[str]:
             if mark is not None and mark[0] == info.st_ino and mark[1] <= info.st_size:
                 start = max(start, mark[1])
             f.seek(start)
-            data = f.read()
+            data = f.read(TAIL_MAX)  # bounded: a device (/dev/full) reads for ever
     except FileNotFoundError:
         return set()
     return {line.decode("utf-8", "replace") for line in data.split(b"\n") if line}

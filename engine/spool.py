@@ -127,6 +127,13 @@ class Spool:
         with self._reading():
             (last,) = self._conn.execute("SELECT MAX(seq) FROM outbox").fetchone()
         self.last_event_seq = int(last or 0)  # the newest event stored in the outbox
+        # A move of its times planned at the last stop (`plan_shift`), done now, before the
+        # spool is used: (seconds, rows moved), or None.
+        try:
+            self.shifted = self._finish_shift()
+        except BaseException:
+            self.close()  # the lock too: the next try may take it
+            raise
 
     def close(self) -> None:
         if self._closed:
@@ -563,16 +570,43 @@ class Spool:
         return max(float(queued or 0.0), float(finished or 0.0))
 
     def shift(self, seconds: float) -> None:
-        """Move every time the spool holds by `seconds`, in one transaction: the spool's
-        times re-expressed on a clock that is `seconds` ahead of the one that wrote them
-        (engine.clock: the wall clock, at a stop after a step)."""
+        """Move every time the spool holds by `seconds`: `plan_shift`, then done at once."""
+        self.plan_shift(seconds)
+        self._finish_shift()
+
+    def plan_shift(self, seconds: float) -> None:
+        """Plan a move of every time the spool holds by `seconds`: the spool's times
+        re-expressed on a clock `seconds` ahead of the one that wrote them (engine.clock: the
+        wall clock, at a stop after a step). One small transaction: the rows are moved at
+        the next open (`__init__`), SHIFT_CHUNK rows per transaction, so a stop is not held
+        up by a big spool, and a crash in the middle of the move resumes where it was."""
+        self._finish_shift()  # none is pending after an open; one planned since: done first
         with self._write() as conn:
-            conn.execute("UPDATE jobs SET queued_ts = queued_ts + ?1,"
-                         " expires_ts = expires_ts + ?1, next_attempt = next_attempt + ?1",
-                         (seconds,))
-            conn.execute("UPDATE rcpts SET next_attempt = next_attempt + ? WHERE"
-                         " status = 'pending'", (seconds,))
-            conn.execute("UPDATE finished SET ts = ts + ?", (seconds,))
+            for table in _SHIFTED:
+                (last,) = conn.execute(f"SELECT COALESCE(MAX(rowid), 0) FROM {table}").fetchone()
+                conn.execute("INSERT INTO clock_shift (tbl, seconds, done_upto, last)"
+                             " VALUES (?, ?, 0, ?)", (table, seconds, last))
+
+    def _finish_shift(self) -> tuple[float, int] | None:
+        """Do the planned move (see `plan_shift`); (seconds, rows moved), or None."""
+        with self._reading():
+            plans = self._conn.execute(
+                "SELECT tbl, seconds, done_upto, last FROM clock_shift").fetchall()
+        if not plans:
+            return None
+        moved = 0
+        for table, seconds, done, last in plans:
+            while done < last:
+                upto = min(done + SHIFT_CHUNK, last)
+                with self._write() as conn:
+                    moved += conn.execute(_SHIFTED[table] + " AND rowid > ? AND rowid <= ?",
+                                          (seconds, done, upto)).rowcount
+                    conn.execute("UPDATE clock_shift SET done_upto = ? WHERE tbl = ?",
+                                 (upto, table))
+                done = upto
+            with self._write() as conn:
+                conn.execute("DELETE FROM clock_shift WHERE tbl = ?", (table,))
+        return float(plans[0][1]), moved
 
     def prune_finished(self, now: float) -> int:
         """Forget finished ids older than the dedupe window; returns how many."""
@@ -600,6 +634,15 @@ def _each_chunk(conn: sqlite3.Connection, sql: str, ids: list[str]) -> None:
         chunk = ids[i:i + _IN_CHUNK]
         conn.execute(sql.format(",".join("?" * len(chunk))), chunk)
 
+
+# How `plan_shift` moves each table's times (rows of a rowid range: appended by the caller).
+_SHIFTED = {
+    "jobs": "UPDATE jobs SET queued_ts = queued_ts + ?1, expires_ts = expires_ts + ?1,"
+            " next_attempt = next_attempt + ?1 WHERE 1",
+    "rcpts": "UPDATE rcpts SET next_attempt = next_attempt + ?1 WHERE status = 'pending'",
+    "finished": "UPDATE finished SET ts = ts + ?1 WHERE 1",
+}
+SHIFT_CHUNK = 20_000  # rows moved per transaction
 
 _ENCODE = json.JSONEncoder(separators=(",", ":")).encode
 _quote = encode_basestring_ascii

@@ -79,6 +79,14 @@ CREATE TABLE IF NOT EXISTS outbox_mark (
 CREATE TABLE IF NOT EXISTS handed_out (
     job_id TEXT PRIMARY KEY
 ) WITHOUT ROWID;
+-- A move of the spool's times onto the wall clock's, planned at a stop after a clock step and
+-- done at the next open, a chunk of rows per transaction (engine.spool `plan_shift`).
+CREATE TABLE IF NOT EXISTS clock_shift (
+    tbl TEXT PRIMARY KEY,        -- jobs, rcpts or finished
+    seconds REAL NOT NULL,
+    done_upto INTEGER NOT NULL,  -- rowids up to this one are moved
+    last INTEGER NOT NULL        -- the table's last rowid when the move was planned
+);
 """
 # SQLite's primary result codes for a file that is not a sound database: a malformed page
 # (a truncated file, a flipped byte) or no database at all.

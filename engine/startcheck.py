@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from engine import hostcheck
-from engine.config import Config
+from engine.config import Config, ConfigError
 
 IPC_PATH_MAX = 107  # bytes: sockaddr_un.sun_path, less its terminating NUL
 SPOOL_FILE = "spool.db"  # engine.spool's file in the spool folder
@@ -55,7 +55,7 @@ def problems(cfg: Config, is_ours: Callable[[Busy], bool] | None = None) -> list
     """One line per thing this host lacks for `cfg` (empty: it can start). `is_ours`
     says whether a busy endpoint is the running engine's own (check-config); None
     (run) counts every busy endpoint."""
-    found = [*hostcheck.problems(cfg.ips), *ca_file(cfg), *folders(cfg)]
+    found = [*hostcheck.problems(cfg.ips), *ca_file(cfg), *curve_keys(cfg), *folders(cfg)]
     bad, busy = endpoints(cfg)
     return found + bad + [b.line() for b in busy if is_ours is None or not is_ours(b)]
 
@@ -74,6 +74,22 @@ def ca_file(cfg: Config) -> list[str]:
         return [f"smtp.ca_file {path}: not a file of PEM CA certificates ({err.reason})"]
     except OSError as err:
         return [f"smtp.ca_file {path}: cannot be read: {err.strerror or err}"]
+    return []
+
+
+# -- CURVE keys ------------------------------------------------------------------------
+
+
+def curve_keys(cfg: Config) -> list[str]:
+    """The server's CURVE key pair and the clients' folder, loaded as the supervisor loads
+    them (engine.auth), when CURVE is on."""
+    if not cfg.security.curve.enabled:
+        return []
+    from engine import auth  # zmq's authenticator: only when CURVE is configured
+    try:
+        auth.CurveServer(cfg.security.curve)
+    except ConfigError as err:
+        return [str(err)]
     return []
 
 

@@ -73,6 +73,9 @@ class Supervisor:
         self.curve = auth.CurveServer(cfg.security.curve) if cfg.security.curve.enabled else None
         self.zctx = zmq.Context()
         self.spool = Spool(cfg.spool, on_corrupt=self._set_aside)
+        if self.spool.shifted is not None:  # planned at the last stop, after a clock step
+            seconds, rows = self.spool.shifted
+            log.info(logs.kv("clock_rejoined", seconds=round(seconds, 1), rows=rows))
         # Every time the spool holds is the engine's (engine.clock), never below its latest.
         self.clock = EngineClock(floor=self.spool.latest_now())
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
@@ -273,6 +276,7 @@ class Supervisor:
         else:
             self.spool.checkpoint()  # the WAL's space back, if the file can take its pages
         self.metrics.gauge("spool_unwritable", "all", int(not self.health.writable))
+        self.metrics.gauge("events_log_unwritable", "all", int(self.events.failing))
         self.metrics.gauge("results_unrecorded", "all",
                            self.results.held if not self.health.writable else 0)
         stats = self.spool.stats()
@@ -318,6 +322,7 @@ class Supervisor:
                                   "results_unrecorded": self.results.held
                                   if not self.health.writable else 0,
                                   "intake_paused": not self.health.writable,
+                                  "events_log_writable": not self.events.failing,
                                   "clock_apart": round(self.clock.apart(), 1)})
 
     def _on_term(self, signum: int, frame: object) -> None:
@@ -395,18 +400,20 @@ class Supervisor:
         return 0
 
     def _rejoin_wall_clock(self) -> None:
-        """After a step, the spool's times moved onto the wall clock's, where the next run
-        (anchored to it) expects them; if they cannot be, that run finds them as they are
-        (a step back: its floor; a step forward: queued mail older by the step)."""
+        """After a step, the spool's times are to move onto the wall clock's, where the next
+        run (anchored to it) expects them: planned here, done when the spool is next opened
+        (Spool.plan_shift: a stop is not held up by a big spool). If the plan cannot be
+        written, the next run finds them as they are (a step back: its floor; a step
+        forward: queued mail older by the step)."""
         apart = self.clock.apart()
         if abs(apart) <= STEP_TOLERANCE:
             return
         try:
-            self.spool.shift(apart)
+            self.spool.plan_shift(apart)
         except SpoolError as err:
             log.warning(logs.kv("clock_not_rejoined", seconds=round(apart, 1), error=err))
             return
-        log.info(logs.kv("clock_rejoined", seconds=round(apart, 1)))
+        log.info(logs.kv("clock_rejoin_planned", seconds=round(apart, 1)))
 
     def _record_results_within(self, seconds: float) -> bool:
         """Record the results that arrive within `seconds`; False if none came."""

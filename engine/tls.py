@@ -90,8 +90,19 @@ class TlsPolicy:
         return True
 
 
+class CaFileError(Exception):
+    """`smtp.ca_file` cannot be loaded (gone, unreadable, not PEM): the message names it."""
+
+
 def _verifying_context(ca_file: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=ca_file)
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+    except ssl.SSLError as err:  # engine.startcheck says the same at start
+        raise CaFileError(f"smtp.ca_file {ca_file}: not a file of PEM CA certificates"
+                          f" ({err.reason})") from err
+    except OSError as err:
+        raise CaFileError(f"smtp.ca_file {ca_file}: cannot be read: {err.strerror or err}"
+                          ) from err
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx

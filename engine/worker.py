@@ -39,7 +39,7 @@ from engine.provider import DEFAULT_PROVIDERS
 from engine.sendingip import SendingIp
 from engine.shaping import Shaping, plan_for
 from engine.smtp import Keepalive, ReplyLimits, Stopping
-from engine.tls import TlsPolicy
+from engine.tls import CaFileError, TlsPolicy
 
 log = logging.getLogger("mailengine.worker")
 
@@ -339,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     if args.parent_pid and os.getppid() != args.parent_pid:
         return 1  # the supervisor died before prctl took effect
-    worker = Worker(cfg, ip, args.tasks, args.results)
+    try:
+        worker = Worker(cfg, ip, args.tasks, args.results)
+    except CaFileError as err:  # removed or broken since the start's check: named, not a trace
+        log.error(logs.kv("worker_start_failed", ip=args.ip, error=err))
+        return 2
     gevent.signal_handler(signal.SIGTERM, worker.stop)
     gevent.signal_handler(signal.SIGINT, worker.stop)
     return worker.run()

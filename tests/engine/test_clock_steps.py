@@ -124,9 +124,11 @@ def test_an_hour_forward_then_back_neither_expires_mail_nor_stalls_its_retries(
     assert "CLOCK STEPPED: the wall clock is 3600s behind" in render(figures, None, 0.0)
 
     assert engine.stop() == 0
-    rejoined = re.findall(r"clock_rejoined seconds=(\S+)", Path(engine.log_path).read_text())
-    assert [round(float(s)) for s in rejoined] == [-3600]
+    planned = re.findall(r"clock_rejoin_planned seconds=(\S+)",
+                         Path(engine.log_path).read_text())
+    assert [round(float(s)) for s in planned] == [-3600]
     with Spool(engine.config["spool"]) as spool:  # b, still deferred: on the wall clock's time
+        assert spool.shifted is not None and round(spool.shifted[0]) == -3600
         assert spool.stats().oldest_queued_ts == pytest.approx(pushed - 3600, abs=5)
 
     # A step back of an hour while the engine is down: it takes up where the spool left off.

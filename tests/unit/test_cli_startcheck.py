@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import zmq
 
 from tests.support.cli import cli_env, mailengine
 
@@ -80,6 +81,30 @@ def test_a_ca_file_that_holds_no_certificate_is_named(folder: Path) -> None:
     refused(write_config(folder, smtp={"ca_file": str(junk)}),
             f"smtp.ca_file {junk}: not a file of PEM CA certificates"
             f" (NO_CERTIFICATE_OR_CRL_FOUND)")
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE")
+def test_a_curve_secret_key_that_does_not_exist_is_named(folder: Path) -> None:
+    """check-config loaded the config and passed; only `run` found the key missing."""
+    missing = folder / "keys" / "server.key_secret"
+    (folder / "keys" / "clients").mkdir(parents=True)
+    config = write_config(folder, security={"curve": {
+        "enabled": True, "server_secret_key": str(missing),
+        "allowed_clients": str(folder / "keys" / "clients")}})
+    checked = mailengine("check-config", "-q", "-c", config, timeout=30)
+    assert checked.returncode == 2 and "Traceback" not in checked.stderr
+    [line] = checked.stderr.splitlines()
+    assert line.startswith("mailengine: security.curve.server_secret_key: ")
+    assert str(missing) in line
+
+
+def test_keygen_into_a_folder_it_cannot_use_says_so_in_one_line_and_exits_2(
+        folder: Path) -> None:
+    blocker = folder / "not-a-folder"
+    blocker.write_text("")
+    done = mailengine("keygen", "server", "--dir", str(blocker / "keys"), timeout=30)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.startswith("mailengine keygen: ")
 
 
 def test_a_spool_that_cannot_be_created_is_named(folder: Path) -> None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from engine import spool as spool_mod
 from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.job import Job
-from engine.spool import Spool
+from engine.protocol import Status
+from engine.spool import RcptUpdate, Spool
 from tests.support.clocks import Clocks
 
 NOW = 1_800_000_000.0
@@ -82,3 +85,39 @@ def test_an_engine_clock_over_the_real_clocks_reads_them() -> None:
     before = time.time()
     now = EngineClock().now()
     assert before - 1 <= now <= time.time() + 1
+
+
+def test_a_planned_shift_is_done_at_the_next_open_a_chunk_at_a_time_and_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a stop after a step only the plan is written (a big spool must not hold up the
+    stop); the next open moves the rows, SHIFT_CHUNK per transaction, and a crash in the
+    middle resumes without moving any row twice."""
+    monkeypatch.setattr(spool_mod, "SHIFT_CHUNK", 3)
+    jobs = [Job(id=f"j{i}", sender="s@example.test", rcpts=("r@example.test",),
+                message=b"x\r\n") for i in range(8)]
+    with Spool(str(tmp_path)) as spool:
+        spool.accept(jobs, NOW, 600.0)
+        spool.record([RcptUpdate("j7", "r@example.test", Status.DELIVERED)], NOW)
+        spool.plan_shift(-100.0)
+        assert spool.latest_now() == NOW  # nothing moved yet
+    real_write = Spool._write
+    writes = 0
+
+    def dies_in_the_second_chunk(self: Spool) -> Any:
+        nonlocal writes
+        writes += 1
+        if writes == 2:
+            raise KeyboardInterrupt  # a crash between two chunks' transactions
+        return real_write(self)
+    monkeypatch.setattr(Spool, "_write", dies_in_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        Spool(str(tmp_path))
+    monkeypatch.setattr(Spool, "_write", real_write)
+    with Spool(str(tmp_path)) as spool:
+        assert spool.shifted is not None and spool.shifted[0] == -100.0
+        assert spool.latest_now() == NOW - 100  # every job once, the finished id too
+        assert {p.expires_ts for p in spool.due(NOW - 100, 10)} == {NOW + 500}
+        assert len(spool.due(NOW - 100, 10)) == 7
+    with Spool(str(tmp_path)) as spool:
+        assert spool.shifted is None  # done: nothing the next time
+        assert spool.latest_now() == NOW - 100

@@ -181,3 +181,41 @@ def test_set_aside_events_bounce_each_recipient_left_with_the_reason() -> None:
     assert "bad envelope JSON" in event["reply"]
     [(_, nobody)] = events.set_aside("j9", (), {}, T0, "unreadable", T0)
     assert json.loads(nobody)["rcpt"] == ""  # not even its recipients could be read
+
+
+# -- a log that cannot be written ------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_log_is_let_go_and_gets_its_final_events_back_once_writable(
+        spool_dir: str, tmp_path: Path) -> None:
+    """/dev/full answers every write with ENOSPC: the log of a full disk. Nothing raises; the
+    rows stay while the log fails; once it can be written, the final events it missed are
+    appended and the rows go."""
+    log_path = tmp_path / "events.jsonl"
+    with Spool(spool_dir) as spool:
+        spool.accept([job("j1"), job("j2")], T0, DAY)
+        box, publisher = outbox(spool, log_path)
+        spool.record([RcptUpdate("j1", A, Status.DELIVERED)], T0, [final("j1", A)])
+        publisher.publish(final("j1", A))
+        box.confirm()  # in the log, synced: gone from the spool
+        publisher.close()
+        log_path.rename(tmp_path / "kept.jsonl")
+        log_path.symlink_to("/dev/full")
+        box, publisher = outbox(spool, log_path)
+        spool.record([RcptUpdate("j1", B, Status.DELIVERED)], T0, [final("j1", B)])
+        publisher.publish(final("j1", B))
+        publisher.publish(("queued", '{"event":"queued","id":"j3"}'))
+        publisher.flush()  # ENOSPC: let go, no exception
+        assert publisher.failing
+        box.confirm()  # cannot be repaired yet: the row stays
+        assert spool.unpublished() == [final("j1", B)]
+        spool.record([RcptUpdate("j2", A, Status.DELIVERED)], T0, [final("j2", A)])
+        publisher.publish(final("j2", A))  # not written while failing
+        log_path.unlink()
+        (tmp_path / "kept.jsonl").rename(log_path)  # space again: the old file is back
+        box.confirm()
+        assert not publisher.failing and spool.unpublished() == []
+        publisher.publish(final("j2", B))
+        publisher.close()
+    lines = log_lines(log_path)
+    assert lines == [final("j1", A)[1], final("j1", B)[1], final("j2", A)[1], final("j2", B)[1]]

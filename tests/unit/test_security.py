@@ -125,7 +125,7 @@ def test_keygen_writes_a_z85_pair_with_a_private_secret_and_never_overwrites(
     assert len(pair.public) == len(pair.secret) == 40
     assert auth.load_public(str(public)) == pair.public
     again = mailengine("keygen", "server", "--dir", str(tmp_path / "keys"))
-    assert again.returncode == 1 and "exists already" in again.stderr
+    assert again.returncode == 2 and "exists already" in again.stderr
     assert auth.load_keypair(str(secret)) == pair
 
 
