@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import pty
+import re
 import signal
 import stat
 import subprocess
@@ -214,7 +215,9 @@ def test_suspend_holds_a_provider_until_resume_which_sends_at_once(
     assert (row["ip"], row["provider"], row["last_reply"]["enhanced"]) == (IP, PROVIDER, "4.4.5")
     assert row["next_in"] > 1500
     assert sink.messages == []
-    assert f"SUSPENDED {IP} x {PROVIDER} for 29m (by operator)" in queue(engine).stdout
+    # 30m within the first 50 ms (the worker's figures are rounded to 0.1 s), then 29m.
+    assert re.search(rf"^SUSPENDED {IP} x {PROVIDER} for (29|30)m \(by operator\)$",
+                     queue(engine).stdout, re.MULTILINE)
 
     done = queue(engine, "resume", IP, PROVIDER)
     assert done.returncode == 0, done.stderr
