@@ -24,6 +24,10 @@ supervisor's loop:
   (engine.shaping.ProviderShaper.hold). Remembered here, and told again to a restarted
   worker until it ends. A resume also retries that IP x provider's domains.
 
+Only over an ipc control socket (mode 0660: root and the engine's group) do the commands
+that change something run; a tcp one (no authentication, reachable by every local user)
+answers `queue` and `queue_show` only.
+
 The cost: the summary reads at most SUMMARY_SCAN recipients (the oldest rows; the answer
 says when there were more); a command by domain scans the recipients not final (no index
 holds the domain) and ends or retries at most MATCH_MAX of them per request (`more` in
@@ -105,7 +109,10 @@ class QueueAdmin:
     """The queue commands' handlers (`commands`), over the supervisor's parts."""
 
     def __init__(self, spool: Spool, dispatcher: Dispatcher, workers: Workers,
-                 publish: Publish, clock: EngineClock) -> None:
+                 publish: Publish, clock: EngineClock, control: str = "ipc://") -> None:
+        # Over tcp the control socket has no authentication (not even the ipc file's mode):
+        # every local user reaches it, so it only shows the queue (`_changing`).
+        self._tcp = control.startswith("tcp://")
         self._spool = spool
         self._dispatcher = dispatcher
         self._workers = workers
@@ -115,9 +122,22 @@ class QueueAdmin:
         self._holds: dict[tuple[str, str], float] = {}  # (ip, provider) -> until (monotonic)
 
     def commands(self) -> Mapping[str, Handler]:
-        return {"queue": self.summary, "queue_show": self.show, "queue_retry": self.retry,
-                "queue_bounce": self.bounce, "queue_delete": self.delete,
-                "queue_suspend": self.suspend, "queue_resume": self.resume}
+        changing = {"queue_retry": self.retry, "queue_bounce": self.bounce,
+                    "queue_delete": self.delete, "queue_suspend": self.suspend,
+                    "queue_resume": self.resume}
+        return {"queue": self.summary, "queue_show": self.show,
+                **{name: self._changing(run) for name, run in changing.items()}}
+
+    def _changing(self, run: Handler) -> Handler:
+        """`run`, or a refusal over a tcp control socket (see `__init__`)."""
+        if not self._tcp:
+            return run
+
+        def refused(_: dict[str, Any]) -> dict[str, Any]:
+            raise BadRequest("the control socket is tcp, which any user of this machine can"
+                             " reach: it shows the queue but changes nothing; set `control`"
+                             " to an ipc:// path (docs/OPERATIONS.md, The queue)")
+        return refused
 
     # -- looking -----------------------------------------------------------------------
 

@@ -102,7 +102,7 @@ class Supervisor:
                                self._on_stats, cfg.retry.schedule, self.metrics, self.health,
                                clock=self.clock)
         self.queue = QueueAdmin(self.spool, self.dispatcher, self.workers, self._publish,
-                                self.clock)  # the operator's `mailengine queue`
+                                self.clock, cfg.control)  # the operator's `mailengine queue`
         self.results.observe = self.queue.routes.saw
         self.control = control.Control(control_sock, self.status, self.queue.commands())
         self._stopping = False

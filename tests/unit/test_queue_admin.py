@@ -195,3 +195,21 @@ def test_a_hold_travels_as_one_frame_and_the_shaper_holds_until_released() -> No
     s.release()
     assert s.turn() == s.epoch and s.state()["held"] is False
     assert s.state()["phase"] != "suspended"
+
+
+def test_over_a_tcp_control_socket_the_queue_is_shown_and_never_changed(
+        parts: tuple[QueueAdmin, Spool, Dispatcher, list[Event]]) -> None:
+    admin, spool, dispatcher, published = parts
+    deferred(spool, "j1", "a@one.test")
+    tcp = QueueAdmin(spool, dispatcher, admin._workers, published.append, admin._clock,
+                     "tcp://127.0.0.1:5572")
+    commands = tcp.commands()
+    assert commands["queue"]({})["rows"][0]["domain"] == "one.test"
+    assert commands["queue_show"]({"id": "j1"})["rcpts"][0]["rcpt"] == "a@one.test"
+    for name, request in (("queue_bounce", {"id": "j1"}), ("queue_delete", {"id": "j1"}),
+                          ("queue_retry", {"id": "j1"}),
+                          ("queue_suspend", {"ip": "127.0.0.2", "provider": "google"}),
+                          ("queue_resume", {"ip": "127.0.0.2", "provider": "google"})):
+        with pytest.raises(BadRequest, match="the control socket is tcp"):
+            commands[name](request)
+    assert published == [] and spool.count_waiting(job_id="j1") == (1, 1)
