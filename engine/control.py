@@ -10,6 +10,7 @@ shaping) and the queue's (engine.queue_admin).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -17,8 +18,11 @@ from typing import Any
 
 import zmq
 
+from engine import logs
 from engine.spool import Spool, SpoolDamaged, SpoolError
 from engine.workers import Workers
+
+log = logging.getLogger("mailengine.supervisor")
 
 CONTROL_MAX_REQUEST = 64 * 1024  # bytes: a request is a few dozen
 SOCKET_MODE = 0o660  # the control socket's ipc file: its user and group may connect
@@ -64,6 +68,10 @@ class Control:
             raise  # the supervisor stops (engine.supervisor)
         except SpoolError as err:
             return {"error": f"{err}; nothing was changed, try again"}
+        except Exception as err:  # a bug of one command must not stop the engine
+            log.error(logs.kv("control_failed", command=command, error=repr(err)))
+            return {"error": f"internal error: {type(err).__name__}: {err} (a bug; see the"
+                             " engine's log)"}
 
 
 def restrict(endpoint: str) -> None:

@@ -5,14 +5,17 @@ results; the Hold message and the shaper's hold and release."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
 
 from engine import config as config_mod
-from engine import protocol
+from engine import control, protocol
 from engine.clock import EngineClock
 from engine.control import BadRequest
 from engine.dispatch import Dispatcher, InFlight
@@ -213,3 +216,38 @@ def test_over_a_tcp_control_socket_the_queue_is_shown_and_never_changed(
         with pytest.raises(BadRequest, match="the control socket is tcp"):
             commands[name](request)
     assert published == [] and spool.count_waiting(job_id="j1") == (1, 1)
+
+
+def test_the_control_socket_answers_every_request_even_a_failing_one(tmp_path: Path) -> None:
+    def refuse(_: dict[str, Any]) -> dict[str, Any]:
+        raise BadRequest("no such job")
+
+    def bug(_: dict[str, Any]) -> dict[str, Any]:
+        raise KeyError("x")
+
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/control"
+    rep = ctx.socket(zmq.REP)
+    rep.bind(endpoint)
+    control.restrict(endpoint)
+    assert stat.S_IMODE(os.stat(tmp_path / "control").st_mode) == 0o660
+    req = ctx.socket(zmq.REQ)
+    req.connect(endpoint)
+    answering = control.Control(rep, lambda: {"pid": 1}, {"refuse": refuse, "bug": bug})
+    try:
+        answers = []
+        for request in ({"command": "status"}, {"command": "refuse"}, {"command": "bug"},
+                        {"command": "nope"}, ["not", "an", "object"]):
+            req.send_json(request)
+            assert rep.poll(5000)
+            answering.answer()
+            answers.append(req.recv_json())
+    finally:
+        req.close(linger=0)
+        rep.close(linger=0)
+        ctx.term()
+    assert answers == [
+        {"pid": 1}, {"error": "no such job"},
+        {"error": "internal error: KeyError: 'x' (a bug; see the engine's log)"},
+        {"error": "unknown command 'nope'; the commands: bug, refuse, status"},
+        {"error": "unknown command None; the commands: bug, refuse, status"}]
