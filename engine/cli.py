@@ -1,4 +1,5 @@
-"""The `mailengine` command: run, push, status, check-config, spool, keygen, dkim, demo."""
+"""The `mailengine` command: run, push, status, queue, check-config, spool, keygen, dkim,
+demo."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
     from engine import status
     status.add_parser(sub)
+
+    from engine import queue_cli
+    queue_cli.add_parser(sub)
 
     keygen = sub.add_parser("keygen", help="make a CURVE key pair for the engine or a client",
                             description="Write NAME.key (the public key: give it to the other"

@@ -67,6 +67,7 @@ class InFlight:
     # Recipients sent again because the worker of an earlier hand-out died without reporting
     # them: it may have delivered them, so their events say `possible_duplicate`.
     resent: frozenset[str] = frozenset()
+    job_id: str = ""  # whose hand-out (a taken-back one is kept by number, `earlier`)
 
 
 def handout_deadline(cfg: Config) -> float:
@@ -186,6 +187,14 @@ class Dispatcher:
                     del self._unreported[next(iter(self._unreported))]  # the oldest
                 self._unreported[job_id] = frozenset(flight.attempts)
             self._take_back(job_id, counted=True)
+
+    def changed_by_operator(self, job_ids: Iterable[str]) -> None:
+        """Jobs the operator changed in the spool (engine.queue_admin: retried, bounced,
+        deleted): the copy kept of one never handed out is dropped (the spool's record is
+        read again), and one passed over is due at once."""
+        for job_id in job_ids:
+            self._forget_unsent(job_id)
+            self._parked.pop(job_id, None)
 
     def answered(self, job_id: str, handout: int) -> InFlight | None:
         """The hand-out a result answers: the job's current one, or one taken back."""
@@ -310,7 +319,7 @@ class Dispatcher:
         # The job's meta is never changed (events copy it), so it is shared, not copied.
         self.in_flight[job.id] = flight = InFlight(handle.ip, job.meta, pending.queued_ts,
                                                    pending.expires_ts, dict(pending.attempts),
-                                                   handout)
+                                                   handout, job_id=job.id)
         if self._unreported:
             flight.resent = self._resent(job.id, pending.rcpts)
         return True

@@ -14,6 +14,10 @@ more recipient domains, of one or more jobs), each an array in ATTEMPT_FIELDS
 order; `{"type": "refused", "handouts": [...]}` for tasks the worker could not
 read (the supervisor takes them back at once); or `{"type": "stats", ...}` once a
 second. Single frames, so greenlets of one worker can share the PUSH socket.
+
+Supervisor -> worker, on the same channel as the tasks, a `Hold`: one frame (a task has
+two), the operator's suspension or resumption of one provider at that worker's IP
+(`mailengine queue suspend|resume`, engine.queue_admin).
 """
 from __future__ import annotations
 
@@ -124,6 +128,41 @@ def handout_of(frames: list[bytes]) -> int | None:
         return int(header["handout"])
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+# -- the operator's holds ------------------------------------------------------------------
+
+HOLD_MAX = 366 * 86400.0  # seconds: the longest suspension an operator may ask for
+PROVIDER_MAX = 253  # characters of a provider's name (a DNS name at most)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Suspend sending to `provider` from the worker's IP for `seconds`; 0 resumes it
+    (whatever suspended it: the operator, a throttle rule or a block)."""
+
+    provider: str
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.provider, str) or not 0 < len(self.provider) <= PROVIDER_MAX \
+                or not self.provider.isprintable() or " " in self.provider:
+            raise ValueError(f"not a provider name: {self.provider!r}")
+        if not 0.0 <= self.seconds <= HOLD_MAX:  # NaN fails too
+            raise ValueError(f"hold seconds out of range: {self.seconds!r}")
+
+
+def hold_frame(hold: Hold) -> bytes:
+    return _ENCODE({"type": "hold", "provider": hold.provider,
+                    "seconds": hold.seconds}).encode()
+
+
+def hold_from_frame(frame: bytes) -> Hold:
+    """The inverse of hold_frame; ValueError, KeyError or TypeError when it is not one."""
+    msg = json.loads(frame)
+    if not isinstance(msg, dict) or msg.get("type") != "hold":
+        raise ValueError("not a hold message")
+    return Hold(msg["provider"], float(msg["seconds"]))
 
 
 # -- results -----------------------------------------------------------------------------

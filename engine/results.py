@@ -139,6 +139,9 @@ class Results:
         self._held: list[Attempt] = []
         self._held_since = 0.0  # when the first result held now came (monotonic)
         self._flushed = 0.0  # when results were last recorded (monotonic)
+        # Told of every batch of results once recorded (engine.queue_admin learns from them
+        # which sending IP and provider each domain's mail goes through).
+        self.observe: Callable[[list[Attempt]], None] | None = None
 
     @property
     def held(self) -> int:
@@ -236,6 +239,8 @@ class Results:
             if event is not None:
                 self._publish(event)
             self._account(attempt, update, kind)
+        if self.observe is not None:
+            self.observe(attempts)
 
     def _plan(self, attempt: Attempt, now: float, finals: set[tuple[str, str]]
               ) -> tuple[RcptUpdate | None, events.Event | None, str]:

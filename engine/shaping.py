@@ -94,6 +94,7 @@ class ProviderShaper:
         self.pushback = Pushback(throttle.pushback_after)
         self.caps = Caps(limits.hourly, daily_cap or (lambda: None), wall, clock)
         self.suspended_until = 0.0  # monotonic
+        self.held = False  # the suspension now is the operator's (`hold`)
         self.triggers: collections.Counter[str] = collections.Counter()  # throttles, by why
         self._recent: deque[float] = deque()  # send times of the last 10 s: the current rate
         # Bumped on every decrease and suspension: a turn taken before is stale (taken at a
@@ -233,10 +234,28 @@ class ProviderShaper:
 
     def _suspend(self, until: float, now: float) -> None:
         if until > self.suspended_until:
+            self.held = False
             if now >= self.suspended_until:
                 self.epoch += 1
             self.suspended_until = until
             self.pacer.changed(self.max_wait)
+
+    def hold(self, seconds: float) -> None:
+        """The operator's suspension (`mailengine queue suspend`): nothing is sent for
+        `seconds` from now, whatever suspension there was (a longer one is cut short)."""
+        now = self._clock()
+        if now >= self.suspended_until:
+            self.epoch += 1  # turns taken before are stale: taken again, and refused
+        self.suspended_until = now + seconds
+        self.held = True
+        self.pacer.changed(self.max_wait)
+
+    def release(self) -> None:
+        """The operator's resumption (`mailengine queue resume`): any suspension ends now,
+        the operator's, a throttle rule's or a block's."""
+        self.suspended_until = 0.0
+        self.held = False
+        self.pacer.changed(self.max_wait)
 
     def _pushed_back(self, now: float, trigger: str, fresh: bool) -> None:
         """Lower the rate, once per episode: a refusal of mail sent before the last answer
@@ -279,6 +298,7 @@ class ProviderShaper:
             "limit": round(self.rate.limit, 3) if self.rate.limit is not None else None,
             "phase": "suspended" if now < self.suspended_until else self.rate.phase,
             "suspended_for": round(max(0.0, self.suspended_until - now), 1),
+            "held": self.held and now < self.suspended_until,
             "throttles": self.throttles,
             "blocks": self.triggers[BLOCK],
             "triggers": dict(self.triggers),
@@ -364,6 +384,14 @@ class Shaping:
             return None
         today = datetime.datetime.fromtimestamp(self._wall(), datetime.UTC).date()
         return self.plan.daily_cap(today)
+
+    def hold(self, provider: str, seconds: float) -> None:
+        """Suspend `provider` for `seconds`; 0 resumes it (engine.protocol.Hold)."""
+        shaper = self.get(provider)
+        if seconds > 0:
+            shaper.hold(seconds)
+        else:
+            shaper.release()
 
     def state(self) -> dict[str, dict[str, Any]]:
         return {name: shaper.state() for name, shaper in self._shapers.items()}

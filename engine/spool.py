@@ -85,6 +85,30 @@ class SetAside:
     queued_ts: float
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """A recipient not final yet, as the operator's queue commands find it
+    (engine.queue_admin): enough to record its end and write its final event."""
+
+    job_id: str
+    rcpt: str
+    attempts: int
+    queued_ts: float
+    meta: Mapping[str, Any]
+
+
+@dataclass
+class DomainQueue:
+    """The recipients waiting for one domain (`Spool.by_domain`)."""
+
+    domain: str
+    rcpts: int = 0
+    jobs: int = 0
+    oldest_ts: float = 0.0  # the oldest job's acceptance
+    next_attempt: float = 0.0  # the earliest next try
+    reply: Reply | None = None  # the reply stored for the recipient tried most
+
+
 class _Corrupt(Exception):
     """A stored job that cannot be decoded."""
 
@@ -427,6 +451,108 @@ class Spool:
                 " WHERE status = 'pending'").fetchone()
         return SpoolStats(jobs, pending, deferred, None if oldest is None else float(oldest))
 
+    # -- the operator's queue commands (engine.queue_admin): reads only ------------------
+
+    def by_domain(self, scan_max: int) -> tuple[list[DomainQueue], int]:
+        """The recipients not final yet, counted per domain: at most the first `scan_max`
+        of them (the oldest rows), so a huge spool costs a bounded read. Returns the
+        domains and how many recipients were read."""
+        with self._reading():
+            rows = self._conn.execute(
+                "SELECT r.rcpt, r.job_id, r.attempts, r.next_attempt, r.code, r.enhanced,"
+                " r.reply, j.queued_ts FROM (SELECT job_id, rcpt, attempts, next_attempt, code,"
+                " enhanced, reply FROM rcpts WHERE status = 'pending' LIMIT ?) AS r"
+                " JOIN jobs AS j ON j.id = r.job_id",
+                (scan_max,)).fetchall()
+        found: dict[str, DomainQueue] = {}
+        jobs: dict[str, set[str]] = {}
+        most: dict[str, int] = {}
+        for rcpt, job_id, attempts, next_attempt, code, enhanced, text, queued_ts in rows:
+            domain = str(rcpt).rpartition("@")[2].lower()
+            queue = found.get(domain)
+            if queue is None:
+                queue = found[domain] = DomainQueue(domain, oldest_ts=float(queued_ts),
+                                                    next_attempt=float(next_attempt or 0))
+                most[domain] = -1
+            queue.rcpts += 1
+            jobs.setdefault(domain, set()).add(job_id)
+            queue.oldest_ts = min(queue.oldest_ts, float(queued_ts))
+            queue.next_attempt = min(queue.next_attempt, float(next_attempt or 0))
+            if code is not None and int(attempts) > most[domain]:
+                most[domain] = int(attempts)
+                queue.reply = Reply(int(code), enhanced, str(text or ""))
+        for domain, queue in found.items():
+            queue.jobs = len(jobs[domain])
+        return list(found.values()), len(rows)
+
+    def waiting(self, job_id: str | None = None, domain: str | None = None,
+                skip: Container[str] = frozenset(), limit: int = 10_000,
+                due_after: float | None = None) -> tuple[list[Waiting], bool]:
+        """The recipients not final yet of job `job_id`, or at `domain` (any case), but
+        not of the jobs in `skip` (in flight), and (`due_after`) only those whose next try
+        is later than that; at most `limit`; and whether more match. A domain is found by
+        a scan of the recipients not final (no index holds it)."""
+        where, params = _waiting_filter(job_id, domain)
+        if due_after is not None:
+            where, params = f"{where} AND r.next_attempt > ?", (*params, due_after)
+        found: list[Waiting] = []
+        metas: dict[str, Mapping[str, Any]] = {}
+        with self._reading():
+            cur = self._conn.execute(
+                "SELECT r.job_id, r.rcpt, r.attempts, j.queued_ts, CAST(j.envelope AS BLOB)"
+                " FROM rcpts AS r JOIN jobs AS j ON j.id = r.job_id"
+                f" WHERE r.status = 'pending' AND {where} ORDER BY r.rowid", params)
+            try:
+                for jid, rcpt, attempts, queued_ts, envelope in cur:
+                    if jid in skip:
+                        continue
+                    if len(found) >= limit:
+                        return found, True
+                    meta = metas.get(jid)
+                    if meta is None:
+                        meta = metas[jid] = _meta_of(envelope)
+                    found.append(Waiting(str(jid), str(rcpt), int(attempts),
+                                         float(queued_ts), meta))
+            finally:
+                cur.close()
+        return found, False
+
+    def count_waiting(self, job_id: str | None = None,
+                      domain: str | None = None) -> tuple[int, int]:
+        """(jobs, recipients) not final yet of job `job_id` or at `domain`."""
+        where, params = _waiting_filter(job_id, domain)
+        with self._reading():
+            jobs, rcpts = self._conn.execute(
+                "SELECT COUNT(DISTINCT r.job_id), COUNT(*) FROM rcpts AS r"
+                f" WHERE r.status = 'pending' AND {where}", params).fetchone()
+        return int(jobs), int(rcpts)
+
+    def job_record(self, job_id: str) -> dict[str, Any] | None:
+        """What the spool holds of one job, its message left out: None if it holds none."""
+        with self._reading():
+            row = self._conn.execute(
+                "SELECT queued_ts, expires_ts, next_attempt, CAST(envelope AS BLOB),"
+                " length(message) FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            rcpts = self._conn.execute(
+                "SELECT rcpt, status, attempts, next_attempt, code, enhanced, reply"
+                " FROM rcpts WHERE job_id = ? ORDER BY rowid", (job_id,)).fetchall()
+        queued_ts, expires_ts, next_attempt, envelope, size = row
+        try:
+            data = json.loads(bytes(envelope).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            data = {}
+        data = data if isinstance(data, dict) else {}
+        return {"id": job_id, "from": data.get("from"), "meta": data.get("meta") or {},
+                "ip": data.get("ip"), "pool": data.get("pool"), "size": size,
+                "queued_ts": queued_ts, "expires_ts": expires_ts,
+                "next_attempt": next_attempt,
+                "rcpts": [{"rcpt": rcpt, "status": status, "attempts": attempts,
+                           "next_attempt": at, "code": code, "enhanced": enhanced,
+                           "reply": reply}
+                          for rcpt, status, attempts, at, code, enhanced, reply in rcpts]}
+
     def checkpoint(self) -> None:
         """Copy the write-ahead log into the file and truncate it, giving its space back:
         tried while the filesystem is full (a partial checkpoint is harmless)."""
@@ -596,6 +722,27 @@ def _readable_remains(conn: sqlite3.Connection, job_id: str, reason: str,
         meta = None
     queued = float(queued_ts) if isinstance(queued_ts, (int, float)) else now
     return SetAside(job_id, reason, pending, meta if isinstance(meta, dict) else {}, queued)
+
+
+def _waiting_filter(job_id: str | None, domain: str | None) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE clause (on `rcpts AS r`) of one job's recipients or one domain's."""
+    if (job_id is None) == (domain is None):
+        raise ValueError("give a job id or a domain")
+    if job_id is not None:
+        return "r.job_id = ?", (job_id,)
+    assert domain is not None
+    pattern = "%@" + domain.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return "r.rcpt LIKE ? ESCAPE '\\'", (pattern,)  # LIKE: any case, for ASCII
+
+
+def _meta_of(envelope: Any) -> Mapping[str, Any]:
+    """The producer's meta from a stored envelope; empty when it cannot be read."""
+    try:
+        data = json.loads(bytes(envelope or b"").decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, TypeError):
+        return {}
+    meta = data.get("meta") if isinstance(data, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def _int(value: Any) -> int:

@@ -58,6 +58,7 @@ from engine.job import MAX_ENVELOPE_SIZE
 from engine.metrics import Metrics
 from engine.outbox import Outbox
 from engine.protocol import Status
+from engine.queue_admin import QueueAdmin
 from engine.results import RESULTS_HWM, Results
 from engine.salvage import recovery_advice
 from engine.spool import SetAside, Spool, SpoolDamaged, SpoolError
@@ -114,7 +115,10 @@ class Supervisor:
         self.results = Results(results_sock, self.spool, self.dispatcher, self._publish,
                                self._on_stats, cfg.retry.schedule, self.metrics, self.health,
                                clock=self.clock, classifier=self.dispatcher.classifier)
-        self.control = control.Control(control_sock, self.status)
+        self.queue = QueueAdmin(self.spool, self.dispatcher, self.workers, self._publish,
+                                self.clock, cfg.control)  # the operator's `mailengine queue`
+        self.results.observe = self.queue.routes.saw
+        self.control = control.Control(control_sock, self.status, self.queue.commands())
         self._stopping = False
         self._reload = False
         self._last_housekeeping = 0.0
@@ -141,6 +145,7 @@ class Supervisor:
         control_sock = sockets.bind(self.zctx, zmq.REP, cfg.control,
                                     {zmq.RCVHWM: 100,
                                      zmq.MAXMSGSIZE: control.CONTROL_MAX_REQUEST})
+        control.restrict(cfg.control)  # mode 0660: root, the engine's user and group
         return ingest, pub, control_sock
 
     def _close_public(self) -> None:
@@ -307,6 +312,7 @@ class Supervisor:
 
     def _on_stats(self, stats: dict[str, Any]) -> None:
         if self.workers.on_stats(stats):  # a (re)started worker: its jobs may go now
+            self.queue.worker_ready(str(stats.get("ip")))  # the operator's holds, again
             self.dispatcher.worker_ready()
 
     def _set_aside(self, job: SetAside, finals: list[events.Event]) -> None:

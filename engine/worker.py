@@ -174,12 +174,32 @@ class Worker:
                 frames = self.tasks.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if len(frames) == 1:  # not a task: the operator's hold (a task has two frames)
+                self._hold(frames[0])
+                continue
             try:
                 task = protocol.task_from_frames(frames)
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 self._refuse(frames, exc)
                 continue
             self.in_flight.spawn(self._deliver, task)
+
+    def _hold(self, frame: bytes) -> None:
+        """Suspend or resume a provider at this IP, as the operator asked (engine.protocol
+        Hold); the next stats frame shows it."""
+        try:
+            hold = protocol.hold_from_frame(frame)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error(logs.kv("bad_task", ip=self.ip.address, handout=None, error=exc))
+            return
+        self.shaping.hold(hold.provider, hold.seconds)
+        if hold.seconds > 0:
+            log.warning(logs.kv("provider_held", ip=self.ip.address, provider=hold.provider,
+                                seconds=round(hold.seconds, 1)))
+        else:
+            log.warning(logs.kv("provider_released", ip=self.ip.address,
+                                provider=hold.provider))
+        self._send(protocol.stats_frame(self.ip.address, self._figures()))
 
     def _refuse(self, frames: list[bytes], exc: Exception) -> None:
         """A task that cannot be read: the supervisor takes its job back at once (it would

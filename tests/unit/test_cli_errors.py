@@ -104,7 +104,8 @@ def test_help_describes_every_command_and_hides_the_internal_one() -> None:
     assert listed.returncode == 0
     commands = [line.split()[0] for line in listed.stdout.splitlines()
                 if line.startswith("    ") and not line.startswith("      ")]
-    assert commands == ["run", "check-config", "push", "spool", "status", "keygen", "dkim",
+    assert commands == ["run", "check-config", "push", "spool", "status", "queue", "keygen",
+                        "dkim",
                         "demo"]
     assert not re.search(r"\bworker\b", listed.stdout) and "SUPPRESS" not in listed.stdout
     for command in commands:
