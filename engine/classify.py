@@ -366,6 +366,20 @@ def tls_refused(host: str, reply: Reply) -> TransientError:
                                 f" STARTTLS: {reply}"), "STARTTLS")
 
 
+def dane_no_starttls(host: str) -> TransientError:
+    """`host` has usable DANE TLSA records (RFC 7672) and does not offer STARTTLS (or
+    refused it): deferred 4.7.5, the next MX host is tried, never plaintext."""
+    return TransientError(Reply.local(451, "4.7.5", f"DANE: {host} has TLSA records but does"
+                                      " not offer STARTTLS"), "EHLO")
+
+
+def dane_mismatch(host: str) -> TransientError:
+    """No usable TLSA record of `host` matched the certificate it presented (RFC 7672 3):
+    deferred 4.7.5, the next MX host is tried; nothing was sent."""
+    return TransientError(Reply.local(451, "4.7.5", f"DANE: no TLSA record matched the"
+                                      f" certificate of mx {host}"), "STARTTLS")
+
+
 def requiretls_not_offered(host: str) -> PermanentError:
     """The job requires TLS end to end (RFC 8689) and `host`, over verified TLS, does not
     offer REQUIRETLS: 550 5.7.30 at this host, the next MX host is tried (engine.delivery

@@ -18,6 +18,10 @@ Prohibited destinations: unless `host` is a configured route, every address of
 it must pass the `DestinationPolicy` (by default: a public unicast address, not
 loopback, private, link-local...). Refused addresses are skipped; a host left
 with none fails with 451 4.4.4 and is never connected to (docs/SECURITY.md).
+
+DANE (engine.dane, mode `dane` from engine.tlspolicy): a host with usable TLSA records must
+offer STARTTLS and present a certificate that matches one after the handshake, else it fails
+with 4.7.5 (no fallback, no plaintext); a host without gets the default plan (smtp.tls).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import time
 from dataclasses import dataclass
 
 from engine import classify, logs
+from engine import dane as dane_
 from engine.config import Timeouts
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, MxHost, Resolver
@@ -37,6 +42,8 @@ from engine.smtp import Connection, Keepalive, ReplyLimits
 from engine.tls import TlsPlan, TlsPolicy, is_verify_failure
 
 log = logging.getLogger("mailengine.connector")
+
+DANE = "dane"  # the TLS mode of a delivery under DANE (engine.tlspolicy)
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class Connector:
                  timeouts: Timeouts, limits: ReplyLimits, metrics: Metrics,
                  destinations: DestinationPolicy | None = None,
                  keepalive: Keepalive | None = None,
-                 sending_ip: SendingIp | None = None) -> None:
+                 sending_ip: SendingIp | None = None,
+                 dane: dane_.Dane | None = None) -> None:
         self.identity = identity
         # Whether the host holds identity.address (the worker's, which reports it).
         self.sending_ip = sending_ip or SendingIp(identity.address)
@@ -68,6 +76,7 @@ class Connector:
         self.metrics = metrics
         self.destinations = destinations or DestinationPolicy()  # strict unless told
         self.keepalive = keepalive  # TCP keepalive on every connection (None: off)
+        self.dane = dane  # TLSA lookups for mode `dane` (None: DANE is off)
 
     def open(self, host: MxHost, provider: str, routed: bool = False, mode: str | None = None,
              requiretls: bool = False) -> Connection:
@@ -128,6 +137,8 @@ class Connector:
                 self._greet(conn, address, host.port, provider)
                 if plan.attempt and conn.has_extn("starttls"):
                     self._starttls(conn, plan, host, provider)
+                elif plan.dane:
+                    raise classify.dane_no_starttls(host.name)
                 elif plan.required:
                     raise classify.tls_not_offered(host.name)
                 if requiretls:
@@ -145,7 +156,13 @@ class Connector:
 
     def _tls_plan(self, host: MxHost, mode: str | None = None) -> TlsPlan:
         """The TLS plan for `host`; building its context reads the CA file, which needs a
-        file descriptor too."""
+        file descriptor too. In mode `dane`, the host's TLSA records decide (the lookup
+        failing fails the host)."""
+        if mode == DANE:
+            records = self.dane.records(host.name) if self.dane is not None else ()
+            if records:
+                return self.tls.dane(records)
+            mode = None  # no usable record: the default, as if DANE did not apply
         try:
             return self.tls.plan(host.name, mode)
         except OSError as exc:
@@ -170,11 +187,18 @@ class Connector:
         started = time.monotonic()
         reply = conn.starttls_upgrade(plan.context, host.name if plan.context.check_hostname
                                       else None)
+        if reply.code == 220 and plan.dane:
+            assert conn.sock is not None
+            if not dane_.check(plan.dane, dane_.peer_chain(conn.sock), host.name):
+                raise classify.dane_mismatch(host.name)
+            conn.tls_verified = True  # authenticated by DANE (RFC 7672 3)
         if reply.code == 220:
             self.metrics.timing("tls_handshake", provider, _ms(started))
             self.metrics.incr("tls_negotiated", provider)
             if not conn.tls_verified:
                 self.metrics.incr("tls_unverified", provider)
+        elif plan.dane:
+            raise classify.dane_no_starttls(host.name)
         elif plan.required:  # 454 and friends: fine for opportunistic, not here
             raise classify.tls_refused(host.name, reply)
 

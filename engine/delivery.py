@@ -57,7 +57,7 @@ from engine.shaping import (
 )
 from engine.smtp import Connection, RcptResult, StaleConnection, Stopping, send_mail
 from engine.smtp.transaction import Sign
-from engine.tlspolicy import MTA_STS, REQUIRETLS, Decision, TlsPolicies
+from engine.tlspolicy import DANE, MTA_STS, REQUIRETLS, Decision, TlsPolicies
 
 log = logging.getLogger("mailengine.delivery")
 
@@ -192,7 +192,8 @@ class Deliverer:
                                   domain, None, False), False
         provider = self._provider(dest.hosts[0].name) if dest.hosts else dest.domain
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
-        decision = self.policies.decide(dest.domain, provider, task.requiretls, dest.routed)
+        decision = self.policies.decide(dest.domain, provider, task.requiretls, dest.routed,
+                                        dest)
         hosts = [host for host in dest.hosts if decision.allows(host.name)]
         if not hosts:  # MTA-STS enforce: not one MX host the policy names
             self.metrics.incr("mta_sts_refused", provider)
@@ -254,6 +255,8 @@ class Deliverer:
             self.metrics.incr("requiretls_refused", provider)
         elif decision.policy == "verify":
             self.metrics.incr("tls_verify_refused", provider)
+        elif decision.policy == DANE:
+            self.metrics.incr("dane_refused", provider)
         last = refusals[-1]
         if decision.requiretls and all(r.status == "5.7.30" for r in refusals):
             return last
@@ -271,6 +274,8 @@ class Deliverer:
             self.metrics.incr("requiretls_ok", provider)
         elif decision.policy == "verify":
             self.metrics.incr("tls_verify_ok", provider)
+        elif decision.policy == DANE and verified:  # not a host without TLSA records
+            self.metrics.incr("dane_ok", provider)
         shortfall = decision.shortfall(host.name, verified)
         if shortfall is not None:
             self.metrics.incr("mta_sts_testing_failed", provider)

@@ -131,6 +131,11 @@ DECLARED: tuple[Metric, ...] = (
            " a tls_policy exception) over TLS with a valid certificate"),
     Metric("tls_verify_refused", "counter", "deliveries a `verify` policy stopped: no MX host"
            " reachable over TLS with a valid certificate (deferred)"),
+    Metric("dane_ok", "counter", "transactions sent under DANE over TLS with a certificate"
+           " that matched the MX host's TLSA records"),
+    Metric("dane_refused", "counter", "deliveries DANE stopped: no MX host reachable over TLS"
+           " with a certificate matching its TLSA records (deferred 4.7.5, never sent in"
+           " plaintext)"),
     Metric("requiretls_ok", "counter", "transactions of REQUIRETLS jobs sent (verified TLS,"
            " MAIL with REQUIRETLS)"),
     Metric("requiretls_refused", "counter", "deliveries of REQUIRETLS jobs no MX host could"

@@ -15,6 +15,12 @@ loopback, private, link-local, multicast or otherwise not a public unicast
 address (docs/SECURITY.md); the connector applies it to every MX host that is
 not a configured route.
 
+DNSSEC (for DANE, engine.dane): with `trusted_ad` the queries carry the EDNS DO bit and the
+AD flag, and an answer counts as authenticated when the resolver set AD in its reply. The
+resolver must then be a validating one the engine trusts (on the host or over a trusted
+path: `dns.trusted_ad`, Postfix's `smtp_dns_support_level = dnssec`); without `trusted_ad`
+no answer is ever authenticated, whatever its flags say.
+
 Both share one LRU cache keyed (name, rdtype). It keeps an answer for its TTL
 and a "no such name" or "no such record" for the SOA's negative TTL (RFC 2308),
 but never a failure: the next message asks again. The lookups are plain,
@@ -32,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.rdata
@@ -171,6 +178,9 @@ class Destination:
     hosts: tuple[MxHost, ...]
     implicit: bool = False  # no MX records: the domain's own A/AAAA (RFC 5321 5.1)
     routed: bool = False  # a configured fixed next hop, not DNS
+    # The MX answer (or, implicit, the address) was authenticated by a trusted validating
+    # resolver (DNSSEC): DANE applies only then (RFC 7672 2.2).
+    authenticated: bool = False
 
 
 @dataclass
@@ -189,6 +199,7 @@ class _Answer:
     records: tuple[dns.rdata.Rdata, ...]
     nxdomain: bool
     expires: float  # on the resolver's clock
+    secure: bool = False  # the trusted resolver set AD (DNSSEC-validated): engine.dane
     # The records as text, made once: an address answer is read at every message to its
     # host (engine.connector's destination check), and dnspython's to_text() is slow.
     texts: tuple[str, ...] = field(init=False, compare=False, repr=False)
@@ -207,8 +218,10 @@ class Resolver:
 
     def __init__(self, nameservers: Sequence[str] = (), port: int = 53, timeout: float = 5.0,
                  routes: Mapping[str, Route] | None = None, smtp_port: int = 25,
-                 cache_size: int = 10000, clock: Callable[[], float] = time.monotonic) -> None:
-        self._dns = _stub_resolver(nameservers, port, timeout)
+                 cache_size: int = 10000, clock: Callable[[], float] = time.monotonic,
+                 trusted_ad: bool = False) -> None:
+        self._dns = _stub_resolver(nameservers, port, timeout, trusted_ad)
+        self.trusted_ad = trusted_ad
         self._timeout = timeout
         self._routes = {_route_key(key): route for key, route in (routes or {}).items()}
         self._smtp_port = smtp_port
@@ -268,23 +281,39 @@ class Resolver:
         return [b"".join(getattr(rd, "strings", ())).decode("ascii", "replace")
                 for rd in answer.records]
 
+    def tlsa(self, host: str, port: int = 25) -> tuple[list[dns.rdata.Rdata], bool]:
+        """The TLSA records at `_<port>._tcp.<host>` and whether the answer was authenticated
+        (engine.dane). A DNS failure is a TransientError blaming the connection: RFC 7672
+        2.2 makes a host whose TLSA lookup fails unusable, the next MX host is tried."""
+        name = f"_{port}._tcp.{_host_name(host)}"
+        answer = self._lookup(name, dns.rdatatype.TLSA, Blame.CONNECTION)
+        return list(answer.records), answer.secure
+
+    def addresses_secure(self, host: str, family: int = socket.AF_INET) -> bool:
+        """Whether `host`'s address answer in `family` was authenticated (RFC 7672 2.2.2:
+        no TLSA lookup for a host whose address is not). A failure raises as addresses()."""
+        rdtype = _ADDRESS_TYPES[family]
+        return self._lookup(_host_name(host), rdtype, Blame.CONNECTION).secure
+
     def _mx(self, domain: str) -> Destination:
         answer = self._lookup(domain, dns.rdatatype.MX, Blame.MESSAGE)
         if answer.nxdomain:
             raise classify.no_such_domain(domain)
         if not answer.records:
-            return self._implicit(domain)
+            return self._implicit(domain, answer.secure)
         hosts = self._by_preference(answer.records)
         if not hosts:
             raise classify.null_mx(domain)
-        return Destination(domain, hosts)
+        return Destination(domain, hosts, authenticated=answer.secure)
 
-    def _implicit(self, domain: str) -> Destination:
+    def _implicit(self, domain: str, mx_secure: bool) -> Destination:
         # RFC 5321 5.1: with no MX records the domain itself is the host, if it has an address.
         for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            if self._lookup(domain, rdtype, Blame.MESSAGE).records:
+            found = self._lookup(domain, rdtype, Blame.MESSAGE)
+            if found.records:
                 host = MxHost(domain, 0, self._smtp_port)
-                return Destination(domain, (host,), implicit=True)
+                return Destination(domain, (host,), implicit=True,
+                                   authenticated=mx_secure and found.secure)
         raise classify.no_mx_or_address(domain)
 
     def _by_preference(self, records: Iterable[dns.rdata.Rdata]) -> tuple[MxHost, ...]:
@@ -325,9 +354,12 @@ class Resolver:
         try:
             answer = self._dns.resolve(qname, rdtype, search=False, lifetime=self._timeout)
         except dns.resolver.NXDOMAIN as exc:
-            return _Answer((), True, now + _negative_ttl(exc.responses().values()))
+            responses = list(exc.responses().values())
+            return _Answer((), True, now + _negative_ttl(responses),
+                           self.trusted_ad and all(_ad(r) for r in responses))
         except dns.resolver.NoAnswer as exc:
-            return _Answer((), False, now + _negative_ttl([exc.response()]))
+            return _Answer((), False, now + _negative_ttl([exc.response()]),
+                           self.trusted_ad and _ad(exc.response()))
         except (dns.exception.DNSException, OSError) as exc:
             self.stats.failures += 1
             cause = _out_of_descriptors(exc)
@@ -336,7 +368,8 @@ class Resolver:
             raise classify.dns_failed(name, _why(exc), blame) from exc
         # minimum_ttl covers the CNAME chain as well as the answer itself
         ttl = min(answer.chaining_result.minimum_ttl, _MAX_TTL)
-        return _Answer(tuple(answer.rrset or ()), False, now + ttl)
+        return _Answer(tuple(answer.rrset or ()), False, now + ttl,
+                       self.trusted_ad and _ad(answer.response))
 
     def _cached(self, key: tuple[str, int]) -> _Answer | None:
         answer = self._cache.get(key)
@@ -357,9 +390,19 @@ class Resolver:
             self._cache.popitem(last=False)
 
 
-def _stub_resolver(nameservers: Sequence[str], port: int, timeout: float) -> dns.resolver.Resolver:
-    """dnspython's resolver: `nameservers` on `port`, or the system's."""
+def _ad(response: dns.message.Message | None) -> bool:
+    """Whether the resolver said it validated `response` (the AD flag, RFC 4035 3.2.3)."""
+    return response is not None and bool(response.flags & dns.flags.AD)
+
+
+def _stub_resolver(nameservers: Sequence[str], port: int, timeout: float,
+                   dnssec: bool = False) -> dns.resolver.Resolver:
+    """dnspython's resolver: `nameservers` on `port`, or the system's. `dnssec`: ask for
+    validation status (EDNS DO bit, and AD in the query, RFC 6840 5.7)."""
     resolver = dns.resolver.Resolver(configure=not nameservers)
+    if dnssec:
+        resolver.use_edns(0, dns.flags.DO, 1232)
+        resolver.flags = dns.flags.RD | dns.flags.AD
     resolver.port = port  # before the nameservers: some dnspython versions bind it then
     if nameservers:
         resolver.nameservers = list(nameservers)

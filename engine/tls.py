@@ -12,6 +12,10 @@ Modes:
 - ``required``: TLS must be negotiated (certificate not checked), or the host is
   skipped and the mail deferred.
 - ``verify``: TLS with a certificate valid for the MX host name, or deferred.
+
+DANE (engine.dane) is a plan of its own (`TlsPolicy.dane`): TLS required, the certificate
+not checked by OpenSSL but matched against the host's TLSA records after the handshake
+(engine.connector).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 MODES = ("none", "opportunistic", "required", "verify")
 
@@ -31,6 +36,7 @@ class TlsPlan:
     context: ssl.SSLContext | None
     required: bool  # no TLS -> give up on this host
     checking: bool  # the context verifies; a verify-only failure falls back
+    dane: tuple[Any, ...] = ()  # the host's usable TLSA records (engine.dane.Tlsa) to match
 
 
 class TlsPolicy:
@@ -63,6 +69,10 @@ class TlsPolicy:
         if self._active(self._unverifiable, host):
             return TlsPlan(True, self._unverified, False, False)
         return TlsPlan(True, self._verifying, False, True)
+
+    def dane(self, records: tuple[Any, ...]) -> TlsPlan:
+        """The plan for a host with usable TLSA `records`: TLS required, matched by DANE."""
+        return TlsPlan(True, self._unverified, True, False, records)
 
     def fallback(self, plan: TlsPlan, verify_failed: bool) -> TlsPlan:
         """The plan for the one retry after `plan`'s handshake failed: without the check if

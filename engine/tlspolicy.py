@@ -4,8 +4,10 @@ In order, the first that has something to say wins (docs/SECURITY.md, "TLS polic
 
 1. the config's exception for the domain (`tls_policy.domains`) or its provider
    (`tls_policy.providers`): `none`, `opportunistic`, `required`, `verify` or `mta-sts`;
-2. DANE (RFC 7672), reserved here: RFC 8461 2 gives it precedence over MTA-STS, so its
-   decision will come before step 3 (not implemented yet: `dane` is refused in the config);
+2. DANE (RFC 7672, engine.dane) when `tls_policy.dane` is on: the domain's MX answer is
+   DNSSEC-authenticated and an MX host has usable TLSA records: mode `dane` (each host with
+   records must match them; engine.connector). RFC 8461 2 gives it precedence over MTA-STS.
+   (`dane` as a per-domain exception is still refused in the config.)
 3. MTA-STS (RFC 8461, engine.mtasts) when `tls_policy.mta_sts` is on (or the exception
    says `mta-sts`): `enforce` allows only the policy's MX hosts and needs TLS with a
    certificate valid for the MX host's name; `testing` delivers as the default would, and
@@ -26,11 +28,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from engine.dane import Dane
 from engine.mtasts import MtaSts, Policy
+from engine.mx import Destination
 
 # The names events report in `tls_policy`.
 MTA_STS = "mta-sts"
 MTA_STS_TESTING = "mta-sts-testing"
+DANE = "dane"
 REQUIRETLS = "requiretls"
 
 
@@ -76,36 +81,41 @@ class TlsPolicies:
     """Decides per delivery (see the module's docstring). `default`: smtp.tls; `domains` and
     `providers`: the config's exceptions; `mta_sts`: the policies (None: never looked up);
     `sts_default`: whether MTA-STS is looked up for every domain, or only where an
-    exception says `mta-sts`."""
+    exception says `mta-sts`; `dane`: the TLSA lookups (None: DANE is off)."""
 
     def __init__(self, default: str, domains: Mapping[str, str] | None = None,
                  providers: Mapping[str, str] | None = None, mta_sts: MtaSts | None = None,
-                 sts_default: bool = True) -> None:
+                 sts_default: bool = True, dane: Dane | None = None) -> None:
         self.default = default
         self.domains = dict(domains or {})
         self.providers = dict(providers or {})
         self.mta_sts = mta_sts
         self.sts_default = sts_default
+        self.dane = dane
+        self._dane = Decision(DANE, DANE)
         self._default = Decision(default, default)  # the usual answer, made once
         self._forced = {policy: Decision(policy, policy)
                         for policy in {*self.domains.values(), *self.providers.values()}
                         if policy != MTA_STS}
 
     def decide(self, domain: str, provider: str, requiretls: bool = False,
-               routed: bool = False) -> Decision:
+               routed: bool = False, dest: Destination | None = None) -> Decision:
         """The decision for mail to `domain` (its MX hosts' `provider`). `routed`: a
         configured next hop, not the domain's MX hosts: MTA-STS does not apply (nor to an
-        address literal)."""
-        decision = self._receiver_policy(domain, provider, routed)
+        address literal). `dest`: the domain's MX hosts as looked up (DANE needs them)."""
+        decision = self._receiver_policy(domain, provider, routed, dest)
         if requiretls:
             return Decision(REQUIRETLS, "verify", decision.sts, True)
         return decision
 
-    def _receiver_policy(self, domain: str, provider: str, routed: bool) -> Decision:
+    def _receiver_policy(self, domain: str, provider: str, routed: bool,
+                         dest: Destination | None) -> Decision:
         forced = self.domains.get(domain) or self.providers.get(provider)
         if forced is not None and forced != MTA_STS:
             return self._forced[forced]
-        # (DANE's decision goes here, before MTA-STS: RFC 8461 2.)
+        if (self.dane is not None and dest is not None and not routed
+                and self.dane.applies(dest)):  # before MTA-STS: RFC 8461 2
+            return self._dane
         if (self.mta_sts is not None and not routed and not domain.startswith("[")
                 and (forced == MTA_STS or self.sts_default)):  # "[192.0.2.1]": no DNS name
             sts = self.mta_sts.policy(domain)

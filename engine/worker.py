@@ -31,6 +31,7 @@ from engine import config as config_mod
 from engine import crash, gctune, logs, protocol
 from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
+from engine.dane import Dane
 from engine.delivery import Deliverer
 from engine.dkim import DkimKeyError, Signer, WireSigner
 from engine.metrics import Metrics
@@ -99,7 +100,7 @@ class Worker:
     def _deliverer(self) -> Deliverer:
         cfg = self.cfg
         resolver = Resolver(cfg.dns.nameservers, cfg.dns.port, cfg.dns.timeout, cfg.routes,
-                            cfg.smtp.port, cfg.dns.cache_size)
+                            cfg.smtp.port, cfg.dns.cache_size, trusted_ad=cfg.dns.trusted_ad)
         tls = TlsPolicy(cfg.smtp.tls, cfg.smtp.ca_file, cfg.smtp.tls_broken_ttl)
         limits = ReplyLimits(cfg.smtp.max_line_length, cfg.smtp.max_reply_lines,
                              frozenset(cfg.smtp.discard_ehlo_keywords))
@@ -107,11 +108,12 @@ class Worker:
                                  cfg.pool.keepalive_count)
         identity = Identity(self.ip.address, self.ip.helo)
         destinations = DestinationPolicy.from_config(cfg.security)
+        dane = Dane(resolver, identity.family) if cfg.tls_policy.dane else None
         connector = Connector(identity, resolver, tls, cfg.smtp.timeouts, limits, self.metrics,
-                              destinations, keepalive, self.sending_ip)
+                              destinations, keepalive, self.sending_ip, dane)
         policies = TlsPolicies(cfg.smtp.tls, cfg.tls_policy.domains, cfg.tls_policy.providers,
                                self._mta_sts(resolver, destinations, identity),
-                               cfg.tls_policy.mta_sts)
+                               cfg.tls_policy.mta_sts, dane)
         # The keys, read once (engine.startcheck checked them); RSA in a native thread.
         signer = Signer.create(cfg.dkim, offload=_in_thread)
         return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,

@@ -17,7 +17,15 @@ from typing import Any
 import yaml  # type: ignore[import-untyped, unused-ignore]
 
 from engine.config import sections
-from engine.config.schema import DEFAULT_PATH, ENV_VAR, Config, Route, SecurityConfig
+from engine.config.schema import (
+    DEFAULT_PATH,
+    ENV_VAR,
+    Config,
+    DnsConfig,
+    Route,
+    SecurityConfig,
+    TlsPolicyConfig,
+)
 from engine.config.values import (
     ConfigError,
     ehlo_name,
@@ -71,6 +79,7 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
     values = {key: sections.TOP_READERS[key](value, key) for key, value in raw.items()}
     _refuse_shared_endpoints(values)
     _refuse_plain_remote(values)
+    _refuse_untrusted_dane(values)
     return Config(hostname=hostname, ips=ips, ip_pools=ip_pools, warnings=warnings, **values)
 
 
@@ -127,6 +136,17 @@ def _refuse_shared_endpoints(values: Mapping[str, Any]) -> None:
         if endpoint in seen:
             raise error(key, f"same endpoint as {seen[endpoint]}: {endpoint}")
         seen[endpoint] = key
+
+
+def _refuse_untrusted_dane(values: Mapping[str, Any]) -> None:
+    """DANE believes the resolver's AD bit: without a resolver said to validate, an attacker
+    on the path could forge TLSA records as easily as strip them."""
+    policy = values.get("tls_policy") or TlsPolicyConfig()
+    dns = values.get("dns") or DnsConfig()
+    if policy.dane and not dns.trusted_ad:
+        raise error("tls_policy.dane", "DANE needs a validating resolver the engine trusts:"
+                    " set dns.trusted_ad: true (and dns.nameservers to that resolver, e.g."
+                    " a local unbound), or turn DANE off (docs/SECURITY.md)")
 
 
 _EXPOSURE = {"ingest": "may submit mail", "events": "reads every event",

@@ -98,6 +98,8 @@ class TlsPolicyConfig:
     mta_sts_fetch_timeout: float = 10.0  # the policy's HTTPS fetch, in all
     # The policy servers' port: 443 by RFC 8461; another only for tests and labs.
     mta_sts_https_port: int = 443
+    # DANE (RFC 7672): TLSA records authenticated by the resolver (needs dns.trusted_ad).
+    dane: bool = False
     domains: Mapping[str, str] = field(default_factory=_frozen_mapping)  # domain -> policy
     providers: Mapping[str, str] = field(default_factory=_frozen_mapping)  # provider -> policy
 
@@ -136,6 +138,10 @@ class DnsConfig:
     port: int = 53
     timeout: float = 5.0
     cache_size: int = 10000
+    # The nameservers validate DNSSEC and their AD bit is believed (Postfix's
+    # smtp_dns_support_level = dnssec): only a validating resolver on this host or reached
+    # over a path the operator trusts. DANE needs it.
+    trusted_ad: bool = False
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,7 @@ _TLS_POLICY = section(TlsPolicyConfig, {
     "mta_sts": boolean,
     "mta_sts_fetch_timeout": duration(positive=True),
     "mta_sts_https_port": PORT,
+    "dane": boolean,
     "domains": _policy_domains,
     "providers": _policy_providers,
 })
@@ -240,6 +241,7 @@ _DNS = section(DnsConfig, {
     "port": PORT,
     "timeout": duration(positive=True),
     "cache_size": integer(0),
+    "trusted_ad": boolean,
 })
 
 _STATSD = section(StatsdConfig, {

@@ -28,7 +28,7 @@ SUPERVISOR_SIDE = ("engine.supervisor", "engine.intake", "engine.results", "engi
                    "engine.auth", "engine.salvage", "engine.clock")
 WORKER_SIDE = ("engine.worker", "engine.delivery", "engine.connector", "engine.pool",
                "engine.shaping", "engine.smtp", "engine.mx", "engine.tls", "engine.waiters",
-               "engine.mtasts", "engine.tlspolicy")
+               "engine.mtasts", "engine.tlspolicy", "engine.dane")
 SMTP_LAYER = ("engine.smtp",)
 
 # (modules the rule is about, what they must not import, why)
