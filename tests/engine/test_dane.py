@@ -1,0 +1,135 @@
+"""DANE (RFC 7672) through the whole engine: a DNSSEC-signed zone served by nsd, signed at test
+time (ldns-signzone), behind a validating unbound that has the zone's trust anchor; the
+engine's `dns.trusted_ad` and `tls_policy.dane` on; aiosmtpd sinks with trustme certificates.
+A matching TLSA record delivers (DANE-EE and DANE-TA), a mismatch or a missing STARTTLS
+defers 4.7.5 and sends nothing, only unusable records or an unsigned zone's TLSA mean the
+default (opportunistic) TLS. The rules case by case: tests/unit/test_dane.py.
+
+Without nsd, unbound or ldnsutils the test skips, saying what to install; with
+MAILENGINE_DNSSEC_SERVERS=required (.ci/run sets it) it fails instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from engine.testing.harness import LocalEngine, make_message
+from engine.testing.sink import SinkServer
+from tests.support import dnssec
+from tests.support.statsd_catcher import StatsdCatcher
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def servers_installed() -> None:
+    why = dnssec.missing()
+    if why is None:
+        return
+    if os.environ.get(dnssec.REQUIRE) == "required":
+        pytest.fail(f"{why}; {dnssec.REQUIRE}=required")
+    pytest.skip(why)
+
+
+def sha256_spki(pem: bytes) -> str:
+    cert = x509.load_pem_x509_certificate(pem)
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def sha256_cert(pem: bytes) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.decode())).hexdigest()
+
+
+def test_dane_through_a_validating_resolver(
+        tmp_path: Path, local_engine: Callable[..., LocalEngine],
+        servers_installed: None) -> None:
+    intermediate = trustme.CA().create_child_ca()
+    names = ["mx-ok.dane.test", "mx-ta.dane.test", "mx-bad.dane.test", "mx-none.dane.test",
+             "mx.plain.test"]
+    leaf = intermediate.issue_cert(*names)
+    leaf_pem, issuer_pem = (blob.bytes() for blob in leaf.cert_chain_pems)
+    other = sha256_spki(trustme.CA().issue_cert("mx-bad.dane.test").cert_chain_pems[0].bytes())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    leaf.configure_cert(context)  # presents the leaf and the intermediate
+    tls_sink = SinkServer(host="127.0.0.21", tls_context=context)
+    no_tls = SinkServer(tls=False, host="127.0.0.22", port=tls_sink.port)
+
+    def domain(label: str, mx: str, address: str, tlsa: str) -> dict[str, list[tuple[str, str]]]:
+        return {label: [("MX", f"10 {mx}.dane.test.")], mx: [("A", address)],
+                f"_25._tcp.{mx}": [("TLSA", tlsa)]}
+
+    signed = {"dane.test": {
+        **domain("ok", "mx-ok", "127.0.0.21", f"3 1 1 {sha256_spki(leaf_pem)}"),
+        **domain("ta", "mx-ta", "127.0.0.21", f"2 0 1 {sha256_cert(issuer_pem)}"),
+        **domain("bad", "mx-bad", "127.0.0.21", f"3 1 1 {other}"),
+        # PKIX-EE: unusable in SMTP (RFC 7672 3.1.3), the host is not under DANE
+        **domain("none", "mx-none", "127.0.0.21", f"1 1 1 {other}"),
+        # the right key, but no STARTTLS offered: deferred, never sent in plaintext
+        **domain("notls", "mx-notls", "127.0.0.22", f"3 1 1 {sha256_spki(leaf_pem)}"),
+    }}
+    unsigned = {"plain.test": {"@": [("MX", "10 mx.plain.test.")], "mx": [("A", "127.0.0.21")],
+                               "_25._tcp.mx": [("TLSA", f"3 1 1 {other}")]}}
+    statsd = StatsdCatcher()
+    try:
+        with dnssec.SignedDns(signed, unsigned) as dns:
+            assert dns.authenticated("_25._tcp.mx-ok.dane.test", "TLSA")  # the set-up works
+            assert not dns.authenticated("_25._tcp.mx.plain.test", "TLSA")
+            engine = local_engine(tls_sink.port, route=None, extra={
+                "dns": {"nameservers": [dns.resolver_address], "port": dns.resolver_port,
+                        "trusted_ad": True},
+                "tls_policy": {"dane": True, "mta_sts": False},
+                "security": {"allowed_destinations": ["127.0.0.0/8"]},
+                "statsd": {"enabled": True, "host": "127.0.0.1", "port": statsd.port},
+                "retry": {"schedule": ["1h"]},
+            })
+            jobs = ["ok", "ta", "bad", "none", "notls", "plain"]
+            domains = {"plain": "plain.test"}
+            assert engine.push([({"id": job, "from": "s@example.test",
+                                  "to": [f"r@{domains.get(job, job + '.dane.test')}"]},
+                                 make_message(n, 300)) for n, job in enumerate(jobs)])
+            events = engine.wait_for(
+                lambda evs: {e["id"] for e in evs if e["event"] in ("delivered", "deferred")}
+                >= set(jobs), 60, "an outcome for every job")
+        got: dict[str, Any] = {e["id"]: e for e in events
+                               if e["event"] in ("delivered", "deferred")}
+        summary = {job: (e["event"], e["enhanced"], e.get("tls_policy"), e.get("tls_verified"))
+                   for job, e in got.items()}
+        assert summary == {
+            "ok": ("delivered", "2.0.0", "dane", True),
+            "ta": ("delivered", "2.0.0", "dane", True),
+            "bad": ("deferred", "4.7.5", "dane", None),
+            "none": ("delivered", "2.0.0", "opportunistic", False),
+            "notls": ("deferred", "4.7.5", "dane", None),
+            "plain": ("delivered", "2.0.0", "opportunistic", False),
+        }
+        assert ("DANE: no TLSA record matched the certificate of mx mx-bad.dane.test"
+                in got["bad"]["reply"])
+        assert "does not offer STARTTLS" in got["notls"]["reply"]
+        subjects = sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0]
+                          for m in tls_sink.messages)
+        assert subjects == [b"test message 0", b"test message 1", b"test message 3",
+                            b"test message 5"]
+        assert all(m.tls is not None for m in tls_sink.messages)
+        assert no_tls.messages == []  # never in plaintext
+        def counted() -> dict[str, float]:
+            return {suffix: sum(statsd.counter_sum(name) for name in statsd.names("counter")
+                                if name.endswith("." + suffix))
+                    for suffix in ("dane_ok", "dane_refused")}
+
+        # every try counts: "bad" and "notls" are deferred once each (retry in 1 h)
+        assert statsd.wait_for(lambda: counted() == {"dane_ok": 2, "dane_refused": 2}, 20), \
+            counted()
+    finally:
+        tls_sink.stop()
+        no_tls.stop()
+        statsd.stop()
