@@ -587,3 +587,12 @@ def test_invalid_machine_name_asks_for_hostname(monkeypatch: pytest.MonkeyPatch)
     err = refused({"ips": ["192.0.2.10"]})
     assert str(err).startswith("hostname: this machine's name 'build_box.local'")
     assert from_dict(minimal()).hostname == "mta.example.com"  # set explicitly: no lookup
+
+
+def test_dane_needs_a_resolver_trusted_to_validate() -> None:
+    err = refused(minimal(tls_policy={"dane": True}))
+    assert "tls_policy.dane" in str(err) and "dns.trusted_ad: true" in str(err)
+    cfg = from_dict(minimal(tls_policy={"dane": True},
+                            dns={"nameservers": ["127.0.0.1"], "trusted_ad": True}))
+    assert cfg.tls_policy.dane and cfg.dns.trusted_ad
+    assert not from_dict(minimal()).tls_policy.dane
