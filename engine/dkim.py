@@ -52,10 +52,6 @@ MIN_RSA_BITS = 1024  # RFC 8301 3.2: verifiers refuse less
 _PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
 
-# Runs `sign(data)`, a private-key operation, where the caller wants it (`Signer`).
-Offload = Callable[[Callable[[bytes], bytes], bytes], bytes]
-
-
 class DkimKeyError(Exception):
     """A key file that cannot sign: its message names the file and why, never its content."""
 
@@ -276,10 +272,8 @@ class Signed:
 
 
 def signature_field(key: SigningKey, fields: Sequence[tuple[bytes, bytes]], body_hash: bytes,
-                    names: Iterable[bytes], now: int, expiry: float = 0,
-                    offload: Offload | None = None) -> bytes:
-    """One DKIM-Signature field, CRLF-ended, over `fields` (the message's, in order).
-    `offload` runs the private-key operation (see `Signer`)."""
+                    names: Iterable[bytes], now: int, expiry: float = 0) -> bytes:
+    """One DKIM-Signature field, CRLF-ended, over `fields` (the message's, in order)."""
     chosen = list(names)
     signed = _signed_fields(fields, chosen)
     tags = (f"v=1; a={key.algorithm}; c=relaxed/relaxed; d={key.domain};\r\n\ts={key.selector};"
@@ -287,7 +281,7 @@ def signature_field(key: SigningKey, fields: Sequence[tuple[bytes, bytes]], body
     head = (b"DKIM-Signature: " + tags.encode() + b"\r\n\th=" + _fold_names(chosen) + b";\r\n\tbh="
             + base64.b64encode(body_hash) + b";\r\n\tb=")
     data = b"".join(relaxed_header(f) + b"\r\n" for f in signed) + relaxed_header(head)
-    b = base64.b64encode(key.sign(data) if offload is None else offload(key.sign, data))
+    b = base64.b64encode(key.sign(data))
     return head + b"\r\n\t ".join(b[i:i + 64] for i in range(0, len(b), 64)) + b"\r\n"
 
 
@@ -362,28 +356,22 @@ _SIMPLE_FROM = re.compile(r"[ \t]*(?:[^<>@\"(),;:\\\r\n]*<)?"
 
 
 class Signer:
-    """Signs messages under the config's keys (loaded once: `load_keys`).
-
-    `offload(sign, data)` runs a key's private-key operation, `sign(data)`: the worker runs
-    it in a native thread (OpenSSL releases the GIL while it computes), so that the RSA step,
-    about 250 µs of the 330 a 2048-bit signature costs, runs on another core while the
-    worker's greenlets go on; None runs it here."""
+    """Signs messages under the config's keys (loaded once: `load_keys`)."""
 
     def __init__(self, cfg: DkimConfig, keys: dict[str, tuple[SigningKey, ...]],
-                 clock: Callable[[], float] = time.time, offload: Offload | None = None) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.keys = keys
         self.clock = clock
-        self.offload = offload
         self.headers = tuple(h.lower() for h in cfg.headers)
         self.oversign = tuple(h.lower() for h in cfg.oversign)
 
     @classmethod
-    def create(cls, cfg: DkimConfig, offload: Offload | None = None) -> Signer | None:
+    def create(cls, cfg: DkimConfig) -> Signer | None:
         """A signer, or None when there is nothing to sign with; DkimKeyError on a bad key."""
         if not cfg.enabled or not cfg.domains:
             return None
-        return cls(cfg, load_keys(cfg), offload=offload)
+        return cls(cfg, load_keys(cfg))
 
     def domain_for(self, author: str | None) -> str | None:
         """The configured domain that signs for the From domain `author`."""
@@ -413,8 +401,8 @@ class Signer:
             return Signed(b"", 0, unsigned=True)
         body_hash = hashlib.sha256(relaxed_body(body)).digest()
         names = header_names(fields, self.headers, self.oversign)
-        signatures = [signature_field(k, fields, body_hash, names, now, self.cfg.expiry,
-                                      self.offload) for k in keys]
+        signatures = [signature_field(k, fields, body_hash, names, now, self.cfg.expiry)
+                      for k in keys]
         return Signed(b"".join(signatures), len(signatures))
 
     def _current(self, domain: str, day: datetime.date) -> list[SigningKey]:

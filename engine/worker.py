@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -114,8 +113,7 @@ class Worker:
         policies = TlsPolicies(cfg.smtp.tls, cfg.tls_policy.domains, cfg.tls_policy.providers,
                                self._mta_sts(resolver, destinations, identity),
                                cfg.tls_policy.mta_sts, dane)
-        # The keys, read once (engine.startcheck checked them); RSA in a native thread.
-        signer = Signer.create(cfg.dkim, offload=_in_thread)
+        signer = Signer.create(cfg.dkim)  # the keys, read once (engine.startcheck checked them)
         return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
                          self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers},
                          policies, None if signer is None else WireSigner(signer, self.metrics))
@@ -326,13 +324,6 @@ class Worker:
         while True:
             gevent.sleep(max(0.5, min(5.0, self.cfg.pool.idle_timeout / 2)))
             self.pools.reap()
-
-
-def _in_thread(sign: Callable[[bytes], bytes], data: bytes) -> bytes:
-    """`sign(data)` in gevent's pool of native threads: this greenlet waits, the others run,
-    and the private-key operation (OpenSSL, the GIL released) takes another core."""
-    result: bytes = gevent.get_hub().threadpool.apply(sign, (data,))
-    return result
 
 
 def die_with_parent() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -237,21 +237,3 @@ def test_keygen_writes_a_private_key_and_prints_its_record(
 ])
 def test_from_domain_fast_path_and_parser_agree(value: bytes, domain: str | None) -> None:
     assert dkim.from_domain([(b"from", b"From: " + value)]) == domain
-
-
-def test_the_private_key_operations_run_where_offload_says_and_still_verify(
-        keys: dict[str, DkimKey], verifier: Verifier) -> None:
-    """The worker hands each private-key operation to a native thread (engine.worker
-    `_in_thread`): here a recording offload, called once per signature with the key's
-    `sign` and the data it signs."""
-    calls: list[bytes] = []
-
-    def offload(sign: Callable[[bytes], bytes], data: bytes) -> bytes:
-        calls.append(data)
-        return sign(data)
-    cfg = DkimConfig(domains={"example.org": DkimDomainConfig(
-        (entry(keys["rsa"]), entry(keys["ed"])), False)})
-    s = dkim.Signer(cfg, dkim.load_keys(cfg), clock=lambda: NOON, offload=offload)
-    assert verifier.signatures(signed(s, MESSAGES["folded"])) == [
-        ("example.org", "r1", "rsa-sha256", True), ("example.org", "e1", "ed25519-sha256", True)]
-    assert len(calls) == 2 and all(b"dkim-signature:" in data for data in calls)
