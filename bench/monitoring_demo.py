@@ -491,7 +491,7 @@ def slug(text: str) -> str:
 def dashboard_graphs() -> list[dict[str, Any]]:
     """Every graph panel of the dashboard: its row, id, title, unit, queries (variables
     replaced) and picture file name."""
-    graphs = []
+    graphs: list[dict[str, Any]] = []
     row = ""
     for panel in panels(dashboard()):
         if panel["type"] == "row":
