@@ -1,4 +1,4 @@
-"""Pictures of the monitoring chain from a real run: engine -> StatsD -> carbon -> graphite-web.
+"""Pictures of the shipped dashboard from a real run: engine -> StatsD -> carbon -> graphite-web.
 
 One command starts, all on loopback and in a temporary folder:
 
@@ -12,22 +12,31 @@ One command starts, all on loopback and in a temporary folder:
   `.test` whose hosts map, through the engine's `providers` table, to google, microsoft and
   yahoo; each provider is an SMTP sink (engine/testing/sink.py) on its own loopback address
   (127.0.0.11-13, one port) that answers the final dot after a per-provider delay (google
-  ~15 ms, microsoft ~100 ms, yahoo ~40 ms, each +-50 %), with STARTTLS except yahoo; local
-  parts `defer...` get 451 and `reject...` 550;
-- the real engine (`mailengine run` through LocalEngine), two workers sending from 127.0.0.2
-  and 127.0.0.3, at most 4 connections per IP x provider, 200 jobs in flight per worker,
-  retries after 10 s and 20 s and a 60 s lifetime, so that the deferred recipients expire
-  within the run;
-- a producer: a steady flow of jobs (about 5 % of recipients deferred, 3 % bounced, one job in
-  five with three recipients) that changes pace, with a burst of 2000 jobs at once in the
-  middle, which fills the spool and makes the workers wait for pooled connections.
+  ~15 ms, microsoft ~100 ms, yahoo ~40 ms, each +-50 %), with STARTTLS except yahoo. Every sink
+  refuses recipients by local part (`RCPT_RULES`: a full mailbox and "try later" deferred, an
+  unknown user, spam and DMARC refusals bounced: five refusal categories); google drops the
+  connection after 1 % of final dots (ambiguous attempts); yahoo allows each sending IP 1
+  message per second (421 past it: throttles) and blocks an IP for 20 s after 80 accepted
+  messages (554 "blocked using zen.spamhaus.org" at the banner: the engine suspends sending
+  from that IP to yahoo for `throttle.block_suspend`, 30 s here);
+- the real engine (`mailengine run` through LocalEngine), statsd.prefix `mail.outbound` (a dotted
+  one, as conf/examples/two-ips.yaml), two workers sending from 127.0.0.2 and 127.0.0.3, at most
+  4 connections per IP x provider, 200 jobs in flight per worker, retries after 10 s and 20 s
+  and a 60 s lifetime, so that the deferred recipients expire within the run;
+- a producer: a steady flow of jobs (about 4 % of recipients deferred, 4 % bounced, one job in
+  five with three recipients) that changes pace, with a burst of 1000 jobs at once, a few frames
+  that are not jobs (rejected at intake), and, halfway, a SIGKILL of the worker of 127.0.0.3 (the
+  supervisor restarts it).
 
-Once every recipient is final it starts graphite-web (Debian's `graphite-web`, Django, with its
-own settings pointing at the run's whisper files, on 127.0.0.1) and fetches the dashboard's key
-panels from its render API (`/render?target=...&format=png`) into docs/img/monitoring-*.png,
-plus the same targets as JSON for the figures written to docs/img/monitoring-run.json.
+Once every recipient is final it starts graphite-web (Debian's `graphite-web`, through
+tests/support/graphite_web.py, over the run's whisper files, on 127.0.0.1) and renders every
+panel of conf/grafana-dashboard.json from the panel's own queries, the `prefix` variable
+replaced by the run's prefix and `ip`, `provider` by All (`*`), with its render API
+(`/render?target=...&format=png`) into docs/img/dashboard-NN-<title>.png (NN: the panel's
+place in the dashboard), plus the same queries as JSON for the figures written to
+docs/img/monitoring-run.json.
 
-    python -m bench.monitoring_demo              # about 4 minutes
+    python -m bench.monitoring_demo              # about 5 minutes
     python -m bench.monitoring_demo --keep       # keep the temporary folder (whisper files...)
     python -m bench.monitoring_demo --render-only /tmp/mailengine-monitoring-XXXX  # re-render
 
@@ -44,8 +53,10 @@ import asyncio
 import collections
 import contextlib
 import json
+import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -54,28 +65,29 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+from engine.testing import limits
 from engine.testing import sink as sink_mod
 from engine.testing.carbon import CarbonCache
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
+from tests.support import graphite_web
+from tests.support.dashboard import dashboard, interpolate, panels
 from tests.support.dnsserver import DnsServer
+from tests.support.graphite_web import GraphiteWeb
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFIX = "mailengine"
+PREFIX = "mail.outbound"  # conf/examples/two-ips.yaml's: the dashboard must hold a dotted one
 IPS = ("127.0.0.2", "127.0.0.3")
 IP_SHARE = (0.6, 0.4)  # of the jobs, per sending IP
+KILLED_IP = "127.0.0.3"  # its worker is SIGKILLed halfway (worker restarts)
 STATSD_NPM_VERSION = "0.9.0"  # what tests/engine/test_metrics.py runs
 FLUSH_MS = 2000
-DEBIAN_PYTHON = "/usr/bin/python3"  # graphite-web is a Debian package of Debian's Python
 
 # provider -> (sink address, recipient domains and their MX host, final-dot delay, STARTTLS)
 PROVIDERS: dict[str, dict[str, Any]] = {
@@ -90,11 +102,21 @@ PROVIDERS: dict[str, dict[str, Any]] = {
 # MX host suffix -> provider, added to the engine's table (config key `providers`)
 PROVIDER_SUFFIXES = {"google.test": "google", "outlook.test": "microsoft",
                      "yahoodns.test": "yahoo"}
-DEFER_SHARE, REJECT_SHARE, THREE_RCPT_SHARE = 0.05, 0.03, 0.2
-
-COLORS = {"google": ("#9ecae1", "#3182bd", "#08306b"),
-          "microsoft": ("#fdae6b", "#e6550d", "#7f2704"),
-          "yahoo": ("#bcbddc", "#756bb1", "#3f007d")}
+# Local part prefix -> (the sinks' reply at RCPT, share of the recipients); the rest are
+# accepted. The category each gets (engine/categories.py) is in the comment.
+RCPT_RULES: dict[str, tuple[str, float]] = {
+    "full": ("452 4.2.2 mailbox full", 0.02),  # quota-issues, deferred until it expires
+    "defer": ("451 4.3.0 try later", 0.02),  # other, deferred until it expires
+    "unknown": ("550 5.1.1 no such user", 0.02),  # bad-mailbox
+    "spam": ("550 5.7.1 Message rejected as spam by content filter", 0.01),  # spam-related
+    "dmarc": ("550 5.7.26 Unauthenticated email is not accepted due to the sender domain's"
+              " DMARC policy", 0.01),  # authentication-failed
+}
+THREE_RCPT_SHARE = 0.2
+AMBIGUOUS_SHARE = 0.01  # google drops the connection after this share of final dots
+YAHOO_RATE = 1.0  # messages per second per sending IP, then 421
+YAHOO_BLOCK_AFTER, YAHOO_BLOCK_FOR = 80, 20.0  # accepted messages, then blocked this long
+BLOCK_SUSPEND = "30s"
 
 
 def log(text: str) -> None:
@@ -155,10 +177,7 @@ def wait_for_text(log_path: Path, text: str, proc: subprocess.Popen[bytes], what
 
 def check_tools() -> None:
     missing = [tool for tool in ("carbon-cache", "node", "npm") if not shutil.which(tool)]
-    graphite_web = subprocess.run([DEBIAN_PYTHON, "-c", "import graphite, django, cairo"],
-                                  capture_output=True, check=False) \
-        if os.path.exists(DEBIAN_PYTHON) else None
-    if graphite_web is None or graphite_web.returncode != 0:
+    if not graphite_web.available():
         missing.append("graphite-web")
     if missing:
         sys.exit(f"missing: {', '.join(missing)}; install them with\n"
@@ -245,57 +264,6 @@ def start_statsd(procs: Processes, home: Path, carbon_port: int) -> int:
     return port
 
 
-# -- graphite-web ------------------------------------------------------------------------------
-
-GRAPHITE_SETTINGS = """# graphite-web settings for this run only (GRAPHITE_SETTINGS_MODULE)
-SECRET_KEY = "mailengine-monitoring-demo"
-ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
-DEBUG = False
-TIME_ZONE = "UTC"
-CONF_DIR = {home!r}
-STORAGE_DIR = {storage!r}
-WHISPER_DIR = {whisper!r}
-STANDARD_DIRS = [{whisper!r}]
-LOG_DIR = {home!r} + "/log"
-INDEX_FILE = {home!r} + "/index"
-CARBONLINK_HOSTS = {hosts!r}
-DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3",
-                         "NAME": {home!r} + "/graphite.db"}}}}
-"""
-
-
-def start_graphite_web(procs: Processes, home: Path, whisper: Path, carbon_query: int) -> str:
-    """graphite-web (Django's runserver) on 127.0.0.1 reading `whisper`; its base URL."""
-    (home / "log").mkdir(parents=True)
-    (home / "me_graphite_settings.py").write_text(GRAPHITE_SETTINGS.format(
-        home=str(home), storage=str(whisper.parent), whisper=str(whisper),
-        hosts=[f"127.0.0.1:{carbon_query}"] if carbon_query else []),
-        encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
-    env.update(PYTHONPATH=str(home), GRAPHITE_SETTINGS_MODULE="me_graphite_settings",
-               DJANGO_SETTINGS_MODULE="graphite.settings")
-    console = home / "graphite-web.log"
-    with open(console, "ab") as out:
-        subprocess.run([DEBIAN_PYTHON, "-m", "django", "migrate", "--run-syncdb", "-v", "0"],
-                       env=env, stdout=out, stderr=subprocess.STDOUT, check=True, timeout=120)
-    port = free_port()
-    proc = procs.start("graphite-web", [DEBIAN_PYTHON, "-m", "django", "runserver",
-                                        "--noreload", f"127.0.0.1:{port}"], console, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/metrics/find?query=stats", timeout=5) as r:
-                if json.load(r):
-                    return base
-        except (OSError, ValueError):
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"graphite-web did not start; {console}:\n"
-                               + console.read_text(errors="replace")[-2000:])
-        time.sleep(0.3)
-
-
 # --------------------------------------------------------------------------------------------
 # The receiving side: DNS and one sink per provider
 
@@ -313,13 +281,57 @@ class _SlowHandler(sink_mod._SinkHandler):
 
 
 class ProviderSink(SinkServer):
-    def __init__(self, host: str, port: int, delay: float, tls: bool) -> None:
+    def __init__(self, host: str, port: int, delay: float, tls: bool, **options: Any) -> None:
         self.delay = delay
-        super().__init__(tls=tls, host=host, port=port, hostname=f"sink-{host}.test")
+        super().__init__(tls=tls, host=host, port=port, hostname=f"sink-{host}.test",
+                         rcpt_rules={local: reply for local, (reply, _) in RCPT_RULES.items()},
+                         **options)
 
     def _new_session(self) -> Any:
         return sink_mod._SinkSMTP(self, _SlowHandler(self, self.delay), loop=self._loop,
                                   **self._smtp_options)
+
+
+class BlockFor(limits.Open):
+    """After `after` accepted messages from a client IP, that IP is blocked for `lasting`
+    seconds (the banner answers a block-list refusal), then counted again from zero."""
+
+    def __init__(self, after: int, lasting: float) -> None:
+        self.after = after
+        self.lasting = lasting
+        self.accepted: collections.Counter[str] = collections.Counter()
+        self.since: dict[str, float] = {}
+
+    def _refusal(self, client_ip: str, now: float) -> str | None:
+        since = self.since.get(client_ip)
+        if since is not None and now - since >= self.lasting:
+            del self.since[client_ip]
+            self.accepted[client_ip] = 0
+            since = None
+        if since is None and self.accepted[client_ip] >= self.after:
+            self.since[client_ip] = since = now
+        if since is None:
+            return None
+        return f"554 5.7.1 Service unavailable; Client host [{client_ip}] blocked using" \
+               " zen.spamhaus.org"
+
+    def on_connect(self, client_ip: str, open_connections: int, now: float) -> str | None:
+        return self._refusal(client_ip, now)
+
+    def on_mail(self, client_ip: str, now: float) -> str | None:
+        refusal = self._refusal(client_ip, now)
+        if refusal is None:
+            self.accepted[client_ip] += 1
+        return refusal
+
+
+def sink_options(provider: str) -> dict[str, Any]:
+    if provider == "google":
+        return {"drop_after_dot": AMBIGUOUS_SHARE, "drop_seed": 7}
+    if provider == "yahoo":
+        return {"policy": limits.Both(limits.RateLimit(YAHOO_RATE, burst=3.0),
+                                      BlockFor(YAHOO_BLOCK_AFTER, YAHOO_BLOCK_FOR))}
+    return {}
 
 
 def _has_destination_check() -> bool:
@@ -336,7 +348,8 @@ def start_sinks() -> tuple[int, dict[str, ProviderSink]]:
         port = 0
         try:
             for provider, spec in PROVIDERS.items():
-                sinks[provider] = ProviderSink(spec["address"], port, spec["delay"], spec["tls"])
+                sinks[provider] = ProviderSink(spec["address"], port, spec["delay"], spec["tls"],
+                                               **sink_options(provider))
                 port = sinks[provider].port
             return port, sinks
         except OSError:  # the port is taken on another address: try another one
@@ -370,18 +383,25 @@ class Producer:
         self.rng = random.Random(seed)
         self.sent_jobs = 0
         self.sent_rcpts = 0
+        self.not_jobs = 0
         self.kinds: collections.Counter[str] = collections.Counter()
         self._domains = [(d, spec["share"] / len(spec["domains"]))
                          for spec in PROVIDERS.values() for d in spec["domains"]]
+
+    def local_kind(self) -> str:
+        roll = self.rng.random()
+        for kind, (_reply, share) in RCPT_RULES.items():
+            if roll < share:
+                return kind
+            roll -= share
+        return "user"
 
     def job(self, phase: str = "steady") -> list[bytes]:
         rng = self.rng
         domain = rng.choices([d for d, _ in self._domains], [w for _, w in self._domains])[0]
         rcpts = []
         for _ in range(3 if rng.random() < THREE_RCPT_SHARE else 1):
-            roll = rng.random()
-            kind = "defer" if roll < DEFER_SHARE else \
-                "reject" if roll < DEFER_SHARE + REJECT_SHARE else "user"
+            kind = self.local_kind()
             self.kinds[kind] += 1
             rcpts.append(f"{kind}{rng.randrange(10**6)}@{domain}")
         ip = rng.choices(IPS, IP_SHARE)[0]
@@ -397,12 +417,17 @@ class Producer:
         for _ in range(count):
             self.sock.send_multipart(self.job(phase))
 
-    def run(self, schedule: list[tuple[float, float]], bursts: dict[float, int],
-            stop: threading.Event) -> None:
-        """schedule: (until second, jobs per second); bursts: second -> jobs at once."""
+    def send_not_a_job(self) -> None:
+        """A frame that is not a job: refused at intake (the `rejected` counter)."""
+        self.sock.send_multipart([b"this is not JSON", b"Subject: x\r\n\r\nx\r\n"])
+        self.not_jobs += 1
+
+    def run(self, schedule: list[tuple[float, float]],
+            actions: dict[float, Callable[[], None]], stop: threading.Event) -> None:
+        """schedule: (until second, jobs per second); actions: second -> what to do then."""
         started = time.monotonic()
         owed = 0.0
-        pending = dict(bursts)
+        pending = dict(actions)
         last = started
         for until, rate in schedule:
             while not stop.is_set():
@@ -410,9 +435,8 @@ class Producer:
                 elapsed = now - started
                 if elapsed >= until:
                     break
-                for at in [at for at in pending if elapsed >= at]:
-                    log(f"burst: {pending[at]} jobs at once")
-                    self.send(pending.pop(at), "burst")
+                for at in sorted(at for at in pending if elapsed >= at):
+                    pending.pop(at)()
                 owed += rate * (now - last)
                 last = now
                 whole = int(owed)
@@ -424,166 +448,110 @@ class Producer:
         self.ctx.destroy(linger=5000)
 
 
+def kill_worker(engine: LocalEngine, ip: str) -> None:
+    """SIGKILL the worker of `ip` (the supervisor restarts it: `worker_restarts`)."""
+    pid = engine.status()["workers"][ip]["pid"]
+    log(f"SIGKILL the worker of {ip} (pid {pid})")
+    os.kill(pid, signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------------------------
-# The graphs: the dashboard's key panels, through graphite-web's render API
+# The pictures: every panel of conf/grafana-dashboard.json, its own queries, through
+# graphite-web's render API
 
-M = PREFIX
+# Grafana's variables for the run: the run's prefix, every IP and provider (All).
+VARIABLES = {"prefix": PREFIX, "ip": "*", "provider": "*", "datasource": "graphite"}
 
+# Graph options per the panel's unit (the queries are the dashboard's, untouched).
+UNIT_PARAMS: dict[str, dict[str, str]] = {
+    "ms": {"vtitle": "ms (log scale)", "logBase": "10"},
+    "percent": {"vtitle": "%", "yMin": "0"},
+    "s": {"vtitle": "seconds", "yMin": "0"},
+    "bytes": {"vtitle": "", "yUnitSystem": "binary", "yMin": "0"},  # ticks say Mi
+    "short": {"vtitle": "", "yMin": "0"},
+}
 
-def per_provider(metric: str, stat: str, label: str, lines: list[str]) -> None:
-    """One line per provider and percentile: the maximum over the sending IPs."""
-    for provider, (light, mid, dark) in COLORS.items():
-        for pct, color in (("50", light), ("95", mid), ("99", dark)):
-            target = f"color(maxSeries(stats.timers.{M}.*.{provider}.{metric}.{stat}_{pct}),"\
-                     f"'{color}')"
-            if pct == "99":
-                target = f"dashed({target},4)"
-            lines.append(f"alias({target},'{provider} {label}{pct}')")
+# More distinct colours than Graphite's default list (panels with up to 30 series).
+COLOR_LIST = ("#1f77b4,#ff7f0e,#2ca02c,#d62728,#9467bd,#8c564b,#e377c2,#7f7f7f,#bcbd22,"
+              "#17becf,#aec7e8,#ffbb78,#98df8a,#ff9896,#c5b0d5,#c49c94,#f7b6d2,#393b79,"
+              "#dbdb8d,#9edae5,#637939,#843c39,#7b4173,#3182bd,#e6550d,#31a354,#756bb1,"
+              "#636363,#b5cf6b,#e7969c")
 
-
-def delivery_targets() -> list[str]:
-    lines: list[str] = []
-    per_provider("delivery_time", "upper", "p", lines)
-    return lines
-
-
-def pool_wait_targets() -> list[str]:
-    # The dashboard's panel: p95 and mean (here the larger of the two IPs' per provider).
-    lines: list[str] = []
-    for provider, (light, mid, _dark) in COLORS.items():
-        for stat, label, color in (("upper_95", "p95", mid), ("mean", "mean", light)):
-            lines.append(f"alias(color(maxSeries(stats.timers.{M}.*.{provider}.pool_wait.{stat}),"
-                         f"'{color}'),'{provider} {label}')")
-    return lines
-
-
-def outcome_targets() -> list[str]:
-    # The dashboard's query (sumSeriesWithWildcards over providers), one IP at a time so each
-    # line gets its colour; the rarer outcomes on the right axis.
-    ip_colors = {"127_0_0_2": "#2ca02c", "127_0_0_3": "#1f77b4"}
-    lines = []
-    for ip, color in ip_colors.items():
-        lines.append(f"color(alias(sumSeriesWithWildcards(stats.{M}.{ip}.*.delivered, 3),"
-                     f"'{ip.replace('_', '.')} delivered'),'{color}')")
-    rare = {"deferred": ("#ff7f0e", "#d62728"), "bounced": ("#9467bd", "#8c564b")}
-    for outcome, colors in rare.items():
-        for ip, color in zip(ip_colors, colors, strict=True):
-            lines.append(f"alias(secondYAxis(color(sumSeriesWithWildcards("
-                         f"stats.{M}.{ip}.*.{outcome}, 3),'{color}')),"
-                         f"'{ip.replace('_', '.')} {outcome} (right axis)')")
-    lines.append(f"alias(secondYAxis(color(dashed(stats.{M}.supervisor.all.expired,3),"
-                 f"'#000000')),'expired, all IPs (right axis)')")
-    return lines
-
-
-def ratio(numerator: str, denominator: str, bins: str) -> str:
-    def binned(path: str) -> str:
-        return f"summarize(sumSeries({path}),'{bins}','sum',true)"
-    return f"asPercent({binned(numerator)},{binned(denominator)})"
-
-
-def connection_targets() -> list[str]:
-    counts = f"stats_counts.{M}.*.*"
-    reuse = ratio(f"{counts}.connections_reused",
-                  f"{counts}.{{connections_reused,connections_opened}}", "10s")
-    tls = ratio(f"{counts}.tls_negotiated", f"{counts}.connections_opened", "10s")
-    lines = [f"color(lineWidth(alias({reuse},'connection reuse ratio (%)'),2),'#2ca02c')",
-             f"color(lineWidth(alias({tls},'TLS share of new connections (%)'),2),'#000000')"]
-    for provider, (_light, mid, _dark) in COLORS.items():
-        opened = f"summarize(sumSeries(stats_counts.{M}.*.{provider}.connections_opened)," \
-                 "'10s','sum',true)"
-        lines.append(f"alias(secondYAxis(color(lineWidth(transformNull({opened},0),1),'{mid}')),"
-                     f"'{provider}: new connections per 10 s (right axis)')")
-    return lines
-
-
-def spool_targets() -> list[str]:
-    return [f"color(lineWidth(alias(stats.gauges.{M}.supervisor.all.spool_depth,"
-            "'spool depth: recipients pending'),2),'#000000')",
-            f"aliasByNode(stats.gauges.{M}.*.all.in_flight, 3)"]
-
-
-def memory_targets() -> list[str]:
-    return [f"aliasByNode(stats.gauges.{M}.*.all.memory_rss, 3)"]
-
-
-GRAPHS: list[dict[str, Any]] = [
-    {"file": "monitoring-delivery-time.png", "targets": delivery_targets,
-     "title": "Delivery time (queued to final reply) p50 / p95 / p99 per provider, max of the"
-              " 2 IPs", "vtitle": "ms (log scale)", "params": {"logBase": "10"}},
-    {"file": "monitoring-outcomes.png", "targets": outcome_targets,
-     "title": "Recipients per second by outcome, per sending IP",
-     "vtitle": "delivered per second", "params": {"vtitleRight": "deferred / bounced / expired"
-                                                  " per second", "yMin": "0",
-                                                  "yMinRight": "0"}},
-    {"file": "monitoring-connections.png", "targets": connection_targets,
-     "title": "Connection reuse ratio and TLS share of new connections, in 10 s bins",
-     "vtitle": "%", "params": {"yMinLeft": "0", "yMaxLeft": "100", "yMinRight": "0",
-                               "vtitleRight": "new connections per 10 s"}},
-    {"file": "monitoring-spool.png", "targets": spool_targets,
-     "title": "Spool depth (recipients, reported every 10 s) and jobs in flight per worker",
-     "vtitle": "", "params": {"yMin": "0"}},
-    {"file": "monitoring-pool-wait.png", "targets": pool_wait_targets,
-     "title": "Pool wait (checking out a connection) p95 and mean per provider, max of the"
-              " 2 IPs", "vtitle": "ms (log scale)", "params": {"logBase": "10"}},
-    {"file": "monitoring-memory.png", "targets": memory_targets,
-     "title": "Memory (RSS) per process, reported every 10 s (binary units)", "vtitle": "",
-     "params": {"yUnitSystem": "binary", "yMin": "0"}},
-]
-
-STYLE = {"width": "1000", "height": "420", "bgcolor": "white", "fgcolor": "black",
+STYLE = {"width": "900", "bgcolor": "white", "fgcolor": "black",
          "majorGridLineColor": "#bbbbbb", "minorGridLineColor": "#eeeeee",
          "fontName": "DejaVu Sans", "fontSize": "11", "lineWidth": "1.5",
-         "lineMode": "connected", "tz": "UTC", "hideLegend": "false", "xFormat": "%H:%M:%S"}
+         "lineMode": "connected", "tz": "UTC", "hideLegend": "false", "xFormat": "%H:%M:%S",
+         "colorList": COLOR_LIST}
 
 
-def render(base: str, targets: list[str], start: int, end: int, fmt: str,
-           params: dict[str, str] | None = None) -> bytes:
-    query = [("target", t) for t in targets] + [("from", str(start)), ("until", str(end)),
-                                                ("format", fmt)]
-    if fmt == "png":
-        query += list({**STYLE, **(params or {})}.items())
-    url = f"{base}/render?{urllib.parse.urlencode(query)}"
-    with urllib.request.urlopen(url, timeout=60) as response:
-        return bytes(response.read())
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def series_figures(raw: bytes) -> dict[str, dict[str, float]]:
+def dashboard_graphs() -> list[dict[str, Any]]:
+    """Every graph panel of the dashboard: its row, id, title, unit, queries (variables
+    replaced) and picture file name."""
+    graphs: list[dict[str, Any]] = []
+    row = ""
+    for panel in panels(dashboard()):
+        if panel["type"] == "row":
+            row = panel["title"]
+            continue
+        targets = [interpolate(t["target"], VARIABLES) for t in panel.get("targets", [])
+                   if not t.get("hide")]
+        if not targets:
+            continue
+        unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit") or "short"
+        graphs.append({"row": row, "id": panel["id"], "title": panel["title"], "unit": unit,
+                       "targets": targets,
+                       "file": f"dashboard-{len(graphs) + 1:02d}-{slug(panel['title'])}.png"})
+    return graphs
+
+
+def series_figures(series: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     out = {}
-    for series in json.loads(raw):
-        values = [v for v, _t in series["datapoints"] if v is not None]
+    for one in series:
+        values = [v for v, _t in one["datapoints"] if v is not None]
         if values:
-            out[series["target"]] = {"min": round(min(values), 2),
-                                     "median": round(percentile(values, 50), 2),
-                                     "max": round(max(values), 2),
-                                     "mean": round(sum(values) / len(values), 2),
-                                     "points": len(values)}
+            out[one["target"]] = {"min": round(min(values), 2),
+                                  "median": round(percentile(values, 50), 2),
+                                  "max": round(max(values), 2),
+                                  "mean": round(sum(values) / len(values), 2),
+                                  "sum": round(sum(values), 2),
+                                  "points": len(values)}
     return out
 
 
-def render_all(base: str, start: int, end: int, out_dir: Path) -> dict[str, Any]:
-    """Every graph as PNG into `out_dir`; the figures of its series (from format=json)."""
+def render_all(web: GraphiteWeb, start: int, end: int, out_dir: Path) -> dict[str, Any]:
+    """Every panel as PNG into `out_dir` (old dashboard-*.png removed first); the figures of
+    its series (from format=json), per picture."""
+    for old in out_dir.glob("dashboard-*.png"):
+        old.unlink()
     figures: dict[str, Any] = {}
-    for graph in GRAPHS:
-        targets = graph["targets"]()
-        png = render(base, targets, start, end, "png",
-                     {"title": graph["title"], "vtitle": graph["vtitle"], **graph["params"]})
+    for graph in dashboard_graphs():
+        series = web.render(graph["targets"], start, end)
+        shown = series_figures(series)
+        # The legend under the graph: about three names a line.
+        height = 330 + 19 * math.ceil(len(series) / 3)
+        params = {**STYLE, **UNIT_PARAMS.get(graph["unit"], UNIT_PARAMS["short"]),
+                  "title": f"{graph['row']}: {graph['title']}", "height": str(height)}
+        png = web.png(graph["targets"], start, end, params)
         (out_dir / graph["file"]).write_bytes(png)
-        figures[graph["file"]] = series_figures(render(base, targets, start, end, "json"))
-        log(f"{out_dir / graph['file']}: {len(png) // 1024} KB")
+        figures[graph["file"]] = {"panel": graph["title"], "row": graph["row"],
+                                  "queries": graph["targets"], "series": shown}
+        note = "" if shown else "  NO VALUES"
+        log(f"{graph['file']}: {len(series)} series, {len(png) // 1024} KB{note}")
     return figures
 
 
 def render_kept(home: Path, out_dir: Path) -> int:
-    """--render-only: the graphs again from a folder that --keep kept (no new run)."""
+    """--render-only: the pictures again from a folder that --keep kept (no new run)."""
     start, end = json.loads((home / "window.json").read_text(encoding="utf-8"))
-    procs = Processes()
     scratch = Path(tempfile.mkdtemp(prefix="mailengine-graphite-web-"))
     try:
-        base = start_graphite_web(procs, scratch, home / "carbon" / "storage" / "whisper", 0)
-        render_all(base, start, end, out_dir)
+        with GraphiteWeb(scratch, home / "carbon" / "storage" / "whisper") as web:
+            render_all(web, start, end, out_dir)
     finally:
-        procs.stop_all()
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
 
@@ -592,11 +560,13 @@ def render_kept(home: Path, out_dir: Path) -> int:
 # The run
 
 
-def traffic_plan(duration: float) -> tuple[list[tuple[float, float]], dict[float, int]]:
-    """(until second, jobs per second) pieces and second -> burst size, scaled to `duration`."""
-    f = duration / 150.0
-    return ([(30 * f, 8.0), (90 * f, 15.0), (120 * f, 25.0), (150 * f, 10.0)],
-            {45 * f: 2000})
+def traffic_plan(duration: float) -> tuple[list[tuple[float, float]], dict[float, str]]:
+    """(until second, jobs per second) pieces and second -> what happens then, scaled to
+    `duration`."""
+    f = duration / 120.0
+    return ([(25 * f, 8.0), (70 * f, 15.0), (95 * f, 25.0), (120 * f, 10.0)],
+            {35 * f: "burst of 1000 jobs", 20 * f: "a frame that is not a job",
+             50 * f: "a frame that is not a job", 60 * f: f"SIGKILL the worker of {KILLED_IP}"})
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -633,6 +603,7 @@ def run(args: argparse.Namespace) -> int:
             "pool": {"max_connections": 4, "max_messages": 100, "idle_timeout": "20s"},
             "retry": {"schedule": ["10s", "20s"], "max_age": "60s"},
             "limits": {"max_in_flight": 200},  # per worker: the rest of a burst waits spooled
+            "throttle": {"block_suspend": BLOCK_SUSPEND},
         }
         if _has_destination_check():  # MX hosts at loopback addresses are refused by default
             extra["security"] = {"allowed_destinations": [
@@ -642,21 +613,38 @@ def run(args: argparse.Namespace) -> int:
         log(f"engine up: workers {', '.join(IPS)}; config {engine.config_path}")
 
         producer = Producer(str(engine.config["ingest"]), args.seed)
-        schedule, bursts = traffic_plan(args.duration)
+        schedule, plan = traffic_plan(args.duration)
+        running = engine
+        doers: dict[str, Callable[[], None]] = {
+            "burst of 1000 jobs": lambda: producer.send(1000, "burst"),
+            "a frame that is not a job": producer.send_not_a_job,
+            f"SIGKILL the worker of {KILLED_IP}": lambda: kill_worker(running, KILLED_IP)}
+
+        def doing(what: str) -> Callable[[], None]:
+            def act() -> None:
+                log(what)
+                doers[what]()
+            return act
+
+        actions = {at: doing(what) for at, what in plan.items()}
         t_start = time.time()
         stop = threading.Event()
-        log(f"traffic for {args.duration:.0f} s: {schedule}, bursts {bursts}")
+        log(f"traffic for {args.duration:.0f} s: {schedule}; {plan}")
         try:
-            producer.run(schedule, bursts, stop)
+            producer.run(schedule, actions, stop)
         finally:
             stop.set()
             producer.close()
         t_traffic_end = time.time()
         log(f"sent {producer.sent_jobs} jobs, {producer.sent_rcpts} recipients"
             f" ({dict(producer.kinds)}); waiting for every recipient to be final")
-        events = engine.wait_for(
-            lambda evs: len(final_outcomes(evs)) >= producer.sent_rcpts, timeout=180,
-            what=f"{producer.sent_rcpts} final outcomes")
+        try:
+            events = engine.wait_for(
+                lambda evs: len(final_outcomes(evs)) >= producer.sent_rcpts, timeout=180,
+                what=f"{producer.sent_rcpts} final outcomes")
+        except (AssertionError, TimeoutError, RuntimeError) as err:  # render what there is
+            log(f"not every recipient final: {err}")
+            events = engine.events()
         t_final = time.time()
         delivered = sum(1 for e in events if e["event"] == "delivered")
         if delivered < producer.kinds["user"] // 2:
@@ -669,20 +657,27 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(12)  # spool depth and memory every 10 s, then a StatsD flush
         t_end = time.time()
 
-        base = start_graphite_web(procs, home / "graphite-web", whisper, carbon_query)
-        log(f"graphite-web at {base}")
         start, end = int(t_start) - 5, int(t_end)
         (home / "window.json").write_text(json.dumps([start, end]), encoding="utf-8")
-        figures = render_all(base, start, end, out_dir)
+        with GraphiteWeb(home / "graphite-web", whisper, carbon_query) as web:
+            log(f"graphite-web at {web.base}")
+            figures = render_all(web, start, end, out_dir)
+            totals = graphite_totals(web, start, end)
+            if args.hold:
+                log(f"graphite-web stays at {web.base} for {args.hold:.0f} s (Ctrl-C to end)")
+                with contextlib.suppress(KeyboardInterrupt):
+                    time.sleep(args.hold)
         summary = summarize_events(events)
-        totals = graphite_totals(base, start, end)
         result = {
             "command": "python -m bench.monitoring_demo" + (
-                f" --duration {args.duration:g}" if args.duration != 150 else ""),
+                f" --duration {args.duration:g}" if args.duration != 120 else ""),
             "window_utc": [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
                            for t in (start, end)],
-            "traffic": {"schedule_jobs_per_s": schedule, "bursts": bursts,
+            "statsd_prefix": PREFIX,
+            "traffic": {"schedule_jobs_per_s": schedule,
+                        "actions_at_s": {f"{at:g}": what for at, what in plan.items()},
                         "jobs": producer.sent_jobs, "recipients": producer.sent_rcpts,
+                        "frames_not_jobs": producer.not_jobs,
                         "local_parts": dict(producer.kinds),
                         "seconds_of_traffic": round(t_traffic_end - t_start, 1),
                         "seconds_until_all_final": round(t_final - t_start, 1)},
@@ -690,20 +685,19 @@ def run(args: argparse.Namespace) -> int:
                 p: {"sink": s["address"], "final_dot_delay_ms": s["delay"] * 1000,
                     "starttls": s["tls"], "domains": list(s["domains"])}
                 for p, s in PROVIDERS.items()},
+                "rcpt_rules": {k: {"reply": r, "share": v} for k, (r, v) in RCPT_RULES.items()},
+                "google_drops_after_dot": AMBIGUOUS_SHARE,
+                "yahoo": {"rate_per_ip": YAHOO_RATE, "blocked_after": YAHOO_BLOCK_AFTER,
+                          "blocked_for_s": YAHOO_BLOCK_FOR},
                 "statsd_flush_ms": FLUSH_MS, "whisper_retention": "1s:6h",
                 "engine_extra_config": extra},
             "events": summary,
             "graphite_totals": totals,
-            "graphite": figures,
+            "panels": figures,
         }
         (out_dir / "monitoring-run.json").write_text(json.dumps(result, indent=1) + "\n",
                                                      encoding="utf-8")
-        print(json.dumps({"events": summary, "graphite_totals": totals,
-                          "graphite": figures}, indent=1))
-        if args.hold:
-            log(f"graphite-web stays at {base} for {args.hold:.0f} s (Ctrl-C to end)")
-            with contextlib.suppress(KeyboardInterrupt):
-                time.sleep(args.hold)
+        print(json.dumps({"events": summary, "graphite_totals": totals}, indent=1))
         return 0
     finally:
         if engine is not None:
@@ -724,52 +718,44 @@ def run(args: argparse.Namespace) -> int:
 def summarize_events(events: list[dict[str, Any]]) -> dict[str, Any]:
     """Ground truth from the events log, to compare with what Graphite shows."""
     counts: collections.Counter[str] = collections.Counter()
-    per_ip: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    delays: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
-    tls_by_provider: dict[str, collections.Counter[str]] = collections.defaultdict(
+    per_provider: dict[str, collections.Counter[str]] = collections.defaultdict(
         collections.Counter)
-    reused = 0
+    categories: dict[str, collections.Counter[str]] = collections.defaultdict(
+        collections.Counter)
+    ambiguous = 0
     for event in events:
         counts[event["event"]] += 1
-        if "ip" in event and event["event"] in ("delivered", "deferred", "bounced"):
-            per_ip[event["ip"]][event["event"]] += 1
-            tls_by_provider[event["provider"]][str(event.get("tls"))] += 1
-            reused += bool(event.get("conn_reused"))
-        if event["event"] in ("delivered", "bounced"):
-            phase = (event.get("meta") or {}).get("phase", "?")
-            delays[(phase, event["provider"])].append(float(event["delay_ms"]))
-    attempts = sum(sum(c.values()) for c in per_ip.values())
+        if event["event"] in ("delivered", "deferred", "bounced", "expired"):
+            per_provider[str(event.get("provider"))][event["event"]] += 1
+        if event.get("category"):
+            categories[event["event"]][event["category"]] += 1
+        ambiguous += bool(event.get("ambiguous"))
     return {
         "events": dict(counts),
-        "per_ip": {ip: dict(c) for ip, c in sorted(per_ip.items())},
-        "final_delay_ms": {
-            f"{phase} jobs, {provider}": {
-                "n": len(v), "p50": round(percentile(v, 50)), "p95": round(percentile(v, 95)),
-                "p99": round(percentile(v, 99)), "max": round(max(v))}
-            for (phase, provider), v in sorted(delays.items())},
-        "tls_per_provider": {p: dict(c) for p, c in sorted(tls_by_provider.items())},
-        "attempts_on_reused_connections_pct": round(100 * reused / max(1, attempts), 1),
+        "per_provider": {p: dict(c) for p, c in sorted(per_provider.items())},
+        "categories": {e: dict(c) for e, c in sorted(categories.items())},
+        "ambiguous_attempts": ambiguous,
     }
 
 
-def graphite_totals(base: str, start: int, end: int) -> dict[str, float]:
+def graphite_totals(web: GraphiteWeb, start: int, end: int) -> dict[str, float]:
     """Every counter of the run summed in Graphite (stats_counts: per flush)."""
-    names = {"queued": f"stats_counts.{M}.supervisor.all.queued",
-             "expired": f"stats_counts.{M}.supervisor.all.expired"}
-    for metric in ("delivered", "deferred", "bounced", "connections_opened",
-                   "connections_reused", "tls_negotiated", "tls_unverified", "plaintext"):
-        names[metric] = f"sumSeries(stats_counts.{M}.*.*.{metric})"
+    names = {metric: f"stats_counts.{PREFIX}.supervisor.all.{metric}"
+             for metric in ("queued", "rejected", "expired", "worker_restarts")}
+    for metric in ("delivered", "deferred", "bounced", "ambiguous", "throttled", "blocked",
+                   "connections_opened", "connections_reused", "tls_negotiated", "plaintext"):
+        names[metric] = f"sumSeries(stats_counts.{PREFIX}.*.*.{metric})"
     out = {}
     for key, target in names.items():
-        series = json.loads(render(base, [target], start, end, "json"))
+        series = web.render([target], start, end)
         out[key] = sum(v for s in series for v, _t in s["datapoints"] if v is not None)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=150.0,
-                        help="seconds of traffic (default 150); the run ends about 80 s later")
+    parser.add_argument("--duration", type=float, default=120.0,
+                        help="seconds of traffic (default 120); the run ends about 90 s later")
     parser.add_argument("--out", default=str(ROOT / "docs" / "img"),
                         help="folder for the PNGs and monitoring-run.json (default docs/img)")
     parser.add_argument("--seed", type=int, default=1)

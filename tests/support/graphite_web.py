@@ -124,6 +124,20 @@ class GraphiteWeb:
             body = err.read().decode(errors="replace")[-1500:]
             raise GraphiteWebError(f"{targets}: HTTP {err.code}: {body}") from err
 
+    def png(self, targets: list[str], start: int, end: int,
+            params: dict[str, str] | None = None) -> bytes:
+        """The render API's PNG of `targets` (graph options in `params`: title, width...)."""
+        query = [("target", t) for t in targets] + [
+            ("from", str(start)), ("until", str(end)), ("format", "png"),
+            *(params or {}).items()]
+        url = f"{self.base}/render?{urllib.parse.urlencode(query)}"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                return bytes(response.read())
+        except urllib.error.HTTPError as err:
+            body = err.read().decode(errors="replace")[-1500:]
+            raise GraphiteWebError(f"{targets}: HTTP {err.code}: {body}") from err
+
     def find(self, query: str) -> list[str]:
         """The node names /metrics/find gives for `query` (what a Grafana variable lists)."""
         url = f"{self.base}/metrics/find?{urllib.parse.urlencode({'query': query})}"
