@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 
 import zmq
 
+from engine.testing import procs
 from engine.testing.harness import FINAL, LocalEngine, make_message
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,10 +313,4 @@ def run_child(cmd: list[str], timeout: float) -> dict[str, Any]:
 
 
 def terminate(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    procs.stop(proc)

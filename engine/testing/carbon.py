@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from engine.testing import procs
+
 __all__ = ["CarbonCache", "CarbonError", "available"]
 
 CONF = """[cache]
@@ -139,15 +141,8 @@ class CarbonCache:
 
     def _terminate(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if proc is not None:
+            procs.stop(proc)
 
     def stop(self) -> None:
         """Stop carbon-cache (idempotent); remove the folder if it was a temporary one."""

@@ -31,6 +31,7 @@ import dns.message
 import dns.query
 import dns.rcode
 
+from engine.testing import procs
 from tests.support.wait import until
 
 REQUIRE = "MAILENGINE_DNSSEC_SERVERS"
@@ -198,12 +199,6 @@ class SignedDns:
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            procs.stop(proc)
         self._procs.clear()
         shutil.rmtree(self._dir, ignore_errors=True)

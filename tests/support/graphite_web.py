@@ -24,6 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from engine.testing import procs
+
 DEBIAN_PYTHON = "/usr/bin/python3"
 
 SETTINGS = """# graphite-web settings for one test run (GRAPHITE_SETTINGS_MODULE)
@@ -146,13 +148,8 @@ class GraphiteWeb:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        if proc is not None:
+            procs.stop(proc)
 
     def __enter__(self) -> GraphiteWeb:
         return self.start() if self.proc is None else self

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from engine.testing import procs
 from tests.support import ROOT
 
 STATSD_NPM_VERSION = "0.9.0"
@@ -83,7 +84,7 @@ def running_statsd(workdir: Path, graphite_port: int, flush_ms: int = 1000,
         wait_for_line(log, "server is up", proc, "statsd")
         yield port, log
     finally:
-        stop_process(proc)
+        procs.stop(proc, grace=5)
 
 
 def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], what: str,
@@ -93,15 +94,6 @@ def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], what: str
         if proc.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"{what} did not start:\n{log.read_text(errors='replace')[-2000:]}")
         time.sleep(0.1)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def whisper_values(whisper_dir: Path, metric_path: str, since: float = 600) -> list[float]:
