@@ -353,16 +353,18 @@ class Dispatcher:
         """Record the job's pending recipients as expired, then publish it; if the spool
         cannot be written, the job stays as it is (due, so tried again next turn)."""
         now = self._clock.now()
+        # A recipient refused before keeps its last refusal (and so its category), as one
+        # expired by a result does (engine.results.plan); one never refused says why here.
+        replies = {r: pending.last_replies.get(r, EXPIRED_REPLY) for r in pending.rcpts}
         expired = [events.attempt_event(
             Attempt(job_id=pending.job.id, rcpt=rcpt, status=Status.EXPIRED,
-                    reply=EXPIRED_REPLY, ip="", ts=now),
+                    reply=reply, ip="", ts=now),
             Status.EXPIRED, pending.job.meta, pending.attempts.get(rcpt, 0), pending.queued_ts,
             classifier=self.classifier)
-            for rcpt in pending.rcpts]
+            for rcpt, reply in replies.items()]
         try:  # the events with the outcome (engine.outbox)
-            self._spool.record([RcptUpdate(pending.job.id, r, Status.EXPIRED,
-                                           reply=EXPIRED_REPLY) for r in pending.rcpts], now,
-                               expired)
+            self._spool.record([RcptUpdate(pending.job.id, r, Status.EXPIRED, reply=reply)
+                                for r, reply in replies.items()], now, expired)
         except SpoolDamaged:
             raise
         except SpoolError as err:
