@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import replace
 
 import gevent
@@ -151,10 +151,10 @@ class Deliverer:
         (its `deferred` event names the trigger) with `retried`: the worker keeps it. When
         its next turn is not near (a suspension, a long wait), or after THROTTLED_TRIES
         throttles in a row, it goes back to the spool, due at its turn."""
-        again = False
+        again, guessed = False, frozenset[str]()
         try:
             for _ in range(THROTTLED_TRIES):
-                attempts, retriable = self._attempt_domain(task, domain, rcpts, again)
+                attempts, retriable = self._attempt_domain(task, domain, rcpts, again, guessed)
                 if not retriable:
                     report(attempts)
                     return
@@ -163,6 +163,7 @@ class Deliverer:
                 if not retry:
                     return
                 rcpts, again = [a.rcpt for a in retry], True
+                guessed = frozenset(a.rcpt for a in retry if a.trigger == PUSHBACK)
             report([_back_to_spool(a) for a in retry])
         except Unreported as stop:  # the worker's drain deadline: report, then end
             report(stop.attempts)
@@ -173,9 +174,15 @@ class Deliverer:
                                   None, False))
 
     def _attempt_domain(self, task: Task, domain: str, rcpts: list[str],
-                        again: bool = False) -> tuple[list[Attempt], bool]:
+                        again: bool = False, guessed: frozenset[str] = frozenset()
+                        ) -> tuple[list[Attempt], bool]:
         """One try of `rcpts`, across the domain's MX hosts. `again`: the recipients were
-        throttled and go again, first in line. Returns the attempts, and whether the
+        throttled and go again, first in line. `guessed`: those of them throttled by
+        behaviour alone (engine.pushback): refused again, they are judged as Task.tried
+        recipients are (by the next transaction of another message). A receiver that
+        refuses some mailboxes every time (451, words no rule knows) made them the probe for
+        ever: each refusal of theirs renewed the push-back, and no other message went.
+        Returns the attempts, and whether the
         throttled among them may go again from here: those a transaction's replies
         throttled, not those no host of the provider would let in (the pools back off)."""
         sending_ip = self.connector.sending_ip
@@ -221,7 +228,7 @@ class Deliverer:
                                           host.name, provider, None, False, shaper), False
                 last, last_host = err, host.name
                 refusals.append(err.reply)
-                verdict = self._judge(shaper, [err.reply], provider, epoch)  # "421 too many"
+                verdict = self._judge_session(shaper, err.reply, provider, epoch)
                 if shaper.suspended:
                     break  # a block, a rule that suspends: no other host of it either
                 continue
@@ -230,8 +237,8 @@ class Deliverer:
             results, tls, reused, epoch, seconds, verified = sent
             self._policy_kept(decision, host, provider, verified)
             try:
-                verdict = self._judge(shaper, [r.reply for r in results], provider, epoch,
-                                      seconds)
+                verdict = self._judge(shaper, results, provider, epoch, seconds,
+                                      task.tried | guessed if guessed else task.tried)
             except Stopping:  # killed waiting for a verdict: the replies came, say them
                 raise Unreported(self._outcomes(task, results, host.name, provider, tls,
                                                 reused, decision=decision,
@@ -394,11 +401,28 @@ class Deliverer:
         log.info(logs.kv("connection_check_failed", ip=self.source_ip, mx=peer[0],
                          port=peer[1], provider=provider))
 
-    def _judge(self, shaper: ProviderShaper, replies: list[Reply], provider: str,
-               epoch: int, seconds: float | None = None) -> Verdict:
-        """What the replies say about the pace (engine.shaping.ProviderShaper.judge); a first
-        refusal waits here, holding no connection, for the next transaction's verdict."""
-        verdict = shaper.judge(replies, epoch, seconds)
+    def _judge_session(self, shaper: ProviderShaper, reply: Reply, provider: str,
+                       epoch: int) -> Verdict:
+        """A host refused the session or the transaction as a whole ("421 too many"): about
+        the sender, whoever the recipients are."""
+        return self._verdict(shaper, shaper.judge([reply], epoch), provider)
+
+    def _judge(self, shaper: ProviderShaper, results: Sequence[RcptResult], provider: str,
+               epoch: int, seconds: float | None, tried: Container[str]) -> Verdict:
+        """What one transaction's replies say about the pace (engine.shaping.ProviderShaper.
+        judge). A recipient refused before may be refused again for its own mailbox's
+        reasons: when a batch of them came due together, their refusals in a row looked like
+        push-back, and a receiver with no limit at all was held to a probe at a time."""
+        if not tried:  # the usual task: first tries only
+            return self._verdict(shaper, shaper.judge([r.reply for r in results], epoch,
+                                                      seconds), provider)
+        replies = [r.reply for r in results if r.reply.ok or r.rcpt not in tried]
+        repeated = [r.reply for r in results if not r.reply.ok and r.rcpt in tried]
+        return self._verdict(shaper, shaper.judge(replies, epoch, seconds, repeated), provider)
+
+    def _verdict(self, shaper: ProviderShaper, verdict: Verdict, provider: str) -> Verdict:
+        """A first refusal's verdict is awaited here, holding no connection, until the next
+        transaction's; a throttle is counted."""
         if verdict.pending:
             verdict = shaper.verdict()
         if verdict.trigger is not None:

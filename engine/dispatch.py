@@ -305,9 +305,10 @@ class Dispatcher:
         # The worker times the delivery on its wall clock (engine.clock: after a step,
         # the engine's time is not the wall clock's).
         queued_on_wall = pending.queued_ts + self._clock.apart()
+        tried = [r for r in pending.rcpts if pending.attempts.get(r)]  # refused before
         header = task_header(job.id, job.sender, pending.rcpts, queued_on_wall,
                              job.smtputf8, job.eightbit, handout,
-                             job.requiretls)
+                             job.requiretls, tried)
         sock = handle.tasks
         assert sock is not None
         try:  # a multipart message is queued whole or not at all: the first part decides

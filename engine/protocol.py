@@ -44,6 +44,9 @@ class Task:
     eightbit: bool = False
     handout: int = 0  # this hand-out's number (the supervisor's), echoed in its results
     requiretls: bool = False  # the job requires TLS end to end (RFC 8689)
+    # Those of `rcpts` the receiver refused before (a counted attempt, deferred): refused
+    # again, they say nothing about the pace (engine.shaping.ProviderShaper.judge).
+    tried: frozenset[str] = frozenset()
 
 
 class Status(StrEnum):
@@ -89,20 +92,27 @@ class Attempt:
 
 def task_frames(task: Task) -> list[bytes]:
     return [task_header(task.job_id, task.sender, task.rcpts, task.queued_ts, task.smtputf8,
-                        task.eightbit, task.handout, task.requiretls), task.message]
+                        task.eightbit, task.handout, task.requiretls,
+                        [r for r in task.rcpts if r in task.tried]), task.message]
 
 
 def task_header(job_id: str, sender: str, rcpts: Sequence[str], queued_ts: float,
-                smtputf8: bool, eightbit: bool, handout: int, requiretls: bool = False) -> bytes:
+                smtputf8: bool, eightbit: bool, handout: int, requiretls: bool = False,
+                tried: Sequence[str] = ()) -> bytes:
     """A task's first frame, without building a Task (the supervisor sends many).
 
     The JSON object json.dumps would write (without its spaces), formatted by hand: the
     strings escaped by json's own C escaper, the float written as json writes it.
-    `requiretls` is written only when set."""
+    `requiretls` and `tried` (Task.tried) are written only when set."""
     return (f'{{"id":{_quote(job_id)},"from":{_quote(sender)},'
             f'"to":[{",".join(map(_quote, rcpts))}],"queued_ts":{float.__repr__(queued_ts)},'
             f'"smtputf8":{_BOOL[smtputf8]},"eightbit":{_BOOL[eightbit]},'
-            f'"handout":{handout}{_REQUIRETLS[requiretls]}}}').encode()
+            f'"handout":{handout}{_REQUIRETLS[requiretls]}'
+            f'{_tried(tried)}}}').encode()
+
+
+def _tried(rcpts: Sequence[str]) -> str:
+    return f',"tried":[{",".join(map(_quote, rcpts))}]' if rcpts else ""
 
 
 _quote = encode_basestring_ascii
@@ -117,7 +127,8 @@ def task_from_frames(frames: list[bytes]) -> Task:
     return Task(job_id=header["id"], sender=header["from"], rcpts=tuple(header["to"]),
                 message=frames[1], queued_ts=float(header["queued_ts"]),
                 smtputf8=bool(header["smtputf8"]), eightbit=bool(header["eightbit"]),
-                handout=int(header["handout"]), requiretls=bool(header.get("requiretls")))
+                handout=int(header["handout"]), requiretls=bool(header.get("requiretls")),
+                tried=frozenset(map(str, header.get("tried", ()))))
 
 
 def handout_of(frames: list[bytes]) -> int | None:

@@ -7,7 +7,8 @@ EHLO, MAIL or RCPT, or by closing the connection), `throttle.pushback_after` tim
 with nothing accepted in between, is pushing back. What is not about the pace stays apart
 (engine.classify.refusal): a mailbox that is full or busy (4.2.x), an address problem
 (4.1.x), greylisting. And a refusal at first contact is not push-back: greylisting, or a
-provider that never took mail from us, says nothing about our pace.
+provider that never took mail from us, says nothing about our pace; nor is the refusal of a
+recipient refused before (engine.delivery: Task.tried), which its own mailbox explains.
 
 The first refusals of a run are not known to be push-back until the next one arrives: a
 transaction refused first waits a moment (`verdict`) for the one after it, so that it, too,

@@ -152,19 +152,24 @@ class ProviderShaper:
     # -- learning from replies -----------------------------------------------------
 
     def judge(self, replies: Sequence[Reply], epoch: int,
-              seconds: float | None = None) -> Verdict:
+              seconds: float | None = None, repeated: Sequence[Reply] = ()) -> Verdict:
         """What the replies to one transaction (or a connection's failure) say about the
         pace; the shaper adapts to them. `epoch`: the message's turn's (see `epoch`): the
         refusal of mail sent before the last answer to a push-back says nothing new;
-        `seconds`: the transaction's time (slow start's clock). Never waits (see
+        `seconds`: the transaction's time (slow start's clock). `repeated`: refusals of
+        recipients the receiver refused before (Task.tried), left out of `replies`: a
+        block or a rule's words count in them, but by behaviour they are no push-back of
+        their own: their own mailbox may explain them. Throttled while the provider pushes
+        back; else the next transaction of another message decides. Never waits (see
         `Verdict.pending`)."""
         now = self._clock()
         fresh = epoch == self.epoch
         refused = [reply for reply in replies if not reply.ok]
-        if any(classify.block(reply) for reply in refused):
-            self._blocked(next(r for r in refused if classify.block(r)), now)
+        worded = [*refused, *repeated]
+        if any(classify.block(reply) for reply in worded):
+            self._blocked(next(r for r in worded if classify.block(r)), now)
             return self._counted(Verdict(BLOCK))
-        rule = next((r for reply in refused if (r := self.match(reply)) is not None), None)
+        rule = next((r for reply in worded if (r := self.match(reply)) is not None), None)
         if rule is not None:
             self._throttled(rule, now, fresh)
             return self._counted(Verdict(f"rule:{rule.name}"))
@@ -176,6 +181,11 @@ class ProviderShaper:
                 self._pushed_back(now, PUSHBACK, fresh)
                 return self._counted(Verdict(PUSHBACK))
             return Verdict(pending=self.pushback.refused > 0)
+        if not refused and repeated and all(classify.refusal(reply) for reply in repeated):
+            if self.pushback.pushing:  # a probe refused: answered as any refusal now is
+                self._pushed_back(now, PUSHBACK, fresh)
+                return self._counted(Verdict(PUSHBACK))
+            return Verdict(pending=True)
         return CLEAN
 
     def verdict(self) -> Verdict:

@@ -130,6 +130,46 @@ def test_greylisting_is_not_taken_for_push_back(
     assert state(engine)["throttles"] == 0 and state(engine)["limit"] is None
 
 
+def test_refusals_of_recipients_refused_before_are_not_push_back(
+        local_engine: Callable[..., LocalEngine]) -> None:
+    """A receiver with no limit that defers some mailboxes every time (451 4.3.0, words no
+    rule knows): refused first one at a time (an accepted message between two), their
+    retries then come due together and are refused in a row, which is no news about the
+    pace: ordinary deferrals, no throttle, and a burst of clean mail goes at once.
+    Regression: they were taken for push-back, each refused probe renewed it, the rate went
+    to a probe a second, and the mail behind them waited until it expired
+    (bench/monitoring_demo.py: 1,020 of 3,898 recipients expired `rate-limited` at receivers
+    that limit nothing)."""
+    bad = [f"defer{i}@a.test" for i in range(8)]
+    with SinkServer(tls=False) as sink:
+        engine = engine_for(local_engine, sink.port, retry={"schedule": ["1s"]})
+
+        def seen(event: str, rcpt: str) -> Callable[[list[dict[str, Any]]], bool]:
+            return lambda evs: any(e["event"] == event and e["rcpt"] == rcpt for e in evs)
+        for i, rcpt in enumerate(bad):
+            assert engine.push(jobs(1, f"first{i}-"))
+            engine.wait_for(seen("delivered", f"first{i}-0@a.test"), timeout=20,
+                            what="an accepted message")
+            assert engine.push([({"id": f"d-{i}", "from": "sender@example.test", "to": [rcpt],
+                                  "expires": 600}, make_message(i, 500))])
+            engine.wait_for(seen("deferred", rcpt), timeout=20, what="a first refusal")
+
+        def refused_twice(events: list[dict[str, Any]]) -> bool:
+            refusals = collections.Counter(e["rcpt"] for e in events
+                                           if e["event"] == "deferred")
+            return all(refusals[rcpt] >= 2 for rcpt in bad)
+        engine.wait_for(refused_twice, timeout=40, what="every retry refused")
+        assert engine.push(jobs(200, "clean"))
+        events = engine.wait_for(
+            lambda evs: sum(e["event"] == "delivered" for e in evs) >= 208, timeout=40,
+            what="the clean mail delivered")
+
+    assert not [e for e in events if e.get("throttled")]
+    assert state(engine)["throttles"] == 0 and state(engine)["limit"] is None
+    retried = [e for e in events if e["event"] == "deferred" and e["attempt"] >= 2]
+    assert {e["rcpt"] for e in retried} == set(bad)
+
+
 def test_a_block_suspends_the_provider_instead_of_burning_retries(
         sink_with: Callable[[limits.Policy], SinkServer],
         local_engine: Callable[..., LocalEngine]) -> None:

@@ -41,6 +41,15 @@ def test_a_task_that_requires_tls_says_so_and_only_then() -> None:
     assert "requiretls" not in json.loads(protocol.task_frames(replace(task, requiretls=False))[0])
 
 
+
+def test_a_task_names_the_recipients_refused_before_and_only_then() -> None:
+    task = Task("j", "s@x.y", ("a@x.y", "b@x.y", "c@x.y"), b"x\r\n", 1.5,
+                tried=frozenset({"c@x.y", "a@x.y"}))
+    frames = protocol.task_frames(task)
+    assert json.loads(frames[0])["tried"] == ["a@x.y", "c@x.y"]  # in the task's order
+    assert protocol.task_from_frames(frames) == task
+    assert "tried" not in json.loads(protocol.task_frames(replace(task, tried=frozenset()))[0])
+
 @pytest.mark.parametrize("status", list(Status))
 def test_result_frame_round_trip(status: Status) -> None:
     attempt = Attempt(job_id="job-1", rcpt="a@example.com", status=status,

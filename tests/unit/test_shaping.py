@@ -351,6 +351,28 @@ def test_what_is_not_about_the_pace_is_never_pushback(reply: Reply) -> None:
     assert s.pushback.refused == 0 and s.rate.pushbacks == 0
 
 
+def test_recipients_refused_before_refused_again_are_no_pushback_but_words_still_count(
+        ) -> None:
+    s, t = shaper()
+    accepted(s, t, 5, 0.5)
+    for _ in range(5):  # a batch of retries of mailboxes that defer every time
+        assert s.judge([], s.epoch, repeated=[QUOTA]) == Verdict(pending=True)
+    assert s.pushback.refused == 0 and s.rate.pushbacks == 0
+    verdict = gevent.spawn(s.verdict)  # the next transaction of another message decides
+    gevent.idle()
+    s.judge([OK], s.epoch)
+    assert verdict.get(timeout=1) == CLEAN  # accepted: it was the mailbox
+    s.judge([QUOTA], s.epoch)  # a first try refused, then one more: push-back as before
+    assert s.judge([QUOTA], s.epoch) == Verdict("pushback")
+    # Refused again while the provider pushes back: throttled with the rest, no new decrease.
+    assert s.judge([], s.epoch, repeated=[QUOTA]) == Verdict("pushback")
+    assert s.rate.pushbacks == 1
+    listed = Reply(554, "5.7.1", "Service unavailable; Client host [127.0.0.2] blocked using"
+                                 " zen.spamhaus.org")
+    s2, t2 = shaper()
+    accepted(s2, t2, 5, 0.5)
+    assert s2.judge([OK], s2.epoch, repeated=[listed]) == Verdict("block")
+
 def test_one_recipient_accepted_is_an_accepted_transaction() -> None:
     s, t = shaper()
     accepted(s, t, 1, 0.1)
