@@ -64,6 +64,7 @@ from engine.salvage import recovery_advice
 from engine.spool import SetAside, Spool, SpoolDamaged, SpoolError
 from engine.spoolhealth import SpoolHealth
 from engine.workers import Workers
+from engine.zap import Zap
 
 log = logging.getLogger("mailengine.supervisor")
 
@@ -73,6 +74,8 @@ QUIET_AFTER_DRAIN = 2.0  # seconds to read late results once the workers have ex
 EVENTS_HWM = 10000  # events queued for one slow subscriber; the log still has them all
 # Changing these needs a restart: a reload only warns.
 RESTART_KEYS = ("ingest", "events", "control", "spool", "run_dir", "events_log")
+# Held (blocked) from the start of `mailengine run` until `run` handles them (engine.cli).
+HELD_AT_START = frozenset({signal.SIGHUP, signal.SIGUSR1})
 _EXPIRED = Status.EXPIRED.value  # an enum's .value is a Python-level property
 # Refusals counted per category (engine.categories), by event.
 _CATEGORY_METRICS = {"bounced": "bounced_category", "deferred": "deferred_category",
@@ -85,6 +88,9 @@ class Supervisor:
         self.config_path = config_path
         # Keys first: a missing key is a config error, found before anything is touched.
         self.curve = auth.CurveServer(cfg.security.curve) if cfg.security.curve.enabled else None
+        self.control_curve = auth.CurveServer(cfg.control_curve, "control.curve", "control") \
+            if cfg.control_curve.enabled else None
+        self.zap: Zap | None = None  # the ZAP handler both check their clients with
         self.zctx = zmq.Context()
         self.spool = Spool(cfg.spool, on_corrupt=self._set_aside)
         if self.spool.shifted is not None:  # planned at the last stop, after a clock step
@@ -116,7 +122,8 @@ class Supervisor:
                                self._on_stats, cfg.retry.schedule, self.metrics, self.health,
                                clock=self.clock, classifier=self.dispatcher.classifier)
         self.queue = QueueAdmin(self.spool, self.dispatcher, self.workers, self._publish,
-                                self.clock, cfg.control)  # the operator's `mailengine queue`
+                                self.clock, cfg.control,  # the operator's `mailengine queue`
+                                authenticated=self.control_curve is not None)
         self.results.observe = self.queue.routes.saw
         self.control = control.Control(control_sock, self.status, self.queue.commands())
         self._stopping = False
@@ -133,8 +140,11 @@ class Supervisor:
         ZeroMQ drop that producer's connection instead of buffering it.
         """
         secure = None
-        if self.curve is not None:
-            self.curve.start(self.zctx)
+        if self.curve is not None or self.control_curve is not None:
+            self.zap = Zap(self.zctx)
+            self.zap.start()
+        if self.curve is not None and self.zap is not None:
+            self.curve.start(self.zap)
             secure = self.curve.secure
             log.info(logs.kv("curve_enabled", clients=len(self.curve.clients),
                              allowed_clients=cfg.security.curve.allowed_clients))
@@ -144,13 +154,27 @@ class Supervisor:
         pub = sockets.bind(self.zctx, zmq.PUB, cfg.events, {zmq.SNDHWM: EVENTS_HWM}, secure)
         control_sock = sockets.bind(self.zctx, zmq.REP, cfg.control,
                                     {zmq.RCVHWM: 100,
-                                     zmq.MAXMSGSIZE: control.CONTROL_MAX_REQUEST})
+                                     zmq.MAXMSGSIZE: control.CONTROL_MAX_REQUEST},
+                                    self._control_secure(cfg))
         control.restrict(cfg.control)  # mode 0660: root, the engine's user and group
         return ingest, pub, control_sock
 
+    def _control_secure(self, cfg: Config) -> sockets.Secure | None:
+        """CURVE on the control socket (`control.curve`): the operators' keys only."""
+        if self.control_curve is None or self.zap is None:
+            return None
+        self.control_curve.start(self.zap)
+        log.info(logs.kv("control_curve_enabled", clients=len(self.control_curve.clients),
+                         allowed_clients=cfg.control_curve.allowed_clients))
+        return self.control_curve.secure
+
+    def _stop_zap(self) -> None:
+        if self.zap is not None:
+            self.zap.stop()
+            self.zap = None
+
     def _close_public(self) -> None:
-        if self.curve is not None:
-            self.curve.stop()
+        self._stop_zap()
         self.zctx.destroy(linger=0)
 
     # -- the loop ----------------------------------------------------------------
@@ -161,6 +185,9 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         self._reopen = False  # SIGUSR1: logrotate renamed the events log
         signal.signal(signal.SIGUSR1, self._on_usr1)
+        # `mailengine run` held these since its first line (engine.cli): one that came
+        # during the start is handled now, instead of killing the engine (default action).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_AT_START)
         # systemd (Type=notify): taken from the environment before the workers inherit it.
         self.notifier = sdnotify.Notifier.from_env(
             status=lambda: sdnotify.status_line(self.status()))
@@ -231,8 +258,7 @@ class Supervisor:
         self.metrics.flush()
         with contextlib.suppress(SpoolError):
             self.spool.close()
-        if self.curve is not None:
-            self.curve.stop()
+        self._stop_zap()
         self.zctx.destroy(linger=1000)
         return 2
 
@@ -373,8 +399,12 @@ class Supervisor:
                 != (old_sec.curve.enabled, old_sec.curve.server_secret_key,
                     old_sec.allow_plain_remote):
             log.warning(logs.kv("reload_needs_restart", key="security"))
+        old_cc, new_cc = self.cfg.control_curve, new.control_curve
+        if (new_cc.enabled, new_cc.server_secret_key) != (old_cc.enabled, old_cc.server_secret_key):
+            log.warning(logs.kv("reload_needs_restart", key="control.curve"))
         _warn_about(new)
-        self._reload_clients(new.security.curve.allowed_clients)
+        self._reload_clients(self.curve, new.security.curve.allowed_clients)
+        self._reload_clients(self.control_curve, new_cc.allowed_clients)
         self.cfg = self.intake.cfg = self.dispatcher.cfg = new
         self.results.schedule = new.retry.schedule
         self.results.classifier = self.dispatcher.classifier = \
@@ -382,16 +412,17 @@ class Supervisor:
         added, removed = self.workers.reconfigure(new)
         log.info(logs.kv("reloaded", ips=len(new.ips), added=len(added), removed=len(removed)))
 
-    def _reload_clients(self, folder: str) -> None:
+    @staticmethod
+    def _reload_clients(curve: auth.CurveServer | None, folder: str) -> None:
         """A new allow-list of CURVE clients takes effect at once; a bad one is ignored."""
-        if self.curve is None:
+        if curve is None:
             return
         try:
-            count = self.curve.reload_clients(folder)
+            count = curve.reload_clients(folder)
         except config_mod.ConfigError as err:
-            log.error(logs.kv("curve_clients_unchanged", error=err))
+            log.error(logs.kv("curve_clients_unchanged", error=err, section=curve.where))
             return
-        log.info(logs.kv("curve_clients_reloaded", clients=count))
+        log.info(logs.kv("curve_clients_reloaded", clients=count, section=curve.where))
 
     def _shutdown(self) -> int:
         """Drain: no more intake or dispatch; let in-flight finish; stop workers."""
@@ -419,8 +450,7 @@ class Supervisor:
         left = self.spool.stats()
         self.spool.close()
         log.info(logs.kv("stopped", jobs_spooled=left.jobs, rcpts_pending=left.rcpts_pending))
-        if self.curve is not None:
-            self.curve.stop()
+        self._stop_zap()
         self.zctx.destroy(linger=1000)
         return 0
 
