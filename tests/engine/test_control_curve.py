@@ -2,7 +2,8 @@
 (`control.curve`): `mailengine queue` and `mailengine status` from an operator whose key
 is listed change and show the queue over tcp; a key the engine does not list gets nothing,
 the command says it was refused, and the engine logs the refusal at warning with the
-client's address (once a minute per client). In process with real sockets: tests/conversation/test_control_curve.py."""
+client's address (once a minute per client). In process with real sockets:
+tests/conversation/test_control_curve.py."""
 from __future__ import annotations
 
 import json
