@@ -275,7 +275,9 @@ class Supervisor:
             self.control.answer()
         if self._reload:
             self._reload = False
+            self.notifier.reloading()  # systemd: "reloading" until READY=1 again
             self._reload_config()
+            self.notifier.ready()
         if self._reopen:
             self._reopen = False
             self.events.reopen()
