@@ -38,7 +38,6 @@ from typing import Any
 import zmq
 
 from engine import (
-    auth,
     categories,
     control,
     dkim,
@@ -52,6 +51,7 @@ from engine import (
 from engine import config as config_mod
 from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.config import Config
+from engine.curve import Curve
 from engine.dispatch import Dispatcher
 from engine.intake import INGEST_HWM, Intake
 from engine.job import MAX_ENVELOPE_SIZE
@@ -64,7 +64,6 @@ from engine.salvage import recovery_advice
 from engine.spool import SetAside, Spool, SpoolDamaged, SpoolError
 from engine.spoolhealth import SpoolHealth
 from engine.workers import Workers
-from engine.zap import Zap
 
 log = logging.getLogger("mailengine.supervisor")
 
@@ -87,10 +86,7 @@ class Supervisor:
         self.cfg = cfg
         self.config_path = config_path
         # Keys first: a missing key is a config error, found before anything is touched.
-        self.curve = auth.CurveServer(cfg.security.curve) if cfg.security.curve.enabled else None
-        self.control_curve = auth.CurveServer(cfg.control_curve, "control.curve", "control") \
-            if cfg.control_curve.enabled else None
-        self.zap: Zap | None = None  # the ZAP handler both check their clients with
+        self.curve = Curve(cfg)  # security.curve and control.curve, when on
         self.zctx = zmq.Context()
         self.spool = Spool(cfg.spool, on_corrupt=self._set_aside)
         if self.spool.shifted is not None:  # planned at the last stop, after a clock step
@@ -123,7 +119,7 @@ class Supervisor:
                                clock=self.clock, classifier=self.dispatcher.classifier)
         self.queue = QueueAdmin(self.spool, self.dispatcher, self.workers, self._publish,
                                 self.clock, cfg.control,  # the operator's `mailengine queue`
-                                authenticated=self.control_curve is not None)
+                                authenticated=self.curve.control is not None)
         self.results.observe = self.queue.routes.saw
         self.control = control.Control(control_sock, self.status, self.queue.commands())
         self._stopping = False
@@ -139,15 +135,8 @@ class Supervisor:
         would be let in unchecked. A frame larger than any valid job (ZMQ_MAXMSGSIZE) makes
         ZeroMQ drop that producer's connection instead of buffering it.
         """
-        secure = None
-        if self.curve is not None or self.control_curve is not None:
-            self.zap = Zap(self.zctx)
-            self.zap.start()
-        if self.curve is not None and self.zap is not None:
-            self.curve.start(self.zap)
-            secure = self.curve.secure
-            log.info(logs.kv("curve_enabled", clients=len(self.curve.clients),
-                             allowed_clients=cfg.security.curve.allowed_clients))
+        self.curve.start(self.zctx)
+        secure = self.curve.secure_public()
         max_frame = cfg.limits.max_message_size + MAX_ENVELOPE_SIZE
         ingest = sockets.bind(self.zctx, zmq.PULL, cfg.ingest,
                               {zmq.RCVHWM: INGEST_HWM, zmq.MAXMSGSIZE: max_frame}, secure)
@@ -155,26 +144,12 @@ class Supervisor:
         control_sock = sockets.bind(self.zctx, zmq.REP, cfg.control,
                                     {zmq.RCVHWM: 100,
                                      zmq.MAXMSGSIZE: control.CONTROL_MAX_REQUEST},
-                                    self._control_secure(cfg))
+                                    self.curve.secure_control())
         control.restrict(cfg.control)  # mode 0660: root, the engine's user and group
         return ingest, pub, control_sock
 
-    def _control_secure(self, cfg: Config) -> sockets.Secure | None:
-        """CURVE on the control socket (`control.curve`): the operators' keys only."""
-        if self.control_curve is None or self.zap is None:
-            return None
-        self.control_curve.start(self.zap)
-        log.info(logs.kv("control_curve_enabled", clients=len(self.control_curve.clients),
-                         allowed_clients=cfg.control_curve.allowed_clients))
-        return self.control_curve.secure
-
-    def _stop_zap(self) -> None:
-        if self.zap is not None:
-            self.zap.stop()
-            self.zap = None
-
     def _close_public(self) -> None:
-        self._stop_zap()
+        self.curve.stop()
         self.zctx.destroy(linger=0)
 
     # -- the loop ----------------------------------------------------------------
@@ -258,7 +233,7 @@ class Supervisor:
         self.metrics.flush()
         with contextlib.suppress(SpoolError):
             self.spool.close()
-        self._stop_zap()
+        self.curve.stop()
         self.zctx.destroy(linger=1000)
         return 2
 
@@ -396,35 +371,14 @@ class Supervisor:
         for key in RESTART_KEYS:
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning(logs.kv("reload_needs_restart", key=key))
-        old_sec, new_sec = self.cfg.security, new.security
-        if (new_sec.curve.enabled, new_sec.curve.server_secret_key, new_sec.allow_plain_remote) \
-                != (old_sec.curve.enabled, old_sec.curve.server_secret_key,
-                    old_sec.allow_plain_remote):
-            log.warning(logs.kv("reload_needs_restart", key="security"))
-        old_cc, new_cc = self.cfg.control_curve, new.control_curve
-        if (new_cc.enabled, new_cc.server_secret_key) != (old_cc.enabled, old_cc.server_secret_key):
-            log.warning(logs.kv("reload_needs_restart", key="control.curve"))
         _warn_about(new)
-        self._reload_clients(self.curve, new.security.curve.allowed_clients)
-        self._reload_clients(self.control_curve, new_cc.allowed_clients)
+        self.curve.reload(self.cfg, new)  # the lists of keys; a new key pair warns
         self.cfg = self.intake.cfg = self.dispatcher.cfg = new
         self.results.schedule = new.retry.schedule
         self.results.classifier = self.dispatcher.classifier = \
             categories.classifier(new.categories)
         added, removed = self.workers.reconfigure(new)
         log.info(logs.kv("reloaded", ips=len(new.ips), added=len(added), removed=len(removed)))
-
-    @staticmethod
-    def _reload_clients(curve: auth.CurveServer | None, folder: str) -> None:
-        """A new allow-list of CURVE clients takes effect at once; a bad one is ignored."""
-        if curve is None:
-            return
-        try:
-            count = curve.reload_clients(folder)
-        except config_mod.ConfigError as err:
-            log.error(logs.kv("curve_clients_unchanged", error=err, section=curve.where))
-            return
-        log.info(logs.kv("curve_clients_reloaded", clients=count, section=curve.where))
 
     def _shutdown(self) -> int:
         """Drain: no more intake or dispatch; let in-flight finish; stop workers."""
@@ -452,7 +406,7 @@ class Supervisor:
         left = self.spool.stats()
         self.spool.close()
         log.info(logs.kv("stopped", jobs_spooled=left.jobs, rcpts_pending=left.rcpts_pending))
-        self._stop_zap()
+        self.curve.stop()
         self.zctx.destroy(linger=1000)
         return 0
 
