@@ -8,7 +8,8 @@ the `.key` next to the config's `control.curve.server_secret_key`) and an operat
 key pair (`--curve-client-key`, by default `control.curve.client_key`), whose public
 half the engine lists in `control.curve.allowed_clients`. An engine that refuses the
 key answers nothing; the client sees the handshake fail (a socket monitor) and says
-so at once instead of waiting for its time-out. docs/OPERATIONS.md, "The control
+so at once instead of waiting for its time-out; so does a client without keys whose
+engine speaks CURVE. docs/OPERATIONS.md, "The control
 socket".
 """
 from __future__ import annotations
@@ -81,36 +82,41 @@ def request(endpoint: str, payload: dict[str, Any], timeout: float, option: str 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
-    monitor = None
+    if curve is not None:
+        curve.secure(sock)
+    monitor = sock.get_monitor_socket(_REFUSED)
     try:
-        if curve is not None:
-            curve.secure(sock)
-            monitor = sock.get_monitor_socket(_REFUSED)
         cliargs.connect(sock, endpoint, option)
         sock.send_json(payload)
-        _wait(sock, monitor, endpoint, timeout)
+        _wait(sock, monitor, endpoint, timeout, curve is not None)
         return cast(dict[str, Any], sock.recv_json())  # the supervisor answers an object
     finally:
-        if monitor is not None:
-            sock.disable_monitor()
-            monitor.close(linger=0)
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close()
 
 
-def _wait(sock: zmq.Socket, monitor: zmq.Socket | None, endpoint: str, timeout: float) -> None:
+def _wait(sock: zmq.Socket, monitor: zmq.Socket, endpoint: str, timeout: float,
+          curve: bool) -> None:
     """Until the answer is there; raises TimeoutError or Refused."""
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    if monitor is not None:
-        poller.register(monitor, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
         ready = dict(poller.poll(max(1, int(left * 1000))))
         if sock in ready:
             return
-        if monitor is not None and monitor in ready:
-            monitor.recv_multipart()  # a refused handshake: the only events asked for
-            raise Refused(f"{endpoint} refused this client's CURVE key (is its .key in"
-                          " the engine's control.curve.allowed_clients? is"
-                          " --curve-server-key the engine's control.key?)")
+        if monitor in ready:
+            monitor.recv_multipart()  # a failed handshake: the only events asked for
+            raise Refused(_refusal(endpoint, curve))
     raise TimeoutError(f"no answer from {endpoint} within {timeout:g}s")
+
+
+def _refusal(endpoint: str, curve: bool) -> str:
+    if curve:
+        return (f"{endpoint} refused this client's CURVE key (is its .key in the engine's"
+                " control.curve.allowed_clients? is --curve-server-key the engine's"
+                " control.key?)")
+    return (f"{endpoint} speaks CURVE (control.curve) and this client does not: give"
+            " --curve-server-key and --curve-client-key (docs/OPERATIONS.md)")
