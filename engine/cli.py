@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,8 @@ RUNNING_ENGINE_WAIT = 2.0  # seconds for a running engine to answer check-config
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["run"]:
+        _hold_signals()
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -29,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+
+
+def _hold_signals() -> None:
+    """`run`: SIGHUP and SIGUSR1 wait (blocked) until the supervisor's loop handles them
+    (engine.supervisor.HELD_AT_START). Their default action ends the process: a
+    logrotate's SIGUSR1 that came during the start used to kill the engine."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGUSR1})
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -200,22 +210,25 @@ def _host_lacks(cfg: config_mod.Config) -> bool:
     `systemctl reload` checks the file while it runs): the engine that answers `status`
     on the config's `control`, its pid's sockets matched in /proc."""
     from engine import startcheck
-    problems = startcheck.problems(cfg, is_ours=_running_engine(cfg.control))
+    problems = startcheck.problems(cfg, is_ours=_running_engine(cfg))
     for problem in problems:
         print(f"mailengine: {problem}", file=sys.stderr)
     return bool(problems)
 
 
-def _running_engine(control: str) -> Callable[[Busy], bool]:
-    """Whether a busy endpoint is held by the engine answering on `control` (asked once,
-    and only if an endpoint is busy)."""
-    from engine import startcheck, status
+def _running_engine(cfg: config_mod.Config) -> Callable[[Busy], bool]:
+    """Whether a busy endpoint is held by the engine answering on the config's `control`
+    (asked once, and only if an endpoint is busy; with control.curve, with its
+    client_key)."""
+    from engine import controlclient, startcheck, status
 
     @functools.cache
     def engine_pid() -> int | None:
         try:
-            return int(status.query(control, RUNNING_ENGINE_WAIT)["pid"])
-        except (TimeoutError, ValueError, KeyError, TypeError):  # none, or not an engine
+            curve = controlclient.curve_from(argparse.Namespace(), cfg)
+            return int(status.query(cfg.control, RUNNING_ENGINE_WAIT, curve=curve)["pid"])
+        except (TimeoutError, ValueError, KeyError, TypeError,  # none, or not an engine
+                controlclient.Refused):  # no key of ours to ask it with (UsageError too)
             return None
 
     def is_ours(busy: Busy) -> bool:

@@ -24,9 +24,10 @@ supervisor's loop:
   (engine.shaping.ProviderShaper.hold). Remembered here, and told again to a restarted
   worker until it ends. A resume also retries that IP x provider's domains.
 
-Only over an ipc control socket (mode 0660: root and the engine's group) do the commands
-that change something run; a tcp one (no authentication, reachable by every local user)
-answers `queue` and `queue_show` only.
+Only over an ipc control socket (mode 0660: root and the engine's group) or a CURVE one
+(`control.curve`: the listed operators' keys) do the commands that change something run;
+a plain tcp one (no authentication, reachable by every local user) answers `queue` and
+`queue_show` only.
 
 The cost: the summary reads at most SUMMARY_SCAN recipients (the oldest rows; the answer
 says when there were more); a command by domain scans the recipients not final (no index
@@ -109,10 +110,12 @@ class QueueAdmin:
     """The queue commands' handlers (`commands`), over the supervisor's parts."""
 
     def __init__(self, spool: Spool, dispatcher: Dispatcher, workers: Workers,
-                 publish: Publish, clock: EngineClock, control: str = "ipc://") -> None:
-        # Over tcp the control socket has no authentication (not even the ipc file's mode):
-        # every local user reaches it, so it only shows the queue (`_changing`).
-        self._tcp = control.startswith("tcp://")
+                 publish: Publish, clock: EngineClock, control: str = "ipc://",
+                 authenticated: bool = False) -> None:
+        # Over tcp without CURVE (`authenticated`: control.curve) the control socket has no
+        # authentication (not even the ipc file's mode): every local user reaches it, so it
+        # only shows the queue (`_changing`).
+        self._tcp = control.startswith("tcp://") and not authenticated
         self._spool = spool
         self._dispatcher = dispatcher
         self._workers = workers
@@ -134,9 +137,10 @@ class QueueAdmin:
             return run
 
         def refused(_: dict[str, Any]) -> dict[str, Any]:
-            raise BadRequest("the control socket is tcp, which any user of this machine can"
-                             " reach: it shows the queue but changes nothing; set `control`"
-                             " to an ipc:// path (docs/OPERATIONS.md, The queue)")
+            raise BadRequest("the control socket is tcp without CURVE, which any user of this"
+                             " machine can reach: it shows the queue but changes nothing; set"
+                             " `control` to an ipc:// path, or enable control.curve"
+                             " (docs/OPERATIONS.md, The queue)")
         return refused
 
     # -- looking -----------------------------------------------------------------------

@@ -11,12 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, cast
+from typing import Any
 
-import zmq
-
-from engine import cliargs
-from engine import config as config_mod
+from engine import cliargs, controlclient, status
 
 EXIT_OK, EXIT_NOT_DONE, EXIT_USAGE = 0, 1, 2
 
@@ -31,6 +28,7 @@ def add_parser(sub: Any) -> None:
                         help="give up on an answer after this long (default 10s)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the engine's answer as JSON")
+    controlclient.add_options(common, default=argparse.SUPPRESS)
     queue = sub.add_parser(
         "queue", parents=[common], help="show what waits; retry, bounce, delete, suspend",
         description="Without a command: what waits, per sending IP x provider x domain"
@@ -108,24 +106,14 @@ class NoAnswer(Exception):
 def ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
     """The engine's answer to `request`; NoAnswer if none came in time, UsageError for a
     bad endpoint or config, RuntimeError with the engine's `error`."""
-    control = getattr(args, "control", None)
-    try:
-        endpoint = control or config_mod.load(getattr(args, "config", None)).control
-    except config_mod.ConfigError as err:
-        raise cliargs.UsageError(str(err)) from None
+    endpoint, option, curve = status.target(args)
     timeout = getattr(args, "timeout", 10.0)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
     try:
-        cliargs.connect(sock, endpoint, "--control" if control else "control")
-        sock.send_json(request)
-        if not sock.poll(int(timeout * 1000)):
-            raise NoAnswer(f"no answer from {endpoint} within {timeout:g}s;"
-                           " is the engine running?")
-        answer = cast(dict[str, Any], sock.recv_json())
-    finally:
-        sock.close()
+        answer = controlclient.request(endpoint, request, timeout, option, curve)
+    except controlclient.Refused as err:
+        raise NoAnswer(str(err)) from None
+    except TimeoutError as err:
+        raise NoAnswer(f"{err}; is the engine running?") from None
     if "error" in answer:
         raise RuntimeError(answer["error"])
     return answer

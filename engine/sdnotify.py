@@ -11,6 +11,9 @@ $NOTIFY_SOCKET (sd_notify(3)). A message is one datagram of `KEY=value` lines:
   SIGABRT (`WatchdogSignal=`), and `Restart=on-failure` starts it again. The
   supervisor pings from its loop, every half of the interval, so pings stop when
   the loop stops turning;
+- `RELOADING=1`: a SIGHUP's reload of the config begins; `READY=1` again when it
+  is applied (`systemctl status` shows "reloading" meanwhile). MONOTONIC_USEC goes
+  with it, as systemd 253's `Type=notify-reload` requires;
 - `STOPPING=1`: draining (systemd stops watching then);
 - `STATUS=...`: one line of figures, shown by `systemctl status`.
 
@@ -104,6 +107,12 @@ class Notifier:
             lines.append(f"STATUS={self._status_text()}")
         if lines:
             self.send(*lines)
+
+    def reloading(self) -> None:
+        """RELOADING=1: the config is being read again; `ready()` when it is applied."""
+        if self.address is not None:
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading the config")
 
     def stopping(self, status: str) -> None:
         """STOPPING=1: the drain begins (no more pings; systemd stops watching)."""

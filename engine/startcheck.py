@@ -7,6 +7,8 @@ exits 2 (a restart would not fix it, so systemd does not loop on it):
 - the sending IPs are held by the host (engine.hostcheck);
 - `smtp.ca_file` loads as the workers load it (missing, unreadable, not PEM: the
   workers used to crash-loop on a FileNotFoundError that named no file);
+- the CURVE keys of `security.curve` and `control.curve`, when on, load (a secret key
+  file that others may read is refused) and libzmq has CURVE;
 - every `dkim` key loads (missing, unreadable, readable by group or others, not a
   private key DKIM can use) and each signing domain has a key valid today, unless
   it may send unsigned (engine.dkim.problems): never an unsigned send by surprise;
@@ -85,16 +87,22 @@ def ca_file(cfg: Config) -> list[str]:
 
 
 def curve_keys(cfg: Config) -> list[str]:
-    """The server's CURVE key pair and the clients' folder, loaded as the supervisor loads
-    them (engine.auth), when CURVE is on."""
-    if not cfg.security.curve.enabled:
-        return []
-    from engine import auth  # zmq's authenticator: only when CURVE is configured
-    try:
-        auth.CurveServer(cfg.security.curve)
-    except ConfigError as err:
-        return [str(err)]
-    return []
+    """The CURVE key pairs and clients' folders, loaded as the supervisor loads them
+    (engine.auth), for each of `security.curve` and `control.curve` that is on: a
+    missing, unreadable or unsafe (secret readable by others) file, an empty folder,
+    a libzmq without CURVE."""
+    found = []
+    for on, section, where, domain in (
+            (cfg.security.curve.enabled, cfg.security.curve, "security.curve", ""),
+            (cfg.control_curve.enabled, cfg.control_curve, "control.curve", "control")):
+        if not on:
+            continue
+        from engine import auth  # zmq's CURVE: only when configured
+        try:
+            auth.CurveServer(section, where, domain)
+        except ConfigError as err:
+            found.append(str(err))
+    return found
 
 
 # -- folders and files ---------------------------------------------------------------

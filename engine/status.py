@@ -5,13 +5,14 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any
 
-import zmq
-
-from engine import cliargs
+from engine import cliargs, controlclient
 from engine import config as config_mod
 from engine.clock import STEP_TOLERANCE
+
+if TYPE_CHECKING:
+    from engine.auth import CurveClient
 
 
 def add_parser(sub: Any) -> None:
@@ -27,38 +28,46 @@ def add_parser(sub: Any) -> None:
     p.add_argument("-w", "--watch", action="store_true", help="refresh every second")
     p.add_argument("--timeout", type=cliargs.duration(), default=3.0,
                    help="give up on an answer after this long (default 3s; e.g. 500ms, 10s)")
+    controlclient.add_options(p)
     p.set_defaults(func=run)
 
 
-def query(endpoint: str, timeout: float = 3.0, option: str = "control") -> dict[str, Any]:
+def query(endpoint: str, timeout: float = 3.0, option: str = "control",
+          curve: CurveClient | None = None) -> dict[str, Any]:
     """Ask the supervisor for its figures; raises TimeoutError if it does not answer,
-    cliargs.UsageError (naming `option`) for an endpoint libzmq refuses."""
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
+    controlclient.Refused if it refuses `curve`'s key, cliargs.UsageError (naming
+    `option`) for an endpoint libzmq refuses."""
+    return controlclient.request(endpoint, {"command": "status"}, timeout, option, curve)
+
+
+def target(args: argparse.Namespace) -> tuple[str, str, CurveClient | None]:
+    """The control endpoint, the name to blame for it, and the CURVE keys, from the
+    options and (when they do not say it all) the config; cliargs.UsageError."""
+    control, config = getattr(args, "control", None), getattr(args, "config", None)
     try:
-        cliargs.connect(sock, endpoint, option)
-        sock.send_json({"command": "status"})
-        if not sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no answer from {endpoint} within {timeout:g}s")
-        return cast(dict[str, Any], sock.recv_json())  # the supervisor answers an object
-    finally:
-        sock.close()
+        cfg = config_mod.load(config) if control is None or config is not None else None
+    except config_mod.ConfigError as err:
+        raise cliargs.UsageError(str(err)) from None
+    endpoint = control or (cfg.control if cfg is not None else "")
+    return (endpoint, "--control" if control else "control",
+            controlclient.curve_from(args, cfg))
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        endpoint = args.control or config_mod.load(args.config).control
-    except config_mod.ConfigError as err:
+        endpoint, option, curve = target(args)
+    except cliargs.UsageError as err:
         return cliargs.fail("status", err)
-    option = "--control" if args.control else "control"
     previous: dict[str, Any] | None = None
     started = time.monotonic()
     while True:
         try:
-            figures = query(endpoint, args.timeout, option)
+            figures = query(endpoint, args.timeout, option, curve)
         except cliargs.UsageError as err:
             return cliargs.fail("status", err)
+        except controlclient.Refused as err:
+            print(f"mailengine status: {err}", file=sys.stderr)
+            return 1
         except TimeoutError as err:
             print(f"mailengine status: {err}; is the engine running?", file=sys.stderr)
             return 1

@@ -38,7 +38,6 @@ from typing import Any
 import zmq
 
 from engine import (
-    auth,
     categories,
     control,
     dkim,
@@ -52,6 +51,7 @@ from engine import (
 from engine import config as config_mod
 from engine.clock import STEP_TOLERANCE, EngineClock
 from engine.config import Config
+from engine.curve import Curve
 from engine.dispatch import Dispatcher
 from engine.intake import INGEST_HWM, Intake
 from engine.job import MAX_ENVELOPE_SIZE
@@ -73,6 +73,8 @@ QUIET_AFTER_DRAIN = 2.0  # seconds to read late results once the workers have ex
 EVENTS_HWM = 10000  # events queued for one slow subscriber; the log still has them all
 # Changing these needs a restart: a reload only warns.
 RESTART_KEYS = ("ingest", "events", "control", "spool", "run_dir", "events_log")
+# Held (blocked) from the start of `mailengine run` until `run` handles them (engine.cli).
+HELD_AT_START = frozenset({signal.SIGHUP, signal.SIGUSR1})
 _EXPIRED = Status.EXPIRED.value  # an enum's .value is a Python-level property
 # Refusals counted per category (engine.categories), by event.
 _CATEGORY_METRICS = {"bounced": "bounced_category", "deferred": "deferred_category",
@@ -84,7 +86,7 @@ class Supervisor:
         self.cfg = cfg
         self.config_path = config_path
         # Keys first: a missing key is a config error, found before anything is touched.
-        self.curve = auth.CurveServer(cfg.security.curve) if cfg.security.curve.enabled else None
+        self.curve = Curve(cfg)  # security.curve and control.curve, when on
         self.zctx = zmq.Context()
         self.spool = Spool(cfg.spool, on_corrupt=self._set_aside)
         if self.spool.shifted is not None:  # planned at the last stop, after a clock step
@@ -116,7 +118,8 @@ class Supervisor:
                                self._on_stats, cfg.retry.schedule, self.metrics, self.health,
                                clock=self.clock, classifier=self.dispatcher.classifier)
         self.queue = QueueAdmin(self.spool, self.dispatcher, self.workers, self._publish,
-                                self.clock, cfg.control)  # the operator's `mailengine queue`
+                                self.clock, cfg.control,  # the operator's `mailengine queue`
+                                authenticated=self.curve.control is not None)
         self.results.observe = self.queue.routes.saw
         self.control = control.Control(control_sock, self.status, self.queue.commands())
         self._stopping = False
@@ -132,25 +135,21 @@ class Supervisor:
         would be let in unchecked. A frame larger than any valid job (ZMQ_MAXMSGSIZE) makes
         ZeroMQ drop that producer's connection instead of buffering it.
         """
-        secure = None
-        if self.curve is not None:
-            self.curve.start(self.zctx)
-            secure = self.curve.secure
-            log.info(logs.kv("curve_enabled", clients=len(self.curve.clients),
-                             allowed_clients=cfg.security.curve.allowed_clients))
+        self.curve.start(self.zctx)
+        secure = self.curve.secure_public()
         max_frame = cfg.limits.max_message_size + MAX_ENVELOPE_SIZE
         ingest = sockets.bind(self.zctx, zmq.PULL, cfg.ingest,
                               {zmq.RCVHWM: INGEST_HWM, zmq.MAXMSGSIZE: max_frame}, secure)
         pub = sockets.bind(self.zctx, zmq.PUB, cfg.events, {zmq.SNDHWM: EVENTS_HWM}, secure)
         control_sock = sockets.bind(self.zctx, zmq.REP, cfg.control,
                                     {zmq.RCVHWM: 100,
-                                     zmq.MAXMSGSIZE: control.CONTROL_MAX_REQUEST})
+                                     zmq.MAXMSGSIZE: control.CONTROL_MAX_REQUEST},
+                                    self.curve.secure_control())
         control.restrict(cfg.control)  # mode 0660: root, the engine's user and group
         return ingest, pub, control_sock
 
     def _close_public(self) -> None:
-        if self.curve is not None:
-            self.curve.stop()
+        self.curve.stop()
         self.zctx.destroy(linger=0)
 
     # -- the loop ----------------------------------------------------------------
@@ -161,6 +160,9 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         self._reopen = False  # SIGUSR1: logrotate renamed the events log
         signal.signal(signal.SIGUSR1, self._on_usr1)
+        # `mailengine run` held these since its first line (engine.cli): one that came
+        # during the start is handled now, instead of killing the engine (default action).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD_AT_START)
         # systemd (Type=notify): taken from the environment before the workers inherit it.
         self.notifier = sdnotify.Notifier.from_env(
             status=lambda: sdnotify.status_line(self.status()))
@@ -231,8 +233,7 @@ class Supervisor:
         self.metrics.flush()
         with contextlib.suppress(SpoolError):
             self.spool.close()
-        if self.curve is not None:
-            self.curve.stop()
+        self.curve.stop()
         self.zctx.destroy(linger=1000)
         return 2
 
@@ -249,7 +250,9 @@ class Supervisor:
             self.control.answer()
         if self._reload:
             self._reload = False
+            self.notifier.reloading()  # systemd: "reloading" until READY=1 again
             self._reload_config()
+            self.notifier.ready()
         if self._reopen:
             self._reopen = False
             self.events.reopen()
@@ -368,30 +371,14 @@ class Supervisor:
         for key in RESTART_KEYS:
             if getattr(new, key) != getattr(self.cfg, key):
                 log.warning(logs.kv("reload_needs_restart", key=key))
-        old_sec, new_sec = self.cfg.security, new.security
-        if (new_sec.curve.enabled, new_sec.curve.server_secret_key, new_sec.allow_plain_remote) \
-                != (old_sec.curve.enabled, old_sec.curve.server_secret_key,
-                    old_sec.allow_plain_remote):
-            log.warning(logs.kv("reload_needs_restart", key="security"))
         _warn_about(new)
-        self._reload_clients(new.security.curve.allowed_clients)
+        self.curve.reload(self.cfg, new)  # the lists of keys; a new key pair warns
         self.cfg = self.intake.cfg = self.dispatcher.cfg = new
         self.results.schedule = new.retry.schedule
         self.results.classifier = self.dispatcher.classifier = \
             categories.classifier(new.categories)
         added, removed = self.workers.reconfigure(new)
         log.info(logs.kv("reloaded", ips=len(new.ips), added=len(added), removed=len(removed)))
-
-    def _reload_clients(self, folder: str) -> None:
-        """A new allow-list of CURVE clients takes effect at once; a bad one is ignored."""
-        if self.curve is None:
-            return
-        try:
-            count = self.curve.reload_clients(folder)
-        except config_mod.ConfigError as err:
-            log.error(logs.kv("curve_clients_unchanged", error=err))
-            return
-        log.info(logs.kv("curve_clients_reloaded", clients=count))
 
     def _shutdown(self) -> int:
         """Drain: no more intake or dispatch; let in-flight finish; stop workers."""
@@ -419,8 +406,7 @@ class Supervisor:
         left = self.spool.stats()
         self.spool.close()
         log.info(logs.kv("stopped", jobs_spooled=left.jobs, rcpts_pending=left.rcpts_pending))
-        if self.curve is not None:
-            self.curve.stop()
+        self.curve.stop()
         self.zctx.destroy(linger=1000)
         return 0
 

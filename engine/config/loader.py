@@ -21,6 +21,7 @@ from engine.config.schema import (
     DEFAULT_PATH,
     ENV_VAR,
     Config,
+    ControlCurveConfig,
     DnsConfig,
     Route,
     SecurityConfig,
@@ -28,13 +29,21 @@ from engine.config.schema import (
 )
 from engine.config.values import (
     ConfigError,
+    boolean,
     ehlo_name,
+    endpoint,
     endpoint_host,
     error,
     is_loopback_host,
+    join,
     known,
     mapping,
+    nonempty,
     show,
+    text,
+)
+from engine.config.values import (
+    section as reader_of,
 )
 
 # Keys renamed, by their old name: still read, with a warning that names the new one.
@@ -43,8 +52,16 @@ RENAMED = {"pools": "ip_pools"}
 RETIRED = {("throttle", "holdoff"): "a push-back is now answered once for the mail sent"
                                     " before it, whenever it comes (docs/SHAPING.md)"}
 
-# The top-level keys a file may hold: Config's fields, less what is not read from the file.
-_TOP_KEYS = [f.name for f in fields(Config) if f.name != "warnings"]
+# The top-level keys a file may hold: Config's fields, less what is not read from the file
+# (`control_curve` is written inside `control`).
+_TOP_KEYS = [f.name for f in fields(Config) if f.name not in ("warnings", "control_curve")]
+
+_CONTROL_CURVE = reader_of(ControlCurveConfig, {
+    "enabled": boolean,
+    "server_secret_key": nonempty,
+    "allowed_clients": nonempty,
+    "client_key": text,
+})
 
 
 def file_of(path: str | None = None) -> str:
@@ -76,7 +93,10 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
         hostname = _default_hostname()
     ips = sections.ips(raw.pop("ips", None), hostname)
     ip_pools = sections.ip_pools(raw.pop("ip_pools", None), _given_as("ip_pools", data), ips)
+    control = raw.pop("control", None)
     values = {key: sections.TOP_READERS[key](value, key) for key, value in raw.items()}
+    if control is not None:
+        values["control"], values["control_curve"] = read_control(control, "control")
     _refuse_shared_endpoints(values)
     _refuse_plain_remote(values)
     _refuse_untrusted_dane(values)
@@ -85,7 +105,23 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
 
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The effective config as plain data (dict, list, str, numbers) that `from_dict` accepts."""
-    return _plain(cfg)
+    plain: dict[str, Any] = _plain(cfg)
+    if cfg.control_curve != ControlCurveConfig():
+        plain["control"] = {"endpoint": cfg.control, "curve": _plain(cfg.control_curve)}
+    return plain
+
+
+def read_control(value: Any, path: str) -> tuple[str, ControlCurveConfig]:
+    """`control`: the endpoint, or `{endpoint, curve: {...}}` (CURVE on a tcp control
+    socket: its key pair and the operators' public keys, docs/OPERATIONS.md)."""
+    if not isinstance(value, Mapping):
+        return endpoint(value, path), ControlCurveConfig()
+    data = dict(known(mapping(value, path), ("endpoint", "curve"), path))
+    where = endpoint(data.get("endpoint", Config.control), join(path, "endpoint"))
+    curve = _CONTROL_CURVE(data.get("curve", {}), join(path, "curve"))
+    if curve.enabled and where.startswith("inproc://"):
+        raise error(join(join(path, "curve"), "enabled"), "CURVE needs a tcp:// or ipc:// endpoint")
+    return where, curve
 
 
 def _renamed(raw: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
@@ -157,21 +193,22 @@ def _refuse_plain_remote(values: Mapping[str, Any]) -> None:
     """A socket other machines can reach must be authenticated (docs/SECURITY.md).
 
     Without CURVE, anyone who reaches `ingest` may submit mail (an open relay), and
-    anyone who reaches `events` reads every recipient. CURVE covers ingest and events;
-    `control` has no authentication, so it stays local unless allow_plain_remote.
+    anyone who reaches `events` reads every recipient. `security.curve` covers ingest
+    and events, `control.curve` the control socket.
     """
     security = values.get("security") or SecurityConfig()
     if security.allow_plain_remote:
         return
+    control_curve = values.get("control_curve") or ControlCurveConfig()
     for key in ("ingest", "events", "control"):
-        if security.curve.enabled and key != "control":
+        if security.curve.enabled if key != "control" else control_curve.enabled:
             continue
         endpoint = values.get(key, getattr(Config, key))
         host = endpoint_host(endpoint)
         if host is None or is_loopback_host(host):
             continue
         fix = "bind it to 127.0.0.1 or an ipc:// path, "
-        fix += "" if key == "control" else "enable security.curve, "
+        fix += "enable control.curve, " if key == "control" else "enable security.curve, "
         raise error(key, f"{endpoint} can be reached from other machines, and without "
                          f"authentication anyone who reaches it {_EXPOSURE[key]}; {fix}"
                          "or set security.allow_plain_remote: true (docs/SECURITY.md)")

@@ -331,6 +331,20 @@ class CurveConfig:
 
 
 @dataclass(frozen=True)
+class ControlCurveConfig:
+    """CURVE on the control socket (`control.curve`): encryption, and only the listed
+    operators' keys get in; over tcp the queue-changing commands then run too.
+
+    `client_key` is the key pair `mailengine status` and `queue` use on this host when
+    given no `--curve-client-key` (an operator's, kept 0600 or 0640)."""
+
+    enabled: bool = False
+    server_secret_key: str = "/etc/mailengine/keys/control.key_secret"
+    allowed_clients: str = "/etc/mailengine/keys/operators"
+    client_key: str = ""
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     """Who may submit jobs, and where mail may not go. See docs/SECURITY.md."""
 
@@ -399,6 +413,9 @@ class Config:
     ingest: str = "tcp://127.0.0.1:5570"
     events: str = "tcp://127.0.0.1:5571"
     control: str = "ipc:///run/mailengine/control.sock"
+    # Written in the file as `control: {endpoint: ..., curve: {...}}` (engine.config.loader).
+    control_curve: ControlCurveConfig = field(default_factory=ControlCurveConfig,
+                                              metadata=NOT_PLAIN)
     run_dir: str = "/run/mailengine"
     events_log: str = "/var/log/mailengine/events.jsonl"
     spool: str = "/var/spool/mailengine"

@@ -44,9 +44,11 @@ from tests.support.dashboard import (
     alert_query,
     alert_rules,
     classify,
+    dashboard,
     dashboard_targets,
     expand,
     interpolate,
+    panels,
 )
 from tests.support.graphite_web import GraphiteWeb
 from tests.support.graphite_web import available as graphite_web_available
@@ -251,6 +253,12 @@ def test_every_panel_and_alert_rule_reads_what_the_engine_emits_with_a_dotted_pr
                     assert path_exists(carbon.whisper, single) or metric in NOT_MADE, \
                         f"{title}: {single} is not in Graphite"
                     checked.add(metric)
+        # No series drawn twice in a panel: each panel's queries rendered together (the
+        # memory panel's `$ip` = * took the supervisor's series too, beside its own query).
+        for panel in panels(dashboard()):
+            queries = [interpolate(t["target"], values) for t in panel.get("targets", [])]
+            names = [s["target"] for s in web.render(queries, started, until)] if queries else []
+            assert len(names) == len(set(names)), f"{panel['title']}: a series twice: {names}"
         assert checked >= {"delivered", "deferred", "bounced", "expired", "ambiguous",
                            "throttled", "blocked", "suspended", "allowed_rate", "spool_depth",
                            "oldest_queued_age", "worker_restarts", "delivery_time",

@@ -121,3 +121,20 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_reload_says_reloading_then_ready(
+        local_engine: Engine, plain_sink: SinkServer, manager: NotifySocket) -> None:
+    """SIGHUP (`systemctl reload`): RELOADING=1 with MONOTONIC_USEC (systemd 253's
+    notify-reload needs it) when the reload begins, READY=1 once the new config applies."""
+    engine = local_engine(plain_sink.port, start=False, env={"NOTIFY_SOCKET": manager.path})
+    engine.start()
+    manager.until("READY=1", 10)
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    engine.reload()
+    reloading = manager.until("RELOADING=1", 10)[-1]
+    assert before <= int(reloading.fields["MONOTONIC_USEC"])
+    assert int(reloading.fields["MONOTONIC_USEC"]) <= \
+        time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    manager.until("READY=1", 10)
+    until(lambda: "event=reloaded " in engine.log_tail(50), 10, "the reload's log line")

@@ -180,3 +180,28 @@ def test_an_endpoint_that_cannot_be_bound_is_named(folder: Path) -> None:
     long = "ipc:///tmp/" + "x" * 120
     refused(write_config(folder, control=long),
             f"control {long}: the path is longer than the 107 bytes a Unix socket may have")
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE")
+@pytest.mark.parametrize("problem", ["secret readable by others", "no operators folder"])
+def test_a_control_curve_key_it_cannot_use_is_named(folder: Path, problem: str) -> None:
+    """control.curve's files are checked as security.curve's: a secret key others may read
+    (ssh's rule), a clients' folder that is not there."""
+    from engine import auth
+    keys = folder / "keys"
+    (keys / "operators").mkdir(parents=True)
+    _, secret = auth.keygen("control", str(keys))
+    operators = keys / "operators"
+    if problem == "secret readable by others":
+        os.chmod(secret, 0o644)
+        auth.keygen("operator", str(operators))
+        line = (f"control.curve.server_secret_key: {secret}: mode 0644 lets others read or"
+                f" change the secret key; chmod 600 {secret} (or 640 for a group that must"
+                " read it)")
+    else:
+        operators = keys / "nowhere"
+        line = f"control.curve.allowed_clients: {operators}: no such folder"
+    refused(write_config(folder, control={
+        "endpoint": f"tcp://127.0.0.1:{free_port()}",
+        "curve": {"enabled": True, "server_secret_key": secret,
+                  "allowed_clients": str(operators)}}), line)

@@ -218,6 +218,17 @@ def test_over_a_tcp_control_socket_the_queue_is_shown_and_never_changed(
     assert published == [] and spool.count_waiting(job_id="j1") == (1, 1)
 
 
+def test_over_a_curve_control_socket_the_queue_is_changed(
+        parts: tuple[QueueAdmin, Spool, Dispatcher, list[Event]]) -> None:
+    """With control.curve only the listed operators reach a tcp control socket."""
+    admin, spool, dispatcher, published = parts
+    deferred(spool, "j1", "a@one.test")
+    tcp = QueueAdmin(spool, dispatcher, admin._workers, published.append, admin._clock,
+                     "tcp://127.0.0.1:5572", authenticated=True)
+    tcp.commands()["queue_bounce"]({"id": "j1"})
+    assert [e[0] for e in published] == ["bounced"]
+
+
 def test_the_control_socket_answers_every_request_even_a_failing_one(tmp_path: Path) -> None:
     def refuse(_: dict[str, Any]) -> dict[str, Any]:
         raise BadRequest("no such job")
