@@ -55,6 +55,7 @@ from engine.config.schema import (
     ThrottleRule,
     Timeouts,
     TlsPolicyConfig,
+    TlsRptConfig,
     WarmupConfig,
 )
 from engine.config.values import (
@@ -98,6 +99,7 @@ __all__ = [
     "ThrottleRule",
     "Timeouts",
     "TlsPolicyConfig",
+    "TlsRptConfig",
     "WarmupConfig",
     "endpoint_host",
     "file_of",
