@@ -49,6 +49,7 @@ log = logging.getLogger("mailengine.tlsrpt")
 
 FLUSH_EVERY = 1.0  # seconds between writes of the counts to the spool, at most
 SEND_EVERY = 1.0  # seconds between looks for reports due
+STOP_WAIT = 1.0  # seconds the supervisor's stop waits for a POST in progress
 MAX_POLICY = 16 * 1024  # characters of a policy as a worker sends it
 MAX_DETAIL = 2048
 _RESULTS = frozenset((tlsrpt.SUCCESS, *tlsrpt.RESULT_TYPES))
@@ -164,6 +165,9 @@ class TlsRptStore:
         self._next_close = current + self.settings.period
         ended = self._spool.query("SELECT DISTINCT period, domain FROM tlsrpt_counts"
                                   " WHERE period < ?", (current,))
+        with self._spool.transaction() as conn:  # domains no longer counted: forgotten
+            conn.execute("DELETE FROM tlsrpt_rua WHERE seen < ?",
+                         (current - 2 * self.settings.period,))
         for period, domain in ended:
             try:
                 self._make_report(int(period), str(domain), now)
@@ -317,9 +321,12 @@ class Poster:
                 return out
 
     def stop(self) -> None:
+        """Ask the thread to end, waiting a moment at most: a POST still on is not waited
+        for (its report is sent again after the restart; the report-id lets the receiver
+        see it twice)."""
         if self._thread is not None:
             self._todo.put(None)
-            self._thread.join(self._cfg.tlsrpt.https_timeout + 1.0)
+            self._thread.join(STOP_WAIT)
 
     def _run(self) -> None:
         cfg = self._cfg

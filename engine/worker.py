@@ -347,6 +347,10 @@ class Worker:
         sessions = self.tlsrpt
         assert sessions is not None
         counts = sessions.take()
+        if sessions.dropped:
+            log.warning(logs.kv("tlsrpt_counts_dropped", ip=self.ip.address,
+                                sessions=sessions.dropped, limit=tlsrpt.MAX_KEYS))
+            sessions.dropped = 0
         if not counts:
             return
         resolver = self.deliverer.resolver

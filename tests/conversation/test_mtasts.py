@@ -1,10 +1,9 @@
 """MTA-STS (RFC 8461), REQUIRETLS (RFC 8689) and TLS-RPT's counts (RFC 8460) end to end in
 one process, no mocks on the path: the delivery stack (tests/support/stack.py) with its TLS
 policies, a real DNS server (MX, A and the `_mta-sts` TXT records), a real HTTPS server
-serving the policy
-(tests/support/policyserver.py, its certificate from a test CA given as `ca_file`) and real
-SMTP sinks on loopback (aiosmtpd) with certificates from the same CA. Counters go to a real
-StatsD catcher.
+serving the policy (tests/support/policyserver.py, its certificate from a test CA given as
+`ca_file`) and real SMTP sinks on loopback (aiosmtpd) with certificates from the same CA.
+Counters go to a real StatsD catcher.
 """
 from __future__ import annotations
 

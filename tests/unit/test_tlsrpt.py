@@ -175,6 +175,19 @@ def test_the_mailed_report_is_a_multipart_report() -> None:
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
 
 
+# -- the config --------------------------------------------------------------------------------
+
+def test_reports_need_a_sender_address() -> None:
+    ips = [{"address": "127.0.0.2", "helo": "mta.s.test"}]
+    with pytest.raises(config.ConfigError, match=r"^tlsrpt\.sender: set it"):
+        config.from_dict({"ips": ips, "hostname": "mta", "tlsrpt": {"enabled": True}})
+    with pytest.raises(config.ConfigError, match=r"^tlsrpt\.sender: must be an ASCII address"):
+        config.from_dict({"ips": ips, "tlsrpt": {"sender": "nobody"}})
+    cfg = config.from_dict({"ips": ips, "hostname": "mta",
+                            "tlsrpt": {"enabled": True, "sender": "r@s.test", "period": "2s"}})
+    assert (cfg.tlsrpt.sender, cfg.tlsrpt.period) == ("r@s.test", 2.0)
+
+
 # -- the supervisor's store ------------------------------------------------------------------
 
 class Clock:
