@@ -226,7 +226,7 @@ def rows(counts: dict[Key, int], rua: Callable[[str], tuple[str, ...] | None]
          ) -> tuple[list[list[Any]], dict[str, list[str]], dict[Key, int]]:
     """The counts of domains that want reports (`rua(domain)`, their URIs or None) as
     rows `[domain, policy, result, detail, count]`, the domains' URIs, and the counts
-    whose lookup failed (DeliveryError: kept for the next take)."""
+    whose lookup failed (DeliveryError: the worker keeps them for one more take)."""
     out: list[list[Any]] = []
     uris: dict[str, list[str]] = {}
     later: dict[Key, int] = {}

@@ -82,6 +82,7 @@ class Worker:
         self.shaping = Shaping(plan_for(cfg, ip.address), state)
         # TLS-RPT's session counts (engine.tlsrpt), sent to the supervisor every second.
         self.tlsrpt = tlsrpt.Sessions(ip.address) if cfg.tlsrpt.enabled else None
+        self._tlsrpt_failed: set[str] = set()  # domains whose rua lookup failed last time
         self.deliverer = self._deliverer()
         self.in_flight = gevent.pool.Group()
         self.delivered = 0
@@ -356,8 +357,13 @@ class Worker:
         resolver = self.deliverer.resolver
         rows, rua, later = tlsrpt.rows(
             counts, lambda domain: tlsrpt.parse_txt(resolver.txt(f"_smtp._tls.{domain}")))
+        # A lookup that failed (SERVFAIL, a timeout) is tried once more at the next take;
+        # failing again, that domain's counts are dropped (not asked every second for ever).
+        retry = {key[0] for key in later} - self._tlsrpt_failed
         for key, count in later.items():
-            sessions.add(key, count)
+            if key[0] in retry:
+                sessions.add(key, count)
+        self._tlsrpt_failed = retry
         if rows:
             self._send(protocol.tlsrpt_frame(self.ip.address, rows, rua))
 
