@@ -167,3 +167,45 @@ def test_reports_count_the_sessions_and_reach_both_ruas(
         good.stop()
         bad.stop()
         mailbox.stop()
+
+
+def test_a_report_no_rua_accepted_survives_a_restart(
+        tmp_path: Path, local_engine: Callable[..., LocalEngine]) -> None:
+    ca = TestCA(tmp_path)
+    sink = SinkServer(host="127.0.0.21", tls_context=ca.server_context("mx.good.test"))
+    catcher = ReportCatcher(ca, "rpt.catch.test", "127.0.0.40")
+    zone = {
+        "good.test": {"MX": [(10, "mx.good.test")]},
+        "mx.good.test": {"A": ["127.0.0.21"]},
+        "_smtp._tls.good.test": {"TXT": [
+            f'"v=TLSRPTv1; rua=https://rpt.catch.test:{catcher.port}/r"']},
+        "rpt.catch.test": {"A": ["127.0.0.40"]},
+    }
+    try:
+        with DnsServer(zone) as dns, catcher:
+            catcher.refuse = 1_000_000  # down until the engine has stopped
+            engine = local_engine(sink.port, route=None, extra={
+                "hostname": "mta.sender.test",
+                "dns": {"nameservers": ["127.0.0.1"], "port": dns.port},
+                "smtp": {"ca_file": ca.ca_file},
+                "tls_policy": {"mta_sts": False},
+                "security": {"allowed_destinations": ["127.0.0.0/8"]},
+                "tlsrpt": {"enabled": True, "period": "2s", "retry": "1s"},
+            })
+            assert engine.push([({"id": "g1", "from": "s@sender.test", "to": ["r@good.test"]},
+                                 make_message(1, 300))])
+            engine.wait_final(1, timeout=30)
+            posts = catcher.wait_for(lambda p: len(p) >= 2, 30)  # refused, and again
+            assert engine.stop() == 0
+            refused = {json.loads(gzip.decompress(body))["report-id"] for _, _, body in posts}
+            assert len(refused) == 1  # one report, tried again
+            catcher.refuse = 0
+            engine.start()
+            done = catcher.wait_for(lambda p: any(s == 200 for s, _, _ in p), 30)
+        reports = accepted(done)
+        assert {r["report-id"] for r in reports} == refused  # the same report, kept
+        assert totals(reports, "good.test") == (1, Counter())
+        assert reports[0]["policies"][0]["policy"] == {"policy-type": "no-policy-found",
+                                                       "policy-domain": "good.test"}
+    finally:
+        sink.stop()
