@@ -263,6 +263,9 @@ class TlsRptStore:
             self._metrics.incr("tlsrpt_reports_failed", "all")
             log.warning(logs.kv("tlsrpt_report_failed", domain=domain, report_id=report_id,
                                 rua=uri, error=error))
+            with self._spool.transaction() as conn:  # for the operator (OPERATIONS.md)
+                conn.execute("UPDATE tlsrpt_reports SET error = ? WHERE report_id = ?",
+                             (f"{uri}: {error}"[:500], report_id))
 
     def _update(self, report_id: str, domain: str, left: list[str], tries: int,
                 next_try: float | None) -> None:

@@ -255,8 +255,9 @@ def test_a_report_a_rua_refuses_is_kept_tried_again_then_given_up(tmp_path: Path
     clock.now += 3600
     store.tick()
     assert len(submitted) == 1
-    ((pending, tries),) = spool.query("SELECT pending, tries FROM tlsrpt_reports")
+    ((pending, tries, error),) = spool.query("SELECT pending, tries, error FROM tlsrpt_reports")
     assert json.loads(pending) == ["mailto:r@a.test"] and tries == 1
+    assert error == "mailto:r@a.test: the spool did not accept the report's message"
     clock.now += 60
     store.tick()
     assert len(submitted) == 1  # not before tlsrpt.retry
