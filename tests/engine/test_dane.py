@@ -93,7 +93,7 @@ def test_dane_through_a_validating_resolver(
                 "security": {"allowed_destinations": ["127.0.0.0/8"]},
                 "statsd": {"enabled": True, "host": "127.0.0.1", "port": statsd.port},
                 "retry": {"schedule": ["1h"]},
-                "tlsrpt": {"enabled": True},
+                "tlsrpt": {"enabled": True, "sender": "tlsrpt@sender.test"},
             })
             jobs = ["ok", "ta", "bad", "none", "notls", "plain"]
             domains = {"plain": "plain.test"}
