@@ -22,6 +22,10 @@ with none fails with 451 4.4.4 and is never connected to (docs/SECURITY.md).
 DANE (engine.dane, mode `dane` from engine.tlspolicy): a host with usable TLSA records must
 offer STARTTLS and present a certificate that matches one after the handshake, else it fails
 with 4.7.5 (no fallback, no plaintext); a host without gets the default plan (smtp.tls).
+
+TLS-RPT (engine.tlsrpt): an error raised because a session failed for a TLS reason
+(STARTTLS missing where required, a certificate that does not verify, no TLSA record
+matching, a TLSA lookup that failed) is tagged with its RFC 8460 result type, once, here.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from engine import classify, logs
+from engine import classify, logs, tlsrpt
 from engine import dane as dane_
 from engine.config import Timeouts
 from engine.metrics import Metrics
@@ -77,6 +81,7 @@ class Connector:
         self.destinations = destinations or DestinationPolicy()  # strict unless told
         self.keepalive = keepalive  # TCP keepalive on every connection (None: off)
         self.dane = dane  # TLSA lookups for mode `dane` (None: DANE is off)
+        self.tlsrpt: tlsrpt.Sessions | None = None  # failed sessions tagged (None: off)
 
     def open(self, host: MxHost, provider: str, routed: bool = False, mode: str | None = None,
              requiretls: bool = False) -> Connection:
@@ -129,7 +134,13 @@ class Connector:
     def _open_at(self, host: MxHost, address: str, provider: str,
                  plan: TlsPlan | None = None, mode: str | None = None,
                  requiretls: bool = False) -> Connection:
-        plan = plan or self._tls_plan(host, mode)
+        if plan is None:
+            try:
+                plan = self._tls_plan(host, mode)
+            except TransientError as err:
+                if mode == DANE and not isinstance(err, WorkerFault):  # the TLSA lookup
+                    raise self._tagged(err, tlsrpt.DNSSEC_INVALID, address) from None
+                raise
         conn = Connection(self.identity.helo, self.identity.address, self.timeouts, self.limits,
                           self.keepalive)
         try:
@@ -138,13 +149,19 @@ class Connector:
                 if plan.attempt and conn.has_extn("starttls"):
                     self._starttls(conn, plan, host, provider)
                 elif plan.dane:
-                    raise classify.dane_no_starttls(host.name)
+                    raise self._tagged(classify.dane_no_starttls(host.name),
+                                       tlsrpt.STARTTLS_NOT_SUPPORTED, address)
                 elif plan.required:
-                    raise classify.tls_not_offered(host.name)
+                    raise self._tagged(classify.tls_not_offered(host.name),
+                                       tlsrpt.STARTTLS_NOT_SUPPORTED, address)
                 if requiretls:
                     _check_requiretls(conn, host)
         except TlsError as err:
             conn.close()
+            if plan.required and not plan.dane:  # raised again: a failed session
+                self._tagged(err, tlsrpt.verify_result(err), address)
+            elif plan.required:
+                self._tagged(err, tlsrpt.VALIDATION_FAILURE, address)
             return self._after_tls_failure(err, plan, host, address, provider)
         except BaseException:
             conn.close()
@@ -190,7 +207,8 @@ class Connector:
         if reply.code == 220 and plan.dane:
             assert conn.sock is not None
             if not dane_.check(plan.dane, dane_.peer_chain(conn.sock), host.name):
-                raise classify.dane_mismatch(host.name)
+                raise self._tagged(classify.dane_mismatch(host.name), tlsrpt.TLSA_INVALID,
+                                   _peer(conn))
             conn.tls_verified = True  # authenticated by DANE (RFC 7672 3)
         if reply.code == 220:
             self.metrics.timing("tls_handshake", provider, _ms(started))
@@ -198,9 +216,17 @@ class Connector:
             if not conn.tls_verified:
                 self.metrics.incr("tls_unverified", provider)
         elif plan.dane:
-            raise classify.dane_no_starttls(host.name)
+            raise self._tagged(classify.dane_no_starttls(host.name),
+                               tlsrpt.STARTTLS_NOT_SUPPORTED, _peer(conn))
         elif plan.required:  # 454 and friends: fine for opportunistic, not here
-            raise classify.tls_refused(host.name, reply)
+            raise self._tagged(classify.tls_refused(host.name, reply),
+                               tlsrpt.STARTTLS_NOT_SUPPORTED, _peer(conn))
+
+    def _tagged(self, err: DeliveryError, result: str, address: str | None) -> DeliveryError:
+        """`err`, the failure of a session for a TLS reason, tagged for TLS-RPT."""
+        if self.tlsrpt is not None:
+            self.tlsrpt.tag(err, result, address)
+        return err
 
     def _after_tls_failure(self, err: TlsError, plan: TlsPlan, host: MxHost, address: str,
                            provider: str) -> Connection:
@@ -216,6 +242,10 @@ class Connector:
         # The retry follows `retry`, not the policy's memory: with smtp.tls_broken_ttl 0 the
         # memory is gone at once and the retry would try the same handshake, for ever.
         return self._open_at(host, address, provider, retry)
+
+
+def _peer(conn: Connection) -> str | None:
+    return conn.peer[0] if conn.peer else None
 
 
 def _check_requiretls(conn: Connection, host: MxHost) -> None:

@@ -21,6 +21,9 @@ The TLS policy of each domain's delivery is decided once per try (engine.tlspoli
 config's exceptions, MTA-STS, the job's REQUIRETLS, smtp.tls): it says which MX hosts mail
 may go to and the connections' TLS mode (part of the pool key); each attempt reports the
 policy and whether the session's certificate verified (`tls_policy`, `tls_verified`).
+With TLS-RPT on (`tlsrpt`, engine.tlsrpt), each session's outcome is counted for the
+domain's report: a connection's first transaction for the domain, a host given up for a
+TLS reason (the error engine.connector tagged), a policy that allows no MX host.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from dataclasses import replace
 
 import gevent
 
-from engine import classify, logs
+from engine import classify, logs, tlsrpt
 from engine.config import ThrottleConfig
 from engine.connector import Connector
 from engine.descriptors import Descriptors
@@ -110,6 +113,7 @@ class Deliverer:
         self.policies = policies or TlsPolicies(tls_mode, mta_sts=None)
         self.dkim = dkim  # signs each message as it goes out (engine.dkim), if configured
         self.descriptors = Descriptors(metrics)  # waits for file descriptors
+        self.tlsrpt: tlsrpt.Sessions | None = None  # TLS-RPT's session counts (None: off)
         # Per MX host, worked out once rather than per message (pure functions of the
         # host; the caches are emptied when full).
         self._provider_names: Memo[str, str] = Memo(HOST_CACHE_SIZE)
@@ -205,6 +209,9 @@ class Deliverer:
         if not hosts:  # MTA-STS enforce: not one MX host the policy names
             self.metrics.incr("mta_sts_refused", provider)
             reply = classify.sts_no_mx(dest.domain, [h.name for h in dest.hosts]).reply
+            if self.tlsrpt is not None:
+                self.tlsrpt.failure(dest.domain, decision.report_policy(),
+                                    tlsrpt.VALIDATION_FAILURE, None, None, reply.text)
             return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], None, provider,
                                   None, False, decision=decision), False
         shaper = self.shaping.get(provider)
@@ -218,11 +225,13 @@ class Deliverer:
         for host in hosts:
             try:
                 sent = self._via_host_in_time(task, rcpts, host, provider, shaper, dest.routed,
-                                              epoch, decision)
+                                              epoch, decision, dest.domain)
             except (SendingIpGone, DescriptorsExhausted) as err:  # the worker's own trouble:
                 # no other host would do better, nothing can leave now
                 return self._not_held(task, rcpts, provider, err.reply), False
             except DeliveryError as err:
+                if self.tlsrpt is not None:
+                    self._session_failed(dest.domain, decision, host, err)
                 if err.blame is Blame.MESSAGE:  # the same at every host: it is the outcome
                     return self._outcomes(task, [RcptResult(r, err.reply) for r in rcpts],
                                           host.name, provider, None, False, shaper), False
@@ -290,6 +299,47 @@ class Deliverer:
             log.warning(logs.kv("mta_sts_testing_failure", ip=self.source_ip, mx=host.name,
                                 domain=sts.domain if sts else None, why=shortfall))
 
+    def _session_kept(self, domain: str, decision: Decision, host: MxHost,
+                      conn: Connection) -> None:
+        """TLS-RPT: a connection carried mail for `domain`, the first time: a success, or
+        what the domain's policy in testing mode would have refused, or (no policy) a
+        server without STARTTLS. Plaintext by our own choice is not counted."""
+        assert self.tlsrpt is not None
+        peer = conn.peer[0] if conn.peer else None
+        shortfall = decision.shortfall(host.name, bool(conn.tls_verified))
+        if shortfall is not None:  # MTA-STS testing: reported, delivered all the same
+            result = (tlsrpt.VALIDATION_FAILURE if conn.tls_version is not None
+                      or conn.has_extn("starttls") else tlsrpt.STARTTLS_NOT_SUPPORTED)
+            self.tlsrpt.failure(domain, decision.report_policy(), result, host.name, peer,
+                                shortfall)
+        elif conn.tls_version is not None:
+            self.tlsrpt.success(domain, decision.report_policy(self._tlsa(decision, host),
+                                                               host.name))
+        elif decision.mode != "none" and not conn.has_extn("starttls"):
+            self.tlsrpt.failure(domain, decision.report_policy(),
+                                tlsrpt.STARTTLS_NOT_SUPPORTED, host.name, peer, None)
+
+    def _session_failed(self, domain: str, decision: Decision, host: MxHost,
+                        err: DeliveryError) -> None:
+        """TLS-RPT: `host` failed; counted if engine.connector tagged the error (a session
+        that failed for a TLS reason, counted once)."""
+        assert self.tlsrpt is not None
+        if not self.tlsrpt.tagged(err):
+            return
+        self.tlsrpt.failed(domain, decision.report_policy(self._tlsa(decision, host),
+                                                          host.name), host.name, err)
+
+    def _tlsa(self, decision: Decision, host: MxHost) -> tuple[str, ...]:
+        """`host`'s usable TLSA records as text ("3 1 1 <hex>"), under DANE; else ()."""
+        dane = self.connector.dane
+        if decision.policy != DANE or dane is None:
+            return ()
+        try:
+            records = dane.records(host.name)  # the resolver's cache has them
+        except DeliveryError:
+            return ()
+        return tuple(f"{r.usage} {r.selector} {r.mtype} {r.data.hex()}" for r in records)
+
     def _destination(self, domain: str) -> Destination:
         """The domain's destination; a lookup short of file descriptors is tried again
         (up to descriptors.WAIT_MAX)."""
@@ -302,7 +352,7 @@ class Deliverer:
 
     def _via_host_in_time(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
                           shaper: ProviderShaper, routed: bool, epoch: int,
-                          decision: Decision) -> _Sent | Deferral:
+                          decision: Decision, domain: str = "") -> _Sent | Deferral:
         """`_via_host`, tried again after a wait while the worker is out of file descriptors:
         that is raised before any transaction (connect, DNS), so nothing was sent. After
         descriptors.WAIT_MAX, DescriptorsExhausted."""
@@ -310,13 +360,13 @@ class Deliverer:
         while True:
             try:
                 return self._via_host(task, rcpts, host, provider, shaper, routed, epoch,
-                                      decision)
+                                      decision, domain)
             except DescriptorsExhausted as err:
                 self.descriptors.wait(provider, err, since)
 
     def _via_host(self, task: Task, rcpts: list[str], host: MxHost, provider: str,
                   shaper: ProviderShaper, routed: bool, epoch: int,
-                  decision: Decision) -> _Sent | Deferral:
+                  decision: Decision, domain: str = "") -> _Sent | Deferral:
         """Send on a pooled connection to `host`: the results, or (the provider pushed back
         meanwhile, and the turn taken again is not now) a Deferral; connection-level
         failures raise. `routed`: a configured route, exempt from the prohibited-destination
@@ -365,6 +415,8 @@ class Deliverer:
                                                     verified=bool(conn.tls_verified))) from None
                 seconds = time.monotonic() - started
                 self.metrics.timing("transaction", provider, seconds * 1000.0)
+                if self.tlsrpt is not None and self.tlsrpt.first(conn, domain):
+                    self._session_kept(domain, decision, host, conn)
                 return (results, conn.tls_version, reused, epoch, seconds,
                         bool(conn.tls_verified))
         assert stale is not None

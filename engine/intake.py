@@ -60,10 +60,15 @@ class Intake:
     def take(self) -> list[Pending]:
         """Accept the jobs waiting (up to a batch): durable, `queued` published. Returns
         them as the spool now holds them: every recipient pending, no attempt yet."""
-        jobs = [job for frames in self._receive()
-                if (job := self._validate(frames)) is not None]
+        return self.accept(self._receive())[0]
+
+    def accept(self, batch: list[list[bytes]]) -> tuple[list[Pending], set[str]]:
+        """`take` for jobs as multipart frames (the ingest socket's, or the engine's own:
+        TLS-RPT's mailed reports, engine.tlsrpt_store); also returns the ids of the jobs
+        the spool now holds (new, or already there)."""
+        jobs = [job for frames in batch if (job := self._validate(frames)) is not None]
         if not jobs:
-            return []
+            return [], set()
         accepted_at = self._clock.now()
         done, accepted = self._spool_what_fits(jobs, accepted_at)
         crash.point("after_spool_commit", len(done))
@@ -76,7 +81,8 @@ class Intake:
         max_age = self.cfg.retry.max_age
         return [Pending(job, accepted_at,
                         accepted_at + (job.expires if job.expires is not None else max_age),
-                        job.rcpts, dict.fromkeys(job.rcpts, 0)) for job in accepted]
+                        job.rcpts, dict.fromkeys(job.rcpts, 0)) for job in accepted], \
+            {job.id for job in done}
 
     def _spool_what_fits(self, jobs: list[Job], now: float) -> tuple[list[Job], list[Job]]:
         """Spool the batch in one transaction; when the spool cannot take it (a full disk,

@@ -171,6 +171,35 @@ DECLARED: tuple[Metric, ...] = (
     Metric("clock_steps", "counter", "steps of the wall clock the supervisor noticed (more"
            " than 5 s either way, or a start below the spool's latest time): logged, never"
            " followed (engine.clock)", SUPERVISOR),
+    # TLS-RPT (RFC 8460, engine.tlsrpt_store): sessions as the workers reported them
+    *(Metric("tlsrpt_" + result.replace("-", "_"), "counter", what, SUPERVISOR)
+      for result, what in (
+        ("success", "TLS-RPT: successful sessions counted for a policy domain that asks for"
+         " reports (a connection's first transaction for the domain)"),
+        ("starttls-not-supported", "TLS-RPT: sessions failed as starttls-not-supported"),
+        ("certificate-host-mismatch", "TLS-RPT: sessions failed as certificate-host-mismatch"),
+        ("certificate-expired", "TLS-RPT: sessions failed as certificate-expired"),
+        ("certificate-not-trusted", "TLS-RPT: sessions failed as certificate-not-trusted"),
+        ("validation-failure", "TLS-RPT: sessions failed as validation-failure (a TLS"
+         " failure of another kind, an MX host the MTA-STS policy does not name)"),
+        ("tlsa-invalid", "TLS-RPT: sessions failed as tlsa-invalid (no TLSA record matched)"),
+        ("dnssec-invalid", "TLS-RPT: sessions failed as dnssec-invalid (a TLSA lookup"
+         " failed)"),
+        ("dane-required", "TLS-RPT: sessions failed as dane-required (the engine reports"
+         " none: it never requires DANE of every MX host)"),
+        ("sts-policy-fetch-error", "TLS-RPT: MTA-STS policy fetches failed as"
+         " sts-policy-fetch-error"),
+        ("sts-policy-invalid", "TLS-RPT: MTA-STS policies refused as sts-policy-invalid"),
+        ("sts-webpki-invalid", "TLS-RPT: MTA-STS policy servers whose certificate did not"
+         " verify (sts-webpki-invalid)"))),
+    Metric("tlsrpt_reports_made", "counter", "TLS-RPT reports made (one per policy domain with"
+           " a rua and sessions counted, per period)", SUPERVISOR),
+    Metric("tlsrpt_reports_sent", "counter", "TLS-RPT reports a rua accepted (an https POST"
+           " answered 2xx, or the mailed report spooled as a job)", SUPERVISOR),
+    Metric("tlsrpt_reports_failed", "counter", "tries to send a TLS-RPT report to a rua that"
+           " failed (tried again after tlsrpt.retry)", SUPERVISOR),
+    Metric("tlsrpt_reports_given_up", "counter", "TLS-RPT reports dropped, not accepted by"
+           " every rua after tlsrpt.give_up", SUPERVISOR),
     # gauges
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),

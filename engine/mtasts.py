@@ -32,6 +32,7 @@ What a policy means for delivery (the MX hosts allowed, TLS required) is engine.
 """
 from __future__ import annotations
 
+import functools
 import http.client
 import logging
 import re
@@ -43,7 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from engine import logs
+from engine import logs, tlsrpt
 from engine.config import names
 from engine.metrics import Metrics
 from engine.mx import DestinationPolicy, Resolver
@@ -57,6 +58,7 @@ MAX_POLICY_BYTES = 64 * 1024  # RFC 8461 3.3: senders may limit the policy's siz
 MAX_AGE_LIMIT = 31_557_600  # RFC 8461 3.2: about a year
 RETRY_FAILED_FETCH = 300.0  # seconds before a failed fetch for a domain is tried again
 MODES = ("enforce", "testing", "none")
+_INVALID = tlsrpt.STS_POLICY_INVALID
 
 # RFC 8461 3.1: sts-id = 1*32( ALPHA / DIGIT ); extension fields name=value.
 _TXT_ID = re.compile(r"[A-Za-z0-9]{1,32}")
@@ -69,7 +71,13 @@ _MAX_AGE = re.compile(r"[0-9]{1,10}")
 
 
 class PolicyError(ValueError):
-    """A policy that could not be fetched or read; the words say why."""
+    """A policy that could not be fetched or read; the words say why, `kind` says it as
+    TLS-RPT does (RFC 8460 4.3.2.2: sts-policy-fetch-error, sts-policy-invalid or
+    sts-webpki-invalid; engine.tlsrpt)."""
+
+    def __init__(self, message: str, kind: str = tlsrpt.STS_POLICY_FETCH_ERROR) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,13 @@ class Policy:
     @property
     def expires(self) -> float:
         return self.fetched + self.max_age
+
+    @functools.cached_property
+    def report_policy(self) -> str:
+        """The policy as a TLS-RPT report names it (engine.tlsrpt.policy_of)."""
+        lines = ["version: STSv1", f"mode: {self.mode}", *(f"mx: {m}" for m in self.mx),
+                 f"max_age: {self.max_age}"]
+        return tlsrpt.policy_of(tlsrpt.STS, lines, self.mx)
 
     def allows(self, host: str) -> bool:
         """Whether MX host `host` matches one of the policy's patterns (RFC 8461 4.1)."""
@@ -134,7 +149,7 @@ def parse_policy(body: bytes, domain: str, ident: str, now: float) -> Policy:
     try:
         text = body.decode("ascii")
     except UnicodeDecodeError:
-        raise PolicyError("the policy is not ASCII text") from None
+        raise PolicyError("the policy is not ASCII text", _INVALID) from None
     single: dict[str, str] = {}
     mx: list[str] = []
     for number, line in enumerate(text.replace("\r\n", "\n").split("\n"), 1):
@@ -142,13 +157,13 @@ def parse_policy(body: bytes, domain: str, ident: str, now: float) -> Policy:
             continue
         match = _FIELD.fullmatch(line)
         if match is None or match.group(2) is None:
-            raise PolicyError(f"line {number} of the policy is not 'name: value'")
+            raise PolicyError(f"line {number} of the policy is not 'name: value'", _INVALID)
         name, value = match.group(1).lower(), match.group(2)
         if name == "mx":
             mx.append(_mx_pattern(value, number))
         elif name in ("version", "mode", "max_age"):
             if name in single:
-                raise PolicyError(f"the policy has '{name}' twice")
+                raise PolicyError(f"the policy has '{name}' twice", _INVALID)
             single[name] = value
     return _policy(single, tuple(mx), domain, ident, now)
 
@@ -156,15 +171,17 @@ def parse_policy(body: bytes, domain: str, ident: str, now: float) -> Policy:
 def _policy(single: dict[str, str], mx: tuple[str, ...], domain: str, ident: str,
             now: float) -> Policy:
     if single.get("version") != "STSv1":
-        raise PolicyError("the policy's version is not STSv1")
+        raise PolicyError("the policy's version is not STSv1", _INVALID)
     mode = single.get("mode")
     if mode not in MODES:
-        raise PolicyError(f"the policy's mode is {mode!r}, not one of {', '.join(MODES)}")
+        raise PolicyError(f"the policy's mode is {mode!r}, not one of {', '.join(MODES)}",
+                          _INVALID)
     max_age = single.get("max_age", "")
     if not _MAX_AGE.fullmatch(max_age) or int(max_age) > MAX_AGE_LIMIT:
-        raise PolicyError(f"the policy's max_age is {max_age!r}, not 0 to {MAX_AGE_LIMIT}")
+        raise PolicyError(f"the policy's max_age is {max_age!r}, not 0 to {MAX_AGE_LIMIT}",
+                          _INVALID)
     if mode != "none" and not mx:
-        raise PolicyError(f"the policy's mode is {mode} and it names no mx")
+        raise PolicyError(f"the policy's mode is {mode} and it names no mx", _INVALID)
     return Policy(domain, mode, mx, int(max_age), ident, now)
 
 
@@ -172,7 +189,8 @@ def _mx_pattern(value: str, number: int) -> str:
     pattern = value.rstrip(".").lower()
     name = pattern[2:] if pattern.startswith("*.") else pattern
     if not names.is_hostname(name) or "." not in name:
-        raise PolicyError(f"line {number} of the policy: {value!r} is not an mx pattern")
+        raise PolicyError(f"line {number} of the policy: {value!r} is not an mx pattern",
+                          _INVALID)
     return pattern
 
 
@@ -228,6 +246,9 @@ def fetch(domain: str, address: str, settings: FetchSettings) -> bytes:
             return _body(response, deadline)
         finally:
             response.close()
+    except ssl.SSLCertVerificationError as exc:  # RFC 8460 4.3.2.2: the policy host's
+        raise PolicyError(f"fetching https://{host}{POLICY_PATH} failed: {exc}",  # PKI
+                          tlsrpt.STS_WEBPKI_INVALID) from exc
     except (OSError, http.client.HTTPException) as exc:
         raise PolicyError(f"fetching https://{host}{POLICY_PATH} failed: {exc}") from exc
     finally:
@@ -241,7 +262,8 @@ def _body(response: http.client.HTTPResponse, deadline: float) -> bytes:
                              else ""))
     media = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
     if media != "text/plain":
-        raise PolicyError(f"the policy is served as {media or 'no type'!r}, not text/plain")
+        raise PolicyError(f"the policy is served as {media or 'no type'!r}, not text/plain",
+                          _INVALID)
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -252,7 +274,7 @@ def _body(response: http.client.HTTPResponse, deadline: float) -> bytes:
             return b"".join(chunks)
         size += len(chunk)
         if size > MAX_POLICY_BYTES:
-            raise PolicyError(f"the policy is larger than {MAX_POLICY_BYTES} bytes")
+            raise PolicyError(f"the policy is larger than {MAX_POLICY_BYTES} bytes", _INVALID)
         chunks.append(chunk)
 
 
@@ -337,6 +359,8 @@ class MtaSts:
         self._locks: dict[str, threading.Lock] = {}  # one fetch per domain at a time
         self.fetched = 0  # policies fetched since start
         self.fetch_failures = 0
+        # Told of each failed fetch: (domain, TLS-RPT result type, why); engine.tlsrpt.
+        self.on_failure: Callable[[str, str, str], None] = lambda domain, kind, why: None
 
     def policy(self, domain: str) -> Policy | None:
         """The policy that applies to mail for `domain` now, or None."""
@@ -387,6 +411,7 @@ class MtaSts:
             self._metrics.incr("mta_sts_fetch_failed", "all")
             self._failed[domain] = self._clock() + RETRY_FAILED_FETCH
             log.warning(logs.kv("mta_sts_fetch_failed", domain=domain, id=ident, error=exc))
+            self.on_failure(domain, exc.kind, str(exc))
             return None
         self.fetched += 1
         self._metrics.incr("mta_sts_fetched", "all")

@@ -13,7 +13,9 @@ with the `Attempt`s reported within one turn of the worker's event loop (one or
 more recipient domains, of one or more jobs), each an array in ATTEMPT_FIELDS
 order; `{"type": "refused", "handouts": [...]}` for tasks the worker could not
 read (the supervisor takes them back at once); or `{"type": "stats", ...}` once a
-second. Single frames, so greenlets of one worker can share the PUSH socket.
+second; with TLS-RPT on, `{"type": "tlsrpt", "counts": [...], "rua": {...}}` once a second
+when sessions were counted (engine.tlsrpt). Single frames, so greenlets of one worker can
+share the PUSH socket.
 
 Supervisor -> worker, on the same channel as the tasks, a `Hold`: one frame (a task has
 two), the operator's suspension or resumption of one provider at that worker's IP
@@ -233,6 +235,12 @@ def refused_frame(handouts: list[int]) -> bytes:
 
 def stats_frame(ip: str, figures: dict[str, Any]) -> bytes:
     return json.dumps({"type": "stats", "ip": ip, **figures}).encode()
+
+
+def tlsrpt_frame(ip: str, rows: list[list[Any]], rua: dict[str, list[str]]) -> bytes:
+    """TLS-RPT's session counts (engine.tlsrpt.rows): `[domain, policy, result, detail,
+    count]` rows, and each domain's rua URIs."""
+    return _ENCODE({"type": "tlsrpt", "ip": ip, "counts": rows, "rua": rua}).encode()
 
 
 def decode(frame: bytes) -> dict[str, Any]:

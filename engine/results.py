@@ -142,6 +142,8 @@ class Results:
         # Told of every batch of results once recorded (engine.queue_admin learns from them
         # which sending IP and provider each domain's mail goes through).
         self.observe: Callable[[list[Attempt]], None] | None = None
+        # TLS-RPT's session counts from the workers (engine.tlsrpt_store), if it is on.
+        self.on_tlsrpt: Callable[[dict[str, Any]], None] = lambda msg: None
 
     @property
     def held(self) -> int:
@@ -186,6 +188,8 @@ class Results:
             self._on_stats(msg)
         elif msg["type"] == "refused":
             self._dispatcher.refused(map(int, msg["handouts"]))
+        elif msg["type"] == "tlsrpt":
+            self.on_tlsrpt(msg)
 
     def due(self) -> bool:
         """Whether to record the results held now: enough of them, the window is over,

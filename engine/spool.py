@@ -197,6 +197,20 @@ class Spool:
         finally:
             conn.execute("PRAGMA synchronous = FULL")
 
+    # -- the tables of other modules (engine.tlsrpt_store) -----------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction for another module's tables in the spool's file: durable
+        when the block exits, SpoolError (or SpoolDamaged) if it could not commit."""
+        with self._write() as conn:
+            yield conn
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of a read of another module's tables."""
+        with self._reading():
+            return self._conn.execute(sql, params).fetchall()
+
     def _store_events(self, conn: sqlite3.Connection, stored: Sequence[Event]) -> None:
         """Put events in the outbox, in the transaction of the outcome they announce."""
         if not stored:

@@ -16,7 +16,9 @@ import sqlite3
 from contextlib import suppress
 from urllib.parse import quote
 
-SCHEMA_VERSION = 2  # 2: the outbox and the hand-out marks (a version-1 file gains them)
+# 2: the outbox and the hand-out marks; 3: TLS-RPT's counts and reports. An older file gains
+# what it lacks at open (CREATE ... IF NOT EXISTS); nothing it holds changes.
+SCHEMA_VERSION = 3
 CACHE_KIB = 32 * 1024  # SQLite's page cache, at most
 # A new spool's page size. With SQLite's 4 KiB default a 5 KB message spills into an overflow
 # page, and a commit writes each page as a WAL frame of its own: 16 KiB pages hold a few
@@ -86,6 +88,35 @@ CREATE TABLE IF NOT EXISTS clock_shift (
     seconds REAL NOT NULL,
     done_upto INTEGER NOT NULL,  -- rowids up to this one are moved
     last INTEGER NOT NULL        -- the table's last rowid when the move was planned
+);
+-- TLS-RPT (RFC 8460, engine.tlsrpt_store): sessions counted per report period (its start,
+-- Unix seconds, UTC) and policy domain, until the period's report is made.
+CREATE TABLE IF NOT EXISTS tlsrpt_counts (
+    period INTEGER NOT NULL,
+    domain TEXT NOT NULL,
+    policy TEXT NOT NULL,        -- JSON: policy-type, policy-string, mx-host (engine.tlsrpt)
+    result TEXT NOT NULL,        -- 'success' or an RFC 8460 result type
+    detail TEXT NOT NULL,        -- JSON: the failure's details ('' for a success)
+    count INTEGER NOT NULL,
+    PRIMARY KEY (period, domain, policy, result, detail)
+) WITHOUT ROWID;
+-- Where each policy domain wants its reports (its _smtp._tls TXT record, as last seen).
+CREATE TABLE IF NOT EXISTS tlsrpt_rua (
+    domain TEXT PRIMARY KEY,
+    rua TEXT NOT NULL,           -- JSON list of URIs
+    seen REAL NOT NULL
+) WITHOUT ROWID;
+-- Reports made and not yet accepted by every rua.
+CREATE TABLE IF NOT EXISTS tlsrpt_reports (
+    report_id TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    period INTEGER NOT NULL,
+    made REAL NOT NULL,
+    body BLOB NOT NULL,          -- the gzipped JSON report
+    pending TEXT NOT NULL,       -- JSON list of the rua URIs that have not accepted it
+    tries INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL,
+    error TEXT                   -- the last failure
 );
 """
 # SQLite's primary result codes for a file that is not a sound database: a malformed page

@@ -63,6 +63,7 @@ from engine.results import RESULTS_HWM, Results
 from engine.salvage import recovery_advice
 from engine.spool import SetAside, Spool, SpoolDamaged, SpoolError
 from engine.spoolhealth import SpoolHealth
+from engine.tlsrpt_store import TlsRptStore
 from engine.workers import Workers
 
 log = logging.getLogger("mailengine.supervisor")
@@ -72,7 +73,7 @@ HOUSEKEEPING = 10.0  # seconds between spool pruning and the spool and memory ga
 QUIET_AFTER_DRAIN = 2.0  # seconds to read late results once the workers have exited
 EVENTS_HWM = 10000  # events queued for one slow subscriber; the log still has them all
 # Changing these needs a restart: a reload only warns.
-RESTART_KEYS = ("ingest", "events", "control", "spool", "run_dir", "events_log")
+RESTART_KEYS = ("ingest", "events", "control", "spool", "run_dir", "events_log", "tlsrpt")
 # Held (blocked) from the start of `mailengine run` until `run` handles them (engine.cli).
 HELD_AT_START = frozenset({signal.SIGHUP, signal.SIGUSR1})
 _EXPIRED = Status.EXPIRED.value  # an enum's .value is a Python-level property
@@ -121,6 +122,11 @@ class Supervisor:
                                 self.clock, cfg.control,  # the operator's `mailengine queue`
                                 authenticated=self.curve.control is not None)
         self.results.observe = self.queue.routes.saw
+        # TLS-RPT: the workers' session counts kept, reports made and sent (its own jobs).
+        self.tlsrpt = (TlsRptStore(cfg, self.spool, self._own_jobs, self.metrics)
+                       if cfg.tlsrpt.enabled else None)
+        if self.tlsrpt is not None:
+            self.results.on_tlsrpt = self.tlsrpt.counted
         self.control = control.Control(control_sock, self.status, self.queue.commands())
         self._stopping = False
         self._reload = False
@@ -273,6 +279,8 @@ class Supervisor:
             self._orphans.clear()
         self.dispatcher.held_back = self.results.full
         self.dispatcher.dispatch_due()
+        if self.tlsrpt is not None and self.health.writable:
+            self.tlsrpt.tick()
         now = time.monotonic()
         if now - self._last_housekeeping >= HOUSEKEEPING or not self.health.writable:
             self._housekeeping(now)
@@ -317,6 +325,13 @@ class Supervisor:
         if self.workers.on_stats(stats):  # a (re)started worker: its jobs may go now
             self.queue.worker_ready(str(stats.get("ip")))  # the operator's holds, again
             self.dispatcher.worker_ready()
+
+    def _own_jobs(self, batch: list[list[bytes]]) -> set[str]:
+        """Jobs of the engine's own (TLS-RPT's mailed reports), accepted as a producer's
+        are and handed out; the ids the spool now holds."""
+        pending, held = self.intake.accept(batch)
+        self.dispatcher.offer(pending)
+        return held
 
     def _set_aside(self, job: SetAside, finals: list[events.Event]) -> None:
         """A spooled job that cannot be decoded was set aside: each recipient it had left
@@ -397,6 +412,9 @@ class Supervisor:
         while time.monotonic() < quiet_by and self._record_results_within(0.2):
             pass
         self.workers.kill()
+        if self.tlsrpt is not None:
+            with contextlib.suppress(SpoolError):  # the last second's counts are lost
+                self.tlsrpt.close()
         with contextlib.suppress(SpoolError):  # else published again at the next start
             self.outbox.confirm()
             self.dispatcher.unmark_answered()  # what is marked still may have been sent

@@ -20,14 +20,16 @@ the above said: TLS with a verified certificate, and an MX host that offers REQU
 
 The `Decision` is what the delivery needs: the MX hosts allowed, the connection's TLS mode
 (engine.tls; it is part of the pool key, so a connection opened under a weaker policy is
-never reused under a stricter one), and the name events and metrics report (`policy`). It
-is also where a later TLS-RPT (RFC 8460) will count each session's outcome per policy.
+never reused under a stricter one), and the name events and metrics report (`policy`). For
+TLS-RPT (RFC 8460, engine.tlsrpt) it names the policy a session is counted under
+(`report_policy`).
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from engine import tlsrpt
 from engine.dane import Dane
 from engine.mtasts import MtaSts, Policy
 from engine.mx import Destination
@@ -58,6 +60,16 @@ class Decision:
         """The MTA-STS policy whose MX patterns must be obeyed (mode enforce), if any."""
         sts = self.sts
         return sts if sts is not None and sts.mode == "enforce" else None
+
+    def report_policy(self, tlsa: tuple[str, ...] = (), host: str = "") -> str:
+        """The policy a session under this decision is counted under in TLS-RPT: the
+        MTA-STS policy (enforce or testing), DANE with `host`'s usable TLSA records (as
+        text; a host without any is under no policy), else no-policy-found."""
+        if self.sts is not None:
+            return self.sts.report_policy
+        if self.policy == DANE and tlsa:
+            return tlsrpt.policy_of(tlsrpt.TLSA, tlsa, (host,))
+        return tlsrpt.NO_POLICY_JSON
 
     def allows(self, host: str) -> bool:
         """Whether mail may go to MX host `host` under this decision."""

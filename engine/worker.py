@@ -27,7 +27,7 @@ import gevent.pool
 import zmq.green as zmq
 
 from engine import config as config_mod
-from engine import crash, gctune, logs, protocol
+from engine import crash, gctune, logs, protocol, tlsrpt
 from engine.config import Config, IpConfig
 from engine.connector import Connector, Identity
 from engine.dane import Dane
@@ -80,6 +80,9 @@ class Worker:
         # Warm-up counts survive a restart in the spool folder (writable under systemd).
         state = os.path.join(cfg.spool, f"shaping-{ip.address}.json")
         self.shaping = Shaping(plan_for(cfg, ip.address), state)
+        # TLS-RPT's session counts (engine.tlsrpt), sent to the supervisor every second.
+        self.tlsrpt = tlsrpt.Sessions(ip.address) if cfg.tlsrpt.enabled else None
+        self._tlsrpt_failed: set[str] = set()  # domains whose rua lookup failed last time
         self.deliverer = self._deliverer()
         self.in_flight = gevent.pool.Group()
         self.delivered = 0
@@ -110,13 +113,20 @@ class Worker:
         dane = Dane(resolver, identity.family) if cfg.tls_policy.dane else None
         connector = Connector(identity, resolver, tls, cfg.smtp.timeouts, limits, self.metrics,
                               destinations, keepalive, self.sending_ip, dane)
+        mta_sts = self._mta_sts(resolver, destinations, identity)
         policies = TlsPolicies(cfg.smtp.tls, cfg.tls_policy.domains, cfg.tls_policy.providers,
-                               self._mta_sts(resolver, destinations, identity),
-                               cfg.tls_policy.mta_sts, dane)
+                               mta_sts, cfg.tls_policy.mta_sts, dane)
         signer = Signer.create(cfg.dkim)  # the keys, read once (engine.startcheck checked them)
-        return Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
-                         self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers},
-                         policies, None if signer is None else WireSigner(signer, self.metrics))
+        deliverer = Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
+                              self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers},
+                              policies,
+                              None if signer is None else WireSigner(signer, self.metrics))
+        sessions = self.tlsrpt
+        if sessions is not None:
+            connector.tlsrpt = deliverer.tlsrpt = sessions
+            mta_sts.on_failure = lambda domain, kind, why: sessions.failure(
+                domain, tlsrpt.policy_of(tlsrpt.STS), kind, None, None, why)
+        return deliverer
 
     def _mta_sts(self, resolver: Resolver, destinations: DestinationPolicy,
                  identity: Identity) -> MtaSts:
@@ -133,6 +143,8 @@ class Worker:
     def run(self) -> int:
         log.info(logs.kv("worker_started", ip=self.ip.address, pid=os.getpid()))
         housekeeping = [gevent.spawn(self._report_stats), gevent.spawn(self._reap_idle)]
+        if self.tlsrpt is not None:
+            housekeeping.append(gevent.spawn(self._report_sessions))
         flusher = gevent.spawn(self._flush_results)
         # A thousand tasks in flight, each with its greenlet, and a few hundred objects
         # per message: with the default thresholds the collector rescanned the first kind
@@ -153,6 +165,9 @@ class Worker:
         flusher.join()
         self.metrics.flush()
         self._send(protocol.stats_frame(self.ip.address, self._figures()))
+        if self.tlsrpt is not None:
+            with gevent.Timeout(5, False):  # the rua lookups: the counts, or a second's worth
+                self._send_sessions()
         self.results.close()
         self.tasks.close(linger=0)
         # Regression (results lost at a graceful stop): pyzmq does not terminate a
@@ -319,6 +334,38 @@ class Worker:
                 self.metrics.memory()
                 self.shaping.save()
                 last_memory = time.monotonic()
+
+    def _report_sessions(self) -> None:
+        """Every STATS_INTERVAL: TLS-RPT's counts to the supervisor (engine.tlsrpt)."""
+        while True:
+            gevent.sleep(STATS_INTERVAL)
+            self._send_sessions()
+
+    def _send_sessions(self) -> None:
+        """The counts of the domains that want reports, with their rua URIs (their
+        `_smtp._tls` TXT records, looked up through the resolver's cache); counts whose
+        lookup failed wait for the next turn."""
+        sessions = self.tlsrpt
+        assert sessions is not None
+        counts = sessions.take()
+        if sessions.dropped:
+            log.warning(logs.kv("tlsrpt_counts_dropped", ip=self.ip.address,
+                                sessions=sessions.dropped, limit=tlsrpt.MAX_KEYS))
+            sessions.dropped = 0
+        if not counts:
+            return
+        resolver = self.deliverer.resolver
+        rows, rua, later = tlsrpt.rows(
+            counts, lambda domain: tlsrpt.parse_txt(resolver.txt(f"_smtp._tls.{domain}")))
+        # A lookup that failed (SERVFAIL, a timeout) is tried once more at the next take;
+        # failing again, that domain's counts are dropped (not asked every second for ever).
+        retry = {key[0] for key in later} - self._tlsrpt_failed
+        for key, count in later.items():
+            if key[0] in retry:
+                sessions.add(key, count)
+        self._tlsrpt_failed = retry
+        if rows:
+            self._send(protocol.tlsrpt_frame(self.ip.address, rows, rua))
 
     def _reap_idle(self) -> None:
         while True:

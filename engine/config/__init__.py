@@ -56,6 +56,7 @@ from engine.config.schema import (
     ThrottleRule,
     Timeouts,
     TlsPolicyConfig,
+    TlsRptConfig,
     WarmupConfig,
 )
 from engine.config.values import (
@@ -100,6 +101,7 @@ __all__ = [
     "ThrottleRule",
     "Timeouts",
     "TlsPolicyConfig",
+    "TlsRptConfig",
     "WarmupConfig",
     "endpoint_host",
     "file_of",

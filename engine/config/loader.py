@@ -26,6 +26,7 @@ from engine.config.schema import (
     Route,
     SecurityConfig,
     TlsPolicyConfig,
+    TlsRptConfig,
 )
 from engine.config.values import (
     ConfigError,
@@ -100,6 +101,7 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
     _refuse_shared_endpoints(values)
     _refuse_plain_remote(values)
     _refuse_untrusted_dane(values)
+    _refuse_tlsrpt_without_sender(values, hostname)
     return Config(hostname=hostname, ips=ips, ip_pools=ip_pools, warnings=warnings, **values)
 
 
@@ -183,6 +185,16 @@ def _refuse_untrusted_dane(values: Mapping[str, Any]) -> None:
         raise error("tls_policy.dane", "DANE needs a validating resolver the engine trusts:"
                     " set dns.trusted_ad: true (and dns.nameservers to that resolver, e.g."
                     " a local unbound), or turn DANE off (docs/SECURITY.md)")
+
+
+def _refuse_tlsrpt_without_sender(values: Mapping[str, Any], hostname: str) -> None:
+    """Mailed TLS-RPT reports come from `tlsrpt.sender`, by default an address at the
+    hostname: a name without a dot (a bare host name, an address literal) makes none."""
+    tlsrpt = values.get("tlsrpt") or TlsRptConfig()
+    if tlsrpt.enabled and not tlsrpt.sender and ("." not in hostname
+                                                 or hostname.startswith("[")):
+        raise error("tlsrpt.sender", f"set it: the default, tlsrpt-noreply@{hostname}, is no"
+                    " address mail can come from (hostname is not a domain name)")
 
 
 _EXPOSURE = {"ingest": "may submit mail", "events": "reads every event",

@@ -109,6 +109,21 @@ class TlsPolicyConfig:
 
 
 @dataclass(frozen=True)
+class TlsRptConfig:
+    """TLS reporting (RFC 8460): sessions counted per policy domain, a daily report to the
+    domains that ask for one (`_smtp._tls` TXT). See docs/SECURITY.md, "TLS-RPT"."""
+
+    enabled: bool = False  # count sessions and send reports
+    organization: str = ""  # the report's organization-name; empty: the config's hostname
+    contact: str = ""  # the report's contact-info; empty: the `sender` address
+    sender: str = ""  # the From of mailed reports; empty: tlsrpt-noreply@<hostname>
+    period: float = 86400.0  # seconds a report covers (a UTC day; shorter only for tests)
+    retry: float = 1800.0  # seconds before a rua that failed is tried again
+    give_up: float = 3 * 86400.0  # a report not sent by then is dropped, with a log line
+    https_timeout: float = 30.0  # one POST to an https rua, in all
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """Connection reuse, per destination (sending IP, MX host, port, TLS mode).
 
@@ -426,6 +441,7 @@ class Config:
     ip_pools: Mapping[str, tuple[str, ...]] = field(default_factory=_frozen_mapping)
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     tls_policy: TlsPolicyConfig = field(default_factory=TlsPolicyConfig)
+    tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
     pool: PoolConfig = field(default_factory=PoolConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     routes: Mapping[str, Route] = field(default_factory=_frozen_mapping)

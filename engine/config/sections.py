@@ -39,6 +39,7 @@ from engine.config.schema import (
     ThrottleRule,
     Timeouts,
     TlsPolicyConfig,
+    TlsRptConfig,
     WarmupConfig,
 )
 from engine.config.values import (
@@ -215,6 +216,19 @@ _TLS_POLICY = section(TlsPolicyConfig, {
     "dane": boolean,
     "domains": _policy_domains,
     "providers": _policy_providers,
+})
+
+_TLSRPT = section(TlsRptConfig, {
+    "enabled": boolean,
+    "organization": matching(r"[ -~]{0,200}", "printable ASCII, up to 200 characters"),
+    "contact": matching(r"[ -~]{0,200}", "printable ASCII, up to 200 characters"),
+    "sender": matching(r"([A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9]([A-Za-z0-9-]*"
+                       r"[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+)?",
+                       "an ASCII address such as tlsrpt-noreply@mta.example.com (or empty)"),
+    "period": duration(positive=True),
+    "retry": duration(positive=True),
+    "give_up": duration(positive=True),
+    "https_timeout": duration(positive=True),
 })
 
 _POOL = section(PoolConfig, {
@@ -497,6 +511,7 @@ TOP_READERS: dict[str, Reader] = {
     "drain_timeout": duration(),
     "smtp": _SMTP,
     "tls_policy": _TLS_POLICY,
+    "tlsrpt": _TLSRPT,
     "pool": _POOL,
     "dns": _DNS,
     "routes": _routes,

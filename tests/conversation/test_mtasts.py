@@ -1,12 +1,13 @@
-"""MTA-STS (RFC 8461) and REQUIRETLS (RFC 8689) end to end in one process, no mocks on the
-path: the delivery stack (tests/support/stack.py) with its TLS policies, a real DNS server
-(MX, A and the `_mta-sts` TXT records), a real HTTPS server serving the policy
-(tests/support/policyserver.py, its certificate from a test CA given as `ca_file`) and real
-SMTP sinks on loopback (aiosmtpd) with certificates from the same CA. Counters go to a real
-StatsD catcher.
+"""MTA-STS (RFC 8461), REQUIRETLS (RFC 8689) and TLS-RPT's counts (RFC 8460) end to end in
+one process, no mocks on the path: the delivery stack (tests/support/stack.py) with its TLS
+policies, a real DNS server (MX, A and the `_mta-sts` TXT records), a real HTTPS server
+serving the policy (tests/support/policyserver.py, its certificate from a test CA given as
+`ca_file`) and real SMTP sinks on loopback (aiosmtpd) with certificates from the same CA.
+Counters go to a real StatsD catcher.
 """
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import mtasts
+from engine import mtasts, tlsrpt
 from engine.metrics import Metrics
 from engine.mtasts import FetchSettings, MtaSts, PolicyError, https_context
 from engine.mx import Resolver
@@ -319,8 +320,22 @@ def test_a_slow_policy_server_is_given_up(world: World) -> None:
 
 
 def test_a_policy_server_certificate_for_another_name_is_refused(world: World) -> None:
-    with pytest.raises(PolicyError, match=r"(?i)certificate"):
+    with pytest.raises(PolicyError, match=r"(?i)certificate") as refused:
         fetch(world, "other.test")  # the server's certificate is for mta-sts.sts.test
+    assert refused.value.kind == "sts-webpki-invalid"  # as TLS-RPT reports it
+
+
+@pytest.mark.parametrize(("answer", "kind"), [
+    ((404, {"Content-Type": "text/plain"}, b"no\n"), "sts-policy-fetch-error"),
+    ((200, {"Content-Type": "text/html"}, b"version: STSv1\r\n"), "sts-policy-invalid"),
+])
+def test_a_failed_fetch_says_its_kind_for_tls_rpt(world: World,
+                                                  answer: tuple[int, dict[str, str], bytes],
+                                                  kind: str) -> None:
+    world.policy.answer = answer
+    with pytest.raises(PolicyError) as failed:
+        fetch(world)
+    assert failed.value.kind == kind
 
 
 # -- REQUIRETLS -----------------------------------------------------------------------------
@@ -363,3 +378,100 @@ def test_requiretls_is_sent_on_mail_when_offered(world: World) -> None:
     assert "REQUIRETLS" in first.mail_options and first.tls is not None
     assert "REQUIRETLS" not in second.mail_options
     assert world.counter("requiretls_ok") == 1
+
+
+# -- TLS-RPT: what each delivery counts (engine.tlsrpt.Sessions wired in as the worker does) --
+
+
+@pytest.fixture
+def sessions() -> Iterator[tlsrpt.Sessions]:
+    yield tlsrpt.Sessions("127.0.0.2")
+
+
+def engine(world: World, sink: SinkServer, sessions: tlsrpt.Sessions,
+           sts: bool = True) -> Stack:
+    """The stack of test_mtasts, counting for TLS-RPT as engine.worker wires it."""
+    mta_sts = world.mta_sts()
+    mta_sts.on_failure = lambda domain, kind, why: sessions.failure(
+        domain, tlsrpt.policy_of(tlsrpt.STS), kind, None, None, why)
+    stack = world.engine(sink, mta_sts, sts=sts)
+    stack.deliverer.tlsrpt = stack.connector.tlsrpt = sessions
+    return stack
+
+
+def counted(sessions: tlsrpt.Sessions) -> list[tuple[str, str, dict[str, str], int]]:
+    """(policy type, result, detail, count) of every count taken."""
+    return sorted((json.loads(policy)["policy-type"], result,
+                   json.loads(detail) if detail else {}, count)
+                  for (_, policy, result, detail), count in sessions.take().items())
+
+
+def test_sessions_on_one_connection_count_once(world: World,
+                                                sessions: tlsrpt.Sessions) -> None:
+    stack = engine(world, world.sink(), sessions)
+    for n in range(3):
+        assert only(stack.deliver([RCPT], job_id=f"job-{n}")).status is Status.DELIVERED
+    assert counted(sessions) == [("sts", "success", {}, 1)]
+
+
+def test_a_certificate_for_another_name_is_a_host_mismatch(world: World,
+                                                           sessions: tlsrpt.Sessions) -> None:
+    stack = engine(world, world.sink("mx.elsewhere.test"), sessions)
+    assert only(stack.deliver([RCPT])).status is Status.DEFERRED
+    ((kind, result, detail, count),) = counted(sessions)
+    assert (kind, result, count) == ("sts", "certificate-host-mismatch", 1)
+    assert detail["receiving-mx-hostname"] == MX and detail["receiving-ip"] == MX_IP
+    assert detail["sending-mta-ip"] == "127.0.0.2"
+
+
+def test_starttls_stripped_under_enforce_is_starttls_not_supported(
+        world: World, sessions: tlsrpt.Sessions) -> None:
+    stack = engine(world, world.sink(tls=False), sessions)
+    assert only(stack.deliver([RCPT])).status is Status.DEFERRED
+    assert [(k, r, n) for k, r, _, n in counted(sessions)] == [
+        ("sts", "starttls-not-supported", 1)]
+
+
+def test_no_policy_counts_tls_as_success_and_plaintext_as_no_starttls(
+        world: World, sessions: tlsrpt.Sessions) -> None:
+    stack = engine(world, world.sink(), sessions, sts=False)
+    assert only(stack.deliver([RCPT])).status is Status.DELIVERED
+    assert counted(sessions) == [("no-policy-found", "success", {}, 1)]
+    plain = engine(world, world.sink(tls=False), sessions, sts=False)
+    assert only(plain.deliver([RCPT], job_id="job-2")).status is Status.DELIVERED
+    assert [(k, r, n) for k, r, _, n in counted(sessions)] == [
+        ("no-policy-found", "starttls-not-supported", 1)]
+
+
+def test_testing_mode_reports_what_enforcing_would_refuse(world: World,
+                                                          sessions: tlsrpt.Sessions) -> None:
+    world.policy.policy = policy_text("testing", MX)
+    stack = engine(world, world.sink("mx.elsewhere.test"), sessions)
+    assert only(stack.deliver([RCPT])).status is Status.DELIVERED  # delivered all the same
+    assert [(k, r, n) for k, r, _, n in counted(sessions)] == [
+        ("sts", "validation-failure", 1)]
+
+
+def test_an_mx_outside_the_policy_is_a_validation_failure(world: World,
+                                                          sessions: tlsrpt.Sessions) -> None:
+    world.dns.set("sts.test", {"MX": [(10, "rogue.sts.test")]})
+    world.dns.set("rogue.sts.test", {"A": [MX_IP]})
+    stack = engine(world, world.sink("rogue.sts.test"), sessions)
+    assert only(stack.deliver([RCPT])).status is Status.DEFERRED
+    assert [(k, r, n) for k, r, _, n in counted(sessions)] == [
+        ("sts", "validation-failure", 1)]
+
+
+@pytest.mark.parametrize(("answer", "result"), [
+    ((500, {"Content-Type": "text/plain"}, b"down\n"), "sts-policy-fetch-error"),
+    ((200, {"Content-Type": "text/plain"}, b"version: STSv9\r\n"), "sts-policy-invalid"),
+])
+def test_a_policy_that_cannot_be_had_is_reported_by_kind(
+        world: World, sessions: tlsrpt.Sessions, answer: tuple[int, dict[str, str], bytes],
+        result: str) -> None:
+    world.policy.answer = answer
+    stack = engine(world, world.sink(), sessions)
+    assert only(stack.deliver([RCPT])).status is Status.DELIVERED  # no policy: as before
+    found = counted(sessions)
+    assert [(k, r, n) for k, r, _, n in found] == [
+        ("no-policy-found", "success", 1), ("sts", result, 1)]

@@ -66,7 +66,9 @@ def test_dane_through_a_validating_resolver(
 
     def domain(label: str, mx: str, address: str, tlsa: str) -> dict[str, list[tuple[str, str]]]:
         return {label: [("MX", f"10 {mx}.dane.test.")], mx: [("A", address)],
-                f"_25._tcp.{mx}": [("TLSA", tlsa)]}
+                f"_25._tcp.{mx}": [("TLSA", tlsa)],
+                # TLS-RPT: each wants reports (counted; the day does not end in the test)
+                f"_smtp._tls.{label}": [("TXT", '"v=TLSRPTv1; rua=mailto:r@reports.test"')]}
 
     signed = {"dane.test": {
         **domain("ok", "mx-ok", "127.0.0.21", f"3 1 1 {sha256_spki(leaf_pem)}"),
@@ -91,6 +93,7 @@ def test_dane_through_a_validating_resolver(
                 "security": {"allowed_destinations": ["127.0.0.0/8"]},
                 "statsd": {"enabled": True, "host": "127.0.0.1", "port": statsd.port},
                 "retry": {"schedule": ["1h"]},
+                "tlsrpt": {"enabled": True, "sender": "tlsrpt@sender.test"},
             })
             jobs = ["ok", "ta", "bad", "none", "notls", "plain"]
             domains = {"plain": "plain.test"}
@@ -100,6 +103,18 @@ def test_dane_through_a_validating_resolver(
             events = engine.wait_for(
                 lambda evs: {e["id"] for e in evs if e["event"] in ("delivered", "deferred")}
                 >= set(jobs), 60, "an outcome for every job")
+
+            def reported() -> dict[str, float]:  # TLS-RPT's sessions, as the supervisor got
+                return {suffix: sum(statsd.counter_sum(name)  # them (the TXT lookups need
+                                    for name in statsd.names("counter")  # the DNS: here)
+                                    if name.endswith(".supervisor.all." + suffix))
+                        for suffix in ("tlsrpt_success", "tlsrpt_tlsa_invalid",
+                                       "tlsrpt_starttls_not_supported")}
+
+            # "none" (an unusable record: no policy) is a success too; "plain" has no record
+            want = {"tlsrpt_success": 3, "tlsrpt_tlsa_invalid": 1,
+                    "tlsrpt_starttls_not_supported": 1}
+            assert statsd.wait_for(lambda: reported() == want, 20), reported()
         got: dict[str, Any] = {e["id"]: e for e in events
                                if e["event"] in ("delivered", "deferred")}
         summary = {job: (e["event"], e["enhanced"], e.get("tls_policy"), e.get("tls_verified"))

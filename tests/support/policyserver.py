@@ -56,7 +56,9 @@ def policy_text(mode: str, *mx: str, max_age: int = 86400) -> str:
 class PolicyServer:
     """HTTPS on `host` (an ephemeral port), serving one domain's policy file."""
 
-    def __init__(self, ca: TestCA, domain: str, host: str = "127.0.0.30") -> None:
+    def __init__(self, ca: TestCA, domain: str, host: str = "127.0.0.30",
+                 also: tuple[str, ...] = ()) -> None:
+        """`also`: other domains whose mta-sts host this server is too (the same policy)."""
         self.domain = domain
         self.host = host
         self.policy = ""
@@ -64,7 +66,7 @@ class PolicyServer:
         self.requests = 0
         self.delay = 0.0  # seconds to wait before answering (a slow server)
         self._lock = threading.Lock()
-        self._context = ca.server_context(f"mta-sts.{domain}")
+        self._context = ca.server_context(*(f"mta-sts.{d}" for d in (domain, *also)))
         self._httpd = _Server((host, 0), self._handler())
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]

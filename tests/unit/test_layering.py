@@ -25,7 +25,8 @@ SUPERVISOR_SIDE = ("engine.supervisor", "engine.intake", "engine.results", "engi
                    "engine.categories",
                    "engine.workers", "engine.control", "engine.spool", "engine.events",
                    "engine.job", "engine.address", "engine.sockets", "engine.retry",
-                   "engine.auth", "engine.curve", "engine.zap", "engine.salvage", "engine.clock")
+                   "engine.auth", "engine.curve", "engine.zap", "engine.salvage", "engine.clock",
+                   "engine.tlsrpt_store", "engine.tlsrpt_report")
 WORKER_SIDE = ("engine.worker", "engine.delivery", "engine.connector", "engine.pool",
                "engine.shaping", "engine.smtp", "engine.mx", "engine.tls", "engine.waiters",
                "engine.mtasts", "engine.tlspolicy", "engine.dane")

@@ -28,12 +28,16 @@ METHOD_KIND = {"timing": "timer", "incr": "counter", "gauge": "gauge"}
 DYNAMIC_NAMES = {"status.value": {s.value for s in Status if s is not Status.EXPIRED},
                  # the supervisor counts refusals per category, by event
                  "_CATEGORY_METRICS[name]": {"bounced_category", "deferred_category",
-                                             "expired_category"}}
+                                             "expired_category"},
+                 # the supervisor counts TLS-RPT's sessions per result type
+                 "_SESSION_METRICS[result]": {m.name for m in metrics.DECLARED
+                                              if m.name.startswith("tlsrpt_")
+                                              and not m.name.startswith("tlsrpt_reports")}}
 # Declared for traffic shaping, which has not landed yet; docs/METRICS.md says so. When shaping
 # emits them, remove them here and the note in the docs.
 NOT_EMITTED_YET: set[str] = set()
 SUPERVISOR_FILES = {"supervisor.py", "intake.py", "results.py", "dispatch.py", "workers.py",
-                    "spoolhealth.py", "outbox.py",
+                    "spoolhealth.py", "outbox.py", "tlsrpt_store.py",
                     "control.py"}  # the supervisor process's modules
 
 
