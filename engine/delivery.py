@@ -426,7 +426,8 @@ class Deliverer:
         """What signs the message once send_mail has converted it, if it must be."""
         if self.dkim is None:
             return None
-        return self.dkim.for_task(task.job_id, task.handout, task.message, provider)
+        return self.dkim.for_task(task.job_id, task.handout, task.message, provider,
+                                  task.dkim_domain)
 
     def _pool(self, host: MxHost, provider: str, shaper: ProviderShaper,
               routed: bool, decision: Decision) -> DestinationPool:

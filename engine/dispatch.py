@@ -308,7 +308,7 @@ class Dispatcher:
         tried = [r for r in pending.rcpts if pending.attempts.get(r)]  # refused before
         header = task_header(job.id, job.sender, pending.rcpts, queued_on_wall,
                              job.smtputf8, job.eightbit, handout,
-                             job.requiretls, tried)
+                             job.requiretls, tried, job.dkim_domain)
         sock = handle.tasks
         assert sock is not None
         try:  # a multipart message is queued whole or not at all: the first part decides

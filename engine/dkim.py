@@ -387,11 +387,13 @@ class Signer:
                     return parent
         return None
 
-    def sign(self, message: bytes) -> Signed:
-        """The signatures for `message`; SigningError when its domain has no key valid
-        today and may not send unsigned."""
+    def sign(self, message: bytes, domain: str | None = None) -> Signed:
+        """The signatures for `message`, by `domain`'s keys (the job's `dkim_domain`) or
+        else its From domain's; SigningError when that domain has no key valid today and
+        may not send unsigned."""
         fields, body = split_message(message)
-        domains = [d for d in (self.domain_for(from_domain(fields)), self.cfg.esp) if d]
+        own = domain if domain in self.keys else self.domain_for(from_domain(fields))
+        domains = [d for d in (own, self.cfg.esp) if d]
         if not domains:
             return Signed(b"", 0)
         now = int(self.clock())
@@ -437,24 +439,24 @@ class WireSigner:
         self.metrics = metrics
         self._signed: dict[tuple[str, int, int, bool], bytes] = {}
 
-    def for_task(self, job_id: str, handout: int, message: bytes,
-                 provider: str) -> Callable[[bytes, bool], bytes]:
+    def for_task(self, job_id: str, handout: int, message: bytes, provider: str,
+                 domain: str | None = None) -> Callable[[bytes, bool], bytes]:
         """What engine.smtp.send_mail calls with the message as it goes out and whether it
-        was converted: the message with its signatures on top."""
+        was converted: the message with its signatures on top (`domain`'s: Signer.sign)."""
         ident = (job_id, handout, hash(message))
-        return lambda wire, converted: self._wire(ident, wire, converted, provider)
+        return lambda wire, converted: self._wire(ident, wire, converted, provider, domain)
 
     def forget(self, job_id: str, handout: int, message: bytes) -> None:
         for converted in (False, True):
             self._signed.pop((job_id, handout, hash(message), converted), None)
 
     def _wire(self, ident: tuple[str, int, int], message: bytes, converted: bool,
-              provider: str) -> bytes:
+              provider: str, domain: str | None) -> bytes:
         key = (*ident, converted)
         signed = self._signed.get(key)
         if signed is None:
             try:
-                result = self.signer.sign(message)
+                result = self.signer.sign(message, domain)
             except SigningError as err:
                 self.metrics.incr("dkim_failed", provider)
                 raise signing_refused(str(err)) from None

@@ -150,3 +150,7 @@ class Intake:
         if job.pool is not None and job.pool not in self.cfg.ip_pools:
             raise JobRejected(f"unknown pool {job.pool!r} (configured: "
                               f"{', '.join(sorted(self.cfg.ip_pools))})", job.id, dict(job.meta))
+        dkim = self.cfg.dkim
+        if job.dkim_domain is not None and not (dkim.enabled and job.dkim_domain in dkim.domains):
+            raise JobRejected(f"dkim_domain {job.dkim_domain} has no keys in dkim.domains",
+                              job.id, dict(job.meta))

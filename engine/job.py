@@ -1,9 +1,10 @@
 """One job: its envelope and message, parsed and validated from the producer's ZeroMQ frames.
 
 A producer sends two frames: a UTF-8 JSON envelope (`id`, `from`, `to`, and optionally
-`ip` or `pool`, `meta`, `expires`, `requiretls`) and the raw RFC 5322 message. `parse_job`
-turns them into a `Job` or raises `JobRejected`, and nothing else, whatever the input: intake
-publishes the reason as the `rejected` event's `error`, so it is written for people.
+`ip` or `pool`, `meta`, `expires`, `requiretls`, `dkim_domain`) and the raw RFC 5322
+message. `parse_job` turns them into a `Job` or raises `JobRejected`, and nothing else,
+whatever the input: intake publishes the reason as the `rejected` event's `error`, so it
+is written for people.
 
 The id and meta are read before anything else is checked, so a rejection can echo
 them even when a later field is what is wrong.
@@ -36,10 +37,13 @@ MAX_ID_LENGTH = 200
 # The envelope is parsed whole before any limit applies, so bound it: ample for
 # thousands of recipients and a generous meta.
 MAX_ENVELOPE_SIZE = 1024 * 1024
-FIELDS = ("id", "from", "to", "ip", "pool", "meta", "expires", "requiretls")
+FIELDS = ("id", "from", "to", "ip", "pool", "meta", "expires", "requiretls", "dkim_domain")
 # What intake does with a body line over MAX_LINE octets (config `limits.long_lines`).
 REJECT, ENCODE = LONG_LINES
 _POOL_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_ID_LENGTH}}}")
+# A DKIM signing domain (its d=): ASCII LDH labels (A-labels), two at least, 253 octets.
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_SIGNING_DOMAIN = re.compile(rf"(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+")
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 _QUOTED = 60  # characters of producer-supplied text quoted in a reason
 
@@ -72,6 +76,8 @@ class Job:
     eightbit: bool = False  # the message has bytes >= 0x80: needs 8BITMIME
     # TLS end to end (RFC 8689): only over verified TLS to servers offering REQUIRETLS.
     requiretls: bool = False
+    # The domain whose DKIM keys sign it (engine.dkim), instead of the From domain's.
+    dkim_domain: str | None = None
 
 
 def _new_id() -> str:
@@ -117,7 +123,7 @@ def envelope_json(job: Job) -> dict[str, Any]:
     envelope: dict[str, Any] = {"id": job.id, "from": job.sender, "to": list(job.rcpts),
                                 "meta": dict(job.meta)}
     optional = {"ip": job.ip, "pool": job.pool, "expires": job.expires,
-                "requiretls": job.requiretls or None}
+                "requiretls": job.requiretls or None, "dkim_domain": job.dkim_domain}
     envelope.update((key, value) for key, value in optional.items() if value is not None)
     return envelope
 
@@ -237,6 +243,7 @@ def _envelope(fields: dict[str, Any], max_recipients: int | None,
     return {"id": job_id, "sender": sender, "rcpts": rcpts, "ip": ip, "pool": pool,
             "meta": meta, "expires": _expires(fields.get("expires")),
             "requiretls": _requiretls(fields.get("requiretls")),
+            "dkim_domain": _dkim_domain(fields.get("dkim_domain")),
             "smtputf8": any(map(needs_smtputf8, (sender, *rcpts)))}
 
 
@@ -370,6 +377,16 @@ def _requiretls(value: object) -> bool:
     if not isinstance(value, bool):
         raise JobRejected(f"'requiretls' must be true or false, got {_show(value)}")
     return value
+
+
+def _dkim_domain(value: object) -> str | None:
+    if value is None:
+        return None
+    domain = value.lower().rstrip(".") if isinstance(value, str) else None
+    if domain is None or not _SIGNING_DOMAIN.fullmatch(domain):
+        raise JobRejected(f"'dkim_domain' must be a domain name in ASCII (A-labels), got"
+                          f" {_show(value)}")
+    return domain
 
 
 def _finite_number(value: object) -> float | None:

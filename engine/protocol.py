@@ -49,6 +49,7 @@ class Task:
     # Those of `rcpts` the receiver refused before (a counted attempt, deferred): refused
     # again, they say nothing about the pace (engine.shaping.ProviderShaper.judge).
     tried: frozenset[str] = frozenset()
+    dkim_domain: str | None = None  # the job's DKIM signing domain (engine.dkim), if it names one
 
 
 class Status(StrEnum):
@@ -95,26 +96,31 @@ class Attempt:
 def task_frames(task: Task) -> list[bytes]:
     return [task_header(task.job_id, task.sender, task.rcpts, task.queued_ts, task.smtputf8,
                         task.eightbit, task.handout, task.requiretls,
-                        [r for r in task.rcpts if r in task.tried]), task.message]
+                        [r for r in task.rcpts if r in task.tried], task.dkim_domain),
+            task.message]
 
 
 def task_header(job_id: str, sender: str, rcpts: Sequence[str], queued_ts: float,
                 smtputf8: bool, eightbit: bool, handout: int, requiretls: bool = False,
-                tried: Sequence[str] = ()) -> bytes:
+                tried: Sequence[str] = (), dkim_domain: str | None = None) -> bytes:
     """A task's first frame, without building a Task (the supervisor sends many).
 
     The JSON object json.dumps would write (without its spaces), formatted by hand: the
     strings escaped by json's own C escaper, the float written as json writes it.
-    `requiretls` and `tried` (Task.tried) are written only when set."""
+    `requiretls`, `tried` (Task.tried) and `dkim_domain` are written only when set."""
     return (f'{{"id":{_quote(job_id)},"from":{_quote(sender)},'
             f'"to":[{",".join(map(_quote, rcpts))}],"queued_ts":{float.__repr__(queued_ts)},'
             f'"smtputf8":{_BOOL[smtputf8]},"eightbit":{_BOOL[eightbit]},'
             f'"handout":{handout}{_REQUIRETLS[requiretls]}'
-            f'{_tried(tried)}}}').encode()
+            f'{_tried(tried)}{_dkim(dkim_domain)}}}').encode()
 
 
 def _tried(rcpts: Sequence[str]) -> str:
     return f',"tried":[{",".join(map(_quote, rcpts))}]' if rcpts else ""
+
+
+def _dkim(domain: str | None) -> str:
+    return "" if domain is None else f',"dkim_domain":{_quote(domain)}'
 
 
 _quote = encode_basestring_ascii
@@ -130,7 +136,12 @@ def task_from_frames(frames: list[bytes]) -> Task:
                 message=frames[1], queued_ts=float(header["queued_ts"]),
                 smtputf8=bool(header["smtputf8"]), eightbit=bool(header["eightbit"]),
                 handout=int(header["handout"]), requiretls=bool(header.get("requiretls")),
-                tried=frozenset(map(str, header.get("tried", ()))))
+                tried=frozenset(map(str, header.get("tried", ()))),
+                dkim_domain=_optional_str(header.get("dkim_domain")))
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def handout_of(frames: list[bytes]) -> int | None:

@@ -88,6 +88,30 @@ def test_delivered_messages_verify_with_dkimpy_against_real_dns(
 
 
 @pytest.mark.timeout(60)
+def test_a_job_names_its_signing_domain_and_an_unknown_one_is_rejected(
+        plain_sink: SinkServer, keys: dict[str, DkimKey], verifier: Verifier,
+        local_engine: Callable[..., LocalEngine]) -> None:
+    """`dkim_domain` on the job: its keys sign instead of the From domain's (a From domain
+    with no keys of its own, here), the ESP's too; a domain without keys is rejected at
+    intake with the reason, and the jobs beside it go."""
+    engine = local_engine(plain_sink.port, extra={"dkim": dkim_section(keys)})
+    rcpt = "rcpt@example.test"
+    assert not engine.push([  # not every job queued: one is rejected
+        ({"id": "unknown", "from": "someone@other.test", "to": [rcpt],
+          "dkim_domain": "nokeys.test"}, OTHER),
+        ({"id": "named", "from": "someone@other.test", "to": [rcpt],
+          "dkim_domain": "Example.ORG"}, OTHER)], timeout=10)
+    events = engine.wait_for(lambda evs: any(e["event"] == "delivered" for e in evs)
+                             and any(e["event"] == "rejected" for e in evs))
+    (rejected,) = [e for e in events if e["event"] == "rejected"]
+    assert rejected["id"] == "unknown"
+    assert rejected["error"] == "dkim_domain nokeys.test has no keys in dkim.domains"
+    (message,) = plain_sink.messages
+    assert verifier.signatures(message.content) == [
+        ("example.org", "r2026", RSA, True), ("example.org", "e2026", ED, True),
+        ("esp.test", "fbl", RSA, True)]
+
+@pytest.mark.timeout(60)
 def test_a_tampered_message_fails_the_same_verifier(
         plain_sink: SinkServer, keys: dict[str, DkimKey], verifier: Verifier,
         local_engine: Callable[..., LocalEngine]) -> None:

@@ -324,6 +324,17 @@ def test_envelope_json_omits_unset_optionals() -> None:
     assert stored == {"id": "job-1", "from": "", "to": ["rcpt@example.org"], "meta": {}}
 
 
+def test_dkim_domain_is_a_lower_case_ascii_domain_kept_in_the_spool() -> None:
+    job = parse(envelope(dkim_domain="Mail.Example.ORG."))
+    assert job.dkim_domain == "mail.example.org"
+    assert envelope_json(job)["dkim_domain"] == "mail.example.org"
+    assert parse(envelope()).dkim_domain is None and "dkim_domain" not in envelope_json(
+        parse(envelope()))
+    for bad in ("localhost", "bücher.example", "a..b", "-a.example", "a.example\r\n", 7, ""):
+        with pytest.raises(JobRejected, match="'dkim_domain' must be a domain name"):
+            parse(envelope(dkim_domain=bad))
+
+
 def test_requiretls_is_a_boolean_kept_in_the_spool() -> None:
     assert parse(envelope(requiretls=True)).requiretls is True
     assert parse(envelope(requiretls=False)).requiretls is False

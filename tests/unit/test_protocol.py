@@ -50,6 +50,15 @@ def test_a_task_names_the_recipients_refused_before_and_only_then() -> None:
     assert protocol.task_from_frames(frames) == task
     assert "tried" not in json.loads(protocol.task_frames(replace(task, tried=frozenset()))[0])
 
+
+def test_a_task_carries_the_jobs_dkim_domain_only_when_it_names_one() -> None:
+    task = Task("j", "s@x.y", ("a@x.y",), b"x\r\n", 1.5, dkim_domain="example.org")
+    frames = protocol.task_frames(task)
+    assert json.loads(frames[0])["dkim_domain"] == "example.org"
+    assert protocol.task_from_frames(frames) == task
+    assert "dkim_domain" not in json.loads(
+        protocol.task_frames(replace(task, dkim_domain=None))[0])
+
 @pytest.mark.parametrize("status", list(Status))
 def test_result_frame_round_trip(status: Status) -> None:
     attempt = Attempt(job_id="job-1", rcpt="a@example.com", status=status,
