@@ -205,6 +205,8 @@ class Deliverer:
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
         decision = self.policies.decide(dest.domain, provider, task.requiretls, dest.routed,
                                         dest)
+        if decision.refusal is not None:  # forced DANE over an MX answer not authenticated
+            return self._unprotected(task, rcpts, dest.domain, provider, decision), False
         hosts = [host for host in dest.hosts if decision.allows(host.name)]
         if not hosts:  # MTA-STS enforce: not one MX host the policy names
             self.metrics.incr("mta_sts_refused", provider)
@@ -258,6 +260,18 @@ class Deliverer:
         reply = self._refused(decision, dest.domain, provider, refusals)
         return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], last_host,
                               provider, None, False, shaper, verdict, decision), False
+
+    def _unprotected(self, task: Task, rcpts: list[str], domain: str, provider: str,
+                     decision: Decision) -> list[Attempt]:
+        """The recipients deferred with `decision.refusal`: no MX host could be trusted."""
+        reply = decision.refusal
+        assert reply is not None
+        self.metrics.incr("dane_refused", provider)
+        if self.tlsrpt is not None:
+            self.tlsrpt.failure(domain, tlsrpt.NO_POLICY_JSON, tlsrpt.DANE_REQUIRED, None,
+                                None, reply.text)
+        return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], None, provider,
+                              None, False, decision=decision)
 
     def _refused(self, decision: Decision, domain: str, provider: str,
                  refusals: list[Reply]) -> Reply:

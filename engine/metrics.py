@@ -134,7 +134,8 @@ DECLARED: tuple[Metric, ...] = (
     Metric("dane_ok", "counter", "transactions sent under DANE over TLS with a certificate"
            " that matched the MX host's TLSA records"),
     Metric("dane_refused", "counter", "deliveries DANE stopped: no MX host reachable over TLS"
-           " with a certificate matching its TLSA records (deferred 4.7.5, never sent in"
+           " with a certificate matching its TLSA records, or (DANE forced) none with TLSA"
+           " records or an MX answer not DNSSEC-authenticated (deferred 4.7.5, never sent in"
            " plaintext)"),
     Metric("requiretls_ok", "counter", "transactions of REQUIRETLS jobs sent (verified TLS,"
            " MAIL with REQUIRETLS)"),
@@ -185,8 +186,9 @@ DECLARED: tuple[Metric, ...] = (
         ("tlsa-invalid", "TLS-RPT: sessions failed as tlsa-invalid (no TLSA record matched)"),
         ("dnssec-invalid", "TLS-RPT: sessions failed as dnssec-invalid (a TLSA lookup"
          " failed)"),
-        ("dane-required", "TLS-RPT: sessions failed as dane-required (the engine reports"
-         " none: it never requires DANE of every MX host)"),
+        ("dane-required", "TLS-RPT: sessions failed as dane-required (DANE forced by"
+         " tls_policy.domains/providers: an MX host without usable TLSA records, or an MX"
+         " answer not DNSSEC-authenticated)"),
         ("sts-policy-fetch-error", "TLS-RPT: MTA-STS policy fetches failed as"
          " sts-policy-fetch-error"),
         ("sts-policy-invalid", "TLS-RPT: MTA-STS policies refused as sts-policy-invalid"),
