@@ -60,7 +60,7 @@ from engine.shaping import (
 )
 from engine.smtp import Connection, RcptResult, StaleConnection, Stopping, send_mail
 from engine.smtp.transaction import Sign
-from engine.tlspolicy import DANE, MTA_STS, REQUIRETLS, Decision, TlsPolicies
+from engine.tlspolicy import DANE, MTA_STS, REQUIRETLS, SKIPPED, Decision, TlsPolicies
 
 log = logging.getLogger("mailengine.delivery")
 
@@ -204,7 +204,7 @@ class Deliverer:
         provider = self._provider(dest.hosts[0].name) if dest.hosts else dest.domain
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
         decision = self.policies.decide(dest.domain, provider, task.requiretls, dest.routed,
-                                        dest)
+                                        dest, task.tls_optional)
         if decision.refusal is not None:  # forced DANE over an MX answer not authenticated
             return self._unprotected(task, rcpts, dest.domain, provider, decision), False
         hosts = [host for host in dest.hosts if decision.allows(host.name)]
@@ -306,6 +306,8 @@ class Deliverer:
             self.metrics.incr("tls_verify_ok", provider)
         elif decision.policy == DANE and verified:  # not a host without TLSA records
             self.metrics.incr("dane_ok", provider)
+        elif decision.policy in SKIPPED:  # the message said TLS-Required: No
+            self.metrics.incr("tls_policy_skipped", provider)
         shortfall = decision.shortfall(host.name, verified)
         if shortfall is not None:
             self.metrics.incr("mta_sts_testing_failed", provider)

@@ -137,6 +137,8 @@ DECLARED: tuple[Metric, ...] = (
            " with a certificate matching its TLSA records, or (DANE forced) none with TLSA"
            " records or an MX answer not DNSSEC-authenticated (deferred 4.7.5, never sent in"
            " plaintext)"),
+    Metric("tls_policy_skipped", "counter", "transactions sent without the receiver's DANE or"
+           " enforced MTA-STS policy because the message says TLS-Required: No (RFC 8689 5)"),
     Metric("requiretls_ok", "counter", "transactions of REQUIRETLS jobs sent (verified TLS,"
            " MAIL with REQUIRETLS)"),
     Metric("requiretls_refused", "counter", "deliveries of REQUIRETLS jobs no MX host could"

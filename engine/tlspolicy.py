@@ -17,6 +17,12 @@ In order, the first that has something to say wins (docs/SECURITY.md, "TLS polic
    reports what enforcing would have refused;
 4. the default, `smtp.tls`.
 
+A message with the header field `TLS-Required: No` (RFC 8689 5, Task.tls_optional) asks that
+the receiver's policies be ignored: where DANE (2) or an enforced MTA-STS policy (3) was found,
+the default (4) applies instead, reported as `dane-skipped` / `mta-sts-skipped`. The
+config's exceptions (1) are the operator's word and stay; a policy in testing mode changes
+nothing anyway. REQUIRETLS wins over the header (RFC 8689 5: the header is then ignored).
+
 A job with REQUIRETLS (RFC 8689, the envelope's `requiretls`) then raises the floor whatever
 the above said: TLS with a verified certificate (by DANE where it is forced, else by the
 CAs), and an MX host that offers REQUIRETLS (checked by engine.connector; the flag goes on
@@ -45,6 +51,10 @@ MTA_STS = "mta-sts"
 MTA_STS_TESTING = "mta-sts-testing"
 DANE = "dane"
 REQUIRETLS = "requiretls"
+# The receiver's policy found, and skipped at the message's request (TLS-Required: No).
+MTA_STS_SKIPPED = "mta-sts-skipped"
+DANE_SKIPPED = "dane-skipped"
+SKIPPED = (MTA_STS_SKIPPED, DANE_SKIPPED)
 
 
 @dataclass(frozen=True)
@@ -123,21 +133,28 @@ class TlsPolicies:
                         for policy in {*self.domains.values(), *self.providers.values()}
                         if policy not in (MTA_STS, DANE)}
         self._forced[DANE] = Decision(DANE, dane_.REQUIRED)
+        self._skipped = {DANE: Decision(DANE_SKIPPED, default),
+                         MTA_STS: Decision(MTA_STS_SKIPPED, default)}
 
     def decide(self, domain: str, provider: str, requiretls: bool = False,
-               routed: bool = False, dest: Destination | None = None) -> Decision:
+               routed: bool = False, dest: Destination | None = None,
+               tls_optional: bool = False) -> Decision:
         """The decision for mail to `domain` (its MX hosts' `provider`). `routed`: a
         configured next hop, not the domain's MX hosts: MTA-STS does not apply (nor to an
-        address literal). `dest`: the domain's MX hosts as looked up (DANE needs them)."""
+        address literal). `dest`: the domain's MX hosts as looked up (DANE needs them).
+        `tls_optional`: the message says `TLS-Required: No` (ignored with `requiretls`)."""
         decision = self._receiver_policy(domain, provider, routed, dest)
         if requiretls:  # a forced DANE stays (it verifies too: RFC 8689 4.2.1)
             mode = decision.mode if decision.mode == dane_.REQUIRED else "verify"
             return Decision(REQUIRETLS, mode, decision.sts, True, decision.refusal)
+        if (tls_optional and (decision is self._dane or decision.enforced_sts is not None)
+                and self._exception(domain, provider) is None):  # the operator's: kept
+            return self._skipped[decision.policy]
         return decision
 
     def _receiver_policy(self, domain: str, provider: str, routed: bool,
                          dest: Destination | None) -> Decision:
-        forced = self.domains.get(domain) or self.providers.get(provider)
+        forced = self._exception(domain, provider)
         if forced == DANE:
             return self._dane_required(domain, routed, dest)
         if forced is not None and forced != MTA_STS:
@@ -153,6 +170,10 @@ class TlsPolicies:
             if sts is not None and sts.mode == "testing":
                 return Decision(MTA_STS_TESTING, self.default, sts)
         return self._default
+
+    def _exception(self, domain: str, provider: str) -> str | None:
+        """The config's exception for `domain` or, failing that, its provider."""
+        return self.domains.get(domain) or self.providers.get(provider)
 
     def _dane_required(self, domain: str, routed: bool, dest: Destination | None) -> Decision:
         """A forced `dane`: mode `dane-only`, unless the MX hosts cannot be trusted (an MX

@@ -95,11 +95,17 @@ def test_dane_through_a_validating_resolver(
                 "retry": {"schedule": ["1h"]},
                 "tlsrpt": {"enabled": True, "sender": "tlsrpt@sender.test"},
             })
-            jobs = ["ok", "ta", "bad", "none", "notls", "plain"]
-            domains = {"plain": "plain.test"}
+            jobs = ["ok", "ta", "bad", "none", "notls", "plain", "bad-optional"]
+            domains = {"plain": "plain.test", "bad-optional": "bad.dane.test"}
+
+            def message(n: int, job: str) -> bytes:  # RFC 8689 5: skip DANE for this one
+                text = make_message(n, 300)
+                return (text.replace(b"Subject:", b"TLS-Required: No\r\nSubject:", 1)
+                        if job.endswith("-optional") else text)
+
             assert engine.push([({"id": job, "from": "s@example.test",
                                   "to": [f"r@{domains.get(job, job + '.dane.test')}"]},
-                                 make_message(n, 300)) for n, job in enumerate(jobs)])
+                                 message(n, job)) for n, job in enumerate(jobs)])
             events = engine.wait_for(
                 lambda evs: {e["id"] for e in evs if e["event"] in ("delivered", "deferred")}
                 >= set(jobs), 60, "an outcome for every job")
@@ -112,7 +118,8 @@ def test_dane_through_a_validating_resolver(
                                        "tlsrpt_starttls_not_supported")}
 
             # "none" (an unusable record: no policy) is a success too; "plain" has no record
-            want = {"tlsrpt_success": 3, "tlsrpt_tlsa_invalid": 1,
+            # "bad-optional": TLS under no policy (DANE skipped), a success
+            want = {"tlsrpt_success": 4, "tlsrpt_tlsa_invalid": 1,
                     "tlsrpt_starttls_not_supported": 1}
             assert statsd.wait_for(lambda: reported() == want, 20), reported()
         got: dict[str, Any] = {e["id"]: e for e in events
@@ -126,6 +133,7 @@ def test_dane_through_a_validating_resolver(
             "none": ("delivered", "2.0.0", "opportunistic", False),
             "notls": ("deferred", "4.7.5", "dane", None),
             "plain": ("delivered", "2.0.0", "opportunistic", False),
+            "bad-optional": ("delivered", "2.0.0", "dane-skipped", False),
         }
         assert ("DANE: no TLSA record matched the certificate of mx mx-bad.dane.test"
                 in got["bad"]["reply"])
@@ -133,17 +141,17 @@ def test_dane_through_a_validating_resolver(
         subjects = sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0]
                           for m in tls_sink.messages)
         assert subjects == [b"test message 0", b"test message 1", b"test message 3",
-                            b"test message 5"]
+                            b"test message 5", b"test message 6"]
         assert all(m.tls is not None for m in tls_sink.messages)
         assert no_tls.messages == []  # never in plaintext
         def counted() -> dict[str, float]:
             return {suffix: sum(statsd.counter_sum(name) for name in statsd.names("counter")
                                 if name.endswith("." + suffix))
-                    for suffix in ("dane_ok", "dane_refused")}
+                    for suffix in ("dane_ok", "dane_refused", "tls_policy_skipped")}
 
         # every try counts: "bad" and "notls" are deferred once each (retry in 1 h)
-        assert statsd.wait_for(lambda: counted() == {"dane_ok": 2, "dane_refused": 2}, 20), \
-            counted()
+        want_counted = {"dane_ok": 2, "dane_refused": 2, "tls_policy_skipped": 1}
+        assert statsd.wait_for(lambda: counted() == want_counted, 20), counted()
     finally:
         tls_sink.stop()
         no_tls.stop()
