@@ -21,7 +21,8 @@ with none fails with 451 4.4.4 and is never connected to (docs/SECURITY.md).
 
 DANE (engine.dane, mode `dane` from engine.tlspolicy): a host with usable TLSA records must
 offer STARTTLS and present a certificate that matches one after the handshake, else it fails
-with 4.7.5 (no fallback, no plaintext); a host without gets the default plan (smtp.tls).
+with 4.7.5 (no fallback, no plaintext); a host without gets the default plan (smtp.tls), or
+fails with 4.7.5 in mode `dane-only` (DANE forced by the operator).
 
 TLS-RPT (engine.tlsrpt): an error raised because a session failed for a TLS reason
 (STARTTLS missing where required, a certificate that does not verify, no TLSA record
@@ -48,6 +49,7 @@ from engine.tls import TlsPlan, TlsPolicy, is_verify_failure
 log = logging.getLogger("mailengine.connector")
 
 DANE = "dane"  # the TLS mode of a delivery under DANE (engine.tlspolicy)
+_DANE_MODES = (DANE, dane_.REQUIRED)  # the second: forced, a host without TLSA fails
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,10 @@ class Connector:
             try:
                 plan = self._tls_plan(host, mode)
             except TransientError as err:
-                if mode == DANE and not isinstance(err, WorkerFault):  # the TLSA lookup
-                    raise self._tagged(err, tlsrpt.DNSSEC_INVALID, address) from None
+                if mode in _DANE_MODES and not isinstance(err, WorkerFault):  # the TLSA lookup
+                    result = (tlsrpt.DANE_REQUIRED if isinstance(err, dane_.NoTlsa)
+                              else tlsrpt.DNSSEC_INVALID)
+                    raise self._tagged(err, result, address) from None
                 raise
         conn = Connection(self.identity.helo, self.identity.address, self.timeouts, self.limits,
                           self.keepalive)
@@ -175,10 +179,12 @@ class Connector:
         """The TLS plan for `host`; building its context reads the CA file, which needs a
         file descriptor too. In mode `dane`, the host's TLSA records decide (the lookup
         failing fails the host)."""
-        if mode == DANE:
+        if mode in _DANE_MODES:
             records = self.dane.records(host.name) if self.dane is not None else ()
             if records:
                 return self.tls.dane(records)
+            if mode == dane_.REQUIRED:  # forced by the operator: no TLSA, no mail
+                raise dane_.no_tlsa(host.name)
             mode = None  # no usable record: the default, as if DANE did not apply
         try:
             return self.tls.plan(host.name, mode)

@@ -55,7 +55,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from engine.mx import Destination, Resolver
-from engine.reply import DeliveryError
+from engine.reply import DeliveryError, Reply, TransientError
+
+# The TLS mode of a delivery the operator put under DANE (`tls_policy.domains: {d: dane}`,
+# engine.tlspolicy): as mode `dane`, but an MX host without usable, authenticated TLSA
+# records fails (`NoTlsa`) instead of getting the default TLS (Postfix's `dane-only`).
+REQUIRED = "dane-only"
 
 PKIX_TA, PKIX_EE, DANE_TA, DANE_EE = 0, 1, 2, 3
 CERT, SPKI = 0, 1
@@ -206,6 +211,23 @@ def peer_chain(sock: ssl.SSLSocket | Any) -> list[bytes]:
     ders = [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
             for c in chain]
     return ders if ders and ders[0] == leaf else [leaf]
+
+
+class NoTlsa(TransientError):
+    """DANE is required of the host (mode `dane-only`) and it has no usable TLSA records
+    from authenticated answers: the host fails, the next is tried; nothing is sent."""
+
+
+def no_tlsa(host: str) -> NoTlsa:
+    return NoTlsa(Reply.local(451, "4.7.5", f"DANE required: mx {host} has no usable"
+                                            " DNSSEC-authenticated TLSA records"), "TLSA")
+
+
+def insecure_mx(domain: str) -> Reply:
+    """The reply when DANE is required of `domain` and its MX answer was not authenticated
+    (RFC 7672 2.2.1: an insecure MX cannot be trusted to name the hosts)."""
+    return Reply.local(451, "4.7.5", f"DANE required: the MX records of {domain} are not"
+                                     " DNSSEC-authenticated")
 
 
 class Dane:

@@ -60,7 +60,7 @@ from engine.shaping import (
 )
 from engine.smtp import Connection, RcptResult, StaleConnection, Stopping, send_mail
 from engine.smtp.transaction import Sign
-from engine.tlspolicy import DANE, MTA_STS, REQUIRETLS, Decision, TlsPolicies
+from engine.tlspolicy import DANE, MTA_STS, REQUIRETLS, SKIPPED, Decision, TlsPolicies
 
 log = logging.getLogger("mailengine.delivery")
 
@@ -204,7 +204,9 @@ class Deliverer:
         provider = self._provider(dest.hosts[0].name) if dest.hosts else dest.domain
         self.metrics.timing("dns", provider, (time.monotonic() - started) * 1000.0)
         decision = self.policies.decide(dest.domain, provider, task.requiretls, dest.routed,
-                                        dest)
+                                        dest, task.tls_optional)
+        if decision.refusal is not None:  # forced DANE over an MX answer not authenticated
+            return self._unprotected(task, rcpts, dest.domain, provider, decision), False
         hosts = [host for host in dest.hosts if decision.allows(host.name)]
         if not hosts:  # MTA-STS enforce: not one MX host the policy names
             self.metrics.incr("mta_sts_refused", provider)
@@ -259,6 +261,18 @@ class Deliverer:
         return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], last_host,
                               provider, None, False, shaper, verdict, decision), False
 
+    def _unprotected(self, task: Task, rcpts: list[str], domain: str, provider: str,
+                     decision: Decision) -> list[Attempt]:
+        """The recipients deferred with `decision.refusal`: no MX host could be trusted."""
+        reply = decision.refusal
+        assert reply is not None
+        self.metrics.incr("dane_refused", provider)
+        if self.tlsrpt is not None:
+            self.tlsrpt.failure(domain, tlsrpt.NO_POLICY_JSON, tlsrpt.DANE_REQUIRED, None,
+                                None, reply.text)
+        return self._outcomes(task, [RcptResult(r, reply) for r in rcpts], None, provider,
+                              None, False, decision=decision)
+
     def _refused(self, decision: Decision, domain: str, provider: str,
                  refusals: list[Reply]) -> Reply:
         """The outcome when no MX host took the mail, `refusals` each host's reason. A 5xx at
@@ -292,6 +306,8 @@ class Deliverer:
             self.metrics.incr("tls_verify_ok", provider)
         elif decision.policy == DANE and verified:  # not a host without TLSA records
             self.metrics.incr("dane_ok", provider)
+        elif decision.policy in SKIPPED:  # the message said TLS-Required: No
+            self.metrics.incr("tls_policy_skipped", provider)
         shortfall = decision.shortfall(host.name, verified)
         if shortfall is not None:
             self.metrics.incr("mta_sts_testing_failed", provider)

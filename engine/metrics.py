@@ -134,8 +134,11 @@ DECLARED: tuple[Metric, ...] = (
     Metric("dane_ok", "counter", "transactions sent under DANE over TLS with a certificate"
            " that matched the MX host's TLSA records"),
     Metric("dane_refused", "counter", "deliveries DANE stopped: no MX host reachable over TLS"
-           " with a certificate matching its TLSA records (deferred 4.7.5, never sent in"
+           " with a certificate matching its TLSA records, or (DANE forced) none with TLSA"
+           " records or an MX answer not DNSSEC-authenticated (deferred 4.7.5, never sent in"
            " plaintext)"),
+    Metric("tls_policy_skipped", "counter", "transactions sent without the receiver's DANE or"
+           " enforced MTA-STS policy because the message says TLS-Required: No (RFC 8689 5)"),
     Metric("requiretls_ok", "counter", "transactions of REQUIRETLS jobs sent (verified TLS,"
            " MAIL with REQUIRETLS)"),
     Metric("requiretls_refused", "counter", "deliveries of REQUIRETLS jobs no MX host could"
@@ -185,8 +188,9 @@ DECLARED: tuple[Metric, ...] = (
         ("tlsa-invalid", "TLS-RPT: sessions failed as tlsa-invalid (no TLSA record matched)"),
         ("dnssec-invalid", "TLS-RPT: sessions failed as dnssec-invalid (a TLSA lookup"
          " failed)"),
-        ("dane-required", "TLS-RPT: sessions failed as dane-required (the engine reports"
-         " none: it never requires DANE of every MX host)"),
+        ("dane-required", "TLS-RPT: sessions failed as dane-required (DANE forced by"
+         " tls_policy.domains/providers: an MX host without usable TLSA records, or an MX"
+         " answer not DNSSEC-authenticated)"),
         ("sts-policy-fetch-error", "TLS-RPT: MTA-STS policy fetches failed as"
          " sts-policy-fetch-error"),
         ("sts-policy-invalid", "TLS-RPT: MTA-STS policies refused as sts-policy-invalid"),

@@ -24,9 +24,11 @@ two), the operator's suspension or resumption of one provider at that worker's I
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
@@ -50,6 +52,27 @@ class Task:
     # again, they say nothing about the pace (engine.shaping.ProviderShaper.judge).
     tried: frozenset[str] = frozenset()
     dkim_domain: str | None = None  # the job's DKIM signing domain (engine.dkim), if it names one
+
+    @cached_property
+    def tls_optional(self) -> bool:
+        """The message asks that the receiver's TLS policies be ignored: `TLS-Required: No`
+        in its header (RFC 8689 5; engine.tlspolicy). Read once per task, when first asked,
+        from the header block only."""
+        return tls_required_no(self.message)
+
+
+# RFC 8689 5: "TLS-Required:" [FWS] "No" CRLF; the field name in any case, folding allowed.
+_TLS_REQUIRED_NO = re.compile(
+    rb"^tls-required[ \t]*:(?:[ \t]|\r?\n[ \t])*no[ \t]*\r?$(?!\n[ \t])",
+    re.IGNORECASE | re.MULTILINE)
+
+
+def tls_required_no(message: bytes) -> bool:
+    """Whether the header block of `message` (up to its first empty line) has the field
+    `TLS-Required: No`. The body is never looked at."""
+    ends = [at for at in (message.find(b"\n\r\n"), message.find(b"\n\n")) if at >= 0]
+    head = message[:min(ends) + 1] if ends else message
+    return _TLS_REQUIRED_NO.search(head) is not None
 
 
 class Status(StrEnum):

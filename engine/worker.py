@@ -110,12 +110,14 @@ class Worker:
                                  cfg.pool.keepalive_count)
         identity = Identity(self.ip.address, self.ip.helo)
         destinations = DestinationPolicy.from_config(cfg.security)
-        dane = Dane(resolver, identity.family) if cfg.tls_policy.dane else None
+        forced = {*cfg.tls_policy.domains.values(), *cfg.tls_policy.providers.values()}
+        dane = Dane(resolver, identity.family) if cfg.tls_policy.dane or "dane" in forced \
+            else None
         connector = Connector(identity, resolver, tls, cfg.smtp.timeouts, limits, self.metrics,
                               destinations, keepalive, self.sending_ip, dane)
         mta_sts = self._mta_sts(resolver, destinations, identity)
         policies = TlsPolicies(cfg.smtp.tls, cfg.tls_policy.domains, cfg.tls_policy.providers,
-                               mta_sts, cfg.tls_policy.mta_sts, dane)
+                               mta_sts, cfg.tls_policy.mta_sts, dane, cfg.tls_policy.dane)
         signer = Signer.create(cfg.dkim)  # the keys, read once (engine.startcheck checked them)
         deliverer = Deliverer(self.ip.address, cfg.smtp.tls, resolver, connector, self.pools,
                               self.metrics, self.shaping, {**DEFAULT_PROVIDERS, **cfg.providers},

@@ -181,10 +181,15 @@ def _refuse_untrusted_dane(values: Mapping[str, Any]) -> None:
     on the path could forge TLSA records as easily as strip them."""
     policy = values.get("tls_policy") or TlsPolicyConfig()
     dns = values.get("dns") or DnsConfig()
-    if policy.dane and not dns.trusted_ad:
-        raise error("tls_policy.dane", "DANE needs a validating resolver the engine trusts:"
-                    " set dns.trusted_ad: true (and dns.nameservers to that resolver, e.g."
-                    " a local unbound), or turn DANE off (docs/SECURITY.md)")
+    if dns.trusted_ad:
+        return
+    forced = [f"tls_policy.{table}.{name}" for table in ("domains", "providers")
+              for name, how in getattr(policy, table).items() if how == "dane"]
+    if policy.dane or forced:
+        raise error("tls_policy.dane" if policy.dane else forced[0],
+                    "DANE needs a validating resolver the engine trusts: set"
+                    " dns.trusted_ad: true (and dns.nameservers to that resolver, e.g. a local"
+                    " unbound), or turn DANE off (docs/SECURITY.md)")
 
 
 def _refuse_tlsrpt_without_sender(values: Mapping[str, Any], hostname: str) -> None:

@@ -17,9 +17,9 @@ DEFAULT_PATH = "/etc/mailengine/mailengine.yaml"
 ENV_VAR = "MAILENGINE_CONFIG"
 
 TLS_MODES = ("none", "opportunistic", "required", "verify")
-# What tls_policy.domains and tls_policy.providers may force: a TLS mode, or MTA-STS
-# (engine.tlspolicy). "dane" is reserved for DANE (RFC 7672), refused until it lands.
-FORCED_TLS_POLICIES = (*TLS_MODES, "mta-sts")
+# What tls_policy.domains and tls_policy.providers may force: a TLS mode, MTA-STS or DANE
+# (engine.tlspolicy; `dane` needs dns.trusted_ad, as tls_policy.dane does).
+FORCED_TLS_POLICIES = (*TLS_MODES, "mta-sts", "dane")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # What intake does with a message line over 998 octets (limits.long_lines): refuse the job,
 # or re-encode the parts that have one (engine.job.short_lines).

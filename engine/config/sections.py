@@ -184,9 +184,6 @@ _SMTP = section(SmtpConfig, {
 })
 
 def _forced_policy(value: Any, path: str) -> str:
-    if value == "dane":
-        raise error(path, "'dane' is reserved for DANE (RFC 7672), which this version does"
-                          f" not support yet; use one of {', '.join(FORCED_TLS_POLICIES)}")
     read: str = choice(*FORCED_TLS_POLICIES)(value, path)
     return read
 

@@ -209,6 +209,40 @@ def test_mode_none_is_no_policy(world: World) -> None:
     assert attempt.tls_policy == "opportunistic"
 
 
+# -- TLS-Required: No (RFC 8689 5) --------------------------------------------------------
+
+OPTIONAL = (b"From: sender@example.org\r\nTo: rcpt@example.test\r\nTLS-Required: No\r\n"
+            b"Subject: hi\r\n\r\nHello.\r\n")
+
+
+def test_tls_required_no_skips_an_enforced_policy_the_certificate_fails(world: World) -> None:
+    sink = world.sink("mx.elsewhere.test")  # the policy would defer: another name
+    engine = world.engine(sink)
+    plain = only(engine.deliver([RCPT]))
+    assert (plain.status, plain.tls_policy) == (Status.DEFERRED, "mta-sts")
+    assert sink.messages == []
+    optional = only(engine.deliver([RCPT], OPTIONAL, job_id="job-2"))
+    assert optional.status is Status.DELIVERED, optional.reply
+    assert (optional.tls_policy, optional.tls_verified) == ("mta-sts-skipped", False)
+    (message,) = sink.messages
+    assert message.tls is not None  # still TLS where offered (opportunistic), unverified
+    assert world.counter("tls_policy_skipped") == 1
+    assert world.counter("mta_sts_refused") == 1
+
+
+def test_tls_required_no_yields_to_requiretls_and_to_the_operator(world: World) -> None:
+    sink = world.sink("mx.elsewhere.test", requiretls=True)
+    both = only(world.engine(sink).deliver([RCPT], OPTIONAL, requiretls=True))
+    assert (both.status, both.tls_policy) == (Status.DEFERRED, "requiretls")
+    forced = only(world.engine(sink, domains={DOMAIN: "mta-sts"}).deliver(
+        [RCPT], OPTIONAL, job_id="job-2"))
+    assert (forced.status, forced.tls_policy) == (Status.DEFERRED, "mta-sts")
+    body_only = OPTIONAL.replace(b"TLS-Required: No\r\n", b"") + b"TLS-Required: No\r\n"
+    in_body = only(world.engine(sink).deliver([RCPT], body_only, job_id="job-3"))
+    assert (in_body.status, in_body.tls_policy) == (Status.DEFERRED, "mta-sts")
+    assert sink.messages == [] and world.counter("tls_policy_skipped") == 0
+
+
 # -- the cache ----------------------------------------------------------------------------
 
 

@@ -596,3 +596,13 @@ def test_dane_needs_a_resolver_trusted_to_validate() -> None:
                             dns={"nameservers": ["127.0.0.1"], "trusted_ad": True}))
     assert cfg.tls_policy.dane and cfg.dns.trusted_ad
     assert not from_dict(minimal()).tls_policy.dane
+
+
+def test_forced_dane_needs_a_resolver_trusted_to_validate_too() -> None:
+    err = refused(minimal(tls_policy={"domains": {"example.com": "dane"}}))
+    assert "tls_policy.domains.example.com" in str(err) and "dns.trusted_ad" in str(err)
+    err = refused(minimal(tls_policy={"providers": {"bigmail": "dane"}}))
+    assert "tls_policy.providers.bigmail" in str(err)
+    cfg = from_dict(minimal(tls_policy={"domains": {"example.com": "dane"}},
+                            dns={"nameservers": ["127.0.0.1"], "trusted_ad": True}))
+    assert cfg.tls_policy.domains == {"example.com": "dane"} and not cfg.tls_policy.dane

@@ -174,3 +174,31 @@ def test_dane_applies_only_to_an_authenticated_mx_answer() -> None:
     assert not checker.applies(Destination("d.test", hosts, authenticated=True, routed=True))
     resolver.answer = ([Tlsa(0, 1, 1, bytes(32))], True)  # only unusable: opportunistic
     assert not checker.applies(Destination("d.test", hosts, authenticated=True))
+
+
+def test_a_forced_dane_requires_an_authenticated_mx_answer() -> None:
+    """`tls_policy.domains: {d.test: dane}` (Postfix's dane-only): mode dane-only for an
+    authenticated MX answer, else a refusal before any connection; DANE off for others."""
+    resolver = FakeResolver(True, ([Tlsa(3, 1, 1, bytes(32))], True))
+    policies = TlsPolicies("opportunistic", {"d.test": "dane"}, mta_sts=None,
+                           dane=dane.Dane(resolver), dane_default=False)  # type: ignore[arg-type]
+    hosts = (MxHost("mx.d.test", 10, 25),)
+    secure = policies.decide("d.test", "other", dest=Destination("d.test", hosts,
+                                                                 authenticated=True))
+    assert (secure.policy, secure.mode, secure.refusal) == (DANE, dane.REQUIRED, None)
+    insecure = policies.decide("d.test", "other", dest=Destination("d.test", hosts))
+    assert insecure.refusal is not None and insecure.refusal.status == "4.7.5"
+    assert "MX records of d.test are not DNSSEC-authenticated" in insecure.refusal.text
+    routed = policies.decide("d.test", "other", routed=True,
+                             dest=Destination("d.test", hosts, routed=True))
+    assert routed.refusal is None and routed.mode == dane.REQUIRED  # the route's TLSA
+    other = policies.decide("e.test", "other", dest=Destination("e.test", hosts,
+                                                                authenticated=True))
+    assert other.policy == "opportunistic"  # tls_policy.dane off: not looked up
+    assert resolver.asked == []
+    with_requiretls = policies.decide("d.test", "other", True, dest=Destination(
+        "d.test", hosts, authenticated=True))
+    assert (with_requiretls.mode, with_requiretls.requiretls) == (dane.REQUIRED, True)
+    without_resolver = TlsPolicies("opportunistic", {"d.test": "dane"}, mta_sts=None)
+    assert without_resolver.decide("d.test", "other", dest=Destination(
+        "d.test", hosts, authenticated=True)).refusal is not None

@@ -222,3 +222,21 @@ def test_callers_at_once_share_one_fetch(tmp_path: Path, fails: bool) -> None:
     assert calls == ["example.com"]
     assert len(found) == 5
     assert {p.mode if p else None for p in found} == ({None} if fails else {"enforce"})
+
+
+def test_tls_required_no_skips_the_receivers_enforced_policy_only(tmp_path: Path) -> None:
+    """RFC 8689 5: the default instead of the receiver's enforced MTA-STS policy; not the
+    operator's exceptions, and REQUIRETLS wins over the header."""
+    policies = TlsPolicies("opportunistic", {"example.org": "verify"}, {"bigmail": "mta-sts"},
+                           mta_sts=sts_with("enforce", tmp_path))
+    skipped = policies.decide("example.com", "other", tls_optional=True)
+    assert (skipped.policy, skipped.mode, skipped.sts) == ("mta-sts-skipped", "opportunistic",
+                                                           None)
+    assert skipped.allows("mx.evil.example")
+    assert policies.decide("example.org", "other", tls_optional=True).policy == "verify"
+    assert policies.decide("example.com", "bigmail", tls_optional=True).policy == "mta-sts"
+    assert policies.decide("example.com", "other", True, tls_optional=True).policy == \
+        "requiretls"
+    testing = TlsPolicies("opportunistic", mta_sts=sts_with("testing", tmp_path))
+    assert testing.decide("example.com", "other", tls_optional=True).policy == \
+        "mta-sts-testing"  # delivers anyway: nothing to skip

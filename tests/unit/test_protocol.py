@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from engine import protocol
-from engine.protocol import Attempt, Status, Task
+from engine.protocol import Attempt, Status, Task, tls_required_no
 from engine.reply import Reply
 
 
@@ -108,3 +108,23 @@ def test_unknown_status_is_a_value_error() -> None:
 def test_a_row_of_the_wrong_shape_is_a_value_or_type_error(row: Any) -> None:
     with pytest.raises((ValueError, TypeError)):
         protocol.attempt_from_row(row)
+
+
+@pytest.mark.parametrize(("message", "found"), [
+    (b"From: a@b.test\r\nTLS-Required: No\r\n\r\nbody\r\n", True),
+    (b"tls-required:no\r\nSubject: x\r\n\r\n", True),  # any case, no space
+    (b"Subject: x\r\nTLS-Required:\r\n  No \r\n\r\n", True),  # folded
+    (b"Subject: x\nTLS-Required: No\n\nbody\n", True),  # bare LF
+    (b"TLS-Required: No", True),  # a header without a body
+    (b"Subject: x\r\n\r\nTLS-Required: No\r\n", False),  # in the body: not a header field
+    (b"TLS-Required: Nope\r\n\r\n", False),
+    (b"TLS-Required: No\r\n more\r\n\r\n", False),  # its value is "No more"
+    (b"X-TLS-Required: No\r\n\r\n", False),
+    (b"Subject: TLS-Required: No\r\n\r\n", False),
+])
+def test_tls_required_no_is_read_from_the_header_block_only(message: bytes,
+                                                            found: bool) -> None:
+    assert tls_required_no(message) is found
+    task = Task("j", "s@x.test", ("r@y.test",), message, 0.0)
+    assert task.tls_optional is found and task.tls_optional is found  # cached
+    assert task == Task("j", "s@x.test", ("r@y.test",), message, 0.0)  # fields only

@@ -284,3 +284,24 @@ def test_a_spool_of_schema_2_opens_and_gains_the_tables(tmp_path: Path) -> None:
     with Spool(directory) as spool:
         assert spool.query("SELECT COUNT(*) FROM tlsrpt_reports") == [(0,)]
         assert spool.query("PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(3,)]
+
+
+def test_a_forced_dane_reports_dane_required_under_no_policy() -> None:
+    """DANE forced by the config (tls_policy.domains: dane): an MX host without TLSA records
+    (a session's details) and an MX answer not authenticated (no host: no mx, no ip)."""
+    host = tlsrpt.detail_of("198.51.100.1", "mx.a.test", "192.0.2.25", "no TLSA")
+    no_host = tlsrpt.detail_of("198.51.100.1", None, None, "insecure MX")
+    rows = [(tlsrpt.NO_POLICY_JSON, tlsrpt.DANE_REQUIRED, host, 2),
+            (tlsrpt.NO_POLICY_JSON, tlsrpt.DANE_REQUIRED, no_host, 1)]
+    report = tlsrpt_report.report_json("Org", "ops@s.test", "r1@s.test", 86400, 2 * 86400,
+                                       "a.test", rows)
+    (policy,) = report["policies"]
+    assert policy["policy"] == {"policy-type": "no-policy-found", "policy-domain": "a.test"}
+    assert policy["summary"] == {"total-successful-session-count": 0,
+                                 "total-failure-session-count": 3}
+    first, second = policy["failure-details"]
+    assert first == {"result-type": "dane-required", "sending-mta-ip": "198.51.100.1",
+                     "receiving-mx-hostname": "mx.a.test", "receiving-ip": "192.0.2.25",
+                     "failure-reason-code": "no TLSA", "failed-session-count": 2}
+    assert second == {"result-type": "dane-required", "sending-mta-ip": "198.51.100.1",
+                      "failure-reason-code": "insecure MX", "failed-session-count": 1}
