@@ -220,6 +220,7 @@ _TLS_POLICY = section(TlsPolicyConfig, {
 _POOL = section(PoolConfig, {
     "max_connections": integer(1),
     "max_messages": integer(1),
+    "max_age": duration(),
     "idle_timeout": duration(),
     "connect_backoff": duration(),
     "keepalive_idle": duration(),
