@@ -289,7 +289,7 @@ class DestinationPool:
             idle_for = self._clock() - conn.last_used
             if idle_for >= self.settings.idle_timeout:
                 self._discard(conn)
-            elif self._retires(conn):  # its term is over: a busy pool gets a new one
+            elif self._expired(conn):  # at a configured limit: a busy pool gets a new one
                 self._discard(conn, replace=id(conn) not in self.ahead.replaced
                               and self._busy())
             elif not conn.is_alive():
@@ -442,6 +442,12 @@ class DestinationPool:
         if due == NOT_YET:
             return False
         return due == NOW or not (self.ahead.running or self._quitting)
+
+    def _expired(self, conn: Connection) -> bool:
+        """Whether `conn`, idle, is at a configured limit (`max_age`). One only at its own
+        term carries one more message, the one a caller wants it for now: retired when
+        it comes back, the others carry the next ones while its replacement opens."""
+        return self._term(conn).due(conn.messages_sent, self._clock(), self.settings) == NOW
 
     def _busy(self) -> bool:
         """Callers wait, or the pool's last checkout was a moment ago (engine.pool_ahead)."""

@@ -79,6 +79,8 @@ class SmtpConfig:
     port: int = 25
     tls: str = "opportunistic"
     tls_broken_ttl: float = 3600.0
+    # opportunistic: a host whose certificate did not verify is not checked again this long
+    tls_unverified_ttl: float = 86400.0
     ca_file: str | None = None
     max_reply_lines: int = 100
     max_line_length: int = 4096
