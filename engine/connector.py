@@ -137,8 +137,9 @@ class Connector:
         try:
             with conn.deadline("setup", self.timeouts.setup):
                 self._greet(conn, address, host.port, provider)
-                if plan.checking and self.tls.await_verdict(host.name, self.timeouts.setup):
-                    plan = self._tls_plan(host, mode)  # another connection checked it
+                if plan.checking:  # what another connection found meanwhile, if it checked
+                    self.tls.await_verdict(host.name, self.timeouts.setup)
+                    plan = self._tls_plan(host, mode)
                 if plan.attempt and conn.has_extn("starttls"):
                     if plan.checking:
                         with self.tls.verifying(host.name):
