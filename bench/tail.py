@@ -32,9 +32,11 @@ from typing import Any
 from bench.common import (
     ROOT,
     Producer,
+    StatsdCatcher,
     engine_config,
     job,
     log,
+    percentile,
     running_engine,
     summary,
     write_section,
@@ -88,6 +90,7 @@ def run(workdir: str, seconds: float, rate: float,
     log(f"tail: {count} messages at {rate:g}/s, STARTTLS, PIPELINING without CHUNKING,"
         f" {RTT * 1000:.0f} ms RTT, {CAP} connections")
     handshakes = Handshakes()
+    stats = StatsdCatcher()
     tag = "tail"
     pool: dict[str, Any] = {"max_connections": CAP}
     if max_messages is not None:
@@ -97,18 +100,23 @@ def run(workdir: str, seconds: float, rate: float,
             ProxyProcess((sink.host, sink.port), RTT, max_connections=CAP,
                          over_limit="queue") as proxy:
         with running_engine(workdir, proxy.port,
-                            engine_config(proxy.port, pool)) as engine:
+                            engine_config(proxy.port, pool, stats.port)) as engine:
             producer = Producer(engine)
             producer.send(*job(0, f"{tag}-first"))
             producer.wait_final([f"{tag}-first-0"], 30)
             started = time.time()
+            time.sleep(0.3)  # the first message's timers are in
+            since = time.time()
             producer.paced((job(i, tag) for i in range(count)), rate)
             producer.wait_queued()
             ids = [f"{tag}-{i}" for i in range(count)]
             producer.wait_final(ids, seconds + 30, poll=0.05, strict=False)
             ended = time.time()
             producer.close()
-        stats = proxy.stop()
+            time.sleep(0.3)  # the last timers reach the catcher
+        proxy_stats = proxy.stop()
+    pool_waits, transactions = stats.timers("pool_wait", since), stats.timers("transaction", since)
+    stats.close()
     done = [producer.final[i] for i in ids if i in producer.final]
     waits = [float(e["delay_ms"]) for e in done]
     waits += [(ended - producer.queued[i]["ts"]) * 1000 for i in ids
@@ -119,14 +127,26 @@ def run(workdir: str, seconds: float, rate: float,
         "offered": count, "rate": rate, "seconds": seconds, "pool": pool,
         "delivered": sum(1 for e in done if e["event"] == "delivered"),
         "unfinished": count - len(done), "delay": summary(waits),
+        "over_2x_p50": sum(1 for w in waits if w > 2 * percentile(waits, 50)),
+        # ...of which on a new connection: they waited for a connection's setup (the pool's
+        # doing); the others, on a connection in use already, waited for something else
+        # (on this shared machine: the CPU).
+        "over_2x_p50_new": sum(1 for e in done if float(e["delay_ms"]) > 2 * percentile(
+            waits, 50) and not e["conn_reused"]),
         "reused": sum(1 for e in done if e["conn_reused"]),
         "connections": sink.connections, "max_concurrent": sink.max_concurrent,
         "handshakes": handshakes.done, "handshakes_failed": handshakes.failed,
-        "proxy": stats, "slowest": slowest,
+        "proxy": proxy_stats, "slowest": slowest,
+        # The worker's own view (StatsD): the wait for a connection, and MAIL to final reply.
+        "pool_wait": summary(pool_waits), "transaction": summary(transactions),
     }
 
 
 def _rev() -> str:
+    """The engine measured: BENCH_ENGINE_REV (a snapshot, as bench.run --engine-rev makes
+    one), else this tree's HEAD."""
+    if os.environ.get("BENCH_ENGINE_REV"):
+        return os.environ["BENCH_ENGINE_REV"][:12] + " (git archive)"
     out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
                          capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "engine"],
@@ -153,8 +173,9 @@ def render(results: dict[str, Any]) -> str:
              " TLS handshakes over the whole run, first message included, and those the"
              " client aborted (a verifying handshake that failed: \"unknown ca\").", "",
              "| run | command | engine | date | `pool` | delivered | p50 | p90 | p99 | max"
-             " | p99/p50 | connections | most at once | handshakes (failed) | other load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | p99/p50 | over 2x p50 (on a new connection) | connections | most at once"
+             " | handshakes (failed) | pool wait p99 / max | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         d = r["delay"]
         lines.append(
@@ -162,9 +183,10 @@ def render(results: dict[str, Any]) -> str:
             f" `{json.dumps(r.get('pool', {}))}` |"
             f" {r['delivered']}/{r['offered']} | {d['p50']:.0f} ms | {d['p90']:.0f} ms |"
             f" {d['p99']:.0f} ms | {d['max']:.0f} ms | {d['p99'] / d['p50']:.2f} |"
+            f" {r.get('over_2x_p50', '?')} ({r.get('over_2x_p50_new', '?')}) |"
             f" {r['connections']} | {r['max_concurrent']} |"
             f" {r['handshakes'] + r['handshakes_failed']} ({r['handshakes_failed']}) |"
-            f" {100 * r.get('other_load', float('nan')):.0f}% |")
+            f" {_wait(r)} | {100 * r.get('other_load', float('nan')):.0f}% |")
     lines += ["", PROSE]
     return "\n".join(lines) + "\n"
 
@@ -207,6 +229,11 @@ shows stalls that are not the engine's).
 """
 
 
+def _wait(r: dict[str, Any]) -> str:
+    w = r.get("pool_wait")
+    return f"{w['p99']:.0f} / {w['max']:.0f} ms" if w else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tail", description=__doc__)
     parser.add_argument("--seconds", type=float, default=60.0)
@@ -224,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     result.update(command=command.strip(), engine=_rev(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     d = result["delay"]
-    log(f"other load {100 * result['other_load']:.0f}%; p50 {d['p50']:.0f} ms,"
+    log(f"other load {100 * result['other_load']:.0f}%; {result['over_2x_p50']} over 2x p50"
+        f" ({result['over_2x_p50_new']} on a new connection); pool wait {_wait(result)};"
+        f" p50 {d['p50']:.0f} ms,"
         f" p90 {d['p90']:.0f} ms, p99 {d['p99']:.0f} ms, max"
         f" {d['max']:.0f} ms; {result['connections']} connections, handshakes"
         f" {result['handshakes']} + {result['handshakes_failed']} failed; slowest"

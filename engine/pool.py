@@ -4,10 +4,15 @@ A destination is the full identity of a connection, `PoolKey`: sending IP, MX
 host, port and TLS mode; two keys never share a connection. Within a pool:
 
 - a connection is checked out by one greenlet at a time and comes back to the
-  idle stack when it is still usable, until it has carried `max_messages`;
+  idle stack when it is still usable, until the end of its term: its own share of
+  `max_messages` and `max_age`, drawn when it opens (engine.pool_terms), so that
+  connections opened together do not retire together; and never two of the pool
+  at once (one whose term ends while another retires or a connect is under way
+  carries on, up to the configured limits);
 - connections are created lazily, at most `max_connections` open (or opening)
   at once; callers beyond that wait for one to come back, and waiting is not a
-  delivery attempt;
+  delivery attempt; a caller that finds the open ones all busy, below the cap,
+  opens a new one in the background and takes whichever comes first;
 - the idle stack is LIFO, so a trickle of mail keeps one connection warm and
   the rest age out after `idle_timeout`;
 - an idle connection is checked before reuse (`Connection.is_alive`, no round
@@ -22,12 +27,13 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
   failure reaches every waiting caller at once, callers during the backoff fail
   fast (unless a healthy idle connection is there to take), and afterwards one
   probe connects at a time until one succeeds (engine.pool_health);
-- a connection about to be retired (`max_messages`) in a busy pool gets its
-  replacement opened ahead, in the background, if the caps leave room: the next
-  message does not wait for a connection setup (engine.pool_ahead says when);
+- a connection about to be retired in a busy pool gets its replacement opened
+  ahead, in the background, if the caps leave room: the next message does not
+  wait for a connection setup (engine.pool_ahead says when);
 - at the cap, a retired connection keeps its slot until its QUIT is answered
   (or times out): a server counting sessions until they close never sees one
-  more than the cap (`_discard`).
+  more than the cap (`_discard`); then, in a busy pool, its replacement is opened
+  in the background at once, while the others carry the mail.
 
 A pool may share a `ConnectionGate` (engine.shaping) with the pools of the
 other MX hosts of the same provider: a new connection then also needs one of
@@ -156,7 +162,8 @@ class DestinationPool:
                 pass  # a connection opened ahead is on its way and nobody else waits for it
             elif self.open < self.health.max_connections() and not (
                     self.health.probing and self._connecting):
-                if not tried_ahead and self.open > self._connecting and self._open_ahead():
+                if (not tried_ahead and self.open > self._connecting + self._quitting
+                        and self._open_ahead()):
                     # Others are open, all busy: one of them may come back before a new
                     # connection is ready. Open it in the background and take whichever
                     # comes first. Once per call: a connect ahead that fails backs nothing
