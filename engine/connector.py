@@ -11,8 +11,10 @@ ordinary connection failure. Every connection gets TCP keepalive
 (`pool.keepalive_*`). A failed TLS
 handshake is retried once in plaintext on a fresh connection (the host is
 remembered as TLS-broken); a certificate that only fails verification is retried
-once without the check (remembered as unverifiable). Opening one connection, all
-phases together, takes at most `timeouts.setup`.
+once without the check (remembered as unverifiable, `smtp.tls_unverified_ttl`). One
+verifying handshake per host at a time: a connection that reaches STARTTLS while another
+checks the same host's certificate waits for the verdict and follows it (engine.tls).
+Opening one connection, all phases together, takes at most `timeouts.setup`.
 
 Prohibited destinations: unless `host` is a configured route, every address of
 it must pass the `DestinationPolicy` (by default: a public unicast address, not
@@ -150,8 +152,15 @@ class Connector:
         try:
             with conn.deadline("setup", self.timeouts.setup):
                 self._greet(conn, address, host.port, provider)
+                if plan.checking:  # what another connection found meanwhile, if it checked
+                    self.tls.await_verdict(host.name, self.timeouts.setup)
+                    plan = self._tls_plan(host, mode)
                 if plan.attempt and conn.has_extn("starttls"):
-                    self._starttls(conn, plan, host, provider)
+                    if plan.checking:
+                        with self.tls.verifying(host.name):
+                            self._starttls(conn, plan, host, provider)
+                    else:
+                        self._starttls(conn, plan, host, provider)
                 elif plan.dane:
                     raise self._tagged(classify.dane_no_starttls(host.name),
                                        tlsrpt.STARTTLS_NOT_SUPPORTED, address)

@@ -4,10 +4,15 @@ A destination is the full identity of a connection, `PoolKey`: sending IP, MX
 host, port and TLS mode; two keys never share a connection. Within a pool:
 
 - a connection is checked out by one greenlet at a time and comes back to the
-  idle stack when it is still usable, until it has carried `max_messages`;
+  idle stack when it is still usable, until the end of its term: its own share of
+  `max_messages` and `max_age`, drawn when it opens (engine.pool_terms), so that
+  connections opened together do not retire together; and never two of the pool
+  at once (one whose term ends while another retires or a connect is under way
+  carries on, up to the configured limits);
 - connections are created lazily, at most `max_connections` open (or opening)
   at once; callers beyond that wait for one to come back, and waiting is not a
-  delivery attempt;
+  delivery attempt; a caller that finds the open ones all busy, below the cap,
+  opens a new one in the background and takes whichever comes first;
 - the idle stack is LIFO, so a trickle of mail keeps one connection warm and
   the rest age out after `idle_timeout`;
 - an idle connection is checked before reuse (`Connection.is_alive`, no round
@@ -22,12 +27,13 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
   failure reaches every waiting caller at once, callers during the backoff fail
   fast (unless a healthy idle connection is there to take), and afterwards one
   probe connects at a time until one succeeds (engine.pool_health);
-- a connection about to be retired (`max_messages`) in a busy pool gets its
-  replacement opened ahead, in the background, if the caps leave room: the next
-  message does not wait for a connection setup (engine.pool_ahead says when);
+- a connection about to be retired in a busy pool gets its replacement opened
+  ahead, in the background, if the caps leave room: the next message does not
+  wait for a connection setup (engine.pool_ahead says when);
 - at the cap, a retired connection keeps its slot until its QUIT is answered
   (or times out): a server counting sessions until they close never sees one
-  more than the cap (`_discard`).
+  more than the cap (`_discard`); then, in a busy pool, its replacement is opened
+  in the background at once, while the others carry the mail.
 
 A pool may share a `ConnectionGate` (engine.shaping) with the pools of the
 other MX hosts of the same provider: a new connection then also needs one of
@@ -39,6 +45,7 @@ examples/psycopg2_pool.py.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -53,6 +60,7 @@ from engine import logs
 from engine.config import PoolConfig
 from engine.pool_ahead import Ahead
 from engine.pool_health import Health
+from engine.pool_terms import NOT_YET, NOW, Term
 from engine.reply import DeliveryError, WorkerFault
 from engine.smtp import Connection
 from engine.waiters import any_waiting, count_waiting, wake_first
@@ -104,6 +112,9 @@ class DestinationPool:
         self._on_check_failed = on_check_failed or (lambda conn: None)  # metric and log
         self.draining = False
         self.ahead = Ahead()  # replacements opened ahead (engine.pool_ahead)
+        self._terms: dict[int, Term] = {}  # id() of each open connection -> its term
+        self._rng = random.Random()
+        self._quitting = 0  # retired at the cap, their slot held until the QUIT's reply
 
     # -- checkout -------------------------------------------------------------
 
@@ -125,13 +136,17 @@ class DestinationPool:
         if self.draining:  # woke up after the drain began: give it back unused
             self.release(conn)  # ...which wakes the next waiter, which does the same
             raise Drained()
-        if self.ahead.checked_out(self._clock(), conn, self.settings,
+        now = self._clock()
+        term = self._term(conn)
+        if self.ahead.checked_out(now, conn, term.messages_left(conn.messages_sent),
+                                  term.seconds_left(now), self.settings,
                                   any_waiting(self._waiters), self._idle):
             if self._open_ahead():
                 self.ahead.replaced.add(id(conn))
         return conn, reused
 
     def _acquire(self) -> tuple[Connection, bool]:
+        tried_ahead = False
         while True:
             if self.draining:  # woken by drain(): leave at once
                 raise Drained()
@@ -147,7 +162,14 @@ class DestinationPool:
                 pass  # a connection opened ahead is on its way and nobody else waits for it
             elif self.open < self.health.max_connections() and not (
                     self.health.probing and self._connecting):
-                if self.gate is None or self.gate.try_enter():
+                if (not tried_ahead and self.open > self._connecting + self._quitting
+                        and self._open_ahead()):
+                    # Others are open, all busy: one of them may come back before a new
+                    # connection is ready. Open it in the background and take whichever
+                    # comes first. Once per call: a connect ahead that fails backs nothing
+                    # off, so the next try is the caller's own, with the usual back-off.
+                    tried_ahead = True
+                elif self.gate is None or self.gate.try_enter():
                     conn = self._connect()
                     if conn is not None:
                         return conn, False
@@ -160,21 +182,18 @@ class DestinationPool:
     def release(self, conn: Connection) -> None:
         if conn.owes:  # handed on, then not used for a transaction: read what is owed
             conn.settle()
-        usable = conn.sock is not None and conn.messages_sent < self.settings.max_messages
+        retiring = conn.sock is not None and self._retires(conn)
+        usable = conn.sock is not None and not retiring
         if usable and self._hand_over(conn):
             return
         if usable and not self._slot_wanted_elsewhere():
             self._idle.append(conn)
         else:
-            replaced = id(conn) in self.ahead.replaced
-            self._discard(conn)
-            if (not replaced and conn.messages_sent >= self.settings.max_messages
-                    and any_waiting(self._waiters)):
-                # Retired without a replacement opened ahead (no room then, or no sign
-                # of a busy pool), and callers wait: open one in the background if the
-                # slot is free now (below the cap; at the cap it is held until the
-                # QUIT's reply, and the woken caller connects once it comes free).
-                self._open_ahead()
+            # Retired without a replacement opened ahead (no room then, or no sign of a
+            # busy pool), in a busy pool: its replacement is opened in the background as
+            # soon as its slot is free (at the cap, after the QUIT's reply).
+            self._discard(conn, replace=retiring and id(conn) not in self.ahead.replaced
+                          and self._busy())
         self._wake_one()
 
     def pass_on(self, conn: Connection) -> bool:
@@ -183,7 +202,7 @@ class DestinationPool:
         caller's commands go out at once and it reads that reply first. Not when the
         transaction is the connection's last (`max_messages`): it is retired after the
         reply."""
-        if conn.messages_sent + 1 >= self.settings.max_messages:
+        if conn.messages_sent + 1 >= self._term(conn).messages:
             return False
         return self._hand_over(conn)
 
@@ -277,6 +296,9 @@ class DestinationPool:
             idle_for = self._clock() - conn.last_used
             if idle_for >= self.settings.idle_timeout:
                 self._discard(conn)
+            elif self._expired(conn):  # at a configured limit: a busy pool gets a new one
+                self._discard(conn, replace=id(conn) not in self.ahead.replaced
+                              and self._busy())
             elif not conn.is_alive():
                 self.stale_dropped += 1
                 self._discard(conn, polite=False)
@@ -311,6 +333,7 @@ class DestinationPool:
         finally:
             self._connecting -= 1
         self.ahead.setup_time = self._clock() - started
+        self._begin(conn)
         self._back()
         return conn
 
@@ -364,22 +387,30 @@ class DestinationPool:
         if self.gate is not None:
             self.gate.leave()
 
-    def _discard(self, conn: Connection, polite: bool = True) -> None:
+    def _discard(self, conn: Connection, polite: bool = True, replace: bool = False) -> None:
+        """Close `conn` (with a QUIT if `polite`) and free its slot; `replace`: then open
+        its replacement in the background (its term is over, in a busy pool)."""
         replaced = self.ahead.replaced
         if replaced:
             replaced.discard(id(conn))
+        self._terms.pop(id(conn), None)
         if not polite or conn.sock is None:
             conn.close()
             self._closed()
+            if replace:
+                self._open_ahead()
         elif self._at_cap():
             # Finding 2: freed now, the slot's next connection would leave with the QUIT,
             # and a server counting sessions until they close would see one too many
             # (the "421 too many connections" of a reconnect at the cap). Keep the slot
             # until the QUIT is answered (or times out) and the socket is closed.
-            gevent.spawn(self._quit_then_free, conn)
+            self._quitting += 1
+            gevent.spawn(self._quit_then_free, conn, replace)
         else:  # below the cap, a new connection is within the limit anyway: free it now
             self._closed()
             gevent.spawn(conn.quit_quietly)  # QUIT costs a round trip: not the caller's
+            if replace:
+                self._open_ahead()
 
     def _at_cap(self) -> bool:
         """Would the slot of a connection closing now be taken again at once?"""
@@ -388,12 +419,47 @@ class DestinationPool:
         gate = self.gate
         return gate is not None and (gate.open >= gate.max_connections or gate.has_waiters())
 
-    def _quit_then_free(self, conn: Connection) -> None:
+    def _quit_then_free(self, conn: Connection, replace: bool = False) -> None:
         try:
             conn.quit_quietly()
         finally:
+            self._quitting -= 1
             self._closed()
+            if replace and self._busy():  # its replacement, now that the slot is free
+                self._open_ahead()
             self._wake_one()
+
+    # -- terms: when a connection retires (engine.pool_terms) ----------------------
+
+    def _begin(self, conn: Connection) -> None:
+        """A new connection: its term starts now."""
+        self._terms[id(conn)] = Term(self.settings, self._clock(), self._rng)
+
+    def _term(self, conn: Connection) -> Term:
+        term = self._terms.get(id(conn))
+        if term is None:  # not opened by this pool (tests hand some in): from now on
+            term = self._terms[id(conn)] = Term(self.settings, self._clock(), self._rng)
+        return term
+
+    def _retires(self, conn: Connection) -> bool:
+        """Whether `conn` retires now: at a configured limit, or at its own term unless
+        another retirement or a connect of this destination is under way (then later, so
+        that two never overlap)."""
+        due = self._term(conn).due(conn.messages_sent, self._clock(), self.settings)
+        if due == NOT_YET:
+            return False
+        return due == NOW or not (self.ahead.running or self._quitting)
+
+    def _expired(self, conn: Connection) -> bool:
+        """Whether `conn`, idle, is at a configured limit (`max_age`). One only at its own
+        term carries one more message, the one a caller wants it for now: retired when
+        it comes back, the others carry the next ones while its replacement opens."""
+        return self._term(conn).due(conn.messages_sent, self._clock(), self.settings) == NOW
+
+    def _busy(self) -> bool:
+        """Callers wait, or the pool's last checkout was a moment ago (engine.pool_ahead)."""
+        return not self.draining and (any_waiting(self._waiters)
+                                      or self.ahead.busy(self._clock(), self.settings))
 
     # -- opening replacements ahead (engine.pool_ahead decides when) -----------------
 
@@ -435,6 +501,7 @@ class DestinationPool:
             return
         self._ahead_ended(greenlet, opened=True)
         self.ahead.setup_time = self._clock() - started
+        self._begin(conn)
         self._back()
         if self.draining:
             self._discard(conn)

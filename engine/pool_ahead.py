@@ -1,15 +1,16 @@
 """When to open a connection's replacement ahead of time, in a busy pool (finding 3).
 
-A pooled connection retires after `max_messages`. Without help, the message after its
-last one waits for a whole connection setup (connect, banner, EHLO, STARTTLS): in a busy
-pool, a stall every `max_messages` messages. So when a connection checked out is close to
-its last message, and the pool is busy, its replacement is opened now, in the background
-(engine.pool does the opening), and goes to the first waiter or the idle stack when it is
-ready.
+A pooled connection retires at the end of its term (engine.pool_terms: its own share of
+`max_messages` and `max_age`). Without help, the message after its last one waits for a
+whole connection setup (connect, banner, EHLO, STARTTLS): in a busy pool, a stall at every
+retirement. So when a connection checked out is close to the end of its term, and the pool
+is busy, its replacement is opened now, in the background (engine.pool does the opening),
+and goes to the first waiter or the idle stack when it is ready.
 
 How close is close: the setup time (as the pool's last connect took) at the pool's pace of
 checkouts (a moving average of the time between them), plus one, at most half of
-`max_messages` (`lead`). Busy: the previous checkout is less than `BUSY_WITHIN` seconds ago
+`max_messages` (`lead`); or, for its age, less than twice the setup time plus one interval
+between checkouts left. Busy: the previous checkout is less than `BUSY_WITHIN` seconds ago
 (at most half the idle timeout), or callers wait. Not when another open connection, fresh
 and far from its own end, will take over anyway.
 
@@ -54,19 +55,21 @@ class Ahead:
         running than callers already wait (those are served first), so one is its own."""
         return len(self.running) > waiting
 
-    def checked_out(self, now: float, conn: Connection, settings: PoolConfig, waiting: bool,
-                    idle: Sequence[Connection]) -> bool:
-        """Book a checkout (the pool's pace); True when `conn`, close to its
-        `max_messages` in a busy pool, should have its replacement opened now."""
+    def checked_out(self, now: float, conn: Connection, left: int, seconds_left: float,
+                    settings: PoolConfig, waiting: bool, idle: Sequence[Connection]) -> bool:
+        """Book a checkout (the pool's pace); True when `conn`, close to the end of its
+        term in a busy pool (`left` messages, this one included, or `seconds_left`),
+        should have its replacement opened now."""
         gap = now - self._last_checkout if self._last_checkout >= 0 else -1.0
         self._last_checkout = now
         if gap >= 0:
             self._interval = gap if self._interval < 0 else (
                 self._interval + (gap - self._interval) * _INTERVAL_WEIGHT)
         most = settings.max_messages
-        left = most - conn.messages_sent  # this message included
-        if most < 2 or left > self.lead(most) or id(conn) in self.replaced:
+        if most < 2 or id(conn) in self.replaced:
             return False  # (max_messages 1 is a connection per message, on purpose)
+        if left > self.lead(most) and seconds_left > self._lead_time():
+            return False
         # Only while the pool is busy: in a pool that carries a message now and then, the
         # replacement might idle out (or the traffic stop) before it is used.
         if not (0 <= gap < min(BUSY_WITHIN, settings.idle_timeout / 2) or waiting):
@@ -78,6 +81,16 @@ class Ahead:
         """Another open connection will take over, not about to end itself: no need."""
         return any(now - c.last_used < fresh and most - c.messages_sent > self.lead(most)
                    for c in idle)
+
+    def busy(self, now: float, settings: PoolConfig) -> bool:
+        """Checkouts come close together (their moving average), the last a moment ago."""
+        within = min(BUSY_WITHIN, settings.idle_timeout / 2)
+        return (0 <= self._interval < within and self._last_checkout >= 0
+                and now - self._last_checkout < within)
+
+    def _lead_time(self) -> float:
+        """How long before the end of a connection's term its replacement starts."""
+        return 2 * self.setup_time + max(0.0, self._interval)
 
     def lead(self, max_messages: int) -> int:
         """How many messages before its last one a connection's replacement starts: its

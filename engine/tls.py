@@ -6,9 +6,16 @@ Modes:
   does not verify is still used (encryption beats plaintext). The certificate is
   still checked, and the result recorded: the first connection to a host tries a
   verifying handshake; if only verification fails, the host is remembered as
-  unverified and later connections skip the check. A host whose handshake fails
-  outright is remembered as TLS-broken for ``smtp.tls_broken_ttl`` and gets
-  plaintext meanwhile (else every message to it would fail).
+  unverified for ``smtp.tls_unverified_ttl`` (a day) and later connections skip the
+  check. One verifying handshake per host at a time (`TlsPolicy.verifying`): a
+  connection that reaches STARTTLS while another is checking the same host waits for
+  its verdict, so a host whose certificate does not verify costs one aborted handshake
+  per worker and day, not one per connection opened meanwhile. (One handshake that
+  records the result without aborting would need OpenSSL's SSL_get_verify_result
+  after a handshake with SSL_VERIFY_NONE, which Python's ssl module does not expose.)
+  A host whose handshake fails outright is remembered as TLS-broken for
+  ``smtp.tls_broken_ttl`` and gets plaintext meanwhile (else every message to it
+  would fail).
 - ``required``: TLS must be negotiated (certificate not checked), or the host is
   skipped and the mail deferred.
 - ``verify``: TLS with a certificate valid for the MX host name, or deferred.
@@ -19,11 +26,14 @@ not checked by OpenSSL but matched against the host's TLSA records after the han
 """
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import gevent.event
 
 MODES = ("none", "opportunistic", "required", "verify")
 
@@ -43,16 +53,19 @@ class TlsPolicy:
     """Per-worker TLS decisions and what the worker learned about MX hosts."""
 
     def __init__(self, mode: str, ca_file: str | None = None, broken_ttl: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 unverified_ttl: float = 86400.0) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown TLS mode {mode!r}")
         self.mode = mode
         self.broken_ttl = broken_ttl
+        self.unverified_ttl = unverified_ttl
         self._clock = clock
         self._verifying = _verifying_context(ca_file)
         self._unverified = _unverified_context()
         self._broken: dict[str, float] = {}  # host -> until
         self._unverifiable: dict[str, float] = {}  # host -> until
+        self._checking: dict[str, gevent.event.Event] = {}  # host -> set at its verdict
 
     def plan(self, host: str, mode: str | None = None) -> TlsPlan:
         """The plan for a new connection to `host` in `mode` (None: the policy's own; a
@@ -88,7 +101,34 @@ class TlsPolicy:
 
     def mark_unverifiable(self, host: str) -> None:
         """`host`'s certificate does not verify: skip the check for a while."""
-        self._unverifiable[host] = self._clock() + self.broken_ttl
+        self._unverifiable[host] = self._clock() + self.unverified_ttl
+
+    def await_verdict(self, host: str, timeout: float) -> bool:
+        """If a verifying handshake with `host` is under way (`verifying`), wait for its
+        verdict, at most `timeout` seconds; True if there was one to wait for (the plan
+        may have changed: ask again)."""
+        pending = self._checking.get(host)
+        if pending is None:
+            return False
+        pending.wait(timeout)
+        return True
+
+    @contextlib.contextmanager
+    def verifying(self, host: str) -> Iterator[None]:
+        """Around a verifying handshake with `host` (a plan that is `checking`): others
+        `await_verdict` meanwhile; a failure of the check alone is remembered before
+        they are woken."""
+        pending = self._checking.setdefault(host, gevent.event.Event())
+        try:
+            yield
+        except BaseException as exc:
+            if is_verify_failure(exc):
+                self.mark_unverifiable(host)
+            raise
+        finally:
+            if self._checking.get(host) is pending:
+                del self._checking[host]
+            pending.set()
 
     def is_broken(self, host: str) -> bool:
         return self._active(self._broken, host)

@@ -103,7 +103,8 @@ class Worker:
         cfg = self.cfg
         resolver = Resolver(cfg.dns.nameservers, cfg.dns.port, cfg.dns.timeout, cfg.routes,
                             cfg.smtp.port, cfg.dns.cache_size, trusted_ad=cfg.dns.trusted_ad)
-        tls = TlsPolicy(cfg.smtp.tls, cfg.smtp.ca_file, cfg.smtp.tls_broken_ttl)
+        tls = TlsPolicy(cfg.smtp.tls, cfg.smtp.ca_file, cfg.smtp.tls_broken_ttl,
+                        unverified_ttl=cfg.smtp.tls_unverified_ttl)
         limits = ReplyLimits(cfg.smtp.max_line_length, cfg.smtp.max_reply_lines,
                              frozenset(cfg.smtp.discard_ehlo_keywords))
         keepalive = Keepalive.of(cfg.pool.keepalive_idle, cfg.pool.keepalive_interval,

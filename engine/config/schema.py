@@ -79,6 +79,8 @@ class SmtpConfig:
     port: int = 25
     tls: str = "opportunistic"
     tls_broken_ttl: float = 3600.0
+    # opportunistic: a host whose certificate did not verify is not checked again this long
+    tls_unverified_ttl: float = 86400.0
     ca_file: str | None = None
     max_reply_lines: int = 100
     max_line_length: int = 4096
@@ -131,7 +133,10 @@ class PoolConfig:
     shaping (see `SendingLimits`)."""
 
     max_connections: int = 10
-    max_messages: int = 100
+    # A connection retires after max_messages or max_age seconds, whichever comes first;
+    # each one draws its own term up to a tenth below these (engine.pool_terms). 0 age: none.
+    max_messages: int = 1000
+    max_age: float = 300.0
     idle_timeout: float = 60.0
     connect_backoff: float = 30.0
     # TCP keepalive on every SMTP connection: a peer gone without a FIN (host down, NAT

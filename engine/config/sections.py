@@ -176,6 +176,7 @@ _SMTP = section(SmtpConfig, {
     "port": PORT,
     "tls": choice(*TLS_MODES),
     "tls_broken_ttl": duration(),
+    "tls_unverified_ttl": duration(),
     "ca_file": optional(nonempty),
     "max_reply_lines": integer(1),
     "max_line_length": integer(512),  # RFC 5321 4.5.3.1.5: replies may be 512 octets
@@ -231,6 +232,7 @@ _TLSRPT = section(TlsRptConfig, {
 _POOL = section(PoolConfig, {
     "max_connections": integer(1),
     "max_messages": integer(1),
+    "max_age": duration(),
     "idle_timeout": duration(),
     "connect_backoff": duration(),
     "keepalive_idle": duration(),

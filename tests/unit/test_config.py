@@ -60,7 +60,7 @@ def test_minimal_config_takes_documented_defaults() -> None:
     assert cfg.smtp.discard_ehlo_keywords == ()
     assert dataclasses.astuple(cfg.smtp.timeouts) == (
         30, 300, 300, 120, 60, 300, 300, 120, 180, 600, 60, 10, 600, 1800)
-    assert dataclasses.astuple(cfg.pool) == (10, 100, 60.0, 30.0, 15.0, 5.0, 3, 2.0, 10.0)
+    assert dataclasses.astuple(cfg.pool) == (10, 1000, 300.0, 60.0, 30.0, 15.0, 5.0, 3, 2.0, 10.0)
     assert dataclasses.astuple(cfg.dns) == ((), 53, 5.0, 10000, False)
     assert dict(cfg.routes) == {}
     assert dataclasses.astuple(cfg.statsd) == (True, "127.0.0.1", 8125, "mailengine")

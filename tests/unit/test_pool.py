@@ -533,12 +533,12 @@ def test_the_replacement_is_open_before_the_retiring_connection_is_done() -> Non
 def test_nothing_is_opened_ahead_at_the_cap_and_the_slot_waits_for_the_quit() -> None:
     """max_connections 1: no room for a replacement while the old connection is open, and
     the old one's slot is freed only once its QUIT is answered: the next connect starts
-    after that, never alongside."""
+    after that, never alongside (in the background: the pool is busy)."""
     pool, factory, _ = make_pool(max_connections=1, max_messages=2)
     factory.quit_delay = 0.05
     sent = stream(pool, 4)
     assert [c.number for c, _, _ in sent] == [1, 1, 2, 2]
-    assert pool.ahead.opened == 0
+    assert pool.ahead.opened == 1  # the 2nd, once the 1st's QUIT was answered
     assert sent[2][2] > 0.04 + CONNECT_TIME * 0.9  # waited for the QUIT, then the connect
     assert factory.at_call == [1, 1]  # the first was closed when the second was dialled
     assert factory.made[0].quit
@@ -584,10 +584,12 @@ def test_at_the_gates_cap_the_slot_also_waits_for_the_quit() -> None:
                            clock, gate)
     sent = stream(pool, 4)
     assert [c.number for c, _, _ in sent] == [1, 1, 2, 2]
-    assert pool.ahead.opened == 0  # the provider's one slot is taken: nothing ahead
+    # the provider's one slot is taken: nothing ahead until the 1st's QUIT is answered
+    assert pool.ahead.opened == 1
     assert factory.at_call == [1, 1]
     gevent.sleep(0.1)
-    assert gate.open == pool.open == 0  # both retired, their QUITs answered
+    # both retired, their QUITs answered; the 2nd's replacement (the pool is busy) idles
+    assert gate.open == pool.open == pool.idle == 1 and factory.at_call == [1, 1, 1]
 
 
 def test_a_failed_connect_ahead_fails_nobody() -> None:
@@ -601,7 +603,7 @@ def test_a_failed_connect_ahead_fails_nobody() -> None:
     # (finding 1), so nothing is opened ahead of the 3rd connection's end either
     assert pool.ahead.failed == 1 and pool.ahead.opened == 0
     assert not pool.failing()
-    assert factory.calls == 3
+    assert factory.calls == 4  # the 4th: the 2nd's replacement, once its QUIT is answered
 
 
 def test_a_caller_waiting_for_a_connect_ahead_that_fails_connects_itself() -> None:

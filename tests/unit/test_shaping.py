@@ -171,7 +171,7 @@ def test_limits_resolve_defaults_then_provider_then_ip() -> None:
                     "ips": {"127.0.0.2": {"google": {"rate": 2}}}},
     })
     two, three = plan_for(cfg, "127.0.0.2"), plan_for(cfg, "127.0.0.3")
-    assert two.limits_for("google") == limits(max_connections=3, max_messages=100, rate=2.0)
+    assert two.limits_for("google") == limits(max_connections=3, max_messages=1000, rate=2.0)
     assert three.limits_for("google").rate == 20.0
     assert three.limits_for("example.net") == limits(max_connections=7, rate=5.0)
 

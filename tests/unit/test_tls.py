@@ -73,7 +73,7 @@ def test_broken_host_gets_plaintext_until_the_memory_expires() -> None:
 
 def test_unverifiable_host_skips_the_check_until_the_memory_expires() -> None:
     clock = FakeClock()
-    tls = policy("opportunistic", clock, ttl=60)
+    tls = TlsPolicy("opportunistic", clock=clock, unverified_ttl=60)
     tls.mark_unverifiable(HOST)
     plan = tls.plan(HOST)
     assert plan.attempt and not plan.checking and not plan.required
@@ -112,3 +112,58 @@ def test_fallback_after_a_failed_handshake_is_unchecked_tls_then_plaintext() -> 
     assert unchecked.context is not None and unchecked.context.verify_mode == ssl.CERT_NONE
     assert not tls.fallback(unchecked, verify_failed=True).attempt  # bounded: then plaintext
     assert not tls.fallback(first, verify_failed=False).attempt
+
+
+def verify_failure() -> Exception:
+    err = Exception("handshake")
+    err.__cause__ = ssl.SSLCertVerificationError("unknown ca")
+    return err
+
+
+def test_while_one_connection_checks_a_host_another_waits_for_its_verdict() -> None:
+    """Two connections reach STARTTLS together: the second does not start a verifying
+    handshake of its own (one more aborted handshake) but waits, and follows the verdict."""
+    import gevent
+
+    tls = policy("opportunistic")
+    order: list[str] = []
+
+    def first() -> None:
+        with pytest.raises(Exception, match="handshake"), tls.verifying(HOST):
+            gevent.sleep(0.05)
+            order.append("first failed its check")
+            raise verify_failure()
+
+    def second() -> None:
+        assert tls.await_verdict(HOST, 5.0)
+        order.append("second woken")
+        assert not tls.plan(HOST).checking  # straight to the handshake without the check
+
+    gevent.joinall([gevent.spawn(first), gevent.spawn(second)], timeout=5, raise_error=True)
+    assert order == ["first failed its check", "second woken"]
+    assert not tls.await_verdict(HOST, 5.0)  # nothing under way now
+
+
+def test_a_verdict_that_verified_leaves_the_next_connection_checking() -> None:
+    import gevent
+
+    tls = policy("opportunistic")
+
+    def first() -> None:
+        with tls.verifying(HOST):
+            gevent.sleep(0.02)
+
+    checker = gevent.spawn(first)
+    gevent.sleep(0)
+    assert tls.await_verdict(HOST, 5.0) and tls.plan(HOST).checking
+    checker.join(timeout=5)
+
+
+def test_an_unverifiable_host_is_remembered_for_the_unverified_ttl_not_the_broken_ttl() -> None:
+    clock = FakeClock()
+    tls = TlsPolicy("opportunistic", broken_ttl=60.0, clock=clock, unverified_ttl=86400.0)
+    tls.mark_unverifiable(HOST)
+    clock.now += 3600
+    assert not tls.plan(HOST).checking
+    clock.now += 86400
+    assert tls.plan(HOST).checking
