@@ -79,7 +79,7 @@ class Worker:
         self.sending_ip.on_change = self._sending_ip_changed
         # Warm-up counts survive a restart in the spool folder (writable under systemd).
         state = os.path.join(cfg.spool, f"shaping-{ip.address}.json")
-        self.shaping = Shaping(plan_for(cfg, ip.address), state)
+        self.shaping = Shaping(plan_for(cfg, ip.address), state, metrics=self.metrics)
         self.deliverer = self._deliverer()
         self.in_flight = gevent.pool.Group()
         self.delivered = 0
