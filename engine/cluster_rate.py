@@ -12,8 +12,10 @@ keep to the rate however they interleave, with no burst beyond it.
   rate gives over `cluster.lease` seconds (a quarter of a second's turns at 60/s with three
   workers: three or four round trips a second per worker), and a worker leases at most
   `cluster.lease` seconds ahead of the schedule's present.
-- **Fair to demand**: a worker asks for as many turns as it has messages waiting (one lease
-  at a time; the others wait for it), and gets at most its share (the rate's turns over
+- **Fair to demand**: a worker asks for as many turns as its messages used of late (one
+  lease at a time; the messages that come meanwhile wait for it): twice its last batch
+  when that was all taken, half of it when turns went unused, at least one per message
+  waiting; and it gets at most its share (the rate's turns over
   `cluster.lease`, divided by the workers that leased lately): a worker with little to send
   takes little, and a busy one comes back for more as soon as its batch is given out, so
   the rate goes where the demand is.
@@ -50,7 +52,8 @@ MEMBERS_SEEN = 30.0  # s: a worker that leased within this long shares the rate
 # KEYS[2]: its members (sorted set: worker -> when it last leased).
 # ARGV: member, turns wanted, rate (/s), horizon (s), members' memory (s).
 # Returns {turns granted, seconds from now to the first (or, none granted: to come
-# back in), members}; the times are Redis's own, so the hosts' clocks do not matter.
+# back in, when the batch asked for would fit), members}; the times are Redis's own, so
+# the hosts' clocks do not matter.
 LEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -63,12 +66,11 @@ local members = redis.call('ZCARD', KEYS[2])
 local free = tonumber(redis.call('GET', KEYS[1]) or '0')
 if free < now then free = now end
 local ahead = free - now
-if ahead >= horizon then
-  return {0, string.format('%.6f', ahead - horizon + 1 / rate), members}
-end
 local share = math.max(1, math.floor(rate * horizon / members))
-local room = math.max(1, math.floor((horizon - ahead) * rate))
-local n = math.min(want, share, room)
+local n = math.min(want, share)
+if ahead + n / rate > horizon then  -- full: come back when the batch fits
+  return {0, string.format('%.6f', ahead + n / rate - horizon), members}
+end
 redis.call('SET', KEYS[1], string.format('%.6f', free + n / rate),
            'PX', math.ceil((ahead + n / rate + memory) * 1000))
 return {n, string.format('%.6f', ahead), members}
@@ -92,6 +94,7 @@ class ClusterRate:
         self._turns: deque[float] = deque()  # leased turns (this process's monotonic time)
         self._leasing: Event | None = None  # set when the lease in flight is answered
         self._waiting = 0  # messages waiting for the lease in flight
+        self._batch = 1  # turns to ask for: grows while all are taken, shrinks when some are lost
         self._back_at = -math.inf  # no turn to lease before this (the schedule is full)
         self._own_free = -math.inf  # fallback: the next free turn of this worker's schedule
         self.members = 1  # workers sharing the rate, as Redis said last
@@ -138,6 +141,7 @@ class ClusterRate:
             lost += 1
         if lost:
             self.lost += lost
+            self._batch = max(1, self._batch // 2)
             if self._metrics is not None:
                 self._metrics.incr("cluster_turns_lost", self.provider, lost)
 
@@ -147,7 +151,7 @@ class ClusterRate:
         done = self._leasing = Event()
         try:
             while True:
-                wait = self._lease(self._waiting + 1)
+                wait = self._lease(max(self._batch, self._waiting + 1))
                 if wait <= 0.0:
                     return
                 self._back_at = self._clock() + wait
@@ -176,6 +180,7 @@ class ClusterRate:
         self._own_free = -math.inf
         if granted <= 0:
             return max(offset, SLACK)
+        self._batch = min(2 * self._batch, 2 * granted)  # all taken (none were left): more
         self._add(now + offset, granted, self.rate)
         return 0.0
 
