@@ -21,7 +21,9 @@ keep to the rate however they interleave, with no burst beyond it.
   the rate goes where the demand is.
 - **Degrading, not stopping**: while Redis is unreachable (engine.cluster: fallback) the
   worker keeps a schedule of its own at the rate divided by the workers it last saw share
-  it (MEMBERS_SEEN), and keeps delivering; the first lease Redis answers ends it.
+  it (MEMBERS_SEEN), and keeps delivering; the first lease Redis answers ends it. That
+  schedule starts a horizon after Redis was lost (the turns Redis gave out before are
+  all within it), so the change never sends more than the rate.
 
 A turn not taken within GRACE of its time is dropped (counted in `cluster_turns_lost`),
 so a turn is never used late enough to crowd the next host's. A message whose turn would
@@ -97,6 +99,7 @@ class ClusterRate:
         self._batch = 1  # turns to ask for: grows while all are taken, shrinks when some are lost
         self._back_at = -math.inf  # no turn to lease before this (the schedule is full)
         self._own_free = -math.inf  # fallback: the next free turn of this worker's schedule
+        self._held_until = -math.inf  # the last turn leased from Redis (given out or not)
         self.members = 1  # workers sharing the rate, as Redis said last
         self.lost = 0  # turns leased and not taken in time
 
@@ -182,12 +185,19 @@ class ClusterRate:
             return max(offset, SLACK)
         self._batch = min(2 * self._batch, 2 * granted)  # all taken (none were left): more
         self._add(now + offset, granted, self.rate)
+        self._held_until = now + offset + (granted - 1) / self.rate
         return 0.0
 
     def _lease_own(self, want: int, now: float) -> float:
         """Redis unreachable: the same schedule, this worker's alone, at its share."""
         rate, horizon = self.share, self._cluster.cfg.lease
         free = max(self._own_free, now)
+        if self._own_free == -math.inf and self._held_until > -math.inf:
+            # From shared to alone: every turn Redis gave out before it went (to any host)
+            # is within a horizon of now, and this worker's own are before `_held_until`.
+            # Its schedule starts after both: never on top of them.
+            free = max(now + horizon, self._held_until)
+        self._own_free = free
         if free - now >= horizon:
             return free - now - horizon + 1.0 / rate
         granted = max(1, min(want, math.floor((horizon - (free - now)) * rate)))
