@@ -6,6 +6,7 @@ another one's value (`hostname`, `ips`, `ip_pools`: see engine.config.loader).
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import fields
 from types import MappingProxyType
@@ -504,8 +505,13 @@ def _redis_url(value: Any, path: str) -> str:
     url = text(value, path)
     if not url:
         return url
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in _REDIS_SCHEMES or not rest:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # a port that is not a number raises
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in _REDIS_SCHEMES or "://" not in url or not (
+            parts.path if parts.scheme == "unix" else parts.hostname) or port == 0:
         raise error(path, "must be redis://host[:port][/db], rediss://... or unix://path"
                           " (got a value that is not; it is not shown: it may hold a password)")
     return url
