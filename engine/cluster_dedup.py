@@ -35,9 +35,10 @@ PENDING = 60.0  # s: an unconfirmed claim lapses after this long (its host died,
 ACCEPTED, CLAIMED = "accepted:", "pending:"
 
 # One script call per batch: a pipeline of SET NX and GET per id cost the supervisor 33 µs
-# of CPU a job in redis-py; the two scripts, claim and confirm, 3 (bench/cluster_cost.py). KEYS: the ids' keys; ARGV: this host's claim, its expiry
-# in ms. Returns the keys held already, as {index (from 1), holder, index, holder, ...}:
-# nothing to read back for the fresh ones, most of a batch.
+# of CPU a job in redis-py; the two scripts, claim and confirm, 3 (bench/cluster_cost.py).
+# KEYS: the ids' keys; ARGV: this host's claim, its expiry in ms. Returns the keys held
+# already, as {index (from 1), holder, index, holder, ...}: nothing to read back for the
+# fresh ones, most of a batch.
 CLAIM = """
 local held = {}
 for i, key in ipairs(KEYS) do
