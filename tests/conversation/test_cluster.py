@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
 import pytest
 
-from engine.cluster import FALLBACK, OFF, SHARED, Cluster
+from engine.cluster import FALLBACK, SHARED, Cluster
 from engine.cluster_dedup import SharedIds
 from engine.cluster_rate import GRACE, ClusterRate
 from engine.config import ClusterConfig
@@ -221,13 +221,6 @@ def test_redis_down_at_intake_only_the_spool_checks_and_it_is_counted(
     assert metrics.total("dedup_unchecked") == 3
     lines = [r.getMessage() for r in caplog.records if "event=cluster_mode" in r.getMessage()]
     assert len(lines) == 1 and "mode=fallback" in lines[0] and "at_start=True" in lines[0]
-
-
-def test_no_redis_configured_is_off_and_never_connects() -> None:
-    link = Cluster(ClusterConfig(), "a")
-    calls: list[Callable[[Any], Any]] = []
-    assert link.mode == OFF and not link.enabled
-    assert link.run("dedup", calls.append) is None and calls == []
 
 
 def test_a_password_in_the_url_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
