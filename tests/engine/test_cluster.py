@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -66,6 +67,13 @@ def busiest(times: list[float], window: float) -> int:
     return most
 
 
+def per_second(receiver: SinkServer, since: float) -> dict[str, list[tuple[int, int]]]:
+    """Messages accepted per second from each sender, seconds counted from `since`."""
+    return {ip: sorted(collections.Counter(math.floor(t - since)
+                                           for t in receiver.accept_times(ip)).items())
+            for ip in IPS}
+
+
 def push_spread(engines: list[LocalEngine], jobs: list[tuple[dict[str, Any], bytes]]) -> None:
     """One PUSH socket connected to every engine's ingest: ZeroMQ deals the jobs round."""
     ctx = zmq.Context.instance()
@@ -98,9 +106,11 @@ def test_three_engines_share_one_limit_and_one_duplicate_window_and_go_on_withou
     resent = [job("resent-1", 0)]
     assert engines[0].push(resent)
     engines[0].wait_final(1, timeout=30)
-    assert engines[1].push(resent)  # acknowledged...
-    queued = [e for e in engines[1].events() if e["event"] == "queued"]
-    assert [(e["id"], e.get("duplicate")) for e in queued] == [("resent-1", True)]
+    assert engines[1].push(resent)  # acknowledged, as a duplicate, and not spooled there
+    events = engines[1].wait_for(lambda evs: any(e["event"] == "queued" for e in evs),
+                                 timeout=10, what="queued")
+    assert [(e["event"], e["id"], e.get("duplicate")) for e in events] == \
+        [("queued", "resent-1", True)]
 
     # 1,200 jobs from one producer, spread over the three.
     start_count = len(receiver.accept_times())
@@ -122,19 +132,20 @@ def test_three_engines_share_one_limit_and_one_duplicate_window_and_go_on_withou
     times = sorted(receiver.accept_times()[start_count:])
     shared = [t for t in times if t < killed]
     alone = [t for t in times if t >= killed + 2.0]  # past the turns leased before the kill
+    seen = per_second(receiver, killed)  # for the messages: what the receiver saw, when
     # Shared: at most 63/s in any 5 s, at least 54/s on average, nothing refused.
-    assert busiest(shared, 5.0) <= 63 * 5, busiest(shared, 5.0)
-    assert len(shared) / (shared[-1] - shared[0]) >= 54, len(shared) / (shared[-1] - shared[0])
-    assert receiver.throttle_times() == [] or min(receiver.throttle_times()) >= killed
+    assert busiest(shared, 5.0) <= 63 * 5, seen
+    assert len(shared) / (shared[-1] - shared[0]) >= 54, seen
+    assert [t for t in receiver.throttle_times() if t < killed] == [], seen
     # Redis gone: delivery goes on, the three within 110% of the limit, each host at its
     # share (a third) while it has mail (what it had left when Redis went differs).
-    assert busiest(alone, 5.0) <= 1.1 * LIMIT * 5, busiest(alone, 5.0)
+    assert busiest(alone, 5.0) <= 1.1 * LIMIT * 5, seen
+    share = LIMIT / 3
     for ip in IPS:
-        mine = sorted(t for t in receiver.accept_times(ip) if t >= killed + 2.0)
-        if len(mine) >= 40:
-            rate = (len(mine) - 1) / (mine[-1] - mine[0])
-            assert 0.8 * LIMIT / 3 <= rate <= 1.1 * LIMIT / 3, (ip, rate)
-    assert len(alone) >= JOBS / 5, len(alone)
+        mine = [t for t in receiver.accept_times(ip) if t >= killed + 2.0]
+        if len(mine) >= 6 * share:  # it had mail for a while: its busiest 5 s are its share
+            assert 0.8 * share * 5 <= busiest(mine, 5.0) <= 1.1 * share * 5, (ip, seen)
+    assert len(alone) >= JOBS / 5, seen
     for engine in engines:
         assert "event=cluster_mode mode=fallback" in Path(engine.log_path).read_text(), \
             engine.log_tail()
