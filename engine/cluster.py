@@ -66,7 +66,8 @@ class Cluster:
         # else), and logged as whatever the first answer (or its absence) says.
         self.mode = SHARED if cfg.redis else OFF
         self._logged: str | None = None if cfg.redis else OFF
-        self._gauge()
+        if self.mode == OFF:
+            self._gauge()  # else at the first answer, or its absence
 
     @property
     def enabled(self) -> bool:
