@@ -92,15 +92,14 @@ class Cluster:
         return result
 
     def script(self, lua: str) -> Callable[..., Any]:
-        """A Lua script, run by its SHA (loaded again when Redis forgot it): call it
-        inside `run` as `script(keys=..., args=..., client=client)`."""
-        registered: dict[int, Any] = {}
+        """A Lua script, run by its SHA (loaded again when Redis forgot it, a restarted
+        Redis): call it inside `run` as `script(keys=..., args=..., client=client)`."""
+        registered: list[Any] = []
 
         def call(keys: list[str], args: list[Any], client: Any) -> Any:
-            found = registered.get(id(client))
-            if found is None:
-                found = registered.setdefault(id(client), client.register_script(lua))
-            return found(keys=keys, args=args, client=client)
+            if not registered:
+                registered.append(client.register_script(lua))
+            return registered[0](keys=keys, args=args, client=client)
         return call
 
     def close(self) -> None:
