@@ -586,6 +586,12 @@ def test_two_ips_example_has_what_it_promises() -> None:
     assert cfg.routes and cfg.smtp.timeouts != config.Timeouts()
 
 
+def test_cluster_example_shares_through_redis() -> None:
+    cfg = load(str(ROOT / "conf" / "examples" / "cluster-host.yaml"))
+    assert cfg.cluster.redis and cfg.cluster.host == "mta-a"
+    assert config.SendingLimits.of(cfg.pool, cfg.shaping, "192.0.2.10", "yahoo").cluster_rate
+
+
 def test_shipped_default_holds_every_default() -> None:
     shipped = to_dict(load(str(SHIPPED)))
     defaults = to_dict(from_dict({"hostname": shipped["hostname"], "ips": shipped["ips"]}))
