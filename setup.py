@@ -29,7 +29,12 @@ setup(
         "test": ["pytest", "pytest-timeout", "pytest-randomly", "aiosmtpd", "trustme", "hypothesis",
                  "mypy", "ruff", "types-PyYAML", "types-tqdm",
                  # the independent DKIM verifier of the tests (PyNaCl: its Ed25519)
-                 "dkimpy", "pynacl"],
+                 "dkimpy", "pynacl",
+                 # the cluster tests (tests/*/test_cluster.py, with Debian's redis-server)
+                 "redis"],
+        # several engine hosts sharing limits and de-duplication in Redis (docs/SCALING.md);
+        # on Debian: python3-redis
+        "cluster": ["redis>=4.3"],
         # the demo's local SMTP server (engine/testing/sink.py) and its certificate
         "demo": ["aiosmtpd", "trustme"],
     },

@@ -10,6 +10,12 @@ spool in one transaction (group commit); only once that has returned are they
 or finished recently (a producer re-sending one whose `queued` it missed) is
 acknowledged again with `queued` and `"duplicate": true`, and not spooled twice.
 
+In a cluster (`cluster.redis`, engine.cluster_dedup), the batch's ids are also claimed in
+Redis first, in one round trip: a job another host accepted within the duplicate window is
+acknowledged as a duplicate and not spooled here; one another host is spooling this
+instant is not acknowledged (its producer sends it again). Redis unreachable: the spool's
+own check alone.
+
 A batch the spool cannot write (a full disk, an I/O error) is not acknowledged:
 no `queued`, so its producers send it again; the supervisor stops reading the
 ingest socket until the spool is tried again (engine.spoolhealth).
@@ -23,6 +29,8 @@ import zmq
 
 from engine import crash, events, logs, sockets
 from engine.clock import EngineClock
+from engine.cluster import Cluster
+from engine.cluster_dedup import SharedIds
 from engine.config import Config
 from engine.job import Job, JobRejected, parse_job
 from engine.metrics import Metrics
@@ -50,6 +58,8 @@ class Intake:
         self._publish = publish
         self._metrics = metrics
         self._health = health or SpoolHealth(metrics)
+        self._shared = SharedIds(Cluster(cfg.cluster, cfg.hostname, metrics), metrics) \
+            if cfg.cluster.redis else None  # the cluster's ids: changed at a restart only
 
     @property
     def open(self) -> bool:
@@ -67,11 +77,15 @@ class Intake:
         TLS-RPT's mailed reports, engine.tlsrpt_store); also returns the ids of the jobs
         the spool now holds (new, or already there)."""
         jobs = [job for frames in batch if (job := self._validate(frames)) is not None]
+        if self._shared is not None:
+            jobs = self._not_elsewhere(jobs, self._shared)
         if not jobs:
             return [], set()
         accepted_at = self._clock.now()
         done, accepted = self._spool_what_fits(jobs, accepted_at)
         crash.point("after_spool_commit", len(done))
+        if self._shared is not None and done:
+            self._shared.confirm(job.id for job in done)
         fresh = {id(job) for job in accepted}
         for job in done:
             # A re-sent job the spool holds (or finished) is acknowledged again,
@@ -83,6 +97,17 @@ class Intake:
                         accepted_at + (job.expires if job.expires is not None else max_age),
                         job.rcpts, dict.fromkeys(job.rcpts, 0)) for job in accepted], \
             {job.id for job in done}
+
+    def _not_elsewhere(self, jobs: list[Job], shared: SharedIds) -> list[Job]:
+        """The jobs this host may spool: those another host of the cluster accepted are
+        acknowledged as duplicates, those it is spooling now are left to their producers'
+        next try (engine.cluster_dedup)."""
+        claims = shared.claim([job.id for job in jobs])
+        for job in jobs:
+            if job.id in claims.elsewhere:
+                self._publish(events.queued(job, duplicate=True))
+        skip = claims.elsewhere | claims.pending
+        return [job for job in jobs if job.id not in skip] if skip else jobs
 
     def _spool_what_fits(self, jobs: list[Job], now: float) -> tuple[list[Job], list[Job]]:
         """Spool the batch in one transaction; when the spool cannot take it (a full disk,

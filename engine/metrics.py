@@ -75,6 +75,8 @@ DECLARED: tuple[Metric, ...] = (
            " (successful upgrades only)"),
     Metric("ehlo", "timer", "the first EHLO (or HELO) of a connection"),
     Metric("transaction", "timer", "MAIL through the final reply, one message"),
+    Metric("cluster_lease", "timer", "a lease of turns of the provider's cluster-wide rate"
+           " from Redis (one round trip for a batch of messages; engine.cluster_rate)"),
     # counters
     Metric("delivered", "counter", "recipients delivered (2xx)"),
     Metric("deferred", "counter", "recipient attempts deferred (4xx or no answer)"),
@@ -204,7 +206,25 @@ DECLARED: tuple[Metric, ...] = (
            " failed (tried again after tlsrpt.retry)", SUPERVISOR),
     Metric("tlsrpt_reports_given_up", "counter", "TLS-RPT reports dropped, not accepted by"
            " every rua after tlsrpt.give_up", SUPERVISOR),
+    Metric("cluster_fallbacks", "counter", "times the process lost the cluster's Redis"
+           " (down, unreachable, slower than cluster.timeout) and fell back to what it knows"
+           " alone (engine.cluster)", EVERY_PROCESS),
+    Metric("cluster_turns_lost", "counter", "turns of the provider's cluster-wide rate leased"
+           " and not taken in time (the messages they were leased for went elsewhere)"),
+    Metric("duplicates_elsewhere", "counter", "jobs acknowledged as duplicates because"
+           " another host of the cluster accepted their id within cluster.duplicate_window"
+           " (not spooled here)", SUPERVISOR),
+    Metric("claimed_elsewhere", "counter", "jobs not acknowledged because another host of the"
+           " cluster was spooling the same id that instant (their producers send them again)",
+           SUPERVISOR),
+    Metric("dedup_unchecked", "counter", "jobs read at intake while the cluster's Redis was"
+           " unreachable: only this spool's own duplicate check applied", SUPERVISOR),
     # gauges
+    Metric("cluster_mode", "gauge", "the process's link to the cluster's Redis: 0 off (no"
+           " cluster configured), 1 fallback (Redis unreachable), 2 shared", EVERY_PROCESS,
+           "mode"),
+    Metric("cluster_members", "gauge", "workers (of every host) sharing the provider's"
+           " cluster-wide rate, as Redis said at the last lease", PER_PROVIDER, "workers"),
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),
     Metric("in_flight", "gauge", "tasks (jobs) the worker is delivering", PER_IP, "jobs"),

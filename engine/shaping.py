@@ -9,7 +9,9 @@ says which apply to the IP). A shaper is made of
 - the **pace** (engine.pacer): turns spaced at the allowed rate of the moment;
 - the **allowed rate** (engine.rate): slow start, decrease on push-back, recovery, probing;
 - **push-back recognised by behaviour** (engine.pushback), besides the throttle rules;
-- **caps** (engine.caps): messages per hour, and a warm-up schedule of messages per day.
+- **caps** (engine.caps): messages per hour, and a warm-up schedule of messages per day;
+- in a cluster, the provider's **cluster-wide rate** (engine.cluster_rate: turns leased
+  from Redis), taken after the local pace, just before the message is sent.
 
 Delivery asks for a turn before it sends (`turn`) and tells the shaper what each transaction's
 replies were (`judge`): a throttle rule, push-back by behaviour or a block of the IP slows the
@@ -35,7 +37,10 @@ from typing import Any
 
 from engine import classify, logs
 from engine.caps import Caps, Deferral
+from engine.cluster import Cluster
+from engine.cluster_rate import ClusterRate
 from engine.config import (
+    ClusterConfig,
     Config,
     PoolConfig,
     SendingLimits,
@@ -45,6 +50,7 @@ from engine.config import (
     WarmupConfig,
 )
 from engine.gate import Clock, ConnectionGate
+from engine.metrics import Metrics
 from engine.pacer import Pacer
 from engine.pushback import Pushback
 from engine.rate import AllowedRate
@@ -79,7 +85,8 @@ class ProviderShaper:
     def __init__(self, provider: str, limits: SendingLimits, throttle: ThrottleConfig,
                  max_wait: float, daily_cap: Callable[[], int | None] | None = None,
                  clock: Clock = time.monotonic, wall: Clock = time.time,
-                 on_learned: Callable[[], None] | None = None) -> None:
+                 on_learned: Callable[[], None] | None = None,
+                 cluster_rate: ClusterRate | None = None) -> None:
         self.provider = provider
         self.limits = limits
         self.throttle = throttle
@@ -93,6 +100,7 @@ class ProviderShaper:
         self.pacer = Pacer(self.rate.spacing, self.rate.time_for, clock, lambda: self.epoch)
         self.pushback = Pushback(throttle.pushback_after)
         self.caps = Caps(limits.hourly, daily_cap or (lambda: None), wall, clock)
+        self.cluster_rate = cluster_rate  # the provider's rate across the cluster, if any
         self.suspended_until = 0.0  # monotonic
         self.held = False  # the suspension now is the operator's (`hold`)
         self.triggers: collections.Counter[str] = collections.Counter()  # throttles, by why
@@ -118,6 +126,10 @@ class ProviderShaper:
         turn = self.pacer.wait_for_turn(self.max_wait, first)
         if isinstance(turn, float):
             return Deferral(self._wall() + self._back_in(turn), "pace")
+        if self.cluster_rate is not None:  # last: its turn is the moment the message goes
+            wait = self.cluster_rate.take(self.max_wait)
+            if wait > 0.0:
+                return Deferral(self._wall() + self._back_in(wait), "cluster pace")
         # Suspended, or a cap reached, while this message waited in line: with a paced
         # line every message in it passed the cap's check before the first was counted.
         deferral = self._suspended() or (None if again else self.caps.reached())
@@ -317,6 +329,7 @@ class ProviderShaper:
             "max_connections": self.limits.max_connections,
             "sent_today": self.caps.sent_today,
             "daily_cap": self.caps.daily_cap,
+            **(self.cluster_rate.state() if self.cluster_rate is not None else {}),
         }
 
 
@@ -333,6 +346,8 @@ class ShapingPlan:
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    hostname: str = ""  # this host's name in the cluster when cluster.host is not set
     # The first day of the IP's warm-up (`warmup.ips`); None: this IP is not warming up.
     warmup_start: datetime.date | None = field(init=False)
 
@@ -362,23 +377,36 @@ class Shaping:
     a restarted worker (or engine) neither floods a receiver again nor forgets its caps."""
 
     def __init__(self, plan: ShapingPlan, state_file: str | None = None,
-                 clock: Clock = time.monotonic, wall: Clock = time.time) -> None:
+                 clock: Clock = time.monotonic, wall: Clock = time.time,
+                 metrics: Metrics | None = None) -> None:
         self.plan = plan
         self.state_file = state_file
         self._clock = clock
         self._wall = wall
+        self._metrics = metrics
         self._shapers: dict[str, ProviderShaper] = {}
         self._saved = self._load()
+        # The connection to the cluster's Redis (engine.cluster), if one is configured.
+        self.cluster = Cluster(plan.cluster, plan.hostname, metrics, clock) \
+            if plan.cluster.redis else None
 
     def get(self, provider: str) -> ProviderShaper:
         shaper = self._shapers.get(provider)
         if shaper is None:
-            shaper = ProviderShaper(provider, self.plan.limits_for(provider),
-                                    self.plan.throttle, self.plan.shaping.max_wait,
-                                    self._daily_cap, self._clock, self._wall, self.save)
+            limits = self.plan.limits_for(provider)
+            shaper = ProviderShaper(provider, limits, self.plan.throttle,
+                                    self.plan.shaping.max_wait, self._daily_cap, self._clock,
+                                    self._wall, self.save, self._cluster_rate(provider, limits))
             self._restore(provider, shaper)
             self._shapers[provider] = shaper
         return shaper
+
+    def _cluster_rate(self, provider: str, limits: SendingLimits) -> ClusterRate | None:
+        """The provider's cluster-wide rate, if it has one and a cluster is configured."""
+        if self.cluster is None or limits.cluster_rate <= 0:
+            return None
+        return ClusterRate(self.cluster, provider, limits.cluster_rate,
+                           f"{self.cluster.host}/{self.plan.ip}", self._metrics, self._clock)
 
     def _restore(self, provider: str, shaper: ProviderShaper) -> None:
         if self._saved.get("day") == shaper.caps.day:
@@ -442,4 +470,4 @@ class Shaping:
 def plan_for(cfg: Config, ip: str) -> ShapingPlan:
     """The shaping plan of sending IP `ip` from the config."""
     return ShapingPlan(ip=ip, pool=cfg.pool, shaping=cfg.shaping, throttle=cfg.throttle,
-                       warmup=cfg.warmup)
+                       warmup=cfg.warmup, cluster=cfg.cluster, hostname=cfg.hostname)

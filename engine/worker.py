@@ -79,7 +79,7 @@ class Worker:
         self.sending_ip.on_change = self._sending_ip_changed
         # Warm-up counts survive a restart in the spool folder (writable under systemd).
         state = os.path.join(cfg.spool, f"shaping-{ip.address}.json")
-        self.shaping = Shaping(plan_for(cfg, ip.address), state)
+        self.shaping = Shaping(plan_for(cfg, ip.address), state, metrics=self.metrics)
         # TLS-RPT's session counts (engine.tlsrpt), sent to the supervisor every second.
         self.tlsrpt = tlsrpt.Sessions(ip.address) if cfg.tlsrpt.enabled else None
         self._tlsrpt_failed: set[str] = set()  # domains whose rua lookup failed last time

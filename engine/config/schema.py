@@ -215,6 +215,7 @@ class ProviderLimits:
     rate: float | None = None
     hourly: int | None = None
     connection_rate: float | None = None
+    cluster_rate: float | None = None  # shaping.providers only: see ShapingConfig
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,9 @@ class ShapingConfig:
     hourly: int = 0  # messages per hour, 0 = unlimited
     connection_rate: float = 0.0  # new connections per second, 0 = unlimited
     max_wait: float = 10.0  # longer waits for a turn go back to the spool
+    # Messages per second to a provider from every host of the cluster together (Redis:
+    # `cluster`, engine.cluster_rate); 0 = no cluster-wide limit. Per provider in practice.
+    cluster_rate: float = 0.0
     providers: Mapping[str, ProviderLimits] = field(default_factory=_frozen_mapping)
     ips: Mapping[str, Mapping[str, ProviderLimits]] = field(default_factory=_frozen_mapping)
 
@@ -243,6 +247,7 @@ class SendingLimits:
     rate: float  # messages per second: the most the adaptive rate may reach
     hourly: int  # messages per hour
     connection_rate: float  # new connections per second
+    cluster_rate: float  # messages per second from every host of the cluster together
 
     @classmethod
     def of(cls, pool: PoolConfig, shaping: ShapingConfig, ip: str,
@@ -250,7 +255,8 @@ class SendingLimits:
         """The limits of sending IP `ip` x `provider`."""
         limits = cls(max_connections=pool.max_connections, max_messages=pool.max_messages,
                      rate=shaping.rate, hourly=shaping.hourly,
-                     connection_rate=shaping.connection_rate)
+                     connection_rate=shaping.connection_rate,
+                     cluster_rate=shaping.cluster_rate)
         for given in (shaping.providers.get(provider), shaping.ips.get(ip, {}).get(provider)):
             if given is not None:
                 limits = replace(limits, **{f.name: getattr(given, f.name) for f in fields(given)
@@ -417,6 +423,20 @@ class DkimConfig:
     expiry: float = 0.0  # x= this long after t= (0: no x= tag)
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several engine hosts sharing limits and de-duplication through one Redis
+    (engine.cluster; docs/SCALING.md). No `redis`: this host alone, as without a cluster."""
+
+    redis: str = ""  # redis://[user:password@]host[:port][/db], rediss://..., unix://path
+    host: str = ""  # this host's name in the cluster; "" = `hostname`
+    prefix: str = "mailengine"  # of every key the engine writes in Redis
+    timeout: float = 0.5  # connecting to Redis, and each command
+    retry: float = 5.0  # while Redis is unreachable, it is tried again this often
+    duplicate_window: float = 86400.0  # a job id accepted anywhere is a duplicate this long
+    lease: float = 1.0  # a cluster-wide rate's turns are leased at most this far ahead
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """The whole configuration. Build it with `load` or `from_dict`, which validate.
@@ -460,6 +480,7 @@ class Config:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     warnings: tuple[str, ...] = field(default=(), compare=False, metadata=NOT_PLAIN)
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ another one's value (`hostname`, `ips`, `ip_pools`: see engine.config.loader).
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import fields
 from types import MappingProxyType
@@ -20,6 +21,7 @@ from engine.config.schema import (
     TLS_MODES,
     CategoriesConfig,
     CategoryRule,
+    ClusterConfig,
     CurveConfig,
     DkimConfig,
     DkimDomainConfig,
@@ -305,6 +307,7 @@ _PROVIDER_LIMITS = section(ProviderLimits, {
     "rate": optional(number(0)),
     "hourly": optional(integer(0)),
     "connection_rate": optional(number(0)),
+    "cluster_rate": optional(number(0)),
 })
 
 
@@ -315,14 +318,21 @@ def _per_provider(value: Any, path: str) -> Mapping[str, ProviderLimits]:
 
 
 def _per_ip(value: Any, path: str) -> Mapping[str, Mapping[str, ProviderLimits]]:
-    return MappingProxyType({ip_address(ip, join(path, ip)): _per_provider(v, join(path, ip))
-                             for ip, v in mapping(value, path).items()})
+    table = MappingProxyType({ip_address(ip, join(path, ip)): _per_provider(v, join(path, ip))
+                              for ip, v in mapping(value, path).items()})
+    for ip, providers in table.items():
+        for name, limits in providers.items():
+            if limits.cluster_rate is not None:  # one figure for every host: not one IP's
+                raise error(join(join(join(path, ip), name), "cluster_rate"),
+                            "cluster-wide: set it under shaping.providers")
+    return table
 
 
 _SHAPING = section(ShapingConfig, {
     "rate": number(0),
     "hourly": integer(0),
     "connection_rate": number(0),
+    "cluster_rate": number(0),
     "max_wait": duration(),
     "providers": _per_provider,
     "ips": _per_ip,
@@ -498,6 +508,47 @@ def _dkim(value: Any, path: str) -> DkimConfig:
     return cfg
 
 
+# --- cluster -------------------------------------------------------------------------
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(value: Any, path: str) -> str:
+    """A Redis URL as redis-py reads it (`Redis.from_url`), or "" (no cluster)."""
+    url = text(value, path)
+    if not url:
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port  # a port that is not a number raises
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in _REDIS_SCHEMES or "://" not in url or not (
+            parts.path if parts.scheme == "unix" else parts.hostname) or port == 0:
+        raise error(path, "must be redis://host[:port][/db], rediss://... or unix://path"
+                          " (got a value that is not; it is not shown: it may hold a password)")
+    return url
+
+
+def _cluster_host(value: Any, path: str) -> str:
+    """This host's name in the cluster ("": the hostname): it goes into Redis keys."""
+    name = text(value, path)
+    if name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise error(path, f"letters, digits, '.', '_' and '-' (got {show(value)})")
+    return name
+
+
+_CLUSTER = section(ClusterConfig, {
+    "redis": _redis_url,
+    "host": _cluster_host,
+    "prefix": matching(r"[A-Za-z0-9_-]+(:[A-Za-z0-9_-]+)*",
+                       "letters, digits, _ and - in ':'-separated parts"),
+    "timeout": duration(positive=True),
+    "retry": duration(positive=True),
+    "duplicate_window": duration(positive=True),
+    "lease": duration(positive=True),
+})
+
 
 TOP_READERS: dict[str, Reader] = {
     "ingest": endpoint,
@@ -524,4 +575,5 @@ TOP_READERS: dict[str, Reader] = {
     "warmup": _WARMUP,
     "security": _SECURITY,
     "dkim": _dkim,
+    "cluster": _CLUSTER,
 }

@@ -13,6 +13,7 @@ import yaml
 from engine import cli, config
 from engine.config import (
     ConfigError,
+    SendingLimits,
     from_dict,
     load,
     parse_duration,
@@ -128,6 +129,20 @@ def test_throttle_holdoff_still_loads_with_a_warning_naming_it() -> None:
 
 
 # --- ips and ip_pools --------------------------------------------------------
+
+
+def test_cluster_is_off_by_default_and_reads_its_keys() -> None:
+    assert from_dict(minimal()).cluster.redis == ""
+    cfg = from_dict(minimal(cluster={"redis": "redis://user:pw@10.0.0.5:6380/2", "host": "mx-1",
+                                     "prefix": "mail:out", "timeout": "250ms", "retry": "2s",
+                                     "duplicate_window": "2d", "lease": "500ms"},
+                            shaping={"providers": {"yahoo": {"cluster_rate": 300}}}))
+    assert (cfg.cluster.redis, cfg.cluster.host, cfg.cluster.prefix) == \
+        ("redis://user:pw@10.0.0.5:6380/2", "mx-1", "mail:out")
+    assert (cfg.cluster.timeout, cfg.cluster.retry, cfg.cluster.duplicate_window,
+            cfg.cluster.lease) == (0.25, 2.0, 172800.0, 0.5)
+    assert SendingLimits.of(cfg.pool, cfg.shaping, "192.0.2.10", "yahoo").cluster_rate == 300
+    assert SendingLimits.of(cfg.pool, cfg.shaping, "192.0.2.10", "google").cluster_rate == 0
 
 
 def test_ip_pools_default_to_every_ip() -> None:
@@ -268,7 +283,7 @@ REFUSALS = [
     (minimal(events_log=False), "events_log", "must be a string"),
     (minimal(log_level="INFO"), "log_level", "must be one of debug, info, warning, error"),
     (minimal(drain_timeout="forever"), "drain_timeout", "not a duration"),
-    (minimal(colour=True), "colour", "unknown key (known keys: ingest, events"),
+    (minimal(flavour=True), "flavour", "unknown key (known keys: ingest, events"),
     (minimal(smtp={"port": 0}), "smtp.port", "from 1 to 65535 (got 0)"),
     (minimal(smtp={"port": 65536}), "smtp.port", "from 1 to 65535"),
     (minimal(smtp={"port": True}), "smtp.port", "must be an integer (got True)"),
@@ -350,6 +365,21 @@ REFUSALS = [
     (minimal(throttle={"block_suspend": -1}), "throttle.block_suspend", ">= 0 seconds"),
     (minimal(throttle={"holdof": "2s"}), "throttle.holdof", "unknown key"),
     ({"ips": ["192.0.2.10"], 5: "x"}, "5", "keys must be strings"),
+    (minimal(cluster={"redis": "http://r:6379"}), "cluster.redis", "must be redis://"),
+    (minimal(cluster={"redis": "redis://:pw@"}), "cluster.redis", "it is not shown"),
+    (minimal(cluster={"redis": "redis:/r"}), "cluster.redis", "must be redis://"),
+    (minimal(cluster={"host": "a b"}), "cluster.host", "letters, digits"),
+    (minimal(cluster={"host": "a:b"}), "cluster.host", "letters, digits"),
+    (minimal(cluster={"prefix": "me:"}), "cluster.prefix", "':'-separated parts"),
+    (minimal(cluster={"timeout": 0}), "cluster.timeout", "more than 0"),
+    (minimal(cluster={"lease": "0s"}), "cluster.lease", "more than 0"),
+    (minimal(cluster={"duplicate_window": "forever"}), "cluster.duplicate_window",
+     "not a duration"),
+    (minimal(cluster={"redis_url": "redis://r"}), "cluster.redis_url", "unknown key"),
+    (minimal(shaping={"providers": {"yahoo": {"cluster_rate": -1}}}),
+     "shaping.providers.yahoo.cluster_rate", "must be >= 0"),
+    (minimal(shaping={"ips": {"192.0.2.10": {"yahoo": {"cluster_rate": 5}}}}),
+     "shaping.ips.192.0.2.10.yahoo.cluster_rate", "set it under shaping.providers"),
 ]
 
 
@@ -554,6 +584,12 @@ def test_two_ips_example_has_what_it_promises() -> None:
     cfg = load(str(ROOT / "conf" / "examples" / "two-ips.yaml"))
     assert len(cfg.ips) == 2 and {"transactional", "bulk", "default"} <= set(cfg.ip_pools)
     assert cfg.routes and cfg.smtp.timeouts != config.Timeouts()
+
+
+def test_cluster_example_shares_through_redis() -> None:
+    cfg = load(str(ROOT / "conf" / "examples" / "cluster-host.yaml"))
+    assert cfg.cluster.redis and cfg.cluster.host == "mta-a"
+    assert config.SendingLimits.of(cfg.pool, cfg.shaping, "192.0.2.10", "yahoo").cluster_rate
 
 
 def test_shipped_default_holds_every_default() -> None:

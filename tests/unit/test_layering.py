@@ -26,10 +26,10 @@ SUPERVISOR_SIDE = ("engine.supervisor", "engine.intake", "engine.results", "engi
                    "engine.workers", "engine.control", "engine.spool", "engine.events",
                    "engine.job", "engine.address", "engine.sockets", "engine.retry",
                    "engine.auth", "engine.curve", "engine.zap", "engine.salvage", "engine.clock",
-                   "engine.tlsrpt_store", "engine.tlsrpt_report")
+                   "engine.tlsrpt_store", "engine.tlsrpt_report", "engine.cluster_dedup")
 WORKER_SIDE = ("engine.worker", "engine.delivery", "engine.connector", "engine.pool",
                "engine.shaping", "engine.smtp", "engine.mx", "engine.tls", "engine.waiters",
-               "engine.mtasts", "engine.tlspolicy", "engine.dane")
+               "engine.mtasts", "engine.tlspolicy", "engine.dane", "engine.cluster_rate")
 SMTP_LAYER = ("engine.smtp",)
 
 # (modules the rule is about, what they must not import, why)
@@ -48,6 +48,8 @@ RULES = [
      "the protocol is shared by both sides and depends on neither"),
     (("engine.crash",), ("engine", "zmq", "gevent"),
      "crash points are shared by both sides and depend on nothing"),
+    (("engine.cluster",), (*WORKER_SIDE, *SUPERVISOR_SIDE, "zmq", "gevent"),
+     "the link to the cluster's Redis is shared by both sides and depends on neither"),
 ]
 # engine.classify, where every reply is judged: what it may import, nothing else of the engine.
 CLASSIFY_MAY_IMPORT = ("engine.reply", "engine.protocol", "engine.config", "engine.text")
@@ -121,6 +123,23 @@ def test_importing_the_supervisor_loads_neither_smtplib_nor_gevent() -> None:
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                          text=True, timeout=50, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_engine_runs_without_redis_py_when_no_cluster_is_configured() -> None:
+    """redis-py is needed only by a host in a cluster: without it (imports of `redis` fail
+    here), every module loads, and a config without `cluster.redis` builds its intake's
+    and its shapers' parts as before, never reaching for it."""
+    probe = ("import sys; sys.modules['redis'] = None;"
+             " import engine.supervisor, engine.intake, engine.worker, engine.shaping;"
+             " from engine.config import from_dict; from engine.shaping import Shaping, plan_for;"
+             " cfg = from_dict({'ips': ['127.0.0.2'],"
+             " 'shaping': {'providers': {'google': {'cluster_rate': 60}}}});"
+             " shaper = Shaping(plan_for(cfg, '127.0.0.2')).get('google');"
+             " print(shaper.cluster_rate, engine.intake.Cluster(cfg.cluster, 'h').mode)")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                         text=True, timeout=50, check=True)
+    assert out.stdout.strip() == "None off", out.stdout + out.stderr
 
 
 def test_the_architecture_page_names_only_what_exists() -> None:

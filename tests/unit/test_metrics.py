@@ -37,7 +37,7 @@ DYNAMIC_NAMES = {"status.value": {s.value for s in Status if s is not Status.EXP
 # emits them, remove them here and the note in the docs.
 NOT_EMITTED_YET: set[str] = set()
 SUPERVISOR_FILES = {"supervisor.py", "intake.py", "results.py", "dispatch.py", "workers.py",
-                    "spoolhealth.py", "outbox.py", "tlsrpt_store.py",
+                    "spoolhealth.py", "outbox.py", "tlsrpt_store.py", "cluster_dedup.py",
                     "control.py"}  # the supervisor process's modules
 
 

@@ -1,0 +1,87 @@
+"""What the cluster's Redis costs on the hot paths (issue #18; docs/SCALING.md "Cost").
+
+- **Intake**: the supervisor claims each intake batch's ids (engine.cluster_dedup: one
+  script call before the spool, one after). Measured: CPU time of this process per job, and
+  wall time per batch of 1,000 (Redis's own work included), against a real redis-server on
+  loopback.
+- **Leases**: three workers' leases of one provider's cluster-wide rate
+  (engine.cluster_rate), busy (50 messages each waiting): round trips per message and the
+  lease's time, at 60/s and at 300/s.
+
+    python3 -m bench.cluster_cost        # ~15 s; needs redis-server and redis-py
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import gevent
+
+from engine.cluster import Cluster
+from engine.cluster_dedup import SharedIds
+from engine.cluster_rate import ClusterRate
+from engine.config import ClusterConfig
+from engine.metrics import Metrics
+from tests.support.redis import RedisServer
+
+BATCHES = 30
+BATCH = 1000
+
+
+class Timings(Metrics):
+    """Keeps the lease timer's samples (ms)."""
+
+    def __init__(self) -> None:
+        super().__init__(None, "127.0.0.2")
+        self.leases: list[float] = []
+
+    def _send(self, method: str, name: str, value: float) -> None:
+        if method == "timing":
+            self.leases.append(value)
+
+
+def intake(server: RedisServer) -> None:
+    ids = SharedIds(Cluster(ClusterConfig(redis=server.url), "host0"), Metrics(None, "x"))
+    ids.claim(["warm-up"])
+    cpu, wall = [], []
+    for b in range(BATCHES):
+        batch = [f"job-{b}-{i}" for i in range(BATCH)]
+        started, started_cpu = time.perf_counter(), time.process_time()
+        ids.claim(batch)
+        ids.confirm(batch)
+        cpu.append((time.process_time() - started_cpu) / BATCH * 1e6)
+        wall.append((time.perf_counter() - started) * 1000)
+    print(f"intake: claim + confirm, {BATCH} ids a batch: {statistics.median(cpu):.1f} µs of"
+          f" CPU per job in the supervisor, {statistics.median(wall):.1f} ms a batch (wall)")
+
+
+def leases(server: RedisServer, rate: float, seconds: float = 5.0) -> None:
+    timings = Timings()
+    rates = [ClusterRate(Cluster(ClusterConfig(redis=server.url), f"host{i}"), "bench", rate,
+                         f"host{i}/127.0.0.{i + 2}", timings) for i in range(3)]
+    stop = time.monotonic() + seconds
+    taken = [0]
+
+    def busy(limit: ClusterRate) -> None:
+        while time.monotonic() < stop:
+            if limit.take(10.0) == 0.0:
+                taken[0] += 1
+
+    gevent.joinall([gevent.spawn(busy, r) for r in rates for _ in range(50)])
+    samples = sorted(timings.leases)
+    print(f"leases at {rate:.0f}/s, 3 workers: {taken[0]} messages, {len(samples)} leases"
+          f" ({len(samples) / taken[0]:.3f} round trips a message), a lease"
+          f" {statistics.median(samples):.2f} ms median,"
+          f" {samples[int(len(samples) * 0.95)]:.2f} ms p95")
+
+
+def main() -> None:
+    with RedisServer() as server:
+        intake(server)
+    for rate in (60.0, 300.0):
+        with RedisServer() as server:
+            leases(server, rate)
+
+
+if __name__ == "__main__":
+    main()
