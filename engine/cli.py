@@ -199,8 +199,19 @@ def _check_config(args: argparse.Namespace) -> int:
     if not args.no_host_check and _host_lacks(cfg):
         return 2
     if not args.quiet:
-        print(json.dumps(config_mod.to_dict(cfg), indent=2))
+        print(json.dumps(_shown_config(cfg), indent=2))
     return 0
+
+
+def _shown_config(cfg: config_mod.Config) -> dict[str, Any]:
+    """The effective config as check-config prints it: a Redis password left out (the
+    output goes to terminals, tickets and CI logs)."""
+    from engine.cluster import shown
+    plain = config_mod.to_dict(cfg)
+    cluster = plain.get("cluster")
+    if isinstance(cluster, dict) and cluster.get("redis"):
+        cluster["redis"] = shown(cluster["redis"])
+    return plain
 
 
 def _host_lacks(cfg: config_mod.Config) -> bool:

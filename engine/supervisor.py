@@ -73,7 +73,8 @@ HOUSEKEEPING = 10.0  # seconds between spool pruning and the spool and memory ga
 QUIET_AFTER_DRAIN = 2.0  # seconds to read late results once the workers have exited
 EVENTS_HWM = 10000  # events queued for one slow subscriber; the log still has them all
 # Changing these needs a restart: a reload only warns.
-RESTART_KEYS = ("ingest", "events", "control", "spool", "run_dir", "events_log", "tlsrpt")
+RESTART_KEYS = ("ingest", "events", "control", "spool", "run_dir", "events_log", "tlsrpt",
+                "cluster")
 # Held (blocked) from the start of `mailengine run` until `run` handles them (engine.cli).
 HELD_AT_START = frozenset({signal.SIGHUP, signal.SIGUSR1})
 _EXPIRED = Status.EXPIRED.value  # an enum's .value is a Python-level property

@@ -205,3 +205,13 @@ def test_a_control_curve_key_it_cannot_use_is_named(folder: Path, problem: str) 
         "endpoint": f"tcp://127.0.0.1:{free_port()}",
         "curve": {"enabled": True, "server_secret_key": secret,
                   "allowed_clients": str(operators)}}), line)
+
+
+def test_check_config_prints_the_redis_url_without_its_password(folder: Path) -> None:
+    """The config printed in full goes to terminals, tickets and CI logs: a cluster's Redis
+    password stays out of it (the engine's log lines leave it out too: engine.cluster)."""
+    path = write_config(folder, cluster={"redis": "redis://ops:s3cret-pw@127.0.0.1:6390/2"})
+    done = mailengine("check-config", "--no-host-check", "-c", path, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "s3cret-pw" not in done.stdout + done.stderr
+    assert '"redis": "redis://ops:***@127.0.0.1:6390/2"' in done.stdout
