@@ -27,6 +27,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-randomly", "aiosmtpd", "trustme", "hypothesis",
+                 "jsonschema",  # the TLS-RPT report checked against RFC 8460's format
                  "mypy", "ruff", "types-PyYAML", "types-tqdm",
                  # the independent DKIM verifier of the tests (PyNaCl: its Ed25519)
                  "dkimpy", "pynacl",

@@ -17,6 +17,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
@@ -41,6 +42,16 @@ def totals(reports: Iterable[dict[str, Any]], domain: str) -> tuple[int, Counter
             for detail in entry.get("failure-details", ()):
                 failures[detail["result-type"]] += detail["failed-session-count"]
     return successes, failures
+
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "data" / "tlsrpt-report.schema.json")
+                    .read_text(encoding="utf-8"))
+
+
+def conforms(report: dict[str, Any]) -> None:
+    """The report validates against RFC 8460's format (tests/data/tlsrpt-report.schema.json:
+    every field the RFC requires, no other, each of its type and vocabulary)."""
+    jsonschema.Draft202012Validator(SCHEMA).validate(report)
 
 
 def accepted(posts: list[tuple[int, str, bytes]]) -> list[dict[str, Any]]:
@@ -134,6 +145,8 @@ def test_reports_count_the_sessions_and_reach_both_ruas(
         assert detail["receiving-mx-hostname"] == "mx.bad.test"
         assert detail["receiving-ip"] == "127.0.0.22"
         assert detail["failed-session-count"] == 1
+        for report in reports:
+            conforms(report)
         report = reports[0]
         assert report["organization-name"] == "Sender Org"
         assert report["contact-info"] == "ops@sender.test"
@@ -157,6 +170,7 @@ def test_reports_count_the_sessions_and_reach_both_ruas(
         content = part.get_content()
         assert isinstance(content, bytes)
         mailed_report = json.loads(gzip.decompress(content))
+        conforms(mailed_report)
         assert mailed_report["report-id"] in message["Subject"]
         assert mailed_report["report-id"] in {r["report-id"] for r in reports}
         # The report's own job: queued and delivered, its meta naming the report.
