@@ -153,11 +153,11 @@ class Connector:
             with conn.deadline("setup", self.timeouts.setup):
                 self._greet(conn, address, host.port, provider)
                 if plan.checking:  # what another connection found meanwhile, if it checked
-                    self.tls.await_verdict(host.name, self.timeouts.setup)
+                    self.tls.await_verdict(host.name, self.timeouts.setup, host.port)
                     plan = self._tls_plan(host, mode)
                 if plan.attempt and conn.has_extn("starttls"):
                     if plan.checking:
-                        with self.tls.verifying(host.name):
+                        with self.tls.verifying(host.name, host.port):
                             self._starttls(conn, plan, host, provider)
                     else:
                         self._starttls(conn, plan, host, provider)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import gevent
@@ -249,7 +249,7 @@ class Deliverer:
             self._policy_kept(decision, host, provider, verified)
             try:
                 verdict = self._judge(shaper, results, provider, epoch, seconds,
-                                      task.tried | guessed if guessed else task.tried)
+                                      task.tried, guessed)
             except Stopping:  # killed waiting for a verdict: the replies came, say them
                 raise Unreported(self._outcomes(task, results, host.name, provider, tls,
                                                 reused, decision=decision,
@@ -477,17 +477,22 @@ class Deliverer:
         return self._verdict(shaper, shaper.judge([reply], epoch), provider)
 
     def _judge(self, shaper: ProviderShaper, results: Sequence[RcptResult], provider: str,
-               epoch: int, seconds: float | None, tried: Container[str]) -> Verdict:
+               epoch: int, seconds: float | None, tried: frozenset[str],
+               guessed: frozenset[str]) -> Verdict:
         """What one transaction's replies say about the pace (engine.shaping.ProviderShaper.
-        judge). A recipient refused before may be refused again for its own mailbox's
+        judge). A recipient refused before (`tried`: on a counted attempt; `guessed`:
+        throttled by behaviour alone here) may be refused again for its own mailbox's
         reasons: when a batch of them came due together, their refusals in a row looked like
         push-back, and a receiver with no limit at all was held to a probe at a time."""
-        if not tried:  # the usual task: first tries only
+        if not tried and not guessed:  # the usual task: first tries only
             return self._verdict(shaper, shaper.judge([r.reply for r in results], epoch,
                                                       seconds), provider)
-        replies = [r.reply for r in results if r.reply.ok or r.rcpt not in tried]
-        repeated = [r.reply for r in results if not r.reply.ok and r.rcpt in tried]
-        return self._verdict(shaper, shaper.judge(replies, epoch, seconds, repeated), provider)
+        before = tried | guessed
+        replies = [r.reply for r in results if r.reply.ok or r.rcpt not in before]
+        repeated = [r for r in results if not r.reply.ok and r.rcpt in before]
+        return self._verdict(shaper, shaper.judge(
+            replies, epoch, seconds, [r.reply for r in repeated],
+            guessed=any(r.rcpt in guessed for r in repeated)), provider)
 
     def _verdict(self, shaper: ProviderShaper, verdict: Verdict, provider: str) -> Verdict:
         """A first refusal's verdict is awaited here, holding no connection, until the next

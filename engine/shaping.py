@@ -164,7 +164,8 @@ class ProviderShaper:
     # -- learning from replies -----------------------------------------------------
 
     def judge(self, replies: Sequence[Reply], epoch: int,
-              seconds: float | None = None, repeated: Sequence[Reply] = ()) -> Verdict:
+              seconds: float | None = None, repeated: Sequence[Reply] = (),
+              guessed: bool = False) -> Verdict:
         """What the replies to one transaction (or a connection's failure) say about the
         pace; the shaper adapts to them. `epoch`: the message's turn's (see `epoch`): the
         refusal of mail sent before the last answer to a push-back says nothing new;
@@ -172,8 +173,10 @@ class ProviderShaper:
         recipients the receiver refused before (Task.tried), left out of `replies`: a
         block or a rule's words count in them, but by behaviour they are no push-back of
         their own: their own mailbox may explain them. Throttled while the provider pushes
-        back; else the next transaction of another message decides. Never waits (see
-        `Verdict.pending`)."""
+        back; else an ordinary deferral, unless `guessed`: some were throttled by behaviour
+        alone in this worker, and the next transaction of another message decides (a
+        window that closes again refuses them first). Never waits (see `Verdict.pending`).
+        """
         now = self._clock()
         fresh = epoch == self.epoch
         refused = [reply for reply in replies if not reply.ok]
@@ -197,7 +200,7 @@ class ProviderShaper:
             if self.pushback.pushing:  # a probe refused: answered as any refusal now is
                 self._pushed_back(now, PUSHBACK, fresh)
                 return self._counted(Verdict(PUSHBACK))
-            return Verdict(pending=True)
+            return Verdict(pending=guessed)
         return CLEAN
 
     def verdict(self) -> Verdict:

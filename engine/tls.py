@@ -38,6 +38,11 @@ import gevent.event
 MODES = ("none", "opportunistic", "required", "verify")
 
 
+# s: the longest a connection waits for another's certificate check of the same server
+# (a handshake takes a few round trips): past it, it checks for itself.
+VERDICT_WAIT = 2.0
+
+
 @dataclass(frozen=True)
 class TlsPlan:
     """What to do on one new connection to one MX host."""
@@ -65,7 +70,8 @@ class TlsPolicy:
         self._unverified = _unverified_context()
         self._broken: dict[str, float] = {}  # host -> until
         self._unverifiable: dict[str, float] = {}  # host -> until
-        self._checking: dict[str, gevent.event.Event] = {}  # host -> set at its verdict
+        # (host, port) -> set at its verdict: another port is another server
+        self._checking: dict[tuple[str, int], gevent.event.Event] = {}
 
     def plan(self, host: str, mode: str | None = None) -> TlsPlan:
         """The plan for a new connection to `host` in `mode` (None: the policy's own; a
@@ -103,22 +109,25 @@ class TlsPolicy:
         """`host`'s certificate does not verify: skip the check for a while."""
         self._unverifiable[host] = self._clock() + self.unverified_ttl
 
-    def await_verdict(self, host: str, timeout: float) -> bool:
+    def await_verdict(self, host: str, timeout: float, port: int = 25) -> bool:
         """If a verifying handshake with `host` is under way (`verifying`), wait for its
-        verdict, at most `timeout` seconds; True if there was one to wait for (the plan
-        may have changed: ask again)."""
-        pending = self._checking.get(host)
+        verdict, at most `timeout` seconds and VERDICT_WAIT; True if there was one to wait
+        for (the plan may have changed: ask again). Regression: waited for the whole setup
+        deadline, a server dripping its handshake held every other connection to that
+        address for as long (5 s for healthy mail, tests/engine/test_hostile.py)."""
+        pending = self._checking.get((host, port))
         if pending is None:
             return False
-        pending.wait(timeout)
+        pending.wait(min(timeout, VERDICT_WAIT))
         return True
 
     @contextlib.contextmanager
-    def verifying(self, host: str) -> Iterator[None]:
+    def verifying(self, host: str, port: int = 25) -> Iterator[None]:
         """Around a verifying handshake with `host` (a plan that is `checking`): others
         `await_verdict` meanwhile; a failure of the check alone is remembered before
         they are woken."""
-        pending = self._checking.setdefault(host, gevent.event.Event())
+        key = (host, port)
+        pending = self._checking.setdefault(key, gevent.event.Event())
         try:
             yield
         except BaseException as exc:
@@ -126,8 +135,8 @@ class TlsPolicy:
                 self.mark_unverifiable(host)
             raise
         finally:
-            if self._checking.get(host) is pending:
-                del self._checking[host]
+            if self._checking.get(key) is pending:
+                del self._checking[key]
             pending.set()
 
     def is_broken(self, host: str) -> bool:

@@ -144,6 +144,31 @@ def test_while_one_connection_checks_a_host_another_waits_for_its_verdict() -> N
     assert not tls.await_verdict(HOST, 5.0)  # nothing under way now
 
 
+def test_the_wait_for_a_verdict_is_short_and_per_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A check under way with one port of a host holds no connection to another port; and a
+    check that drips on (a hostile server) holds the others VERDICT_WAIT at most, not the
+    whole setup deadline: they then check for themselves."""
+    import time
+
+    import gevent
+
+    from engine import tls as tls_mod
+    monkeypatch.setattr(tls_mod, "VERDICT_WAIT", 0.2)
+    tls = policy("opportunistic")
+
+    def dripping() -> None:
+        with tls.verifying(HOST, 2525):
+            gevent.sleep(5)
+
+    checker = gevent.spawn(dripping)
+    gevent.sleep(0)
+    assert not tls.await_verdict(HOST, 30.0, port=25)  # another server: nothing to wait for
+    started = time.monotonic()
+    assert tls.await_verdict(HOST, 30.0, port=2525)
+    assert time.monotonic() - started < 1.0
+    assert tls.plan(HOST).checking  # no verdict came: it checks for itself
+    checker.kill()
+
 def test_a_verdict_that_verified_leaves_the_next_connection_checking() -> None:
     import gevent
 
