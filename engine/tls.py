@@ -8,10 +8,10 @@ Modes:
   verifying handshake; if only verification fails, the host is remembered as
   unverified for ``smtp.tls_unverified_ttl`` (a day) and later connections skip the
   check. One verifying handshake per host at a time (`TlsPolicy.verifying`): a
-  connection that reaches STARTTLS while another is checking the same host waits for
-  its verdict, so a host whose certificate does not verify costs one aborted handshake
-  per worker and day, not one per connection opened meanwhile. (One handshake that
-  records the result without aborting would need OpenSSL's SSL_get_verify_result
+  connection that reaches STARTTLS while another is checking the same server waits for
+  its verdict (VERDICT_WAIT at most), so a host whose certificate does not verify costs
+  one aborted handshake per worker and day, not one per connection opened meanwhile.
+  (One handshake that records the result without aborting would need OpenSSL's SSL_get_verify_result
   after a handshake with SSL_VERIFY_NONE, which Python's ssl module does not expose.)
   A host whose handshake fails outright is remembered as TLS-broken for
   ``smtp.tls_broken_ttl`` and gets plaintext meanwhile (else every message to it
