@@ -11,8 +11,9 @@ Modes:
   connection that reaches STARTTLS while another is checking the same server waits for
   its verdict (VERDICT_WAIT at most), so a host whose certificate does not verify costs
   one aborted handshake per worker and day, not one per connection opened meanwhile.
-  (One handshake that records the result without aborting would need OpenSSL's SSL_get_verify_result
-  after a handshake with SSL_VERIFY_NONE, which Python's ssl module does not expose.)
+  (One handshake that records the result without aborting would need OpenSSL's
+  SSL_get_verify_result after a handshake with SSL_VERIFY_NONE, which Python's ssl
+  module does not expose.)
   A host whose handshake fails outright is remembered as TLS-broken for
   ``smtp.tls_broken_ttl`` and gets plaintext meanwhile (else every message to it
   would fail).
