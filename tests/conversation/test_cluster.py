@@ -20,6 +20,7 @@ from engine.cluster_dedup import SharedIds
 from engine.cluster_rate import GRACE, ClusterRate
 from engine.config import ClusterConfig
 from engine.metrics import Metrics
+from tests.support.rates import busiest
 from tests.support.redis import RedisServer, need_redis
 
 
@@ -69,17 +70,6 @@ def offering(rate: ClusterRate, times: list[float], stop: float, every: float) -
         messages.append(gevent.spawn(one))
         gevent.sleep(every)
     gevent.joinall(messages, raise_error=True)
-
-
-def busiest(times: list[float], window: float) -> int:
-    """The most turns in any `window` seconds."""
-    times = sorted(times)
-    most, first = 0, 0
-    for last, at in enumerate(times):
-        while at - times[first] > window:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
 
 
 def between(times: list[float], start: float, end: float) -> int:

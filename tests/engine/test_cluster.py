@@ -30,6 +30,7 @@ import zmq
 
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
+from tests.support.rates import busiest
 from tests.support.redis import RedisServer, need_redis
 from tests.support.wait import socket_event, until
 
@@ -60,17 +61,6 @@ def receiver() -> Iterator[SinkServer]:
 def job(job_id: str, index: int) -> tuple[dict[str, Any], bytes]:
     return ({"id": job_id, "from": "sender@example.test", "to": [f"{job_id}@a.test"]},
             make_message(index, 1000))
-
-
-def busiest(times: list[float], window: float) -> int:
-    """The most messages in any `window` seconds."""
-    times = sorted(times)
-    most, first = 0, 0
-    for last, at in enumerate(times):
-        while at - times[first] > window:
-            first += 1
-        most = max(most, last - first + 1)
-    return most
 
 
 def per_second(receiver: SinkServer, since: float) -> dict[str, list[tuple[int, int]]]:

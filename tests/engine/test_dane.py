@@ -50,6 +50,23 @@ def sha256_cert(pem: bytes) -> str:
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem.decode())).hexdigest()
 
 
+def last_tries(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each job's last delivered or deferred event, by job id."""
+    return {e["id"]: e for e in events if e["event"] in ("delivered", "deferred")}
+
+
+def summary(got: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, ...]]:
+    """Per job: its outcome, enhanced code, the TLS policy that applied, and whether the
+    certificate verified."""
+    return {job: (e["event"], e["enhanced"], e.get("tls_policy"), e.get("tls_verified"))
+            for job, e in got.items()}
+
+
+def subjects(sink: SinkServer) -> list[bytes]:
+    """The subjects of the messages `sink` received, sorted."""
+    return sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0] for m in sink.messages)
+
+
 def test_dane_through_a_validating_resolver(
         tmp_path: Path, local_engine: Callable[..., LocalEngine],
         servers_installed: None) -> None:
@@ -122,11 +139,8 @@ def test_dane_through_a_validating_resolver(
             want = {"tlsrpt_success": 4, "tlsrpt_tlsa_invalid": 1,
                     "tlsrpt_starttls_not_supported": 1}
             assert statsd.wait_for(lambda: reported() == want, 20), reported()
-        got: dict[str, Any] = {e["id"]: e for e in events
-                               if e["event"] in ("delivered", "deferred")}
-        summary = {job: (e["event"], e["enhanced"], e.get("tls_policy"), e.get("tls_verified"))
-                   for job, e in got.items()}
-        assert summary == {
+        got = last_tries(events)
+        assert summary(got) == {
             "ok": ("delivered", "2.0.0", "dane", True),
             "ta": ("delivered", "2.0.0", "dane", True),
             "bad": ("deferred", "4.7.5", "dane", None),
@@ -138,9 +152,7 @@ def test_dane_through_a_validating_resolver(
         assert ("DANE: no TLSA record matched the certificate of mx mx-bad.dane.test"
                 in got["bad"]["reply"])
         assert "does not offer STARTTLS" in got["notls"]["reply"]
-        subjects = sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0]
-                          for m in tls_sink.messages)
-        assert subjects == [b"test message 0", b"test message 1", b"test message 3",
+        assert subjects(tls_sink) == [b"test message 0", b"test message 1", b"test message 3",
                             b"test message 5", b"test message 6"]
         assert all(m.tls is not None for m in tls_sink.messages)
         assert no_tls.messages == []  # never in plaintext
@@ -220,11 +232,8 @@ def test_dane_forced_for_some_domains_requires_tlsa(
             # "ok" and "free" (TLS under no policy) succeed; the three others: dane-required
             want = {"tlsrpt_success": 2, "tlsrpt_dane_required": 3}
             assert statsd.wait_for(lambda: reported() == want, 20), reported()
-        got: dict[str, Any] = {e["id"]: e for e in events
-                               if e["event"] in ("delivered", "deferred")}
-        summary = {job: (e["event"], e["enhanced"], e.get("tls_policy"), e.get("tls_verified"))
-                   for job, e in got.items()}
-        assert summary == {
+        got = last_tries(events)
+        assert summary(got) == {
             "ok": ("delivered", "2.0.0", "dane", True),
             "pkix": ("deferred", "4.7.5", "dane", None),
             "bare": ("deferred", "4.7.5", "dane", None),
@@ -236,9 +245,7 @@ def test_dane_forced_for_some_domains_requires_tlsa(
                     " TLSA records") in got[job]["reply"]
         assert "MX records of plain.test are not DNSSEC-authenticated" in got["plain"]["reply"]
         assert got["plain"]["mx"] is None  # refused before any host was tried
-        subjects = sorted(m.content.split(b"Subject: ")[1].split(b"\r\n")[0]
-                          for m in sink.messages)
-        assert subjects == [b"test message 0", b"test message 4"]
+        assert subjects(sink) == [b"test message 0", b"test message 4"]
 
         def refused() -> float:
             return sum(statsd.counter_sum(name) for name in statsd.names("counter")
