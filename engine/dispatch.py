@@ -356,7 +356,8 @@ class Dispatcher:
         now = self._clock.now()
         # A recipient refused before keeps its last refusal (and so its category), as one
         # expired by a result does (engine.results.plan); one never refused says why here.
-        replies = {r: pending.last_replies.get(r, EXPIRED_REPLY) for r in pending.rcpts}
+        last = self._spool.last_replies(pending.job.id)
+        replies = {r: last.get(r, EXPIRED_REPLY) for r in pending.rcpts}
         expired = [events.attempt_event(
             Attempt(job_id=pending.job.id, rcpt=rcpt, status=Status.EXPIRED,
                     reply=reply, ip="", ts=now),

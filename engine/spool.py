@@ -22,7 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from typing import Any, Self
 
@@ -47,9 +47,6 @@ class Pending:
     expires_ts: float
     rcpts: tuple[str, ...]  # recipients not final yet whose next_attempt <= now
     attempts: Mapping[str, int]  # attempts made so far, per rcpt in `rcpts`
-    # The last reply recorded for each rcpt in `rcpts` that has one: an expiry keeps it
-    # (its event's category is the last refusal's, as when a result expires it).
-    last_replies: Mapping[str, Reply] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -321,9 +318,8 @@ class Spool:
                 "SELECT queued_ts, expires_ts, CAST(envelope AS BLOB), CAST(message AS BLOB)"
                 " FROM jobs WHERE id = ?", (job_id,)).fetchone()
             rows = self._conn.execute(
-                "SELECT rcpt, attempts, code, enhanced, reply FROM rcpts WHERE job_id = ?"
-                " AND status = 'pending' AND next_attempt <= ? ORDER BY rowid",
-                (job_id, now)).fetchall()
+                "SELECT rcpt, attempts FROM rcpts WHERE job_id = ? AND status = 'pending'"
+                " AND next_attempt <= ? ORDER BY rowid", (job_id, now)).fetchall()
         except sqlite3.Error as e:  # e.g. text that is not UTF-8
             if is_damage(e):  # the file, not this row: setting it aside would fail too
                 raise
@@ -333,11 +329,8 @@ class Spool:
         queued_ts, expires_ts, envelope, message = row
         job = _decode(envelope, message)
         try:
-            attempts = {str(r[0]): int(r[1]) for r in rows}
-            replies = {str(rcpt): Reply(int(code), enhanced, str(text or ""))
-                       for rcpt, _, code, enhanced, text in rows if code is not None}
-            return Pending(job, float(queued_ts), float(expires_ts), tuple(attempts), attempts,
-                           replies)
+            attempts = {str(rcpt): int(n) for rcpt, n in rows}
+            return Pending(job, float(queued_ts), float(expires_ts), tuple(attempts), attempts)
         except (TypeError, ValueError) as e:
             raise _Corrupt(f"bad spool row: {e}") from e
 
@@ -547,6 +540,22 @@ class Spool:
                 "SELECT COUNT(DISTINCT r.job_id), COUNT(*) FROM rcpts AS r"
                 f" WHERE r.status = 'pending' AND {where}", params).fetchone()
         return int(jobs), int(rcpts)
+
+    def last_replies(self, job_id: str) -> dict[str, Reply]:
+        """The last reply recorded for each pending recipient of `job_id` that has one (an
+        expiry keeps it: engine.dispatch). Read only when a job expires, not with every due
+        job; an unreadable row gives none (the expiry says why itself)."""
+        try:
+            with self._reading():
+                rows = self._conn.execute(
+                    "SELECT rcpt, code, enhanced, reply FROM rcpts WHERE job_id = ?"
+                    " AND status = 'pending' AND code IS NOT NULL", (job_id,)).fetchall()
+            return {str(rcpt): Reply(int(code), enhanced, str(text or ""))
+                    for rcpt, code, enhanced, text in rows}
+        except SpoolDamaged:
+            raise
+        except (sqlite3.Error, TypeError, ValueError):
+            return {}
 
     def job_record(self, job_id: str) -> dict[str, Any] | None:
         """What the spool holds of one job, its message left out: None if it holds none."""
