@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 
 import gevent
 
@@ -42,7 +43,7 @@ from engine.dkim import WireSigner
 from engine.memo import Memo
 from engine.metrics import Metrics
 from engine.mx import Destination, MxHost, Resolver
-from engine.pool import DestinationPool, PoolKey
+from engine.pool import DestinationPool, PoolKey, StaleTurn
 from engine.pools import Pools
 from engine.protocol import Attempt, Status, Task
 from engine.provider import DEFAULT_PROVIDERS, provider_of
@@ -406,37 +407,45 @@ class Deliverer:
                     return turn
                 epoch = turn
             waited = time.monotonic()
-            with pool.connection() as (conn, reused):
-                if shaper.epoch != epoch:
-                    continue  # throttled while we waited: give it back, take the turn again
-                self.metrics.timing("pool_wait", provider, (time.monotonic() - waited) * 1000.0)
-                if reused:
-                    self.metrics.incr("connections_reused", provider)
-                started = time.monotonic()
-                try:
-                    results = send_mail(conn, task.sender, rcpts, task.message,
-                                        task.smtputf8, task.eightbit, task.requiretls,
-                                        self._signing(task, provider))
-                except StaleConnection as err:
-                    self.metrics.incr("connections_stale", provider)
-                    stale = err
-                    tries += 1
-                    continue
-                except Stopping as stop:
-                    if stop.results is None:  # the server cannot have it: nothing to say
-                        raise
-                    raise Unreported(self._outcomes(task, stop.results, host.name, provider,
-                                                    conn.tls_version, reused,
-                                                    decision=decision,
-                                                    verified=bool(conn.tls_verified))) from None
-                seconds = time.monotonic() - started
-                self.metrics.timing("transaction", provider, seconds * 1000.0)
-                if self.tlsrpt is not None and self.tlsrpt.first(conn, domain):
-                    self._session_kept(domain, decision, host, conn)
-                return (results, conn.tls_version, reused, epoch, seconds,
-                        bool(conn.tls_verified))
+            try:
+                with pool.connection(partial(shaper.holds, epoch)) as (conn, reused):
+                    if shaper.epoch != epoch:
+                        continue  # throttled while we waited: give it back, take the turn again
+                    self.metrics.timing("pool_wait", provider,
+                                        (time.monotonic() - waited) * 1000.0)
+                    return self._transaction(task, rcpts, conn, reused, host, provider,
+                                             decision, domain, epoch)
+            except StaleTurn:
+                continue  # throttled while we waited: nothing opened, take the turn again
+            except StaleConnection as err:
+                self.metrics.incr("connections_stale", provider)
+                stale = err
+                tries += 1
         assert stale is not None
         raise stale
+
+    def _transaction(self, task: Task, rcpts: list[str], conn: Connection, reused: bool,
+                     host: MxHost, provider: str, decision: Decision, domain: str,
+                     epoch: int) -> _Sent:
+        """One message on a checked-out connection: its results (StaleConnection: the
+        server had closed it, nothing was sent)."""
+        if reused:
+            self.metrics.incr("connections_reused", provider)
+        started = time.monotonic()
+        try:
+            results = send_mail(conn, task.sender, rcpts, task.message, task.smtputf8,
+                                task.eightbit, task.requiretls, self._signing(task, provider))
+        except Stopping as stop:
+            if stop.results is None:  # the server cannot have it: nothing to say
+                raise
+            raise Unreported(self._outcomes(task, stop.results, host.name, provider,
+                                            conn.tls_version, reused, decision=decision,
+                                            verified=bool(conn.tls_verified))) from None
+        seconds = time.monotonic() - started
+        self.metrics.timing("transaction", provider, seconds * 1000.0)
+        if self.tlsrpt is not None and self.tlsrpt.first(conn, domain):
+            self._session_kept(domain, decision, host, conn)
+        return results, conn.tls_version, reused, epoch, seconds, bool(conn.tls_verified)
 
     def _signing(self, task: Task, provider: str) -> Sign | None:
         """What signs the message once send_mail has converted it, if it must be."""

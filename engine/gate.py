@@ -6,8 +6,10 @@ connection while fewer than `max_connections` are open across them, and no
 sooner than `1 / connection_rate` after the last one (0: no pace). A pool that
 finds it full waits at the gate; when the gate is full and another of the
 provider's MX hosts holds an idle connection, that connection is closed to
-make room rather than left to its idle timeout. `engine.shaping.ProviderShaper`
-creates one per sending IP x provider from its `SendingLimits`.
+make room rather than left to its idle timeout. While the provider is suspended
+(`paused`), no connection is opened ahead of a caller: nothing knocks at a receiver
+that blocked us. `engine.shaping.ProviderShaper` creates one per sending IP x
+provider from its `SendingLimits`.
 """
 from __future__ import annotations
 
@@ -28,8 +30,10 @@ class ConnectionGate:
     """Open connections of one IP x provider across its MX hosts' pools."""
 
     def __init__(self, max_connections: int, connection_rate: float,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic,
+                 paused: Callable[[], bool] = lambda: False) -> None:
         self.max_connections = max_connections
+        self.paused = paused
         self.connection_rate = connection_rate
         self._clock = clock
         self.open = 0

@@ -77,6 +77,13 @@ class Drained(gevent.GreenletExit):
     without a result and its recipients stay pending in the spool."""
 
 
+class StaleTurn(Exception):
+    """No idle connection, and the caller's turn is no longer current (the provider pushed
+    back or was blocked since it was taken): nothing was opened for it. Regression: every
+    message waiting for a slot when a block came opened its own connection as the slots
+    came free, each refused at the banner: twenty knocks at a receiver that had said stop."""
+
+
 @dataclass(frozen=True)
 class PoolKey:
     source_ip: str
@@ -118,21 +125,22 @@ class DestinationPool:
 
     # -- checkout -------------------------------------------------------------
 
-    def connection(self) -> _Checkout:
+    def connection(self, current: Callable[[], bool] | None = None) -> _Checkout:
         """Check out a connection as (connection, reused); give it back afterwards
-        (`with pool.connection() as (conn, reused): ...`).
+        (`with pool.connection() as (conn, reused): ...`). `current`: whether the caller's
+        turn still holds; checked before anything is opened or waited for (StaleTurn).
 
         The caller reports a broken connection by closing it (sock is None). A
         connection left by an exception (a bug, a gevent Timeout, a kill) is closed:
         it may be mid-transaction, and reusing it would pair the next message's
         commands with this one's late replies.
         """
-        return _Checkout(self)
+        return _Checkout(self, current)
 
-    def acquire(self) -> tuple[Connection, bool]:
+    def acquire(self, current: Callable[[], bool] | None = None) -> tuple[Connection, bool]:
         if self.draining:
             raise Drained()
-        conn, reused = self._acquire()
+        conn, reused = self._acquire(current)
         if self.draining:  # woke up after the drain began: give it back unused
             self.release(conn)  # ...which wakes the next waiter, which does the same
             raise Drained()
@@ -145,7 +153,7 @@ class DestinationPool:
                 self.ahead.replaced.add(id(conn))
         return conn, reused
 
-    def _acquire(self) -> tuple[Connection, bool]:
+    def _acquire(self, current: Callable[[], bool] | None) -> tuple[Connection, bool]:
         tried_ahead = False
         while True:
             if self.draining:  # woken by drain(): leave at once
@@ -156,6 +164,8 @@ class DestinationPool:
             if conn is not None:
                 return conn, conn.messages_sent > 0  # one opened ahead has carried nothing
             self.health.raise_if_backing_off()
+            if current is not None and not current():
+                raise StaleTurn()
             gated = False
             # (count_waiting walks the line: only when a connect ahead runs at all)
             if self.ahead.running and self.ahead.on_its_way(count_waiting(self._waiters)):
@@ -477,8 +487,9 @@ class DestinationPool:
         gate = self.gate
         if gate is not None:
             # Never by closing another pool's idle connection (try_enter would): only a
-            # slot that is free now.
-            if gate.open >= gate.max_connections or not gate.try_enter():
+            # slot that is free now; never for a suspended provider (a block's knocks).
+            if (gate.paused() or gate.open >= gate.max_connections
+                    or not gate.try_enter()):
                 return False
         self.open += 1
         self._connecting += 1
@@ -511,17 +522,30 @@ class DestinationPool:
         self.release(conn)
 
     def _ahead_failed(self, exc: Exception) -> None:
-        """Nobody waits on a connect ahead: its failure is logged and counted, no caller
-        gets it and the pool does not back off (a caller's own connect decides that)."""
+        """A connect ahead failed: logged and counted; the pool does not back off (a
+        caller's own connect decides that). A refusal by the server goes to the first
+        caller waiting, as its own connect's would: a block said at the banner reaches
+        the provider's shaper at once (regression: each waiter in turn opened its own
+        connection into the same block). The others go the usual way."""
         self.ahead.failed += 1
         expected = isinstance(exc, DeliveryError)  # else a bug: its traceback too
         log.log(logging.INFO if expected else logging.ERROR,
                 logs.kv("connect_ahead_failed", ip=self.key.source_ip, mx=self.key.host,
                         port=self.key.port, error=exc), exc_info=not expected)
-        if isinstance(exc, DeliveryError) and not isinstance(exc, WorkerFault):
-            self.health.at_capacity(exc, self.open)
-        # Whoever waited for it goes the usual way: connects itself, or waits.
-        self._wake_one()
+        if (isinstance(exc, DeliveryError) and not isinstance(exc, WorkerFault)
+                and not self.health.at_capacity(exc, self.open)
+                and self._fail_first(exc)):
+            return
+        self._wake_one()  # whoever waited for it connects itself, or waits
+
+    def _fail_first(self, err: DeliveryError) -> bool:
+        """The first caller waiting gets `err` as its own; False if nobody waits."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.ready():
+                waiter.set_exception(type(err)(err.reply, err.command, err.blame))
+                return True
+        return False
 
     def _ahead_ended(self, greenlet: gevent.Greenlet, opened: bool) -> None:
         """A connect ahead is over; without a connection (`opened` False) its slot in
@@ -537,13 +561,14 @@ class _Checkout:
     generator-based `@contextmanager`: one per message, and the generator machinery
     costs several times these two methods), and the connection's `holder` meanwhile."""
 
-    __slots__ = ("conn", "pool")
+    __slots__ = ("conn", "current", "pool")
 
-    def __init__(self, pool: DestinationPool) -> None:
+    def __init__(self, pool: DestinationPool, current: Callable[[], bool] | None) -> None:
         self.pool = pool
+        self.current = current
 
     def __enter__(self) -> tuple[Connection, bool]:
-        conn, reused = self.pool.acquire()
+        conn, reused = self.pool.acquire(self.current)
         conn.holder = self
         self.conn = conn
         return conn, reused

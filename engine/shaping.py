@@ -95,7 +95,8 @@ class ProviderShaper:
         self._clock = clock
         self._wall = wall
         self._on_learned = on_learned or (lambda: None)
-        self.gate = ConnectionGate(limits.max_connections, limits.connection_rate, clock)
+        self.gate = ConnectionGate(limits.max_connections, limits.connection_rate, clock,
+                                   lambda: self.suspended)
         self.rate = AllowedRate(limits.rate, throttle, clock())
         self.pacer = Pacer(self.rate.spacing, self.rate.time_for, clock, lambda: self.epoch)
         self.pushback = Pushback(throttle.pushback_after)
@@ -110,6 +111,10 @@ class ProviderShaper:
         self.epoch = 0
 
     # -- taking a turn -----------------------------------------------------------
+
+    def holds(self, epoch: int) -> bool:
+        """Whether a turn taken in `epoch` still holds: no push-back or block since."""
+        return self.epoch == epoch
 
     def turn(self, again: bool = False, first: bool = False) -> Deferral | int:
         """Wait for this message's turn (up to max_wait): the turn's epoch (see `epoch`);

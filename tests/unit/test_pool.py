@@ -15,7 +15,7 @@ import gevent
 import pytest
 
 from engine.config import PoolConfig
-from engine.pool import DestinationPool, Drained, PoolKey
+from engine.pool import DestinationPool, Drained, PoolKey, StaleTurn
 from engine.pools import Pools
 from engine.reply import DescriptorsExhausted, PermanentError, Reply, TransientError
 from engine.smtp import Connection
@@ -606,7 +606,11 @@ def test_a_failed_connect_ahead_fails_nobody() -> None:
     assert factory.calls == 4  # the 4th: the 2nd's replacement, once its QUIT is answered
 
 
-def test_a_caller_waiting_for_a_connect_ahead_that_fails_connects_itself() -> None:
+def test_a_caller_waiting_for_a_connect_ahead_gets_its_refusal_as_its_own() -> None:
+    """The server refuses the connect ahead at the banner: the caller waiting for it gets
+    that refusal (delivery judges it, as it would its own connect's: a block reaches the
+    provider's shaper at once) instead of opening another connection into it; the pool
+    does not back off, and the next caller connects itself."""
     pool, factory, _ = make_pool(max_connections=2, max_messages=2)
     use(pool)  # the first message
     factory.fail_calls = {2}
@@ -619,8 +623,23 @@ def test_a_caller_waiting_for_a_connect_ahead_that_fails_connects_itself() -> No
     assert factory.calls == 2 and not got.ready()
     factory.delay = CONNECT_TIME
     got.join(timeout=1)
-    _new, reused = got.value
-    assert not reused and factory.calls == 3 and pool.ahead.failed == 1
+    assert isinstance(got.exception, TransientError) and got.exception.reply.code == 421
+    assert factory.calls == 2 and pool.ahead.failed == 1 and not pool.failing()
+    _new, reused = pool.acquire()
+    assert not reused and factory.calls == 3
+
+
+def test_a_caller_whose_turn_went_stale_opens_nothing() -> None:
+    """No idle connection and the caller's turn no longer holds (a push-back or block came
+    since it was taken): StaleTurn, with nothing opened or waited for; an idle connection
+    is still handed out (delivery checks the turn then, holding it)."""
+    pool, factory, _ = make_pool(max_connections=2, max_messages=10)
+    with pytest.raises(StaleTurn):
+        pool.acquire(lambda: False)
+    assert factory.calls == 0 and pool.open == 0
+    use(pool)
+    _conn, reused = pool.acquire(lambda: False)
+    assert reused and factory.calls == 1
 
 
 def test_a_permanent_failure_ahead_does_not_back_the_pool_off_either() -> None:
@@ -663,6 +682,20 @@ def test_drain_stops_a_connect_ahead_and_leaves_nothing_open() -> None:
     pools.close_all()
     gevent.sleep(0.01)
     assert pool.open == 0 and gate.open == 0 and factory.alive() == 0
+
+
+def test_nothing_is_opened_ahead_for_a_suspended_provider() -> None:
+    """A block suspended the provider (the gate is `paused`): the retiring connection's
+    replacement is not opened ahead; nobody knocks at a receiver that said stop."""
+    gate, factory, _pools, pool = pool_behind_a_gate()
+    use(pool)
+    gate.paused = lambda: True
+    conn, _ = pool.acquire()  # its last message: a replacement would start now
+    assert pool.opening_ahead == 0 and pool.open == 1 and gate.open == 1
+    conn.messages_sent += 1
+    pool.release(conn)
+    gevent.sleep(0.05)
+    assert factory.calls == 1
 
 
 def test_drain_right_after_a_connect_ahead_was_started_undoes_it() -> None:
