@@ -55,6 +55,9 @@ def targets(args: argparse.Namespace) -> list[Target]:
     if getattr(args, "control", None) is not None:
         raise cliargs.UsageError("--cluster asks the hosts of cluster.hosts; --control names"
                                  " one engine: give one of them")
+    if getattr(args, "curve_server_key", None) is not None:
+        raise cliargs.UsageError("--cluster takes each host's key from its curve_server_key in"
+                                 " cluster.hosts, not --curve-server-key")
     try:
         cfg = config_mod.load(getattr(args, "config", None))
     except config_mod.ConfigError as err:

@@ -134,6 +134,9 @@ def test_the_cluster_views_refuse_in_one_line(tmp_path: Path) -> None:
             (("status", "--cluster", "-c", str(listed), "--control", "ipc:///x"),
              "mailengine status: --cluster asks the hosts of cluster.hosts; --control names"
              " one engine: give one of them"),
+            (("status", "--cluster", "-c", str(listed), "--curve-server-key", "k.key"),
+             "mailengine status: --cluster takes each host's key from its curve_server_key in"
+             " cluster.hosts, not --curve-server-key"),
             (("queue", "--cluster", "-c", str(listed)),
              "mailengine queue: cluster.hosts mta-b speaks CURVE: give --curve-client-key"
              " NAME.key_secret, or set control.curve.client_key"),
