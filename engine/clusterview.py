@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 from engine import cliargs, controlclient
 from engine import config as config_mod
-from engine.config import ClusterHostConfig, Config
+from engine.config import ClusterHostConfig
+from engine.queue_cli import _age, _n
 
 if TYPE_CHECKING:
     from engine.auth import CurveClient
 
-EXIT_ALL, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+EXIT_ALL, EXIT_PARTIAL = 0, 1  # every host answered; one did not (2: a usage error)
 EVENTS = ("delivered", "deferred", "bounced", "expired")  # the totals `status` shows
 
 
@@ -66,11 +67,11 @@ def targets(args: argparse.Namespace) -> list[Target]:
         raise cliargs.UsageError("--cluster: the config lists no cluster.hosts (each host's"
                                  " name and control endpoint; docs/SCALING.md)")
     client_key = getattr(args, "curve_client_key", None) or cfg.control_curve.client_key
-    return [Target(host.name, host.control, _curve(host, client_key, cfg))
+    return [Target(host.name, host.control, _curve(host, client_key))
             for host in cfg.cluster.hosts]
 
 
-def _curve(host: ClusterHostConfig, client_key: str, cfg: Config) -> CurveClient | None:
+def _curve(host: ClusterHostConfig, client_key: str) -> CurveClient | None:
     """The CURVE keys for `host`: its curve_server_key and the operator's pair."""
     if not host.curve_server_key:
         return None
@@ -232,7 +233,6 @@ def merged_rows(answers: list[Answer]) -> list[dict[str, Any]]:
 
 
 def render_queue(answers: list[Answer]) -> str:
-    from engine.queue_cli import _age, _n
     totals, rows = queue_totals(answers), merged_rows(answers)
     answered = sum(a.figures is not None for a in answers)
     lines = [f"{_n(totals['rcpts'], 'recipient')} waiting for"
@@ -253,14 +253,14 @@ def render_queue(answers: list[Answer]) -> str:
     if rows:
         lines += ["", f"{'host':<16}{'ip':<16}{'provider':<20}{'domain':<28}{'rcpts':>7}"
                       f"{'jobs':>7}{'oldest':>8}{'next':>7}  last reply"]
-    lines += [_queue_row(row, _age) for row in rows]
+    lines += [_queue_row(row) for row in rows]
     return "\n".join(lines)
 
 
-def _queue_row(row: dict[str, Any], age: Any) -> str:
+def _queue_row(row: dict[str, Any]) -> str:
     reply = row["last_reply"]
     said = "-" if reply is None else " ".join(
         str(part) for part in (reply["code"], reply["enhanced"], reply["text"]) if part)
     return (f"{row['host'][:15]:<16}{row['ip'] or '-':<16}{(row['provider'] or '-')[:19]:<20}"
             f"{row['domain'][:27]:<28}{row['rcpts']:>7}{row['jobs']:>7}"
-            f"{age(row['oldest_age']):>8}{age(row['next_in']):>7}  {said[:80]}")
+            f"{_age(row['oldest_age']):>8}{_age(row['next_in']):>7}  {said[:80]}")
