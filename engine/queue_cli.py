@@ -37,7 +37,12 @@ def add_parser(sub: Any) -> None:
                     " everything done, or no answer, 2 a bad option. See"
                     " docs/OPERATIONS.md, \"The queue\".")
     queue.add_argument("--limit", type=int, default=argparse.SUPPRESS,
-                       help="show this many domains at most (default 100)")
+                       help="show this many domains at most (default 100; per host with"
+                            " --cluster)")
+    queue.add_argument("--cluster", action="store_true",
+                       help="every host of cluster.hosts at once (in parallel, each within"
+                            " --timeout, default 3s then), with a host column; exit status"
+                            " 1 when a host did not answer")
     queue.set_defaults(func=_summary)
     commands = queue.add_subparsers(metavar="COMMAND")
 
@@ -106,6 +111,9 @@ class NoAnswer(Exception):
 def ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
     """The engine's answer to `request`; NoAnswer if none came in time, UsageError for a
     bad endpoint or config, RuntimeError with the engine's `error`."""
+    if getattr(args, "cluster", False):  # `queue --cluster retry ...`: not one host's
+        raise cliargs.UsageError("--cluster shows the summary only; run a command that"
+                                 " changes the queue on each host (its own -c or --control)")
     endpoint, option, curve = status.target(args)
     timeout = getattr(args, "timeout", 10.0)
     try:
@@ -141,6 +149,9 @@ def _print_json(args: argparse.Namespace, answer: dict[str, Any]) -> bool:
 
 
 def _summary(args: argparse.Namespace) -> int:
+    if getattr(args, "cluster", False):
+        from engine import clusterview
+        return clusterview.queue(args)
     answer = _run(args, {"command": "queue", "limit": getattr(args, "limit", 100)})
     if isinstance(answer, int):
         return answer

@@ -21,8 +21,14 @@ def add_parser(sub: Any) -> None:
                                    " its live figures: the spool's depth, jobs in flight,"
                                    " events so far, each worker and its traffic shaping."
                                    " Exit status: 0 answered, 1 no answer (is the engine"
-                                   " running?), 2 a bad option, config or endpoint.")
+                                   " running?), 2 a bad option, config or endpoint."
+                                   " With --cluster: every host of the config's"
+                                   " cluster.hosts at once, one line each and the"
+                                   " totals; exit status 1 when a host did not answer.")
     p.add_argument("-c", "--config", help="read the control endpoint from here")
+    p.add_argument("--cluster", action="store_true",
+                   help="ask every host of cluster.hosts (in parallel, each within"
+                        " --timeout) and show them together")
     p.add_argument("--control", help="control endpoint (default: the config's)")
     p.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     p.add_argument("-w", "--watch", action="store_true", help="refresh every second")
@@ -54,6 +60,9 @@ def target(args: argparse.Namespace) -> tuple[str, str, CurveClient | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from engine import clusterview
+        return clusterview.status(args)
     try:
         endpoint, option, curve = target(args)
     except cliargs.UsageError as err:

@@ -424,6 +424,17 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class ClusterHostConfig:
+    """A host of the cluster as `mailengine status --cluster` and `queue --cluster` reach
+    it (`cluster.hosts`): its control endpoint and, for a tcp one with control.curve,
+    that host's control public key (its control.key)."""
+
+    name: str
+    control: str
+    curve_server_key: str = ""
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     """Several engine hosts sharing limits and de-duplication through one Redis
     (engine.cluster; docs/SCALING.md). No `redis`: this host alone, as without a cluster."""
@@ -435,6 +446,9 @@ class ClusterConfig:
     retry: float = 5.0  # while Redis is unreachable, it is tried again this often
     duplicate_window: float = 86400.0  # a job id accepted anywhere is a duplicate this long
     lease: float = 1.0  # a cluster-wide rate's turns are leased at most this far ahead
+    # The hosts `status --cluster` and `queue --cluster` ask (this one too, if wanted).
+    # Only the commands read it: not compared, so a reload changing it is no restart.
+    hosts: tuple[ClusterHostConfig, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)

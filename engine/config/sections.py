@@ -22,6 +22,7 @@ from engine.config.schema import (
     CategoriesConfig,
     CategoryRule,
     ClusterConfig,
+    ClusterHostConfig,
     CurveConfig,
     DkimConfig,
     DkimDomainConfig,
@@ -538,6 +539,42 @@ def _cluster_host(value: Any, path: str) -> str:
     return name
 
 
+def _cluster_host_name(value: Any, path: str) -> str:
+    name = nonempty(value, path)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise error(path, f"letters, digits, '.', '_' and '-' (got {show(value)})")
+    return name
+
+
+def _cluster_control(value: Any, path: str) -> str:
+    control = endpoint(value, path)
+    if control.startswith("inproc://"):
+        raise error(path, "must be tcp:// or ipc:// (inproc:// is in-process)")
+    return control
+
+
+_CLUSTER_HOST_FIELDS = section(ClusterHostConfig, {
+    "name": _cluster_host_name,
+    "control": _cluster_control,
+    "curve_server_key": text,
+})
+
+
+def _cluster_host_entry(value: Any, path: str) -> ClusterHostConfig:
+    for key in ("name", "control"):
+        if key not in mapping(value, path):
+            raise error(join(path, key), "missing (each host: name, control and, for a tcp"
+                                         " control with CURVE, curve_server_key)")
+    return _CLUSTER_HOST_FIELDS(value, path)
+
+
+def _cluster_hosts(value: Any, path: str) -> tuple[ClusterHostConfig, ...]:
+    """`cluster.hosts`: a list of {name, control, curve_server_key}, names unique."""
+    hosts = tuple_of(_cluster_host_entry)(value, path)
+    refuse_repeats([host.name for host in hosts], f"{path}[{{}}].name")
+    return hosts
+
+
 _CLUSTER = section(ClusterConfig, {
     "redis": _redis_url,
     "host": _cluster_host,
@@ -547,6 +584,7 @@ _CLUSTER = section(ClusterConfig, {
     "retry": duration(positive=True),
     "duplicate_window": duration(positive=True),
     "lease": duration(positive=True),
+    "hosts": _cluster_hosts,
 })
 
 

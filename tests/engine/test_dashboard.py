@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import re
 import shutil
@@ -289,3 +290,65 @@ def test_every_panel_and_alert_rule_reads_what_the_engine_emits_with_a_dotted_pr
     assert not any(fires for _v, fires in results["mailengine-spool-growth"].values())
     with contextlib.suppress(Exception):
         engine.stop(timeout=20)
+
+
+# --------------------------------------------------------------------------------------------
+# The cluster dashboard (conf/grafana-dashboard-cluster.json): two hosts, one filter
+
+CLUSTER = "mail"  # each host's statsd.prefix: mail.<host>
+HOSTS = {"mta-a": "127.0.0.2", "mta-b": "127.0.0.3"}
+
+
+def panel_series(web: GraphiteWeb, panel: dict[str, Any], values: dict[str, str],
+                 span: tuple[int, int]) -> list[str]:
+    """The names of a panel's series that have a value, its queries rendered together."""
+    queries = [interpolate(t["target"], values) for t in panel.get("targets", [])]
+    series = web.render(queries, *span) if queries else []
+    return [s["target"] for s in series if any(v is not None for v, _t in s["datapoints"])]
+
+
+@pytest.mark.timeout(180)
+def test_the_cluster_dashboard_shows_the_hosts_it_is_asked_for(tmp_path, local_engine, chain):
+    from tests.support.cluster_dashboard import CLUSTER_DASHBOARD
+    statsd_port, carbon = chain
+    started = int(time.time()) - 5
+    with SinkServer(rcpt_rules={"reject": "550 5.1.1 no such user"}) as sink:
+        for host, ip in HOSTS.items():
+            engine = local_engine(sink.port, ips=(ip,), extra={"statsd": {
+                "enabled": True, "host": "127.0.0.1", "port": statsd_port,
+                "prefix": f"{CLUSTER}.{host}"}})
+            assert engine.push(jobs(10, "example.test", {5: "reject"}), timeout=30)
+            engine.wait_final(10, timeout=30)
+        for host, ip in HOSTS.items():
+            for path in (f"stats.gauges.{CLUSTER}.{host}.supervisor.all.spool_depth",
+                         f"stats_counts.{CLUSTER}.{host}.{metrics.ip_segment(ip)}.{MAIN}"
+                         ".delivered"):
+                wait_for_whisper(carbon.whisper, path, bool)
+    board = json.loads(CLUSTER_DASHBOARD.read_text(encoding="utf-8"))
+    segments = {host: metrics.ip_segment(ip) for host, ip in HOSTS.items()}
+    with GraphiteWeb(tmp_path / "graphite-web", carbon.whisper, carbon.query_port) as web:
+        span = (started, int(time.time()) + 5)
+        # The variables: the hosts, then the chosen host's IPs.
+        assert set(web.find(f"stats.gauges.{CLUSTER}.*")) == set(HOSTS)
+        assert set(web.find(f"stats.gauges.{CLUSTER}.mta-a.*")) == {segments["mta-a"],
+                                                                     "supervisor"}
+        base = {"prefix": CLUSTER, "ip": "*", "provider": "*", "datasource": "graphite"}
+        shown: dict[str, dict[str, list[str]]] = {}
+        for chosen in ("mta-a", "mta-b", "*"):
+            shown[chosen] = {p["title"]: panel_series(web, p, {**base, "host": chosen}, span)
+                             for p in panels(board)}
+    for chosen, other in (("mta-a", "mta-b"), ("mta-b", "mta-a")):
+        for title, names in shown[chosen].items():
+            words = {w for name in names for w in re.split(r"[\s.]+", name)}
+            assert not words & {other, segments[other]}, f"{chosen}: {title}: {names}"
+        assert shown[chosen]["Spool depth"] == [f"{chosen} recipients pending"]
+        assert segments[chosen] in " ".join(shown[chosen]["Recipients per second by outcome,"
+                                                          " per IP"])
+    both = shown["*"]
+    assert sorted(both["Spool depth"]) == ["mta-a recipients pending", "mta-b recipients pending"]
+    assert sorted(both["Intake: jobs per second"]) == ["mta-a queued", "mta-b queued"]
+    assert {n.split(".")[0] for n in both["Recipients per second by outcome, per IP"]} == \
+        set(segments.values())
+    assert any("mta-a" in n for n in both["Refusals per second by category"])
+    for title, names in both.items():
+        assert len(names) == len(set(names)), f"{title}: a series twice: {names}"

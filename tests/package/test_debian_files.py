@@ -335,7 +335,8 @@ def test_shipped_config_becomes_the_conffile_the_engine_reads() -> None:
     assert config_mod.DEFAULT_PATH == "/etc/mailengine/mailengine.yaml"
 
 
-MONITORING_FILES = ("conf/grafana-dashboard.json", "conf/grafana-alerts.yaml",
+MONITORING_FILES = ("conf/grafana-dashboard.json", "conf/grafana-dashboard-cluster.json",
+                    "conf/grafana-alerts.yaml",
                     "conf/statsd-config.js", "conf/statsd-exporter-mapping.yaml")
 
 

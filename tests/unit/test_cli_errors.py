@@ -118,3 +118,29 @@ def test_help_describes_every_command_and_hides_the_internal_one() -> None:
     # Hidden, not gone: bin/mailengine-worker's way in still answers.
     worker = mailengine("worker", "--help", timeout=20)
     assert worker.returncode == 0 and "mailengine worker" in worker.stdout
+
+
+def test_the_cluster_views_refuse_in_one_line(tmp_path: Path) -> None:
+    alone = tmp_path / "alone.yaml"
+    alone.write_text("ips: [{address: 127.0.0.2}]\n")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("ips: [{address: 127.0.0.2}]\ncluster:\n  hosts:\n"
+                      "    - {name: mta-b, control: 'tcp://127.0.0.1:5572',"
+                      " curve_server_key: /nowhere/mta-b.key}\n")
+    for args, line in (
+            (("status", "--cluster", "-c", str(alone)),
+             "mailengine status: --cluster: the config lists no cluster.hosts (each host's"
+             " name and control endpoint; docs/SCALING.md)"),
+            (("status", "--cluster", "-c", str(listed), "--control", "ipc:///x"),
+             "mailengine status: --cluster asks the hosts of cluster.hosts; --control names"
+             " one engine: give one of them"),
+            (("status", "--cluster", "-c", str(listed), "--curve-server-key", "k.key"),
+             "mailengine status: --cluster takes each host's key from its curve_server_key in"
+             " cluster.hosts, not --curve-server-key"),
+            (("queue", "--cluster", "-c", str(listed)),
+             "mailengine queue: cluster.hosts mta-b speaks CURVE: give --curve-client-key"
+             " NAME.key_secret, or set control.curve.client_key"),
+            (("queue", "--cluster", "-c", str(alone), "retry", "--domain", "x.test"),
+             "mailengine queue: --cluster shows the summary only; run a command that changes"
+             " the queue on each host (its own -c or --control)")):
+        assert one_line_error(mailengine(*args, timeout=20)) == line

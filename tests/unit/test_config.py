@@ -145,6 +145,19 @@ def test_cluster_is_off_by_default_and_reads_its_keys() -> None:
     assert SendingLimits.of(cfg.pool, cfg.shaping, "192.0.2.10", "google").cluster_rate == 0
 
 
+def test_cluster_hosts_list_each_hosts_control_and_are_no_restart() -> None:
+    hosts = [{"name": "mta-a", "control": "ipc:///run/mailengine/control.sock"},
+             {"name": "mta-b", "control": "tcp://10.0.0.2:5572",
+              "curve_server_key": "/etc/mailengine/keys/mta-b.control.key"}]
+    cfg = from_dict(minimal(cluster={"hosts": hosts}))
+    assert [(h.name, h.control, h.curve_server_key) for h in cfg.cluster.hosts] == [
+        ("mta-a", "ipc:///run/mailengine/control.sock", ""),
+        ("mta-b", "tcp://10.0.0.2:5572", "/etc/mailengine/keys/mta-b.control.key")]
+    assert from_dict(to_dict(cfg)).cluster.hosts == cfg.cluster.hosts
+    # Only the commands read it: a reload that changes it needs no restart.
+    assert cfg.cluster == from_dict(minimal()).cluster
+
+
 def test_ip_pools_default_to_every_ip() -> None:
     cfg = from_dict(minimal(ips=["192.0.2.10", "192.0.2.11"]))
     assert dict(cfg.ip_pools) == {"default": ("192.0.2.10", "192.0.2.11")}
@@ -376,6 +389,21 @@ REFUSALS = [
     (minimal(cluster={"duplicate_window": "forever"}), "cluster.duplicate_window",
      "not a duration"),
     (minimal(cluster={"redis_url": "redis://r"}), "cluster.redis_url", "unknown key"),
+    (minimal(cluster={"hosts": {"a": "ipc:///x"}}), "cluster.hosts", "must be a list"),
+    (minimal(cluster={"hosts": [{"name": "a"}]}), "cluster.hosts[0].control", "missing"),
+    (minimal(cluster={"hosts": [{"control": "ipc:///x"}]}), "cluster.hosts[0].name",
+     "missing"),
+    (minimal(cluster={"hosts": [{"name": "a b", "control": "ipc:///x"}]}),
+     "cluster.hosts[0].name", "letters, digits"),
+    (minimal(cluster={"hosts": [{"name": "a", "control": "inproc://x"}]}),
+     "cluster.hosts[0].control", "tcp:// or ipc://"),
+    (minimal(cluster={"hosts": [{"name": "a", "control": "10.0.0.2:5572"}]}),
+     "cluster.hosts[0].control", "ZeroMQ endpoint"),
+    (minimal(cluster={"hosts": [{"name": "a", "control": "ipc:///x", "key": "k"}]}),
+     "cluster.hosts[0].key", "unknown key"),
+    (minimal(cluster={"hosts": [{"name": "a", "control": "ipc:///x"},
+                                {"name": "a", "control": "ipc:///y"}]}),
+     "cluster.hosts[1].name", "listed twice"),
     (minimal(shaping={"providers": {"yahoo": {"cluster_rate": -1}}}),
      "shaping.providers.yahoo.cluster_rate", "must be >= 0"),
     (minimal(shaping={"ips": {"192.0.2.10": {"yahoo": {"cluster_rate": 5}}}}),

@@ -6,6 +6,7 @@ find in a real Graphite is tests/engine/test_dashboard.py.
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from tests.support.dashboard import (
     classify,
     dashboard_targets,
     expand,
+    panels,
 )
 
 STATSD_CONFIG = ROOT / "conf" / "statsd-config.js"
@@ -96,8 +98,29 @@ FROM_THE_START = {"sumSeriesWithWildcards", "averageSeriesWithWildcards",
 
 def all_queries() -> list[tuple[str, str]]:
     out = list(dashboard_targets())
+    out += [(f"cluster: {title}", query) for title, query in cluster_targets()]
     out += [(rule["uid"], alert_query(rule)[0]) for rule in alert_rules()]
     return out
+
+
+def cluster_targets() -> list[tuple[str, str]]:
+    from tests.support.cluster_dashboard import CLUSTER_DASHBOARD
+    board = json.loads(CLUSTER_DASHBOARD.read_text(encoding="utf-8"))
+    return [(panel["title"], target["target"]) for panel in panels(board)
+            for target in panel.get("targets", [])]
+
+
+def test_the_cluster_dashboard_is_the_dashboard_with_a_host_filter():
+    """conf/grafana-dashboard-cluster.json is made from conf/grafana-dashboard.json (run
+    `python3 -m tests.support.cluster_dashboard` after changing that one)."""
+    from tests.support.cluster_dashboard import CLUSTER_DASHBOARD, text
+    assert CLUSTER_DASHBOARD.read_text(encoding="utf-8") == text()
+    assert len(cluster_targets()) == len(dashboard_targets())
+    for _title, query in cluster_targets():
+        assert "$prefix.$host." in query, query
+        assert query.count("$prefix.") == query.count("$prefix.$host."), query
+        if ".supervisor." in query:  # one series per host, named by it (node -4)
+            assert "-4" in query, query
 
 
 def test_the_parser_reads_a_query():
