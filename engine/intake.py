@@ -1,7 +1,12 @@
 """Intake: jobs from producers into the spool, where they become durable.
 
-The ingest socket (a ZeroMQ PULL) is drained in batches of up to INTAKE_BATCH
-jobs. Each job is parsed and checked (engine.job: a line over 998 octets is refused, or
+The ingest socket (a ZeroMQ PULL) is read in batches, each accepted and handed out
+before the next is read (`Ramp` sizes them): few jobs (FIRST_BATCH) after the socket was
+found empty and while the workers have room for more, so the first jobs of a burst are
+committed and handed out at once instead of waiting for the commit of a thousand others;
+twice as many at each read while a burst lasts and the workers are full (what is read
+then waits in memory anyway), up to INTAKE_BATCH, so that large batches amortize the
+commits. Each job is parsed and checked (engine.job: a line over 998 octets is refused, or
 re-encoded under `limits.long_lines: encode`); one whose `ip` or `pool` this engine does
 not have is refused too. A refused job gets a `rejected` event that
 says why, and disturbs nothing else. The valid ones of a batch are written to the
@@ -40,6 +45,7 @@ from engine.spoolhealth import SpoolHealth
 log = logging.getLogger("mailengine.supervisor")
 
 INTAKE_BATCH = 1000  # jobs per group commit at most
+FIRST_BATCH = 32  # ...after the socket was found empty, and while the workers have room
 INGEST_HWM = 10000  # jobs waiting in the ingest socket before PULL stops reading (TCP pushes back)
 
 Publish = Callable[[events.Event], None]
@@ -60,6 +66,7 @@ class Intake:
         self._health = health or SpoolHealth(metrics)
         self._shared = SharedIds(Cluster(cfg.cluster, cfg.hostname, metrics), metrics) \
             if cfg.cluster.redis else None  # the cluster's ids: changed at a restart only
+        self.ramp = Ramp()
 
     @property
     def open(self) -> bool:
@@ -67,10 +74,11 @@ class Intake:
         except to try it again)."""
         return self._health.may_write("intake")
 
-    def take(self) -> list[Pending]:
-        """Accept the jobs waiting (up to a batch): durable, `queued` published. Returns
-        them as the spool now holds them: every recipient pending, no attempt yet."""
-        return self.accept(self._receive())[0]
+    def take(self, room: int = 0) -> list[Pending]:
+        """Accept the jobs waiting (up to a batch, `Ramp`; `room`: jobs the workers can
+        take now): durable, `queued` published. Returns them as the spool now holds them:
+        every recipient pending, no attempt yet."""
+        return self.accept(self._receive(self.ramp.size(room)))[0]
 
     def accept(self, batch: list[list[bytes]]) -> tuple[list[Pending], set[str]]:
         """`take` for jobs as multipart frames (the ingest socket's, or the engine's own:
@@ -139,11 +147,11 @@ class Intake:
             self._health.succeeded()
         return done, fresh
 
-    def _receive(self) -> list[list[bytes]]:
-        """The multipart messages waiting, up to a batch (recv with int flags)."""
+    def _receive(self, most: int) -> list[list[bytes]]:
+        """The multipart messages waiting, up to `most` (recv with int flags)."""
         batch = []
         sock = self.sock
-        for _ in range(INTAKE_BATCH):
+        for _ in range(most):
             try:
                 frames = [sock.recv(sockets.NOBLOCK)]
             except zmq.Again:
@@ -151,6 +159,7 @@ class Intake:
             while sock.getsockopt(sockets.RCVMORE):
                 frames.append(sock.recv(sockets.NOBLOCK))
             batch.append(frames)
+        self.ramp.read(len(batch), most)
         return batch
 
     def _validate(self, frames: list[bytes]) -> Job | None:
@@ -179,3 +188,28 @@ class Intake:
         if job.dkim_domain is not None and not (dkim.enabled and job.dkim_domain in dkim.domains):
             raise JobRejected(f"dkim_domain {job.dkim_domain} has no keys in dkim.domains",
                               job.id, dict(job.meta))
+
+
+class Ramp:
+    """How many jobs the next read of the ingest socket takes at most.
+
+    A read that found fewer jobs than it asked for left the socket empty: the burst is over
+    (or has not begun), and the next read starts again at `first`. A read that got all it
+    asked for means a burst is on: the size doubles, up to `most`. While the workers have
+    room the reads stay at `first` whatever the size: each batch goes out as soon as it is
+    committed, the supervisor's turns stay short (results recorded between them), and the
+    first jobs of a burst do not wait for the commit of the rest. Once the workers are full,
+    the jobs read wait in memory until results free room, and a large batch costs them
+    nothing but saves commits."""
+
+    def __init__(self, first: int = FIRST_BATCH, most: int = INTAKE_BATCH) -> None:
+        self.first, self.most = first, most
+        self._size = first
+
+    def size(self, room: int) -> int:
+        """The next read's most, `room` the jobs the workers can take now."""
+        return self.first if room > 0 else self._size
+
+    def read(self, count: int, asked: int) -> None:
+        """A read got `count` of the `asked` jobs."""
+        self._size = min(2 * self._size, self.most) if count >= asked else self.first
