@@ -2,18 +2,19 @@
 
 The ingest socket (a ZeroMQ PULL) is read in batches, each accepted and handed out
 before the next is read (`Ramp` sizes them): few jobs (FIRST_BATCH) after the socket was
-found empty and while the workers have room for more, so the first jobs of a burst are
-committed and handed out at once instead of waiting for the commit of a thousand others;
-twice as many at each read while a burst lasts and the workers are full (what is read
-then waits in memory anyway), up to INTAKE_BATCH, so that large batches amortize the
-commits. Each job is parsed and checked (engine.job: a line over 998 octets is refused, or
-re-encoded under `limits.long_lines: encode`); one whose `ip` or `pool` this engine does
-not have is refused too. A refused job gets a `rejected` event that
-says why, and disturbs nothing else. The valid ones of a batch are written to the
-spool in one transaction (group commit); only once that has returned are they
-*accepted*, and `queued` is published for each. A job the spool already holds
-or finished recently (a producer re-sending one whose `queued` it missed) is
-acknowledged again with `queued` and `"duplicate": true`, and not spooled twice.
+found empty, so the first jobs of a burst are committed and handed out at once instead of
+waiting for the commit of a thousand others; twice as many at each read while the burst
+lasts, up to ROOM_BATCH while the workers have room (the supervisor's turns stay short)
+and INTAKE_BATCH once they are full (what is read then waits in memory anyway), so that
+large batches amortize the commits. Each job is parsed and checked (engine.job: a line
+over 998 octets is refused, or re-encoded under `limits.long_lines: encode`); one whose
+`ip` or `pool` this engine does not have is refused too. A refused job gets a `rejected`
+event that says why, and disturbs nothing else. The valid ones of a batch are written to
+the spool in one transaction (group commit); only once that has returned are they
+*accepted*, and `queued` is published for each (and only then are they handed out). A
+job the spool already holds or finished recently (a producer re-sending one whose `queued`
+it missed) is acknowledged again with `queued` and `"duplicate": true`, and not spooled
+twice.
 
 In a cluster (`cluster.redis`, engine.cluster_dedup), the batch's ids are also claimed in
 Redis first, in one round trip: a job another host accepted within the duplicate window is
@@ -45,7 +46,8 @@ from engine.spoolhealth import SpoolHealth
 log = logging.getLogger("mailengine.supervisor")
 
 INTAKE_BATCH = 1000  # jobs per group commit at most
-FIRST_BATCH = 32  # ...after the socket was found empty, and while the workers have room
+FIRST_BATCH = 32  # ...after the socket was found empty
+ROOM_BATCH = 128  # ...while the workers have room for more
 INGEST_HWM = 10000  # jobs waiting in the ingest socket before PULL stops reading (TCP pushes back)
 
 Publish = Callable[[events.Event], None]
@@ -196,19 +198,20 @@ class Ramp:
     A read that found fewer jobs than it asked for left the socket empty: the burst is over
     (or has not begun), and the next read starts again at `first`. A read that got all it
     asked for means a burst is on: the size doubles, up to `most`. While the workers have
-    room the reads stay at `first` whatever the size: each batch goes out as soon as it is
-    committed, the supervisor's turns stay short (results recorded between them), and the
-    first jobs of a burst do not wait for the commit of the rest. Once the workers are full,
-    the jobs read wait in memory until results free room, and a large batch costs them
-    nothing but saves commits."""
+    room, reads take `with_room` at most: each batch goes out as soon as it is committed,
+    and the supervisor's turns stay short (~10 ms), so that the results of the first
+    deliveries are recorded between them, not after the commit of a thousand jobs. Once the
+    workers are full, what is read waits in memory until results free room: a large batch
+    costs those jobs nothing, and saves commits (an fsync each)."""
 
-    def __init__(self, first: int = FIRST_BATCH, most: int = INTAKE_BATCH) -> None:
-        self.first, self.most = first, most
+    def __init__(self, first: int = FIRST_BATCH, with_room: int = ROOM_BATCH,
+                 most: int = INTAKE_BATCH) -> None:
+        self.first, self.with_room, self.most = first, with_room, most
         self._size = first
 
     def size(self, room: int) -> int:
         """The next read's most, `room` the jobs the workers can take now."""
-        return self.first if room > 0 else self._size
+        return min(self._size, self.with_room) if room > 0 else self._size
 
     def read(self, count: int, asked: int) -> None:
         """A read got `count` of the `asked` jobs."""

@@ -8,8 +8,8 @@ SQLite writes and socket shuffling). Each turn it
    delivered message nobody has recorded, which a crash would send again, so
    results come before intake;
 2. reads a batch from the ingest socket: jobs become durable in the spool, then
-   `queued` is published (engine.intake: small batches while the workers have room,
-   growing while a burst fills them), and what the workers have room for is handed out
+   `queued` is published (engine.intake: a small batch after a pause, larger ones
+   while a burst lasts), and what the workers have room for is handed out
    at once (engine.dispatch);
 3. answers the control socket (engine.control);
 4. every TICK: sees dead workers and restarts them with back-off

@@ -92,10 +92,12 @@ def test_a_bursts_first_jobs_are_handed_out_before_the_rest_is_committed(
     assert burst.spooled() == set(first)  # ...while the rest of the burst is not committed
     assert burst.queued == [(job_id, True) for job_id in first]  # each durable before
 
+    sizes = []
     while len(burst.queued) < len(ids):
         taken = burst.intake.take(dispatcher.free_room())
-        assert 0 < len(taken) <= FIRST_BATCH  # the worker has room: small batches
         dispatcher.offer(taken)
+        sizes.append(len(taken))
+    assert sizes == [64, 128, 76]  # the worker has room: ROOM_BATCH at most
     assert burst.queued == [(job_id, True) for job_id in ids]
     assert tasks(worker) == ids[FIRST_BATCH:]
 
@@ -103,8 +105,8 @@ def test_a_bursts_first_jobs_are_handed_out_before_the_rest_is_committed(
 def test_batches_grow_while_the_workers_are_full_and_start_small_after_a_pause(
         burst: Burst) -> None:
     """Once no worker has room, what is read waits in memory anyway: the batches double
-    while the burst lasts, so that each commit takes many jobs; after the socket was found
-    empty, the next burst's first batch is small again."""
+    while the burst lasts, past ROOM_BATCH, so that each commit takes many jobs; after the
+    socket was found empty, the next burst's first batch is small again."""
     ids = burst.push("full", 1000)
     sizes = []
     while len(burst.queued) < len(ids):

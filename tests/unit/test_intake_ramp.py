@@ -6,7 +6,7 @@ from engine.intake import Ramp
 
 
 def test_reads_double_while_a_burst_fills_them_and_start_small_after_it() -> None:
-    ramp = Ramp(first=4, most=20)
+    ramp = Ramp(first=4, with_room=8, most=20)
     sizes = []
     for _ in range(5):
         sizes.append(ramp.size(room=0))
@@ -17,9 +17,10 @@ def test_reads_double_while_a_burst_fills_them_and_start_small_after_it() -> Non
 
 
 def test_reads_stay_small_while_the_workers_have_room() -> None:
-    ramp = Ramp(first=4, most=20)
-    for _ in range(3):
-        asked = ramp.size(room=100)
-        assert asked == 4
-        ramp.read(asked, asked)
+    ramp = Ramp(first=4, with_room=8, most=20)
+    sizes = []
+    for _ in range(4):
+        sizes.append(ramp.size(room=100))
+        ramp.read(sizes[-1], sizes[-1])
+    assert sizes == [4, 8, 8, 8]
     assert ramp.size(room=0) == 20  # the burst lasted: once the workers are full, large
