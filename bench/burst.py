@@ -127,7 +127,7 @@ def render(results: dict[str, Any]) -> str:
              "Issue #19 item 5, `bench/burst.py`: the whole engine and Postfix's `smtp-sink`"
              " on loopback, the engine's defaults; one message first (a connection is open),"
              " then, after a second with the ingest socket idle, 10,000 5 KB jobs pushed at"
-             " once, three bursts a run. Milliseconds from the producer's first send to the"
+             " once, five bursts a run. Milliseconds from the producer's first send to the"
              " events' `ts`; each cell is the median of the run's bursts, every burst's figure"
              " in brackets. Target: the 250th `delivered` within 50 ms.", "",
              "| run | command | engine | date | push took | first `queued` | first `delivered`"
@@ -147,13 +147,14 @@ def render(results: dict[str, Any]) -> str:
 
 
 PROSE = """\
-*Before* (`before`: main at 83d9656, this benchmark in that tree): the supervisor woke at the
-burst's first job and read what had come by then (1 job, then 84), so the first `delivered`
-came early; but its next reads took 589 jobs and then 1,000, each committed whole before any
-of it was handed out and before any result was recorded in between: 70-165 ms a read, at
-~85-100 us of the supervisor's CPU a 5 KB job (parsing ~45 us, the spool's insert ~25 us).
-A burst that is waiting in the socket when the supervisor reads it (it arrived while the
-supervisor was busy) had its first 1,000 jobs committed before the first went out.
+*Before* (`before`: main at 83d9656, from a `git archive` of it): traced with timestamps in
+the supervisor (not committed, a first run whose producer made each job's frames as it
+pushed), it woke at the burst's first job and read what had come by then (1 job, then 84),
+then 589 jobs, then 1,000 at a time, each batch committed whole before any of it was handed
+out and before any result was recorded in between: 70-165 ms a read, at ~85-100 us of the
+supervisor's CPU a 5 KB job (parsing ~45 us, the spool's insert ~25 us). With the frames made
+before the push (the rows here), more of the burst is waiting at the first reads, and the
+first `delivered` waits for their commits: 7-149 ms, medians 73 and 108 ms.
 
 *What changed* (engine/intake.py, `Ramp`): a read takes 32 jobs after the socket was found
 empty, and twice as many at each read while the burst lasts: up to 128 while the workers
@@ -166,17 +167,17 @@ were); tests/engine/test_crash_points.py strikes the whole engine right after a 
 burst: every job announced is in the spool, the struck batch is there unannounced, the first
 job was handed out, the burst's last job not committed.
 
-*After* (`after`): the first `delivered` within 14-23 ms; **the 250th is not within 50 ms** on
-this machine (280-470 ms, like before: the target is not met). Traced with timestamps in the
-supervisor and the worker (not committed): the supervisor hands out 225 jobs by ~60 ms and 480
-by ~100 ms, but the results come back slowly, because for the first few hundred milliseconds
-four busy processes share the 2 cores: the producer handing 10,000 jobs to ZeroMQ (the push
-column: a core for 130-290 ms), the supervisor (~85-100 us a job at intake, ~40 us a result),
-the worker (~150 us a message) and smtp-sink, besides other agents' work (other load). 250
-messages need ~35 ms of the supervisor's CPU and ~40 ms of the worker's, on the one core the
-producer leaves: more than 50 ms of work. What would get there: less CPU a job at intake (job
-parsing, the spool's insert: engine/job.py, engine/spool.py, not changed here), and a
-producer on other cores than the engine's.
+*After* (`after`): the first `delivered` within 9-75 ms, medians 14 and 15 ms. **The 250th
+is not within 50 ms** on this machine: 239-652 ms (medians 319 and 338 ms) against 230-641 ms
+(297 and 566) before, no difference these runs can show (23-55% other load): the target is
+not met. Traced as above: the supervisor hands out 225 jobs by ~60 ms and 480 by ~100 ms, but
+the results come back slowly, because for the first few hundred milliseconds four busy
+processes share the 2 cores: the producer handing 10,000 jobs to ZeroMQ (the push column),
+the supervisor (~85-100 us a job at intake, ~40 us a result), the worker (~150 us a message)
+and smtp-sink, besides other agents' work (other load). 250 messages need ~35 ms of the
+supervisor's CPU and ~40 ms of the worker's, more than 50 ms of work for the core or so left
+to them. What would get there: less CPU a job at intake (job parsing, the spool's insert:
+engine/job.py, engine/spool.py, not changed here), and a producer on other cores.
 
 *Cost:* reads of at most 128 while the workers have room cost the supervisor ~3% more CPU a
 job than reads of 1,000 (inproc ingest, 5 KB jobs, this machine: ~88 us a job at 128, ~85 us
@@ -184,8 +185,10 @@ at 1,000, ~98 us at 32), and one commit (an fsync) per 128 jobs: 32 would have c
 near 3,200 jobs/s on a disk whose fsync takes 10 ms, while the workers, starving, kept room.
 
 *Commands:* `python -m bench.burst --label NAME` in a tree (`--docs` writes this section,
-`--render-only` rewrites it from bench/results/burst.json); the `before` row was run in a
-worktree of main at 83d9656 with this benchmark added. *Other load* is the share of the
+`--render-only` rewrites it from bench/results/burst.json); the `before` rows from a
+snapshot of main: `git archive 83d9656 engine conf bin | tar -x -C SNAP; cd SNAP;
+BENCH_ENGINE_REV=83d965627b6b PYTHONPATH=SNAP:REPO python -m bench.burst --bursts 5`, each
+`before` run followed by an `after` run. *Other load* is the share of the
 machine's cores other processes kept busy during the run.
 """
 
