@@ -1,14 +1,20 @@
 """Intake: jobs from producers into the spool, where they become durable.
 
-The ingest socket (a ZeroMQ PULL) is drained in batches of up to INTAKE_BATCH
-jobs. Each job is parsed and checked (engine.job: a line over 998 octets is refused, or
-re-encoded under `limits.long_lines: encode`); one whose `ip` or `pool` this engine does
-not have is refused too. A refused job gets a `rejected` event that
-says why, and disturbs nothing else. The valid ones of a batch are written to the
-spool in one transaction (group commit); only once that has returned are they
-*accepted*, and `queued` is published for each. A job the spool already holds
-or finished recently (a producer re-sending one whose `queued` it missed) is
-acknowledged again with `queued` and `"duplicate": true`, and not spooled twice.
+The ingest socket (a ZeroMQ PULL) is read in batches, each accepted and handed out
+before the next is read (`Ramp` sizes them): few jobs (FIRST_BATCH) after the socket was
+found empty, so the first jobs of a burst are committed and handed out at once instead of
+waiting for the commit of a thousand others; twice as many at each read while the burst
+lasts, up to ROOM_BATCH while the workers have room (the supervisor's turns stay short)
+and INTAKE_BATCH once they are full (what is read then waits in memory anyway), so that
+large batches amortize the commits. Each job is parsed and checked (engine.job: a line
+over 998 octets is refused, or re-encoded under `limits.long_lines: encode`); one whose
+`ip` or `pool` this engine does not have is refused too. A refused job gets a `rejected`
+event that says why, and disturbs nothing else. The valid ones of a batch are written to
+the spool in one transaction (group commit); only once that has returned are they
+*accepted*, and `queued` is published for each (and only then are they handed out). A
+job the spool already holds or finished recently (a producer re-sending one whose `queued`
+it missed) is acknowledged again with `queued` and `"duplicate": true`, and not spooled
+twice.
 
 In a cluster (`cluster.redis`, engine.cluster_dedup), the batch's ids are also claimed in
 Redis first, in one round trip: a job another host accepted within the duplicate window is
@@ -40,6 +46,8 @@ from engine.spoolhealth import SpoolHealth
 log = logging.getLogger("mailengine.supervisor")
 
 INTAKE_BATCH = 1000  # jobs per group commit at most
+FIRST_BATCH = 32  # ...after the socket was found empty
+ROOM_BATCH = 128  # ...while the workers have room for more
 INGEST_HWM = 10000  # jobs waiting in the ingest socket before PULL stops reading (TCP pushes back)
 
 Publish = Callable[[events.Event], None]
@@ -60,6 +68,7 @@ class Intake:
         self._health = health or SpoolHealth(metrics)
         self._shared = SharedIds(Cluster(cfg.cluster, cfg.hostname, metrics), metrics) \
             if cfg.cluster.redis else None  # the cluster's ids: changed at a restart only
+        self.ramp = Ramp()
 
     @property
     def open(self) -> bool:
@@ -67,10 +76,11 @@ class Intake:
         except to try it again)."""
         return self._health.may_write("intake")
 
-    def take(self) -> list[Pending]:
-        """Accept the jobs waiting (up to a batch): durable, `queued` published. Returns
-        them as the spool now holds them: every recipient pending, no attempt yet."""
-        return self.accept(self._receive())[0]
+    def take(self, room: int = 0) -> list[Pending]:
+        """Accept the jobs waiting (up to a batch, `Ramp`; `room`: jobs the workers can
+        take now): durable, `queued` published. Returns them as the spool now holds them:
+        every recipient pending, no attempt yet."""
+        return self.accept(self._receive(self.ramp.size(room)))[0]
 
     def accept(self, batch: list[list[bytes]]) -> tuple[list[Pending], set[str]]:
         """`take` for jobs as multipart frames (the ingest socket's, or the engine's own:
@@ -139,11 +149,11 @@ class Intake:
             self._health.succeeded()
         return done, fresh
 
-    def _receive(self) -> list[list[bytes]]:
-        """The multipart messages waiting, up to a batch (recv with int flags)."""
+    def _receive(self, most: int) -> list[list[bytes]]:
+        """The multipart messages waiting, up to `most` (recv with int flags)."""
         batch = []
         sock = self.sock
-        for _ in range(INTAKE_BATCH):
+        for _ in range(most):
             try:
                 frames = [sock.recv(sockets.NOBLOCK)]
             except zmq.Again:
@@ -151,6 +161,7 @@ class Intake:
             while sock.getsockopt(sockets.RCVMORE):
                 frames.append(sock.recv(sockets.NOBLOCK))
             batch.append(frames)
+        self.ramp.read(len(batch), most)
         return batch
 
     def _validate(self, frames: list[bytes]) -> Job | None:
@@ -179,3 +190,29 @@ class Intake:
         if job.dkim_domain is not None and not (dkim.enabled and job.dkim_domain in dkim.domains):
             raise JobRejected(f"dkim_domain {job.dkim_domain} has no keys in dkim.domains",
                               job.id, dict(job.meta))
+
+
+class Ramp:
+    """How many jobs the next read of the ingest socket takes at most.
+
+    A read that found fewer jobs than it asked for left the socket empty: the burst is over
+    (or has not begun), and the next read starts again at `first`. A read that got all it
+    asked for means a burst is on: the size doubles, up to `most`. While the workers have
+    room, reads take `with_room` at most: each batch goes out as soon as it is committed,
+    and the supervisor's turns stay short (~10 ms), so that the results of the first
+    deliveries are recorded between them, not after the commit of a thousand jobs. Once the
+    workers are full, what is read waits in memory until results free room: a large batch
+    costs those jobs nothing, and saves commits (an fsync each)."""
+
+    def __init__(self, first: int = FIRST_BATCH, with_room: int = ROOM_BATCH,
+                 most: int = INTAKE_BATCH) -> None:
+        self.first, self.with_room, self.most = first, with_room, most
+        self._size = first
+
+    def size(self, room: int) -> int:
+        """The next read's most, `room` the jobs the workers can take now."""
+        return min(self._size, self.with_room) if room > 0 else self._size
+
+    def read(self, count: int, asked: int) -> None:
+        """A read got `count` of the `asked` jobs."""
+        self._size = min(2 * self._size, self.most) if count >= asked else self.first

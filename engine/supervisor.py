@@ -7,8 +7,9 @@ SQLite writes and socket shuffling). Each turn it
    publishing their events (engine.results): a result still in a socket is a
    delivered message nobody has recorded, which a crash would send again, so
    results come before intake;
-2. drains the ingest socket: jobs become durable in the spool, then `queued` is
-   published (engine.intake), and what the workers have room for is handed out
+2. reads a batch from the ingest socket: jobs become durable in the spool, then
+   `queued` is published (engine.intake: a small batch after a pause, larger ones
+   while a burst lasts), and what the workers have room for is handed out
    at once (engine.dispatch);
 3. answers the control socket (engine.control);
 4. every TICK: sees dead workers and restarts them with back-off
@@ -252,7 +253,7 @@ class Supervisor:
             self.results.collect()  # what came during the window
             self.results.flush()
         if self.intake.sock in ready and self.intake.open:
-            self.dispatcher.offer(self.intake.take())
+            self.dispatcher.offer(self.intake.take(self.dispatcher.free_room()))
         if self.control.sock in ready:
             self.control.answer()
         if self._reload:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
+from engine.intake import ROOM_BATCH
 from engine.spool import Spool
 from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
@@ -113,6 +115,42 @@ def test_a_supervisor_killed_after_the_commit_takes_the_resent_job_as_a_duplicat
     assert queued and all(e["duplicate"] is True for e in queued)  # the spooled job, again
     assert counts == {"commit-1": 1}  # no duplicate at the receiver
     assert len(delivered(engine, "commit-1")) == 1
+
+
+def test_a_bursts_first_jobs_go_out_before_the_rest_is_committed_each_durable_before_queued(
+        sink: SinkServer, local_engine: Callable[..., LocalEngine], tmp_path: Path) -> None:
+    """Issue #19 item 5, in the whole engine: 400 jobs pushed at once, and the supervisor
+    struck right after the commit that brings the jobs it spooled to 100, before that
+    batch's `queued`. By then the burst's first job had been handed out (the spool's mark;
+    or it was delivered and recorded already) while most of the burst was not committed yet;
+    every job with a `queued` event is in the spool, and the struck batch is there without
+    one."""
+    engine = local_engine(sink.port, ips=(IP,),
+                          env=crash_env(tmp_path / "once", "after_spool_commit:100"))
+    ids = [f"burst-{i}" for i in range(400)]
+    ctx = zmq.Context()
+    producer = ctx.socket(zmq.PUSH)
+    producer.connect(str(engine.config["ingest"]))
+    try:
+        for job_id in ids:
+            envelope, message = job(job_id)
+            producer.send_json(envelope, zmq.SNDMORE)
+            producer.send(message)
+        assert died(engine) == -signal.SIGKILL
+    finally:
+        ctx.destroy(linger=0)
+
+    queued = {e["id"] for e in engine.events() if e["event"] == "queued"}
+    with Spool(engine.config["spool"]) as spool:
+        spooled = {job_id for (job_id,) in spool.query("SELECT id FROM jobs")}
+        finished = {job_id for (job_id,) in spool.query("SELECT id FROM finished")}
+        handed_out = set(spool.handed_out())
+    durable = spooled | finished
+    assert queued and queued <= durable  # none announced before it was durable
+    assert spooled - queued  # the struck batch: committed, never announced
+    assert ids[0] in handed_out | finished  # the first job went out...
+    # ...before the rest was committed: the struck batch (ROOM_BATCH at most) was the last.
+    assert len(durable) < 100 + ROOM_BATCH and ids[-1] not in durable
 
 
 def test_a_worker_killed_after_the_servers_2xx_sends_the_message_again_flagged_and_counted(
