@@ -12,9 +12,11 @@ from bench.queue_scale import (
     COLUMNS,
     PANELS,
     n_label,
+    nice_ceiling,
     per_second_peak,
     rate,
     spread,
+    stall_starts,
     svg,
     table,
     targets,
@@ -94,3 +96,13 @@ def test_the_picture_is_svg_with_a_panel_each_and_the_table_a_row_each() -> None
     lines = table(rows).splitlines()
     assert len(lines) == 2 + len(COLUMNS) + 2
     assert " - " in next(line for line in lines if line.startswith("| delivery time p50"))
+
+
+def test_an_axis_top_is_a_round_number_at_or_above_the_largest_value() -> None:
+    assert [nice_ceiling(v) for v in (11856, 226, 1.77, 0.43, 5, 0)] == [
+        20000, 250, 2, 0.5, 5, 1]
+
+
+def test_stalls_are_the_runs_of_slow_intake() -> None:
+    assert stall_starts([]) == []
+    assert stall_starts([10.4, 0.5, 0.6, 10.3, 0.7, 20.0]) == [0.5, 10.3, 20.0]
