@@ -11,6 +11,7 @@ import pytest
 from bench.queue_scale import (
     COLUMNS,
     PANELS,
+    inclusive_shares,
     n_label,
     nice_ceiling,
     per_second_peak,
@@ -106,3 +107,23 @@ def test_an_axis_top_is_a_round_number_at_or_above_the_largest_value() -> None:
 def test_stalls_are_the_runs_of_slow_intake() -> None:
     assert stall_starts([]) == []
     assert stall_starts([10.4, 0.5, 0.6, 10.3, 0.7, 20.0]) == [0.5, 10.3, 20.0]
+
+
+def test_a_comparison_under_unequal_load_is_inconclusive() -> None:
+    checks = {name: (text, ok) for name, text, ok in targets(
+        [row(0, other_load=0.65), row(1_000_000, delivery_per_s=500.0, other_load=0.40)])}
+    text, ok = checks["fresh mail >= 90% of its empty-spool rate"]
+    assert ok is None and "inconclusive" in text
+    assert checks["p99 delivery time within 2x"][1] is None
+
+
+def test_shares_of_the_samples_count_a_function_once_per_stack() -> None:
+    collapsed = [
+        "main (cli.py:1);Supervisor.tick (supervisor.py:9);Spool.stats (spool.py:5) 3\n",
+        "main (cli.py:1);Results.flush (results.py:2);Results.flush (results.py:3) 1\n",
+        "garbage\n",
+    ]
+    shares = inclusive_shares(collapsed, ("Spool.stats", "Results.flush", "Spool.due"))
+    assert shares == {"Spool.stats": 0.75, "Results.flush": 0.25, "Spool.due": 0.0,
+                      "samples": 4}
+    assert inclusive_shares([], ("Spool.stats",)) == {"Spool.stats": 0.0, "samples": 0}
