@@ -537,6 +537,10 @@ COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 def fmt(value: Any) -> str:
     if not isinstance(value, (int, float)) or value != value:
         return "-"
+    if value == 0:
+        return "0"
+    if abs(value) < 0.01:
+        return f"{value:.2g}"
     if abs(value) >= 100:
         return f"{value:.0f}"
     if abs(value) >= 10:
@@ -711,10 +715,11 @@ stopped: the last rows of the table):
   (every 10 s, for the `spool_depth` gauge) and for every `mailengine status`, and the loop
   does nothing else meanwhile: no intake, no results. That is the longest intake wait at
   {n_label(big['n'])} ({fmt(big['intake_max_ms'])} ms; the paced jobs that waited over
-  {STALL_MS:.0f} ms came in {len(stalls)} stalls, at {', '.join(f'{t:.1f}' for t in stalls)
-  or '-'} s into the {PACED_SECONDS:.0f} s run; housekeeping comes every 10 s) and the
-  status request's time ({fmt(1000 * big['status_request_s'])} ms). The fix: counts kept as
-  the spool changes (accept, record, settle), not counted.
+  {STALL_MS:.0f} ms came in {len(stalls)} stall{'' if len(stalls) == 1 else 's'}, at
+  {', '.join(f'{t:.1f}' for t in stalls) or '-'} s into the {PACED_SECONDS:.0f} s run;
+  housekeeping comes every 10 s) and the status request's time
+  ({fmt(1000 * big['status_request_s'])} ms). The fix: counts kept as the spool changes
+  (accept, record, settle), not counted.
 - **The queue summary reads up to 100,000 rows** (`Spool.by_domain`, `SUMMARY_SCAN`):
   bounded by design, but {fmt(1000 * big['spool_by_domain_s'])} ms of the loop once 100k
   wait, for every `mailengine queue`.
@@ -739,7 +744,10 @@ stopped: the last rows of the table):
   to the spool), hold every slot, and a slot freed goes to the next oldest due job, the
   window's again. The fixes this points to: room per provider at dispatch (no more jobs
   for a provider than its pace can send within `max_wait`), and first attempts not queued
-  behind retries. The stop after it took {fmt(herd['stop_s'])} s (the drain waited for the
+  behind retries. Such a window is what the engine makes of a provider's block: retries
+  come due as they were deferred (`retry.next_attempt` takes a `jitter`, but
+  engine/results.py passes none), so recipients deferred in the same second come back in
+  the same second. The stop after it took {fmt(herd['stop_s'])} s (the drain waited for the
   jobs held for a turn)."""
     return text
 
