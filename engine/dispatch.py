@@ -18,6 +18,17 @@ result counts only for the hand-out it answers (engine.results).
 Jobs just accepted are kept in memory until their first dispatch (`offer`), so a
 job the workers had no room for is not read back from SQLite, message included,
 when it comes due (bounded by UNSENT_MAX_BYTES).
+
+First attempts before retries. A retry (a job with a recipient tried before) may take at
+most `limits.retry_share` of a worker's `max_in_flight` slots; the rest is kept for first
+attempts. A retry waits in its worker for its provider's turn (up to `shaping.max_wait`),
+so without the cap a deferral window ending (thousands of retries due in one second) would
+fill every slot, and fresh mail to a healthy destination would wait behind it. And each
+turn hands out the jobs held in memory (accepted, never handed out: due since their
+acceptance) before asking the spool, whose order is the oldest next attempt first, for at
+most as many as the retries have room for. A first attempt read back from the spool (after
+a restart, or beyond UNSENT_MAX_BYTES) takes its turn in that order, in the first
+attempts' room.
 """
 from __future__ import annotations
 
@@ -68,6 +79,7 @@ class InFlight:
     # them: it may have delivered them, so their events say `possible_duplicate`.
     resent: frozenset[str] = frozenset()
     job_id: str = ""  # whose hand-out (a taken-back one is kept by number, `earlier`)
+    retry: bool = False  # a recipient of it was tried before: it holds a retry's slot
 
 
 def handout_deadline(cfg: Config) -> float:
@@ -102,6 +114,8 @@ class Dispatcher:
         self._unsent: dict[str, Pending] = {}
         self.unsent_bytes = 0
         self._handouts = itertools.count(1)
+        # The retries in flight, by worker IP (at most `_retry_cap` each).
+        self._retries: dict[str, set[str]] = {}
         # Set by the supervisor while results wait for an unwritable spool and there is no
         # more room to hold them: nothing new goes out whose result could not be kept.
         self.held_back = False
@@ -131,12 +145,27 @@ class Dispatcher:
         self._hand_out(accepted, self.free_room())
 
     def dispatch_due(self) -> None:
-        """Hand out what the spool says is due, as far as the workers' room goes."""
+        """Hand out what is due, as far as the workers' room goes: the jobs never handed
+        out held in memory first, then what the spool says is due, at most as many as the
+        retries have room for (see the module's docstring)."""
         room = self.free_room()
         if room <= 0:
             return
         now = time.monotonic()
         self._parked = {j: t for j, t in self._parked.items() if t > now}
+        if self._unsent:
+            fresh = [p for p in itertools.islice(
+                (p for job_id, p in self._unsent.items() if job_id not in self._parked),
+                room)]
+            for pending in self._hand_out(fresh, room):
+                self._parked[pending.job.id] = now + PARK_TIME
+            room = min(self.free_room(), self.retry_room())
+            if room <= 0:
+                return
+        else:
+            room = min(room, self.retry_room())
+            if room <= 0:
+                return
         skip = _Either(self.in_flight, self._parked)
         try:
             due = self._spool.due(self._clock.now(), room, skip, self._unsent)
@@ -238,6 +267,8 @@ class Dispatcher:
         handle = self._workers.get(flight.ip)
         if handle is not None:
             handle.jobs.discard(job_id)
+        if flight.retry:
+            self._retries.get(flight.ip, set()).discard(job_id)
         if flight.attempts:
             if len(self.earlier) >= EARLIER_MAX:
                 del self.earlier[next(iter(self.earlier))]  # the oldest
@@ -249,6 +280,16 @@ class Dispatcher:
             return 0
         return sum(self._room(h) for h in self._workers if h.takes_jobs)
 
+    def retry_room(self) -> int:
+        """Retries the ready workers can take now, together (`limits.retry_share`)."""
+        if self.held_back:
+            return 0
+        return sum(self._room(h, retry=True) for h in self._workers if h.takes_jobs)
+
+    def retries_in_flight(self) -> int:
+        """Jobs in flight that are retries."""
+        return sum(map(len, self._retries.values()))
+
     # -- handing out ------------------------------------------------------------------
 
     def _hand_out(self, jobs: Iterable[Pending], room: int) -> list[Pending]:
@@ -258,24 +299,31 @@ class Dispatcher:
         the spool (`Spool.mark_handed_out`, with the hand-outs answered in full since the
         last time: unmarked), and only then do their tasks leave: a crash of the supervisor
         at any point leaves a mark on every job a worker may have sent."""
-        chosen: list[tuple[Pending, WorkerHandle]] = []
+        chosen: list[tuple[Pending, WorkerHandle, bool]] = []
         left: list[Pending] = []
         for pending in jobs:
             handle = None
+            retry = False
             if len(chosen) < room:
                 if self._clock.now() >= pending.expires_ts:
                     self._expire(pending)
                     continue
-                handle = self._choose_worker(pending.job.ip, pending.job.pool)
+                retry = any(pending.attempts.values())  # tried before: a retry
+                handle = self._choose_worker(pending.job.ip, pending.job.pool, retry)
             if handle is None:
                 left.append(pending)
                 continue
-            handle.jobs.add(pending.job.id)  # its room taken while the others are chosen
-            chosen.append((pending, handle))
-        self._mark([pending.job.id for pending, _ in chosen])
-        for pending, handle in chosen:
-            if not self._send(pending, handle):
+            # Its room taken while the others are chosen.
+            handle.jobs.add(pending.job.id)
+            if retry:
+                self._retries.setdefault(handle.ip, set()).add(pending.job.id)
+            chosen.append((pending, handle, retry))
+        self._mark([pending.job.id for pending, _, _ in chosen])
+        for pending, handle, retry in chosen:
+            if not self._send(pending, handle, retry):
                 handle.jobs.discard(pending.job.id)
+                if retry:
+                    self._retries[handle.ip].discard(pending.job.id)
                 self._answered_in_full.append(pending.job.id)  # never out: unmarked
                 left.append(pending)
         return left
@@ -298,7 +346,7 @@ class Dispatcher:
         """Unmark the hand-outs answered in full (at the stop: no hand-out comes next)."""
         self._mark([])
 
-    def _send(self, pending: Pending, handle: WorkerHandle) -> bool:
+    def _send(self, pending: Pending, handle: WorkerHandle, retry: bool = False) -> bool:
         """Send `pending`'s task to `handle`'s worker; False if its socket is full."""
         job = pending.job
         handout = next(self._handouts)
@@ -320,7 +368,7 @@ class Dispatcher:
         # The job's meta is never changed (events copy it), so it is shared, not copied.
         self.in_flight[job.id] = flight = InFlight(handle.ip, job.meta, pending.queued_ts,
                                                    pending.expires_ts, dict(pending.attempts),
-                                                   handout, job_id=job.id)
+                                                   handout, job_id=job.id, retry=retry)
         if self._unreported:
             flight.resent = self._resent(job.id, pending.rcpts)
         return True
@@ -333,22 +381,29 @@ class Dispatcher:
             self._metrics.incr("resent_after_loss", "all", len(resent))
         return resent
 
-    def _choose_worker(self, ip: str | None, pool: str | None) -> WorkerHandle | None:
+    def _choose_worker(self, ip: str | None, pool: str | None,
+                       retry: bool = False) -> WorkerHandle | None:
         if ip is not None:
             handle = self._workers.get(ip)
-            if handle is not None and handle.takes_jobs and self._room(handle) > 0:
+            if handle is not None and handle.takes_jobs and self._room(handle, retry) > 0:
                 return handle
             return None
         best: WorkerHandle | None = None
         for member in self.cfg.ip_pools.get(pool or "default", ()):
             handle = self._workers.get(member)
-            if (handle is not None and handle.takes_jobs and self._room(handle) > 0
+            if (handle is not None and handle.takes_jobs and self._room(handle, retry) > 0
                     and (best is None or len(handle.jobs) < len(best.jobs))):
                 best = handle  # the least busy: spread the load
         return best
 
-    def _room(self, handle: WorkerHandle) -> int:
-        return self.cfg.limits.max_in_flight - len(handle.jobs)
+    def _room(self, handle: WorkerHandle, retry: bool = False) -> int:
+        """Jobs `handle`'s worker can take now; with `retry`, retries (their share)."""
+        limits = self.cfg.limits
+        room = limits.max_in_flight - len(handle.jobs)
+        if retry:
+            cap = max(1, int(limits.max_in_flight * limits.retry_share))
+            room = min(room, cap - len(self._retries.get(handle.ip, ())))
+        return room
 
     def _expire(self, pending: Pending) -> None:
         """Record the job's pending recipients as expired, then publish it; if the spool

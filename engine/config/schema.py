@@ -193,6 +193,9 @@ class LimitsConfig:
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 1000
     max_in_flight: int = 1000
+    # Of a worker's max_in_flight, the share retries may hold: the rest is kept for first
+    # attempts, so a deferral window ending cannot fill every slot (engine.dispatch).
+    retry_share: float = 0.5
     long_lines: str = "reject"  # one of LONG_LINES
 
 

@@ -272,6 +272,7 @@ _LIMITS = section(LimitsConfig, {
     "max_message_size": size,
     "max_recipients": integer(1),
     "max_in_flight": integer(1),
+    "retry_share": number(0.0, 1.0, above=True),
     "long_lines": choice(*LONG_LINES),
 })
 

@@ -65,7 +65,7 @@ def test_minimal_config_takes_documented_defaults() -> None:
     assert dataclasses.astuple(cfg.dns) == ((), 53, 5.0, 10000, False)
     assert dict(cfg.routes) == {}
     assert dataclasses.astuple(cfg.statsd) == (True, "127.0.0.1", 8125, "mailengine")
-    assert dataclasses.astuple(cfg.limits) == (50 * 2**20, 1000, 1000, "reject")
+    assert dataclasses.astuple(cfg.limits) == (50 * 2**20, 1000, 1000, 0.5, "reject")
     assert cfg.retry.schedule == (60, 300, 900, 1800, 3600, 7200, 14400)
     assert cfg.retry.max_age == 5 * 86400
 
@@ -352,6 +352,8 @@ REFUSALS = [
     (minimal(limits={"max_message_size": 0}), "limits.max_message_size", "more than 0"),
     (minimal(limits={"max_recipients": 0}), "limits.max_recipients", ">= 1"),
     (minimal(limits={"max_in_flight": None}), "limits.max_in_flight", "must be an integer"),
+    (minimal(limits={"retry_share": 0}), "limits.retry_share", "must be > 0.0 and <= 1.0"),
+    (minimal(limits={"retry_share": 1.5}), "limits.retry_share", "must be > 0.0 and <= 1.0"),
     (minimal(limits={"long_lines": "wrap"}), "limits.long_lines", "must be one of reject, encode"),
     (minimal(pool={"keepalive_interval": 0}), "pool.keepalive_interval", "more than 0"),
     (minimal(pool={"keepalive_count": 0}), "pool.keepalive_count", ">= 1"),
