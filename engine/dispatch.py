@@ -154,30 +154,29 @@ class Dispatcher:
         now = time.monotonic()
         self._parked = {j: t for j, t in self._parked.items() if t > now}
         if self._unsent:
-            fresh = [p for p in itertools.islice(
-                (p for job_id, p in self._unsent.items() if job_id not in self._parked),
-                room)]
+            fresh = list(itertools.islice(
+                (p for job_id, p in self._unsent.items() if job_id not in self._parked), room))
             for pending in self._hand_out(fresh, room):
                 self._parked[pending.job.id] = now + PARK_TIME
-            room = min(self.free_room(), self.retry_room())
-            if room <= 0:
-                return
-        else:
-            room = min(room, self.retry_room())
-            if room <= 0:
-                return
         skip = _Either(self.in_flight, self._parked)
-        try:
-            due = self._spool.due(self._clock.now(), room, skip, self._unsent)
-        except SpoolDamaged:
-            raise  # not a passing failure: the supervisor stops (engine.supervisor)
-        except SpoolError as err:  # setting a damaged row aside needs a write: next turn
-            log.warning(logs.kv("dispatch_skipped", error=err))
-            return
-        for pending in self._hand_out(due, room):
-            # Its IP is down or full: look past it next turn, so it cannot
-            # hold back the jobs of other IPs behind it.
-            self._parked[pending.job.id] = now + PARK_TIME
+        while (room := min(self.free_room(), self.retry_room())) > 0:
+            try:
+                due = self._spool.due(self._clock.now(), room, skip, self._unsent)
+            except SpoolDamaged:
+                raise  # not a passing failure: the supervisor stops (engine.supervisor)
+            except SpoolError as err:  # setting a damaged row aside needs a write: next turn
+                log.warning(logs.kv("dispatch_skipped", error=err))
+                return
+            before = self.free_room()
+            left = self._hand_out(due, room)
+            for pending in left:
+                # Its IP is down or full: look past it next turn, so it cannot
+                # hold back the jobs of other IPs behind it.
+                self._parked[pending.job.id] = now + PARK_TIME
+            if len(due) < room or left or self.free_room() >= before:
+                return
+            # A whole page went out, first attempts read back from the spool among it
+            # (they do not take the retries' room): the next page, while there is room.
 
     def refill(self) -> None:
         """Results freed room: refill now rather than at the next tick, once a good share

@@ -98,3 +98,20 @@ def test_with_a_share_of_one_retries_may_fill_every_slot(parts: Parts) -> None:
 
     assert tasks(pull) == backlog[:SLOTS]
     assert parts.dispatcher.free_room() == 0
+
+
+def test_first_attempts_read_back_from_the_spool_take_the_first_attempts_room(
+        parts: Parts) -> None:
+    """After a restart nothing is held in memory: a first attempt the spool hands out
+    does not count against the retries' share, and the turn goes on to the next page."""
+    _, pull = parts.worker(IP2, alive=True)
+    spooled = [f"spooled-{i:02d}" for i in range(15)]
+    parts.spool.accept([Job(id=i, sender="s@example.test", rcpts=(RCPT,), message=b"x\r\n")
+                        for i in spooled], time.time() - 3600, 86400.0)
+    backlog = deferred_backlog(parts)
+
+    parts.dispatcher.dispatch_due()
+
+    assert tasks(pull) == spooled + backlog[:SLOTS - len(spooled)]
+    assert parts.dispatcher.free_room() == 0
+    assert parts.dispatcher.retries_in_flight() == SLOTS - len(spooled)
