@@ -3,11 +3,14 @@ the figures the issue's targets are read from, and the picture, right before a 1
 from __future__ import annotations
 
 import itertools
+import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench import queue_scale
 from bench.queue_scale import (
     COLUMNS,
     PANELS,
@@ -127,3 +130,23 @@ def test_shares_of_the_samples_count_a_function_once_per_stack() -> None:
     assert shares == {"Spool.stats": 0.75, "Results.flush": 0.25, "Spool.due": 0.0,
                       "samples": 4}
     assert inclusive_shares([], ("Spool.stats",)) == {"Spool.stats": 0.0, "samples": 0}
+
+
+def test_the_window_before_and_after_shows_both_runs(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queue_scale, "WINDOW_FIX", str(tmp_path / "missing.json"))
+    assert queue_scale.window_fix() == ""
+    row = {"paced_sent": 3000, "paced_delivered": 1943, "p50_ms": 2.0, "p99_ms": 71842.0,
+           "in_flight": 1000, "herd_attempts": 1440, "herd_peak_per_s": 22, "stop_s": 50.4}
+    fixed = {**row, "paced_delivered": 3000, "p99_ms": 14.0, "in_flight": 500}
+    path = tmp_path / "window.json"
+    path.write_text(json.dumps({"command": "python3 -m bench.queue_scale --window 9",
+                                "date": "today", "before": row, "after": fixed}))
+    monkeypatch.setattr(queue_scale, "WINDOW_FIX", str(path))
+
+    text = queue_scale.window_fix()
+
+    assert "--window 9" in text
+    assert "1943 before, **3000** after" in text
+    assert "p99 71842 ms before, **14.0 ms** after" in text
+    assert "at most\n22 and 22 in one second" in text
