@@ -774,17 +774,20 @@ def window_fix() -> str:
         return f"{num(b[key])}{unit} before, **{num(a[key])}{unit}** after"
 
     return f"""
-**The window ending, before and after** (`{fix['command']}`, {fix['date']}, each run on
-its own commit; the same machine, shared). The dispatcher now keeps room for first
-attempts (engine/dispatch.py): a retry (a job with a recipient tried before) may hold at
-most `limits.retry_share` (default 0.5) of a worker's `max_in_flight` slots, and each turn
-hands out the jobs accepted and never handed out (held in memory) before it asks the spool,
+**The window ending, before and after** (`{fix['command']}`, twice on the same machine,
+shared: before on {fix['before_commit']}, {fix['before_date']}; after on
+{fix['after_commit']}, {fix['date']}). The dispatcher now keeps room for first attempts
+(engine/dispatch.py): a retry (a job with a recipient tried before) may hold at most
+`limits.retry_share` (default 0.5) of a worker's `max_in_flight` slots, and each turn hands
+out the jobs accepted and never handed out (held in memory) before it asks the spool,
 oldest next attempt first, for at most as many as the retries have room for. Fresh mail
 delivered (of {a['paced_sent']}): {both('paced_delivered')}; its delivery time p50
-{both('p50_ms', ' ms')}, p99 {both('p99_ms', ' ms')}; jobs in flight at the end
-{both('in_flight')}; the window's attempts {both('herd_attempts')} (at most
-{num(b['herd_peak_per_s'])} and {num(a['herd_peak_per_s'])} in one second: the deferring
-provider's pace either way); the stop {both('stop_s', ' s')}.
+{both('p50_ms', ' ms')}, p99 {both('p99_ms', ' ms')} (with an empty spool in the same runs:
+p99 {num(b['empty_p99_ms'])} and {num(a['empty_p99_ms'])} ms); jobs in flight at the end
+{both('in_flight')}; the stop {both('stop_s', ' s')}. The window still goes out at the
+deferring provider's pace (at most {num(b['herd_peak_per_s'])} and
+{num(a['herd_peak_per_s'])} attempts in one second; {both('herd_attempts')} seen while the
+fresh mail was measured, which ended once it was delivered: {both('herd_span_s', ' s')}).
 """
 
 

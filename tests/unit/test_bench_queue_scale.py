@@ -141,7 +141,10 @@ def test_the_window_before_and_after_shows_both_runs(tmp_path: Path,
     fixed = {**row, "paced_delivered": 3000, "p99_ms": 14.0, "in_flight": 500}
     path = tmp_path / "window.json"
     path.write_text(json.dumps({"command": "python3 -m bench.queue_scale --window 9",
-                                "date": "today", "before": row, "after": fixed}))
+                                "date": "today", "before_date": "yesterday",
+                                "before_commit": "a", "after_commit": "b",
+                                "before": {**row, "empty_p99_ms": 7.0, "herd_span_s": 72.0},
+                                "after": {**fixed, "empty_p99_ms": 8.0, "herd_span_s": 12.0}}))
     monkeypatch.setattr(queue_scale, "WINDOW_FIX", str(path))
 
     text = queue_scale.window_fix()
@@ -149,4 +152,4 @@ def test_the_window_before_and_after_shows_both_runs(tmp_path: Path,
     assert "--window 9" in text
     assert "1943 before, **3000** after" in text
     assert "p99 71842 ms before, **14.0 ms** after" in text
-    assert "at most\n22 and 22 in one second" in text
+    assert "p99 7.00 and 8.00 ms" in text
