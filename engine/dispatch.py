@@ -114,7 +114,7 @@ class Dispatcher:
         self._unsent: dict[str, Pending] = {}
         self.unsent_bytes = 0
         self._handouts = itertools.count(1)
-        # The retries in flight, by worker IP (at most `_retry_cap` each).
+        # The retries in flight, by worker IP (each at most its share, `_room`).
         self._retries: dict[str, set[str]] = {}
         # Set by the supervisor while results wait for an unwritable spool and there is no
         # more room to hold them: nothing new goes out whose result could not be kept.
