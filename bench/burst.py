@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,9 @@ from bench.common import (
     PostfixSink,
     Producer,
     engine_config,
+    engine_rev,
     job,
+    load_results,
     log,
     running_engine,
     write_section,
@@ -101,25 +102,6 @@ def _median(rows: list[dict[str, float]], key: str) -> float:
 def _cell(rows: list[dict[str, float]], key: str) -> str:
     each = ", ".join(f"{row[key]:.0f}" for row in rows)
     return f"{_median(rows, key):.0f} ms ({each})"
-
-
-def _rev() -> str:
-    """The engine measured: BENCH_ENGINE_REV (a snapshot), else this tree's HEAD."""
-    if os.environ.get("BENCH_ENGINE_REV"):
-        return os.environ["BENCH_ENGINE_REV"][:12] + " (git archive)"
-    out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
-                         capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "engine"],
-                           capture_output=True, text=True).stdout.strip()
-    return out.stdout.strip() + (" + uncommitted engine changes" if dirty else "")
-
-
-def _load() -> dict[str, Any]:
-    try:
-        with open(RESULTS, encoding="utf-8") as f:
-            return dict(json.load(f))
-    except (OSError, ValueError):
-        return {}
 
 
 def render(results: dict[str, Any]) -> str:
@@ -203,17 +185,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="write docs/PERFORMANCE.md from bench/results/burst.json, no run")
     args = parser.parse_args(argv)
     if args.render_only:
-        write_section(DOC, HEADING, render(_load()))
+        write_section(DOC, HEADING, render(load_results(RESULTS)))
         return 0
     workdir = tempfile.mkdtemp(prefix="mailengine-burst-")
     before = run_cpu_now()
     result = run(workdir, args.count, args.bursts)
     result["other_load"] = round(other_load(before), 3)
     command = "python -m bench.burst " + shlex.join(argv if argv is not None else sys.argv[1:])
-    result.update(command=command.strip(), engine=_rev(),
+    result.update(command=command.strip(), engine=engine_rev(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     log(f"other load {100 * result['other_load']:.0f}%")
-    results = _load()
+    results = load_results(RESULTS)
     results[args.label] = result
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w", encoding="utf-8") as f:

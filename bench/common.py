@@ -30,6 +30,27 @@ def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
+def engine_rev() -> str:
+    """The engine measured: BENCH_ENGINE_REV (a snapshot, as bench.run --engine-rev makes
+    one), else this tree's HEAD, marked when engine/ has uncommitted changes."""
+    if os.environ.get("BENCH_ENGINE_REV"):
+        return os.environ["BENCH_ENGINE_REV"][:12] + " (git archive)"
+    out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
+                         capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "engine"],
+                           capture_output=True, text=True).stdout.strip()
+    return out.stdout.strip() + (" + uncommitted engine changes" if dirty else "")
+
+
+def load_results(path: str) -> dict[str, Any]:
+    """A benchmark's saved results (JSON); empty when there are none yet, or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        return {}
+
+
 # -- figures ----------------------------------------------------------------------------------
 
 

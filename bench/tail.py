@@ -23,7 +23,6 @@ import os
 import re
 import shlex
 import ssl
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +34,9 @@ from bench.common import (
     Producer,
     StatsdCatcher,
     engine_config,
+    engine_rev,
     job,
+    load_results,
     log,
     percentile,
     running_engine,
@@ -145,26 +146,6 @@ def run(workdir: str, seconds: float, rate: float,
         # supervisor's part after the reply (recording it in the spool, publishing)
         "worker_delay": summary(worker_delays),
     }
-
-
-def _rev() -> str:
-    """The engine measured: BENCH_ENGINE_REV (a snapshot, as bench.run --engine-rev makes
-    one), else this tree's HEAD."""
-    if os.environ.get("BENCH_ENGINE_REV"):
-        return os.environ["BENCH_ENGINE_REV"][:12] + " (git archive)"
-    out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
-                         capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "engine"],
-                           capture_output=True, text=True).stdout.strip()
-    return out.stdout.strip() + (" + uncommitted engine changes" if dirty else "")
-
-
-def _load() -> dict[str, Any]:
-    try:
-        with open(RESULTS, encoding="utf-8") as f:
-            return dict(json.load(f))
-    except (OSError, ValueError):
-        return {}
 
 
 def render(results: dict[str, Any]) -> str:
@@ -277,14 +258,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="write docs/PERFORMANCE.md from bench/results/tail.json, no run")
     args = parser.parse_args(argv)
     if args.render_only:
-        write_section(DOC, HEADING, render(_load()))
+        write_section(DOC, HEADING, render(load_results(RESULTS)))
         return 0
     workdir = tempfile.mkdtemp(prefix="mailengine-tail-")
     before = run_cpu_now()
     result = run(workdir, args.seconds, args.rate, args.max_messages)
     result["other_load"] = round(other_load(before), 3)
     command = "python -m bench.tail " + shlex.join(argv if argv is not None else sys.argv[1:])
-    result.update(command=command.strip(), engine=_rev(),
+    result.update(command=command.strip(), engine=engine_rev(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     d = result["delay"]
     log(f"other load {100 * result['other_load']:.0f}%; {result['over_2x_p50']} over 2x p50"
@@ -294,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {d['max']:.0f} ms; {result['connections']} connections, handshakes"
         f" {result['handshakes']} + {result['handshakes_failed']} failed; slowest"
         f" {result['slowest'][:5]}")
-    results = _load()
+    results = load_results(RESULTS)
     results[args.label] = result
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with open(RESULTS, "w", encoding="utf-8") as f:
