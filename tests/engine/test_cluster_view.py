@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,31 +22,15 @@ from typing import Any
 import pytest
 import zmq
 
-from engine import auth, status
+from engine import auth
 from engine.testing.harness import LocalEngine, make_message
 from engine.testing.sink import SinkServer
 from tests.support.cli import mailengine
+from tests.support.control import CurveEngine, free_tcp_endpoint
 
 pytestmark = pytest.mark.timeout(120)
 
 A_IP, B_IP = "127.0.0.2", "127.0.0.3"
-
-
-class Engine(LocalEngine):
-    """A LocalEngine whose config writes `control` as {endpoint, curve}; its own `status`
-    (the readiness check) speaks CURVE with `client` when set."""
-
-    client: auth.CurveClient | None = None
-
-    def status(self, timeout: float = 3.0) -> dict[str, Any]:
-        return status.query(str(self.config["control"]["endpoint"]), timeout,
-                            curve=self.client)
-
-
-def free_tcp_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
 @pytest.fixture
@@ -65,17 +48,17 @@ def keys(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-def engines(keys: dict[str, str], tmp_path: Path) -> Iterator[tuple[Engine, Engine]]:
+def engines(keys: dict[str, str], tmp_path: Path) -> Iterator[tuple[CurveEngine, CurveEngine]]:
     """A and B running, each with jobs delivered and recipients waiting (deferred, the
     next try 10 minutes away)."""
     slow = {"retry": {"schedule": [600]}}
     with SinkServer(rcpt_rules={"defer": "452 4.2.2 mailbox full"}) as sink:
-        b = Engine(str(tmp_path / "b"), sink.port, ips=(B_IP,), extra={**slow, "control": {
+        b = CurveEngine(str(tmp_path / "b"), sink.port, ips=(B_IP,), extra={**slow, "control": {
             "endpoint": free_tcp_endpoint(), "curve": {
                 "enabled": True, "server_secret_key": keys["secret"],
                 "allowed_clients": keys["operators"]}}})
         b.client = auth.CurveClient.from_files(keys["public"], keys["operator"])
-        a = Engine(str(tmp_path / "a"), sink.port, ips=(A_IP,), extra=slow)
+        a = CurveEngine(str(tmp_path / "a"), sink.port, ips=(A_IP,), extra=slow)
         a.config["control"] = {"endpoint": a.config["control"],
                                "curve": {"client_key": keys["operator"]}}
         a.config["cluster"] = {"hosts": [

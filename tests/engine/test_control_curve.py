@@ -8,36 +8,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zmq
 
-from engine import auth, status
-from engine.testing.harness import LocalEngine, final_outcomes, make_message
+from engine import auth
+from engine.testing.harness import final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from tests.support.cli import mailengine
+from tests.support.control import CurveEngine, free_tcp_endpoint
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def free_tcp_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
-class CurveEngine(LocalEngine):
-    """A LocalEngine whose own `status` (its readiness check) speaks CURVE as `operator`."""
-
-    client: auth.CurveClient
-
-    def status(self, timeout: float = 3.0) -> dict[str, Any]:
-        return status.query(str(self.config["control"]["endpoint"]), timeout,
-                            curve=self.client)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -22,17 +21,12 @@ from engine.job import normalise_message
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from tests.support.cli import mailengine
+from tests.support.control import free_tcp_endpoint
 from tests.support.dnsserver import DnsServer
 from tests.support.fuzz import SMUGGLER
 from tests.support.wait import HANDSHAKE_ENDS, socket_event
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def free_tcp_endpoint() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
 
 
 # =======================================================================================
