@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from engine import cliargs, controlclient
 from engine import config as config_mod
 from engine.config import ClusterHostConfig
-from engine.queue_cli import _age, _n
+from engine.queue_cli import counted, span
 
 if TYPE_CHECKING:
     from engine.auth import CurveClient
@@ -235,11 +235,11 @@ def merged_rows(answers: list[Answer]) -> list[dict[str, Any]]:
 def render_queue(answers: list[Answer]) -> str:
     totals, rows = queue_totals(answers), merged_rows(answers)
     answered = sum(a.figures is not None for a in answers)
-    lines = [f"{_n(totals['rcpts'], 'recipient')} waiting for"
-             f" {_n(len({row['domain'] for row in rows}), 'domain')}"
+    lines = [f"{counted(totals['rcpts'], 'recipient')} waiting for"
+             f" {counted(len({row['domain'] for row in rows}), 'domain')}"
              + ("" if len(rows) == totals["domains"] else f" ({len(rows)} of"
                 f" {totals['domains']} rows shown)")
-             + f" on {answered} of {len(answers)} hosts; {_n(totals['in_flight'], 'job')}"
+             + f" on {answered} of {len(answers)} hosts; {counted(totals['in_flight'], 'job')}"
                " in flight"]
     for a in answers:
         if a.figures is None:
@@ -249,7 +249,7 @@ def render_queue(answers: list[Answer]) -> str:
             lines.append(f"{a.host}: counted from the oldest {a.figures['scanned']}"
                          " recipients waiting only")
         lines += [f"{a.host}: SUSPENDED {held['ip']} x {held['provider']} for"
-                  f" {_age(held['for'])} (by {held['by']})" for held in a.figures["suspended"]]
+                  f" {span(held['for'])} (by {held['by']})" for held in a.figures["suspended"]]
     if rows:
         lines += ["", f"{'host':<16}{'ip':<16}{'provider':<20}{'domain':<28}{'rcpts':>7}"
                       f"{'jobs':>7}{'oldest':>8}{'next':>7}  last reply"]
@@ -263,4 +263,4 @@ def _queue_row(row: dict[str, Any]) -> str:
         str(part) for part in (reply["code"], reply["enhanced"], reply["text"]) if part)
     return (f"{row['host'][:15]:<16}{row['ip'] or '-':<16}{(row['provider'] or '-')[:19]:<20}"
             f"{row['domain'][:27]:<28}{row['rcpts']:>7}{row['jobs']:>7}"
-            f"{_age(row['oldest_age']):>8}{_age(row['next_in']):>7}  {said[:80]}")
+            f"{span(row['oldest_age']):>8}{span(row['next_in']):>7}  {said[:80]}")

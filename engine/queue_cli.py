@@ -163,14 +163,14 @@ def _summary(args: argparse.Namespace) -> int:
 def render_summary(answer: dict[str, Any]) -> str:
     rows = answer["rows"]
     waiting = sum(row["rcpts"] for row in rows)
-    lines = [f"{_n(waiting, 'recipient')} waiting for {_n(len(rows), 'domain')}"
+    lines = [f"{counted(waiting, 'recipient')} waiting for {counted(len(rows), 'domain')}"
              + ("" if len(rows) == answer["domains"] else f" (of {answer['domains']})")
-             + f"; {_n(answer['in_flight'], 'job')} in flight"]
+             + f"; {counted(answer['in_flight'], 'job')} in flight"]
     if not answer["complete"]:
         lines.append(f"(counted from the oldest {answer['scanned']} recipients waiting only)")
     for held in answer["suspended"]:
         lines.append(f"SUSPENDED {held['ip']} x {held['provider']} for"
-                     f" {_age(held['for'])} (by {held['by']})")
+                     f" {span(held['for'])} (by {held['by']})")
     if rows:
         lines += ["", f"{'ip':<16}{'provider':<20}{'domain':<28}{'rcpts':>7}{'jobs':>7}"
                       f"{'oldest':>8}{'next':>7}  last reply"]
@@ -179,10 +179,10 @@ def render_summary(answer: dict[str, Any]) -> str:
         said = "-" if reply is None else " ".join(
             str(part) for part in (reply["code"], reply["enhanced"], reply["text"]) if part)
         if row["last_reply_age"] is not None:
-            said += f" ({_age(row['last_reply_age'])} ago)"
+            said += f" ({span(row['last_reply_age'])} ago)"
         lines.append(f"{row['ip'] or '-':<16}{(row['provider'] or '-')[:19]:<20}"
                      f"{row['domain'][:27]:<28}{row['rcpts']:>7}{row['jobs']:>7}"
-                     f"{_age(row['oldest_age']):>8}{_age(row['next_in']):>7}  {said[:100]}")
+                     f"{span(row['oldest_age']):>8}{span(row['next_in']):>7}  {said[:100]}")
     return "\n".join(lines)
 
 
@@ -195,16 +195,16 @@ def _show(args: argparse.Namespace) -> int:
     flight = answer["in_flight_at"]
     lines = [f"job {answer['id']}", f"  from: {answer['from']}",
              f"  meta: {json.dumps(answer['meta'])}",
-             f"  queued {_age(answer['age'])} ago, expires in {_age(answer['expires_in'])},"
+             f"  queued {span(answer['age'])} ago, expires in {span(answer['expires_in'])},"
              f" {answer['size']} bytes",
              f"  sent through: {answer['ip'] or 'pool ' + (answer['pool'] or 'default')}",
              f"  in flight now at {flight}" if flight else "  not in flight"]
     for rcpt in answer["rcpts"]:
         said = " ".join(str(part) for part in (rcpt["code"], rcpt["enhanced"], rcpt["reply"])
                         if part) or "-"
-        due = "" if rcpt["next_in"] is None else f", next in {_age(rcpt['next_in'])}"
-        lines.append(f"  {rcpt['rcpt']}: {rcpt['status']}, {_n(rcpt['attempts'], 'attempt')}{due};"
-                     f" last reply: {said}")
+        due = "" if rcpt["next_in"] is None else f", next in {span(rcpt['next_in'])}"
+        attempts = counted(rcpt["attempts"], "attempt")
+        lines.append(f"  {rcpt['rcpt']}: {rcpt['status']}, {attempts}{due}; last reply: {said}")
     print("\n".join(lines))
     return EXIT_OK
 
@@ -269,7 +269,7 @@ def _end(args: argparse.Namespace) -> int:
 
 
 def _confirmed(verb: str, count: dict[str, Any], target: dict[str, Any]) -> bool:
-    what = f"{count['jobs']} jobs ({_n(count['rcpts'], 'recipient')}) at {_where(target)}"
+    what = f"{count['jobs']} jobs ({counted(count['rcpts'], 'recipient')}) at {_where(target)}"
     if not sys.stdin.isatty():
         print(f"mailengine queue: {what} match; add --yes to {verb} them all",
               file=sys.stderr)
@@ -303,8 +303,8 @@ def _partial(total: dict[str, int], status: int) -> int:
 def _report(args: argparse.Namespace, done: dict[str, Any], what: str,
             target: dict[str, Any], none: str) -> int:
     if not _print_json(args, done):
-        print(f"{_where(target)}: {_n(done['rcpts'], 'recipient')} of"
-              f" {_n(done['jobs'], 'job')} {what}")
+        print(f"{_where(target)}: {counted(done['rcpts'], 'recipient')} of"
+              f" {counted(done['jobs'], 'job')} {what}")
     if done["in_flight"]:
         print(f"mailengine queue: {done['in_flight']} jobs in flight (a worker has them"
               " now) were left alone; run it again in a moment", file=sys.stderr)
@@ -325,19 +325,19 @@ def _hold(args: argparse.Namespace) -> int:
     if _print_json(args, answer):
         return EXIT_OK
     if args.command == "suspend":
-        print(f"{args.ip} x {answer['provider']} suspended for {_age(answer['seconds'])}"
+        print(f"{args.ip} x {answer['provider']} suspended for {span(answer['seconds'])}"
               " (`mailengine queue resume` lifts it)")
     else:
-        print(f"{args.ip} x {answer['provider']} resumed; {_n(answer['rcpts'], 'recipient')}"
-              f" of {_n(answer['jobs'], 'job')} due now")
+        print(f"{args.ip} x {answer['provider']} resumed; {counted(answer['rcpts'], 'recipient')}"
+              f" of {counted(answer['jobs'], 'job')} due now")
     return EXIT_OK
 
 
-def _n(count: int, noun: str) -> str:
+def counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def _age(seconds: float | None) -> str:
+def span(seconds: float | None) -> str:
     """45s, 12m, 3h05m, 2d04h."""
     if seconds is None:
         return "-"
