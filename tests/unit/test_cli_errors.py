@@ -60,6 +60,11 @@ def test_status_refuses_in_one_line(args: tuple[str, ...], line: str) -> None:
       "tcp://127.0.0.1:7", "--events", "inproc://x"),
      "mailengine push: --events inproc://x: not an endpoint to connect to"
      " (give tcp://HOST:PORT or ipc:///PATH)"),
+    (("--ingest", "tcp://127.0.0.1:8", "--ingest", "tcp://127.0.0.1:9", "--events",
+      "tcp://127.0.0.1:7", "--events", "tcp://127.0.0.1:6", "--curve-client-key", "c.key_secret",
+      *("--curve-server-key", "k.key") * 3),
+     "mailengine push: 3 --curve-server-key for 2 hosts: give one for all, or one per --ingest"
+     " in its order"),
     (("--events", "tcp://nohost"), "mailengine push: --events tcp://nohost: not tcp://HOST:PORT"),
     (("--meta", "{bad"), "mailengine push: --meta: not JSON (Expecting property name enclosed"
                          " in double quotes: line 1 column 2 (char 1))"),
@@ -71,8 +76,8 @@ def test_status_refuses_in_one_line(args: tuple[str, ...], line: str) -> None:
                                  " '5 minutes' (use seconds, or a number with a unit ms, s, m,"
                                  " h or d, e.g. \"30s\") (see mailengine push --help)"),
     (("--bogus",), "mailengine: unrecognized arguments: --bogus (see mailengine --help)"),
-], ids=["ingest", "hosts-events", "hosts-twice", "hosts-scheme", "events", "meta-json",
-        "meta-object", "expires", "timeout", "unknown"])
+], ids=["ingest", "hosts-events", "hosts-twice", "hosts-scheme", "hosts-keys", "events",
+        "meta-json", "meta-object", "expires", "timeout", "unknown"])
 def test_push_refuses_a_bad_option_in_one_line(args: tuple[str, ...], line: str,
                                                message: Path) -> None:
     first = () if args[0] == "--ingest" else ("--ingest", "tcp://127.0.0.1:9")

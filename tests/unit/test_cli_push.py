@@ -10,8 +10,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import zmq
 
-from engine import cliargs, push, pushreport
+from engine import auth, cliargs, push, pushreport
 from engine.pushjobs import Job
 from tests.support.control import free_tcp_endpoint
 from tests.support.standin_engine import StandinEngine
@@ -187,3 +188,21 @@ def test_several_hosts_need_one_events_endpoint_per_ingest() -> None:
     with pytest.raises(cliargs.UsageError, match="one events endpoint per ingest"):
         push.Pusher(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], ["tcp://127.0.0.1:3"],
                     resend=1.0, timeout=1.0)
+
+
+@pytest.mark.timeout(30)
+def test_with_curve_each_host_is_reached_with_its_own_server_key() -> None:
+    """Two hosts with key pairs of their own: each connection takes its host's key (a key
+    set for the whole socket would fail one host's handshake, and it would get nothing)."""
+    if not auth.available():
+        pytest.skip("this libzmq has no CURVE")
+    servers = [auth.KeyPair(*zmq.curve_keypair()) for _ in range(2)]
+    client = auth.KeyPair(*zmq.curve_keypair())
+    with StandinEngine(curve_secret=servers[0].secret) as a, \
+            StandinEngine(curve_secret=servers[1].secret) as b:
+        curves = [auth.CurveClient(key.public, client) for key in servers]
+        pusher = push.Pusher([a.ingest, b.ingest], [a.events, b.events], resend=3.0,
+                             timeout=10, curve=curves)
+        tally = pusher.push(tiny_jobs(100, a, []), 100)
+    assert (tally.accepted, tally.exit_status()) == (100, 0)
+    assert tally.by_host[a.ingest] > 0 and tally.by_host[b.ingest] > 0, tally.by_host
