@@ -21,10 +21,20 @@ Sources: a .eml file (or - for standard input) with --from/--to; a folder of
 To headers); a .jsonl file with one job per line: the envelope fields plus
 `message` (the raw message as text) or `message_file` (a path).
 
+Several hosts (docs/SCALING.md): --ingest given once per host, and --events as
+many times, in the same order (host N's ingest, then host N's events). One PUSH
+socket is connected to every ingest (ZeroMQ deals the jobs round the hosts it is
+connected to, never to one it is not: ZMQ_IMMEDIATE), and the answers are read
+from every host's events; a job counts as accepted when any host says `queued`
+(or `queued` with `duplicate`), and a job not answered is re-sent, with the same
+id, to whichever host the socket deals it to next. The summary counts the jobs
+each host accepted.
+
 An engine with `security.curve.enabled` admits only known clients: give this
 client's key pair (`--curve-client-key NAME.key_secret`, from `mailengine keygen`)
 and the engine's public key (`--curve-server-key server.key`, by default the
-`.key` next to the config's `server_secret_key`). See docs/SECURITY.md.
+`.key` next to the config's `server_secret_key`; with several hosts, once for all
+or once per --ingest, in its order). See docs/SECURITY.md.
 """
 from __future__ import annotations
 
@@ -34,11 +44,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from engine import auth, cliargs
 from engine import config as config_mod
@@ -46,6 +57,8 @@ from engine.pushjobs import Job, Sources
 from engine.pushreport import Progress, Tally
 
 WINDOW = 2000  # jobs read and not yet answered, at most
+CONNECT_WAIT = 2.0  # s, with several hosts: for every ingest to connect before sending
+SCHEMES = ("tcp://", "ipc://")  # what an endpoint may be
 
 
 @dataclass
@@ -65,8 +78,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help=".eml file, - (stdin), folder of .eml files, or .jsonl file")
     p.add_argument("-c", "--config", help="read the ingest and events endpoints from here")
-    p.add_argument("--ingest", help="ingest endpoint (default: config's, or tcp://127.0.0.1:5570)")
-    p.add_argument("--events", help="events endpoint (default: config's, or tcp://127.0.0.1:5571)")
+    p.add_argument("--ingest", action="append",
+                   help="ingest endpoint (default: config's, or tcp://127.0.0.1:5570);"
+                        " once per host to spread the jobs over several hosts")
+    p.add_argument("--events", action="append",
+                   help="events endpoint (default: config's, or tcp://127.0.0.1:5571);"
+                        " with several --ingest, one per --ingest, in the same order")
     p.add_argument("--from", dest="sender", help="reverse-path (may be empty: --from '')")
     p.add_argument("--to", action="append", default=[], help="recipient (repeatable)")
     p.add_argument("--id", help="job id (one message only)")
@@ -79,8 +96,9 @@ def add_parser(sub: Any) -> None:
                    help="give up after this long without an answer (default 60s)")
     p.add_argument("--resend", type=cliargs.duration(), default=3.0,
                    help="re-send a job not acknowledged after this long (default 3s)")
-    p.add_argument("--curve-server-key", metavar="FILE",
-                   help="the engine's public key (server.key): talk CURVE to the engine")
+    p.add_argument("--curve-server-key", metavar="FILE", action="append",
+                   help="the engine's public key (server.key): talk CURVE to the engine;"
+                        " with several hosts, once for all or once per --ingest")
     p.add_argument("--curve-client-key", metavar="FILE",
                    help="this client's key pair (NAME.key_secret, from mailengine keygen)")
     p.add_argument("-q", "--quiet", action="store_true",
@@ -92,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
         ingest, events = _endpoints(args, cfg)
-        curve = _curve(args, cfg)
+        curve = _curve(args, cfg, len(ingest))
         sources = Sources(args)
         total = sources.count()  # every job read once: a bad one stops us before sending
     except (ValueError, OSError, config_mod.ConfigError) as err:
@@ -104,32 +122,56 @@ def run(args: argparse.Namespace) -> int:
         pusher = Pusher(ingest, events, args.resend, args.timeout, curve, names)
     except cliargs.UsageError as err:
         return cliargs.fail("push", err)
-    progress = Progress(sys.stderr, not args.quiet, ingest)
+    where = ", ".join(ingest)
+    progress = Progress(sys.stderr, not args.quiet, where)
     tally = pusher.push(sources.jobs(), total, progress)
     if not args.quiet or tally.exit_status():
-        first, *details = tally.lines(ingest)
+        first, *details = tally.lines(where)
         print("\n".join([f"mailengine push: {first}", *details]), file=sys.stderr)
     return tally.exit_status()
 
 
 class Pusher:
-    def __init__(self, ingest: str, events: str, resend: float, timeout: float,
-                 curve: auth.CurveClient | None = None,
+    """Sends jobs to one engine, or to several hosts (one ingest and one events endpoint
+    each, in the same order; one CURVE client for all, or one per host)."""
+
+    def __init__(self, ingest: str | Sequence[str], events: str | Sequence[str],
+                 resend: float, timeout: float,
+                 curve: auth.CurveClient | Sequence[auth.CurveClient | None] | None = None,
                  names: tuple[str, str] = ("ingest", "events")) -> None:
         """`names`: how the user gave the endpoints (an option, or the config's key),
         to name the one libzmq refuses (a cliargs.UsageError)."""
+        self.ingest = [ingest] if isinstance(ingest, str) else list(ingest)
+        self.events = [events] if isinstance(events, str) else list(events)
+        if len(self.ingest) != len(self.events) or not self.ingest:
+            raise cliargs.UsageError(f"give one {names[1]} endpoint per {names[0]} endpoint,"
+                                     " in the same order")
+        curves = (list(curve) if isinstance(curve, Sequence)
+                  else [curve] * len(self.ingest))
         self.ctx = zmq.Context()
+        self.monitor: zmq.Socket | None = None
         try:
-            self.sub = self._subscriber(events, curve, names[1])
+            self.subs = [self._subscriber(e, c, names[1])
+                         for e, c in zip(self.events, curves, strict=True)]
             self.push_sock = self.ctx.socket(zmq.PUSH)
-            if curve is not None:
-                curve.secure(self.push_sock)
             self.push_sock.setsockopt(zmq.LINGER, 2000)
             self.push_sock.setsockopt(zmq.SNDTIMEO, 1000)
-            cliargs.connect(self.push_sock, ingest, names[0])
+            if len(self.ingest) > 1:
+                # Deal jobs only to hosts connected now: not into the queue of one that is
+                # down, where they would wait for it (re-sent, they reach another host).
+                self.push_sock.setsockopt(zmq.IMMEDIATE, 1)
+                self.monitor = self.push_sock.get_monitor_socket(
+                    zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            for endpoint, client in zip(self.ingest, curves, strict=True):
+                if client is not None:  # options are taken at connect: a key per host
+                    client.secure(self.push_sock)
+                cliargs.connect(self.push_sock, endpoint, names[0])
         except BaseException:
             self.ctx.destroy(linger=0)
             raise
+        self.poller = zmq.Poller()
+        for sub in self.subs:
+            self.poller.register(sub, zmq.POLLIN)
         self.resend = resend
         self.timeout = timeout
         self.most_outstanding = 0  # the most jobs held at once: never above WINDOW
@@ -145,15 +187,35 @@ class Pusher:
         cliargs.connect(sub, events, name)
         return sub
 
+    def _wait_for_hosts(self) -> None:
+        """With several hosts: until every ingest has connected, or CONNECT_WAIT, so that
+        the first jobs are not all dealt to the first host up. A host still down then is
+        left out until it connects (its jobs go to the others)."""
+        monitor = self.monitor
+        if monitor is None:
+            return
+        up: set[str] = set()
+        deadline = time.monotonic() + CONNECT_WAIT
+        while len(up) < len(self.ingest):
+            left = deadline - time.monotonic()
+            if left <= 0 or not monitor.poll(int(left * 1000) + 1):
+                break
+            event = recv_monitor_message(monitor)
+            up.add(event["endpoint"].decode(errors="replace"))
+        self.push_sock.disable_monitor()
+        monitor.close(linger=0)
+        self.monitor = None
+
     def push(self, jobs: Iterable[Job], total: int | None = None,
              progress: Progress | None = None) -> Tally:
         """Send every job until it is queued or rejected, reading `jobs` as the window
         has room: at most WINDOW jobs are held (sent and unanswered, or waiting for an
         earlier job of the same id). `total`: the number of jobs, when known."""
         time.sleep(0.2)  # let the subscription reach the engine before its replies do
+        self._wait_for_hosts()
         source = iter(jobs)
         window = Window()
-        tally = Tally(total or 0)
+        tally = Tally(total or 0, hosts=list(self.ingest))
         last_answer = time.monotonic()
         while True:
             self._fill(window, source, tally)
@@ -161,9 +223,9 @@ class Pusher:
                 break
             self._send_due(window.out)
             got = self._receive(window.out)
-            for event in got:
+            for host, event in got:
                 if event["event"] == "queued":
-                    tally.accepted += 1
+                    tally.accept(self.ingest[host])
                 else:
                     tally.reject(str(event.get("error")), str(event.get("id")))
             if got:
@@ -211,18 +273,23 @@ class Pusher:
                     return
                 item.sent_at, item.sends = now, item.sends + 1
 
-    def _receive(self, out: dict[str, Outgoing]) -> list[dict[str, Any]]:
-        got: list[dict[str, Any]] = []
-        if not self.sub.poll(100):
-            return got
-        while True:
-            try:
-                _, body = self.sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return got
-            event = json.loads(body)
-            if out.pop(event.get("id"), None) is not None:
-                got.append(event)
+    def _receive(self, out: dict[str, Outgoing]) -> list[tuple[int, dict[str, Any]]]:
+        """The answers to jobs in `out` (taken out of it), each with the index of the host
+        that gave it; a later answer from another host to a job answered is ignored."""
+        got: list[tuple[int, dict[str, Any]]] = []
+        ready = dict(self.poller.poll(100))
+        for host, sub in enumerate(self.subs):
+            if sub not in ready:
+                continue
+            while True:
+                try:
+                    _, body = sub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                event = json.loads(body)
+                if out.pop(event.get("id"), None) is not None:
+                    got.append((host, event))
+        return got
 
 
 class Window:
@@ -273,26 +340,53 @@ def _config(args: argparse.Namespace) -> config_mod.Config | None:
     return config_mod.load(path) if path else None
 
 
-def _endpoints(args: argparse.Namespace, cfg: config_mod.Config | None) -> tuple[str, str]:
+def _endpoints(args: argparse.Namespace,
+               cfg: config_mod.Config | None) -> tuple[list[str], list[str]]:
+    """The ingest and events endpoints, one of each per host, in the same order. One
+    host: an option given overrides the config's (or the default) endpoint. Several
+    hosts (--ingest more than once): --events as many times. A UsageError otherwise, or
+    for an endpoint not tcp:// or ipc://, or one given twice."""
     ingest, events = "tcp://127.0.0.1:5570", "tcp://127.0.0.1:5571"
     if cfg is not None:
         ingest, events = cfg.ingest, cfg.events
-    return args.ingest or ingest, args.events or events
+    ingests: list[str] = args.ingest or [ingest]
+    eventss: list[str] = args.events or [events]
+    if len(ingests) > 1 or len(eventss) > 1:
+        if len(ingests) != len(eventss) or not args.events or not args.ingest:
+            raise cliargs.UsageError(
+                f"{len(ingests)} ingest and {len(eventss)} events endpoints: with several"
+                " hosts, give --ingest and --events once per host, in the same order")
+    for option, endpoints in (("--ingest", ingests), ("--events", eventss)):
+        for endpoint in endpoints:
+            if not endpoint.startswith(SCHEMES):
+                raise cliargs.UsageError(f"{option} {endpoint}: not an endpoint to connect to"
+                                         " (give tcp://HOST:PORT or ipc:///PATH)")
+            if endpoints.count(endpoint) > 1:
+                raise cliargs.UsageError(f"{option} {endpoint}: given twice")
+    return ingests, eventss
 
 
-def _curve(args: argparse.Namespace, cfg: config_mod.Config | None) -> auth.CurveClient | None:
-    """CURVE keys when the flags or the engine's config ask for them; ValueError if half-given."""
-    server_key = args.curve_server_key
-    if server_key is None and cfg is not None and cfg.security.curve.enabled:
-        server_key = auth.public_file_for(cfg.security.curve.server_secret_key)
-    if server_key is None and args.curve_client_key is None:
-        return None
+def _curve(args: argparse.Namespace, cfg: config_mod.Config | None,
+           hosts: int = 1) -> list[auth.CurveClient | None]:
+    """CURVE keys, one client per host, when the flags or the engine's config ask for
+    them (one --curve-server-key for every host, or one per host); ValueError if
+    half-given."""
+    server_keys: list[str] = args.curve_server_key or []
+    if not server_keys and cfg is not None and cfg.security.curve.enabled:
+        server_keys = [auth.public_file_for(cfg.security.curve.server_secret_key)]
+    if not server_keys and args.curve_client_key is None:
+        return [None] * hosts
     if args.curve_client_key is None:
         raise ValueError("the engine speaks CURVE: give --curve-client-key NAME.key_secret"
                          " (make a pair with `mailengine keygen NAME`; the engine must list"
                          " NAME.key in security.curve.allowed_clients)")
-    if server_key is None:
+    if not server_keys:
         raise ValueError("--curve-client-key needs --curve-server-key (the engine's server.key)")
+    if len(server_keys) not in (1, hosts):
+        raise cliargs.UsageError(f"{len(server_keys)} --curve-server-key for {hosts} hosts:"
+                                 " give one for all, or one per --ingest in its order")
     if not auth.available():
         raise ValueError("this libzmq has no CURVE support (zmq.has('curve') is False)")
-    return auth.CurveClient.from_files(server_key, args.curve_client_key)
+    if len(server_keys) == 1:
+        return [auth.CurveClient.from_files(server_keys[0], args.curve_client_key)] * hosts
+    return [auth.CurveClient.from_files(key, args.curve_client_key) for key in server_keys]

@@ -2,9 +2,10 @@
 
 The summary stays a few lines whatever the number of jobs: accepted; rejected, counted
 by reason with the first few ids of each; not acknowledged, a count and the first few
-ids. Progress is a tqdm bar on a terminal (answered of total, the rate, the time left, and
-the counts accepted and rejected), and a plain line every PLAIN_EVERY seconds otherwise (a
-log, a pipe: no carriage returns).
+ids; and, when pushing to several hosts, how many each host accepted. Progress is a tqdm
+bar on a terminal (answered of total, the rate, the time left, and the counts accepted and
+rejected), and a plain line every PLAIN_EVERY seconds otherwise (a log, a pipe: no
+carriage returns).
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ class Tally:
     rejected: dict[str, Reason] = field(default_factory=dict)
     unacknowledged: Reason = field(default_factory=Reason)
     stopped: str | None = None  # why reading the sources stopped, if it did
+    hosts: list[str] = field(default_factory=list)  # each host's ingest, when several
+    by_host: dict[str, int] = field(default_factory=dict)  # accepted, by host's ingest
 
     @property
     def rejected_count(self) -> int:
@@ -50,6 +53,11 @@ class Tally:
     @property
     def answered(self) -> int:
         return self.accepted + self.rejected_count
+
+    def accept(self, host: str) -> None:
+        """A job acknowledged (`queued`, or `queued` as a duplicate) by `host`."""
+        self.accepted += 1
+        self.by_host[host] = self.by_host.get(host, 0) + 1
 
     def reject(self, reason: str, job_id: str) -> None:
         if reason not in self.rejected and len(self.rejected) >= MAX_REASONS:
@@ -76,6 +84,9 @@ class Tally:
                          f" running, at {ingest}? ({_ids(self.unacknowledged)})")
         if self.stopped is not None:
             lines.append(f"  stopped reading: {self.stopped}")
+        if len(self.hosts) > 1:
+            lines.extend(f"  accepted by {host}: {self.by_host.get(host, 0)}"
+                         for host in self.hosts)
         return lines
 
 

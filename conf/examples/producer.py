@@ -20,6 +20,12 @@ So this producer:
    `duplicate: true`) and delivered once;
 4. stops when every job is answered, or after --timeout seconds without any answer.
 
+Several engine hosts (docs/SCALING.md): give --ingest and --events once per host, in the
+same order. The one PUSH socket is connected to every host's ingest and deals the jobs
+round them (only to those connected: ZMQ_IMMEDIATE), the one SUB socket to every host's
+events; a job is answered when any host answers it, and a job sent again may reach
+another host (which, with the cluster's shared ids, answers it as a duplicate).
+
 It prints one line per job (`queued ID FILE`, `rejected ID FILE: ERROR` or `unanswered ID
 FILE`) and exits 0 when every job was queued, 1 otherwise. A job's id is derived from its
 envelope and message, so running this again on the same files within the engine's memory
@@ -79,9 +85,13 @@ def send_until_answered(ctx: zmq.Context, args: argparse.Namespace,
     events = ctx.socket(zmq.SUB)
     for topic in (b"queued", b"rejected"):
         events.setsockopt(zmq.SUBSCRIBE, topic)
-    events.connect(args.events)  # first: answers to the first copies may come at once
+    for endpoint in args.events:  # first: answers to the first copies may come at once
+        events.connect(endpoint)
     ingest = ctx.socket(zmq.PUSH)
-    ingest.connect(args.ingest)
+    if len(args.ingest) > 1:  # deal only to hosts connected: none waits for one that is down
+        ingest.setsockopt(zmq.IMMEDIATE, 1)
+    for endpoint in args.ingest:
+        ingest.connect(endpoint)
     sent_at = {job_id: -args.resend for job_id in jobs}
     answers: dict[str, dict] = {}
     last_answer = time.monotonic()
@@ -110,13 +120,21 @@ def options() -> argparse.Namespace:
     p.add_argument("--to", action="append", required=True, help="a recipient (repeatable)")
     p.add_argument("--meta", type=json.loads,
                    help="a JSON object, echoed on every event of the job")
-    p.add_argument("--ingest", default="tcp://127.0.0.1:5570", help="the engine's ingest")
-    p.add_argument("--events", default="tcp://127.0.0.1:5571", help="the engine's events")
+    p.add_argument("--ingest", action="append",
+                   help="the engine's ingest (tcp://127.0.0.1:5570); once per host")
+    p.add_argument("--events", action="append",
+                   help="the engine's events (tcp://127.0.0.1:5571); once per host, in the"
+                        " order of --ingest")
     p.add_argument("--resend", type=float, default=3.0,
                    help="seconds before a job not yet answered is sent again (3)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="give up after this many seconds without an answer (60)")
-    return p.parse_args()
+    args = p.parse_args()
+    args.ingest = args.ingest or ["tcp://127.0.0.1:5570"]
+    args.events = args.events or ["tcp://127.0.0.1:5571"]
+    if len(args.ingest) != len(args.events):
+        p.error("give --events once per --ingest, in the same order")
+    return args
 
 
 if __name__ == "__main__":

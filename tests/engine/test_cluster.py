@@ -11,9 +11,9 @@ the jobs); one receiver that refuses past 60 messages/s from all of them togethe
   goes on at each host's share of the limit (the three together within 110% of it);
   Redis restarted: every worker shares the limit again within 10 s, the three within it;
   every job is delivered once;
-- one engine killed -9 (a producer re-sending until some host says `queued`, as
-  docs/SCALING.md lays it out): the other two take the new mail; the killed one's spooled
-  mail goes out once it is back; nothing is lost.
+- one engine killed -9 (`mailengine push`'s Pusher to the three, re-sending until some host
+  says `queued`, as docs/SCALING.md lays it out): the other two take the new mail; the
+  killed one's spooled mail goes out once it is back; nothing is lost.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import zmq
 
+from engine.push import Pusher
+from engine.pushreport import Tally
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from tests.support.rates import busiest
@@ -174,59 +176,14 @@ def test_three_engines_share_a_limit_and_duplicates_and_go_on_without_redis_unti
     assert set(by_ip) == set(IPS) and min(by_ip.values()) >= JOBS / 5, by_ip
 
 
-class SpreadProducer:
-    """A producer over several hosts, as docs/SCALING.md lays it out: one PUSH socket
-    connected to every host's ingest, one SUB to every host's events; a job is re-sent (same
-    id) every RESEND seconds until some host says `queued`."""
-
-    RESEND = 2.0
-
-    def __init__(self, engines: list[LocalEngine]) -> None:
-        ctx = zmq.Context.instance()
-        self.sub = ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"queued")
-        self.push = ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.SNDTIMEO, 1000)
-        monitor = self.push.get_monitor_socket(zmq.EVENT_CONNECTED)
-        for engine in engines:
-            self.sub.connect(str(engine.config["events"]))
-            self.push.connect(str(engine.config["ingest"]))
-        for _ in engines:
-            socket_event(monitor, {zmq.EVENT_CONNECTED})
-        self.push.disable_monitor()
-        monitor.close(linger=0)
-        self.waiting: dict[str, tuple[list[bytes], float]] = {}
-        self.acknowledged: dict[str, int] = collections.Counter()
-
-    def send(self, jobs: list[tuple[dict[str, Any], bytes]]) -> None:
-        for envelope, message in jobs:
-            frames = [json.dumps(envelope).encode(), message]
-            self.waiting[envelope["id"]] = (frames, 0.0)
-        self.turn()
-
-    def turn(self) -> None:
-        """Read the acknowledgements, re-send what waits too long."""
-        while self.sub.poll(0):
-            _topic, body = self.sub.recv_multipart()
-            event = json.loads(body)
-            self.acknowledged[event["id"]] += 1
-            self.waiting.pop(event["id"], None)
-        now = time.monotonic()
-        for job_id, (frames, sent) in list(self.waiting.items()):
-            if now - sent >= self.RESEND:
-                try:
-                    self.push.send_multipart(frames)
-                except zmq.Again:  # no host to take it this instant: the next turn
-                    return
-                self.waiting[job_id] = (frames, now)
-
-    def done(self) -> bool:
-        self.turn()
-        return not self.waiting
-
-    def close(self) -> None:
-        self.push.close(linger=0)
-        self.sub.close(linger=0)
+def push_to_all(engines: list[LocalEngine], jobs: list[tuple[dict[str, Any], bytes]]) -> Tally:
+    """`mailengine push`'s Pusher to every host (docs/SCALING.md): one PUSH socket to every
+    ingest, every host's events followed, a job re-sent (same id) every 2 s until some host
+    says `queued`."""
+    pusher = Pusher([str(e.config["ingest"]) for e in engines],
+                    [str(e.config["events"]) for e in engines], resend=2.0, timeout=60)
+    return pusher.push([(env["id"], [json.dumps(env).encode(), msg]) for env, msg in jobs],
+                       len(jobs))
 
 
 @pytest.mark.timeout(240)
@@ -240,17 +197,16 @@ def test_an_engine_killed_the_others_take_the_new_mail_and_its_own_goes_out_once
             # slow enough that host0 still holds mail when it is killed
             "shaping": {"providers": {PROVIDER: {"cluster_rate": 100}}}})
             for i, ip in enumerate(IPS)]
-        producer = SpreadProducer(engines)
-        try:
-            producer.send([job(f"a-{i}", i) for i in range(600)])
-            until(producer.done, timeout=60, what="the first jobs acknowledged")
-            until(lambda: final_outcomes(engines[0].events()), timeout=30,
-                  what="host0 delivering")
-            engines[0].kill()  # kill -9: its spooled mail waits for it
-            producer.send([job(f"b-{i}", i) for i in range(300)])
-            until(producer.done, timeout=60, what="the new jobs acknowledged by the others")
-        finally:
-            producer.close()
+        first = push_to_all(engines, [job(f"a-{i}", i) for i in range(600)])
+        assert first.exit_status() == 0, first.lines("")
+        until(lambda: final_outcomes(engines[0].events()), timeout=30,
+              what="host0 delivering")
+        engines[0].kill()  # kill -9: its spooled mail waits for it
+        then = push_to_all(engines, [job(f"b-{i}", i) for i in range(300)])
+        assert then.exit_status() == 0, then.lines("")
+        ingest = [str(e.config["ingest"]) for e in engines]
+        assert then.by_host.get(ingest[0], 0) == 0, then.by_host  # down: none dealt to it
+        assert sum(then.by_host.values()) == 300, then.by_host
         engines[0].start()  # its spool, as the kill left it
         restarted = time.time()
         everyone = {f"{p}-{i}@a.test" for p, n in (("a", 600), ("b", 300)) for i in range(n)}

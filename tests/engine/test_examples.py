@@ -184,6 +184,30 @@ def test_the_producer_sends_a_job_again_until_it_is_queued(language: str,
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("language", PRODUCERS)
+def test_the_producer_spreads_over_several_hosts_until_one_answers_each_job(
+        language: str, tmp_path: Path) -> None:
+    """Two stand-in hosts, given as --ingest/--events pairs (docs/SCALING.md): one takes
+    jobs and never answers (as a host that died before its commit), the other answers
+    every job. Every job is queued in the end: those the first took were sent again, with
+    the same id, until the other had them."""
+    command = producer(language)
+    files = messages(tmp_path / "outbox", 8, "spread")
+    with StandinEngine(answer_from=10**6) as mute, StandinEngine() as answering:
+        done = run([*command, *endpoints(mute.ingest, mute.events),
+                    *endpoints(answering.ingest, answering.events), "--resend", "0.3",
+                    "--timeout", "10", "--from", "news@example.test",
+                    "--to", "ann@example.test", *map(str, files)])
+        mute_ids, answered_ids = set(mute.copies), set(answering.copies)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = answers(done.stdout)
+    assert {answer for answer, _ in got.values()} == {"queued"} and len(got) == 8
+    ids = {job_id for _, job_id in got.values()}
+    assert answered_ids == ids  # each job reached the host that answers
+    assert mute_ids <= ids  # what the mute one took was sent again: nothing lost
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("language", PRODUCERS)
 def test_a_rejected_job_is_named_with_its_error_and_the_producer_exits_1(
         language: str, tmp_path: Path) -> None:
     command = producer(language)

@@ -5,7 +5,9 @@ that takes jobs and a PUB socket that answers each with `queued` (or `rejected`,
 It counts what it received, so a test can see how far a pusher has read ahead of the
 answers it got: `received` only grows, and a job is answered once received. With
 `answer_from` N, the first N - 1 copies of each job id are taken and not answered (an
-engine that died before its commit), so a producer is seen to send a job again.
+engine that died before its commit), so a producer is seen to send a job again. With
+`curve_secret` (a Z85 secret key) both sockets are CURVE servers with that key (any client
+key is let in: no ZAP handler).
 """
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ import zmq
 
 class StandinEngine:
     def __init__(self, reject: Callable[[dict[str, Any]], str | None] = lambda _: None,
-                 answer_from: int = 1) -> None:
+                 answer_from: int = 1, curve_secret: bytes | None = None) -> None:
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.bind("tcp://127.0.0.1:*")
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, 0)
-        self.pub.bind("tcp://127.0.0.1:*")
+        for sock in (self.pull, self.pub):
+            if curve_secret is not None:
+                sock.setsockopt(zmq.CURVE_SERVER, 1)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, curve_secret)
+            sock.bind("tcp://127.0.0.1:*")
         self.ingest = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.events = self.pub.getsockopt_string(zmq.LAST_ENDPOINT)
         self.reject = reject

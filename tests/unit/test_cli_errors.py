@@ -48,7 +48,23 @@ def test_status_refuses_in_one_line(args: tuple[str, ...], line: str) -> None:
 
 @pytest.mark.parametrize(("args", "line"), [
     (("--ingest", "foo"), "mailengine push: --ingest foo: not an endpoint to connect to"
-                          " (Invalid argument; give tcp://HOST:PORT or ipc:///PATH)"),
+                          " (give tcp://HOST:PORT or ipc:///PATH)"),
+    (("--ingest", "tcp://127.0.0.1:8", "--ingest", "tcp://127.0.0.1:9", "--events",
+      "tcp://127.0.0.1:7"),
+     "mailengine push: 2 ingest and 1 events endpoints: with several hosts, give --ingest"
+     " and --events once per host, in the same order"),
+    (("--ingest", "tcp://127.0.0.1:9", "--ingest", "tcp://127.0.0.1:9", "--events",
+      "tcp://127.0.0.1:7", "--events", "tcp://127.0.0.1:6"),
+     "mailengine push: --ingest tcp://127.0.0.1:9: given twice"),
+    (("--ingest", "tcp://127.0.0.1:8", "--ingest", "tcp://127.0.0.1:9", "--events",
+      "tcp://127.0.0.1:7", "--events", "inproc://x"),
+     "mailengine push: --events inproc://x: not an endpoint to connect to"
+     " (give tcp://HOST:PORT or ipc:///PATH)"),
+    (("--ingest", "tcp://127.0.0.1:8", "--ingest", "tcp://127.0.0.1:9", "--events",
+      "tcp://127.0.0.1:7", "--events", "tcp://127.0.0.1:6", "--curve-client-key", "c.key_secret",
+      *("--curve-server-key", "k.key") * 3),
+     "mailengine push: 3 --curve-server-key for 2 hosts: give one for all, or one per --ingest"
+     " in its order"),
     (("--events", "tcp://nohost"), "mailengine push: --events tcp://nohost: not tcp://HOST:PORT"),
     (("--meta", "{bad"), "mailengine push: --meta: not JSON (Expecting property name enclosed"
                          " in double quotes: line 1 column 2 (char 1))"),
@@ -60,10 +76,12 @@ def test_status_refuses_in_one_line(args: tuple[str, ...], line: str) -> None:
                                  " '5 minutes' (use seconds, or a number with a unit ms, s, m,"
                                  " h or d, e.g. \"30s\") (see mailengine push --help)"),
     (("--bogus",), "mailengine: unrecognized arguments: --bogus (see mailengine --help)"),
-], ids=["ingest", "events", "meta-json", "meta-object", "expires", "timeout", "unknown"])
+], ids=["ingest", "hosts-events", "hosts-twice", "hosts-scheme", "hosts-keys", "events",
+        "meta-json", "meta-object", "expires", "timeout", "unknown"])
 def test_push_refuses_a_bad_option_in_one_line(args: tuple[str, ...], line: str,
                                                message: Path) -> None:
-    done = mailengine("push", "--ingest", "tcp://127.0.0.1:9", *args, str(message), timeout=20)
+    first = () if args[0] == "--ingest" else ("--ingest", "tcp://127.0.0.1:9")
+    done = mailengine("push", *first, *args, str(message), timeout=20)
     assert one_line_error(done) == line
 
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
+import zmq
 
-from engine import push, pushreport
+from engine import auth, cliargs, push, pushreport
 from engine.pushjobs import Job
+from tests.support.control import free_tcp_endpoint
 from tests.support.standin_engine import StandinEngine
 
 
@@ -123,3 +126,83 @@ def test_a_source_that_fails_while_sending_stops_reading_and_says_why() -> None:
     assert (tally.accepted, tally.unacknowledged.count, tally.exit_status()) == (5, 3, 2)
     assert tally.lines("tcp://x:1")[-1] == (
         "  stopped reading: jobs.jsonl:6: not a job (Expecting value)")
+
+
+# -- several hosts (docs/SCALING.md) ----------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_one_push_to_two_hosts_spreads_the_jobs_and_counts_each_host() -> None:
+    with StandinEngine() as a, StandinEngine() as b:
+        pusher = push.Pusher([a.ingest, b.ingest], [a.events, b.events], resend=3.0,
+                             timeout=20)
+        tally = pusher.push(tiny_jobs(200, a, []), 200)
+        copies = a.copies + b.copies
+    assert (tally.accepted, tally.exit_status()) == (200, 0)
+    # Every job went once (none needed a re-send), and each host took some of them.
+    assert set(copies.values()) == {1} and len(copies) == 200
+    assert a.received > 0 and b.received > 0
+    # Each host's count is what it answered (a stand-in answers every job it takes).
+    assert tally.by_host == {a.ingest: a.received, b.ingest: b.received}
+    assert tally.lines(f"{a.ingest}, {b.ingest}") == [
+        "200 of 200 accepted, 0 rejected, 0 not acknowledged",
+        f"  accepted by {a.ingest}: {a.received}",
+        f"  accepted by {b.ingest}: {b.received}"]
+
+
+@pytest.mark.timeout(30)
+def test_a_job_one_host_took_and_never_answered_is_sent_again_and_answered_once() -> None:
+    """Host a takes every first copy it gets and answers none (it died before its commit):
+    each such job is sent again, same id, until a host answers; counted once."""
+    with StandinEngine(answer_from=2) as a, StandinEngine() as b:
+        pusher = push.Pusher([a.ingest, b.ingest], [a.events, b.events], resend=0.5,
+                             timeout=20)
+        tally = pusher.push(tiny_jobs(60, a, []), 60)
+        first_to_a = {job_id for job_id, n in a.copies.items() if n}
+        copies = a.copies + b.copies
+    assert (tally.accepted, tally.exit_status()) == (60, 0)
+    assert first_to_a and len(copies) == 60
+    assert all(copies[job_id] >= 2 for job_id in first_to_a)  # re-sent, same id
+    assert sum(tally.by_host.values()) == 60
+
+
+@pytest.mark.timeout(30)
+def test_a_host_down_gets_nothing_and_the_other_takes_every_job() -> None:
+    down_ingest, down_events = free_tcp_endpoint(), free_tcp_endpoint()
+    with StandinEngine() as up:
+        started = time.monotonic()
+        pusher = push.Pusher([down_ingest, up.ingest], [down_events, up.events],
+                             resend=1.0, timeout=20)
+        tally = pusher.push(tiny_jobs(50, up, []), 50)
+        took = time.monotonic() - started
+        received = up.received
+    assert (tally.accepted, tally.exit_status()) == (50, 0)
+    assert received == 50  # none was queued for the host that is down, none re-sent
+    assert tally.by_host == {up.ingest: 50}
+    assert tally.lines("")[-2:] == [f"  accepted by {down_ingest}: 0",
+                                    f"  accepted by {up.ingest}: 50"]
+    assert took < push.CONNECT_WAIT + 5  # waited for it at most CONNECT_WAIT
+
+
+def test_several_hosts_need_one_events_endpoint_per_ingest() -> None:
+    with pytest.raises(cliargs.UsageError, match="one events endpoint per ingest"):
+        push.Pusher(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], ["tcp://127.0.0.1:3"],
+                    resend=1.0, timeout=1.0)
+
+
+@pytest.mark.timeout(30)
+def test_with_curve_each_host_is_reached_with_its_own_server_key() -> None:
+    """Two hosts with key pairs of their own: each connection takes its host's key (a key
+    set for the whole socket would fail one host's handshake, and it would get nothing)."""
+    if not auth.available():
+        pytest.skip("this libzmq has no CURVE")
+    servers = [auth.KeyPair(*zmq.curve_keypair()) for _ in range(2)]
+    client = auth.KeyPair(*zmq.curve_keypair())
+    with StandinEngine(curve_secret=servers[0].secret) as a, \
+            StandinEngine(curve_secret=servers[1].secret) as b:
+        curves = [auth.CurveClient(key.public, client) for key in servers]
+        pusher = push.Pusher([a.ingest, b.ingest], [a.events, b.events], resend=3.0,
+                             timeout=10, curve=curves)
+        tally = pusher.push(tiny_jobs(100, a, []), 100)
+    assert (tally.accepted, tally.exit_status()) == (100, 0)
+    assert tally.by_host[a.ingest] > 0 and tally.by_host[b.ingest] > 0, tally.by_host

@@ -16,6 +16,11 @@
 // with `queued` again), and stops when every job is answered or after --timeout seconds
 // without an answer.
 //
+// Several engine hosts (docs/SCALING.md): --ingest and --events once per host, in the
+// same order. The one Push socket is connected to every host's ingest and deals the jobs
+// round those connected (`immediate`), the one Subscriber to every host's events; a job
+// is answered when any host answers it, and a copy sent again may reach another host.
+//
 // One line per job (`queued ID FILE`, `rejected ID FILE: ERROR`, `unanswered ID FILE`);
 // exit status 0 when every job was queued, 1 otherwise. A job's id is derived from its
 // envelope and message, so running this again on the same files sends nothing twice
@@ -34,14 +39,17 @@ function options() {
       from: { type: "string" },
       to: { type: "string", multiple: true },
       meta: { type: "string" },
-      ingest: { type: "string", default: "tcp://127.0.0.1:5570" },
-      events: { type: "string", default: "tcp://127.0.0.1:5571" },
+      ingest: { type: "string", multiple: true, default: ["tcp://127.0.0.1:5570"] },
+      events: { type: "string", multiple: true, default: ["tcp://127.0.0.1:5571"] },
       resend: { type: "string", default: "3" },
       timeout: { type: "string", default: "60" },
     },
   });
   if (values.from === undefined || !values.to || positionals.length === 0) {
     throw new Error("usage: producer.js --from SENDER --to RCPT [--to ...] FILE...");
+  }
+  if (values.ingest.length !== values.events.length) {
+    throw new Error("give --events once per --ingest, in the same order");
   }
   return {
     ...values,
@@ -68,9 +76,11 @@ function makeJob(opts, file) {
 async function sendUntilAnswered(opts, jobs) {
   const events = new zmq.Subscriber({ receiveTimeout: 100 });
   events.subscribe("queued", "rejected");
-  events.connect(opts.events); // first: answers to the first copies may come at once
-  const ingest = new zmq.Push({ sendTimeout: 0 });
-  ingest.connect(opts.ingest);
+  // First: answers to the first copies may come at once.
+  for (const endpoint of opts.events) events.connect(endpoint);
+  // With several hosts, deal only to those connected: none waits for one that is down.
+  const ingest = new zmq.Push({ sendTimeout: 0, immediate: opts.ingest.length > 1 });
+  for (const endpoint of opts.ingest) ingest.connect(endpoint);
   const waiting = new Set(jobs.map((job) => job.id));
   const answers = new Map();
   let lastAnswer = Date.now();
