@@ -585,6 +585,7 @@ _CLUSTER = section(ClusterConfig, {
     "retry": duration(positive=True),
     "duplicate_window": duration(positive=True),
     "lease": duration(positive=True),
+    "poll": duration(positive=True),
     "hosts": _cluster_hosts,
 })
 

@@ -1,0 +1,182 @@
+"""Suspensions shared by the hosts of a cluster: a block seen by one host stops them all.
+
+When a worker's provider shaper suspends a provider on its own (a block of the sending IP,
+or a throttle rule with `suspend`: engine.shaping), it publishes the suspension to the
+cluster's Redis: one key per provider, `<prefix>:suspend:<provider>`, expiring when the
+suspension ends, whose value says until when (Redis's clock), who saw it and why. Every
+worker of every host reads the keys of the providers it sends to at most every
+`cluster.poll` seconds (one round trip for all of them, made by the first message that asks
+for a turn once the interval is over, never one per message), and suspends a provider whose
+key says so until the same moment: nothing more is sent there from any host. Each
+suspension is followed once (a host's `mailengine queue resume` ends it on that host alone).
+
+- A longer suspension wins: publishing never shortens the one in Redis.
+- Times are Redis's (`TIME`), turned into "seconds from now" by the script, so the hosts'
+  clocks do not matter.
+- **Degrading**: while Redis is unreachable (engine.cluster: fallback) nothing is published
+  or read, and each host suspends on what it sees alone, as without a cluster.
+
+Counted: `cluster_suspensions_published`, `cluster_suspensions_followed`; a host following
+another's suspension logs `provider_suspended_elsewhere`.
+
+Worker side: publishing runs in a greenlet of its own (judging a reply never waits).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import gevent
+
+from engine import logs
+from engine.cluster import Cluster
+from engine.metrics import Metrics
+
+log = logging.getLogger("mailengine.cluster")
+
+# KEYS[1]: the provider's suspension. ARGV: seconds, who (host/ip), why.
+# Sets it unless the one there lasts longer; returns the value that holds after.
+PUBLISH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local seconds = tonumber(ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cur_until = tonumber(string.match(cur, '^[^|]+'))
+  if cur_until and cur_until >= now + seconds then return cur end
+end
+local value = string.format('%.6f', now + seconds) .. '|' .. ARGV[2] .. '|' .. ARGV[3]
+redis.call('SET', KEYS[1], value, 'PX', math.ceil(seconds * 1000))
+return value
+"""
+
+# KEYS: the providers' suspensions. Returns, for each key, {value, seconds left}; {'', '0'}
+# when there is none.
+READ = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local out = {}
+for i, key in ipairs(KEYS) do
+  local value = redis.call('GET', key)
+  local left = 0
+  if value then
+    left = (tonumber(string.match(value, '^[^|]+')) or now) - now
+  else
+    value = ''
+  end
+  out[i] = {value, string.format('%.6f', left)}
+end
+return out
+"""
+
+
+class Follower(Protocol):
+    """What a provider's shaper offers (engine.shaping.ProviderShaper)."""
+
+    def follow(self, seconds: float, origin: str, reason: str) -> bool: ...
+
+
+class SharedSuspensions:
+    """One worker's side of the cluster's suspensions (`member`: host/ip).
+
+    `followers()` gives the worker's shapers by provider: those are the keys read."""
+
+    def __init__(self, cluster: Cluster, member: str,
+                 followers: Callable[[], Iterable[tuple[str, Follower]]],
+                 metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._cluster = cluster
+        self.member = member.replace("|", "_")
+        self._followers = followers
+        self._metrics = metrics
+        self._clock = clock
+        self._publish = cluster.script(PUBLISH)
+        self._read = cluster.script(READ)
+        self._seen: dict[str, str] = {}  # provider -> the suspension followed (or own) last
+        self._next_read = -math.inf
+        self._reading = False
+        self._known: frozenset[str] = frozenset()  # the providers read last time
+
+    def publish(self, provider: str, seconds: float, reason: str) -> None:
+        """This worker suspended `provider` for `seconds` (`reason`: "block", "rule:x"):
+        tell the other hosts, in the background."""
+        gevent.spawn(self.publish_now, provider, seconds, reason)
+
+    def publish_now(self, provider: str, seconds: float, reason: str) -> bool:
+        """`publish`, waiting for Redis's answer: whether it took it (False: off, or
+        falling back)."""
+        value = self._cluster.run("suspend", lambda client: self._publish(
+            keys=[self._cluster.key("suspend", provider)],
+            args=[f"{seconds:.3f}", self.member, reason], client=client))
+        if value is None:
+            return False
+        value = _text(value)
+        if _fields(value)[1] == self.member:  # its own: not followed back
+            self._seen[provider] = value
+        else:  # a longer one of another host's: followed at the next read
+            self._next_read = -math.inf
+        if self._metrics is not None:
+            self._metrics.incr("cluster_suspensions_published", provider)
+        return True
+
+    def released(self, provider: str) -> None:
+        """The operator resumed `provider` on this host: the suspension known now is not
+        followed again (a newer one will be)."""
+        self._next_read = -math.inf  # read now what holds, and mark it seen
+        self._read_now(ignore={provider})
+
+    def check(self) -> None:
+        """Follow what the other hosts published, if `cluster.poll` passed since the last
+        read (or a provider is new to this worker); cheap otherwise."""
+        if self._reading:
+            return
+        now = self._clock()
+        if now < self._next_read:
+            providers = {name for name, _ in self._followers()}
+            if providers <= self._known:
+                return
+        self._read_now()
+
+    def _read_now(self, ignore: set[str] | None = None) -> None:
+        followers = dict(self._followers())
+        self._known = frozenset(followers)
+        self._next_read = self._clock() + self._cluster.cfg.poll
+        if not followers:
+            return
+        names = sorted(followers)
+        self._reading = True
+        try:
+            reply = self._cluster.run("suspensions", lambda client: self._read(
+                keys=[self._cluster.key("suspend", name) for name in names], args=[],
+                client=client))
+        finally:
+            self._reading = False
+        if reply is None:
+            return
+        for name, (raw, left) in zip(names, reply, strict=True):
+            value, seconds = _text(raw), float(left)
+            if not value or value == self._seen.get(name):
+                continue
+            self._seen[name] = value
+            if ignore and name in ignore:
+                continue
+            _, origin, reason = _fields(value)
+            if seconds <= 0 or origin == self.member:
+                continue
+            if followers[name].follow(seconds, origin, reason):
+                if self._metrics is not None:
+                    self._metrics.incr("cluster_suspensions_followed", name)
+                log.warning(logs.kv("provider_suspended_elsewhere", provider=name,
+                                    origin=origin, reason=reason, seconds=f"{seconds:.1f}"))
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _fields(value: str) -> list[str]:
+    """A suspension's value: until (Redis's time), who, why."""
+    return [*value.split("|", 2), "", ""][:3]
