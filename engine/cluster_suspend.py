@@ -5,10 +5,11 @@ or a throttle rule with `suspend`: engine.shaping), it publishes the suspension 
 cluster's Redis: one key per provider, `<prefix>:suspend:<provider>`, expiring when the
 suspension ends, whose value says until when (Redis's clock), who saw it and why. Every
 worker of every host reads the keys of the providers it sends to at most every
-`cluster.poll` seconds (one round trip for all of them, made by the first message that asks
-for a turn once the interval is over, never one per message), and suspends a provider whose
-key says so until the same moment: nothing more is sent there from any host. Each
-suspension is followed once (a host's `mailengine queue resume` ends it on that host alone).
+`cluster.poll` seconds (one round trip for all of them, never one per message: by a
+greenlet of its own, started at the worker's first message, and at once for a provider new
+to the worker), and suspends a provider whose key says so until the same moment: nothing
+more is sent there from any host, whether its worker was busy or idle. Each suspension is
+followed once (a host's `mailengine queue resume` ends it on that host alone).
 
 - A longer suspension wins: publishing never shortens the one in Redis.
 - Times are Redis's (`TIME`), turned into "seconds from now" by the script, so the hosts'
@@ -99,6 +100,7 @@ class SharedSuspensions:
         self._next_read = -math.inf
         self._reading = False
         self._known: frozenset[str] = frozenset()  # the providers read last time
+        self._poller: gevent.Greenlet[Any, Any] | None = None
 
     def publish(self, provider: str, seconds: float, reason: str) -> None:
         """This worker suspended `provider` for `seconds` (`reason`: "block", "rule:x"):
@@ -131,6 +133,8 @@ class SharedSuspensions:
     def check(self) -> None:
         """Follow what the other hosts published, if `cluster.poll` passed since the last
         read (or a provider is new to this worker); cheap otherwise."""
+        if self._poller is None:
+            self._poller = gevent.spawn(self._poll)
         if self._reading:
             return
         now = self._clock()
@@ -139,6 +143,17 @@ class SharedSuspensions:
             if providers <= self._known:
                 return
         self._read_now()
+
+    def _poll(self) -> None:
+        """Read every `cluster.poll`, whether messages ask for turns or not."""
+        while True:
+            gevent.sleep(max(self._next_read - self._clock(), 0.0) + 0.001)
+            self.check()
+
+    def close(self) -> None:
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.kill(block=False)
 
     def _read_now(self, ignore: set[str] | None = None) -> None:
         followers = dict(self._followers())

@@ -475,6 +475,11 @@ class Shaping:
     def state(self) -> dict[str, dict[str, Any]]:
         return {name: shaper.state() for name, shaper in self._shapers.items()}
 
+    def close(self) -> None:
+        """Stop watching the cluster's suspensions (a worker's end, a test's)."""
+        if self._shared is not None:
+            self._shared.close()
+
     def items(self) -> Iterable[tuple[str, ProviderShaper]]:
         return self._shapers.items()
 

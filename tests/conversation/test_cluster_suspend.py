@@ -4,7 +4,8 @@ its own host; a block seen by one suspends the other within one `cluster.poll`, 
 same moment; Redis down: each goes on alone, without an error.
 
 The turns are taken by this test's own thread (gevent, unpatched: redis-py's calls block
-the loop for their loopback round trip)."""
+the loop for their loopback round trip); each worker's watching greenlet reads the others'
+suspensions every `cluster.poll` whenever the test yields to gevent."""
 from __future__ import annotations
 
 import logging
@@ -28,17 +29,23 @@ POLL = 0.3  # s: cluster.poll in these tests
 BLOCK_FOR = 2.0  # s: throttle.block_suspend
 
 
+MADE: list[Shaping] = []
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     need_redis()
     with RedisServer() as server:
         yield server
+    while MADE:  # their watching greenlets stop
+        MADE.pop().close()
 
 
 def host(server: RedisServer, name: str, ip: str, metrics: Recorded | None = None) -> Shaping:
     plan = ShapingPlan(ip=ip, throttle=ThrottleConfig(block_suspend=BLOCK_FOR),
                        cluster=ClusterConfig(redis=server.url, host=name, poll=POLL))
-    return Shaping(plan, metrics=metrics)
+    MADE.append(Shaping(plan, metrics=metrics))
+    return MADE[-1]
 
 
 def suspended(turn: Deferral | int) -> bool:
@@ -138,3 +145,17 @@ def test_redis_down_each_host_suspends_alone_without_an_error(
     assert not suspended(b.get("yahoo").turn())  # b knows nothing, and goes on
     assert a.cluster is not None and a.cluster.mode == FALLBACK
     assert b.cluster is not None and b.cluster.mode == FALLBACK
+
+
+def test_an_idle_worker_follows_too_within_one_poll(redis_server: RedisServer) -> None:
+    """b sent once and is idle since: its watching greenlet follows a's block, with no
+    message of b's asking."""
+    a, b = host(redis_server, "mta-a", "127.0.0.2"), host(redis_server, "mta-b", "127.0.0.3")
+    assert not suspended(b.get("yahoo").turn())
+    blocked_at = time.monotonic()
+    a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch)
+    deadline = blocked_at + POLL + 1.0
+    while not b.get("yahoo").suspended and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert b.get("yahoo").suspended
+    assert time.monotonic() - blocked_at <= POLL + 0.2
