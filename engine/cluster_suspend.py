@@ -54,21 +54,31 @@ redis.call('SET', KEYS[1], value, 'PX', math.ceil(seconds * 1000))
 return value
 """
 
-# KEYS: the providers' suspensions. Returns, for each key, {value, seconds left}; {'', '0'}
-# when there is none.
+# KEYS[1]: the provider's learned ceiling. ARGV: the limit (/s), its expiry (s). The lowest
+# holds: a higher one leaves it (and its expiry) as it is. Returns the ceiling that holds.
+CEILING = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '')
+if cur and cur <= tonumber(ARGV[1]) then return tostring(cur) end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', math.ceil(tonumber(ARGV[2]) * 1000))
+return ARGV[1]
+"""
+
+# KEYS: n providers' suspensions, then the same n providers' ceilings. Returns, for each
+# provider, {suspension, seconds left, ceiling}; '' for what there is not.
 READ = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local n = #KEYS / 2
 local out = {}
-for i, key in ipairs(KEYS) do
-  local value = redis.call('GET', key)
+for i = 1, n do
+  local value = redis.call('GET', KEYS[i])
   local left = 0
   if value then
     left = (tonumber(string.match(value, '^[^|]+')) or now) - now
   else
     value = ''
   end
-  out[i] = {value, string.format('%.6f', left)}
+  out[i] = {value, string.format('%.6f', left), redis.call('GET', KEYS[n + i]) or ''}
 end
 return out
 """
@@ -78,6 +88,8 @@ class Follower(Protocol):
     """What a provider's shaper offers (engine.shaping.ProviderShaper)."""
 
     def follow(self, seconds: float, origin: str, reason: str) -> bool: ...
+
+    def seed(self, limit: float) -> bool: ...
 
 
 class SharedSuspensions:
@@ -95,6 +107,7 @@ class SharedSuspensions:
         self._metrics = metrics
         self._clock = clock
         self._publish = cluster.script(PUBLISH)
+        self._ceiling = cluster.script(CEILING)
         self._read = cluster.script(READ)
         self._seen: dict[str, str] = {}  # provider -> the suspension followed (or own) last
         self._next_read = -math.inf
@@ -123,6 +136,19 @@ class SharedSuspensions:
         if self._metrics is not None:
             self._metrics.incr("cluster_suspensions_published", provider)
         return True
+
+    def publish_ceiling(self, provider: str, limit: float) -> None:
+        """This worker learned `provider`'s limit (messages/s) from a push-back: shared as
+        the lowest of the cluster's, for `cluster.ceiling_expiry`, in the background."""
+        gevent.spawn(self.publish_ceiling_now, provider, limit)
+
+    def publish_ceiling_now(self, provider: str, limit: float) -> bool:
+        expiry = self._cluster.cfg.ceiling_expiry
+        if expiry <= 0 or not limit > 0:
+            return False
+        return self._cluster.run("ceiling", lambda client: self._ceiling(
+            keys=[self._cluster.key("ceiling", provider)], args=[f"{limit:.3f}", expiry],
+            client=client)) is not None
 
     def released(self, provider: str) -> None:
         """The operator resumed `provider` on this host: the suspension known now is not
@@ -165,13 +191,15 @@ class SharedSuspensions:
         self._reading = True
         try:
             reply = self._cluster.run("suspensions", lambda client: self._read(
-                keys=[self._cluster.key("suspend", name) for name in names], args=[],
+                keys=[*(self._cluster.key("suspend", name) for name in names),
+                      *(self._cluster.key("ceiling", name) for name in names)], args=[],
                 client=client))
         finally:
             self._reading = False
         if reply is None:
             return
-        for name, (raw, left) in zip(names, reply, strict=True):
+        for name, (raw, left, ceiling) in zip(names, reply, strict=True):
+            self._seed(name, followers[name], _text(ceiling))
             value, seconds = _text(raw), float(left)
             if not value or value == self._seen.get(name):
                 continue
@@ -179,13 +207,25 @@ class SharedSuspensions:
             if ignore and name in ignore:
                 continue
             _, origin, reason = _fields(value)
-            if seconds <= 0 or origin == self.member:
+            if seconds <= 0:  # (its own, published by this process, is in _seen)
                 continue
             if followers[name].follow(seconds, origin, reason):
                 if self._metrics is not None:
                     self._metrics.incr("cluster_suspensions_followed", name)
                 log.warning(logs.kv("provider_suspended_elsewhere", provider=name,
                                     origin=origin, reason=reason, seconds=f"{seconds:.1f}"))
+
+    def _seed(self, name: str, follower: Follower, ceiling: str) -> None:
+        """A worker that learned nothing of the provider yet starts at the cluster's
+        learned ceiling (the lowest), not from slow start into it."""
+        try:
+            limit = float(ceiling) if ceiling else 0.0
+        except ValueError:
+            return
+        if limit > 0 and follower.seed(limit):
+            if self._metrics is not None:
+                self._metrics.incr("cluster_ceilings_followed", name)
+            log.info(logs.kv("provider_ceiling_shared", provider=name, limit=f"{limit:.2f}"))
 
 
 def _text(value: Any) -> str:

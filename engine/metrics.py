@@ -217,6 +217,9 @@ DECLARED: tuple[Metric, ...] = (
     Metric("cluster_suspensions_followed", "counter", "suspensions of the provider another"
            " host of the cluster saw and published, followed by this worker (log line"
            " provider_suspended_elsewhere)"),
+    Metric("cluster_ceilings_followed", "counter", "times the worker, having learned no"
+           " limit of the provider yet, started at the limit another worker of the cluster"
+           " learned from a push-back (log line provider_ceiling_shared)"),
     Metric("duplicates_elsewhere", "counter", "jobs acknowledged as duplicates because"
            " another host of the cluster accepted their id within cluster.duplicate_window"
            " (not spooled here)", SUPERVISOR),

@@ -108,6 +108,7 @@ class ProviderShaper:
         self.cluster_rate = cluster_rate  # the provider's rate across the cluster, if any
         self.shared = shared  # the cluster's suspensions, if a cluster is configured
         self.followed = 0  # suspensions followed from other hosts
+        self.seeded: float | None = None  # the cluster's ceiling this IP started at, if any
         self.suspended_until = 0.0  # monotonic
         self.held = False  # the suspension now is the operator's (`hold`)
         self.triggers: collections.Counter[str] = collections.Counter()  # throttles, by why
@@ -287,6 +288,17 @@ class ProviderShaper:
         self.followed += 1
         return True
 
+    def seed(self, limit: float) -> bool:
+        """The cluster's learned ceiling for this provider (engine.cluster_suspend: the
+        lowest another worker learned from a push-back): taken as this IP's limit when it
+        learned none of its own yet, instead of slow-starting into it. Whether it was."""
+        if self.rate.limit is not None or self.rate.pushbacks:
+            return False
+        self.rate.restore({"rate": limit, "limit": limit}, self._clock())  # at 95% of it
+        self.pacer.changed(self.max_wait)
+        self.seeded = limit
+        return True
+
     def _suspend(self, until: float, now: float) -> None:
         if until > self.suspended_until:
             self.held = False
@@ -324,6 +336,8 @@ class ProviderShaper:
         self.rate.pushback(now)
         self.pacer.changed(self.max_wait, restart=True)
         self._on_learned()
+        if self.shared is not None and self.rate.limit is not None:
+            self.shared.publish_ceiling(self.provider, self.rate.limit)
         log.info(logs.kv("rate_decreased", provider=self.provider, trigger=trigger,
                          rate=f"{self.rate.rate:.2f}", limit=f"{self.rate.limit or 0:.2f}"))
 
@@ -365,7 +379,8 @@ class ProviderShaper:
             "sent_today": self.caps.sent_today,
             "daily_cap": self.caps.daily_cap,
             **(self.cluster_rate.state() if self.cluster_rate is not None else {}),
-            **({"followed": self.followed} if self.shared is not None else {}),
+            **({"followed": self.followed, "seeded": self.seeded}
+               if self.shared is not None else {}),
         }
 
 

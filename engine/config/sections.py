@@ -586,6 +586,7 @@ _CLUSTER = section(ClusterConfig, {
     "duplicate_window": duration(positive=True),
     "lease": duration(positive=True),
     "poll": duration(positive=True),
+    "ceiling_expiry": duration(),
     "hosts": _cluster_hosts,
 })
 

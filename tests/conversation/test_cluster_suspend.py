@@ -159,3 +159,46 @@ def test_an_idle_worker_follows_too_within_one_poll(redis_server: RedisServer) -
         gevent.sleep(0.01)
     assert b.get("yahoo").suspended
     assert time.monotonic() - blocked_at <= POLL + 0.2
+
+
+SLOW_DOWN = Reply(421, "4.7.0", "Rate limited, slow down")  # the shipped rule "rate-text"
+
+
+def test_a_learned_ceiling_is_shared_the_lowest_and_seeds_a_worker_that_learned_none(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mailengine.cluster")
+    b_metrics = Recorded()
+    a, b = host(redis_server, "mta-a", "127.0.0.2"), host(redis_server, "mta-b", "127.0.0.3",
+                                                          b_metrics)
+    c = host(redis_server, "mta-c", "127.0.0.4")
+    assert not suspended(b.get("yahoo").turn())  # b sends to yahoo: slow start, no limit
+    assert b.get("yahoo").rate.limit is None
+    pushed = a.get("yahoo")
+    assert pushed.judge([SLOW_DOWN], pushed.epoch) == Verdict("rule:rate-text")
+    learned = pushed.rate.limit
+    assert learned is not None
+    deadline = time.monotonic() + POLL + 1.0
+    while b.get("yahoo").rate.limit is None and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    shaper = b.get("yahoo")
+    assert shaper.rate.limit == pytest.approx(learned, rel=1e-3)
+    assert shaper.rate.rate == pytest.approx(0.95 * learned, rel=1e-3)
+    assert shaper.state()["seeded"] == pytest.approx(learned, rel=1e-3)
+    assert b_metrics.total("cluster_ceilings_followed") == 1
+    assert "event=provider_ceiling_shared provider=yahoo" in caplog.text
+
+    # The lowest holds: a higher one leaves it; a lower one replaces it.
+    assert c._shared is not None
+    assert c._shared.publish_ceiling_now("yahoo", learned * 10)
+    key = "mailengine:ceiling:yahoo"
+    assert float(redis_server.client().get(key)) == pytest.approx(learned, rel=1e-3)  # type: ignore[attr-defined]
+    assert 0 < redis_server.client().pttl(key) <= 3_600_000  # type: ignore[attr-defined]
+    assert c._shared.publish_ceiling_now("yahoo", learned / 2)
+    assert float(redis_server.client().get(key)) == pytest.approx(learned / 2, rel=1e-3)  # type: ignore[attr-defined]
+    # A worker that learned a limit of its own keeps it.
+    gevent.sleep(POLL + 0.05)
+    a.get("yahoo").turn()
+    b.get("yahoo").turn()
+    assert a.get("yahoo").rate.limit == learned
+    assert b.get("yahoo").rate.limit == pytest.approx(learned, rel=1e-3)
+    assert b_metrics.total("cluster_ceilings_followed") == 1
