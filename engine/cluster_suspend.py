@@ -1,4 +1,5 @@
-"""Suspensions shared by the hosts of a cluster: a block seen by one host stops them all.
+"""Suspensions and learned ceilings shared by the hosts of a cluster: a block seen by one
+host stops them all.
 
 When a worker's provider shaper suspends a provider on its own (a block of the sending IP,
 or a throttle rule with `suspend`: engine.shaping), it publishes the suspension to the
@@ -17,8 +18,15 @@ followed once (a host's `mailengine queue resume` ends it on that host alone).
 - **Degrading**: while Redis is unreachable (engine.cluster: fallback) nothing is published
   or read, and each host suspends on what it sees alone, as without a cluster.
 
-Counted: `cluster_suspensions_published`, `cluster_suspensions_followed`; a host following
-another's suspension logs `provider_suspended_elsewhere`.
+**Learned ceilings** go the same way: a limit a worker learned from a push-back is shared
+as the lowest of the cluster's (`<prefix>:ceiling:<provider>`, for `cluster.ceiling_expiry`),
+read in the same round trip, and a worker that has learned no limit of the provider yet
+starts there (at 95% of it) instead of slow-starting into it; one that learned its own keeps
+it (a receiver's limits are mostly per IP).
+
+Counted: `cluster_suspensions_published`, `cluster_suspensions_followed`,
+`cluster_ceilings_followed`; a host following another's suspension logs
+`provider_suspended_elsewhere`, one starting at a shared ceiling `provider_ceiling_shared`.
 
 Worker side: publishing runs in a greenlet of its own (judging a reply never waits).
 """

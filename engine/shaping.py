@@ -13,7 +13,8 @@ says which apply to the IP). A shaper is made of
 - in a cluster, the provider's **cluster-wide rate** (engine.cluster_rate: turns leased
   from Redis), taken after the local pace, just before the message is sent; and the
   **shared suspensions** (engine.cluster_suspend): a suspension of this shaper's own (a
-  block, a rule's `suspend`) is published, and one another host published is followed.
+  block, a rule's `suspend`) is published, and one another host published is followed;
+  likewise a learned limit, where a worker that learned none starts.
 
 Delivery asks for a turn before it sends (`turn`) and tells the shaper what each transaction's
 replies were (`judge`): a throttle rule, push-back by behaviour or a block of the IP slows the
