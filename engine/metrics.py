@@ -211,6 +211,15 @@ DECLARED: tuple[Metric, ...] = (
            " alone (engine.cluster)", EVERY_PROCESS),
     Metric("cluster_turns_lost", "counter", "turns of the provider's cluster-wide rate leased"
            " and not taken in time (the messages they were leased for went elsewhere)"),
+    Metric("cluster_suspensions_published", "counter", "suspensions of the provider this"
+           " worker saw (a block, a throttle rule's suspend) published to the cluster's Redis"
+           " for the other hosts to follow (engine.cluster_suspend)"),
+    Metric("cluster_suspensions_followed", "counter", "suspensions of the provider another"
+           " host of the cluster saw and published, followed by this worker (log line"
+           " provider_suspended_elsewhere)"),
+    Metric("cluster_ceilings_followed", "counter", "times the worker, having learned no"
+           " limit of the provider yet, started at the limit another worker of the cluster"
+           " learned from a push-back (log line provider_ceiling_shared)"),
     Metric("duplicates_elsewhere", "counter", "jobs acknowledged as duplicates because"
            " another host of the cluster accepted their id within cluster.duplicate_window"
            " (not spooled here)", SUPERVISOR),

@@ -11,7 +11,10 @@ says which apply to the IP). A shaper is made of
 - **push-back recognised by behaviour** (engine.pushback), besides the throttle rules;
 - **caps** (engine.caps): messages per hour, and a warm-up schedule of messages per day;
 - in a cluster, the provider's **cluster-wide rate** (engine.cluster_rate: turns leased
-  from Redis), taken after the local pace, just before the message is sent.
+  from Redis), taken after the local pace, just before the message is sent; and the
+  **shared suspensions** (engine.cluster_suspend): a suspension of this shaper's own (a
+  block, a rule's `suspend`) is published, and one another host published is followed;
+  likewise a learned limit, where a worker that learned none starts.
 
 Delivery asks for a turn before it sends (`turn`) and tells the shaper what each transaction's
 replies were (`judge`): a throttle rule, push-back by behaviour or a block of the IP slows the
@@ -39,6 +42,7 @@ from engine import classify, logs
 from engine.caps import Caps, Deferral
 from engine.cluster import Cluster
 from engine.cluster_rate import ClusterRate
+from engine.cluster_suspend import SharedSuspensions
 from engine.config import (
     ClusterConfig,
     Config,
@@ -86,7 +90,8 @@ class ProviderShaper:
                  max_wait: float, daily_cap: Callable[[], int | None] | None = None,
                  clock: Clock = time.monotonic, wall: Clock = time.time,
                  on_learned: Callable[[], None] | None = None,
-                 cluster_rate: ClusterRate | None = None) -> None:
+                 cluster_rate: ClusterRate | None = None,
+                 shared: SharedSuspensions | None = None) -> None:
         self.provider = provider
         self.limits = limits
         self.throttle = throttle
@@ -102,6 +107,9 @@ class ProviderShaper:
         self.pushback = Pushback(throttle.pushback_after)
         self.caps = Caps(limits.hourly, daily_cap or (lambda: None), wall, clock)
         self.cluster_rate = cluster_rate  # the provider's rate across the cluster, if any
+        self.shared = shared  # the cluster's suspensions, if a cluster is configured
+        self.followed = 0  # suspensions followed from other hosts
+        self.seeded: float | None = None  # the cluster's ceiling this IP started at, if any
         self.suspended_until = 0.0  # monotonic
         self.held = False  # the suspension now is the operator's (`hold`)
         self.triggers: collections.Counter[str] = collections.Counter()  # throttles, by why
@@ -125,6 +133,8 @@ class ProviderShaper:
         and a suspension apply, and it is not counted twice. `first`: at the head of the
         line (a throttled message: it becomes the next probe).
         """
+        if self.shared is not None:
+            self.shared.check()  # at most once per cluster.poll: one round trip
         deferral = self._suspended() or (None if again else self.caps.reached())
         if deferral is not None:
             return deferral
@@ -137,6 +147,8 @@ class ProviderShaper:
                 return Deferral(self._wall() + self._back_in(wait), "cluster pace")
         # Suspended, or a cap reached, while this message waited in line: with a paced
         # line every message in it passed the cap's check before the first was counted.
+        if self.shared is not None:
+            self.shared.check()
         deferral = self._suspended() or (None if again else self.caps.reached())
         if deferral is not None:
             return deferral
@@ -253,6 +265,8 @@ class ProviderShaper:
             self._suspend(now + rule.suspend, now)
             log.warning(logs.kv("provider_suspended", provider=self.provider,
                                 rule=rule.name, seconds=rule.suspend))
+            if self.shared is not None:
+                self.shared.publish(self.provider, rule.suspend, f"rule:{rule.name}")
         self._pushed_back(now, f"rule:{rule.name}", fresh)
 
     def _blocked(self, reply: Reply, now: float) -> None:
@@ -261,6 +275,30 @@ class ProviderShaper:
         self._suspend(now + self.throttle.block_suspend, now)
         log.warning(logs.kv("provider_blocked", provider=self.provider,
                             seconds=self.throttle.block_suspend, reply=reply))
+        if self.shared is not None:
+            self.shared.publish(self.provider, self.throttle.block_suspend, BLOCK)
+
+    def follow(self, seconds: float, origin: str, reason: str) -> bool:
+        """Another host of the cluster (`origin`) suspended this provider for `seconds`
+        from now (`reason`: engine.cluster_suspend): suspended here too, until then.
+        Whether that suspends it longer than it was."""
+        now = self._clock()
+        if now + seconds <= self.suspended_until:
+            return False
+        self._suspend(now + seconds, now)
+        self.followed += 1
+        return True
+
+    def seed(self, limit: float) -> bool:
+        """The cluster's learned ceiling for this provider (engine.cluster_suspend: the
+        lowest another worker learned from a push-back): taken as this IP's limit when it
+        learned none of its own yet, instead of slow-starting into it. Whether it was."""
+        if self.rate.limit is not None or self.rate.pushbacks:
+            return False
+        self.rate.restore({"rate": limit, "limit": limit}, self._clock())  # at 95% of it
+        self.pacer.changed(self.max_wait)
+        self.seeded = limit
+        return True
 
     def _suspend(self, until: float, now: float) -> None:
         if until > self.suspended_until:
@@ -286,6 +324,8 @@ class ProviderShaper:
         self.suspended_until = 0.0
         self.held = False
         self.pacer.changed(self.max_wait)
+        if self.shared is not None:  # what another host published is not followed again
+            self.shared.released(self.provider)
 
     def _pushed_back(self, now: float, trigger: str, fresh: bool) -> None:
         """Lower the rate, once per episode: a refusal of mail sent before the last answer
@@ -297,6 +337,8 @@ class ProviderShaper:
         self.rate.pushback(now)
         self.pacer.changed(self.max_wait, restart=True)
         self._on_learned()
+        if self.shared is not None and self.rate.limit is not None:
+            self.shared.publish_ceiling(self.provider, self.rate.limit)
         log.info(logs.kv("rate_decreased", provider=self.provider, trigger=trigger,
                          rate=f"{self.rate.rate:.2f}", limit=f"{self.rate.limit or 0:.2f}"))
 
@@ -338,6 +380,8 @@ class ProviderShaper:
             "sent_today": self.caps.sent_today,
             "daily_cap": self.caps.daily_cap,
             **(self.cluster_rate.state() if self.cluster_rate is not None else {}),
+            **({"followed": self.followed, "seeded": self.seeded}
+               if self.shared is not None else {}),
         }
 
 
@@ -397,6 +441,10 @@ class Shaping:
         # The connection to the cluster's Redis (engine.cluster), if one is configured.
         self.cluster = Cluster(plan.cluster, plan.hostname, metrics, clock) \
             if plan.cluster.redis else None
+        # Suspensions published to (and followed from) the other hosts, in a cluster.
+        self._shared = SharedSuspensions(self.cluster, f"{self.cluster.host}/{plan.ip}",
+                                         self._shapers.items, metrics, clock) \
+            if self.cluster is not None else None
 
     def get(self, provider: str) -> ProviderShaper:
         shaper = self._shapers.get(provider)
@@ -404,7 +452,8 @@ class Shaping:
             limits = self.plan.limits_for(provider)
             shaper = ProviderShaper(provider, limits, self.plan.throttle,
                                     self.plan.shaping.max_wait, self._daily_cap, self._clock,
-                                    self._wall, self.save, self._cluster_rate(provider, limits))
+                                    self._wall, self.save, self._cluster_rate(provider, limits),
+                                    self._shared)
             self._restore(provider, shaper)
             self._shapers[provider] = shaper
         return shaper
@@ -441,6 +490,11 @@ class Shaping:
 
     def state(self) -> dict[str, dict[str, Any]]:
         return {name: shaper.state() for name, shaper in self._shapers.items()}
+
+    def close(self) -> None:
+        """Stop watching the cluster's suspensions (a worker's end, a test's)."""
+        if self._shared is not None:
+            self._shared.close()
 
     def items(self) -> Iterable[tuple[str, ProviderShaper]]:
         return self._shapers.items()

@@ -449,6 +449,10 @@ class ClusterConfig:
     retry: float = 5.0  # while Redis is unreachable, it is tried again this often
     duplicate_window: float = 86400.0  # a job id accepted anywhere is a duplicate this long
     lease: float = 1.0  # a cluster-wide rate's turns are leased at most this far ahead
+    poll: float = 1.0  # a worker reads the suspensions other hosts published this often
+    # A provider's limit learned from a push-back is shared this long (the lowest of the
+    # hosts'): a worker that learned nothing of it starts there; 0 = not shared.
+    ceiling_expiry: float = 3600.0
     # The hosts `status --cluster` and `queue --cluster` ask (this one too, if wanted).
     # Only the commands read it: not compared, so a reload changing it is no restart.
     hosts: tuple[ClusterHostConfig, ...] = field(default=(), compare=False)

@@ -585,6 +585,8 @@ _CLUSTER = section(ClusterConfig, {
     "retry": duration(positive=True),
     "duplicate_window": duration(positive=True),
     "lease": duration(positive=True),
+    "poll": duration(positive=True),
+    "ceiling_expiry": duration(),
     "hosts": _cluster_hosts,
 })
 

@@ -13,7 +13,9 @@ the jobs); one receiver that refuses past 60 messages/s from all of them togethe
   every job is delivered once;
 - one engine killed -9 (`mailengine push`'s Pusher to the three, re-sending until some host
   says `queued`, as docs/SCALING.md lays it out): the other two take the new mail; the
-  killed one's spooled mail goes out once it is back; nothing is lost.
+  killed one's spooled mail goes out once it is back; nothing is lost;
+- a block seen by one host stops the others (engine.cluster_suspend): a receiver that
+  blocks the whole sending range; once one host met the block, the other knocks no more.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import zmq
 
 from engine.push import Pusher
 from engine.pushreport import Tally
+from engine.testing import limits
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from tests.support.rates import busiest
@@ -227,5 +230,80 @@ def test_an_engine_killed_the_others_take_the_new_mail_and_its_own_goes_out_once
         flagged = {e["rcpt"] for engine in engines for e in engine.events()
                    if e.get("possible_duplicate") or e.get("ambiguous")}
         assert set(received) == everyone and twice <= flagged, (twice, flagged)
+    finally:
+        sink.stop()
+
+
+class RangeBlock(limits.Open):
+    """Takes mail until `blocking`; then refuses every sender at the banner and at MAIL
+    (`554 ... blocked`, a block of the whole sending range). Counts each sender's connections
+    and transactions (`knocks`) from the moment it blocks."""
+
+    REPLY = "554 5.7.1 Service unavailable; Client host [{ip}] blocked using zen.spamhaus.org"
+
+    def __init__(self) -> None:
+        self.blocking = False
+        self.knocks: collections.Counter[str] = collections.Counter()
+
+    def on_connect(self, client_ip: str, open_connections: int, now: float) -> str | None:
+        return self._refusal(client_ip)
+
+    def on_mail(self, client_ip: str, now: float) -> str | None:
+        return self._refusal(client_ip)
+
+    def _refusal(self, client_ip: str) -> str | None:
+        if not self.blocking:
+            return None
+        self.knocks[client_ip] += 1
+        return self.REPLY.format(ip=client_ip)
+
+
+@pytest.mark.timeout(120)
+def test_a_block_seen_by_one_host_stops_the_other_from_knocking(
+        local_engine: Callable[..., LocalEngine], redis_server: RedisServer) -> None:
+    policy = RangeBlock()
+    sink = SinkServer(tls=False, policy=policy)
+    try:
+        a, b = (local_engine(sink.port, ips=(ip,), route=None, extra={
+            "routes": {"a.test": PROVIDER},
+            "cluster": {"redis": redis_server.url, "host": f"host{i}", "poll": "500ms"},
+            "throttle": {"block_suspend": "1h"}})
+            for i, ip in enumerate(IPS[:2]))
+        # Both hosts send to the receiver while it takes mail: it knows both.
+        for engine, prefix in ((a, "a"), (b, "b")):
+            assert engine.push([job(f"{prefix}-{i}", i) for i in range(3)])
+            engine.wait_final(3, timeout=30)
+        policy.blocking = True
+        # Host a meets the block, suspends the provider, and publishes it.
+        assert a.push([job(f"a2-{i}", i) for i in range(10)])
+        until(lambda: policy.knocks[IPS[0]] > 0
+              and "event=provider_blocked" in a.log_tail(200), timeout=30,
+              what="host a blocked", detail=a.log_tail)
+        key = f"mailengine:suspend:{PROVIDER}"
+        until(lambda: redis_server.client().get(key) is not None,  # type: ignore[attr-defined]
+              timeout=10, what="the block published to Redis")
+        # Host b, idle since its mail went, follows within one poll (its worker reads the
+        # suspensions every cluster.poll) ...
+        until(lambda: "event=provider_suspended_elsewhere" in b.log_tail(400), timeout=5,
+              what="host b following host a's block", detail=b.log_tail)
+        # ... and its new mail: not one knock at the receiver; back in the spool (no
+        # attempt counted), due when host a's suspension ends.
+        assert b.push([job(f"b2-{i}", i) for i in range(10)])
+
+        def shaping() -> dict[str, Any]:
+            worker = b.status()["workers"][IPS[1]]
+            return dict(worker.get("shaping", {}).get(PROVIDER, {}))
+        until(lambda: shaping().get("followed") == 1 and shaping()["phase"] == "suspended",
+              timeout=30, what="host b following the block", detail=b.log_tail)
+        until(lambda: not b.status()["in_flight"] and b.status()["spool"]["jobs"] == 10,
+              timeout=30, what="host b's mail back in the spool", detail=b.log_tail)
+        assert policy.knocks[IPS[1]] == 0, policy.knocks
+        assert policy.knocks[IPS[0]] >= 1
+        assert shaping()["suspended_for"] > 3000  # until host a's suspension ends
+        assert b.status()["spool"]["rcpts_deferred"] == 0  # no attempt burned
+        assert not [e for e in b.events()  # none attempted
+                    if e["id"].startswith("b2-") and e["event"] != "queued"]
+        log = b.log_tail(400)
+        assert "event=provider_suspended_elsewhere" in log and "origin=host0/127.0.0.2" in log
     finally:
         sink.stop()

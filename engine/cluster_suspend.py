@@ -1,0 +1,245 @@
+"""Suspensions and learned ceilings shared by the hosts of a cluster: a block seen by one
+host stops them all.
+
+When a worker's provider shaper suspends a provider on its own (a block of the sending IP,
+or a throttle rule with `suspend`: engine.shaping), it publishes the suspension to the
+cluster's Redis: one key per provider, `<prefix>:suspend:<provider>`, expiring when the
+suspension ends, whose value says until when (Redis's clock), who saw it and why. Every
+worker of every host reads the keys of the providers it sends to at most every
+`cluster.poll` seconds (one round trip for all of them, never one per message: by a
+greenlet of its own, started at the worker's first message, and at once for a provider new
+to the worker), and suspends a provider whose key says so until the same moment: nothing
+more is sent there from any host, whether its worker was busy or idle. Each suspension is
+followed once (a host's `mailengine queue resume` ends it on that host alone).
+
+- A longer suspension wins: publishing never shortens the one in Redis.
+- Times are Redis's (`TIME`), turned into "seconds from now" by the script, so the hosts'
+  clocks do not matter.
+- **Degrading**: while Redis is unreachable (engine.cluster: fallback) nothing is published
+  or read, and each host suspends on what it sees alone, as without a cluster.
+
+**Learned ceilings** go the same way: a limit a worker learned from a push-back is shared
+as the lowest of the cluster's (`<prefix>:ceiling:<provider>`, for `cluster.ceiling_expiry`),
+read in the same round trip, and a worker that has learned no limit of the provider yet
+starts there (at 95% of it) instead of slow-starting into it; one that learned its own keeps
+it (a receiver's limits are mostly per IP).
+
+Counted: `cluster_suspensions_published`, `cluster_suspensions_followed`,
+`cluster_ceilings_followed`; a host following another's suspension logs
+`provider_suspended_elsewhere`, one starting at a shared ceiling `provider_ceiling_shared`.
+
+Worker side: publishing runs in a greenlet of its own (judging a reply never waits).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import gevent
+
+from engine import logs
+from engine.cluster import Cluster
+from engine.metrics import Metrics
+
+log = logging.getLogger("mailengine.cluster")
+
+# KEYS[1]: the provider's suspension. ARGV: seconds, who (host/ip), why.
+# Sets it unless the one there lasts longer; returns the value that holds after.
+PUBLISH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local seconds = tonumber(ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local cur_until = tonumber(string.match(cur, '^[^|]+'))
+  if cur_until and cur_until >= now + seconds then return cur end
+end
+local value = string.format('%.6f', now + seconds) .. '|' .. ARGV[2] .. '|' .. ARGV[3]
+redis.call('SET', KEYS[1], value, 'PX', math.ceil(seconds * 1000))
+return value
+"""
+
+# KEYS[1]: the provider's learned ceiling. ARGV: the limit (/s), its expiry (s). The lowest
+# holds: a higher one leaves it (and its expiry) as it is. Returns the ceiling that holds.
+CEILING = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '')
+if cur and cur <= tonumber(ARGV[1]) then return tostring(cur) end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', math.ceil(tonumber(ARGV[2]) * 1000))
+return ARGV[1]
+"""
+
+# KEYS: n providers' suspensions, then the same n providers' ceilings. Returns, for each
+# provider, {suspension, seconds left, ceiling}; '' for what there is not.
+READ = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local n = #KEYS / 2
+local out = {}
+for i = 1, n do
+  local value = redis.call('GET', KEYS[i])
+  local left = 0
+  if value then
+    left = (tonumber(string.match(value, '^[^|]+')) or now) - now
+  else
+    value = ''
+  end
+  out[i] = {value, string.format('%.6f', left), redis.call('GET', KEYS[n + i]) or ''}
+end
+return out
+"""
+
+
+class Follower(Protocol):
+    """What a provider's shaper offers (engine.shaping.ProviderShaper)."""
+
+    def follow(self, seconds: float, origin: str, reason: str) -> bool: ...
+
+    def seed(self, limit: float) -> bool: ...
+
+
+class SharedSuspensions:
+    """One worker's side of the cluster's suspensions (`member`: host/ip).
+
+    `followers()` gives the worker's shapers by provider: those are the keys read."""
+
+    def __init__(self, cluster: Cluster, member: str,
+                 followers: Callable[[], Iterable[tuple[str, Follower]]],
+                 metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._cluster = cluster
+        self.member = member.replace("|", "_")
+        self._followers = followers
+        self._metrics = metrics
+        self._clock = clock
+        self._publish = cluster.script(PUBLISH)
+        self._ceiling = cluster.script(CEILING)
+        self._read = cluster.script(READ)
+        self._seen: dict[str, str] = {}  # provider -> the suspension followed (or own) last
+        self._next_read = -math.inf
+        self._reading = False
+        self._known: frozenset[str] = frozenset()  # the providers read last time
+        self._poller: gevent.Greenlet[Any, Any] | None = None
+
+    def publish(self, provider: str, seconds: float, reason: str) -> None:
+        """This worker suspended `provider` for `seconds` (`reason`: "block", "rule:x"):
+        tell the other hosts, in the background."""
+        gevent.spawn(self.publish_now, provider, seconds, reason)
+
+    def publish_now(self, provider: str, seconds: float, reason: str) -> bool:
+        """`publish`, waiting for Redis's answer: whether it took it (False: off, or
+        falling back)."""
+        value = self._cluster.run("suspend", lambda client: self._publish(
+            keys=[self._cluster.key("suspend", provider)],
+            args=[f"{seconds:.3f}", self.member, reason], client=client))
+        if value is None:
+            return False
+        value = _text(value)
+        if _fields(value)[1] == self.member:  # its own: not followed back
+            self._seen[provider] = value
+        else:  # a longer one of another host's: followed at the next read
+            self._next_read = -math.inf
+        if self._metrics is not None:
+            self._metrics.incr("cluster_suspensions_published", provider)
+        return True
+
+    def publish_ceiling(self, provider: str, limit: float) -> None:
+        """This worker learned `provider`'s limit (messages/s) from a push-back: shared as
+        the lowest of the cluster's, for `cluster.ceiling_expiry`, in the background."""
+        gevent.spawn(self.publish_ceiling_now, provider, limit)
+
+    def publish_ceiling_now(self, provider: str, limit: float) -> bool:
+        expiry = self._cluster.cfg.ceiling_expiry
+        if expiry <= 0 or not limit > 0:
+            return False
+        return self._cluster.run("ceiling", lambda client: self._ceiling(
+            keys=[self._cluster.key("ceiling", provider)], args=[f"{limit:.3f}", expiry],
+            client=client)) is not None
+
+    def released(self, provider: str) -> None:
+        """The operator resumed `provider` on this host: the suspension known now is not
+        followed again (a newer one will be)."""
+        self._next_read = -math.inf  # read now what holds, and mark it seen
+        self._read_now(ignore={provider})
+
+    def check(self) -> None:
+        """Follow what the other hosts published, if `cluster.poll` passed since the last
+        read (or a provider is new to this worker); cheap otherwise."""
+        if self._poller is None:
+            self._poller = gevent.spawn(self._poll)
+        if self._reading:
+            return
+        now = self._clock()
+        if now < self._next_read:
+            providers = {name for name, _ in self._followers()}
+            if providers <= self._known:
+                return
+        self._read_now()
+
+    def _poll(self) -> None:
+        """Read every `cluster.poll`, whether messages ask for turns or not."""
+        while True:
+            gevent.sleep(max(self._next_read - self._clock(), 0.0) + 0.001)
+            self.check()
+
+    def close(self) -> None:
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.kill(block=False)
+
+    def _read_now(self, ignore: set[str] | None = None) -> None:
+        followers = dict(self._followers())
+        self._known = frozenset(followers)
+        self._next_read = self._clock() + self._cluster.cfg.poll
+        if not followers:
+            return
+        names = sorted(followers)
+        self._reading = True
+        try:
+            reply = self._cluster.run("suspensions", lambda client: self._read(
+                keys=[*(self._cluster.key("suspend", name) for name in names),
+                      *(self._cluster.key("ceiling", name) for name in names)], args=[],
+                client=client))
+        finally:
+            self._reading = False
+        if reply is None:
+            return
+        for name, (raw, left, ceiling) in zip(names, reply, strict=True):
+            self._seed(name, followers[name], _text(ceiling))
+            value, seconds = _text(raw), float(left)
+            if not value or value == self._seen.get(name):
+                continue
+            self._seen[name] = value
+            if ignore and name in ignore:
+                continue
+            _, origin, reason = _fields(value)
+            if seconds <= 0:  # (its own, published by this process, is in _seen)
+                continue
+            if followers[name].follow(seconds, origin, reason):
+                if self._metrics is not None:
+                    self._metrics.incr("cluster_suspensions_followed", name)
+                log.warning(logs.kv("provider_suspended_elsewhere", provider=name,
+                                    origin=origin, reason=reason, seconds=f"{seconds:.1f}"))
+
+    def _seed(self, name: str, follower: Follower, ceiling: str) -> None:
+        """A worker that learned nothing of the provider yet starts at the cluster's
+        learned ceiling (the lowest), not from slow start into it."""
+        try:
+            limit = float(ceiling) if ceiling else 0.0
+        except ValueError:
+            return
+        if limit > 0 and follower.seed(limit):
+            if self._metrics is not None:
+                self._metrics.incr("cluster_ceilings_followed", name)
+            log.info(logs.kv("provider_ceiling_shared", provider=name, limit=f"{limit:.2f}"))
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _fields(value: str) -> list[str]:
+    """A suspension's value: until (Redis's time), who, why."""
+    return [*value.split("|", 2), "", ""][:3]

@@ -1,0 +1,204 @@
+"""Suspensions shared across the hosts of a cluster (engine.cluster_suspend) against a real
+redis-server on loopback: two workers' shapers, each with its own connection to Redis as on
+its own host; a block seen by one suspends the other within one `cluster.poll`, until the
+same moment; Redis down: each goes on alone, without an error.
+
+The turns are taken by this test's own thread (gevent, unpatched: redis-py's calls block
+the loop for their loopback round trip); each worker's watching greenlet reads the others'
+suspensions every `cluster.poll` whenever the test yields to gevent."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import gevent
+import pytest
+
+from engine.caps import Deferral
+from engine.cluster import FALLBACK
+from engine.config import ClusterConfig, ThrottleConfig
+from engine.reply import Reply
+from engine.shaping import BLOCK, Shaping, ShapingPlan, Verdict
+from tests.conversation.test_cluster import Recorded
+from tests.support.redis import RedisServer, need_redis
+
+SPAMHAUS = Reply(554, "5.7.1", "Service unavailable; Client host [127.0.0.2] blocked using "
+                               "zen.spamhaus.org")
+POLL = 0.3  # s: cluster.poll in these tests
+BLOCK_FOR = 2.0  # s: throttle.block_suspend
+
+
+MADE: list[Shaping] = []
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    need_redis()
+    with RedisServer() as server:
+        yield server
+    while MADE:  # their watching greenlets stop
+        MADE.pop().close()
+
+
+def host(server: RedisServer, name: str, ip: str, metrics: Recorded | None = None) -> Shaping:
+    plan = ShapingPlan(ip=ip, throttle=ThrottleConfig(block_suspend=BLOCK_FOR),
+                       cluster=ClusterConfig(redis=server.url, host=name, poll=POLL))
+    MADE.append(Shaping(plan, metrics=metrics))
+    return MADE[-1]
+
+
+def suspended(turn: Deferral | int) -> bool:
+    return isinstance(turn, Deferral) and turn.reason == "suspended"
+
+
+def first_suspended_turn(shaping: Shaping, provider: str, timeout: float) -> float:
+    """Turns every 10 ms until one is refused as suspended: when (monotonic)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if suspended(shaping.get(provider).turn()):
+            return time.monotonic()
+        gevent.sleep(0.01)
+    raise TimeoutError(f"{provider} not suspended within {timeout} s")
+
+
+def test_a_block_seen_by_one_host_suspends_the_other_within_one_poll_until_it_ends(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "mailengine.cluster")
+    a_metrics, b_metrics = Recorded(), Recorded()
+    a = host(redis_server, "mta-a", "127.0.0.2", a_metrics)
+    b = host(redis_server, "mta-b", "127.0.0.3", b_metrics)
+    assert not suspended(b.get("yahoo").turn())  # b sends to yahoo, and read: nothing
+    assert not suspended(b.get("gmail").turn())
+    assert not suspended(a.get("yahoo").turn())
+
+    blocked_at = time.monotonic()
+    assert a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch) == Verdict(BLOCK)
+    gevent.sleep(0)  # the publishing greenlet runs
+    key = redis_server.client().get("mailengine:suspend:yahoo")  # type: ignore[attr-defined]
+    assert key is not None and key.split(b"|")[1:] == [b"mta-a/127.0.0.2", b"block"]
+
+    followed_at = first_suspended_turn(b, "yahoo", timeout=POLL + 1.0)
+    assert followed_at - blocked_at <= POLL + 0.2
+    assert not suspended(b.get("gmail").turn())  # only the provider that blocked
+    ends_a, ends_b = a.get("yahoo").suspended_until, b.get("yahoo").suspended_until
+    assert abs(ends_a - ends_b) < POLL + 0.1  # the same moment, on either host's clock
+    assert b.get("yahoo").state()["followed"] == 1
+    assert a_metrics.total("cluster_suspensions_published") == 1
+    assert b_metrics.total("cluster_suspensions_followed") == 1
+    lines = [r.getMessage() for r in caplog.records
+             if "event=provider_suspended_elsewhere" in r.getMessage()]
+    assert len(lines) == 1 and "provider=yahoo origin=mta-a/127.0.0.2 reason=block" in lines[0]
+
+    # Later reads do not follow it again; the publisher does not follow its own.
+    gevent.sleep(POLL + 0.05)
+    b.get("yahoo").turn()
+    a.get("yahoo").turn()
+    assert b_metrics.total("cluster_suspensions_followed") == 1
+    assert a_metrics.total("cluster_suspensions_followed") == 0
+
+    # Expiry ends it on both hosts, and Redis forgets it.
+    deadline = max(ends_a, ends_b)
+    gevent.sleep(max(0.0, deadline - time.monotonic()) + 0.05)
+    assert not suspended(b.get("yahoo").turn())
+    assert not suspended(a.get("yahoo").turn())
+    assert redis_server.client().get("mailengine:suspend:yahoo") is None  # type: ignore[attr-defined]
+
+
+def test_a_host_that_meets_the_provider_later_follows_at_its_first_message(
+        redis_server: RedisServer) -> None:
+    a, b = host(redis_server, "mta-a", "127.0.0.2"), host(redis_server, "mta-b", "127.0.0.3")
+    a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch)
+    gevent.sleep(0)
+    # b reads within its poll interval anyway: a provider new to it is read at once.
+    assert not suspended(b.get("gmail").turn())
+    assert suspended(b.get("yahoo").turn())
+
+
+def test_a_longer_suspension_wins_and_a_resume_is_not_undone(
+        redis_server: RedisServer) -> None:
+    a, b = host(redis_server, "mta-a", "127.0.0.2"), host(redis_server, "mta-b", "127.0.0.3")
+    assert b.get("yahoo").turn() is not None
+    assert a._shared is not None and b._shared is not None
+    assert a._shared.publish_now("yahoo", 60.0, "rule:slow")
+    assert b._shared.publish_now("yahoo", 1.0, BLOCK)  # shorter: the minute stays
+    ttl = redis_server.client().pttl("mailengine:suspend:yahoo")  # type: ignore[attr-defined]
+    assert ttl > 50_000
+    followed = first_suspended_turn(b, "yahoo", timeout=POLL + 1.0)
+    assert b.get("yahoo").suspended_until - followed > 50
+
+    b.hold("yahoo", 0)  # the operator resumes yahoo on b: b sends again ...
+    gevent.sleep(POLL + 0.05)
+    assert not suspended(b.get("yahoo").turn())  # ... and does not follow the same again
+    assert b.get("yahoo").followed == 1
+
+
+def test_redis_down_each_host_suspends_alone_without_an_error(
+        redis_server: RedisServer) -> None:
+    a, b = host(redis_server, "mta-a", "127.0.0.2"), host(redis_server, "mta-b", "127.0.0.3")
+    assert not suspended(b.get("yahoo").turn())
+    redis_server.kill()
+    a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch)
+    gevent.sleep(0)
+    assert suspended(a.get("yahoo").turn())  # local behaviour: blocked here
+    gevent.sleep(POLL + 0.05)
+    assert not suspended(b.get("yahoo").turn())  # b knows nothing, and goes on
+    assert a.cluster is not None and a.cluster.mode == FALLBACK
+    assert b.cluster is not None and b.cluster.mode == FALLBACK
+
+
+def test_an_idle_worker_follows_too_within_one_poll(redis_server: RedisServer) -> None:
+    """b sent once and is idle since: its watching greenlet follows a's block, with no
+    message of b's asking."""
+    a, b = host(redis_server, "mta-a", "127.0.0.2"), host(redis_server, "mta-b", "127.0.0.3")
+    assert not suspended(b.get("yahoo").turn())
+    blocked_at = time.monotonic()
+    a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch)
+    deadline = blocked_at + POLL + 1.0
+    while not b.get("yahoo").suspended and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    assert b.get("yahoo").suspended
+    assert time.monotonic() - blocked_at <= POLL + 0.2
+
+
+SLOW_DOWN = Reply(421, "4.7.0", "Rate limited, slow down")  # the shipped rule "rate-text"
+
+
+def test_a_learned_ceiling_is_shared_the_lowest_and_seeds_a_worker_that_learned_none(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mailengine.cluster")
+    b_metrics = Recorded()
+    a, b = host(redis_server, "mta-a", "127.0.0.2"), host(redis_server, "mta-b", "127.0.0.3",
+                                                          b_metrics)
+    c = host(redis_server, "mta-c", "127.0.0.4")
+    assert not suspended(b.get("yahoo").turn())  # b sends to yahoo: slow start, no limit
+    assert b.get("yahoo").rate.limit is None
+    pushed = a.get("yahoo")
+    assert pushed.judge([SLOW_DOWN], pushed.epoch) == Verdict("rule:rate-text")
+    learned = pushed.rate.limit
+    assert learned is not None
+    deadline = time.monotonic() + POLL + 1.0
+    while b.get("yahoo").rate.limit is None and time.monotonic() < deadline:
+        gevent.sleep(0.01)
+    shaper = b.get("yahoo")
+    assert shaper.rate.limit == pytest.approx(learned, rel=1e-3)
+    assert shaper.rate.rate == pytest.approx(0.95 * learned, rel=1e-3)
+    assert shaper.state()["seeded"] == pytest.approx(learned, rel=1e-3)
+    assert b_metrics.total("cluster_ceilings_followed") == 1
+    assert "event=provider_ceiling_shared provider=yahoo" in caplog.text
+
+    # The lowest holds: a higher one leaves it; a lower one replaces it.
+    assert c._shared is not None
+    assert c._shared.publish_ceiling_now("yahoo", learned * 10)
+    key = "mailengine:ceiling:yahoo"
+    assert float(redis_server.client().get(key)) == pytest.approx(learned, rel=1e-3)  # type: ignore[attr-defined]
+    assert 0 < redis_server.client().pttl(key) <= 3_600_000  # type: ignore[attr-defined]
+    assert c._shared.publish_ceiling_now("yahoo", learned / 2)
+    assert float(redis_server.client().get(key)) == pytest.approx(learned / 2, rel=1e-3)  # type: ignore[attr-defined]
+    # A worker that learned a limit of its own keeps it.
+    gevent.sleep(POLL + 0.05)
+    a.get("yahoo").turn()
+    b.get("yahoo").turn()
+    assert a.get("yahoo").rate.limit == learned
+    assert b.get("yahoo").rate.limit == pytest.approx(learned, rel=1e-3)
+    assert b_metrics.total("cluster_ceilings_followed") == 1
