@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -54,18 +55,30 @@ def load_results(path: str) -> dict[str, Any]:
 # -- figures ----------------------------------------------------------------------------------
 
 
+# a section's last lines that separate it from the next one: `---` rules, `<a id>` anchors
+_TRAIL = re.compile(r'(?:\n(?:---|<a id="[^"]*"></a>)[ \t]*\n*)+\Z')
+
+
 def write_section(path: str, heading: str, text: str, separator: str = "\n\n---\n\n") -> None:
     """Replace the section of the Markdown file at `path` that starts with the `heading`
     line (up to the next `## `), or append it after `separator`. The file is re-read just
     before writing (other benchmarks write their sections too), nothing outside the section
-    changes, and the new file replaces the old one whole (a new file, renamed)."""
+    changes, and the new file replaces the old one whole (a new file, renamed). What ends
+    the old section before the next heading and belongs to neither, a `---` rule or an
+    `<a id>` anchor line, stays between them (unless `text` ends with it already)."""
     with open(path, encoding="utf-8") as f:
         current = f.read()
     at = current.find(heading + "\n")
     if at >= 0:
         following = current.find("\n## ", at + len(heading))
         rest = current[following + 1:] if following >= 0 else ""
-        updated = current[:at] + text + ("\n" + rest if rest else "")
+        trail = ""
+        if rest:
+            ending = _TRAIL.search(current[at:following + 1])
+            trail = ending.group(0).strip("\n") + "\n\n" if ending else ""
+            if trail and text.rstrip("\n").endswith(trail.rstrip("\n")):
+                trail = ""
+        updated = current[:at] + text + ("\n" + trail + rest if rest else "")
     else:
         updated = current.rstrip("\n") + separator + text
     tmp = path + ".section.tmp"
