@@ -21,24 +21,8 @@ from engine.cluster_rate import GRACE, ClusterRate
 from engine.config import ClusterConfig
 from engine.metrics import Metrics
 from tests.support.rates import busiest
+from tests.support.recorded_metrics import Recorded
 from tests.support.redis import RedisServer, need_redis
-
-
-class Recorded(Metrics):
-    """Metrics that keep what they would send: (method, name, value)."""
-
-    def __init__(self) -> None:
-        super().__init__(None, "127.0.0.2")
-        self.sent: list[tuple[str, str, float]] = []
-
-    def _send(self, method: str, name: str, value: float) -> None:
-        self.sent.append((method, name, value))
-
-    def count(self, method: str, metric: str) -> int:
-        return sum(1 for m, name, _ in self.sent if m == method and name.endswith("." + metric))
-
-    def total(self, metric: str) -> float:
-        return sum(v for m, name, v in self.sent if m == "incr" and name.endswith("." + metric))
 
 
 @pytest.fixture

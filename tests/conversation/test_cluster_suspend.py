@@ -20,7 +20,7 @@ from engine.cluster import FALLBACK
 from engine.config import ClusterConfig, ThrottleConfig
 from engine.reply import Reply
 from engine.shaping import BLOCK, Shaping, ShapingPlan, Verdict
-from tests.conversation.test_cluster import Recorded
+from tests.support.recorded_metrics import Recorded
 from tests.support.redis import RedisServer, need_redis
 
 SPAMHAUS = Reply(554, "5.7.1", "Service unavailable; Client host [127.0.0.2] blocked using "
