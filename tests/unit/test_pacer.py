@@ -77,8 +77,9 @@ def test_a_timer_that_fires_late_does_not_slow_the_pace() -> None:
 def test_at_a_high_rate_a_timer_gives_out_every_turn_due_by_then() -> None:
     """Regression: one turn per timer capped the pace at ~1,700 turns/s here (the engine at
     ~1,300 messages/s under slow start, a quarter of its unpaced rate): 1,000 turns at
-    5,000/s took 0.59 s. All turns due when the timer fires go: 0.2 s."""
-    assert 0.19 <= seconds_for_turns(Gap(0.0002), 1000) < 0.35
+    5,000/s took 0.59 s (never less: the timers are the floor). All turns due when the timer
+    fires go: 0.2 s, up to 0.36 s seen on a loaded machine."""
+    assert 0.19 <= seconds_for_turns(Gap(0.0002), 1000) < 0.5
 
 
 def test_a_turn_due_within_slack_is_given_at_once_on_its_grid() -> None:
