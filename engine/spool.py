@@ -545,34 +545,56 @@ class Spool:
     def by_domain(self, scan_max: int) -> tuple[list[DomainQueue], int]:
         """The recipients not final yet, counted per domain: at most the first `scan_max`
         of them (the oldest rows), so a huge spool costs a bounded read. Returns the
-        domains and how many recipients were read."""
+        domains and how many recipients were read.
+
+        The replies (the longest columns) are read after the scan, only for the recipient
+        tried most of each domain: about a quarter less than reading them with every row
+        (docs/PERFORMANCE.md, "Cost as the queue grows"). The rest is the scan and the
+        join for the jobs' acceptance times."""
         with self._reading():
             rows = self._conn.execute(
-                "SELECT r.rcpt, r.job_id, r.attempts, r.next_attempt, r.code, r.enhanced,"
-                " r.reply, j.queued_ts FROM (SELECT job_id, rcpt, attempts, next_attempt, code,"
-                " enhanced, reply FROM rcpts WHERE status = 'pending' LIMIT ?) AS r"
+                "SELECT r.rcpt, r.job_id, r.attempts, r.next_attempt, r.code IS NOT NULL,"
+                " r.rowid, j.queued_ts FROM (SELECT rowid, job_id, rcpt, attempts,"
+                " next_attempt, code FROM rcpts WHERE status = 'pending' LIMIT ?) AS r"
                 " JOIN jobs AS j ON j.id = r.job_id",
                 (scan_max,)).fetchall()
         found: dict[str, DomainQueue] = {}
         jobs: dict[str, set[str]] = {}
-        most: dict[str, int] = {}
-        for rcpt, job_id, attempts, next_attempt, code, enhanced, text, queued_ts in rows:
+        most: dict[str, tuple[int, int]] = {}  # domain: (attempts, rowid) of its reply
+        for rcpt, job_id, attempts, next_attempt, replied, rowid, queued_ts in rows:
             domain = str(rcpt).rpartition("@")[2].lower()
             queue = found.get(domain)
             if queue is None:
                 queue = found[domain] = DomainQueue(domain, oldest_ts=float(queued_ts),
                                                     next_attempt=float(next_attempt or 0))
-                most[domain] = -1
+                jobs[domain] = set()
             queue.rcpts += 1
-            jobs.setdefault(domain, set()).add(job_id)
-            queue.oldest_ts = min(queue.oldest_ts, float(queued_ts))
-            queue.next_attempt = min(queue.next_attempt, float(next_attempt or 0))
-            if code is not None and int(attempts) > most[domain]:
-                most[domain] = int(attempts)
-                queue.reply = Reply(int(code), enhanced, str(text or ""))
+            jobs[domain].add(job_id)
+            if queued_ts < queue.oldest_ts:
+                queue.oldest_ts = float(queued_ts)
+            if (next_attempt or 0) < queue.next_attempt:
+                queue.next_attempt = float(next_attempt or 0)
+            if replied and int(attempts) > most.get(domain, (-1, 0))[0]:
+                most[domain] = (int(attempts), rowid)
         for domain, queue in found.items():
             queue.jobs = len(jobs[domain])
+        replies = self._replies([rowid for _, rowid in most.values()])
+        for domain, (_, rowid) in most.items():
+            found[domain].reply = replies.get(rowid)
         return list(found.values()), len(rows)
+
+    def _replies(self, rowids: list[int]) -> dict[int, Reply]:
+        """The reply stored for each of these recipients' rows (by rowid)."""
+        out: dict[int, Reply] = {}
+        with self._reading():
+            for i in range(0, len(rowids), _IN_CHUNK):
+                chunk = rowids[i:i + _IN_CHUNK]
+                for rowid, code, enhanced, text in self._conn.execute(
+                        "SELECT rowid, code, enhanced, reply FROM rcpts WHERE rowid IN"
+                        f" ({','.join('?' * len(chunk))})", chunk):
+                    if code is not None:
+                        out[rowid] = Reply(int(code), enhanced, str(text or ""))
+        return out
 
     def waiting(self, job_id: str | None = None, domain: str | None = None,
                 skip: Container[str] = frozenset(), limit: int = 10_000,
