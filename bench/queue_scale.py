@@ -794,10 +794,14 @@ def checkpoint_note(rows: Sequence[dict[str, Any]]) -> str:
   at housekeeping. Timed alone on each spool (intake's and results' commits of
   {CHECKPOINT_BATCH} fresh 5 KB jobs, the automatic checkpoint off and the same checkpoint
   run by hand each time the WAL held its threshold, {CHECKPOINTS} times), the longest (ms)
-  {per_n}; the longest commit meanwhile {fmt(1000 * big['spool_checkpoint_commit_max_s'])} ms
-  at {n_label(big['n'])}. A checkpoint copies the pages the fresh mail changed (the tail
-  of the tables, the indexes' hot pages), not the waiting recipients', so its cost does
-  not grow with them: no fix needed."""
+  {per_n}. A checkpoint copies the pages the fresh mail changed (the tail of the tables,
+  the indexes' hot pages), not the waiting recipients', so its cost does not grow with
+  them: no fix needed. The longest plain commit meanwhile (no checkpoint in it) took
+  {fmt(1000 * big['spool_checkpoint_commit_max_s'])} ms at {n_label(big['n'])}: this shared
+  disk's latency (a commit waits for the WAL's fsync), which no change to the checkpoints
+  removes; and the
+  longest intake waits above (worst {fmt(max(r['intake_max_ms'] for r in rows))} ms) come
+  with the machine's other load, not with N."""
 
 
 def counts_fix() -> str:
@@ -858,7 +862,7 @@ stopped: the last rows of the table):
   the file dropped from the cache first) {fmt(big['ready_s'])} s to ready and
   {fmt(big['first_delivery_s'])} s to the first delivery. It grows with the file, so a
   spool a few times larger, or a slower disk, passes the 10 s."""
-    if herd is not None:
+    if herd is not None and herd["paced_delivered"] < herd["paced_sent"]:
         text += f"""
 - **A window ending starves the fresh mail, though the receiver sees no herd.** The
   {herd['window']:,} went out at the deferring provider's pace (slow start, 20/s: at most
@@ -870,17 +874,26 @@ stopped: the last rows of the table):
   `limits.max_in_flight` (1,000) is shared by all providers, so the window's jobs, each
   waiting in the worker for its provider's turn (up to `shaping.max_wait`, 10 s, then back
   to the spool), hold every slot, and a slot freed goes to the next oldest due job, the
-  window's again. The fixes this points to: room per provider at dispatch (no more jobs
-  for a provider than its pace can send within `max_wait`), and first attempts not queued
-  behind retries. Such a window is what the engine makes of a provider's block: retries
-  came due as they were deferred (`retry.next_attempt` took a `jitter`, but
-  engine/results.py passed none), so recipients deferred in the same second came back in
-  the same second; now it passes `retry.jitter` (default 0.1: +-10% of the wait, a
-  window spread over 12 min of a 1 h wait; docs/SPOOL.md). The stop after it took
-  {fmt(herd['stop_s'])} s (the drain waited for the jobs held for a turn)."""
+  window's again. The stop after it took {fmt(herd['stop_s'])} s (the drain waited for the
+  jobs held for a turn)."""
         if os.path.exists(WINDOW_FIX):
             text += """ First attempts now go before retries: see "The window ending, before
   and after" above."""
+    elif herd is not None:
+        text += f"""
+- **A window ending no longer starves the fresh mail, and the receiver sees no herd.** The
+  {herd['window']:,} went out at the deferring provider's pace (slow start, 20/s: at most
+  {herd['herd_peak_per_s']} in one second) while all {herd['paced_sent']} fresh jobs were
+  delivered (p99 {fmt(herd['p99_ms'])} ms): retries hold at most `limits.retry_share` of a
+  worker's slots ({herd['in_flight']} jobs in flight at the end), and the jobs accepted and
+  never handed out go before the retries due (see "The window ending, before and after"
+  above). Such a window is what the engine made of a provider's block when retries came
+  due as they were deferred (`retry.next_attempt` took a `jitter`, engine/results.py
+  passed none); now every deferral's next try is spread by `retry.jitter` (default 0.1:
+  +-10% of the wait, a window spread over 12 min of a 1 h wait; docs/SPOOL.md), so the
+  recipients one provider deferred together no longer come back in the same second. The
+  stop after it took {fmt(herd['stop_s'])} s (the drain waited for the jobs held for a
+  turn)."""
     return text
 
 
