@@ -257,10 +257,11 @@ def checkpoint_costs(spool: Spool) -> dict[str, float]:
     checkpoints: list[float] = []
     commits: list[float] = []
     batch = 0
+    tag = time.time_ns()  # ids of their own at each level (the spool dedupes finished ids)
 
     def commit_batch() -> None:
         nonlocal batch
-        jobs = [Job(id=f"ckpt-{batch}-{i}", sender=SENDER, rcpts=(f"c{i}@fresh.test",),
+        jobs = [Job(id=f"ckpt-{tag}-{batch}-{i}", sender=SENDER, rcpts=(f"c{i}@fresh.test",),
                     message=message) for i in range(CHECKPOINT_BATCH)]
         batch += 1
         began = time.perf_counter()
