@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -48,11 +49,13 @@ Publish = Callable[[events.Event], None]
 
 
 def plan(attempt: Attempt, flight: InFlight | None, now: float, schedule: Sequence[float],
-         classifier: Classifier = categories.SHIPPED
+         classifier: Classifier = categories.SHIPPED, jitter: float = 0.0,
+         rand: Callable[[], float] = random.random
          ) -> tuple[RcptUpdate | None, events.Event | None]:
     """The spool update and the event for one result (either may be None), `flight` the
     job's current hand-out when the result answers it (else see `plan_late`). A refusal's
-    event gets its category from `classifier` (engine.categories)."""
+    event gets its category from `classifier` (engine.categories). `jitter` (config
+    `retry.jitter`) spreads a deferred recipient's next attempt, using `rand()` in [0, 1)."""
     if flight is None or attempt.rcpt not in flight.attempts:
         return plan_late(attempt, None, classifier)
     number = flight.attempts[attempt.rcpt] + 1
@@ -61,7 +64,7 @@ def plan(attempt: Attempt, flight: InFlight | None, now: float, schedule: Sequen
     counts = attempt.attempted and not attempt.throttled
     status, next_at = attempt.status, None
     if status is Status.DEFERRED:
-        next_at = _next_attempt(attempt, flight, number, now, schedule)
+        next_at = _next_attempt(attempt, flight, number, now, schedule, jitter, rand)
         if next_at is None:
             status = Status.EXPIRED
     update = RcptUpdate(attempt.job_id, attempt.rcpt, status, next_attempt=next_at,
@@ -91,17 +94,23 @@ def plan_late(attempt: Attempt, earlier: InFlight | None,
 
 
 def _next_attempt(attempt: Attempt, flight: InFlight, number: int, now: float,
-                  schedule: Sequence[float]) -> float | None:
+                  schedule: Sequence[float], jitter: float,
+                  rand: Callable[[], float]) -> float | None:
     """When a deferred recipient is tried again: when shaping said (a throttle, a wait),
     else by the retry schedule; None when that is past the job's expiry.
+
+    Both are spread by `jitter`, so that the recipients deferred together (a provider's
+    window, a suspension: every recipient waiting for it gets the same `retry_at`) do not
+    all come due in the same second: the schedule's wait by up to +-jitter, shaping's only
+    lengthened, by up to jitter (never tried before shaping said).
 
     Shaping's time is the worker's wall clock, the attempt's `ts` too: only the wait
     between them is taken, from `now` (the engine's time), so that a step of the wall
     clock, which the engine's time does not follow (engine.clock), moves no retry."""
     if attempt.retry_at is not None:
-        at = now + max(0.0, attempt.retry_at - attempt.ts)
+        at = now + max(0.0, attempt.retry_at - attempt.ts) * (1.0 + jitter * rand())
         return at if at < flight.expires_ts else None
-    return retry.next_attempt(schedule, number, now, flight.expires_ts)
+    return retry.next_attempt(schedule, number, now, flight.expires_ts, jitter, rand)
 
 
 def _on_engine_time(attempts: list[Attempt], apart: float) -> list[Attempt]:
@@ -123,11 +132,12 @@ class Results:
                  schedule: Sequence[float], metrics: Metrics | None = None,
                  health: SpoolHealth | None = None, window: float = RESULTS_WINDOW,
                  group: int = RESULTS_GROUP, clock: EngineClock | None = None,
-                 classifier: Classifier = categories.SHIPPED) -> None:
+                 classifier: Classifier = categories.SHIPPED, jitter: float = 0.0) -> None:
         self.sock = sock
         self.classifier = classifier  # the config's `categories` (a reload replaces it)
         self._clock = clock or EngineClock()  # the time the spool is written in
         self.schedule = schedule  # the retry schedule (config `retry.schedule`)
+        self.jitter = jitter  # its spread (config `retry.jitter`)
         self.window = window
         self.group = group
         self._spool = spool
@@ -259,7 +269,8 @@ class Results:
             return None, None, "duplicate"  # final already, its event published
         current = self._dispatcher.in_flight.get(attempt.job_id)
         if answered is not None and answered is current:
-            update, event = plan(attempt, answered, now, self.schedule, self.classifier)
+            update, event = plan(attempt, answered, now, self.schedule, self.classifier,
+                                 self.jitter)
             kind = "current"
         else:
             update, event = plan_late(attempt, answered, self.classifier)

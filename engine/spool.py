@@ -127,6 +127,14 @@ class Spool:
         with self._reading():
             (last,) = self._conn.execute("SELECT MAX(seq) FROM outbox").fetchone()
         self.last_event_seq = int(last or 0)  # the newest event stored in the outbox
+        # [jobs, pending recipients, deferred ones]: what `stats` reports, counted here once
+        # and then kept as the spool changes (`_keep_counts`).
+        self._counts = [0, 0, 0]
+        try:
+            self._keep_counts()
+        except BaseException:
+            self.close()
+            raise
         # A move of its times planned at the last stop (`plan_shift`), done now, before the
         # spool is used: (seconds, rows moved), or None.
         try:
@@ -134,6 +142,28 @@ class Spool:
         except BaseException:
             self.close()  # the lock too: the next try may take it
             raise
+
+    def _keep_counts(self) -> None:
+        """Count the spool once; from then on the counts are kept by the methods that change
+        them, in memory: `accept` (what it inserted), `record` (a recipient final, or tried
+        for the first time: `_record_counts`), `_settle` (jobs finished) and `_set_aside`.
+        These are the only writes to `jobs` and `rcpts` (`transaction` is for other
+        modules' tables), and a transaction that fails puts the counts back (`_write`).
+        After a kill -9, a salvage or an operator's edit of the file, the next open counts
+        again: a full read, 0.2 s at a million recipients, once per start."""
+        conn = self._conn
+        with self._reading():
+            (jobs,) = conn.execute("SELECT COUNT(*) FROM jobs").fetchone()
+            (pending, deferred) = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0) FROM rcpts"
+                " WHERE status = 'pending'").fetchone()
+        self._counts = [int(jobs), int(pending), int(deferred)]
+
+    def _counted(self, jobs: int, pending: int, deferred: int) -> None:
+        counts = self._counts
+        counts[0] += jobs
+        counts[1] += pending
+        counts[2] += deferred
 
     def close(self) -> None:
         if self._closed:
@@ -166,6 +196,7 @@ class Spool:
         """One transaction, durable when the block exits; SpoolError if it could not commit."""
         conn = self._conn
         seq = self.last_event_seq
+        counts = list(self._counts)
         try:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
@@ -173,12 +204,14 @@ class Spool:
         except sqlite3.Error as e:
             rollback(conn)
             self.last_event_seq = seq  # the events the block stored are not there
+            self._counts = counts  # nor the changes it counted
             if is_damage(e):
                 raise SpoolDamaged(self.path, str(e)) from e
             raise SpoolError(f"spool write failed: {e}") from e
         except BaseException:
             rollback(conn)
             self.last_event_seq = seq
+            self._counts = counts
             raise
 
     @contextmanager
@@ -234,10 +267,13 @@ class Spool:
                 "INSERT INTO jobs (id, queued_ts, expires_ts, next_attempt, envelope, message)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
                 [_job_row(job, now, max_age) for job in fresh])
-            conn.executemany(
+            added = conn.executemany(
                 "INSERT OR IGNORE INTO rcpts (job_id, rcpt, status, next_attempt)"
                 " VALUES (?, ?, 'pending', ?)",
-                [(job.id, rcpt, now) for job in fresh for rcpt in job.rcpts])
+                [(job.id, rcpt, now) for job in fresh for rcpt in job.rcpts]).rowcount
+            # Never tried: none deferred. (A trigger counting rows cost up to half again
+            # as much CPU as the writes it counted: counted here instead.)
+            self._counted(len(fresh), max(added, 0), 0)
         return fresh
 
     def _new_jobs(self, conn: sqlite3.Connection, jobs: Sequence[Job], now: float) -> list[Job]:
@@ -340,7 +376,15 @@ class Spool:
         if not bad and not stale:
             return
         with self._write() as conn:
-            aside = [_set_aside(conn, job_id, reason, now) for job_id, reason in bad]
+            aside = []
+            for job_id, reason in bad:
+                (pending, deferred) = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0) FROM rcpts"
+                    " WHERE job_id = ? AND status = 'pending'", (job_id,)).fetchone()
+                (held,) = conn.execute("SELECT COUNT(*) FROM jobs WHERE id = ?",
+                                       (job_id,)).fetchone()
+                aside.append(_set_aside(conn, job_id, reason, now))
+                self._counted(-int(held), -int(pending), -int(deferred))
             finals = [events.set_aside(job.job_id, job.pending, job.meta, job.queued_ts,
                                        job.reason, now) for job in aside]
             for stored in finals:
@@ -365,6 +409,7 @@ class Spool:
         now = time.time() if now is None else now
         with self._write() as conn:
             self._store_events(conn, finals)
+            self._record_counts(conn, updates)
             conn.executemany(
                 "UPDATE rcpts SET status = ?, next_attempt = ?, attempts = attempts + ?,"
                 " code = COALESCE(?, code), enhanced = COALESCE(?, enhanced),"
@@ -372,6 +417,36 @@ class Spool:
                 " WHERE job_id = ? AND rcpt = ? AND status = 'pending'",
                 [_update_row(u) for u in updates])
             return self._settle(conn, list({u.job_id: None for u in updates}), now)
+
+    def _record_counts(self, conn: sqlite3.Connection, updates: Sequence[RcptUpdate]) -> None:
+        """Count what `record`'s updates will change, from the recipients' rows as they are
+        before it, in its transaction: the updates applied in order as its UPDATE does (only
+        to a pending recipient; a final one leaves `pending`, an attempt counted makes one
+        never tried `deferred`)."""
+        ids = list({u.job_id: None for u in updates if u.status is not Status.DEFERRED
+                    or u.count_attempt})
+        if not ids:
+            return
+        tried: dict[tuple[str, str], int] = {}
+        for i in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[i:i + _IN_CHUNK]
+            tried.update(((job_id, rcpt), attempts) for job_id, rcpt, attempts in conn.execute(
+                "SELECT job_id, rcpt, attempts FROM rcpts WHERE status = 'pending'"
+                f" AND job_id IN ({','.join('?' * len(chunk))})", chunk))
+        pending = deferred = 0
+        for u in updates:
+            key = (u.job_id, u.rcpt)
+            attempts = tried.get(key)
+            if attempts is None:
+                continue  # unknown or final already: the UPDATE skips it too
+            if u.status is not Status.DEFERRED:
+                del tried[key]
+                pending -= 1
+                deferred -= attempts > 0
+            elif u.count_attempt:
+                tried[key] = attempts + 1
+                deferred += attempts == 0
+        self._counted(0, pending, deferred)
 
     def _settle(self, conn: sqlite3.Connection, job_ids: Iterable[str], now: float) -> list[str]:
         """Refresh each job's next_attempt; delete those with nothing pending. Returns those.
@@ -388,6 +463,7 @@ class Spool:
         rest = [job_id for job_id in ids if job_id not in finished]
         if done:
             _each_chunk(conn, "DELETE FROM jobs WHERE id IN ({})", done)
+            self._counted(-len(done), 0, 0)  # nothing pending: no recipient count changes
             _each_chunk(conn, "DELETE FROM rcpts WHERE job_id IN ({})", done)
             _each_chunk(conn, "DELETE FROM handed_out WHERE job_id IN ({})", done)
             conn.executemany("INSERT OR REPLACE INTO finished (id, ts) VALUES (?, ?)",
@@ -457,12 +533,11 @@ class Spool:
         return None if first is None else float(first)
 
     def stats(self) -> SpoolStats:
+        """The spool's counts, kept as it changes (`_keep_counts`), not counted: the same
+        cost at a million recipients as at none; the oldest job from its index."""
         with self._reading():
-            (jobs, oldest) = self._conn.execute(
-                "SELECT COUNT(*), MIN(queued_ts) FROM jobs").fetchone()
-            (pending, deferred) = self._conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(attempts > 0), 0) FROM rcpts"
-                " WHERE status = 'pending'").fetchone()
+            (oldest,) = self._conn.execute("SELECT MIN(queued_ts) FROM jobs").fetchone()
+        jobs, pending, deferred = self._counts
         return SpoolStats(jobs, pending, deferred, None if oldest is None else float(oldest))
 
     # -- the operator's queue commands (engine.queue_admin): reads only ------------------
@@ -470,34 +545,56 @@ class Spool:
     def by_domain(self, scan_max: int) -> tuple[list[DomainQueue], int]:
         """The recipients not final yet, counted per domain: at most the first `scan_max`
         of them (the oldest rows), so a huge spool costs a bounded read. Returns the
-        domains and how many recipients were read."""
+        domains and how many recipients were read.
+
+        The replies (the longest columns) are read after the scan, only for the recipient
+        tried most of each domain: about a quarter less than reading them with every row
+        (docs/PERFORMANCE.md, "Cost as the queue grows"). The rest is the scan and the
+        join for the jobs' acceptance times."""
         with self._reading():
             rows = self._conn.execute(
-                "SELECT r.rcpt, r.job_id, r.attempts, r.next_attempt, r.code, r.enhanced,"
-                " r.reply, j.queued_ts FROM (SELECT job_id, rcpt, attempts, next_attempt, code,"
-                " enhanced, reply FROM rcpts WHERE status = 'pending' LIMIT ?) AS r"
+                "SELECT r.rcpt, r.job_id, r.attempts, r.next_attempt, r.code IS NOT NULL,"
+                " r.rowid, j.queued_ts FROM (SELECT rowid, job_id, rcpt, attempts,"
+                " next_attempt, code FROM rcpts WHERE status = 'pending' LIMIT ?) AS r"
                 " JOIN jobs AS j ON j.id = r.job_id",
                 (scan_max,)).fetchall()
         found: dict[str, DomainQueue] = {}
         jobs: dict[str, set[str]] = {}
-        most: dict[str, int] = {}
-        for rcpt, job_id, attempts, next_attempt, code, enhanced, text, queued_ts in rows:
+        most: dict[str, tuple[int, int]] = {}  # domain: (attempts, rowid) of its reply
+        for rcpt, job_id, attempts, next_attempt, replied, rowid, queued_ts in rows:
             domain = str(rcpt).rpartition("@")[2].lower()
             queue = found.get(domain)
             if queue is None:
                 queue = found[domain] = DomainQueue(domain, oldest_ts=float(queued_ts),
                                                     next_attempt=float(next_attempt or 0))
-                most[domain] = -1
+                jobs[domain] = set()
             queue.rcpts += 1
-            jobs.setdefault(domain, set()).add(job_id)
-            queue.oldest_ts = min(queue.oldest_ts, float(queued_ts))
-            queue.next_attempt = min(queue.next_attempt, float(next_attempt or 0))
-            if code is not None and int(attempts) > most[domain]:
-                most[domain] = int(attempts)
-                queue.reply = Reply(int(code), enhanced, str(text or ""))
+            jobs[domain].add(job_id)
+            if queued_ts < queue.oldest_ts:
+                queue.oldest_ts = float(queued_ts)
+            if (next_attempt or 0) < queue.next_attempt:
+                queue.next_attempt = float(next_attempt or 0)
+            if replied and int(attempts) > most.get(domain, (-1, 0))[0]:
+                most[domain] = (int(attempts), rowid)
         for domain, queue in found.items():
             queue.jobs = len(jobs[domain])
+        replies = self._replies([rowid for _, rowid in most.values()])
+        for domain, (_, rowid) in most.items():
+            found[domain].reply = replies.get(rowid)
         return list(found.values()), len(rows)
+
+    def _replies(self, rowids: list[int]) -> dict[int, Reply]:
+        """The reply stored for each of these recipients' rows (by rowid)."""
+        out: dict[int, Reply] = {}
+        with self._reading():
+            for i in range(0, len(rowids), _IN_CHUNK):
+                chunk = rowids[i:i + _IN_CHUNK]
+                for rowid, code, enhanced, text in self._conn.execute(
+                        "SELECT rowid, code, enhanced, reply FROM rcpts WHERE rowid IN"
+                        f" ({','.join('?' * len(chunk))})", chunk):
+                    if code is not None:
+                        out[rowid] = Reply(int(code), enhanced, str(text or ""))
+        return out
 
     def waiting(self, job_id: str | None = None, domain: str | None = None,
                 skip: Container[str] = frozenset(), limit: int = 10_000,

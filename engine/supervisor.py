@@ -119,7 +119,8 @@ class Supervisor:
                                     {zmq.RCVHWM: RESULTS_HWM})
         self.results = Results(results_sock, self.spool, self.dispatcher, self._publish,
                                self._on_stats, cfg.retry.schedule, self.metrics, self.health,
-                               clock=self.clock, classifier=self.dispatcher.classifier)
+                               clock=self.clock, classifier=self.dispatcher.classifier,
+                               jitter=cfg.retry.jitter)
         self.queue = QueueAdmin(self.spool, self.dispatcher, self.workers, self._publish,
                                 self.clock, cfg.control,  # the operator's `mailengine queue`
                                 authenticated=self.curve.control is not None)
@@ -392,6 +393,7 @@ class Supervisor:
         self.curve.reload(self.cfg, new)  # the lists of keys; a new key pair warns
         self.cfg = self.intake.cfg = self.dispatcher.cfg = new
         self.results.schedule = new.retry.schedule
+        self.results.jitter = new.retry.jitter
         self.results.classifier = self.dispatcher.classifier = \
             categories.classifier(new.categories)
         added, removed = self.workers.reconfigure(new)

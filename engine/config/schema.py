@@ -205,6 +205,9 @@ class RetryConfig:
 
     schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
     max_age: float = 5 * 86400.0
+    # Each wait moved by up to +-this fraction (engine.retry), so recipients deferred together
+    # do not all come due in the same second; a wait shaping set is only lengthened by it.
+    jitter: float = 0.1
 
 
 @dataclass(frozen=True)

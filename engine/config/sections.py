@@ -279,6 +279,7 @@ _LIMITS = section(LimitsConfig, {
 _RETRY = section(RetryConfig, {
     "schedule": tuple_of(duration(positive=True), nonempty=True),
     "max_age": duration(),
+    "jitter": number(0.0, 0.5),
 })
 
 

@@ -155,6 +155,24 @@ def test_waiting_pages_and_by_domain_reads_a_bounded_number(
     assert all(q.reply == LATER and q.oldest_ts == T0 for q in domains)
 
 
+def test_by_domain_gives_each_domain_the_reply_of_its_recipient_tried_most(
+        parts: tuple[QueueAdmin, Spool, Dispatcher, list[Event]]) -> None:
+    _, spool, _, _ = parts
+    spool.accept([Job(id="a", sender="s@example.com", rcpts=("x@One.test", "y@one.test"),
+                      message=b"x"),
+                  Job(id="b", sender="s@example.com", rcpts=("z@one.test", "n@new.test"),
+                      message=b"x")], T0 + 5, 86400.0)
+    full = Reply(452, "4.2.2", "full again")
+    spool.record([RcptUpdate("a", "x@One.test", Status.DEFERRED, T0 + 60, LATER)], T0)
+    for _ in range(2):
+        spool.record([RcptUpdate("b", "z@one.test", Status.DEFERRED, T0 + 90, full)], T0)
+    domains, scanned = spool.by_domain(100)
+    assert scanned == 4
+    assert {(q.domain, q.rcpts, q.jobs, q.oldest_ts, q.next_attempt, q.reply)
+            for q in domains} == {("one.test", 3, 2, T0 + 5, T0 + 5, full),
+                                  ("new.test", 1, 1, T0 + 5, T0 + 5, None)}
+
+
 def test_routes_remember_the_latest_deferral_per_domain_within_a_limit() -> None:
     routes = Routes(limit=2)
 

@@ -60,3 +60,22 @@ def test_a_late_result_keeps_a_final_outcome_and_forgets_a_deferral() -> None:
     update, event = results.plan(attempt(Status.DELIVERED), None, NOW, SCHEDULE)
     assert update is not None and update.status is Status.DELIVERED and event is None
     assert results.plan(attempt(Status.DEFERRED), None, NOW, SCHEDULE) == (None, None)
+
+
+def test_jitter_moves_a_scheduled_wait_either_way_by_at_most_its_fraction() -> None:
+    low, _ = results.plan(attempt(Status.DEFERRED), flight(attempts=1), NOW, SCHEDULE,
+                          jitter=0.1, rand=lambda: 0.0)
+    high, _ = results.plan(attempt(Status.DEFERRED), flight(attempts=1), NOW, SCHEDULE,
+                           jitter=0.1, rand=lambda: 0.999999)
+    assert low is not None and low.next_attempt == pytest.approx(NOW + 270.0)
+    assert high is not None and high.next_attempt == pytest.approx(NOW + 330.0, abs=0.01)
+
+
+def test_jitter_only_lengthens_a_wait_shaping_set() -> None:
+    """A suspension gives every recipient waiting for the provider the same `retry_at`: it is
+    spread after it, never before (shaping said not before)."""
+    spread = [results.plan(attempt(Status.DEFERRED, attempted=False, retry_at=NOW + 100),
+                           flight(), NOW, SCHEDULE, jitter=0.1, rand=lambda r=r: r)[0]
+              for r in (0.0, 0.5, 0.999999)]
+    assert [u.next_attempt for u in spread if u is not None] == pytest.approx(
+        [NOW + 100, NOW + 105, NOW + 110], abs=0.01)
