@@ -158,6 +158,8 @@ class DnsConfig:
     port: int = 53
     timeout: float = 5.0
     cache_size: int = 10000
+    # Queries out at once per worker (engine.mx): a burst to many new domains waits its turn.
+    max_in_flight: int = 32
     # The nameservers validate DNSSEC and their AD bit is believed (Postfix's
     # smtp_dns_support_level = dnssec): only a validating resolver on this host or reached
     # over a path the operator trusts. DANE needs it.

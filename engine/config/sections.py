@@ -257,6 +257,7 @@ _DNS = section(DnsConfig, {
     "port": PORT,
     "timeout": duration(positive=True),
     "cache_size": integer(0),
+    "max_in_flight": integer(1),
     "trusted_ad": boolean,
 })
 
