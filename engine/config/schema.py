@@ -148,6 +148,9 @@ class PoolConfig:
     # before it is reused (a half-open one would hold the next MAIL for timeouts.mail).
     reuse_check_after: float = 2.0
     reuse_check_timeout: float = 10.0
+    # Idle connections one worker keeps across all its destinations (engine.pools): past
+    # it, the one idle longest is closed.
+    max_idle: int = 1000
 
 
 @dataclass(frozen=True)

@@ -243,6 +243,7 @@ _POOL = section(PoolConfig, {
     "keepalive_count": integer(1),
     "reuse_check_after": duration(),
     "reuse_check_timeout": duration(positive=True),
+    "max_idle": integer(0),
 })
 
 

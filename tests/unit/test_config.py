@@ -61,7 +61,8 @@ def test_minimal_config_takes_documented_defaults() -> None:
     assert cfg.smtp.discard_ehlo_keywords == ()
     assert dataclasses.astuple(cfg.smtp.timeouts) == (
         30, 300, 300, 120, 60, 300, 300, 120, 180, 600, 60, 10, 600, 1800)
-    assert dataclasses.astuple(cfg.pool) == (10, 1000, 300.0, 60.0, 30.0, 15.0, 5.0, 3, 2.0, 10.0)
+    assert dataclasses.astuple(cfg.pool) == (10, 1000, 300.0, 60.0, 30.0, 15.0, 5.0, 3, 2.0, 10.0,
+                                              1000)
     assert dataclasses.astuple(cfg.dns) == ((), 53, 5.0, 10000, 32, False)
     assert dict(cfg.routes) == {}
     assert dataclasses.astuple(cfg.statsd) == (True, "127.0.0.1", 8125, "mailengine")
@@ -358,6 +359,7 @@ REFUSALS = [
     (minimal(limits={"long_lines": "wrap"}), "limits.long_lines", "must be one of reject, encode"),
     (minimal(pool={"keepalive_interval": 0}), "pool.keepalive_interval", "more than 0"),
     (minimal(pool={"keepalive_count": 0}), "pool.keepalive_count", ">= 1"),
+    (minimal(pool={"max_idle": -1}), "pool.max_idle", ">= 0"),
     (minimal(pool={"reuse_check_timeout": "0s"}), "pool.reuse_check_timeout", "more than 0"),
     (minimal(retry={"schedule": []}), "retry.schedule", "at least one"),
     (minimal(retry={"schedule": "1m"}), "retry.schedule", "must be a list"),
