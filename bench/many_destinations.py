@@ -141,12 +141,17 @@ class Sampler:
         self.engine, self.port, self.period = engine, port, period
         self.peak = {"connections": 0, "destinations": 0, "rss_mb": 0.0}
         self.last: dict[str, Any] = {}
+        self._worker: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def sample(self) -> dict[str, Any]:
-        worker = next(iter(self.engine.status()["workers"].values()))
+    def sample(self, ask: bool = True) -> dict[str, Any]:
+        """`ask`: the engine's status too (the worker reports once a second, and the
+        status carries every provider's shaping state: asked once a second at most)."""
+        if ask or not self._worker:
+            self._worker = next(iter(self.engine.status()["workers"].values()))
+        worker = self._worker
         now = {"connections": open_connections(self.port),
                "destinations": worker.get("destinations", 0), "rss_mb": rss_mb(worker["pid"]),
                "dns": worker.get("dns", {}), "connections_reported": worker["connections_open"]}
@@ -156,9 +161,11 @@ class Sampler:
         return now
 
     def _run(self) -> None:
+        turn = 0
         while not self._stop.wait(self.period):
+            turn += 1
             try:
-                self.sample()
+                self.sample(ask=turn % round(1 / self.period) == 0)
             except (OSError, TimeoutError, StopIteration):
                 pass
 

@@ -147,7 +147,7 @@ class Resolver:
 
     def __init__(self, nameservers: Sequence[str] = (), port: int = 53, timeout: float = 5.0,
                  routes: Mapping[str, Route] | None = None, smtp_port: int = 25,
-                 cache_size: int = 10000, clock: Callable[[], float] = time.monotonic,
+                 cache_size: int = 50000, clock: Callable[[], float] = time.monotonic,
                  trusted_ad: bool = False, max_in_flight: int = 32) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")

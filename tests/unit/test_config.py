@@ -63,7 +63,7 @@ def test_minimal_config_takes_documented_defaults() -> None:
         30, 300, 300, 120, 60, 300, 300, 120, 180, 600, 60, 10, 600, 1800)
     assert dataclasses.astuple(cfg.pool) == (10, 1000, 300.0, 60.0, 30.0, 15.0, 5.0, 3, 2.0, 10.0,
                                               1000)
-    assert dataclasses.astuple(cfg.dns) == ((), 53, 5.0, 10000, 32, False)
+    assert dataclasses.astuple(cfg.dns) == ((), 53, 5.0, 50000, 32, False)
     assert dict(cfg.routes) == {}
     assert dataclasses.astuple(cfg.statsd) == (True, "127.0.0.1", 8125, "mailengine")
     assert dataclasses.astuple(cfg.limits) == (50 * 2**20, 1000, 1000, 0.5, "reject")
