@@ -44,6 +44,8 @@ from bench.common import (
     log,
     write_section,
 )
+from bench.run import _cpu_now as run_cpu_now
+from bench.run import other_load
 from engine.testing.harness import LocalEngine, make_message
 from tests.support.dnsserver import DnsServer
 
@@ -323,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         write_section(DOC, HEADING, render(load_results(RESULTS)))
         return 0
     workdir = tempfile.mkdtemp(prefix="mailengine-many-")
+    before = run_cpu_now()
     result = run(workdir, args.domains, args.dns_delay, args.idle_timeout, args.max_in_flight)
+    result["other_load"] = round(other_load(before), 3)
     command = "python -m bench.many_destinations " + shlex.join(
         argv if argv is not None else sys.argv[1:])
     result.update(command=command.strip(), engine=engine_rev(),

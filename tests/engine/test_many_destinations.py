@@ -17,9 +17,9 @@ from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
 from tests.support.dnsserver import DnsServer
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)
 
-DOMAINS = 200
+DOMAINS = 150
 BOUND = 4
 
 
@@ -52,7 +52,7 @@ def test_dns_bounded_and_asked_once_pools_reclaimed(
             jobs = [({"id": f"j{n}-{i}", "from": "s@example.test", "to": [f"r{n}@d{i}.test"]},
                      make_message(i, 300)) for n in range(2) for i in range(DOMAINS)]
             assert engine.push(jobs)
-            finals = final_outcomes(engine.wait_final(2 * DOMAINS, timeout=90))
+            finals = final_outcomes(engine.wait_final(2 * DOMAINS, timeout=150))
             assert {e["event"] for e in finals.values()} == {"delivered"}
             asked = Counter(dns.queries)
             in_flight_peak = dns.peak_in_flight
