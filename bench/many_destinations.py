@@ -276,14 +276,17 @@ def render(results: dict[str, Any]) -> str:
              "| run | command | engine | date | domains | burst 1: time, rate | burst 2: time,"
              " rate | DNS queries burst 1 / 2 | DNS in flight peak (bound) | cache hits, joined"
              " | pools peak / after idle | connections peak / after idle (s) | worker RSS"
-             " before / peak, per 1,000 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " before / peak, per 1,000 | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         command = r["command"].replace(" --docs", "")
         command = command.replace(f" --label {shlex.quote(label)}", "")
         d = r["dns"]
         w = d["worker_after_second"]
-        bound = r.get("max_in_flight") or "default"
+        bound = r.get("max_in_flight") or ("32" if w else "none")
+        # main before this work: its status said nothing of pools nor of the resolver
+        pools = (f"{r['peak']['destinations']:,} / {r['reclaimed']['destinations']}" if w
+                 else "n/a")
         lines.append(
             f"| {label} | `{command}` | `{r['engine']}` | {r['date']} | {r['domains']:,} |"
             f" {r['first']['seconds']} s, {r['first']['rate']:.0f}/s |"
@@ -291,11 +294,12 @@ def render(results: dict[str, Any]) -> str:
             f" {d['queries_first']:,} / {d['queries_second']:,} |"
             f" {d['peak_in_flight_server']} ({bound}) |"
             f" {w.get('cache_hits', 'n/a')}, {w.get('joined', 'n/a')} |"
-            f" {r['peak']['destinations']:,} / {r['reclaimed']['destinations']} |"
+            f" {pools} |"
             f" {r['peak']['connections']:,} / {r['reclaimed']['connections']}"
             f" ({r['reclaimed']['seconds']}) |"
             f" {r['rss_mb']['baseline']:.0f} / {r['rss_mb']['peak']:.0f} MB,"
-            f" {r['rss_mb']['per_1000']:.1f} MB |")
+            f" {r['rss_mb']['per_1000']:.1f} MB |"
+            f" {100 * r.get('other_load', float('nan')):.0f}% |")
     lines += ["", PROSE]
     return "\n".join(lines) + "\n"
 
