@@ -25,6 +25,12 @@ Both share one LRU cache keyed (name, rdtype). It keeps an answer for its TTL
 and a "no such name" or "no such record" for the SOA's negative TTL (RFC 2308),
 but never a failure: the next message asks again. The lookups are plain,
 blocking dnspython; in a worker, gevent's monkey patching makes them yield.
+
+Bounded (issue #19, "many destinations"): at most `max_in_flight` queries are out at once
+(`dns.max_in_flight`; the rest wait their turn, within their own lookup's `timeout`), and a
+name already being asked is not asked again: callers wanting the same (name, type) meanwhile
+wait for that one answer (or its failure). A burst to 10,000 new domains is then 10,000 MX
+queries at the bound's pace, not a thousand at once, nor one per message to a domain.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import functools
 import ipaddress
 import random
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -51,7 +58,7 @@ from engine import classify
 from engine.config import Route, names
 from engine.destinations import DestinationPolicy, IPAddress
 from engine.memo import Memo
-from engine.reply import Blame, PermanentError
+from engine.reply import Blame, PermanentError, TransientError
 
 __all__ = ["Destination", "DestinationPolicy", "MxHost", "Resolver", "ResolverStats", "Route"]
 
@@ -94,6 +101,23 @@ class ResolverStats:
     queries: int = 0  # lookups sent to DNS
     cache_hits: int = 0
     failures: int = 0  # SERVFAIL, timeouts, network errors
+    joined: int = 0  # lookups that waited for the same question already asked
+    in_flight: int = 0  # queries out now
+    peak_in_flight: int = 0  # the most out at once
+
+    def figures(self) -> dict[str, int]:
+        return {"queries": self.queries, "cache_hits": self.cache_hits,
+                "failures": self.failures, "joined": self.joined,
+                "in_flight": self.in_flight, "peak_in_flight": self.peak_in_flight}
+
+
+class _Flight:
+    """One question being asked: the callers asking it meanwhile wait for its outcome."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.answer: _Answer | None = None
+        self.error: BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -117,13 +141,16 @@ class Resolver:
 
     `nameservers` empty means the system resolver (/etc/resolv.conf); `timeout`
     is the lifetime of one lookup; `routes` maps a domain (or "*", every
-    domain) to a fixed next hop; `clock` lets tests move time without sleeping.
+    domain) to a fixed next hop; `clock` lets tests move time without sleeping;
+    `max_in_flight` bounds the queries out at once.
     """
 
     def __init__(self, nameservers: Sequence[str] = (), port: int = 53, timeout: float = 5.0,
                  routes: Mapping[str, Route] | None = None, smtp_port: int = 25,
-                 cache_size: int = 10000, clock: Callable[[], float] = time.monotonic,
-                 trusted_ad: bool = False) -> None:
+                 cache_size: int = 50000, clock: Callable[[], float] = time.monotonic,
+                 trusted_ad: bool = False, max_in_flight: int = 32) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self._dns = _stub_resolver(nameservers, port, timeout, trusted_ad)
         self.trusted_ad = trusted_ad
         self._timeout = timeout
@@ -133,6 +160,9 @@ class Resolver:
         self._cache_size = cache_size
         self._clock = clock
         self.stats = ResolverStats()
+        # threading's, which a worker's monkey patching makes gevent's: a greenlet waits.
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._flights: dict[tuple[str, int], _Flight] = {}
         # A routed domain's Destination, by the domain as asked: routes are fixed config, so
         # the answer never changes; built once rather than normalising the domain and
         # parsing the route's host at every message. Emptied when full.
@@ -243,9 +273,43 @@ class Resolver:
         if answer is not None:
             self.stats.cache_hits += 1
             return answer
-        answer = self._query(name, rdtype, blame)
-        self._remember(key, answer)
-        return answer
+        flight = self._flights.get(key)
+        if flight is not None:  # asked already: wait for that answer
+            self.stats.joined += 1
+            if not flight.done.wait(self._timeout + 1.0):
+                raise classify.dns_failed(name, "timed out", blame)
+            if flight.answer is None:
+                raise _as_own(flight.error, blame)
+            return flight.answer
+        flight = self._flights[key] = _Flight()
+        try:
+            answer = self._bounded_query(name, rdtype, blame)
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        else:
+            flight.answer = answer
+            self._remember(key, answer)
+            return answer
+        finally:
+            del self._flights[key]
+            flight.done.set()
+
+    def _bounded_query(self, name: str, rdtype: dns.rdatatype.RdataType,
+                       blame: Blame) -> _Answer:
+        """`_query` within the bound: waits for a slot first. The wait is not timed: it is
+        local congestion, no fault of the nameservers nor reason to defer the message, and
+        it ends (each query out ends within `timeout`, the waiters are at most the worker's
+        tasks in flight)."""
+        self._slots.acquire()
+        stats = self.stats
+        stats.in_flight += 1
+        stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+        try:
+            return self._query(name, rdtype, blame)
+        finally:
+            stats.in_flight -= 1
+            self._slots.release()
 
     def _query(self, name: str, rdtype: dns.rdatatype.RdataType, blame: Blame) -> _Answer:
         """Ask DNS; TransientError (not cached) when no nameserver gives an answer."""
@@ -292,6 +356,15 @@ class Resolver:
         self._cache.move_to_end(key)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+
+
+def _as_own(error: BaseException | None, blame: Blame) -> BaseException:
+    """The failure of a lookup another caller made, for this one: a DNS failure blames as
+    this caller's lookup would (a domain's A lookup blames the message, an MX host's the
+    connection); the worker's own trouble (WorkerFault) stays as it is."""
+    if type(error) is TransientError:
+        return TransientError(error.reply, blame=blame)
+    return error if error is not None else RuntimeError("lookup ended without an outcome")
 
 
 def _ad(response: dns.message.Message | None) -> bool:

@@ -102,7 +102,8 @@ class DestinationPool:
                  open_connection: Callable[[], Connection],
                  clock: Callable[[], float] = time.monotonic,
                  gate: ConnectionGate | None = None,
-                 on_check_failed: Callable[[Connection], None] | None = None) -> None:
+                 on_check_failed: Callable[[Connection], None] | None = None,
+                 on_idle: Callable[[DestinationPool, Connection], None] | None = None) -> None:
         self.key = key
         self.settings = settings
         self.gate = gate
@@ -117,6 +118,7 @@ class DestinationPool:
         self.health = Health(settings, clock)  # back-off and capacity (engine.pool_health)
         self.stale_dropped = 0
         self._on_check_failed = on_check_failed or (lambda conn: None)  # metric and log
+        self._on_idle = on_idle  # told of each connection put on the idle stack (engine.pools)
         self.draining = False
         self.ahead = Ahead()  # replacements opened ahead (engine.pool_ahead)
         self._terms: dict[int, Term] = {}  # id() of each open connection -> its term
@@ -198,6 +200,8 @@ class DestinationPool:
             return
         if usable and not self._slot_wanted_elsewhere():
             self._idle.append(conn)
+            if self._on_idle is not None:
+                self._on_idle(self, conn)
         else:
             # Retired without a replacement opened ahead (no room then, or no sign of a
             # busy pool), in a busy pool: its replacement is opened in the background as
@@ -276,6 +280,19 @@ class DestinationPool:
             return False
         self._discard(self._idle.pop(0))
         return True
+
+    def holds_idle(self, conn: Connection) -> bool:
+        """Whether `conn` is on this pool's idle stack now."""
+        return any(idle is conn for idle in self._idle)
+
+    def close_idle_connection(self, conn: Connection) -> bool:
+        """Close `conn` if it is idle here (the worker holds too many idle: engine.pools)."""
+        for i, idle in enumerate(self._idle):
+            if idle is conn:
+                del self._idle[i]
+                self._discard(conn)
+                return True
+        return False
 
     @property
     def idle(self) -> int:

@@ -4,10 +4,18 @@ A pool is made on first use (`get`), with the settings of its provider (connecti
 limits from shaping) and the provider's connection gate; `reap` closes idle connections
 past their time and forgets pools that are empty and healthy (a failing pool is kept, so
 its back-off is remembered); `drain` stops handing out connections at a graceful stop.
+
+Idle connections are bounded across the worker's pools (`pool.max_idle`): a burst to ten
+thousand domains would otherwise leave one idle connection (a socket, a descriptor and its
+buffers, and the receiver's slot) per domain until `idle_timeout`. Past the bound, the
+connection idle longest, whichever its pool, is closed (QUIT) at once. Each connection put
+on an idle stack is noted in order (`_idled`); notes of connections taken again since are
+dropped when the notes outnumber the bound, so closing the oldest is amortised O(1).
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -28,6 +36,10 @@ class Pools:
         self._clock = clock
         self._pools: dict[PoolKey, DestinationPool] = {}
         self.draining = False
+        # (pool, connection) as each was put on an idle stack, oldest first; some may have
+        # been taken again or closed since (stale until `_trim_idle` drops them).
+        self._idled: deque[tuple[DestinationPool, Connection]] = deque()
+        self.idle_closed = 0  # closed for the bound (`max_idle`), for tests and figures
 
     def find(self, key: PoolKey) -> DestinationPool | None:
         """The pool for `key` if it exists (no factory, no settings to build first)."""
@@ -43,9 +55,29 @@ class Pools:
         if pool is None:
             pool = self._pools[key] = DestinationPool(key, settings or self.settings,
                                                       open_connection, self._clock, gate,
-                                                      on_check_failed)
+                                                      on_check_failed, self._trim_idle)
             pool.draining = self.draining
         return pool
+
+    def _trim_idle(self, pool: DestinationPool, conn: Connection) -> None:
+        """`conn` was just put on `pool`'s idle stack: past `max_idle` idle connections in
+        the worker, close the one idle longest. The notes are compacted to the connections
+        still idle (each once, at its latest note) only when they outnumber the bound."""
+        self._idled.append((pool, conn))
+        limit = self.settings.max_idle
+        if len(self._idled) <= limit:
+            return
+        seen: set[int] = set()
+        kept: deque[tuple[DestinationPool, Connection]] = deque()
+        for noted, idle in reversed(self._idled):
+            if id(idle) not in seen and noted.holds_idle(idle):
+                seen.add(id(idle))
+                kept.appendleft((noted, idle))
+        self._idled = kept
+        while len(self._idled) > limit:
+            oldest_pool, oldest = self._idled.popleft()
+            if oldest_pool.close_idle_connection(oldest):
+                self.idle_closed += 1
 
     def drain(self) -> None:
         """Hand out no more connections (graceful stop). Transactions already holding

@@ -102,7 +102,9 @@ class Worker:
     def _deliverer(self) -> Deliverer:
         cfg = self.cfg
         resolver = Resolver(cfg.dns.nameservers, cfg.dns.port, cfg.dns.timeout, cfg.routes,
-                            cfg.smtp.port, cfg.dns.cache_size, trusted_ad=cfg.dns.trusted_ad)
+                            cfg.smtp.port, cfg.dns.cache_size, trusted_ad=cfg.dns.trusted_ad,
+                            max_in_flight=cfg.dns.max_in_flight)
+        self.dns_stats = resolver.stats
         tls = TlsPolicy(cfg.smtp.tls, cfg.smtp.ca_file, cfg.smtp.tls_broken_ttl,
                         unverified_ttl=cfg.smtp.tls_unverified_ttl)
         limits = ReplyLimits(cfg.smtp.max_line_length, cfg.smtp.max_reply_lines,
@@ -309,6 +311,7 @@ class Worker:
         return {"in_flight": len(self.in_flight),
                 "connections_open": self.pools.open_connections,
                 "destinations": len(self.pools), "pid": os.getpid(),
+                "dns": self.dns_stats.figures(),
                 "shaping": self.shaping.state(), **self.sending_ip.figures()}
 
     def _sending_ip_changed(self, sending_ip: SendingIp) -> None:

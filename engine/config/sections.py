@@ -243,6 +243,7 @@ _POOL = section(PoolConfig, {
     "keepalive_count": integer(1),
     "reuse_check_after": duration(),
     "reuse_check_timeout": duration(positive=True),
+    "max_idle": integer(0),
 })
 
 
@@ -257,6 +258,7 @@ _DNS = section(DnsConfig, {
     "port": PORT,
     "timeout": duration(positive=True),
     "cache_size": integer(0),
+    "max_in_flight": integer(1),
     "trusted_ad": boolean,
 })
 

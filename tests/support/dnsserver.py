@@ -24,6 +24,10 @@ retry over TCP.
 (qname, rdtype) as received, e.g. ("example.test", "MX"), so tests can tell a
 cached answer from a fresh one.
 
+`delay` (seconds) holds every answer that long, as a resolver's recursion would; each
+UDP query is then answered from a thread of its own, and `server.peak_in_flight` is the
+most queries received and not yet answered at once (how many a client had out together).
+
 As a process: `python -m tests.support.dnsserver ZONE.json` takes the same dict as JSON
 (MX as [preference, host]), prints the port as stdout's first line and serves
 until killed.
@@ -61,10 +65,14 @@ class DnsServer:
     """Serves `zone` on `host`, UDP and TCP, from background threads."""
 
     def __init__(self, zone: Mapping[str, Any], ttl: int = 300, negative_ttl: int | None = 300,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, delay: float = 0.0) -> None:
         self.host = host
         self.port = port  # 0: an ephemeral port, known once started
+        self.delay = delay
         self.queries: list[tuple[str, str]] = []
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._count_lock = threading.Lock()
         self._rcodes: dict[str, str] = {}
         self._rrsets: dict[str, dict[int, dns.rrset.RRset]] = {}
         self._soa = None if negative_ttl is None else _soa(negative_ttl)
@@ -112,6 +120,20 @@ class DnsServer:
         question = query.question[0]
         name = _key(question.name.to_text())
         self.queries.append((name, dns.rdatatype.to_text(question.rdtype)))
+        if self.delay > 0:
+            with self._count_lock:
+                self.in_flight += 1
+                self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                self._stopped.wait(self.delay)
+                return self._respond(query, name, question.rdtype, tcp)
+            finally:
+                with self._count_lock:
+                    self.in_flight -= 1
+        return self._respond(query, name, question.rdtype, tcp)
+
+    def _respond(self, query: dns.message.Message, name: str, rdtype: int,
+                 tcp: bool) -> bytes | None:
         rcode = self._rcodes.get(name)
         if rcode == SILENT:
             return None
@@ -119,7 +141,7 @@ class DnsServer:
             return _rcode_only(query, dns.rcode.from_text(rcode))
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
-        self._answer(response, name, question.rdtype)
+        self._answer(response, name, rdtype)
         return _to_wire(response, query, tcp)
 
     def set(self, name: str, entry: Any, ttl: int = 300) -> None:
@@ -202,11 +224,20 @@ class _TcpHandler(socketserver.StreamRequestHandler):
             self.wfile.write(struct.pack("!H", len(reply)) + reply)
 
 
-class _UdpServer(socketserver.UDPServer):
+class _UdpServer(socketserver.ThreadingMixIn, socketserver.UDPServer):
+    daemon_threads = True
+
     def __init__(self, address: tuple[str, int], owner: DnsServer) -> None:
         self.owner = owner
         self.address_family = _family(address[0])
         super().__init__(address, _UdpHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # A thread per query only when answers are held (`delay`); else answered in turn.
+        if self.owner.delay > 0:
+            super().process_request(request, client_address)
+        else:
+            socketserver.UDPServer.process_request(self, request, client_address)
 
 
 class _TcpServer(socketserver.ThreadingTCPServer):

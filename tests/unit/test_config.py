@@ -61,8 +61,9 @@ def test_minimal_config_takes_documented_defaults() -> None:
     assert cfg.smtp.discard_ehlo_keywords == ()
     assert dataclasses.astuple(cfg.smtp.timeouts) == (
         30, 300, 300, 120, 60, 300, 300, 120, 180, 600, 60, 10, 600, 1800)
-    assert dataclasses.astuple(cfg.pool) == (10, 1000, 300.0, 60.0, 30.0, 15.0, 5.0, 3, 2.0, 10.0)
-    assert dataclasses.astuple(cfg.dns) == ((), 53, 5.0, 10000, False)
+    assert dataclasses.astuple(cfg.pool) == (10, 1000, 300.0, 60.0, 30.0, 15.0, 5.0, 3, 2.0, 10.0,
+                                              1000)
+    assert dataclasses.astuple(cfg.dns) == ((), 53, 5.0, 50000, 32, False)
     assert dict(cfg.routes) == {}
     assert dataclasses.astuple(cfg.statsd) == (True, "127.0.0.1", 8125, "mailengine")
     assert dataclasses.astuple(cfg.limits) == (50 * 2**20, 1000, 1000, 0.5, "reject")
@@ -328,6 +329,7 @@ REFUSALS = [
     (minimal(dns={"port": 70000}), "dns.port", "from 1 to 65535"),
     (minimal(dns={"timeout": 0}), "dns.timeout", "more than 0"),
     (minimal(dns={"cache_size": -1}), "dns.cache_size", ">= 0"),
+    (minimal(dns={"max_in_flight": 0}), "dns.max_in_flight", ">= 1"),
     (minimal(routes={"example.com": "2001:db8::25"}), "routes.example.com", "brackets"),
     (minimal(routes={"example.com": "mx.example.net:smtp"}), "routes.example.com",
      "port must be a number"),
@@ -357,6 +359,7 @@ REFUSALS = [
     (minimal(limits={"long_lines": "wrap"}), "limits.long_lines", "must be one of reject, encode"),
     (minimal(pool={"keepalive_interval": 0}), "pool.keepalive_interval", "more than 0"),
     (minimal(pool={"keepalive_count": 0}), "pool.keepalive_count", ">= 1"),
+    (minimal(pool={"max_idle": -1}), "pool.max_idle", ">= 0"),
     (minimal(pool={"reuse_check_timeout": "0s"}), "pool.reuse_check_timeout", "more than 0"),
     (minimal(retry={"schedule": []}), "retry.schedule", "at least one"),
     (minimal(retry={"schedule": "1m"}), "retry.schedule", "must be a list"),

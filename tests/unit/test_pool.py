@@ -433,6 +433,40 @@ def test_pools_keep_one_pool_per_full_key_and_reap_empty_ones() -> None:
     assert gevent.wait(timeout=5)  # the QUIT of the reaped connection ended
 
 
+def test_idle_connections_bounded_across_pools_the_one_idle_longest_closed() -> None:
+    """Issue #19, many destinations: a burst to many domains leaves one idle connection
+    each; past `max_idle` in the worker, the oldest idle (whichever pool) is closed at once,
+    and reap then forgets the pools left empty. A connection reused meanwhile is not taken
+    for an old one (its first note is stale)."""
+    clock = FakeClock()
+    pools = Pools(PoolConfig(idle_timeout=60.0, max_idle=3), clock)
+    factory = Factory(clock, delay=0)
+    keys = [PoolKey(KEY.source_ip, f"mx{i}.example.test", 25, KEY.tls) for i in range(6)]
+    conns = []
+    for key in keys[:3]:
+        pool = pools.get(key, factory)
+        conn, _ = pool.acquire()
+        pool.release(conn)
+        conns.append(conn)
+    assert sum(p.idle for p in pools) == 3 and pools.idle_closed == 0
+    first = pools.get(keys[0], factory)  # the oldest idle is used again: now the newest
+    again, _ = first.acquire()
+    assert again is conns[0]
+    first.release(again)
+    for key in keys[3:5]:
+        pool = pools.get(key, factory)
+        conn, _ = pool.acquire()
+        pool.release(conn)
+        conns.append(conn)
+    assert sum(p.idle for p in pools) == 3 and pools.idle_closed == 2
+    assert gevent.wait(timeout=5)  # the QUITs ended
+    assert [c.quit for c in conns] == [False, True, True, False, False]
+    assert [c.sock is None for c in conns] == [False, True, True, False, False]
+    assert pools.reap() == 0 and len(pools) == 3  # the pools of mx1 and mx2 are gone
+    assert {p.key.host for p in pools} == {"mx0.example.test", "mx3.example.test",
+                                           "mx4.example.test"}
+
+
 def test_drain_ends_every_waiter_at_once_and_lets_the_holder_finish() -> None:
     """Graceful stop: tasks waiting for a connection end with Drained (their recipients stay
     spooled), the transaction holding the connection finishes, nothing new is handed out."""
