@@ -46,6 +46,7 @@ RESULTS_HWM = 10000  # worker frames waiting in the socket
 UNRECORDED_MAX = 50_000
 
 Publish = Callable[[events.Event], None]
+SHAPING_SPREAD = 60.0  # s, the most a wait shaping set is lengthened by the jitter
 
 
 def plan(attempt: Attempt, flight: InFlight | None, now: float, schedule: Sequence[float],
@@ -102,13 +103,16 @@ def _next_attempt(attempt: Attempt, flight: InFlight, number: int, now: float,
     Both are spread by `jitter`, so that the recipients deferred together (a provider's
     window, a suspension: every recipient waiting for it gets the same `retry_at`) do not
     all come due in the same second: the schedule's wait by up to +-jitter, shaping's only
-    lengthened, by up to jitter (never tried before shaping said).
+    lengthened (never tried before shaping said), by up to jitter and at most
+    SHAPING_SPREAD: shaping paces what comes back (slow start), and a daily cap's wait of
+    hours must not end an hour late.
 
     Shaping's time is the worker's wall clock, the attempt's `ts` too: only the wait
     between them is taken, from `now` (the engine's time), so that a step of the wall
     clock, which the engine's time does not follow (engine.clock), moves no retry."""
     if attempt.retry_at is not None:
-        at = now + max(0.0, attempt.retry_at - attempt.ts) * (1.0 + jitter * rand())
+        wait = max(0.0, attempt.retry_at - attempt.ts)
+        at = now + wait + min(wait * jitter * rand(), SHAPING_SPREAD)
         return at if at < flight.expires_ts else None
     return retry.next_attempt(schedule, number, now, flight.expires_ts, jitter, rand)
 

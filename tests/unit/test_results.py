@@ -79,3 +79,12 @@ def test_jitter_only_lengthens_a_wait_shaping_set() -> None:
               for r in (0.0, 0.5, 0.999999)]
     assert [u.next_attempt for u in spread if u is not None] == pytest.approx(
         [NOW + 100, NOW + 105, NOW + 110], abs=0.01)
+
+
+def test_a_long_wait_shaping_set_is_lengthened_by_a_minute_at_most() -> None:
+    """A daily cap waits for midnight (hours): 10% of it would be an hour late."""
+    update, _ = results.plan(attempt(Status.DEFERRED, attempted=False, retry_at=NOW + 36000),
+                             flight(expires_in=86400.0), NOW, SCHEDULE, jitter=0.1,
+                             rand=lambda: 0.999999)
+    assert update is not None
+    assert update.next_attempt == pytest.approx(NOW + 36000 + results.SHAPING_SPREAD, abs=0.01)
