@@ -84,7 +84,7 @@ def test_intake_hands_out_what_the_room_allows_and_keeps_the_rest_in_memory(
     handle.jobs.update(f"busy-{i}" for i in range(parts.cfg.limits.max_in_flight - 2))
     parts.push([job_envelope(f"j{i}") for i in range(5)])
 
-    parts.dispatcher.offer(parts.intake.take())
+    parts.dispatcher.offer(parts.take(5))
 
     assert tasks(pull) == ["j0", "j1"]
     assert parts.dispatcher.unsent == 3 and parts.dispatcher.unsent_bytes > 0
@@ -110,7 +110,7 @@ def test_a_job_for_an_ip_or_pool_the_engine_lacks_is_rejected_and_not_spooled(
     parts.push([job_envelope("a", ip="127.0.0.9"), job_envelope("b", pool="nope"),
                 job_envelope("c")])
 
-    accepted = parts.intake.take()
+    accepted = parts.take(3)
 
     assert [p.job.id for p in accepted] == ["c"]
     errors = [json.loads(line)["error"] for name, line in parts.published if name == "rejected"]
@@ -133,7 +133,7 @@ def test_collected_results_are_recorded_together_by_one_commit(
         parts: Parts, monkeypatch: pytest.MonkeyPatch) -> None:
     handle, pull = parts.worker(IP2, alive=True)
     parts.push([job_envelope(f"j{i}") for i in range(3)])
-    parts.dispatcher.offer(parts.intake.take())
+    parts.dispatcher.offer(parts.take(3))
     assert tasks(pull) == ["j0", "j1", "j2"]
     commits: list[int] = []
     record = parts.spool.record
@@ -189,7 +189,7 @@ def test_a_throttled_try_the_worker_sends_again_is_published_and_stays_in_flight
 def test_results_are_due_after_the_window_or_once_a_group_waits(parts: Parts) -> None:
     parts.worker(IP2, alive=True)
     parts.push([job_envelope(f"j{i}") for i in range(3)])
-    parts.dispatcher.offer(parts.intake.take())
+    parts.dispatcher.offer(parts.take(3))
     reporter = parts.reporter()
     held = Results(parts.results.sock, parts.spool, parts.dispatcher, parts.published.append,
                    parts.workers.on_stats, SCHEDULE, window=60.0, group=2)
@@ -421,7 +421,7 @@ def test_results_that_cannot_be_recorded_hold_back_new_work_once_too_many_wait(
     monkeypatch.setattr("engine.spoolhealth.RETRY_AFTER", 0.0)
     _, pull = parts.worker(IP2, alive=True)
     parts.push([job_envelope(f"j{i}") for i in range(2)])
-    parts.dispatcher.offer(parts.intake.take())
+    parts.dispatcher.offer(parts.take(2))
     assert tasks(pull) == ["j0", "j1"]
     _fill(parts.spool)
     reporter = parts.reporter()

@@ -23,7 +23,7 @@ from engine.metrics import Metrics
 from engine.protocol import Attempt, Status
 from engine.reply import Reply
 from engine.results import Results
-from engine.spool import Spool
+from engine.spool import Pending, Spool
 from engine.spoolhealth import SpoolHealth
 from engine.workers import WorkerHandle, Workers
 from tests.support.statsd_catcher import StatsdCatcher
@@ -137,6 +137,19 @@ class Parts:
         for envelope in envelopes:
             producer.send_multipart([json.dumps(envelope).encode(), b"Subject: x\r\n\r\nhi\r\n"])
         assert self.ingest.poll(5000), "the jobs never reached the ingest socket"
+
+    def take(self, count: int) -> list[Pending]:
+        """`intake.take()` until `count` more jobs were answered (queued or rejected): what
+        `push` sent may reach the ingest socket in more than one read, and a read takes
+        what has come."""
+        def answered() -> int:
+            return sum(1 for name in self.names() if name in ("queued", "rejected"))
+        start = answered()
+        taken = self.intake.take()
+        while answered() - start < count:
+            assert self.ingest.poll(5000), f"{count} jobs never reached the ingest socket"
+            taken += self.intake.take()
+        return taken
 
     def hand_out(self, ip: str, envelope: dict[str, Any]) -> WorkerHandle:
         """A ready stand-in worker for `ip`, and the job of `envelope` accepted and handed
