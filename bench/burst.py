@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import tempfile
 import time
@@ -31,13 +30,12 @@ from bench.common import (
     ROOT,
     PostfixSink,
     Producer,
+    Rows,
     engine_config,
-    engine_rev,
     job,
-    load_results,
     log,
     running_engine,
-    write_section,
+    shown_command,
 )
 from bench.run import _cpu_now as run_cpu_now
 from bench.run import other_load
@@ -117,8 +115,7 @@ def render(results: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         rows = r["bursts"]
-        command = r["command"].replace(" --docs", "")
-        command = command.replace(f" --label {shlex.quote(label)}", "")
+        command = shown_command(r["command"])
         lines.append(f"| {label} | `{command}` | `{r['engine']}` | {r['date']} |"
                      f" {_cell(rows, 'push_ms')} | {_cell(rows, 'first_queued_ms')} |"
                      f" {_cell(rows, 'first_delivered_ms')} | {_cell(rows, 'nth_delivered_ms')} |"
@@ -175,33 +172,25 @@ machine's cores other processes kept busy during the run.
 """
 
 
+ROWS = Rows("python -m bench.burst", RESULTS, DOC, HEADING, render)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.burst", description=__doc__)
+    parser = argparse.ArgumentParser(prog=ROWS.prog, description=__doc__)
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--bursts", type=int, default=3)
-    parser.add_argument("--label", default="now", help="the row's name in the results")
-    parser.add_argument("--docs", action="store_true", help="write docs/PERFORMANCE.md")
-    parser.add_argument("--render-only", action="store_true",
-                        help="write docs/PERFORMANCE.md from bench/results/burst.json, no run")
+    ROWS.add_options(parser)
     args = parser.parse_args(argv)
     if args.render_only:
-        write_section(DOC, HEADING, render(load_results(RESULTS)))
+        ROWS.write_doc()
         return 0
     workdir = tempfile.mkdtemp(prefix="mailengine-burst-")
     before = run_cpu_now()
     result = run(workdir, args.count, args.bursts)
     result["other_load"] = round(other_load(before), 3)
-    command = "python -m bench.burst " + shlex.join(argv if argv is not None else sys.argv[1:])
-    result.update(command=command.strip(), engine=engine_rev(),
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    result.update(ROWS.stamp(argv))
     log(f"other load {100 * result['other_load']:.0f}%")
-    results = load_results(RESULTS)
-    results[args.label] = result
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    if args.docs:
-        write_section(DOC, HEADING, render(results))
+    ROWS.save({args.label: result}, args.docs)
     print(json.dumps(result))
     return 0
 

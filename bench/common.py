@@ -1,18 +1,21 @@
 """What the benchmarks share: servers, a producer, a StatsD listener, percentiles, the machine."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -50,6 +53,66 @@ def load_results(path: str) -> dict[str, Any]:
             return dict(json.load(f))
     except (OSError, ValueError):
         return {}
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Where a benchmark keeps its runs: one row per `--label` in a JSON file of results, and
+    the section of a Markdown file drawn from all of them. Its options, `--label`, `--docs`
+    and `--render-only`, mean the same in every benchmark that keeps rows."""
+
+    prog: str  # how the benchmark is run, e.g. "python -m bench.burst"
+    results: str  # the JSON file of every row so far
+    doc: str  # the Markdown file
+    heading: str  # the section's heading line
+    render: Callable[[dict[str, Any]], str]  # every row -> the section's text
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--label", default="now", help="the row's name in the results")
+        parser.add_argument("--docs", action="store_true", help=f"write {self.doc_name}")
+        parser.add_argument("--render-only", action="store_true",
+                            help=f"write {self.doc_name} from {self.results_name}, no run")
+
+    @property
+    def doc_name(self) -> str:
+        return os.path.relpath(self.doc, ROOT)
+
+    @property
+    def results_name(self) -> str:
+        return os.path.relpath(self.results, ROOT)
+
+    def write_doc(self, rows: dict[str, Any] | None = None) -> None:
+        """The section drawn again from `rows` (default: the saved ones)."""
+        text = self.render(load_results(self.results) if rows is None else rows)
+        write_section(self.doc, self.heading, text.rstrip("\n") + "\n")
+
+    def stamp(self, argv: Sequence[str] | None) -> dict[str, Any]:
+        """What a row says of its run besides its figures: the command, the engine, when."""
+        command = f"{self.prog} {shlex.join(sys.argv[1:] if argv is None else argv)}"
+        return {"command": command.strip(), "engine": engine_rev(),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    def save(self, rows: dict[str, Any], docs: bool) -> dict[str, Any]:
+        """`rows` added to the saved ones (a label run again replaces its row); the section
+        drawn again when `docs`. Returns every row."""
+        results = load_results(self.results)
+        results.update(rows)
+        os.makedirs(os.path.dirname(self.results), exist_ok=True)
+        with open(self.results, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        if docs:
+            self.write_doc(results)
+        return results
+
+
+# options that change where a run's figures go, not what it measures: left out of the command
+# a row shows (a label, quoted or not; --docs)
+_BOOKKEEPING = re.compile(r" --(?:label(?:=| )(?:'[^']*(?:'\"'\"'[^']*)*'|\S+)|docs)(?=\s|$)")
+
+
+def shown_command(command: str) -> str:
+    """A row's command as its table shows it: without `--label ...` and `--docs`."""
+    return _BOOKKEEPING.sub("", command)
 
 
 # -- figures ----------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -39,10 +38,9 @@ from bench.common import (
     SENDER,
     SMTP_SINK,
     Producer,
-    engine_rev,
-    load_results,
+    Rows,
     log,
-    write_section,
+    shown_command,
 )
 from bench.run import _cpu_now as run_cpu_now
 from bench.run import other_load
@@ -292,8 +290,7 @@ def render(results: dict[str, Any]) -> str:
              " | worker RSS before / peak, per 1,000 | other load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
-        command = r["command"].replace(" --docs", "")
-        command = command.replace(f" --label {shlex.quote(label)}", "")
+        command = shown_command(r["command"])
         d = r["dns"]
         w = d["worker_after_second"]
         bound = r.get("max_in_flight") or ("32" if w else "none")
@@ -383,9 +380,11 @@ after the change (12 before), 1-2 minutes for 2,000.
 """
 
 
+ROWS = Rows("python -m bench.many_destinations", RESULTS, DOC, HEADING, render)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.many_destinations",
-                                     description=__doc__)
+    parser = argparse.ArgumentParser(prog=ROWS.prog, description=__doc__)
     parser.add_argument("--domains", type=int, default=10000)
     parser.add_argument("--dns-delay", type=float, default=0.02,
                         help="seconds each DNS answer is held (default 0.02)")
@@ -393,30 +392,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="pool.idle_timeout for the run (default 5 s)")
     parser.add_argument("--max-in-flight", type=int, default=None,
                         help="dns.max_in_flight (default: the engine's)")
-    parser.add_argument("--label", default="now", help="the row's name in the results")
-    parser.add_argument("--docs", action="store_true", help="write docs/PERFORMANCE.md")
-    parser.add_argument("--render-only", action="store_true",
-                        help="write docs/PERFORMANCE.md from the saved results, no run")
+    ROWS.add_options(parser)
     args = parser.parse_args(argv)
     if args.render_only:
-        write_section(DOC, HEADING, render(load_results(RESULTS)))
+        ROWS.write_doc()
         return 0
     workdir = tempfile.mkdtemp(prefix="mailengine-many-")
     before = run_cpu_now()
     result = run(workdir, args.domains, args.dns_delay, args.idle_timeout, args.max_in_flight)
     result["other_load"] = round(other_load(before), 3)
-    command = "python -m bench.many_destinations " + shlex.join(
-        argv if argv is not None else sys.argv[1:])
-    result.update(command=command.strip(), engine=engine_rev(),
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    results = load_results(RESULTS)
-    results[args.label] = result
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
+    result.update(ROWS.stamp(argv))
     print(json.dumps(result))
-    if args.docs:
-        write_section(DOC, HEADING, render(results))
+    ROWS.save({args.label: result}, args.docs)
     return 0
 
 

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import shlex
 import ssl
 import sys
 import tempfile
@@ -41,17 +40,16 @@ from typing import Any
 from bench.common import (
     ROOT,
     Producer,
+    Rows,
     StatsdCatcher,
     engine_config,
-    engine_rev,
     job,
-    load_results,
     log,
     percentile,
     run_child,
     running_engine,
+    shown_command,
     summary,
-    write_section,
 )
 from bench.latency_proxy import ProxyProcess
 from bench.run import _cpu_now as run_cpu_now
@@ -208,8 +206,7 @@ def _bound(r: dict[str, Any]) -> str:
 
 def _row(label: str, r: dict[str, Any]) -> str:
     d = r["delay"]
-    command = re.sub(r" --(label '[^']*(?:'\"'\"'[^']*)*'|label \S+|clients \S*|docs)",
-                     "", r["command"])
+    command = re.sub(r" --clients(?:=| )\S*", "", shown_command(r["command"]))
     client = r.get("client")
     who = f"{client}" if client else "the engine"
     engine = "-" if client else f"`{r['engine']}`"
@@ -379,31 +376,29 @@ def _wait(r: dict[str, Any]) -> str:
     return f"{w['p99']:.0f} / {w['max']:.0f} ms" if w else "-"
 
 
+ROWS = Rows("python -m bench.tail", RESULTS, DOC, HEADING, render)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tail", description=__doc__)
+    parser = argparse.ArgumentParser(prog=ROWS.prog, description=__doc__)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--rate", type=float, default=10.0)
     parser.add_argument("--max-messages", type=int, help="pool.max_messages (default: the"
                         " engine's)")
-    parser.add_argument("--label", default="now", help="the row's name in the results")
     parser.add_argument("--clients", default="smtplib,slimta",
                         help="the comparison clients run after the engine, in the same"
                         " invocation (bench/tail_clients.py); '' for none")
-    parser.add_argument("--docs", action="store_true", help="write docs/PERFORMANCE.md")
-    parser.add_argument("--render-only", action="store_true",
-                        help="write docs/PERFORMANCE.md from bench/results/tail.json, no run")
+    ROWS.add_options(parser)
     args = parser.parse_args(argv)
     if args.render_only:
-        write_section(DOC, HEADING, render(load_results(RESULTS)))
+        ROWS.write_doc()
         return 0
     workdir = tempfile.mkdtemp(prefix="mailengine-tail-")
-    command = "python -m bench.tail " + shlex.join(argv if argv is not None else sys.argv[1:])
-    stamp = {"command": command.strip(), "run": args.label}
+    stamp = {**ROWS.stamp(argv), "run": args.label}
     before = run_cpu_now()
     result = run(workdir, args.seconds, args.rate, args.max_messages)
     result["other_load"] = round(other_load(before), 3)
-    result.update(stamp, engine=engine_rev(),
-                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    result.update(stamp)
     d = result["delay"]
     log(f"other load {100 * result['other_load']:.0f}%; {result['over_2x_p50']} over 2x p50"
         f" ({result['over_2x_p50_new']} on a new connection); pool wait {_wait(result)};"
@@ -417,20 +412,16 @@ def main(argv: list[str] | None = None) -> int:
         before = run_cpu_now()
         row = run_client(name, args.seconds, args.rate)
         row["other_load"] = round(other_load(before), 3)
-        row.update(stamp, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        # a comparison client's row: the run's command, its own time; the engine is not in it
+        row.update(command=stamp["command"], run=args.label,
+                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         d = row["delay"]
         log(f"{row['client']}: other load {100 * row['other_load']:.0f}%; p50 {d['p50']:.0f}"
             f" ms, p90 {d['p90']:.0f} ms, p99 {d['p99']:.0f} ms, max {d['max']:.0f} ms;"
             f" {row['connections']} connections; errors {row['errors'][:3]}; slowest"
             f" {row['slowest'][:5]}")
         rows[f"{args.label}: {CLIENT_NAMES.get(name, name)}"] = row
-    results = load_results(RESULTS)
-    results.update(rows)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    if args.docs:
-        write_section(DOC, HEADING, render(results))
+    ROWS.save(rows, args.docs)
     print(json.dumps({k: v for k, v in result.items() if k != "slowest"}))
     return 0
 

@@ -1,10 +1,18 @@
 """bench/common.py `write_section`: a benchmark rewriting its section of docs/PERFORMANCE.md
-changes that section alone, the separators around it included."""
+changes that section alone, the separators around it included; `Rows`: a benchmark's runs kept
+one per label and drawn into that section; `shown_command`: a row's command without the
+options that only say where its figures go."""
 from __future__ import annotations
 
+import argparse
+import json
+import shlex
 from pathlib import Path
+from typing import Any
 
-from bench.common import write_section
+import pytest
+
+from bench.common import Rows, shown_command, write_section
 
 DOC = """\
 # Performance
@@ -58,3 +66,53 @@ def test_the_last_section_and_a_new_one(tmp_path: Path) -> None:
     write_section(str(doc), "## Four", "## Four\n\nfour\n")
     assert doc.read_text(encoding="utf-8") == DOC.replace(
         "three's text", "three's new text") + "\n---\n\n## Four\n\nfour\n"
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("label", ["after", "run 4", "it's", "--x"])
+def test_a_rows_command_is_shown_without_its_label_and_docs(label: str) -> None:
+    command = f"python -m bench.burst --bursts 5 --label {shlex.quote(label)} --docs --count 3"
+    assert shown_command(command) == "python -m bench.burst --bursts 5 --count 3"
+    assert shown_command("python -m bench.x --label=a --docs") == "python -m bench.x"
+
+
+@pytest.mark.timeout(10)
+def test_options_that_only_look_alike_stay_in_the_command() -> None:
+    assert shown_command("python -m bench.x --docsx 1 --labels 2") == (
+        "python -m bench.x --docsx 1 --labels 2")
+
+
+def _rows(tmp_path: Path) -> Rows:
+    doc = tmp_path / "PERF.md"
+    doc.write_text(DOC, encoding="utf-8")
+
+    def render(results: dict[str, Any]) -> str:
+        lines = [f"| {label} | {r['figure']} | `{shown_command(r['command'])}` |"
+                 for label, r in results.items()]
+        return "## Two\n\n" + "\n".join(lines) + "\n\n"  # the extra blank line is dropped
+
+    return Rows("python -m bench.x", str(tmp_path / "results" / "x.json"), str(doc),
+                "## Two", render)
+
+
+@pytest.mark.timeout(10)
+def test_rows_are_kept_per_label_and_drawn_into_their_section(tmp_path: Path) -> None:
+    rows = _rows(tmp_path)
+    parser = argparse.ArgumentParser()
+    rows.add_options(parser)
+    args = parser.parse_args(["--label", "before"])
+    assert (args.label, args.docs, args.render_only) == ("before", False, False)
+    first = {"figure": 1, **rows.stamp(["--label", "before"])}
+    assert first["command"] == "python -m bench.x --label before"
+    rows.save({"before": first}, docs=False)
+    assert Path(rows.doc).read_text(encoding="utf-8") == DOC  # not asked to write the docs
+    rows.save({"after": {"figure": 2, "command": "python -m bench.x --docs"}}, docs=True)
+    rows.save({"before": {"figure": 3, "command": "python -m bench.x"}}, docs=True)
+    saved = json.loads(Path(rows.results).read_text(encoding="utf-8"))
+    assert {label: r["figure"] for label, r in saved.items()} == {"before": 3, "after": 2}
+    text = Path(rows.doc).read_text(encoding="utf-8")
+    table = "| before | 3 | `python -m bench.x` |\n| after | 2 | `python -m bench.x` |\n"
+    assert table + "\n---" in text
+    assert "two's old text" not in text and "## Three" in text and "one's text" in text
+    rows.write_doc()  # --render-only: the same section from the saved rows
+    assert Path(rows.doc).read_text(encoding="utf-8") == text
