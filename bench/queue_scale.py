@@ -952,6 +952,8 @@ jobs in flight at the end; supervisor RSS {fmt(herd['supervisor_rss_mb'])} MB (p
 {fmt(herd['supervisor_peak_mb'])})."""
     return f"""{HEADING}
 
+<a id="bench-queue-scale"></a>
+
 *Command:* `{command}` · *date:* {result['date']} · *machine:* {info['cores']} cores
 ({info['cpu']}), Python {info['python']}, **shared with other agents' test runs (a loaded
 2-core machine)** · *took* {result['took_s']:.0f} s

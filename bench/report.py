@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
-from bench.common import ROOT, percentile
+from bench.common import ROOT, load_results, percentile
 
 DOC = os.path.join(ROOT, "docs", "PERFORMANCE.md")
 IMG = os.path.join(ROOT, "docs", "img")
 FINDINGS = os.path.join(ROOT, "bench", "findings.md")
+# what a section says besides its figures (a run tried and not kept, an earlier run), written
+# by hand: bench/notes/<section>.md, added after the section's generated text
+NOTES = os.path.join(ROOT, "bench", "notes")
 RTT_MS = 50.0
 LOOPBACK_SESSIONS = 4  # the row the loopback targets are judged on
 
@@ -139,7 +143,47 @@ def evaluate(sections: dict[str, Any]) -> list[tuple[str, str, bool | None, str]
                     f" ({mem['kb_per_connection']:.0f} KB each; peak {mem['rss_peak_mb']:.0f} MB"
                     " while all 1,000 were being opened at once)",
                     mem["rss_after_mb"] < 150 and mem["open_after"] >= 1000, "memory"))
+    return out + queue_targets()
+
+
+# Issue #19's targets, from the results other benchmarks keep (their sections are theirs; the
+# table here says where each target stands): (results file, section anchor).
+TAIL_RESULTS = os.path.join(ROOT, "bench", "results", "tail.json")
+BURST_RESULTS = os.path.join(ROOT, "bench", "results", "burst.json")
+SCALE_RESULTS = os.path.join(ROOT, "bench", "results", "queue_scale.json")
+
+
+def queue_targets() -> list[tuple[str, str, bool | None, str]]:
+    out: list[tuple[str, str, bool | None, str]] = []
+    tail = _rows_with_clients(load_results(TAIL_RESULTS))
+    if tail:
+        ratios = [(r["run"], r["delay"]["p99"] / r["delay"]["p50"]) for r in tail]
+        held = sum(1 for _, x in ratios if x <= 1.5)
+        out.append(("tail: engine p99 <= 1.5 x p50 (50 ms RTT, STARTTLS, PIPELINING without"
+                    " CHUNKING, 2 connections, 10 msg/s, 60 s)",
+                    f"held in {held} of {len(ratios)} runs ("
+                    + ", ".join(f"{run}: {x:.2f}x" for run, x in ratios) + ")",
+                    held == len(ratios), "tail"))
+    bursts = load_results(BURST_RESULTS)
+    if bursts:
+        label, last = list(bursts.items())[-1]
+        nth = sorted(b["nth_delivered_ms"] for b in last["bursts"])
+        median = nth[len(nth) // 2]
+        out.append(("a burst of 10,000: the 250th delivered within 50 ms of the push (loopback)",
+                    f"{median:.0f} ms (median of {len(nth)} bursts, `{label}`)",
+                    median <= 50, "burst"))
+    scale = load_results(SCALE_RESULTS)
+    if scale.get("rows"):
+        from bench.queue_scale import targets  # its own judgement of its own rows
+        out += [(f"1M recipients waiting: {target}", measured, ok, "queue-scale")
+                for target, measured, ok in targets(scale["rows"], scale.get("window"))]
     return out
+
+
+def _rows_with_clients(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The engine's rows of the tail runs that had the comparison clients beside it."""
+    runs = {r.get("run") for r in results.values() if "client" in r}
+    return [r for r in results.values() if "client" not in r and r.get("run") in runs]
 
 
 def _loop_row(loop: dict[str, Any]) -> dict[str, Any]:
@@ -740,36 +784,46 @@ def write(results: dict[str, Any]) -> str:
     for name in order:
         if name in sections:
             parts.append(f'<a id="{_anchor(name)}"></a>\n\n'
-                         + SECTION_WRITERS[name](sections[name], checks))
+                         + SECTION_WRITERS[name](sections[name], checks) + _notes(name))
     if os.path.exists(FINDINGS):
         with open(FINDINGS, encoding="utf-8") as f:
             parts.append('<a id="findings"></a>\n\n' + f.read().strip())
-    parts += _kept_sections()
+    own = {line for part in parts for line in re.findall(r"^## .*$", part, re.M)}
+    parts += _kept_sections(own)
     text = "\n\n".join(p for p in parts if p) + "\n"
     with open(DOC, "w", encoding="utf-8") as f:
         f.write(text)
     return DOC
 
 
-# Sections other benchmarks write into the same page (bench/rate_accuracy.py --docs,
-# bench/shaping_sim.py --docs, bench/fault_soak.py --docs): kept as they are when this report
-# is rendered again.
-OTHER_SECTIONS = ("## Rate accuracy (shaping)", "## Shaping simulator", "## Fault soak",
-                  "## Tail: p99 against p50 on a warm pooled path")
+def _notes(section: str) -> str:
+    try:
+        with open(os.path.join(NOTES, f"{section}.md"), encoding="utf-8") as f:
+            return "\n\n" + f.read().strip()
+    except FileNotFoundError:
+        return ""
 
 
-def _kept_sections() -> list[str]:
+# a section of the page: its heading line, with the anchor lines just above it
+_SECTION_START = re.compile(r'^(?:<a id="[^"]*"></a>\n+)*## .*$', re.M)
+
+
+def _kept_sections(own: set[str]) -> list[str]:
+    """Every section of the page this report does not write (other benchmarks write theirs
+    with --docs: rate accuracy, the fault soak, the tail, the queue's cost ...), as it is and
+    in the page's order, each with the anchor above its heading."""
     try:
         with open(DOC, encoding="utf-8") as f:
             doc = f.read()
     except OSError:
         return []
+    starts = list(_SECTION_START.finditer(doc))
     kept = []
-    for heading in OTHER_SECTIONS:
-        start = doc.find(heading + "\n")
-        if start >= 0:
-            end = doc.find("\n## ", start + len(heading))
-            kept.append(doc[start:end if end >= 0 else len(doc)].strip())
+    for at, start in enumerate(starts):
+        heading = start.group(0).rsplit("\n", 1)[-1]
+        if heading not in own:
+            end = starts[at + 1].start() if at + 1 < len(starts) else len(doc)
+            kept.append(doc[start.start():end].strip())
     return kept
 
 
