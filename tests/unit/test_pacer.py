@@ -69,8 +69,11 @@ def test_turns_are_spaced_by_the_spacing() -> None:
 def test_a_timer_that_fires_late_does_not_slow_the_pace() -> None:
     """Regression: the next turn was counted from when the timer fired, a little late each
     time, and the rate came out 3% low (48.3/s at 50/s). Counted from the turn it was set
-    for, 240 turns 2.5 ms apart take 598 ms and the lateness of one timer (~750 ms before)."""
-    assert 0.59 <= seconds_for_turns(Gap(0.0025), 239) < 0.64
+    for, 240 turns 2.5 ms apart take 598 ms and the lateness of one timer (~750 ms before).
+    The best of three runs is judged: a machine busy with other work delays a run, never
+    speeds one up, and no run may be early."""
+    runs = [seconds_for_turns(Gap(0.0025), 239) for _ in range(3)]
+    assert all(r >= 0.59 for r in runs) and min(runs) < 0.64, runs
 
 
 @pytest.mark.timeout(10)
@@ -78,8 +81,9 @@ def test_at_a_high_rate_a_timer_gives_out_every_turn_due_by_then() -> None:
     """Regression: one turn per timer capped the pace at ~1,700 turns/s here (the engine at
     ~1,300 messages/s under slow start, a quarter of its unpaced rate): 1,000 turns at
     5,000/s took 0.59 s (never less: the timers are the floor). All turns due when the timer
-    fires go: 0.2 s, up to 0.36 s seen on a loaded machine."""
-    assert 0.19 <= seconds_for_turns(Gap(0.0002), 1000) < 0.5
+    fires go: 0.2 s, up to 0.36 s seen on a loaded machine (the best of three judged)."""
+    runs = [seconds_for_turns(Gap(0.0002), 1000) for _ in range(3)]
+    assert all(r >= 0.19 for r in runs) and min(runs) < 0.5, runs
 
 
 def test_a_turn_due_within_slack_is_given_at_once_on_its_grid() -> None:
