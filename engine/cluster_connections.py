@@ -137,6 +137,7 @@ class ClusterConnections:
         self._waiting_since: float | None = None  # callers began to wait (an episode)
         self._keeper: gevent.Greenlet[Any, Any] | None = None
         self._syncing = False  # a release is on its way to Redis
+        self._unsynced = False  # a release Redis has not been told of yet
         # The gate's (engine.gate.ConnectionGate.limit_cluster): whether callers wait for a
         # slot, wake one of them (it asks again), close up to n idle connections.
         self.waiters: Callable[[], bool] = lambda: False
@@ -155,9 +156,10 @@ class ClusterConnections:
 
     @property
     def over_share(self) -> bool:
-        """Holding more than its share while other workers wait: a connection that comes
-        back is closed rather than reused (its slot goes to them)."""
-        return self.others_waiting and self.held > self.share
+        """Holding more than its share while other workers wait (or while the cluster holds
+        more than the limit: slots registered again after Redis came back empty): a
+        connection that comes back is closed rather than reused (its slot goes to them)."""
+        return (self.others_waiting or self.total > self.limit) and self.held > self.share
 
     def acquire(self) -> bool:
         """One more slot for a connection about to open: whether it was granted (one round
@@ -178,14 +180,18 @@ class ClusterConnections:
         """A connection that held a slot has closed: the slot is free here at once, and
         for the other hosts at the next call (in the background, batched)."""
         self.held = max(0, self.held - 1)
+        self._unsynced = True
         self._gauge()
         if not self._syncing:
             self._syncing = True
             gevent.spawn(self._sync)
 
     def _sync(self) -> None:
+        """Tell Redis the count, again while releases came during the call."""
         try:
-            self._call(ask=False)
+            while self._unsynced:
+                self._unsynced = False
+                self._call(ask=False)
         finally:
             self._syncing = False
 
@@ -226,16 +232,17 @@ class ClusterConnections:
         renew_every = min(cfg.poll, cfg.connection_lease / 3)
         renewed = self._clock()
         while self.held > 0 or self.waiters():
-            if self.waiters():
-                gevent.sleep(ASK_AGAIN)
+            waiting = self.waiters()
+            if not waiting:
+                self._ended_wait()  # they went back to the spool, or took a connection
+            gevent.sleep(ASK_AGAIN if waiting
+                         else max(0.0, renewed + renew_every - self._clock()))
+            if waiting:
                 self.wake()
-                continue
-            self._ended_wait()
-            gevent.sleep(min(renew_every, max(0.0, renewed + renew_every - self._clock())))
             if self._clock() - renewed >= renew_every:
                 renewed = self._clock()
                 self._call(ask=False)
-            self._give_back()
+                self._give_back()
 
     def _give_back(self) -> None:
         if self.over_share:
