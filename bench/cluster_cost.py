@@ -23,8 +23,8 @@ import gevent
 from gevent.event import AsyncResult
 
 from engine.cluster import Cluster
-from engine.cluster_dedup import SharedIds
 from engine.cluster_connections import ClusterConnections
+from engine.cluster_dedup import SharedIds
 from engine.cluster_rate import ClusterRate
 from engine.config import ClusterConfig
 from engine.gate import ConnectionGate
