@@ -3,7 +3,8 @@
 each with its own link to Redis as on its own host, never hold more slots together than
 `cluster_connections`; a slot given back goes to a worker that waits; a holder killed
 stops counting after its lease; idle connections beyond a share close when others wait;
-each worker's share while Redis is down, and its slots registered again when it is back.
+each worker's share while Redis is down, and its slots registered again when it is back;
+and a worker's delivery (engine.delivery) whose message finds no slot within max_wait.
 
 Connections are played by greenlets that enter the gate, hold their slot a moment and
 leave, as engine.pool does (gevent, unpatched: redis-py's calls block the loop for their
@@ -20,10 +21,15 @@ from gevent.event import AsyncResult
 
 from engine.cluster import FALLBACK, SHARED, Cluster
 from engine.cluster_connections import ClusterConnections
-from engine.config import ClusterConfig
+from engine.config import ClusterConfig, ProviderLimits, Route, ShapingConfig, ThrottleConfig
 from engine.gate import ConnectionGate
+from engine.mx import Resolver
+from engine.protocol import Status
+from engine.shaping import Shaping, ShapingPlan
+from engine.testing.sink import SinkServer
 from tests.support.recorded_metrics import Recorded
 from tests.support.redis import RedisServer, need_redis
+from tests.support.stack import POOL, build
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -225,3 +231,39 @@ def test_redis_killed_each_worker_holds_its_share_then_registers_again(
     assert [slots(gate).mode for gate in gates] == [SHARED, SHARED]
     assert gates[1].try_enter()  # 4 of 4: the limit again, for both
     assert not gates[0].try_enter() and not gates[1].try_enter()
+
+
+def test_a_message_that_gets_no_slot_within_max_wait_goes_back_to_the_spool_unattempted(
+        redis_server: RedisServer) -> None:
+    """Another host holds the provider's only slot: the message waits `shaping.max_wait`
+    (0.5 s) and is deferred 451 4.4.5, not attempted, no connection opened; once the slot
+    is free the next message goes."""
+    other = ClusterConnections(Cluster(ClusterConfig(redis=redis_server.url), "host1"),
+                               "127.0.0.1", 1, "host1/127.0.0.3")
+    MADE.append(other)
+    assert other.acquire()
+    with SinkServer(tls=False) as sink:
+        stack = build(Resolver(routes={"example.test": Route("127.0.0.1", sink.port)}),
+                      policy=None)
+        stack.deliverer.shaping = shaping = Shaping(ShapingPlan(
+            ip="127.0.0.2", pool=POOL, throttle=ThrottleConfig(slow_start=False),
+            shaping=ShapingConfig(max_wait=0.5, providers={
+                "127.0.0.1": ProviderLimits(cluster_connections=1)}),
+            cluster=ClusterConfig(redis=redis_server.url, host="host0")))
+        try:
+            started = time.monotonic()
+            waited = stack.deliver(["a@example.test"], job_id="one")
+            took = time.monotonic() - started
+            other.release()
+            gevent.sleep(0.2)  # told to Redis in the background
+            sent = stack.deliver(["b@example.test"], job_id="two")
+        finally:
+            stack.close()
+            shaping.close()
+    assert [(a.status, a.attempted, a.reply.code, a.reply.status) for a in waited] == [
+        (Status.DEFERRED, False, 451, "4.4.5")]
+    assert "127.0.0.1 cluster connections" in waited[0].reply.text
+    assert waited[0].retry_at is not None and waited[0].retry_at >= time.time() - 1
+    assert 0.45 <= took < 3.0, took
+    assert [a.status for a in sent] == [Status.DELIVERED]
+    assert sink.connections == 1  # none while the other host held the slot
