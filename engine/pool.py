@@ -227,8 +227,10 @@ class DestinationPool:
         final reply is still to come (engine.smtp.transaction, `Transaction._pass_on`): the
         caller's commands go out at once and it reads that reply first. Not when the
         transaction is the connection's last (`max_messages`): it is retired after the
-        reply."""
+        reply; nor when its slot goes back to the cluster (`release` closes it)."""
         if conn.messages_sent + 1 >= self._term(conn).messages:
+            return False
+        if self.gate is not None and self.gate.give_back():
             return False
         return self._hand_over(conn)
 

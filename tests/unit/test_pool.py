@@ -936,3 +936,18 @@ def test_a_connection_whose_slot_the_cluster_wants_back_closes_when_it_comes_bac
     slots.over_share = False
     pool.release(second)
     assert pool.idle == 1 and slots.held == 1  # at its share: kept for the next message
+
+
+def test_a_connection_the_cluster_wants_back_is_not_passed_on_mid_transaction() -> None:
+    pool, slots, _ = cluster_pool(free=1, max_wait=5.0)
+    conn, _ = pool.acquire()
+    waiting = gevent.spawn(pool.acquire)
+    gevent.sleep(0.01)
+    assert pool.pass_on(conn) is True  # handed to the caller waiting, before the reply
+    got, _ = waiting.get(timeout=1)
+    assert got is conn
+    slots.over_share = True  # another worker waits: above its share now
+    waiting = gevent.spawn(pool.acquire)
+    gevent.sleep(0.01)
+    assert pool.pass_on(got) is False  # released instead, then closed
+    waiting.kill()
