@@ -267,3 +267,22 @@ def test_a_message_that_gets_no_slot_within_max_wait_goes_back_to_the_spool_unat
     assert 0.45 <= took < 3.0, took
     assert [a.status for a in sent] == [Status.DELIVERED]
     assert sink.connections == 1  # none while the other host held the slot
+
+
+def test_slots_registered_again_past_the_limit_are_given_back_as_connections_close(
+        redis_server: RedisServer) -> None:
+    """Redis restarted empty: a worker asking first is granted slots the holders had not
+    registered again yet; once they have, the cluster holds more than the limit, and a
+    holder above its share closes its connections as they come back, down to the limit."""
+    holder = worker_gate(redis_server, "host0", 2, retry=0.3, poll=0.2)
+    assert holder.try_enter() and holder.try_enter()
+    redis_server.kill()
+    redis_server.start()  # empty, before the holder's next renewal
+    newcomer = worker_gate(redis_server, "host1", 2, retry=0.3, poll=0.2)
+    assert newcomer.try_enter()  # Redis knows of nobody else yet
+    wait_for(holder.give_back, 5, "the holder registered again, above its share")
+    assert slots(holder).total == 3
+    holder.leave()  # a connection that came back: closed (engine.pool.release)
+    wait_for(lambda: not holder.give_back(), 5, "the holder at its share")
+    wait_for(lambda: slots(newcomer).total == 2, 5, "the cluster at its limit again")
+    assert not newcomer.try_enter()
