@@ -276,7 +276,7 @@ class ClusterConnections:
             keeper.kill(block=False)
 
     def state(self) -> dict[str, Any]:
-        return {"cluster_connections": self.limit, "held": self.held,
+        return {"cluster_connections": self.limit, "slots_held": self.held,
                 "cluster_open": self.total, "connection_share": self.share,
                 "connection_members": self.members, "mode": self._cluster.mode}
 
