@@ -7,6 +7,10 @@
 - **Leases**: three workers' leases of one provider's cluster-wide rate
   (engine.cluster_rate), busy (50 messages each waiting): round trips per message and the
   lease's time, at 60/s and at 300/s.
+- **Connection slots**: three workers sharing a provider's `cluster_connections` of 10
+  (engine.cluster_connections, through each worker's gate), 20 callers each opening
+  connections of 20 ms one after another (far more demand than slots): round trips per
+  connection opened, and the script's time.
 
     python3 -m bench.cluster_cost        # ~15 s; needs redis-server and redis-py
 """
@@ -16,11 +20,14 @@ import statistics
 import time
 
 import gevent
+from gevent.event import AsyncResult
 
 from engine.cluster import Cluster
+from engine.cluster_connections import ClusterConnections
 from engine.cluster_dedup import SharedIds
 from engine.cluster_rate import ClusterRate
 from engine.config import ClusterConfig
+from engine.gate import ConnectionGate
 from engine.metrics import Metrics
 from tests.support.redis import RedisServer
 
@@ -29,15 +36,18 @@ BATCH = 1000
 
 
 class Timings(Metrics):
-    """Keeps the lease timer's samples (ms)."""
+    """Keeps the lease timer's samples (ms), and the connection slots' round trips'."""
 
     def __init__(self) -> None:
         super().__init__(None, "127.0.0.2")
         self.leases: list[float] = []
+        self.calls: list[float] = []
 
     def _send(self, method: str, name: str, value: float) -> None:
-        if method == "timing":
+        if method == "timing" and name.endswith(".cluster_lease"):
             self.leases.append(value)
+        elif method == "timing" and name.endswith(".cluster_connections_call"):
+            self.calls.append(value)
 
 
 def intake(server: RedisServer) -> None:
@@ -75,9 +85,51 @@ def leases(server: RedisServer, rate: float, seconds: float = 5.0) -> None:
           f" {samples[int(len(samples) * 0.95)]:.2f} ms p95")
 
 
+def connection_slots(server: RedisServer, seconds: float = 5.0) -> None:
+    timings = Timings()
+    gates = []
+    for i in range(3):
+        gate = ConnectionGate(50, 0.0)
+        gate.limit_cluster(ClusterConnections(
+            Cluster(ClusterConfig(redis=server.url), f"host{i}"), "bench", 10,
+            f"host{i}/127.0.0.{i + 2}", timings), 10.0)
+        gates.append(gate)
+    stop = time.monotonic() + seconds
+    opened, most, now = [0], [0], [0]
+
+    def caller(gate: ConnectionGate) -> None:
+        while time.monotonic() < stop:
+            if not gate.try_enter():  # waits at the gate, as engine.pool does
+                waiter: AsyncResult[None] = AsyncResult()
+                gate.add_waiter(waiter)
+                waiter.wait(1.0)
+                gate.remove_waiter(waiter)
+                continue
+            opened[0] += 1
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+            gevent.sleep(0.02)
+            now[0] -= 1
+            gate.leave()
+
+    gevent.joinall([gevent.spawn(caller, g) for g in gates for _ in range(20)])
+    gevent.sleep(0.2)
+    for gate in gates:
+        assert gate.cluster is not None
+        gate.cluster.close()
+    samples = sorted(timings.calls)
+    print(f"connection slots, 10 for 3 workers x 20 callers: {opened[0]} connections"
+          f" ({opened[0] / seconds:.0f}/s, at most {most[0]} at once), {len(samples)} round"
+          f" trips ({len(samples) / opened[0]:.2f} a connection, asks refused included),"
+          f" {statistics.median(samples):.2f} ms median,"
+          f" {samples[int(len(samples) * 0.95)]:.2f} ms p95")
+
+
 def main() -> None:
     with RedisServer() as server:
         intake(server)
+    with RedisServer() as server:
+        connection_slots(server)
     for rate in (60.0, 300.0):
         with RedisServer() as server:
             leases(server, rate)

@@ -40,6 +40,7 @@ from engine.config import ThrottleConfig
 from engine.connector import Connector
 from engine.descriptors import Descriptors
 from engine.dkim import WireSigner
+from engine.gate import NoSlot
 from engine.memo import Memo
 from engine.metrics import Metrics
 from engine.mx import Destination, MxHost, Resolver
@@ -417,6 +418,8 @@ class Deliverer:
                                              decision, domain, epoch)
             except StaleTurn:
                 continue  # throttled while we waited: nothing opened, take the turn again
+            except NoSlot:  # the cluster's connections stayed taken for max_wait
+                return Deferral(time.time() + shaper.max_wait, "cluster connections")
             except StaleConnection as err:
                 self.metrics.incr("connections_stale", provider)
                 stale = err

@@ -86,13 +86,15 @@ def handout_deadline(cfg: Config) -> float:
     """Seconds after which a job still in flight is taken back and handed out again.
 
     Longer than any delivery of one task the phase timeouts allow: its DNS, its wait for
-    a turn, and two MX hosts' whole setup and transaction (a failover), plus the drain.
+    a turn (and, in a cluster, for a cluster-wide connection slot: `max_wait` again), and
+    two MX hosts' whole setup and transaction (a failover), plus the drain.
     A task that outlives it (a worker that lost it, or a result that never came) would
     otherwise be in flight until its worker exits. A worker still at work on it past the
     deadline is the one case where both hand-outs send: the late result is then
     recorded, and the second delivery counted as a duplicate (engine.results)."""
     t = cfg.smtp.timeouts
-    return (cfg.dns.timeout + cfg.shaping.max_wait + 2 * (t.setup + t.transaction)
+    waits = 2 if cfg.cluster.redis else 1
+    return (cfg.dns.timeout + waits * cfg.shaping.max_wait + 2 * (t.setup + t.transaction)
             + cfg.drain_timeout)
 
 

@@ -10,20 +10,34 @@ make room rather than left to its idle timeout. While the provider is suspended
 (`paused`), no connection is opened ahead of a caller: nothing knocks at a receiver
 that blocked us. `engine.shaping.ProviderShaper` creates one per sending IP x
 provider from its `SendingLimits`.
+
+In a cluster, a provider with `cluster_connections` also needs one of the cluster's slots
+for each new connection (engine.cluster_connections, `limit_cluster`): asked after the
+local limits admit it, given back when the connection has closed. A caller refused by
+the cluster waits at most `shaping.max_wait` (`cluster_wait`; then `NoSlot`: its message
+goes back to the spool), and no connection is opened ahead of callers (engine.pool).
 """
 from __future__ import annotations
 
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import AsyncResult
 
 from engine.waiters import any_waiting, wake_first
 
+if TYPE_CHECKING:
+    from engine.cluster_connections import ClusterConnections
+
 Clock = Callable[[], float]
+
+
+class NoSlot(Exception):
+    """The cluster's connections to the provider stayed taken for `shaping.max_wait`: the
+    message goes back to the spool without an attempt (engine.delivery)."""
 
 
 class ConnectionGate:
@@ -41,6 +55,38 @@ class ConnectionGate:
         self._waiters: deque[AsyncResult] = deque()
         self._timer: Any = None
         self._idle_closers: list[Callable[[], bool]] = []
+        self.cluster: ClusterConnections | None = None  # the cluster's slots, if limited
+        self._max_wait = 0.0
+
+    def limit_cluster(self, slots: ClusterConnections, max_wait: float) -> None:
+        """Each new connection also needs one of the cluster's `slots`; a caller waits for
+        one at most `max_wait`."""
+        self.cluster = slots
+        self._max_wait = max_wait
+        slots.waiters = self.has_waiters
+        slots.wake = self.wake_one
+        slots.shed = self.shed_idle
+
+    def cluster_wait(self) -> float | None:
+        """How long a caller refused a slot may wait for one: `shaping.max_wait` when the
+        cluster is what refuses (room here, none in the cluster); None: as long as it
+        takes (this IP's own limit, whose connections come back)."""
+        if self.cluster is None or self.open >= self.max_connections:
+            return None
+        return self._max_wait
+
+    def give_back(self) -> bool:
+        """A connection coming back should close rather than be reused: this worker holds
+        more than its share of the cluster's slots while other workers wait."""
+        return self.cluster is not None and self.cluster.over_share
+
+    def shed_idle(self, count: int) -> int:
+        """Close up to `count` idle connections of the provider (oldest first, each pool
+        in turn): how many were."""
+        closed = 0
+        while closed < count and self._close_someone_idle():
+            closed += 1
+        return closed
 
     def try_enter(self) -> bool:
         """Take a connection slot if one is free now."""
@@ -49,16 +95,35 @@ class ConnectionGate:
             if not self._close_someone_idle() or self.open >= self.max_connections:
                 return False
         now = self._clock()
+        if self.connection_rate > 0 and now < self._next_at:
+            self._wake_at(self._next_at - now)
+            return False
+        if self.cluster is not None and not self._cluster_slot():
+            return False
         if self.connection_rate > 0:
-            if now < self._next_at:
-                self._wake_at(self._next_at - now)
-                return False
             self._next_at = max(now, self._next_at) + 1.0 / self.connection_rate
         self.open += 1
         return True
 
+    def _cluster_slot(self) -> bool:
+        """One of the cluster's slots (a round trip to Redis). Counted open meanwhile, so
+        that callers of this worker do not overtake the local limit while it is asked. A
+        refusal closes an idle connection of the provider here, if any: its slot serves
+        the callers waiting when it is free."""
+        assert self.cluster is not None
+        self.open += 1
+        try:
+            granted = self.cluster.acquire()
+        finally:
+            self.open -= 1
+        if not granted:
+            self._close_someone_idle()
+        return granted
+
     def leave(self) -> None:
         self.open -= 1
+        if self.cluster is not None:
+            self.cluster.release()
         self.wake_one()
 
     def add_waiter(self, waiter: AsyncResult) -> None:

@@ -77,6 +77,13 @@ DECLARED: tuple[Metric, ...] = (
     Metric("transaction", "timer", "MAIL through the final reply, one message"),
     Metric("cluster_lease", "timer", "a lease of turns of the provider's cluster-wide rate"
            " from Redis (one round trip for a batch of messages; engine.cluster_rate)"),
+    Metric("cluster_connections_call", "timer", "a round trip to Redis for the provider's"
+           " cluster-wide connection slots: asking for one before a connection opens, giving"
+           " one back, renewing the lease (engine.cluster_connections)"),
+    Metric("cluster_connections_wait", "timer", "from the first caller refused a cluster"
+           " connection slot of the provider to the next slot granted (or the callers gone"
+           " back to the spool): one per episode of waiting (log line"
+           " cluster_connections_full)"),
     # counters
     Metric("delivered", "counter", "recipients delivered (2xx)"),
     Metric("deferred", "counter", "recipient attempts deferred (4xx or no answer)"),
@@ -211,6 +218,12 @@ DECLARED: tuple[Metric, ...] = (
            " alone (engine.cluster)", EVERY_PROCESS),
     Metric("cluster_turns_lost", "counter", "turns of the provider's cluster-wide rate leased"
            " and not taken in time (the messages they were leased for went elsewhere)"),
+    Metric("cluster_connections_denied", "counter", "asks for one of the provider's"
+           " cluster-wide connection slots refused (the cluster at its cluster_connections,"
+           " or this worker at its share while others wait)"),
+    Metric("cluster_connections_shed", "counter", "idle connections to the provider closed"
+           " because this worker held more than its share of the cluster's slots while"
+           " other workers waited"),
     Metric("cluster_suspensions_published", "counter", "suspensions of the provider this"
            " worker saw (a block, a throttle rule's suspend) published to the cluster's Redis"
            " for the other hosts to follow (engine.cluster_suspend)"),
@@ -234,6 +247,9 @@ DECLARED: tuple[Metric, ...] = (
            "mode"),
     Metric("cluster_members", "gauge", "workers (of every host) sharing the provider's"
            " cluster-wide rate, as Redis said at the last lease", PER_PROVIDER, "workers"),
+    Metric("cluster_connections_held", "gauge", "the provider's cluster-wide connection"
+           " slots this worker holds (its connections open or closing)", PER_PROVIDER,
+           "connections"),
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),
     Metric("in_flight", "gauge", "tasks (jobs) the worker is delivering", PER_IP, "jobs"),

@@ -37,7 +37,11 @@ host, port and TLS mode; two keys never share a connection. Within a pool:
 
 A pool may share a `ConnectionGate` (engine.shaping) with the pools of the
 other MX hosts of the same provider: a new connection then also needs one of
-the provider's connection slots for this sending IP.
+the provider's connection slots for this sending IP; and, for a provider with a
+cluster-wide limit, one of the cluster's (engine.cluster_connections): a caller the
+cluster refuses waits at most `shaping.max_wait` (then `NoSlot`), no connection is
+opened ahead (its slot would be asked of Redis in the middle of a checkout), and a
+connection whose slot another worker of the cluster wants closes when it comes back.
 
 A worker's pools, one per destination, are kept by engine.pools. Modelled on gevent's
 examples/psycopg2_pool.py.
@@ -58,6 +62,7 @@ from gevent.event import AsyncResult
 
 from engine import logs
 from engine.config import PoolConfig
+from engine.gate import NoSlot
 from engine.pool_ahead import Ahead
 from engine.pool_health import Health
 from engine.pool_terms import NOT_YET, NOW, Term
@@ -157,6 +162,7 @@ class DestinationPool:
 
     def _acquire(self, current: Callable[[], bool] | None) -> tuple[Connection, bool]:
         tried_ahead = False
+        deadline: float | None = None  # refused by the cluster: wait for a slot until then
         while True:
             if self.draining:  # woken by drain(): leave at once
                 raise Drained()
@@ -187,7 +193,12 @@ class DestinationPool:
                         return conn, False
                     continue  # the server wants fewer connections: wait for one of them
                 gated = True  # the provider's slots are taken: wait for one too
-            conn = self._wait(self.gate if gated else None)
+            timeout = None
+            limit = self.gate.cluster_wait() if gated and self.gate is not None else None
+            if limit is not None:
+                deadline = self._clock() + limit if deadline is None else deadline
+                timeout = max(0.0, deadline - self._clock())
+            conn = self._wait(self.gate if gated else None, timeout)
             if conn is not None:  # handed over by release()
                 return conn, conn.messages_sent > 0
 
@@ -195,7 +206,8 @@ class DestinationPool:
         if conn.owes:  # handed on, then not used for a transaction: read what is owed
             conn.settle()
         retiring = conn.sock is not None and self._retires(conn)
-        usable = conn.sock is not None and not retiring
+        usable = (conn.sock is not None and not retiring
+                  and not (self.gate is not None and self.gate.give_back()))
         if usable and self._hand_over(conn):
             return
         if usable and not self._slot_wanted_elsewhere():
@@ -215,8 +227,10 @@ class DestinationPool:
         final reply is still to come (engine.smtp.transaction, `Transaction._pass_on`): the
         caller's commands go out at once and it reads that reply first. Not when the
         transaction is the connection's last (`max_messages`): it is retired after the
-        reply."""
+        reply; nor when its slot goes back to the cluster (`release` closes it)."""
         if conn.messages_sent + 1 >= self._term(conn).messages:
+            return False
+        if self.gate is not None and self.gate.give_back():
             return False
         return self._hand_over(conn)
 
@@ -377,14 +391,18 @@ class DestinationPool:
             if not waiter.ready():
                 waiter.set_exception(type(err)(err.reply, err.command, err.blame))
 
-    def _wait(self, gate: ConnectionGate | None = None) -> Connection | None:
-        """Until this pool gives a connection back, fails, or (`gate`) a slot frees.
-        Returns the connection `release` handed over, if it did."""
+    def _wait(self, gate: ConnectionGate | None = None,
+              timeout: float | None = None) -> Connection | None:
+        """Until this pool gives a connection back, fails, or (`gate`) a slot frees;
+        `timeout`: NoSlot after that long. Returns the connection `release` handed over,
+        if it did."""
         waiter = AsyncResult()
         self._waiters.append(waiter)
         if gate is not None:
             gate.add_waiter(waiter)
         try:
+            if timeout is not None and not waiter.wait(timeout) and not waiter.ready():
+                raise NoSlot()
             conn: Connection | None = waiter.get()
             return conn
         except BaseException:
@@ -444,7 +462,10 @@ class DestinationPool:
         if self.open >= self.health.max_connections() or any_waiting(self._waiters):
             return True
         gate = self.gate
-        return gate is not None and (gate.open >= gate.max_connections or gate.has_waiters())
+        # A cluster's slot is freed once the socket is closed: another host's connection
+        # may take it at once.
+        return gate is not None and (gate.open >= gate.max_connections or gate.has_waiters()
+                                     or gate.cluster is not None)
 
     def _quit_then_free(self, conn: Connection, replace: bool = False) -> None:
         try:
@@ -505,8 +526,8 @@ class DestinationPool:
         if gate is not None:
             # Never by closing another pool's idle connection (try_enter would): only a
             # slot that is free now; never for a suspended provider (a block's knocks).
-            if (gate.paused() or gate.open >= gate.max_connections
-                    or not gate.try_enter()):
+            if (gate.paused() or gate.cluster is not None
+                    or gate.open >= gate.max_connections or not gate.try_enter()):
                 return False
         self.open += 1
         self._connecting += 1

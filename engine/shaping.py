@@ -11,7 +11,9 @@ says which apply to the IP). A shaper is made of
 - **push-back recognised by behaviour** (engine.pushback), besides the throttle rules;
 - **caps** (engine.caps): messages per hour, and a warm-up schedule of messages per day;
 - in a cluster, the provider's **cluster-wide rate** (engine.cluster_rate: turns leased
-  from Redis), taken after the local pace, just before the message is sent; and the
+  from Redis), taken after the local pace, just before the message is sent; its
+  **cluster-wide connections** (engine.cluster_connections: slots held in Redis, asked
+  by the connection gate for each new connection); and the
   **shared suspensions** (engine.cluster_suspend): a suspension of this shaper's own (a
   block, a rule's `suspend`) is published, and one another host published is followed;
   likewise a learned limit, where a worker that learned none starts.
@@ -41,6 +43,7 @@ from typing import Any
 from engine import classify, logs
 from engine.caps import Caps, Deferral
 from engine.cluster import Cluster
+from engine.cluster_connections import ClusterConnections
 from engine.cluster_rate import ClusterRate
 from engine.cluster_suspend import SharedSuspensions
 from engine.config import (
@@ -380,6 +383,7 @@ class ProviderShaper:
             "sent_today": self.caps.sent_today,
             "daily_cap": self.caps.daily_cap,
             **(self.cluster_rate.state() if self.cluster_rate is not None else {}),
+            **(self.gate.cluster.state() if self.gate.cluster is not None else {}),
             **({"followed": self.followed, "seeded": self.seeded}
                if self.shared is not None else {}),
         }
@@ -455,6 +459,7 @@ class Shaping:
                                     self._wall, self.save, self._cluster_rate(provider, limits),
                                     self._shared)
             self._restore(provider, shaper)
+            self._limit_connections(provider, limits, shaper)
             self._shapers[provider] = shaper
         return shaper
 
@@ -464,6 +469,17 @@ class Shaping:
             return None
         return ClusterRate(self.cluster, provider, limits.cluster_rate,
                            f"{self.cluster.host}/{self.plan.ip}", self._metrics, self._clock)
+
+    def _limit_connections(self, provider: str, limits: SendingLimits,
+                           shaper: ProviderShaper) -> None:
+        """The provider's connections across the cluster, if limited and a cluster is
+        configured: its gate asks the cluster's slots too."""
+        if self.cluster is None or limits.cluster_connections <= 0:
+            return
+        shaper.gate.limit_cluster(ClusterConnections(
+            self.cluster, provider, limits.cluster_connections,
+            f"{self.cluster.host}/{self.plan.ip}", self._metrics, self._clock),
+            self.plan.shaping.max_wait)
 
     def _restore(self, provider: str, shaper: ProviderShaper) -> None:
         if self._saved.get("day") == shaper.caps.day:
@@ -495,6 +511,9 @@ class Shaping:
         """Stop watching the cluster's suspensions (a worker's end, a test's)."""
         if self._shared is not None:
             self._shared.close()
+        for shaper in self._shapers.values():
+            if shaper.gate.cluster is not None:
+                shaper.gate.cluster.close()
 
     def items(self) -> Iterable[tuple[str, ProviderShaper]]:
         return self._shapers.items()

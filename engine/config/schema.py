@@ -228,6 +228,7 @@ class ProviderLimits:
     hourly: int | None = None
     connection_rate: float | None = None
     cluster_rate: float | None = None  # shaping.providers only: see ShapingConfig
+    cluster_connections: int | None = None  # shaping.providers only: see ShapingConfig
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,9 @@ class ShapingConfig:
     # Messages per second to a provider from every host of the cluster together (Redis:
     # `cluster`, engine.cluster_rate); 0 = no cluster-wide limit. Per provider in practice.
     cluster_rate: float = 0.0
+    # Connections open at once to a provider from every host of the cluster together
+    # (engine.cluster_connections); 0 = no cluster-wide limit. Per provider in practice.
+    cluster_connections: int = 0
     providers: Mapping[str, ProviderLimits] = field(default_factory=_frozen_mapping)
     ips: Mapping[str, Mapping[str, ProviderLimits]] = field(default_factory=_frozen_mapping)
 
@@ -260,6 +264,7 @@ class SendingLimits:
     hourly: int  # messages per hour
     connection_rate: float  # new connections per second
     cluster_rate: float  # messages per second from every host of the cluster together
+    cluster_connections: int  # connections open at once from every host together
 
     @classmethod
     def of(cls, pool: PoolConfig, shaping: ShapingConfig, ip: str,
@@ -268,7 +273,8 @@ class SendingLimits:
         limits = cls(max_connections=pool.max_connections, max_messages=pool.max_messages,
                      rate=shaping.rate, hourly=shaping.hourly,
                      connection_rate=shaping.connection_rate,
-                     cluster_rate=shaping.cluster_rate)
+                     cluster_rate=shaping.cluster_rate,
+                     cluster_connections=shaping.cluster_connections)
         for given in (shaping.providers.get(provider), shaping.ips.get(ip, {}).get(provider)):
             if given is not None:
                 limits = replace(limits, **{f.name: getattr(given, f.name) for f in fields(given)
@@ -459,6 +465,9 @@ class ClusterConfig:
     duplicate_window: float = 86400.0  # a job id accepted anywhere is a duplicate this long
     lease: float = 1.0  # a cluster-wide rate's turns are leased at most this far ahead
     poll: float = 1.0  # a worker reads the suspensions other hosts published this often
+    # A worker's cluster connection slots stop counting this long after its last word to
+    # Redis (a host killed -9); renewed every `poll` (a third of it at most) meanwhile.
+    connection_lease: float = 10.0
     # A provider's limit learned from a push-back is shared this long (the lowest of the
     # hosts'): a worker that learned nothing of it starts there; 0 = not shared.
     ceiling_expiry: float = 3600.0

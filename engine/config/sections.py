@@ -313,6 +313,7 @@ _PROVIDER_LIMITS = section(ProviderLimits, {
     "hourly": optional(integer(0)),
     "connection_rate": optional(number(0)),
     "cluster_rate": optional(number(0)),
+    "cluster_connections": optional(integer(0)),
 })
 
 
@@ -327,9 +328,10 @@ def _per_ip(value: Any, path: str) -> Mapping[str, Mapping[str, ProviderLimits]]
                               for ip, v in mapping(value, path).items()})
     for ip, providers in table.items():
         for name, limits in providers.items():
-            if limits.cluster_rate is not None:  # one figure for every host: not one IP's
-                raise error(join(join(join(path, ip), name), "cluster_rate"),
-                            "cluster-wide: set it under shaping.providers")
+            for key in ("cluster_rate", "cluster_connections"):  # for every host: not one IP's
+                if getattr(limits, key) is not None:
+                    raise error(join(join(join(path, ip), name), key),
+                                "cluster-wide: set it under shaping.providers")
     return table
 
 
@@ -338,6 +340,7 @@ _SHAPING = section(ShapingConfig, {
     "hourly": integer(0),
     "connection_rate": number(0),
     "cluster_rate": number(0),
+    "cluster_connections": integer(0),
     "max_wait": duration(),
     "providers": _per_provider,
     "ips": _per_ip,
@@ -589,6 +592,7 @@ _CLUSTER = section(ClusterConfig, {
     "duplicate_window": duration(positive=True),
     "lease": duration(positive=True),
     "poll": duration(positive=True),
+    "connection_lease": duration(positive=True),
     "ceiling_expiry": duration(),
     "hosts": _cluster_hosts,
 })

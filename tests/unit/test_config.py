@@ -144,6 +144,14 @@ def test_cluster_is_off_by_default_and_reads_its_keys() -> None:
             cfg.cluster.lease) == (0.25, 2.0, 172800.0, 0.5)
     assert SendingLimits.of(cfg.pool, cfg.shaping, "192.0.2.10", "yahoo").cluster_rate == 300
     assert SendingLimits.of(cfg.pool, cfg.shaping, "192.0.2.10", "google").cluster_rate == 0
+    assert cfg.cluster.connection_lease == 10.0
+    limited = from_dict(minimal(cluster={"connection_lease": "30s"}, shaping={
+        "providers": {"yahoo": {"cluster_connections": 40}}}))
+    assert limited.cluster.connection_lease == 30.0
+    assert SendingLimits.of(limited.pool, limited.shaping, "192.0.2.10",
+                            "yahoo").cluster_connections == 40
+    assert SendingLimits.of(limited.pool, limited.shaping, "192.0.2.10",
+                            "google").cluster_connections == 0
 
 
 def test_cluster_hosts_list_each_hosts_control_and_are_no_restart() -> None:
@@ -413,6 +421,12 @@ REFUSALS = [
      "shaping.providers.yahoo.cluster_rate", "must be >= 0"),
     (minimal(shaping={"ips": {"192.0.2.10": {"yahoo": {"cluster_rate": 5}}}}),
      "shaping.ips.192.0.2.10.yahoo.cluster_rate", "set it under shaping.providers"),
+    (minimal(shaping={"providers": {"yahoo": {"cluster_connections": 2.5}}}),
+     "shaping.providers.yahoo.cluster_connections", "integer"),
+    (minimal(shaping={"cluster_connections": -1}), "shaping.cluster_connections", ">= 0"),
+    (minimal(shaping={"ips": {"192.0.2.10": {"yahoo": {"cluster_connections": 5}}}}),
+     "shaping.ips.192.0.2.10.yahoo.cluster_connections", "set it under shaping.providers"),
+    (minimal(cluster={"connection_lease": 0}), "cluster.connection_lease", "more than 0"),
 ]
 
 

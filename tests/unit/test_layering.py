@@ -29,7 +29,8 @@ SUPERVISOR_SIDE = ("engine.supervisor", "engine.intake", "engine.results", "engi
                    "engine.tlsrpt_store", "engine.tlsrpt_report", "engine.cluster_dedup")
 WORKER_SIDE = ("engine.worker", "engine.delivery", "engine.connector", "engine.pool",
                "engine.shaping", "engine.smtp", "engine.mx", "engine.tls", "engine.waiters",
-               "engine.mtasts", "engine.tlspolicy", "engine.dane", "engine.cluster_rate")
+               "engine.mtasts", "engine.tlspolicy", "engine.dane", "engine.cluster_rate",
+               "engine.cluster_connections", "engine.gate")
 SMTP_LAYER = ("engine.smtp",)
 
 # (modules the rule is about, what they must not import, why)

@@ -867,3 +867,87 @@ def test_a_waiter_drained_after_the_hand_on_reads_what_is_owed_before_giving_it_
     assert isinstance(waiter.value, Drained)
     fake = cast(FakeConnection, conn)
     assert fake.settled == 1 and not fake.owes
+
+
+# -- a provider's connections limited across the cluster (engine.cluster_connections) ---------
+
+
+class FakeSlots:
+    """The cluster's slots as the gate sees them (engine.cluster_connections), no Redis:
+    `free` slots to grant; `over_share`: this worker should give one back."""
+
+    def __init__(self, free: int) -> None:
+        self.free = free
+        self.held = 0
+        self.over_share = False
+        self.waiters: Callable[[], bool] = lambda: False
+        self.wake: Callable[[], None] = lambda: None
+        self.shed: Callable[[int], int] = lambda count: 0
+
+    def acquire(self) -> bool:
+        if self.held >= self.free:
+            return False
+        self.held += 1
+        return True
+
+    def release(self) -> None:
+        self.held -= 1
+
+
+def cluster_pool(free: int, max_wait: float) -> tuple[DestinationPool, FakeSlots, Factory]:
+    from engine.gate import ConnectionGate
+
+    clock = FakeClock()
+    factory = Factory(clock)
+    gate = ConnectionGate(max_connections=5, connection_rate=0)
+    slots = FakeSlots(free)
+    gate.limit_cluster(cast(Any, slots), max_wait)
+    pool = DestinationPool(KEY, PoolConfig(max_connections=5, max_messages=100,
+                                           idle_timeout=60.0), factory, clock, gate)
+    return pool, slots, factory
+
+
+def test_a_caller_the_cluster_refuses_waits_max_wait_then_no_slot() -> None:
+    from engine.gate import NoSlot
+
+    pool, slots, factory = cluster_pool(free=1, max_wait=0.3)
+    conn, _ = pool.acquire()  # the only slot of the cluster, busy
+    started = time.monotonic()
+    with pytest.raises(NoSlot):
+        pool.acquire()  # room here (5), none in the cluster: waits max_wait, no more
+    assert 0.25 <= time.monotonic() - started < 1.0
+    assert factory.calls == 1 and pool.open == 1 and slots.held == 1
+    # Given back within max_wait, the connection goes to the waiting caller instead.
+    got = gevent.spawn(pool.acquire)
+    gevent.sleep(0.05)
+    pool.release(conn)
+    assert got.get(timeout=1)[0] is conn
+
+
+def test_a_connection_whose_slot_the_cluster_wants_back_closes_when_it_comes_back() -> None:
+    pool, slots, factory = cluster_pool(free=2, max_wait=5.0)
+    first, _ = pool.acquire()
+    second, _ = pool.acquire()
+    assert factory.calls == 2 and pool.opening_ahead == 0  # nothing opened ahead, ever
+    slots.over_share = True  # another worker of the cluster waits: above our share
+    pool.release(first)
+    gevent.sleep(0.05)  # its QUIT, then the slot is free (for the other host)
+    assert pool.idle == 0 and slots.held == 1 and cast(FakeConnection, first).quit
+    slots.over_share = False
+    pool.release(second)
+    assert pool.idle == 1 and slots.held == 1  # at its share: kept for the next message
+
+
+def test_a_connection_the_cluster_wants_back_is_not_passed_on_mid_transaction() -> None:
+    pool, slots, _ = cluster_pool(free=1, max_wait=5.0)
+    conn, _ = pool.acquire()
+    waiting = gevent.spawn(pool.acquire)
+    gevent.sleep(0.01)
+    assert pool.pass_on(conn) is True  # handed to the caller waiting, before the reply
+    got, _ = waiting.get(timeout=1)
+    assert got is conn
+    slots.over_share = True  # another worker waits: above its share now
+    waiting = gevent.spawn(pool.acquire)
+    gevent.sleep(0.01)
+    assert pool.pass_on(got) is False  # released instead, then closed
+    waiting.kill()

@@ -475,3 +475,23 @@ def test_warmup_caps_each_provider_per_day_and_survives_a_restart(tmp_path: Path
     t.now = deferral.retry_at + 10  # day 3: past the schedule, no cap
     for _ in range(50):
         assert took(again.turn())
+
+
+def test_a_cluster_connections_limit_adds_its_figures_to_the_shaper_state() -> None:
+    """The gate of a provider with `cluster_connections` asks the cluster's slots; its
+    figures join the shaper's state without hiding the operator's `held`."""
+    from engine.config import ClusterConfig, ProviderLimits, ShapingConfig
+    from engine.shaping import Shaping, ShapingPlan
+
+    shaping = Shaping(ShapingPlan(ip="192.0.2.10", cluster=ClusterConfig(
+        redis="redis://127.0.0.1:1/0", host="mta-a"), shaping=ShapingConfig(
+        providers={"yahoo": ProviderLimits(cluster_connections=3)})))
+    try:
+        yahoo, google = shaping.get("yahoo"), shaping.get("google")
+        assert yahoo.gate.cluster is not None and google.gate.cluster is None
+        yahoo.hold(60.0)  # the operator's suspension: `held`, as queue_admin reads it
+        state = yahoo.state()
+        assert (state["cluster_connections"], state["slots_held"]) == (3, 0)
+        assert state["held"] is True
+    finally:
+        shaping.close()
