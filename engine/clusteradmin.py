@@ -192,7 +192,8 @@ def hold(args: argparse.Namespace) -> int:
     else:
         for o in done:
             print(f"{o.host}: {_held(args, o.done)}")
-        print(f"cluster: {args.provider} {args.command}d on {len(done)} of"
+        verb = "suspended" if args.command == "suspend" else "resumed"
+        print(f"cluster: {args.provider} {verb} on {len(done)} of"
               f" {counted(len(outcomes), 'host')}")
     for o in done:
         if o.done.get("not_running"):
