@@ -10,13 +10,18 @@ worker of every host reads the keys of the providers it sends to at most every
 greenlet of its own, started at the worker's first message, and at once for a provider new
 to the worker), and suspends a provider whose key says so until the same moment: nothing
 more is sent there from any host, whether its worker was busy or idle. Each suspension is
-followed once (a host's `mailengine queue resume` ends it on that host alone).
+followed once (a host's `mailengine queue resume` ends it on that host alone; `queue
+--cluster resume` ends it on every host and lifts it: each worker told deletes the key).
 
 - A longer suspension wins: publishing never shortens the one in Redis.
 - Times are Redis's (`TIME`), turned into "seconds from now" by the script, so the hosts'
   clocks do not matter.
 - **Degrading**: while Redis is unreachable (engine.cluster: fallback) nothing is published
   or read, and each host suspends on what it sees alone, as without a cluster.
+- **Rebuilding**: a Redis back empty (restarted without persistence, flushed) is set again
+  by the workers that know its state, at their next read (the same round trip): the
+  suspensions each published or follows, still running, and the lowest ceilings they know,
+  each as it was and for the time it has left (`cluster_state_rebuilt`).
 
 **Learned ceilings** go the same way: a limit a worker learned from a push-back is shared
 as the lowest of the cluster's (`<prefix>:ceiling:<provider>`, for `cluster.ceiling_expiry`),
@@ -25,7 +30,7 @@ starts there (at 95% of it) instead of slow-starting into it; one that learned i
 it (a receiver's limits are mostly per IP).
 
 Counted: `cluster_suspensions_published`, `cluster_suspensions_followed`,
-`cluster_ceilings_followed`; a host following another's suspension logs
+`cluster_ceilings_followed`, `cluster_state_rebuilt`; a host following another's suspension logs
 `provider_suspended_elsewhere`, one starting at a shared ceiling `provider_ceiling_shared`.
 
 Worker side: publishing runs in a greenlet of its own (judging a reply never waits).
