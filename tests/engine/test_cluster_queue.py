@@ -9,7 +9,8 @@ has it), sharing a real redis-server; A's config lists both in `cluster.hosts`.
 - `suspend` holds the provider at every IP of both hosts; `retry --domain` makes both hosts'
   recipients due (they meet the suspension and wait again, untried); `delete --domain` asks
   once for the whole cluster (refused without a terminal nor --yes, naming each host's
-  count), then with --yes ends them on both, each with its `expired` event;
+  count; on a terminal, "n" does nothing anywhere), then with --yes ends them on both, each
+  with its `expired` event;
 - B stopped: a command is done on A, B is named NOT DONE, and the exit status is 1.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import zmq
 from engine import auth
 from engine.testing.harness import LocalEngine, make_message
 from engine.testing.sink import SinkServer
-from tests.support.cli import mailengine
+from tests.support.cli import mailengine, mailengine_on_terminal
 from tests.support.control import CurveEngine, free_tcp_endpoint
 from tests.support.redis import RedisServer, need_redis
 from tests.support.wait import until
@@ -184,6 +185,13 @@ def test_one_command_changes_every_hosts_queue_and_names_a_host_that_did_not(
     assert asked.stderr.strip() == (
         "mailengine queue: 8 jobs (8 recipients) at domain wait.test on 2 hosts (mta-a 3 jobs,"
         " mta-b 5 jobs) match; add --yes to delete them all")
+    # On a terminal: asked once, "n": nothing done on either host.
+    status, said = mailengine_on_terminal(b"n\n", "queue", "--cluster", "-c", config,
+                                          "delete", "--domain", "wait.test")
+    assert (status, said) == (1, "delete 8 jobs (8 recipients) at domain wait.test on 2 hosts"
+                                 " (mta-a 3 jobs, mta-b 5 jobs)? [y/N] mailengine queue:"
+                                 " nothing done\n")
+    assert settled(config)["totals"]["rcpts"] == 8
     deleted = mailengine("queue", "--cluster", "-c", config, "delete", "--domain",
                          "wait.test", "--yes", "--json")
     assert deleted.returncode == 0, deleted.stdout + deleted.stderr
