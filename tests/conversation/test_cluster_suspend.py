@@ -243,9 +243,8 @@ def test_redis_restarted_empty_the_workers_that_hold_a_suspension_set_it_again_f
     assert published is not None
 
     redis_server.client().flushall()  # type: ignore[attr-defined]
-    took = wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
-                    "the suspension set again after a FLUSHALL")
-    assert took <= 2 * POLL + 0.2
+    wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
+             "the suspension set again after a FLUSHALL (at the next poll of a or b)")
     assert key_of(redis_server, key) == published  # as it was: nobody follows it twice
     ttl = redis_server.client().pttl(key)  # type: ignore[attr-defined]
     assert 50_000 < ttl <= 60_000
@@ -260,9 +259,8 @@ def test_redis_restarted_empty_the_workers_that_hold_a_suspension_set_it_again_f
 
     redis_server.kill()  # a real restart, empty (nothing is saved)
     redis_server.start()
-    took = wait_for(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
-                    "the suspension set again after a restart")
-    assert took <= RETRY + 3 * POLL + 0.5
+    wait_for(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
+             "the suspension set again after a restart (cluster.retry, then a poll)")
     assert key_of(redis_server, key) == published
     d = host(redis_server, "mta-d", "127.0.0.5")
     assert suspended(d.get("yahoo").turn())
