@@ -10,13 +10,18 @@ worker of every host reads the keys of the providers it sends to at most every
 greenlet of its own, started at the worker's first message, and at once for a provider new
 to the worker), and suspends a provider whose key says so until the same moment: nothing
 more is sent there from any host, whether its worker was busy or idle. Each suspension is
-followed once (a host's `mailengine queue resume` ends it on that host alone).
+followed once (a host's `mailengine queue resume` ends it on that host alone; `queue
+--cluster resume` ends it on every host and lifts it: each worker told deletes the key).
 
 - A longer suspension wins: publishing never shortens the one in Redis.
 - Times are Redis's (`TIME`), turned into "seconds from now" by the script, so the hosts'
   clocks do not matter.
 - **Degrading**: while Redis is unreachable (engine.cluster: fallback) nothing is published
   or read, and each host suspends on what it sees alone, as without a cluster.
+- **Rebuilding**: a Redis back empty (restarted without persistence, flushed) is set again
+  by the workers that know its state, at their next read (the same round trip): the
+  suspensions each published or follows, still running, and the lowest ceilings they know,
+  each as it was and for the time it has left (`cluster_state_rebuilt`).
 
 **Learned ceilings** go the same way: a limit a worker learned from a push-back is shared
 as the lowest of the cluster's (`<prefix>:ceiling:<provider>`, for `cluster.ceiling_expiry`),
@@ -25,7 +30,7 @@ starts there (at 95% of it) instead of slow-starting into it; one that learned i
 it (a receiver's limits are mostly per IP).
 
 Counted: `cluster_suspensions_published`, `cluster_suspensions_followed`,
-`cluster_ceilings_followed`; a host following another's suspension logs
+`cluster_ceilings_followed`, `cluster_state_rebuilt`; a host following another's suspension logs
 `provider_suspended_elsewhere`, one starting at a shared ceiling `provider_ceiling_shared`.
 
 Worker side: publishing runs in a greenlet of its own (judging a reply never waits).
@@ -46,6 +51,9 @@ from engine.metrics import Metrics
 
 log = logging.getLogger("mailengine.cluster")
 
+# s: what is this close to its end is not set again in Redis (where it expires on its own)
+REBUILD_MARGIN = 0.5
+
 # KEYS[1]: the provider's suspension. ARGV: seconds, who (host/ip), why.
 # Sets it unless the one there lasts longer; returns the value that holds after.
 PUBLISH = """
@@ -63,32 +71,62 @@ return value
 """
 
 # KEYS[1]: the provider's learned ceiling. ARGV: the limit (/s), its expiry (s). The lowest
-# holds: a higher one leaves it (and its expiry) as it is. Returns the ceiling that holds.
+# holds: a higher one leaves it (and its expiry) as it is. Returns {the ceiling that holds,
+# its milliseconds left}.
 CEILING = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '')
-if cur and cur <= tonumber(ARGV[1]) then return tostring(cur) end
+local cur = redis.call('GET', KEYS[1])
+if cur and tonumber(cur) and tonumber(cur) <= tonumber(ARGV[1]) then
+  return {cur, redis.call('PTTL', KEYS[1])}
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', math.ceil(tonumber(ARGV[2]) * 1000))
-return ARGV[1]
+return {ARGV[1], math.ceil(tonumber(ARGV[2]) * 1000)}
 """
 
-# KEYS: n providers' suspensions, then the same n providers' ceilings. Returns, for each
-# provider, {suspension, seconds left, ceiling}; '' for what there is not.
+# KEYS: n providers' suspensions, then the same n providers' ceilings. ARGV: for each
+# provider, what this worker knows of the cluster's state: the suspension it holds ('' for
+# none) and its milliseconds left, the lowest ceiling it knows ('') and its milliseconds
+# left. A key missing (Redis restarted empty) is set again from them: the state rebuilt.
+# Returns, for each provider, {suspension, seconds left, ceiling, its ms left, rebuilt}
+# ('' for what there is not; rebuilt: 1 the suspension, 2 the ceiling, 3 both).
 READ = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local n = #KEYS / 2
 local out = {}
 for i = 1, n do
+  local held, held_ms = ARGV[4 * i - 3], tonumber(ARGV[4 * i - 2])
+  local known, known_ms = tonumber(ARGV[4 * i - 1]), tonumber(ARGV[4 * i])
+  local rebuilt = 0
   local value = redis.call('GET', KEYS[i])
+  if not value and held ~= '' and held_ms and held_ms > 0 then
+    redis.call('SET', KEYS[i], held, 'PX', held_ms)
+    value, rebuilt = held, 1
+  end
   local left = 0
   if value then
     left = (tonumber(string.match(value, '^[^|]+')) or now) - now
   else
     value = ''
   end
-  out[i] = {value, string.format('%.6f', left), redis.call('GET', KEYS[n + i]) or ''}
+  local ceiling = redis.call('GET', KEYS[n + i])
+  if known and known_ms and known_ms > 0 and (not ceiling or known < (tonumber(ceiling) or 0)) then
+    ceiling = ARGV[4 * i - 1]
+    redis.call('SET', KEYS[n + i], ceiling, 'PX', known_ms)
+    rebuilt = rebuilt + 2
+  end
+  local ceiling_ms = 0
+  if ceiling then ceiling_ms = redis.call('PTTL', KEYS[n + i]) else ceiling = '' end
+  out[i] = {value, string.format('%.6f', left), ceiling, ceiling_ms, rebuilt}
 end
 return out
+"""
+
+# KEYS[1]: the provider's suspension, lifted by the operator (`queue --cluster resume`).
+# Returns the value it had ('' for none).
+LIFT = """
+local value = redis.call('GET', KEYS[1])
+if value then redis.call('DEL', KEYS[1]) end
+return value or ''
 """
 
 
@@ -103,7 +141,14 @@ class Follower(Protocol):
 class SharedSuspensions:
     """One worker's side of the cluster's suspensions (`member`: host/ip).
 
-    `followers()` gives the worker's shapers by provider: those are the keys read."""
+    `followers()` gives the worker's shapers by provider: those are the keys read.
+
+    What the worker knows of the cluster's state is kept to **rebuild** it: the suspensions
+    it published or follows while they run (`_held`, until the operator resumes them here)
+    and the lowest ceiling of each provider (`_ceilings`, until its expiry). A key found
+    missing at a read (a Redis restarted without persistence, a FLUSHALL) is set again in
+    the same round trip, as it was and for the time it has left: the other workers, and
+    those that start later, follow it again within a poll."""
 
     def __init__(self, cluster: Cluster, member: str,
                  followers: Callable[[], Iterable[tuple[str, Follower]]],
@@ -117,7 +162,10 @@ class SharedSuspensions:
         self._publish = cluster.script(PUBLISH)
         self._ceiling = cluster.script(CEILING)
         self._read = cluster.script(READ)
+        self._lift = cluster.script(LIFT)
         self._seen: dict[str, str] = {}  # provider -> the suspension followed (or own) last
+        self._held: dict[str, tuple[str, float]] = {}  # provider -> (suspension, ends)
+        self._ceilings: dict[str, tuple[str, float]] = {}  # provider -> (lowest, expires)
         self._next_read = -math.inf
         self._reading = False
         self._known: frozenset[str] = frozenset()  # the providers read last time
@@ -139,6 +187,7 @@ class SharedSuspensions:
         value = _text(value)
         if _fields(value)[1] == self.member:  # its own: not followed back
             self._seen[provider] = value
+            self._held[provider] = (value, self._clock() + seconds)
         else:  # a longer one of another host's: followed at the next read
             self._next_read = -math.inf
         if self._metrics is not None:
@@ -154,13 +203,27 @@ class SharedSuspensions:
         expiry = self._cluster.cfg.ceiling_expiry
         if expiry <= 0 or not limit > 0:
             return False
-        return self._cluster.run("ceiling", lambda client: self._ceiling(
+        holds = self._cluster.run("ceiling", lambda client: self._ceiling(
             keys=[self._cluster.key("ceiling", provider)], args=[f"{limit:.3f}", expiry],
-            client=client)) is not None
+            client=client))
+        if holds is None:
+            return False
+        self._know_ceiling(provider, _text(holds[0]), int(holds[1]))
+        return True
 
-    def released(self, provider: str) -> None:
+    def released(self, provider: str, lift: bool = False) -> None:
         """The operator resumed `provider` on this host: the suspension known now is not
-        followed again (a newer one will be)."""
+        followed again (a newer one will be), nor published again. `lift`: resumed on every
+        host (`queue --cluster resume`), so the suspension in Redis is deleted too, else
+        the workers that start later would follow it."""
+        self._held.pop(provider, None)
+        if lift:
+            value = self._cluster.run("lift", lambda client: self._lift(
+                keys=[self._cluster.key("suspend", provider)], args=[], client=client))
+            if value:
+                self._seen[provider] = _text(value)
+                log.warning(logs.kv("provider_suspension_lifted", provider=provider,
+                                    origin=_fields(_text(value))[1]))
         self._next_read = -math.inf  # read now what holds, and mark it seen
         self._read_now(ignore={provider})
 
@@ -196,32 +259,66 @@ class SharedSuspensions:
         if not followers:
             return
         names = sorted(followers)
+        args = self._known_state(names)
         self._reading = True
         try:
             reply = self._cluster.run("suspensions", lambda client: self._read(
                 keys=[*(self._cluster.key("suspend", name) for name in names),
-                      *(self._cluster.key("ceiling", name) for name in names)], args=[],
+                      *(self._cluster.key("ceiling", name) for name in names)], args=args,
                 client=client))
         finally:
             self._reading = False
         if reply is None:
             return
-        for name, (raw, left, ceiling) in zip(names, reply, strict=True):
+        for name, (raw, left, ceiling, ceiling_ms, rebuilt) in zip(names, reply, strict=True):
+            self._rebuilt(name, int(rebuilt))
+            self._know_ceiling(name, _text(ceiling), int(ceiling_ms))
             self._seed(name, followers[name], _text(ceiling))
-            value, seconds = _text(raw), float(left)
-            if not value or value == self._seen.get(name):
-                continue
-            self._seen[name] = value
-            if ignore and name in ignore:
-                continue
-            _, origin, reason = _fields(value)
-            if seconds <= 0:  # (its own, published by this process, is in _seen)
-                continue
-            if followers[name].follow(seconds, origin, reason):
+            self._follow(name, followers[name], _text(raw), float(left), ignore or set())
+
+    def _known_state(self, names: list[str]) -> list[str]:
+        """READ's arguments: for each provider, the suspension this worker holds and the
+        lowest ceiling it knows, each with its milliseconds left ('' for none)."""
+        now = self._clock()
+        args: list[str] = []
+        for name in names:
+            for known in (self._held, self._ceilings):
+                value, ends = known.get(name, ("", now))
+                if ends <= now + REBUILD_MARGIN:  # (ending: as Redis's expiry does)
+                    known.pop(name, None)
+                    value = ""
+                args += [value, str(math.ceil((ends - now) * 1000)) if value else ""]
+        return args
+
+    def _follow(self, name: str, follower: Follower, value: str, seconds: float,
+                ignore: set[str]) -> None:
+        if not value or value == self._seen.get(name):
+            return
+        self._seen[name] = value
+        if name in ignore:
+            return
+        _, origin, reason = _fields(value)
+        if seconds <= 0:  # (its own, published by this process, is in _seen)
+            return
+        if follower.follow(seconds, origin, reason):
+            self._held[name] = (value, self._clock() + seconds)
+            if self._metrics is not None:
+                self._metrics.incr("cluster_suspensions_followed", name)
+            log.warning(logs.kv("provider_suspended_elsewhere", provider=name,
+                                origin=origin, reason=reason, seconds=f"{seconds:.1f}"))
+
+    def _know_ceiling(self, name: str, ceiling: str, ms_left: int) -> None:
+        if ceiling and ms_left > 0:
+            self._ceilings[name] = (ceiling, self._clock() + ms_left / 1000)
+
+    def _rebuilt(self, name: str, rebuilt: int) -> None:
+        """Count and log what this worker set again in a Redis that had lost it."""
+        for bit, what in ((1, "suspension"), (2, "ceiling")):
+            if rebuilt & bit:
                 if self._metrics is not None:
-                    self._metrics.incr("cluster_suspensions_followed", name)
-                log.warning(logs.kv("provider_suspended_elsewhere", provider=name,
-                                    origin=origin, reason=reason, seconds=f"{seconds:.1f}"))
+                    self._metrics.incr("cluster_state_rebuilt", name)
+                log.warning(logs.kv("cluster_state_rebuilt", provider=name, what=what,
+                                    member=self.member))
 
     def _seed(self, name: str, follower: Follower, ceiling: str) -> None:
         """A worker that learned nothing of the provider yet starts at the cluster's

@@ -91,10 +91,11 @@ def _curve(host: ClusterHostConfig, client_key: str) -> CurveClient | None:
 def ask_all(hosts: list[Target], request: dict[str, Any], timeout: float) -> list[Answer]:
     """Every host's answer to `request`, asked in parallel, in the order of `hosts`."""
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        return list(pool.map(lambda host: _ask(host, request, timeout), hosts))
+        return list(pool.map(lambda host: ask_one(host, request, timeout), hosts))
 
 
-def _ask(host: Target, request: dict[str, Any], timeout: float) -> Answer:
+def ask_one(host: Target, request: dict[str, Any], timeout: float) -> Answer:
+    """One host's answer to `request`, or why there is none."""
     try:
         figures = controlclient.request(host.endpoint, request, timeout,
                                         f"cluster.hosts {host.name}", host.curve)

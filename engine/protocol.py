@@ -186,10 +186,12 @@ PROVIDER_MAX = 253  # characters of a provider's name (a DNS name at most)
 @dataclass(frozen=True)
 class Hold:
     """Suspend sending to `provider` from the worker's IP for `seconds`; 0 resumes it
-    (whatever suspended it: the operator, a throttle rule or a block)."""
+    (whatever suspended it: the operator, a throttle rule or a block). `lift`: a resume on
+    every host of a cluster, which lifts the suspension in its Redis too."""
 
     provider: str
     seconds: float
+    lift: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.provider, str) or not 0 < len(self.provider) <= PROVIDER_MAX \
@@ -200,8 +202,8 @@ class Hold:
 
 
 def hold_frame(hold: Hold) -> bytes:
-    return _ENCODE({"type": "hold", "provider": hold.provider,
-                    "seconds": hold.seconds}).encode()
+    return _ENCODE({"type": "hold", "provider": hold.provider, "seconds": hold.seconds,
+                    **({"lift": True} if hold.lift else {})}).encode()
 
 
 def hold_from_frame(frame: bytes) -> Hold:
@@ -209,7 +211,7 @@ def hold_from_frame(frame: bytes) -> Hold:
     msg = json.loads(frame)
     if not isinstance(msg, dict) or msg.get("type") != "hold":
         raise ValueError("not a hold message")
-    return Hold(msg["provider"], float(msg["seconds"]))
+    return Hold(msg["provider"], float(msg["seconds"]), msg.get("lift") is True)
 
 
 # -- results -----------------------------------------------------------------------------

@@ -19,10 +19,13 @@ supervisor's loop:
   alone: refused by id, skipped by domain and counted in the answer (`in_flight`), to be
   run again once its results are in. (Ending it under the worker's feet could give one
   recipient two final events: the operator's and a late `delivered`.)
-- `queue_suspend`, `queue_resume`: a provider at one sending IP, told to that IP's worker
-  (engine.protocol.Hold, over its task channel), whose shaper holds it
-  (engine.shaping.ProviderShaper.hold). Remembered here, and told again to a restarted
-  worker until it ends. A resume also retries that IP x provider's domains.
+- `queue_suspend`, `queue_resume`: a provider at one sending IP (or, without `ip`, at
+  every one), told to that IP's worker (engine.protocol.Hold, over its task channel),
+  whose shaper holds it (engine.shaping.ProviderShaper.hold). Remembered here, and told
+  again to a restarted worker until it ends. A resume also retries that IP x provider's
+  domains; with `lift` (`mailengine queue --cluster resume`, run on every host) the
+  workers also delete the provider's suspension from the cluster's Redis
+  (engine.cluster_suspend), so that no worker follows it again.
 
 Only over an ipc control socket (mode 0660: root and the engine's group) or a CURVE one
 (`control.curve`: the listed operators' keys) do the commands that change something run;
@@ -284,25 +287,56 @@ class QueueAdmin:
     # -- suspending --------------------------------------------------------------------
 
     def suspend(self, request: dict[str, Any]) -> dict[str, Any]:
-        ip, provider = self._ip(request), _name(request, "provider")
+        """A provider suspended at one sending IP (`ip`), or at every one (no `ip`)."""
+        ips, provider = self._ips(request), _name(request, "provider")
         seconds = request.get("seconds", DEFAULT_HOLD)
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) \
                 or not 0 < seconds <= protocol.HOLD_MAX:
             raise BadRequest(f"seconds: more than 0 and at most {protocol.HOLD_MAX:.0f}"
                              f" (got {seconds!r})")
-        self._holds[(ip, provider)] = time.monotonic() + seconds
-        self._tell(ip, Hold(provider, float(seconds)))
-        log.warning(logs.kv("queue_suspended", ip=ip, provider=provider, seconds=seconds))
-        return {"ip": ip, "provider": provider, "seconds": seconds}
+        for ip in ips:  # remembered first: a worker not ready now is told when it is
+            self._holds[(ip, provider)] = time.monotonic() + seconds
+        told = self._tell_all(ips, Hold(provider, float(seconds)), "ip" in request)
+        for ip in ips:
+            log.warning(logs.kv("queue_suspended", ip=ip, provider=provider, seconds=seconds))
+        return {"ip": request.get("ip"), "ips": ips, "provider": provider,
+                "seconds": seconds, **told}
 
     def resume(self, request: dict[str, Any]) -> dict[str, Any]:
-        ip, provider = self._ip(request), _name(request, "provider")
-        self._tell(ip, Hold(provider, 0.0))
-        self._holds.pop((ip, provider), None)
-        retried = self._retry_domains(self.routes.domains(provider, ip))
-        log.warning(logs.kv("queue_resumed", ip=ip, provider=provider,
-                            rcpts=retried["rcpts"]))
-        return {"ip": ip, "provider": provider, **retried}
+        """A provider resumed at one sending IP (`ip`), or at every one (no `ip`); `lift`
+        (`queue --cluster resume`): its suspension in the cluster's Redis lifted too."""
+        ips, provider = self._ips(request), _name(request, "provider")
+        lift = request.get("lift") is True
+        for ip in ips:
+            self._holds.pop((ip, provider), None)
+        told = self._tell_all(ips, Hold(provider, 0.0, lift), "ip" in request)
+        retried = self._retry_domains([d for ip in ips
+                                       for d in self.routes.domains(provider, ip)])
+        for ip in ips:
+            log.warning(logs.kv("queue_resumed", ip=ip, provider=provider, lift=lift,
+                                rcpts=retried["rcpts"]))
+        return {"ip": request.get("ip"), "ips": ips, "provider": provider, **told, **retried}
+
+    def _ips(self, request: dict[str, Any]) -> list[str]:
+        """The sending IP asked for, or every one of this engine's without `ip`."""
+        if "ip" in request:
+            return [self._ip(request)]
+        return sorted(handle.ip for handle in self._workers)
+
+    def _tell_all(self, ips: list[str], hold: Hold, named: bool) -> dict[str, Any]:
+        """`hold` told to the worker of each IP: an error for one IP asked by name; with
+        every IP, `not_running` lists those whose worker is not (a suspension is told to
+        them when they are ready)."""
+        if named:
+            self._tell(ips[0], hold)
+            return {"not_running": []}
+        missed = []
+        for ip in ips:
+            try:
+                self._tell(ip, hold)
+            except BadRequest:
+                missed.append(ip)
+        return {"not_running": missed}
 
     def worker_ready(self, ip: str) -> None:
         """A (re)started worker: the suspensions the operator asked for it, told again."""

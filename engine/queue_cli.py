@@ -28,6 +28,10 @@ def add_parser(sub: Any) -> None:
                         help="give up on an answer after this long (default 10s)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print the engine's answer as JSON")
+    common.add_argument("--cluster", action="store_true", default=argparse.SUPPRESS,
+                        help="every host of cluster.hosts at once (in parallel, each within"
+                             " --timeout), each host's answer shown; exit status 1 when a"
+                             " host did not answer or did not do it (docs/SCALING.md)")
     controlclient.add_options(common, default=argparse.SUPPRESS)
     queue = sub.add_parser(
         "queue", parents=[common], help="show what waits; retry, bounce, delete, suspend",
@@ -39,10 +43,6 @@ def add_parser(sub: Any) -> None:
     queue.add_argument("--limit", type=int, default=argparse.SUPPRESS,
                        help="show this many domains at most (default 100; per host with"
                             " --cluster)")
-    queue.add_argument("--cluster", action="store_true",
-                       help="every host of cluster.hosts at once (in parallel, each within"
-                            " --timeout, default 3s then), with a host column; exit status"
-                            " 1 when a host did not answer")
     queue.set_defaults(func=_summary)
     commands = queue.add_subparsers(metavar="COMMAND")
 
@@ -74,16 +74,21 @@ def add_parser(sub: Any) -> None:
         ending.set_defaults(func=_end, verb=verb, event=event)
 
     for name, short, what in (("suspend", "stop sending to a provider from a sending IP",
-                               "Stop sending to PROVIDER from IP (its recipients wait,"
-                                   " no attempt counted), for --for (default 1h, so a"
-                                   " forgotten suspension ends)."),
-                       ("resume", "lift a provider's suspension at a sending IP",
-                        "Lift any suspension of PROVIDER at IP (the operator's,"
-                                  " a throttle rule's or a block's) and retry its"
-                                  " recipients now.")):
+                               "Stop sending to PROVIDER from IP (without IP: from every"
+                               " sending IP; with --cluster: of every host; its recipients"
+                               " wait, no attempt counted), for --for (default 1h, so a"
+                               " forgotten suspension ends). It stays on the hosts it was"
+                               " run on (docs/SCALING.md)."),
+                              ("resume", "lift a provider's suspension at a sending IP",
+                               "Lift any suspension of PROVIDER at IP (without IP: at every"
+                               " sending IP; the operator's, a throttle rule's or a"
+                               " block's) and retry its recipients now. With --cluster: on"
+                               " every host, and a block published in the cluster's Redis"
+                               " is lifted there too.")):
         hold = commands.add_parser(name, parents=[common], help=short,
                                    description=what)
-        hold.add_argument("ip", metavar="IP", help="a sending IP of the engine")
+        hold.add_argument("ip", metavar="IP", nargs="?",
+                          help="a sending IP of the engine (default: every one)")
         hold.add_argument("provider", metavar="PROVIDER",
                           help="as `status` and `queue` show it, e.g. google")
         if name == "suspend":
@@ -111,9 +116,10 @@ class NoAnswer(Exception):
 def ask(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
     """The engine's answer to `request`; NoAnswer if none came in time, UsageError for a
     bad endpoint or config, RuntimeError with the engine's `error`."""
-    if getattr(args, "cluster", False):  # `queue --cluster retry ...`: not one host's
-        raise cliargs.UsageError("--cluster shows the summary only; run a command that"
-                                 " changes the queue on each host (its own -c or --control)")
+    if getattr(args, "cluster", False):  # `queue --cluster show`: a job is one host's
+        raise cliargs.UsageError("--cluster goes with the summary and the commands that"
+                                 " change the queue; `show` asks the job's own host (its -c"
+                                 " or --control)")
     endpoint, option, curve = status.target(args)
     timeout = getattr(args, "timeout", 10.0)
     try:
@@ -227,7 +233,7 @@ def _target(args: argparse.Namespace, provider: bool = False) -> dict[str, Any] 
     return chosen
 
 
-def _where(target: dict[str, Any]) -> str:
+def where(target: dict[str, Any]) -> str:
     if "id" in target:
         return f"job {target['id']}"
     if "domain" in target:
@@ -240,6 +246,10 @@ def _retry(args: argparse.Namespace) -> int:
     target = _target(args, provider=True)
     if target is None:
         return EXIT_USAGE
+    if getattr(args, "cluster", False):
+        from engine import clusteradmin
+        return clusteradmin.change(args, {"command": "queue_retry", **target}, target,
+                                   "due now", "nothing waits there for a later try")
     done = _repeat(args, {"command": "queue_retry", **target})
     if isinstance(done, int):
         return done
@@ -251,25 +261,34 @@ def _end(args: argparse.Namespace) -> int:
     if target is None:
         return EXIT_USAGE
     command = f"queue_{args.verb}"
+    if getattr(args, "cluster", False):
+        from engine import clusteradmin
+        return clusteradmin.change(args, {"command": command, **target}, target,
+                                   _ended(args), "nothing waits there")
     if not args.yes:
         count = _run(args, {"command": command, **target, "dry_run": True})
         if isinstance(count, int):
             return count
         if count["jobs"] == 0:
-            print(f"mailengine queue: {_where(target)}: nothing waits there", file=sys.stderr)
+            print(f"mailengine queue: {where(target)}: nothing waits there", file=sys.stderr)
             return EXIT_NOT_DONE
-        if count["jobs"] > 1 and not _confirmed(args.verb, count, target):
+        if count["jobs"] > 1 and not confirmed(
+                args.verb, f"{count['jobs']} jobs ({counted(count['rcpts'], 'recipient')}) at"
+                           f" {where(target)}"):
             return EXIT_NOT_DONE if sys.stdin.isatty() else EXIT_USAGE
     done = _repeat(args, {"command": command, **target})
     if isinstance(done, int):
         return done
-    return _report(args, done, f"{args.verb}d, each with its `{args.event}` event"
-                   if args.verb == "delete" else f"bounced, each with its `{args.event}`"
-                                                 " event", target, "nothing waits there")
+    return _report(args, done, _ended(args), target, "nothing waits there")
 
 
-def _confirmed(verb: str, count: dict[str, Any], target: dict[str, Any]) -> bool:
-    what = f"{count['jobs']} jobs ({counted(count['rcpts'], 'recipient')}) at {_where(target)}"
+def _ended(args: argparse.Namespace) -> str:
+    return f"{args.verb}d, each with its `{args.event}` event" if args.verb == "delete" \
+        else f"bounced, each with its `{args.event}` event"
+
+
+def confirmed(verb: str, what: str) -> bool:
+    """Whether the operator says yes to `verb` `what` (asked on a terminal only)."""
     if not sys.stdin.isatty():
         print(f"mailengine queue: {what} match; add --yes to {verb} them all",
               file=sys.stderr)
@@ -303,20 +322,24 @@ def _partial(total: dict[str, int], status: int) -> int:
 def _report(args: argparse.Namespace, done: dict[str, Any], what: str,
             target: dict[str, Any], none: str) -> int:
     if not _print_json(args, done):
-        print(f"{_where(target)}: {counted(done['rcpts'], 'recipient')} of"
+        print(f"{where(target)}: {counted(done['rcpts'], 'recipient')} of"
               f" {counted(done['jobs'], 'job')} {what}")
     if done["in_flight"]:
         print(f"mailengine queue: {done['in_flight']} jobs in flight (a worker has them"
               " now) were left alone; run it again in a moment", file=sys.stderr)
         return EXIT_NOT_DONE
     if done["rcpts"] == 0:
-        print(f"mailengine queue: {_where(target)}: {none}", file=sys.stderr)
+        print(f"mailengine queue: {where(target)}: {none}", file=sys.stderr)
         return EXIT_NOT_DONE
     return EXIT_OK
 
 
 def _hold(args: argparse.Namespace) -> int:
-    request = {"command": f"queue_{args.command}", "ip": args.ip, "provider": args.provider}
+    if getattr(args, "cluster", False):
+        from engine import clusteradmin
+        return clusteradmin.hold(args)
+    request = {"command": f"queue_{args.command}", "provider": args.provider,
+               **({"ip": args.ip} if args.ip is not None else {})}
     if args.command == "suspend":
         request["seconds"] = args.seconds
     answer = _run(args, request)
@@ -324,12 +347,16 @@ def _hold(args: argparse.Namespace) -> int:
         return answer
     if _print_json(args, answer):
         return EXIT_OK
+    at = args.ip or ", ".join(answer.get("ips") or []) or "no sending IP"
     if args.command == "suspend":
-        print(f"{args.ip} x {answer['provider']} suspended for {span(answer['seconds'])}"
+        print(f"{at} x {answer['provider']} suspended for {span(answer['seconds'])}"
               " (`mailengine queue resume` lifts it)")
     else:
-        print(f"{args.ip} x {answer['provider']} resumed; {counted(answer['rcpts'], 'recipient')}"
+        print(f"{at} x {answer['provider']} resumed; {counted(answer['rcpts'], 'recipient')}"
               f" of {counted(answer['jobs'], 'job')} due now")
+    for ip in answer.get("not_running") or []:
+        print(f"mailengine queue: the worker of {ip} is not running now"
+              + (" (told when it is)" if args.command == "suspend" else ""), file=sys.stderr)
     return EXIT_OK
 
 

@@ -321,14 +321,15 @@ class ProviderShaper:
         self.held = True
         self.pacer.changed(self.max_wait)
 
-    def release(self) -> None:
+    def release(self, lift: bool = False) -> None:
         """The operator's resumption (`mailengine queue resume`): any suspension ends now,
-        the operator's, a throttle rule's or a block's."""
+        the operator's, a throttle rule's or a block's (`lift`: on every host, and in the
+        cluster's Redis too: engine.cluster_suspend)."""
         self.suspended_until = 0.0
         self.held = False
         self.pacer.changed(self.max_wait)
         if self.shared is not None:  # what another host published is not followed again
-            self.shared.released(self.provider)
+            self.shared.released(self.provider, lift)
 
     def _pushed_back(self, now: float, trigger: str, fresh: bool) -> None:
         """Lower the rate, once per episode: a refusal of mail sent before the last answer
@@ -496,13 +497,13 @@ class Shaping:
         today = datetime.datetime.fromtimestamp(self._wall(), datetime.UTC).date()
         return self.plan.daily_cap(today)
 
-    def hold(self, provider: str, seconds: float) -> None:
+    def hold(self, provider: str, seconds: float, lift: bool = False) -> None:
         """Suspend `provider` for `seconds`; 0 resumes it (engine.protocol.Hold)."""
         shaper = self.get(provider)
         if seconds > 0:
             shaper.hold(seconds)
         else:
-            shaper.release()
+            shaper.release(lift)
 
     def state(self) -> dict[str, dict[str, Any]]:
         return {name: shaper.state() for name, shaper in self._shapers.items()}

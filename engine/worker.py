@@ -214,13 +214,13 @@ class Worker:
         except (ValueError, KeyError, TypeError) as exc:
             log.error(logs.kv("bad_task", ip=self.ip.address, handout=None, error=exc))
             return
-        self.shaping.hold(hold.provider, hold.seconds)
+        self.shaping.hold(hold.provider, hold.seconds, hold.lift)
         if hold.seconds > 0:
             log.warning(logs.kv("provider_held", ip=self.ip.address, provider=hold.provider,
                                 seconds=round(hold.seconds, 1)))
         else:
             log.warning(logs.kv("provider_released", ip=self.ip.address,
-                                provider=hold.provider))
+                                provider=hold.provider, lift=hold.lift))
         self._send(protocol.stats_frame(self.ip.address, self._figures()))
 
     def _refuse(self, frames: list[bytes], exc: Exception) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import gevent
 import pytest
@@ -27,6 +27,7 @@ SPAMHAUS = Reply(554, "5.7.1", "Service unavailable; Client host [127.0.0.2] blo
                                "zen.spamhaus.org")
 POLL = 0.3  # s: cluster.poll in these tests
 BLOCK_FOR = 2.0  # s: throttle.block_suspend
+RETRY = 0.5  # s: cluster.retry (Redis tried again this often while it is down)
 
 
 MADE: list[Shaping] = []
@@ -41,9 +42,11 @@ def redis_server() -> Iterator[RedisServer]:
         MADE.pop().close()
 
 
-def host(server: RedisServer, name: str, ip: str, metrics: Recorded | None = None) -> Shaping:
-    plan = ShapingPlan(ip=ip, throttle=ThrottleConfig(block_suspend=BLOCK_FOR),
-                       cluster=ClusterConfig(redis=server.url, host=name, poll=POLL))
+def host(server: RedisServer, name: str, ip: str, metrics: Recorded | None = None,
+         block_for: float = BLOCK_FOR) -> Shaping:
+    plan = ShapingPlan(ip=ip, throttle=ThrottleConfig(block_suspend=block_for),
+                       cluster=ClusterConfig(redis=server.url, host=name, poll=POLL,
+                                             retry=RETRY))
     MADE.append(Shaping(plan, metrics=metrics))
     return MADE[-1]
 
@@ -202,3 +205,141 @@ def test_a_learned_ceiling_is_shared_the_lowest_and_seeds_a_worker_that_learned_
     assert a.get("yahoo").rate.limit == learned
     assert b.get("yahoo").rate.limit == pytest.approx(learned, rel=1e-3)
     assert b_metrics.total("cluster_ceilings_followed") == 1
+
+
+# -- the state rebuilt when Redis returns empty, and lifted by the operator -----------------
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Yield to gevent (the workers' watching greenlets) until `check()`: how long it took."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        gevent.sleep(0.01)
+    return time.monotonic() - started
+
+
+def key_of(server: RedisServer, name: str) -> bytes | None:
+    return server.client().get(name)  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.timeout(60)
+def test_redis_restarted_empty_the_workers_that_hold_a_suspension_set_it_again_for_a_new_one(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """a blocked (published), b followed; Redis loses everything, by a FLUSHALL and then by
+    a real restart: within a poll or two the suspension is back, as it was, and a worker
+    that never saw it (c, d: a host started since) follows it until the same moment."""
+    caplog.set_level(logging.WARNING, "mailengine.cluster")
+    a_metrics, b_metrics = Recorded(), Recorded()
+    a = host(redis_server, "mta-a", "127.0.0.2", a_metrics, block_for=60)
+    b = host(redis_server, "mta-b", "127.0.0.3", b_metrics, block_for=60)
+    assert not suspended(a.get("yahoo").turn())
+    assert not suspended(b.get("yahoo").turn())
+    a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch)
+    first_suspended_turn(b, "yahoo", timeout=POLL + 1.0)
+    key = "mailengine:suspend:yahoo"
+    published = key_of(redis_server, key)
+    assert published is not None
+
+    redis_server.client().flushall()  # type: ignore[attr-defined]
+    wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
+             "the suspension set again after a FLUSHALL (at the next poll of a or b)")
+    assert key_of(redis_server, key) == published  # as it was: nobody follows it twice
+    ttl = redis_server.client().pttl(key)  # type: ignore[attr-defined]
+    assert 50_000 < ttl <= 60_000
+    c = host(redis_server, "mta-c", "127.0.0.4")
+    assert suspended(c.get("yahoo").turn())  # a worker that never saw it: read at once
+    ends = a.get("yahoo").suspended_until
+    assert abs(c.get("yahoo").suspended_until - ends) < 0.5
+    rebuilt = a_metrics.total("cluster_state_rebuilt") + b_metrics.total("cluster_state_rebuilt")
+    assert rebuilt >= 1
+    assert "event=cluster_state_rebuilt provider=yahoo what=suspension" in caplog.text
+    assert b.get("yahoo").followed == 1  # the one set again is not followed again
+
+    redis_server.kill()  # a real restart, empty (nothing is saved)
+    redis_server.start()
+    wait_for(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
+             "the suspension set again after a restart (cluster.retry, then a poll)")
+    assert key_of(redis_server, key) == published
+    d = host(redis_server, "mta-d", "127.0.0.5")
+    assert suspended(d.get("yahoo").turn())
+    assert abs(d.get("yahoo").suspended_until - ends) < 0.5
+    assert not suspended(d.get("gmail").turn())  # only what was lost is set again
+
+
+@pytest.mark.timeout(60)
+def test_a_learned_ceiling_lost_with_redis_is_set_again_and_seeds_a_new_worker(
+        redis_server: RedisServer) -> None:
+    a = host(redis_server, "mta-a", "127.0.0.2")
+    assert not suspended(a.get("yahoo").turn())  # its watching greenlet runs
+    pushed = a.get("yahoo")
+    assert pushed.judge([SLOW_DOWN], pushed.epoch) == Verdict("rule:rate-text")
+    learned = pushed.rate.limit
+    assert learned is not None
+    key = "mailengine:ceiling:yahoo"
+    wait_for(lambda: key_of(redis_server, key) is not None, 1.0, "the ceiling published")
+    ttl = redis_server.client().pttl(key)  # type: ignore[attr-defined]
+
+    redis_server.client().flushall()  # type: ignore[attr-defined]
+    wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
+             "the ceiling set again")
+    assert float(key_of(redis_server, key) or 0) == pytest.approx(learned, rel=1e-3)
+    assert redis_server.client().pttl(key) <= ttl  # type: ignore[attr-defined]  # not renewed
+    c = host(redis_server, "mta-c", "127.0.0.4")
+    assert not suspended(c.get("yahoo").turn())
+    assert c.get("yahoo").rate.limit == pytest.approx(learned, rel=1e-3)  # seeded
+
+
+@pytest.mark.timeout(60)
+def test_a_resume_on_every_host_lifts_the_suspension_from_redis_and_nobody_follows_it_again(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """`queue --cluster resume`: each host's workers release the provider with `lift`. The
+    first deletes the key; one not told yet (still suspended) may set it again meanwhile,
+    until it is told too; then it is gone for good, and a new worker sends."""
+    caplog.set_level(logging.WARNING, "mailengine.cluster")
+    a = host(redis_server, "mta-a", "127.0.0.2", block_for=60)
+    b = host(redis_server, "mta-b", "127.0.0.3", block_for=60)
+    assert not suspended(a.get("yahoo").turn())
+    assert not suspended(b.get("yahoo").turn())
+    a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch)
+    first_suspended_turn(b, "yahoo", timeout=POLL + 1.0)
+    key = "mailengine:suspend:yahoo"
+
+    b.hold("yahoo", 0, lift=True)  # b told first
+    assert "event=provider_suspension_lifted provider=yahoo origin=mta-a/127.0.0.2" \
+        in caplog.text
+    assert not suspended(b.get("yahoo").turn())
+    wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
+             "a, still suspended, sets it again")
+    gevent.sleep(POLL + 0.05)
+    assert not suspended(b.get("yahoo").turn())  # b does not follow it again
+
+    a.hold("yahoo", 0, lift=True)  # then a
+    assert key_of(redis_server, key) is None
+    gevent.sleep(2 * POLL + 0.1)
+    assert key_of(redis_server, key) is None  # nobody sets it again
+    assert not suspended(a.get("yahoo").turn())
+    assert not suspended(b.get("yahoo").turn())
+    c = host(redis_server, "mta-c", "127.0.0.4")
+    assert not suspended(c.get("yahoo").turn())
+
+
+@pytest.mark.timeout(30)
+def test_a_resume_on_one_host_leaves_the_suspension_in_redis_for_the_others(
+        redis_server: RedisServer) -> None:
+    a = host(redis_server, "mta-a", "127.0.0.2", block_for=60)
+    b = host(redis_server, "mta-b", "127.0.0.3", block_for=60)
+    assert not suspended(b.get("yahoo").turn())
+    a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch)
+    first_suspended_turn(b, "yahoo", timeout=POLL + 1.0)
+    a.hold("yahoo", 0)  # `queue resume` on a alone: a sends; the key stays for b and others
+    assert not suspended(a.get("yahoo").turn())
+    assert key_of(redis_server, "mailengine:suspend:yahoo") is not None
+    redis_server.client().flushall()  # type: ignore[attr-defined]
+    # b still follows it, and sets it again; a resumed it and neither sets nor follows it.
+    wait_for(lambda: key_of(redis_server, "mailengine:suspend:yahoo") is not None,
+             2 * POLL + 0.5, "b sets it again")
+    gevent.sleep(POLL + 0.05)
+    assert not suspended(a.get("yahoo").turn())
+    assert suspended(b.get("yahoo").turn())

@@ -3,6 +3,7 @@ first on PYTHONPATH, so a worktree's engine is the one that runs)."""
 from __future__ import annotations
 
 import os
+import pty
 import subprocess
 import sys
 
@@ -19,6 +20,22 @@ def mailengine_bg(*args: str) -> subprocess.Popen[str]:
     """Start `mailengine ARGS` in the background; its output piped as text."""
     return subprocess.Popen([sys.executable, "-m", "engine.cli", *args], env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def mailengine_on_terminal(answer: bytes, *args: str,
+                           timeout: float = 30) -> tuple[int, str]:
+    """`mailengine ARGS` on a terminal (a pty) that answers its question with `answer`:
+    (exit status, what it said on standard error)."""
+    main, terminal = pty.openpty()
+    try:
+        done = subprocess.Popen([sys.executable, "-m", "engine.cli", *args], stdin=terminal,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+        os.write(main, answer)
+        _, stderr = done.communicate(timeout=timeout)
+    finally:
+        os.close(main)
+        os.close(terminal)
+    return done.returncode, stderr.decode()
 
 
 def cli_env() -> dict[str, str]:

@@ -159,6 +159,17 @@ def test_the_cluster_views_refuse_in_one_line(tmp_path: Path) -> None:
              "mailengine queue: cluster.hosts mta-b speaks CURVE: give --curve-client-key"
              " NAME.key_secret, or set control.curve.client_key"),
             (("queue", "--cluster", "-c", str(alone), "retry", "--domain", "x.test"),
-             "mailengine queue: --cluster shows the summary only; run a command that changes"
-             " the queue on each host (its own -c or --control)")):
+             "mailengine queue: --cluster: the config lists no cluster.hosts (each host's"
+             " name and control endpoint; docs/SCALING.md)"),
+            (("queue", "--cluster", "-c", str(listed), "show", "some-job"),
+             "mailengine queue: --cluster goes with the summary and the commands that change"
+             " the queue; `show` asks the job's own host (its -c or --control)"),
+            (("queue", "-c", str(listed), "retry", "--cluster", "--provider", "yahoo",
+              "--ip", "127.0.0.2"),
+             "mailengine queue: --ip names one host's sending IP: run the command on that"
+             " host, without --cluster"),
+            (("queue", "--cluster", "-c", str(listed), "suspend", "127.0.0.2", "yahoo"),
+             "mailengine queue: --cluster suspends or resumes PROVIDER at every sending IP of"
+             " every host: give the provider alone (an IP is one host's: run the command on"
+             " that host)")):
         assert one_line_error(mailengine(*args, timeout=20)) == line

@@ -26,7 +26,7 @@ from engine.queue_admin import QueueAdmin, Routes
 from engine.reply import Reply
 from engine.shaping import Deferral
 from engine.spool import RcptUpdate, Spool
-from engine.workers import Workers
+from engine.workers import WorkerHandle, Workers
 from tests.support.shaping import shaper
 
 T0 = 1_800_000_000.0
@@ -216,6 +216,43 @@ def test_a_hold_travels_as_one_frame_and_the_shaper_holds_until_released() -> No
     s.release()
     assert s.turn() == s.epoch and s.state()["held"] is False
     assert s.state()["phase"] != "suspended"
+
+
+def test_a_resume_on_every_host_travels_with_lift() -> None:
+    frame = protocol.hold_frame(Hold("google", 0.0, lift=True))
+    assert protocol.hold_from_frame(frame) == Hold("google", 0.0, lift=True)
+    assert b"lift" not in protocol.hold_frame(Hold("google", 0.0))  # as before, otherwise
+    assert protocol.hold_from_frame(b'{"type": "hold", "provider": "g", "seconds": 0,'
+                                    b' "lift": "yes"}').lift is False
+
+
+def test_a_suspension_without_an_ip_is_every_ip_and_a_worker_not_running_is_told_later(
+        tmp_path: Path) -> None:
+    """Two sending IPs, no worker running (none in this test): asked by IP, refused; asked
+    for every IP (what `queue --cluster suspend` sends), remembered for both and said."""
+    cfg = config_mod.from_dict({"spool": str(tmp_path / "spool"), "statsd": {"enabled": False},
+                                "run_dir": str(tmp_path / "run"),
+                                "ips": [{"address": "127.0.0.2"}, {"address": "127.0.0.3"}]})
+    spool = Spool(cfg.spool)
+    ctx = zmq.Context()
+    workers = Workers(ctx, cfg, None)
+    for ip in ("127.0.0.2", "127.0.0.3"):  # their handles, as before their workers are ready
+        workers.handles[ip] = WorkerHandle(ip)
+    dispatcher = Dispatcher(cfg, spool, workers, lambda _: None, clock=Frozen())
+    admin = QueueAdmin(spool, dispatcher, workers, lambda _: None, Frozen())
+    try:
+        with pytest.raises(BadRequest, match=r"the worker of 127\.0\.0\.2 is not running"):
+            admin.suspend({"ip": "127.0.0.2", "provider": "google"})
+        done = admin.suspend({"provider": "Google", "seconds": 600})
+        assert (done["ips"], done["provider"], done["not_running"]) == (
+            ["127.0.0.2", "127.0.0.3"], "google", ["127.0.0.2", "127.0.0.3"])
+        assert set(admin._holds) == {("127.0.0.2", "google"), ("127.0.0.3", "google")}
+        resumed = admin.resume({"provider": "google", "lift": True})
+        assert resumed["ips"] == ["127.0.0.2", "127.0.0.3"] and resumed["rcpts"] == 0
+        assert admin._holds == {}
+    finally:
+        spool.close()
+        ctx.destroy(linger=0)
 
 
 def test_over_a_tcp_control_socket_the_queue_is_shown_and_never_changed(
