@@ -228,6 +228,16 @@ class ProviderLimits:
     hourly: int | None = None
     connection_rate: float | None = None
     cluster_rate: float | None = None  # shaping.providers only: see ShapingConfig
+    cluster_hourly: int | None = None  # shaping.providers only: see ShapingConfig
+
+
+@dataclass(frozen=True)
+class PoolClusterLimits:
+    """Cluster-wide limits of one IP group (`ip_pools`) x one provider: what the group's
+    IPs on every host send to it together. 0 = none."""
+
+    cluster_rate: float = 0.0  # messages per second
+    cluster_hourly: int = 0  # messages per hour
 
 
 @dataclass(frozen=True)
@@ -241,8 +251,15 @@ class ShapingConfig:
     # Messages per second to a provider from every host of the cluster together (Redis:
     # `cluster`, engine.cluster_rate); 0 = no cluster-wide limit. Per provider in practice.
     cluster_rate: float = 0.0
+    # Messages per hour (the last 60 minutes, as `hourly`) to a provider from every host of
+    # the cluster together (engine.cluster_hourly); 0 = none. Per provider in practice.
+    cluster_hourly: int = 0
     providers: Mapping[str, ProviderLimits] = field(default_factory=_frozen_mapping)
     ips: Mapping[str, Mapping[str, ProviderLimits]] = field(default_factory=_frozen_mapping)
+    # Per IP group (an `ip_pools` name), per provider: cluster-wide limits of the pool's IPs
+    # together (`shaping.ip_pools.<pool>.<provider>`), on top of the provider's own.
+    ip_pools: Mapping[str, Mapping[str, PoolClusterLimits]] = field(
+        default_factory=_frozen_mapping)
 
 
 @dataclass(frozen=True)
@@ -260,6 +277,7 @@ class SendingLimits:
     hourly: int  # messages per hour
     connection_rate: float  # new connections per second
     cluster_rate: float  # messages per second from every host of the cluster together
+    cluster_hourly: int  # messages per hour from every host of the cluster together
 
     @classmethod
     def of(cls, pool: PoolConfig, shaping: ShapingConfig, ip: str,
@@ -268,7 +286,8 @@ class SendingLimits:
         limits = cls(max_connections=pool.max_connections, max_messages=pool.max_messages,
                      rate=shaping.rate, hourly=shaping.hourly,
                      connection_rate=shaping.connection_rate,
-                     cluster_rate=shaping.cluster_rate)
+                     cluster_rate=shaping.cluster_rate,
+                     cluster_hourly=shaping.cluster_hourly)
         for given in (shaping.providers.get(provider), shaping.ips.get(ip, {}).get(provider)):
             if given is not None:
                 limits = replace(limits, **{f.name: getattr(given, f.name) for f in fields(given)
