@@ -77,6 +77,9 @@ DECLARED: tuple[Metric, ...] = (
     Metric("transaction", "timer", "MAIL through the final reply, one message"),
     Metric("cluster_lease", "timer", "a lease of turns of the provider's cluster-wide rate"
            " from Redis (one round trip for a batch of messages; engine.cluster_rate)"),
+    Metric("cluster_hourly_lease", "timer", "a lease of a block of the provider's cluster-wide"
+           " hourly budget from Redis (one round trip for a block of messages;"
+           " engine.cluster_hourly)"),
     # counters
     Metric("delivered", "counter", "recipients delivered (2xx)"),
     Metric("deferred", "counter", "recipient attempts deferred (4xx or no answer)"),
@@ -234,6 +237,9 @@ DECLARED: tuple[Metric, ...] = (
            "mode"),
     Metric("cluster_members", "gauge", "workers (of every host) sharing the provider's"
            " cluster-wide rate, as Redis said at the last lease", PER_PROVIDER, "workers"),
+    Metric("cluster_hourly_left", "gauge", "messages left of the provider's cluster-wide"
+           " hourly budget over the last hour (every host together), as Redis said at the"
+           " worker's last lease", PER_PROVIDER, "messages"),
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),
     Metric("in_flight", "gauge", "tasks (jobs) the worker is delivering", PER_IP, "jobs"),
