@@ -26,6 +26,10 @@ an attempt, due when the oldest minute leaves the hour, as with the local cap.
   lost to a worker that needed less. A worker that never leases again (idle, killed)
   leaves its remainder counted until its minute leaves the hour: never more than the
   budget, sometimes a little less.
+- **Used up**: the message goes back to the spool, due when the oldest minute leaves the
+  hour (the budget surely has room then); the worker asks Redis again at the next minute
+  at the earliest (when lapsed blocks come back), so its new messages may take what was
+  returned, and a used-up budget costs a round trip a minute, not one per message.
 - **Degrading, not stopping**: while Redis is unreachable (engine.cluster: fallback) the
   worker keeps to the budget divided by the workers it last saw (`members`), over its own
   last hour (every message it sent, shared or alone: it does not know what the others sent
@@ -54,13 +58,17 @@ from engine.metrics import Metrics
 MEMBERS_SEEN = 120.0
 HOUR = 3600.0
 MIN_WAIT = 1.0  # s: the budget used up, the first message is not back sooner than this
+# s: the share used up while Redis is unreachable, a message is back within this long (Redis
+# may be back by then, and the cluster's hour have room), not only when its own hour frees.
+ALONE_RECHECK = 60.0
 
 # KEYS[1]: the counts (hash: minute number at Redis -> messages counted in that minute);
 # KEYS[2]: the members (sorted set: worker -> when it last leased).
 # ARGV: member, wanted, budget, members' memory (s), returned, the minute they were counted
 # in, sent alone (while Redis was unreachable), the time ('' = Redis's TIME; tests give it).
 # Returns {granted, seconds until the block lapses (none granted: until the oldest minute
-# leaves the hour), members, left after this block, the block's minute}.
+# leaves the hour), members, left after this block, the block's minute, seconds until the
+# minute ends}.
 LEASE = """
 local now
 if ARGV[8] ~= '' then
@@ -94,12 +102,14 @@ for i = 1, #counts, 2 do
 end
 local left = budget - used
 if left <= 0 then
-  return {0, string.format('%.6f', (oldest + 60) * 60 - now), members, 0, minute}
+  return {0, string.format('%.6f', (oldest + 60) * 60 - now), members, 0, minute,
+          string.format('%.6f', (minute + 1) * 60 - now)}
 end
 local n = math.min(want, left, math.max(1, math.floor(left / members)))
 redis.call('HINCRBY', KEYS[1], minute, n)
 redis.call('EXPIRE', KEYS[1], 3660)
-return {n, string.format('%.6f', (minute + 1) * 60 - now), members, left - n, minute}
+local ends = string.format('%.6f', (minute + 1) * 60 - now)
+return {n, ends, members, left - n, minute, ends}
 """
 
 
@@ -133,7 +143,10 @@ class ClusterHourly:
         self._leasing: Event | None = None  # set when the lease in flight is answered
         self._waiting = 0  # messages waiting for the lease in flight
         self._batch = 1  # messages to ask for
-        self._back_at = -math.inf  # the budget is used up until then
+        # The budget used up: no lease is tried before `_back_at` (the next minute, when
+        # lapsed blocks are returned), and a message is told to come back at `_frees_at`.
+        self._back_at = -math.inf
+        self._frees_at = -math.inf
         self.members = 1  # workers sharing the budget, as Redis said last
         self.left = hourly  # of the hour, as Redis said last
 
@@ -161,7 +174,7 @@ class ClusterHourly:
                     self._alone += 1
                 return 0.0
             if now < self._back_at:
-                return self._back_at - now
+                return max(self._frees_at - now, MIN_WAIT)
             if self._leasing is not None:  # another message is leasing: its block is ours
                 self._waiting += 1
                 try:
@@ -232,8 +245,9 @@ class ClusterHourly:
             self._metrics.timing("cluster_hourly_lease", self.provider, (now - started) * 1000)
             if self.pool is None:
                 self._metrics.gauge("cluster_hourly_left", self.provider, self.left)
-        if granted <= 0:
-            self._back_at = now + max(seconds, MIN_WAIT)
+        if granted <= 0:  # used up: back when the hour frees; asked again next minute
+            self._frees_at = now + max(seconds, MIN_WAIT)
+            self._back_at = now + max(float(reply[5]), MIN_WAIT)
             return
         # Good until its minute ends at Redis: counted from before the call, never later.
         self._block(granted, started + seconds, str(int(reply[4])))
@@ -242,7 +256,8 @@ class ClusterHourly:
         """Redis unreachable: this worker's share over its own last hour."""
         left = self.share - self._mine.total(now)
         if left <= 0:
-            self._back_at = now + max(self._mine.frees_at() - now, MIN_WAIT)
+            frees_in = self._mine.frees_at() - now
+            self._back_at = self._frees_at = now + min(max(frees_in, MIN_WAIT), ALONE_RECHECK)
             return
         self._block(min(want, left), now + 60.0, "")
 
