@@ -23,9 +23,10 @@ an attempt, due when the oldest minute leaves the hour, as with the local cap.
   exact (a block used later would count in a minute that leaves the hour before the
   message does). What the worker did not give out by then lapses, and is **returned** to
   that minute's count with its next lease (no round trip of its own), so the budget is not
-  lost to a worker that needed less. A worker that never leases again (idle, killed)
-  leaves its remainder counted until its minute leaves the hour: never more than the
-  budget, sometimes a little less.
+  lost to a worker that needed less; a worker none of whose messages took from its block
+  for IDLE seconds (its mail went) returns the remainder at once (a round trip of its
+  own). A worker killed leaves its remainder counted until its minute leaves the hour:
+  never more than the budget, sometimes a little less.
 - **Used up**: the message goes back to the spool, due when the oldest minute leaves the
   hour (the budget surely has room then); the worker asks Redis again at the next minute
   at the earliest (when lapsed blocks come back), so its new messages may take what was
@@ -46,6 +47,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import gevent
 from gevent.event import Event
 
 from engine.caps import HourWindow
@@ -61,6 +63,7 @@ MIN_WAIT = 1.0  # s: the budget used up, the first message is not back sooner th
 # s: the share used up while Redis is unreachable, a message is back within this long (Redis
 # may be back by then, and the cluster's hour have room), not only when its own hour frees.
 ALONE_RECHECK = 60.0
+IDLE = 2.0  # s: a block none of the worker's messages took from this long is returned
 
 # KEYS[1]: the counts (hash: minute number at Redis -> messages counted in that minute);
 # KEYS[2]: the members (sorted set: worker -> when it last leased).
@@ -147,6 +150,8 @@ class ClusterHourly:
         # lapsed blocks are returned), and a message is told to come back at `_frees_at`.
         self._back_at = -math.inf
         self._frees_at = -math.inf
+        self._last_take = -math.inf  # when a message last took from the block
+        self._idle_watch: gevent.Greenlet | None = None  # returns an idle block
         self.members = 1  # workers sharing the budget, as Redis said last
         self.left = hourly  # of the hour, as Redis said last
 
@@ -169,6 +174,7 @@ class ClusterHourly:
             if self._held > 0:
                 self._held -= 1
                 self._taken += 1
+                self._last_take = now
                 self._mine.add(now)
                 if not self._minute:
                     self._alone += 1
@@ -236,7 +242,8 @@ class ClusterHourly:
             client=client))
         now = self._clock()
         if reply is None:
-            self._lease_alone(want, now)
+            if want > 0:
+                self._lease_alone(want, now)
             return
         granted, seconds, members = int(reply[0]), float(reply[1]), int(reply[2])
         self._unreturned, self._alone = (0, ""), 0
@@ -245,6 +252,8 @@ class ClusterHourly:
             self._metrics.timing("cluster_hourly_lease", self.provider, (now - started) * 1000)
             if self.pool is None:
                 self._metrics.gauge("cluster_hourly_left", self.provider, self.left)
+        if want == 0:  # a return only
+            return
         if granted <= 0:  # used up: back when the hour frees; asked again next minute
             self._frees_at = now + max(seconds, MIN_WAIT)
             self._back_at = now + max(float(reply[5]), MIN_WAIT)
@@ -265,6 +274,34 @@ class ClusterHourly:
         self._held += granted
         self._lapses_at, self._minute = lapses_at, minute
         self._back_at = -math.inf
+        self._last_take = self._clock()
+        if minute and self._idle_watch is None:
+            self._idle_watch = gevent.spawn_later(IDLE, self._return_if_idle)
+
+    def _return_if_idle(self) -> None:
+        """A block none of the worker's messages took from for IDLE (its mail went): what
+        is left of it goes back to Redis now, one round trip, for the workers that have
+        mail, instead of at the end of its minute and the worker's next lease."""
+        self._idle_watch = None
+        if self._held == 0 or not self._minute:
+            return
+        idle = self._clock() - self._last_take
+        if idle < IDLE or self._leasing is not None:
+            self._idle_watch = gevent.spawn_later(max(IDLE - idle, 0.1), self._return_if_idle)
+            return
+        self._end_block()
+        done = self._leasing = Event()
+        try:
+            self._lease(0)
+        finally:
+            self._leasing = None
+            done.set()
+
+    def close(self) -> None:
+        """Stop watching for an idle block (a worker's end, a test's)."""
+        watch, self._idle_watch = self._idle_watch, None
+        if watch is not None:
+            watch.kill(block=False)
 
     def state(self) -> dict[str, Any]:
         if self.pool is not None:

@@ -88,6 +88,10 @@ class ClusterLimits:
         for hourly in taken:
             hourly.give_back()
 
+    def close(self) -> None:
+        for hourly in self.hourlies:
+            hourly.close()
+
     def state(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
         limits: list[ClusterRate | ClusterHourly] = [*self.rates, *self.hourlies]

@@ -499,9 +499,13 @@ class Shaping:
         return {name: shaper.state() for name, shaper in self._shapers.items()}
 
     def close(self) -> None:
-        """Stop watching the cluster's suspensions (a worker's end, a test's)."""
+        """Stop watching the cluster's suspensions and idle budgets (a worker's end, a
+        test's)."""
         if self._shared is not None:
             self._shared.close()
+        for shaper in self._shapers.values():
+            if shaper.cluster is not None:
+                shaper.cluster.close()
 
     def items(self) -> Iterable[tuple[str, ProviderShaper]]:
         return self._shapers.items()

@@ -16,11 +16,12 @@ import pytest
 
 from engine.caps import Deferral
 from engine.cluster import FALLBACK, SHARED, Cluster
-from engine.cluster_hourly import ClusterHourly
+from engine.cluster_hourly import IDLE, ClusterHourly
 from engine.config import ClusterConfig, from_dict
 from engine.shaping import Shaping, plan_for
 from tests.support.recorded_metrics import Recorded
 from tests.support.redis import RedisServer, need_redis
+from tests.support.wait import until
 
 START = 1_800_000_000.0  # the cluster's time at the test's start: the start of a minute
 
@@ -38,7 +39,7 @@ class Clock:
         return START + self.t
 
 
-MADE: list[Shaping] = []
+MADE: list[Shaping | ClusterHourly] = []
 
 
 @pytest.fixture
@@ -53,8 +54,9 @@ def redis_server() -> Iterator[RedisServer]:
 def worker(server: RedisServer, clock: Clock, name: str, hourly: int = 30,
            metrics: Recorded | None = None) -> ClusterHourly:
     link = Cluster(ClusterConfig(redis=server.url, retry=5.0), name, metrics, clock.monotonic)
-    return ClusterHourly(link, "example", hourly, f"{name}/127.0.0.2", metrics,
-                         clock.monotonic, now=clock.cluster)
+    MADE.append(ClusterHourly(link, "example", hourly, f"{name}/127.0.0.2", metrics,
+                              clock.monotonic, now=clock.cluster))
+    return MADE[-1]  # type: ignore[return-value]
 
 
 def sent(limit: ClusterHourly, wanted: int) -> int:
@@ -132,6 +134,23 @@ def test_a_blocks_remainder_lapses_at_its_minutes_end_and_is_returned_with_the_n
     # which the second can have now, but for the first's new block
     assert sent(second, 40) == held - 1 - first.state()["hourly_held"]
     assert counted(redis_server) == 30
+
+
+@pytest.mark.timeout(30)
+def test_a_block_idle_for_two_seconds_is_returned_at_once_for_the_others(
+        redis_server: RedisServer) -> None:
+    clock = Clock()
+    done, other = worker(redis_server, clock, "done"), worker(redis_server, clock, "other")
+    assert sent(other, 1) == 1
+    assert sent(done, 8) == 8  # the last of its mail: part of its block held
+    held = done.state()["hourly_held"]
+    assert held > 0 and counted(redis_server) == 9 + held
+    clock.t += IDLE  # none of its messages took from it since: returned, one round trip
+    # (polled letting gevent run: its watching greenlet returns the block)
+    until(lambda: gevent.sleep(0.05) or counted(redis_server) == 9, timeout=10,
+          what="the idle block returned")
+    assert done.state()["hourly_held"] == 0
+    assert sent(other, 40) == 30 - 9  # all of the rest, for the worker with mail
 
 
 @pytest.mark.timeout(30)
