@@ -28,9 +28,11 @@ an attempt, due when the oldest minute leaves the hour, as with the local cap.
   own). A worker killed leaves its remainder counted until its minute leaves the hour:
   never more than the budget, sometimes a little less.
 - **Used up**: the message goes back to the spool, due when the oldest minute leaves the
-  hour (the budget surely has room then); the worker asks Redis again at the next minute
-  at the earliest (when lapsed blocks come back), so its new messages may take what was
-  returned, and a used-up budget costs a round trip a minute, not one per message.
+  hour (the budget surely has room then); but while other workers hold blocks of this
+  minute (Redis keeps each worker's last block), when those are back: IDLE after the
+  minute's end (a block lapses then, or was returned idle before). The worker asks Redis
+  again at the next minute at the earliest, so a used-up budget costs a round trip a
+  minute, not one per message.
 - **Degrading, not stopping**: while Redis is unreachable (engine.cluster: fallback) the
   worker keeps to the budget divided by the workers it last saw (`members`), over its own
   last hour (every message it sent, shared or alone: it does not know what the others sent
@@ -58,7 +60,6 @@ from engine.metrics import Metrics
 # s: a worker that leased within this long shares the budget. Longer than a block's life
 # (a minute): a worker taking a block a minute is still a member.
 MEMBERS_SEEN = 120.0
-HOUR = 3600.0
 MIN_WAIT = 1.0  # s: the budget used up, the first message is not back sooner than this
 # s: the share used up while Redis is unreachable, a message is back within this long (Redis
 # may be back by then, and the cluster's hour have room), not only when its own hour frees.
@@ -66,12 +67,15 @@ ALONE_RECHECK = 60.0
 IDLE = 2.0  # s: a block none of the worker's messages took from this long is returned
 
 # KEYS[1]: the counts (hash: minute number at Redis -> messages counted in that minute);
-# KEYS[2]: the members (sorted set: worker -> when it last leased).
+# KEYS[2]: the members (sorted set: worker -> when it last leased); KEYS[3]: their last
+# blocks (hash: worker -> "<minute>:<granted>").
 # ARGV: member, wanted, budget, members' memory (s), returned, the minute they were counted
-# in, sent alone (while Redis was unreachable), the time ('' = Redis's TIME; tests give it).
-# Returns {granted, seconds until the block lapses (none granted: until the oldest minute
-# leaves the hour), members, left after this block, the block's minute, seconds until the
-# minute ends}.
+# in, sent alone (while Redis was unreachable), the time ('' = Redis's TIME; tests give it),
+# IDLE.
+# Returns {granted, seconds until the block lapses (none granted: until the message should
+# come back: when the oldest minute leaves the hour; or, while other workers hold blocks of
+# this minute, which they return unused when idle or at the minute's end, then), members,
+# left after this block, the block's minute, seconds until the minute ends}.
 LEASE = """
 local now
 if ARGV[8] ~= '' then
@@ -105,12 +109,23 @@ for i = 1, #counts, 2 do
 end
 local left = budget - used
 if left <= 0 then
-  return {0, string.format('%.6f', (oldest + 60) * 60 - now), members, 0, minute,
+  local back = (oldest + 60) * 60 - now
+  local blocks = redis.call('HGETALL', KEYS[3])
+  for i = 1, #blocks, 2 do
+    local m, n = string.match(blocks[i + 1], '^(%d+):(%d+)$')
+    if blocks[i] ~= member and tonumber(m) == minute and tonumber(n) > 0 then
+      back = math.min(back, (minute + 1) * 60 - now + tonumber(ARGV[9]))
+    end
+  end
+  redis.call('HSET', KEYS[3], member, string.format('%d:0', minute))
+  return {0, string.format('%.6f', back), members, 0, minute,
           string.format('%.6f', (minute + 1) * 60 - now)}
 end
 local n = math.min(want, left, math.max(1, math.floor(left / members)))
 redis.call('HINCRBY', KEYS[1], minute, n)
 redis.call('EXPIRE', KEYS[1], 3660)
+redis.call('HSET', KEYS[3], member, string.format('%d:%d', minute, n))
+redis.call('PEXPIRE', KEYS[3], math.ceil(memory * 1000))
 local ends = string.format('%.6f', (minute + 1) * 60 - now)
 return {n, ends, members, left - n, minute, ends}
 """
@@ -134,7 +149,7 @@ class ClusterHourly:
         self._clock = clock
         self._now = now
         key = limit_key(cluster, "hourly", provider, pool)
-        self._keys = [key, f"{key}:members"]
+        self._keys = [key, f"{key}:members", f"{key}:blocks"]
         self._lease_script = cluster.script(LEASE)
         self._held = 0  # the block's messages not given out yet
         self._lapses_at = -math.inf  # the block is good until then (this process's clock)
@@ -238,7 +253,7 @@ class ClusterHourly:
         reply = self._cluster.run("hourly", lambda client: self._lease_script(
             keys=self._keys, args=[self._member, want, self.hourly, MEMBERS_SEEN, returned,
                                    minute, self._alone,
-                                   "" if self._now is None else repr(self._now())],
+                                   "" if self._now is None else repr(self._now()), IDLE],
             client=client))
         now = self._clock()
         if reply is None:
