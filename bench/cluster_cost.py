@@ -11,6 +11,9 @@
   (engine.cluster_connections, through each worker's gate), 20 callers each opening
   connections of 20 ms one after another (far more demand than slots): round trips per
   connection opened, and the script's time.
+- **Hourly blocks**: three workers' blocks of one provider's cluster-wide hourly budget
+  (engine.cluster_hourly), each offered 100 messages/s: round trips per message and the
+  lease's time.
 
     python3 -m bench.cluster_cost        # ~15 s; needs redis-server and redis-py
 """
@@ -25,6 +28,7 @@ from gevent.event import AsyncResult
 from engine.cluster import Cluster
 from engine.cluster_connections import ClusterConnections
 from engine.cluster_dedup import SharedIds
+from engine.cluster_hourly import ClusterHourly
 from engine.cluster_rate import ClusterRate
 from engine.config import ClusterConfig
 from engine.gate import ConnectionGate
@@ -125,6 +129,28 @@ def connection_slots(server: RedisServer, seconds: float = 5.0) -> None:
           f" {samples[int(len(samples) * 0.95)]:.2f} ms p95")
 
 
+def hourly_blocks(server: RedisServer, budget: int = 500_000, seconds: float = 5.0) -> None:
+    timings = Timings()
+    budgets = [ClusterHourly(Cluster(ClusterConfig(redis=server.url), f"host{i}"), "bench",
+                             budget, f"host{i}/127.0.0.{i + 2}", timings) for i in range(3)]
+    stop = time.monotonic() + seconds
+    taken = [0]
+
+    def offered(limit: ClusterHourly) -> None:
+        while time.monotonic() < stop:
+            if limit.take() == 0.0:
+                taken[0] += 1
+            gevent.sleep(0.01)
+
+    gevent.joinall([gevent.spawn(offered, b) for b in budgets])
+    for limit in budgets:
+        limit.close()
+    samples = sorted(timings.leases)
+    print(f"hourly blocks, 3 workers at 100/s each: {taken[0]} messages, {len(samples)}"
+          f" leases ({len(samples) / taken[0]:.3f} round trips a message), a lease"
+          f" {statistics.median(samples):.2f} ms median")
+
+
 def main() -> None:
     with RedisServer() as server:
         intake(server)
@@ -133,6 +159,8 @@ def main() -> None:
     for rate in (60.0, 300.0):
         with RedisServer() as server:
             leases(server, rate)
+    with RedisServer() as server:
+        hourly_blocks(server)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ class Deferral:
 
 
 @dataclass
-class _Window:
+class HourWindow:
     """Counts in one-minute buckets over the last hour."""
 
     buckets: deque[tuple[int, int]] = field(default_factory=deque)  # (minute, count)
@@ -37,6 +37,15 @@ class _Window:
             self.buckets[-1] = (minute, self.buckets[-1][1] + 1)
         else:
             self.buckets.append((minute, 1))
+
+    def remove(self) -> None:
+        """One count less: the last one added (given back unused)."""
+        if self.buckets:
+            minute, count = self.buckets[-1]
+            if count > 1:
+                self.buckets[-1] = (minute, count - 1)
+            else:
+                self.buckets.pop()
 
     def total(self, now: float) -> int:
         horizon = int(now // 60) - 59
@@ -59,7 +68,7 @@ class Caps:
         self._daily_cap = daily_cap
         self._wall = wall  # the UTC day
         self._clock = clock  # the hour (monotonic)
-        self._hour = _Window()
+        self._hour = HourWindow()
         self.sent_today = 0
         self._day_start = self._day_end = 0.0  # the UTC day `today()` last formatted
         self._today_text = ""

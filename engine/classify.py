@@ -439,8 +439,10 @@ def refused_at_every_host(reply: Reply) -> Reply:
 
 def not_yet(provider: str, reason: str) -> Reply:
     """Shaping keeps the recipients waiting for the provider's turn (a pace, a cap, a
-    suspension: `reason`): deferred 451 4.4.5, not attempted."""
-    return Reply.local(451, "4.4.5", f"not sent yet: {provider} {reason} for this IP")
+    suspension: `reason`): deferred 451 4.4.5, not attempted. A cluster-wide limit's
+    ("cluster ...", engine.cluster_limits) is every host's, not this IP's."""
+    whose = "" if reason.startswith("cluster") else " for this IP"
+    return Reply.local(451, "4.4.5", f"not sent yet: {provider} {reason}{whose}")
 
 
 def internal_error(exc: BaseException) -> Reply:

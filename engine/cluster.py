@@ -2,7 +2,8 @@
 
 Several engines (each with its own sending IPs, spool and workers) may share one Redis
 (`cluster.redis`; docs/SCALING.md): de-duplication of job ids at intake
-(engine.cluster_dedup) and provider rates for the whole cluster (engine.cluster_rate).
+(engine.cluster_dedup), provider rates and hourly budgets for the whole cluster
+(engine.cluster_rate, engine.cluster_hourly).
 Each process (the supervisor, every worker) holds one `Cluster`, in one of three modes:
 
 - `off`: no `cluster.redis` in the config: nothing is shared, the engine is the single

@@ -1,10 +1,12 @@
 """A provider's rate for the whole cluster: turns leased from Redis, a batch at a time.
 
 `shaping.providers.<provider>.cluster_rate` caps the messages per second that every host
-of the cluster sends to that provider together (docs/SCALING.md). Redis keeps one schedule
-per provider: the time its next turn is free, turns being 1/rate apart. A worker does not
-ask Redis for each message: it **leases** a batch of turns (the LEASE Lua script, one round
-trip), consecutive on that schedule, and gives them out to its messages one by one, each at
+of the cluster sends to that provider together (docs/SCALING.md);
+`shaping.ip_pools.<pool>.<provider>.cluster_rate`, what the IPs of one group send to it
+(the same, under another key: `limit_key`). Redis keeps one schedule per limit: the
+time its next turn is free, turns being 1/rate apart. A worker does not ask Redis for
+each message: it **leases** a batch of turns (the LEASE Lua script, one round trip),
+consecutive on that schedule, and gives them out to its messages one by one, each at
 its time. Since the hosts' batches never overlap on the schedule, their messages together
 keep to the rate however they interleave, with no burst beyond it.
 
@@ -79,19 +81,31 @@ return {n, string.format('%.6f', ahead), members}
 """
 
 
+def limit_key(cluster: Cluster, kind: str, provider: str, pool: str | None) -> str:
+    """The Redis key of a cluster-wide limit (`kind`: "rate", "hourly") of `provider`,
+    or of IP group `pool` x `provider`: `<prefix>:<kind>:<provider>`, or
+    `<prefix>:pool:<pool>:<kind>:<provider>`."""
+    return cluster.key(kind, provider) if pool is None else \
+        cluster.key("pool", pool, kind, provider)
+
+
 class ClusterRate:
-    """One provider's cluster-wide rate, as one worker (`member`) takes its turns."""
+    """One provider's cluster-wide rate (or one IP group's x provider, `pool`), as one
+    worker (`member`) takes its turns."""
 
     def __init__(self, cluster: Cluster, provider: str, rate: float, member: str,
                  metrics: Metrics | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 pool: str | None = None) -> None:
         self.provider = provider
+        self.pool = pool
         self.rate = rate
         self._cluster = cluster
         self._member = member
         self._metrics = metrics
         self._clock = clock
-        self._keys = [cluster.key("rate", provider), cluster.key("rate", provider, "members")]
+        key = limit_key(cluster, "rate", provider, pool)
+        self._keys = [key, f"{key}:members"]
         self._lease_script = cluster.script(LEASE)
         self._turns: deque[float] = deque()  # leased turns (this process's monotonic time)
         self._leasing: Event | None = None  # set when the lease in flight is answered
@@ -178,7 +192,8 @@ class ClusterRate:
         granted, offset, members = int(reply[0]), float(reply[1]), int(reply[2])
         if self._metrics is not None:
             self._metrics.timing("cluster_lease", self.provider, (now - started) * 1000)
-            self._metrics.gauge("cluster_members", self.provider, members)
+            if self.pool is None:  # the provider's: one gauge, not two limits' in turn
+                self._metrics.gauge("cluster_members", self.provider, members)
         self.members = max(1, members)
         self._own_free = -math.inf
         if granted <= 0:
@@ -210,6 +225,8 @@ class ClusterRate:
         self._back_at = -math.inf
 
     def state(self) -> dict[str, Any]:
+        if self.pool is not None:
+            return {"cluster_rate": self.rate, "members": self.members, "leased": len(self._turns)}
         return {"cluster_rate": self.rate, "members": self.members,
                 "share": round(self.share, 3), "mode": self._cluster.mode,
                 "leased": len(self._turns), "lost": self.lost}

@@ -84,6 +84,9 @@ DECLARED: tuple[Metric, ...] = (
            " connection slot of the provider to the next slot granted (or the callers gone"
            " back to the spool): one per episode of waiting (log line"
            " cluster_connections_full)"),
+    Metric("cluster_hourly_lease", "timer", "a lease of a block of the provider's cluster-wide"
+           " hourly budget from Redis (one round trip for a block of messages;"
+           " engine.cluster_hourly)"),
     # counters
     Metric("delivered", "counter", "recipients delivered (2xx)"),
     Metric("deferred", "counter", "recipient attempts deferred (4xx or no answer)"),
@@ -254,6 +257,9 @@ DECLARED: tuple[Metric, ...] = (
     Metric("cluster_connections_held", "gauge", "the provider's cluster-wide connection"
            " slots this worker holds (its connections open or closing)", PER_PROVIDER,
            "connections"),
+    Metric("cluster_hourly_left", "gauge", "messages left of the provider's cluster-wide"
+           " hourly budget over the last hour (every host together), as Redis said at the"
+           " worker's last lease", PER_PROVIDER, "messages"),
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),
     Metric("in_flight", "gauge", "tasks (jobs) the worker is delivering", PER_IP, "jobs"),

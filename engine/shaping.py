@@ -10,8 +10,9 @@ says which apply to the IP). A shaper is made of
 - the **allowed rate** (engine.rate): slow start, decrease on push-back, recovery, probing;
 - **push-back recognised by behaviour** (engine.pushback), besides the throttle rules;
 - **caps** (engine.caps): messages per hour, and a warm-up schedule of messages per day;
-- in a cluster, the provider's **cluster-wide rate** (engine.cluster_rate: turns leased
-  from Redis), taken after the local pace, just before the message is sent; its
+- in a cluster, the provider's **cluster-wide limits** (engine.cluster_limits: a rate's
+  turns and an hourly budget's blocks leased from Redis, the provider's own and its IP
+  groups'), taken after the local pace, just before the message is sent; its
   **cluster-wide connections** (engine.cluster_connections: slots held in Redis, asked
   by the connection gate for each new connection); and the
   **shared suspensions** (engine.cluster_suspend): a suspension of this shaper's own (a
@@ -44,7 +45,7 @@ from engine import classify, logs
 from engine.caps import Caps, Deferral
 from engine.cluster import Cluster
 from engine.cluster_connections import ClusterConnections
-from engine.cluster_rate import ClusterRate
+from engine.cluster_limits import ClusterLimits
 from engine.cluster_suspend import SharedSuspensions
 from engine.config import (
     ClusterConfig,
@@ -93,7 +94,7 @@ class ProviderShaper:
                  max_wait: float, daily_cap: Callable[[], int | None] | None = None,
                  clock: Clock = time.monotonic, wall: Clock = time.time,
                  on_learned: Callable[[], None] | None = None,
-                 cluster_rate: ClusterRate | None = None,
+                 cluster: ClusterLimits | None = None,
                  shared: SharedSuspensions | None = None) -> None:
         self.provider = provider
         self.limits = limits
@@ -109,7 +110,7 @@ class ProviderShaper:
         self.pacer = Pacer(self.rate.spacing, self.rate.time_for, clock, lambda: self.epoch)
         self.pushback = Pushback(throttle.pushback_after)
         self.caps = Caps(limits.hourly, daily_cap or (lambda: None), wall, clock)
-        self.cluster_rate = cluster_rate  # the provider's rate across the cluster, if any
+        self.cluster = cluster  # the provider's rates and hourly budgets across the cluster
         self.shared = shared  # the cluster's suspensions, if a cluster is configured
         self.followed = 0  # suspensions followed from other hosts
         self.seeded: float | None = None  # the cluster's ceiling this IP started at, if any
@@ -144,16 +145,19 @@ class ProviderShaper:
         turn = self.pacer.wait_for_turn(self.max_wait, first)
         if isinstance(turn, float):
             return Deferral(self._wall() + self._back_in(turn), "pace")
-        if self.cluster_rate is not None:  # last: its turn is the moment the message goes
-            wait = self.cluster_rate.take(self.max_wait)
-            if wait > 0.0:
-                return Deferral(self._wall() + self._back_in(wait), "cluster pace")
+        if self.cluster is not None:  # last: its turn is the moment the message goes
+            wait = self.cluster.take(self.max_wait, again)
+            if wait is not None:  # a turn: back to join the line; a budget: when it frees
+                back = self._back_in(wait.seconds) if wait.pace else wait.seconds
+                return Deferral(self._wall() + back, wait.reason)
         # Suspended, or a cap reached, while this message waited in line: with a paced
         # line every message in it passed the cap's check before the first was counted.
         if self.shared is not None:
             self.shared.check()
         deferral = self._suspended() or (None if again else self.caps.reached())
         if deferral is not None:
+            if self.cluster is not None and not again:
+                self.cluster.give_back()
             return deferral
         if not again:
             self.caps.count()
@@ -383,7 +387,7 @@ class ProviderShaper:
             "max_connections": self.limits.max_connections,
             "sent_today": self.caps.sent_today,
             "daily_cap": self.caps.daily_cap,
-            **(self.cluster_rate.state() if self.cluster_rate is not None else {}),
+            **(self.cluster.state() if self.cluster is not None else {}),
             **(self.gate.cluster.state() if self.gate.cluster is not None else {}),
             **({"followed": self.followed, "seeded": self.seeded}
                if self.shared is not None else {}),
@@ -405,6 +409,7 @@ class ShapingPlan:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hostname: str = ""  # this host's name in the cluster when cluster.host is not set
+    ip_pools: tuple[str, ...] = ()  # the IP groups (`ip_pools`) this IP belongs to
     # The first day of the IP's warm-up (`warmup.ips`); None: this IP is not warming up.
     warmup_start: datetime.date | None = field(init=False)
 
@@ -457,19 +462,21 @@ class Shaping:
             limits = self.plan.limits_for(provider)
             shaper = ProviderShaper(provider, limits, self.plan.throttle,
                                     self.plan.shaping.max_wait, self._daily_cap, self._clock,
-                                    self._wall, self.save, self._cluster_rate(provider, limits),
+                                    self._wall, self.save, self._cluster_limits(provider, limits),
                                     self._shared)
             self._restore(provider, shaper)
             self._limit_connections(provider, limits, shaper)
             self._shapers[provider] = shaper
         return shaper
 
-    def _cluster_rate(self, provider: str, limits: SendingLimits) -> ClusterRate | None:
-        """The provider's cluster-wide rate, if it has one and a cluster is configured."""
-        if self.cluster is None or limits.cluster_rate <= 0:
+    def _cluster_limits(self, provider: str, limits: SendingLimits) -> ClusterLimits | None:
+        """The provider's cluster-wide limits (its own, its IP groups'), if a cluster is
+        configured and it has some."""
+        if self.cluster is None:
             return None
-        return ClusterRate(self.cluster, provider, limits.cluster_rate,
-                           f"{self.cluster.host}/{self.plan.ip}", self._metrics, self._clock)
+        return ClusterLimits.of(self.cluster, self.plan.shaping, provider, limits,
+                                self.plan.ip_pools, f"{self.cluster.host}/{self.plan.ip}",
+                                self._metrics, self._clock)
 
     def _limit_connections(self, provider: str, limits: SendingLimits,
                            shaper: ProviderShaper) -> None:
@@ -509,10 +516,13 @@ class Shaping:
         return {name: shaper.state() for name, shaper in self._shapers.items()}
 
     def close(self) -> None:
-        """Stop watching the cluster's suspensions (a worker's end, a test's)."""
+        """Stop watching the cluster's suspensions and idle budgets (a worker's end, a
+        test's)."""
         if self._shared is not None:
             self._shared.close()
         for shaper in self._shapers.values():
+            if shaper.cluster is not None:
+                shaper.cluster.close()
             if shaper.gate.cluster is not None:
                 shaper.gate.cluster.close()
 
@@ -552,4 +562,5 @@ class Shaping:
 def plan_for(cfg: Config, ip: str) -> ShapingPlan:
     """The shaping plan of sending IP `ip` from the config."""
     return ShapingPlan(ip=ip, pool=cfg.pool, shaping=cfg.shaping, throttle=cfg.throttle,
-                       warmup=cfg.warmup, cluster=cfg.cluster, hostname=cfg.hostname)
+                       warmup=cfg.warmup, cluster=cfg.cluster, hostname=cfg.hostname,
+                       ip_pools=tuple(name for name, ips in cfg.ip_pools.items() if ip in ips))

@@ -99,6 +99,7 @@ def from_dict(data: Mapping[str, Any] | None) -> Config:
     if control is not None:
         values["control"], values["control_curve"] = read_control(control, "control")
     _refuse_shared_endpoints(values)
+    _refuse_unknown_pools(values, ip_pools)
     _refuse_plain_remote(values)
     _refuse_untrusted_dane(values)
     _refuse_tlsrpt_without_sender(values, hostname)
@@ -174,6 +175,18 @@ def _refuse_shared_endpoints(values: Mapping[str, Any]) -> None:
         if endpoint in seen:
             raise error(key, f"same endpoint as {seen[endpoint]}: {endpoint}")
         seen[endpoint] = key
+
+
+def _refuse_unknown_pools(values: Mapping[str, Any], ip_pools: Mapping[str, Any]) -> None:
+    """`shaping.ip_pools` names IP groups of `ip_pools` (or `default`: every IP, unless
+    the config defines its own)."""
+    shaping = values.get("shaping")
+    known_pools = set(ip_pools) | {"default"}
+    for pool in shaping.ip_pools if shaping is not None else ():
+        if pool not in known_pools:
+            listed = ", ".join(sorted(known_pools)) or "none"
+            raise error(f"shaping.ip_pools.{pool}",
+                        f"no IP group {pool} in ip_pools (there are: {listed})")
 
 
 def _refuse_untrusted_dane(values: Mapping[str, Any]) -> None:

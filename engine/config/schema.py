@@ -229,6 +229,16 @@ class ProviderLimits:
     connection_rate: float | None = None
     cluster_rate: float | None = None  # shaping.providers only: see ShapingConfig
     cluster_connections: int | None = None  # shaping.providers only: see ShapingConfig
+    cluster_hourly: int | None = None  # shaping.providers only: see ShapingConfig
+
+
+@dataclass(frozen=True)
+class PoolClusterLimits:
+    """Cluster-wide limits of one IP group (`ip_pools`) x one provider: what the group's
+    IPs on every host send to it together. 0 = none."""
+
+    cluster_rate: float = 0.0  # messages per second
+    cluster_hourly: int = 0  # messages per hour
 
 
 @dataclass(frozen=True)
@@ -245,8 +255,15 @@ class ShapingConfig:
     # Connections open at once to a provider from every host of the cluster together
     # (engine.cluster_connections); 0 = no cluster-wide limit. Per provider in practice.
     cluster_connections: int = 0
+    # Messages per hour (the last 60 minutes, as `hourly`) to a provider from every host of
+    # the cluster together (engine.cluster_hourly); 0 = none. Per provider in practice.
+    cluster_hourly: int = 0
     providers: Mapping[str, ProviderLimits] = field(default_factory=_frozen_mapping)
     ips: Mapping[str, Mapping[str, ProviderLimits]] = field(default_factory=_frozen_mapping)
+    # Per IP group (an `ip_pools` name), per provider: cluster-wide limits of the pool's IPs
+    # together (`shaping.ip_pools.<pool>.<provider>`), on top of the provider's own.
+    ip_pools: Mapping[str, Mapping[str, PoolClusterLimits]] = field(
+        default_factory=_frozen_mapping)
 
 
 @dataclass(frozen=True)
@@ -265,6 +282,7 @@ class SendingLimits:
     connection_rate: float  # new connections per second
     cluster_rate: float  # messages per second from every host of the cluster together
     cluster_connections: int  # connections open at once from every host together
+    cluster_hourly: int  # messages per hour from every host of the cluster together
 
     @classmethod
     def of(cls, pool: PoolConfig, shaping: ShapingConfig, ip: str,
@@ -274,7 +292,8 @@ class SendingLimits:
                      rate=shaping.rate, hourly=shaping.hourly,
                      connection_rate=shaping.connection_rate,
                      cluster_rate=shaping.cluster_rate,
-                     cluster_connections=shaping.cluster_connections)
+                     cluster_connections=shaping.cluster_connections,
+                     cluster_hourly=shaping.cluster_hourly)
         for given in (shaping.providers.get(provider), shaping.ips.get(ip, {}).get(provider)):
             if given is not None:
                 limits = replace(limits, **{f.name: getattr(given, f.name) for f in fields(given)

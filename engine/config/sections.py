@@ -30,6 +30,7 @@ from engine.config.schema import (
     DnsConfig,
     IpConfig,
     LimitsConfig,
+    PoolClusterLimits,
     PoolConfig,
     ProviderLimits,
     RetryConfig,
@@ -314,6 +315,7 @@ _PROVIDER_LIMITS = section(ProviderLimits, {
     "connection_rate": optional(number(0)),
     "cluster_rate": optional(number(0)),
     "cluster_connections": optional(integer(0)),
+    "cluster_hourly": optional(integer(0)),
 })
 
 
@@ -328,11 +330,32 @@ def _per_ip(value: Any, path: str) -> Mapping[str, Mapping[str, ProviderLimits]]
                               for ip, v in mapping(value, path).items()})
     for ip, providers in table.items():
         for name, limits in providers.items():
-            for key in ("cluster_rate", "cluster_connections"):  # for every host: not one IP's
+            for key in ("cluster_rate", "cluster_hourly"):  # one figure for every host
                 if getattr(limits, key) is not None:
                     raise error(join(join(join(path, ip), name), key),
-                                "cluster-wide: set it under shaping.providers")
+                                "cluster-wide: set it under shaping.providers or"
+                                " shaping.ip_pools")
+            if limits.cluster_connections is not None:  # one figure for every host
+                raise error(join(join(join(path, ip), name), "cluster_connections"),
+                            "cluster-wide: set it under shaping.providers")
     return table
+
+
+_POOL_CLUSTER_LIMITS = section(PoolClusterLimits, {
+    "cluster_rate": number(0),
+    "cluster_hourly": integer(0),
+})
+
+
+def _per_pool(value: Any, path: str) -> Mapping[str, Mapping[str, PoolClusterLimits]]:
+    """`shaping.ip_pools`: pool -> provider -> cluster limits. The pool names are checked
+    against `ip_pools` once both are read (engine.config.loader)."""
+    return MappingProxyType({
+        pool: MappingProxyType({
+            _provider_name(name, join(join(path, pool), name)):
+                _POOL_CLUSTER_LIMITS(limits, join(join(path, pool), name))
+            for name, limits in mapping(providers, join(path, pool)).items()})
+        for pool, providers in mapping(value, path).items()})
 
 
 _SHAPING = section(ShapingConfig, {
@@ -341,9 +364,11 @@ _SHAPING = section(ShapingConfig, {
     "connection_rate": number(0),
     "cluster_rate": number(0),
     "cluster_connections": integer(0),
+    "cluster_hourly": integer(0),
     "max_wait": duration(),
     "providers": _per_provider,
     "ips": _per_ip,
+    "ip_pools": _per_pool,
 })
 
 _RULE_FIELDS = section(ThrottleRule, {

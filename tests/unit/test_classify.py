@@ -314,6 +314,9 @@ def test_a_4xx_at_every_host_is_the_last_hosts_reply() -> None:
 def test_not_yet_is_a_deferral_naming_the_provider() -> None:
     assert classify.not_yet("gmail", "is paced") == r(451, "4.4.5",
                                                        "not sent yet: gmail is paced for this IP")
+    # a cluster-wide limit is every host's, not this IP's
+    assert classify.not_yet("yahoo", "cluster hourly limit of pool bulk") == r(
+        451, "4.4.5", "not sent yet: yahoo cluster hourly limit of pool bulk")
 
 
 def test_a_bug_of_ours_defers_with_its_text_cut() -> None:

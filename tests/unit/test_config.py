@@ -154,6 +154,21 @@ def test_cluster_is_off_by_default_and_reads_its_keys() -> None:
                             "google").cluster_connections == 0
 
 
+def test_cluster_hourly_per_provider_and_cluster_limits_per_ip_pool() -> None:
+    cfg = from_dict({"hostname": "mta.example.com",
+                     "ips": [{"address": "192.0.2.10"}, {"address": "192.0.2.11"}],
+                     "ip_pools": {"bulk": ["192.0.2.11"]},
+                     "shaping": {"cluster_hourly": 1000,
+                                 "providers": {"yahoo": {"cluster_hourly": 50000}},
+                                 "ip_pools": {"bulk": {"yahoo": {"cluster_rate": 100,
+                                                                 "cluster_hourly": 20000}}}}})
+    assert SendingLimits.of(cfg.pool, cfg.shaping, "192.0.2.10", "yahoo").cluster_hourly == 50000
+    assert SendingLimits.of(cfg.pool, cfg.shaping, "192.0.2.10", "google").cluster_hourly == 1000
+    bulk = cfg.shaping.ip_pools["bulk"]["yahoo"]
+    assert (bulk.cluster_rate, bulk.cluster_hourly) == (100.0, 20000)
+    assert from_dict(to_dict(cfg)) == cfg
+
+
 def test_cluster_hosts_list_each_hosts_control_and_are_no_restart() -> None:
     hosts = [{"name": "mta-a", "control": "ipc:///run/mailengine/control.sock"},
              {"name": "mta-b", "control": "tcp://10.0.0.2:5572",
@@ -427,6 +442,16 @@ REFUSALS = [
     (minimal(shaping={"ips": {"192.0.2.10": {"yahoo": {"cluster_connections": 5}}}}),
      "shaping.ips.192.0.2.10.yahoo.cluster_connections", "set it under shaping.providers"),
     (minimal(cluster={"connection_lease": 0}), "cluster.connection_lease", "more than 0"),
+    (minimal(shaping={"ips": {"192.0.2.10": {"yahoo": {"cluster_hourly": 5}}}}),
+     "shaping.ips.192.0.2.10.yahoo.cluster_hourly", "set it under shaping.providers"),
+    (minimal(shaping={"providers": {"yahoo": {"cluster_hourly": 1.5}}}),
+     "shaping.providers.yahoo.cluster_hourly", "integer"),
+    (minimal(shaping={"ip_pools": {"bulk": {"yahoo": {"cluster_hourly": 50}}}}),
+     "shaping.ip_pools.bulk", "no IP group bulk in ip_pools"),
+    (minimal(shaping={"ip_pools": {"default": {"yahoo": {"rate": 5}}}}),
+     "shaping.ip_pools.default.yahoo.rate", "unknown key"),
+    (minimal(shaping={"ip_pools": {"default": {"Yahoo!": {"cluster_rate": 5}}}}),
+     "shaping.ip_pools.default.Yahoo!", "provider names"),
 ]
 
 

@@ -30,7 +30,8 @@ SUPERVISOR_SIDE = ("engine.supervisor", "engine.intake", "engine.results", "engi
 WORKER_SIDE = ("engine.worker", "engine.delivery", "engine.connector", "engine.pool",
                "engine.shaping", "engine.smtp", "engine.mx", "engine.tls", "engine.waiters",
                "engine.mtasts", "engine.tlspolicy", "engine.dane", "engine.cluster_rate",
-               "engine.cluster_connections", "engine.gate")
+               "engine.cluster_connections", "engine.gate", "engine.cluster_hourly",
+               "engine.cluster_limits")
 SMTP_LAYER = ("engine.smtp",)
 
 # (modules the rule is about, what they must not import, why)
@@ -137,7 +138,7 @@ def test_the_engine_runs_without_redis_py_when_no_cluster_is_configured() -> Non
              " cfg = from_dict({'ips': ['127.0.0.2'],"
              " 'shaping': {'providers': {'google': {'cluster_rate': 60}}}});"
              " shaper = Shaping(plan_for(cfg, '127.0.0.2')).get('google');"
-             " print(shaper.cluster_rate, engine.intake.Cluster(cfg.cluster, 'h').mode)")
+             " print(shaper.cluster, engine.intake.Cluster(cfg.cluster, 'h').mode)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                          text=True, timeout=50, check=True)
     assert out.stdout.strip() == "None off", out.stdout + out.stderr

@@ -1,0 +1,234 @@
+"""Hourly budgets across the cluster (engine.cluster_hourly) and the limits of an IP group
+(engine.cluster_limits) against a real redis-server on loopback: several workers, each with
+its own connection as on its own host, share one budget, never above it together, and it
+goes where the demand is; a block's remainder lapses at its minute's end and is returned;
+Redis killed: each worker goes on at its share; an IP group's limit applies to its IPs only.
+
+The hour turns on a clock of the test's (`Clock`): the workers' own and the cluster's time
+the scripts are given in place of Redis's `TIME`, so no test waits for a minute or an hour."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import pytest
+
+from engine.caps import Deferral
+from engine.cluster import FALLBACK, SHARED, Cluster
+from engine.cluster_hourly import IDLE, ClusterHourly
+from engine.config import ClusterConfig, from_dict
+from engine.shaping import Shaping, plan_for
+from tests.support.recorded_metrics import Recorded
+from tests.support.redis import RedisServer, need_redis
+from tests.support.wait import until
+
+START = 1_800_000_000.0  # the cluster's time at the test's start: the start of a minute
+
+
+class Clock:
+    """The test's time: `monotonic()` for the workers, `cluster()` for Redis's."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def monotonic(self) -> float:
+        return self.t
+
+    def cluster(self) -> float:
+        return START + self.t
+
+
+MADE: list[Shaping | ClusterHourly] = []
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    need_redis()
+    with RedisServer() as server:
+        yield server
+    while MADE:
+        MADE.pop().close()
+
+
+def worker(server: RedisServer, clock: Clock, name: str, hourly: int = 30,
+           metrics: Recorded | None = None) -> ClusterHourly:
+    link = Cluster(ClusterConfig(redis=server.url, retry=5.0), name, metrics, clock.monotonic)
+    MADE.append(ClusterHourly(link, "example", hourly, f"{name}/127.0.0.2", metrics,
+                              clock.monotonic, now=clock.cluster))
+    return MADE[-1]  # type: ignore[return-value]
+
+
+def sent(limit: ClusterHourly, wanted: int) -> int:
+    """Messages of `wanted` offered one after another that went (stops at the first
+    refused: the budget is used up)."""
+    for count in range(wanted):
+        if limit.take() > 0.0:
+            return count
+    return wanted
+
+
+def counted(server: RedisServer) -> int:
+    client: Any = server.client()
+    return sum(int(n) for n in client.hgetall("mailengine:hourly:example").values())
+
+
+@pytest.mark.timeout(30)
+def test_workers_share_an_hourly_budget_never_above_it_and_it_goes_where_the_demand_is(
+        redis_server: RedisServer) -> None:
+    clock = Clock()
+    metrics = Recorded()
+    busy, quiet, idle = (worker(redis_server, clock, name, metrics=metrics)
+                         for name in ("busy", "quiet", "idle"))
+    assert sent(idle, 1) == 1  # a member, with next to no demand
+    went = [0, 0]
+
+    def offer(i: int, limit: ClusterHourly, every: float) -> None:
+        for _ in range(40):
+            if limit.take() == 0.0:
+                went[i] += 1
+            gevent.sleep(every)
+
+    # Twenty greenlets of the busy worker, one message at a time for the quiet one.
+    jobs = [gevent.spawn(offer, 0, busy, 0.0) for _ in range(20)]
+    jobs.append(gevent.spawn(offer, 1, quiet, 0.001))
+    gevent.joinall(jobs, timeout=20, raise_error=True)
+    assert 1 + sum(went) == 30, went  # the whole budget used, never more
+    assert went[0] > went[1] >= 1, went  # most of it where the demand was
+    assert counted(redis_server) == 30
+    # Used up; the others hold blocks of this minute (and may return some): back once
+    # those have lapsed, IDLE after the minute's end.
+    assert busy.take() == pytest.approx(60.0 + IDLE, abs=0.01)
+    clock.t = 60.0 + IDLE  # nothing came back: back when the first minute leaves the hour
+    assert busy.take() == pytest.approx(3600.0 - clock.t, abs=0.01)
+    assert busy.state()["hourly_left"] == 0
+    assert metrics.count("timing", "cluster_hourly_lease") < 30  # blocks, not one per message
+
+    clock.t = 3600.0  # the hour has turned: the budget is whole again
+    assert sent(busy, 40) == 30
+    assert 0 < metrics.count("gauge", "cluster_hourly_left")
+
+
+@pytest.mark.timeout(30)
+def test_a_sliding_hour_a_minute_frees_its_count_when_it_leaves_the_hour(
+        redis_server: RedisServer) -> None:
+    clock = Clock()
+    limit = worker(redis_server, clock, "a")
+    assert sent(limit, 10) == 10  # minute 0
+    clock.t = 1800.0
+    assert sent(limit, 40) == 20  # minute 30: the rest of the hour's
+    wait = limit.take()
+    assert 1799.0 <= wait <= 1800.0, wait  # minute 0 leaves the hour at 3600 s
+    clock.t = 3600.0
+    assert sent(limit, 40) == 10  # minute 0's ten, not minute 30's twenty
+
+
+@pytest.mark.timeout(30)
+def test_a_blocks_remainder_lapses_at_its_minutes_end_and_is_returned_with_the_next_lease(
+        redis_server: RedisServer) -> None:
+    clock = Clock()
+    first, second = worker(redis_server, clock, "first"), worker(redis_server, clock, "second")
+    assert sent(second, 1) == 1
+    assert sent(first, 8) == 8  # blocks of 1, 2, 4, then one of up to 8: some of it held
+    held = first.state()["hourly_held"]
+    assert held > 0
+    assert sent(second, 40) == 30 - 9 - held  # the held part is not the second's
+    clock.t = 61.0  # the next minute: the first's block has lapsed
+    assert sent(first, 1) == 1  # its lease returns the remainder
+    # which the second can have now, but for the first's new block
+    assert sent(second, 40) == held - 1 - first.state()["hourly_held"]
+    assert counted(redis_server) == 30
+
+
+@pytest.mark.timeout(30)
+def test_a_block_idle_for_two_seconds_is_returned_at_once_for_the_others(
+        redis_server: RedisServer) -> None:
+    clock = Clock()
+    done, other = worker(redis_server, clock, "done"), worker(redis_server, clock, "other")
+    assert sent(other, 1) == 1
+    assert sent(done, 8) == 8  # the last of its mail: part of its block held
+    held = done.state()["hourly_held"]
+    assert held > 0 and counted(redis_server) == 9 + held
+    clock.t += IDLE  # none of its messages took from it since: returned, one round trip
+    # (polled letting gevent run: its watching greenlet returns the block)
+    until(lambda: gevent.sleep(0.05) or counted(redis_server) == 9, timeout=10,
+          what="the idle block returned")
+    assert done.state()["hourly_held"] == 0
+    assert sent(other, 40) == 30 - 9  # all of the rest, for the worker with mail
+
+
+@pytest.mark.timeout(30)
+def test_a_message_deferred_after_taking_gives_its_budget_back(
+        redis_server: RedisServer) -> None:
+    clock = Clock()
+    limit = worker(redis_server, clock, "a", hourly=3)
+    assert sent(limit, 3) == 3
+    limit.give_back()  # the third went nowhere (another limit deferred it)
+    assert limit.take() == 0.0
+    assert limit.take() > 0.0
+
+
+@pytest.mark.timeout(30)
+def test_redis_killed_each_worker_goes_on_at_its_share_then_shares_again(
+        redis_server: RedisServer) -> None:
+    clock = Clock()
+    metrics = Recorded()
+    a, b = worker(redis_server, clock, "a", metrics=metrics), worker(redis_server, clock, "b")
+    assert [sent(a, 1), sent(b, 1), sent(a, 4), sent(b, 4)] == [1, 1, 4, 4]
+    assert a.members == b.members == 2
+
+    redis_server.kill()
+    clock.t = 60.0  # their blocks lapsed: the next messages need leases
+    # Each at its share, 30 / 2, over its own hour (the five it sent shared included).
+    assert sent(a, 40) == 10 and sent(b, 40) == 10
+    assert a._cluster.mode == b._cluster.mode == FALLBACK
+    assert a.take() > 0.0  # delivery at the share, not beyond: back when its hour frees
+    assert metrics.total("cluster_fallbacks") == 1
+
+    redis_server.start()  # empty: the hour is rebuilt from what the workers sent alone
+    clock.t = 130.0  # past cluster.retry, and the fallback's blocks
+    assert sent(a, 1) + sent(b, 1) == 2  # each lease counts what its worker sent alone
+    assert 2 + sent(a, 40) + sent(b, 40) == 30 - 20  # the twenty sent alone are counted
+    assert a._cluster.mode == b._cluster.mode == SHARED
+    assert counted(redis_server) == 30
+
+
+@pytest.mark.timeout(30)
+def test_an_ip_groups_limit_applies_to_its_ips_only_besides_the_providers_own(
+        redis_server: RedisServer) -> None:
+    cfg = from_dict({
+        "hostname": "mta.example.com",
+        "ips": [{"address": "127.0.0.2"}, {"address": "127.0.0.3"}, {"address": "127.0.0.4"}],
+        "ip_pools": {"bulk": ["127.0.0.3", "127.0.0.4"]},
+        "cluster": {"redis": redis_server.url, "host": "mta-a"},
+        "shaping": {"providers": {"example": {"cluster_hourly": 12}},
+                    "ip_pools": {"bulk": {"example": {"cluster_hourly": 5,
+                                                      "cluster_rate": 1000}}}}})
+    transactional, bulk1, bulk2 = (Shaping(plan_for(cfg, ip)) for ip in
+                                   ("127.0.0.2", "127.0.0.3", "127.0.0.4"))
+    MADE.extend((transactional, bulk1, bulk2))
+
+    def turns(shaping: Shaping, wanted: int) -> tuple[int, Deferral | None]:
+        for count in range(wanted):
+            turn = shaping.get("example").turn()
+            if isinstance(turn, Deferral):
+                return count, turn
+        return wanted, None
+
+    went, deferral = turns(bulk1, 3)
+    assert (went, deferral) == (3, None)
+    went, deferral = turns(bulk2, 10)  # the pool's five, the two IPs together
+    assert went == 2 and deferral is not None
+    assert deferral.reason == "cluster hourly limit of pool bulk"
+    # Not in the pool: the provider's twelve, less the pool's five and what bulk2 holds.
+    went, deferral = turns(transactional, 20)
+    assert went == 12 - 5 - bulk2.get("example").state()["hourly_held"]
+    assert deferral is not None and deferral.reason == "cluster hourly limit"
+    state = bulk1.get("example").state()
+    assert state["cluster_hourly"] == 12
+    assert state["pools"]["bulk"]["cluster_hourly"] == 5
+    assert state["pools"]["bulk"]["cluster_rate"] == 1000
+    assert "pools" not in transactional.get("example").state()
+    client: Any = redis_server.client()
+    assert client.exists("mailengine:pool:bulk:hourly:example")
+    assert client.exists("mailengine:pool:bulk:rate:example")
