@@ -14,8 +14,11 @@ until the idle connections and empty pools are reclaimed (`pool.idle_timeout`, s
 Measured: DNS queries in flight at once (peak, counted at the server) and in all, the
 resolver's cache hits and joined lookups (the worker's own counts, from `mailengine status`),
 pools (destinations) and open SMTP connections (the worker's sockets to the sinks' port, from
-/proc/net/tcp) at their peak and after the idle time, the worker's RSS before and at its peak
-(and per 1,000 destinations), the time to deliver each burst and its rate.
+/proc/net/tcp) at their peak and after the idle time, the worker's RSS before, at its peak
+(and per 1,000 destinations) and after the idle time, the time to deliver each burst and its
+rate, and the `status` answer (its size as JSON, the time to get it) after the first burst
+and after the idle time. The providers' shaping state is forgotten after the same idle time
+as the pools (`shaping.forget_after`, where the engine has it).
 
 `--docs` writes docs/PERFORMANCE.md ("Many destinations", one row per `--label`, kept in
 bench/results/many_destinations.json).
@@ -23,6 +26,7 @@ bench/results/many_destinations.json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -46,6 +50,7 @@ from bench.common import (
 )
 from bench.run import _cpu_now as run_cpu_now
 from bench.run import other_load
+from engine.config import ShapingConfig
 from engine.testing.harness import LocalEngine, make_message
 from tests.support.dnsserver import DnsServer
 
@@ -143,6 +148,7 @@ class Sampler:
         self.engine, self.port, self.period = engine, port, period
         self.peak = {"connections": 0, "destinations": 0, "rss_mb": 0.0}
         self.last: dict[str, Any] = {}
+        self.last_worker: dict[str, Any] = {}  # its latest status figures
         self._worker: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -152,8 +158,8 @@ class Sampler:
         """`ask`: the engine's status too (the worker reports once a second, and the
         status carries every provider's shaping state: asked once a second at most)."""
         if ask or not self._worker:
-            self._worker = next(iter(self.engine.status()["workers"].values()))
-        worker = self._worker
+            self._worker = next(iter(self.engine.status(timeout=30)["workers"].values()))
+        worker = self.last_worker = self._worker
         now = {"connections": open_connections(self.port),
                "destinations": worker.get("destinations", 0), "rss_mb": rss_mb(worker["pid"]),
                "dns": worker.get("dns", {}), "connections_reported": worker["connections_open"]}
@@ -174,6 +180,27 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def status_cost(engine: LocalEngine, times: int = 3) -> dict[str, float]:
+    """The `status` answer: its size as JSON (KB) and the time to get it (ms, the median
+    of `times` asks), with the shaping providers it lists and leaves out (idle)."""
+    took, answer = [], {}
+    for _ in range(times):
+        started = time.perf_counter()
+        answer = engine.status(timeout=30)
+        took.append(time.perf_counter() - started)
+    worker = next(iter(answer["workers"].values()))
+    return {"kb": round(len(json.dumps(answer)) / 1024, 1),
+            "ms": round(1000 * sorted(took)[len(took) // 2], 1),
+            "providers_shown": len(worker.get("shaping") or {}),
+            "providers_idle": worker.get("shaping_idle")}
+
+
+def forgets_providers() -> bool:
+    """Whether the engine under test forgets idle providers' shaping state (a config key
+    that engines before it do not know, and would refuse)."""
+    return "forget_after" in {f.name for f in dataclasses.fields(ShapingConfig)}
 
 
 def burst(producer: Producer, tag: str, domains: int) -> dict[str, float]:
@@ -212,10 +239,13 @@ def run(workdir: str, domains: int, dns_delay: float, idle_timeout: float,
     shutil.rmtree(workdir, ignore_errors=True)
     with DnsServer(zone(domains), ttl=3600, delay=dns_delay) as dns:
         dns_cfg["port"] = dns.port
-        engine = LocalEngine(workdir, sinks.port, route=None, extra={
+        extra: dict[str, Any] = {
             "log_level": "warning", "dns": dns_cfg,
             "security": {"allow_private_destinations": True},
-            "pool": {"idle_timeout": idle_timeout}})
+            "pool": {"idle_timeout": idle_timeout}}
+        if forgets_providers():
+            extra["shaping"] = {"forget_after": idle_timeout}
+        engine = LocalEngine(workdir, sinks.port, route=None, extra=extra)
         try:
             engine.start()
             producer = Producer(engine)
@@ -224,6 +254,8 @@ def run(workdir: str, domains: int, dns_delay: float, idle_timeout: float,
             dns.peak_in_flight = 0
             first = burst(producer, "first", domains)
             after_first = sampler.sample()
+            status_first = status_cost(engine)
+            log(f"status after the first burst: {status_first}")
             queries_first = len(dns.queries)
             by_type: dict[str, int] = {}
             for _, rdtype in dns.queries:
@@ -240,13 +272,18 @@ def run(workdir: str, domains: int, dns_delay: float, idle_timeout: float,
             deadline = reclaim_started + idle_timeout * 3 + 20
             while True:
                 now = sampler.sample()
-                if now["connections"] == 0 and now["destinations"] == 0:
+                idle = sampler.last_worker.get("shaping_idle") or 0
+                shown = len(sampler.last_worker.get("shaping") or {})
+                forgotten = not forgets_providers() or idle + shown == 0
+                if now["connections"] == 0 and now["destinations"] == 0 and forgotten:
                     break
                 if time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
             reclaimed = dict(now, seconds=round(time.monotonic() - reclaim_started, 1))
             log(f"after the idle time: {reclaimed}")
+            status_idle = status_cost(engine)
+            log(f"status after the idle time: {status_idle}")
             producer.close()
             engine.stop()
         finally:
@@ -263,8 +300,10 @@ def run(workdir: str, domains: int, dns_delay: float, idle_timeout: float,
                 "worker_after_first": after_first["dns"], "worker_after_second":
                     after_second["dns"]},
         "peak": peaks, "reclaimed": reclaimed,
+        "status": {"after_first": status_first, "after_idle": status_idle},
         "rss_mb": {"baseline": round(baseline["rss_mb"], 1), "peak": round(peaks["rss_mb"], 1),
-                   "per_1000": round(grown / (domains / 1000), 2)},
+                   "per_1000": round(grown / (domains / 1000), 2),
+                   "after_idle": round(reclaimed["rss_mb"], 1)},
     }
 
 
@@ -279,6 +318,22 @@ def _burst(row: dict[str, Any]) -> str:
     return f"{row['seconds']} s, {row['rate']:.0f}/s, {counted}"
 
 
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def _status(result: dict[str, Any]) -> str:
+    """The status answer after the first burst and after the idle time (runs before this
+    was measured: n/a)."""
+    status = result.get("status")
+    if not status:
+        return "n/a"
+    return " / ".join(
+        f"{s['kb']:,.0f} KB, {s['ms']:.0f} ms ({s['providers_shown']:,},"
+        f" {'n/a' if s['providers_idle'] is None else format(s['providers_idle'], ',')})"
+        for s in (status["after_first"], status["after_idle"]))
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [HEADING, "", '<a id="bench-many-destinations"></a>', "",
              "Issue #19 item 3, `bench/many_destinations.py`: the whole engine (one worker) and"
@@ -289,8 +344,10 @@ def render(results: dict[str, Any]) -> str:
              "| run | command | engine | date | domains | burst 1: time, rate, deferrals |"
              " burst 2: same | DNS queries burst 1 / 2 | DNS in flight peak (bound) |"
              " cache hits, joined | pools peak / after idle | connections peak / after idle (s)"
-             " | worker RSS before / peak, per 1,000 | other load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | worker RSS before / peak / after idle, per 1,000 |"
+             " status after burst 1 / after idle: size, time (providers shown, idle) |"
+             " other load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         command = r["command"].replace(" --docs", "")
         command = command.replace(f" --label {shlex.quote(label)}", "")
@@ -309,8 +366,9 @@ def render(results: dict[str, Any]) -> str:
             f" {pools} |"
             f" {r['peak']['connections']:,} / {r['reclaimed']['connections']}"
             f" ({r['reclaimed']['seconds']}) |"
-            f" {r['rss_mb']['baseline']:.0f} / {r['rss_mb']['peak']:.0f} MB,"
-            f" {r['rss_mb']['per_1000']:.1f} MB |"
+            f" {r['rss_mb']['baseline']:.0f} / {r['rss_mb']['peak']:.0f} /"
+            f" {_mb(r['rss_mb'].get('after_idle'))} MB, {r['rss_mb']['per_1000']:.1f} MB |"
+            f" {_status(r)} |"
             f" {_load(r)} |")
     lines += ["", PROSE]
     return "\n".join(lines) + "\n"
