@@ -339,6 +339,7 @@ _SHAPING = section(ShapingConfig, {
     "connection_rate": number(0),
     "cluster_rate": number(0),
     "max_wait": duration(),
+    "forget_after": duration(),
     "providers": _per_provider,
     "ips": _per_ip,
 })
