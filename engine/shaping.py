@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -102,10 +103,14 @@ class ProviderShaper:
         self._clock = clock
         self._wall = wall
         self._on_learned = on_learned or (lambda: None)
+        # The gate and the pacer ask the shaper through a weak reference: no cycle, so a
+        # shaper forgotten idle (Shaping.forget_idle) is freed at once, not at the next full
+        # collection (rare in a worker: engine.gctune), its memory used again.
+        me = weakref.proxy(self)
         self.gate = ConnectionGate(limits.max_connections, limits.connection_rate, clock,
-                                   lambda: self.suspended)
+                                   lambda: me.suspended)
         self.rate = AllowedRate(limits.rate, throttle, clock())
-        self.pacer = Pacer(self.rate.spacing, self.rate.time_for, clock, lambda: self.epoch)
+        self.pacer = Pacer(self.rate.spacing, self.rate.time_for, clock, lambda: me.epoch)
         self.pushback = Pushback(throttle.pushback_after)
         self.caps = Caps(limits.hourly, daily_cap or (lambda: None), wall, clock)
         self.cluster_rate = cluster_rate  # the provider's rate across the cluster, if any

@@ -10,7 +10,9 @@ timer.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,24 @@ def test_only_providers_with_something_to_show_are_reported() -> None:
     t.now += AFTER  # the suspended one kept; the learned one forgotten, its limit stored
     assert shaping.forget_idle() == 1_999
     assert set(shaping.state()) == {"d1.test"} and shaping.providers == 1
+
+
+def test_a_forgotten_shaper_is_freed_without_waiting_for_the_cyclic_collector() -> None:
+    """Regression (the benchmark's worker grew by 40 MB more when 10,000 providers were
+    forgotten and made anew): the gate and the pacer held the shaper in a cycle, freed only
+    by a full collection, which a worker seldom runs (engine.gctune)."""
+    t = FakeTime()
+    shaping = Shaping(PLAN, None, t.clock, t.clock)
+    shaper = shaping.get("example.net")
+    learned_limit(shaper, t)
+    assert shaper.gate.try_enter()
+    shaper.gate.leave()
+    gone = weakref.ref(shaper)
+    del shaper
+    t.now += AFTER + 1
+    gc.disable()
+    try:
+        assert shaping.forget_idle() == 1
+        assert gone() is None
+    finally:
+        gc.enable()
