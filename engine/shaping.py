@@ -578,9 +578,13 @@ class Shaping:
         try:
             with open(self.state_file, encoding="utf-8") as f:
                 data = json.load(f)
-            return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
+        if not isinstance(data, dict):
+            return {}
+        # A damaged file's tables are dropped whole: they are read and written as dicts.
+        return {key: value for key, value in data.items()
+                if key not in ("sent", "learned") or isinstance(value, dict)}
 
 
 def plan_for(cfg: Config, ip: str) -> ShapingPlan:

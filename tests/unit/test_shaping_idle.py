@@ -235,3 +235,15 @@ def test_a_forgotten_shaper_is_freed_without_waiting_for_the_cyclic_collector() 
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_a_state_file_with_damaged_tables_starts_them_afresh(tmp_path: Path) -> None:
+    state = tmp_path / "shaping.json"
+    state.write_text(json.dumps({"day": "2026-12-03", "sent": [1], "learned": "x"}))
+    t = FakeTime()
+    shaping = Shaping(PLAN, str(state), t.clock, t.clock)
+    assert shaping.get("example.net").rate.limit is None
+    t.now += AFTER + 1
+    assert shaping.forget_idle() == 1
+    shaping.save()
+    assert json.loads(state.read_text())["learned"] == {}
