@@ -91,6 +91,11 @@ class Caps:
         self._hour.add(self._clock())
         self.sent_today += 1
 
+    def counted_this_hour(self) -> bool:
+        """Whether the hourly cap counts messages of the last hour (forgotten, it would let
+        a full hour more through: engine.shaping_idle)."""
+        return bool(self.hourly) and self._hour.total(self._clock()) > 0
+
     @property
     def daily_cap(self) -> int | None:
         return self._daily_cap()

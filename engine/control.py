@@ -105,6 +105,8 @@ def status(spool: Spool, in_flight: int, counters: Mapping[str, int],
                            **({"ip_error": h.stats.get("ip_error"),
                                "ip_down_for": round(time.monotonic() - h.ip_down_since, 1)}
                               if h.ip_down_since is not None else {}),
-                           "shaping": h.stats.get("shaping", {})}
+                           "shaping": h.stats.get("shaping", {}),
+                           "shaping_idle": h.stats.get("shaping_idle", 0),
+                           "shaping_forgotten": h.stats.get("shaping_forgotten", 0)}
                     for h in workers},
     }

@@ -126,6 +126,13 @@ class ConnectionGate:
             self.cluster.release()
         self.wake_one()
 
+    @property
+    def in_use(self) -> bool:
+        """A connection open or awaited, or a pool still holding this gate (it forgets it
+        only once empty: engine.pools.reap): the provider's shaper must not be made anew
+        beside it (engine.shaping_idle)."""
+        return self.open > 0 or any_waiting(self._waiters) or bool(self._idle_closers)
+
     def add_waiter(self, waiter: AsyncResult) -> None:
         self._waiters.append(waiter)
 

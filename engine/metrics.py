@@ -134,6 +134,9 @@ DECLARED: tuple[Metric, ...] = (
     Metric("mta_sts_testing_failed", "counter", "transactions sent under an MTA-STS policy in"
            " testing mode that enforcing it would have refused (MX host not named, or no"
            " verified TLS): delivered all the same, logged as mta_sts_testing_failure"),
+    Metric("providers_forgotten", "counter", "providers whose shaping state the worker dropped,"
+           " idle for shaping.forget_after with nothing to keep (made anew with what it"
+           " learned when mail comes again)", PER_IP),
     Metric("mta_sts_fetched", "counter", "MTA-STS policies fetched over HTTPS (new, changed"
            " id, or expired)", PER_IP),
     Metric("mta_sts_fetch_failed", "counter", "MTA-STS policy fetches that failed (HTTPS, a"
@@ -263,6 +266,8 @@ DECLARED: tuple[Metric, ...] = (
     Metric("connections_open", "gauge", "open SMTP connections of the worker", PER_IP,
            "connections"),
     Metric("in_flight", "gauge", "tasks (jobs) the worker is delivering", PER_IP, "jobs"),
+    Metric("shaping_providers", "gauge", "providers whose shaping state the worker holds (an"
+           " idle one is forgotten after shaping.forget_after)", PER_IP, "providers"),
     Metric("ip_down", "gauge", "1 while the host does not hold the worker's sending IP (a"
            " bind to it fails): the worker takes no jobs; else 0", PER_IP, "flag"),
     Metric("allowed_rate", "gauge", "messages per second allowed by shaping", PER_PROVIDER,

@@ -26,6 +26,8 @@ attempt counted, until their next turn (`resume_at`). Waiting for a turn is neve
 attempt; a wait longer than `shaping.max_wait` is not waited out in the worker, where it would
 hold a slot that other providers' mail could use: the recipients go back to the spool, due
 when the turn comes (`Deferral`). What was learned survives a restart (`Shaping.save`).
+A provider idle for `shaping.forget_after` is forgotten, and shown in `status` only while it
+has something to show (engine.shaping_idle).
 """
 from __future__ import annotations
 
@@ -36,12 +38,13 @@ import logging
 import math
 import os
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine import classify, logs
+from engine import classify, logs, shaping_idle
 from engine.caps import Caps, Deferral
 from engine.cluster import Cluster
 from engine.cluster_connections import ClusterConnections
@@ -104,10 +107,14 @@ class ProviderShaper:
         self._clock = clock
         self._wall = wall
         self._on_learned = on_learned or (lambda: None)
+        # The gate and the pacer ask the shaper through a weak reference: no cycle, so a
+        # shaper forgotten idle (Shaping.forget_idle) is freed at once, not at the next full
+        # collection (rare in a worker: engine.gctune), its memory used again.
+        me = weakref.proxy(self)
         self.gate = ConnectionGate(limits.max_connections, limits.connection_rate, clock,
-                                   lambda: self.suspended)
+                                   lambda: me.suspended)
         self.rate = AllowedRate(limits.rate, throttle, clock())
-        self.pacer = Pacer(self.rate.spacing, self.rate.time_for, clock, lambda: self.epoch)
+        self.pacer = Pacer(self.rate.spacing, self.rate.time_for, clock, lambda: me.epoch)
         self.pushback = Pushback(throttle.pushback_after)
         self.caps = Caps(limits.hourly, daily_cap or (lambda: None), wall, clock)
         self.cluster = cluster  # the provider's rates and hourly budgets across the cluster
@@ -121,6 +128,7 @@ class ProviderShaper:
         # Bumped on every decrease and suspension: a turn taken before is stale (taken at a
         # rate the provider refused) and must be taken again before sending (see delivery).
         self.epoch = 0
+        self.last_used = clock()  # when a message last asked for this shaper (Shaping.get)
 
     # -- taking a turn -----------------------------------------------------------
 
@@ -447,7 +455,8 @@ class Shaping:
         self._wall = wall
         self._metrics = metrics
         self._shapers: dict[str, ProviderShaper] = {}
-        self._saved = self._load()
+        self._saved = self._load()  # what a restart (or a shaper made anew) takes up
+        self.forgotten = 0  # shapers dropped idle (forget_idle), for the figures
         # The connection to the cluster's Redis (engine.cluster), if one is configured.
         self.cluster = Cluster(plan.cluster, plan.hostname, metrics, clock) \
             if plan.cluster.redis else None
@@ -467,6 +476,7 @@ class Shaping:
             self._restore(provider, shaper)
             self._limit_connections(provider, limits, shaper)
             self._shapers[provider] = shaper
+        shaper.last_used = self._clock()
         return shaper
 
     def _cluster_limits(self, provider: str, limits: SendingLimits) -> ClusterLimits | None:
@@ -493,10 +503,8 @@ class Shaping:
         if self._saved.get("day") == shaper.caps.day:
             shaper.caps.sent_today = int(self._saved.get("sent", {}).get(provider, 0))
         learned = self._saved.get("learned", {}).get(provider)
-        if isinstance(learned, dict):
-            age = self._wall() - float(learned.get("at", 0.0))
-            if 0 <= age <= self.plan.throttle.remember:
-                shaper.rate.restore(learned, self._clock())
+        if isinstance(learned, dict) and self._fresh(learned, self._wall()):
+            shaper.rate.restore(learned, self._clock())
 
     def _daily_cap(self) -> int | None:
         if self.plan.warmup_start is None:  # not warming up: no date to work out per message
@@ -513,7 +521,41 @@ class Shaping:
             shaper.release(lift)
 
     def state(self) -> dict[str, dict[str, Any]]:
-        return {name: shaper.state() for name, shaper in self._shapers.items()}
+        """The state of the providers with something to show (engine.shaping_idle); the
+        others are `providers` minus these."""
+        return {name: shaper.state() for name, shaper in self._shapers.items()
+                if shaping_idle.worth_showing(shaper)}
+
+    @property
+    def providers(self) -> int:
+        """Providers whose shaper this IP holds now."""
+        return len(self._shapers)
+
+    def forget_idle(self) -> int:
+        """Drop the shapers unused for `shaping.forget_after` with nothing to keep
+        (engine.shaping_idle); what they learned, and today's counts, wait in the store a
+        restart reads, for the shaper made anew. How many were dropped."""
+        after = self.plan.shaping.forget_after
+        if after <= 0:
+            return 0
+        now = self._clock()
+        idle = [name for name, shaper in self._shapers.items()
+                if shaping_idle.forgettable(shaper, now, after)]
+        for name in idle:
+            self._keep(name, self._shapers.pop(name))
+        self.forgotten += len(idle)
+        return len(idle)
+
+    def _keep(self, provider: str, shaper: ProviderShaper) -> None:
+        """A dropped shaper's learned rate (as `save` writes it) and today's count."""
+        if shaper.rate.learning:
+            learned = self._saved.setdefault("learned", {})
+            learned[provider] = {**shaper.rate.learned(), "at": self._wall()}
+        today = shaper.caps.today()
+        if shaper.caps.sent_today and shaper.caps.day == today:
+            if self._saved.get("day") != today:  # another day's counts are spent
+                self._saved["day"], self._saved["sent"] = today, {}
+            self._saved.setdefault("sent", {})[provider] = shaper.caps.sent_today
 
     def close(self) -> None:
         """Stop watching the cluster's suspensions and idle budgets (a worker's end, a
@@ -534,12 +576,17 @@ class Shaping:
         if not self.state_file:
             return
         now = self._wall()
-        learned = dict(self._saved.get("learned", {}))  # providers not used since start stay
+        # Providers not used since the start, or forgotten since, stay until too old.
+        learned = {name: entry for name, entry in self._saved.get("learned", {}).items()
+                   if self._fresh(entry, now)}
+        self._saved["learned"] = learned
         learned.update({name: {**shaper.rate.learned(), "at": now}
                         for name, shaper in self._shapers.items() if shaper.rate.learning})
-        day = next(iter(self._shapers.values())).caps.day if self._shapers else None
-        data = {"day": day, "sent": {n: s.caps.sent_today for n, s in self._shapers.items()},
-                "learned": learned}
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))  # the UTC day, as Caps.today()
+        sent = dict(self._saved.get("sent", {})) if self._saved.get("day") == day else {}
+        sent.update({name: shaper.caps.sent_today for name, shaper in self._shapers.items()
+                     if shaper.caps.sent_today and shaper.caps.day == day})
+        data = {"day": day, "sent": sent, "learned": learned}
         tmp = self.state_file + ".tmp"
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -548,15 +595,26 @@ class Shaping:
         except OSError as err:
             log.error(logs.kv("shaping_state_unsaved", file=self.state_file, error=err))
 
+    def _fresh(self, learned: Any, now: float) -> bool:
+        """A stored learned rate a shaper made now would take up (`throttle.remember`)."""
+        try:
+            return 0 <= now - float(learned.get("at", 0.0)) <= self.plan.throttle.remember
+        except (AttributeError, TypeError, ValueError):
+            return False
+
     def _load(self) -> dict[str, Any]:
         if not self.state_file:
             return {}
         try:
             with open(self.state_file, encoding="utf-8") as f:
                 data = json.load(f)
-            return data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             return {}
+        if not isinstance(data, dict):
+            return {}
+        # A damaged file's tables are dropped whole: they are read and written as dicts.
+        return {key: value for key, value in data.items()
+                if key not in ("sent", "learned") or isinstance(value, dict)}
 
 
 def plan_for(cfg: Config, ip: str) -> ShapingPlan:

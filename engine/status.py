@@ -152,16 +152,29 @@ def render_shaping(workers: dict[str, Any]) -> list[str]:
     rate and the limit learned, the rate actually sent over the last 10 s, the configured
     maximum, messages waiting for a turn, the seconds left of a suspension, throttles (and
     blocks) received, connections open / allowed and, for an IP warming up, messages sent
-    today / today's cap."""
+    today / today's cap. Only the providers with something to show (engine.shaping_idle);
+    a line says how many idle ones were left out."""
     rows = [(ip, provider, state) for ip, w in sorted(workers.items())
             for provider, state in sorted((w.get("shaping") or {}).items())]
+    idle = _idle_providers(workers)
     if not rows:
-        return []
+        return idle
     lines = ["shaping (per sending IP x provider):",
              f"{'ip':<18}{'provider':<24}{'phase':<10}{'allowed':>10}{'limit':>10}"
              f"{'current':>10}{'max':>10}{'waiting':>9}{'suspended':>11}{'throttles':>11}"
              f"{'conns':>8}{'today':>12}"]
-    return lines + [_shaping_row(ip, provider, st) for ip, provider, st in rows]
+    return lines + [_shaping_row(ip, provider, st) for ip, provider, st in rows] + idle
+
+
+def _idle_providers(workers: dict[str, Any]) -> list[str]:
+    """How many providers each worker holds but left out of its shaping figures."""
+    idle = {ip: int(w.get("shaping_idle") or 0) for ip, w in sorted(workers.items())}
+    total = sum(idle.values())
+    if not total:
+        return []
+    per_ip = ", ".join(f"{ip} {count:,}" for ip, count in idle.items() if count)
+    return [f"{total:,} idle providers not shown ({per_ip}): nothing sent in the last 10 s,"
+            " no connection, nothing waiting, suspended, throttled or learned"]
 
 
 def _shaping_row(ip: str, provider: str, st: dict[str, Any]) -> str:

@@ -308,11 +308,16 @@ class Worker:
         gevent.sleep(0.1)  # let the QUITs go out
 
     def _figures(self) -> dict[str, object]:
+        """The stats frame's figures. Shaping: the providers with something to show, the
+        number of the others (engine.shaping_idle: ten thousand providers' state every
+        second was megabytes), and of those forgotten so far."""
+        shaping = self.shaping.state()
         return {"in_flight": len(self.in_flight),
                 "connections_open": self.pools.open_connections,
                 "destinations": len(self.pools), "pid": os.getpid(),
                 "dns": self.dns_stats.figures(),
-                "shaping": self.shaping.state(), **self.sending_ip.figures()}
+                "shaping": shaping, "shaping_idle": self.shaping.providers - len(shaping),
+                "shaping_forgotten": self.shaping.forgotten, **self.sending_ip.figures()}
 
     def _sending_ip_changed(self, sending_ip: SendingIp) -> None:
         """The IP went down or came back: the supervisor hears it now, not at the next
@@ -333,6 +338,7 @@ class Worker:
             self.metrics.gauge("ip_down", "all", int(self.sending_ip.down))
             self.metrics.gauge("in_flight", "all", len(self.in_flight))
             self.metrics.gauge("connections_open", "all", self.pools.open_connections)
+            self.metrics.gauge("shaping_providers", "all", self.shaping.providers)
             for provider, shaper in self.shaping.items():
                 self.metrics.gauge("allowed_rate", provider, shaper.allowed_rate)
                 self.metrics.gauge("suspended", provider, int(shaper.suspended))
@@ -374,9 +380,14 @@ class Worker:
             self._send(protocol.tlsrpt_frame(self.ip.address, rows, rua))
 
     def _reap_idle(self) -> None:
+        """Idle connections and empty pools closed, then the providers idle long enough
+        forgotten (engine.shaping_idle: a pool left holds its provider's gate)."""
         while True:
             gevent.sleep(max(0.5, min(5.0, self.cfg.pool.idle_timeout / 2)))
             self.pools.reap()
+            forgotten = self.shaping.forget_idle()
+            if forgotten:
+                self.metrics.incr("providers_forgotten", "all", forgotten)
 
 
 def die_with_parent() -> None:

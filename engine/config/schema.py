@@ -249,6 +249,9 @@ class ShapingConfig:
     hourly: int = 0  # messages per hour, 0 = unlimited
     connection_rate: float = 0.0  # new connections per second, 0 = unlimited
     max_wait: float = 10.0  # longer waits for a turn go back to the spool
+    # A provider's state unused this long (and nothing to keep) is dropped (engine.
+    # shaping_idle), made anew when mail comes again; 0 = kept for the worker's life.
+    forget_after: float = 300.0
     # Messages per second to a provider from every host of the cluster together (Redis:
     # `cluster`, engine.cluster_rate); 0 = no cluster-wide limit. Per provider in practice.
     cluster_rate: float = 0.0

@@ -366,6 +366,7 @@ _SHAPING = section(ShapingConfig, {
     "cluster_connections": integer(0),
     "cluster_hourly": integer(0),
     "max_wait": duration(),
+    "forget_after": duration(),
     "providers": _per_provider,
     "ips": _per_ip,
     "ip_pools": _per_pool,

@@ -2,8 +2,9 @@
 bench/many_destinations.py): a burst to a few hundred domains, each with its own MX host and
 provider, resolved by a real DNS server on loopback whose answers take a while. The worker
 keeps its DNS queries within `dns.max_in_flight` (counted at the server), asks each name once
-within its TTL however many messages want it at once, and gives back its idle connections and
-empty pools after `pool.idle_timeout`."""
+within its TTL however many messages want it at once, gives back its idle connections and
+empty pools after `pool.idle_timeout`, and forgets the providers' shaping state after
+`shaping.forget_after` (its status then lists none)."""
 from __future__ import annotations
 
 import time
@@ -45,6 +46,7 @@ def test_dns_bounded_and_asked_once_pools_reclaimed(
                 "dns": {"nameservers": ["127.0.0.1"], "port": dns.port,
                         "max_in_flight": BOUND},
                 "pool": {"idle_timeout": 1},
+                "shaping": {"forget_after": 1},
                 "tls_policy": {"mta_sts": False},
                 "security": {"allowed_destinations": ["127.0.0.0/8"]},
             })
@@ -57,9 +59,11 @@ def test_dns_bounded_and_asked_once_pools_reclaimed(
             asked = Counter(dns.queries)
             in_flight_peak = dns.peak_in_flight
             worker = _worker(engine)
-            # Idle connections closed and empty pools dropped once idle_timeout has passed.
+            # Idle connections closed and empty pools dropped once idle_timeout has passed,
+            # then the providers forgotten: status lists none, and counts none left out.
             deadline = time.monotonic() + 30
-            while worker["connections_open"] or worker["destinations"]:
+            while (worker["connections_open"] or worker["destinations"] or worker["shaping"]
+                   or worker["shaping_idle"]):
                 assert time.monotonic() < deadline, f"not reclaimed: {worker}"
                 time.sleep(0.2)
                 worker = _worker(engine)
@@ -73,4 +77,5 @@ def test_dns_bounded_and_asked_once_pools_reclaimed(
         {f"mx.d{i}.test" for i in range(DOMAINS)}
     assert set(asked.values()) == {1}, "a name asked twice within its TTL"
     assert worker["dns"]["joined"] > 0  # some messages waited for a lookup already out
+    assert worker["shaping_forgotten"] >= DOMAINS  # one provider per domain
     assert len(sink.messages) == 2 * DOMAINS

@@ -223,6 +223,8 @@ def test_suspend_holds_a_provider_until_resume_which_sends_at_once(
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"{IP} x {PROVIDER} resumed; 1 recipient of 1 job due now"
     assert final_of(engine, "s1", "someone@one.test")["event"] == "delivered"
+    # Listed again once the worker reports its delivery (released and idle, it is not).
+    engine.wait_for(lambda _: "held" in held(), 10, "the worker's report of the delivery")
     assert held().get("held") is False and held()["suspended_for"] == 0
     with open(engine.log_path, encoding="utf-8") as f:
         log = f.read()
