@@ -1,6 +1,6 @@
 """The supervisor's CPU per job at intake, in process (issue #19, item 5).
 
-`python -m bench.intake_cost [--jobs 20000] [--runs 5] [--size 5000] [--profile]`
+`python -m bench.intake_cost [--jobs 20000] [--runs 5] [--size 5000] [--meta] [--profile]`
 
 The real path, without the rest of the engine: `count` 5 KB jobs (one recipient each, as
 bench/burst.py pushes them) wait in a ZeroMQ ingest socket (inproc, pushed before the clock
@@ -8,12 +8,14 @@ starts), and `Intake.take` reads, parses, spools (a real spool in a temporary fo
 WAL, fsync per commit) and announces them (`queued` on a real PUB socket and in an events
 log) until none is left. The figure is this process's CPU time (`time.process_time`: what
 other processes do on the machine is not counted, though they still slow it through the
-caches) per job, the median of `runs` runs, each with a new spool. Two batch sizes, as
-`intake.Ramp` reads them: 128 (the workers have room, as at a burst's start) and 1,000 (they
-are full). Then the parts alone, on the same jobs: parsing (`job.parse_job`), the spool's
-insert (`Spool.accept`, batches of 128), the `queued` events.
+caches, so the least of the runs is shown too) per job, the median of `runs` runs, each
+with a new spool. Two batch sizes, as `intake.Ramp` reads them: 128 (the workers have room,
+as at a burst's start) and 1,000 (they are full). Then the parts alone, on the same jobs:
+parsing (`job.parse_job`), the spool's insert (`Spool.accept`, batches of 128), the `queued`
+events.
 
-`--profile` adds cProfile's top functions (by own time) of one run of the whole take.
+`--meta` gives each envelope a small `meta` (a campaign and a user id), as many producers
+send. `--profile` adds cProfile's top functions (by own time) of one run of the whole take.
 """
 from __future__ import annotations
 
@@ -46,12 +48,14 @@ SENDER = "bench@mailengine.test"
 BATCHES = {"128 a read (workers with room)": 1, "1,000 a read (workers full)": 0}
 
 
-def frames(count: int, size: int) -> list[list[bytes]]:
+def frames(count: int, size: int, meta: bool = False) -> list[list[bytes]]:
     """The jobs as a producer sends them: envelope (JSON) and message."""
     out = []
     for i in range(count):
         rcpt = f"user{i}@example.test"
-        envelope = {"id": f"bench-{i}", "from": SENDER, "to": [rcpt]}
+        envelope: dict[str, object] = {"id": f"bench-{i}", "from": SENDER, "to": [rcpt]}
+        if meta:
+            envelope["meta"] = {"campaign": "spring-2026", "user": i}
         out.append([json.dumps(envelope).encode(), make_message(i, size, SENDER, rcpt)])
     return out
 
@@ -144,7 +148,7 @@ def measure(name: str, runs: int, count: int,
             setup.close()
             shutil.rmtree(workdir, ignore_errors=True)
     median = statistics.median(figures)
-    print(f"{name:<34} {median:6.1f} µs a job  (runs: "
+    print(f"{name:<44} {median:6.1f} µs a job, least {min(figures):5.1f}  (runs: "
           f"{', '.join(f'{f:.1f}' for f in figures)})", flush=True)
     return median
 
@@ -169,11 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--size", type=int, default=5000, help="message bytes")
+    parser.add_argument("--meta", action="store_true", help="a meta in each envelope")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    jobs = frames(args.jobs, args.size)
-    print(f"{args.jobs} jobs of {len(jobs[0][1])} bytes, median of {args.runs} runs, CPU time"
-          " of this process", flush=True)
+    jobs = frames(args.jobs, args.size, args.meta)
+    print(f"{args.jobs} jobs of {len(jobs[0][1])} bytes{', with meta' if args.meta else ''},"
+          f" median of {args.runs} runs, CPU time of this process", flush=True)
     for label, room in BATCHES.items():
         measure(f"Intake.take, {label}", args.runs, args.jobs,
                 lambda setup, room=room: take_all(setup, jobs, room))

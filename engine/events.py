@@ -200,8 +200,8 @@ def end_torn_line(path: str) -> None:
 
 def queued(job: Job, duplicate: bool = False) -> Event:
     duplicate_field = ',"duplicate":true' if duplicate else ""
-    return "queued", (f'{_head("queued", job.id, job.meta)},"rcpt_count":{len(job.rcpts)}'
-                      f'{duplicate_field}}}')
+    return "queued", (f'{_head_text("queued", job.id, job.meta_json)},'
+                      f'"rcpt_count":{len(job.rcpts)}{duplicate_field}}}')
 
 
 def rejected(job_id: str | None, meta: Mapping[str, Any] | None, error: str) -> Event:
@@ -280,8 +280,13 @@ def set_aside(job_id: str, pending: Sequence[tuple[str, int]], meta: Mapping[str
 
 def _head(name: str, job_id: str, meta: Mapping[str, Any]) -> str:
     """The fields every event starts with, the object left open."""
-    return (f'{{"event":"{name}","id":{_quote(job_id)},"ts":{_now()!r},'
-            f'"meta":{_ENCODE(dict(meta)) if meta else "{}"}')
+    return _head_text(name, job_id, _ENCODE(dict(meta)) if meta else "{}")
+
+
+def _head_text(name: str, job_id: str, meta_json: str) -> str:
+    """`_head` with the meta as JSON text already (Job.meta_json)."""
+    return f'{{"event":"{name}","id":{_quote(job_id)},"ts":{_now()!r},"meta":{meta_json}'
+
 
 
 def _now() -> float:
