@@ -184,12 +184,51 @@ job than reads of 1,000 (inproc ingest, 5 KB jobs, this machine: ~88 us a job at
 at 1,000, ~98 us at 32), and one commit (an fsync) per 128 jobs: 32 would have capped intake
 near 3,200 jobs/s on a disk whose fsync takes 10 ms, while the workers, starving, kept room.
 
+*Less CPU a job at intake* (session 4, branch `intake-cpu`; the rows `before, main 34a0f87`
+to `after again, intake-cpu`, each `before` run followed by an `after` run). Profiled first,
+in process, with `python -m bench.intake_cost` (bench/intake_cost.py: 20,000 5 KB jobs
+through the real `Intake.take`, spool and events; this process's CPU time per job; rounds of
+`before` and `after` interleaved, each the median of three runs, a load average of 1.3-4.3
+from other agents): at main ~60-86 us a job in reads of 128, parsing 26-39 us, the spool's
+insert 23-28 us, the `queued` events 3-6 us. py-spy over it: the spool's commit 28% (SQLite
+writing the WAL frames, the fsync), `normalise_message`'s three `bytes.count` 15%, the jobs'
+insert 8%, the envelope's checks and the Job's construction most of the rest. What changed:
+the CRLF check is two regex scans for a bare CR and a bare LF (the three counts looked at
+every byte three times: ~10 -> ~8 us a 5 KB message on this pyenv Python, 25-31 -> 12-17 us
+on Debian's under load, whose `bytes.count` is slower); the meta's JSON text is made once
+per job, by its check, and reused by the `queued` event and the spool's envelope
+(`Job.meta_json`); `parse_job` fills the Job at once instead of the frozen dataclass's
+twelve `object.__setattr__`. Every job is still checked as before, committed (fsynced)
+before its `queued`, and de-duplicated. (On the way, a regression fixed: the spool's
+hand-formatted envelope left out `requiretls` and `dkim_domain`, so a job read back from the
+spool, a retry or after a restart, went without REQUIRETLS.) *Measured*, medians of the
+rounds' medians: without a meta (five rounds), parsing 34 -> 27 us a job, the whole take in
+reads of 128 76 -> 70 us and of 1,000 72 -> 68 us, the spool's insert unchanged (27 and 28):
+parsing a fifth less, intake within the noise (round by round: 86, 78, 61, 60, 76 before;
+70, 56, 75, 72, 70 after). With a `meta` in each envelope (`--meta`, two rounds): the take
+in reads of 128 90 and 80 -> 66 and 57 us, of 1,000 87 and 81 -> 59 and 62 us (parsing 36
+and 33 -> 31 and 24, the spool 29 and 27 -> 25 and 24): about a quarter less. In the bursts,
+the supervisor's CPU per job over the whole path (intake, hand-out, results) was 177 and 191
+us (medians) before and 143 and 189 after: no difference these runs can show (it depends on
+more than intake: likely, a run with less other load, as `after again`, records its results
+in smaller groups, more commits a job; not measured).
+
+**The 250th `delivered` is still not within 50 ms:** 308-1202 ms before, 142-1175 ms after
+(35-73% other load). What remains is not intake alone: 250 deliveries cost the supervisor
+~15 ms at intake (~60 us a job) and ~10 ms of results (~40 us each), the worker ~40 ms (~150
+us a message), besides the producer's push and smtp-sink, on 2 cores that other agents kept
+35-73% busy. Next at intake: SQLite's insert and commit (~25 us a 5 KB job: the job's row
+and five index entries, its 16 KiB pages written to the WAL) would need a different layout
+of the spool; per result, the meta is still encoded again for each delivery event
+(`InFlight.meta`; `Job.meta_json` could travel with it).
+
 *Commands:* `python -m bench.burst --label NAME` in a tree (`--docs` writes this section,
 `--render-only` rewrites it from bench/results/burst.json); the `before` rows from a
 snapshot of main: `git archive 83d9656 engine conf bin | tar -x -C SNAP; cd SNAP;
-BENCH_ENGINE_REV=83d965627b6b PYTHONPATH=SNAP:REPO python -m bench.burst --bursts 5`, each
-`before` run followed by an `after` run. *Other load* is the share of the
-machine's cores other processes kept busy during the run.
+BENCH_ENGINE_REV=83d965627b6b PYTHONPATH=SNAP:REPO python -m bench.burst --bursts 5` (34a0f87
+for session 4's rows), each `before` run followed by an `after` run; `bench.intake_cost`
+the same way (`PYTHONPATH=SNAP:REPO python -m bench.intake_cost --runs 3`). *Other load* is
+the share of the machine's cores other processes kept busy during the run.
 """
 
 
