@@ -37,6 +37,7 @@ from bench.common import (
     running_engine,
     shown_command,
 )
+from bench.loopback import cpu_seconds
 from bench.run import _cpu_now as run_cpu_now
 from bench.run import other_load
 
@@ -47,15 +48,18 @@ DOC = os.path.join(ROOT, "docs", "PERFORMANCE.md")
 HEADING = "## A burst's first deliveries"
 
 
-def one_burst(producer: Producer, tag: str, count: int) -> dict[str, float]:
-    """Push `count` jobs at once; the burst's times (ms from the first send). The frames
-    are made first: the push is ZeroMQ's sends alone (on 2 cores the producer's CPU is
-    taken from the engine's)."""
+def one_burst(producer: Producer, tag: str, count: int, supervisor: int) -> dict[str, float]:
+    """Push `count` jobs at once; the burst's times (ms from the first send), and the CPU
+    time the `supervisor` process spent per job from the push until all were final (intake,
+    hand-out and results: the CPU it takes from the worker and the sink on 2 cores). The
+    frames are made first: the push is ZeroMQ's sends alone (on 2 cores the producer's CPU
+    is taken from the engine's)."""
     jobs = [job(i, tag) for i in range(count)]
     for envelope, message in jobs:  # as Producer.send, but for the send itself
         producer.frames[envelope["id"]] = [json.dumps(envelope).encode(), message]
         producer.unqueued.add(envelope["id"])
     frames = [producer.frames[envelope["id"]] for envelope, _ in jobs]
+    cpu_before = cpu_seconds(supervisor)
     started = time.time()
     for job_frames in frames:
         producer.push.send_multipart(job_frames)
@@ -63,6 +67,7 @@ def one_burst(producer: Producer, tag: str, count: int) -> dict[str, float]:
     producer.sent_at.update(dict.fromkeys(producer.unqueued, started))
     producer.wait_queued(timeout=120)
     producer.wait_final([envelope["id"] for envelope, _ in jobs], timeout=120, poll=0.05)
+    cpu_us = (cpu_seconds(supervisor) - cpu_before) / count * 1e6
     mine = [e for i, e in producer.final.items() if i.startswith(tag + "-")]
     delivered = sorted(e["ts"] for e in mine if e["event"] == "delivered")
     queued = min(e["ts"] for i, e in producer.queued.items() if i.startswith(tag + "-"))
@@ -73,7 +78,8 @@ def one_burst(producer: Producer, tag: str, count: int) -> dict[str, float]:
         return round((ts - started) * 1000, 1)
     return {"push_ms": ms(pushed), "first_queued_ms": ms(queued),
             "first_delivered_ms": ms(delivered[0]), "nth_delivered_ms": ms(delivered[NTH - 1]),
-            "last_delivered_ms": ms(delivered[-1]), "delivered": len(delivered)}
+            "last_delivered_ms": ms(delivered[-1]), "delivered": len(delivered),
+            "supervisor_cpu_us": round(cpu_us, 1)}
 
 
 def run(workdir: str, count: int, bursts: int) -> dict[str, Any]:
@@ -81,12 +87,14 @@ def run(workdir: str, count: int, bursts: int) -> dict[str, Any]:
     with PostfixSink() as sink, \
             running_engine(workdir, sink.port, engine_config(sink.port, {})) as engine:
         producer = Producer(engine)
+        assert engine.proc is not None
+        supervisor = engine.proc.pid
         producer.send(*job(0, "warm"))
         producer.wait_final(["warm-0"], 30)
         rows = []
         for n in range(bursts):
             time.sleep(IDLE)
-            rows.append(one_burst(producer, f"burst{n}", count))
+            rows.append(one_burst(producer, f"burst{n}", count, supervisor))
             log(f"burst {n}: {rows[-1]}")
         producer.close()
     return {"count": count, "bursts": rows}
@@ -102,6 +110,13 @@ def _cell(rows: list[dict[str, float]], key: str) -> str:
     return f"{_median(rows, key):.0f} ms ({each})"
 
 
+def _cpu_cell(rows: list[dict[str, float]]) -> str:
+    if not all("supervisor_cpu_us" in row for row in rows):
+        return "-"
+    each = ", ".join(f"{row['supervisor_cpu_us']:.0f}" for row in rows)
+    return f"{_median(rows, 'supervisor_cpu_us'):.0f} µs ({each})"
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [HEADING, "", '<a id="bench-burst"></a>', "",
              "Issue #19 item 5, `bench/burst.py`: the whole engine and Postfix's `smtp-sink`"
@@ -109,17 +124,20 @@ def render(results: dict[str, Any]) -> str:
              " then, after a second with the ingest socket idle, 10,000 5 KB jobs pushed at"
              " once, five bursts a run. Milliseconds from the producer's first send to the"
              " events' `ts`; each cell is the median of the run's bursts, every burst's figure"
-             " in brackets. Target: the 250th `delivered` within 50 ms.", "",
+             " in brackets. Target: the 250th `delivered` within 50 ms. *Supervisor CPU*: the"
+             " supervisor process's CPU time (/proc) from the push until the burst's last"
+             " final event, per job (intake, hand-out and results; recorded since the"
+             " `intake-cpu` rows).", "",
              "| run | command | engine | date | push took | first `queued` | first `delivered`"
-             f" | {NTH}th `delivered` | last `delivered` | other load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f" | {NTH}th `delivered` | last `delivered` | supervisor CPU a job | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         rows = r["bursts"]
         command = shown_command(r["command"])
         lines.append(f"| {label} | `{command}` | `{r['engine']}` | {r['date']} |"
                      f" {_cell(rows, 'push_ms')} | {_cell(rows, 'first_queued_ms')} |"
                      f" {_cell(rows, 'first_delivered_ms')} | {_cell(rows, 'nth_delivered_ms')} |"
-                     f" {_cell(rows, 'last_delivered_ms')} |"
+                     f" {_cell(rows, 'last_delivered_ms')} | {_cpu_cell(rows)} |"
                      f" {100 * r.get('other_load', float('nan')):.0f}% |")
     lines += ["", PROSE]
     return "\n".join(lines) + "\n"
@@ -163,12 +181,53 @@ job than reads of 1,000 (inproc ingest, 5 KB jobs, this machine: ~88 us a job at
 at 1,000, ~98 us at 32), and one commit (an fsync) per 128 jobs: 32 would have capped intake
 near 3,200 jobs/s on a disk whose fsync takes 10 ms, while the workers, starving, kept room.
 
+*Less CPU a job at intake* (session 4, branch `intake-cpu`; the rows `before, main 34a0f87`
+to `after again, intake-cpu`, each `before` run followed by an `after` run). Profiled first,
+in process, with `python -m bench.intake_cost` (bench/intake_cost.py: 20,000 5 KB jobs
+through the real `Intake.take`, spool and events; this process's CPU time per job; rounds of
+`before` and `after` interleaved, each the median of three runs, a load average of 1.3-4.3
+from other agents): at main ~60-86 us a job in reads of 128, parsing 26-39 us, the spool's
+insert 23-28 us, the `queued` events 3-6 us. py-spy over it: the spool's commit 28% (SQLite
+writing the WAL frames, the fsync), `normalise_message`'s three `bytes.count` 15%, the jobs'
+insert 8%, the envelope's checks and the Job's construction most of the rest. What changed:
+the CRLF check is two regex scans for a bare CR and a bare LF (the three counts looked at
+every byte three times: ~10 -> ~8 us a 5 KB message on this pyenv Python, 25-31 -> 12-17 us
+on Debian's under load, whose `bytes.count` is slower); the meta's JSON text is made once
+per job, by its check, and reused by the `queued` event and the spool's envelope
+(`Job.meta_json`); `parse_job` fills the Job at once instead of the frozen dataclass's
+twelve `object.__setattr__`. Every job is still checked as before, committed (fsynced)
+before its `queued`, and de-duplicated. (On the way, a regression fixed: the spool's
+hand-formatted envelope left out `requiretls` and `dkim_domain`, so a job read back from the
+spool, a retry or after a restart, went without REQUIRETLS.) *Measured*, medians of the
+rounds' medians: without a meta (five rounds), parsing 34 -> 27 us a job, the whole take in
+reads of 128 76 -> 70 us and of 1,000 72 -> 68 us, the spool's insert unchanged (27 and 28):
+parsing a fifth less, intake within the noise (round by round: 86, 78, 61, 60, 76 before;
+70, 56, 75, 72, 70 after). With a `meta` in each envelope (`--meta`, two rounds): the take
+in reads of 128 90 and 80 -> 66 and 57 us, of 1,000 87 and 81 -> 59 and 62 us (parsing 36
+and 33 -> 31 and 24, the spool 29 and 27 -> 25 and 24): about a quarter less. In the bursts,
+the supervisor's CPU per job over the whole path (intake, hand-out, results) was 177 and 191
+us (medians) before and 143 and 189 after: no difference these runs can show (it depends on
+more than intake: likely, a run with less other load, as `after again`, records its results
+in smaller groups, more commits a job; not measured).
+
+**The 250th `delivered` is still not within 50 ms:** 308-1202 ms before, 142-1175 ms after
+(35-73% other load). What remains is not intake alone: 250 deliveries cost the supervisor
+~15 ms at intake (~60 us a job) and ~10 ms of results (~40 us each), the worker ~40 ms (~150
+us a message), besides the producer's push and smtp-sink, on 2 cores that other agents kept
+35-73% busy. Per result, the meta's text now travels with the hand-out
+(`InFlight.meta_json`) instead of being encoded again for each delivery event:
+`events.attempt_event` 5.2-5.3 -> 3.2-3.5 us with a two-field meta (timeit, this machine;
+after the burst rows, whose jobs have no meta). Next at intake: SQLite's insert and commit
+(~25 us a 5 KB job: the job's row and five index entries, its 16 KiB pages written to the
+WAL) would need a different layout of the spool.
+
 *Commands:* `python -m bench.burst --label NAME` in a tree (`--docs` writes this section,
 `--render-only` rewrites it from bench/results/burst.json); the `before` rows from a
 snapshot of main: `git archive 83d9656 engine conf bin | tar -x -C SNAP; cd SNAP;
-BENCH_ENGINE_REV=83d965627b6b PYTHONPATH=SNAP:REPO python -m bench.burst --bursts 5`, each
-`before` run followed by an `after` run. *Other load* is the share of the
-machine's cores other processes kept busy during the run.
+BENCH_ENGINE_REV=83d965627b6b PYTHONPATH=SNAP:REPO python -m bench.burst --bursts 5` (34a0f87
+for session 4's rows), each `before` run followed by an `after` run; `bench.intake_cost`
+the same way (`PYTHONPATH=SNAP:REPO python -m bench.intake_cost --runs 3`). *Other load* is
+the share of the machine's cores other processes kept busy during the run.
 """
 
 

@@ -80,6 +80,7 @@ class InFlight:
     resent: frozenset[str] = frozenset()
     job_id: str = ""  # whose hand-out (a taken-back one is kept by number, `earlier`)
     retry: bool = False  # a recipient of it was tried before: it holds a retry's slot
+    meta_json: str | None = None  # `meta` as JSON text (Job.meta_json): encoded once a job
 
 
 def handout_deadline(cfg: Config) -> float:
@@ -369,7 +370,8 @@ class Dispatcher:
         # The job's meta is never changed (events copy it), so it is shared, not copied.
         self.in_flight[job.id] = flight = InFlight(handle.ip, job.meta, pending.queued_ts,
                                                    pending.expires_ts, dict(pending.attempts),
-                                                   handout, job_id=job.id, retry=retry)
+                                                   handout, job_id=job.id, retry=retry,
+                                                   meta_json=job.meta_json)
         if self._unreported:
             flight.resent = self._resent(job.id, pending.rcpts)
         return True

@@ -200,8 +200,8 @@ def end_torn_line(path: str) -> None:
 
 def queued(job: Job, duplicate: bool = False) -> Event:
     duplicate_field = ',"duplicate":true' if duplicate else ""
-    return "queued", (f'{_head("queued", job.id, job.meta)},"rcpt_count":{len(job.rcpts)}'
-                      f'{duplicate_field}}}')
+    return "queued", (f'{_head_text("queued", job.id, job.meta_json)},'
+                      f'"rcpt_count":{len(job.rcpts)}{duplicate_field}}}')
 
 
 def rejected(job_id: str | None, meta: Mapping[str, Any] | None, error: str) -> Event:
@@ -213,18 +213,22 @@ def rejected(job_id: str | None, meta: Mapping[str, Any] | None, error: str) -> 
 def attempt_event(attempt: Attempt, status: Status, meta: Mapping[str, Any], number: int,
                   queued_ts: float, next_attempt: float | None = None,
                   possible_duplicate: bool = False,
-                  classifier: Classifier = categories.SHIPPED) -> Event:
+                  classifier: Classifier = categories.SHIPPED,
+                  meta_json: str | None = None) -> Event:
     """One recipient's attempt. `status` may differ from the worker's (deferred -> expired).
     `possible_duplicate`: sent again after a worker died without reporting it
     (engine.dispatch, `Dispatcher.forget`). A refusal (deferred, bounced, expired) gets the
-    `category` `classifier` gives its reply (the config's: engine.categories)."""
+    `category` `classifier` gives its reply (the config's: engine.categories). `meta_json`:
+    `meta` as JSON text already (engine.job.Job.meta_json), not encoded again."""
     name = status.value
     reply = attempt.reply
     delay_ms = int(max(0.0, attempt.ts - queued_ts) * 1000)
     # One of a fixed list of plain words (engine.categories): no escaping needed.
     category = (f',"category":"{classifier.classify(reply, attempt.provider)}"'
                 if name in REFUSAL_NAMES else "")
-    text = (f'{_head(name, attempt.job_id, meta)},"rcpt":{_quote(attempt.rcpt)},'
+    head = (_head(name, attempt.job_id, meta) if meta_json is None
+            else _head_text(name, attempt.job_id, meta_json))
+    text = (f'{head},"rcpt":{_quote(attempt.rcpt)},'
             f'"ip":{_quote(attempt.ip)},"mx":{_optional(attempt.mx)},'
             f'"provider":{_quote(attempt.provider)},"code":{int(reply.code)},'
             f'"enhanced":{_quote(reply.status)},"reply":{_quote(reply.text)}{category},'
@@ -280,8 +284,13 @@ def set_aside(job_id: str, pending: Sequence[tuple[str, int]], meta: Mapping[str
 
 def _head(name: str, job_id: str, meta: Mapping[str, Any]) -> str:
     """The fields every event starts with, the object left open."""
-    return (f'{{"event":"{name}","id":{_quote(job_id)},"ts":{_now()!r},'
-            f'"meta":{_ENCODE(dict(meta)) if meta else "{}"}')
+    return _head_text(name, job_id, _ENCODE(dict(meta)) if meta else "{}")
+
+
+def _head_text(name: str, job_id: str, meta_json: str) -> str:
+    """`_head` with the meta as JSON text already (Job.meta_json)."""
+    return f'{{"event":"{name}","id":{_quote(job_id)},"ts":{_now()!r},"meta":{meta_json}'
+
 
 
 def _now() -> float:

@@ -73,7 +73,8 @@ def plan(attempt: Attempt, flight: InFlight | None, now: float, schedule: Sequen
     if not attempt.attempted and status is Status.DEFERRED:
         return update, None  # not tried: nothing happened that a subscriber must hear
     event = events.attempt_event(attempt, status, flight.meta, number, flight.queued_ts,
-                                 next_at, attempt.rcpt in flight.resent, classifier)
+                                 next_at, attempt.rcpt in flight.resent, classifier,
+                                 flight.meta_json)
     return update, event
 
 
@@ -91,7 +92,7 @@ def plan_late(attempt: Attempt, earlier: InFlight | None,
         return update, None
     return update, events.attempt_event(attempt, attempt.status, earlier.meta,
                                         earlier.attempts[attempt.rcpt] + 1, earlier.queued_ts,
-                                        classifier=classifier)
+                                        classifier=classifier, meta_json=earlier.meta_json)
 
 
 def _next_attempt(attempt: Attempt, flight: InFlight, number: int, now: float,

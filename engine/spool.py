@@ -776,12 +776,18 @@ _quote = encode_basestring_ascii
 
 
 def _envelope_text(job: Job) -> str:
-    """json of envelope_json(job), compact; the usual envelope (no meta, ip, pool or
-    expires) formatted directly, the same text at a fraction of the cost."""
-    if job.meta or job.ip is not None or job.pool is not None or job.expires is not None:
+    """json of envelope_json(job), compact, ASCII; the usual envelope (no optional field,
+    a meta whose text is ASCII) formatted directly, the same text at a fraction of the
+    cost, the meta's text reused (Job.meta_json, made once at intake)."""
+    if (job.ip is not None or job.pool is not None or job.expires is not None
+            or job.requiretls or job.dkim_domain is not None):
+        return _ENCODE(envelope_json(job))
+    meta = job.meta_json
+    # The same text as _ENCODE writes only when ASCII, without DEL (which it escapes).
+    if not meta.isascii() or "\x7f" in meta:
         return _ENCODE(envelope_json(job))
     return (f'{{"id":{_quote(job.id)},"from":{_quote(job.sender)},'
-            f'"to":[{",".join(map(_quote, job.rcpts))}],"meta":{{}}}}')
+            f'"to":[{",".join(map(_quote, job.rcpts))}],"meta":{meta}}}')
 
 
 def _job_row(job: Job, now: float, max_age: float) -> tuple[Any, ...]:

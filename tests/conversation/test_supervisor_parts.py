@@ -156,6 +156,23 @@ def test_collected_results_are_recorded_together_by_one_commit(
     assert parts.dispatcher.in_flight == {} and handle.jobs == set()
 
 
+def test_the_meta_of_a_job_is_on_its_queued_and_delivered_events(parts: Parts) -> None:
+    """The meta's JSON text is made once at intake (Job.meta_json) and carried in flight to
+    the result's event: both events say what the producer sent."""
+    meta = {"campaign": "caf\u00e9 \u2028", "n": 1.5, "tags": ["a", None], "q": "\"\x7f"}
+    parts.worker(IP2, alive=True)
+    parts.push([job_envelope("m", meta=meta)])
+    parts.dispatcher.offer(parts.take(1))
+    assert parts.dispatcher.in_flight["m"].meta_json == json.dumps(
+        meta, separators=(",", ":"), ensure_ascii=False)
+    parts.reporter().send(protocol.result_frame([parts.answer(Status.DELIVERED, "m")]))
+    assert parts.results.sock.poll(5000)
+    parts.results.collect()
+    parts.results.flush()
+    lines = {name: json.loads(line) for name, line in parts.published}
+    assert lines["queued"]["meta"] == meta and lines["delivered"]["meta"] == meta
+
+
 def test_a_throttled_try_the_worker_sends_again_is_published_and_stays_in_flight(
         parts: Parts) -> None:
     """A recipient throttled and re-sent by the worker itself (engine.delivery) has two

@@ -85,6 +85,11 @@ def test_attempt_event_is_the_json_of_its_fields(
     assert line == _reference_attempt(attempt, status, meta, 3, TS - 2.25, next_attempt,
                                       frozen_clock, odd)
     assert json.loads(line)["event"] == status.value
+    # The meta's text made once per job (Job.meta_json, carried by InFlight): the same line.
+    meta_json = Job(id="j", sender="", rcpts=("r@example.com",), message=b"x\r\n",
+                    meta=meta).meta_json
+    assert events.attempt_event(attempt, status, meta, 3, TS - 2.25, next_attempt, odd,
+                                meta_json=meta_json) == (name, line)
 
 
 @pytest.mark.parametrize("status", list(Status))

@@ -316,6 +316,48 @@ def test_normalised_message_has_only_crlf(raw: bytes) -> None:
     assert out.replace(b"\r\n", b"") == raw.replace(b"\r", b"").replace(b"\n", b"")
 
 
+@pytest.mark.timeout(60)
+def test_normalise_message_fast_path_is_exact() -> None:
+    """Every message of up to 7 bytes over "a", CR and LF: the regex scans' fast path
+    (no bare CR, no bare LF) returns the message as it is exactly when the rewrite of
+    every line ending would change nothing."""
+    import itertools
+    for length in range(1, 8):
+        for chars in itertools.product((b"a", b"\r", b"\n"), repeat=length):
+            raw = b"".join(chars)
+            rewritten = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(
+                b"\n", b"\r\n")
+            expected = rewritten if rewritten.endswith(b"\r\n") else rewritten + b"\r\n"
+            assert normalise_message(raw) == expected, raw
+            normal = raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n")
+            assert (normalise_message(raw) is raw) == (normal and raw.endswith(b"\r\n")), raw
+
+
+@pytest.mark.parametrize("meta", [None, {}, {"campaign": "c-1", "n": 3},
+                                  {"k": "v\u00e9\u2028", "x": [1.5, None, True], "q": "\"\x7f"}])
+def test_meta_json_is_made_once_and_is_the_encoders_text(meta: dict[str, Any] | None) -> None:
+    job = parse(envelope(meta=meta if meta is not None else ...))
+    expected = json.dumps(meta or {}, separators=(",", ":"), ensure_ascii=False)
+    assert job.__dict__["meta_json"] == expected  # kept by parse_job, not made again
+    assert job.meta_json == expected
+    by_hand = Job(id="x", sender="", rcpts=("r@example.org",), message=b"x\r\n",
+                  meta=meta or {})
+    assert by_hand.meta_json == expected  # made at first use
+
+
+def test_a_parsed_job_has_exactly_the_fields_of_job() -> None:
+    """parse_job fills the Job's __dict__ directly (cheaper than the frozen dataclass's
+    __init__): every field set, nothing else but the meta's JSON text, and the same job
+    as Job(...) would make."""
+    import dataclasses
+    job = parse(envelope(meta={"k": 1}, requiretls=True))
+    names = {f.name for f in dataclasses.fields(Job)}
+    assert set(job.__dict__) == names | {"meta_json"}
+    assert job == Job(**{name: getattr(job, name) for name in names})
+    assert hash(job) == hash(Job(**{name: getattr(job, name) for name in names
+                                    if name != "meta"}))  # meta is not hashed
+
+
 # --- the spool's round trip ----------------------------------------------------------------
 
 

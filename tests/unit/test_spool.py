@@ -261,7 +261,11 @@ def test_a_large_mixed_batch_settles_each_job(spool: Spool, spool_dir: str) -> N
 
 
 @pytest.mark.parametrize("extra", [{}, {"meta": {"k": "v\u00e9"}}, {"ip": "203.0.113.10"},
-                                   {"pool": "bulk"}, {"expires": 60.0}])
+                                   {"pool": "bulk"}, {"expires": 60.0},
+                                   {"meta": {"k": "v", "n": [1, 2.5]}}, {"meta": {"k": "\x7f"}},
+                                   # regression: lost from the stored envelope when no other
+                                   # optional field was set (a retry went without REQUIRETLS)
+                                   {"requiretls": True}, {"dkim_domain": "mail.example.org"}])
 def test_stored_envelope_is_the_json_of_envelope_json(spool: Spool, spool_dir: str,
                                                      extra: dict[str, object]) -> None:
     import json
