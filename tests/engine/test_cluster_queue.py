@@ -16,26 +16,21 @@ has it), sharing a real redis-server; A's config lists both in `cluster.hosts`.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 
-from engine import auth
-from engine.testing.harness import LocalEngine, make_message
-from engine.testing.sink import SinkServer
 from tests.support.cli import mailengine, mailengine_on_terminal
-from tests.support.control import CurveEngine, free_tcp_endpoint
+from tests.support.cluster_hosts import A_IP, B_IP, operator_keys, two_hosts
+from tests.support.control import CurveEngine
 from tests.support.redis import RedisServer, need_redis
 from tests.support.wait import until
 
 pytestmark = pytest.mark.timeout(180)
 
-A_IP, B_IP = "127.0.0.2", "127.0.0.3"
 PROVIDER = "127.0.0.1"  # the sink's host: the MX of every domain here
 KEY = f"mailengine:suspend:{PROVIDER}"
 
@@ -48,62 +43,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def keys(tmp_path: Path) -> dict[str, str]:
-    if not zmq.has("curve"):
-        pytest.skip("this libzmq has no CURVE (zmq.has('curve') is False)")
-    base = tmp_path / "keys"
-    (base / "operators").mkdir(parents=True)
-    auth.keygen("b-control", str(base))
-    auth.keygen("operator", str(base / "private"))
-    shutil.copy(base / "private" / "operator.key", base / "operators")
-    return {"secret": str(base / "b-control.key_secret"), "public": str(base / "b-control.key"),
-            "operators": str(base / "operators"),
-            "operator": str(base / "private" / "operator.key_secret")}
-
-
-@pytest.fixture
-def engines(keys: dict[str, str], tmp_path: Path,
+def engines(tmp_path: Path,
             redis_server: RedisServer) -> Iterator[tuple[CurveEngine, CurveEngine]]:
-    """A and B running, A with 3 recipients waiting at wait.test, B with 5 (deferred, the
-    next try 10 minutes away), each delivered one of each job's recipients."""
+    """A and B sharing the redis-server, A with 3 recipients waiting at wait.test, B with 5."""
     def cluster(name: str) -> dict[str, Any]:
         return {"redis": redis_server.url, "host": name, "poll": "300ms", "retry": "1s"}
-    slow = {"retry": {"schedule": [600]}}
-    with SinkServer(rcpt_rules={"defer": "452 4.2.2 mailbox full"}) as sink:
-        b = CurveEngine(str(tmp_path / "b"), sink.port, ips=(B_IP,), extra={
-            **slow, "cluster": cluster("mta-b"), "control": {
-                "endpoint": free_tcp_endpoint(), "curve": {
-                    "enabled": True, "server_secret_key": keys["secret"],
-                    "allowed_clients": keys["operators"]}}})
-        b.client = auth.CurveClient.from_files(keys["public"], keys["operator"])
-        a = CurveEngine(str(tmp_path / "a"), sink.port, ips=(A_IP,), extra=slow)
-        a.config["control"] = {"endpoint": a.config["control"],
-                               "curve": {"client_key": keys["operator"]}}
-        a.config["cluster"] = {**cluster("mta-a"), "hosts": [
-            {"name": "mta-a", "control": a.config["control"]["endpoint"]},
-            {"name": "mta-b", "control": b.config["control"]["endpoint"],
-             "curve_server_key": keys["public"]}]}
-        a.write_config()
-        try:
-            for engine, count in ((a, 3), (b, 5)):
-                engine.start()
-                assert engine.push(jobs(engine, count), timeout=30)
-                engine.wait_for(lambda evs, n=count: sum(
-                    e["event"] in ("delivered", "deferred") for e in evs) >= 2 * n,
-                    timeout=30, what="every recipient tried")
-            yield a, b
-        finally:
-            for engine in (a, b):
-                engine.stop(timeout=20)
-                engine.cleanup()
-
-
-def jobs(engine: LocalEngine, count: int) -> list[tuple[dict[str, Any], bytes]]:
-    """`count` jobs of two recipients: one delivered, one deferred (at wait.test)."""
-    name = Path(engine.workdir).name
-    return [({"id": f"{name}-{i}-{time.time_ns()}", "from": "sender@example.test",
-              "to": [f"user{i}@example.test", f"defer{i}@wait.test"]},
-             make_message(i, 800)) for i in range(count)]
+    with two_hosts(operator_keys(tmp_path / "keys"), tmp_path, cluster) as hosts:
+        yield hosts
 
 
 def shaping(engine: CurveEngine, ip: str) -> dict[str, Any]:
