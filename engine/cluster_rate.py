@@ -25,7 +25,12 @@ keep to the rate however they interleave, with no burst beyond it.
   worker keeps a schedule of its own at the rate divided by the workers it last saw share
   it (MEMBERS_SEEN), and keeps delivering; the first lease Redis answers ends it. That
   schedule starts a horizon after Redis was lost (the turns Redis gave out before are
-  all within it), so the change never sends more than the rate.
+  all within it), so the change never sends more than the rate. Back from it, a worker
+  keeps to its fallback share for `cluster.retry` + `cluster.lease` (**rejoining**): the
+  others may still be on their own schedules until their next retry, and Redis's schedule
+  (empty, or with only this worker on it) knows nothing of their turns; taking the whole
+  rate from it meanwhile sent up to 5/3 of the rate with three workers (bench/cluster.py:
+  refusals at Redis's return in every run).
 
 A turn not taken within GRACE of its time is dropped (counted in `cluster_turns_lost`),
 so a turn is never used late enough to crowd the next host's. A message whose turn would
@@ -114,6 +119,8 @@ class ClusterRate:
         self._back_at = -math.inf  # no turn to lease before this (the schedule is full)
         self._own_free = -math.inf  # fallback: the next free turn of this worker's schedule
         self._held_until = -math.inf  # the last turn leased from Redis (given out or not)
+        self._rejoining_until = -math.inf  # back from fallback: at its fallback share until then
+        self._alone_share = 0.0  # that share: messages/s while rejoining
         self.members = 1  # workers sharing the rate, as Redis said last
         self.lost = 0  # turns leased and not taken in time
 
@@ -167,6 +174,9 @@ class ClusterRate:
         granted, or the schedule is full for longer than `max_wait` (`_back_at`)."""
         done = self._leasing = Event()
         try:
+            early = self._back_at - self._clock()
+            if early > 0.0:  # rejoining: not before this worker's share allows the next batch
+                gevent.sleep(early)
             while True:
                 wait = self._lease(max(self._batch, self._waiting + 1))
                 if wait <= 0.0:
@@ -183,6 +193,11 @@ class ClusterRate:
         """Lease up to `want` turns into `_turns`; 0.0 if some were, else when to ask
         again (seconds from now)."""
         started = self._clock()
+        if self._own_free != -math.inf:  # in fallback until now: rejoining if Redis answers
+            self._alone_share = self.share
+        rejoining = self._own_free != -math.inf or started < self._rejoining_until
+        if rejoining:  # no more than its share gives over a lease
+            want = min(want, max(1, math.floor(self._alone_share * self._cluster.cfg.lease)))
         reply = self._cluster.run("lease", lambda client: self._lease_script(
             keys=self._keys, args=[self._member, want, self.rate, self._cluster.cfg.lease,
                                    MEMBERS_SEEN], client=client))
@@ -194,6 +209,8 @@ class ClusterRate:
             self._metrics.timing("cluster_lease", self.provider, (now - started) * 1000)
             if self.pool is None:  # the provider's: one gauge, not two limits' in turn
                 self._metrics.gauge("cluster_members", self.provider, members)
+        if self._own_free != -math.inf:  # back from fallback: the others may not be yet
+            self._rejoining_until = now + self._cluster.cfg.retry + self._cluster.cfg.lease
         self.members = max(1, members)
         self._own_free = -math.inf
         if granted <= 0:
@@ -201,6 +218,8 @@ class ClusterRate:
         self._batch = min(2 * self._batch, 2 * granted)  # all taken (none were left): more
         self._add(now + offset, granted, self.rate)
         self._held_until = now + offset + (granted - 1) / self.rate
+        if rejoining:  # the next batch when its share would have sent this one
+            self._back_at = now + offset + granted / self._alone_share
         return 0.0
 
     def _lease_own(self, want: int, now: float) -> float:

@@ -143,6 +143,34 @@ def test_redis_killed_each_worker_goes_on_at_its_share_then_shares_again_when_it
     assert busiest([t for t in every if t >= back + 1.0], 1.0) <= 60 + 60 * GRACE + 1
 
 
+def test_a_worker_back_from_fallback_keeps_to_its_share_for_a_retry_and_a_lease(
+        redis_server: RedisServer) -> None:
+    """Regression (bench/cluster.py: refusals at Redis's return in every run): a worker back
+    from fallback leased from Redis's empty schedule as its only member, at the whole rate,
+    while the others, not back yet (until their next `retry`) or still giving out their own
+    turns (up to a `lease` ahead), sent their fallback shares: up to 5/3 of the rate
+    together. Back, a worker keeps to its fallback share for `retry` + `lease` (1.5 s here),
+    then takes what Redis gives it."""
+    links = [cluster(redis_server, f"host{i}", retry=0.5) for i in range(3)]
+    rates = [ClusterRate(link, "example", 60.0, f"host{i}/127.0.0.{i + 2}")
+             for i, link in enumerate(links)]
+    run_workers(rates, 1.0)
+    assert [rate.members for rate in rates] == [3, 3, 3]
+    redis_server.kill()
+    run_workers(rates[:1], 0.3)
+    assert links[0].mode == FALLBACK
+    redis_server.start()  # empty; only host0 sends from now on (the others could be in fallback)
+    start = time.monotonic()
+    times = run_workers(rates[:1], 4.0)[0]
+    assert links[0].mode == SHARED
+    # back within a retry, its own turns given out (a lease's at most, 20) meanwhile, then
+    # a third of the rate (a batch of a lease's share, 20, each second) until 1.5 s after,
+    # then the whole rate
+    rejoining = [t for t in times if start + 0.5 <= t < start + 2.0]
+    assert busiest(rejoining, 1.0) <= 20 + 3, (busiest(rejoining, 1.0), len(times))
+    assert between(times, start + 3.0, start + 4.0) >= 0.85 * 60, len(times)
+
+
 def test_a_message_whose_cluster_turn_is_beyond_max_wait_is_not_put_in_line(
         redis_server: RedisServer) -> None:
     rate = ClusterRate(cluster(redis_server, "host0"), "example", 2.0, "host0/127.0.0.2")
