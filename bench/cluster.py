@@ -535,10 +535,17 @@ pace (log: `rate_decreased ... limit=17.48`) and published the ceiling, which th
 followed (`provider_ceiling_shared limit=17.48`): 42.3/s on average over that phase, 20.6/s
 in its quietest 5 s (first run, one refusal: 57.6 and 48.8). tests/engine/test_cluster.py
 does not see it: it counts refusals before Redis is killed only, and after the restart the
-busiest window. Why the receiver refused was not traced here; a candidate is the turns each
-worker still held from its own fallback schedule, given out alongside the first turns of
-Redis's new (empty) schedule, more than the receiver's bucket of 10 absorbs. **One engine
-killed -9**: the new mail went to the other two only (300 each), which kept 60.0/s together.
+busiest window. Why: not traced in the code; the engines' logs place each refusal while some
+workers were back on Redis and others not yet (each tries Redis again at its own
+`cluster.retry`). Second run: host1 shared again at about +0.2 s and was refused at +0.31 s,
+host2 and host0 shared at +0.6 and +0.8 s, host2 refused at +1.39 s; a shortened run (8 s
+phases, not kept) had all three refused at +0.53-0.57 s, host0 still in fallback. A worker
+back on an empty Redis leases from a schedule that starts at Redis's present and knows no
+members yet (its share is the whole rate), while those still in fallback send their third,
+and neither knows of the turns given out alone just before: more than the rate, past the
+receiver's bucket of 10. On the way out the engine avoids this (the fallback schedule starts
+a lease horizon after Redis was lost); on the way back nothing does. **One engine killed
+-9**: the new mail went to the other two only (300 each), which kept 60.0/s together.
 **Restarted**: host0 delivered the 896-917 jobs its spool held, the three at 59.9-60.0/s,
 the drain after 26-32 s. **Nothing lost** in either run. Copies twice: none in the first
 run; two in the second, one flagged `possible_duplicate` and one not (`b-1734`: the receiver
