@@ -447,6 +447,7 @@ def verdicts(r: dict[str, Any]) -> list[tuple[str, bool]]:
          (alone["busiest"] or 0) <= 1.1 * r["limit"]),
         (f"Redis back: every worker shared within {BACK_WITHIN:.0f} s",
          len(workers) == len(IPS) and max(workers) <= BACK_WITHIN),
+        ("Redis back: busiest 5 s <= 63/s", (r["phases"]["redis back"]["busiest"] or 0) <= 63),
         ("engine killed: the others took the new mail",
          r["phases"]["engine killed"]["pushed"]["by_host"]["host0"] == 0),
         ("its spooled mail delivered once it restarted", r["host0_restarted_delivered"] > 0),
