@@ -306,8 +306,8 @@ def scenario(cluster: Cluster) -> Timeline:
     line.calls["shared"] = cluster.redis_calls() - counted
     cluster.redis.kill()
     sleep_until(line.begin("redis killed") + FALLBACK)
+    back = line.begin("redis back")  # before it answers: a worker may be back at once
     cluster.redis.start()  # empty, on the same port
-    back = line.begin("redis back")
     counted = cluster.redis_calls()
     line.pushes["redis back"] = cluster.push("b", SECOND_PUSH)
     workers = {f"bench.host{i}.{ip.replace('.', '_')}" for i, ip in enumerate(IPS)}
