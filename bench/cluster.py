@@ -13,8 +13,9 @@ host says `queued`).
 0. a job re-sent to another host: acknowledged there as a duplicate, delivered once;
 1. *shared*: 3,000 jobs pushed over the three, SHARED seconds;
 2. *Redis killed* (SIGKILL): FALLBACK seconds;
-3. *Redis back* (started again, empty, on the same port) and 4,500 more jobs: BACK
-   seconds; the time until every worker's `cluster_mode` gauge says shared again;
+3. *Redis back* (started again, empty, on the same port; the phase begins as it is started)
+   and 4,500 more jobs: BACK seconds; the time until every worker's `cluster_mode` gauge
+   says shared again;
 4. *one engine killed -9* (host0, with mail in its spool) and 600 new jobs, which go to the
    other two: KILLED seconds;
 5. *engine restarted* (host0, on its spool as the kill left it): RESTARTED seconds; then
@@ -23,12 +24,14 @@ host says `queued`).
 Per phase: messages/s at the receiver (average, the busiest and the quietest 5 s window,
 each host's share), measured from SETTLE seconds after the phase began (the change itself
 is not the steady state); the receiver's refusals; copies delivered twice; jobs of the
-phase's push never delivered (lost: must be 0); Redis round trips per message (commands
-Redis processed, from its INFO, and the workers' leases, from their `cluster_lease` timer
-over StatsD). And the other load on the machine during the run (bench.run's other_load).
+phase's push never delivered (lost: must be 0); Redis's work per message (the commands it
+processed, scripts' included: INFO commandstats) and its round trips per message where the
+engines' metrics time them (the workers' leases: their `cluster_lease` timer over StatsD);
+the engines' log lines of pace and mode changes. And the other load on the machine during
+the run (bench.run's other_load).
 
-Bounded: about 3 minutes. `--docs` writes docs/PERFORMANCE.md's "Three engines, one Redis"
-section from every row kept in bench/results/cluster.json (one per `--label`).
+Bounded: about 3 minutes and a half. `--docs` writes docs/PERFORMANCE.md's "Three engines,
+one Redis" section from every row kept in bench/results/cluster.json (one per `--label`).
 """
 from __future__ import annotations
 
@@ -194,7 +197,7 @@ class Cluster:
         return Push(prefix, count, by_host, tally.accepted)
 
     def redis_calls(self) -> collections.Counter[str]:
-        """Commands Redis processed since it started, by name (this question's not yet)."""
+        """Commands Redis processed since it started, by name (this INFO not yet counted)."""
         stats = self.redis.client().info("commandstats")  # type: ignore[attr-defined]
         return collections.Counter({name.removeprefix("cmdstat_"): int(figures["calls"])
                                     for name, figures in stats.items()})
@@ -518,7 +521,9 @@ def render(results: dict[str, Any]) -> str:
              " rate (`cluster_lease`), one round trip each; *leases a message* is their"
              " count over the same messages (intake's claims and the suspension polls have"
              " no metric). *Other load*: the share of the machine's 2 cores other processes"
-             " kept busy during the run (bench.run's other_load).", ""]
+             " kept busy during the run (bench.run's other_load; the killed engine's worker"
+             " is not this process's child to reap, so its CPU, a few seconds, counts"
+             " there).", ""]
     for label, row in results.items():
         lines += [*render_row(label, row), ""]
     lines += [PROSE]
