@@ -130,6 +130,8 @@ class Dispatcher:
         # start, those of the jobs the spool has marked handed out (`Spool.handed_out`):
         # the supervisor before this one died with them out.
         self._unreported: dict[str, frozenset[str]] = spool.handed_out()
+        # Of those sent again, the recipients that went back untried (`untried`).
+        self._untried: dict[str, frozenset[str]] = {}
         if self._unreported:
             log.warning(logs.kv("handed_out_at_start", jobs=len(self._unreported),
                                 rcpts=sum(map(len, self._unreported.values())),
@@ -372,17 +374,26 @@ class Dispatcher:
                                                    pending.expires_ts, dict(pending.attempts),
                                                    handout, job_id=job.id, retry=retry,
                                                    meta_json=job.meta_json)
-        if self._unreported:
+        if self._unreported or self._untried:
             flight.resent = self._resent(job.id, pending.rcpts)
         return True
 
     def _resent(self, job_id: str, rcpts: Iterable[str]) -> frozenset[str]:
         """The recipients of this hand-out a dead worker may have delivered already
-        (`forget`), counted: each may be a second copy at the receiver."""
+        (`forget`), counted: each may be a second copy at the receiver; and those whose
+        earlier hand-out after the loss went back untried (`untried`), counted then."""
         resent = self._unreported.pop(job_id, frozenset()).intersection(rcpts)
         if resent:
             self._metrics.incr("resent_after_loss", "all", len(resent))
-        return resent
+        return resent | self._untried.pop(job_id, frozenset()).intersection(rcpts)
+
+    def untried(self, job_id: str, rcpt: str) -> None:
+        """`rcpt`, sent again after a loss (`InFlight.resent`), went back to the spool
+        untried (shaping's "not now": no event): its next hand-out is still the first that
+        may make a second copy, and its events must say so (`possible_duplicate`)."""
+        if job_id not in self._untried and len(self._untried) >= EARLIER_MAX:
+            del self._untried[next(iter(self._untried))]  # the oldest
+        self._untried[job_id] = self._untried.get(job_id, frozenset()) | {rcpt}
 
     def _choose_worker(self, ip: str | None, pool: str | None,
                        retry: bool = False) -> WorkerHandle | None:

@@ -299,6 +299,10 @@ class Results:
             return
         if kind == "duplicate":
             self._count_duplicate(attempt)
+        if kind == "current" and not attempt.attempted:
+            flight = dispatcher.in_flight.get(attempt.job_id)
+            if flight is not None and attempt.rcpt in flight.resent:
+                dispatcher.untried(attempt.job_id, attempt.rcpt)
         if not attempt.retried:  # a throttled try the worker sends again: still out
             dispatcher.settle(attempt.job_id, attempt.rcpt, attempt.handout)
 

@@ -307,6 +307,29 @@ def test_what_a_killed_worker_had_not_reported_goes_again_flagged_and_counted(
     assert parts.counted("resent_after_loss") == 1
 
 
+def test_a_resent_recipient_that_went_back_untried_is_still_flagged_when_it_goes(
+        parts: Parts) -> None:
+    """Regression (bench/cluster.py, a copy delivered twice unflagged): the flag was on the
+    first hand-out after the loss only. When that hand-out went back to the spool untried
+    (shaping's "not now": a cluster pace beyond max_wait after a restart with a backlog, no
+    event), the next one, the first that could make a second copy, went unflagged."""
+    first = parts.hand_out(IP2, job_envelope("j"))
+    parts.kill(first)
+    _, second_tasks = parts.worker(IP3, alive=True)
+    parts.dispatcher.dispatch_due()
+    assert tasks(second_tasks) == ["j"]
+    assert parts.dispatcher.in_flight["j"].resent == {RCPT}
+    parts.report(parts.answer(Status.DEFERRED, attempted=False, retry_at=time.time() - 1))
+    assert parts.names() == ["queued"]  # untried: no event
+    parts.dispatcher.dispatch_due()
+    assert tasks(second_tasks) == ["j"]
+    assert parts.dispatcher.in_flight["j"].resent == {RCPT}
+    parts.report(parts.answer(Status.DELIVERED))
+
+    assert json.loads(parts.published[-1][1])["possible_duplicate"] is True
+    assert parts.counted("resent_after_loss") == 1  # one recipient, counted once
+
+
 def test_the_jobs_of_a_worker_that_exited_0_go_again_unflagged(parts: Parts) -> None:
     """A worker exits 0 only after its drain, having reported every recipient whose message
     it wrote (the others were never sent): nothing of it is a possible duplicate. A reload
