@@ -26,11 +26,15 @@ keep to the rate however they interleave, with no burst beyond it.
   it (MEMBERS_SEEN), and keeps delivering; the first lease Redis answers ends it. That
   schedule starts a horizon after Redis was lost (the turns Redis gave out before are
   all within it), so the change never sends more than the rate. Back from it, a worker
-  keeps to its fallback share for `cluster.retry` + `cluster.lease` (**rejoining**): the
+  keeps to its fallback share for `cluster.retry` + `cluster.lease`, or until as many
+  workers lease from Redis as it last saw (**rejoining**): it
+  leases as many turns as that time span holds at the rate and takes every `members`-th
+  (of those it last saw), so its messages go spaced at its share, each at its turn, and
+  the span is held on Redis's schedule for it. The
   others may still be on their own schedules until their next retry, and Redis's schedule
   (empty, or with only this worker on it) knows nothing of their turns; taking the whole
   rate from it meanwhile sent up to 5/3 of the rate with three workers (bench/cluster.py:
-  refusals at Redis's return in every run).
+  refusals at Redis's return in every run); and its batch at the rate's spacing a burst.
 
 A turn not taken within GRACE of its time is dropped (counted in `cluster_turns_lost`),
 so a turn is never used late enough to crowd the next host's. A message whose turn would
@@ -121,6 +125,7 @@ class ClusterRate:
         self._held_until = -math.inf  # the last turn leased from Redis (given out or not)
         self._rejoining_until = -math.inf  # back from fallback: at its fallback share until then
         self._alone_share = 0.0  # that share: messages/s while rejoining
+        self._rejoin_members = 0  # the workers it last saw share the rate, when it fell back
         self.members = 1  # workers sharing the rate, as Redis said last
         self.lost = 0  # turns leased and not taken in time
 
@@ -174,9 +179,6 @@ class ClusterRate:
         granted, or the schedule is full for longer than `max_wait` (`_back_at`)."""
         done = self._leasing = Event()
         try:
-            early = self._back_at - self._clock()
-            if early > 0.0:  # rejoining: not before this worker's share allows the next batch
-                gevent.sleep(early)
             while True:
                 wait = self._lease(max(self._batch, self._waiting + 1))
                 if wait <= 0.0:
@@ -196,8 +198,11 @@ class ClusterRate:
         if self._own_free != -math.inf:  # in fallback until now: rejoining if Redis answers
             self._alone_share = self.share
         rejoining = self._own_free != -math.inf or started < self._rejoining_until
-        if rejoining:  # no more than its share gives over a lease
-            want = min(want, max(1, math.floor(self._alone_share * self._cluster.cfg.lease)))
+        step = 1.0
+        if rejoining:  # its share's messages over a lease, each taking `step` turns of the rate
+            step = max(1.0, self.rate / self._alone_share)
+            want = math.ceil(step * min(want, max(
+                1, math.floor(self._alone_share * self._cluster.cfg.lease))))
         reply = self._cluster.run("lease", lambda client: self._lease_script(
             keys=self._keys, args=[self._member, want, self.rate, self._cluster.cfg.lease,
                                    MEMBERS_SEEN], client=client))
@@ -211,15 +216,21 @@ class ClusterRate:
                 self._metrics.gauge("cluster_members", self.provider, members)
         if self._own_free != -math.inf:  # back from fallback: the others may not be yet
             self._rejoining_until = now + self._cluster.cfg.retry + self._cluster.cfg.lease
+            self._rejoin_members = self.members
+        if members >= self._rejoin_members:  # all it last saw lease again: Redis holds all
+            self._rejoining_until = -math.inf
         self.members = max(1, members)
         self._own_free = -math.inf
         if granted <= 0:
             return max(offset, SLACK)
         self._batch = min(2 * self._batch, 2 * granted)  # all taken (none were left): more
-        self._add(now + offset, granted, self.rate)
         self._held_until = now + offset + (granted - 1) / self.rate
-        if rejoining:  # the next batch when its share would have sent this one
-            self._back_at = now + offset + granted / self._alone_share
+        if rejoining:  # every step-th turn of those leased: its share, spaced, at Redis's times
+            self._turns.extend(now + offset + math.floor(i * step) / self.rate
+                               for i in range(math.ceil(granted / step)))
+            self._back_at = -math.inf
+            return 0.0
+        self._add(now + offset, granted, self.rate)
         return 0.0
 
     def _lease_own(self, want: int, now: float) -> float:
