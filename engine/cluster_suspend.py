@@ -170,6 +170,7 @@ class SharedSuspensions:
         self._reading = False
         self._known: frozenset[str] = frozenset()  # the providers read last time
         self._poller: gevent.Greenlet[Any, Any] | None = None
+        self._closed = False  # close(): no watching greenlet any more
 
     def publish(self, provider: str, seconds: float, reason: str) -> None:
         """This worker suspended `provider` for `seconds` (`reason`: "block", "rule:x"):
@@ -230,7 +231,7 @@ class SharedSuspensions:
     def check(self) -> None:
         """Follow what the other hosts published, if `cluster.poll` passed since the last
         read (or a provider is new to this worker); cheap otherwise."""
-        if self._poller is None:
+        if self._poller is None and not self._closed:
             self._poller = gevent.spawn(self._poll)
         if self._reading:
             return
@@ -243,14 +244,18 @@ class SharedSuspensions:
 
     def _poll(self) -> None:
         """Read every `cluster.poll`, whether messages ask for turns or not."""
-        while True:
+        while not self._closed:
             gevent.sleep(max(self._next_read - self._clock(), 0.0) + 0.001)
-            self.check()
+            if not self._closed:
+                self.check()
 
     def close(self) -> None:
+        """No more reads: the watching greenlet ends, and none is started again (a test's
+        or a worker's end; a `check` after it reads at most once more, in its caller)."""
+        self._closed = True
         poller, self._poller = self._poller, None
         if poller is not None:
-            poller.kill(block=False)
+            poller.kill(block=True, timeout=1.0)
 
     def _read_now(self, ignore: set[str] | None = None) -> None:
         followers = dict(self._followers())
