@@ -1,7 +1,9 @@
 """engine.pacer.Pacer: turns at the spacing of the moment, on the real gevent clock.
 
-Spacings of 5 to 50 ms keep every test well under a second; times are asserted with room
-for a busy machine (a turn is never early, it may be a little late).
+Spacings of 5 to 200 ms keep every test under a second; times are asserted with room
+for a busy machine (a turn is never early, it may be a little late). A test whose line must
+stand before it asserts spaces turns by LINE_GAP: at 20 ms a loaded CI machine gave the
+first waiter its turn before the third had joined (CI, stop 25).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import pytest
 
 from engine.pacer import BINDING, SLACK, Pacer
 from tests.support.shaping import FakeTime
+
+LINE_GAP = 0.2  # longer than a loaded machine's pause between spawning a line and its standing
 
 
 class Gap:
@@ -120,25 +124,25 @@ def test_a_rising_rate_re_spaces_the_turns_already_waiting() -> None:
 
 
 def test_a_falling_rate_sends_back_those_whose_turn_moved_beyond_max_wait() -> None:
-    gap = Gap(0.04)
+    gap = Gap(LINE_GAP)
     pacer = pacer_of(gap)
-    pacer.wait_for_turn(0.15)
-    first, second, third = in_line(pacer, 3, max_wait=0.15)  # at +40, +80, +120 ms
+    pacer.wait_for_turn(0.75)
+    first, second, third = in_line(pacer, 3, max_wait=0.75)  # at +200, +400, +600 ms
     started = time.monotonic()
-    gap.seconds = 0.1  # the first's turn at +100 ms: kept; the others at +200 ms: sent back
-    pacer.changed(0.15)
+    gap.seconds = 0.5  # the first's turn at +500 ms: kept; the others at +1 s: sent back
+    pacer.changed(0.75)
     assert pacer.waiting == 1
     for sent_back in (second, third):  # their answer is their wait, a float
         wait = sent_back.get(timeout=1)
-        assert isinstance(wait, float) and 0.15 < wait <= 0.2 + 1e-3
-    assert time.monotonic() - started < 0.05  # at once, not at their turn
+        assert isinstance(wait, float) and 0.75 < wait <= 1.0 + 1e-3
+    assert time.monotonic() - started < 0.25  # at once, not at their turn
     assert first.get(timeout=2) == 0
-    assert time.monotonic() - started >= 0.09
+    assert time.monotonic() - started >= 0.45
 
 
 def test_first_goes_ahead_of_the_line() -> None:
     """A throttled message sent again is the next to go (after a push-back: the probe)."""
-    pacer = pacer_of(Gap(0.02))
+    pacer = pacer_of(Gap(LINE_GAP))
     pacer.wait_for_turn(5.0)
     order: list[str] = []
 
@@ -155,18 +159,18 @@ def test_first_goes_ahead_of_the_line() -> None:
 
 def test_first_is_not_sent_back_for_the_line_ahead_of_it() -> None:
     """Its wait is the next free turn's, whatever the line's length."""
-    pacer = pacer_of(Gap(0.02))
+    pacer = pacer_of(Gap(LINE_GAP))
     pacer.wait_for_turn(5.0)
-    line = in_line(pacer, 3)  # the last at +60 ms
-    assert isinstance(pacer.wait_for_turn(0.03), float)  # behind the line: too long
-    assert pacer.wait_for_turn(0.03, first=True) == 0  # ahead of it: its turn at +20 ms
+    line = in_line(pacer, 3)  # the last at +600 ms
+    assert isinstance(pacer.wait_for_turn(0.3), float)  # behind the line: too long
+    assert pacer.wait_for_turn(0.3, first=True) == 0  # ahead of it: its turn at +200 ms
     gevent.joinall(line, timeout=5, raise_error=True)
 
 
 def test_the_stamp_is_taken_when_the_turn_is_given_not_when_asked() -> None:
     """The shaper's epoch: a message that waited across a push-back carries the new one."""
     epoch = [0]
-    pacer = pacer_of(Gap(0.02), stamp=lambda: epoch[0])
+    pacer = pacer_of(Gap(LINE_GAP), stamp=lambda: epoch[0])
     assert pacer.wait_for_turn(5.0) == 0
     (waiting,) = in_line(pacer, 1)
     epoch[0] = 7
@@ -222,9 +226,9 @@ def test_binding_while_turns_wait_and_for_a_while_after() -> None:
 
 
 def test_a_waiter_that_gives_up_leaves_the_line() -> None:
-    pacer = pacer_of(Gap(0.05))
+    pacer = pacer_of(Gap(LINE_GAP))
     pacer.wait_for_turn(5.0)
     (waiting,) = in_line(pacer, 1)
     waiting.kill()
     assert pacer.waiting == 0
-    assert pacer.expected_wait() <= 0.05  # the next free turn, no line before it
+    assert pacer.expected_wait() <= LINE_GAP  # the next free turn, no line before it
