@@ -208,9 +208,15 @@ def check_sound(path: str) -> None:
     each table) misses a damaged page in the middle, which `due` then finds at run time,
     the engine exits, systemd starts it again, the cheap check passes again: the crash
     loop this check is here to end. Read-only, so a damaged file is left as it was found.
+
+    Out of the page cache (after a reboot), quick_check follows the b-trees, one random
+    page read at a time: the file is read in order first (`read_ahead`), which the disk
+    does several times faster (a 1.35 GB spool of 1M recipients, this check: 7.7-9.2 s
+    cold, 2.2-4.0 s read ahead first).
     """
     if not os.path.exists(path):
         return
+    read_ahead(path)
     try:
         conn = sqlite3.connect(readonly_uri(path), uri=True)
     except sqlite3.Error as e:
@@ -223,6 +229,40 @@ def check_sound(path: str) -> None:
         conn.close()
     if problems != ["ok"]:
         raise SpoolDamaged(path, first_problem(problems))
+
+
+READ_AHEAD_CHUNK = 4 * 1024 * 1024
+READ_AHEAD_SHARE = 0.5  # of the memory available: a larger file is not read ahead
+
+
+def read_ahead(path: str, meminfo: str = "/proc/meminfo") -> bool:
+    """Read `path` and its WAL in order into the page cache, if they fit in half the
+    memory available (else the read would evict its own beginning, and others' pages, for
+    nothing). Whether it did."""
+    files = [name for name in (path, path + "-wal") if os.path.exists(name)]
+    size = sum(os.path.getsize(name) for name in files)
+    available = memory_available(meminfo)
+    if available is None or size > available * READ_AHEAD_SHARE:
+        return False
+    buf = bytearray(READ_AHEAD_CHUNK)
+    for name in files:
+        with suppress(OSError), open(name, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return True
+
+
+def memory_available(meminfo: str = "/proc/meminfo") -> int | None:
+    """The kernel's estimate of the memory available without swapping (bytes), None where
+    there is no /proc/meminfo to ask."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def first_problem(problems: list[str]) -> str:
