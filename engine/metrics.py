@@ -287,6 +287,9 @@ DECLARED: tuple[Metric, ...] = (
     Metric("results_unrecorded", "gauge", "results waiting in memory for the spool to be"
            " writable again", SUPERVISOR, "results"),
     Metric("memory_rss", "gauge", "resident memory of the process", EVERY_PROCESS, "bytes"),
+    Metric("gc_pause", "timer", "a full collection of Python's cyclic garbage collector (the"
+           " oldest generation), during which the process's loop does nothing else",
+           EVERY_PROCESS),
 )
 
 KINDS = {m.name: m.kind for m in DECLARED}

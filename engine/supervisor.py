@@ -99,6 +99,7 @@ class Supervisor:
         self.clock = EngineClock(floor=self.spool.latest_now())
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
                                       "supervisor", cfg.statsd.enabled)
+        self._gc = gctune.PauseWatch(lambda ms: self.metrics.timing("gc_pause", "all", ms))
         self.metrics.batched()  # packed into few packets, sent at the end of each loop pass
         self.health = SpoolHealth(self.metrics)
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -193,6 +194,7 @@ class Supervisor:
         # without cycles: the default thresholds made the collector rescan the first kind
         # over and over, a few per cent of the CPU at high rates.
         gctune.settle_for_a_long_run()
+        self._gc.start()
         last_tick = 0.0
         try:
             while not self._stopping:
@@ -208,6 +210,8 @@ class Supervisor:
         except SpoolDamaged as err:
             self.notifier.stopping(f"stopping: spool damaged ({err.reason})")
             return self._stop_damaged(err)
+        finally:
+            self._gc.stop()
         self.notifier.stopping(f"draining: {len(self.dispatcher.in_flight)} jobs in flight")
         return self._shutdown()
 
@@ -272,6 +276,7 @@ class Supervisor:
         # Every result already here is recorded before a death is seen (Results.flush),
         # those still in the socket (unwatched while results are held) included.
         self._notice_clock_step()
+        self._gc.report()
         self.results.collect()
         self.results.flush()
         # A dead worker's jobs go out again only once every result already here is

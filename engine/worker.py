@@ -70,6 +70,7 @@ class Worker:
                               if drain_timeout is None else drain_timeout)
         self.metrics = Metrics.create(cfg.statsd.host, cfg.statsd.port, cfg.statsd.prefix,
                                       ip.address, cfg.statsd.enabled)
+        self._gc = gctune.PauseWatch(lambda ms: self.metrics.timing("gc_pause", "all", ms))
         # A message's stats (timers, counters) go out packed, at the end of the loop turn.
         self.metrics.batched(gevent.get_hub().loop.run_callback)
         self.pools = Pools(cfg.pool)
@@ -155,6 +156,7 @@ class Worker:
         # per message: with the default thresholds the collector rescanned the first kind
         # over and over (the whole engine's loopback throughput gained ~10-20% without).
         gctune.settle_for_a_long_run()
+        self._gc.start()
         self.sending_ip.check()  # a restart while the IP is gone says so in its hello
         self._send(protocol.stats_frame(self.ip.address, self._figures()))
         while not self._stopping:
@@ -162,6 +164,7 @@ class Worker:
                 self._take_tasks()
         self._drain()
         gevent.killall(housekeeping)
+        self._gc.stop()
         # Every result reported before the drain ended goes out before the socket closes:
         # the flusher sends what is buffered, then returns (no kill: a kill could drop a
         # batch it had taken but not yet sent).
@@ -333,6 +336,7 @@ class Worker:
         while True:
             gevent.sleep(STATS_INTERVAL)
             self.sending_ip.check_due()
+            self._gc.report()
             figures = self._figures()
             self._send(protocol.stats_frame(self.ip.address, figures))
             self.metrics.gauge("ip_down", "all", int(self.sending_ip.down))
