@@ -68,9 +68,15 @@ def one_burst(producer: Producer, tag: str, count: int, supervisor: int) -> dict
     producer.wait_queued(timeout=120)
     producer.wait_final([envelope["id"] for envelope, _ in jobs], timeout=120, poll=0.05)
     cpu_us = (cpu_seconds(supervisor) - cpu_before) / count * 1e6
-    mine = [e for i, e in producer.final.items() if i.startswith(tag + "-")]
-    delivered = sorted(e["ts"] for e in mine if e["event"] == "delivered")
-    queued = min(e["ts"] for i, e in producer.queued.items() if i.startswith(tag + "-"))
+    mine = {i: e for i, e in producer.final.items() if i.startswith(tag + "-")}
+    delivered = sorted(e["ts"] for e in mine.values() if e["event"] == "delivered")
+    queued_at = {i: e["ts"] for i, e in producer.queued.items() if i.startswith(tag + "-")}
+    queued = min(queued_at.values())
+    # When the worker had each reply: its `queued` (the commit) plus the event's delay_ms
+    # (from acceptance to the final reply); the event's own `ts` is when the supervisor
+    # recorded it, so the two apart are the time the result waited to be recorded.
+    replied = sorted(queued_at[i] + e["delay_ms"] / 1000 for i, e in mine.items()
+                     if e["event"] == "delivered")
     if len(delivered) < NTH:
         raise RuntimeError(f"{tag}: only {len(delivered)} delivered")
 
@@ -78,6 +84,7 @@ def one_burst(producer: Producer, tag: str, count: int, supervisor: int) -> dict
         return round((ts - started) * 1000, 1)
     return {"push_ms": ms(pushed), "first_queued_ms": ms(queued),
             "first_delivered_ms": ms(delivered[0]), "nth_delivered_ms": ms(delivered[NTH - 1]),
+            "nth_replied_ms": ms(replied[NTH - 1]),
             "last_delivered_ms": ms(delivered[-1]), "delivered": len(delivered),
             "supervisor_cpu_us": round(cpu_us, 1)}
 
@@ -110,6 +117,11 @@ def _cell(rows: list[dict[str, float]], key: str) -> str:
     return f"{_median(rows, key):.0f} ms ({each})"
 
 
+def _optional_cell(rows: list[dict[str, float]], key: str) -> str:
+    """`_cell` for a figure the older rows lack."""
+    return _cell(rows, key) if all(key in row for row in rows) else "-"
+
+
 def _cpu_cell(rows: list[dict[str, float]]) -> str:
     if not all("supervisor_cpu_us" in row for row in rows):
         return "-"
@@ -127,16 +139,20 @@ def render(results: dict[str, Any]) -> str:
              " in brackets. Target: the 250th `delivered` within 50 ms. *Supervisor CPU*: the"
              " supervisor process's CPU time (/proc) from the push until the burst's last"
              " final event, per job (intake, hand-out and results; recorded since the"
-             " `intake-cpu` rows).", "",
+             " `intake-cpu` rows). *Reply at the worker*: when the worker had the reply (the"
+             " job's `queued` plus the event's `delay_ms`), the event's `ts` being when the"
+             " supervisor recorded it (recorded since the `quiet` rows).", "",
              "| run | command | engine | date | push took | first `queued` | first `delivered`"
-             f" | {NTH}th `delivered` | last `delivered` | supervisor CPU a job | other load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f" | {NTH}th `delivered` | {NTH}th reply at the worker | last `delivered`"
+             " | supervisor CPU a job | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         rows = r["bursts"]
         command = shown_command(r["command"])
         lines.append(f"| {label} | `{command}` | `{r['engine']}` | {r['date']} |"
                      f" {_cell(rows, 'push_ms')} | {_cell(rows, 'first_queued_ms')} |"
                      f" {_cell(rows, 'first_delivered_ms')} | {_cell(rows, 'nth_delivered_ms')} |"
+                     f" {_optional_cell(rows, 'nth_replied_ms')} |"
                      f" {_cell(rows, 'last_delivered_ms')} | {_cpu_cell(rows)} |"
                      f" {100 * r.get('other_load', float('nan')):.0f}% |")
     lines += ["", PROSE]
