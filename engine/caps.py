@@ -5,7 +5,9 @@ last hour, on the monotonic clock (an interval: a step of the wall clock neither
 hour nor holds it shut for an hour more); messages per UTC day, a date of the wall clock,
 against the warm-up schedule's cap for the IP's day of warm-up. A cap reached defers the
 message until the cap frees (the oldest minute leaves the hour, or the next UTC midnight): a
-`Deferral`, never an attempt.
+`Deferral`, never an attempt. A message counted that goes back to the spool untried (no
+connection slot, a turn taken again that is not now) is given back (`give_back`): a message
+never sent uses up no cap.
 """
 from __future__ import annotations
 
@@ -25,6 +27,15 @@ class Deferral:
     reason: str
 
 
+@dataclass(frozen=True)
+class Counted:
+    """One message counted against the caps: when (the hour's clock) and on which UTC day,
+    so that it is given back from the minute and the day it was counted in."""
+
+    at: float
+    day: str
+
+
 @dataclass
 class HourWindow:
     """Counts in one-minute buckets over the last hour."""
@@ -38,14 +49,23 @@ class HourWindow:
         else:
             self.buckets.append((minute, 1))
 
-    def remove(self) -> None:
-        """One count less: the last one added (given back unused)."""
-        if self.buckets:
-            minute, count = self.buckets[-1]
-            if count > 1:
-                self.buckets[-1] = (minute, count - 1)
-            else:
-                self.buckets.pop()
+    def remove(self, at: float | None = None) -> None:
+        """One count less (given back unused): of the minute of `at`, the time it was
+        added, if that minute is still counted (None: the last minute counted). Taken from
+        a later minute, it would leave the hour a minute late: one message too many in it
+        meanwhile."""
+        index = len(self.buckets) - 1
+        if at is not None:
+            minute = int(at // 60)
+            while index >= 0 and self.buckets[index][0] != minute:
+                index -= 1
+        if index < 0:
+            return
+        minute, count = self.buckets[index]
+        if count > 1:
+            self.buckets[index] = (minute, count - 1)
+        else:
+            del self.buckets[index]
 
     def total(self, now: float) -> int:
         horizon = int(now // 60) - 59
@@ -86,10 +106,18 @@ class Caps:
             return Deferral(_next_midnight(now), "warm-up daily limit")
         return None
 
-    def count(self) -> None:
-        """One more message sent against both caps."""
-        self._hour.add(self._clock())
+    def count(self) -> Counted:
+        """One more message sent against both caps: what it took, to give back."""
+        now = self._clock()
+        self._hour.add(now)
         self.sent_today += 1
+        return Counted(now, self.day)
+
+    def give_back(self, counted: Counted) -> None:
+        """A message counted (`counted`) went back to the spool untried: not counted."""
+        self._hour.remove(counted.at)
+        if counted.day == self.day:  # another day's count is spent
+            self.sent_today = max(0, self.sent_today - 1)
 
     def counted_this_hour(self) -> bool:
         """Whether the hourly cap counts messages of the last hour (forgotten, it would let

@@ -39,6 +39,13 @@ an attempt, due when the oldest minute leaves the hour, as with the local cap.
   before Redis went, only that its share is what it may count on). What it sent alone is
   added to the current minute's count at its first lease Redis answers, so the cluster's
   hour includes it (an empty, restarted Redis has forgotten the rest of the hour).
+- **Rejoining** (engine.cluster_lease): back from fallback, a worker's blocks stay within
+  what is left of its fallback share (over its own hour) for `cluster.retry` + a block
+  alone's life (ALONE_BLOCK), or until as many workers lease as it last saw. The others
+  may still be alone, their messages counted in Redis only at their next lease: Redis's
+  "left" is too high meanwhile, and an empty Redis shows the first worker back as the
+  only member, whose blocks are sized "left / members": it could take the whole budget
+  on top of what the others sent alone (up to all of the budget but its own share).
 
 Worker side: waiting for a lease in flight uses gevent.
 """
@@ -50,10 +57,10 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent.event import Event
 
 from engine.caps import HourWindow
 from engine.cluster import Cluster
+from engine.cluster_lease import InFlight, Rejoining
 from engine.cluster_rate import limit_key
 from engine.metrics import Metrics
 
@@ -65,6 +72,7 @@ MIN_WAIT = 1.0  # s: the budget used up, the first message is not back sooner th
 # may be back by then, and the cluster's hour have room), not only when its own hour frees.
 ALONE_RECHECK = 60.0
 IDLE = 2.0  # s: a block none of the worker's messages took from this long is returned
+ALONE_BLOCK = 60.0  # s: a block of its share, Redis unreachable, is given out this long
 
 # KEYS[1]: the counts (hash: minute number at Redis -> messages counted in that minute);
 # KEYS[2]: the members (sorted set: worker -> when it last leased); KEYS[3]: their last
@@ -158,8 +166,10 @@ class ClusterHourly:
         self._unreturned = (0, "")  # lapsed unused: (count, minute), returned at the next lease
         self._alone = 0  # sent while Redis was unreachable, not yet counted there
         self._mine = HourWindow()  # what this worker sent in its last hour: the fallback's count
-        self._leasing: Event | None = None  # set when the lease in flight is answered
-        self._waiting = 0  # messages waiting for the lease in flight
+        self._flight = InFlight()  # the lease in flight, and the messages waiting for it
+        # Back from fallback: at its fallback share for a retry and a block alone (the
+        # others' retry, and what they were given alone), or until all it saw lease again.
+        self._rejoin = Rejoining(cluster.cfg.retry + ALONE_BLOCK)
         self._batch = 1  # messages to ask for
         # The budget used up: no lease is tried before `_back_at` (the next minute, when
         # lapsed blocks are returned), and a message is told to come back at `_frees_at`.
@@ -196,12 +206,7 @@ class ClusterHourly:
                 return 0.0
             if now < self._back_at:
                 return max(self._frees_at - now, MIN_WAIT)
-            if self._leasing is not None:  # another message is leasing: its block is ours
-                self._waiting += 1
-                try:
-                    self._leasing.wait()
-                finally:
-                    self._waiting -= 1
+            if self._flight.join():  # another message was leasing: its block is ours
                 continue
             self._lease_now()
 
@@ -237,18 +242,18 @@ class ClusterHourly:
         self._unreturned = (count + (held if minute == self._minute else 0), self._minute)
 
     def _lease_now(self) -> None:
-        done = self._leasing = Event()
-        try:
+        with self._flight.leasing():
             if self._lapses_at > -math.inf:  # the block was all given out
                 self._end_block()
-            self._lease(max(self._batch, self._waiting + 1))
-        finally:
-            self._leasing = None
-            done.set()
+            self._lease(max(self._batch, self._flight.waiting + 1))
 
     def _lease(self, want: int) -> None:
-        """A block of up to `want` into `_held`; none left: `_back_at`, when to ask again."""
+        """A block of up to `want` into `_held`; none left: `_back_at`, when to ask again.
+        Rejoining (back from fallback), no more than is left of its fallback share."""
         started = self._clock()
+        asked = want
+        if want > 0 and self._rejoin.active(started):
+            want = min(want, max(0, int(self._rejoin.share) - self._mine.total(started)))
         returned, minute = self._unreturned
         reply = self._cluster.run("hourly", lambda client: self._lease_script(
             keys=self._keys, args=[self._member, want, self.hourly, MEMBERS_SEEN, returned,
@@ -257,17 +262,27 @@ class ClusterHourly:
             client=client))
         now = self._clock()
         if reply is None:
-            if want > 0:
-                self._lease_alone(want, now)
+            self._rejoin.fell_back(self.share)
+            if asked > 0:
+                self._lease_alone(asked, now)
             return
         granted, seconds, members = int(reply[0]), float(reply[1]), int(reply[2])
         self._unreturned, self._alone = (0, ""), 0
+        self._rejoin.answered(now, members, self.members)
         self.members, self.left = max(1, members), int(reply[3])
         if self._metrics is not None:
             self._metrics.timing("cluster_hourly_lease", self.provider, (now - started) * 1000)
             if self.pool is None:
                 self._metrics.gauge("cluster_hourly_left", self.provider, self.left)
-        if want == 0:  # a return only
+        if asked == 0:  # a return only
+            return
+        if want == 0:  # rejoining, its share used up
+            if not self._rejoin.active(now):  # rejoined by this answer: Redis's budget now
+                self._lease(asked)
+                return
+            # Back when its hour frees, or it has rejoined.
+            self._back_at = self._frees_at = now + max(MIN_WAIT, min(
+                self._mine.frees_at() - now, ALONE_RECHECK, self._rejoin.until - now))
             return
         if granted <= 0:  # used up: back when the hour frees; asked again next minute
             self._frees_at = now + max(seconds, MIN_WAIT)
@@ -283,7 +298,7 @@ class ClusterHourly:
             frees_in = self._mine.frees_at() - now
             self._back_at = self._frees_at = now + min(max(frees_in, MIN_WAIT), ALONE_RECHECK)
             return
-        self._block(min(want, left), now + 60.0, "")
+        self._block(min(want, left), now + ALONE_BLOCK, "")
 
     def _block(self, granted: int, lapses_at: float, minute: str) -> None:
         self._held += granted
@@ -301,16 +316,12 @@ class ClusterHourly:
         if self._held == 0 or not self._minute:
             return
         idle = self._clock() - self._last_take
-        if idle < IDLE or self._leasing is not None:
+        if idle < IDLE or self._flight.busy:
             self._idle_watch = gevent.spawn_later(max(IDLE - idle, 0.1), self._return_if_idle)
             return
         self._end_block()
-        done = self._leasing = Event()
-        try:
+        with self._flight.leasing():
             self._lease(0)
-        finally:
-            self._leasing = None
-            done.set()
 
     def close(self) -> None:
         """Stop watching for an idle block (a worker's end, a test's)."""

@@ -5,7 +5,8 @@ A provider may have a cluster-wide rate and hourly budget of its own
 may have its own (`shaping.ip_pools.<pool>.<provider>`): a message takes from every one
 (engine.shaping asks `take`, just before it goes). The budgets first: a message with none
 left this hour does not wait for a turn; then the rates' turns, the moment it goes. A
-message deferred after taking from a budget gives it back (`give_back`); a rate's turn
+message deferred after taking from a budget, or sent back to the spool untried after its
+turn (engine.shaping.ProviderShaper.give_back), gives it back (`give_back`); a rate's turn
 taken before another rate deferred it goes unused (a turn of the first limit's schedule
 the cluster does not use: never more than the rate).
 """

@@ -27,7 +27,7 @@ keep to the rate however they interleave, with no burst beyond it.
   schedule starts a horizon after Redis was lost (the turns Redis gave out before are
   all within it), so the change never sends more than the rate. Back from it, a worker
   keeps to its fallback share for `cluster.retry` + `cluster.lease`, or until as many
-  workers lease from Redis as it last saw (**rejoining**): it
+  workers lease from Redis as it last saw (**rejoining**, engine.cluster_lease): it
   leases as many turns as that time span holds at the rate and takes every `members`-th
   (of those it last saw), so its messages go spaced at its share, each at its turn, and
   the span is held on Redis's schedule for it. The
@@ -52,9 +52,9 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent.event import Event
 
 from engine.cluster import Cluster
+from engine.cluster_lease import InFlight, Rejoining
 from engine.metrics import Metrics
 
 GRACE = 0.05  # s: a leased turn not taken this long after its time is dropped
@@ -117,15 +117,14 @@ class ClusterRate:
         self._keys = [key, f"{key}:members"]
         self._lease_script = cluster.script(LEASE)
         self._turns: deque[float] = deque()  # leased turns (this process's monotonic time)
-        self._leasing: Event | None = None  # set when the lease in flight is answered
-        self._waiting = 0  # messages waiting for the lease in flight
+        self._flight = InFlight()  # the lease in flight, and the messages waiting for it
         self._batch = 1  # turns to ask for: grows while all are taken, shrinks when some are lost
         self._back_at = -math.inf  # no turn to lease before this (the schedule is full)
         self._own_free = -math.inf  # fallback: the next free turn of this worker's schedule
         self._held_until = -math.inf  # the last turn leased from Redis (given out or not)
-        self._rejoining_until = -math.inf  # back from fallback: at its fallback share until then
-        self._alone_share = 0.0  # that share: messages/s while rejoining
-        self._rejoin_members = 0  # the workers it last saw share the rate, when it fell back
+        # Back from fallback: at its fallback share for a retry and a lease horizon (the
+        # others' retry, and the turns they took alone), or until all it saw lease again.
+        self._rejoin = Rejoining(cluster.cfg.retry + cluster.cfg.lease)
         self.members = 1  # workers sharing the rate, as Redis said last
         self.lost = 0  # turns leased and not taken in time
 
@@ -142,15 +141,10 @@ class ClusterRate:
             self._drop_late(now)
             if self._turns:
                 return self._take_leased(now, max_wait)
-            wait = max(self._back_at - now, 0.0) + self._waiting / self.share
+            wait = max(self._back_at - now, 0.0) + self._flight.waiting / self.share
             if wait > max_wait:
                 return wait
-            if self._leasing is not None:  # another message is leasing: its turns are ours
-                self._waiting += 1
-                try:
-                    self._leasing.wait()
-                finally:
-                    self._waiting -= 1
+            if self._flight.join():  # another message was leasing: its turns are ours
                 continue
             self._lease_now(max_wait)
 
@@ -177,48 +171,40 @@ class ClusterRate:
     def _lease_now(self, max_wait: float) -> None:
         """Lease turns for this message and those waiting behind it; until some are
         granted, or the schedule is full for longer than `max_wait` (`_back_at`)."""
-        done = self._leasing = Event()
-        try:
+        with self._flight.leasing():
             while True:
-                wait = self._lease(max(self._batch, self._waiting + 1))
+                wait = self._lease(max(self._batch, self._flight.waiting + 1))
                 if wait <= 0.0:
                     return
                 self._back_at = self._clock() + wait
                 if wait > max_wait:
                     return
                 gevent.sleep(wait)
-        finally:
-            self._leasing = None
-            done.set()
 
     def _lease(self, want: int) -> float:
         """Lease up to `want` turns into `_turns`; 0.0 if some were, else when to ask
         again (seconds from now)."""
         started = self._clock()
-        if self._own_free != -math.inf:  # in fallback until now: rejoining if Redis answers
-            self._alone_share = self.share
-        rejoining = self._own_free != -math.inf or started < self._rejoining_until
+        rejoining = self._rejoin.active(started)
         step = 1.0
         if rejoining:  # its share's messages over a lease, each taking `step` turns of the rate
-            step = max(1.0, self.rate / self._alone_share)
+            share = self._rejoin.share
+            step = max(1.0, self.rate / share)
             want = math.ceil(step * min(want, max(
-                1, math.floor(self._alone_share * self._cluster.cfg.lease))))
+                1, math.floor(share * self._cluster.cfg.lease))))
         reply = self._cluster.run("lease", lambda client: self._lease_script(
             keys=self._keys, args=[self._member, want, self.rate, self._cluster.cfg.lease,
                                    MEMBERS_SEEN], client=client))
         now = self._clock()
         if reply is None:
+            self._rejoin.fell_back(self.share)
             return self._lease_own(want, now)
         granted, offset, members = int(reply[0]), float(reply[1]), int(reply[2])
         if self._metrics is not None:
             self._metrics.timing("cluster_lease", self.provider, (now - started) * 1000)
             if self.pool is None:  # the provider's: one gauge, not two limits' in turn
                 self._metrics.gauge("cluster_members", self.provider, members)
-        if self._own_free != -math.inf:  # back from fallback: the others may not be yet
-            self._rejoining_until = now + self._cluster.cfg.retry + self._cluster.cfg.lease
-            self._rejoin_members = self.members
-        if members >= self._rejoin_members:  # all it last saw lease again: Redis holds all
-            self._rejoining_until = -math.inf
+        self._rejoin.answered(now, members, self.members)
         self.members = max(1, members)
         self._own_free = -math.inf
         if granted <= 0:

@@ -222,6 +222,9 @@ class Deliverer:
         epoch = shaper.turn(again, first=again)  # waiting for a turn is not an attempt
         if isinstance(epoch, Deferral):
             return self._not_now(task, rcpts, provider, epoch), False
+        # What this turn counted against the caps (None: a throttled message, counted when
+        # it first went): given back below if the message goes back untried.
+        counted = None if again else shaper.counted
         last: DeliveryError | None = None
         last_host: str | None = None
         refusals: list[Reply] = []
@@ -232,6 +235,7 @@ class Deliverer:
                                               epoch, decision, dest.domain)
             except (SendingIpGone, DescriptorsExhausted) as err:  # the worker's own trouble:
                 # no other host would do better, nothing can leave now
+                shaper.give_back(counted)
                 return self._not_held(task, rcpts, provider, err.reply), False
             except DeliveryError as err:
                 if self.tlsrpt is not None:
@@ -245,7 +249,8 @@ class Deliverer:
                 if shaper.suspended:
                     break  # a block, a rule that suspends: no other host of it either
                 continue
-            if isinstance(sent, Deferral):
+            if isinstance(sent, Deferral):  # no cluster slot, or a turn again not now
+                shaper.give_back(counted)
                 return self._not_now(task, rcpts, provider, sent), False
             results, tls, reused, epoch, seconds, verified = sent
             self._policy_kept(decision, host, provider, verified)

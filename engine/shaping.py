@@ -25,7 +25,11 @@ provider down (or suspends it), and its recipients are deferred, never bounced, 
 attempt counted, until their next turn (`resume_at`). Waiting for a turn is never a delivery
 attempt; a wait longer than `shaping.max_wait` is not waited out in the worker, where it would
 hold a slot that other providers' mail could use: the recipients go back to the spool, due
-when the turn comes (`Deferral`). What was learned survives a restart (`Shaping.save`).
+when the turn comes (`Deferral`). A turn counts its message against the caps and the
+cluster's budgets before the message has a connection: one that goes back untried after its
+turn (no cluster connection slot within max_wait, a turn taken again after a throttle that
+is not now, the worker's own trouble) gives back what it took (`give_back`), so a message
+never sent uses up no cap. What was learned survives a restart (`Shaping.save`).
 A provider idle for `shaping.forget_after` is forgotten, and shown in `status` only while it
 has something to show (engine.shaping_idle).
 """
@@ -45,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine import classify, logs, shaping_idle
-from engine.caps import Caps, Deferral
+from engine.caps import Caps, Counted, Deferral
 from engine.cluster import Cluster
 from engine.cluster_connections import ClusterConnections
 from engine.cluster_limits import ClusterLimits
@@ -128,6 +132,9 @@ class ProviderShaper:
         # Bumped on every decrease and suspension: a turn taken before is stale (taken at a
         # rate the provider refused) and must be taken again before sending (see delivery).
         self.epoch = 0
+        # What the last turn counted against the caps (read by its caller at once, no other
+        # greenlet runs between: given back if the message goes back untried).
+        self.counted: Counted | None = None
         self.last_used = clock()  # when a message last asked for this shaper (Shaping.get)
 
     # -- taking a turn -----------------------------------------------------------
@@ -168,9 +175,24 @@ class ProviderShaper:
                 self.cluster.give_back()
             return deferral
         if not again:
-            self.caps.count()
-            self._recent.append(self._clock())
+            self.counted = self.caps.count()
+            self._recent.append(self.counted.at)
         return turn
+
+    def give_back(self, counted: Counted | None) -> None:
+        """A message whose turn counted it (`counted`: `self.counted` as its `turn` left
+        it; None: counted by an earlier turn, when it went) goes back to the spool untried:
+        no connection slot in the cluster, a turn taken again that is not now, the
+        worker's own trouble. What it took goes back: a message never sent uses up no cap,
+        local (`hourly`, the warm-up's daily cap) or the cluster's budgets. (Its pace's and
+        cluster rate's turns went by unused: time, not a count.)"""
+        if counted is None:
+            return
+        self.caps.give_back(counted)
+        if counted.at in self._recent:
+            self._recent.remove(counted.at)
+        if self.cluster is not None:
+            self.cluster.give_back()
 
     def _back_in(self, turn: float) -> float:
         """When a message whose turn is `turn` seconds away (more than max_wait) should be

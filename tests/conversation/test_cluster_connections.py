@@ -4,13 +4,15 @@ each with its own link to Redis as on its own host, never hold more slots togeth
 `cluster_connections`; a slot given back goes to a worker that waits; a holder killed
 stops counting after its lease; idle connections beyond a share close when others wait;
 each worker's share while Redis is down, and its slots registered again when it is back;
-and a worker's delivery (engine.delivery) whose message finds no slot within max_wait.
+and a worker's delivery (engine.delivery) whose message finds no slot within max_wait,
+which uses up none of its caps.
 
 Connections are played by greenlets that enter the gate, hold their slot a moment and
 leave, as engine.pool does (gevent, unpatched: redis-py's calls block the loop for their
 loopback round trip, a fraction of a millisecond)."""
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,7 +23,14 @@ from gevent.event import AsyncResult
 
 from engine.cluster import FALLBACK, SHARED, Cluster
 from engine.cluster_connections import ClusterConnections
-from engine.config import ClusterConfig, ProviderLimits, Route, ShapingConfig, ThrottleConfig
+from engine.config import (
+    ClusterConfig,
+    ProviderLimits,
+    Route,
+    ShapingConfig,
+    ThrottleConfig,
+    WarmupConfig,
+)
 from engine.gate import ConnectionGate
 from engine.mx import Resolver
 from engine.protocol import Status
@@ -267,6 +276,46 @@ def test_a_message_that_gets_no_slot_within_max_wait_goes_back_to_the_spool_unat
     assert 0.45 <= took < 3.0, took
     assert [a.status for a in sent] == [Status.DELIVERED]
     assert sink.connections == 1  # none while the other host held the slot
+
+
+def test_a_message_sent_back_for_want_of_a_slot_uses_up_no_cap(
+        redis_server: RedisServer) -> None:
+    """Regression: a message that got no slot within max_wait went back to the spool
+    untried, but its turn had counted it against the IP's hourly cap, the warm-up's daily
+    cap and the cluster's hourly budget: with each at 1, the next message (the slot free
+    by then) was deferred for an hour, or a day, having sent nothing."""
+    other = ClusterConnections(Cluster(ClusterConfig(redis=redis_server.url), "host1"),
+                               "127.0.0.1", 1, "host1/127.0.0.3")
+    MADE.append(other)
+    assert other.acquire()
+    today = datetime.datetime.now(datetime.UTC).date().isoformat()
+    with SinkServer(tls=False) as sink:
+        stack = build(Resolver(routes={"example.test": Route("127.0.0.1", sink.port)}),
+                      policy=None)
+        stack.deliverer.shaping = shaping = Shaping(ShapingPlan(
+            ip="127.0.0.2", pool=POOL, throttle=ThrottleConfig(slow_start=False),
+            shaping=ShapingConfig(max_wait=0.3, providers={"127.0.0.1": ProviderLimits(
+                cluster_connections=1, hourly=1, cluster_hourly=1)}),
+            warmup=WarmupConfig(schedule=(1,), ips={"127.0.0.2": today}),
+            cluster=ClusterConfig(redis=redis_server.url, host="host0")))
+        try:
+            waited = stack.deliver(["a@example.test"], job_id="one")
+            shaper = shaping.get("127.0.0.1")
+            untouched = (shaper.sent_today, shaper.caps.counted_this_hour())
+            other.release()
+            gevent.sleep(0.2)  # told to Redis in the background
+            sent = stack.deliver(["b@example.test"], job_id="two")
+        finally:
+            stack.close()
+            shaping.close()
+    assert [(a.attempted, a.reply.status) for a in waited] == [(False, "4.4.5")]
+    assert "cluster connections" in waited[0].reply.text
+    assert untouched == (0, False)
+    assert [a.status for a in sent] == [Status.DELIVERED], sent
+    assert shaper.sent_today == 1
+    client: Any = redis_server.client()
+    assert sum(int(n) for n in client.hgetall(
+        "mailengine:hourly:127.0.0.1").values()) == 1  # the one sent, not the one sent back
 
 
 def test_slots_registered_again_past_the_limit_are_given_back_as_connections_close(

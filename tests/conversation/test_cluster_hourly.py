@@ -2,7 +2,8 @@
 (engine.cluster_limits) against a real redis-server on loopback: several workers, each with
 its own connection as on its own host, share one budget, never above it together, and it
 goes where the demand is; a block's remainder lapses at its minute's end and is returned;
-Redis killed: each worker goes on at its share; an IP group's limit applies to its IPs only.
+Redis killed: each worker goes on at its share, and back from it keeps to that share until
+the others are back; an IP group's limit applies to its IPs only.
 
 The hour turns on a clock of the test's (`Clock`): the workers' own and the cluster's time
 the scripts are given in place of Redis's `TIME`, so no test waits for a minute or an hour."""
@@ -187,10 +188,42 @@ def test_redis_killed_each_worker_goes_on_at_its_share_then_shares_again(
 
     redis_server.start()  # empty: the hour is rebuilt from what the workers sent alone
     clock.t = 130.0  # past cluster.retry, and the fallback's blocks
-    assert sent(a, 1) + sent(b, 1) == 2  # each lease counts what its worker sent alone
-    assert 2 + sent(a, 40) + sent(b, 40) == 30 - 20  # the twenty sent alone are counted
+    # Each lease counts what its worker sent alone. Rejoining, a keeps to its share (used
+    # up) until b, which it saw before, leases too; b's lease is the second: rejoined.
+    assert sent(a, 1) == 0 and sent(b, 1) == 1
+    clock.t = 190.0  # a's message back
+    assert 1 + sent(a, 40) + sent(b, 40) == 30 - 20  # the twenty sent alone are counted
     assert a._cluster.mode == b._cluster.mode == SHARED
     assert counted(redis_server) == 30
+
+
+@pytest.mark.timeout(30)
+def test_the_first_worker_back_from_fallback_keeps_to_its_share_until_the_others_lease(
+        redis_server: RedisServer) -> None:
+    """Regression: Redis restarted empty, the first worker back saw itself the only member
+    and "left" nearly the whole budget, the other's messages sent alone being counted only
+    at its next lease: it took 28 more, on top of the other's ten sent alone. Rejoining, it
+    keeps to its fallback share (15 over its own hour) until the other leases again."""
+    clock = Clock()
+    a, b = worker(redis_server, clock, "a"), worker(redis_server, clock, "b")
+    assert [sent(a, 1), sent(b, 1), sent(a, 4), sent(b, 4)] == [1, 1, 4, 4]
+    assert a.members == b.members == 2  # a share of 15 each
+
+    redis_server.kill()
+    clock.t = 60.0  # their blocks lapsed: the next messages need leases
+    assert sent(b, 40) == 10 and sent(a, 1) == 1  # alone, each within its share
+    redis_server.start()  # empty
+    clock.t = 70.0  # past cluster.retry
+    assert sent(a, 40) == 9  # its share's rest, though Redis saw 28 left and no other
+    assert a._cluster.mode == SHARED
+    assert counted(redis_server) == 2 + 8  # what it sent alone, and its blocks; not b's ten
+
+    clock.t = 131.0  # b's messages back from the spool (its share was used up alone)
+    # Its lease counts its ten, and as many lease as it last saw: rejoined, it takes what
+    # Redis says is left (the ten sent before Redis went are forgotten with it).
+    assert sent(b, 40) == 10
+    assert counted(redis_server) == 30
+    assert sent(a, 40) == 0
 
 
 @pytest.mark.timeout(30)

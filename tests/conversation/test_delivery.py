@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.config import Route
+from engine.config import Route, ShapingConfig, ThrottleConfig
 from engine.metrics import Metrics
 from engine.mx import Resolver
 from engine.pool import DestinationPool, PoolKey
 from engine.protocol import Attempt, Status
+from engine.shaping import Shaping, ShapingPlan
 from engine.smtp import Connection
 from engine.testing.sink import SinkServer
 from engine.tls import TlsPolicy
@@ -46,7 +47,7 @@ from tests.support.smtpserver import (
     ScriptedServer,
     Step,
 )
-from tests.support.stack import LOOPBACK_ALLOWED, Stack
+from tests.support.stack import LOOPBACK_ALLOWED, POOL, Stack
 from tests.support.statsd_catcher import StatsdCatcher
 
 Scripted = Callable[..., ScriptedServer]
@@ -269,6 +270,28 @@ def test_unusable_first_mx_delivers_via_the_next_mx(scripted: Scripted,
         mx1.wait_finished()
         assert mx1.connections == 1 and mx1.messages == [] and mx1.client_lines() == []
     assert mx2.messages == [MESSAGE]
+
+
+def test_a_message_whose_turn_taken_again_is_not_now_uses_up_no_cap(
+        scripted: Scripted, engine: Callable[..., Engine]) -> None:
+    """Regression: mx1 throttled at its banner (421, "slow down"): the pace fell, and the
+    message's turn, taken again for mx2, was beyond max_wait. It went back to the spool
+    untried, mx2 never asked, but its first turn had counted it against the hourly cap
+    and the day's: a message never sent used up a cap."""
+    _, mx2 = two_mx(scripted, [S("421 4.7.0 Rate limited, slow down"), WAIT_CLOSE()],
+                    delivering(*PIPELINED))
+    with DnsServer(MX_ZONE) as dns:
+        stack = engine(Resolver(nameservers=["127.0.0.1"], port=dns.port, smtp_port=mx2.port))
+        stack.stack.deliverer.shaping = shaping = Shaping(ShapingPlan(
+            pool=POOL, throttle=ThrottleConfig(slow_start=False),
+            shaping=ShapingConfig(hourly=5, max_wait=0.0)))
+        attempts = stack.deliver()
+    assert [(a.status, a.attempted, a.reply.status) for a in attempts] == [
+        (Status.DEFERRED, False, "4.4.5")], attempts
+    ((_, shaper),) = shaping.items()
+    assert shaper.triggers == {"rule:rate-text": 1}
+    assert shaper.sent_today == 0 and not shaper.caps.counted_this_hour()
+    assert mx2.connections == 0
 
 
 def test_every_mx_refusing_at_the_banner_defers_with_the_last_reply(

@@ -131,6 +131,40 @@ def test_a_turn_taken_again_is_not_counted_twice() -> None:
     assert s.current_rate() == pytest.approx(0.3) and s.sent_today == 3
 
 
+def test_a_message_given_back_untried_uses_up_neither_cap() -> None:
+    """A message whose turn counted it and then went back to the spool untried (no cluster
+    connection slot, a turn taken again that was not now) gives back what it took: the
+    hourly cap's count, the warm-up day's, the current rate's."""
+    s, _ = shaper(limits(hourly=2), cap=2)
+    assert took(s.turn())
+    counted = s.counted
+    assert took(s.turn())
+    s.give_back(counted)
+    s.give_back(None)  # a throttled message's turn again: counted when it first went
+    assert s.sent_today == 1 and s.current_rate() == pytest.approx(0.1)
+    assert took(s.turn())  # the second of the hour and the day, not a third
+    deferral = s.turn()
+    assert isinstance(deferral, Deferral) and deferral.reason == "hourly limit"
+
+
+def test_a_count_given_back_a_minute_later_leaves_its_own_minute() -> None:
+    """Given back after its minute ended (it waited for a connection slot across it), the
+    count goes from the minute it was counted in: taken from the later one, the earlier
+    minute would leave the hour with one count too many and let a message too many in."""
+    minute = 1_800_000_000.0  # a minute's start
+    s, t = shaper(limits(hourly=2), t=FakeTime(minute - 1.0))
+    assert took(s.turn())
+    counted = s.counted
+    t.now = minute + 1.0  # the next minute
+    assert took(s.turn())
+    s.give_back(counted)
+    assert took(s.turn())  # the second of the hour: both in the second minute
+    t.now = minute + 3570.0  # the first minute has left the hour, the second not yet
+    deferral = s.turn()
+    assert isinstance(deferral, Deferral) and deferral.reason == "hourly limit"
+    assert deferral.retry_at - t.now == pytest.approx(30.0)
+
+
 def test_a_turn_carries_the_epoch_of_the_moment() -> None:
     s, t = shaper()
     assert s.turn() == 0
