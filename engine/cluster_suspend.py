@@ -17,11 +17,14 @@ followed once (a host's `mailengine queue resume` ends it on that host alone; `q
 - Times are Redis's (`TIME`), turned into "seconds from now" by the script, so the hosts'
   clocks do not matter.
 - **Degrading**: while Redis is unreachable (engine.cluster: fallback) nothing is published
-  or read, and each host suspends on what it sees alone, as without a cluster.
-- **Rebuilding**: a Redis back empty (restarted without persistence, flushed) is set again
-  by the workers that know its state, at their next read (the same round trip): the
-  suspensions each published or follows, still running, and the lowest ceilings they know,
-  each as it was and for the time it has left (`cluster_state_rebuilt`).
+  or read, and each host suspends on what it sees alone, as without a cluster; what a
+  worker met meanwhile (a block, a rule's `suspend`, a learned ceiling) is held for Redis.
+- **Rebuilding**: at Redis's return, each worker sets in it what it knows, at its next read
+  (the same round trip): what Redis lost, if it comes back empty (restarted without
+  persistence, flushed): the suspensions each published or follows, still running, and the
+  lowest ceilings they know, each as it was; and what it met while Redis was away, published
+  then (a longer suspension, a lower ceiling there kept). Each for the time it has left, not
+  a fresh full one (`cluster_state_rebuilt`, `met_in_fallback` for the second kind).
 
 **Learned ceilings** go the same way: a limit a worker learned from a push-back is shared
 as the lowest of the cluster's (`<prefix>:ceiling:<provider>`, for `cluster.ceiling_expiry`),
@@ -86,6 +89,8 @@ return {ARGV[1], math.ceil(tonumber(ARGV[2]) * 1000)}
 # provider, what this worker knows of the cluster's state: the suspension it holds ('' for
 # none) and its milliseconds left, the lowest ceiling it knows ('') and its milliseconds
 # left. A key missing (Redis restarted empty) is set again from them: the state rebuilt.
+# A suspension met while Redis was away has no time of Redis's yet ('|who|why'): it is
+# published now, as PUBLISH would, for the time it has left (a longer one there is kept).
 # Returns, for each provider, {suspension, seconds left, ceiling, its ms left, rebuilt}
 # ('' for what there is not; rebuilt: 1 the suspension, 2 the ceiling, 3 both).
 READ = """
@@ -98,9 +103,18 @@ for i = 1, n do
   local known, known_ms = tonumber(ARGV[4 * i - 1]), tonumber(ARGV[4 * i])
   local rebuilt = 0
   local value = redis.call('GET', KEYS[i])
-  if not value and held ~= '' and held_ms and held_ms > 0 then
-    redis.call('SET', KEYS[i], held, 'PX', held_ms)
-    value, rebuilt = held, 1
+  if held ~= '' and held_ms and held_ms > 0 then
+    if string.sub(held, 1, 1) == '|' then
+      local ends = now + held_ms / 1000
+      local cur_until = value and tonumber(string.match(value, '^[^|]+'))
+      if not (cur_until and cur_until >= ends) then
+        value, rebuilt = string.format('%.6f', ends) .. held, 1
+        redis.call('SET', KEYS[i], value, 'PX', held_ms)
+      end
+    elseif not value then
+      redis.call('SET', KEYS[i], held, 'PX', held_ms)
+      value, rebuilt = held, 1
+    end
   end
   local left = 0
   if value then
@@ -148,7 +162,9 @@ class SharedSuspensions:
     and the lowest ceiling of each provider (`_ceilings`, until its expiry). A key found
     missing at a read (a Redis restarted without persistence, a FLUSHALL) is set again in
     the same round trip, as it was and for the time it has left: the other workers, and
-    those that start later, follow it again within a poll."""
+    those that start later, follow it again within a poll. What it met while Redis was
+    away (a publish that found no Redis) is held too, and published at the first read
+    Redis answers, for the time it has left then."""
 
     def __init__(self, cluster: Cluster, member: str,
                  followers: Callable[[], Iterable[tuple[str, Follower]]],
@@ -166,6 +182,7 @@ class SharedSuspensions:
         self._seen: dict[str, str] = {}  # provider -> the suspension followed (or own) last
         self._held: dict[str, tuple[str, float]] = {}  # provider -> (suspension, ends)
         self._ceilings: dict[str, tuple[str, float]] = {}  # provider -> (lowest, expires)
+        self._ceilings_alone: set[str] = set()  # those learned while Redis was away
         self._next_read = -math.inf
         self._reading = False
         self._known: frozenset[str] = frozenset()  # the providers read last time
@@ -184,6 +201,7 @@ class SharedSuspensions:
             keys=[self._cluster.key("suspend", provider)],
             args=[f"{seconds:.3f}", self.member, reason], client=client))
         if value is None:
+            self._keep_unpublished(provider, seconds, reason)
             return False
         value = _text(value)
         if _fields(value)[1] == self.member:  # its own: not followed back
@@ -208,9 +226,28 @@ class SharedSuspensions:
             keys=[self._cluster.key("ceiling", provider)], args=[f"{limit:.3f}", expiry],
             client=client))
         if holds is None:
+            self._keep_unpublished_ceiling(provider, limit, expiry)
             return False
+        self._ceilings_alone.discard(provider)
         self._know_ceiling(provider, _text(holds[0]), int(holds[1]))
         return True
+
+    def _keep_unpublished(self, provider: str, seconds: float, reason: str) -> None:
+        """A suspension Redis did not take (away): held to be published at its return, for
+        the time it has left then (engine.cluster: the first command it answers). Without a
+        time of Redis's yet: its value is `|who|why` until then. A longer one held stays."""
+        ends = self._clock() + seconds
+        if self._held.get(provider, ("", -math.inf))[1] < ends:
+            self._held[provider] = (f"|{self.member}|{reason}", ends)
+
+    def _keep_unpublished_ceiling(self, provider: str, limit: float, expiry: float) -> None:
+        """A ceiling Redis did not take (away): held to be shared at its return for what is
+        left of `expiry`, unless a lower one known still holds (the lowest wins)."""
+        known, now = self._ceilings.get(provider), self._clock()
+        if known is not None and known[1] > now and _number(known[0]) <= limit:
+            return
+        self._ceilings[provider] = (f"{limit:.3f}", now + expiry)
+        self._ceilings_alone.add(provider)
 
     def released(self, provider: str, lift: bool = False) -> None:
         """The operator resumed `provider` on this host: the suspension known now is not
@@ -265,6 +302,9 @@ class SharedSuspensions:
             return
         names = sorted(followers)
         args = self._known_state(names)
+        alone = {name: held for name in names
+                 if _unpublished((held := self._held.get(name, ("", 0.0)))[0])}
+        alone_ceilings = self._ceilings_alone & set(names)
         self._reading = True
         try:
             reply = self._cluster.run("suspensions", lambda client: self._read(
@@ -275,8 +315,11 @@ class SharedSuspensions:
             self._reading = False
         if reply is None:
             return
+        self._ceilings_alone -= alone_ceilings
         for name, (raw, left, ceiling, ceiling_ms, rebuilt) in zip(names, reply, strict=True):
-            self._rebuilt(name, int(rebuilt))
+            if name in alone:
+                self._published_late(name, alone[name], _text(raw), int(rebuilt))
+            self._rebuilt(name, int(rebuilt), name in alone, name in alone_ceilings)
             self._know_ceiling(name, _text(ceiling), int(ceiling_ms))
             self._seed(name, followers[name], _text(ceiling))
             self._follow(name, followers[name], _text(raw), float(left), ignore or set())
@@ -316,14 +359,28 @@ class SharedSuspensions:
         if ceiling and ms_left > 0:
             self._ceilings[name] = (ceiling, self._clock() + ms_left / 1000)
 
-    def _rebuilt(self, name: str, rebuilt: int) -> None:
-        """Count and log what this worker set again in a Redis that had lost it."""
-        for bit, what in ((1, "suspension"), (2, "ceiling")):
+    def _published_late(self, name: str, sent: tuple[str, float], value: str,
+                        rebuilt: int) -> None:
+        """A suspension met while Redis was away (`sent`), at the read that published it:
+        held from now on as Redis has it (its own, not followed back); or, with a longer
+        one there (not set), no more: that one is followed instead."""
+        if self._held.get(name) != sent:  # resumed, or replaced, while Redis answered
+            return
+        if rebuilt & 1:
+            self._held[name] = (value, sent[1])
+            self._seen[name] = value
+        else:
+            del self._held[name]
+
+    def _rebuilt(self, name: str, rebuilt: int, alone: bool, alone_ceiling: bool) -> None:
+        """Count and log what this worker set in Redis from what it knows: what Redis had
+        lost, or what it met while Redis was away (`met_in_fallback`: never published)."""
+        for bit, what, met_alone in ((1, "suspension", alone), (2, "ceiling", alone_ceiling)):
             if rebuilt & bit:
                 if self._metrics is not None:
                     self._metrics.incr("cluster_state_rebuilt", name)
                 log.warning(logs.kv("cluster_state_rebuilt", provider=name, what=what,
-                                    member=self.member))
+                                    member=self.member, met_in_fallback=met_alone))
 
     def _seed(self, name: str, follower: Follower, ceiling: str) -> None:
         """A worker that learned nothing of the provider yet starts at the cluster's
@@ -340,6 +397,19 @@ class SharedSuspensions:
 
 def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _number(text: str) -> float:
+    """A ceiling's value as Redis keeps it; one that is not a number holds nothing."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.inf
+
+
+def _unpublished(value: str) -> bool:
+    """A suspension held that Redis never had (met while it was away): no time yet."""
+    return value.startswith("|")
 
 
 def _fields(value: str) -> list[str]:

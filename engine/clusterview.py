@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engine import cliargs, controlclient
+from engine import cliargs, controlclient, status_cluster
 from engine import config as config_mod
 from engine.config import ClusterHostConfig
 from engine.queue_cli import counted, span
@@ -180,7 +180,9 @@ def render_status(answers: list[Answer]) -> str:
     lines.append(_status_row("total", f"{answered}/{len(answers)} up",
                              status_totals(answers)))
     lines += [f"{a.host}: {a.error}" for a in answers if a.figures is None]
-    return "\n".join(lines)
+    cluster = status_cluster.hosts_lines({a.host: a.figures for a in answers
+                                          if a.figures is not None})
+    return "\n".join([*lines, *(["", *cluster] if cluster else [])])
 
 
 def _state(figures: dict[str, Any]) -> str:

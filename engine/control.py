@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from engine import logs
+from engine.cluster import Cluster
 from engine.spool import Spool, SpoolDamaged, SpoolError
 from engine.workers import Workers
 
@@ -83,9 +84,12 @@ def restrict(endpoint: str) -> None:
 
 
 def status(spool: Spool, in_flight: int, counters: Mapping[str, int],
-           workers: Workers, health: Mapping[str, Any] | None = None) -> dict[str, Any]:
+           workers: Workers, health: Mapping[str, Any] | None = None,
+           cluster: Cluster | None = None) -> dict[str, Any]:
     """The `status` answer: what `mailengine status` shows. `health`: whether the spool
-    can be written (engine.spoolhealth), and what waits because it cannot."""
+    can be written (engine.spoolhealth), and what waits because it cannot. `cluster`: the
+    supervisor's link to the cluster's Redis, if one is configured (its host name, its
+    mode as its last command found it); each worker's is its `cluster_mode`."""
     stats = spool.stats()
     return {
         "pid": os.getpid(),
@@ -107,6 +111,10 @@ def status(spool: Spool, in_flight: int, counters: Mapping[str, int],
                               if h.ip_down_since is not None else {}),
                            "shaping": h.stats.get("shaping", {}),
                            "shaping_idle": h.stats.get("shaping_idle", 0),
-                           "shaping_forgotten": h.stats.get("shaping_forgotten", 0)}
+                           "shaping_forgotten": h.stats.get("shaping_forgotten", 0),
+                           **({"cluster_mode": h.stats["cluster_mode"]}
+                              if h.stats.get("cluster_mode") else {})}
                     for h in workers},
+        **({"cluster": {"host": cluster.host, "mode": cluster.mode}}
+           if cluster is not None else {}),
     }

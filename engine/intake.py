@@ -66,8 +66,9 @@ class Intake:
         self._publish = publish
         self._metrics = metrics
         self._health = health or SpoolHealth(metrics)
-        self._shared = SharedIds(Cluster(cfg.cluster, cfg.hostname, metrics), metrics) \
-            if cfg.cluster.redis else None  # the cluster's ids: changed at a restart only
+        # The cluster's ids (engine.cluster_dedup): changed at a restart only.
+        self.cluster = Cluster(cfg.cluster, cfg.hostname, metrics) if cfg.cluster.redis else None
+        self._shared = SharedIds(self.cluster, metrics) if self.cluster is not None else None
         self.ramp = Ramp()
 
     @property

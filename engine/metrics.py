@@ -240,8 +240,9 @@ DECLARED: tuple[Metric, ...] = (
            " limit of the provider yet, started at the limit another worker of the cluster"
            " learned from a push-back (log line provider_ceiling_shared)"),
     Metric("cluster_state_rebuilt", "counter", "suspensions and learned ceilings of the"
-           " provider this worker set again in the cluster's Redis, which had lost them"
-           " (restarted without persistence, flushed): the cluster's state rebuilt (log line"
+           " provider this worker set in the cluster's Redis at its return: set again, Redis"
+           " having lost them (restarted without persistence, flushed), or published late,"
+           " met while Redis was away: the cluster's state rebuilt (log line"
            " cluster_state_rebuilt)"),
     Metric("duplicates_elsewhere", "counter", "jobs acknowledged as duplicates because"
            " another host of the cluster accepted their id within cluster.duplicate_window"

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from engine import cliargs, controlclient
+from engine import cliargs, controlclient, status_cluster
 from engine import config as config_mod
 from engine.clock import STEP_TOLERANCE
 
@@ -119,6 +119,9 @@ def render(figures: dict[str, Any], previous: dict[str, Any] | None, elapsed: fl
     shaping = render_shaping(figures["workers"])
     if shaping:
         lines += ["", *shaping]
+    cluster = status_cluster.render(figures)
+    if cluster:
+        lines += ["", *cluster]
     return "\n".join(lines)
 
 

@@ -368,7 +368,8 @@ class Supervisor:
                                   if not self.health.writable else 0,
                                   "intake_paused": not self.health.writable,
                                   "events_log_writable": not self.events.failing,
-                                  "clock_apart": round(self.clock.apart(), 1)})
+                                  "clock_apart": round(self.clock.apart(), 1)},
+                              self.intake.cluster)
 
     def _on_term(self, signum: int, frame: object) -> None:
         self._stopping = True

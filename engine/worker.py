@@ -313,9 +313,12 @@ class Worker:
     def _figures(self) -> dict[str, object]:
         """The stats frame's figures. Shaping: the providers with something to show, the
         number of the others (engine.shaping_idle: ten thousand providers' state every
-        second was megabytes), and of those forgotten so far."""
+        second was megabytes), and of those forgotten so far. In a cluster, the mode of
+        the worker's link to Redis (engine.cluster)."""
         shaping = self.shaping.state()
-        return {"in_flight": len(self.in_flight),
+        cluster = self.shaping.cluster
+        return {**({"cluster_mode": cluster.mode} if cluster is not None else {}),
+                "in_flight": len(self.in_flight),
                 "connections_open": self.pools.open_connections,
                 "destinations": len(self.pools), "pid": os.getpid(),
                 "dns": self.dns_stats.figures(),

@@ -1,7 +1,8 @@
 """Suspensions shared across the hosts of a cluster (engine.cluster_suspend) against a real
 redis-server on loopback: two workers' shapers, each with its own connection to Redis as on
 its own host; a block seen by one suspends the other within one `cluster.poll`, until the
-same moment; Redis down: each goes on alone, without an error.
+same moment; Redis down: each goes on alone, without an error, and what one met meanwhile
+(a block, a learned ceiling) is published at Redis's return, for the time it has left.
 
 The turns are taken by this test's own thread (gevent, unpatched: redis-py's calls block
 the loop for their loopback round trip); each worker's watching greenlet reads the others'
@@ -343,3 +344,114 @@ def test_a_resume_on_one_host_leaves_the_suspension_in_redis_for_the_others(
     gevent.sleep(POLL + 0.05)
     assert not suspended(a.get("yahoo").turn())
     assert suspended(b.get("yahoo").turn())
+
+
+# -- what a worker met while Redis was away, published at its return ------------------------
+
+DOWN_FOR = 1.5  # s: Redis kept down this long, so that the time left is plainly not a fresh one
+
+
+def restart_after(server: RedisServer, seconds: float) -> None:
+    """Redis down for `seconds` (the workers in fallback meanwhile), then back, empty."""
+    gevent.sleep(seconds)  # the outage's length, not a wait for an event
+    server.start()
+
+
+@pytest.mark.timeout(60)
+def test_a_block_met_while_redis_was_down_is_published_at_its_return_for_the_time_left(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    """a is blocked while Redis is down: it suspends alone. Redis back (empty): a publishes
+    the block at its next read, ending when a's own ends (not a fresh block_suspend), and b,
+    which never met the block, follows it until the same moment."""
+    caplog.set_level(logging.WARNING, "mailengine.cluster")
+    a_metrics = Recorded()
+    a = host(redis_server, "mta-a", "127.0.0.2", a_metrics, block_for=30)
+    b = host(redis_server, "mta-b", "127.0.0.3", block_for=30)
+    assert not suspended(a.get("yahoo").turn())
+    assert not suspended(b.get("yahoo").turn())
+
+    redis_server.kill()
+    a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch)
+    gevent.sleep(0)  # the publishing greenlet: no Redis to take it
+    assert a.cluster is not None and a.cluster.mode == FALLBACK
+    assert suspended(a.get("yahoo").turn())  # alone meanwhile
+    assert a_metrics.total("cluster_suspensions_published") == 0
+    restart_after(redis_server, DOWN_FOR)
+
+    key = "mailengine:suspend:yahoo"
+    wait_for(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
+             "the block published at Redis's return (cluster.retry, then a poll)")
+    value = key_of(redis_server, key)
+    assert value is not None and value.split(b"|")[1:] == [b"mta-a/127.0.0.2", b"block"]
+    ends = a.get("yahoo").suspended_until
+    ttl = redis_server.client().pttl(key)  # type: ignore[attr-defined]
+    assert abs(ttl / 1000 - (ends - time.monotonic())) < POLL  # a's time left ...
+    assert ttl < (30 - DOWN_FOR) * 1000  # ... not a fresh full one
+    assert a_metrics.total("cluster_state_rebuilt") == 1
+    assert ("event=cluster_state_rebuilt provider=yahoo what=suspension"
+            " member=mta-a/127.0.0.2 met_in_fallback=True") in caplog.text
+
+    first_suspended_turn(b, "yahoo", timeout=RETRY + 3 * POLL + 1.0)
+    assert abs(b.get("yahoo").suspended_until - ends) < POLL + 0.1
+    assert b.get("yahoo").followed == 1
+    gevent.sleep(POLL + 0.05)  # later reads: a does not follow its own, nor publish it again
+    a.get("yahoo").turn()
+    assert a.get("yahoo").followed == 0
+    assert a_metrics.total("cluster_state_rebuilt") == 1
+
+    # Held from then on as Redis has it: lost again, it is set again as it was.
+    redis_server.client().flushall()  # type: ignore[attr-defined]
+    wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
+             "the published block set again after a FLUSHALL")
+    assert key_of(redis_server, key) == value
+    assert "met_in_fallback=False" in caplog.text
+
+
+@pytest.mark.timeout(60)
+def test_a_ceiling_learned_while_redis_was_down_is_shared_at_its_return_for_the_time_left(
+        redis_server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, "mailengine.cluster")
+    a_metrics = Recorded()
+    a = host(redis_server, "mta-a", "127.0.0.2", a_metrics)
+    b = host(redis_server, "mta-b", "127.0.0.3")
+    assert not suspended(a.get("yahoo").turn())
+    assert not suspended(b.get("yahoo").turn())
+    expiry = ClusterConfig().ceiling_expiry
+
+    redis_server.kill()
+    pushed = a.get("yahoo")
+    assert pushed.judge([SLOW_DOWN], pushed.epoch) == Verdict("rule:rate-text")
+    learned = pushed.rate.limit
+    assert learned is not None
+    gevent.sleep(0)  # the publishing greenlet: no Redis to take it
+    restart_after(redis_server, DOWN_FOR)
+
+    key = "mailengine:ceiling:yahoo"
+    wait_for(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
+             "the ceiling shared at Redis's return")
+    assert float(key_of(redis_server, key) or 0) == pytest.approx(learned, rel=1e-3)
+    assert redis_server.client().pttl(key) < (expiry - DOWN_FOR) * 1000  # type: ignore[attr-defined]
+    assert a_metrics.total("cluster_state_rebuilt") == 1
+    assert ("event=cluster_state_rebuilt provider=yahoo what=ceiling"
+            " member=mta-a/127.0.0.2 met_in_fallback=True") in caplog.text
+    wait_for(lambda: b.get("yahoo").rate.limit is not None, RETRY + 3 * POLL + 1.0,
+             "b seeded by the ceiling a learned alone")
+    assert b.get("yahoo").rate.limit == pytest.approx(learned, rel=1e-3)
+
+
+@pytest.mark.timeout(60)
+def test_a_block_met_while_redis_was_down_and_resumed_by_the_operator_is_not_published(
+        redis_server: RedisServer) -> None:
+    a = host(redis_server, "mta-a", "127.0.0.2", block_for=30)
+    assert not suspended(a.get("yahoo").turn())
+    redis_server.kill()
+    a.get("yahoo").judge([SPAMHAUS], a.get("yahoo").epoch)
+    gevent.sleep(0)
+    a.hold("yahoo", 0)  # `queue resume yahoo` while Redis is still down
+    redis_server.start()
+    assert a.cluster is not None
+    wait_for(lambda: a.cluster is not None and a.cluster.mode != FALLBACK,
+             RETRY + 3 * POLL + 1.0, "a back on Redis")
+    gevent.sleep(POLL + 0.05)  # a read after the return
+    assert key_of(redis_server, "mailengine:suspend:yahoo") is None
+    assert not suspended(a.get("yahoo").turn())

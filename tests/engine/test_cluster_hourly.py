@@ -5,7 +5,7 @@ provider and 50 jobs from one producer spread over both, the receiver gets at mo
 the hour, from both hosts; the rest waits in the spools without an attempt, due when the
 hour frees, with the 451 4.4.5 that names the provider and the cluster hourly limit; and
 once the hosts are idle, Redis counts exactly what was sent (the blocks' remainders
-returned).
+returned); `mailengine status` shows the budget in its cluster block.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import pytest
 from engine.push import Pusher
 from engine.testing.harness import LocalEngine, make_message
 from engine.testing.sink import SinkServer
+from tests.support.cli import mailengine
 from tests.support.redis import RedisServer, need_redis
 from tests.support.wait import until
 
@@ -105,5 +106,14 @@ def test_two_engines_share_an_hourly_budget_never_above_it_together(
                 return dict(worker.get("shaping", {}).get(PROVIDER, {}))
             until(lambda: state().get("cluster_hourly") == BUDGET, timeout=10,
                   what="the worker's figures", detail=state)  # (sent every few seconds)
+
+        # `mailengine status` (text) says the host's link to Redis and the budget's row.
+        shown = mailengine("status", "-c", engines[0].config_path)
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert "cluster: host host0; Redis shared (supervisor), workers: 1 shared" in lines
+        row = next(line for line in lines if f"hourly {BUDGET}" in line)
+        assert row.split()[:4] == [IPS[0], PROVIDER, "hourly", str(BUDGET)], row
+        assert row.split()[-1] in ("1", "2"), row  # the workers it saw share the budget
     finally:
         sink.stop()
