@@ -101,8 +101,8 @@ def test_many_providers_held_unchanged_cost_about_n_over_refresh_a_second(report
     for cycle in (seconds[:int(REFRESH)], seconds[int(REFRESH):]):
         names = [name for report in cycle for name in report.names()]
         assert len(names) == len(set(names)) == 2 * count
-    assert {s.value for s in first.samples} == {"0"}  # no limit, not suspended
-    assert {s.value for report in seconds for s in report.samples} == {"0"}
+    assert {s.number for s in first.samples} == {0.0}  # no limit, not suspended
+    assert {s.number for report in seconds for s in report.samples} == {0.0}
 
 
 def test_a_changed_value_goes_out_at_the_next_report_and_only_it(reporter):
@@ -112,7 +112,7 @@ def test_a_changed_value_goes_out_at_the_next_report_and_only_it(reporter):
     reporter.shaping.hold(held, 600)  # the operator's suspension: `suspended` becomes 1
     report = reporter.second()
     suspended = [s for s in report.samples if s.name == gauge_name(held, "suspended")]
-    assert [s.value for s in suspended] == ["1"]
+    assert [s.number for s in suspended] == [1]
     # Beside the change: only refreshes due (each provider's both gauges), no more.
     others = [s.name for s in report.samples if s not in suspended]
     assert len(others) <= 2 * 2 * 300 / REFRESH
