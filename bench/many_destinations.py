@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Any
 
+from bench import idle_gauges
 from bench.common import (
     ROOT,
     SENDER,
@@ -368,6 +369,8 @@ def render(results: dict[str, Any]) -> str:
             f" {_status(r)} |"
             f" {_load(r)} |")
     lines += ["", PROSE]
+    idle = idle_gauges.render()  # the providers' StatsD gauges (bench/idle_gauges.py)
+    lines += idle
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,9 @@
   // The dashboard's delivery time, pool wait and SMTP phase panels read upper_50, upper_95
   // and upper_99: each percentile it reads must be listed here.
   percentThreshold: [50, 95, 99],
+  // Keep each gauge's last value between sends (the default): a provider's gauges that do
+  // not change are sent once a minute only (docs/METRICS.md).
+  deleteGauges: false,
   backends: ["./backends/graphite"],
   graphiteHost: "127.0.0.1",     // carbon-cache's plaintext receiver
   graphitePort: 2003,

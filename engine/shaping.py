@@ -44,7 +44,7 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,10 +73,12 @@ from engine.reply import Reply
 
 log = logging.getLogger("mailengine.shaping")
 
-__all__ = ["BLOCK", "CLEAN", "PUSHBACK", "Deferral", "ProviderShaper", "Shaping", "ShapingPlan",
-           "Verdict", "plan_for"]
+__all__ = ["BLOCK", "CLEAN", "PROVIDER_GAUGES", "PUSHBACK", "Deferral", "ProviderShaper",
+           "Shaping", "ShapingPlan", "Verdict", "plan_for"]
 
 RATE_WINDOW = 10.0  # s: the window of the current rate
+# Each provider's StatsD gauges (engine.metrics), the values of Shaping.gauges in this order.
+PROVIDER_GAUGES = ("allowed_rate", "suspended")
 
 
 @dataclass(frozen=True)
@@ -592,6 +594,12 @@ class Shaping:
 
     def items(self) -> Iterable[tuple[str, ProviderShaper]]:
         return self._shapers.items()
+
+    def gauges(self) -> Iterator[tuple[str, tuple[float, float]]]:
+        """Each provider held, with its StatsD gauges' values in PROVIDER_GAUGES order (the worker
+        sends them through engine.quiet_gauges)."""
+        for provider, shaper in self._shapers.items():
+            yield provider, (shaper.allowed_rate, int(shaper.suspended))
 
     def save(self) -> None:
         """Write what was learned and today's counts (atomically: a new file, renamed)."""

@@ -31,7 +31,7 @@ WORKER_SIDE = ("engine.worker", "engine.delivery", "engine.connector", "engine.p
                "engine.shaping", "engine.smtp", "engine.mx", "engine.tls", "engine.waiters",
                "engine.mtasts", "engine.tlspolicy", "engine.dane", "engine.cluster_rate",
                "engine.cluster_connections", "engine.gate", "engine.cluster_hourly",
-               "engine.cluster_limits", "engine.cluster_lease")
+               "engine.cluster_limits", "engine.cluster_lease", "engine.quiet_gauges")
 SMTP_LAYER = ("engine.smtp",)
 
 # (modules the rule is about, what they must not import, why)

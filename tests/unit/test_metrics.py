@@ -29,6 +29,8 @@ DYNAMIC_NAMES = {"status.value": {s.value for s in Status if s is not Status.EXP
                  # the supervisor counts refusals per category, by event
                  "_CATEGORY_METRICS[name]": {"bounced_category", "deferred_category",
                                              "expired_category"},
+                 # the worker's per-provider gauges, sent at a change (engine.quiet_gauges)
+                 "self.names[i]": {"allowed_rate", "suspended"},
                  # the supervisor counts TLS-RPT's sessions per result type
                  "_SESSION_METRICS[result]": {m.name for m in metrics.DECLARED
                                               if m.name.startswith("tlsrpt_")

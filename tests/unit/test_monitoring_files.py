@@ -206,6 +206,7 @@ def test_the_statsd_config_has_every_percentile_the_queries_read():
             for p in re.findall(r"\.(?:upper|mean|sum)_(\d+)\b", query)}
     assert read and read <= percentiles, read - percentiles
     assert re.search(r"legacyNamespace:\s*true", text)
+    assert re.search(r"^\s*deleteGauges:\s*false", text, re.MULTILINE)  # quiet gauges kept
     assert re.search(r'^\s*address:\s*"127\.0\.0\.1"', text, re.MULTILINE)
     assert re.search(r'^\s*mgmt_address:\s*"127\.0\.0\.1"', text, re.MULTILINE)
 
