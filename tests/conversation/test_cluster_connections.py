@@ -4,7 +4,7 @@ each with its own link to Redis as on its own host, never hold more slots togeth
 `cluster_connections`; a slot given back goes to a worker that waits; a holder killed
 stops counting after its lease; idle connections beyond a share close when others wait;
 each worker's share while Redis is down, and its slots registered again when it is back;
-and a worker's delivery (engine.delivery) whose message finds no slot within max_wait.
+after close() nothing is started; and a worker's delivery (engine.delivery) whose message finds no slot within max_wait.
 
 Connections are played by greenlets that enter the gate, hold their slot a moment and
 leave, as engine.pool does (gevent, unpatched: redis-py's calls block the loop for their
@@ -165,6 +165,21 @@ def test_a_holder_whose_lease_lapsed_stops_counting(redis_server: RedisServer) -
     assert lapsed < 2.5, lapsed  # within its lease (1 s) of its last renewal (0.2 s each)
     assert enter(other, 1.0)  # both of its slots are free
     assert slots(other).held == 2
+
+
+def test_after_close_nothing_is_started_and_a_release_tells_redis_in_its_caller(
+        redis_server: RedisServer) -> None:
+    """Regression (CI: a greenlet left running after a test's close failed the hub check
+    of every test after it): close() is final, as at a worker's end."""
+    gate = worker_gate(redis_server, "host0", 2)
+    slots(gate).close()
+    assert gate.try_enter()  # a slot still, from Redis; no keeper started for its lease
+    client: Any = redis_server.client()
+    assert client.hgetall("mailengine:conns:example") == {b"host0/127.0.0.2": b"1"}
+    gate.leave()
+    assert client.hgetall("mailengine:conns:example") == {}  # told before leave() returned
+    gevent.get_hub().loop.update_now()
+    assert gevent.wait(timeout=1.0), "a greenlet or timer started after close()"
 
 
 def test_idle_connections_beyond_a_share_close_when_another_worker_waits(

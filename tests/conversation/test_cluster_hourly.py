@@ -2,7 +2,8 @@
 (engine.cluster_limits) against a real redis-server on loopback: several workers, each with
 its own connection as on its own host, share one budget, never above it together, and it
 goes where the demand is; a block's remainder lapses at its minute's end and is returned;
-Redis killed: each worker goes on at its share; an IP group's limit applies to its IPs only.
+Redis killed: each worker goes on at its share; an IP group's limit applies to its IPs only;
+after close() nothing is started.
 
 The hour turns on a clock of the test's (`Clock`): the workers' own and the cluster's time
 the scripts are given in place of Redis's `TIME`, so no test waits for a minute or an hour."""
@@ -155,6 +156,21 @@ def test_a_block_idle_for_two_seconds_is_returned_at_once_for_the_others(
           what="the idle block returned")
     assert done.state()["hourly_held"] == 0
     assert sent(other, 40) == 30 - 9  # all of the rest, for the worker with mail
+
+
+@pytest.mark.timeout(30)
+def test_after_close_a_block_leased_starts_no_idle_watch(redis_server: RedisServer) -> None:
+    """Regression (CI: a greenlet left running after a test's close failed the hub check
+    of every test after it): close() is final, as at a worker's end."""
+    clock = Clock()
+    limit = worker(redis_server, clock, "closed")
+    limit.close()
+    assert sent(limit, 4) == 4  # blocks of 1, 2 and 4 leased: 3 of the last held
+    assert limit.state()["hourly_held"] == 3 and counted(redis_server) == 7
+    gevent.get_hub().loop.update_now()
+    # Nothing on the hub: no watch will return the block when idle (it lapses at its
+    # minute's end, its remainder returned with a later lease).
+    assert gevent.wait(timeout=1.0), "a greenlet or timer started after close()"
 
 
 @pytest.mark.timeout(30)
