@@ -4,7 +4,8 @@ each with its own link to Redis as on its own host, never hold more slots togeth
 `cluster_connections`; a slot given back goes to a worker that waits; a holder killed
 stops counting after its lease; idle connections beyond a share close when others wait;
 each worker's share while Redis is down, and its slots registered again when it is back;
-after close() nothing is started; and a worker's delivery (engine.delivery) whose message finds no slot within max_wait.
+after close() nothing is started; and a worker's delivery (engine.delivery) whose message
+finds no slot within max_wait.
 
 Connections are played by greenlets that enter the gate, hold their slot a moment and
 leave, as engine.pool does (gevent, unpatched: redis-py's calls block the loop for their
