@@ -29,7 +29,7 @@ from engine.protocol import Status
 from engine.shaping import Shaping, ShapingPlan
 from engine.testing.sink import SinkServer
 from tests.support.recorded_metrics import Recorded
-from tests.support.redis import RedisServer, need_redis
+from tests.support.redis import RedisServer, serving
 from tests.support.stack import POOL, build
 
 pytestmark = pytest.mark.timeout(90)
@@ -40,12 +40,8 @@ MADE: list[ClusterConnections] = []
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
+    with serving(MADE) as server:  # their keepers stop at the end, as at a worker's end
         yield server
-        for made in MADE:  # their keepers stop, as at a worker's end
-            made.close()
-        MADE.clear()
 
 
 def worker_gate(server: RedisServer, host: str, limit: int, metrics: Recorded | None = None,

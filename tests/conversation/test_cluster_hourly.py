@@ -21,7 +21,7 @@ from engine.cluster_hourly import IDLE, ClusterHourly
 from engine.config import ClusterConfig, from_dict
 from engine.shaping import Shaping, plan_for
 from tests.support.recorded_metrics import Recorded
-from tests.support.redis import RedisServer, need_redis
+from tests.support.redis import RedisServer, serving
 from tests.support.wait import until
 
 START = 1_800_000_000.0  # the cluster's time at the test's start: the start of a minute
@@ -45,11 +45,8 @@ MADE: list[Shaping | ClusterHourly] = []
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
+    with serving(MADE) as server:
         yield server
-    while MADE:
-        MADE.pop().close()
 
 
 def worker(server: RedisServer, clock: Clock, name: str, hourly: int = 30,

@@ -21,7 +21,7 @@ from engine.config import ClusterConfig, ThrottleConfig
 from engine.reply import Reply
 from engine.shaping import BLOCK, Shaping, ShapingPlan, Verdict
 from tests.support.recorded_metrics import Recorded
-from tests.support.redis import RedisServer, need_redis
+from tests.support.redis import RedisServer, serving
 
 SPAMHAUS = Reply(554, "5.7.1", "Service unavailable; Client host [127.0.0.2] blocked using "
                                "zen.spamhaus.org")
@@ -35,11 +35,8 @@ MADE: list[Shaping] = []
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
+    with serving(MADE) as server:  # their watching greenlets stop at the end
         yield server
-    while MADE:  # their watching greenlets stop
-        MADE.pop().close()
 
 
 def host(server: RedisServer, name: str, ip: str, metrics: Recorded | None = None,

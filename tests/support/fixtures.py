@@ -24,7 +24,7 @@ from engine.testing.sink import SinkServer
 from engine.testing.tlscert import CABundle, make_ca_and_cert, make_cert
 from tests.support.playbook import open_connection
 from tests.support.rawserver import Behaviour, RawServer
-from tests.support.redis import RedisServer, need_redis
+from tests.support.redis import RedisServer, serving
 from tests.support.smtpserver import ScriptedServer, Step
 from tests.support.stack import Stack, build
 
@@ -169,8 +169,7 @@ def redis_server() -> Iterator[RedisServer]:
     """A redis-server of its own (tests.support.redis); the test skips without Redis (fails
     when MAILENGINE_REDIS=required). A test module that must close what it made before the
     server stops keeps a fixture of this name of its own."""
-    need_redis()
-    with RedisServer() as server:
+    with serving([]) as server:
         yield server
 
 
