@@ -19,6 +19,7 @@ runs in bench/results/burst.json).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -38,8 +39,6 @@ from bench.common import (
     shown_command,
 )
 from bench.loopback import cpu_seconds
-from bench.run import _cpu_now as run_cpu_now
-from bench.run import other_load
 
 NTH = 250  # the target's count: the first 250 delivered
 IDLE = 1.0  # seconds the ingest socket is idle before each burst
@@ -260,13 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         ROWS.write_doc()
         return 0
     workdir = tempfile.mkdtemp(prefix="mailengine-burst-")
-    before = run_cpu_now()
-    result = run(workdir, args.count, args.bursts)
-    result["other_load"] = round(other_load(before), 3)
-    result.update(ROWS.stamp(argv))
-    log(f"other load {100 * result['other_load']:.0f}%")
-    ROWS.save({args.label: result}, args.docs)
-    print(json.dumps(result))
+    ROWS.record(args, argv, functools.partial(run, workdir, args.count, args.bursts))
     return 0
 
 

@@ -39,6 +39,7 @@ import argparse
 import bisect
 import collections
 import contextlib
+import functools
 import json
 import os
 import re
@@ -51,8 +52,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.common import ROOT, Rows, StatsdCatcher, log, shown_command
-from bench.run import _cpu_now as run_cpu_now
-from bench.run import other_load
 from engine.push import Pusher
 from engine.testing.harness import LocalEngine, make_message
 from engine.testing.sink import SinkServer
@@ -610,16 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.cluster: {problem}", file=sys.stderr)
         return 2
     workdir = tempfile.mkdtemp(prefix="mailengine-cluster-")
-    before = run_cpu_now()
     try:
-        result = run(workdir)
+        ROWS.record(args, argv, functools.partial(run, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    result["other_load"] = round(other_load(before), 3)
-    result.update(ROWS.stamp(argv))
-    log(f"other load {100 * result['other_load']:.0f}%")
-    ROWS.save({args.label: result}, args.docs)
-    print(json.dumps(result))
     return 0
 
 

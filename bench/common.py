@@ -46,6 +46,35 @@ def engine_rev() -> str:
     return out.stdout.strip() + (" + uncommitted engine changes" if dirty else "")
 
 
+def cpu_now() -> tuple[float, float, float]:
+    """(wall seconds, busy CPU seconds of the whole machine, CPU seconds of this process and
+    every child it has waited for, which includes theirs)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait
+    mine = os.times()
+    return time.monotonic(), busy, mine.user + mine.system + mine.children_user + \
+        mine.children_system
+
+
+def other_load(before: tuple[float, float, float]) -> float:
+    """Share of the machine's cores busy with processes other than this benchmark."""
+    wall0, busy0, mine0 = before
+    wall1, busy1, mine1 = cpu_now()
+    cores = os.cpu_count() or 1
+    return max(0.0, ((busy1 - busy0) - (mine1 - mine0)) / max(1e-9, (wall1 - wall0) * cores))
+
+
+def measured(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`run()`'s figures and `other_load`: the share of the machine's cores that other
+    processes kept busy meanwhile (rounded to 0.1%)."""
+    before = cpu_now()
+    result = run()
+    result["other_load"] = round(other_load(before), 3)
+    return result
+
+
 def load_results(path: str) -> dict[str, Any]:
     """A benchmark's saved results (JSON); empty when there are none yet, or unreadable."""
     try:
@@ -103,6 +132,23 @@ class Rows:
         if docs:
             self.write_doc(results)
         return results
+
+    def record(self, args: argparse.Namespace, argv: Sequence[str] | None,
+               run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A run kept as the row `args.label`: `run()`'s figures `measured`, stamped at its
+        end, the other load logged, then `keep`. Returns the row."""
+        result = measured(run)
+        result.update(self.stamp(argv))
+        log(f"other load {100 * result['other_load']:.0f}%")
+        self.keep(args, {args.label: result}, result)
+        return result
+
+    def keep(self, args: argparse.Namespace, rows: dict[str, Any],
+             printed: dict[str, Any]) -> None:
+        """`rows` saved (the section drawn again with `--docs`); `printed` on stdout, one
+        line of JSON."""
+        self.save(rows, args.docs)
+        print(json.dumps(printed))
 
 
 # options that change where a run's figures go, not what it measures: left out of the command

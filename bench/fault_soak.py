@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from bench.common import Producer, log, machine, write_section
+from bench.common import Producer, cpu_now, log, machine, other_load, write_section
 from bench.faults import (
     DISK,
     DNS,
@@ -56,8 +56,6 @@ from bench.faults import (
     SwitchableDns,
     plan,
 )
-from bench.run import _cpu_now as cpu_now
-from bench.run import other_load
 from bench.soak_ledger import (
     AMBIGUOUS,
     COUNTED,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -47,8 +48,6 @@ from bench.common import (
     log,
     shown_command,
 )
-from bench.run import _cpu_now as run_cpu_now
-from bench.run import other_load
 from engine.config import ShapingConfig
 from engine.testing.harness import LocalEngine, make_message
 from tests.support.dnsserver import DnsServer
@@ -480,12 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         ROWS.write_doc()
         return 0
     workdir = tempfile.mkdtemp(prefix="mailengine-many-")
-    before = run_cpu_now()
-    result = run(workdir, args.domains, args.dns_delay, args.idle_timeout, args.max_in_flight)
-    result["other_load"] = round(other_load(before), 3)
-    result.update(ROWS.stamp(argv))
-    print(json.dumps(result))
-    ROWS.save({args.label: result}, args.docs)
+    ROWS.record(args, argv, functools.partial(run, workdir, args.domains, args.dns_delay,
+                                              args.idle_timeout, args.max_in_flight))
     return 0
 
 

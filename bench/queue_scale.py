@@ -60,12 +60,13 @@ from bench.common import (
     SENDER,
     PostfixSink,
     Producer,
+    cpu_now,
     log,
     machine,
+    other_load,
     percentile,
     write_section,
 )
-from bench.run import _cpu_now, other_load
 from engine import controlclient
 from engine.job import Job
 from engine.protocol import Status
@@ -377,7 +378,7 @@ class Scale:
             log(f"filling {self.filled}..{n}")
             row["fill_s"] = fill(self.spool_dir, self.filled, n, total, time.time())
             self.filled = n
-        load = _cpu_now()
+        load = cpu_now()
         row.update(self.restart())
         producer = Producer(self.engine)
         spy = self.spy() if self.profile else None

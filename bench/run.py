@@ -36,7 +36,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import ROOT, log, machine
+from bench.common import ROOT, cpu_now, log, machine, other_load
 
 RESULTS = os.path.join(ROOT, "bench", "results", "latest.json")
 SECTIONS = ("proxy", "rtt", "headline", "refusal", "loopback", "dkim", "memory", "profile",
@@ -95,26 +95,6 @@ def run_section(name: str, quick: bool, workdir: str) -> Any:
         from bench import resources
         return resources.profile(img, workdir, quick)
     raise ValueError(name)
-
-
-def _cpu_now() -> tuple[float, float, float]:
-    """(wall seconds, busy CPU seconds of the whole machine, CPU seconds of this process and
-    every child it has waited for, which includes theirs)."""
-    with open("/proc/stat", encoding="ascii") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    tick = os.sysconf("SC_CLK_TCK")
-    busy = (sum(fields[:8]) - fields[3] - fields[4]) / tick  # all but idle and iowait
-    mine = os.times()
-    return time.monotonic(), busy, mine.user + mine.system + mine.children_user + \
-        mine.children_system
-
-
-def other_load(before: tuple[float, float, float]) -> float:
-    """Share of the machine's cores busy with processes other than this benchmark."""
-    wall0, busy0, mine0 = before
-    wall1, busy1, mine1 = _cpu_now()
-    cores = os.cpu_count() or 1
-    return max(0.0, ((busy1 - busy0) - (mine1 - mine0)) / max(1e-9, (wall1 - wall0) * cores))
 
 
 def load_results() -> dict[str, Any]:
@@ -187,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for name in sections:
                 started = time.time()
-                cpu_before = _cpu_now()
+                cpu_before = cpu_now()
                 data = run_section(name, args.quick, workdir)
                 foreign = other_load(cpu_before)
                 results["sections"][name] = {

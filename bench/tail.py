@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from bench.common import (
     engine_config,
     job,
     log,
+    measured,
     percentile,
     run_child,
     running_engine,
@@ -52,8 +54,6 @@ from bench.common import (
     summary,
 )
 from bench.latency_proxy import ProxyProcess
-from bench.run import _cpu_now as run_cpu_now
-from bench.run import other_load
 from engine.config.schema import PoolConfig
 from engine.testing.sink import SinkServer
 from engine.testing.tlscert import server_tls_context
@@ -394,10 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         ROWS.write_doc()
         return 0
     workdir = tempfile.mkdtemp(prefix="mailengine-tail-")
-    stamp = {**ROWS.stamp(argv), "run": args.label}
-    before = run_cpu_now()
-    result = run(workdir, args.seconds, args.rate, args.max_messages)
-    result["other_load"] = round(other_load(before), 3)
+    stamp = {**ROWS.stamp(argv), "run": args.label}  # the engine's row: stamped at its start
+    result = measured(functools.partial(run, workdir, args.seconds, args.rate,
+                                        args.max_messages))
     result.update(stamp)
     d = result["delay"]
     log(f"other load {100 * result['other_load']:.0f}%; {result['over_2x_p50']} over 2x p50"
@@ -409,9 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {result['slowest'][:5]}")
     rows = {f"{args.label}: the engine" if args.clients else args.label: result}
     for name in filter(None, args.clients.split(",")):
-        before = run_cpu_now()
-        row = run_client(name, args.seconds, args.rate)
-        row["other_load"] = round(other_load(before), 3)
+        row = measured(functools.partial(run_client, name, args.seconds, args.rate))
         # a comparison client's row: the run's command, its own time; the engine is not in it
         row.update(command=stamp["command"], run=args.label,
                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -421,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {row['connections']} connections; errors {row['errors'][:3]}; slowest"
             f" {row['slowest'][:5]}")
         rows[f"{args.label}: {CLIENT_NAMES.get(name, name)}"] = row
-    ROWS.save(rows, args.docs)
-    print(json.dumps({k: v for k, v in result.items() if k != "slowest"}))
+    ROWS.keep(args, rows, {k: v for k, v in result.items() if k != "slowest"})
     return 0
 
 

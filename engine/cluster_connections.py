@@ -136,6 +136,7 @@ class ClusterConnections:
         self.shed_count = 0  # idle connections closed to give their slot back
         self._waiting_since: float | None = None  # callers began to wait (an episode)
         self._keeper: gevent.Greenlet[Any, Any] | None = None
+        self._closed = False  # close(): no greenlet of its own any more
         self._syncing = False  # a release is on its way to Redis
         self._unsynced = False  # a release Redis has not been told of yet
         # The gate's (engine.gate.ConnectionGate.limit_cluster): whether callers wait for a
@@ -182,7 +183,9 @@ class ClusterConnections:
         self.held = max(0, self.held - 1)
         self._unsynced = True
         self._gauge()
-        if not self._syncing:
+        if self._closed:  # told in the caller: nothing is started after close()
+            self._sync()
+        elif not self._syncing:
             self._syncing = True
             gevent.spawn(self._sync)
 
@@ -221,7 +224,7 @@ class ClusterConnections:
     # -- keeping the lease, asking again, giving back ------------------------------------
 
     def _keep(self) -> None:
-        if self._keeper is None or self._keeper.dead:
+        if not self._closed and (self._keeper is None or self._keeper.dead):
             self._keeper = gevent.spawn(self._keep_up)
 
     def _keep_up(self) -> None:
@@ -231,7 +234,7 @@ class ClusterConnections:
         cfg = self._cluster.cfg
         renew_every = min(cfg.poll, cfg.connection_lease / 3)
         renewed = self._clock()
-        while self.held > 0 or self.waiters():
+        while not self._closed and (self.held > 0 or self.waiters()):
             waiting = self.waiters()
             if not waiting:
                 self._ended_wait()  # they went back to the spool, or took a connection
@@ -271,9 +274,13 @@ class ClusterConnections:
             self._metrics.gauge("cluster_connections_held", self.provider, self.held)
 
     def close(self) -> None:
+        """No more renewals: the keeping greenlet ends, and none is started again (a test's
+        or a worker's end: a lease not renewed lapses after `cluster.connection_lease`); a
+        release after it tells Redis in its caller."""
+        self._closed = True
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
-            keeper.kill(block=False)
+            keeper.kill(block=True, timeout=1.0)
 
     def state(self) -> dict[str, Any]:
         return {"cluster_connections": self.limit, "slots_held": self.held,

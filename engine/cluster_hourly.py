@@ -177,6 +177,7 @@ class ClusterHourly:
         self._frees_at = -math.inf
         self._last_take = -math.inf  # when a message last took from the block
         self._idle_watch: gevent.Greenlet | None = None  # returns an idle block
+        self._closed = False  # close(): no idle watch any more
         self.members = 1  # workers sharing the budget, as Redis said last
         self.left = hourly  # of the hour, as Redis said last
 
@@ -305,7 +306,7 @@ class ClusterHourly:
         self._lapses_at, self._minute = lapses_at, minute
         self._back_at = -math.inf
         self._last_take = self._clock()
-        if minute and self._idle_watch is None:
+        if minute and self._idle_watch is None and not self._closed:
             self._idle_watch = gevent.spawn_later(IDLE, self._return_if_idle)
 
     def _return_if_idle(self) -> None:
@@ -313,7 +314,7 @@ class ClusterHourly:
         is left of it goes back to Redis now, one round trip, for the workers that have
         mail, instead of at the end of its minute and the worker's next lease."""
         self._idle_watch = None
-        if self._held == 0 or not self._minute:
+        if self._held == 0 or not self._minute or self._closed:
             return
         idle = self._clock() - self._last_take
         if idle < IDLE or self._flight.busy:
@@ -324,10 +325,13 @@ class ClusterHourly:
             self._lease(0)
 
     def close(self) -> None:
-        """Stop watching for an idle block (a worker's end, a test's)."""
+        """Stop watching for an idle block, and start no watch again (a worker's end, a
+        test's): a block leased after it lapses at its minute's end, its remainder returned
+        with a later lease."""
+        self._closed = True
         watch, self._idle_watch = self._idle_watch, None
         if watch is not None:
-            watch.kill(block=False)
+            watch.kill(block=True, timeout=1.0)
 
     def state(self) -> dict[str, Any]:
         if self.pool is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -22,14 +21,7 @@ from engine.config import ClusterConfig
 from engine.metrics import Metrics
 from tests.support.rates import busiest
 from tests.support.recorded_metrics import Recorded
-from tests.support.redis import RedisServer, need_redis
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
-        yield server
+from tests.support.redis import RedisServer
 
 
 def cluster(server: RedisServer, host: str, metrics: Metrics | None = None,

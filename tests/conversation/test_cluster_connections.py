@@ -5,7 +5,7 @@ each with its own link to Redis as on its own host, never hold more slots togeth
 stops counting after its lease; idle connections beyond a share close when others wait;
 each worker's share while Redis is down, and its slots registered again when it is back;
 and a worker's delivery (engine.delivery) whose message finds no slot within max_wait,
-which uses up none of its caps.
+which uses up none of its caps; after close() nothing is started.
 
 Connections are played by greenlets that enter the gate, hold their slot a moment and
 leave, as engine.pool does (gevent, unpatched: redis-py's calls block the loop for their
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import gevent
@@ -37,8 +37,9 @@ from engine.protocol import Status
 from engine.shaping import Shaping, ShapingPlan
 from engine.testing.sink import SinkServer
 from tests.support.recorded_metrics import Recorded
-from tests.support.redis import RedisServer, need_redis
+from tests.support.redis import RedisServer, serving
 from tests.support.stack import POOL, build
+from tests.support.wait import yielding_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -48,12 +49,8 @@ MADE: list[ClusterConnections] = []
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
+    with serving(MADE) as server:  # their keepers stop at the end, as at a worker's end
         yield server
-        for made in MADE:  # their keepers stop, as at a worker's end
-            made.close()
-        MADE.clear()
 
 
 def worker_gate(server: RedisServer, host: str, limit: int, metrics: Recorded | None = None,
@@ -71,16 +68,6 @@ def worker_gate(server: RedisServer, host: str, limit: int, metrics: Recorded | 
 def slots(gate: ConnectionGate) -> ClusterConnections:
     assert gate.cluster is not None
     return gate.cluster
-
-
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> float:
-    """Yield to the greenlets until `check()` holds: the seconds it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        gevent.sleep(0.01)
-    return time.monotonic() - started
 
 
 def enter(gate: ConnectionGate, timeout: float) -> bool:
@@ -138,10 +125,10 @@ def test_three_workers_never_hold_more_than_the_limit_together(
     # Every worker had its turns (a share that follows demand, not one worker's hoard).
     assert all(opened.by.get(id(gate), 0) >= 10 for gate in gates), opened.by
     assert metrics.total("cluster_connections_denied") > 0
-    wait_for(lambda: all(slots(gate).held == 0 for gate in gates), 5, "every slot back")
+    yielding_until(lambda: all(slots(gate).held == 0 for gate in gates), 5, "every slot back")
     client: Any = redis_server.client()
-    wait_for(lambda: not client.hgetall("mailengine:conns:example"), 5,
-             "Redis to hold no slot")
+    yielding_until(lambda: not client.hgetall("mailengine:conns:example"), 5,
+                   "Redis to hold no slot")
 
 
 def test_a_released_slot_goes_to_a_waiting_worker(redis_server: RedisServer) -> None:
@@ -149,11 +136,11 @@ def test_a_released_slot_goes_to_a_waiting_worker(redis_server: RedisServer) -> 
     second = worker_gate(redis_server, "host1", 1)
     assert first.try_enter()
     waiting = gevent.spawn(enter, second, 10.0)
-    wait_for(lambda: slots(second).denied > 0, 5, "the second worker to be refused")
+    yielding_until(lambda: slots(second).denied > 0, 5, "the second worker to be refused")
     gevent.sleep(0.3)
     assert not waiting.ready()  # refused while the first holds the only slot
     first.leave()
-    took = wait_for(waiting.ready, 5, "the second worker's slot")
+    took = yielding_until(waiting.ready, 5, "the second worker's slot")
     assert waiting.value is True
     assert took < 1.0, took  # asked again every ASK_AGAIN (0.1 s) while it waits
     assert (slots(first).held, slots(second).held) == (0, 1)
@@ -176,6 +163,21 @@ def test_a_holder_whose_lease_lapsed_stops_counting(redis_server: RedisServer) -
     assert slots(other).held == 2
 
 
+def test_after_close_nothing_is_started_and_a_release_tells_redis_in_its_caller(
+        redis_server: RedisServer) -> None:
+    """Regression (CI: a greenlet left running after a test's close failed the hub check
+    of every test after it): close() is final, as at a worker's end."""
+    gate = worker_gate(redis_server, "host0", 2)
+    slots(gate).close()
+    assert gate.try_enter()  # a slot still, from Redis; no keeper started for its lease
+    client: Any = redis_server.client()
+    assert client.hgetall("mailengine:conns:example") == {b"host0/127.0.0.2": b"1"}
+    gate.leave()
+    assert client.hgetall("mailengine:conns:example") == {}  # told before leave() returned
+    gevent.get_hub().loop.update_now()
+    assert gevent.wait(timeout=1.0), "a greenlet or timer started after close()"
+
+
 def test_idle_connections_beyond_a_share_close_when_another_worker_waits(
         redis_server: RedisServer) -> None:
     metrics = Recorded()
@@ -194,7 +196,7 @@ def test_idle_connections_beyond_a_share_close_when_another_worker_waits(
         idle.append(n)  # connections left idle: waiting for nothing
     wanting = worker_gate(redis_server, "host1", 4, metrics, poll=0.2)
     got = gevent.spawn(lambda: [enter(wanting, 10.0), enter(wanting, 10.0)])
-    took = wait_for(got.ready, 10, "the waiting worker's share")
+    took = yielding_until(got.ready, 10, "the waiting worker's share")
     assert got.value == [True, True]
     assert took < 2.0, took  # the hoarder learns within a renewal (0.2 s) that others wait
     assert (slots(hoarder).held, len(idle), slots(wanting).held) == (2, 2, 2)
@@ -209,9 +211,9 @@ def test_busy_connections_beyond_a_share_are_given_back_when_they_come_back(
     assert holder.try_enter() and holder.try_enter()  # both busy
     wanting = worker_gate(redis_server, "host1", 2, poll=0.2)
     got = gevent.spawn(enter, wanting, 10.0)
-    wait_for(lambda: holder.give_back(), 5, "the holder to learn that another waits")
+    yielding_until(lambda: holder.give_back(), 5, "the holder to learn that another waits")
     holder.leave()  # the pool closes a connection that comes back (engine.pool.release)
-    wait_for(got.ready, 5, "the waiting worker's slot")
+    yielding_until(got.ready, 5, "the waiting worker's slot")
     assert not holder.give_back()  # at its share (1 of 2) now: keeps the other
     assert (slots(holder).held, slots(wanting).held) == (1, 1)
 
@@ -222,8 +224,8 @@ def test_redis_killed_each_worker_holds_its_share_then_registers_again(
              for i in range(2)]
     for gate in gates:
         assert gate.try_enter()
-    wait_for(lambda: all(slots(gate).members == 2 for gate in gates), 5,
-             "both workers to see each other (the first at its renewal)")
+    yielding_until(lambda: all(slots(gate).members == 2 for gate in gates), 5,
+                   "both workers to see each other (the first at its renewal)")
 
     redis_server.kill()
     for gate in gates:  # each may hold the limit / the holders it last saw: 2
@@ -234,7 +236,7 @@ def test_redis_killed_each_worker_holds_its_share_then_registers_again(
 
     redis_server.start()  # empty: the holders register what they hold at their next call
     client: Any = redis_server.client()
-    wait_for(lambda: client.hgetall("mailengine:conns:example") == {
+    yielding_until(lambda: client.hgetall("mailengine:conns:example") == {
         b"host0/127.0.0.2": b"2", b"host1/127.0.0.2": b"1"}, 5,
         "the slots held registered again")
     assert [slots(gate).mode for gate in gates] == [SHARED, SHARED]
@@ -329,9 +331,9 @@ def test_slots_registered_again_past_the_limit_are_given_back_as_connections_clo
     redis_server.start()  # empty, before the holder's next renewal
     newcomer = worker_gate(redis_server, "host1", 2, retry=0.3, poll=0.2)
     assert newcomer.try_enter()  # Redis knows of nobody else yet
-    wait_for(holder.give_back, 5, "the holder registered again, above its share")
+    yielding_until(holder.give_back, 5, "the holder registered again, above its share")
     assert slots(holder).total == 3
     holder.leave()  # a connection that came back: closed (engine.pool.release)
-    wait_for(lambda: not holder.give_back(), 5, "the holder at its share")
-    wait_for(lambda: slots(newcomer).total == 2, 5, "the cluster at its limit again")
+    yielding_until(lambda: not holder.give_back(), 5, "the holder at its share")
+    yielding_until(lambda: slots(newcomer).total == 2, 5, "the cluster at its limit again")
     assert not newcomer.try_enter()

@@ -3,7 +3,8 @@
 its own connection as on its own host, share one budget, never above it together, and it
 goes where the demand is; a block's remainder lapses at its minute's end and is returned;
 Redis killed: each worker goes on at its share, and back from it keeps to that share until
-the others are back; an IP group's limit applies to its IPs only.
+the others are back; an IP group's limit applies to its IPs only; after close() nothing is
+started.
 
 The hour turns on a clock of the test's (`Clock`): the workers' own and the cluster's time
 the scripts are given in place of Redis's `TIME`, so no test waits for a minute or an hour."""
@@ -21,7 +22,7 @@ from engine.cluster_hourly import IDLE, ClusterHourly
 from engine.config import ClusterConfig, from_dict
 from engine.shaping import Shaping, plan_for
 from tests.support.recorded_metrics import Recorded
-from tests.support.redis import RedisServer, need_redis
+from tests.support.redis import RedisServer, serving
 from tests.support.wait import until
 
 START = 1_800_000_000.0  # the cluster's time at the test's start: the start of a minute
@@ -45,11 +46,8 @@ MADE: list[Shaping | ClusterHourly] = []
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
+    with serving(MADE) as server:
         yield server
-    while MADE:
-        MADE.pop().close()
 
 
 def worker(server: RedisServer, clock: Clock, name: str, hourly: int = 30,
@@ -156,6 +154,21 @@ def test_a_block_idle_for_two_seconds_is_returned_at_once_for_the_others(
           what="the idle block returned")
     assert done.state()["hourly_held"] == 0
     assert sent(other, 40) == 30 - 9  # all of the rest, for the worker with mail
+
+
+@pytest.mark.timeout(30)
+def test_after_close_a_block_leased_starts_no_idle_watch(redis_server: RedisServer) -> None:
+    """Regression (CI: a greenlet left running after a test's close failed the hub check
+    of every test after it): close() is final, as at a worker's end."""
+    clock = Clock()
+    limit = worker(redis_server, clock, "closed")
+    limit.close()
+    assert sent(limit, 4) == 4  # blocks of 1, 2 and 4 leased: 3 of the last held
+    assert limit.state()["hourly_held"] == 3 and counted(redis_server) == 7
+    gevent.get_hub().loop.update_now()
+    # Nothing on the hub: no watch will return the block when idle (it lapses at its
+    # minute's end, its remainder returned with a later lease).
+    assert gevent.wait(timeout=1.0), "a greenlet or timer started after close()"
 
 
 @pytest.mark.timeout(30)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import gevent
 import pytest
@@ -22,7 +22,8 @@ from engine.config import ClusterConfig, ThrottleConfig
 from engine.reply import Reply
 from engine.shaping import BLOCK, Shaping, ShapingPlan, Verdict
 from tests.support.recorded_metrics import Recorded
-from tests.support.redis import RedisServer, need_redis
+from tests.support.redis import RedisServer, serving
+from tests.support.wait import yielding_until
 
 SPAMHAUS = Reply(554, "5.7.1", "Service unavailable; Client host [127.0.0.2] blocked using "
                                "zen.spamhaus.org")
@@ -36,11 +37,8 @@ MADE: list[Shaping] = []
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
+    with serving(MADE) as server:  # their watching greenlets stop at the end
         yield server
-    while MADE:  # their watching greenlets stop
-        MADE.pop().close()
 
 
 def host(server: RedisServer, name: str, ip: str, metrics: Recorded | None = None,
@@ -211,16 +209,6 @@ def test_a_learned_ceiling_is_shared_the_lowest_and_seeds_a_worker_that_learned_
 # -- the state rebuilt when Redis returns empty, and lifted by the operator -----------------
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Yield to gevent (the workers' watching greenlets) until `check()`: how long it took."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        gevent.sleep(0.01)
-    return time.monotonic() - started
-
-
 def key_of(server: RedisServer, name: str) -> bytes | None:
     return server.client().get(name)  # type: ignore[attr-defined, no-any-return]
 
@@ -244,8 +232,8 @@ def test_redis_restarted_empty_the_workers_that_hold_a_suspension_set_it_again_f
     assert published is not None
 
     redis_server.client().flushall()  # type: ignore[attr-defined]
-    wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
-             "the suspension set again after a FLUSHALL (at the next poll of a or b)")
+    yielding_until(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
+                   "the suspension set again after a FLUSHALL (at the next poll of a or b)")
     assert key_of(redis_server, key) == published  # as it was: nobody follows it twice
     ttl = redis_server.client().pttl(key)  # type: ignore[attr-defined]
     assert 50_000 < ttl <= 60_000
@@ -260,8 +248,8 @@ def test_redis_restarted_empty_the_workers_that_hold_a_suspension_set_it_again_f
 
     redis_server.kill()  # a real restart, empty (nothing is saved)
     redis_server.start()
-    wait_for(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
-             "the suspension set again after a restart (cluster.retry, then a poll)")
+    yielding_until(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
+                   "the suspension set again after a restart (cluster.retry, then a poll)")
     assert key_of(redis_server, key) == published
     d = host(redis_server, "mta-d", "127.0.0.5")
     assert suspended(d.get("yahoo").turn())
@@ -279,12 +267,12 @@ def test_a_learned_ceiling_lost_with_redis_is_set_again_and_seeds_a_new_worker(
     learned = pushed.rate.limit
     assert learned is not None
     key = "mailengine:ceiling:yahoo"
-    wait_for(lambda: key_of(redis_server, key) is not None, 1.0, "the ceiling published")
+    yielding_until(lambda: key_of(redis_server, key) is not None, 1.0, "the ceiling published")
     ttl = redis_server.client().pttl(key)  # type: ignore[attr-defined]
 
     redis_server.client().flushall()  # type: ignore[attr-defined]
-    wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
-             "the ceiling set again")
+    yielding_until(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
+                   "the ceiling set again")
     assert float(key_of(redis_server, key) or 0) == pytest.approx(learned, rel=1e-3)
     assert redis_server.client().pttl(key) <= ttl  # type: ignore[attr-defined]  # not renewed
     c = host(redis_server, "mta-c", "127.0.0.4")
@@ -311,8 +299,8 @@ def test_a_resume_on_every_host_lifts_the_suspension_from_redis_and_nobody_follo
     assert "event=provider_suspension_lifted provider=yahoo origin=mta-a/127.0.0.2" \
         in caplog.text
     assert not suspended(b.get("yahoo").turn())
-    wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
-             "a, still suspended, sets it again")
+    yielding_until(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
+                   "a, still suspended, sets it again")
     gevent.sleep(POLL + 0.05)
     assert not suspended(b.get("yahoo").turn())  # b does not follow it again
 
@@ -339,8 +327,8 @@ def test_a_resume_on_one_host_leaves_the_suspension_in_redis_for_the_others(
     assert key_of(redis_server, "mailengine:suspend:yahoo") is not None
     redis_server.client().flushall()  # type: ignore[attr-defined]
     # b still follows it, and sets it again; a resumed it and neither sets nor follows it.
-    wait_for(lambda: key_of(redis_server, "mailengine:suspend:yahoo") is not None,
-             2 * POLL + 0.5, "b sets it again")
+    yielding_until(lambda: key_of(redis_server, "mailengine:suspend:yahoo") is not None,
+                   2 * POLL + 0.5, "b sets it again")
     gevent.sleep(POLL + 0.05)
     assert not suspended(a.get("yahoo").turn())
     assert suspended(b.get("yahoo").turn())
@@ -379,8 +367,8 @@ def test_a_block_met_while_redis_was_down_is_published_at_its_return_for_the_tim
     restart_after(redis_server, DOWN_FOR)
 
     key = "mailengine:suspend:yahoo"
-    wait_for(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
-             "the block published at Redis's return (cluster.retry, then a poll)")
+    yielding_until(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
+                   "the block published at Redis's return (cluster.retry, then a poll)")
     value = key_of(redis_server, key)
     assert value is not None and value.split(b"|")[1:] == [b"mta-a/127.0.0.2", b"block"]
     ends = a.get("yahoo").suspended_until
@@ -401,8 +389,8 @@ def test_a_block_met_while_redis_was_down_is_published_at_its_return_for_the_tim
 
     # Held from then on as Redis has it: lost again, it is set again as it was.
     redis_server.client().flushall()  # type: ignore[attr-defined]
-    wait_for(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
-             "the published block set again after a FLUSHALL")
+    yielding_until(lambda: key_of(redis_server, key) is not None, 2 * POLL + 0.5,
+                   "the published block set again after a FLUSHALL")
     assert key_of(redis_server, key) == value
     assert "met_in_fallback=False" in caplog.text
 
@@ -427,15 +415,15 @@ def test_a_ceiling_learned_while_redis_was_down_is_shared_at_its_return_for_the_
     restart_after(redis_server, DOWN_FOR)
 
     key = "mailengine:ceiling:yahoo"
-    wait_for(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
-             "the ceiling shared at Redis's return")
+    yielding_until(lambda: key_of(redis_server, key) is not None, RETRY + 3 * POLL + 1.0,
+                   "the ceiling shared at Redis's return")
     assert float(key_of(redis_server, key) or 0) == pytest.approx(learned, rel=1e-3)
     assert redis_server.client().pttl(key) < (expiry - DOWN_FOR) * 1000  # type: ignore[attr-defined]
     assert a_metrics.total("cluster_state_rebuilt") == 1
     assert ("event=cluster_state_rebuilt provider=yahoo what=ceiling"
             " member=mta-a/127.0.0.2 met_in_fallback=True") in caplog.text
-    wait_for(lambda: b.get("yahoo").rate.limit is not None, RETRY + 3 * POLL + 1.0,
-             "b seeded by the ceiling a learned alone")
+    yielding_until(lambda: b.get("yahoo").rate.limit is not None, RETRY + 3 * POLL + 1.0,
+                   "b seeded by the ceiling a learned alone")
     assert b.get("yahoo").rate.limit == pytest.approx(learned, rel=1e-3)
 
 
@@ -450,8 +438,8 @@ def test_a_block_met_while_redis_was_down_and_resumed_by_the_operator_is_not_pub
     a.hold("yahoo", 0)  # `queue resume yahoo` while Redis is still down
     redis_server.start()
     assert a.cluster is not None
-    wait_for(lambda: a.cluster is not None and a.cluster.mode != FALLBACK,
-             RETRY + 3 * POLL + 1.0, "a back on Redis")
+    yielding_until(lambda: a.cluster is not None and a.cluster.mode != FALLBACK,
+                   RETRY + 3 * POLL + 1.0, "a back on Redis")
     gevent.sleep(POLL + 0.05)  # a read after the return
     assert key_of(redis_server, "mailengine:suspend:yahoo") is None
     assert not suspended(a.get("yahoo").turn())

@@ -30,28 +30,19 @@ from typing import Any
 import pytest
 import zmq
 
-from engine.push import Pusher
-from engine.pushreport import Tally
 from engine.testing import limits
-from engine.testing.harness import LocalEngine, final_outcomes, make_message
+from engine.testing.harness import LocalEngine, final_outcomes
 from engine.testing.sink import SinkServer
+from tests.support.cluster_engines import PROVIDER, finals, job, push_to_all, sharing_engines
 from tests.support.rates import busiest
-from tests.support.redis import RedisServer, need_redis
+from tests.support.redis import RedisServer
 from tests.support.wait import socket_event, until
 
 IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
-PROVIDER = "127.0.0.1"  # an IP literal route: its own provider
 LIMIT = 60  # messages/s, for the three hosts together
 JOBS = 1200  # 20 s at the limit
 FALLBACK = 7.0  # s without Redis
 MORE = 240  # jobs pushed once Redis is back
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture
@@ -61,11 +52,6 @@ def receiver() -> Iterator[SinkServer]:
     sink = SinkServer(tls=False, rate_limit=LIMIT, rate_burst=10, per_ip=False)
     yield sink
     sink.stop()
-
-
-def job(job_id: str, index: int) -> tuple[dict[str, Any], bytes]:
-    return ({"id": job_id, "from": "sender@example.test", "to": [f"{job_id}@a.test"]},
-            make_message(index, 1000))
 
 
 def per_second(receiver: SinkServer, since: float) -> dict[str, list[tuple[int, int]]]:
@@ -105,11 +91,8 @@ def push_spread(engines: list[LocalEngine], jobs: list[tuple[dict[str, Any], byt
 def test_three_engines_share_a_limit_and_duplicates_and_go_on_without_redis_until_it_is_back(
         local_engine: Callable[..., LocalEngine], redis_server: RedisServer,
         receiver: SinkServer) -> None:
-    engines = [local_engine(receiver.port, ips=(ip,), route=None, extra={
-        "routes": {"a.test": PROVIDER},
-        "cluster": {"redis": redis_server.url, "host": f"host{i}", "retry": "1s"},
-        "shaping": {"providers": {PROVIDER: {"cluster_rate": LIMIT}}}})
-        for i, ip in enumerate(IPS)]
+    engines = sharing_engines(local_engine, receiver.port, redis_server, IPS,
+                              cluster={"retry": "1s"}, provider={"cluster_rate": LIMIT})
 
     # A job re-sent to another host within the window: a duplicate there, delivered once.
     resent = [job("resent-1", 0)]
@@ -137,13 +120,7 @@ def test_three_engines_share_a_limit_and_duplicates_and_go_on_without_redis_unti
           what="every worker sharing again within 10 s",
           detail=lambda: "\n".join(e.log_tail(5) for e in engines))
 
-    def delivered() -> dict[tuple[str, str], dict[str, Any]]:
-        finals: dict[tuple[str, str], dict[str, Any]] = {}
-        for engine in engines:
-            finals.update(final_outcomes(engine.events()))
-        return finals
-
-    until(lambda: len(delivered()) >= 1 + JOBS + MORE, timeout=90,
+    until(lambda: len(finals(engines)) >= 1 + JOBS + MORE, timeout=90,
           what="every job delivered", detail=lambda: engines[0].log_tail())
 
     times = sorted(receiver.accept_times()[start_count:])
@@ -170,23 +147,13 @@ def test_three_engines_share_a_limit_and_duplicates_and_go_on_without_redis_unti
         assert "event=cluster_mode mode=fallback" in Path(engine.log_path).read_text(), \
             engine.log_tail()
     # Each job delivered once, by one host, from every host's IP.
-    finals = delivered()
-    assert all(e["event"] == "delivered" for e in finals.values())
+    final = finals(engines)
+    assert all(e["event"] == "delivered" for e in final.values())
     by_rcpt = collections.Counter(r for m in receiver.messages for r in m.rcpt_tos)
     assert by_rcpt["resent-1@a.test"] == 1
     assert max(by_rcpt.values()) == 1 and len(by_rcpt) == 1 + JOBS + MORE
-    by_ip = collections.Counter(e["ip"] for e in finals.values())
+    by_ip = collections.Counter(e["ip"] for e in final.values())
     assert set(by_ip) == set(IPS) and min(by_ip.values()) >= JOBS / 5, by_ip
-
-
-def push_to_all(engines: list[LocalEngine], jobs: list[tuple[dict[str, Any], bytes]]) -> Tally:
-    """`mailengine push`'s Pusher to every host (docs/SCALING.md): one PUSH socket to every
-    ingest, every host's events followed, a job re-sent (same id) every 2 s until some host
-    says `queued`."""
-    pusher = Pusher([str(e.config["ingest"]) for e in engines],
-                    [str(e.config["events"]) for e in engines], resend=2.0, timeout=60)
-    return pusher.push([(env["id"], [json.dumps(env).encode(), msg]) for env, msg in jobs],
-                       len(jobs))
 
 
 @pytest.mark.timeout(240)
@@ -194,12 +161,9 @@ def test_an_engine_killed_the_others_take_the_new_mail_and_its_own_goes_out_once
         local_engine: Callable[..., LocalEngine], redis_server: RedisServer) -> None:
     sink = SinkServer(tls=False)
     try:
-        engines = [local_engine(sink.port, ips=(ip,), route=None, extra={
-            "routes": {"a.test": PROVIDER},
-            "cluster": {"redis": redis_server.url, "host": f"host{i}"},
-            # slow enough that host0 still holds mail when it is killed
-            "shaping": {"providers": {PROVIDER: {"cluster_rate": 100}}}})
-            for i, ip in enumerate(IPS)]
+        # slow enough that host0 still holds mail when it is killed
+        engines = sharing_engines(local_engine, sink.port, redis_server, IPS,
+                                  provider={"cluster_rate": 100})
         first = push_to_all(engines, [job(f"a-{i}", i) for i in range(600)])
         assert first.exit_status() == 0, first.lines("")
         until(lambda: final_outcomes(engines[0].events()), timeout=30,
@@ -215,13 +179,11 @@ def test_an_engine_killed_the_others_take_the_new_mail_and_its_own_goes_out_once
         everyone = {f"{p}-{i}@a.test" for p, n in (("a", 600), ("b", 300)) for i in range(n)}
         until(lambda: everyone <= {r for m in sink.messages for r in m.rcpt_tos}, timeout=120,
               what="every job delivered", detail=lambda: engines[0].log_tail())
-        finals: dict[tuple[str, str], dict[str, Any]] = {}
-        for engine in engines:
-            finals.update(final_outcomes(engine.events()))
+        final = finals(engines)
         # The new mail went to the two left; host0 delivered what it held, after its restart.
-        b_ips = {e["ip"] for (job_id, _), e in finals.items() if job_id.startswith("b-")}
+        b_ips = {e["ip"] for (job_id, _), e in final.items() if job_id.startswith("b-")}
         assert b_ips == set(IPS[1:]), b_ips
-        held = [e for e in finals.values() if e["ip"] == IPS[0] and e["ts"] >= restarted]
+        held = [e for e in final.values() if e["ip"] == IPS[0] and e["ts"] >= restarted]
         assert held and all(e["event"] == "delivered" for e in held)
         # Nothing lost; a copy twice only where the engine said it might be (the kill cut a
         # delivery short of its result: `possible_duplicate` on the re-send).
@@ -264,11 +226,9 @@ def test_a_block_seen_by_one_host_stops_the_other_from_knocking(
     policy = RangeBlock()
     sink = SinkServer(tls=False, policy=policy)
     try:
-        a, b = (local_engine(sink.port, ips=(ip,), route=None, extra={
-            "routes": {"a.test": PROVIDER},
-            "cluster": {"redis": redis_server.url, "host": f"host{i}", "poll": "500ms"},
-            "throttle": {"block_suspend": "1h"}})
-            for i, ip in enumerate(IPS[:2]))
+        a, b = sharing_engines(local_engine, sink.port, redis_server, IPS[:2],
+                               cluster={"poll": "500ms"},
+                               extra={"throttle": {"block_suspend": "1h"}})
         # Both hosts send to the receiver while it takes mail: it knows both.
         for engine, prefix in ((a, "a"), (b, "b")):
             assert engine.push([job(f"{prefix}-{i}", i) for i in range(3)])

@@ -7,27 +7,19 @@ go back and forth between the hosts through Redis many times meanwhile."""
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from engine.testing.harness import LocalEngine, final_outcomes, make_message
+from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
-from tests.support.redis import RedisServer, need_redis
+from tests.support.cluster_engines import finals, job, sharing_engines
+from tests.support.redis import RedisServer
 from tests.support.wait import until
 
 IPS = ("127.0.0.2", "127.0.0.3")
-PROVIDER = "127.0.0.1"  # an IP literal route: its own provider
 JOBS = 150  # per engine
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.mark.timeout(180)
@@ -35,32 +27,20 @@ def test_two_engines_never_hold_more_connections_than_the_cluster_limit_together
         local_engine: Callable[..., LocalEngine], redis_server: RedisServer) -> None:
     sink = SinkServer(tls=False)
     try:
-        engines = [local_engine(sink.port, ips=(ip,), route=None, extra={
-            "routes": {"a.test": PROVIDER},
-            "cluster": {"redis": redis_server.url, "host": f"host{i}"},
-            "shaping": {"providers": {PROVIDER: {
-                "cluster_connections": 2, "max_connections": 4, "max_messages": 20}}}})
-            for i, ip in enumerate(IPS)]
+        engines = sharing_engines(local_engine, sink.port, redis_server, IPS, provider={
+            "cluster_connections": 2, "max_connections": 4, "max_messages": 20})
         for i, engine in enumerate(engines):
-            jobs: list[tuple[dict[str, Any], bytes]] = [
-                ({"id": f"h{i}-{n}", "from": "sender@example.test",
-                  "to": [f"h{i}-{n}@a.test"]}, make_message(n, 2000)) for n in range(JOBS)]
-            assert engine.push(jobs)
+            assert engine.push([job(f"h{i}-{n}", n, size=2000) for n in range(JOBS)])
 
-        def delivered() -> dict[tuple[str, str], dict[str, Any]]:
-            finals: dict[tuple[str, str], dict[str, Any]] = {}
-            for engine in engines:
-                finals.update(final_outcomes(engine.events()))
-            return finals
-
-        until(lambda: len(delivered()) >= 2 * JOBS, timeout=120, what="every job delivered",
+        until(lambda: len(finals(engines)) >= 2 * JOBS, timeout=120,
+              what="every job delivered",
               detail=lambda: "\n".join(e.log_tail(10) for e in engines))
         assert sink.max_concurrent <= 2, sink.summary()
-        finals = delivered()
-        assert all(e["event"] == "delivered" for e in finals.values())
+        final = finals(engines)
+        assert all(e["event"] == "delivered" for e in final.values())
         by_rcpt = collections.Counter(r for m in sink.messages for r in m.rcpt_tos)
         assert len(by_rcpt) == 2 * JOBS and max(by_rcpt.values()) == 1
-        by_ip = collections.Counter(e["ip"] for e in finals.values())
+        by_ip = collections.Counter(e["ip"] for e in final.values())
         assert by_ip == {IPS[0]: JOBS, IPS[1]: JOBS}, by_ip
         # Both engines wanted more than the cluster's two: the limit did the refusing.
         logs = [Path(engine.log_path).read_text() for engine in engines]

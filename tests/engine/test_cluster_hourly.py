@@ -13,34 +13,21 @@ import collections
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from engine.push import Pusher
-from engine.testing.harness import LocalEngine, make_message
+from engine.testing.harness import LocalEngine
 from engine.testing.sink import SinkServer
 from tests.support.cli import mailengine
-from tests.support.redis import RedisServer, need_redis
+from tests.support.cluster_engines import PROVIDER, job, push_to_all, sharing_engines
+from tests.support.redis import RedisServer
 from tests.support.wait import until
 
 IPS = ("127.0.0.2", "127.0.0.3")
-PROVIDER = "127.0.0.1"  # an IP literal route: its own provider
 BUDGET = 30  # messages per hour, the two hosts together
 JOBS = 50
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
-        yield server
-
-
-def job(job_id: str, index: int) -> tuple[dict[str, Any], bytes]:
-    return ({"id": job_id, "from": "sender@example.test", "to": [f"{job_id}@a.test"]},
-            make_message(index, 1000))
 
 
 def pending(engine: LocalEngine) -> list[tuple[int, float, str]]:
@@ -60,17 +47,10 @@ def test_two_engines_share_an_hourly_budget_never_above_it_together(
         local_engine: Callable[..., LocalEngine], redis_server: RedisServer) -> None:
     sink = SinkServer(tls=False)
     try:
-        engines = [local_engine(sink.port, ips=(ip,), route=None, extra={
-            "routes": {"a.test": PROVIDER},
-            "cluster": {"redis": redis_server.url, "host": f"host{i}"},
-            "shaping": {"providers": {PROVIDER: {"cluster_hourly": BUDGET}}}})
-            for i, ip in enumerate(IPS)]
+        engines = sharing_engines(local_engine, sink.port, redis_server, IPS,
+                                  provider={"cluster_hourly": BUDGET})
         # One producer, its PUSH socket connected to both: ZeroMQ deals the jobs round.
-        pusher = Pusher([str(e.config["ingest"]) for e in engines],
-                        [str(e.config["events"]) for e in engines], resend=2.0, timeout=60)
-        jobs = [job(f"j-{i}", i) for i in range(JOBS)]
-        tally = pusher.push([(env["id"], [json.dumps(env).encode(), msg]) for env, msg in jobs],
-                            len(jobs))
+        tally = push_to_all(engines, [job(f"j-{i}", i) for i in range(JOBS)])
         assert tally.exit_status() == 0, tally.lines("")
         client: Any = redis_server.client()
 

@@ -26,20 +26,13 @@ import pytest
 from tests.support.cli import mailengine, mailengine_on_terminal
 from tests.support.cluster_hosts import A_IP, B_IP, operator_keys, two_hosts
 from tests.support.control import CurveEngine
-from tests.support.redis import RedisServer, need_redis
+from tests.support.redis import RedisServer
 from tests.support.wait import until
 
 pytestmark = pytest.mark.timeout(180)
 
 PROVIDER = "127.0.0.1"  # the sink's host: the MX of every domain here
 KEY = f"mailengine:suspend:{PROVIDER}"
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    need_redis()
-    with RedisServer() as server:
-        yield server
 
 
 @pytest.fixture

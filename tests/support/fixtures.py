@@ -1,5 +1,6 @@
 """The pytest fixtures every tier shares: the SMTP test servers, TLS certificates, a whole
-engine on loopback, connections to a playbook server, the delivery stack in this process.
+engine on loopback, connections to a playbook server, the delivery stack in this process, a
+redis-server for the cluster tests.
 tests/conftest.py takes them all with ``pytest_plugins = ["tests.support.fixtures"]``.
 
 Every server, engine or connection a fixture starts is stopped or closed at teardown, also
@@ -23,6 +24,7 @@ from engine.testing.sink import SinkServer
 from engine.testing.tlscert import CABundle, make_ca_and_cert, make_cert
 from tests.support.playbook import open_connection
 from tests.support.rawserver import Behaviour, RawServer
+from tests.support.redis import RedisServer, serving
 from tests.support.smtpserver import ScriptedServer, Step
 from tests.support.stack import Stack, build
 
@@ -32,6 +34,7 @@ __all__ = [
     "local_engine",
     "plain_sink",
     "raw",
+    "redis_server",
     "scripted",
     "sink",
     "sockdir",
@@ -159,6 +162,15 @@ def raw() -> Iterator[Callable[..., RawServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of its own (tests.support.redis); the test skips without Redis (fails
+    when MAILENGINE_REDIS=required). A test module that must close what it made before the
+    server stops keeps a fixture of this name of its own."""
+    with serving([]) as server:
+        yield server
 
 
 @pytest.fixture

@@ -6,18 +6,23 @@ temporary folder, nothing saved (`--save ''`, no AOF), stopped by its pid.
         redis.kill()       # SIGKILL, as a crash would
         redis.start()      # again, on the same port, empty
 
+`serving(made)`: one for a test, what the test made on it (`made`) closed at its end. The
+`redis_server` fixture (tests/support/fixtures.py) is one with nothing to close.
+
 `missing()` says what is not installed: the tests skip, or fail when MAILENGINE_REDIS=required
 (.ci/run installs redis-server and python3-redis).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self, TypeVar
 
 import pytest
 
@@ -54,6 +59,25 @@ def need_redis() -> None:
     if os.environ.get(REQUIRE) == "required":
         pytest.fail(f"{problem} ({REQUIRE}=required)")
     pytest.skip(problem)
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+Made = TypeVar("Made", bound=Closable)
+
+
+@contextlib.contextmanager
+def serving(made: list[Made]) -> Iterator[RedisServer]:
+    """A redis-server for one test (skips without Redis, fails when it is required); at the
+    test's end what it `made` on it is closed (their greenlets stop, as at a worker's end),
+    then the server stops."""
+    need_redis()
+    with RedisServer() as server:
+        yield server
+        while made:
+            made.pop().close()
 
 
 def _free_port() -> int:

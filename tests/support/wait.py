@@ -1,5 +1,6 @@
-"""Waiting on the event itself, with a deadline: a condition polled (`until`), or a ZeroMQ
-socket's monitor event (`socket_event`)."""
+"""Waiting on the event itself, with a deadline: a condition polled (`until`; `yielding_until`
+while the greenlets of this process run), or a ZeroMQ socket's monitor event
+(`socket_event`)."""
 from __future__ import annotations
 
 import time
@@ -26,6 +27,19 @@ def until(check: Callable[[], T], timeout: float, what: str,
             raise TimeoutError(f"timed out waiting for {what}{more}")
         time.sleep(interval)
     return value
+
+
+def yielding_until(check: Callable[[], object], timeout: float, what: str) -> float:
+    """Yield to gevent (the greenlets that make `check()` come true) every 10 ms until it
+    does: the seconds it took; TimeoutError naming `what` after `timeout` seconds."""
+    import gevent  # here: a test process that never waits on greenlets loads no hub
+
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"timed out waiting for {what}")
+        gevent.sleep(0.01)
+    return time.monotonic() - started
 
 
 def socket_event(monitor: zmq.Socket, until: set[int]) -> int:

@@ -1,7 +1,8 @@
 """bench/common.py `write_section`: a benchmark rewriting its section of docs/PERFORMANCE.md
 changes that section alone, the separators around it included; `Rows`: a benchmark's runs kept
-one per label and drawn into that section; `shown_command`: a row's command without the
-options that only say where its figures go."""
+one per label and drawn into that section, a run recorded (measured, stamped, saved,
+printed); `shown_command`: a row's command without the options that only say where its
+figures go."""
 from __future__ import annotations
 
 import argparse
@@ -116,3 +117,19 @@ def test_rows_are_kept_per_label_and_drawn_into_their_section(tmp_path: Path) ->
     assert "two's old text" not in text and "## Three" in text and "one's text" in text
     rows.write_doc()  # --render-only: the same section from the saved rows
     assert Path(rows.doc).read_text(encoding="utf-8") == text
+
+
+@pytest.mark.timeout(10)
+def test_a_run_recorded_is_measured_stamped_saved_drawn_and_printed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _rows(tmp_path)
+    parser = argparse.ArgumentParser()
+    rows.add_options(parser)
+    argv = ["--label", "new", "--docs"]
+    row = rows.record(parser.parse_args(argv), argv, lambda: {"figure": 7})
+    assert row["figure"] == 7 and 0.0 <= row["other_load"] <= 1.0
+    assert row["command"] == "python -m bench.x --label new --docs"
+    assert {"engine", "date"} <= row.keys()
+    assert json.loads(Path(rows.results).read_text(encoding="utf-8")) == {"new": row}
+    assert "| new | 7 | `python -m bench.x` |" in Path(rows.doc).read_text(encoding="utf-8")
+    assert json.loads(capsys.readouterr().out) == row  # one line of JSON on stdout
