@@ -32,9 +32,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import ROOT, Rows, load_results, log, shown_command
-from bench.run import _cpu_now as run_cpu_now
-from bench.run import other_load
+from bench.common import ROOT, Rows, cpu_now, load_results, log, other_load, shown_command
 from tests.support.statsd_catcher import StatsdCatcher
 
 RESULTS = os.path.join(ROOT, "bench", "results", "idle_gauges.json")
@@ -219,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         ROWS.write_doc()
         return 0
-    before = run_cpu_now()
+    before = cpu_now()
     runs = []
     for count in (int(n) for n in args.providers.split(",")):
         log(f"idle gauges: {count} providers, {args.seconds} reports")
