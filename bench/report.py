@@ -153,20 +153,35 @@ BURST_RESULTS = os.path.join(ROOT, "bench", "results", "burst.json")
 SCALE_RESULTS = os.path.join(ROOT, "bench", "results", "queue_scale.json")
 
 
+# A tail run during which other processes kept more of the machine's cores busy than this
+# is shown but not judged: its p99 measures their load as much as the engine.
+TAIL_QUIET = 0.25
+
+
+def _tail_target(tail: list[dict[str, Any]]) -> tuple[str, str, bool | None, str]:
+    """The tail's row: judged on the runs of a quiet machine, every run shown."""
+    ratios = [(r["run"], r["delay"]["p99"] / r["delay"]["p50"], r.get("other_load", 1.0))
+              for r in tail]
+    quiet = [x for _, x, load in ratios if load <= TAIL_QUIET]
+    held = sum(1 for x in quiet if x <= 1.5)
+    shown = ", ".join(f"{run}: {x:.2f}x ({100 * load:.0f}% other load)"
+                      for run, x, load in ratios)
+    return ("tail: engine p99 <= 1.5 x p50 (50 ms RTT, STARTTLS, PIPELINING without"
+            " CHUNKING, 2 connections, 10 msg/s, 60 s)",
+            f"held in {held} of the {len(quiet)} runs with at most"
+            f" {100 * TAIL_QUIET:.0f}% other load ({shown})",
+            (held == len(quiet)) if quiet else None, "tail")
+
+
 def queue_targets() -> list[tuple[str, str, bool | None, str]]:
     out: list[tuple[str, str, bool | None, str]] = []
     tail = _rows_with_clients(load_results(TAIL_RESULTS))
     if tail:
-        ratios = [(r["run"], r["delay"]["p99"] / r["delay"]["p50"]) for r in tail]
-        held = sum(1 for _, x in ratios if x <= 1.5)
-        out.append(("tail: engine p99 <= 1.5 x p50 (50 ms RTT, STARTTLS, PIPELINING without"
-                    " CHUNKING, 2 connections, 10 msg/s, 60 s)",
-                    f"held in {held} of {len(ratios)} runs ("
-                    + ", ".join(f"{run}: {x:.2f}x" for run, x in ratios) + ")",
-                    held == len(ratios), "tail"))
+        out.append(_tail_target(tail))
     bursts = load_results(BURST_RESULTS)
     if bursts:
-        label, last = list(bursts.items())[-1]
+        # The last run of the target's burst (not a run of another size, as the floor's).
+        label, last = [(k, r) for k, r in bursts.items() if r.get("count", 10000) == 10000][-1]
         nth = sorted(b["nth_delivered_ms"] for b in last["bursts"])
         median = nth[len(nth) // 2]
         out.append(("a burst of 10,000: the 250th delivered within 50 ms of the push (loopback)",
