@@ -92,6 +92,21 @@ def test_targets_compare_the_largest_n_with_the_empty_spool() -> None:
     assert checks["p99 delivery time within 2x"] is True
 
 
+def test_a_window_ending_starves_fresh_mail_when_it_waits_or_is_left_behind() -> None:
+    """Twice an empty spool's p99 of a few ms is within the figures' resolution: starved
+    takes a p99 also STARVED_ABOVE_MS above it, or fresh mail not delivered."""
+    rows = [row(0, p99_ms=3.0), row(1_000_000, p99_ms=4.0)]
+
+    def starved(**herd: float) -> bool | None:
+        window = {"paced_sent": 3000, "paced_delivered": 3000, "p99_ms": 27.0, **herd}
+        checks = {name: ok for name, _, ok in targets(rows, window)}
+        ok = checks["a window ending never starves fresh mail"]
+        return None if ok is None else not ok
+    assert starved() is False  # 27 ms against 3 ms: 9x, but 24 ms
+    assert starved(p99_ms=3.0 + queue_scale.STARVED_ABOVE_MS + 1) is True
+    assert starved(paced_delivered=2999) is True
+
+
 def test_the_picture_is_svg_with_a_panel_each_and_the_table_a_row_each() -> None:
     rows = [row(0), row(10_000, p50_ms=float("nan")), row(100_000)]
     root = ET.fromstring(svg(rows))
