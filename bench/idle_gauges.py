@@ -21,7 +21,6 @@ BENCH_ENGINE_REV=REV PYTHONPATH=REPO python -m bench.idle_gauges ...`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import ROOT, Rows, cpu_now, load_results, log, other_load, shown_command
+from bench.common import ROOT, Rows, load_results, log, shown_command
 from tests.support.statsd_catcher import StatsdCatcher
 
 RESULTS = os.path.join(ROOT, "bench", "results", "idle_gauges.json")
@@ -217,16 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         ROWS.write_doc()
         return 0
-    before = cpu_now()
-    runs = []
-    for count in (int(n) for n in args.providers.split(",")):
-        log(f"idle gauges: {count} providers, {args.seconds} reports")
-        runs.append(measure(count, args.seconds))
-        log(f"  {runs[-1]}")
-    result = {"runs": runs, "other_load": round(other_load(before), 3), **ROWS.stamp(argv)}
-    print(json.dumps(result))
-    ROWS.save({args.label: result}, args.docs)
+    ROWS.record(args, argv, lambda: {"runs": measure_all(args.providers, args.seconds)})
     return 0
+
+
+def measure_all(providers: str, seconds: int) -> list[dict[str, Any]]:
+    """`measure` for each number of providers in the comma-separated `providers`."""
+    runs = []
+    for count in (int(n) for n in providers.split(",")):
+        log(f"idle gauges: {count} providers, {seconds} reports")
+        runs.append(measure(count, seconds))
+        log(f"  {runs[-1]}")
+    return runs
 
 
 if __name__ == "__main__":
