@@ -16,20 +16,12 @@ import pytest
 
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
-from tests.support.dnsserver import DnsServer
+from tests.support.dnsserver import DnsServer, domains_with_own_mx
 
 pytestmark = pytest.mark.timeout(180)
 
 DOMAINS = 150
 BOUND = 4
-
-
-def _zone() -> dict[str, Any]:
-    zone: dict[str, Any] = {}
-    for i in range(DOMAINS):
-        zone[f"d{i}.test"] = {"MX": [(10, f"mx.d{i}.test")]}  # provider d<i>.test
-        zone[f"mx.d{i}.test"] = {"A": ["127.0.0.21"]}
-    return zone
 
 
 def _worker(engine: LocalEngine) -> dict[str, Any]:
@@ -41,7 +33,7 @@ def test_dns_bounded_and_asked_once_pools_reclaimed(
     sink = SinkServer(host="127.0.0.21")
     try:
         # Each answer held 20 ms: without a bound, a burst has hundreds out at once.
-        with DnsServer(_zone(), ttl=3600, delay=0.02) as dns:
+        with DnsServer(domains_with_own_mx(DOMAINS, "127.0.0.21"), ttl=3600, delay=0.02) as dns:
             engine = local_engine(sink.port, route=None, extra={
                 "dns": {"nameservers": ["127.0.0.1"], "port": dns.port,
                         "max_in_flight": BOUND},

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from engine.quiet_gauges import REFRESH
 from engine.testing.harness import LocalEngine, final_outcomes, make_message
 from engine.testing.sink import SinkServer
-from tests.support.dnsserver import DnsServer
+from tests.support.dnsserver import DnsServer, domains_with_own_mx
 from tests.support.statsd_catcher import StatsdCatcher
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,14 +24,6 @@ FORGET_AFTER = 20  # s: long enough to watch them held, short enough to see them
 REPORTS = 3  # the worker's stats reports watched in each window (one a second)
 PROVIDER_GAUGE = re.compile(r"mailengine\.127_0_0_2\.d\d+_test\.(allowed_rate|suspended)$")
 IN_FLIGHT = "mailengine.127_0_0_2.all.in_flight"  # sent at every report
-
-
-def _zone() -> dict[str, Any]:
-    zone: dict[str, Any] = {}
-    for i in range(DOMAINS):
-        zone[f"d{i}.test"] = {"MX": [(10, f"mx.d{i}.test")]}  # provider d<i>.test
-        zone[f"mx.d{i}.test"] = {"A": ["127.0.0.21"]}
-    return zone
 
 
 def _held(engine: LocalEngine) -> int:
@@ -58,7 +49,8 @@ def test_idle_providers_gauges_go_out_at_their_refresh_only_and_forgotten_ones_n
         local_engine: Callable[..., LocalEngine]) -> None:
     sink = SinkServer(host="127.0.0.21")
     try:
-        with StatsdCatcher() as catcher, DnsServer(_zone(), ttl=3600) as dns:
+        zone = domains_with_own_mx(DOMAINS, "127.0.0.21")
+        with StatsdCatcher() as catcher, DnsServer(zone, ttl=3600) as dns:
             engine = local_engine(sink.port, route=None, extra={
                 "dns": {"nameservers": ["127.0.0.1"], "port": dns.port},
                 "pool": {"idle_timeout": 1},

@@ -61,6 +61,16 @@ _MAX_CHAIN = 8
 _MAX_UDP = 512  # without EDNS
 
 
+def domains_with_own_mx(count: int, address: str) -> dict[str, Any]:
+    """A zone of `count` domains d<i>.test, each with its own MX host mx.d<i>.test at
+    `address`: as many providers (each MX rolls up to its own registrable domain)."""
+    zone: dict[str, Any] = {}
+    for i in range(count):
+        zone[f"d{i}.test"] = {"MX": [(10, f"mx.d{i}.test")]}
+        zone[f"mx.d{i}.test"] = {"A": [address]}
+    return zone
+
+
 class DnsServer:
     """Serves `zone` on `host`, UDP and TCP, from background threads."""
 
