@@ -7,7 +7,6 @@ first waiter its turn before the third had joined (CI, stop 25).
 """
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Any
 
@@ -64,9 +63,15 @@ def test_turns_are_spaced_by_the_spacing() -> None:
         times.append(time.monotonic())
 
     gevent.joinall([gevent.spawn(take) for _ in range(5)], timeout=5, raise_error=True)
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert len(times) == 5 and all(gap >= 0.015 for gap in gaps), gaps
-    assert 0.07 <= times[-1] - times[0] < 0.5
+    # The turns keep to a grid (a late timer does not push the later turns back), so on a
+    # busy machine one gap may be long and the next short (CI: 29 ms, then 13 ms); none is
+    # early: the k-th comes at least k spacings after the first (SLACK: a turn due within
+    # it goes at once).
+    since_first = [t - times[0] for t in times]
+    assert len(times) == 5, times
+    assert all(since >= k * 0.02 - SLACK - 1e-3 for k, since in enumerate(since_first)), \
+        since_first
+    assert times[-1] - times[0] < 0.5
 
 
 @pytest.mark.timeout(10)
