@@ -32,13 +32,14 @@ from bench.common import (
     PostfixSink,
     Producer,
     Rows,
+    cpu_seconds,
     engine_config,
+    engine_pids,
     job,
     log,
     running_engine,
     shown_command,
 )
-from bench.loopback import cpu_seconds
 
 NTH = 250  # the target's count: the first 250 delivered
 IDLE = 1.0  # seconds the ingest socket is idle before each burst
@@ -47,18 +48,20 @@ DOC = os.path.join(ROOT, "docs", "PERFORMANCE.md")
 HEADING = "## A burst's first deliveries"
 
 
-def one_burst(producer: Producer, tag: str, count: int, supervisor: int) -> dict[str, float]:
+def one_burst(producer: Producer, tag: str, count: int, pids: dict[str, int]
+              ) -> dict[str, Any]:
     """Push `count` jobs at once; the burst's times (ms from the first send), and the CPU
-    time the `supervisor` process spent per job from the push until all were final (intake,
-    hand-out and results: the CPU it takes from the worker and the sink on 2 cores). The
-    frames are made first: the push is ZeroMQ's sends alone (on 2 cores the producer's CPU
-    is taken from the engine's)."""
+    time each process of `pids` (the supervisor, the worker, smtp-sink, this producer) spent
+    per job from the push until all were final: on 2 cores, what the burst's first 250 need
+    of them all together bounds how soon they can be delivered. The frames are made first:
+    the push is ZeroMQ's sends alone (on 2 cores the producer's CPU is taken from the
+    engine's)."""
     jobs = [job(i, tag) for i in range(count)]
     for envelope, message in jobs:  # as Producer.send, but for the send itself
         producer.frames[envelope["id"]] = [json.dumps(envelope).encode(), message]
         producer.unqueued.add(envelope["id"])
     frames = [producer.frames[envelope["id"]] for envelope, _ in jobs]
-    cpu_before = cpu_seconds(supervisor)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     started = time.time()
     for job_frames in frames:
         producer.push.send_multipart(job_frames)
@@ -66,7 +69,8 @@ def one_burst(producer: Producer, tag: str, count: int, supervisor: int) -> dict
     producer.sent_at.update(dict.fromkeys(producer.unqueued, started))
     producer.wait_queued(timeout=120)
     producer.wait_final([envelope["id"] for envelope, _ in jobs], timeout=120, poll=0.05)
-    cpu_us = (cpu_seconds(supervisor) - cpu_before) / count * 1e6
+    cpu_us = {name: round((cpu_seconds(pid) - cpu_before[name]) / count * 1e6, 1)
+              for name, pid in pids.items()}
     mine = {i: e for i, e in producer.final.items() if i.startswith(tag + "-")}
     delivered = sorted(e["ts"] for e in mine.values() if e["event"] == "delivered")
     queued_at = {i: e["ts"] for i, e in producer.queued.items() if i.startswith(tag + "-")}
@@ -85,7 +89,8 @@ def one_burst(producer: Producer, tag: str, count: int, supervisor: int) -> dict
             "first_delivered_ms": ms(delivered[0]), "nth_delivered_ms": ms(delivered[NTH - 1]),
             "nth_replied_ms": ms(replied[NTH - 1]),
             "last_delivered_ms": ms(delivered[-1]), "delivered": len(delivered),
-            "supervisor_cpu_us": round(cpu_us, 1)}
+            "supervisor_cpu_us": cpu_us["supervisor"], "cpu_us": cpu_us,
+            "all_cpu_us": round(sum(cpu_us.values()), 1)}
 
 
 def run(workdir: str, count: int, bursts: int) -> dict[str, Any]:
@@ -93,14 +98,13 @@ def run(workdir: str, count: int, bursts: int) -> dict[str, Any]:
     with PostfixSink() as sink, \
             running_engine(workdir, sink.port, engine_config(sink.port, {})) as engine:
         producer = Producer(engine)
-        assert engine.proc is not None
-        supervisor = engine.proc.pid
         producer.send(*job(0, "warm"))
         producer.wait_final(["warm-0"], 30)
+        pids = {**engine_pids(engine), "smtp-sink": sink.proc.pid, "producer": os.getpid()}
         rows = []
         for n in range(bursts):
             time.sleep(IDLE)
-            rows.append(one_burst(producer, f"burst{n}", count, supervisor))
+            rows.append(one_burst(producer, f"burst{n}", count, pids))
             log(f"burst {n}: {rows[-1]}")
         producer.close()
     return {"count": count, "bursts": rows}
@@ -121,11 +125,20 @@ def _optional_cell(rows: list[dict[str, float]], key: str) -> str:
     return _cell(rows, key) if all(key in row for row in rows) else "-"
 
 
-def _cpu_cell(rows: list[dict[str, float]]) -> str:
-    if not all("supervisor_cpu_us" in row for row in rows):
+def _cpu_cell(rows: list[dict[str, Any]], key: str) -> str:
+    """Microseconds of CPU a job (`key` a row's figure, or a process's in its `cpu_us`);
+    "-" for the rows from before it was recorded."""
+    values = [row.get(key, row.get("cpu_us", {}).get(key)) for row in rows]
+    if any(value is None for value in values):
         return "-"
-    each = ", ".join(f"{row['supervisor_cpu_us']:.0f}" for row in rows)
-    return f"{_median(rows, 'supervisor_cpu_us'):.0f} µs ({each})"
+    each = ", ".join(f"{value:.0f}" for value in values)
+    return f"{sorted(values)[len(values) // 2]:.0f} µs ({each})"
+
+
+def _worker(rows: list[dict[str, Any]]) -> str:
+    """The (one) worker's key in the rows' `cpu_us`."""
+    names = [name for name in rows[0].get("cpu_us", {}) if name.startswith("worker")]
+    return names[0] if names else "worker"
 
 
 def render(results: dict[str, Any]) -> str:
@@ -140,11 +153,15 @@ def render(results: dict[str, Any]) -> str:
              " final event, per job (intake, hand-out and results; recorded since the"
              " `intake-cpu` rows). *Reply at the worker*: when the worker had the reply (the"
              " job's `queued` plus the event's `delay_ms`), the event's `ts` being when the"
-             " supervisor recorded it (recorded since the `quiet` rows).", "",
+             " supervisor recorded it (recorded since the `quiet` rows). *Worker CPU* and"
+             " *all four*: the same for the worker, and for the supervisor, the worker,"
+             " smtp-sink and the producer together (the scheduler's nanoseconds of every"
+             " thread; recorded since the `cpu` rows): 250 jobs need 250 times that of the"
+             " machine's 2 cores.", "",
              "| run | command | engine | date | push took | first `queued` | first `delivered`"
              f" | {NTH}th `delivered` | {NTH}th reply at the worker | last `delivered`"
-             " | supervisor CPU a job | other load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | supervisor CPU a job | worker CPU a job | all four's CPU a job | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         rows = r["bursts"]
         command = shown_command(r["command"])
@@ -152,7 +169,9 @@ def render(results: dict[str, Any]) -> str:
                      f" {_cell(rows, 'push_ms')} | {_cell(rows, 'first_queued_ms')} |"
                      f" {_cell(rows, 'first_delivered_ms')} | {_cell(rows, 'nth_delivered_ms')} |"
                      f" {_optional_cell(rows, 'nth_replied_ms')} |"
-                     f" {_cell(rows, 'last_delivered_ms')} | {_cpu_cell(rows)} |"
+                     f" {_cell(rows, 'last_delivered_ms')} |"
+                     f" {_cpu_cell(rows, 'supervisor_cpu_us')} |"
+                     f" {_cpu_cell(rows, _worker(rows))} | {_cpu_cell(rows, 'all_cpu_us')} |"
                      f" {100 * r.get('other_load', float('nan')):.0f}% |")
     lines += ["", PROSE]
     return "\n".join(lines) + "\n"

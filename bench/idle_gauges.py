@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import ROOT, Rows, load_results, log, shown_command
+from bench.common import ROOT, Rows, cpu_seconds, load_results, log, shown_command
 from tests.support.statsd_catcher import StatsdCatcher
 
 RESULTS = os.path.join(ROOT, "bench", "results", "idle_gauges.json")
@@ -83,12 +83,6 @@ def _bind_supervisor_side(scratch: str) -> Any:
 
 
 # -- the measurement ----------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def reports(catcher: StatsdCatcher) -> int:

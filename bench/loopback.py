@@ -33,7 +33,9 @@ from bench.common import (
     SMTP_SOURCE,
     PostfixSink,
     Producer,
+    cpu_seconds,
     engine_config,
+    engine_pids,
     job,
     log,
     run_child,
@@ -103,7 +105,7 @@ def whole_engine(workdir: str, port: int, sessions: int, count: int,
     with running_engine(workdir, port, extra) as engine:
         producer = Producer(engine)
         time.sleep(0.3)
-        pids = _engine_pids(engine)
+        pids = engine_pids(engine)
         if sink_pid is not None:
             pids["smtp-sink"] = sink_pid
         pids["bench (producer)"] = os.getpid()
@@ -131,24 +133,6 @@ def whole_engine(workdir: str, port: int, sessions: int, count: int,
             "cpu_us_per_message_by_process": {
                 name: v * 1e6 / count for name, v in spent.items()},
             "delay_ms_p50": sorted(e["delay_ms"] for e in finals)[len(finals) // 2]}
-
-
-def _engine_pids(engine: LocalEngine) -> dict[str, int]:
-    assert engine.proc is not None
-    pids = {"supervisor": engine.proc.pid}
-    for ip, worker in engine.status()["workers"].items():
-        pids[f"worker {ip}"] = int(worker["pid"])
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/PID/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _median(values: list[float]) -> float:
