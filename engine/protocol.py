@@ -70,8 +70,17 @@ _TLS_REQUIRED_NO = re.compile(
 def tls_required_no(message: bytes) -> bool:
     """Whether the header block of `message` (up to its first empty line) has the field
     `TLS-Required: No`. The body is never looked at."""
-    ends = [at for at in (message.find(b"\n\r\n"), message.find(b"\n\n")) if at >= 0]
-    head = message[:min(ends) + 1] if ends else message
+    # The first empty line, CRLF (every spooled message) or LF: the LF one is looked for
+    # only before the CRLF one, so a message's body is not scanned (it was, to its end,
+    # for every task: ~3% of the worker's CPU a message).
+    end = message.find(b"\n\r\n")
+    bare = message.find(b"\n\n", 0, end if end >= 0 else len(message))
+    if bare >= 0:
+        end = bare
+    head = message[:end + 1] if end >= 0 else message
+    # The field's name first, without the regex: most messages do not have it.
+    if b"tls-required" not in head.lower():
+        return False
     return _TLS_REQUIRED_NO.search(head) is not None
 
 

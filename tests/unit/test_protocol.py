@@ -121,6 +121,9 @@ def test_a_row_of_the_wrong_shape_is_a_value_or_type_error(row: Any) -> None:
     (b"TLS-Required: No\r\n more\r\n\r\n", False),  # its value is "No more"
     (b"X-TLS-Required: No\r\n\r\n", False),
     (b"Subject: TLS-Required: No\r\n\r\n", False),
+    # The first empty line ends the header block, whichever its line ending.
+    (b"Subject: x\n\nTLS-Required: No\r\n\r\n", False),
+    (b"Subject: x\r\nTLS-Required: No\r\n\r\nbody\n\nmore\r\n", True),
 ])
 def test_tls_required_no_is_read_from_the_header_block_only(message: bytes,
                                                             found: bool) -> None:
