@@ -278,6 +278,22 @@ the first `delivered` comes at 9-36 ms (the issue's point: no worker idle while 
 batch commits), but the 250th needs more messages a second from one worker, or a machine
 with a core each for the producer, the supervisor, the worker and the receiver.
 
+**Session 6: the CPU budget** (the `cpu` rows, 0-1% other load). The CPU each process spends
+per job, now measured for all four (the scheduler's nanoseconds of every thread; the clock
+ticks of /proc, 10 ms, were a quarter of what 250 jobs cost). A burst of 250 alone: the
+supervisor 208 us a job, the worker 315, smtp-sink 56, the producer 35: **586 us a job
+(521-729), 147 ms of CPU (130-182) for the 250, where 2 cores give 100 ms in 50 ms**. In the
+bursts of 10,000: 517 us a job (493-543), 129 ms for the first 250 alone, while the producer
+pushes and the supervisor takes in the other 9,750 on the same cores. So no order of the
+work meets the target on this machine. Nor would cores alone: the supervisor is one thread,
+and its share, 172-208 us a job, is 43-52 ms for 250 (py-spy on it during bursts: recording
+results 39% of its time, SQLite's update of the recipients, the finished job's delete and
+the outbox; taking jobs in 38%; the commits, `Spool._write`, 16% of the whole): with a core
+for each process it would also need its work per job cut by a third or so. Found on the way
+(py-spy on the worker during the same bursts): reading `TLS-Required: No` scanned each
+message's body to its end for every task (3% of the worker's CPU); it now stops at the
+header block (engine/protocol.py, 7.3 -> 1.7 us a 5 KB message).
+
 *Commands:* `python -m bench.burst --label NAME` in a tree (`--docs` writes this section,
 `--render-only` rewrites it from bench/results/burst.json); the `before` rows from a
 snapshot of main: `git archive 83d9656 engine conf bin | tar -x -C SNAP; cd SNAP;
