@@ -59,10 +59,10 @@ def cpu_now() -> tuple[float, float, float]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU seconds a process has had so far, every thread of it (ZeroMQ's I/O threads
-    included): the scheduler's nanoseconds (/proc/PID/task/*/schedstat), where the clock
-    ticks of /proc/PID/stat (10 ms) would be a quarter of what 250 jobs cost. 0 for a
-    process gone."""
+    """CPU seconds a process has had so far, every thread alive now (ZeroMQ's I/O threads
+    included: they live as long as the process; a thread that ended is not counted): the
+    scheduler's nanoseconds (/proc/PID/task/*/schedstat), where the clock ticks of
+    /proc/PID/stat (10 ms) would be a quarter of what 250 jobs cost. 0 for a process gone."""
     total = 0
     try:
         tasks = os.listdir(f"/proc/{pid}/task")

@@ -2,18 +2,23 @@
 changes that section alone, the separators around it included; `Rows`: a benchmark's runs kept
 one per label and drawn into that section, a run recorded (measured, stamped, saved,
 printed); `shown_command`: a row's command without the options that only say where its
-figures go."""
+figures go; `cpu_seconds`: a process's CPU time, every thread, finer than clock ticks."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.common import Rows, shown_command, write_section
+from bench.common import Rows, cpu_seconds, shown_command, write_section
 
 DOC = """\
 # Performance
@@ -133,3 +138,36 @@ def test_a_run_recorded_is_measured_stamped_saved_drawn_and_printed(
     assert json.loads(Path(rows.results).read_text(encoding="utf-8")) == {"new": row}
     assert "| new | 7 | `python -m bench.x` |" in Path(rows.doc).read_text(encoding="utf-8")
     assert json.loads(capsys.readouterr().out) == row  # one line of JSON on stdout
+
+
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_cpu_seconds_counts_every_thread_finer_than_a_tick() -> None:
+    spun, done = threading.Event(), threading.Event()
+
+    def other_thread() -> None:  # alive until measured, as ZeroMQ's I/O threads are
+        _spin(0.05)
+        spun.set()
+        done.wait(20)
+
+    before = cpu_seconds(os.getpid())
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    assert spun.wait(20)
+    _spin(0.004)  # less than a clock tick (10 ms)
+    spent = cpu_seconds(os.getpid()) - before
+    done.set()
+    worker.join(20)
+    assert 0.054 <= spent < 1.0
+
+
+@pytest.mark.timeout(30)
+def test_cpu_seconds_of_a_process_gone_is_zero() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(20)
+    assert cpu_seconds(child.pid) == 0.0
