@@ -185,6 +185,18 @@ def connect(directory: str, path: str) -> sqlite3.Connection:
     return conn
 
 
+def open_reader(path: str) -> sqlite3.Connection:
+    """Another connection to the spool's database, for reading only (a long read off the
+    supervisor's loop, in a thread of its own: a connection belongs to the thread that
+    opened it). In WAL mode it reads a snapshot while the loop's connection writes."""
+    try:
+        conn = sqlite3.connect(readonly_uri(path), uri=True, isolation_level=None)
+    except sqlite3.Error as e:
+        raise _open_error(path, e) from e
+    conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
 def lock(directory: str) -> int:
     """Hold `<directory>/spool.lock` exclusively for this process's life: one supervisor
     per spool. Returns the descriptor that holds it."""

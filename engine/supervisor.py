@@ -11,7 +11,8 @@ SQLite writes and socket shuffling). Each turn it
    `queued` is published (engine.intake: a small batch after a pause, larger ones
    while a burst lasts), and what the workers have room for is handed out
    at once (engine.dispatch);
-3. answers the control socket (engine.control);
+3. answers the control socket (engine.control; a long read, the queue summary's, in a
+   thread beside the loop, its answer sent from the loop);
 4. every TICK: sees dead workers and restarts them with back-off
    (engine.workers), hands out what is due, and every few seconds prunes the
    spool and reports its depth and the memory in use.
@@ -71,6 +72,7 @@ log = logging.getLogger("mailengine.supervisor")
 
 TICK = 0.2  # seconds between housekeeping turns
 HOUSEKEEPING = 10.0  # seconds between spool pruning and the spool and memory gauges
+CONTROL_LOOK = 0.01  # seconds between looks at an answer read off the loop (engine.control)
 QUIET_AFTER_DRAIN = 2.0  # seconds to read late results once the workers have exited
 EVENTS_HWM = 10000  # events queued for one slow subscriber; the log still has them all
 # Changing these needs a restart: a reload only warns.
@@ -185,11 +187,13 @@ class Supervisor:
         # While results are held for the group commit, the results socket is not watched:
         # what arrives meanwhile is read once, when the window closes, instead of waking the
         # loop for every frame (a wakeup per frame was a context switch per few messages).
-        # While the spool cannot be written, neither is the ingest socket.
-        pollers = {(results, ingest): _poller(self.control.sock,
-                                              *([self.results.sock] if results else []),
-                                              *([self.intake.sock] if ingest else []))
-                   for results in (False, True) for ingest in (False, True)}
+        # While the spool cannot be written, neither is the ingest socket; while an answer
+        # is read off the loop (engine.control.OffLoop), the control socket is not.
+        pollers = {(results, ingest, control): _poller(
+            *([self.control.sock] if control else []),
+            *([self.results.sock] if results else []),
+            *([self.intake.sock] if ingest else []))
+            for results in (False, True) for ingest in (False, True) for control in (False, True)}
         # The supervisor's objects are long-lived (jobs in memory, in flight) or die young
         # without cycles: the default thresholds made the collector rescan the first kind
         # over and over, a few per cent of the CPU at high rates.
@@ -198,9 +202,11 @@ class Supervisor:
         last_tick = 0.0
         try:
             while not self._stopping:
-                poller = pollers[not self.results.held, self.intake.open]
+                poller = pollers[not self.results.held, self.intake.open, not self.control.busy]
                 wait = min(self.results.wait_left(), TICK) if self.results.held else TICK
-                self._turn(dict(poller.poll(math.ceil(wait * 1000))))
+                if self.control.busy:
+                    wait = min(wait, CONTROL_LOOK)
+                self._turn(_poll(poller, wait))
                 if time.monotonic() - last_tick >= TICK:
                     last_tick = time.monotonic()
                     self.tick()
@@ -259,7 +265,9 @@ class Supervisor:
             self.results.flush()
         if self.intake.sock in ready and self.intake.open:
             self.dispatcher.offer(self.intake.take(self.dispatcher.free_room()))
-        if self.control.sock in ready:
+        if self.control.busy:
+            self.control.finish()
+        elif self.control.sock in ready:
             self.control.answer()
         if self._reload:
             self._reload = False
@@ -468,6 +476,15 @@ def _poller(*socks: zmq.Socket) -> zmq.Poller:
     for sock in socks:
         poller.register(sock, zmq.POLLIN)
     return poller
+
+
+def _poll(poller: zmq.Poller, wait: float) -> dict[zmq.Socket, int]:
+    """The sockets ready within `wait` seconds. A poller with none to watch (results held,
+    intake paused, an answer read off the loop) would return at once: it sleeps instead."""
+    if not poller.sockets:
+        time.sleep(wait)
+        return {}
+    return dict(poller.poll(math.ceil(wait * 1000)))
 
 
 def _warn_about(cfg: Config) -> None:

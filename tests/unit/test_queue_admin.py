@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from engine.protocol import Attempt, Hold, Status
 from engine.queue_admin import QueueAdmin, Routes
 from engine.reply import Reply
 from engine.shaping import Deferral
-from engine.spool import RcptUpdate, Spool
+from engine.spool import RcptUpdate, Spool, SpoolError
 from engine.workers import WorkerHandle, Workers
 from tests.support.shaping import shaper
 
@@ -173,6 +174,52 @@ def test_by_domain_gives_each_domain_the_reply_of_its_recipient_tried_most(
                                   ("new.test", 1, 1, T0 + 5, T0 + 5, None)}
 
 
+def test_by_domain_counts_the_domain_after_the_last_at_in_lower_case(
+        parts: tuple[QueueAdmin, Spool, Dispatcher, list[Event]]) -> None:
+    _, spool, _, _ = parts
+    spool.accept([Job(id="q", sender="s@example.com",
+                      rcpts=('"a@b"@Quoted.test', "c@quoted.test", "local"), message=b"x"),
+                  Job(id="r", sender="s@example.com", rcpts=("d@quoted.test",),
+                      message=b"x")], T0, 86400.0)
+    domains, scanned = spool.by_domain(100)
+    assert scanned == 4
+    assert {(q.domain, q.rcpts, q.jobs, q.reply) for q in domains} == {
+        ("quoted.test", 3, 2, None), ("local", 1, 1, None)}
+
+
+def answered(answer: dict[str, Any] | control.OffLoop) -> dict[str, Any]:
+    """A handler's answer, an OffLoop one read and made here."""
+    return answer.answer(answer.read()) if isinstance(answer, control.OffLoop) else answer
+
+
+def test_by_domain_apart_reads_from_another_thread_what_the_loop_wrote(
+        parts: tuple[QueueAdmin, Spool, Dispatcher, list[Event]]) -> None:
+    _, spool, _, _ = parts
+    for i in range(3):
+        deferred(spool, f"j{i}", f"r{i}@one.test", f"r{i}@two.test")
+    read: list[Any] = []
+    thread = threading.Thread(target=lambda: read.append(spool.by_domain(100, apart=True)))
+    thread.start()
+    thread.join(20)
+    (domains, scanned), = read  # no error: its own connection, opened in that thread
+    assert scanned == 6 and sorted(domains, key=lambda q: q.domain) == \
+        sorted(spool.by_domain(100)[0], key=lambda q: q.domain)
+    assert {(q.domain, q.rcpts, q.reply) for q in domains} == {("one.test", 3, LATER),
+                                                              ("two.test", 3, LATER)}
+
+
+def test_the_queue_summary_is_read_off_the_loop_and_made_in_it(
+        parts: tuple[QueueAdmin, Spool, Dispatcher, list[Event]]) -> None:
+    admin, spool, _, _ = parts
+    deferred(spool, "j1", "a@one.test")
+    answer = admin.commands()["queue"]({"limit": 5})
+    assert isinstance(answer, control.OffLoop)  # nothing read yet: the read is the thread's
+    deferred(spool, "j2", "b@two.test")
+    assert {row["domain"] for row in answered(answer)["rows"]} == {"one.test", "two.test"}
+    with pytest.raises(BadRequest):  # a bad request is refused at once, in the loop
+        admin.commands()["queue"]({"limit": "many"})
+
+
 def test_routes_remember_the_latest_deferral_per_domain_within_a_limit() -> None:
     routes = Routes(limit=2)
 
@@ -262,7 +309,7 @@ def test_over_a_tcp_control_socket_the_queue_is_shown_and_never_changed(
     tcp = QueueAdmin(spool, dispatcher, admin._workers, published.append, admin._clock,
                      "tcp://127.0.0.1:5572")
     commands = tcp.commands()
-    assert commands["queue"]({})["rows"][0]["domain"] == "one.test"
+    assert answered(commands["queue"]({}))["rows"][0]["domain"] == "one.test"
     assert commands["queue_show"]({"id": "j1"})["rcpts"][0]["rcpt"] == "a@one.test"
     for name, request in (("queue_bounce", {"id": "j1"}), ("queue_delete", {"id": "j1"}),
                           ("queue_retry", {"id": "j1"}),
@@ -317,3 +364,55 @@ def test_the_control_socket_answers_every_request_even_a_failing_one(tmp_path: P
         {"error": "internal error: KeyError: 'x' (a bug; see the engine's log)"},
         {"error": "unknown command 'nope'; the commands: bug, refuse, status"},
         {"error": "unknown command None; the commands: bug, refuse, status"}]
+
+
+def test_a_long_read_is_answered_off_the_loop_while_the_socket_waits(tmp_path: Path) -> None:
+    go = threading.Event()
+    readers: list[threading.Thread] = []
+
+    def long(request: dict[str, Any]) -> control.OffLoop:
+        def read() -> int:
+            readers.append(threading.current_thread())
+            assert go.wait(20)
+            return int(request["n"]) * 2
+        return control.OffLoop(read=read, answer=lambda doubled: {"doubled": doubled})
+
+    def failing(_: dict[str, Any]) -> control.OffLoop:
+        def read() -> None:
+            raise SpoolError("spool read failed: disk I/O error")
+        return control.OffLoop(read=read, answer=lambda _: {})
+
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/control"
+    rep = ctx.socket(zmq.REP)
+    rep.bind(endpoint)
+    first, second = ctx.socket(zmq.REQ), ctx.socket(zmq.REQ)
+    first.connect(endpoint)
+    second.connect(endpoint)
+    answering = control.Control(rep, lambda: {"pid": 1}, {"long": long, "failing": failing})
+    try:
+        first.send_json({"command": "long", "n": 21})
+        assert rep.poll(5000)
+        answering.answer()  # returns with the read under way in its thread
+        assert answering.busy
+        second.send_json({"command": "status"})
+        answering.answer()  # not read: the answer under way goes first
+        answering.finish()  # not done: nothing sent
+        assert answering.busy and first.poll(50) == 0
+        go.set()
+        answering.finish(wait=20)
+        assert not answering.busy and first.recv_json() == {"doubled": 42}
+        assert readers and readers[0] is not threading.current_thread()
+        assert rep.poll(5000)
+        answering.answer()  # then the request that waited
+        assert second.recv_json() == {"pid": 1}
+        first.send_json({"command": "failing"})
+        assert rep.poll(5000)
+        answering.answer()
+        answering.finish(wait=20)
+        assert first.recv_json() == {
+            "error": "spool read failed: disk I/O error; nothing was changed, try again"}
+    finally:
+        for sock in (first, second, rep):
+            sock.close(linger=0)
+        ctx.term()
