@@ -137,8 +137,8 @@ control socket is not read (REP: one answer at a time). Moving the read alone wa
 (a run not kept: intake p99 114 ms, longest 194 ms, 46 stalls): the counting of 100,000
 rows in Python held the GIL, and the loop's thread waited for it at each of its own SQLite
 and ZeroMQ calls. So SQLite counts them (`GROUP BY` the domain: one row per domain comes
-back, and SQLite runs without the GIL). *After:* **no stall, intake p99 5 ms, the longest
-20 ms**; delivery p99 5 ms (34 ms before); each look answered in ~0.46 s (0.37 s before: it
+back, and SQLite runs without the GIL). *After* (two runs): **no stall, intake p99 5 ms, the longest
+12-20 ms**; delivery p99 4-5 ms (34 ms before); each look answered in ~0.45 s (0.37 s before: it
 waits for its turn in the loop, and SQLite's sort for the domains' distinct jobs). Tested:
 tests/unit/test_queue_admin.py (a long read answered off the loop while the socket waits,
 its failure answered; the summary read from another thread sees what the loop wrote; the
