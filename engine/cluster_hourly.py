@@ -22,11 +22,13 @@ an attempt, due when the oldest minute leaves the hour, as with the local cap.
   counted in, so every message is counted in the minute it goes and the sliding hour is
   exact (a block used later would count in a minute that leaves the hour before the
   message does). What the worker did not give out by then lapses, and is **returned** to
-  that minute's count with its next lease (no round trip of its own), so the budget is not
-  lost to a worker that needed less; a worker none of whose messages took from its block
-  for IDLE seconds (its mail went) returns the remainder at once (a round trip of its
-  own). A worker killed leaves its remainder counted until its minute leaves the hour:
-  never more than the budget, sometimes a little less.
+  that minute's count with its next lease (no round trip of its own); so is a message
+  given back (`give_back`: it did not go) after its block lapsed, to the minute it was
+  counted in (`Counted`), not the next block's. So the budget is not lost to a worker
+  that needed less; a worker none of whose messages took from its block for IDLE
+  seconds (its mail went) returns the remainder at once (a round trip of its own). A
+  worker killed leaves its remainder counted until its minute leaves the hour: never
+  more than the budget, sometimes a little less.
 - **Used up**: the message goes back to the spool, due when the oldest minute leaves the
   hour (the budget surely has room then); but while other workers hold blocks of this
   minute (Redis keeps each worker's last block), when those are back: IDLE after the
@@ -38,7 +40,16 @@ an attempt, due when the oldest minute leaves the hour, as with the local cap.
   last hour (every message it sent, shared or alone: it does not know what the others sent
   before Redis went, only that its share is what it may count on). What it sent alone is
   added to the current minute's count at its first lease Redis answers, so the cluster's
-  hour includes it (an empty, restarted Redis has forgotten the rest of the hour).
+  hour includes it.
+- **Rebuilt**: each worker keeps what Redis counts of its own, by minute (its blocks and
+  what it sent alone, less what it returned) and sends it with every lease. Redis keeps
+  each worker's last block as long as the counts (`...:blocks`): a worker missing there
+  with counts of its own still in the hour finds a Redis that lost them (restarted
+  without persistence, flushed, failed over to an empty replica), and the lease adds
+  them back to their minutes, before the returns they are owed (`cluster_state_rebuilt
+  what=hourly_count`). Each worker adds only its own, and only once: the lease marks it
+  there again. That lease grants nothing: the others' counts may still be missing, so
+  the worker rejoins (below) and leases again.
 - **Rejoining** (engine.cluster_lease): back from fallback, a worker's blocks stay within
   what is left of its fallback share (over its own hour) for `cluster.retry` + a block
   alone's life (ALONE_BLOCK), or until as many workers lease as it last saw. The others
@@ -46,23 +57,29 @@ an attempt, due when the oldest minute leaves the hour, as with the local cap.
   "left" is too high meanwhile, and an empty Redis shows the first worker back as the
   only member, whose blocks are sized "left / members": it could take the whole budget
   on top of what the others sent alone (up to all of the budget but its own share).
+  Likewise after a rebuild, the others' counts set again only at their next lease.
 
 Worker side: waiting for a lease in flight uses gevent.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
 
+from engine import logs
 from engine.caps import HourWindow
 from engine.cluster import Cluster
 from engine.cluster_lease import InFlight, Rejoining
 from engine.cluster_rate import limit_key
 from engine.metrics import Metrics
+
+log = logging.getLogger("mailengine.cluster")
 
 # s: a worker that leased within this long shares the budget. Longer than a block's life
 # (a minute): a worker taking a block a minute is still a member.
@@ -76,14 +93,17 @@ ALONE_BLOCK = 60.0  # s: a block of its share, Redis unreachable, is given out t
 
 # KEYS[1]: the counts (hash: minute number at Redis -> messages counted in that minute);
 # KEYS[2]: the members (sorted set: worker -> when it last leased); KEYS[3]: their last
-# blocks (hash: worker -> "<minute>:<granted>").
-# ARGV: member, wanted, budget, members' memory (s), returned, the minute they were counted
-# in, sent alone (while Redis was unreachable), the time ('' = Redis's TIME; tests give it),
-# IDLE.
+# blocks (hash: worker -> "<minute>:<granted>"), kept as long as the counts: a worker missing
+# there that has counts of its own in the hour finds a Redis that lost them (restarted empty).
+# ARGV: member, wanted, budget, members' memory (s), returned ("<minute>:<n>,..." : each to
+# the minute it was counted in), what Redis counts of this worker's ("<minute>:<n>,...": set
+# again if Redis lost it), sent alone (while Redis was unreachable), the time ('' = Redis's
+# TIME; tests give it), IDLE.
 # Returns {granted, seconds until the block lapses (none granted: until the message should
 # come back: when the oldest minute leaves the hour; or, while other workers hold blocks of
 # this minute, which they return unused when idle or at the minute's end, then), members,
-# left after this block, the block's minute, seconds until the minute ends}.
+# left after this block, the block's minute, seconds until the minute ends, counts set
+# again (then nothing is granted: the others' counts may still be missing)}.
 LEASE = """
 local now
 if ARGV[8] ~= '' then
@@ -93,15 +113,24 @@ else
   now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 local member, want, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local memory, returned, alone = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[7])
+local memory, alone = tonumber(ARGV[4]), tonumber(ARGV[7])
 local minute = math.floor(now / 60)
+local rebuilt = 0
+if ARGV[6] ~= '' and redis.call('HEXISTS', KEYS[3], member) == 0 then
+  for m, n in string.gmatch(ARGV[6], '(%d+):(%d+)') do
+    if tonumber(m) > minute - 60 then
+      redis.call('HINCRBY', KEYS[1], m, n)
+      rebuilt = rebuilt + tonumber(n)
+    end
+  end
+end
 redis.call('ZADD', KEYS[2], now, member)
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - memory)
 redis.call('PEXPIRE', KEYS[2], math.ceil(memory * 1000))
 local members = redis.call('ZCARD', KEYS[2])
-if returned > 0 then
-  local held = tonumber(redis.call('HGET', KEYS[1], ARGV[6]) or '0')
-  if held > 0 then redis.call('HSET', KEYS[1], ARGV[6], math.max(0, held - returned)) end
+for m, n in string.gmatch(ARGV[5], '(%d+):(%d+)') do
+  local held = tonumber(redis.call('HGET', KEYS[1], m) or '0')
+  if held > 0 then redis.call('HSET', KEYS[1], m, math.max(0, held - tonumber(n))) end
 end
 if alone > 0 then redis.call('HINCRBY', KEYS[1], minute, alone) end
 local counts = redis.call('HGETALL', KEYS[1])
@@ -126,17 +155,30 @@ if left <= 0 then
     end
   end
   redis.call('HSET', KEYS[3], member, string.format('%d:0', minute))
+  redis.call('EXPIRE', KEYS[1], 3660)
+  redis.call('EXPIRE', KEYS[3], 3660)
   return {0, string.format('%.6f', back), members, 0, minute,
-          string.format('%.6f', (minute + 1) * 60 - now)}
+          string.format('%.6f', (minute + 1) * 60 - now), rebuilt}
 end
 local n = math.min(want, left, math.max(1, math.floor(left / members)))
+if rebuilt > 0 then n = 0 end
 redis.call('HINCRBY', KEYS[1], minute, n)
 redis.call('EXPIRE', KEYS[1], 3660)
 redis.call('HSET', KEYS[3], member, string.format('%d:%d', minute, n))
-redis.call('PEXPIRE', KEYS[3], math.ceil(memory * 1000))
+redis.call('EXPIRE', KEYS[3], 3660)
 local ends = string.format('%.6f', (minute + 1) * 60 - now)
-return {n, ends, members, left - n, minute, ends}
+return {n, ends, members, left - n, minute, ends, rebuilt}
 """
+
+
+@dataclass(frozen=True)
+class Counted:
+    """One message counted against the budget: when (the worker's clock) and in which
+    minute of Redis's ("": a block alone, Redis unreachable), so that it is given back to
+    the minute it was counted in."""
+
+    at: float
+    minute: str
 
 
 class ClusterHourly:
@@ -163,8 +205,16 @@ class ClusterHourly:
         self._lapses_at = -math.inf  # the block is good until then (this process's clock)
         self._minute = ""  # the minute (Redis's) the block is counted in; "": a block alone
         self._taken = 0  # of the block, given out
-        self._unreturned = (0, "")  # lapsed unused: (count, minute), returned at the next lease
+        # Lapsed unused, or given back after its block lapsed: minute -> count, returned to
+        # that minute with the next lease.
+        self._returns: dict[str, int] = {}
         self._alone = 0  # sent while Redis was unreachable, not yet counted there
+        # What Redis counts of this worker's, by minute (its blocks, what it sent alone, less
+        # what it returned): set again in a Redis that lost it (restarted empty).
+        self._counted: dict[str, int] = {}
+        # What the last take counted (read by its caller at once, no other greenlet runs
+        # between: given back with it if the message does not go).
+        self.counted = Counted(-math.inf, "")
         self._mine = HourWindow()  # what this worker sent in its last hour: the fallback's count
         self._flight = InFlight()  # the lease in flight, and the messages waiting for it
         # Back from fallback: at its fallback share for a retry and a block alone (the
@@ -192,8 +242,8 @@ class ClusterHourly:
         return max(1, self.hourly // max(1, self.members))
 
     def take(self) -> float:
-        """0.0: this message may go, counted against the hour. Else the seconds until the
-        hour has room again (it took nothing)."""
+        """0.0: this message may go, counted against the hour (where: `counted`). Else the
+        seconds until the hour has room again (it took nothing)."""
         while True:
             now = self._clock()
             self._lapse(now)
@@ -202,6 +252,7 @@ class ClusterHourly:
                 self._taken += 1
                 self._last_take = now
                 self._mine.add(now)
+                self.counted = Counted(now, self._minute)
                 if not self._minute:
                     self._alone += 1
                 return 0.0
@@ -211,17 +262,21 @@ class ClusterHourly:
                 continue
             self._lease_now()
 
-    def give_back(self) -> None:
-        """A message that took from the budget did not go after all (another limit deferred
-        it): its share goes back into the block (or, lapsed meanwhile, to Redis)."""
-        self._mine.remove()
-        if not self._minute:
+    def give_back(self, counted: Counted | None = None) -> None:
+        """A message that took from the budget (`counted`: `self.counted` as its `take` left
+        it; None: the last take) did not go after all (another limit deferred it): its share
+        goes back into the block, or, that block lapsed meanwhile, to Redis, to the minute it
+        was counted in (a later minute would leave the hour after it: a message too many in
+        the hour meanwhile)."""
+        counted = counted or self.counted
+        self._mine.remove(counted.at)
+        if not counted.minute:  # (counted in Redis since: it stays counted, never too few)
             self._alone = max(0, self._alone - 1)
-        if self._clock() < self._lapses_at:
-            self._held += 1
-            self._taken -= 1
-        elif self._minute:
-            self._unreturn(1)
+        if counted.minute == self._minute and self._clock() < self._lapses_at:
+            self._held += 1  # its block is still running
+            self._taken = max(0, self._taken - 1)
+        elif counted.minute:
+            self._return_later(counted.minute, 1)
 
     def _lapse(self, now: float) -> None:
         if now >= self._lapses_at > -math.inf:
@@ -232,15 +287,14 @@ class ClusterHourly:
         next lease; the next block follows the demand."""
         if self._held > 0:
             if self._minute:
-                self._unreturn(self._held)
+                self._return_later(self._minute, self._held)
             self._batch = max(1, self._batch // 2)
         elif self._taken >= self._batch:
             self._batch *= 2  # all taken: more next time
         self._held, self._taken, self._lapses_at = 0, 0, -math.inf
 
-    def _unreturn(self, count: int) -> None:
-        held, minute = self._unreturned
-        self._unreturned = (count + (held if minute == self._minute else 0), self._minute)
+    def _return_later(self, minute: str, count: int) -> None:
+        self._returns[minute] = self._returns.get(minute, 0) + count
 
     def _lease_now(self) -> None:
         with self._flight.leasing():
@@ -255,10 +309,10 @@ class ClusterHourly:
         asked = want
         if want > 0 and self._rejoin.active(started):
             want = min(want, max(0, int(self._rejoin.share) - self._mine.total(started)))
-        returned, minute = self._unreturned
+        returns, alone = dict(self._returns), self._alone
         reply = self._cluster.run("hourly", lambda client: self._lease_script(
-            keys=self._keys, args=[self._member, want, self.hourly, MEMBERS_SEEN, returned,
-                                   minute, self._alone,
+            keys=self._keys, args=[self._member, want, self.hourly, MEMBERS_SEEN,
+                                   _by_minute(returns), _by_minute(self._counted), alone,
                                    "" if self._now is None else repr(self._now()), IDLE],
             client=client))
         now = self._clock()
@@ -268,7 +322,11 @@ class ClusterHourly:
                 self._lease_alone(asked, now)
             return
         granted, seconds, members = int(reply[0]), float(reply[1]), int(reply[2])
-        self._unreturned, self._alone = (0, ""), 0
+        rebuilt = int(reply[6])
+        self._answered(returns, alone, granted, str(int(reply[4])))
+        if rebuilt > 0:  # the others' counts may be missing too, until their next lease:
+            self._rebuilt(rebuilt)  # rejoining, as back from a fallback
+            self._rejoin.fell_back(self.share)
         self._rejoin.answered(now, members, self.members)
         self.members, self.left = max(1, members), int(reply[3])
         if self._metrics is not None:
@@ -276,6 +334,9 @@ class ClusterHourly:
             if self.pool is None:
                 self._metrics.gauge("cluster_hourly_left", self.provider, self.left)
         if asked == 0:  # a return only
+            return
+        if rebuilt > 0 and granted <= 0 and self.left > 0:  # none granted at a rebuild
+            self._lease(asked)
             return
         if want == 0:  # rejoining, its share used up
             if not self._rejoin.active(now):  # rejoined by this answer: Redis's budget now
@@ -291,6 +352,36 @@ class ClusterHourly:
             return
         # Good until its minute ends at Redis: counted from before the call, never later.
         self._block(granted, started + seconds, str(int(reply[4])))
+
+    def _answered(self, returns: dict[str, int], alone: int, granted: int,
+                  minute: str) -> None:
+        """Redis took the lease: what was returned and sent alone is counted there now (a
+        give-back during the call is returned with the next lease), and the block."""
+        for returned, count in returns.items():
+            still = self._returns.pop(returned, 0) - count
+            if still > 0:
+                self._returns[returned] = still
+            self._add_counted(returned, -count)
+        self._alone = max(0, self._alone - alone)
+        self._add_counted(minute, alone + granted)
+        for old in [m for m in self._counted if int(m) <= int(minute) - 60]:
+            del self._counted[old]  # left the hour
+
+    def _add_counted(self, minute: str, count: int) -> None:
+        total = self._counted.get(minute, 0) + count
+        if total > 0:
+            self._counted[minute] = total
+        else:
+            self._counted.pop(minute, None)
+
+    def _rebuilt(self, count: int) -> None:
+        """Redis had lost this worker's counts of the hour (restarted empty, flushed): the
+        lease set them again."""
+        if self._metrics is not None:
+            self._metrics.incr("cluster_state_rebuilt", self.provider)
+        log.warning(logs.kv("cluster_state_rebuilt", provider=self.provider,
+                            what="hourly_count", member=self._member, met_in_fallback=False,
+                            pool=self.pool or "", count=count))
 
     def _lease_alone(self, want: int, now: float) -> None:
         """Redis unreachable: this worker's share over its own last hour."""
@@ -338,3 +429,8 @@ class ClusterHourly:
             return {"cluster_hourly": self.hourly, "hourly_left": self.left}
         return {"cluster_hourly": self.hourly, "hourly_left": self.left,
                 "hourly_members": self.members, "hourly_held": self._held}
+
+
+def _by_minute(counts: dict[str, int]) -> str:
+    """Counts by minute as LEASE takes them: "<minute>:<count>,..."."""
+    return ",".join(f"{minute}:{count}" for minute, count in counts.items() if count > 0)

@@ -6,7 +6,8 @@ may have its own (`shaping.ip_pools.<pool>.<provider>`): a message takes from ev
 (engine.shaping asks `take`, just before it goes). The budgets first: a message with none
 left this hour does not wait for a turn; then the rates' turns, the moment it goes. A
 message deferred after taking from a budget, or sent back to the spool untried after its
-turn (engine.shaping.ProviderShaper.give_back), gives it back (`give_back`); a rate's turn
+turn (engine.shaping.ProviderShaper.give_back), gives it back (`give_back`), each budget's to
+the minute it was counted in (`Taken`, which the caller keeps with the message); a rate's turn
 taken before another rate deferred it goes unused (a turn of the first limit's schedule
 the cluster does not use: never more than the rate).
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.cluster import Cluster
-from engine.cluster_hourly import ClusterHourly
+from engine.cluster_hourly import ClusterHourly, Counted
 from engine.cluster_rate import ClusterRate
 from engine.config import SendingLimits, ShapingConfig
 from engine.metrics import Metrics
@@ -34,6 +35,10 @@ class Wait:
     @property
     def pace(self) -> bool:
         return self.reason == "cluster pace"
+
+
+# What a message took of the budgets: each, with where it counted it (to give it back there).
+Taken = tuple[tuple[ClusterHourly, Counted], ...]
 
 
 class ClusterLimits:
@@ -61,33 +66,31 @@ class ClusterLimits:
                     for pool, _, hourly in wanted if hourly > 0]
         return cls(rates, hourlies) if rates or hourlies else None
 
-    def take(self, max_wait: float, again: bool = False) -> Wait | None:
-        """None once the message may go (its budgets counted, its turns come: it may have
-        waited up to `max_wait`); else how long it would wait, and it took nothing of the
-        budgets. `again`: its turn is taken again, its budgets were counted the first time."""
-        taken: list[ClusterHourly] = []
+    def take(self, max_wait: float, again: bool = False) -> Wait | Taken:
+        """What the message took of the budgets once it may go (its budgets counted, its
+        turns come: it may have waited up to `max_wait`); else how long it would wait, and
+        it took nothing of the budgets. `again`: its turn is taken again, its budgets were
+        counted the first time (it takes none)."""
+        taken: list[tuple[ClusterHourly, Counted]] = []
         for hourly in () if again else self.hourlies:
             seconds = hourly.take()
             if seconds > 0.0:
-                self._give_back(taken)
+                self.give_back(tuple(taken))
                 return Wait(seconds, hourly.reason)
-            taken.append(hourly)
+            taken.append((hourly, hourly.counted))  # read at once: no greenlet ran since
         for rate in self.rates:
             seconds = rate.take(max_wait)
             if seconds > 0.0:
-                self._give_back(taken)
+                self.give_back(tuple(taken))
                 return Wait(seconds, "cluster pace")
-        return None
-
-    def give_back(self) -> None:
-        """A message that took its budgets was deferred after all (a suspension, a local cap
-        met meanwhile): they are not counted."""
-        self._give_back(self.hourlies)
+        return tuple(taken)
 
     @staticmethod
-    def _give_back(taken: list[ClusterHourly]) -> None:
-        for hourly in taken:
-            hourly.give_back()
+    def give_back(taken: Taken) -> None:
+        """A message that took its budgets (`taken`) was deferred after all (a suspension,
+        a local cap met meanwhile), or went back untried: they are not counted."""
+        for hourly, counted in taken:
+            hourly.give_back(counted)
 
     def close(self) -> None:
         for hourly in self.hourlies:

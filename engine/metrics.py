@@ -242,7 +242,8 @@ DECLARED: tuple[Metric, ...] = (
     Metric("cluster_state_rebuilt", "counter", "suspensions and learned ceilings of the"
            " provider this worker set in the cluster's Redis at its return: set again, Redis"
            " having lost them (restarted without persistence, flushed), or published late,"
-           " met while Redis was away: the cluster's state rebuilt (log line"
+           " met while Redis was away; and its hourly budgets' counts of the last hour"
+           " added back, Redis having lost them: the cluster's state rebuilt (log line"
            " cluster_state_rebuilt)"),
     Metric("duplicates_elsewhere", "counter", "jobs acknowledged as duplicates because"
            " another host of the cluster accepted their id within cluster.duplicate_window"

@@ -52,7 +52,7 @@ from engine import classify, logs, shaping_idle
 from engine.caps import Caps, Counted, Deferral
 from engine.cluster import Cluster
 from engine.cluster_connections import ClusterConnections
-from engine.cluster_limits import ClusterLimits
+from engine.cluster_limits import ClusterLimits, Taken, Wait
 from engine.cluster_suspend import SharedSuspensions
 from engine.config import (
     ClusterConfig,
@@ -96,6 +96,15 @@ CLEAN = Verdict()
 BLOCK, PUSHBACK = "block", "pushback"  # the triggers that are not a rule's name
 
 
+@dataclass(frozen=True)
+class Counts:
+    """What a message's turn counted: against the caps, and the cluster's budgets (each in
+    the minute it counted it in), given back together if it goes back untried."""
+
+    caps: Counted
+    cluster: Taken = ()
+
+
 class ProviderShaper:
     """One sending IP x one provider: its `limits`, and how its rate adapts (`throttle`)."""
 
@@ -134,9 +143,10 @@ class ProviderShaper:
         # Bumped on every decrease and suspension: a turn taken before is stale (taken at a
         # rate the provider refused) and must be taken again before sending (see delivery).
         self.epoch = 0
-        # What the last turn counted against the caps (read by its caller at once, no other
-        # greenlet runs between: given back if the message goes back untried).
-        self.counted: Counted | None = None
+        # What the last turn counted against the caps and the cluster's budgets (read by its
+        # caller at once, no other greenlet runs between: given back if the message goes
+        # back untried).
+        self.counted: Counts | None = None
         self.last_used = clock()  # when a message last asked for this shaper (Shaping.get)
 
     # -- taking a turn -----------------------------------------------------------
@@ -162,26 +172,27 @@ class ProviderShaper:
         turn = self.pacer.wait_for_turn(self.max_wait, first)
         if isinstance(turn, float):
             return Deferral(self._wall() + self._back_in(turn), "pace")
+        taken: Taken = ()
         if self.cluster is not None:  # last: its turn is the moment the message goes
             wait = self.cluster.take(self.max_wait, again)
-            if wait is not None:  # a turn: back to join the line; a budget: when it frees
+            if isinstance(wait, Wait):  # a turn: back to join the line; a budget: its time
                 back = self._back_in(wait.seconds) if wait.pace else wait.seconds
                 return Deferral(self._wall() + back, wait.reason)
+            taken = wait
         # Suspended, or a cap reached, while this message waited in line: with a paced
         # line every message in it passed the cap's check before the first was counted.
         if self.shared is not None:
             self.shared.check()
         deferral = self._suspended() or (None if again else self.caps.reached())
         if deferral is not None:
-            if self.cluster is not None and not again:
-                self.cluster.give_back()
+            ClusterLimits.give_back(taken)
             return deferral
         if not again:
-            self.counted = self.caps.count()
-            self._recent.append(self.counted.at)
+            self.counted = Counts(self.caps.count(), taken)
+            self._recent.append(self.counted.caps.at)
         return turn
 
-    def give_back(self, counted: Counted | None) -> None:
+    def give_back(self, counted: Counts | None) -> None:
         """A message whose turn counted it (`counted`: `self.counted` as its `turn` left
         it; None: counted by an earlier turn, when it went) goes back to the spool untried:
         no connection slot in the cluster, a turn taken again that is not now, the
@@ -190,11 +201,10 @@ class ProviderShaper:
         cluster rate's turns went by unused: time, not a count.)"""
         if counted is None:
             return
-        self.caps.give_back(counted)
-        if counted.at in self._recent:
-            self._recent.remove(counted.at)
-        if self.cluster is not None:
-            self.cluster.give_back()
+        self.caps.give_back(counted.caps)
+        if counted.caps.at in self._recent:
+            self._recent.remove(counted.caps.at)
+        ClusterLimits.give_back(counted.cluster)
 
     def _back_in(self, turn: float) -> float:
         """When a message whose turn is `turn` seconds away (more than max_wait) should be

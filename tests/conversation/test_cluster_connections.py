@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import gevent
 import pytest
@@ -33,15 +33,17 @@ from engine.config import (
 )
 from engine.gate import ConnectionGate
 from engine.mx import Resolver
-from engine.protocol import Status
+from engine.protocol import Attempt, Status
 from engine.shaping import Shaping, ShapingPlan
 from engine.testing.sink import SinkServer
 from tests.support.recorded_metrics import Recorded
 from tests.support.redis import RedisServer, serving
-from tests.support.stack import POOL, build
+from tests.support.stack import POOL, Stack, build
 from tests.support.wait import yielding_until
 
 pytestmark = pytest.mark.timeout(90)
+
+T = TypeVar("T")
 
 
 MADE: list[ClusterConnections] = []
@@ -111,6 +113,23 @@ def busy(gate: ConnectionGate, opened: Open, stop: float, callers: int = 6) -> l
         while time.monotonic() < stop:
             opened.connection(gate, 0.02 + 0.005 * (n % 5))
     return [gevent.spawn(caller, n) for n in range(callers)]
+
+
+def around_a_release(stack: Stack, other: ClusterConnections, server: RedisServer,
+                     between: Callable[[], T]) -> tuple[list[Attempt], float, T, list[Attempt]]:
+    """A message delivered while `other` (another host) holds the provider's only slot,
+    `between()` then, and another message once `other` has released it and Redis has heard
+    so: the first's attempts, how long it took, what `between()` said, the second's."""
+    started = time.monotonic()
+    waited = stack.deliver(["a@example.test"], job_id="one")
+    took = time.monotonic() - started
+    said = between()
+    other.release()  # told to Redis in the background
+    client: Any = server.client()
+    yielding_until(lambda: not client.hgetall("mailengine:conns:127.0.0.1"), 5,
+                   "Redis to hold no slot of the provider: the other host's release heard")
+    sent = stack.deliver(["b@example.test"], job_id="two")
+    return waited, took, said, sent
 
 
 def test_three_workers_never_hold_more_than_the_limit_together(
@@ -262,12 +281,7 @@ def test_a_message_that_gets_no_slot_within_max_wait_goes_back_to_the_spool_unat
                 "127.0.0.1": ProviderLimits(cluster_connections=1)}),
             cluster=ClusterConfig(redis=redis_server.url, host="host0")))
         try:
-            started = time.monotonic()
-            waited = stack.deliver(["a@example.test"], job_id="one")
-            took = time.monotonic() - started
-            other.release()
-            gevent.sleep(0.2)  # told to Redis in the background
-            sent = stack.deliver(["b@example.test"], job_id="two")
+            waited, took, _, sent = around_a_release(stack, other, redis_server, lambda: None)
         finally:
             stack.close()
             shaping.close()
@@ -300,13 +314,11 @@ def test_a_message_sent_back_for_want_of_a_slot_uses_up_no_cap(
                 cluster_connections=1, hourly=1, cluster_hourly=1)}),
             warmup=WarmupConfig(schedule=(1,), ips={"127.0.0.2": today}),
             cluster=ClusterConfig(redis=redis_server.url, host="host0")))
+        shaper = shaping.get("127.0.0.1")
         try:
-            waited = stack.deliver(["a@example.test"], job_id="one")
-            shaper = shaping.get("127.0.0.1")
-            untouched = (shaper.sent_today, shaper.caps.counted_this_hour())
-            other.release()
-            gevent.sleep(0.2)  # told to Redis in the background
-            sent = stack.deliver(["b@example.test"], job_id="two")
+            waited, _, untouched, sent = around_a_release(
+                stack, other, redis_server,
+                lambda: (shaper.sent_today, shaper.caps.counted_this_hour()))
         finally:
             stack.close()
             shaping.close()

@@ -2,9 +2,10 @@
 (engine.cluster_limits) against a real redis-server on loopback: several workers, each with
 its own connection as on its own host, share one budget, never above it together, and it
 goes where the demand is; a block's remainder lapses at its minute's end and is returned;
+a message given back after its block lapsed is returned to the minute it was counted in;
 Redis killed: each worker goes on at its share, and back from it keeps to that share until
-the others are back; an IP group's limit applies to its IPs only; after close() nothing is
-started.
+the others are back; Redis restarted empty: each worker sets its own counts of the hour
+again, once; an IP group's limit applies to its IPs only; after close() nothing is started.
 
 The hour turns on a clock of the test's (`Clock`): the workers' own and the cluster's time
 the scripts are given in place of Redis's `TIME`, so no test waits for a minute or an hour."""
@@ -19,10 +20,12 @@ import pytest
 from engine.caps import Deferral
 from engine.cluster import FALLBACK, SHARED, Cluster
 from engine.cluster_hourly import IDLE, ClusterHourly
+from engine.cluster_limits import ClusterLimits
 from engine.config import ClusterConfig, from_dict
-from engine.shaping import Shaping, plan_for
+from engine.shaping import ProviderShaper, Shaping, plan_for
 from tests.support.recorded_metrics import Recorded
 from tests.support.redis import RedisServer, serving
+from tests.support.shaping import UNPACED, limits
 from tests.support.wait import until
 
 START = 1_800_000_000.0  # the cluster's time at the test's start: the start of a minute
@@ -183,6 +186,36 @@ def test_a_message_deferred_after_taking_gives_its_budget_back(
 
 
 @pytest.mark.timeout(30)
+def test_a_message_given_back_after_its_block_lapsed_is_returned_to_its_own_minute(
+        redis_server: RedisServer) -> None:
+    """Regression: a message counted in one minute and given back in the next (it waited
+    for a connection slot across the minute's end, and went back untried) was given back
+    into the next minute's block: sent in that minute as a message more than its count
+    there, while the first minute kept a count for a message never sent, and left the hour
+    a minute early: at the hour's turn a message too many went."""
+    clock = Clock()
+    limit = worker(redis_server, clock, "a", hourly=3)
+    shaper = ProviderShaper("example", limits(), UNPACED, 0.0, clock=clock.monotonic,
+                            wall=clock.cluster, cluster=ClusterLimits([], [limit]))
+    clock.t = 59.0
+    assert not isinstance(shaper.turn(), Deferral)  # counted in minute 0
+    counted_then = shaper.counted
+    clock.t = 61.0
+    assert not isinstance(shaper.turn(), Deferral)  # minute 1: a block of its own
+    shaper.give_back(counted_then)  # the first went back untried
+    assert not isinstance(shaper.turn(), Deferral)
+    assert not isinstance(shaper.turn(), Deferral)  # the third of the hour, all in minute 1
+    deferral = shaper.turn()
+    assert isinstance(deferral, Deferral) and deferral.reason == "cluster hourly limit"
+    client: Any = redis_server.client()
+    minute = int(START // 60)
+    assert client.hgetall("mailengine:hourly:example") == {str(minute + 1).encode(): b"3"}
+    clock.t = 3601.0  # minute 0 has left the hour, minute 1 not yet: still three in it
+    deferral = shaper.turn()
+    assert isinstance(deferral, Deferral) and deferral.reason == "cluster hourly limit"
+
+
+@pytest.mark.timeout(30)
 def test_redis_killed_each_worker_goes_on_at_its_share_then_shares_again(
         redis_server: RedisServer) -> None:
     clock = Clock()
@@ -199,15 +232,19 @@ def test_redis_killed_each_worker_goes_on_at_its_share_then_shares_again(
     assert a.take() > 0.0  # delivery at the share, not beyond: back when its hour frees
     assert metrics.total("cluster_fallbacks") == 1
 
-    redis_server.start()  # empty: the hour is rebuilt from what the workers sent alone
+    redis_server.start()  # empty: the hour is rebuilt by the workers
     clock.t = 130.0  # past cluster.retry, and the fallback's blocks
-    # Each lease counts what its worker sent alone. Rejoining, a keeps to its share (used
-    # up) until b, which it saw before, leases too; b's lease is the second: rejoined.
-    assert sent(a, 1) == 0 and sent(b, 1) == 1
-    clock.t = 190.0  # a's message back
-    assert 1 + sent(a, 40) + sent(b, 40) == 30 - 20  # the twenty sent alone are counted
-    assert a._cluster.mode == b._cluster.mode == SHARED
+    # Each lease sets again what Redis counted of its worker's before it went, and counts
+    # what it sent alone: the hour's thirty, none left. (Rejoining, a keeps to its share,
+    # used up, until b, which it saw before, leases too.)
+    assert sent(a, 1) == 0 and sent(b, 1) == 0
     assert counted(redis_server) == 30
+    assert metrics.total("cluster_state_rebuilt") == 1  # a's, of its metrics
+    clock.t = 190.0  # a's message back
+    assert sent(a, 40) + sent(b, 40) == 0
+    assert a._cluster.mode == b._cluster.mode == SHARED
+    clock.t = 3600.0  # minute 0, the ten sent before Redis went, leaves the hour
+    assert sent(a, 40) + sent(b, 40) == 10  # (the twenty alone are counted at minute 2)
 
 
 @pytest.mark.timeout(30)
@@ -227,16 +264,53 @@ def test_the_first_worker_back_from_fallback_keeps_to_its_share_until_the_others
     assert sent(b, 40) == 10 and sent(a, 1) == 1  # alone, each within its share
     redis_server.start()  # empty
     clock.t = 70.0  # past cluster.retry
-    assert sent(a, 40) == 9  # its share's rest, though Redis saw 28 left and no other
+    assert sent(a, 40) == 9  # its share's rest, though Redis saw 24 left and no other
     assert a._cluster.mode == SHARED
-    assert counted(redis_server) == 2 + 8  # what it sent alone, and its blocks; not b's ten
+    # Its five before Redis went (set again), the one alone and its blocks; not b's.
+    assert counted(redis_server) == 5 + 1 + 9
 
     clock.t = 131.0  # b's messages back from the spool (its share was used up alone)
-    # Its lease counts its ten, and as many lease as it last saw: rejoined, it takes what
-    # Redis says is left (the ten sent before Redis went are forgotten with it).
-    assert sent(b, 40) == 10
+    # Its lease sets its five again and counts its ten: the hour's thirty.
+    assert sent(b, 40) == 0
     assert counted(redis_server) == 30
     assert sent(a, 40) == 0
+
+
+@pytest.mark.timeout(30)
+def test_redis_restarted_empty_each_worker_sets_its_count_of_the_hour_again_once(
+        redis_server: RedisServer) -> None:
+    """Regression: Redis restarted empty forgot what the cluster had sent in the hour, and
+    the workers sent the whole budget again on top of it. Each worker sets again what Redis
+    counted of its own (its blocks less what it returned, by minute), at its first lease
+    Redis answers; once: a second reconnect to the same Redis adds nothing."""
+    clock = Clock()
+    metrics = {name: Recorded() for name in ("a", "b")}
+    a, b = (worker(redis_server, clock, name, metrics=metrics[name]) for name in ("a", "b"))
+
+    def rebuilt() -> list[float]:
+        return [metrics[name].total("cluster_state_rebuilt") for name in ("a", "b")]
+    assert [sent(a, 1), sent(b, 1), sent(a, 8), sent(b, 2)] == [1, 1, 8, 2]  # twelve sent
+    clock.t = 30.0
+    redis_server.kill()  # nothing asked of it while it is down
+    redis_server.start()  # empty
+    more = 0
+    # The next minute (their blocks lapsed); then past cluster.retry (had a first call after
+    # the restart failed: at its share alone meanwhile); then past rejoining.
+    for t in (60.0, 70.0, 130.0):
+        clock.t = t
+        more += sent(a, 40) + sent(b, 40)
+    assert more == 30 - 12  # not a whole hour's thirty on top of the twelve
+    assert counted(redis_server) == 30
+    assert rebuilt() == [1, 1]
+
+    client: Any = redis_server.client()
+    client.client_kill_filter(_type="normal")  # their connections dropped: a reconnect
+    for t in (190.0, 200.0):  # (past cluster.retry, had the first call failed)
+        clock.t = t
+        assert sent(a, 40) + sent(b, 40) == 0
+    assert counted(redis_server) == 30  # not set again
+    assert rebuilt() == [1, 1]
+    assert a._cluster.mode == b._cluster.mode == SHARED
 
 
 @pytest.mark.timeout(30)
