@@ -45,9 +45,11 @@ class ConnectionGate:
 
     def __init__(self, max_connections: int, connection_rate: float,
                  clock: Clock = time.monotonic,
-                 paused: Callable[[], bool] = lambda: False) -> None:
+                 paused: Callable[[], bool] = lambda: False,
+                 opened: Callable[[], None] = lambda: None) -> None:
         self.max_connections = max_connections
         self.paused = paused
+        self.opened = opened  # told of each connection let in (engine.shaping: shown)
         self.connection_rate = connection_rate
         self._clock = clock
         self.open = 0
@@ -103,6 +105,7 @@ class ConnectionGate:
         if self.connection_rate > 0:
             self._next_at = max(now, self._next_at) + 1.0 / self.connection_rate
         self.open += 1
+        self.opened()
         return True
 
     def _cluster_slot(self) -> bool:

@@ -44,7 +44,7 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,7 +113,8 @@ class ProviderShaper:
                  clock: Clock = time.monotonic, wall: Clock = time.time,
                  on_learned: Callable[[], None] | None = None,
                  cluster: ClusterLimits | None = None,
-                 shared: SharedSuspensions | None = None) -> None:
+                 shared: SharedSuspensions | None = None,
+                 on_active: Callable[[str], None] | None = None) -> None:
         self.provider = provider
         self.limits = limits
         self.throttle = throttle
@@ -122,12 +123,13 @@ class ProviderShaper:
         self._clock = clock
         self._wall = wall
         self._on_learned = on_learned or (lambda: None)
+        self._on_active = on_active or (lambda _provider: None)
         # The gate and the pacer ask the shaper through a weak reference: no cycle, so a
         # shaper forgotten idle (Shaping.forget_idle) is freed at once, not at the next full
         # collection (rare in a worker: engine.gctune), its memory used again.
         me = weakref.proxy(self)
         self.gate = ConnectionGate(limits.max_connections, limits.connection_rate, clock,
-                                   lambda: me.suspended)
+                                   lambda: me.suspended, lambda: me.mark_active())
         self.rate = AllowedRate(limits.rate, throttle, clock())
         self.pacer = Pacer(self.rate.spacing, self.rate.time_for, clock, lambda: me.epoch)
         self.pushback = Pushback(throttle.pushback_after)
@@ -149,6 +151,12 @@ class ProviderShaper:
         self.counted: Counts | None = None
         self.last_used = clock()  # when a message last asked for this shaper (Shaping.get)
 
+    def mark_active(self) -> None:
+        """Something happened that what `status` shows of it (engine.shaping_idle), or its
+        gauges, may follow: a turn, a connection let in, a reply judged, a suspension, a
+        limit. Shaping visits it at its next report (`Shaping.active_gauges`)."""
+        self._on_active(self.provider)
+
     # -- taking a turn -----------------------------------------------------------
 
     def holds(self, epoch: int) -> bool:
@@ -164,6 +172,7 @@ class ProviderShaper:
         and a suspension apply, and it is not counted twice. `first`: at the head of the
         line (a throttled message: it becomes the next probe).
         """
+        self.mark_active()  # it waits in line, or counts in the current rate
         if self.shared is not None:
             self.shared.check()  # at most once per cluster.poll: one round trip
         deferral = self._suspended() or (None if again else self.caps.reached())
@@ -277,6 +286,7 @@ class ProviderShaper:
     def _counted(self, verdict: Verdict) -> Verdict:
         assert verdict.trigger is not None
         self.triggers[verdict.trigger] += 1
+        self.mark_active()
         return verdict
 
     @property
@@ -304,6 +314,7 @@ class ProviderShaper:
         self.pushback.accepted(now)
         if not fresh:
             return
+        self.mark_active()  # the allowed rate may grow
         before = self.rate.spacing()
         self.rate.clean(now, self.pacer.binding, seconds)
         if self.rate.spacing() != before:  # faster (a probe accepted ends the backoff): now
@@ -347,6 +358,7 @@ class ProviderShaper:
         self.rate.restore({"rate": limit, "limit": limit}, self._clock())  # at 95% of it
         self.pacer.changed(self.max_wait)
         self.seeded = limit
+        self.mark_active()
         return True
 
     def _suspend(self, until: float, now: float) -> None:
@@ -356,6 +368,7 @@ class ProviderShaper:
                 self.epoch += 1
             self.suspended_until = until
             self.pacer.changed(self.max_wait)
+            self.mark_active()
 
     def hold(self, seconds: float) -> None:
         """The operator's suspension (`mailengine queue suspend`): nothing is sent for
@@ -366,6 +379,7 @@ class ProviderShaper:
         self.suspended_until = now + seconds
         self.held = True
         self.pacer.changed(self.max_wait)
+        self.mark_active()
 
     def release(self, lift: bool = False) -> None:
         """The operator's resumption (`mailengine queue resume`): any suspension ends now,
@@ -374,6 +388,7 @@ class ProviderShaper:
         self.suspended_until = 0.0
         self.held = False
         self.pacer.changed(self.max_wait)
+        self.mark_active()
         if self.shared is not None:  # what another host published is not followed again
             self.shared.released(self.provider, lift)
 
@@ -386,6 +401,7 @@ class ProviderShaper:
         self.epoch += 1
         self.rate.pushback(now)
         self.pacer.changed(self.max_wait, restart=True)
+        self.mark_active()
         self._on_learned()
         if self.shared is not None and self.rate.limit is not None:
             self.shared.publish_ceiling(self.provider, self.rate.limit)
@@ -489,6 +505,9 @@ class Shaping:
         self._wall = wall
         self._metrics = metrics
         self._shapers: dict[str, ProviderShaper] = {}
+        # The providers something happened to since the last report, and those still
+        # worth showing (engine.shaping_idle): what the report visits, not all held.
+        self._active: set[str] = set()
         self._saved = self._load()  # what a restart (or a shaper made anew) takes up
         self.forgotten = 0  # shapers dropped idle (forget_idle), for the figures
         # The connection to the cluster's Redis (engine.cluster), if one is configured.
@@ -506,10 +525,11 @@ class Shaping:
             shaper = ProviderShaper(provider, limits, self.plan.throttle,
                                     self.plan.shaping.max_wait, self._daily_cap, self._clock,
                                     self._wall, self.save, self._cluster_limits(provider, limits),
-                                    self._shared)
+                                    self._shared, self._active.add)
             self._restore(provider, shaper)
             self._limit_connections(provider, limits, shaper)
             self._shapers[provider] = shaper
+            shaper.mark_active()  # new: its gauges go out at once
         shaper.last_used = self._clock()
         return shaper
 
@@ -555,30 +575,62 @@ class Shaping:
             shaper.release(lift)
 
     def state(self) -> dict[str, dict[str, Any]]:
-        """The state of the providers with something to show (engine.shaping_idle); the
-        others are `providers` minus these."""
-        return {name: shaper.state() for name, shaper in self._shapers.items()
-                if shaping_idle.worth_showing(shaper)}
+        """The state of the providers with something to show (engine.shaping_idle), by
+        name; the others are `providers` minus these. Only the active ones are looked at:
+        the others have nothing to show (`active_gauges`)."""
+        shown = {}
+        for name in sorted(self._active):
+            shaper = self._shapers.get(name)
+            if shaper is not None and shaping_idle.worth_showing(shaper):
+                shown[name] = shaper.state()
+        return shown
+
+    def active_gauges(self) -> list[tuple[str, tuple[float, float]]]:
+        """The gauges' values (PROVIDER_GAUGES order) of the active providers: those whose
+        values may have changed since the last call, the others' are as they were (the
+        worker's report, every second, through engine.quiet_gauges, which refreshes the
+        others with `gauges_of`). A provider with nothing left to show leaves the active
+        set here, with its values as it leaves: whatever shows it again, or changes its
+        gauges, marks it active again first (ProviderShaper.mark_active). What ends with
+        time alone (a suspension, the current rate's window) ends while it is active, so
+        it is seen here; whether it is shown is asked before its values are read, so that
+        the values are those it keeps."""
+        rows = []
+        for name in list(self._active):
+            shaper = self._shapers.get(name)
+            if shaper is None:  # a shaper forgotten, still used by a delivery
+                self._active.discard(name)
+                continue
+            if not shaping_idle.worth_showing(shaper):
+                self._active.discard(name)
+            rows.append((name, _gauges(shaper)))
+        return rows
+
+    def gauges_of(self, provider: str) -> tuple[float, float] | None:
+        """A provider's gauges' values now (PROVIDER_GAUGES order); None if not held."""
+        shaper = self._shapers.get(provider)
+        return _gauges(shaper) if shaper is not None else None
 
     @property
     def providers(self) -> int:
         """Providers whose shaper this IP holds now."""
         return len(self._shapers)
 
-    def forget_idle(self) -> int:
+    def forget_idle(self) -> list[str]:
         """Drop the shapers unused for `shaping.forget_after` with nothing to keep
         (engine.shaping_idle); what they learned, and today's counts, wait in the store a
-        restart reads, for the shaper made anew. How many were dropped."""
+        restart reads, for the shaper made anew. The providers dropped."""
         after = self.plan.shaping.forget_after
         if after <= 0:
-            return 0
+            return []
         now = self._clock()
         idle = [name for name, shaper in self._shapers.items()
                 if shaping_idle.forgettable(shaper, now, after)]
         for name in idle:
             self._keep(name, self._shapers.pop(name))
+            self._active.discard(name)
         self.forgotten += len(idle)
-        return len(idle)
+        return idle
 
     def _keep(self, provider: str, shaper: ProviderShaper) -> None:
         """A dropped shaper's learned rate (as `save` writes it) and today's count."""
@@ -604,12 +656,6 @@ class Shaping:
 
     def items(self) -> Iterable[tuple[str, ProviderShaper]]:
         return self._shapers.items()
-
-    def gauges(self) -> Iterator[tuple[str, tuple[float, float]]]:
-        """Each provider held, with its StatsD gauges' values in PROVIDER_GAUGES order (the worker
-        sends them through engine.quiet_gauges)."""
-        for provider, shaper in self._shapers.items():
-            yield provider, (shaper.allowed_rate, int(shaper.suspended))
 
     def save(self) -> None:
         """Write what was learned and today's counts (atomically: a new file, renamed)."""
@@ -655,6 +701,11 @@ class Shaping:
         # A damaged file's tables are dropped whole: they are read and written as dicts.
         return {key: value for key, value in data.items()
                 if key not in ("sent", "learned") or isinstance(value, dict)}
+
+
+def _gauges(shaper: ProviderShaper) -> tuple[float, float]:
+    """A provider's StatsD gauges' values, in PROVIDER_GAUGES order."""
+    return shaper.allowed_rate, int(shaper.suspended)
 
 
 def plan_for(cfg: Config, ip: str) -> ShapingPlan:

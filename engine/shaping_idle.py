@@ -9,6 +9,15 @@ third of a second (docs/PERFORMANCE.md, "Many destinations"). So:
   lists only the providers with something to show: mail sent in the last 10 s, messages
   waiting for a turn, connections open, a suspension, a throttle received, a limit learned
   (its own or the cluster's). The others are counted (`shaping_idle`), not listed.
+- **Active** (engine.shaping.Shaping.active_gauges): the report does not ask this of every
+  provider held, only of the active ones: those a change since the last report marked
+  (`ProviderShaper.mark_active`: a turn, a connection let in, a reply judged, a suspension,
+  a limit, a shaper made) and those still worth showing. One with nothing left to show
+  leaves them at the report that finds so; whatever could make it worth showing again, or
+  change its gauges, marks it first, and what ends with time alone (the current rate's 10 s,
+  a suspension) ends while it is active. So a second's report costs in proportion to the
+  providers with something going on, not to the ten thousand held idle (docs/PERFORMANCE.md,
+  "Idle providers' StatsD gauges"); their gauges' refreshes are engine.quiet_gauges'.
 - **Forgotten** (`forgettable`): a shaper no message asked for (engine.shaping.Shaping.get)
   for `shaping.forget_after`, with nothing it must keep, is dropped, and made anew when mail
   comes again, as a restarted worker makes it: what must survive goes to the store a restart

@@ -352,7 +352,7 @@ class Worker:
             self.metrics.gauge("in_flight", "all", len(self.in_flight))
             self.metrics.gauge("connections_open", "all", self.pools.open_connections)
             self.metrics.gauge("shaping_providers", "all", self.shaping.providers)
-            self.provider_gauges.report(self.shaping.gauges())
+            self.provider_gauges.report(self.shaping.active_gauges(), self.shaping.gauges_of)
             if time.monotonic() - last_memory >= MEMORY_INTERVAL:
                 self.metrics.memory()
                 self.shaping.save()
@@ -397,8 +397,9 @@ class Worker:
             gevent.sleep(max(0.5, min(5.0, self.cfg.pool.idle_timeout / 2)))
             self.pools.reap()
             forgotten = self.shaping.forget_idle()
+            self.provider_gauges.forget(forgotten)  # none sent; made anew, sent at once
             if forgotten:
-                self.metrics.incr("providers_forgotten", "all", forgotten)
+                self.metrics.incr("providers_forgotten", "all", len(forgotten))
 
 
 def die_with_parent() -> None:
