@@ -312,14 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=ROWS.prog, description=__doc__)
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--bursts", type=int, default=3)
-    ROWS.add_options(parser)
-    args = parser.parse_args(argv)
-    if args.render_only:
-        ROWS.write_doc()
-        return 0
-    workdir = tempfile.mkdtemp(prefix="mailengine-burst-")
-    ROWS.record(args, argv, functools.partial(run, workdir, args.count, args.bursts))
-    return 0
+    return ROWS.main(parser, argv, lambda args: functools.partial(
+        run, tempfile.mkdtemp(prefix="mailengine-burst-"), args.count, args.bursts))
 
 
 if __name__ == "__main__":

@@ -171,6 +171,18 @@ class Rows:
         self.keep(args, {args.label: result}, result)
         return result
 
+    def main(self, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+             run: Callable[[argparse.Namespace], Callable[[], dict[str, Any]]]) -> int:
+        """A benchmark's `main` once its own options are in `parser`: the rows' options
+        added, then `--render-only` draws the section, else `run(args)()` is `record`ed."""
+        self.add_options(parser)
+        args = parser.parse_args(argv)
+        if args.render_only:
+            self.write_doc()
+        else:
+            self.record(args, argv, run(args))
+        return 0
+
     def keep(self, args: argparse.Namespace, rows: dict[str, Any],
              printed: dict[str, Any]) -> None:
         """`rows` saved (the section drawn again with `--docs`); `printed` on stdout, one

@@ -160,13 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--waiting", type=int, default=200_000)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--every", type=float, default=1.0)
-    ROWS.add_options(parser)
-    args = parser.parse_args(argv)
-    if args.render_only:
-        ROWS.write_doc()
-        return 0
-    ROWS.record(args, argv, lambda: run(args.waiting, args.seconds, args.every))
-    return 0
+    return ROWS.main(parser, argv,
+                     lambda args: lambda: run(args.waiting, args.seconds, args.every))
 
 
 if __name__ == "__main__":

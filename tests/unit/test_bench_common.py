@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,28 @@ def test_a_run_recorded_is_measured_stamped_saved_drawn_and_printed(
     assert json.loads(Path(rows.results).read_text(encoding="utf-8")) == {"new": row}
     assert "| new | 7 | `python -m bench.x` |" in Path(rows.doc).read_text(encoding="utf-8")
     assert json.loads(capsys.readouterr().out) == row  # one line of JSON on stdout
+
+
+@pytest.mark.timeout(10)
+def test_a_benchmarks_main_records_a_run_or_only_draws_the_section(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _rows(tmp_path)
+    runs: list[int] = []
+
+    def run(args: argparse.Namespace) -> Callable[[], dict[str, Any]]:
+        return lambda: runs.append(args.n) or {"figure": args.n}
+
+    def parser() -> argparse.ArgumentParser:
+        made = argparse.ArgumentParser()
+        made.add_argument("--n", type=int, default=5)
+        return made
+
+    assert rows.main(parser(), ["--label", "a", "--n", "8"], run) == 0
+    assert runs == [8] and json.loads(capsys.readouterr().out)["figure"] == 8
+    assert Path(rows.doc).read_text(encoding="utf-8") == DOC  # no --docs: not drawn
+    assert rows.main(parser(), ["--render-only"], run) == 0
+    assert runs == [8]  # nothing run
+    assert "| a | 8 | `python -m bench.x --n 8` |" in Path(rows.doc).read_text(encoding="utf-8")
 
 
 def _spin(seconds: float) -> None:
