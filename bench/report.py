@@ -33,6 +33,17 @@ TARGETS = {
                   " messages/s without (same run)",
 }
 
+# The sections the other benchmarks write themselves (each its --docs), in the page's order.
+OWN_SECTIONS = (("Shaping simulator", "shaping-simulator"),
+                ("Rate accuracy", "rate-accuracy-shaping"), ("Fault soak", "fault-soak"),
+                ("The outbox's cost", "what-the-outbox-and-the-hand-out-marks-cost"),
+                ("Tail", "bench-tail"), ("A burst's first deliveries", "bench-burst"),
+                ("Cost as the queue grows", "bench-queue-scale"),
+                ("The spool's check at start", "bench-spool-check"),
+                ("Many destinations", "bench-many-destinations"),
+                ("Three engines, one Redis", "bench-cluster"),
+                ("Looking at the queue", "bench-queue-look"))
+
 
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**PASS**" if ok else "**FAIL**")
@@ -796,6 +807,8 @@ def write(results: dict[str, Any]) -> str:
               "proxy": "The latency proxy"}
     parts.append("Sections: " + " · ".join(f"[{titles[s]}](#{_anchor(s)})" for s in order
                                            if s in sections) + " · [Findings](#findings)")
+    parts.append("Benchmarks with sections of their own, further down: " + " · ".join(
+        f"[{title}](#{anchor})" for title, anchor in OWN_SECTIONS))
     for name in order:
         if name in sections:
             parts.append(f'<a id="{_anchor(name)}"></a>\n\n'
