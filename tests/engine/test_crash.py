@@ -41,7 +41,12 @@ from tests.support.wait import until
 
 N = 5000
 CAP = 4  # pool.max_connections: connections open at once per destination
-OPEN_PER_CONNECTION = 2  # the transaction in progress, and the previous one's result in flight
+# Copies sent twice per connection at a worker's kill: the transaction in progress, and the
+# results not yet written by ZeroMQ's I/O thread (a moment after the send; a SIGKILL drops
+# them): about one on a quiet machine, 11 seen once over 4 connections on a loaded 2-core
+# one. A bound against gross regressions (results held back); the guarantee is that each
+# is flagged `possible_duplicate`.
+REPEATS_PER_CONNECTION = 4
 MAX_IN_FLIGHT = 1000  # limits.max_in_flight (the default): jobs handed to a worker at once
 IP = "127.0.0.2"
 
@@ -134,11 +139,17 @@ def test_kill_9_of_a_worker_under_load_loses_nothing_and_repeats_at_most_its_tra
           f"lost={lost} duplicates={dups} restarts={after['restarts']} "
           f"took {time.monotonic() - started:.1f}s")
     assert lost == 0
-    assert dups <= CAP * OPEN_PER_CONNECTION  # what the killed worker had open
+    assert dups <= CAP * REPEATS_PER_CONNECTION  # what the killed worker had open
     assert after["restarts"] == 1
     # The supervisor lived on, so its events log is whole: each job ends delivered, once.
-    finals = collections.Counter(e["id"] for e in engine.events() if e["event"] == "delivered")
+    delivered = [e for e in engine.events() if e["event"] == "delivered"]
+    finals = collections.Counter(e["id"] for e in delivered)
     assert set(finals) == {env["id"] for env, _ in jobs}
+    # Every second copy at the receiver was announced as a possible one: sent again after
+    # the worker died without reporting it (a result it had sent the supervisor recorded
+    # before anything went out again).
+    flagged = {e["id"] for e in delivered if e.get("possible_duplicate")}
+    assert {job_id for job_id, n in counts.items() if n > 1} <= flagged
     assert not [e for e in engine.events() if e["event"] in ("bounced", "expired", "rejected")]
 
 
